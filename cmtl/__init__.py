@@ -1,0 +1,45 @@
+"""cmtl: continual multi-task learning for text.
+
+One frozen pretrained transformer, and a registry that grows one LoRA adapter
+and head per task::
+
+    from cmtl import Registry, TaskSpec
+    reg = Registry.create("runs/reg")
+    reg.add_task(TaskSpec("spam", labels=["ham", "spam"]), train=train, validation=val)
+    reg.predict("spam", ["WIN a free phone now!!!"])
+"""
+
+from cmtl._version import __version__
+from cmtl.adapters import AdapterConfig
+from cmtl.backbone import BackboneConfig
+from cmtl.errors import (
+    BackboneMismatchError,
+    CmtlError,
+    CorruptFileError,
+    DataError,
+    RegistryError,
+    TaskExistsError,
+    TaskNotFoundError,
+    TrainingDivergedError,
+)
+from cmtl.registry import Registry, VersionInfo
+from cmtl.tasks import TaskSpec
+from cmtl.training import TrainConfig
+
+__all__ = [
+    "AdapterConfig",
+    "BackboneConfig",
+    "BackboneMismatchError",
+    "CmtlError",
+    "CorruptFileError",
+    "DataError",
+    "Registry",
+    "RegistryError",
+    "TaskExistsError",
+    "TaskNotFoundError",
+    "TaskSpec",
+    "TrainConfig",
+    "TrainingDivergedError",
+    "VersionInfo",
+    "__version__",
+]

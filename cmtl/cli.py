@@ -1,0 +1,272 @@
+"""The ``cmtl`` command line. The only module that prints.
+
+Every command takes the registry folder as its first argument; ``--help``
+works on each.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    help="cmtl: one frozen transformer, a registry of per-task LoRA adapters.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+RegistryArg = Annotated[Path, typer.Argument(help="Registry folder.")]
+TaskArg = Annotated[str, typer.Argument(help="Task name.")]
+
+
+@app.callback()
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # cmtl never downloads models
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _fail(exc: Exception) -> None:
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=1)
+
+
+def _open(registry: Path):
+    from cmtl import CmtlError, Registry
+
+    try:
+        return Registry.open(registry)
+    except CmtlError as exc:
+        _fail(exc)
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    """Plain-text table with a header and aligned columns."""
+
+    def cell(v) -> str:
+        if isinstance(v, float):
+            return f"{v:.4f}"
+        return "" if v is None else str(v)
+
+    cells = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+@app.command()
+def init(
+    registry: RegistryArg,
+    backbone: Annotated[Optional[str], typer.Option(help="Local encoder folder (default: embedded all-MiniLM-L6-v2).")] = None,
+    pooling: Annotated[str, typer.Option(help="mean or cls.")] = "mean",
+    layers: Annotated[Optional[int], typer.Option(help="Keep only the first N transformer layers.")] = None,
+) -> None:
+    """Create an empty registry on a frozen backbone."""
+    from cmtl import BackboneConfig, CmtlError, Registry
+    from cmtl.backbone import DEFAULT_BACKBONE
+
+    try:
+        config = BackboneConfig(name_or_path=backbone or DEFAULT_BACKBONE, pooling=pooling, num_hidden_layers=layers)
+        reg = Registry.create(registry, config)
+    except (CmtlError, ValueError) as exc:
+        _fail(exc)
+    typer.echo(f"created {reg.root} on {config.name_or_path} (weights {reg.backbone.sha256[:12]})")
+
+
+@app.command("add-task")
+def add_task(
+    registry: RegistryArg,
+    name: TaskArg,
+    train: Annotated[Path, typer.Option(help="Training data: .csv, .tsv, .jsonl, .json or .parquet.")],
+    labels: Annotated[Optional[str], typer.Option(help="Comma-separated label names (default: those in the data).")] = None,
+    validation: Annotated[Optional[Path], typer.Option(help="Validation data for early stopping.")] = None,
+    problem_type: Annotated[str, typer.Option(help="single_label, multi_label or regression.")] = "single_label",
+    text_column: str = "text",
+    text_pair_column: Optional[str] = None,
+    label_column: str = "label",
+    epochs: int = 3,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    max_steps: Optional[int] = None,
+    rank: Annotated[int, typer.Option(help="LoRA rank r.")] = 8,
+    alpha: Annotated[float, typer.Option(help="LoRA alpha.")] = 16.0,
+    seed: int = 0,
+    progress: bool = True,
+) -> None:
+    """Train a new task's adapter and head and store it as version 1."""
+    from cmtl import AdapterConfig, CmtlError, TaskSpec, TrainConfig
+    from cmtl.data import read_file
+
+    reg = _open(registry)
+    try:
+        if labels is None:
+            if problem_type != "single_label":
+                raise ValueError("--labels is required for multi_label and regression tasks.")
+            labels_list = sorted({str(v) for v in read_file(train)[label_column]})
+        else:
+            labels_list = [x.strip() for x in labels.split(",") if x.strip()]
+        spec = TaskSpec(name, labels=labels_list, problem_type=problem_type, text_column=text_column,
+                        text_pair_column=text_pair_column, label_column=label_column)
+        info = reg.add_task(
+            spec, train, validation,
+            adapter=AdapterConfig(r=rank, alpha=alpha),
+            training=TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=lr, max_steps=max_steps,
+                                 seed=seed, progress=progress),
+        )
+    except (CmtlError, ValueError, KeyError) as exc:
+        _fail(exc)
+    typer.echo(f"added {info.task} v{info.version}: {info.trainable_parameters:,} trainable parameters, "
+               f"{info.bytes_on_disk:,} bytes on disk, {info.train_seconds:.1f} s")
+    for key, value in info.metrics.items():
+        typer.echo(f"  {key} = {value:.4f}" if isinstance(value, float) else f"  {key} = {value}")
+
+
+@app.command()
+def predict(
+    registry: RegistryArg,
+    task: TaskArg,
+    texts: Annotated[Optional[list[str]], typer.Argument(help="Texts to classify.")] = None,
+    input: Annotated[Optional[Path], typer.Option("--input", help="File with a text column instead.")] = None,
+    proba: Annotated[bool, typer.Option(help="Also print per-label probabilities.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+) -> None:
+    """Predict labels for texts given as arguments or in a file."""
+    from cmtl import CmtlError
+    from cmtl.data import read_examples
+
+    reg = _open(registry)
+    try:
+        spec = reg.spec(task)
+        if input is not None:
+            ex = read_examples(input, spec, labelled=False)
+            texts, pairs = ex.texts, ex.pairs
+        elif texts:
+            pairs = None
+        else:
+            raise ValueError("Give texts as arguments or --input FILE.")
+        labels = reg.predict(task, texts, pairs)
+        probs = reg.predict_proba(task, texts, pairs) if proba or as_json else None
+    except (CmtlError, ValueError) as exc:
+        _fail(exc)
+    for i, (text, label) in enumerate(zip(texts, labels)):
+        if as_json:
+            row = {"text": text, "prediction": label,
+                   "probabilities": dict(zip(spec.labels, (round(float(p), 6) for p in probs[i])))}
+            typer.echo(json.dumps(row))
+        elif proba:
+            scores = "  ".join(f"{lab}={p:.3f}" for lab, p in zip(spec.labels, probs[i]))
+            typer.echo(f"{label}\t{scores}\t{text}")
+        else:
+            typer.echo(f"{label}\t{text}")
+
+
+@app.command("eval")
+def evaluate(
+    registry: RegistryArg,
+    task: TaskArg,
+    data: Annotated[Path, typer.Option(help="Labelled data file.")],
+    version: Annotated[Optional[int], typer.Option(help="Version to evaluate (default: current).")] = None,
+) -> None:
+    """Evaluate a task on labelled data."""
+    from cmtl import CmtlError
+
+    reg = _open(registry)
+    try:
+        metrics = reg.evaluate(task, data, version=version)
+    except (CmtlError, ValueError) as exc:
+        _fail(exc)
+    typer.echo(format_table([{"metric": k, "value": v} for k, v in metrics.items()], ["metric", "value"]))
+
+
+@app.command("ls")
+def list_tasks(registry: RegistryArg) -> None:
+    """List tasks with their current version, metrics, size and parameters."""
+    reg = _open(registry)
+    rows = []
+    for name in reg.tasks():
+        info, spec = reg.current(name), reg.spec(name)
+        rows.append({
+            "task": name, "version": f"v{info.version}/{len(reg.versions(name))}", "type": spec.problem_type,
+            "labels": len(spec.labels), "val_acc": info.metrics.get("validation_accuracy"),
+            "params": f"{info.trainable_parameters:,}", "bytes": f"{info.bytes_on_disk:,}", "created": info.created,
+        })
+    typer.echo(f"{reg.root}  backbone {reg.backbone.config.name_or_path} ({reg.backbone.num_parameters:,} frozen parameters)")
+    typer.echo(format_table(rows, ["task", "version", "type", "labels", "val_acc", "params", "bytes", "created"])
+               if rows else "(no tasks)")
+
+
+@app.command()
+def versions(registry: RegistryArg, task: TaskArg) -> None:
+    """Show a task's lineage: every version, its parent and metrics."""
+    from cmtl import CmtlError
+
+    reg = _open(registry)
+    try:
+        infos = reg.versions(task)
+    except CmtlError as exc:
+        _fail(exc)
+    rows = [{"version": f"v{i.version}" + (" *" if i.current else ""), "parent": i.parent and f"v{i.parent}",
+             "kind": i.kind, "val_acc": i.metrics.get("validation_accuracy"), "examples": i.training.get("examples"),
+             "seconds": i.train_seconds, "created": i.created, "note": i.note} for i in infos]
+    typer.echo(format_table(rows, ["version", "parent", "kind", "val_acc", "examples", "seconds", "created", "note"]))
+    typer.echo("(* = current)")
+
+
+@app.command()
+def rollback(registry: RegistryArg, task: TaskArg, version: Annotated[int, typer.Argument(help="Version number.")]) -> None:
+    """Make a stored version of a task the current one."""
+    from cmtl import CmtlError
+
+    reg = _open(registry)
+    try:
+        info = reg.rollback(task, version)
+    except CmtlError as exc:
+        _fail(exc)
+    typer.echo(f"{task}: current version is now v{info.version}")
+
+
+@app.command()
+def remove(
+    registry: RegistryArg,
+    task: TaskArg,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Delete a task and all its versions."""
+    from cmtl import CmtlError
+
+    reg = _open(registry)
+    if not yes and not typer.confirm(f"Delete task {task!r} and all its versions?"):
+        raise typer.Exit(code=1)
+    try:
+        reg.remove_task(task)
+    except CmtlError as exc:
+        _fail(exc)
+    typer.echo(f"removed {task}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Registry folder to create (must not exist).")] = Path("runs/demo"),
+    max_train: Annotated[int, typer.Option(help="Training examples per task.")] = 2000,
+    epochs: int = 2,
+    layers: Annotated[Optional[int], typer.Option(help="Use only the first N backbone layers (faster).")] = None,
+) -> None:
+    """End-to-end demo on real data: two tasks on the embedded MiniLM, predictions and a results table."""
+    from cmtl import CmtlError
+    from cmtl.demo import run_demo
+
+    try:
+        result = run_demo(out, max_train=max_train, epochs=epochs, layers=layers, echo=typer.echo)
+    except CmtlError as exc:
+        _fail(exc)
+    typer.echo("")
+    typer.echo(format_table(result["table"], ["task", "labels", "train", "test", "accuracy", "macro_f1",
+                                              "train_s", "params", "bytes"]))
+    typer.echo("")
+    for row in result["predictions"]:
+        typer.echo(f"{row['task']:>6}: {row['prediction']:<5} <- {row['text']}")

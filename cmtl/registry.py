@@ -1,0 +1,402 @@
+"""The registry: one frozen backbone, one LoRA adapter and head per task version.
+
+>>> reg = Registry.create("runs/reg")                      # doctest: +SKIP
+>>> reg.add_task(TaskSpec("spam", labels=["ham", "spam"]), train=train, validation=val)
+>>> reg.predict("spam", ["WIN a free phone now!!!"])
+['spam']
+
+Every task keeps a lineage of versions; one is *current* and answers
+``predict``. All state lives on disk (see :mod:`cmtl.store`); a registry object
+is a cache of it that loads adapters lazily.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from cmtl import store
+from cmtl._version import __version__
+from cmtl.adapters import AdapterBank, AdapterConfig
+from cmtl.backbone import Backbone, BackboneConfig, load_backbone
+from cmtl.data import Encoded, Examples, as_texts, encode, read_examples
+from cmtl.errors import DataError, RegistryError, TaskExistsError, TaskNotFoundError
+from cmtl.evaluation import compute_metrics, predict_logits
+from cmtl.tasks import TaskHead, TaskSpec
+from cmtl.training import TrainConfig, TrainResult, train
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """One trained version of a task, as recorded in the manifest."""
+
+    task: str
+    version: int
+    parent: int | None
+    created: str
+    kind: str
+    current: bool
+    metrics: dict[str, float] = field(default_factory=dict)
+    data_fingerprint: str | None = None
+    adapter: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    trainable_parameters: int = 0
+    bytes_on_disk: int = 0
+    train_seconds: float = 0.0
+    cmtl_version: str = ""
+    note: str = ""
+
+
+def _head_key(task: str, version: int) -> str:
+    # Adapter names live inside module paths: no dots.
+    return f"{task}__v{version}"
+
+
+class Registry:
+    """A persistent store of task adapters on one frozen backbone.
+
+    Build one with :meth:`create` or :meth:`open`, not the constructor.
+    """
+
+    def __init__(self, root: Path, manifest: dict[str, Any], backbone: Backbone):
+        self.root = root
+        self.backbone = backbone
+        self._manifest = manifest
+        self._bank = AdapterBank(backbone.encoder)
+        self._heads: dict[str, TaskHead] = {}
+        # One active adapter at a time: forward passes of different tasks must not interleave.
+        self._lock = threading.RLock()
+
+    # --- construction -----------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        backbone: BackboneConfig | str | None = None,
+        *,
+        device: str = "auto",
+    ) -> "Registry":
+        """Create an empty registry folder on a backbone (default: the embedded all-MiniLM-L6-v2).
+
+        Raises:
+            RegistryError: ``path`` already holds a registry or other files.
+        """
+        root = Path(path)
+        if (root / store.MANIFEST).exists():
+            raise RegistryError(f"{str(root)!r} already holds a registry. Open it with Registry.open({str(root)!r}).")
+        if root.exists() and any(root.iterdir()):
+            raise RegistryError(f"{str(root)!r} exists and is not empty; choose a new folder for the registry.")
+        loaded = load_backbone(backbone, device=device)
+        root.mkdir(parents=True, exist_ok=True)
+        manifest = {
+            "format": store.FORMAT,
+            "created": _now(),
+            "backbone": {**loaded.config.to_dict(), "sha256": loaded.sha256},
+            "tasks": {},
+        }
+        with store.writer_lock(root):
+            store.write_manifest(root, manifest)
+        logger.info("Created registry %s on backbone %s", root, loaded.config.name_or_path)
+        return cls(root, manifest, loaded)
+
+    @classmethod
+    def open(cls, path: str | Path, backbone: BackboneConfig | str | None = None, *, device: str = "auto") -> "Registry":
+        """Open an existing registry.
+
+        Args:
+            path: The registry folder.
+            backbone: Load this backbone instead of the recorded one (e.g. the
+                same weights moved to another folder). Its weights must hash to
+                the recorded value.
+
+        Raises:
+            RegistryError: no registry at ``path``.
+            BackboneMismatchError: the backbone's weights differ from the recorded ones.
+        """
+        root = Path(path)
+        manifest = store.read_manifest(root)
+        recorded = manifest["backbone"]
+        if backbone is None:
+            config = BackboneConfig(**{k: v for k, v in recorded.items() if k != "sha256"})
+        elif isinstance(backbone, str):
+            config = BackboneConfig(
+                **{**{k: v for k, v in recorded.items() if k != "sha256"}, "name_or_path": backbone}
+            )
+        else:
+            config = backbone
+        loaded = load_backbone(config, device=device)
+        loaded.check_matches(recorded["sha256"], f"registry {str(root)!r}")
+        return cls(root, manifest, loaded)
+
+    def reload(self) -> bool:
+        """Re-read the manifest if another process changed it; return whether it changed."""
+        manifest = store.read_manifest(self.root)
+        if manifest.get("generation") == self._manifest.get("generation"):
+            return False
+        with self._lock:
+            self._manifest = manifest
+        return True
+
+    # --- reading ----------------------------------------------------------------
+
+    def tasks(self) -> list[str]:
+        """Names of all tasks, sorted."""
+        return sorted(self._manifest["tasks"])
+
+    def spec(self, task: str) -> TaskSpec:
+        return TaskSpec.from_dict(self._entry(task)["spec"])
+
+    def versions(self, task: str) -> list[VersionInfo]:
+        """Every version of ``task``, oldest first."""
+        entry = self._entry(task)
+        return [self._info(task, v, entry["current"]) for v in entry["versions"]]
+
+    def current(self, task: str) -> VersionInfo:
+        """The version of ``task`` that answers predictions."""
+        entry = self._entry(task)
+        return self._info(task, self._version_record(task, entry["current"]), entry["current"])
+
+    # --- training ---------------------------------------------------------------
+
+    def add_task(
+        self,
+        spec: TaskSpec,
+        train: Any,
+        validation: Any = None,
+        *,
+        adapter: AdapterConfig | None = None,
+        training: TrainConfig | None = None,
+    ) -> VersionInfo:
+        """Train a new task's adapter and head on the frozen backbone and store it as version 1.
+
+        Args:
+            spec: The task's name, labels and columns.
+            train: Training data (Dataset, DataFrame, file path or list of dicts).
+            validation: Optional held-out data for early stopping and metrics.
+            adapter: LoRA settings (defaults: r=8, alpha=16 on peft's default modules).
+            training: Optimiser and loop settings.
+
+        Raises:
+            TaskExistsError: the name is taken.
+            DataError: the data does not fit ``spec``.
+            TrainingDivergedError: the loss went non-finite; nothing was written.
+        """
+        if spec.name in self._manifest["tasks"]:
+            raise TaskExistsError(
+                f"Task {spec.name!r} already exists (current version {self._entry(spec.name)['current']}). "
+                "Pick another name, or remove_task it first."
+            )
+        adapter = adapter or AdapterConfig()
+        training = training or TrainConfig()
+        train_ex = read_examples(train, spec)
+        val_ex = read_examples(validation, spec) if validation is not None else None
+        train_enc = self._encode(train_ex, spec)
+        val_enc = self._encode(val_ex, spec) if val_ex is not None else None
+        key = _head_key(spec.name, 1)
+        with self._lock:
+            torch.manual_seed(training.seed)  # peft draws A and cmtl draws the head from the global RNG
+            resolved = self._bank.add(key, adapter)
+            head = TaskHead(self.backbone.hidden_size, spec.num_outputs, training.head_dropout).to(self.backbone.device)
+            try:
+                result = self._train(key, head, spec, train_enc, val_enc, training)
+                record = self._new_record(
+                    version=1, parent=None, kind="train", examples=train_ex, adapter=resolved,
+                    training=training, result=result, key=key,
+                )
+                self._commit(spec, record, key, head, new_task=True)
+            except BaseException:
+                self._bank.remove(key)
+                raise
+            self._heads[key] = head
+        return self.current(spec.name)
+
+    # --- inference --------------------------------------------------------------
+
+    def predict(self, task: str, texts: str | Sequence[str], text_pairs: Sequence[str] | None = None,
+                *, version: int | None = None) -> list:
+        """Predicted labels (a list of label strings; lists of labels for multi-label; numbers for regression)."""
+        spec = self.spec(task)
+        return spec.decode(self._logits(task, spec, texts, text_pairs, version))
+
+    def predict_proba(self, task: str, texts: str | Sequence[str], text_pairs: Sequence[str] | None = None,
+                      *, version: int | None = None) -> np.ndarray:
+        """Per-label probabilities, shape (N, L), columns in ``spec(task).labels`` order."""
+        spec = self.spec(task)
+        return spec.probabilities(self._logits(task, spec, texts, text_pairs, version)).numpy()
+
+    def evaluate(self, task: str, data: Any, *, version: int | None = None) -> dict[str, float]:
+        """Metrics of ``task`` (current version unless given) on labelled ``data``."""
+        spec = self.spec(task)
+        examples = read_examples(data, spec)
+        encoded = self._encode(examples, spec)
+        logits = self._predict_encoded(task, encoded, version)
+        return compute_metrics(spec, logits, encoded.targets)
+
+    # --- lineage ----------------------------------------------------------------
+
+    def rollback(self, task: str, version: int) -> VersionInfo:
+        """Make an earlier (or later) stored version of ``task`` the current one."""
+        with store.writer_lock(self.root), self._lock:
+            manifest = store.read_manifest(self.root)
+            self._manifest = manifest
+            self._version_record(task, version)  # raises if unknown
+            manifest["tasks"][task]["current"] = version
+            store.write_manifest(self.root, manifest)
+        logger.info("Task %s: current version is now v%d", task, version)
+        return self.current(task)
+
+    def remove_task(self, task: str) -> None:
+        """Delete a task, all its versions and their files."""
+        with store.writer_lock(self.root), self._lock:
+            manifest = store.read_manifest(self.root)
+            self._manifest = manifest
+            entry = self._entry(task)
+            for v in entry["versions"]:
+                key = _head_key(task, v["version"])
+                self._bank.remove(key)
+                self._heads.pop(key, None)
+            del manifest["tasks"][task]
+            store.write_manifest(self.root, manifest)
+            shutil.rmtree(self.root / "tasks" / task, ignore_errors=True)
+
+    # --- internals --------------------------------------------------------------
+
+    def _entry(self, task: str) -> dict[str, Any]:
+        try:
+            return self._manifest["tasks"][task]
+        except KeyError:
+            raise TaskNotFoundError(f"Task {task!r} not found. Known tasks: {self.tasks()}.") from None
+
+    def _version_record(self, task: str, version: int) -> dict[str, Any]:
+        for record in self._entry(task)["versions"]:
+            if record["version"] == version:
+                return record
+        known = [r["version"] for r in self._entry(task)["versions"]]
+        raise TaskNotFoundError(f"Task {task!r} has no version {version!r}. Versions: {known}.")
+
+    def _info(self, task: str, record: dict[str, Any], current: int) -> VersionInfo:
+        fields_ = {k: v for k, v in record.items() if k in VersionInfo.__dataclass_fields__ and k != "files"}
+        return VersionInfo(task=task, current=record["version"] == current, **fields_)
+
+    def _encode(self, examples: Examples, spec: TaskSpec) -> Encoded:
+        return encode(examples, spec, self.backbone.tokenize)
+
+    def _forward(self, key: str):
+        head = self._heads[key]
+        embed = self.backbone.embed
+        return lambda inputs: head(embed(**inputs))
+
+    def _train(self, key: str, head: TaskHead, spec: TaskSpec, train_enc: Encoded, val_enc: Encoded | None,
+               config: TrainConfig) -> TrainResult:
+        self._bank.activate(key)  # before parameters(): activation re-freezes the encoder
+        params = self._bank.parameters(key) + list(head.parameters())
+
+        def set_training(flag: bool) -> None:
+            self._bank.set_training(key, flag)
+            head.train(flag)
+
+        try:
+            return train(
+                lambda inputs: head(self.backbone.embed(**inputs)), params, set_training, spec, train_enc, val_enc,
+                config, pad_id=self._pad_id, device=self.backbone.device, desc=f"{spec.name}",
+            )
+        finally:
+            for p in params:
+                p.requires_grad_(False)
+
+    @property
+    def _pad_id(self) -> int:
+        pad = self.backbone.tokenizer.pad_token_id
+        return 0 if pad is None else int(pad)
+
+    def _new_record(self, *, version: int, parent: int | None, kind: str, examples: Examples,
+                    adapter: AdapterConfig, training: TrainConfig, result: TrainResult, key: str) -> dict[str, Any]:
+        return {
+            "version": version,
+            "parent": parent,
+            "created": _now(),
+            "kind": kind,
+            "metrics": {f"validation_{k}": v for k, v in result.best_metrics.items()},
+            "data_fingerprint": examples.fingerprint(),
+            "adapter": adapter.to_dict(),
+            "training": {**training.to_dict(), "steps": result.steps, "best_step": result.best_step,
+                         "stopped_early": result.stopped_early, "examples": len(examples)},
+            "train_seconds": round(result.seconds, 3),
+            "cmtl_version": __version__,
+        }
+
+    def _commit(self, spec: TaskSpec, record: dict[str, Any], key: str, head: TaskHead, *, new_task: bool) -> None:
+        """Write a version's files, then the manifest that names it and makes it current."""
+        head_state = head.state_dict()
+        files = {
+            "adapter.safetensors": store.tensors_to_bytes(self._bank.state_dict(key)),
+            "head.safetensors": store.tensors_to_bytes(head_state),
+        }
+        record["trainable_parameters"] = self._bank.num_parameters(key) + sum(v.numel() for v in head_state.values())
+        record["bytes_on_disk"] = sum(len(b) for b in files.values())
+        with store.writer_lock(self.root):
+            manifest = store.read_manifest(self.root)
+            if new_task and spec.name in manifest["tasks"]:
+                raise TaskExistsError(f"Task {spec.name!r} was added by another process meanwhile.")
+            store.remove_unreferenced(self.root, manifest)
+            record["files"] = store.write_version_files(self.root, spec.name, record["version"], files)
+            entry = manifest["tasks"].setdefault(spec.name, {"spec": spec.to_dict(), "versions": []})
+            entry["versions"].append(record)
+            entry["current"] = record["version"]
+            store.write_manifest(self.root, manifest)
+            self._manifest = manifest
+
+    def _ensure_loaded(self, task: str, version: int) -> str:
+        key = _head_key(task, version)
+        if key in self._heads:
+            return key
+        record = self._version_record(task, version)
+        folder = store.version_dir(self.root, task, version)
+        adapter_state = store.read_tensors(folder / "adapter.safetensors", record["files"]["adapter.safetensors"])
+        head_state = store.read_tensors(folder / "head.safetensors", record["files"]["head.safetensors"])
+        spec = self.spec(task)
+        head = TaskHead(self.backbone.hidden_size, spec.num_outputs)
+        head.load_state_dict(head_state)
+        head.to(self.backbone.device).eval()
+        self._bank.load(key, AdapterConfig.from_dict(record["adapter"]), adapter_state)
+        self._heads[key] = head
+        return key
+
+    def _predict_encoded(self, task: str, encoded: Encoded, version: int | None) -> torch.Tensor:
+        with self._lock:
+            version = self._entry(task)["current"] if version is None else version
+            key = self._ensure_loaded(task, version)
+            self._bank.activate(key)
+            batch_size = int(self._version_record(task, version)["training"].get("eval_batch_size", 64))
+            return predict_logits(self._forward(key), encoded, batch_size=batch_size, pad_id=self._pad_id,
+                                  device=self.backbone.device)
+
+    def _logits(self, task: str, spec: TaskSpec, texts, text_pairs, version: int | None) -> torch.Tensor:
+        texts = as_texts(texts)
+        pairs = None
+        if spec.text_pair_column is not None:
+            if text_pairs is None:
+                raise DataError(f"Task {spec.name!r} takes text pairs: pass text_pairs=[...] as well.")
+            pairs = as_texts(text_pairs)
+            if len(pairs) != len(texts):
+                raise DataError(f"Got {len(texts)} texts but {len(pairs)} text_pairs; they must match.")
+        encoded = encode(Examples(texts, pairs), spec, self.backbone.tokenize, with_targets=False)
+        return self._predict_encoded(task, encoded, version)
+
+    def __repr__(self) -> str:
+        return f"Registry({str(self.root)!r}, backbone={self.backbone.config.name_or_path!r}, tasks={self.tasks()})"
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -1,0 +1,88 @@
+"""Shared fixtures: a tiny random backbone, a 2-layer MiniLM cut, toy data, registries in tmp_path."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # no test may reach a model hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import random
+from pathlib import Path
+
+import pytest
+
+from cmtl import BackboneConfig, Registry, TaskSpec, TrainConfig
+
+POSITIVE = ["great", "lovely", "excellent", "superb", "wonderful", "fantastic"]
+NEGATIVE = ["awful", "terrible", "horrible", "dreadful", "poor", "nasty"]
+FILLER = ["the", "movie", "was", "really", "quite", "a", "plot", "and", "acting", "film", "story", "it"]
+
+
+def toy_sentiment(n: int, seed: int = 0) -> list[dict]:
+    """Separable toy data: a positive or negative word among filler words."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = "pos" if i % 2 == 0 else "neg"
+        words = rng.sample(FILLER, 5) + [rng.choice(POSITIVE if label == "pos" else NEGATIVE)]
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+FAST = TrainConfig(epochs=8, batch_size=8, learning_rate=2e-2, progress=False, patience=None)
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory) -> str:
+    """A 2-layer, 32-wide random BERT with the MiniLM tokenizer, saved to a folder."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from cmtl.backbone import DEFAULT_BACKBONE, resolve_path
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_path(DEFAULT_BACKBONE), local_files_only=True)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def other_tiny_backbone(tmp_path_factory, tiny_backbone) -> str:
+    """Same architecture as ``tiny_backbone``, other random weights."""
+    import torch
+    from transformers import AutoTokenizer, BertModel
+
+    path = tmp_path_factory.mktemp("tiny-bert-other")
+    torch.manual_seed(1)
+    model = BertModel.from_pretrained(tiny_backbone)
+    for p in model.parameters():
+        p.data.normal_(0, 0.02)
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_backbone).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture
+def tiny_config(tiny_backbone) -> BackboneConfig:
+    return BackboneConfig(name_or_path=tiny_backbone, max_length=64)
+
+
+@pytest.fixture
+def registry(tmp_path, tiny_config) -> Registry:
+    return Registry.create(tmp_path / "reg", tiny_config, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def sentiment_registry(tmp_path_factory, tiny_backbone) -> Path:
+    """A registry holding one trained toy task, built once; copy it before writing to it."""
+    root = tmp_path_factory.mktemp("shared") / "reg"
+    reg = Registry.create(root, BackboneConfig(name_or_path=tiny_backbone, max_length=64), device="cpu")
+    reg.add_task(TaskSpec("sentiment", labels=["neg", "pos"]), train=toy_sentiment(96), validation=toy_sentiment(32, 1),
+                 training=FAST)
+    return root
