@@ -9,6 +9,7 @@ module name (peft's own saved format, so an exported adapter loads in peft).
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Iterator
 
@@ -116,10 +117,13 @@ class AdapterBank:
         if name in self:
             raise ValueError(f"Adapter {name!r} already exists in this bank.")
         try:
-            if self._peft is None:
-                self._peft = get_peft_model(self.encoder, _peft_config(config), adapter_name=name)
-            else:
-                self._peft.add_adapter(name, _peft_config(config))
+            with warnings.catch_warnings():
+                # peft 0.21 asks transformers 5 a deprecated question; users can do nothing about it.
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                if self._peft is None:
+                    self._peft = get_peft_model(self.encoder, _peft_config(config), adapter_name=name)
+                else:
+                    self._peft.add_adapter(name, _peft_config(config))
         except ValueError as exc:
             raise DataError(f"Cannot build LoRA adapter with {config}: {exc}") from exc
         self._freeze_all()

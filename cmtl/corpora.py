@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 from datasets import Dataset, DatasetDict, Features, Value
 
-from cmtl.errors import CmtlError, DataError
+from cmtl.errors import CorpusNotFoundError, CorpusSourceError, DataError, UnsafePickleError
 
 logger = logging.getLogger(__name__)
 
@@ -39,21 +39,6 @@ CACHE_VERSION = "v1"  # bump when cleaning or splitting changes, so old caches a
 SPLIT_FRACTIONS = {"validation": 0.1, "test": 0.1}  # per label; the rest is train
 FIXED_TEST_FRACTIONS = {"validation": 0.1}  # corpora that ship their own test set
 _FEATURES = Features({"text": Value("string"), "label": Value("string")})
-
-
-class CorpusNotFoundError(CmtlError, KeyError):
-    """A corpus name that :data:`CORPORA` does not hold."""
-
-    def __str__(self) -> str:  # KeyError would quote the whole message
-        return str(self.args[0]) if self.args else ""
-
-
-class CorpusSourceError(CmtlError, RuntimeError):
-    """The package holding a corpus is neither installed at its pinned version nor downloadable."""
-
-
-class UnsafePickleError(CmtlError, pickle.UnpicklingError):
-    """A third-party pickle that names something other than the data classes we allow."""
 
 
 @dataclass(frozen=True)

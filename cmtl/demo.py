@@ -8,9 +8,11 @@ each task on its held-out test split.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Callable
 
+from cmtl import store
 from cmtl.backbone import BackboneConfig
 from cmtl.corpora import corpus_info, load_corpus
 from cmtl.registry import Registry
@@ -35,7 +37,13 @@ def run_demo(
     seed: int = 0,
     echo: Callable[[str], None] = lambda _: None,
 ) -> dict:
-    """Run the demo; return ``{"table": [...], "predictions": [...]}`` rows for printing."""
+    """Run the demo; return ``{"table": [...], "predictions": [...]}`` rows for printing.
+
+    ``out`` is replaced if it holds an earlier demo registry; any other existing folder is refused.
+    """
+    out = Path(out)
+    if (out / store.MANIFEST).exists() and set(store.read_manifest(out)["tasks"]) <= set(DEMO_TASKS):
+        shutil.rmtree(out)
     reg = Registry.create(out, BackboneConfig(num_hidden_layers=layers))
     echo(f"registry {reg.root} on {reg.backbone.config.name_or_path} "
          f"({reg.backbone.num_parameters:,} frozen parameters, device {reg.backbone.device})")

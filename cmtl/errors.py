@@ -6,16 +6,20 @@ keeps working, while ``except cmtl.CmtlError`` catches everything of ours.
 
 from __future__ import annotations
 
+import pickle
+
 
 class CmtlError(Exception):
     """Base class of every error cmtl raises on purpose."""
 
 
-class TaskNotFoundError(CmtlError, KeyError):
-    """A task (or version) name that the registry does not hold."""
-
-    def __str__(self) -> str:  # KeyError would quote the whole message
+class _LookupKeyError(KeyError):
+    def __str__(self) -> str:  # KeyError would print the message quoted, as a key
         return str(self.args[0]) if self.args else ""
+
+
+class TaskNotFoundError(CmtlError, _LookupKeyError):
+    """A task (or version) name that the registry does not hold."""
 
 
 class TaskExistsError(CmtlError, ValueError):
@@ -44,3 +48,15 @@ class CorruptFileError(CmtlError, OSError):
 
 class TrainingDivergedError(CmtlError, FloatingPointError):
     """Training produced a non-finite loss; nothing was written."""
+
+
+class CorpusNotFoundError(CmtlError, _LookupKeyError):
+    """A corpus name that :data:`cmtl.corpora.CORPORA` does not hold."""
+
+
+class CorpusSourceError(CmtlError, RuntimeError):
+    """The package holding a corpus is neither installed at its pinned version nor downloadable."""
+
+
+class UnsafePickleError(CmtlError, pickle.UnpicklingError):
+    """A third-party pickle that names something other than the data classes we allow."""
