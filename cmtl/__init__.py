@@ -18,11 +18,13 @@ from cmtl.errors import (
     CorruptFileError,
     DataError,
     RegistryError,
+    ReplayBufferError,
     TaskExistsError,
     TaskNotFoundError,
     TrainingDivergedError,
 )
 from cmtl.registry import Registry, VersionInfo
+from cmtl.replay import ClassBalancedBuffer, ReplayBuffer, ReservoirBuffer, TaskBalancedBuffer, make_buffer
 from cmtl.tasks import TaskSpec
 from cmtl.training import TrainConfig
 
@@ -30,11 +32,16 @@ __all__ = [
     "AdapterConfig",
     "BackboneConfig",
     "BackboneMismatchError",
+    "ClassBalancedBuffer",
     "CmtlError",
     "CorruptFileError",
     "DataError",
     "Registry",
     "RegistryError",
+    "ReplayBuffer",
+    "ReplayBufferError",
+    "ReservoirBuffer",
+    "TaskBalancedBuffer",
     "TaskExistsError",
     "TaskNotFoundError",
     "TaskSpec",
@@ -42,4 +49,5 @@ __all__ = [
     "TrainingDivergedError",
     "VersionInfo",
     "__version__",
+    "make_buffer",
 ]

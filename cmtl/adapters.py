@@ -165,8 +165,13 @@ class AdapterBank:
         """Make ``name`` the adapter every forward pass applies."""
         if name not in self:
             raise KeyError(f"Adapter {name!r} is not loaded. Loaded: {self.names}.")
+        # peft's set_adapter also flips requires_grad; activation must not change what trains
+        # (a training step may switch to another adapter and back, e.g. for distillation).
+        lora = [p for n, p in self.encoder.named_parameters() if "lora_" in n]
+        flags = [p.requires_grad for p in lora]
         self._peft.set_adapter(name)
-        self._freeze_all()
+        for p, flag in zip(lora, flags):
+            p.requires_grad_(flag)
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:

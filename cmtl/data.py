@@ -49,14 +49,28 @@ class Examples:
 
 @dataclass
 class Encoded:
-    """Tokenized examples: token ids per row (unpadded) and targets (N, ...) if labelled."""
+    """Tokenized examples: token ids per row (unpadded), targets (N, ...) if labelled, and
+    optionally a group (head) index per row (N,) for batches that mix tasks."""
 
     input_ids: list[list[int]]
     token_type_ids: list[list[int]] | None
     targets: torch.Tensor | None
+    groups: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    @staticmethod
+    def concat(parts: Sequence["Encoded"]) -> "Encoded":
+        """Rows of several encodings, in order; targets must share their trailing shape."""
+        cat = lambda xs: None if any(x is None for x in xs) else torch.cat(xs)  # noqa: E731
+        types = [p.token_type_ids for p in parts]
+        return Encoded(
+            [ids for p in parts for ids in p.input_ids],
+            None if any(t is None for t in types) else [t for ts in types for t in ts],
+            cat([p.targets for p in parts]),
+            cat([p.groups for p in parts]),
+        )
 
     def lengths(self) -> list[int]:
         return [len(ids) for ids in self.input_ids]
@@ -117,6 +131,8 @@ def read_examples(data: Any, spec: TaskSpec, *, labelled: bool = True) -> Exampl
     Raises:
         DataError: empty data, a missing column, or non-text inputs.
     """
+    if isinstance(data, Examples):
+        return _check_examples(data, spec, labelled)
     columns, column, n_rows = _columns_of(data)
     if n_rows == 0:
         raise DataError(f"The data for task {spec.name!r} is empty: it needs at least one example.")
@@ -137,6 +153,16 @@ def read_examples(data: Any, spec: TaskSpec, *, labelled: bool = True) -> Exampl
         if bad:
             raise DataError(f"Column {spec.label_column!r} has missing labels at rows {bad[:10]}.")
     return Examples(texts, pairs, labels)
+
+
+def _check_examples(examples: Examples, spec: TaskSpec, labelled: bool) -> Examples:
+    if not len(examples):
+        raise DataError(f"The data for task {spec.name!r} is empty: it needs at least one example.")
+    if labelled and examples.labels is None:
+        raise DataError(f"The examples for task {spec.name!r} carry no labels.")
+    if (examples.pairs is None) != (spec.text_pair_column is None):
+        raise DataError(f"Task {spec.name!r} {'takes' if spec.text_pair_column else 'does not take'} text pairs.")
+    return examples
 
 
 def as_texts(texts: str | Sequence[str]) -> list[str]:
@@ -191,6 +217,8 @@ def batches(
                 seq = encoded.token_type_ids[i]
                 types[row, : len(seq)] = torch.tensor(seq)
             inputs["token_type_ids"] = types.to(device)
+        if encoded.groups is not None:
+            inputs["groups"] = encoded.groups[idx].to(device)
         targets = None if encoded.targets is None else encoded.targets[idx].to(device)
         yield idx, inputs, targets
 

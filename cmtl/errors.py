@@ -60,3 +60,7 @@ class CorpusSourceError(CmtlError, RuntimeError):
 
 class UnsafePickleError(CmtlError, pickle.UnpicklingError):
     """A third-party pickle that names something other than the data classes we allow."""
+
+
+class ReplayBufferError(CmtlError, ValueError):
+    """A bad buffer setting, or a buffer file that is missing, corrupt or not a buffer."""

@@ -23,7 +23,8 @@ def predict_logits(
     """Logits (N, L) for every row of ``encoded``, in row order, on CPU."""
     order = length_sorted(encoded)
     out: torch.Tensor | None = None
-    for idx, inputs, _ in batches(Encoded(encoded.input_ids, encoded.token_type_ids, None), order, batch_size, pad_id, device):
+    unlabelled = Encoded(encoded.input_ids, encoded.token_type_ids, None, encoded.groups)
+    for idx, inputs, _ in batches(unlabelled, order, batch_size, pad_id, device):
         logits = forward(inputs).float().cpu()
         if out is None:
             out = torch.empty((len(encoded), logits.shape[-1]))

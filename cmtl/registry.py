@@ -12,6 +12,7 @@ is a cache of it that loads adapters lazily.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import threading
@@ -83,11 +84,14 @@ class Registry:
     def create(
         cls,
         path: str | Path,
-        backbone: BackboneConfig | str | None = None,
+        backbone: Backbone | BackboneConfig | str | None = None,
         *,
         device: str = "auto",
     ) -> "Registry":
         """Create an empty registry folder on a backbone (default: the embedded all-MiniLM-L6-v2).
+
+        ``backbone`` may be an already loaded :class:`~cmtl.backbone.Backbone`, which the
+        registry then owns (it injects adapters into it).
 
         Raises:
             RegistryError: ``path`` already holds a registry or other files.
@@ -97,7 +101,7 @@ class Registry:
             raise RegistryError(f"{str(root)!r} already holds a registry. Open it with Registry.open({str(root)!r}).")
         if root.exists() and any(root.iterdir()):
             raise RegistryError(f"{str(root)!r} exists and is not empty; choose a new folder for the registry.")
-        loaded = load_backbone(backbone, device=device)
+        loaded = backbone if isinstance(backbone, Backbone) else load_backbone(backbone, device=device)
         root.mkdir(parents=True, exist_ok=True)
         manifest = {
             "format": store.FORMAT,
@@ -243,6 +247,27 @@ class Registry:
         logits = self._predict_encoded(task, encoded, version)
         return compute_metrics(spec, logits, encoded.targets)
 
+    @torch.inference_mode()
+    def embed(self, texts: str | Sequence[str], task: str | None = None, *, version: int | None = None,
+              batch_size: int = 64) -> torch.Tensor:
+        """Pooled embeddings (N, H) of ``texts``: through ``task``'s adapter, or the plain backbone if ``None``."""
+        from cmtl.data import batches, length_sorted
+
+        encoded = Encoded(self.backbone.tokenize(as_texts(texts))["input_ids"], None, None)
+        out = torch.empty((len(encoded), self.backbone.hidden_size))
+        with self._lock:
+            if task is None:
+                context = self._bank.disabled()
+            else:
+                key = self._ensure_loaded(task, self._entry(task)["current"] if version is None else version)
+                self._bank.activate(key)
+                context = contextlib.nullcontext()
+            with context:
+                for idx, inputs, _ in batches(encoded, length_sorted(encoded), batch_size, self._pad_id,
+                                              self.backbone.device):
+                    out[idx] = self.backbone.embed(**inputs).float().cpu()
+        return out
+
     # --- lineage ----------------------------------------------------------------
 
     def rollback(self, task: str, version: int) -> VersionInfo:
@@ -299,7 +324,7 @@ class Registry:
 
     def _train(self, key: str, head: TaskHead, spec: TaskSpec, train_enc: Encoded, val_enc: Encoded | None,
                config: TrainConfig) -> TrainResult:
-        self._bank.activate(key)  # before parameters(): activation re-freezes the encoder
+        self._bank.activate(key)
         params = self._bank.parameters(key) + list(head.parameters())
 
         def set_training(flag: bool) -> None:
