@@ -270,3 +270,43 @@ def demo(
     typer.echo("")
     for row in result["predictions"]:
         typer.echo(f"{row['task']:>6}: {row['prediction']:<5} <- {row['text']}")
+
+
+@app.command()
+def bench(
+    scenario: Annotated[Path, typer.Argument(help="Scenario file, e.g. scenarios/text5.yaml.")],
+    strategy: Annotated[str, typer.Option(help="Comma-separated strategies: adapters, seq-ft, replay, ewc, lwf, "
+                                               "joint, single, avl-naive, avl-replay, avl-ewc, avl-lwf.")]
+    = "adapters,seq-ft,replay,ewc,lwf,joint",
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default runs/bench/<scenario>).")] = None,
+    orders: Annotated[str, typer.Option(help="Comma-separated orders: stated, random-1, ..., or all.")] = "stated",
+    max_train: Annotated[Optional[int], typer.Option(help="Override the scenario's training cap.")] = None,
+    max_eval: Annotated[Optional[int], typer.Option(help="Override the scenario's validation/test cap.")] = None,
+    epochs: int = 2,
+    layers: Annotated[Optional[int], typer.Option(help="Use only the first N backbone layers.")] = None,
+    replay_budget: int = 500,
+    seed: int = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Run continual-learning strategies on a scenario; write results.json, results.md and heatmaps."""
+    from cmtl import BackboneConfig, CmtlError, TrainConfig
+    from cmtl.benchmark import run_benchmark, summary_rows
+    from cmtl.scenarios import Scenario
+    from cmtl.strategies import StrategyConfig
+
+    try:
+        sc = Scenario.from_yaml(scenario)
+        if max_train or max_eval:
+            sc = sc.shrink(max_train or sc.max_train, max_eval or sc.max_eval)
+        config = StrategyConfig(training=TrainConfig(epochs=epochs, seed=seed, progress=False),
+                                replay_budget=replay_budget)
+        out = out or Path("runs/bench") / sc.name
+        results = run_benchmark(sc, [s.strip() for s in strategy.split(",") if s.strip()], out,
+                                backbone=BackboneConfig(num_hidden_layers=layers), config=config,
+                                orders=[o.strip() for o in orders.split(",")], device=device, echo=typer.echo)
+    except (CmtlError, ValueError, OSError) as exc:
+        _fail(exc)
+    typer.echo("")
+    typer.echo(format_table(summary_rows(results), ["strategy", "order", "ACC", "BWT", "FWT", "forgetting", "time_s",
+                                                    "params_per_exp", "bytes_added"]))
+    typer.echo(f"\nwrote {out}/results.json, results.md and heatmaps")

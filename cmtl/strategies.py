@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import abc
 import copy
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -339,11 +340,13 @@ class AdapterLearner(Learner):
 
     def _untrained(self, j: int, texts: list[str]) -> list[str]:
         """A task not trained yet: its fresh seeded head on the plain backbone (its adapter starts at B = 0)."""
-        spec = self.experiences[j].spec
-        head = _seeded_head(self.backbone.hidden_size, spec.num_outputs, 0.0, self._head_seed(j))
+        labels = self.experiences[j].spec.labels
+        if self.kind == "class-incremental":  # an untrained model may answer any class of the stream
+            labels = tuple(dict.fromkeys(x for e in self.experiences for x in e.spec.labels))
+        head = _seeded_head(self.backbone.hidden_size, len(labels), 0.0, self._head_seed(j))
         with torch.inference_mode():
             logits = head(self.registry.embed(texts))
-        return [spec.labels[k] for k in logits.argmax(-1).tolist()]
+        return [labels[k] for k in logits.argmax(-1).tolist()]
 
 
 class SingleLearner(Learner):
@@ -454,6 +457,10 @@ def run_stream(
             if on_step:
                 on_step(f"{strategy}: after {experiences[i].name} ({seconds[-1]:.0f} s): "
                         + " ".join(f"{experiences[j].name}={R[-1][j]:.3f}" for j in range(T)))
-        return ContinualReport.from_matrix(R, [e.name for e in experiences], b=b, seconds_per_experience=seconds,
-                                           trainable_parameters_per_task=learner.trainable_parameters,
-                                           bytes_per_task=learner.bytes_added)
+        report = ContinualReport.from_matrix(R, [e.name for e in experiences], b=b, seconds_per_experience=seconds,
+                                             trainable_parameters_per_task=learner.trainable_parameters,
+                                             bytes_per_task=learner.bytes_added)
+    if kind == "class-incremental":
+        # Classes not seen yet cannot be predicted, so R[j-1][j] = 0 by construction: FWT says nothing.
+        report = dataclasses.replace(report, fwt=None)
+    return report

@@ -15,7 +15,7 @@ from cmtl.cli import app
 from tests.conftest import toy_sentiment
 
 runner = CliRunner()
-COMMANDS = ["init", "add-task", "predict", "eval", "ls", "versions", "rollback", "remove", "demo"]
+COMMANDS = ["init", "add-task", "predict", "eval", "ls", "versions", "rollback", "remove", "demo", "bench"]
 
 
 def invoke(*args: str):
