@@ -32,7 +32,7 @@ from cmtl.data import Encoded, Examples, as_texts, encode, read_examples
 from cmtl.errors import DataError, RegistryError, TaskExistsError, TaskNotFoundError
 from cmtl.evaluation import compute_metrics, predict_logits
 from cmtl.tasks import TaskHead, TaskSpec
-from cmtl.training import TrainConfig, TrainResult, train
+from cmtl.training import TrainConfig, TrainResult, seeded, train
 
 logger = logging.getLogger(__name__)
 
@@ -208,8 +208,8 @@ class Registry:
         train_enc = self._encode(train_ex, spec)
         val_enc = self._encode(val_ex, spec) if val_ex is not None else None
         key = _head_key(spec.name, 1)
-        with self._lock:
-            torch.manual_seed(training.seed)  # peft draws A and cmtl draws the head from the global RNG
+        # peft draws A, cmtl the head and dropout its masks from the global RNG: seed it, for this call only.
+        with self._lock, seeded(training.seed, self.backbone.device):
             resolved = self._bank.add(key, adapter)
             head = TaskHead(self.backbone.hidden_size, spec.num_outputs, training.head_dropout).to(self.backbone.device)
             try:

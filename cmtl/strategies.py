@@ -46,7 +46,7 @@ from cmtl.registry import Registry
 from cmtl.replay import make_buffer
 from cmtl.scenarios import Experience
 from cmtl.tasks import TaskHead, TaskSpec
-from cmtl.training import TrainConfig, train
+from cmtl.training import TrainConfig, seeded, train
 
 STRATEGIES = ("adapters", "seq-ft", "replay", "ewc", "lwf", "joint", "single")
 Kind = Literal["task-incremental", "domain-incremental", "class-incremental"]
@@ -79,8 +79,7 @@ class StrategyConfig:
 
 
 def _seeded_head(hidden: int, n_out: int, dropout: float, seed: int) -> TaskHead:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         return TaskHead(hidden, n_out, dropout)
 
 
@@ -143,8 +142,7 @@ class SharedLearner(Learner):
     def _fresh_adapter(self) -> None:
         if "shared" in self.bank:
             self.bank.remove("shared")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.config.training.seed)
+        with seeded(self.config.training.seed):
             self.bank.add("shared", self.config.adapter)
         self.bank.activate("shared")
 
@@ -451,7 +449,8 @@ def run_stream(
         R, seconds = [], []
         for i in range(T):
             started = time.perf_counter()
-            learner.fit(i)
+            with seeded(config.training.seed * 7919 + i, loaded.device):  # dropout masks, fresh heads
+                learner.fit(i)
             seconds.append(time.perf_counter() - started)
             R.append([accuracy(j, i + 1) for j in range(T)])
             if on_step:

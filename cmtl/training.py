@@ -8,11 +8,12 @@ new tasks, updates and (later) replay or penalty terms via ``extra_loss``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -99,6 +100,15 @@ class TrainResult:
     @property
     def samples_per_second(self) -> float:
         return self.examples_seen / max(self.seconds, 1e-9)
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device | None = None) -> Iterator[None]:
+    """Run a block from a fixed RNG state (initialisation, dropout) and restore the caller's state after."""
+    devices = [device.index or 0] if device is not None and device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 def get_lr(step: int, total: int, config: TrainConfig) -> float:

@@ -302,3 +302,12 @@ def test_kill_during_write_keeps_previous_state(reg_copy, where):
                  training=TrainConfig(max_steps=2, progress=False))
     assert reg.tasks() == ["second", "sentiment"]
     assert not [p for p in (reg_copy / "tasks").rglob(".staging-*")]
+
+
+def test_add_task_leaves_the_callers_rng_alone(registry):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    registry.add_task(TaskSpec("s", labels=["neg", "pos"]), train=toy_sentiment(16),
+                      training=TrainConfig(max_steps=2, progress=False))
+    torch.testing.assert_close(torch.rand(3), expected)
