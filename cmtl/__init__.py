@@ -23,6 +23,7 @@ from cmtl.errors import (
     TaskNotFoundError,
     TrainingDivergedError,
 )
+from cmtl.metrics import ContinualReport, acc, bwt, forgetting, fwt
 from cmtl.registry import Registry, VersionInfo
 from cmtl.replay import ClassBalancedBuffer, ReplayBuffer, ReservoirBuffer, TaskBalancedBuffer, make_buffer
 from cmtl.tasks import TaskSpec
@@ -34,6 +35,7 @@ __all__ = [
     "BackboneMismatchError",
     "ClassBalancedBuffer",
     "CmtlError",
+    "ContinualReport",
     "CorruptFileError",
     "DataError",
     "Registry",
@@ -49,5 +51,9 @@ __all__ = [
     "TrainingDivergedError",
     "VersionInfo",
     "__version__",
+    "acc",
+    "bwt",
+    "forgetting",
+    "fwt",
     "make_buffer",
 ]

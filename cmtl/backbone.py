@@ -109,6 +109,12 @@ class Backbone:
         return int(self.encoder.config.hidden_size)
 
     @property
+    def pad_id(self) -> int:
+        """Token id used to pad batches (0 when the tokenizer defines none)."""
+        pad = self.tokenizer.pad_token_id
+        return 0 if pad is None else int(pad)
+
+    @property
     def num_parameters(self) -> int:
         return sum(p.numel() for n, p in self.encoder.named_parameters() if "lora_" not in n)
 

@@ -263,7 +263,7 @@ class Registry:
                 self._bank.activate(key)
                 context = contextlib.nullcontext()
             with context:
-                for idx, inputs, _ in batches(encoded, length_sorted(encoded), batch_size, self._pad_id,
+                for idx, inputs, _ in batches(encoded, length_sorted(encoded), batch_size, self.backbone.pad_id,
                                               self.backbone.device):
                     out[idx] = self.backbone.embed(**inputs).float().cpu()
         return out
@@ -334,16 +334,11 @@ class Registry:
         try:
             return train(
                 lambda inputs: head(self.backbone.embed(**inputs)), params, set_training, spec, train_enc, val_enc,
-                config, pad_id=self._pad_id, device=self.backbone.device, desc=f"{spec.name}",
+                config, pad_id=self.backbone.pad_id, device=self.backbone.device, desc=f"{spec.name}",
             )
         finally:
             for p in params:
                 p.requires_grad_(False)
-
-    @property
-    def _pad_id(self) -> int:
-        pad = self.backbone.tokenizer.pad_token_id
-        return 0 if pad is None else int(pad)
 
     def _new_record(self, *, version: int, parent: int | None, kind: str, examples: Examples,
                     adapter: AdapterConfig, training: TrainConfig, result: TrainResult, key: str) -> dict[str, Any]:
@@ -404,7 +399,7 @@ class Registry:
             key = self._ensure_loaded(task, version)
             self._bank.activate(key)
             batch_size = int(self._version_record(task, version)["training"].get("eval_batch_size", 64))
-            return predict_logits(self._forward(key), encoded, batch_size=batch_size, pad_id=self._pad_id,
+            return predict_logits(self._forward(key), encoded, batch_size=batch_size, pad_id=self.backbone.pad_id,
                                   device=self.backbone.device)
 
     def _logits(self, task: str, spec: TaskSpec, texts, text_pairs, version: int | None) -> torch.Tensor:

@@ -45,12 +45,11 @@ from cmtl.metrics import ContinualReport
 from cmtl.registry import Registry
 from cmtl.replay import make_buffer
 from cmtl.scenarios import Experience
-from cmtl.tasks import TaskHead, TaskSpec
+from cmtl.tasks import MASKED_LOGIT, TaskHead, TaskSpec
 from cmtl.training import TrainConfig, seeded, train
 
 STRATEGIES = ("adapters", "seq-ft", "replay", "ewc", "lwf", "joint", "single")
 Kind = Literal["task-incremental", "domain-incremental", "class-incremental"]
-_NEG = -1e4  # logit of a masked class: never chosen, and exp() underflows to 0 without NaNs
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -92,7 +91,7 @@ class Learner(abc.ABC):
         self.backbone = backbone
         self.config = config
         self.device = backbone.device
-        self.pad_id = int(backbone.tokenizer.pad_token_id or 0)
+        self.pad_id = backbone.pad_id
         self.trainable_parameters: list[int] = []  # added per experience
         self.bytes_added: list[int] = []
 
@@ -162,13 +161,13 @@ class SharedLearner(Learner):
         groups = inputs.pop("groups")
         pooled = self.backbone.embed(**inputs)  # (B, H)
         self.last_pooled = pooled
-        logits = pooled.new_full((pooled.shape[0], self.width), _NEG)
+        logits = pooled.new_full((pooled.shape[0], self.width), MASKED_LOGIT)
         for g in groups.unique().tolist():
             rows = groups == g
             out = self._head(g)(pooled[rows])
             logits[rows, : out.shape[1]] = out
         if self.allowed is not None:
-            logits = logits.masked_fill(~self.allowed, _NEG)
+            logits = logits.masked_fill(~self.allowed, MASKED_LOGIT)
         return logits
 
     # --- learning ---------------------------------------------------------------

@@ -20,6 +20,9 @@ from cmtl.errors import DataError
 
 ProblemType = Literal["single_label", "multi_label", "regression"]
 PROBLEM_TYPES = ("single_label", "multi_label", "regression")
+#: Logit given to a class a row may not take (another task's column, an unseen class):
+#: never the argmax, and its softmax weight underflows to exactly 0 without NaNs.
+MASKED_LOGIT = -1e4
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
 

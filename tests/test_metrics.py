@@ -143,7 +143,8 @@ def _tuples(value):
 
 
 def test_markdown_table():
-    text = ContinualReport.from_matrix(R3, ["spam", "trec", "news"], b=B3, seconds_per_experience=[1, 2, 3]).to_markdown()
+    report = ContinualReport.from_matrix(R3, ["spam", "trec", "news"], b=B3, seconds_per_experience=[1, 2, 3])
+    text = report.to_markdown()
     lines = text.splitlines()
     assert lines[0] == "| after \\ on | spam | trec | news |"
     assert lines[2] == "| spam | 0.900 | 0.100 | 0.200 |"

@@ -35,7 +35,8 @@ from cmtl.backbone import Backbone
 from cmtl.data import Encoded, batches, encode, read_examples
 from cmtl.evaluation import Forward
 from cmtl.metrics import ContinualReport
-from cmtl.tasks import TaskHead, TaskSpec
+from cmtl.tasks import MASKED_LOGIT, TaskHead, TaskSpec
+from cmtl.training import seeded
 
 if TYPE_CHECKING:  # annotations only: importing avalanche at runtime happens inside functions
     from avalanche.benchmarks.scenarios.generic_scenario import CLScenario
@@ -47,7 +48,6 @@ ADAPTER_NAME = "shared"
 #: Logit given to the columns a task's head does not have when a mini-batch mixes tasks with
 #: different label counts (Avalanche's ``IncrementalClassifier`` masks with the same value).
 #: Avalanche's ``MultiTaskModule`` fills them with 0, which can win the argmax.
-MASKED_LOGIT = -1000.0
 _EXP_ACCURACY = re.compile(r"^Top1_Acc_Exp/eval_phase/test_stream/Task\d+/Exp(\d+)$")
 
 
@@ -124,14 +124,9 @@ def export_benchmark(
             f"seq_len={seq_len} is shorter than the longest tokenized row ({longest} tokens). Pass seq_len >= "
             f"{longest}, or None; to cut texts shorter, lower BackboneConfig.max_length."
         )
-    pad_id = _pad_id(backbone)
+    pad_id = backbone.pad_id
     streams = {split: [_dataset(e, t, seq_len, pad_id) for t, e in enumerate(encs)] for split, encs in encoded.items()}
     return with_classes_timeline(with_task_labels(benchmark_from_datasets(**streams)))
-
-
-def _pad_id(backbone: Backbone) -> int:
-    pad = backbone.tokenizer.pad_token_id
-    return 0 if pad is None else int(pad)
 
 
 def _dataset(encoded: Encoded, task: int, seq_len: int, pad_id: int):
@@ -175,8 +170,8 @@ def build_model(
             "This backbone already carries LoRA layers (another model or registry uses it). "
             "Load a fresh one with cmtl.backbone.load_backbone for each model."
         )
-    torch.manual_seed(seed)  # peft draws A and cmtl draws the heads from the global RNG
-    return _model_class()(backbone, list(specs), adapter or AdapterConfig(), head_dropout)
+    with seeded(seed):  # peft draws A and cmtl draws the heads from the global RNG
+        return _model_class()(backbone, list(specs), adapter or AdapterConfig(), head_dropout)
 
 
 def __getattr__(name: str):
@@ -194,7 +189,7 @@ def _model_class() -> type:
         """Frozen cmtl backbone + one shared LoRA adapter + one :class:`TaskHead` per task.
 
         ``forward(x, task_labels)`` takes ``x`` (B, 3, L) as built by :func:`export_benchmark` and
-        returns logits (B, max labels); columns beyond a task's labels hold :data:`MASKED_LOGIT`.
+        returns logits (B, max labels); columns beyond a task's labels hold :data:`cmtl.tasks.MASKED_LOGIT`.
         """
 
         def __init__(self, backbone: Backbone, specs: list[TaskSpec], adapter: AdapterConfig, head_dropout: float):
@@ -473,3 +468,32 @@ def run_strategy(
         trainable_parameters_per_task=tuple(model.parameters_added_per_task()),
         bytes_per_task=tuple(model.parameters_added_per_task(in_bytes=True)),
     )
+
+
+def run_avalanche_stream(name: str, experiences: Sequence, kind: str, backbone_config=None, config=None, *,
+                         device: str = "auto") -> ContinualReport:
+    """Run Avalanche's own strategy ``name`` on a loaded cmtl stream with the budget of a ``cmtl bench`` run.
+
+    Args:
+        name: ``"naive"``, ``"replay"``, ``"ewc"`` or ``"lwf"``.
+        experiences: :class:`cmtl.scenarios.Experience` objects (task-incremental).
+        backbone_config: :class:`cmtl.backbone.BackboneConfig` of the backbone to load.
+        config: :class:`cmtl.strategies.StrategyConfig`: epochs, batch size, learning rate, seed, replay
+            budget and penalty weights carry over.
+    """
+    from cmtl.backbone import load_backbone
+    from cmtl.strategies import StrategyConfig
+
+    if kind != "task-incremental":
+        raise ValueError(f"Avalanche strategies run here on task-incremental scenarios only, not {kind}.")
+    config = config or StrategyConfig()
+    backbone = load_backbone(backbone_config, device=device)
+    stream = [(e.spec, e.train, e.test, None) for e in experiences]
+    model = build_model(backbone, task_specs(stream), config.adapter, head_dropout=config.training.head_dropout,
+                        seed=config.training.seed)
+    t = config.training
+    run = run_strategy(name, export_benchmark(stream, backbone), model, AvalancheConfig(
+        epochs=t.epochs, batch_size=t.batch_size, eval_batch_size=t.eval_batch_size, learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay, seed=t.seed, device=str(backbone.device), mem_size=config.replay_budget,
+        ewc_lambda=config.ewc_lambda, lwf_alpha=config.lwf_lambda, lwf_temperature=config.lwf_temperature))
+    return run.report()

@@ -1,0 +1,66 @@
+"""The benchmark runner end to end on shrunk real scenarios: files, tables, and the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cmtl import BackboneConfig, TrainConfig
+from cmtl.benchmark import run_benchmark, summary_rows
+from cmtl.cli import app
+from cmtl.scenarios import Scenario
+from cmtl.strategies import StrategyConfig
+
+SCENARIOS = Path(__file__).parents[1] / "scenarios"
+
+
+def test_run_benchmark_writes_results(tmp_path, tiny_backbone):
+    scenario = Scenario.from_yaml(SCENARIOS / "text5.yaml").shrink(24, 12)
+    config = StrategyConfig(training=TrainConfig(epochs=1, batch_size=8, progress=False), replay_budget=12)
+    lines = []
+    results = run_benchmark(scenario, ["adapters", "replay"], tmp_path, orders=["stated", "random-1"],
+                            backbone=BackboneConfig(name_or_path=tiny_backbone, max_length=32), config=config,
+                            device="cpu", echo=lines.append)
+    assert [(r["strategy"], r["order"]) for r in results["runs"]] == [
+        ("adapters", "stated"), ("replay", "stated"), ("adapters", "random-1"), ("replay", "random-1")]
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["runs"][0]["task_names"] == ["bbc", "trec", "spam", "rotten", "foods"]
+    assert on_disk["runs"][2]["task_names"] != on_disk["runs"][0]["task_names"]
+    assert len(on_disk["runs"][0]["R"]) == 5 and on_disk["machine"] and on_disk["date"]
+    for run in results["runs"]:
+        assert (tmp_path / run["heatmap"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (tmp_path / "results.md").read_text()
+    assert "| strategy | order | ACC | BWT | FWT |" in md and "### replay (random-1)" in md
+    rows = summary_rows(results)
+    assert rows[0]["BWT"] == 0.0 and rows[0]["bytes_added"] > 0
+    assert any("after bbc" in line for line in lines)
+
+
+def test_run_benchmark_rejects_unknown_names(tmp_path):
+    scenario = Scenario.from_yaml(SCENARIOS / "text5.yaml")
+    with pytest.raises(ValueError, match=r"Unknown strategies \['gem'\]"):
+        run_benchmark(scenario, ["gem"], tmp_path)
+    with pytest.raises(ValueError, match=r"Unknown orders \['random-9'\].*Available"):
+        run_benchmark(scenario, ["adapters"], tmp_path, orders=["random-9"])
+
+
+def test_bench_cli_on_minilm_cut(tmp_path):
+    result = CliRunner().invoke(app, ["bench", str(SCENARIOS / "trec-classes.yaml"), "--strategy", "adapters,lwf",
+                                      "--max-train", "16", "--max-eval", "8", "--epochs", "1", "--layers", "1",
+                                      "--out", str(tmp_path), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "adapters" in result.output and "lwf" in result.output and "wrote" in result.output
+    assert (tmp_path / "heatmap-lwf-stated.png").exists()
+
+
+def test_avalanche_strategy_in_the_same_table(tmp_path, tiny_backbone):
+    scenario = Scenario.from_yaml(SCENARIOS / "text5.yaml").shrink(16, 8)
+    config = StrategyConfig(training=TrainConfig(epochs=1, batch_size=8, progress=False), replay_budget=8)
+    results = run_benchmark(scenario, ["avl-naive", "avl-replay"], tmp_path, config=config, device="cpu",
+                            backbone=BackboneConfig(name_or_path=tiny_backbone, max_length=32))
+    rows = summary_rows(results)
+    assert [r["strategy"] for r in rows] == ["avl-naive", "avl-replay"]
+    assert all(len(run["R"]) == 5 and run["b"] is not None for run in results["runs"])
