@@ -24,10 +24,12 @@ from cmtl.errors import (
     TrainingDivergedError,
 )
 from cmtl.metrics import ContinualReport, acc, bwt, forgetting, fwt
-from cmtl.registry import Registry, VersionInfo
+from cmtl.monitor import DriftMonitor, DriftReport, MonitorConfig
+from cmtl.registry import Registry, UpdateResult, VersionInfo
 from cmtl.replay import ClassBalancedBuffer, ReplayBuffer, ReservoirBuffer, TaskBalancedBuffer, make_buffer
 from cmtl.tasks import TaskSpec
 from cmtl.training import TrainConfig
+from cmtl.updates import MemoryConfig, UpdateConfig
 
 __all__ = [
     "AdapterConfig",
@@ -38,6 +40,10 @@ __all__ = [
     "ContinualReport",
     "CorruptFileError",
     "DataError",
+    "DriftMonitor",
+    "DriftReport",
+    "MemoryConfig",
+    "MonitorConfig",
     "Registry",
     "RegistryError",
     "ReplayBuffer",
@@ -49,6 +55,8 @@ __all__ = [
     "TaskSpec",
     "TrainConfig",
     "TrainingDivergedError",
+    "UpdateConfig",
+    "UpdateResult",
     "VersionInfo",
     "__version__",
     "acc",

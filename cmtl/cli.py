@@ -211,10 +211,76 @@ def versions(registry: RegistryArg, task: TaskArg) -> None:
     except CmtlError as exc:
         _fail(exc)
     rows = [{"version": f"v{i.version}" + (" *" if i.current else ""), "parent": i.parent and f"v{i.parent}",
-             "kind": i.kind, "val_acc": i.metrics.get("validation_accuracy"), "examples": i.training.get("examples"),
-             "seconds": i.train_seconds, "created": i.created, "note": i.note} for i in infos]
-    typer.echo(format_table(rows, ["version", "parent", "kind", "val_acc", "examples", "seconds", "created", "note"]))
+             "kind": i.kind, "val_acc": i.metrics.get("validation_accuracy"), "new_acc": i.metrics.get("new_accuracy"),
+             "old_acc": i.metrics.get("old_accuracy"), "examples": i.training.get("examples"),
+             "replayed": i.training.get("replayed"), "seconds": i.train_seconds, "created": i.created, "note": i.note}
+            for i in infos]
+    typer.echo(format_table(rows, ["version", "parent", "kind", "val_acc", "new_acc", "old_acc", "examples",
+                                   "replayed", "seconds", "created", "note"]))
     typer.echo("(* = current)")
+
+
+@app.command()
+def update(
+    registry: RegistryArg,
+    task: TaskArg,
+    data: Annotated[Path, typer.Option(help="New labelled training data.")],
+    validation: Annotated[Optional[Path], typer.Option(help="New held-out data (default: 10% of --data).")] = None,
+    replay_ratio: Annotated[float, typer.Option(help="Replayed buffer examples per new example.")] = 1.0,
+    penalty: Annotated[str, typer.Option(help="none, ewc or lwf.")] = "none",
+    tolerance: Annotated[float, typer.Option(help="Largest allowed drop on earlier data (0.01 = 1 point).")] = 0.01,
+    promote: Annotated[Optional[bool], typer.Option("--promote/--no-promote",
+                                                    help="Override the gate (default: the gate decides).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Default: as the current version was trained.")] = None,
+    progress: bool = True,
+) -> None:
+    """Train a new version of a task on new data from the current one; promote it if it passes the gate."""
+    import dataclasses
+
+    from cmtl import CmtlError, TrainConfig, UpdateConfig
+
+    reg = _open(registry)
+    try:
+        training = TrainConfig.from_dict(reg.current(task).training)
+        changes = {"progress": progress} | ({"epochs": epochs} if epochs is not None else {})
+        result = reg.update_task(task, data, validation, promote=promote,
+                                 training=dataclasses.replace(training, **changes),
+                                 config=UpdateConfig(replay_ratio=replay_ratio, penalty=penalty, tolerance=tolerance))
+    except (CmtlError, ValueError) as exc:
+        _fail(exc)
+    info = result.version
+    typer.echo(f"{task} v{info.version} (from v{info.parent}, {info.training['examples']} new + "
+               f"{info.training['replayed']} replayed examples, {info.train_seconds:.1f} s): {result.reason}")
+    typer.echo(f"current version: v{reg.current(task).version}")
+
+
+@app.command()
+def monitor(
+    registry: RegistryArg,
+    task: TaskArg,
+    data: Annotated[Path, typer.Option(help="Incoming texts (a file with the task's text column).")],
+    reference: Annotated[Optional[Path], typer.Option(help="Reference texts (default: the held-out sample kept "
+                                                              "with the current version).")] = None,
+    alpha: Annotated[float, typer.Option(help="Significance level.")] = 0.01,
+    permutations: int = 500,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Test whether incoming texts for a task have drifted from its reference (exit code 3 on drift)."""
+    from cmtl import CmtlError
+    from cmtl.data import read_examples
+    from cmtl.monitor import MonitorConfig
+
+    reg = _open(registry)
+    try:
+        spec = reg.spec(task)
+        texts = read_examples(data, spec, labelled=False).texts
+        ref = read_examples(reference, spec, labelled=False).texts if reference is not None else None
+        report = reg.monitor(task, texts, reference=ref, config=MonitorConfig(alpha=alpha, permutations=permutations))
+    except (CmtlError, ValueError) as exc:
+        _fail(exc)
+    typer.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.verdict)
+    if report.drift:
+        raise typer.Exit(code=3)
 
 
 @app.command()

@@ -42,6 +42,16 @@ class Examples:
             h.update(b"\n")
         return h.hexdigest()
 
+    @staticmethod
+    def concat(parts: Sequence["Examples"]) -> "Examples":
+        """Rows of several example sets, in order; all or none must carry pairs (and labels)."""
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return Examples([])
+        join = lambda xs: None if any(x is None for x in xs) else [v for x in xs for v in x]  # noqa: E731
+        return Examples(join([p.texts for p in parts]), join([p.pairs for p in parts]),
+                        join([p.labels for p in parts]))
+
     def select(self, indices: Sequence[int]) -> "Examples":
         pick = lambda xs: None if xs is None else [xs[i] for i in indices]  # noqa: E731
         return Examples([self.texts[i] for i in indices], pick(self.pairs), pick(self.labels))

@@ -30,9 +30,13 @@ from cmtl.adapters import AdapterBank, AdapterConfig
 from cmtl.backbone import Backbone, BackboneConfig, load_backbone
 from cmtl.data import Encoded, Examples, as_texts, encode, read_examples
 from cmtl.errors import DataError, RegistryError, TaskExistsError, TaskNotFoundError
-from cmtl.evaluation import compute_metrics, predict_logits
+from cmtl.evaluation import compute_metrics, predict_logits, primary_metric
+from cmtl.monitor import DriftMonitor, DriftReport, MonitorConfig
+from cmtl.penalties import distillation_loss, ewc_term, fisher_diagonal
+from cmtl.replay import ReplayBuffer, make_buffer
 from cmtl.tasks import TaskHead, TaskSpec
 from cmtl.training import TrainConfig, TrainResult, seeded, train
+from cmtl.updates import Gate, MemoryConfig, UpdateConfig
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +60,7 @@ class VersionInfo:
     train_seconds: float = 0.0
     cmtl_version: str = ""
     note: str = ""
+    promoted: bool = True
 
 
 def _head_key(task: str, version: int) -> str:
@@ -181,15 +186,22 @@ class Registry:
         *,
         adapter: AdapterConfig | None = None,
         training: TrainConfig | None = None,
+        memory: MemoryConfig | None = None,
+        fill_buffer: bool = True,
     ) -> VersionInfo:
         """Train a new task's adapter and head on the frozen backbone and store it as version 1.
 
         Args:
             spec: The task's name, labels and columns.
             train: Training data (Dataset, DataFrame, file path or list of dicts).
-            validation: Optional held-out data for early stopping and metrics.
+            validation: Optional held-out data for early stopping and metrics; a
+                sample of it is kept (see ``memory``) to check later updates
+                for forgetting and as the drift monitor's reference.
             adapter: LoRA settings (defaults: r=8, alpha=16 on peft's default modules).
             training: Optimiser and loop settings.
+            memory: Replay buffer kind and budget and held-out sample size, for
+                this task's later updates.
+            fill_buffer: Put training examples into the task's replay buffer.
 
         Raises:
             TaskExistsError: the name is taken.
@@ -203,6 +215,7 @@ class Registry:
             )
         adapter = adapter or AdapterConfig()
         training = training or TrainConfig()
+        memory = memory or MemoryConfig()
         train_ex = read_examples(train, spec)
         val_ex = read_examples(validation, spec) if validation is not None else None
         train_enc = self._encode(train_ex, spec)
@@ -218,12 +231,167 @@ class Registry:
                     version=1, parent=None, kind="train", examples=train_ex, adapter=resolved,
                     training=training, result=result, key=key,
                 )
-                self._commit(spec, record, key, head, new_task=True)
+                files = self._memory_files(spec.name, 1, memory, train_ex if fill_buffer else None, val_ex, None)
+                self._commit(spec, record, key, head, new_task=True, extra_files=files, memory=memory)
             except BaseException:
                 self._bank.remove(key)
                 raise
             self._heads[key] = head
         return self.current(spec.name)
+
+    def update_task(
+        self,
+        task: str,
+        train: Any,
+        validation: Any = None,
+        *,
+        config: UpdateConfig | None = None,
+        training: TrainConfig | None = None,
+        promote: bool | None = None,
+        fill_buffer: bool = True,
+    ) -> "UpdateResult":
+        """Train a new version of ``task`` on new data, starting from the current version.
+
+        The candidate warm-starts from the current adapter and head and trains on
+        the new data mixed with examples replayed from the current version's
+        buffer (``config.replay_ratio``), optionally with an EWC or LwF penalty
+        against the current version. It is then scored on the new validation
+        data and on the held-out samples of every earlier version in its
+        lineage, and becomes current only if the new score improves and the old
+        one drops by at most ``config.tolerance`` (see :class:`~cmtl.updates.Gate`).
+        It is stored either way, so :meth:`rollback` can still select it.
+
+        Args:
+            task: An existing task.
+            train: New labelled data, in the task's columns and label set.
+            validation: New held-out data; without it ``config.validation_fraction``
+                of ``train`` is held out (seeded).
+            config: Replay, penalty and promotion settings.
+            training: Loop settings; default: those the current version was trained with.
+            promote: ``True`` or ``False`` overrides the gate; ``None`` lets it decide.
+            fill_buffer: Add the new training examples to the new version's replay buffer.
+
+        Raises:
+            TaskNotFoundError: no such task.
+            DataError: empty data or labels outside the task's label set.
+            CorruptFileError, ReplayBufferError: the current version's files are damaged.
+            TrainingDivergedError: the loss went non-finite; nothing was written.
+        """
+        spec = self.spec(task)
+        config = config or UpdateConfig()
+        entry = self._entry(task)
+        parent = entry["current"]
+        parent_record = self._version_record(task, parent)
+        training = training or TrainConfig.from_dict(parent_record["training"])
+        memory = MemoryConfig.from_dict(entry.get("memory", {}))
+        if config.penalty == "lwf" and spec.problem_type != "single_label":
+            raise ValueError(f"LwF distils class probabilities; task {task!r} is {spec.problem_type}. "
+                             "Use penalty='ewc' or 'none'.")
+        new_ex = read_examples(train, spec)
+        if validation is None:
+            new_ex, val_ex = _split(new_ex, config.validation_fraction, training.seed, task)
+        else:
+            val_ex = read_examples(validation, spec)
+        new_enc, val_enc = self._encode(new_ex, spec), self._encode(val_ex, spec)  # DataError on unknown labels
+        buffer = self.buffer(task, parent)
+        old_holdout = self.holdout(task, parent)
+        replayed = (buffer.to_examples().select(_sample_indices(len(buffer), round(config.replay_ratio * len(new_ex)),
+                                                                 training.seed))
+                    if buffer is not None and len(buffer) else None)
+        parts = [new_enc] + ([self._encode(replayed, spec)] if replayed is not None and len(replayed) else [])
+        train_enc = Encoded.concat(parts)
+        old_enc = self._encode(old_holdout, spec) if old_holdout is not None else None
+        early_stop = Encoded.concat([val_enc] + ([old_enc] if old_enc is not None else []))
+        metric, higher = primary_metric(spec)
+        version = max(r["version"] for r in entry["versions"]) + 1
+        key = _head_key(task, version)
+
+        with self._lock:
+            parent_key = self._ensure_loaded(task, parent)  # before seeding: loading may draw random numbers
+        with self._lock, seeded(training.seed, self.backbone.device):
+            parent_new = self._score(parent_key, spec, val_enc, metric)
+            parent_old = self._score(parent_key, spec, old_enc, metric) if old_enc is not None else None
+            adapter = AdapterConfig.from_dict(parent_record["adapter"])
+            self._bank.load(key, adapter, self._bank.state_dict(parent_key))
+            head = TaskHead(self.backbone.hidden_size, spec.num_outputs, training.head_dropout).to(self.backbone.device)
+            head.load_state_dict(self._heads[parent_key].state_dict())
+            try:
+                extra = self._update_penalty(config, key, parent_key, head, spec, old_enc, replayed, training)
+                result = self._train(key, head, spec, train_enc, early_stop, training, extra_loss=extra)
+                self._heads[key] = head
+                gate = Gate(metric, higher, parent_new, self._score(key, spec, val_enc, metric), parent_old,
+                            self._score(key, spec, old_enc, metric) if old_enc is not None else None,
+                            config.tolerance)
+                promoted, reason = gate.decide()
+                if promote is not None:
+                    reason = f"{'promoted' if promote else 'not promoted'} by the caller; the gate said: {reason}"
+                    promoted = promote
+                record = self._new_record(version=version, parent=parent, kind="update", examples=new_ex,
+                                          adapter=adapter, training=training, result=result, key=key)
+                record["metrics"].update(gate.to_metrics())
+                record["training"].update(replayed=0 if replayed is None else len(replayed), update=config.to_dict())
+                record.update(promoted=promoted, note=reason)
+                files = self._memory_files(task, version, memory, new_ex if fill_buffer else None, val_ex, buffer)
+                self._commit(spec, record, key, head, new_task=False, extra_files=files, make_current=promoted)
+            except BaseException:
+                self._bank.remove(key)
+                self._heads.pop(key, None)
+                raise
+        logger.info("Task %s v%d: %s", task, version, reason)
+        return UpdateResult(self._info(task, record, self._entry(task)["current"]), promoted, reason, gate)
+
+    def buffer(self, task: str, version: int | None = None) -> ReplayBuffer | None:
+        """The replay buffer stored with a version of ``task`` (current by default); ``None`` if it has none.
+
+        Raises:
+            CorruptFileError, ReplayBufferError: the stored buffer is damaged.
+        """
+        data = self._read_version_file(task, version, "replay.parquet")
+        if data is None:
+            return None
+        return ReplayBuffer.from_bytes(data, where=f"Replay buffer of task {task!r}")
+
+    def holdout(self, task: str, version: int | None = None, *, lineage: bool = True) -> Examples | None:
+        """Held-out labelled examples kept with ``version`` (current by default) and, with
+        ``lineage``, with all its ancestors; ``None`` if none were kept."""
+        entry = self._entry(task)
+        v = entry["current"] if version is None else version
+        parts = []
+        while v is not None:
+            data = self._read_version_file(task, v, "holdout.parquet")
+            if data is not None:
+                parts.append(ReplayBuffer.from_bytes(data, where=f"Held-out sample of task {task!r} v{v}").to_examples())
+            v = self._version_record(task, v)["parent"] if lineage else None
+        return Examples.concat(parts[::-1]) if parts else None
+
+    def monitor(self, task: str, texts: Sequence[str], *, reference: Sequence[str] | None = None,
+                config: MonitorConfig | None = None) -> DriftReport:
+        """Test whether incoming unlabelled ``texts`` for ``task`` have drifted from its reference sample.
+
+        The reference is, unless given, the held-out sample kept with the current
+        version (or with its nearest ancestor that kept at least
+        ``config.min_samples``): the data the task was last validated on. See :mod:`cmtl.monitor` for the test.
+
+        Raises:
+            DataError: fewer texts than ``config.min_samples``, or no reference sample.
+        """
+        spec = self.spec(task)
+        config = config or MonitorConfig()
+        if reference is None:
+            v = self._entry(task)["current"]
+            while v is not None:
+                held = self.holdout(task, v, lineage=False)
+                if held is not None and len(held) >= config.min_samples:
+                    break
+                v = self._version_record(task, v)["parent"]
+            if v is None:
+                raise DataError(f"No version of task {task!r} in the current one's lineage kept a held-out sample of "
+                                f"at least {config.min_samples} texts to compare against. Pass reference=[...] texts.")
+            reference = held.texts
+        proba = (lambda xs: self.predict_proba(task, xs)) if spec.problem_type == "single_label" else None
+        monitor = DriftMonitor(self.embed, reference, config=config, predict_proba=proba,
+                               labels=spec.labels, task=task)
+        return monitor.check(texts)
 
     # --- inference --------------------------------------------------------------
 
@@ -323,7 +491,7 @@ class Registry:
         return lambda inputs: head(embed(**inputs))
 
     def _train(self, key: str, head: TaskHead, spec: TaskSpec, train_enc: Encoded, val_enc: Encoded | None,
-               config: TrainConfig) -> TrainResult:
+               config: TrainConfig, extra_loss=None) -> TrainResult:
         self._bank.activate(key)
         params = self._bank.parameters(key) + list(head.parameters())
 
@@ -335,6 +503,7 @@ class Registry:
             return train(
                 lambda inputs: head(self.backbone.embed(**inputs)), params, set_training, spec, train_enc, val_enc,
                 config, pad_id=self.backbone.pad_id, device=self.backbone.device, desc=f"{spec.name}",
+                extra_loss=extra_loss,
             )
         finally:
             for p in params:
@@ -356,12 +525,15 @@ class Registry:
             "cmtl_version": __version__,
         }
 
-    def _commit(self, spec: TaskSpec, record: dict[str, Any], key: str, head: TaskHead, *, new_task: bool) -> None:
-        """Write a version's files, then the manifest that names it and makes it current."""
+    def _commit(self, spec: TaskSpec, record: dict[str, Any], key: str, head: TaskHead, *, new_task: bool,
+                extra_files: dict[str, bytes] | None = None, memory: MemoryConfig | None = None,
+                make_current: bool = True) -> None:
+        """Write a version's files, then the manifest that names it (and, by default, makes it current)."""
         head_state = head.state_dict()
         files = {
             "adapter.safetensors": store.tensors_to_bytes(self._bank.state_dict(key)),
             "head.safetensors": store.tensors_to_bytes(head_state),
+            **(extra_files or {}),
         }
         record["trainable_parameters"] = self._bank.num_parameters(key) + sum(v.numel() for v in head_state.values())
         record["bytes_on_disk"] = sum(len(b) for b in files.values())
@@ -369,13 +541,80 @@ class Registry:
             manifest = store.read_manifest(self.root)
             if new_task and spec.name in manifest["tasks"]:
                 raise TaskExistsError(f"Task {spec.name!r} was added by another process meanwhile.")
+            if not new_task:
+                entry = manifest["tasks"].get(spec.name)
+                if entry is None or any(r["version"] == record["version"] for r in entry["versions"]):
+                    raise RegistryError(f"Task {spec.name!r} was changed by another process meanwhile "
+                                        f"(removed, or its v{record['version']} written). Reopen and retry.")
             store.remove_unreferenced(self.root, manifest)
             record["files"] = store.write_version_files(self.root, spec.name, record["version"], files)
             entry = manifest["tasks"].setdefault(spec.name, {"spec": spec.to_dict(), "versions": []})
+            if memory is not None:
+                entry["memory"] = memory.to_dict()
             entry["versions"].append(record)
-            entry["current"] = record["version"]
+            if make_current:
+                entry["current"] = record["version"]
             store.write_manifest(self.root, manifest)
             self._manifest = manifest
+
+    def _memory_files(self, task: str, version: int, memory: MemoryConfig, train_ex: Examples | None,
+                      val_ex: Examples | None, parent_buffer: ReplayBuffer | None) -> dict[str, bytes]:
+        """replay.parquet (the parent's buffer plus ``train_ex``) and holdout.parquet (a sample of ``val_ex``)."""
+        files = {}
+        buffer = parent_buffer
+        if train_ex is not None:
+            buffer = buffer or make_buffer(memory.buffer, memory.budget, memory.seed)
+            buffer.add_examples(train_ex, task=task, source=f"v{version}", domain=f"v{version}")
+        if buffer is not None:
+            files["replay.parquet"] = buffer.to_bytes()
+        if val_ex is not None:
+            holdout = make_buffer("reservoir", memory.holdout, memory.seed + version)
+            holdout.add_examples(val_ex, task=task, source=f"v{version}", domain=f"v{version}")
+            files["holdout.parquet"] = holdout.to_bytes()
+        return files
+
+    def _read_version_file(self, task: str, version: int | None, name: str) -> bytes | None:
+        version = self._entry(task)["current"] if version is None else version
+        record = self._version_record(task, version)
+        if name not in record.get("files", {}):
+            return None
+        return store.read_checked(store.version_dir(self.root, task, version) / name, record["files"][name])
+
+    def _score(self, key: str, spec: TaskSpec, encoded: Encoded, metric: str) -> float:
+        self._bank.activate(key)
+        self._heads[key].eval()
+        logits = predict_logits(self._forward(key), encoded, batch_size=64, pad_id=self.backbone.pad_id,
+                                device=self.backbone.device)
+        return float(compute_metrics(spec, logits, encoded.targets)[metric])
+
+    def _update_penalty(self, config: UpdateConfig, key: str, parent_key: str, head: TaskHead, spec: TaskSpec,
+                        old_enc: Encoded | None, replayed: Examples | None, training: TrainConfig):
+        """The ``extra_loss`` for an update: EWC around the parent's weights, or LwF towards its outputs."""
+        if config.penalty == "ewc":
+            parts = ([self._encode(replayed, spec)] if replayed is not None and len(replayed) else []) + (
+                [old_enc] if old_enc is not None else [])
+            if not parts:
+                raise DataError(f"EWC needs old data of task {spec.name!r} to weigh the parameters, but its current "
+                                "version has no replay buffer or held-out sample. Use penalty='lwf' or 'none'.")
+            self._bank.activate(key)
+            params = self._bank.parameters(key) + list(head.parameters())
+            anchor = fisher_diagonal(lambda inputs: head(self.backbone.embed(**inputs)), params, spec,
+                                     Encoded.concat(parts),
+                                     max_examples=config.fisher_examples, batch_size=training.batch_size,
+                                     pad_id=self.backbone.pad_id, device=self.backbone.device)
+            return ewc_term(params, [anchor], config.weight)
+        if config.penalty == "lwf":
+            parent_head, weight, t = self._heads[parent_key], config.weight, config.temperature
+
+            def lwf(inputs, logits):
+                with torch.no_grad():
+                    self._bank.activate(parent_key)
+                    old_logits = parent_head(self.backbone.embed(**inputs))
+                    self._bank.activate(key)
+                return weight * distillation_loss(logits, old_logits, t)
+
+            return lwf
+        return None
 
     def _ensure_loaded(self, task: str, version: int) -> str:
         key = _head_key(task, version)
@@ -416,6 +655,30 @@ class Registry:
 
     def __repr__(self) -> str:
         return f"Registry({str(self.root)!r}, backbone={self.backbone.config.name_or_path!r}, tasks={self.tasks()})"
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    """What :meth:`Registry.update_task` did: the new version, whether it is current, and why."""
+
+    version: VersionInfo
+    promoted: bool
+    reason: str
+    gate: Gate
+
+
+def _split(examples: Examples, fraction: float, seed: int, task: str) -> tuple[Examples, Examples]:
+    n_val = max(1, round(len(examples) * fraction))
+    if len(examples) - n_val < 1:
+        raise DataError(f"Task {task!r}: {len(examples)} new example(s) are too few to hold some out for "
+                        "validation; pass validation=... or more data.")
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    return examples.select(sorted(order[n_val:])), examples.select(sorted(order[:n_val]))
+
+
+def _sample_indices(n: int, k: int, seed: int) -> list[int]:
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(order[: min(n, k)])
 
 
 def _now() -> str:

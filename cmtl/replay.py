@@ -305,8 +305,8 @@ class ReplayBuffer(ABC):
             raise ReplayBufferError(f"Malformed replay buffer state: {type(exc).__name__}: {exc}.") from exc
         return buffer
 
-    def save(self, path: str | Path) -> None:
-        """Write the buffer atomically to one parquet file: items as rows, the rest as JSON metadata."""
+    def to_bytes(self) -> bytes:
+        """The buffer as one parquet file: items as rows, the rest as JSON metadata."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -316,7 +316,11 @@ class ReplayBuffer(ABC):
         table = pa.table({name: pa.array([r[name] for r in rows], pa.string()) for name in _FIELDS})
         sink = io.BytesIO()
         pq.write_table(table.replace_schema_metadata({_META_KEY: json.dumps(meta, sort_keys=True)}), sink)
-        write_bytes_atomic(Path(path), sink.getvalue())
+        return sink.getvalue()
+
+    def save(self, path: str | Path) -> None:
+        """Write :meth:`to_bytes` atomically to ``path``."""
+        write_bytes_atomic(Path(path), self.to_bytes())
 
     @classmethod
     def load(cls, path: str | Path) -> ReplayBuffer:
@@ -325,15 +329,25 @@ class ReplayBuffer(ABC):
         Raises:
             ReplayBufferError: the file is missing, truncated, corrupt, or not a replay buffer.
         """
+        try:
+            data = Path(path).read_bytes()
+        except FileNotFoundError as exc:
+            raise ReplayBufferError(f"Replay buffer file {str(path)!r} does not exist. Save a buffer there first "
+                                    "with buffer.save(path).") from exc
+        return cls.from_bytes(data, where=f"Replay buffer file {str(path)!r}")
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, where: str = "Replay buffer") -> ReplayBuffer:
+        """Inverse of :meth:`to_bytes`; ``where`` names the source in error messages.
+
+        Raises:
+            ReplayBufferError: the data is truncated, corrupt, or not a replay buffer.
+        """
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        where = f"Replay buffer file {str(path)!r}"
         try:
-            table = pq.read_table(pa.BufferReader(Path(path).read_bytes()))
-        except FileNotFoundError as exc:
-            raise ReplayBufferError(f"{where} does not exist. Save a buffer there first with buffer.save(path).") \
-                from exc
+            table = pq.read_table(pa.BufferReader(data))
         except (pa.ArrowException, OSError) as exc:
             raise ReplayBufferError(f"{where} is truncated or corrupt ({exc}). Restore it from a backup or rebuild "
                                     "the buffer.") from exc

@@ -6,13 +6,15 @@
     <root>/.lock                         held (flock) by a writer
     <root>/tasks/<task>/v<N>/adapter.safetensors
     <root>/tasks/<task>/v<N>/head.safetensors
+    <root>/tasks/<task>/v<N>/replay.parquet      replay buffer after training this version (optional)
+    <root>/tasks/<task>/v<N>/holdout.parquet     sample of this version's validation data (optional)
 
 A version's files are written into a staging folder, fsynced and renamed into
 place; only then is the manifest replaced (temp file + ``os.replace``). A
 crash at any point therefore leaves the previous manifest, which names only
 complete files. Folders the manifest does not name are leftovers of such a
 crash and are removed by the next writer. Tensors are safetensors, everything
-else JSON: loading never unpickles. Each tensor file's SHA-256 is in the
+else parquet or JSON: loading never unpickles. Each file's SHA-256 is in the
 manifest and checked on load.
 """
 
@@ -67,8 +69,12 @@ def tensors_to_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
     return save_safetensors({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
 
 
-def read_tensors(path: Path, expected_sha256: str) -> dict[str, torch.Tensor]:
-    """Load a safetensors file after checking it against the manifest's checksum."""
+def read_checked(path: Path, expected_sha256: str) -> bytes:
+    """A file's bytes, after checking them against the manifest's checksum.
+
+    Raises:
+        CorruptFileError: the file is missing or its SHA-256 differs.
+    """
     try:
         data = path.read_bytes()
     except FileNotFoundError as exc:
@@ -79,7 +85,12 @@ def read_tensors(path: Path, expected_sha256: str) -> dict[str, torch.Tensor]:
             f"File {str(path)!r} is corrupt or truncated: SHA-256 {actual[:12]}… does not match the manifest's "
             f"{expected_sha256[:12]}…. Roll the task back to another version or retrain it."
         )
-    return load_safetensors(data)
+    return data
+
+
+def read_tensors(path: Path, expected_sha256: str) -> dict[str, torch.Tensor]:
+    """Load a safetensors file after checking it against the manifest's checksum."""
+    return load_safetensors(read_checked(path, expected_sha256))
 
 
 def read_manifest(root: Path) -> dict[str, Any]:

@@ -35,13 +35,13 @@ from dataclasses import dataclass, field
 from typing import Callable, Literal
 
 import torch
-import torch.nn.functional as F
 
 from cmtl.adapters import AdapterBank, AdapterConfig
 from cmtl.backbone import Backbone, BackboneConfig, load_backbone
 from cmtl.data import Encoded, Examples, encode
 from cmtl.evaluation import predict_logits
 from cmtl.metrics import ContinualReport
+from cmtl.penalties import Anchor, distillation_loss, ewc_term, fisher_diagonal
 from cmtl.registry import Registry
 from cmtl.replay import make_buffer
 from cmtl.scenarios import Experience
@@ -133,7 +133,7 @@ class SharedLearner(Learner):
             self._head(g)
         self.allowed: torch.Tensor | None = None  # class-incremental: classes seen so far
         self.buffer = make_buffer("task_balanced", config.replay_budget, config.training.seed)
-        self.ewc: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []  # (Fisher, θ*) per experience
+        self.ewc: list[Anchor] = []  # (Fisher, θ*) per experience
         self.last_pooled: torch.Tensor | None = None
 
     # --- model ------------------------------------------------------------------
@@ -233,16 +233,7 @@ class SharedLearner(Learner):
 
     def _penalty(self, i: int, old_heads) -> Callable | None:
         if self.mode == "ewc" and self.ewc:
-            lam = self.config.ewc_lambda
-            shared = self.bank.parameters("shared")
-
-            def ewc_penalty(inputs, logits):
-                total = logits.new_zeros(())
-                for fisher, star in self.ewc:
-                    total = total + sum((f * (p - s) ** 2).sum() for f, p, s in zip(fisher, shared, star))
-                return lam / 2 * total
-
-            return ewc_penalty
+            return ewc_term(self.bank.parameters("shared"), self.ewc, self.config.ewc_lambda)
         if self.mode == "lwf" and i > 0:
             lam, T = self.config.lwf_lambda, self.config.lwf_temperature
             old_groups = sorted({self._group(j) for j in range(i)})
@@ -262,31 +253,19 @@ class SharedLearner(Learner):
                     old, new = old_heads[g](pooled_old), self.heads[g](pooled_new)
                     if self.kind == "class-incremental":
                         old, new = old[:, old_cols], new[:, old_cols]
-                    total = total + F.kl_div(F.log_softmax(new / T, -1), F.log_softmax(old / T, -1),
-                                             log_target=True, reduction="batchmean") * T * T
+                    total = total + distillation_loss(new, old, T)
                 return lam * total / len(old_groups)
 
             return lwf_penalty
         return None
 
-    def _fisher(self, data: Encoded, spec: TaskSpec) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Diagonal empirical Fisher of the shared adapter: mean squared minibatch gradients."""
-        from cmtl.data import batches
-
+    def _fisher(self, data: Encoded, spec: TaskSpec) -> Anchor:
         shared = self.bank.parameters("shared")
-        fisher = [torch.zeros_like(p) for p in shared]
-        n = min(len(data), self.config.fisher_examples)
-        order = list(range(n))
-        count = 0
-        for _, inputs, targets in batches(data, order, self.config.training.batch_size, self.pad_id, self.device):
-            loss = spec.loss(self.forward(inputs), targets)
-            grads = torch.autograd.grad(loss, shared)
-            for f, g in zip(fisher, grads):
-                f += g.detach() ** 2
-            count += 1
+        anchor = fisher_diagonal(self.forward, shared, spec, data, max_examples=self.config.fisher_examples,
+                                 batch_size=self.config.training.batch_size, pad_id=self.pad_id, device=self.device)
         for p in shared:
             p.requires_grad_(False)
-        return [f / max(count, 1) for f in fisher], [p.detach().clone() for p in shared]
+        return anchor
 
     # --- inference --------------------------------------------------------------
 

@@ -15,7 +15,8 @@ from cmtl.cli import app
 from tests.conftest import toy_sentiment
 
 runner = CliRunner()
-COMMANDS = ["init", "add-task", "predict", "eval", "ls", "versions", "rollback", "remove", "demo", "bench"]
+COMMANDS = ["init", "add-task", "predict", "eval", "ls", "versions", "update", "monitor", "rollback", "remove", "demo",
+            "bench"]
 
 
 def invoke(*args: str):
@@ -66,6 +67,33 @@ def test_lifecycle(tmp_path, tiny_backbone):
     result = invoke("versions", reg, "sentiment")
     assert result.exit_code == 0 and "v1 *" in result.output
     assert invoke("rollback", reg, "sentiment", "1").exit_code == 0
+
+    # Update: the same data again cannot improve on the new validation data, so the gate keeps v1.
+    result = invoke("update", reg, "sentiment", "--data", tmp_path / "train.csv", "--validation",
+                    tmp_path / "val.csv", "--epochs", "1", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "sentiment v2 (from v1, 96 new + 96 replayed examples" in result.output
+    assert "current version: v" in result.output
+    forced = invoke("update", reg, "sentiment", "--data", tmp_path / "train.csv", "--epochs", "1", "--promote",
+                    "--no-progress")
+    assert forced.exit_code == 0 and "promoted by the caller" in forced.output and "current version: v3" in forced.output
+    result = invoke("versions", reg, "sentiment")
+    assert "v3 *" in result.output and "new_acc" in result.output and "update" in result.output
+    result = invoke("update", reg, "sentiment", "--data", tmp_path / "train.csv", "--penalty", "l2")
+    assert result.exit_code == 1 and "penalty must be" in result.output
+
+    # Monitor: the held-out sample of v3 is the reference; exit code 3 signals drift.
+    pd.DataFrame({"text": [r["text"] for r in toy_sentiment(40, 5)]}).to_csv(tmp_path / "same.csv", index=False)
+    pd.DataFrame({"text": [f"breaking news {i}: markets fall in {c}" for i, c in enumerate(["tokyo", "paris"] * 20)]}
+                 ).to_csv(tmp_path / "news.csv", index=False)
+    result = invoke("monitor", reg, "sentiment", "--data", tmp_path / "news.csv", "--json")
+    report = json.loads(result.output)
+    assert result.exit_code == 3 and report["drift"] and report["p_value"] < 0.01 and report["n_new"] == 40
+    result = invoke("monitor", reg, "sentiment", "--data", tmp_path / "news.csv", "--reference", tmp_path / "news.csv")
+    assert result.exit_code == 0 and "no drift detected" in result.output
+    pd.DataFrame({"text": ["too few"] * 5}).to_csv(tmp_path / "few.csv", index=False)
+    result = invoke("monitor", reg, "sentiment", "--data", tmp_path / "few.csv")
+    assert result.exit_code == 1 and "needs at least 20 incoming texts; got 5" in result.output
 
     # Errors are one red line and exit code 1, not a traceback.
     result = invoke(*train)

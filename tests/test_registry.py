@@ -154,13 +154,13 @@ def test_multi_label_regression_and_pairs(registry):
         registry.predict("pair", ["a great film"])
 
 
-def test_stores_only_safetensors_and_json(sentiment_registry):
+def test_stores_no_pickles(sentiment_registry):
     suffixes = {p.suffix for p in sentiment_registry.rglob("*") if p.is_file() and p.name != ".lock"}
-    assert suffixes == {".json", ".safetensors"}
+    assert suffixes == {".json", ".safetensors", ".parquet"}
     manifest = json.loads(manifest_bytes(sentiment_registry))
     record = manifest["tasks"]["sentiment"]["versions"][0]
     assert manifest["backbone"]["sha256"] and record["data_fingerprint"] and record["cmtl_version"]
-    assert set(record["files"]) == {"adapter.safetensors", "head.safetensors"}
+    assert set(record["files"]) == {"adapter.safetensors", "head.safetensors", "replay.parquet", "holdout.parquet"}
     assert {"version", "parent", "created", "adapter", "training", "metrics"} <= set(record)
 
 

@@ -1,0 +1,202 @@
+"""Drift monitoring: do incoming texts still look like the data a task was validated on?
+
+The test is a kernel two-sample test (Gretton et al. 2012): the unbiased MMD²
+between L2-normalised backbone embeddings of a reference sample and of the
+incoming texts, with a Gaussian kernel whose bandwidth is the median pairwise
+distance of the pooled sample, and a permutation p-value. Beside it the
+report shows what the shift does to the task's predictions: mean confidence
+and the predicted label distribution on both samples.
+
+:meth:`cmtl.Registry.monitor` uses the held-out sample the registry keeps
+with each version as the reference; :class:`DriftMonitor` works on any texts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from cmtl.data import as_texts
+from cmtl.errors import DataError
+
+
+@dataclass(kw_only=True, frozen=True)
+class MonitorConfig:
+    """Settings of the drift test.
+
+    Args:
+        alpha: Significance level: drift is reported when the p-value is below it.
+        permutations: Permutations for the p-value (the smallest possible p is 1 / (permutations + 1)).
+        min_samples: Fewest incoming texts (and reference texts) the test accepts.
+        max_samples: Larger samples are subsampled (seeded) to this size.
+        seed: Seeds subsampling and permutations.
+    """
+
+    alpha: float = 0.01
+    permutations: int = 500
+    min_samples: int = 20
+    max_samples: int = 1000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.alpha < 1:
+            raise ValueError(f"MonitorConfig.alpha must be in (0, 1). Got {self.alpha!r}.")
+        if not isinstance(self.permutations, int) or self.permutations < 1 / self.alpha:
+            raise ValueError(f"MonitorConfig.permutations must be an integer >= 1/alpha = {math.ceil(1 / self.alpha)} "
+                             f"for the p-value to reach below alpha. Got {self.permutations!r}.")
+        if not isinstance(self.min_samples, int) or self.min_samples < 5:
+            raise ValueError(f"MonitorConfig.min_samples must be an integer >= 5. Got {self.min_samples!r}.")
+        if not isinstance(self.max_samples, int) or self.max_samples < self.min_samples:
+            raise ValueError(f"MonitorConfig.max_samples must be an integer >= min_samples. Got {self.max_samples!r}.")
+
+
+@dataclass(frozen=True)
+class DriftReport:
+    """The outcome of a drift test.
+
+    ``mmd2`` is the effect size (0 when both samples come from one
+    distribution; larger is further apart), ``p_value`` its significance.
+    Confidence and label fields are ``None`` when no task model was given.
+    """
+
+    n_reference: int
+    n_new: int
+    mmd2: float
+    p_value: float
+    alpha: float
+    drift: bool
+    bandwidth: float
+    confidence_reference: float | None = None
+    confidence_new: float | None = None
+    labels_reference: dict[str, float] | None = None
+    labels_new: dict[str, float] | None = None
+    label_shift: float | None = None
+    task: str | None = None
+
+    @property
+    def confidence_shift(self) -> float | None:
+        if self.confidence_new is None or self.confidence_reference is None:
+            return None
+        return self.confidence_new - self.confidence_reference
+
+    @property
+    def verdict(self) -> str:
+        what = f"task {self.task!r}: " if self.task else ""
+        stats = f"MMD² = {self.mmd2:.4f}, p = {self.p_value:.4f} (alpha {self.alpha}), n = {self.n_new}"
+        if self.confidence_shift is not None:
+            stats += f", confidence {self.confidence_reference:.3f} -> {self.confidence_new:.3f}"
+        if self.label_shift is not None:
+            stats += f", predicted-label shift (total variation) {self.label_shift:.3f}"
+        if self.drift:
+            todo = f"cmtl update {self.task} --data <labelled new data>" if self.task else "an update"
+            return f"{what}DRIFT: the incoming texts differ from the reference ({stats}). Label some and run {todo}."
+        return f"{what}no drift detected ({stats})."
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "confidence_shift": self.confidence_shift, "verdict": self.verdict}
+
+
+def mmd_test(x: torch.Tensor, y: torch.Tensor, *, permutations: int, seed: int) -> tuple[float, float, float]:
+    """(unbiased MMD², permutation p-value, bandwidth) of samples ``x`` (n, d) and ``y`` (m, d)."""
+    z = torch.cat([x, y]).double()
+    n, total = len(x), len(x) + len(y)
+    d2 = torch.cdist(z, z).pow(2)
+    off_diag = d2[~torch.eye(total, dtype=torch.bool)]
+    bandwidth = float(off_diag.median().sqrt().clamp_min(1e-6))
+    k = torch.exp(-d2 / (2 * bandwidth**2))
+    k.fill_diagonal_(0.0)  # the unbiased estimate leaves out i == j terms
+
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.zeros(permutations + 1, total, dtype=torch.float64)  # row 0: the observed split
+    labels[0, :n] = 1.0
+    for p in range(1, permutations + 1):
+        labels[p, torch.randperm(total, generator=generator)[:n]] = 1.0
+    in_x, in_y = labels, 1.0 - labels
+    kx = in_x @ k  # (P + 1, N)
+    ky = in_y @ k
+    m = total - n
+    xx = (kx * in_x).sum(1) / (n * (n - 1))
+    yy = (ky * in_y).sum(1) / (m * (m - 1))
+    xy = (kx * in_y).sum(1) / (n * m)
+    stats = xx + yy - 2 * xy
+    observed = stats[0]
+    p_value = float((1 + (stats[1:] >= observed).sum()) / (permutations + 1))
+    return float(observed), p_value, bandwidth
+
+
+class DriftMonitor:
+    """A two-sample drift test against a fixed reference sample.
+
+    Args:
+        embed: Texts -> embeddings (N, H); e.g. ``registry.embed``.
+        reference: The texts that define "no drift".
+        config: Test settings.
+        predict_proba: Optional texts -> class probabilities (N, L) of the task
+            model, to report confidence and label shifts.
+        labels: Label names for ``predict_proba``'s columns.
+        task: Task name, for the verdict.
+
+    Raises:
+        DataError: fewer reference texts than ``config.min_samples``.
+    """
+
+    def __init__(self, embed: Callable[[list[str]], torch.Tensor], reference: Sequence[str], *,
+                 config: MonitorConfig | None = None,
+                 predict_proba: Callable[[list[str]], np.ndarray] | None = None,
+                 labels: Sequence[str] | None = None, task: str | None = None):
+        self.config = config or MonitorConfig()
+        self.task = task
+        self._embed = embed
+        self._proba = predict_proba
+        self.labels = list(labels) if labels is not None else None
+        reference = self._sample(as_texts(reference), "reference", self.config.seed)
+        self.reference = reference
+        self._ref_emb = _normalise(embed(reference))
+        self._ref_proba = predict_proba(reference) if predict_proba is not None else None
+
+    def check(self, texts: Sequence[str], *, seed: int | None = None) -> DriftReport:
+        """Test ``texts`` against the reference.
+
+        Raises:
+            DataError: fewer than ``config.min_samples`` texts: a p-value from so few would mean little.
+        """
+        seed = self.config.seed if seed is None else seed
+        texts = self._sample(as_texts(texts), "incoming", seed + 1)
+        new_emb = _normalise(self._embed(texts))
+        mmd2, p, bandwidth = mmd_test(self._ref_emb, new_emb, permutations=self.config.permutations, seed=seed)
+        extra: dict[str, Any] = {}
+        if self._proba is not None:
+            new_proba = self._proba(texts)
+            extra = dict(confidence_reference=float(self._ref_proba.max(1).mean()),
+                         confidence_new=float(new_proba.max(1).mean()))
+            ref_dist, new_dist = _label_distribution(self._ref_proba), _label_distribution(new_proba)
+            names = self.labels or [str(i) for i in range(len(ref_dist))]
+            extra.update(labels_reference=dict(zip(names, ref_dist.tolist())),
+                         labels_new=dict(zip(names, new_dist.tolist())),
+                         label_shift=float(0.5 * np.abs(ref_dist - new_dist).sum()))
+        return DriftReport(n_reference=len(self.reference), n_new=len(texts), mmd2=mmd2, p_value=p,
+                           alpha=self.config.alpha, drift=p < self.config.alpha, bandwidth=bandwidth,
+                           task=self.task, **extra)
+
+    def _sample(self, texts: list[str], what: str, seed: int) -> list[str]:
+        if len(texts) < self.config.min_samples:
+            raise DataError(f"The drift test needs at least {self.config.min_samples} {what} texts; got {len(texts)}. "
+                            "A p-value from fewer would mean little: collect more texts first.")
+        if len(texts) <= self.config.max_samples:
+            return texts
+        order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
+        return [texts[i] for i in sorted(order[: self.config.max_samples])]
+
+
+def _normalise(embeddings: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(embeddings.float(), dim=-1)
+
+
+def _label_distribution(proba: np.ndarray) -> np.ndarray:
+    """Share of each predicted (argmax) label."""
+    counts = np.bincount(proba.argmax(1), minlength=proba.shape[1])
+    return counts / counts.sum()
