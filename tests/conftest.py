@@ -19,13 +19,13 @@ NEGATIVE = ["awful", "terrible", "horrible", "dreadful", "poor", "nasty"]
 FILLER = ["the", "movie", "was", "really", "quite", "a", "plot", "and", "acting", "film", "story", "it"]
 
 
-def toy_sentiment(n: int, seed: int = 0) -> list[dict]:
+def toy_sentiment(n: int, seed: int = 0, positive: list[str] = POSITIVE, negative: list[str] = NEGATIVE) -> list[dict]:
     """Separable toy data: a positive or negative word among filler words."""
     rng = random.Random(seed)
     rows = []
     for i in range(n):
         label = "pos" if i % 2 == 0 else "neg"
-        words = rng.sample(FILLER, 5) + [rng.choice(POSITIVE if label == "pos" else NEGATIVE)]
+        words = rng.sample(FILLER, 5) + [rng.choice(positive if label == "pos" else negative)]
         rng.shuffle(words)
         rows.append({"text": " ".join(words), "label": label})
     return rows

@@ -64,3 +64,25 @@ def test_avalanche_strategy_in_the_same_table(tmp_path, tiny_backbone):
     rows = summary_rows(results)
     assert [r["strategy"] for r in rows] == ["avl-naive", "avl-replay"]
     assert all(len(run["R"]) == 5 and run["b"] is not None for run in results["runs"])
+
+
+def test_update_benchmark_script(tmp_path, tiny_backbone):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("updates_bench", SCENARIOS / "updates.py")
+    updates = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(updates)
+    scenario = Scenario.from_yaml(SCENARIOS / "sentiment4.yaml").shrink(24, 12)
+    lines = []
+    results = updates.run(scenario, tmp_path, backbone=BackboneConfig(name_or_path=tiny_backbone, max_length=32),
+                          training=TrainConfig(epochs=1, batch_size=8, progress=False), device="cpu",
+                          echo=lines.append)
+    assert list(results["methods"]) == ["update-replay", "update-naive", "retrain"]
+    replay = results["methods"]["update-replay"]
+    assert len(replay["report"]["R"]) == 4 and replay["gate"][0] is None and all(replay["gate"][1:])
+    assert len(lines) == 12 and lines[-1].startswith("retrain: after nyt")
+    md = (tmp_path / "results.md").read_text()
+    assert "| update-replay |" in md and "time of update-replay / retrain per update" in md
+    with pytest.raises(ValueError, match="needs a domain-incremental"):
+        updates.run(Scenario.from_yaml(SCENARIOS / "text5.yaml"), tmp_path, backbone=BackboneConfig(),
+                    training=TrainConfig())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 import shutil
 
 import pytest
@@ -13,7 +12,7 @@ from cmtl import (CorruptFileError, DataError, MemoryConfig, Registry, TaskNotFo
                   UpdateConfig)
 from cmtl.store import MANIFEST
 from cmtl.updates import Gate
-from tests.conftest import FILLER, toy_sentiment
+from tests.conftest import toy_sentiment
 
 POSITIVE_B = ["brilliant", "delightful", "charming", "moving", "stunning", "gripping"]
 NEGATIVE_B = ["boring", "dull", "tedious", "bland", "clumsy", "lifeless"]
@@ -21,14 +20,7 @@ NEGATIVE_B = ["boring", "dull", "tedious", "bland", "clumsy", "lifeless"]
 
 def shifted_sentiment(n: int, seed: int = 0) -> list[dict]:
     """The same task in other words: sentiment carried by a new vocabulary."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        label = "pos" if i % 2 == 0 else "neg"
-        words = rng.sample(FILLER, 5) + [rng.choice(POSITIVE_B if label == "pos" else NEGATIVE_B)]
-        rng.shuffle(words)
-        rows.append({"text": " ".join(words), "label": label})
-    return rows
+    return toy_sentiment(n, seed, POSITIVE_B, NEGATIVE_B)
 
 
 @pytest.fixture

@@ -1,0 +1,136 @@
+"""Benchmark: one task updated on shifted data, three ways (issue "continual updates").
+
+Runs a domain-incremental scenario (default ``scenarios/sentiment4.yaml``) as ONE
+registry task trained on the first domain and then updated on each next one:
+
+* ``update-replay``  — ``Registry.update_task`` with replay (default ``UpdateConfig``);
+* ``update-naive``   — ``Registry.update_task`` on the new data only (``replay_ratio=0``);
+* ``retrain``        — a fresh ``add_task`` on all training data seen so far.
+
+Each update is promoted regardless of the gate (the benchmark measures the update
+method; the gate's verdict is recorded beside it). After each step every domain
+seen so far is evaluated on its test split. Writes ``results.json`` and
+``results.md`` to ``--out``.
+
+    python scenarios/updates.py                      # embedded MiniLM, sentiment4
+    python scenarios/updates.py --layers 2 --max-train 200   # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cmtl import BackboneConfig, Registry, TrainConfig, UpdateConfig
+from cmtl.data import Examples
+from cmtl.metrics import ContinualReport
+from cmtl.scenarios import Scenario
+
+METHODS = ("update-replay", "update-naive", "retrain")
+
+
+def run(scenario: Scenario, out: Path, *, backbone: BackboneConfig, training: TrainConfig, device: str = "auto",
+        methods: tuple[str, ...] = METHODS, echo=print) -> dict:
+    """Run ``methods`` over ``scenario``'s domains; write results into ``out``; return them."""
+    if scenario.kind != "domain-incremental":
+        raise ValueError(f"Scenario {scenario.name!r} is {scenario.kind}; this benchmark needs a domain-incremental "
+                         "one (one task whose data shifts).")
+    experiences = scenario.load()
+    names = [e.name for e in experiences]
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"scenario": scenario.name, "domains": names, "backbone": backbone.to_dict(),
+               "training": training.to_dict(), "max_train": scenario.max_train, "max_eval": scenario.max_eval,
+               "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+               "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"), "methods": {}}
+    for method in methods:
+        reg = Registry.create(out / f"registry-{method}", backbone, device=device)
+        R = np.zeros((len(names), len(names)))
+        seconds, gate = [], []
+        for i, exp in enumerate(experiences):
+            started = time.perf_counter()
+            if i == 0 or method == "retrain":
+                task = exp.spec.name if method != "retrain" else f"{exp.spec.name}-{i}"
+                seen = experiences[: i + 1]
+                reg.add_task(exp.spec.__class__(task, labels=exp.spec.labels),
+                             train=Examples.concat([e.train for e in seen]),
+                             validation=Examples.concat([e.validation for e in seen]), training=training)
+                gate.append(None)
+            else:
+                ratio = 1.0 if method == "update-replay" else 0.0
+                result = reg.update_task(task, exp.train, validation=exp.validation, training=training,
+                                         config=UpdateConfig(replay_ratio=ratio), promote=True)
+                gate.append(result.reason.split("the gate said: ", 1)[-1])
+            seconds.append(time.perf_counter() - started)
+            for j in range(i + 1):
+                R[i, j] = reg.evaluate(task, experiences[j].test)["accuracy"]
+            echo(f"{method}: after {exp.name} ({seconds[-1]:.0f} s): "
+                 + " ".join(f"{names[j]}={R[i, j]:.3f}" for j in range(i + 1)))
+        report = ContinualReport.from_matrix(R, names, seconds_per_experience=seconds)
+        seen_avg = [float(R[i, : i + 1].mean()) for i in range(len(names))]
+        results["methods"][method] = {"report": report.to_dict(), "average_seen_accuracy": seen_avg, "gate": gate}
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(to_markdown(results) + "\n")
+    return results
+
+
+def to_markdown(results: dict) -> str:
+    """A summary table (average accuracy on the domains seen, forgetting, time per update), then each matrix."""
+    methods = results["methods"]
+    names = results["domains"]
+    lines = [f"### {results['scenario']}: one task updated on each new domain", "",
+             "| method | " + " | ".join(f"avg acc after {n}" for n in names) + " | mean forgetting | BWT | "
+             "seconds per step | total s |", "|---" * (len(names) + 5) + "|"]
+    for name, m in methods.items():
+        r = m["report"]
+        secs = r["seconds_per_experience"]
+        lines.append(f"| {name} | " + " | ".join(f"{v:.3f}" for v in m["average_seen_accuracy"])
+                     + f" | {r['mean_forgetting']:.3f} | {r['bwt']:.3f} | "
+                     + ", ".join(f"{s:.0f}" for s in secs) + f" | {sum(secs):.0f} |")
+    if "update-replay" in methods and "retrain" in methods:
+        a = methods["update-replay"]["report"]["seconds_per_experience"]
+        c = methods["retrain"]["report"]["seconds_per_experience"]
+        lines += ["", "time of update-replay / retrain per update: "
+                  + ", ".join(f"{names[i]} {a[i] / c[i]:.2f}" for i in range(1, len(names)))]
+    for name, m in methods.items():
+        report = ContinualReport(**{k: tuple(tuple(x) if isinstance(x, list) else x for x in v)
+                                    if isinstance(v, list) else v for k, v in m["report"].items()})
+        lines += ["", f"#### {name}", "", report.to_markdown()]
+        if any(m["gate"]):
+            lines += ["", "gate (forced promotion; what it would have decided): "
+                      + "; ".join(f"{names[i]}: {g}" for i, g in enumerate(m["gate"]) if g)]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("scenario", nargs="?", default=str(Path(__file__).with_name("sentiment4.yaml")))
+    parser.add_argument("--out", default="runs/bench/updates")
+    parser.add_argument("--layers", type=int, default=None, help="Use only the first N backbone layers.")
+    parser.add_argument("--max-train", type=int, default=None)
+    parser.add_argument("--max-eval", type=int, default=None)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    args = parser.parse_args(argv)
+    scenario = Scenario.from_yaml(args.scenario)
+    scenario = scenario.shrink(args.max_train or scenario.max_train, args.max_eval or scenario.max_eval)
+    methods = tuple(m for m in args.methods.split(",") if m)
+    if unknown := sorted(set(methods) - set(METHODS)):
+        parser.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    run(scenario, Path(args.out), backbone=BackboneConfig(num_hidden_layers=args.layers),
+        training=TrainConfig(epochs=args.epochs, seed=args.seed, progress=False), device=args.device,
+        methods=methods)
+    print((Path(args.out) / "results.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
