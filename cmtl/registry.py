@@ -13,6 +13,7 @@ is a cache of it that loads adapters lazily.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import shutil
 import threading
@@ -31,10 +32,11 @@ from cmtl.backbone import Backbone, BackboneConfig, load_backbone
 from cmtl.data import Encoded, Examples, as_texts, encode, read_examples
 from cmtl.errors import DataError, RegistryError, TaskExistsError, TaskNotFoundError
 from cmtl.evaluation import compute_metrics, predict_logits, primary_metric
+from cmtl.merging import MergeConfig, lora_deltas, merge_deltas, to_lora_state
 from cmtl.monitor import DriftMonitor, DriftReport, MonitorConfig
 from cmtl.penalties import distillation_loss, ewc_term, fisher_diagonal
 from cmtl.replay import ReplayBuffer, make_buffer
-from cmtl.tasks import TaskHead, TaskSpec
+from cmtl.tasks import _NAME, TaskHead, TaskSpec
 from cmtl.training import TrainConfig, TrainResult, seeded, train
 from cmtl.updates import Gate, MemoryConfig, UpdateConfig
 
@@ -393,26 +395,152 @@ class Registry:
                                labels=spec.labels, task=task)
         return monitor.check(texts)
 
+    # --- merging ----------------------------------------------------------------
+
+    def merge(self, members: Sequence[str | tuple[str, int]], name: str, method: str | None = None, *,
+              config: MergeConfig | None = None, search: bool = False) -> dict[str, Any]:
+        """Fold several task adapters into one stored, merged adapter (see :mod:`cmtl.merging`).
+
+        Each member is a task (its current version) or a ``(task, version)`` pair;
+        two versions of one task make a soup, whose heads are averaged. The
+        merged entry predicts every member task through that task's own head:
+        ``predict(task, texts, merge=name)``.
+
+        Args:
+            members: At least two distinct task versions.
+            name: Name of the merged entry (letters, digits, ``_``, ``-``).
+            method: ``"linear"``, ``"ties"``, ``"dare"`` or ``"dare_ties"``; overrides ``config.method``.
+            config: Knobs (scale λ, density, drop, rank, seed).
+            search: Choose λ (and density / drop) on the members' held-out
+                samples, maximising the mean of merged / individual score.
+
+        Returns:
+            The merged entry's record (members, knobs, reconstruction error, scores).
+
+        Raises:
+            ValueError: fewer than two members, a member twice, a taken or bad name,
+                out-of-range knobs, or adapters on different modules.
+            TaskNotFoundError: an unknown task or version.
+        """
+        config = config or MergeConfig()
+        if method is not None:
+            config = dataclasses.replace(config, method=method)
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ValueError(f"Merge name {name!r} is not allowed: use 1-64 letters, digits, '_' or '-'.")
+        if name in self._manifest.get("merges", {}):
+            raise ValueError(f"A merge named {name!r} exists already; remove_merge it or pick another name.")
+        pairs = [(m, self._entry(m)["current"]) if isinstance(m, str) else (m[0], int(m[1])) for m in members]
+        if len(pairs) < 2:
+            raise ValueError(f"A merge needs at least two task versions; got {pairs}.")
+        if len(set(pairs)) < len(pairs):
+            raise ValueError(f"Members {pairs} name a task version twice: a version merged with itself is itself.")
+        records = [self._version_record(t, v) for t, v in pairs]
+        deltas = []
+        for (t, v), record in zip(pairs, records):
+            state = store.read_tensors(store.version_dir(self.root, t, v) / "adapter.safetensors",
+                                       record["files"]["adapter.safetensors"])
+            deltas.append(lora_deltas(state, AdapterConfig.from_dict(record["adapter"]).scaling))
+        base = AdapterConfig.from_dict(records[0]["adapter"])
+        for (t, v), record in zip(pairs[1:], records[1:]):
+            other = AdapterConfig.from_dict(record["adapter"])
+            if (other.target_modules, other.layers) != (base.target_modules, base.layers):
+                raise ValueError(f"{t} v{v} adapts {other.target_modules} in layers {other.layers or 'all'}, but "
+                                 f"{pairs[0][0]} v{pairs[0][1]} adapts {base.target_modules} in layers "
+                                 f"{base.layers or 'all'}: only adapters on the same modules merge.")
+        heads = self._merged_heads(pairs)
+        tasks = list(heads)
+        # Each task is judged on the held-out data of its newest merged version's lineage, against that version.
+        newest = {t: max(v for u, v in pairs if u == t) for t in tasks}
+        held = {t: self.holdout(t, newest[t]) for t in tasks}
+        individual = {t: self._holdout_score(t, held[t], version=newest[t]) for t in tasks if held[t] is not None}
+
+        trials = []
+        if search:
+            for candidate in _search_grid(config):
+                merged = merge_deltas(deltas, candidate)
+                scores = self._score_merged(merged, base, heads, held, config.rank)
+                norm = _normalised(scores, individual)
+                trials.append({**{k: getattr(candidate, k) for k in ("scale", "density", "drop")},
+                               "scores": scores, "normalised": norm})
+            if not trials or all(tr["normalised"] is None for tr in trials):
+                raise DataError("search=True needs held-out samples of the members (add them with validation data).")
+            best = max(trials, key=lambda tr: tr["normalised"])
+            config = dataclasses.replace(config, scale=best["scale"], density=best["density"], drop=best["drop"])
+        merged = merge_deltas(deltas, config)
+        lora_state, rank, errors = to_lora_state(merged, config.rank)
+        scores = self._score_merged(merged, base, heads, held, config.rank) if individual else {}
+        record = {
+            "name": name, "created": _now(), "cmtl_version": __version__,
+            "members": [{"task": t, "version": v} for t, v in pairs], "tasks": tasks,
+            "config": {**config.to_dict(), "scale": config.resolved_scale(len(pairs))},
+            "adapter": {**base.to_dict(), "r": rank, "alpha": float(rank), "dropout": 0.0},
+            "reconstruction_error": {"mean": float(np.mean(list(errors.values()))), "max": max(errors.values())},
+            "holdout": {t: {"individual": individual.get(t), "merged": scores.get(t)} for t in tasks},
+            "normalised": _normalised(scores, individual), "search": trials,
+        }
+        files = {"adapter.safetensors": store.tensors_to_bytes(lora_state),
+                 "heads.safetensors": store.tensors_to_bytes(
+                     {f"{t}.{k}": v for t, head in heads.items() for k, v in head.state_dict().items()})}
+        with store.writer_lock(self.root), self._lock:
+            manifest = store.read_manifest(self.root)
+            if name in manifest.get("merges", {}):
+                raise ValueError(f"A merge named {name!r} was written by another process meanwhile.")
+            store.remove_unreferenced(self.root, manifest)
+            record["files"] = store.write_folder(store.merge_dir(self.root, name), files)
+            manifest.setdefault("merges", {})[name] = record
+            store.write_manifest(self.root, manifest)
+            self._manifest = manifest
+        logger.info("Merged %s into %s (%s): normalised score %s", pairs, name, config.method, record["normalised"])
+        return record
+
+    def merges(self) -> list[str]:
+        """Names of all merged entries, sorted."""
+        return sorted(self._manifest.get("merges", {}))
+
+    def merge_info(self, name: str) -> dict[str, Any]:
+        """The record of a merged entry: members, method and knobs, errors, scores."""
+        try:
+            return self._manifest.get("merges", {})[name]
+        except KeyError:
+            raise TaskNotFoundError(f"Merge {name!r} not found. Merges: {self.merges()}.") from None
+
+    def remove_merge(self, name: str) -> None:
+        """Delete a merged entry and its files (its member tasks are untouched)."""
+        with store.writer_lock(self.root), self._lock:
+            manifest = store.read_manifest(self.root)
+            self._manifest = manifest
+            self.merge_info(name)
+            del manifest["merges"][name]
+            store.write_manifest(self.root, manifest)
+            shutil.rmtree(store.merge_dir(self.root, name), ignore_errors=True)
+            self._bank.remove(_merge_key(name))
+            for key in [k for k in self._heads if k.startswith(f"{_merge_key(name)}:")]:
+                del self._heads[key]
+
     # --- inference --------------------------------------------------------------
 
     def predict(self, task: str, texts: str | Sequence[str], text_pairs: Sequence[str] | None = None,
-                *, version: int | None = None) -> list:
-        """Predicted labels (a list of label strings; lists of labels for multi-label; numbers for regression)."""
+                *, version: int | None = None, merge: str | None = None) -> list:
+        """Predicted labels (a list of label strings; lists of labels for multi-label; numbers for regression).
+
+        ``version`` picks a stored version (default: current); ``merge`` a merged entry holding ``task``.
+        """
         spec = self.spec(task)
-        return spec.decode(self._logits(task, spec, texts, text_pairs, version))
+        return spec.decode(self._logits(task, spec, texts, text_pairs, version, merge))
 
     def predict_proba(self, task: str, texts: str | Sequence[str], text_pairs: Sequence[str] | None = None,
-                      *, version: int | None = None) -> np.ndarray:
+                      *, version: int | None = None, merge: str | None = None) -> np.ndarray:
         """Per-label probabilities, shape (N, L), columns in ``spec(task).labels`` order."""
         spec = self.spec(task)
-        return spec.probabilities(self._logits(task, spec, texts, text_pairs, version)).numpy()
+        return spec.probabilities(self._logits(task, spec, texts, text_pairs, version, merge)).numpy()
 
-    def evaluate(self, task: str, data: Any, *, version: int | None = None) -> dict[str, float]:
-        """Metrics of ``task`` (current version unless given) on labelled ``data``."""
+    def evaluate(self, task: str, data: Any, *, version: int | None = None, merge: str | None = None
+                 ) -> dict[str, float]:
+        """Metrics of ``task`` (current version unless given, or through ``merge``) on labelled ``data``."""
         spec = self.spec(task)
         examples = read_examples(data, spec)
         encoded = self._encode(examples, spec)
-        logits = self._predict_encoded(task, encoded, version)
+        logits = self._predict_encoded(task, encoded, version, merge)
         return compute_metrics(spec, logits, encoded.targets)
 
     @torch.inference_mode()
@@ -632,16 +760,25 @@ class Registry:
         self._heads[key] = head
         return key
 
-    def _predict_encoded(self, task: str, encoded: Encoded, version: int | None) -> torch.Tensor:
+    def _predict_encoded(self, task: str, encoded: Encoded, version: int | None, merge: str | None = None
+                         ) -> torch.Tensor:
         with self._lock:
-            version = self._entry(task)["current"] if version is None else version
-            key = self._ensure_loaded(task, version)
+            if merge is None:
+                version = self._entry(task)["current"] if version is None else version
+                key = head_key = self._ensure_loaded(task, version)
+                batch_size = int(self._version_record(task, version)["training"].get("eval_batch_size", 64))
+            else:
+                if version is not None:
+                    raise ValueError("Pass version= or merge=, not both: a merge fixes its members' versions.")
+                key, head_key = self._ensure_merge_loaded(merge, task)
+                batch_size = 64
             self._bank.activate(key)
-            batch_size = int(self._version_record(task, version)["training"].get("eval_batch_size", 64))
-            return predict_logits(self._forward(key), encoded, batch_size=batch_size, pad_id=self.backbone.pad_id,
-                                  device=self.backbone.device)
+            head, embed = self._heads[head_key], self.backbone.embed
+            return predict_logits(lambda inputs: head(embed(**inputs)), encoded, batch_size=batch_size,
+                                  pad_id=self.backbone.pad_id, device=self.backbone.device)
 
-    def _logits(self, task: str, spec: TaskSpec, texts, text_pairs, version: int | None) -> torch.Tensor:
+    def _logits(self, task: str, spec: TaskSpec, texts, text_pairs, version: int | None,
+                merge: str | None = None) -> torch.Tensor:
         texts = as_texts(texts)
         pairs = None
         if spec.text_pair_column is not None:
@@ -651,7 +788,64 @@ class Registry:
             if len(pairs) != len(texts):
                 raise DataError(f"Got {len(texts)} texts but {len(pairs)} text_pairs; they must match.")
         encoded = encode(Examples(texts, pairs), spec, self.backbone.tokenize, with_targets=False)
-        return self._predict_encoded(task, encoded, version)
+        return self._predict_encoded(task, encoded, version, merge)
+
+    def _ensure_merge_loaded(self, name: str, task: str) -> tuple[str, str]:
+        record = self.merge_info(name)
+        if task not in record["tasks"]:
+            raise TaskNotFoundError(f"Merge {name!r} does not hold task {task!r}. It holds {record['tasks']}.")
+        key = _merge_key(name)
+        if key not in self._bank:
+            folder = store.merge_dir(self.root, name)
+            state = store.read_tensors(folder / "adapter.safetensors", record["files"]["adapter.safetensors"])
+            heads = store.read_tensors(folder / "heads.safetensors", record["files"]["heads.safetensors"])
+            for t in record["tasks"]:
+                head = TaskHead(self.backbone.hidden_size, self.spec(t).num_outputs)
+                head.load_state_dict({k[len(t) + 1:]: v for k, v in heads.items() if k.startswith(f"{t}.")})
+                self._heads[f"{key}:{t}"] = head.to(self.backbone.device).eval()
+            self._bank.load(key, AdapterConfig.from_dict(record["adapter"]), state)
+        return key, f"{key}:{task}"
+
+    def _merged_heads(self, pairs: list[tuple[str, int]]) -> dict[str, TaskHead]:
+        """One head per member task; the mean of a task's heads when several of its versions merge (a soup)."""
+        heads: dict[str, list[dict[str, torch.Tensor]]] = {}
+        for t, v in pairs:
+            record = self._version_record(t, v)
+            heads.setdefault(t, []).append(store.read_tensors(
+                store.version_dir(self.root, t, v) / "head.safetensors", record["files"]["head.safetensors"]))
+        out = {}
+        for t, states in heads.items():
+            head = TaskHead(self.backbone.hidden_size, self.spec(t).num_outputs)
+            head.load_state_dict({k: torch.stack([s[k] for s in states]).mean(0) for k in states[0]})
+            out[t] = head.to(self.backbone.device).eval()
+        return out
+
+    def _holdout_score(self, task: str, examples: Examples, *, version: int | None = None,
+                       key: str | None = None, head: TaskHead | None = None) -> float:
+        spec = self.spec(task)
+        metric, _ = primary_metric(spec)
+        encoded = self._encode(examples, spec)
+        with self._lock:
+            if key is None:
+                logits = self._predict_encoded(task, encoded, version)
+            else:
+                self._bank.activate(key)
+                logits = predict_logits(lambda inputs: head(self.backbone.embed(**inputs)), encoded, batch_size=64,
+                                        pad_id=self.backbone.pad_id, device=self.backbone.device)
+        return float(compute_metrics(spec, logits, encoded.targets)[metric])
+
+    def _score_merged(self, merged: dict[str, torch.Tensor], base: AdapterConfig, heads: dict[str, TaskHead],
+                      held: dict[str, Examples | None], rank: int | None) -> dict[str, float]:
+        """Primary metric of each task with a held-out sample, through a merged delta (loaded temporarily)."""
+        lora_state, r, _ = to_lora_state(merged, rank)
+        key = "_merge_candidate"
+        with self._lock:
+            self._bank.load(key, AdapterConfig.from_dict({**base.to_dict(), "r": r, "alpha": float(r),
+                                                           "dropout": 0.0}), lora_state)
+            try:
+                return {t: self._holdout_score(t, held[t], key=key, head=heads[t]) for t in heads if held.get(t)}
+            finally:
+                self._bank.remove(key)
 
     def __repr__(self) -> str:
         return f"Registry({str(self.root)!r}, backbone={self.backbone.config.name_or_path!r}, tasks={self.tasks()})"
@@ -665,6 +859,27 @@ class UpdateResult:
     promoted: bool
     reason: str
     gate: Gate
+
+
+def _merge_key(name: str) -> str:
+    return f"{name}__merged"
+
+
+def _search_grid(config: MergeConfig) -> list[MergeConfig]:
+    """λ (and density / drop) candidates around the papers' defaults."""
+    if config.method in ("linear", "dare"):
+        scales = [0.2, 0.4, 0.6, 0.8, 1.0]
+    else:
+        scales = [0.6, 1.0, 1.5, 2.0]
+    densities = [0.1, 0.2, 0.5] if config.method in ("ties", "dare_ties") else [config.density]
+    drops = [0.5, 0.9] if config.method in ("dare", "dare_ties") else [config.drop]
+    return [dataclasses.replace(config, scale=s, density=k, drop=p) for s in scales for k in densities for p in drops]
+
+
+def _normalised(scores: dict[str, float], individual: dict[str, float]) -> float | None:
+    """Mean over tasks of merged / individual score (None without scores)."""
+    ratios = [scores[t] / individual[t] for t in scores if t in individual and individual[t] > 0]
+    return float(np.mean(ratios)) if ratios else None
 
 
 def _split(examples: Examples, fraction: float, seed: int, task: str) -> tuple[Examples, Examples]:

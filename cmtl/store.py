@@ -8,6 +8,8 @@
     <root>/tasks/<task>/v<N>/head.safetensors
     <root>/tasks/<task>/v<N>/replay.parquet      replay buffer after training this version (optional)
     <root>/tasks/<task>/v<N>/holdout.parquet     sample of this version's validation data (optional)
+    <root>/merges/<name>/adapter.safetensors     a merged adapter
+    <root>/merges/<name>/heads.safetensors       the heads of the tasks it serves
 
 A version's files are written into a staging folder, fsynced and renamed into
 place; only then is the manifest replaced (temp file + ``os.replace``). A
@@ -128,9 +130,17 @@ def write_version_files(root: Path, task: str, version: int, files: dict[str, by
 
     Call under :func:`writer_lock`, before the manifest that names them is written.
     """
-    final = version_dir(root, task, version)
+    return write_folder(version_dir(root, task, version), files)
+
+
+def merge_dir(root: Path, name: str) -> Path:
+    return root / "merges" / name
+
+
+def write_folder(final: Path, files: dict[str, bytes]) -> dict[str, str]:
+    """Write ``files`` into a staging folder beside ``final``, fsync, rename it to ``final``; return SHA-256s."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = final.parent / f".staging-v{version}-{uuid.uuid4().hex}"
+    staging = final.parent / f".staging-{final.name}-{uuid.uuid4().hex}"
     staging.mkdir()
     sums = {}
     for name, data in files.items():
@@ -148,18 +158,22 @@ def write_version_files(root: Path, task: str, version: int, files: dict[str, by
 
 
 def remove_unreferenced(root: Path, manifest: dict[str, Any]) -> None:
-    """Delete task folders and versions the manifest does not name (crash leftovers, removed tasks)."""
+    """Delete task versions and merges the manifest does not name (crash leftovers, removed entries)."""
     tasks_root = root / "tasks"
-    if not tasks_root.exists():
-        return
-    for task_dir in tasks_root.iterdir():
-        entry = manifest["tasks"].get(task_dir.name)
-        if entry is None:
-            shutil.rmtree(task_dir, ignore_errors=True)
-            continue
-        keep = {f"v{v['version']}" for v in entry["versions"]}
-        for child in task_dir.iterdir():
-            if child.name.startswith(".staging-") or (child.name.startswith("v") and child.name not in keep):
+    if tasks_root.exists():
+        for task_dir in tasks_root.iterdir():
+            entry = manifest["tasks"].get(task_dir.name)
+            if entry is None:
+                shutil.rmtree(task_dir, ignore_errors=True)
+                continue
+            keep = {f"v{v['version']}" for v in entry["versions"]}
+            for child in task_dir.iterdir():
+                if child.name.startswith(".staging-") or (child.name.startswith("v") and child.name not in keep):
+                    shutil.rmtree(child, ignore_errors=True)
+    merges_root = root / "merges"
+    if merges_root.exists():
+        for child in merges_root.iterdir():
+            if child.name not in manifest.get("merges", {}):
                 shutil.rmtree(child, ignore_errors=True)
 
 

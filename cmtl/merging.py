@@ -1,0 +1,174 @@
+"""Task-arithmetic merging of LoRA adapters, on their exact low-rank deltas.
+
+For every adapted linear layer, each adapter contributes ΔW = (alpha / r) · B · A.
+Methods combine these dense deltas (not A and B separately, which only
+approximates the sum and needs equal ranks):
+
+* ``linear`` — task arithmetic: λ · Σ_t ΔW_t (Ilharco et al. 2023);
+* ``ties`` — trim each ΔW_t to its top-``density`` fraction by magnitude, elect
+  a sign per entry by total mass, average the agreeing non-zero entries, scale by λ
+  (Yadav et al. 2023);
+* ``dare`` / ``dare_ties`` — drop each entry with probability ``drop`` and
+  rescale by 1 / (1 − drop), then ``linear`` / ``ties`` (Yu et al. 2024).
+
+The merged delta goes back into LoRA form by truncated SVD
+(:func:`refactorise`), with its relative reconstruction error.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, Sequence
+
+import torch
+
+Method = Literal["linear", "ties", "dare", "dare_ties"]
+METHODS: tuple[str, ...] = ("linear", "ties", "dare", "dare_ties")
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
+
+
+@dataclass(kw_only=True, frozen=True)
+class MergeConfig:
+    """Knobs of a merge.
+
+    Args:
+        method: ``"linear"``, ``"ties"``, ``"dare"`` or ``"dare_ties"``.
+        scale: λ, multiplies the combined delta. ``None``: 1 / (number of
+            adapters) for ``linear`` and ``dare`` (their mean), 1 for TIES variants.
+        density: TIES: fraction of entries of each delta kept (top-k by magnitude).
+        drop: DARE: probability of dropping each entry.
+        rank: Rank of the stored LoRA adapter; ``None`` keeps the merged delta
+            exactly (full rank of each layer).
+        seed: Seeds DARE's drops.
+    """
+
+    method: Method = "ties"
+    scale: float | None = None
+    density: float = 0.2
+    drop: float = 0.9
+    rank: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"Unknown merge method {self.method!r}. Choose one of {list(METHODS)}.")
+        if self.scale is not None and not 0 < self.scale <= 10:
+            raise ValueError(f"MergeConfig.scale must be in (0, 10]. Got {self.scale!r}.")
+        if not 0 < self.density <= 1:
+            raise ValueError(f"MergeConfig.density must be in (0, 1]. Got {self.density!r}.")
+        if not 0 <= self.drop < 1:
+            raise ValueError(f"MergeConfig.drop must be in [0, 1). Got {self.drop!r}.")
+        if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 1):
+            raise ValueError(f"MergeConfig.rank must be a positive integer or None. Got {self.rank!r}.")
+
+    def resolved_scale(self, n: int) -> float:
+        if self.scale is not None:
+            return self.scale
+        return 1.0 / n if self.method in ("linear", "dare") else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def lora_deltas(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
+    """ΔW = scaling · B · A for every module of a LoRA state dict (keys ``<module>.lora_A/B.weight``)."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        match = _LORA_KEY.match(key)
+        if match is None:
+            raise ValueError(f"Unexpected key {key!r} in a LoRA state dict: only lora_A / lora_B weights merge.")
+        parts.setdefault(match["module"], {})[match["part"]] = value
+    incomplete = [m for m, p in parts.items() if set(p) != {"A", "B"}]
+    if incomplete:
+        raise ValueError(f"Modules {incomplete[:3]} lack lora_A or lora_B weights.")
+    return {m: scaling * (p["B"].double() @ p["A"].double()) for m, p in parts.items()}
+
+
+def dare(delta: torch.Tensor, drop: float, generator: torch.Generator) -> torch.Tensor:
+    """Drop entries with probability ``drop``, rescale the rest by 1 / (1 − drop): unbiased."""
+    if drop == 0:
+        return delta
+    keep = torch.rand(delta.shape, generator=generator, dtype=torch.float64) >= drop
+    return delta * keep / (1.0 - drop)
+
+
+def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the ``density`` fraction of entries largest in magnitude (at least one), zero the rest."""
+    k = max(1, round(density * delta.numel()))
+    if k >= delta.numel():
+        return delta
+    threshold = delta.abs().flatten().kthvalue(delta.numel() - k + 1).values
+    return torch.where(delta.abs() >= threshold, delta, torch.zeros_like(delta))
+
+
+def ties(deltas: Sequence[torch.Tensor], density: float) -> torch.Tensor:
+    """Trim, elect sign by total mass, disjoint mean of the agreeing non-zero entries."""
+    trimmed = torch.stack([trim(d, density) for d in deltas])  # (T, out, in)
+    sign = torch.sign(trimmed.sum(0))
+    agree = (torch.sign(trimmed) == sign) & (trimmed != 0)
+    count = agree.sum(0)
+    total = (trimmed * agree).sum(0)
+    return torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
+
+
+def merge_deltas(per_adapter: Sequence[dict[str, torch.Tensor]], config: MergeConfig) -> dict[str, torch.Tensor]:
+    """Combine per-module deltas of several adapters with ``config.method``.
+
+    Raises:
+        ValueError: fewer than two adapters, or adapters on different modules or shapes.
+    """
+    if len(per_adapter) < 2:
+        raise ValueError(f"A merge needs at least two adapters; got {len(per_adapter)}.")
+    modules = set(per_adapter[0])
+    for i, d in enumerate(per_adapter[1:], 1):
+        if set(d) != modules:
+            diff = sorted(modules ^ set(d))[:3]
+            raise ValueError(f"Adapter {i} adapts other modules than adapter 0 (e.g. {diff}); only adapters with the "
+                             "same target modules and layers merge.")
+        shapes = [m for m in modules if d[m].shape != per_adapter[0][m].shape]
+        if shapes:
+            raise ValueError(f"Adapter {i} has other shapes than adapter 0 at {shapes[:3]}: different backbones?")
+    generator = torch.Generator().manual_seed(config.seed)
+    scale = config.resolved_scale(len(per_adapter))
+    merged = {}
+    for module in sorted(modules):
+        deltas = [d[module] for d in per_adapter]
+        if config.method in ("dare", "dare_ties"):
+            deltas = [dare(d, config.drop, generator) for d in deltas]
+        combined = ties(deltas, config.density) if config.method in ("ties", "dare_ties") else torch.stack(deltas).sum(0)
+        merged[module] = scale * combined
+    return merged
+
+
+def refactorise(delta: torch.Tensor, rank: int | None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(A, B, relative error) with B · A ≈ ``delta`` by truncated SVD (B = U_r S_r, A = V_rᵀ).
+
+    ``rank=None`` keeps every singular value (exact up to rounding).
+    """
+    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    r = len(s) if rank is None else min(rank, len(s))
+    b, a = u[:, :r] * s[:r], vh[:r]
+    norm = torch.linalg.norm(delta)
+    error = float(torch.linalg.norm(delta - b @ a) / norm) if norm > 0 else 0.0
+    return a, b, error
+
+
+def to_lora_state(merged: dict[str, torch.Tensor], rank: int | None) -> tuple[dict[str, torch.Tensor], int, dict]:
+    """LoRA tensors (scaling 1) for merged deltas, their common rank, and reconstruction errors per module.
+
+    All modules share one rank (peft's config has one ``r``): ``rank``, or the
+    largest full rank among the modules when ``None``; smaller factors are zero-padded.
+    """
+    full = max(min(d.shape) for d in merged.values())
+    r = full if rank is None else min(rank, full)
+    state, errors = {}, {}
+    for module, delta in merged.items():
+        a, b, errors[module] = refactorise(delta, r)
+        pad = r - a.shape[0]
+        if pad:
+            a = torch.cat([a, a.new_zeros(pad, a.shape[1])])
+            b = torch.cat([b, b.new_zeros(b.shape[0], pad)], 1)
+        state[f"{module}.lora_A.weight"] = a.float().contiguous()
+        state[f"{module}.lora_B.weight"] = b.float().contiguous()
+    return state, r, errors
