@@ -134,6 +134,7 @@ def predict(
     input: Annotated[Optional[Path], typer.Option("--input", help="File with a text column instead.")] = None,
     proba: Annotated[bool, typer.Option(help="Also print per-label probabilities.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    merge: Annotated[Optional[str], typer.Option(help="Predict through this merged entry.")] = None,
 ) -> None:
     """Predict labels for texts given as arguments or in a file."""
     from cmtl import CmtlError
@@ -149,8 +150,8 @@ def predict(
             pairs = None
         else:
             raise ValueError("Give texts as arguments or --input FILE.")
-        labels = reg.predict(task, texts, pairs)
-        probs = reg.predict_proba(task, texts, pairs) if proba or as_json else None
+        labels = reg.predict(task, texts, pairs, merge=merge)
+        probs = reg.predict_proba(task, texts, pairs, merge=merge) if proba or as_json else None
     except (CmtlError, ValueError) as exc:
         _fail(exc)
     for i, (text, label) in enumerate(zip(texts, labels)):
@@ -281,6 +282,41 @@ def monitor(
     typer.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.verdict)
     if report.drift:
         raise typer.Exit(code=3)
+
+
+@app.command()
+def merge(
+    registry: RegistryArg,
+    name: Annotated[str, typer.Argument(help="Name of the merged entry.")],
+    members: Annotated[list[str], typer.Argument(help="Tasks to merge: TASK (current version) or TASK:VERSION.")],
+    method: Annotated[str, typer.Option(help="linear, ties, dare or dare_ties.")] = "ties",
+    scale: Annotated[Optional[float], typer.Option(help="λ (default: mean for linear/dare, 1 for TIES).")] = None,
+    density: Annotated[float, typer.Option(help="TIES: fraction of each delta kept.")] = 0.2,
+    drop: Annotated[float, typer.Option(help="DARE: drop probability.")] = 0.9,
+    rank: Annotated[Optional[int], typer.Option(help="Rank of the stored adapter (default: exact).")] = None,
+    search: Annotated[bool, typer.Option(help="Choose the knobs on the members' held-out samples.")] = False,
+    seed: int = 0,
+) -> None:
+    """Merge task adapters into one adapter; each task keeps its own head (predict TASK --merge NAME)."""
+    from cmtl import CmtlError
+    from cmtl.merging import MergeConfig
+
+    reg = _open(registry)
+    try:
+        parsed = [(m.split(":")[0], int(m.split(":")[1])) if ":" in m else m for m in members]
+        record = reg.merge(parsed, name, config=MergeConfig(method=method, scale=scale, density=density, drop=drop,
+                                                            rank=rank, seed=seed), search=search)
+    except (CmtlError, ValueError) as exc:
+        _fail(exc)
+    members_text = ", ".join(f"{m['task']} v{m['version']}" for m in record["members"])
+    knobs = record["config"]
+    typer.echo(f"merged {members_text} into {name} ({knobs['method']}, scale {knobs['scale']:g}, density "
+               f"{knobs['density']:g}, drop {knobs['drop']:g}; rank {record['adapter']['r']}, reconstruction error "
+               f"{record['reconstruction_error']['max']:.2e})")
+    rows = [{"task": t, "individual": v["individual"], "merged": v["merged"],
+             "normalised": v["merged"] / v["individual"] if v["merged"] is not None and v["individual"] else None}
+            for t, v in record["holdout"].items()]
+    typer.echo(format_table(rows, ["task", "individual", "merged", "normalised"]))
 
 
 @app.command()

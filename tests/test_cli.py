@@ -15,8 +15,8 @@ from cmtl.cli import app
 from tests.conftest import toy_sentiment
 
 runner = CliRunner()
-COMMANDS = ["init", "add-task", "predict", "eval", "ls", "versions", "update", "monitor", "rollback", "remove", "demo",
-            "bench"]
+COMMANDS = ["init", "add-task", "predict", "eval", "ls", "versions", "update", "monitor", "merge", "rollback", "remove",
+            "demo", "bench"]
 
 
 def invoke(*args: str):
@@ -81,6 +81,15 @@ def test_lifecycle(tmp_path, tiny_backbone):
     assert "v3 *" in result.output and "new_acc" in result.output and "update" in result.output
     result = invoke("update", reg, "sentiment", "--data", tmp_path / "train.csv", "--penalty", "l2")
     assert result.exit_code == 1 and "penalty must be" in result.output
+
+    # Merge two versions of the task (a soup) and predict through it.
+    result = invoke("merge", reg, "soup", "sentiment:1", "sentiment:3", "--method", "linear")
+    assert result.exit_code == 0, result.output
+    assert "merged sentiment v1, sentiment v3 into soup (linear, scale 0.5" in result.output and "normalised" in result.output
+    result = invoke("predict", reg, "sentiment", "a great film", "--merge", "soup")
+    assert result.exit_code == 0 and result.output.split("\t")[0] in ("pos", "neg")
+    result = invoke("merge", reg, "bad", "sentiment:1", "sentiment:1")
+    assert result.exit_code == 1 and "merged with itself" in result.output
 
     # Monitor: the held-out sample of v3 is the reference; exit code 3 signals drift.
     pd.DataFrame({"text": [r["text"] for r in toy_sentiment(40, 5)]}).to_csv(tmp_path / "same.csv", index=False)
