@@ -202,6 +202,25 @@ class AdapterBank:
         state = get_peft_model_state_dict(self._peft, adapter_name=name)
         return {k: v.detach().to("cpu").clone().contiguous() for k, v in state.items()}
 
+    def scaling(self, name: str) -> float:
+        """The factor peft applies to B · A of adapter ``name`` (alpha / r, or what a peft merge set)."""
+        for module in self.encoder.modules():
+            if isinstance(getattr(module, "scaling", None), dict) and name in module.scaling:
+                return float(module.scaling[name])
+        raise KeyError(f"Adapter {name!r} is not loaded. Loaded: {self.names}.")
+
+    def peft_merge(self, name: str, adapters: list[str], weights: list[float], combination_type: str,
+                   density: float | None = None) -> None:
+        """Add adapter ``name`` made by peft's ``LoraModel.add_weighted_adapter`` (the baseline
+        :mod:`cmtl.merging` is measured against; it combines A and B separately)."""
+        missing = [a for a in adapters if a not in self]
+        if missing:
+            raise KeyError(f"Adapters {missing} are not loaded. Loaded: {self.names}.")
+        self._peft.base_model.add_weighted_adapter(adapters=adapters, weights=weights, adapter_name=name,
+                                                   combination_type=combination_type, density=density)
+        self._freeze_all()
+        self.set_training(name, False)
+
     def num_parameters(self, name: str) -> int:
         return sum(p.numel() for _, p in self._named(name))
 

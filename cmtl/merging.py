@@ -12,7 +12,9 @@ approximates the sum and needs equal ranks):
   rescale by 1 / (1 − drop), then ``linear`` / ``ties`` (Yu et al. 2024).
 
 The merged delta goes back into LoRA form by truncated SVD
-(:func:`refactorise`), with its relative reconstruction error.
+(:func:`refactorise`), with its relative reconstruction error. ``peft_*`` methods
+run peft's ``add_weighted_adapter`` instead (see :meth:`cmtl.Registry.merge`), as the
+baseline these are measured against.
 """
 
 from __future__ import annotations
@@ -23,8 +25,11 @@ from typing import Any, Literal, Sequence
 
 import torch
 
-Method = Literal["linear", "ties", "dare", "dare_ties"]
+Method = Literal["linear", "ties", "dare", "dare_ties", "peft_linear", "peft_ties", "peft_dare_ties", "peft_ties_svd"]
 METHODS: tuple[str, ...] = ("linear", "ties", "dare", "dare_ties")
+# peft's LoraModel.add_weighted_adapter, for comparison: it merges A and B separately (non-SVD types) or takes
+# an SVD of the weighted sum at the adapters' rank (``*_svd``).
+PEFT_METHODS: tuple[str, ...] = ("peft_linear", "peft_ties", "peft_dare_ties", "peft_ties_svd")
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 
 
@@ -51,8 +56,8 @@ class MergeConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"Unknown merge method {self.method!r}. Choose one of {list(METHODS)}.")
+        if self.method not in METHODS + PEFT_METHODS:
+            raise ValueError(f"Unknown merge method {self.method!r}. Choose one of {list(METHODS + PEFT_METHODS)}.")
         if self.scale is not None and not 0 < self.scale <= 10:
             raise ValueError(f"MergeConfig.scale must be in (0, 10]. Got {self.scale!r}.")
         if not 0 < self.density <= 1:
@@ -65,7 +70,7 @@ class MergeConfig:
     def resolved_scale(self, n: int) -> float:
         if self.scale is not None:
             return self.scale
-        return 1.0 / n if self.method in ("linear", "dare") else 1.0
+        return 1.0 / n if self.method in ("linear", "dare", "peft_linear") else 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

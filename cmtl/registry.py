@@ -457,7 +457,7 @@ class Registry:
         trials = []
         if search:
             for candidate in _search_grid(config):
-                merged = merge_deltas(deltas, candidate)
+                merged = self._combine(pairs, deltas, candidate)
                 scores = self._score_merged(merged, base, heads, held, config.rank)
                 norm = _normalised(scores, individual)
                 trials.append({**{k: getattr(candidate, k) for k in ("scale", "density", "drop")},
@@ -466,7 +466,7 @@ class Registry:
                 raise DataError("search=True needs held-out samples of the members (add them with validation data).")
             best = max(trials, key=lambda tr: tr["normalised"])
             config = dataclasses.replace(config, scale=best["scale"], density=best["density"], drop=best["drop"])
-        merged = merge_deltas(deltas, config)
+        merged = self._combine(pairs, deltas, config)
         lora_state, rank, errors = to_lora_state(merged, config.rank)
         scores = self._score_merged(merged, base, heads, held, config.rank) if individual else {}
         record = {
@@ -806,6 +806,22 @@ class Registry:
             self._bank.load(key, AdapterConfig.from_dict(record["adapter"]), state)
         return key, f"{key}:{task}"
 
+    def _combine(self, pairs: list[tuple[str, int]], deltas: list[dict[str, torch.Tensor]],
+                 config: MergeConfig) -> dict[str, torch.Tensor]:
+        """Merged per-module deltas: cmtl's methods on exact deltas, or peft's ``add_weighted_adapter``."""
+        if not config.method.startswith("peft_"):
+            return merge_deltas(deltas, config)
+        kind = config.method.removeprefix("peft_")
+        density = 1.0 - config.drop if kind.startswith("dare") else config.density if "ties" in kind else None
+        keys = [self._ensure_loaded(t, v) for t, v in pairs]
+        name = "_peft_merge"
+        with self._lock, seeded(config.seed, self.backbone.device):  # peft's DARE draws from the global RNG
+            self._bank.peft_merge(name, keys, [config.resolved_scale(len(pairs))] * len(pairs), kind, density)
+            try:
+                return lora_deltas(self._bank.state_dict(name), self._bank.scaling(name))
+            finally:
+                self._bank.remove(name)
+
     def _merged_heads(self, pairs: list[tuple[str, int]]) -> dict[str, TaskHead]:
         """One head per member task; the mean of a task's heads when several of its versions merge (a soup)."""
         heads: dict[str, list[dict[str, torch.Tensor]]] = {}
@@ -867,12 +883,13 @@ def _merge_key(name: str) -> str:
 
 def _search_grid(config: MergeConfig) -> list[MergeConfig]:
     """λ (and density / drop) candidates around the papers' defaults."""
-    if config.method in ("linear", "dare"):
+    method = config.method.removeprefix("peft_")
+    if method in ("linear", "dare"):
         scales = [0.2, 0.4, 0.6, 0.8, 1.0]
     else:
         scales = [0.6, 1.0, 1.5, 2.0]
-    densities = [0.1, 0.2, 0.5] if config.method in ("ties", "dare_ties") else [config.density]
-    drops = [0.5, 0.9] if config.method in ("dare", "dare_ties") else [config.drop]
+    densities = [0.1, 0.2, 0.5] if method in ("ties", "ties_svd") or config.method == "dare_ties" else [config.density]
+    drops = [0.5, 0.9] if method in ("dare", "dare_ties") else [config.drop]
     return [dataclasses.replace(config, scale=s, density=k, drop=p) for s in scales for k in densities for p in drops]
 
 

@@ -66,12 +66,18 @@ def test_avalanche_strategy_in_the_same_table(tmp_path, tiny_backbone):
     assert all(len(run["R"]) == 5 and run["b"] is not None for run in results["runs"])
 
 
-def test_update_benchmark_script(tmp_path, tiny_backbone):
+def load_script(name: str):
+    """Import a runner script from scenarios/ (they are scripts, not package modules)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("updates_bench", SCENARIOS / "updates.py")
-    updates = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(updates)
+    spec = importlib.util.spec_from_file_location(f"scenario_{name}", SCENARIOS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_update_benchmark_script(tmp_path, tiny_backbone):
+    updates = load_script("updates")
     scenario = Scenario.from_yaml(SCENARIOS / "sentiment4.yaml").shrink(24, 12)
     lines = []
     results = updates.run(scenario, tmp_path, backbone=BackboneConfig(name_or_path=tiny_backbone, max_length=32),
@@ -85,4 +91,23 @@ def test_update_benchmark_script(tmp_path, tiny_backbone):
     assert "| update-replay |" in md and "time of update-replay / retrain per update" in md
     with pytest.raises(ValueError, match="needs a domain-incremental"):
         updates.run(Scenario.from_yaml(SCENARIOS / "text5.yaml"), tmp_path, backbone=BackboneConfig(),
+                    training=TrainConfig())
+
+
+def test_merge_benchmark_script(tmp_path, tiny_backbone):
+    merging = load_script("merging")
+    scenario = Scenario.from_yaml(SCENARIOS / "text5.yaml").shrink(24, 12)
+    lines = []
+    results = merging.run(scenario, tmp_path, backbone=BackboneConfig(name_or_path=tiny_backbone, max_length=32),
+                          training=TrainConfig(epochs=1, batch_size=8, progress=False), device="cpu",
+                          methods=("linear", "peft_ties"), rank=4, search=False, echo=lines.append)
+    assert list(results["merges"]) == ["linear", "peft_ties"] and len(results["individual"]) == 5
+    linear = results["merges"]["linear"]
+    assert linear["rank"] == 4 and 0 < linear["reconstruction_error"]["max"] < 1
+    assert set(linear["normalised"]) == {"bbc", "trec", "spam", "rotten", "foods"}
+    md = (tmp_path / "results.md").read_text()
+    assert "| individual adapters |" in md and "| peft_ties |" in md
+    assert len(lines) == 7
+    with pytest.raises(ValueError, match="task-incremental"):
+        merging.run(Scenario.from_yaml(SCENARIOS / "sentiment4.yaml"), tmp_path, backbone=BackboneConfig(),
                     training=TrainConfig())

@@ -189,3 +189,16 @@ def test_merge_rejects_unknown_members_taken_names_and_other_modules(merge_reg, 
     with pytest.raises(ValueError, match="only adapters on the same modules merge"):
         reg.merge(["a", "c"], "ac")
     assert json.loads((reg.root / MANIFEST).read_text())["merges"] == before
+
+
+def test_peft_baselines_go_through_the_same_pipeline(merge_reg):
+    reg = merge_reg
+    record = reg.merge(["a", "b"], "peft-ties-svd", "peft_ties_svd")
+    assert record["config"]["method"] == "peft_ties_svd" and record["reconstruction_error"]["max"] < 1e-5
+    ours = reg.merge(["a", "b"], "ours-linear", "linear", config=MergeConfig(scale=1.0))
+    theirs = reg.merge(["a", "b"], "peft-linear", "peft_linear", config=MergeConfig(scale=1.0))
+    assert ours["holdout"]["a"]["merged"] is not None and theirs["holdout"]["a"]["merged"] is not None
+    # peft's linear type sums A and B separately: its delta has cross terms B_a·A_b, so it differs from ours.
+    texts = ["a great film", "an awful film", "a dull plot"]
+    assert not torch.allclose(torch.tensor(reg.predict_proba("a", texts, merge="ours-linear")),
+                              torch.tensor(reg.predict_proba("a", texts, merge="peft-linear")))

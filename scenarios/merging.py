@@ -1,0 +1,118 @@
+"""Benchmark: fold the task adapters of a task-incremental scenario into one adapter.
+
+Trains one adapter per task of ``scenarios/text5.yaml`` (default) in a registry,
+then merges all of them with every cmtl method (``linear``, ``ties``, ``dare``,
+``dare_ties``) and with peft's ``add_weighted_adapter`` on the same adapters
+(``peft_linear``, ``peft_ties``, ``peft_dare_ties``, ``peft_ties_svd``). Each
+merge's knobs are searched on the tasks' validation samples; each task is then
+scored on its test split through the merged adapter and its own head, and
+normalised by the task's own adapter. Writes ``results.json`` and ``results.md``.
+
+    python scenarios/merging.py                          # embedded MiniLM, text5
+    python scenarios/merging.py --layers 2 --max-train 200   # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cmtl import BackboneConfig, Registry, TrainConfig
+from cmtl.merging import METHODS, PEFT_METHODS, MergeConfig
+from cmtl.scenarios import Scenario
+
+
+def run(scenario: Scenario, out: Path, *, backbone: BackboneConfig, training: TrainConfig, device: str = "auto",
+        methods: tuple[str, ...] = METHODS + PEFT_METHODS, rank: int | None = None, search: bool = True,
+        echo=print) -> dict:
+    """Train, merge with each method, score; write results into ``out``; return them."""
+    if scenario.kind != "task-incremental":
+        raise ValueError(f"Scenario {scenario.name!r} is {scenario.kind}; merging needs one adapter per task "
+                         "(a task-incremental scenario).")
+    experiences = scenario.load()
+    tasks = [e.spec.name for e in experiences]
+    out.mkdir(parents=True, exist_ok=True)
+    reg = Registry.create(out / "registry", backbone, device=device)
+    individual = {}
+    for exp in experiences:
+        reg.add_task(exp.spec, exp.train, exp.validation, training=training)
+        individual[exp.name] = reg.evaluate(exp.name, exp.test)["accuracy"]
+        echo(f"individual {exp.name}: {individual[exp.name]:.3f}")
+    results = {"scenario": scenario.name, "tasks": tasks, "backbone": backbone.to_dict(),
+               "training": training.to_dict(), "max_train": scenario.max_train, "max_eval": scenario.max_eval,
+               "rank": rank, "search": search,
+               "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+               "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
+               "individual": individual, "merges": {}}
+    for method in methods:
+        started = time.perf_counter()
+        record = reg.merge(tasks, method.replace("_", "-"), config=MergeConfig(method=method, rank=rank),
+                           search=search)
+        seconds = time.perf_counter() - started
+        merged = {e.name: reg.evaluate(e.name, e.test, merge=record["name"])["accuracy"] for e in experiences}
+        normalised = {t: merged[t] / individual[t] for t in tasks}
+        results["merges"][method] = {
+            "test_accuracy": merged, "normalised": normalised, "mean_normalised": float(np.mean(list(normalised.values()))),
+            "config": record["config"], "rank": record["adapter"]["r"],
+            "reconstruction_error": record["reconstruction_error"], "validation_normalised": record["normalised"],
+            "seconds": seconds,
+        }
+        echo(f"{method}: mean normalised {results['merges'][method]['mean_normalised']:.3f} "
+             + " ".join(f"{t}={merged[t]:.3f}" for t in tasks) + f" ({seconds:.0f} s)")
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(to_markdown(results) + "\n")
+    return results
+
+
+def to_markdown(results: dict) -> str:
+    tasks = results["tasks"]
+    lines = [f"### {results['scenario']}: all task adapters merged into one", "",
+             "| method | " + " | ".join(tasks) + " | mean normalised | λ | density | drop | rank | recon. error |",
+             "|---" * (len(tasks) + 7) + "|",
+             "| individual adapters | " + " | ".join(f"{results['individual'][t]:.3f}" for t in tasks)
+             + " | 1.000 | | | | | |"]
+    for method, m in results["merges"].items():
+        c = m["config"]
+        ties_like = "ties" in method
+        dare_like = "dare" in method
+        lines.append(f"| {method} | " + " | ".join(f"{m['test_accuracy'][t]:.3f}" for t in tasks)
+                     + f" | {m['mean_normalised']:.3f} | {c['scale']:g} | {c['density'] if ties_like else '–'} | "
+                     f"{c['drop'] if dare_like else '–'} | {m['rank']} | {m['reconstruction_error']['max']:.1e} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("scenario", nargs="?", default=str(Path(__file__).with_name("text5.yaml")))
+    parser.add_argument("--out", default="runs/bench/merging")
+    parser.add_argument("--layers", type=int, default=None, help="Use only the first N backbone layers.")
+    parser.add_argument("--max-train", type=int, default=None)
+    parser.add_argument("--max-eval", type=int, default=None)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--rank", type=int, default=None, help="Rank of the stored merged adapters (default exact).")
+    parser.add_argument("--no-search", action="store_true", help="Use the default knobs instead of searching.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--methods", default=",".join(METHODS + PEFT_METHODS))
+    args = parser.parse_args(argv)
+    scenario = Scenario.from_yaml(args.scenario)
+    scenario = scenario.shrink(args.max_train or scenario.max_train, args.max_eval or scenario.max_eval)
+    methods = tuple(m for m in args.methods.split(",") if m)
+    if unknown := sorted(set(methods) - set(METHODS + PEFT_METHODS)):
+        parser.error(f"unknown methods {unknown}; choose from {list(METHODS + PEFT_METHODS)}")
+    run(scenario, Path(args.out), backbone=BackboneConfig(num_hidden_layers=args.layers),
+        training=TrainConfig(epochs=args.epochs, seed=args.seed, progress=False), device=args.device,
+        methods=methods, rank=args.rank, search=not args.no_search)
+    print((Path(args.out) / "results.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
