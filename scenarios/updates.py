@@ -3,7 +3,7 @@
 Runs a domain-incremental scenario (default ``scenarios/sentiment4.yaml``) as ONE
 registry task trained on the first domain and then updated on each next one:
 
-* ``update-replay``  — ``Registry.update_task`` with replay (default ``UpdateConfig``);
+* ``update-replay``  — ``Registry.update_task`` with replay (``--replay-ratio``, default 1);
 * ``update-naive``   — ``Registry.update_task`` on the new data only (``replay_ratio=0``);
 * ``retrain``        — a fresh ``add_task`` on all training data seen so far.
 
@@ -37,7 +37,7 @@ METHODS = ("update-replay", "update-naive", "retrain")
 
 
 def run(scenario: Scenario, out: Path, *, backbone: BackboneConfig, training: TrainConfig, device: str = "auto",
-        methods: tuple[str, ...] = METHODS, echo=print) -> dict:
+        methods: tuple[str, ...] = METHODS, replay_ratio: float = 1.0, echo=print) -> dict:
     """Run ``methods`` over ``scenario``'s domains; write results into ``out``; return them."""
     if scenario.kind != "domain-incremental":
         raise ValueError(f"Scenario {scenario.name!r} is {scenario.kind}; this benchmark needs a domain-incremental "
@@ -46,7 +46,7 @@ def run(scenario: Scenario, out: Path, *, backbone: BackboneConfig, training: Tr
     names = [e.name for e in experiences]
     out.mkdir(parents=True, exist_ok=True)
     results = {"scenario": scenario.name, "domains": names, "backbone": backbone.to_dict(),
-               "training": training.to_dict(), "max_train": scenario.max_train, "max_eval": scenario.max_eval,
+               "training": training.to_dict(), "replay_ratio": replay_ratio, "max_train": scenario.max_train, "max_eval": scenario.max_eval,
                "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
                "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"), "methods": {}}
     for method in methods:
@@ -63,7 +63,7 @@ def run(scenario: Scenario, out: Path, *, backbone: BackboneConfig, training: Tr
                              validation=Examples.concat([e.validation for e in seen]), training=training)
                 gate.append(None)
             else:
-                ratio = 1.0 if method == "update-replay" else 0.0
+                ratio = replay_ratio if method == "update-replay" else 0.0
                 result = reg.update_task(task, exp.train, validation=exp.validation, training=training,
                                          config=UpdateConfig(replay_ratio=ratio), promote=True)
                 gate.append(result.reason.split("the gate said: ", 1)[-1])
@@ -99,11 +99,13 @@ def to_markdown(results: dict) -> str:
         lines += ["", "time of update-replay / retrain per update: "
                   + ", ".join(f"{names[i]} {a[i] / c[i]:.2f}" for i in range(1, len(names)))]
     for name, m in methods.items():
-        report = ContinualReport(**{k: tuple(tuple(x) if isinstance(x, list) else x for x in v)
-                                    if isinstance(v, list) else v for k, v in m["report"].items()})
-        lines += ["", f"#### {name}", "", report.to_markdown()]
+        r = m["report"]
+        lines += ["", f"#### {name}", "", "| after \\ on | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for i, row in enumerate(r["R"]):  # a domain is scored once it has been seen
+            lines.append(f"| {names[i]} | " + " | ".join(f"{v:.3f}" if j <= i else "–" for j, v in enumerate(row)) + " |")
+        lines += ["", "forgetting per domain: " + ", ".join(f"{n} {f:.3f}" for n, f in zip(names, r["forgetting"]))]
         if any(m["gate"]):
-            lines += ["", "gate (forced promotion; what it would have decided): "
+            lines += ["", "gate (promotion forced; what it would have decided): "
                       + "; ".join(f"{names[i]}: {g}" for i, g in enumerate(m["gate"]) if g)]
     return "\n".join(lines)
 
@@ -119,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--replay-ratio", type=float, default=1.0, help="update-replay: replayed per new example.")
     args = parser.parse_args(argv)
     scenario = Scenario.from_yaml(args.scenario)
     scenario = scenario.shrink(args.max_train or scenario.max_train, args.max_eval or scenario.max_eval)
@@ -127,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
     run(scenario, Path(args.out), backbone=BackboneConfig(num_hidden_layers=args.layers),
         training=TrainConfig(epochs=args.epochs, seed=args.seed, progress=False), device=args.device,
-        methods=methods)
+        methods=methods, replay_ratio=args.replay_ratio)
     print((Path(args.out) / "results.md").read_text())
     return 0
 
