@@ -23,6 +23,7 @@ from cmtl.errors import (
     TaskNotFoundError,
     TrainingDivergedError,
 )
+from cmtl.merging import MergeConfig
 from cmtl.metrics import ContinualReport, acc, bwt, forgetting, fwt
 from cmtl.monitor import DriftMonitor, DriftReport, MonitorConfig
 from cmtl.registry import Registry, UpdateResult, VersionInfo
@@ -43,6 +44,7 @@ __all__ = [
     "DriftMonitor",
     "DriftReport",
     "MemoryConfig",
+    "MergeConfig",
     "MonitorConfig",
     "Registry",
     "RegistryError",
