@@ -80,8 +80,8 @@ def to_markdown(results: dict) -> str:
              + " | 1.000 | | | | | |"]
     for method, m in results["merges"].items():
         c = m["config"]
-        ties_like = "ties" in method
         dare_like = "dare" in method
+        ties_like = "ties" in method and method != "peft_dare_ties"  # peft's DARE-TIES keeps 1 − drop, no trim
         lines.append(f"| {method} | " + " | ".join(f"{m['test_accuracy'][t]:.3f}" for t in tasks)
                      + f" | {m['mean_normalised']:.3f} | {c['scale']:g} | {c['density'] if ties_like else '–'} | "
                      f"{c['drop'] if dare_like else '–'} | {m['rank']} | {m['reconstruction_error']['max']:.1e} |")
