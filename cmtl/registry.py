@@ -300,8 +300,8 @@ class Registry:
         replayed = (buffer.to_examples().select(_sample_indices(len(buffer), round(config.replay_ratio * len(new_ex)),
                                                                  training.seed))
                     if buffer is not None and len(buffer) else None)
-        parts = [new_enc] + ([self._encode(replayed, spec)] if replayed is not None and len(replayed) else [])
-        train_enc = Encoded.concat(parts)
+        replay_enc = self._encode(replayed, spec) if replayed is not None and len(replayed) else None
+        train_enc = Encoded.concat([new_enc] + ([replay_enc] if replay_enc is not None else []))
         old_enc = self._encode(old_holdout, spec) if old_holdout is not None else None
         early_stop = Encoded.concat([val_enc] + ([old_enc] if old_enc is not None else []))
         metric, higher = primary_metric(spec)
@@ -318,7 +318,7 @@ class Registry:
             head = TaskHead(self.backbone.hidden_size, spec.num_outputs, training.head_dropout).to(self.backbone.device)
             head.load_state_dict(self._heads[parent_key].state_dict())
             try:
-                extra = self._update_penalty(config, key, parent_key, head, spec, old_enc, replayed, training)
+                extra = self._update_penalty(config, key, parent_key, head, spec, [replay_enc, old_enc], training)
                 result = self._train(key, head, spec, train_enc, early_stop, training, extra_loss=extra)
                 self._heads[key] = head
                 gate = Gate(metric, higher, parent_new, self._score(key, spec, val_enc, metric), parent_old,
@@ -454,21 +454,23 @@ class Registry:
         held = {t: self.holdout(t, newest[t]) for t in tasks}
         individual = {t: self._holdout_score(t, held[t], version=newest[t]) for t in tasks if held[t] is not None}
 
-        trials = []
+        trials, best = [], None
         if search:
-            for candidate in _search_grid(config):
+            for candidate in _search_grid(config) if individual else []:
                 merged = self._combine(pairs, deltas, candidate)
                 scores = self._score_merged(merged, base, heads, held, config.rank)
-                norm = _normalised(scores, individual)
                 trials.append({**{k: getattr(candidate, k) for k in ("scale", "density", "drop")},
-                               "scores": scores, "normalised": norm})
-            if not trials or all(tr["normalised"] is None for tr in trials):
+                               "scores": scores, "normalised": _normalised(scores, individual)})
+                norm = trials[-1]["normalised"]
+                if norm is not None and (best is None or norm > best[0]["normalised"]):
+                    best = (trials[-1], candidate, merged)
+            if best is None:
                 raise DataError("search=True needs held-out samples of the members (add them with validation data).")
-            best = max(trials, key=lambda tr: tr["normalised"])
-            config = dataclasses.replace(config, scale=best["scale"], density=best["density"], drop=best["drop"])
-        merged = self._combine(pairs, deltas, config)
+            config, merged, scores = best[1], best[2], best[0]["scores"]  # the winner, not computed again
+        else:
+            merged = self._combine(pairs, deltas, config)
+            scores = self._score_merged(merged, base, heads, held, config.rank) if individual else {}
         lora_state, rank, errors = to_lora_state(merged, config.rank)
-        scores = self._score_merged(merged, base, heads, held, config.rank) if individual else {}
         record = {
             "name": name, "created": _now(), "cmtl_version": __version__,
             "members": [{"task": t, "version": v} for t, v in pairs], "tasks": tasks,
@@ -716,11 +718,11 @@ class Registry:
         return float(compute_metrics(spec, logits, encoded.targets)[metric])
 
     def _update_penalty(self, config: UpdateConfig, key: str, parent_key: str, head: TaskHead, spec: TaskSpec,
-                        old_enc: Encoded | None, replayed: Examples | None, training: TrainConfig):
-        """The ``extra_loss`` for an update: EWC around the parent's weights, or LwF towards its outputs."""
+                        old_data: list[Encoded | None], training: TrainConfig):
+        """The ``extra_loss`` for an update: EWC around the parent's weights (Fisher on ``old_data``: replayed
+        and held-out examples), or LwF towards its outputs."""
         if config.penalty == "ewc":
-            parts = ([self._encode(replayed, spec)] if replayed is not None and len(replayed) else []) + (
-                [old_enc] if old_enc is not None else [])
+            parts = [e for e in old_data if e is not None]
             if not parts:
                 raise DataError(f"EWC needs old data of task {spec.name!r} to weigh the parameters, but its current "
                                 "version has no replay buffer or held-out sample. Use penalty='lwf' or 'none'.")
