@@ -125,10 +125,68 @@ class Backbone:
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
         return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
 
-    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra) -> torch.Tensor:
-        """Encode a padded batch to pooled vectors (B, H) with whatever adapter is active."""
-        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra)
-        return self.pool(out.last_hidden_state, attention_mask)
+    def embed(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        prefix: torch.Tensor | None = None,
+        prefix_layers: int = 0,
+        **extra,
+    ) -> torch.Tensor:
+        """Encode a padded batch to pooled vectors (B, H) with whatever adapter is active.
+
+        With ``prefix`` (B, T, H), the hidden states after the first ``prefix_layers``
+        layers (see :meth:`run_layers`), only the layers above run: the result is the
+        same as from ``input_ids`` as long as no active adapter touches the layers below.
+        """
+        if prefix is None:
+            out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra)
+            return self.pool(out.last_hidden_state, attention_mask)
+        hidden = self.run_layers(prefix, attention_mask, start=prefix_layers)
+        return self.pool(hidden, attention_mask)
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.encoder.config.num_hidden_layers)
+
+    @property
+    def splittable(self) -> bool:
+        """Whether the encoder exposes ``embeddings`` and ``encoder.layer`` (BERT-style models), so
+        :meth:`run_layers` can run a slice of its layers."""
+        layers = getattr(getattr(self.encoder, "encoder", None), "layer", None)
+        return hasattr(self.encoder, "embeddings") and isinstance(layers, nn.ModuleList)
+
+    def run_layers(
+        self,
+        hidden: torch.Tensor | None,
+        attention_mask: torch.Tensor,
+        *,
+        start: int = 0,
+        stop: int | None = None,
+        input_ids: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Hidden states (B, T, H) after layers ``[start, stop)``.
+
+        ``start=0`` begins from the embeddings of ``input_ids`` (``hidden`` is ignored);
+        otherwise ``hidden`` holds the output of layer ``start - 1``.
+        """
+        if not self.splittable:
+            raise NotImplementedError(
+                f"{type(self.encoder).__name__} does not expose embeddings and encoder.layer; cmtl can only run "
+                "it whole. Leave TrainConfig.cache_frozen_mb at its default: the cache is skipped for such models."
+            )
+        from transformers.masking_utils import create_bidirectional_mask
+
+        if start == 0:
+            hidden = self.encoder.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+        mask = create_bidirectional_mask(config=self.encoder.config, inputs_embeds=hidden, attention_mask=attention_mask)
+        for layer in self.encoder.encoder.layer[start:stop]:
+            hidden = layer(hidden, mask)
+            if isinstance(hidden, tuple):  # older transformers return (hidden, ...)
+                hidden = hidden[0]
+        return hidden
 
     def tokenize(self, texts: list[str], pairs: list[str] | None = None) -> dict[str, list[list[int]]]:
         """Token ids (and token type ids) per text, unpadded; pairs are joined with the separator token."""

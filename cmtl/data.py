@@ -59,27 +59,37 @@ class Examples:
 
 @dataclass
 class Encoded:
-    """Tokenized examples: token ids per row (unpadded), targets (N, ...) if labelled, and
-    optionally a group (head) index per row (N,) for batches that mix tasks."""
+    """Tokenized examples: token ids per row (unpadded), targets (N, ...) if labelled,
+    optionally a group (head) index per row (N,) for batches that mix tasks, and optionally
+    the frozen backbone's hidden states after its first ``prefix_layers`` layers per row
+    ((T_i, H) each; see :mod:`cmtl.caching`), which :func:`batches` then yields instead of
+    token ids."""
 
     input_ids: list[list[int]]
     token_type_ids: list[list[int]] | None
     targets: torch.Tensor | None
     groups: torch.Tensor | None = None
+    prefix: list[torch.Tensor] | None = None
+    prefix_layers: int = 0
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
     @staticmethod
     def concat(parts: Sequence["Encoded"]) -> "Encoded":
-        """Rows of several encodings, in order; targets must share their trailing shape."""
+        """Rows of several encodings, in order; targets must share their trailing shape.
+        The result carries a prefix only if every part has one from the same layer."""
         cat = lambda xs: None if any(x is None for x in xs) else torch.cat(xs)  # noqa: E731
-        types = [p.token_type_ids for p in parts]
+        join = lambda xs: None if any(x is None for x in xs) else [v for x in xs for v in x]  # noqa: E731
+        layers = {p.prefix_layers for p in parts}
+        prefix = join([p.prefix for p in parts]) if len(layers) == 1 else None
         return Encoded(
             [ids for p in parts for ids in p.input_ids],
-            None if any(t is None for t in types) else [t for ts in types for t in ts],
+            join([p.token_type_ids for p in parts]),
             cat([p.targets for p in parts]),
             cat([p.groups for p in parts]),
+            prefix,
+            layers.pop() if prefix is not None else 0,
         )
 
     def lengths(self) -> list[int]:
@@ -221,7 +231,14 @@ def batches(
             ids[row, : len(seq)] = torch.tensor(seq)
             mask[row, : len(seq)] = 1
         inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-        if encoded.token_type_ids is not None:
+        if encoded.prefix is not None:
+            hidden = encoded.prefix[idx[0]]
+            padded = hidden.new_zeros((len(idx), width, hidden.shape[-1]))  # (B, T, H)
+            for row, i in enumerate(idx):
+                padded[row, : len(encoded.prefix[i])] = encoded.prefix[i]
+            inputs = {"attention_mask": inputs["attention_mask"], "prefix": padded.to(device),
+                      "prefix_layers": encoded.prefix_layers}
+        elif encoded.token_type_ids is not None:
             types = torch.zeros((len(idx), width), dtype=torch.long)
             for row, i in enumerate(idx):
                 seq = encoded.token_type_ids[i]
@@ -231,6 +248,23 @@ def batches(
             inputs["groups"] = encoded.groups[idx].to(device)
         targets = None if encoded.targets is None else encoded.targets[idx].to(device)
         yield idx, inputs, targets
+
+
+def length_grouped(order: Sequence[int], lengths: Sequence[int], batch_size: int, window: int,
+                   generator: torch.Generator) -> list[int]:
+    """Reorder a shuffled ``order`` so each batch holds rows of similar length (less padding).
+
+    Rows are sorted by length within consecutive windows of ``window`` batches, cut into
+    batches, and the batches are shuffled; the last, possibly short, batch stays last.
+    """
+    span = batch_size * window
+    grouped: list[list[int]] = []
+    for start in range(0, len(order), span):
+        chunk = sorted(order[start : start + span], key=lambda i: lengths[i])
+        grouped += [chunk[b : b + batch_size] for b in range(0, len(chunk), batch_size)]
+    tail = [grouped.pop()] if grouped and len(grouped[-1]) < batch_size else []
+    shuffled = [grouped[i] for i in torch.randperm(len(grouped), generator=generator).tolist()] + tail
+    return [i for batch in shuffled for i in batch]
 
 
 def length_sorted(encoded: Encoded) -> list[int]:

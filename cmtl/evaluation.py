@@ -6,6 +6,7 @@ padding) and returns rows in their original order.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import torch
@@ -23,7 +24,7 @@ def predict_logits(
     """Logits (N, L) for every row of ``encoded``, in row order, on CPU."""
     order = length_sorted(encoded)
     out: torch.Tensor | None = None
-    unlabelled = Encoded(encoded.input_ids, encoded.token_type_ids, None, encoded.groups)
+    unlabelled = dataclasses.replace(encoded, targets=None)
     for idx, inputs, _ in batches(unlabelled, order, batch_size, pad_id, device):
         logits = forward(inputs).float().cpu()
         if out is None:

@@ -29,6 +29,7 @@ from cmtl import store
 from cmtl._version import __version__
 from cmtl.adapters import AdapterBank, AdapterConfig
 from cmtl.backbone import Backbone, BackboneConfig, load_backbone
+from cmtl.caching import maybe_cache
 from cmtl.data import Encoded, Examples, as_texts, encode, read_examples
 from cmtl.errors import DataError, RegistryError, TaskExistsError, TaskNotFoundError
 from cmtl.evaluation import compute_metrics, predict_logits, primary_metric
@@ -228,7 +229,7 @@ class Registry:
             resolved = self._bank.add(key, adapter)
             head = TaskHead(self.backbone.hidden_size, spec.num_outputs, training.head_dropout).to(self.backbone.device)
             try:
-                result = self._train(key, head, spec, train_enc, val_enc, training)
+                result = self._train(key, resolved, head, spec, train_enc, val_enc, training)
                 record = self._new_record(
                     version=1, parent=None, kind="train", examples=train_ex, adapter=resolved,
                     training=training, result=result, key=key,
@@ -319,7 +320,7 @@ class Registry:
             head.load_state_dict(self._heads[parent_key].state_dict())
             try:
                 extra = self._update_penalty(config, key, parent_key, head, spec, [replay_enc, old_enc], training)
-                result = self._train(key, head, spec, train_enc, early_stop, training, extra_loss=extra)
+                result = self._train(key, adapter, head, spec, train_enc, early_stop, training, extra_loss=extra)
                 self._heads[key] = head
                 gate = Gate(metric, higher, parent_new, self._score(key, spec, val_enc, metric), parent_old,
                             self._score(key, spec, old_enc, metric) if old_enc is not None else None,
@@ -620,8 +621,12 @@ class Registry:
         embed = self.backbone.embed
         return lambda inputs: head(embed(**inputs))
 
-    def _train(self, key: str, head: TaskHead, spec: TaskSpec, train_enc: Encoded, val_enc: Encoded | None,
-               config: TrainConfig, extra_loss=None) -> TrainResult:
+    def _train(self, key: str, adapter: AdapterConfig, head: TaskHead, spec: TaskSpec, train_enc: Encoded,
+               val_enc: Encoded | None, config: TrainConfig, extra_loss=None) -> TrainResult:
+        # Layers below the adapter are frozen for every adapter this run switches in (an update's
+        # parent, for LwF, has the same layers): compute their outputs once, for all epochs.
+        train_enc, val_enc = maybe_cache([train_enc, val_enc], self.backbone, adapter, config.cache_frozen_mb,
+                                         batch_size=config.eval_batch_size)
         self._bank.activate(key)
         params = self._bank.parameters(key) + list(head.parameters())
 

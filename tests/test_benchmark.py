@@ -111,3 +111,24 @@ def test_merge_benchmark_script(tmp_path, tiny_backbone):
     with pytest.raises(ValueError, match="task-incremental"):
         merging.run(Scenario.from_yaml(SCENARIOS / "sentiment4.yaml"), tmp_path, backbone=BackboneConfig(),
                     training=TrainConfig())
+
+
+def test_speed_benchmark_script(tmp_path):
+    speed = load_script("speed")
+    lines = []
+    args = ["--layers", "1", "--max-train", "16", "--max-eval", "8", "--epochs", "1", "--repeats", "1",
+            "--adapt", "top-half", "--ways", "cmtl,cmtl-plain,hf-peft,avalanche", "--device", "cpu",
+            "--out", str(tmp_path)]
+    speed.main(args, echo=lines.append)
+    results = json.loads((tmp_path / "results.json").read_text())
+    train, evaluation = results["summary"]["train"], results["summary"]["eval"]
+    assert list(train) == ["cmtl", "cmtl-plain", "hf-peft", "avalanche"]
+    assert list(evaluation) == ["cmtl", "hf-peft", "avalanche"]
+    for row in list(train.values()) + list(evaluation.values()):
+        assert row["per_second"] > 0 and row["peak_mb"] > 0 and row["cmtl_speedup"] > 0
+    assert all(0 <= row["accuracy"] <= 1 for row in train.values())
+    assert train["cmtl"]["cmtl_speedup"] == 1.0
+    assert results["device"] == "cpu" and results["machine"] and results["date"]
+    assert "| hf-peft |" in (tmp_path / "results.md").read_text() and len(lines) == 8
+    with pytest.raises(SystemExit):
+        speed.main(["--ways", "cmtl,gem"])
