@@ -1,0 +1,291 @@
+"""Multi-task inference: one backbone forward for a batch that mixes tasks.
+
+An :class:`InferenceEngine` reads a registry's current task versions and merged entries
+into one immutable :class:`Snapshot`: every adapter's LoRA factors stacked per adapted
+module (``A`` (K, R, in) and ``B`` (K, out, R), scaling folded into ``B``, smaller ranks
+zero-padded) and every task head. A forward hook on each adapted linear layer adds, for
+row ``b`` served by adapter ``k_b``, the low-rank term ``x_b · A_{k_b}ᵀ · B_{k_b}ᵀ``, as two
+batched matrix products over gathered factors (no loop over rows or adapters). Each row's
+pooled vector then goes through its own task's head (one call per task present).
+
+:meth:`InferenceEngine.refresh` builds a new snapshot when the registry's manifest
+changes (an update, rollback, merge) and swaps it in with one assignment: a batch that
+started on the old snapshot finishes on it, so hot swaps never fail a request.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from cmtl import store
+from cmtl.adapters import AdapterConfig
+from cmtl.backbone import Backbone, BackboneConfig, load_backbone
+from cmtl.data import Encoded, batches, length_sorted
+from cmtl.errors import DataError, TaskNotFoundError
+from cmtl.tasks import TaskHead, TaskSpec
+
+logger = logging.getLogger(__name__)
+
+_PEFT_PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where requests for one (task, merge) go: adapter slot and head."""
+
+    task: str
+    merge: str | None
+    version: int | None
+    slot: int
+    spec: TaskSpec
+    head: TaskHead
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """An immutable view of a registry generation, ready to serve."""
+
+    generation: Any
+    routes: dict[tuple[str, str | None], Route]
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A (K, R, in), B (K, out, R))
+    ranks: torch.Tensor  # (K,) rank of each slot
+
+    @property
+    def tasks(self) -> list[str]:
+        return sorted({t for t, m in self.routes if m is None})
+
+    @property
+    def merges(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for task, merge in self.routes:
+            if merge is not None:
+                out.setdefault(merge, []).append(task)
+        return {m: sorted(ts) for m, ts in sorted(out.items())}
+
+    def route(self, task: str, merge: str | None = None) -> Route:
+        found = self.routes.get((task, merge))
+        if found is None:
+            if merge is not None and merge not in self.merges:
+                raise TaskNotFoundError(f"No merged entry {merge!r}. Merges: {sorted(self.merges)}.")
+            where = f"merge {merge!r}" if merge else "this registry"
+            have = self.merges[merge] if merge else self.tasks
+            raise TaskNotFoundError(f"No task {task!r} in {where}. Tasks: {have}.")
+        return found
+
+
+class InferenceEngine:
+    """Serves every task (and merged entry) of a registry with one copy of the backbone.
+
+    Args:
+        registry: The registry folder.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``...
+        max_batch_size: Rows per backbone forward.
+        backbone: Load this backbone instead of the recorded one (its weights must match).
+    """
+
+    def __init__(self, registry: str | Path, *, device: str = "auto", max_batch_size: int = 64,
+                 backbone: BackboneConfig | None = None):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1. Got {max_batch_size}.")
+        self.root = Path(registry)
+        manifest = store.read_manifest(self.root)
+        recorded = manifest["backbone"]
+        config = backbone or BackboneConfig(**{k: v for k, v in recorded.items() if k != "sha256"})
+        self.backbone: Backbone = load_backbone(config, device=device)
+        self.backbone.check_matches(recorded["sha256"], f"registry {str(self.root)!r}")
+        self.max_batch_size = max_batch_size
+        self._hooked: set[str] = set()
+        self._batch: tuple[Snapshot, torch.Tensor, int] | None = None  # set only during a forward
+        self._forward_lock = threading.Lock()
+        self._refresh_lock = threading.Lock()
+        self.snapshot = self._build(manifest)
+
+    # --- registry changes ------------------------------------------------------------
+
+    def refresh(self) -> bool:
+        """Load the registry's newest state if its manifest changed; return whether it did.
+
+        On an error (e.g. a file removed by a concurrent change) the old snapshot stays
+        and the error propagates; the next call tries again.
+        """
+        with self._refresh_lock:
+            manifest = store.read_manifest(self.root)
+            if manifest.get("generation") == self.snapshot.generation:
+                return False
+            snapshot = self._build(manifest)
+            self.snapshot = snapshot  # one assignment: in-flight batches keep their own reference
+            logger.info("Serving registry generation %s: %d tasks, %d merges", snapshot.generation,
+                        len(snapshot.tasks), len(snapshot.merges))
+            return True
+
+    def _build(self, manifest: dict[str, Any]) -> Snapshot:
+        adapters: list[tuple[dict[str, torch.Tensor], float]] = []
+        routes: dict[tuple[str, str | None], Route] = {}
+        specs = {name: TaskSpec.from_dict(entry["spec"]) for name, entry in manifest["tasks"].items()}
+        for task, entry in sorted(manifest["tasks"].items()):
+            record = next(r for r in entry["versions"] if r["version"] == entry["current"])
+            folder = store.version_dir(self.root, task, record["version"])
+            state = store.read_tensors(folder / "adapter.safetensors", record["files"]["adapter.safetensors"])
+            head_state = store.read_tensors(folder / "head.safetensors", record["files"]["head.safetensors"])
+            adapters.append((state, AdapterConfig.from_dict(record["adapter"]).scaling))
+            routes[(task, None)] = Route(task, None, record["version"], len(adapters) - 1, specs[task],
+                                         self._head(specs[task], head_state))
+        for name, record in sorted(manifest.get("merges", {}).items()):
+            folder = store.merge_dir(self.root, name)
+            state = store.read_tensors(folder / "adapter.safetensors", record["files"]["adapter.safetensors"])
+            heads = store.read_tensors(folder / "heads.safetensors", record["files"]["heads.safetensors"])
+            adapters.append((state, AdapterConfig.from_dict(record["adapter"]).scaling))
+            for task in record["tasks"]:
+                if task not in specs:  # the task was removed after the merge: its head has no spec
+                    continue
+                head_state = {k[len(task) + 1:]: v for k, v in heads.items() if k.startswith(f"{task}.")}
+                routes[(task, name)] = Route(task, name, None, len(adapters) - 1, specs[task],
+                                             self._head(specs[task], head_state))
+        factors, ranks = self._stack(adapters)
+        for module in factors:
+            self._hook(module)
+        return Snapshot(manifest.get("generation"), routes, factors, ranks)
+
+    def _head(self, spec: TaskSpec, state: dict[str, torch.Tensor]) -> TaskHead:
+        head = TaskHead(self.backbone.hidden_size, spec.num_outputs)
+        head.load_state_dict(state)
+        return head.to(self.backbone.device).eval()
+
+    def _stack(self, adapters: list[tuple[dict[str, torch.Tensor], float]]):
+        """Per module: A (K, R, in) and scaling · B (K, out, R), zero for slots that do not adapt it."""
+        parts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+        for slot, (state, _) in enumerate(adapters):
+            for key, value in state.items():
+                module, _, part = key.removeprefix(_PEFT_PREFIX).rpartition(".lora_")
+                parts.setdefault(module, {}).setdefault(slot, {})[part.split(".")[0]] = value
+        ranks = torch.zeros(len(adapters), dtype=torch.long)
+        for slots in parts.values():
+            for slot, ab in slots.items():
+                ranks[slot] = max(int(ranks[slot]), ab["A"].shape[0])
+        R, K = max(int(ranks.max()) if len(ranks) else 0, 1), max(len(adapters), 1)
+        device = self.backbone.device
+        factors = {}
+        for module, slots in parts.items():
+            any_ab = next(iter(slots.values()))
+            a = torch.zeros(K, R, any_ab["A"].shape[1])
+            b = torch.zeros(K, any_ab["B"].shape[0], R)
+            for slot, ab in slots.items():
+                r = ab["A"].shape[0]
+                a[slot, :r] = ab["A"]
+                b[slot, :, :r] = ab["B"] * adapters[slot][1]
+            factors[module] = (a.to(device), b.to(device))
+        return factors, ranks
+
+    def _hook(self, module_name: str) -> None:
+        if module_name in self._hooked:
+            return
+        try:
+            module = self.backbone.encoder.get_submodule(module_name)
+        except AttributeError as exc:
+            raise DataError(f"An adapter in {str(self.root)!r} targets {module_name!r}, which the backbone lacks.") from exc
+        if not isinstance(module, nn.Linear):
+            raise DataError(f"An adapter targets {module_name!r}, a {type(module).__name__}; only nn.Linear is served.")
+        module.register_forward_hook(lambda mod, args, out: self._lora(module_name, args[0], out))
+        self._hooked.add(module_name)
+
+    def _lora(self, module_name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if self._batch is None:
+            return out
+        snapshot, rows, rank = self._batch
+        factors = snapshot.factors.get(module_name)
+        if factors is None:
+            return out
+        a, b = factors[0][rows, :rank], factors[1][rows, :, :rank]  # (B, r, in), (B, out, r)
+        return out + torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
+
+    # --- inference -------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def logits(self, tasks: Sequence[str], texts: Sequence[str], *, merges: Sequence[str | None] | None = None,
+               pairs: Sequence[str | None] | None = None) -> list[torch.Tensor]:
+        """Logits of row ``i`` of ``texts`` for ``tasks[i]`` (through ``merges[i]`` if given), in order.
+
+        Raises:
+            TaskNotFoundError: an unknown task or merge (nothing runs).
+            DataError: lengths differ, or a text is not a string.
+        """
+        return self._infer(tasks, texts, merges, pairs)[1]
+
+    def _infer(self, tasks, texts, merges, pairs, snapshot: Snapshot | None = None
+               ) -> tuple[list[Route], list[torch.Tensor]]:
+        n = len(texts)
+        merges = list(merges) if merges is not None else [None] * n
+        if len(tasks) != n or len(merges) != n or (pairs is not None and len(pairs) != n):
+            raise DataError(f"Got {n} texts, {len(tasks)} tasks, {len(merges)} merges"
+                            + (f", {len(pairs)} pairs" if pairs is not None else "") + ": one per row.")
+        if any(not isinstance(t, str) for t in texts):
+            raise DataError("Every text must be a string.")
+        snapshot = snapshot or self.snapshot  # one call runs on one snapshot, whatever refresh() does meanwhile
+        routes = [snapshot.route(t, m) for t, m in zip(tasks, merges)]
+        for i, route in enumerate(routes):
+            needs_pair = route.spec.text_pair_column is not None
+            has_pair = pairs is not None and pairs[i] is not None
+            if needs_pair != has_pair:
+                raise DataError(f"Row {i}: task {route.task!r} {'needs' if needs_pair else 'takes no'} text pair.")
+        out: list[torch.Tensor | None] = [None] * n
+        with_pairs = [i for i in range(n) if pairs is not None and pairs[i] is not None]
+        without = [i for i in range(n) if not (pairs is not None and pairs[i] is not None)]
+        for group in (without, with_pairs):
+            if group:
+                self._run(snapshot, [routes[i] for i in group], [texts[i] for i in group],
+                          [pairs[i] for i in group] if group is with_pairs else None, group, out)
+        return routes, out  # type: ignore[return-value]
+
+    def _run(self, snapshot: Snapshot, routes: list[Route], texts: list[str], pairs: list[str] | None,
+             positions: list[int], out: list) -> None:
+        enc = self.backbone.tokenize(texts, pairs)
+        types = enc.get("token_type_ids") if pairs is not None else None
+        encoded = Encoded(list(enc["input_ids"]), types, None, torch.tensor([r.slot for r in routes]))
+        device = self.backbone.device
+        for idx, inputs, _ in batches(encoded, length_sorted(encoded), self.max_batch_size, self.backbone.pad_id,
+                                      device):
+            slots = inputs.pop("groups")
+            with self._forward_lock:
+                self._batch = (snapshot, slots, max(int(snapshot.ranks[slots].max()), 1))
+                try:
+                    pooled = self.backbone.embed(**inputs)  # (B, H)
+                finally:
+                    self._batch = None
+            rows = [routes[i] for i in idx]
+            for key in {(r.task, r.merge) for r in rows}:
+                picked = [j for j, r in enumerate(rows) if (r.task, r.merge) == key]
+                logits = snapshot.routes[key].head(pooled[picked]).float().cpu()
+                for j, row_logits in zip(picked, logits):
+                    out[positions[idx[j]]] = row_logits
+
+    def predict(self, tasks: Sequence[str], texts: Sequence[str], *, merges: Sequence[str | None] | None = None,
+                pairs: Sequence[str | None] | None = None) -> list[dict[str, Any]]:
+        """Per row: ``{"task", "label", "probabilities": {label: p}}`` (``"value"`` for regression)."""
+        routes, rows = self._infer(tasks, texts, merges, pairs)
+        return [self._decode(route, logits) for route, logits in zip(routes, rows)]
+
+    def predict_all(self, texts: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+        """Every task's prediction for every text (tasks without text pairs), as one mixed batch."""
+        snapshot = self.snapshot
+        tasks = [t for t in snapshot.tasks if snapshot.route(t).spec.text_pair_column is None]
+        routes, rows = self._infer([t for t in tasks for _ in texts], [x for _ in tasks for x in texts], None, None,
+                                   snapshot)
+        flat = [self._decode(route, logits) for route, logits in zip(routes, rows)]
+        return {t: flat[i * len(texts):(i + 1) * len(texts)] for i, t in enumerate(tasks)}
+
+    @staticmethod
+    def _decode(route: Route, logits: torch.Tensor) -> dict[str, Any]:
+        spec = route.spec
+        row = logits.unsqueeze(0)
+        if spec.problem_type == "regression":
+            return {"task": route.task, "value": spec.decode(row)[0]}
+        probs = spec.probabilities(row)[0].tolist()
+        return {"task": route.task, "label": spec.decode(row)[0],
+                "probabilities": dict(zip(spec.labels, probs))}
