@@ -352,6 +352,32 @@ def remove(
 
 
 @app.command()
+def serve(
+    registry: RegistryArg,
+    host: Annotated[str, typer.Option(help="Interface to listen on (loopback by default).")] = "127.0.0.1",
+    port: int = 8000,
+    max_texts: Annotated[int, typer.Option(help="Texts per request; more gets HTTP 413.")] = 256,
+    max_chars: Annotated[int, typer.Option(help="Characters per text; longer gets HTTP 413.")] = 20_000,
+    max_batch_size: Annotated[int, typer.Option(help="Rows per backbone forward.")] = 64,
+    max_wait_ms: Annotated[float, typer.Option(help="Wait this long for more rows before running a batch.")] = 5.0,
+    poll_seconds: Annotated[float, typer.Option(help="How often to check the registry for changes.")] = 1.0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Serve every task of a registry over HTTP (POST /v1/predict, /v1/predict/all; GET /v1/tasks, /healthz,
+    /metrics, /docs); picks up new versions without a restart."""
+    from cmtl import CmtlError
+    from cmtl.server import ServeConfig
+    from cmtl.server import serve as run_server
+
+    try:
+        config = ServeConfig(max_texts=max_texts, max_chars=max_chars, max_batch_size=max_batch_size,
+                             max_wait_ms=max_wait_ms, poll_seconds=poll_seconds)
+        run_server(registry, host=host, port=port, config=config, device=device)
+    except (CmtlError, ValueError) as exc:
+        _fail(exc)
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Registry folder to create (must not exist).")] = Path("runs/demo"),
     max_train: Annotated[int, typer.Option(help="Training examples per task.")] = 2000,
@@ -412,3 +438,7 @@ def bench(
     typer.echo(format_table(summary_rows(results), ["strategy", "order", "ACC", "BWT", "FWT", "forgetting", "time_s",
                                                     "params_per_exp", "bytes_added"]))
     typer.echo(f"\nwrote {out}/results.json, results.md and heatmaps")
+
+
+if __name__ == "__main__":  # python -m cmtl.cli
+    app()

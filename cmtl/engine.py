@@ -267,7 +267,8 @@ class InferenceEngine:
 
     def predict(self, tasks: Sequence[str], texts: Sequence[str], *, merges: Sequence[str | None] | None = None,
                 pairs: Sequence[str | None] | None = None) -> list[dict[str, Any]]:
-        """Per row: ``{"task", "label", "probabilities": {label: p}}`` (``"value"`` for regression)."""
+        """Per row: ``{"task", "version", "merge", "label", "probabilities": {label: p}}``
+        (``"value"`` instead of label and probabilities for regression)."""
         routes, rows = self._infer(tasks, texts, merges, pairs)
         return [self._decode(route, logits) for route, logits in zip(routes, rows)]
 
@@ -284,8 +285,8 @@ class InferenceEngine:
     def _decode(route: Route, logits: torch.Tensor) -> dict[str, Any]:
         spec = route.spec
         row = logits.unsqueeze(0)
+        served = {"task": route.task, "version": route.version, "merge": route.merge}
         if spec.problem_type == "regression":
-            return {"task": route.task, "value": spec.decode(row)[0]}
+            return {**served, "value": spec.decode(row)[0]}
         probs = spec.probabilities(row)[0].tolist()
-        return {"task": route.task, "label": spec.decode(row)[0],
-                "probabilities": dict(zip(spec.labels, probs))}
+        return {**served, "label": spec.decode(row)[0], "probabilities": dict(zip(spec.labels, probs))}

@@ -7,12 +7,13 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"  # no test may reach a model hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import dataclasses
 import random
 from pathlib import Path
 
 import pytest
 
-from cmtl import BackboneConfig, Registry, TaskSpec, TrainConfig
+from cmtl import AdapterConfig, BackboneConfig, Registry, TaskSpec, TrainConfig
 
 POSITIVE = ["great", "lovely", "excellent", "superb", "wonderful", "fantastic"]
 NEGATIVE = ["awful", "terrible", "horrible", "dreadful", "poor", "nasty"]
@@ -85,4 +86,34 @@ def sentiment_registry(tmp_path_factory, tiny_backbone) -> Path:
     reg = Registry.create(root, BackboneConfig(name_or_path=tiny_backbone, max_length=64), device="cpu")
     reg.add_task(TaskSpec("sentiment", labels=["neg", "pos"]), train=toy_sentiment(96), validation=toy_sentiment(32, 1),
                  training=FAST)
+    return root
+
+
+TOPICS = ["sport", "food", "music"]
+
+
+def toy_topics(n: int, seed: int = 0) -> list[dict]:
+    """Three toy topics, each with its own words."""
+    rng = random.Random(seed)
+    words = {"sport": ["goal", "match", "team"], "food": ["pasta", "bread", "soup"], "music": ["song", "band", "drum"]}
+    rows = []
+    for i in range(n):
+        label = TOPICS[i % 3]
+        rows.append({"text": f"a {rng.choice(words[label])} and the {rng.choice(['day', 'night'])}", "label": label})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory, tiny_backbone):
+    """A registry with three tasks of different label counts, ranks and layers, and one merge."""
+    root = tmp_path_factory.mktemp("served") / "reg"
+    reg = Registry.create(root, BackboneConfig(name_or_path=tiny_backbone, max_length=64), device="cpu")
+    fast = dataclasses.replace(FAST, epochs=3)
+    reg.add_task(TaskSpec("sentiment", labels=["neg", "pos"]), toy_sentiment(48), validation=toy_sentiment(16, 1),
+                 training=fast)
+    reg.add_task(TaskSpec("topic", labels=TOPICS), toy_topics(48), validation=toy_topics(15, 1),
+                 adapter=AdapterConfig(r=4, alpha=8), training=fast)
+    reg.add_task(TaskSpec("upper", labels=["neg", "pos"]), toy_sentiment(48, 2), validation=toy_sentiment(16, 3),
+                 adapter=AdapterConfig(r=2, alpha=2, layers=(1,)), training=fast)
+    reg.merge(["sentiment", "topic"], "both", method="linear")
     return root

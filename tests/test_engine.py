@@ -3,48 +3,16 @@ are served, and a registry change is picked up without disturbing the old snapsh
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from cmtl import AdapterConfig, Registry, TaskSpec
+from cmtl import Registry
 from cmtl.engine import InferenceEngine
 from cmtl.errors import DataError, TaskNotFoundError
-from tests.conftest import FAST, NEGATIVE, POSITIVE, toy_sentiment
-
-TOPICS = ["sport", "food", "music"]
-
-
-def toy_topics(n: int, seed: int = 0) -> list[dict]:
-    rng = np.random.default_rng(seed)
-    words = {"sport": ["goal", "match", "team"], "food": ["pasta", "bread", "soup"], "music": ["song", "band", "drum"]}
-    rows = []
-    for i in range(n):
-        label = TOPICS[i % 3]
-        rows.append({"text": f"a {rng.choice(words[label])} and the {rng.choice(['day', 'night'])}", "label": label})
-    return rows
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory, tiny_backbone):
-    """A registry with three tasks of different label counts, ranks and layers, and one merge."""
-    from cmtl import BackboneConfig
-
-    root = tmp_path_factory.mktemp("served") / "reg"
-    reg = Registry.create(root, BackboneConfig(name_or_path=tiny_backbone, max_length=64), device="cpu")
-    fast = dataclasses.replace(FAST, epochs=3)
-    reg.add_task(TaskSpec("sentiment", labels=["neg", "pos"]), toy_sentiment(48), validation=toy_sentiment(16, 1),
-                 training=fast)
-    reg.add_task(TaskSpec("topic", labels=TOPICS), toy_topics(48), validation=toy_topics(15, 1),
-                 adapter=AdapterConfig(r=4, alpha=8), training=fast)
-    reg.add_task(TaskSpec("upper", labels=["neg", "pos"]), toy_sentiment(48, 2), validation=toy_sentiment(16, 3),
-                 adapter=AdapterConfig(r=2, alpha=2, layers=(1,)), training=fast)
-    reg.merge(["sentiment", "topic"], "both", method="linear")
-    return root
-
+from tests.conftest import FAST, TOPICS, toy_sentiment
 
 TEXTS = ["the movie was great", "a goal and the day", "an awful plot", "song and band tonight", "it was superb",
          "the film was really quite dreadful and the acting was poor and the story nasty"]
