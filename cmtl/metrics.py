@@ -58,12 +58,12 @@ def _at_least_two(arr: np.ndarray, what: str) -> int:
 
 
 def acc(R: Any) -> float:
-    """Average accuracy after the last task: (1/T) Σ_j R[T−1][j]."""
+    """Average accuracy after the last task: ``(1/T) Σ_j R[T−1][j]``."""
     return float(accuracy_matrix(R)[-1].mean())
 
 
 def bwt(R: Any) -> float:
-    """Backward transfer: (1/(T−1)) Σ_{j<T−1} (R[T−1][j] − R[j][j]).
+    """Backward transfer: ``(1/(T−1)) Σ_{j<T−1} (R[T−1][j] − R[j][j])``.
 
     Lopez-Paz & Ranzato, 2017, "Gradient Episodic Memory for Continual Learning". Negative
     values mean forgetting.
@@ -74,7 +74,7 @@ def bwt(R: Any) -> float:
 
 
 def fwt(R: Any, b: Sequence[float]) -> float:
-    """Forward transfer: (1/(T−1)) Σ_{j≥1} (R[j−1][j] − b[j]) (Lopez-Paz & Ranzato, 2017).
+    """Forward transfer: ``(1/(T−1)) Σ_{j≥1} (R[j−1][j] − b[j])`` (Lopez-Paz & Ranzato, 2017).
 
     Args:
         R: The (T, T) accuracy matrix.
@@ -94,7 +94,7 @@ class Forgetting(NamedTuple):
 
 
 def forgetting(R: Any) -> Forgetting:
-    """Forgetting of task j < T−1: max_{i<T−1} R[i][j] − R[T−1][j]; and the mean over j.
+    """Forgetting of task j < T−1: ``max_{i<T−1} R[i][j] − R[T−1][j]``; and the mean over j.
 
     Chaudhry et al., 2018, "Riemannian Walk for Incremental Learning". As in the paper the max
     runs over every row before the last, rows recorded before task j was trained included.
@@ -124,7 +124,7 @@ def _after(arr: np.ndarray, after: int | None) -> int:
 def avalanche_forgetting(R: Any, after: int | None = None) -> AvalancheValues:
     """Forgetting as Avalanche 0.6 ``forgetting_metrics`` logs it once training row ``after`` is done.
 
-    Per experience j < after: R[j][j] − R[after][j] (first value, recorded right after training
+    Per experience j < after: ``R[j][j] − R[after][j]`` (first value, recorded right after training
     on j, minus the last). Stream: their plain mean, 0.0 when ``after`` is 0. See
     https://avalanche-api.continualai.org (``StreamForgetting``, ``ExperienceForgetting``).
 

@@ -470,8 +470,8 @@ def run_strategy(
     )
 
 
-def run_avalanche_stream(name: str, experiences: Sequence, kind: str, backbone_config=None, config=None, *,
-                         device: str = "auto") -> ContinualReport:
+def run_avalanche_stream(name: str, experiences: Sequence, kind: str, backbone_config: Any = None,
+                         config: Any = None, *, device: str = "auto") -> ContinualReport:
     """Run Avalanche's own strategy ``name`` on a loaded cmtl stream with the budget of a ``cmtl bench`` run.
 
     Args:
