@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from cmtl import store
+from cmtl import distributed, store
 from cmtl._version import __version__
 from cmtl.adapters import AdapterBank, AdapterConfig
 from cmtl.backbone import Backbone, BackboneConfig, load_backbone
@@ -105,10 +105,21 @@ class Registry:
             RegistryError: ``path`` already holds a registry or other files.
         """
         root = Path(path)
-        if (root / store.MANIFEST).exists():
-            raise RegistryError(f"{str(root)!r} already holds a registry. Open it with Registry.open({str(root)!r}).")
-        if root.exists() and any(root.iterdir()):
-            raise RegistryError(f"{str(root)!r} exists and is not empty; choose a new folder for the registry.")
+        if not distributed.is_main():  # under torchrun, rank 0 creates it; the other ranks open what it wrote
+            distributed.barrier()
+            return cls.open(root, backbone if isinstance(backbone, (BackboneConfig, str)) else None, device=device)
+        try:
+            if (root / store.MANIFEST).exists():
+                raise RegistryError(f"{str(root)!r} already holds a registry. Open it with "
+                                    f"Registry.open({str(root)!r}).")
+            if root.exists() and any(root.iterdir()):
+                raise RegistryError(f"{str(root)!r} exists and is not empty; choose a new folder for the registry.")
+            return cls._create(root, backbone, device)
+        finally:
+            distributed.barrier()
+
+    @classmethod
+    def _create(cls, root: Path, backbone: Backbone | BackboneConfig | str | None, device: str) -> "Registry":
         loaded = backbone if isinstance(backbone, Backbone) else load_backbone(backbone, device=device)
         root.mkdir(parents=True, exist_ok=True)
         manifest = {
@@ -672,6 +683,17 @@ class Registry:
         }
         record["trainable_parameters"] = self._bank.num_parameters(key) + sum(v.numel() for v in head_state.values())
         record["bytes_on_disk"] = sum(len(b) for b in files.values())
+        if not distributed.is_main():  # under torchrun, rank 0 writes; the others read what it wrote
+            distributed.barrier()
+            self._manifest = store.read_manifest(self.root)
+            return
+        try:
+            self._write_version(spec, record, files, new_task=new_task, memory=memory, make_current=make_current)
+        finally:
+            distributed.barrier()
+
+    def _write_version(self, spec: TaskSpec, record: dict[str, Any], files: dict[str, bytes], *, new_task: bool,
+                       memory: MemoryConfig | None, make_current: bool) -> None:
         with store.writer_lock(self.root):
             manifest = store.read_manifest(self.root)
             if new_task and spec.name in manifest["tasks"]:

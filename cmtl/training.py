@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cmtl.data import Encoded, batches, length_grouped
+from cmtl.distributed import all_reduce_gradients, any_rank, is_main, shard
 from cmtl.errors import TrainingDivergedError
 from cmtl.evaluation import Forward, compute_metrics, predict_logits, primary_metric
 from cmtl.tasks import TaskSpec
@@ -171,22 +172,28 @@ def train(
     lengths = train_data.lengths()
     step, seen, stopped_early = 0, 0, False
     started = time.perf_counter()
-    bar = tqdm(total=total, desc=desc, disable=not config.progress, leave=False, dynamic_ncols=True)
+    bar = tqdm(total=total, desc=desc, disable=not (config.progress and is_main()), leave=False, dynamic_ncols=True)
     set_training(True)
     try:
         while step < total and not stopped_early:
             order = torch.randperm(len(train_data), generator=generator).tolist()
             if config.length_grouping:
                 order = length_grouped(order, lengths, config.batch_size, config.length_grouping, generator)
-            for _, inputs, targets in batches(train_data, order, config.batch_size, pad_id, device):
+            for start in range(0, len(order), config.batch_size):
+                batch = order[start : start + config.batch_size]
+                local = shard(batch)  # the whole batch without a process group
                 lr = get_lr(step, total, config)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                logits = forward(inputs)
-                loss = spec.loss(logits, targets)
-                if extra_loss is not None:
-                    loss = loss + extra_loss(inputs, logits)
-                if not torch.isfinite(loss):
+                if local:
+                    _, inputs, targets = next(batches(train_data, local, len(local), pad_id, device))
+                    logits = forward(inputs)
+                    loss = spec.loss(logits, targets)
+                    if extra_loss is not None:
+                        loss = loss + extra_loss(inputs, logits)
+                else:  # fewer rows than ranks in the last batch: this rank adds zero gradient
+                    loss = sum(p.sum() for p in params) * 0.0
+                if any_rank(not torch.isfinite(loss), device):  # every rank stops together
                     with torch.no_grad():
                         for p, p0 in zip(params, initial):
                             p.copy_(p0)
@@ -194,13 +201,15 @@ def train(
                         f"Training of task {spec.name!r} diverged at step {step}: loss is {loss.item()}. "
                         "Nothing was saved. Lower the learning rate or check the data for extreme values."
                     )
-                loss.backward()
+                # Weight by this rank's share so the summed gradients equal the global batch's mean.
+                (loss * (len(local) / len(batch))).backward()
+                all_reduce_gradients(params)
                 if config.grad_clip is not None:
                     torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                seen += len(targets)
+                seen += len(batch)
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
 
