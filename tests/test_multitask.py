@@ -1,0 +1,177 @@
+"""Joint multi-task training: samplers, loss weights and MT2ST schedules against hand values, TAG's
+lookahead and group selection, and a joint run on a tiny backbone."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from cmtl import TaskSpec, TrainConfig
+from cmtl.adapters import AdapterBank, AdapterConfig
+from cmtl.backbone import load_backbone
+from cmtl.data import encode, read_examples
+from cmtl.multitask import (MultiTaskConfig, UncertaintyWeighting, _adamw_lookahead, diminish, group_score,
+                            sampling_probabilities, select_groups, switch, train_multitask)
+from cmtl.tasks import MASKED_LOGIT, TaskHead
+from tests.conftest import TOPICS, toy_sentiment, toy_topics
+
+
+def test_sampling_probabilities_by_hand():
+    np.testing.assert_allclose(sampling_probabilities([100, 400], "uniform"), [0.5, 0.5])
+    np.testing.assert_allclose(sampling_probabilities([100, 400], "proportional"), [0.2, 0.8])
+    np.testing.assert_allclose(sampling_probabilities([100, 400], "temperature", temperature=2), [1 / 3, 2 / 3])
+    np.testing.assert_allclose(sampling_probabilities([100, 400], "proportional", cap=200), [1 / 3, 2 / 3])
+    np.testing.assert_allclose(sampling_probabilities([100, 400], "temperature", temperature=1),
+                               sampling_probabilities([100, 400], "proportional"))
+    for bad in ([0, 3], []):
+        with pytest.raises(ValueError, match="at least one example"):
+            sampling_probabilities(bad)
+    with pytest.raises(ValueError, match="Unknown sampler"):
+        sampling_probabilities([1, 2], "zipf")
+    with pytest.raises(ValueError, match="temperature"):
+        sampling_probabilities([1, 2], "temperature", temperature=0)
+
+
+def test_mt2st_weights_by_hand():
+    assert diminish(0, 0.8, 0.1, 2.0) == pytest.approx(0.8)
+    assert diminish(3, 0.8, 0.1, 2.0) == pytest.approx(0.8 * math.exp(-0.9))
+    assert [switch(t, 0.5, 10) for t in (0, 9, 10, 11)] == [0.5, 0.5, 0.0, 0.0]
+    config = MultiTaskConfig(primary="p", schedule="diminish", gamma0={"a": 0.5}, eta=0.1, nu=1.0,
+                             weights={"p": 2.0})
+    assert config.gamma("p", 50, False) == 2.0  # the primary keeps its static weight
+    assert config.gamma("a", 10, False) == pytest.approx(0.5 * math.exp(-1.0))
+    assert config.gamma("b", 0, False) == pytest.approx(1.0)  # gamma0 defaults to 1 for unnamed auxiliaries
+    adaptive = MultiTaskConfig(primary="p", schedule="adaptive_switch", gamma0=0.7)
+    assert (adaptive.gamma("a", 5, False), adaptive.gamma("a", 5, True)) == (0.7, 0.0)
+    with pytest.raises(ValueError, match="primary"):
+        MultiTaskConfig(schedule="diminish")
+    with pytest.raises(ValueError, match="switch_step"):
+        MultiTaskConfig(primary="p", schedule="switch")
+    with pytest.raises(ValueError, match="Uncertainty"):
+        MultiTaskConfig(primary="p", schedule="diminish", weighting="uncertainty")
+
+
+def test_uncertainty_weighting_value_and_optimum():
+    w = UncertaintyWeighting(3)
+    with torch.no_grad():
+        w.log_var.copy_(torch.tensor([0.0, 1.0, -1.0]))
+    losses = torch.tensor([2.0, 3.0, 5.0])
+    present = torch.tensor([True, True, False])
+    assert w(losses, present).item() == pytest.approx(2.0 + (math.exp(-1) * 3 + 1))
+    opt = torch.optim.SGD(w.parameters(), lr=0.1)
+    for _ in range(2000):  # d/ds (e^{-s} L + s) = 0 at s = log L
+        opt.zero_grad()
+        w(losses, torch.tensor([True, True, True])).backward()
+        opt.step()
+    np.testing.assert_allclose(w.log_var.detach().numpy(), np.log([2.0, 3.0, 5.0]), atol=1e-3)
+
+
+def test_adamw_lookahead_equals_a_real_step():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    opt = torch.optim.AdamW([p], lr=0.01, weight_decay=0.1)
+    for _ in range(2):  # with and without optimiser state
+        g = torch.randn(4, 3)
+        predicted = _adamw_lookahead([p], [g], opt)[0]
+        p.grad = g.clone()
+        opt.step()
+        torch.testing.assert_close(predicted, p.detach(), atol=1e-6, rtol=1e-6)
+
+
+def test_group_selection_by_hand():
+    # 0 and 1 help each other, 2 helps nobody and is hurt by both.
+    Z = np.array([[0.0, 0.4, -0.3],
+                  [0.5, 0.0, -0.2],
+                  [-0.1, -0.1, 0.0]])
+    assert group_score(Z, (0, 1), 0) == 0.5 and group_score(Z, (2,), 2) == 0.0
+    assert group_score(Z, (0, 1, 2), 2) == pytest.approx(-0.25)
+    groups, score = select_groups(Z, 2)
+    assert sorted(groups) == [(0, 1), (2,)] and score == pytest.approx(0.9)
+    groups, score = select_groups(Z, 1)
+    assert groups == [(0, 1, 2)] and score == pytest.approx((0.5 - 0.1) / 2 + (0.4 - 0.1) / 2 - 0.25)
+    greedy, greedy_score = select_groups(Z, 2, exact_limit=0)
+    assert sorted(greedy) == [(0, 1), (2,)] and greedy_score == pytest.approx(0.9)
+
+
+def test_exhaustive_selection_matches_brute_force():
+    rng = np.random.default_rng(0)
+    Z = rng.normal(size=(4, 4))
+    subsets = [s for r in range(1, 5) for s in itertools.combinations(range(4), r)]
+    brute = max(sum(max(group_score(Z, s, j) for s in combo if j in s) for j in range(4))
+                for k in (1, 2) for combo in itertools.combinations(subsets, k)
+                if set().union(*combo) == set(range(4)))
+    assert select_groups(Z, 2)[1] == pytest.approx(brute)
+    assert select_groups(Z, 2, exact_limit=0)[1] <= brute + 1e-12
+    with pytest.raises(ValueError, match="square"):
+        select_groups(np.zeros((2, 3)), 1)
+
+
+@pytest.fixture
+def joint(tiny_config):
+    """A shared adapter and two heads on the tiny backbone, with their forward."""
+    backbone = load_backbone(tiny_config, device="cpu")
+    bank = AdapterBank(backbone.encoder)
+    torch.manual_seed(0)
+    bank.add("shared", AdapterConfig())
+    bank.activate("shared")
+    specs = [TaskSpec("sentiment", labels=["neg", "pos"]), TaskSpec("topic", labels=TOPICS)]
+    heads = [TaskHead(backbone.hidden_size, s.num_outputs, 0.0) for s in specs]
+
+    def forward(inputs):
+        inputs = dict(inputs)
+        groups = inputs.pop("groups")
+        pooled = backbone.embed(**inputs)
+        out = pooled.new_full((len(pooled), 3), MASKED_LOGIT)
+        for t in groups.unique().tolist():
+            rows = groups == t
+            out[rows, : specs[t].num_outputs] = heads[t](pooled[rows])
+        return out
+
+    def set_training(flag):
+        bank.set_training("shared", flag)
+        for h in heads:
+            h.train(flag)
+
+    enc = lambda rows, spec: encode(read_examples(rows, spec), spec, backbone.tokenize)  # noqa: E731
+    data = [enc(toy_sentiment(64), specs[0]), enc(toy_topics(63), specs[1])]
+    val = [enc(toy_sentiment(24, 1), specs[0]), enc(toy_topics(24, 1), specs[1])]
+    shared = bank.parameters("shared")
+    head_params = [p for h in heads for p in h.parameters()]
+    return forward, shared, head_params, set_training, specs, data, val, backbone
+
+
+def test_joint_training_learns_both_tasks_and_measures_affinity(joint):
+    forward, shared, heads, set_training, specs, data, val, backbone = joint
+    training = TrainConfig(batch_size=16, learning_rate=2e-2, progress=False)
+    config = MultiTaskConfig(sampler="uniform", steps=80, eval_every=40, tag_every=10)
+    result = train_multitask(forward, shared, heads, set_training, specs, data, val, config, training,
+                             pad_id=backbone.pad_id, device=torch.device("cpu"))
+    assert result.steps == 80 and [h["step"] for h in result.history] == [40, 80]
+    # Chance is 0.5 and 0.33; the 32-wide random backbone makes sentiment the harder task.
+    assert result.best_metrics["sentiment"] >= 0.7 and result.best_metrics["topic"] >= 0.9
+    Z = np.array(result.affinity)
+    assert Z.shape == (2, 2) and np.isfinite(Z).all()
+    assert Z[0, 0] > 0 and Z[1, 1] > 0  # a step on a task's own loss lowers that loss
+
+
+def test_adaptive_switch_and_uncertainty(joint):
+    forward, shared, heads, set_training, specs, data, val, backbone = joint
+    training = TrainConfig(batch_size=16, learning_rate=2e-2, progress=False)
+    config = MultiTaskConfig(primary="sentiment", schedule="adaptive_switch", switch_patience=1, steps=60,
+                             eval_every=5)
+    result = train_multitask(forward, shared, heads, set_training, specs, data, val, config, training,
+                             pad_id=backbone.pad_id, device=torch.device("cpu"))
+    assert result.switched_at is not None and result.switched_at <= 60
+    config = dataclasses.replace(MultiTaskConfig(weighting="uncertainty", steps=20))
+    result = train_multitask(forward, shared, heads, set_training, specs, data, val, config, training,
+                             pad_id=backbone.pad_id, device=torch.device("cpu"))
+    assert set(result.task_weights) == {"sentiment", "topic"}
+    with pytest.raises(ValueError, match="single-label"):
+        train_multitask(forward, shared, heads, set_training,
+                        [specs[0], TaskSpec("m", labels=["a", "b"], problem_type="multi_label")], data, val,
+                        MultiTaskConfig(steps=1), training, pad_id=0, device=torch.device("cpu"))
