@@ -95,7 +95,9 @@ class MultiTaskConfig:
         schedule: ``"none"``, ``"diminish"``, ``"switch"`` (at ``switch_step``) or
             ``"adaptive_switch"`` (auxiliaries stop when the primary validation metric has not
             improved for ``switch_patience`` evaluations).
-        gamma0, eta, nu: Diminish parameters, per auxiliary task name or one value for all.
+        gamma0: Initial auxiliary weight γ_k,0 (Diminish, Switch), per task name or one value for all.
+        eta: Diminish decay rate η_k, per task name or one value.
+        nu: Diminish curvature ν_k, per task name or one value.
         switch_step: Step at which Switch drops the auxiliaries.
         switch_patience: Evaluations without improvement before the adaptive switch fires.
         tag_every: Measure TAG lookahead affinities every this many steps; ``None`` never.
