@@ -35,9 +35,10 @@ from cmtl.errors import DataError, RegistryError, TaskExistsError, TaskNotFoundE
 from cmtl.evaluation import compute_metrics, predict_logits, primary_metric
 from cmtl.merging import MergeConfig, lora_deltas, merge_deltas, to_lora_state
 from cmtl.monitor import DriftMonitor, DriftReport, MonitorConfig
+from cmtl.multitask import MultiTaskConfig, train_multitask
 from cmtl.penalties import distillation_loss, ewc_term, fisher_diagonal
 from cmtl.replay import ReplayBuffer, make_buffer
-from cmtl.tasks import _NAME, TaskHead, TaskSpec
+from cmtl.tasks import _NAME, MASKED_LOGIT, TaskHead, TaskSpec
 from cmtl.training import TrainConfig, TrainResult, seeded, train
 from cmtl.updates import Gate, MemoryConfig, UpdateConfig
 
@@ -505,6 +506,94 @@ class Registry:
             store.write_manifest(self.root, manifest)
             self._manifest = manifest
         logger.info("Merged %s into %s (%s): normalised score %s", pairs, name, config.method, record["normalised"])
+        return record
+
+    def train_group(self, name: str, data: dict[str, tuple[Any, Any]], *, config: MultiTaskConfig | None = None,
+                    adapter: AdapterConfig | None = None, training: TrainConfig | None = None) -> dict[str, Any]:
+        """Train ONE adapter jointly on several of the registry's tasks, with a fresh head per task,
+        and store it as an entry beside the merges: ``predict(task, texts, merge=name)`` and the
+        server answer through it.
+
+        Args:
+            name: Name of the entry (letters, digits, ``_``, ``-``), shared with merged entries.
+            data: ``{task: (train, validation)}`` for at least two existing single-label tasks.
+            config: Sampler, loss weighting, MT2ST schedule, TAG measurement, steps.
+            adapter: LoRA settings of the shared adapter (default: the first task's current ones).
+            training: Batch size, learning rate, warm-up, clipping, seed.
+
+        Returns:
+            The entry's record: tasks, knobs, per-task validation history and best scores, the TAG
+            affinity matrix when measured (``affinity[i][j]`` = Z of task i onto task j).
+        """
+        config = config or MultiTaskConfig()
+        training = training or TrainConfig()
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ValueError(f"Group name {name!r} is not allowed: use 1-64 letters, digits, '_' or '-'.")
+        if name in self._manifest.get("merges", {}):
+            raise ValueError(f"An entry named {name!r} exists already; remove_merge it or pick another name.")
+        tasks = list(data)
+        specs = [self.spec(t) for t in tasks]  # TaskNotFoundError for unknown tasks
+        adapter = adapter or AdapterConfig.from_dict(self._version_record(tasks[0], self._entry(tasks[0])["current"])
+                                                     ["adapter"])
+        train_enc = [self._encode(read_examples(data[t][0], spec), spec) for t, spec in zip(tasks, specs)]
+        val_enc = [None if data[t][1] is None else self._encode(read_examples(data[t][1], spec), spec)
+                   for t, spec in zip(tasks, specs)]
+        key = _merge_key(name)
+        width = max(s.num_outputs for s in specs)
+        with self._lock, seeded(training.seed, self.backbone.device):
+            resolved = self._bank.add(key, adapter)
+            heads = [TaskHead(self.backbone.hidden_size, s.num_outputs, training.head_dropout).to(self.backbone.device)
+                     for s in specs]
+            embed = self.backbone.embed
+
+            def forward(inputs):
+                inputs = dict(inputs)
+                groups = inputs.pop("groups")
+                pooled = embed(**inputs)
+                out = pooled.new_full((len(pooled), width), MASKED_LOGIT)
+                for t in groups.unique().tolist():
+                    rows = groups == t
+                    out[rows, : specs[t].num_outputs] = heads[t](pooled[rows])
+                return out
+
+            def set_training(flag: bool) -> None:
+                self._bank.set_training(key, flag)
+                for h in heads:
+                    h.train(flag)
+
+            try:
+                self._bank.activate(key)
+                shared = self._bank.parameters(key)
+                result = train_multitask(forward, shared, [p for h in heads for p in h.parameters()], set_training,
+                                         specs, train_enc, val_enc, config, training, pad_id=self.backbone.pad_id,
+                                         device=self.backbone.device)
+                for p in shared:
+                    p.requires_grad_(False)
+                record = {
+                    "name": name, "kind": "joint", "created": _now(), "cmtl_version": __version__, "tasks": tasks,
+                    "members": [], "config": config.to_dict(), "training": training.to_dict(),
+                    "adapter": resolved.to_dict(), "steps": result.steps, "seconds": round(result.seconds, 3),
+                    "best_step": result.best_step, "validation_accuracy": result.best_metrics,
+                    "history": result.history, "affinity": result.affinity, "switched_at": result.switched_at,
+                    "task_weights": result.task_weights,
+                }
+                files = {"adapter.safetensors": store.tensors_to_bytes(self._bank.state_dict(key)),
+                         "heads.safetensors": store.tensors_to_bytes(
+                             {f"{t}.{k}": v for t, h in zip(tasks, heads) for k, v in h.state_dict().items()})}
+                with store.writer_lock(self.root):
+                    manifest = store.read_manifest(self.root)
+                    if name in manifest.get("merges", {}):
+                        raise ValueError(f"An entry named {name!r} was written by another process meanwhile.")
+                    store.remove_unreferenced(self.root, manifest)
+                    record["files"] = store.write_folder(store.merge_dir(self.root, name), files)
+                    manifest.setdefault("merges", {})[name] = record
+                    store.write_manifest(self.root, manifest)
+                    self._manifest = manifest
+            except BaseException:
+                self._bank.remove(key)
+                raise
+            for t, h in zip(tasks, heads):
+                self._heads[f"{key}:{t}"] = h.eval()
         return record
 
     def merges(self) -> list[str]:

@@ -175,3 +175,37 @@ def test_adaptive_switch_and_uncertainty(joint):
         train_multitask(forward, shared, heads, set_training,
                         [specs[0], TaskSpec("m", labels=["a", "b"], problem_type="multi_label")], data, val,
                         MultiTaskConfig(steps=1), training, pad_id=0, device=torch.device("cpu"))
+
+
+def test_registry_group_is_stored_served_and_reopened(registry, tmp_path):
+    from cmtl import Registry
+    from cmtl.engine import InferenceEngine
+    from cmtl.errors import TaskNotFoundError
+    from tests.conftest import FAST
+
+    registry.add_task(TaskSpec("sentiment", labels=["neg", "pos"]), toy_sentiment(32), training=FAST)
+    registry.add_task(TaskSpec("topic", labels=TOPICS), toy_topics(30), training=FAST)
+    data = {"sentiment": (toy_sentiment(64), toy_sentiment(24, 1)), "topic": (toy_topics(63), toy_topics(24, 1))}
+    training = TrainConfig(batch_size=16, learning_rate=2e-2, progress=False)
+    record = registry.train_group("both", data, config=MultiTaskConfig(steps=60, eval_every=30, tag_every=10),
+                                  training=training)
+    assert record["kind"] == "joint" and record["tasks"] == ["sentiment", "topic"]
+    assert np.array(record["affinity"]).shape == (2, 2) and len(record["history"]) == 2
+    texts = [r["text"] for r in toy_topics(6, 3)]
+    got = registry.predict_proba("topic", texts, merge="both")
+    assert registry.evaluate("topic", toy_topics(24, 1), merge="both")["accuracy"] == \
+        pytest.approx(record["validation_accuracy"]["topic"])
+    reopened = Registry.open(registry.root, device="cpu")
+    np.testing.assert_allclose(reopened.predict_proba("topic", texts, merge="both"), got, atol=1e-6)
+    served = InferenceEngine(registry.root, device="cpu").logits(["topic"] * 6, texts, merges=["both"] * 6)
+    np.testing.assert_allclose(torch.stack(served).softmax(-1).numpy(), got, atol=1e-5)
+    before = registry._manifest
+    for bad, match in [(("both", data), "exists already"), (("bad name", data), "not allowed"),
+                       (("solo", {"sentiment": data["sentiment"]}), "at least two tasks")]:
+        with pytest.raises(ValueError, match=match):
+            registry.train_group(*bad, config=MultiTaskConfig(steps=2), training=training)
+    with pytest.raises(TaskNotFoundError):
+        registry.train_group("ghost", {"sentiment": data["sentiment"], "nope": data["topic"]},
+                             config=MultiTaskConfig(steps=2), training=training)
+    assert registry._manifest is before and registry.merges() == ["both"]
+    assert sorted(p.name for p in (registry.root / "merges").iterdir()) == ["both"]
