@@ -493,18 +493,8 @@ class Registry:
             "holdout": {t: {"individual": individual.get(t), "merged": scores.get(t)} for t in tasks},
             "normalised": _normalised(scores, individual), "search": trials,
         }
-        files = {"adapter.safetensors": store.tensors_to_bytes(lora_state),
-                 "heads.safetensors": store.tensors_to_bytes(
-                     {f"{t}.{k}": v for t, head in heads.items() for k, v in head.state_dict().items()})}
-        with store.writer_lock(self.root), self._lock:
-            manifest = store.read_manifest(self.root)
-            if name in manifest.get("merges", {}):
-                raise ValueError(f"A merge named {name!r} was written by another process meanwhile.")
-            store.remove_unreferenced(self.root, manifest)
-            record["files"] = store.write_folder(store.merge_dir(self.root, name), files)
-            manifest.setdefault("merges", {})[name] = record
-            store.write_manifest(self.root, manifest)
-            self._manifest = manifest
+        with self._lock:
+            self._write_entry(record, lora_state, heads)
         logger.info("Merged %s into %s (%s): normalised score %s", pairs, name, config.method, record["normalised"])
         return record
 
@@ -577,24 +567,30 @@ class Registry:
                     "history": result.history, "affinity": result.affinity, "switched_at": result.switched_at,
                     "task_weights": result.task_weights,
                 }
-                files = {"adapter.safetensors": store.tensors_to_bytes(self._bank.state_dict(key)),
-                         "heads.safetensors": store.tensors_to_bytes(
-                             {f"{t}.{k}": v for t, h in zip(tasks, heads) for k, v in h.state_dict().items()})}
-                with store.writer_lock(self.root):
-                    manifest = store.read_manifest(self.root)
-                    if name in manifest.get("merges", {}):
-                        raise ValueError(f"An entry named {name!r} was written by another process meanwhile.")
-                    store.remove_unreferenced(self.root, manifest)
-                    record["files"] = store.write_folder(store.merge_dir(self.root, name), files)
-                    manifest.setdefault("merges", {})[name] = record
-                    store.write_manifest(self.root, manifest)
-                    self._manifest = manifest
+                self._write_entry(record, self._bank.state_dict(key), dict(zip(tasks, heads)))
             except BaseException:
                 self._bank.remove(key)
                 raise
             for t, h in zip(tasks, heads):
                 self._heads[f"{key}:{t}"] = h.eval()
         return record
+
+    def _write_entry(self, record: dict[str, Any], adapter_state: dict[str, torch.Tensor],
+                     heads: dict[str, TaskHead]) -> None:
+        """Write a merged or jointly trained entry's adapter and heads, then name it in the manifest."""
+        name = record["name"]
+        files = {"adapter.safetensors": store.tensors_to_bytes(adapter_state),
+                 "heads.safetensors": store.tensors_to_bytes(
+                     {f"{t}.{k}": v for t, head in heads.items() for k, v in head.state_dict().items()})}
+        with store.writer_lock(self.root):
+            manifest = store.read_manifest(self.root)
+            if name in manifest.get("merges", {}):
+                raise ValueError(f"An entry named {name!r} was written by another process meanwhile.")
+            store.remove_unreferenced(self.root, manifest)
+            record["files"] = store.write_folder(store.merge_dir(self.root, name), files)
+            manifest.setdefault("merges", {})[name] = record
+            store.write_manifest(self.root, manifest)
+            self._manifest = manifest
 
     def merges(self) -> list[str]:
         """Names of all merged entries, sorted."""
