@@ -276,9 +276,9 @@ def train_multitask(
 
     names = [s.name for s in specs]
     T = len(names)
-    if T < 2 or len(train_data) != T or len(validation) != T:
-        raise ValueError(f"Joint training needs at least two tasks and one training and validation entry per task; "
-                         f"got {T} tasks, {len(train_data)} training and {len(validation)} validation entries.")
+    if T < 1 or len(train_data) != T or len(validation) != T:
+        raise ValueError(f"Joint training needs one training and one validation entry per task; got {T} tasks, "
+                         f"{len(train_data)} training and {len(validation)} validation entries.")
     if any(s.problem_type != "single_label" for s in specs):
         raise ValueError("Joint training mixes tasks in one batch and supports single-label tasks only; got "
                          f"{[(s.name, s.problem_type) for s in specs if s.problem_type != 'single_label']}.")
@@ -316,8 +316,11 @@ def train_multitask(
         for step in range(total):
             for group in optimizer.param_groups:
                 group["lr"] = get_lr(step, total, training)
-            picks = torch.multinomial(torch.as_tensor(probs), training.batch_size, replacement=True,
-                                      generator=generator).tolist()
+            weights = [config.gamma(n, step, switched) for n in names]
+            # A task whose weight has reached 0 (Switch) leaves the batch: from then on it costs nothing.
+            mix = torch.as_tensor(probs) * torch.tensor([float(w > 0) for w in weights], dtype=torch.float64)
+            picks = torch.multinomial(mix if mix.sum() > 0 else torch.as_tensor(probs), training.batch_size,
+                                      replacement=True, generator=generator).tolist()
             rows = [(t, next_row(t)) for t in picks]
             batch = Encoded.concat([_select(data[t], [i]) for t, i in rows])
             _, inputs, targets = next(batches(batch, list(range(len(batch))), len(batch), pad_id, device))
@@ -327,8 +330,7 @@ def train_multitask(
             if uncertainty is not None:
                 loss = uncertainty(losses, present)
             else:
-                w = torch.tensor([config.gamma(n, step, switched) for n in names], device=device)
-                loss = (w * losses)[present].sum()
+                loss = (torch.tensor(weights, device=device) * losses)[present].sum()
             tag = bool(config.tag_every) and step % config.tag_every == 0 and T > 1
             if tag:  # per-task gradients of the shared parameters, before the step changes anything
                 task_grads = {i: torch.autograd.grad(losses[i], shared, retain_graph=True, allow_unused=True)

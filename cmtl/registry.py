@@ -522,6 +522,8 @@ class Registry:
         if name in self._manifest.get("merges", {}):
             raise ValueError(f"An entry named {name!r} exists already; remove_merge it or pick another name.")
         tasks = list(data)
+        if len(tasks) < 2:
+            raise ValueError(f"A group needs at least two tasks; got {tasks}. Use add_task or update_task for one.")
         specs = [self.spec(t) for t in tasks]  # TaskNotFoundError for unknown tasks
         adapter = adapter or AdapterConfig.from_dict(self._version_record(tasks[0], self._entry(tasks[0])["current"])
                                                      ["adapter"])

@@ -132,3 +132,18 @@ def test_speed_benchmark_script(tmp_path):
     assert "| hf-peft |" in (tmp_path / "results.md").read_text() and len(lines) == 8
     with pytest.raises(SystemExit):
         speed.main(["--ways", "cmtl,gem"])
+
+
+def test_mt2st_benchmark_script(tmp_path, tiny_backbone):
+    mt2st = load_script("mt2st")
+    lines = []
+    results = mt2st.main(["--backbone", tiny_backbone, "--max-train", "24", "--max-eval", "12", "--steps", "8",
+                          "--batch-size", "8", "--max-length", "64", "--device", "cpu", "--out", str(tmp_path)],
+                         echo=lines.append)
+    assert list(results["ways"]) == ["stl", "mtl", "diminish", "switch", "adaptive-switch"]
+    for row in results["ways"].values():
+        assert 0 <= row["test_accuracy"] <= 1 and len(row["curve"]) == 8 and row["seconds"] > 0
+    assert results["target"] == pytest.approx(0.99 * results["ways"]["stl"]["best_validation"])
+    assert results["ways"]["stl"]["seconds_to_target"] is not None  # STL reaches its own best
+    md = (tmp_path / "rotten" / "results.md").read_text()
+    assert "| switch |" in md and "vader_amazon" in md and len(lines) == 6

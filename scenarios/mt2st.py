@@ -1,0 +1,192 @@
+"""Benchmark: MT2ST (Diminish / Switch) against single-task and plain multi-task training
+(issue "multi-task").
+
+A primary task trains with auxiliary tasks through one shared LoRA adapter (a head per task),
+five ways, each with the same number of optimiser steps and the same batch size:
+
+* ``stl``             — the primary alone;
+* ``mtl``             — primary and auxiliaries, all weights 1 (temperature sampler, T=2);
+* ``diminish``        — auxiliary weight γ(t) = γ0 · exp(−η · t^ν) (ν = 1, η so that γ ≈ 0.05 at the end);
+* ``switch``          — auxiliaries on until 60 % of the steps, then the primary alone (MT2ST's 15 of 25 epochs);
+* ``adaptive-switch`` — auxiliaries stop once the primary validation accuracy stops improving (2 evaluations).
+
+The primary's validation accuracy is recorded 20 times with the wall time; reported: the best
+validation accuracy, test accuracy at that state, total time, and the time to reach ``--target``
+(default 99 %) of STL's best validation accuracy.
+
+Default pairing: primary Rotten Tomatoes, auxiliaries fine-food reviews and VADER Amazon
+(not VADER movies: its snippets are Rotten Tomatoes sentences, so it would leak the primary's test
+set). ``--pairing trec`` runs the second pairing: primary TREC-6, auxiliaries SMS spam and BBC News.
+
+    python scenarios/mt2st.py                        # embedded MiniLM, all 6 layers
+    python scenarios/mt2st.py --layers 2 --max-train 200 --steps 60   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+PAIRINGS = {
+    "rotten": ("rotten_tomatoes", ("fine_foods", "vader_amazon")),
+    "trec": ("trec6", ("sms_spam", "bbc_news")),
+}
+WAYS = ("stl", "mtl", "diminish", "switch", "adaptive-switch")
+
+
+def run(args, echo=print) -> dict:
+    from cmtl import BackboneConfig, TaskSpec, TrainConfig
+    from cmtl.adapters import AdapterBank, AdapterConfig
+    from cmtl.backbone import load_backbone
+    from cmtl.corpora import corpus_info, load_corpus
+    from cmtl.data import encode, read_examples
+    from cmtl.evaluation import compute_metrics, predict_logits
+    from cmtl.multitask import MultiTaskConfig, train_multitask
+    from cmtl.tasks import MASKED_LOGIT, TaskHead
+    from cmtl.training import seeded
+
+    primary, aux = PAIRINGS[args.pairing]
+    corpora = [primary, *aux]
+    where = {"name_or_path": args.backbone} if args.backbone else {}
+    backbone = load_backbone(BackboneConfig(**where, num_hidden_layers=args.layers, max_length=args.max_length),
+                             device=args.device)
+    specs = [TaskSpec(c.replace("_", "-"), labels=list(corpus_info(c).labels)) for c in corpora]
+    splits = {c: load_corpus(c) for c in corpora}
+
+    def enc(corpus, split, n, spec):
+        rows = splits[corpus][split]
+        return encode(read_examples(rows.select(range(min(n, len(rows)))), spec), spec, backbone.tokenize)
+
+    train_data = [enc(c, "train", args.max_train, s) for c, s in zip(corpora, specs)]
+    val_primary = enc(primary, "validation", args.max_eval, specs[0])
+    test_primary = enc(primary, "test", args.max_eval, specs[0])
+    training = TrainConfig(batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed, progress=False)
+    steps = args.steps or math.ceil(len(train_data[0]) / args.batch_size) * 6
+    width = max(s.num_outputs for s in specs)
+    configs = {
+        "stl": MultiTaskConfig(steps=steps),
+        "mtl": MultiTaskConfig(steps=steps),
+        "diminish": MultiTaskConfig(steps=steps, primary=specs[0].name, schedule="diminish", gamma0=1.0,
+                                    eta=3.0 / steps, nu=1.0),
+        "switch": MultiTaskConfig(steps=steps, primary=specs[0].name, schedule="switch",
+                                  switch_step=int(0.6 * steps)),
+        "adaptive-switch": MultiTaskConfig(steps=steps, primary=specs[0].name, schedule="adaptive_switch",
+                                           switch_patience=2),
+    }
+    results = {"pairing": {"primary": primary, "auxiliaries": list(aux)}, "steps": steps,
+               "batch_size": args.batch_size, "max_train": args.max_train, "max_eval": args.max_eval,
+               "layers": args.layers, "device": str(backbone.device), "date": time.strftime("%Y-%m-%d"),
+               "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "torch_threads": torch.get_num_threads(),
+               "command": " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if args.argv is None else args.argv)),
+               "ways": {}}
+    bank = AdapterBank(backbone.encoder)
+    for way in args.ways:
+        n_tasks = 1 if way == "stl" else len(specs)
+        key = f"mt2st-{way}"
+        with seeded(args.seed):
+            bank.add(key, AdapterConfig())
+            heads = [TaskHead(backbone.hidden_size, s.num_outputs, training.head_dropout).to(backbone.device)
+                     for s in specs[:n_tasks]]
+        bank.activate(key)
+
+        def forward(inputs, heads=heads):
+            inputs = dict(inputs)
+            groups = inputs.pop("groups")
+            pooled = backbone.embed(**inputs)
+            out = pooled.new_full((len(pooled), width), MASKED_LOGIT)
+            for t in groups.unique().tolist():
+                rows = groups == t
+                out[rows, : specs[t].num_outputs] = heads[t](pooled[rows])
+            return out
+
+        def set_training(flag, heads=heads, key=key):
+            bank.set_training(key, flag)
+            for h in heads:
+                h.train(flag)
+
+        config = dataclasses.replace(configs[way], eval_every=max(1, steps // 20))
+        shared = bank.parameters(key)
+        result = train_multitask(forward, shared, [p for h in heads for p in h.parameters()], set_training,
+                                 specs[:n_tasks], train_data[:n_tasks], [val_primary] + [None] * (n_tasks - 1),
+                                 config, training, pad_id=backbone.pad_id, device=backbone.device)
+        for p in shared:
+            p.requires_grad_(False)
+        test = dataclasses.replace(test_primary, groups=torch.zeros(len(test_primary), dtype=torch.long))
+        logits = predict_logits(forward, test, batch_size=64, pad_id=backbone.pad_id, device=backbone.device)
+        curve = [(h["seconds"], h[f"{specs[0].name}_accuracy"]) for h in result.history]
+        results["ways"][way] = {"best_validation": result.best_metrics[specs[0].name],
+                                "test_accuracy": compute_metrics(specs[0], logits[:, : specs[0].num_outputs],
+                                                                 test.targets)["accuracy"],
+                                "seconds": result.seconds, "best_step": result.best_step,
+                                "switched_at": result.switched_at, "curve": curve}
+        bank.remove(key)
+        echo(f"{way}: best validation {result.best_metrics[specs[0].name]:.4f}, "
+             f"test {results['ways'][way]['test_accuracy']:.4f}, {result.seconds:.0f} s")
+    if "stl" in results["ways"]:
+        target = args.target * results["ways"]["stl"]["best_validation"]
+        results["target"] = target
+        for row in results["ways"].values():
+            reached = [s for s, acc in row["curve"] if acc >= target]
+            row["seconds_to_target"] = reached[0] if reached else None
+    return results
+
+
+def to_markdown(results: dict) -> str:
+    p = results["pairing"]
+    lines = [f"Primary `{p['primary']}`, auxiliaries {', '.join(f'`{a}`' for a in p['auxiliaries'])}; "
+             f"{results['steps']} steps of batch {results['batch_size']}, {results['max_train']} training examples "
+             f"per task, backbone layers: {results['layers'] or 'all'}. {results['machine']} ({results['device']}), "
+             f"{results['date']}.", ""]
+    target = results.get("target")
+    lines += [f"| way | best val. acc | test acc | total s | s to {target:.3f} val. acc | switched at step |"
+              if target else "| way | best val. acc | test acc | total s | s to target | switched at step |",
+              "|---|---|---|---|---|---|"]
+    for way, r in results["ways"].items():
+        reach = r.get("seconds_to_target")
+        lines.append(f"| {way} | {r['best_validation']:.4f} | {r['test_accuracy']:.4f} | {r['seconds']:.0f} | "
+                     f"{'not reached' if reach is None else f'{reach:.0f}'} | {r['switched_at'] or ''} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None, echo=print) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--pairing", choices=sorted(PAIRINGS), default="rotten")
+    p.add_argument("--ways", default=",".join(WAYS))
+    p.add_argument("--max-train", type=int, default=500)
+    p.add_argument("--max-eval", type=int, default=300)
+    p.add_argument("--steps", type=int, default=None, help="default: 6 epochs of the primary task")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--target", type=float, default=0.99, help="fraction of STL's best validation accuracy")
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--backbone", default=None, help="a local encoder folder (default: the embedded MiniLM)")
+    p.add_argument("--max-length", type=int, default=256, help="tokens per text")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="runs/bench/mt2st")
+    args = p.parse_args(argv)
+    args.argv = argv
+    args.ways = [w for w in args.ways.split(",") if w]
+    unknown = sorted(set(args.ways) - set(WAYS))
+    if unknown:
+        p.error(f"unknown ways {unknown}; choose from {list(WAYS)}")
+    results = run(args, echo)
+    out = Path(args.out) / args.pairing
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(to_markdown(results) + "\n")
+    echo(to_markdown(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
