@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -147,3 +148,18 @@ def test_mt2st_benchmark_script(tmp_path, tiny_backbone):
     assert results["ways"]["stl"]["seconds_to_target"] is not None  # STL reaches its own best
     md = (tmp_path / "rotten" / "results.md").read_text()
     assert "| switch |" in md and "vader_amazon" in md and len(lines) == 6
+
+
+def test_tag_benchmark_script(tmp_path, tiny_backbone):
+    tag = load_script("tag")
+    lines = []
+    results = tag.main(["--backbone", tiny_backbone, "--max-train", "24", "--max-eval", "12", "--steps", "10",
+                        "--tag-every", "2", "--epochs", "1", "--batch-size", "8", "--max-length", "64",
+                        "--device", "cpu", "--out", str(tmp_path)], echo=lines.append)
+    names = ["bbc", "trec", "spam", "rotten", "foods"]
+    assert results["tasks"] == names and np.array(results["affinity"]).shape == (5, 5)
+    assert 1 <= len(results["groups"]) <= 2 and set().union(*results["groups"]) == set(names)
+    assert set(results["best_group"]) == set(names)
+    assert json.loads((tmp_path / "affinity.json").read_text())["tasks"] == names
+    assert (tmp_path / "affinity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| Z (row i onto column j) |" in (tmp_path / "results.md").read_text()
