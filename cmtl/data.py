@@ -267,6 +267,20 @@ def length_grouped(order: Sequence[int], lengths: Sequence[int], batch_size: int
     return [i for batch in shuffled for i in batch]
 
 
+def token_budget_chunks(encoded: Encoded, max_rows: int, max_tokens: int) -> list[list[int]]:
+    """Rows sorted by length, cut into chunks of at most ``max_rows`` rows and ``max_tokens`` padded
+    tokens (rows × longest row): short texts travel in large batches, long ones in small batches,
+    and little compute goes to padding. A row longer than ``max_tokens`` travels alone."""
+    lengths = encoded.lengths()
+    chunks: list[list[int]] = []
+    for i in length_sorted(encoded):
+        if chunks and len(chunks[-1]) < max_rows and (len(chunks[-1]) + 1) * lengths[i] <= max_tokens:
+            chunks[-1].append(i)
+        else:
+            chunks.append([i])
+    return chunks
+
+
 def length_sorted(encoded: Encoded) -> list[int]:
     """Row order by token length, for evaluation: little padding, same results."""
     lengths = encoded.lengths()

@@ -50,6 +50,15 @@ def shard(batch: Sequence[int]) -> list[int]:
     return list(batch[rank::size])
 
 
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over all ranks (a new tensor; ``tensor`` itself without a process group)."""
+    if world()[1] == 1:
+        return tensor
+    out = tensor.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
 def all_reduce_gradients(params: Sequence[torch.nn.Parameter]) -> None:
     """Sum the gradients of ``params`` over all ranks, in place (missing gradients count as zero)."""
     if world()[1] == 1:

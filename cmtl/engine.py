@@ -27,7 +27,7 @@ from torch import nn
 from cmtl import store
 from cmtl.adapters import AdapterConfig
 from cmtl.backbone import Backbone, BackboneConfig, load_backbone
-from cmtl.data import Encoded, batches, length_sorted
+from cmtl.data import Encoded, batches, token_budget_chunks
 from cmtl.errors import DataError, TaskNotFoundError
 from cmtl.tasks import TaskHead, TaskSpec
 
@@ -86,14 +86,17 @@ class InferenceEngine:
     Args:
         registry: The registry folder.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``...
-        max_batch_size: Rows per backbone forward.
+        max_batch_size: Rows per backbone forward, at most.
+        max_batch_tokens: Padded tokens (rows × longest row) per backbone forward, at most: a
+            call's rows are sorted by length and cut so that long texts do not pad short ones.
         backbone: Load this backbone instead of the recorded one (its weights must match).
     """
 
     def __init__(self, registry: str | Path, *, device: str = "auto", max_batch_size: int = 64,
-                 backbone: BackboneConfig | None = None):
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1. Got {max_batch_size}.")
+                 max_batch_tokens: int = 4096, backbone: BackboneConfig | None = None):
+        if max_batch_size < 1 or max_batch_tokens < 1:
+            raise ValueError(f"max_batch_size and max_batch_tokens must be >= 1. Got {max_batch_size} and "
+                             f"{max_batch_tokens}.")
         self.root = Path(registry)
         manifest = store.read_manifest(self.root)
         recorded = manifest["backbone"]
@@ -101,6 +104,7 @@ class InferenceEngine:
         self.backbone: Backbone = load_backbone(config, device=device)
         self.backbone.check_matches(recorded["sha256"], f"registry {str(self.root)!r}")
         self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
         self._hooked: set[str] = set()
         self._batch: tuple[Snapshot, torch.Tensor, int] | None = None  # set only during a forward
         self._forward_lock = threading.Lock()
@@ -249,8 +253,8 @@ class InferenceEngine:
         types = enc.get("token_type_ids") if pairs is not None else None
         encoded = Encoded(list(enc["input_ids"]), types, None, torch.tensor([r.slot for r in routes]))
         device = self.backbone.device
-        for idx, inputs, _ in batches(encoded, length_sorted(encoded), self.max_batch_size, self.backbone.pad_id,
-                                      device):
+        for chunk in token_budget_chunks(encoded, self.max_batch_size, self.max_batch_tokens):
+            idx, inputs, _ = next(batches(encoded, chunk, len(chunk), self.backbone.pad_id, device))
             slots = inputs.pop("groups")
             with self._forward_lock:
                 self._batch = (snapshot, slots, max(int(snapshot.ranks[slots].max()), 1))

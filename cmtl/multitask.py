@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cmtl import distributed
 from cmtl.data import Encoded, batches
 from cmtl.evaluation import compute_metrics, predict_logits
 
@@ -75,10 +76,12 @@ class UncertaintyWeighting(nn.Module):
         super().__init__()
         self.log_var = nn.Parameter(torch.zeros(num_tasks))
 
-    def forward(self, losses: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-        """``losses`` (T,) per task, ``present`` (T,) bool: tasks with rows in this batch."""
+    def forward(self, losses: torch.Tensor, present: torch.Tensor, ranks: int = 1) -> torch.Tensor:
+        """``losses`` (T,) per task, ``present`` (T,) bool: tasks with rows in this batch. Under
+        data parallelism each of ``ranks`` ranks passes its share of the losses and ``s_t / ranks``,
+        so the terms summed over ranks are the whole batch's."""
         s = self.log_var[present]
-        return (torch.exp(-s) * losses[present] + s).sum()
+        return (torch.exp(-s) * losses[present] + s / ranks).sum()
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -321,25 +324,36 @@ def train_multitask(
             mix = torch.as_tensor(probs) * torch.tensor([float(w > 0) for w in weights], dtype=torch.float64)
             picks = torch.multinomial(mix if mix.sum() > 0 else torch.as_tensor(probs), training.batch_size,
                                       replacement=True, generator=generator).tolist()
-            rows = [(t, next_row(t)) for t in picks]
-            batch = Encoded.concat([_select(data[t], [i]) for t, i in rows])
-            _, inputs, targets = next(batches(batch, list(range(len(batch))), len(batch), pad_id, device))
-            groups = inputs["groups"]
-            losses = _task_losses(specs, forward(inputs), targets, groups, T)
-            present = torch.tensor([bool((groups == t).any()) for t in range(T)], device=device)
+            rows = [(t, next_row(t)) for t in picks]  # the same on every rank
+            counts = torch.bincount(torch.tensor(picks), minlength=T).to(device)  # rows per task, whole batch
+            present = counts > 0
+            local = distributed.shard(rows)  # this rank's rows (all of them without a process group)
+            if local:
+                batch = Encoded.concat([_select(data[t], [i]) for t, i in local])
+                _, inputs, targets = next(batches(batch, list(range(len(batch))), len(batch), pad_id, device))
+                groups = inputs["groups"]
+                # Each task's loss summed over this rank's rows / its rows in the whole batch: summed over
+                # ranks, the mean over the whole batch.
+                losses = _task_losses(specs, forward(inputs), targets, groups, T, counts)
+            else:
+                inputs = None
+                losses = sum(p.sum() for p in params) * 0.0 + torch.zeros(T, device=device)
             if uncertainty is not None:
-                loss = uncertainty(losses, present)
+                loss = uncertainty(losses, present, distributed.world()[1])
             else:
                 loss = (torch.tensor(weights, device=device) * losses)[present].sum()
             tag = bool(config.tag_every) and step % config.tag_every == 0 and T > 1
             if tag:  # per-task gradients of the shared parameters, before the step changes anything
-                task_grads = {i: torch.autograd.grad(losses[i], shared, retain_graph=True, allow_unused=True)
+                task_grads = {i: _summed(torch.autograd.grad(losses[i], shared, retain_graph=True,
+                                                             allow_unused=True), shared)
                               for i in range(T) if bool(present[i])}
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.all_reduce_gradients(params)
             if tag:
                 set_training(False)
-                affinity += _tag_step(forward, inputs, targets, groups, specs, shared, optimizer, task_grads, T)
+                affinity += _tag_step(forward, inputs, targets if local else None, groups if local else None,
+                                      specs, shared, optimizer, task_grads, T, counts)
                 set_training(True)
                 measured += 1
             if training.grad_clip is not None:
@@ -382,30 +396,45 @@ def _select(d: Encoded, idx: list[int]) -> Encoded:
                    None if d.targets is None else d.targets[idx], d.groups[idx])
 
 
-def _task_losses(specs, logits: torch.Tensor, targets: torch.Tensor, groups: torch.Tensor, T: int) -> torch.Tensor:
-    """(T,) mean loss of each task over its rows (0 where a task has none)."""
+def _task_losses(specs, logits: torch.Tensor, targets: torch.Tensor, groups: torch.Tensor, T: int,
+                 counts: torch.Tensor) -> torch.Tensor:
+    """(T,): each task's loss summed over these rows, divided by ``counts[t]``, its rows in the
+    whole (all-rank) batch; 0 where these rows hold none of a task."""
     out = []
     for t in range(T):
         rows = groups == t
         if rows.any():
-            out.append(specs[t].loss(logits[rows, : specs[t].num_outputs], targets[rows]))
+            mean = specs[t].loss(logits[rows, : specs[t].num_outputs], targets[rows])
+            out.append(mean * rows.sum() / counts[t])
         else:
             out.append(logits.new_zeros(()))
     return torch.stack(out)
 
 
-def _tag_step(forward, inputs, targets, groups, specs, shared, optimizer, task_grads, T) -> np.ndarray:
+def _summed(grads: Sequence[torch.Tensor | None], params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Gradients (zeros where unused) summed over ranks."""
+    grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+    return [distributed.all_reduce_sum(g) for g in grads]
+
+
+def _tag_step(forward, inputs, targets, groups, specs, shared, optimizer, task_grads, T, counts) -> np.ndarray:
     """Z[i, j] = 1 − L_j(θ'_i) / L_j(θ) on this batch (dropout off), θ'_i = one AdamW step of the
-    shared parameters on task i's gradient alone, from the optimiser's current state."""
+    shared parameters on task i's gradient alone, from the optimiser's current state.
+    ``inputs`` is None on a rank without rows in this batch (it still joins the all-reduces)."""
+
+    def losses() -> torch.Tensor:
+        local = (_task_losses(specs, forward(inputs), targets, groups, T, counts) if inputs is not None
+                 else torch.zeros(T, device=counts.device))
+        return distributed.all_reduce_sum(local)
+
     Z = np.zeros((T, T))
     originals = [p.detach().clone() for p in shared]
     with torch.no_grad():
-        before = _task_losses(specs, forward(inputs), targets, groups, T)
+        before = losses()
         for i, grads in task_grads.items():
-            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(shared, grads)]
             for p, a in zip(shared, _adamw_lookahead(shared, grads, optimizer)):
                 p.copy_(a)
-            after = _task_losses(specs, forward(inputs), targets, groups, T)
+            after = losses()
             for p, o in zip(shared, originals):
                 p.copy_(o)
             for j in task_grads:

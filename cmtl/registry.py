@@ -579,7 +579,21 @@ class Registry:
 
     def _write_entry(self, record: dict[str, Any], adapter_state: dict[str, torch.Tensor],
                      heads: dict[str, TaskHead]) -> None:
-        """Write a merged or jointly trained entry's adapter and heads, then name it in the manifest."""
+        """Write a merged or jointly trained entry's adapter and heads, then name it in the manifest.
+        Under torchrun only rank 0 writes; the other ranks read what it wrote."""
+        name = record["name"]
+        if not distributed.is_main():
+            distributed.barrier()
+            self._manifest = store.read_manifest(self.root)
+            record.update(self._manifest["merges"][name])
+            return
+        try:
+            self._write_entry_files(record, adapter_state, heads)
+        finally:
+            distributed.barrier()
+
+    def _write_entry_files(self, record: dict[str, Any], adapter_state: dict[str, torch.Tensor],
+                           heads: dict[str, TaskHead]) -> None:
         name = record["name"]
         files = {"adapter.safetensors": store.tensors_to_bytes(adapter_state),
                  "heads.safetensors": store.tensors_to_bytes(

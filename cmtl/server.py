@@ -55,7 +55,8 @@ class ServeConfig:
         max_texts: Texts per request; more → HTTP 413.
         max_chars: Characters per text; longer → HTTP 413 (the tokenizer would cut the
             text at the backbone's ``max_length`` tokens anyway; the limit bounds work).
-        max_batch_size: Rows per backbone forward.
+        max_batch_size: Rows per batch, at most.
+        max_batch_tokens: Padded tokens (rows × longest row) per backbone forward, at most.
         max_wait_ms: How long the batcher waits for more rows before running a batch.
         poll_seconds: How often the registry is checked for changes (hot swap).
     """
@@ -63,11 +64,12 @@ class ServeConfig:
     max_texts: int = 256
     max_chars: int = 20_000
     max_batch_size: int = 64
+    max_batch_tokens: int = 4096
     max_wait_ms: float = 5.0
     poll_seconds: float = 1.0
 
     def __post_init__(self) -> None:
-        for key in ("max_texts", "max_chars", "max_batch_size"):
+        for key in ("max_texts", "max_chars", "max_batch_size", "max_batch_tokens"):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"ServeConfig.{key} must be a positive integer. Got {value!r}.")
@@ -174,7 +176,7 @@ def create_app(registry: str | Path | InferenceEngine, config: ServeConfig | Non
 
     config = config or ServeConfig()
     engine = registry if isinstance(registry, InferenceEngine) else InferenceEngine(
-        registry, device=device, max_batch_size=config.max_batch_size)
+        registry, device=device, max_batch_size=config.max_batch_size, max_batch_tokens=config.max_batch_tokens)
     metrics = _Metrics()
     state: dict[str, Any] = {}
 

@@ -83,13 +83,14 @@ def throughput(args, k: int, workdir: Path, echo=print) -> dict:
 
     from cmtl import Registry, store
     from cmtl.backbone import load_backbone
-    from cmtl.data import Encoded, batches, length_sorted
+    from cmtl.data import Encoded, batches, token_budget_chunks
     from cmtl.engine import InferenceEngine
 
     root = workdir / f"reg{k}"
     build_registry(root, k, args.layers, args.device)
     reg = Registry.open(root, device=args.device)
-    engine = InferenceEngine(root, device=args.device, max_batch_size=args.batch_size)
+    engine = InferenceEngine(root, device=args.device, max_batch_size=args.batch_size,
+                             max_batch_tokens=args.batch_tokens)
     tasks = reg.tasks()
     pool = texts_pool(args.batch_size * args.batches)
     work = [([tasks[(i * args.batch_size + j) % k] for j in range(args.batch_size)],
@@ -97,9 +98,10 @@ def throughput(args, k: int, workdir: Path, echo=print) -> dict:
     plain = load_backbone(reg.backbone.config, device=args.device)
 
     @torch.inference_mode()
-    def padded_forward(backbone, texts):
+    def padded_forward(backbone, texts):  # the same length bucketing as the engine's
         enc = Encoded(backbone.tokenize(texts)["input_ids"], None, None)
-        for _, inputs, _ in batches(enc, length_sorted(enc), args.batch_size, backbone.pad_id, backbone.device):
+        for chunk in token_budget_chunks(enc, args.batch_size, args.batch_tokens):
+            _, inputs, _ = next(batches(enc, chunk, len(chunk), backbone.pad_id, backbone.device))
             backbone.embed(**inputs)
 
     # peft's mixed batches: the same adapters in a PeftModel, rows routed with adapter_names.
@@ -121,8 +123,8 @@ def throughput(args, k: int, workdir: Path, echo=print) -> dict:
     @torch.inference_mode()
     def peft_mixed(task_rows, texts):
         enc = Encoded(peft_backbone.tokenize(texts)["input_ids"], None, None)
-        for idx, inputs, _ in batches(enc, length_sorted(enc), args.batch_size, peft_backbone.pad_id,
-                                      peft_backbone.device):
+        for chunk in token_budget_chunks(enc, args.batch_size, args.batch_tokens):
+            idx, inputs, _ = next(batches(enc, chunk, len(chunk), peft_backbone.pad_id, peft_backbone.device))
             out = model(**inputs, adapter_names=[task_rows[i] for i in idx])
             peft_backbone.pool(out.last_hidden_state, inputs["attention_mask"])
 
@@ -254,7 +256,8 @@ def _histogram_mean(text: str, name: str) -> float:
 
 def to_markdown(results: dict) -> str:
     lines = [f"{results['machine']} ({results['device']}, {results['torch_threads']} torch threads), "
-             f"{results['date']}, backbone layers: {results['layers'] or 'all'}, batch {results['batch_size']}, "
+             f"{results['date']}, backbone layers: {results['layers'] or 'all'}, batch {results['batch_size']} "
+             f"(at most {results.get('batch_tokens', '–')} padded tokens per forward), "
              f"{results['batches']} batches of real text5 test texts, medians of {results['repeats']} runs.", ""]
     if results.get("throughput"):
         lines += ["| adapters | way | texts/s | p50 ms/batch | p99 ms/batch | × base |", "|---|---|---|---|---|---|"]
@@ -279,6 +282,7 @@ def main(argv: list[str] | None = None, echo=print) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--adapters", default="1,4,16", help="numbers of task adapters to mix")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per forward, at most")
     p.add_argument("--batches", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--layers", type=int, default=None, help="use only the first N backbone layers")
@@ -292,7 +296,8 @@ def main(argv: list[str] | None = None, echo=print) -> dict:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {"device": args.device, "layers": args.layers, "batch_size": args.batch_size, "batches": args.batches,
+    results = {"device": args.device, "layers": args.layers, "batch_size": args.batch_size,
+               "batch_tokens": args.batch_tokens, "batches": args.batches,
                "repeats": args.repeats, "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
                "machine": torch.cuda.get_device_name() if args.device == "cuda"
                else f"{platform.machine()}, {os.cpu_count()} CPU cores",

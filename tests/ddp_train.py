@@ -1,5 +1,7 @@
-"""Trains one toy task into a registry; run plain or under torchrun (see test_distributed.py)."""
+"""Trains a toy task (mode "task") or a joint group of two toy tasks (mode "group") into a new registry;
+run plain or under torchrun (see test_distributed.py). Saves the trained tensors per rank."""
 
+import json
 import os
 import sys
 
@@ -9,26 +11,50 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cmtl import AdapterConfig, BackboneConfig, Registry, TaskSpec, TrainConfig  # noqa: E402
-from tests.conftest import toy_sentiment  # noqa: E402
+from cmtl.multitask import MultiTaskConfig  # noqa: E402
+from tests.conftest import TOPICS, toy_sentiment, toy_topics  # noqa: E402
 
 
-def main(backbone: str, registry: str, out: str) -> None:
+def main(mode: str, backbone: str, registry: str, out: str) -> None:
     if "WORLD_SIZE" in os.environ:
         dist.init_process_group("gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
     reg = Registry.create(registry, BackboneConfig(name_or_path=backbone, max_length=64), device="cpu")
     training = TrainConfig(epochs=3, batch_size=8, learning_rate=2e-2, head_dropout=0.0, patience=None,
                            progress=False)
+    adapter = AdapterConfig(dropout=0.0)
     # 61 rows: the last global batch holds 5, split 3 / 2 over two ranks.
     reg.add_task(TaskSpec("sentiment", labels=["neg", "pos"]), toy_sentiment(61), validation=toy_sentiment(16, 1),
-                 adapter=AdapterConfig(dropout=0.0), training=training)
-    key = reg._ensure_loaded("sentiment", 1)
+                 adapter=adapter, training=training)
+    if mode == "task":
+        key = reg._ensure_loaded("sentiment", 1)
+        heads = {"sentiment": reg._heads[key]}
+        extra = {}
+    else:
+        reg.add_task(TaskSpec("topic", labels=TOPICS), toy_topics(30), adapter=adapter,
+                     training=TrainConfig(max_steps=2, progress=False))
+        record = reg.train_group("both", {"sentiment": (toy_sentiment(61), toy_sentiment(16, 1)),
+                                          "topic": (toy_topics(45), toy_topics(15, 1))},
+                                 config=MultiTaskConfig(steps=12, eval_every=6, tag_every=3, weighting="uncertainty"),
+                                 adapter=adapter, training=dataclass_replace(training, batch_size=7))
+        key = "both__merged"
+        heads = {t: reg._heads[f"{key}:{t}"] for t in ("sentiment", "topic")}
+        extra = {"affinity": record["affinity"], "files": record["files"]}
     state = {f"adapter.{k}": v for k, v in reg._bank.state_dict(key).items()}
-    state.update({f"head.{k}": v for k, v in reg._heads[key].state_dict().items()})
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    for task, head in heads.items():
+        state.update({f"head.{task}.{k}": v for k, v in head.state_dict().items()})
     torch.save(state, f"{out}.rank{rank}.pt")
+    with open(f"{out}.rank{rank}.json", "w") as f:
+        json.dump(extra, f)
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
+def dataclass_replace(obj, **changes):
+    import dataclasses
+
+    return dataclasses.replace(obj, **changes)
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

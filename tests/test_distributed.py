@@ -1,5 +1,6 @@
 """Data-parallel training: 2 CPU processes under torchrun (gloo) train the same adapter as one
-process on the same global batches, and only rank 0 writes the registry."""
+process on the same global batches (one task, and a joint group with TAG and uncertainty
+weighting), and only rank 0 writes the registry."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 
 SCRIPT = Path(__file__).with_name("ddp_train.py")
@@ -20,10 +23,11 @@ def _run(cmd: list[str]) -> None:
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
 
-def test_two_process_training_matches_one_process(tmp_path, tiny_backbone):
-    _run([sys.executable, str(SCRIPT), tiny_backbone, str(tmp_path / "single"), str(tmp_path / "single")])
+@pytest.mark.parametrize("mode", ["task", "group"])
+def test_two_process_training_matches_one_process(tmp_path, tiny_backbone, mode):
+    _run([sys.executable, str(SCRIPT), mode, tiny_backbone, str(tmp_path / "single"), str(tmp_path / "single")])
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(SCRIPT),
-          tiny_backbone, str(tmp_path / "ddp"), str(tmp_path / "ddp")])
+          mode, tiny_backbone, str(tmp_path / "ddp"), str(tmp_path / "ddp")])
     single = torch.load(tmp_path / "single.rank0.pt")
     ranks = [torch.load(tmp_path / f"ddp.rank{r}.pt") for r in (0, 1)]
     assert single.keys() == ranks[0].keys() == ranks[1].keys()
@@ -32,7 +36,14 @@ def test_two_process_training_matches_one_process(tmp_path, tiny_backbone):
         torch.testing.assert_close(ranks[0][key], single[key], atol=1e-4, rtol=1e-3)
     assert any(not torch.allclose(v, torch.zeros_like(v)) for k, v in single.items() if "lora_B" in k)
     manifest = json.loads((tmp_path / "ddp" / "registry.json").read_text())
-    versions = manifest["tasks"]["sentiment"]["versions"]
-    assert [v["version"] for v in versions] == [1] and manifest["generation"] == 2  # created, then one write
+    assert [v["version"] for v in manifest["tasks"]["sentiment"]["versions"]] == [1]
     assert sorted(p.name for p in (tmp_path / "ddp" / "tasks" / "sentiment").iterdir()) == ["v1"]
-    assert versions[0]["training"]["steps"] == 24  # ceil(61 / 8) = 8 global steps per epoch, 3 epochs
+    if mode == "task":
+        assert manifest["generation"] == 2  # created, then one write
+        assert manifest["tasks"]["sentiment"]["versions"][0]["training"]["steps"] == 24  # 3 × ceil(61 / 8)
+    else:
+        extra = [json.loads((tmp_path / f"{name}.rank{r}.json").read_text())
+                 for name, r in (("single", 0), ("ddp", 0), ("ddp", 1))]
+        np.testing.assert_allclose(extra[1]["affinity"], extra[0]["affinity"], atol=1e-4)
+        assert extra[1] == extra[2]  # rank 1 read the record rank 0 wrote
+        assert list(manifest["merges"]) == ["both"] and manifest["generation"] == 4  # create, 2 tasks, group

@@ -147,3 +147,22 @@ def test_length_grouping_trains_as_well(tmp_path, tiny_config):
 def test_train_config_rejects_bad_speed_knobs(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         TrainConfig(**bad)
+
+
+def test_token_budget_chunks_bound_rows_and_padded_tokens():
+    from cmtl.data import token_budget_chunks
+
+    rng = random.Random(1)
+    lengths = [rng.randint(3, 120) for _ in range(90)] + [300]
+    enc = Encoded([[1] * n for n in lengths], None, None)
+    chunks = token_budget_chunks(enc, max_rows=16, max_tokens=512)
+    assert sorted(i for c in chunks for i in c) == list(range(91))
+    for chunk in chunks:
+        longest = max(lengths[i] for i in chunk)
+        assert len(chunk) <= 16 and (len(chunk) * longest <= 512 or len(chunk) == 1)
+    assert chunks[-1] == [90]  # longer than the budget: alone
+    flat = [lengths[i] for c in chunks for i in c]
+    assert flat == sorted(flat)
+    padded = sum(len(c) * max(lengths[i] for i in c) for c in chunks)
+    one_batch = sum(16 * max(lengths[i] for i in range(s, min(s + 16, 91))) for s in range(0, 91, 16))
+    assert padded < one_batch
