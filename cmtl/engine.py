@@ -153,8 +153,11 @@ class InferenceEngine:
                 routes[(task, name)] = Route(task, name, None, len(adapters) - 1, specs[task],
                                              self._head(specs[task], head_state))
         factors, ranks = self._stack(adapters)
-        for module in factors:
-            self._hook(module)
+        new = [m for m in factors if m not in self._hooked]
+        if new:
+            with self._forward_lock:  # no forward runs while hooks are added (refresh runs beside serving)
+                for module in new:
+                    self._hook(module)
         return Snapshot(manifest.get("generation"), routes, factors, ranks)
 
     def _head(self, spec: TaskSpec, state: dict[str, torch.Tensor]) -> TaskHead:
