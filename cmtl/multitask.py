@@ -27,6 +27,7 @@ from torch import nn
 from cmtl import distributed
 from cmtl.data import Encoded, batches
 from cmtl.evaluation import compute_metrics, predict_logits
+from cmtl.tasks import MASKED_LOGIT, TaskHead
 
 Sampler = Literal["uniform", "proportional", "temperature"]
 Weighting = Literal["static", "uncertainty"]
@@ -221,6 +222,27 @@ def select_groups(Z: np.ndarray, max_groups: int, *, exact_limit: int = 2_000_00
 
 
 # --- training -----------------------------------------------------------------------------
+
+
+def grouped_forward(embed: Callable[..., torch.Tensor], heads: Sequence[TaskHead]
+                    ) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    """The ``forward`` :func:`train_multitask` expects: ``embed(**inputs)`` once for the batch, then row b
+    through ``heads[inputs["groups"][b]]``; logits (B, widest head), columns past a head's outputs masked."""
+    width = max(h.linear.out_features for h in heads)
+
+    def forward(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = dict(inputs)
+        groups = inputs.pop("groups")
+        pooled = embed(**inputs)
+        out = pooled.new_full((len(pooled), width), MASKED_LOGIT)
+        for t in groups.unique().tolist():
+            rows = groups == t
+            logits = heads[t](pooled[rows])
+            out[rows, : logits.shape[1]] = logits
+        return out
+
+    return forward
+
 
 
 @dataclass

@@ -35,10 +35,10 @@ from cmtl.errors import DataError, RegistryError, TaskExistsError, TaskNotFoundE
 from cmtl.evaluation import compute_metrics, predict_logits, primary_metric
 from cmtl.merging import MergeConfig, lora_deltas, merge_deltas, to_lora_state
 from cmtl.monitor import DriftMonitor, DriftReport, MonitorConfig
-from cmtl.multitask import MultiTaskConfig, train_multitask
+from cmtl.multitask import MultiTaskConfig, grouped_forward, train_multitask
 from cmtl.penalties import distillation_loss, ewc_term, fisher_diagonal
 from cmtl.replay import ReplayBuffer, make_buffer
-from cmtl.tasks import _NAME, MASKED_LOGIT, TaskHead, TaskSpec
+from cmtl.tasks import _NAME, TaskHead, TaskSpec
 from cmtl.training import TrainConfig, TrainResult, seeded, train
 from cmtl.updates import Gate, MemoryConfig, UpdateConfig
 
@@ -531,22 +531,11 @@ class Registry:
         val_enc = [None if data[t][1] is None else self._encode(read_examples(data[t][1], spec), spec)
                    for t, spec in zip(tasks, specs)]
         key = _merge_key(name)
-        width = max(s.num_outputs for s in specs)
         with self._lock, seeded(training.seed, self.backbone.device):
             resolved = self._bank.add(key, adapter)
             heads = [TaskHead(self.backbone.hidden_size, s.num_outputs, training.head_dropout).to(self.backbone.device)
                      for s in specs]
-            embed = self.backbone.embed
-
-            def forward(inputs):
-                inputs = dict(inputs)
-                groups = inputs.pop("groups")
-                pooled = embed(**inputs)
-                out = pooled.new_full((len(pooled), width), MASKED_LOGIT)
-                for t in groups.unique().tolist():
-                    rows = groups == t
-                    out[rows, : specs[t].num_outputs] = heads[t](pooled[rows])
-                return out
+            forward = grouped_forward(self.backbone.embed, heads)
 
             def set_training(flag: bool) -> None:
                 self._bank.set_training(key, flag)

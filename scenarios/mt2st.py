@@ -50,8 +50,8 @@ def run(args, echo=print) -> dict:
     from cmtl.corpora import corpus_info, load_corpus
     from cmtl.data import encode, read_examples
     from cmtl.evaluation import compute_metrics, predict_logits
-    from cmtl.multitask import MultiTaskConfig, train_multitask
-    from cmtl.tasks import MASKED_LOGIT, TaskHead
+    from cmtl.multitask import MultiTaskConfig, grouped_forward, train_multitask
+    from cmtl.tasks import TaskHead
     from cmtl.training import seeded
 
     primary, aux = PAIRINGS[args.pairing]
@@ -71,7 +71,6 @@ def run(args, echo=print) -> dict:
     test_primary = enc(primary, "test", args.max_eval, specs[0])
     training = TrainConfig(batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed, progress=False)
     steps = args.steps or math.ceil(len(train_data[0]) / args.batch_size) * 6
-    width = max(s.num_outputs for s in specs)
     configs = {
         "stl": MultiTaskConfig(steps=steps),
         "mtl": MultiTaskConfig(steps=steps),
@@ -98,15 +97,7 @@ def run(args, echo=print) -> dict:
                      for s in specs[:n_tasks]]
         bank.activate(key)
 
-        def forward(inputs, heads=heads):
-            inputs = dict(inputs)
-            groups = inputs.pop("groups")
-            pooled = backbone.embed(**inputs)
-            out = pooled.new_full((len(pooled), width), MASKED_LOGIT)
-            for t in groups.unique().tolist():
-                rows = groups == t
-                out[rows, : specs[t].num_outputs] = heads[t](pooled[rows])
-            return out
+        forward = grouped_forward(backbone.embed, heads)
 
         def set_training(flag, heads=heads, key=key):
             bank.set_training(key, flag)

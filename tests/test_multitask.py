@@ -15,9 +15,9 @@ from cmtl import TaskSpec, TrainConfig
 from cmtl.adapters import AdapterBank, AdapterConfig
 from cmtl.backbone import load_backbone
 from cmtl.data import encode, read_examples
-from cmtl.multitask import (MultiTaskConfig, UncertaintyWeighting, _adamw_lookahead, diminish, group_score,
-                            sampling_probabilities, select_groups, switch, train_multitask)
-from cmtl.tasks import MASKED_LOGIT, TaskHead
+from cmtl.multitask import (MultiTaskConfig, UncertaintyWeighting, _adamw_lookahead, diminish, grouped_forward,
+                            group_score, sampling_probabilities, select_groups, switch, train_multitask)
+from cmtl.tasks import TaskHead
 from tests.conftest import TOPICS, toy_sentiment, toy_topics
 
 
@@ -122,15 +122,7 @@ def joint(tiny_config):
     specs = [TaskSpec("sentiment", labels=["neg", "pos"]), TaskSpec("topic", labels=TOPICS)]
     heads = [TaskHead(backbone.hidden_size, s.num_outputs, 0.0) for s in specs]
 
-    def forward(inputs):
-        inputs = dict(inputs)
-        groups = inputs.pop("groups")
-        pooled = backbone.embed(**inputs)
-        out = pooled.new_full((len(pooled), 3), MASKED_LOGIT)
-        for t in groups.unique().tolist():
-            rows = groups == t
-            out[rows, : specs[t].num_outputs] = heads[t](pooled[rows])
-        return out
+    forward = grouped_forward(backbone.embed, heads)
 
     def set_training(flag):
         bank.set_training("shared", flag)
