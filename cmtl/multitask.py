@@ -255,6 +255,7 @@ class MultiTaskResult:
     best_step: int = 0
     best_metrics: dict[str, float] = field(default_factory=dict)
     affinity: list[list[float]] | None = None
+    tag_seconds: float = 0.0
     switched_at: int | None = None
     task_weights: dict[str, float] = field(default_factory=dict)
 
@@ -366,18 +367,22 @@ def train_multitask(
                 loss = (torch.tensor(weights, device=device) * losses)[present].sum()
             tag = bool(config.tag_every) and step % config.tag_every == 0 and T > 1
             if tag:  # per-task gradients of the shared parameters, before the step changes anything
+                tag_started = time.perf_counter()
                 task_grads = {i: _summed(torch.autograd.grad(losses[i], shared, retain_graph=True,
                                                              allow_unused=True), shared)
                               for i in range(T) if bool(present[i])}
+                result.tag_seconds += time.perf_counter() - tag_started
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             distributed.all_reduce_gradients(params)
             if tag:
+                tag_started = time.perf_counter()
                 set_training(False)
                 affinity += _tag_step(forward, inputs, targets if local else None, groups if local else None,
                                       specs, shared, optimizer, task_grads, T, counts)
                 set_training(True)
                 measured += 1
+                result.tag_seconds += time.perf_counter() - tag_started
             if training.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, training.grad_clip)
             optimizer.step()

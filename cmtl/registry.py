@@ -555,7 +555,8 @@ class Registry:
                     "members": [], "config": config.to_dict(), "training": training.to_dict(),
                     "adapter": resolved.to_dict(), "steps": result.steps, "seconds": round(result.seconds, 3),
                     "best_step": result.best_step, "validation_accuracy": result.best_metrics,
-                    "history": result.history, "affinity": result.affinity, "switched_at": result.switched_at,
+                    "history": result.history, "affinity": result.affinity,
+                    "tag_seconds": round(result.tag_seconds, 3), "switched_at": result.switched_at,
                     "task_weights": result.task_weights,
                 }
                 self._write_entry(record, self._bank.state_dict(key), dict(zip(tasks, heads)))

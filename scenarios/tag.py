@@ -1,22 +1,30 @@
 """Task Affinity Groupings (Fifty et al., 2021) on the tasks of a task-incremental scenario
-(issue "multi-task").
+(issue "multi-task"), against the search TAG is meant to replace.
 
 1. Every task of the scenario (default ``text5``) gets its own adapter in a fresh registry
    (the per-task baseline).
 2. One adapter trains jointly on all of them while TAG measures, every ``--tag-every`` steps,
    the lookahead affinity Z_{i→j} (:mod:`cmtl.multitask`); the averaged matrix is written as
    ``affinity.json`` and ``affinity.png``.
-3. :func:`cmtl.multitask.select_groups` picks at most ``--groups`` groups; each group of two or
-   more tasks trains as a joint adapter in the registry (``Registry.train_group``).
-4. Test accuracy per task: its own adapter, the all-tasks adapter, and its best chosen group.
+3. Pair search (``--pairs``, the default): every pair of tasks trains as a joint adapter; the
+   validation gain of task j when paired with i over its own adapter fills S[i, j]. This is the
+   pairwise "higher-order approximation" of Standley et al. (2020) that TAG's paper compares to.
+4. :func:`cmtl.multitask.select_groups` picks at most ``--groups`` groups from Z (TAG) and from
+   S (pair search); each group of two or more tasks trains as a joint adapter in the registry
+   (``Registry.train_group``), each for ``--epochs`` over its own tasks' data.
+5. Test accuracy per task: its own adapter, all tasks in one adapter, its group under TAG and
+   under the pair search (a task alone in its group keeps its own adapter), and the compute each
+   selection cost: TAG = the joint run that measured Z (of which the lookaheads), pair search =
+   the sum of the pair runs.
 
     python scenarios/tag.py                        # text5, embedded MiniLM, 2 groups
-    python scenarios/tag.py --layers 2 --max-train 150 --steps 60   # a quick look
+    python scenarios/tag.py --layers 2 --max-train 150 --no-pairs   # a quick look
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -40,6 +48,8 @@ def run(args, echo=print) -> dict:
         scenario = scenario.shrink(args.max_train or scenario.max_train, args.max_eval or scenario.max_eval)
     experiences = scenario.load()
     names = [e.name for e in experiences]
+    tests = {e.name: e.test for e in experiences}
+    data = {e.name: (e.train, e.validation) for e in experiences}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     where = {"name_or_path": args.backbone} if args.backbone else {}
@@ -47,49 +57,87 @@ def run(args, echo=print) -> dict:
                                                             max_length=args.max_length), device=args.device)
     training = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
                            progress=False)
+
+    def steps_for(group) -> int:  # --epochs over the group's own data unless --steps fixes it
+        n = sum(len(data[t][0]) for t in group)
+        return args.steps or int(np.ceil(n / args.batch_size) * args.epochs)
+
+    def train_group(name, group, **knobs) -> dict:
+        record = reg.train_group(name, {t: data[t] for t in group},
+                                 config=MultiTaskConfig(steps=steps_for(group), **knobs), training=training)
+        record["test"] = {t: reg.evaluate(t, tests[t], merge=name)["accuracy"] for t in group}
+        return record
+
     started = time.perf_counter()
+    own_seconds = 0.0
     for e in experiences:
+        t0 = time.perf_counter()
         reg.add_task(e.spec.__class__(e.name, labels=e.spec.labels), e.train, validation=e.validation,
                      training=training)
-    individual = {e.name: reg.evaluate(e.name, e.test)["accuracy"] for e in experiences}
+        own_seconds += time.perf_counter() - t0
+    individual = {t: reg.evaluate(t, tests[t])["accuracy"] for t in names}
+    own_val = {t: reg.evaluate(t, data[t][1])["accuracy"] for t in names}
     echo("own adapters: " + ", ".join(f"{n} {a:.3f}" for n, a in individual.items()))
-    data = {e.name: (e.train, e.validation) for e in experiences}
-    steps = args.steps or int(np.ceil(sum(len(e.train) for e in experiences) / args.batch_size) * args.epochs)
-    record = reg.train_group("all", data, config=MultiTaskConfig(steps=steps, tag_every=args.tag_every),
-                             training=training)
-    Z = np.array(record["affinity"])
-    together = {e.name: reg.evaluate(e.name, e.test, merge="all")["accuracy"] for e in experiences}
-    echo("all tasks together: " + ", ".join(f"{n} {a:.3f}" for n, a in together.items()))
-    groups, score = select_groups(Z, args.groups)
-    chosen = [[names[i] for i in g] for g in groups]
-    echo(f"chosen groups: {chosen} (score {score:.4f})")
-    grouped: dict[str, dict[str, float]] = {}
-    for k, group in enumerate(chosen):
-        if len(group) < 2:
-            continue
-        name = f"group{k}"
-        reg.train_group(name, {t: data[t] for t in group}, config=MultiTaskConfig(steps=steps), training=training)
-        grouped[name] = {t: reg.evaluate(t, experiences[names.index(t)].test, merge=name)["accuracy"] for t in group}
-    best_group = {}
-    for j, t in enumerate(names):  # a task alone in its group keeps its own adapter
-        options = [(group_score(Z, [names.index(x) for x in g], j), f"group{k}" if len(g) > 1 else "own")
-                   for k, g in enumerate(chosen) if t in g]
-        _, where_from = max(options)
-        best_group[t] = {"group": where_from, "accuracy": grouped.get(where_from, {}).get(t, individual[t])}
-    results = {"scenario": scenario.name, "tasks": names, "affinity": Z.tolist(), "groups": chosen, "score": score,
-               "individual": individual, "together": together, "grouped": grouped, "best_group": best_group,
-               "steps": steps, "tag_every": args.tag_every, "seconds": time.perf_counter() - started,
+
+    everything = train_group("all", names, tag_every=args.tag_every)
+    Z = np.array(everything["affinity"])
+    together = everything["test"]
+    echo(f"all tasks together ({everything['seconds']:.0f} s, of which TAG {everything['tag_seconds']:.0f} s): "
+         + ", ".join(f"{n} {a:.3f}" for n, a in together.items()))
+    trained = {tuple(names): everything}  # group (in scenario order) -> its record
+
+    pair_gain, pair_seconds = None, 0.0
+    if args.pairs:
+        pair_gain = np.zeros((len(names), len(names)))
+        for i, j in itertools.combinations(range(len(names)), 2):
+            record = train_group(f"pair-{names[i]}-{names[j]}", [names[i], names[j]])
+            trained[(names[i], names[j])] = record
+            pair_seconds += record["seconds"]
+            val = record["validation_accuracy"]
+            pair_gain[i, j] = val[names[j]] - own_val[names[j]]
+            pair_gain[j, i] = val[names[i]] - own_val[names[i]]
+            echo(f"pair {names[i]}+{names[j]} ({record['seconds']:.0f} s): "
+                 + ", ".join(f"{t} {a:.3f}" for t, a in record["test"].items()))
+
+    def apply(matrix: np.ndarray, label: str) -> dict:
+        groups, score = select_groups(matrix, args.groups)
+        chosen = [[names[i] for i in g] for g in groups]
+        echo(f"{label} groups: {chosen} (score {score:.4f})")
+        for group in chosen:
+            if len(group) > 1 and tuple(group) not in trained:
+                trained[tuple(group)] = train_group(f"group-{'-'.join(group)}", group)
+        per_task = {}
+        for j, t in enumerate(names):  # the group the selection's own matrix expects to help t most
+            _, group = max((group_score(matrix, g, j), [names[i] for i in g]) for g in groups if j in g)
+            accuracy = trained[tuple(group)]["test"][t] if len(group) > 1 else individual[t]
+            per_task[t] = {"group": group, "accuracy": accuracy}
+        return {"groups": chosen, "score": score, "per_task": per_task,
+                "mean": float(np.mean([v["accuracy"] for v in per_task.values()]))}
+
+    selections = {"tag": apply(Z, "TAG")}
+    if pair_gain is not None:
+        selections["pairs"] = apply(pair_gain, "pair search")
+    results = {"scenario": scenario.name, "tasks": names, "affinity": Z.tolist(),
+               "pair_gain": None if pair_gain is None else pair_gain.tolist(),
+               "individual": individual, "individual_validation": own_val, "together": together,
+               "selections": selections, "groups_trained": {"+".join(g): r["test"] for g, r in trained.items()},
+               "cost_seconds": {"own adapters": own_seconds, "tag run": everything["seconds"],
+                                "tag measurements": everything["tag_seconds"], "pair search": pair_seconds},
+               "steps": everything["steps"], "tag_every": args.tag_every, "max_groups": args.groups,
+               "seconds": time.perf_counter() - started,
                "max_train": scenario.max_train, "max_eval": scenario.max_eval, "layers": args.layers,
                "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
                "command": " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if args.argv is None else args.argv))}
     (out / "affinity.json").write_text(json.dumps({"tasks": names, "affinity": Z.tolist()}, indent=2) + "\n")
-    plot_affinity(Z, names, out / "affinity.png")
+    plot_affinity(Z, names, out / "affinity.png", "TAG lookahead affinity", "Z (i → j)")
+    if pair_gain is not None:
+        plot_affinity(pair_gain, names, out / "pair_gain.png", "Pair search: validation gain", "gain of j with i")
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(to_markdown(results) + "\n")
     return results
 
 
-def plot_affinity(Z: np.ndarray, names: list[str], path: Path) -> None:
+def plot_affinity(Z: np.ndarray, names: list[str], path: Path, title: str, label: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,8 +153,8 @@ def plot_affinity(Z: np.ndarray, names: list[str], path: Path) -> None:
     for i in range(len(names)):
         for j in range(len(names)):
             ax.text(j, i, f"{Z[i, j]:.3f}", ha="center", va="center", fontsize=8)
-    fig.colorbar(im, ax=ax, label="Z (i → j)")
-    ax.set_title("TAG lookahead affinity")
+    fig.colorbar(im, ax=ax, label=label)
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -114,18 +162,41 @@ def plot_affinity(Z: np.ndarray, names: list[str], path: Path) -> None:
 
 def to_markdown(results: dict) -> str:
     names = results["tasks"]
+    selections = results["selections"]
+
+    def groups(label):
+        return "; ".join("{" + ", ".join(g) + "}" for g in selections[label]["groups"])
+
+    def matrix(title, Z):
+        rows = [f"| {title} | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        return rows + [f"| {n} | " + " | ".join(f"{z:+.4f}" for z in Z[i]) + " |" for i, n in enumerate(names)]
+
     lines = [f"`{results['scenario']}`, {results['max_train']} training examples per task, {results['steps']} joint "
-             f"steps, affinity every {results['tag_every']} steps, backbone layers: {results['layers'] or 'all'}. "
-             f"{results['machine']}, {results['date']}. Chosen groups: "
-             + "; ".join("{" + ", ".join(g) + "}" for g in results["groups"]) + f" (score {results['score']:.4f}).",
-             "", "| Z (row i onto column j) | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for i, n in enumerate(names):
-        lines.append(f"| {n} | " + " | ".join(f"{z:.4f}" for z in results["affinity"][i]) + " |")
-    lines += ["", "| task | own adapter | all tasks, one adapter | best chosen group | group |", "|---|---|---|---|---|"]
+             f"steps for all tasks, affinity every {results['tag_every']} steps, at most {results['max_groups']} "
+             f"groups, backbone layers: {results['layers'] or 'all'}. {results['machine']}, {results['date']}.",
+             "", f"TAG groups: {groups('tag')}."]
+    if "pairs" in selections:
+        lines.append(f"Pair-search groups: {groups('pairs')}.")
+    lines += [""] + matrix("Z (step on row i, onto column j)", results["affinity"])
+    if results["pair_gain"] is not None:
+        lines += [""] + matrix("pair gain (column j's validation gain with row i)", results["pair_gain"])
+    header = ["task", "own adapter", "all tasks, one adapter", "TAG group"] + (["pair-search group"]
+                                                                             if "pairs" in selections else [])
+    lines += ["", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for n in names:
-        b = results["best_group"][n]
-        lines.append(f"| {n} | {results['individual'][n]:.4f} | {results['together'][n]:.4f} | "
-                     f"{b['accuracy']:.4f} | {b['group']} |")
+        cells = [n, f"{results['individual'][n]:.4f}", f"{results['together'][n]:.4f}"]
+        cells += [f"{selections[k]['per_task'][n]['accuracy']:.4f} ({'+'.join(selections[k]['per_task'][n]['group'])})"
+                  for k in ("tag", "pairs") if k in selections]
+        lines.append("| " + " | ".join(cells) + " |")
+    mean = lambda d: float(np.mean(list(d.values())))  # noqa: E731
+    cells = ["**mean**", f"**{mean(results['individual']):.4f}**", f"**{mean(results['together']):.4f}**"]
+    cells += [f"**{selections[k]['mean']:.4f}**" for k in ("tag", "pairs") if k in selections]
+    lines.append("| " + " | ".join(cells) + " |")
+    cost = results["cost_seconds"]
+    lines += ["", f"Selection cost: TAG {cost['tag run']:.0f} s (the all-tasks joint run that measured Z, of which "
+                  f"{cost['tag measurements']:.0f} s lookaheads)"
+              + (f"; pair search {cost['pair search']:.0f} s ({cost['pair search'] / cost['tag run']:.1f}× TAG)"
+                 if results["pair_gain"] is not None else "") + f". Own adapters: {cost['own adapters']:.0f} s."]
     return "\n".join(lines)
 
 
@@ -134,6 +205,8 @@ def main(argv: list[str] | None = None, echo=print) -> dict:
     p.add_argument("--scenario", default=str(Path(__file__).with_name("text5.yaml")))
     p.add_argument("--groups", type=int, default=2, help="at most this many groups")
     p.add_argument("--tag-every", type=int, default=5)
+    p.add_argument("--pairs", action=argparse.BooleanOptionalAction, default=True,
+                   help="also train every pair of tasks (the search TAG replaces) and group by its gains")
     p.add_argument("--steps", type=int, default=None, help="joint steps (default: --epochs over all tasks)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--max-train", type=int, default=None)

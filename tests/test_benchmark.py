@@ -154,13 +154,27 @@ def test_mt2st_benchmark_script(tmp_path, tiny_backbone):
 def test_tag_benchmark_script(tmp_path, tiny_backbone):
     tag = load_script("tag")
     lines = []
-    results = tag.main(["--backbone", tiny_backbone, "--max-train", "24", "--max-eval", "12", "--steps", "10",
+    results = tag.main(["--backbone", tiny_backbone, "--max-train", "24", "--max-eval", "12", "--steps", "6",
                         "--tag-every", "2", "--epochs", "1", "--batch-size", "8", "--max-length", "64",
                         "--device", "cpu", "--out", str(tmp_path)], echo=lines.append)
     names = ["bbc", "trec", "spam", "rotten", "foods"]
     assert results["tasks"] == names and np.array(results["affinity"]).shape == (5, 5)
-    assert 1 <= len(results["groups"]) <= 2 and set().union(*results["groups"]) == set(names)
-    assert set(results["best_group"]) == set(names)
+    gain = np.array(results["pair_gain"])
+    assert gain.shape == (5, 5) and np.all(np.diag(gain) == 0)
+    pairs = [k for k in results["groups_trained"] if k.count("+") == 1]
+    assert len(pairs) == 10  # every pair trained once
+    for label in ("tag", "pairs"):
+        chosen = results["selections"][label]
+        assert 1 <= len(chosen["groups"]) <= 2 and set().union(*chosen["groups"]) == set(names)
+        for t, entry in chosen["per_task"].items():  # a task's accuracy comes from the group it was put in
+            assert t in entry["group"]
+            expected = (results["groups_trained"]["+".join(entry["group"])][t] if len(entry["group"]) > 1
+                        else results["individual"][t])
+            assert entry["accuracy"] == expected
+    cost = results["cost_seconds"]
+    assert 0 < cost["tag measurements"] < cost["tag run"] and cost["pair search"] > 0
     assert json.loads((tmp_path / "affinity.json").read_text())["tasks"] == names
-    assert (tmp_path / "affinity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| Z (row i onto column j) |" in (tmp_path / "results.md").read_text()
+    for png in ("affinity.png", "pair_gain.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (tmp_path / "results.md").read_text()
+    assert "| Z (step on row i, onto column j) |" in md and "Pair-search groups" in md and "pair search" in md
