@@ -12,18 +12,22 @@ approximates the sum and needs equal ranks):
   rescale by 1 / (1 − drop), then ``linear`` / ``ties`` (Yu et al. 2024).
 
 The merged delta goes back into LoRA form by truncated SVD
-(:func:`refactorise`), with its relative reconstruction error. ``peft_*`` methods
+(:func:`refactorise`), with its relative reconstruction error. Optionally each task's
+head is then refitted to the merged features on the task's replay buffer
+(:func:`refit_head`): the merged adapter is shared, the heads stay per task. ``peft_*`` methods
 run peft's ``add_weighted_adapter`` instead (see :meth:`cmtl.Registry.merge`), as the
 baseline these are measured against.
 """
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
+from torch import nn
 
 Method = Literal["linear", "ties", "dare", "dare_ties", "peft_linear", "peft_ties", "peft_dare_ties", "peft_ties_svd"]
 METHODS: tuple[str, ...] = ("linear", "ties", "dare", "dare_ties")
@@ -46,6 +50,10 @@ class MergeConfig:
         rank: Rank of the stored LoRA adapter; ``None`` keeps the merged delta
             exactly (full rank of each layer).
         seed: Seeds DARE's drops.
+        refit_heads: After merging, retrain each task's head (only the head, warm-started
+            from the member's) on the task's replay buffer through the merged adapter.
+            The merged features differ from those each head was trained on; refitting a
+            linear head costs one forward pass over the buffer.
     """
 
     method: Method = "ties"
@@ -54,6 +62,7 @@ class MergeConfig:
     drop: float = 0.9
     rank: int | None = None
     seed: int = 0
+    refit_heads: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS + PEFT_METHODS:
@@ -157,6 +166,30 @@ def refactorise(delta: torch.Tensor, rank: int | None) -> tuple[torch.Tensor, to
     norm = torch.linalg.norm(delta)
     error = float(torch.linalg.norm(delta - b @ a) / norm) if norm > 0 else 0.0
     return a, b, error
+
+
+def refit_head(head: nn.Module, features: torch.Tensor, targets: torch.Tensor,
+               loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *, l2: float = 1e-3,
+               max_iter: int = 100) -> nn.Module:
+    """A copy of ``head`` (dropout + linear) fitted to ``features`` (N, H) by full-batch L-BFGS
+    on ``loss(logits, targets) + l2 · ‖W‖²``, starting from ``head``'s weights. Deterministic."""
+    fitted = copy.deepcopy(head).train(False)
+    device = next(fitted.parameters()).device
+    # Clones: features computed under inference_mode cannot take part in autograd.
+    features, targets = features.to(device).clone(), targets.to(device).clone()
+    params = [p.requires_grad_(True) for p in fitted.parameters()]
+    optimizer = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+    weights = [p for name, p in fitted.named_parameters() if name.endswith("weight")]
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        value = loss(fitted(features), targets) + l2 * sum(w.pow(2).sum() for w in weights)
+        value.backward()
+        return value
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return fitted
 
 
 def to_lora_state(merged: dict[str, torch.Tensor], rank: int | None) -> tuple[dict[str, torch.Tensor], int, dict]:

@@ -33,7 +33,7 @@ from cmtl.caching import maybe_cache
 from cmtl.data import Encoded, Examples, as_texts, encode, read_examples
 from cmtl.errors import DataError, RegistryError, TaskExistsError, TaskNotFoundError
 from cmtl.evaluation import compute_metrics, predict_logits, primary_metric
-from cmtl.merging import MergeConfig, lora_deltas, merge_deltas, to_lora_state
+from cmtl.merging import MergeConfig, lora_deltas, merge_deltas, refit_head, to_lora_state
 from cmtl.monitor import DriftMonitor, DriftReport, MonitorConfig
 from cmtl.multitask import MultiTaskConfig, grouped_forward, train_multitask
 from cmtl.penalties import distillation_loss, ewc_term, fisher_diagonal
@@ -467,22 +467,26 @@ class Registry:
         held = {t: self.holdout(t, newest[t]) for t in tasks}
         individual = {t: self._holdout_score(t, held[t], version=newest[t]) for t in tasks if held[t] is not None}
 
+        buffers = self._refit_data(pairs, tasks) if config.refit_heads else None
         trials, best = [], None
         if search:
             for candidate in _search_grid(config) if individual else []:
                 merged = self._combine(pairs, deltas, candidate)
-                scores = self._score_merged(merged, base, heads, held, config.rank)
+                scores, fitted = self._score_merged(merged, base, heads, held, config.rank, buffers)
                 trials.append({**{k: getattr(candidate, k) for k in ("scale", "density", "drop")},
                                "scores": scores, "normalised": _normalised(scores, individual)})
                 norm = trials[-1]["normalised"]
                 if norm is not None and (best is None or norm > best[0]["normalised"]):
-                    best = (trials[-1], candidate, merged)
+                    best = (trials[-1], candidate, merged, fitted)
             if best is None:
                 raise DataError("search=True needs held-out samples of the members (add them with validation data).")
-            config, merged, scores = best[1], best[2], best[0]["scores"]  # the winner, not computed again
+            config, merged, scores, heads = best[1], best[2], best[0]["scores"], best[3]  # the winner, not redone
         else:
             merged = self._combine(pairs, deltas, config)
-            scores = self._score_merged(merged, base, heads, held, config.rank) if individual else {}
+            if individual or buffers:
+                scores, heads = self._score_merged(merged, base, heads, held, config.rank, buffers)
+            else:
+                scores = {}
         lora_state, rank, errors = to_lora_state(merged, config.rank)
         record = {
             "name": name, "created": _now(), "cmtl_version": __version__,
@@ -970,16 +974,39 @@ class Registry:
                                         pad_id=self.backbone.pad_id, device=self.backbone.device)
         return float(compute_metrics(spec, logits, encoded.targets)[metric])
 
+    def _refit_data(self, pairs: list[tuple[str, int]], tasks: list[str]) -> dict[str, Encoded]:
+        """Each task's replay buffer (of its newest merged version), encoded, to refit its head on."""
+        out = {}
+        for t in tasks:
+            v = max(v for u, v in pairs if u == t)
+            buffer = self.buffer(t, v)
+            if buffer is None or len(buffer) == 0:
+                raise DataError(f"refit_heads needs a replay buffer, and {t} v{v} has none (it was trained with "
+                                "fill_buffer=False). Merge without refit_heads, or update the task with a buffer.")
+            out[t] = self._encode(buffer.to_examples(), self.spec(t))
+        return out
+
     def _score_merged(self, merged: dict[str, torch.Tensor], base: AdapterConfig, heads: dict[str, TaskHead],
-                      held: dict[str, Examples | None], rank: int | None) -> dict[str, float]:
-        """Primary metric of each task with a held-out sample, through a merged delta (loaded temporarily)."""
+                      held: dict[str, Examples | None], rank: int | None,
+                      buffers: dict[str, Encoded] | None = None) -> tuple[dict[str, float], dict[str, TaskHead]]:
+        """Primary metric of each task with a held-out sample, through a merged delta (loaded
+        temporarily), and the heads that scored it: refitted on ``buffers`` when given."""
         lora_state, r, _ = to_lora_state(merged, rank)
         key = "_merge_candidate"
         with self._lock:
             self._bank.load(key, AdapterConfig.from_dict({**base.to_dict(), "r": r, "alpha": float(r),
                                                            "dropout": 0.0}), lora_state)
             try:
-                return {t: self._holdout_score(t, held[t], key=key, head=heads[t]) for t in heads if held.get(t)}
+                if buffers:
+                    self._bank.activate(key)
+                    heads = dict(heads)
+                    for t, encoded in buffers.items():
+                        features = predict_logits(lambda inputs: self.backbone.embed(**inputs), encoded,
+                                                  batch_size=64, pad_id=self.backbone.pad_id,
+                                                  device=self.backbone.device)
+                        heads[t] = refit_head(heads[t], features, encoded.targets, self.spec(t).loss).eval()
+                scores = {t: self._holdout_score(t, held[t], key=key, head=heads[t]) for t in heads if held.get(t)}
+                return scores, heads
             finally:
                 self._bank.remove(key)
 

@@ -6,7 +6,10 @@ then merges all of them with every cmtl method (``linear``, ``ties``, ``dare``,
 (``peft_linear``, ``peft_ties``, ``peft_dare_ties``, ``peft_ties_svd``). Each
 merge's knobs are searched on the tasks' validation samples; each task is then
 scored on its test split through the merged adapter and its own head, and
-normalised by the task's own adapter. Writes ``results.json`` and ``results.md``.
+normalised by the task's own adapter. With ``--heads both`` (the default) every
+method also runs with ``refit_heads``: each task's head is refitted on the task's
+replay buffer through the merged adapter (the adapter is the same merge). Writes
+``results.json`` and ``results.md``.
 
     python scenarios/merging.py                          # embedded MiniLM, text5
     python scenarios/merging.py --layers 2 --max-train 200   # quick look
@@ -31,7 +34,7 @@ from cmtl.scenarios import Scenario
 
 def run(scenario: Scenario, out: Path, *, backbone: BackboneConfig, training: TrainConfig, device: str = "auto",
         methods: tuple[str, ...] = METHODS + PEFT_METHODS, rank: int | None = None, search: bool = True,
-        echo=print) -> dict:
+        heads: tuple[str, ...] = ("keep", "refit"), echo=print) -> dict:
     """Train, merge with each method, score; write results into ``out``; return them."""
     if scenario.kind != "task-incremental":
         raise ValueError(f"Scenario {scenario.name!r} is {scenario.kind}; merging needs one adapter per task "
@@ -51,20 +54,21 @@ def run(scenario: Scenario, out: Path, *, backbone: BackboneConfig, training: Tr
                "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
                "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
                "individual": individual, "merges": {}}
-    for method in methods:
+    for method, head in [(m, h) for m in methods for h in heads]:
         started = time.perf_counter()
-        record = reg.merge(tasks, method.replace("_", "-"), config=MergeConfig(method=method, rank=rank),
-                           search=search)
+        label = method if head == "keep" else f"{method}+refit"
+        record = reg.merge(tasks, label.replace("_", "-").replace("+", "-"), search=search,
+                           config=MergeConfig(method=method, rank=rank, refit_heads=head == "refit"))
         seconds = time.perf_counter() - started
         merged = {e.name: reg.evaluate(e.name, e.test, merge=record["name"])["accuracy"] for e in experiences}
         normalised = {t: merged[t] / individual[t] for t in tasks}
-        results["merges"][method] = {
+        results["merges"][label] = {
             "test_accuracy": merged, "normalised": normalised, "mean_normalised": float(np.mean(list(normalised.values()))),
             "config": record["config"], "rank": record["adapter"]["r"],
             "reconstruction_error": record["reconstruction_error"], "validation_normalised": record["normalised"],
             "seconds": seconds,
         }
-        echo(f"{method}: mean normalised {results['merges'][method]['mean_normalised']:.3f} "
+        echo(f"{label}: mean normalised {results['merges'][label]['mean_normalised']:.3f} "
              + " ".join(f"{t}={merged[t]:.3f}" for t in tasks) + f" ({seconds:.0f} s)")
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(to_markdown(results) + "\n")
@@ -78,11 +82,12 @@ def to_markdown(results: dict) -> str:
              "|---" * (len(tasks) + 7) + "|",
              "| individual adapters | " + " | ".join(f"{results['individual'][t]:.3f}" for t in tasks)
              + " | 1.000 | | | | | |"]
-    for method, m in results["merges"].items():
+    for label, m in results["merges"].items():
         c = m["config"]
+        method = c["method"]
         dare_like = "dare" in method
         ties_like = "ties" in method and method != "peft_dare_ties"  # peft's DARE-TIES keeps 1 − drop, no trim
-        lines.append(f"| {method} | " + " | ".join(f"{m['test_accuracy'][t]:.3f}" for t in tasks)
+        lines.append(f"| {label} | " + " | ".join(f"{m['test_accuracy'][t]:.3f}" for t in tasks)
                      + f" | {m['mean_normalised']:.3f} | {c['scale']:g} | {c['density'] if ties_like else '–'} | "
                      f"{c['drop'] if dare_like else '–'} | {m['rank']} | {m['reconstruction_error']['max']:.1e} |")
     return "\n".join(lines)
@@ -101,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--methods", default=",".join(METHODS + PEFT_METHODS))
+    parser.add_argument("--heads", choices=["keep", "refit", "both"], default="both",
+                        help="keep the task heads, refit them on the replay buffers after merging, or both")
     args = parser.parse_args(argv)
     scenario = Scenario.from_yaml(args.scenario)
     scenario = scenario.shrink(args.max_train or scenario.max_train, args.max_eval or scenario.max_eval)
@@ -109,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown methods {unknown}; choose from {list(METHODS + PEFT_METHODS)}")
     run(scenario, Path(args.out), backbone=BackboneConfig(num_hidden_layers=args.layers),
         training=TrainConfig(epochs=args.epochs, seed=args.seed, progress=False), device=args.device,
-        methods=methods, rank=args.rank, search=not args.no_search)
+        methods=methods, rank=args.rank, search=not args.no_search,
+        heads=("keep", "refit") if args.heads == "both" else (args.heads,))
     print((Path(args.out) / "results.md").read_text())
     return 0
 

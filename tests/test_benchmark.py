@@ -102,13 +102,15 @@ def test_merge_benchmark_script(tmp_path, tiny_backbone):
     results = merging.run(scenario, tmp_path, backbone=BackboneConfig(name_or_path=tiny_backbone, max_length=32),
                           training=TrainConfig(epochs=1, batch_size=8, progress=False), device="cpu",
                           methods=("linear", "peft_ties"), rank=4, search=False, echo=lines.append)
-    assert list(results["merges"]) == ["linear", "peft_ties"] and len(results["individual"]) == 5
+    assert list(results["merges"]) == ["linear", "linear+refit", "peft_ties", "peft_ties+refit"]
+    assert len(results["individual"]) == 5
     linear = results["merges"]["linear"]
+    assert results["merges"]["linear+refit"]["config"]["refit_heads"] and not linear["config"]["refit_heads"]
     assert linear["rank"] == 4 and 0 < linear["reconstruction_error"]["max"] < 1
     assert set(linear["normalised"]) == {"bbc", "trec", "spam", "rotten", "foods"}
     md = (tmp_path / "results.md").read_text()
-    assert "| individual adapters |" in md and "| peft_ties |" in md
-    assert len(lines) == 7
+    assert "| individual adapters |" in md and "| peft_ties |" in md and "| peft_ties+refit |" in md
+    assert len(lines) == 9
     with pytest.raises(ValueError, match="task-incremental"):
         merging.run(Scenario.from_yaml(SCENARIOS / "sentiment4.yaml"), tmp_path, backbone=BackboneConfig(),
                     training=TrainConfig())

@@ -9,7 +9,10 @@ import pytest
 import torch
 
 from cmtl import Registry, TaskNotFoundError, TaskSpec
-from cmtl.merging import MergeConfig, dare, lora_deltas, merge_deltas, refactorise, ties, to_lora_state, trim
+from cmtl.errors import DataError
+from cmtl.merging import (MergeConfig, dare, lora_deltas, merge_deltas, refactorise, refit_head, ties, to_lora_state,
+                           trim)
+from cmtl.tasks import TaskHead
 from cmtl.store import MANIFEST
 from tests.conftest import FAST, toy_sentiment
 
@@ -103,6 +106,25 @@ def test_merge_deltas_rejects_mismatches():
 # --- registry ------------------------------------------------------------------------------
 
 
+def test_refit_head_learns_the_new_features_from_a_warm_start():
+    torch.manual_seed(0)
+    features = torch.randn(200, 8)
+    targets = (features[:, 0] - features[:, 3] > 0).long()
+    head = TaskHead(8, 2).eval()
+    with torch.no_grad():  # a head trained on other features: it gets the new ones backwards
+        head.linear.weight.copy_(torch.tensor([[1.0, 0, 0, -1, 0, 0, 0, 0], [-1.0, 0, 0, 1, 0, 0, 0, 0]]))
+    before = head.state_dict()
+    spec = TaskSpec("t", labels=["a", "b"])
+    assert (head(features).argmax(-1) == targets).float().mean() == 0
+    fitted = refit_head(head, features, targets, spec.loss)
+    assert (fitted(features).argmax(-1) == targets).float().mean() >= 0.98
+    assert all(torch.equal(before[k], v) for k, v in head.state_dict().items())  # the member's head is untouched
+    again = refit_head(head, features, targets, spec.loss)
+    assert all(torch.equal(p, q) for p, q in zip(fitted.parameters(), again.parameters()))  # deterministic
+    # The L2 term keeps separable data from sending the weights to infinity.
+    assert fitted.linear.weight.norm() < refit_head(head, features, targets, spec.loss, l2=0.0).linear.weight.norm()
+
+
 @pytest.fixture(scope="module")
 def two_task_registry(tmp_path_factory, tiny_backbone):
     from cmtl import BackboneConfig
@@ -189,6 +211,36 @@ def test_merge_rejects_unknown_members_taken_names_and_other_modules(merge_reg, 
     with pytest.raises(ValueError, match="only adapters on the same modules merge"):
         reg.merge(["a", "c"], "ac")
     assert json.loads((reg.root / MANIFEST).read_text())["merges"] == before
+
+
+def test_merge_with_refitted_heads(merge_reg):
+    reg = merge_reg
+    plain = reg.merge(["a", "b"], "plain", "ties", config=MergeConfig(scale=1.0, density=0.5))
+    refit = reg.merge(["a", "b"], "refit", "ties", config=MergeConfig(scale=1.0, density=0.5, refit_heads=True))
+    assert refit["config"]["refit_heads"] is True
+    texts = ["a great film", "an awful film", "a dull plot"]
+    # Same adapter, other heads: the stored refitted heads answer, in this process and another.
+    assert not torch.allclose(torch.tensor(reg.predict_proba("a", texts, merge="refit")),
+                              torch.tensor(reg.predict_proba("a", texts, merge="plain")))
+    again = Registry.open(reg.root, device="cpu")
+    for t in ("a", "b"):
+        assert refit["holdout"][t]["merged"] == pytest.approx(again.evaluate(t, reg.holdout(t), merge="refit")["accuracy"])
+        # The heads learn the training data through the merged adapter: at least as well as the member heads.
+        buffer = reg.buffer(t).to_examples()
+        assert (again.evaluate(t, buffer, merge="refit")["accuracy"]
+                >= again.evaluate(t, buffer, merge="plain")["accuracy"])
+    searched = reg.merge(["a", "b"], "refit-search", "linear", config=MergeConfig(refit_heads=True), search=True)
+    assert searched["normalised"] == pytest.approx(max(tr["normalised"] for tr in searched["search"]))
+
+
+def test_refit_needs_a_buffer(merge_reg):
+    reg = merge_reg
+    reg.add_task(TaskSpec("c", labels=["neg", "pos"]), toy_sentiment(32), toy_sentiment(16, 1), training=FAST,
+                 fill_buffer=False)
+    before = (reg.root / MANIFEST).read_bytes()
+    with pytest.raises(DataError, match="c v1 has none"):
+        reg.merge(["a", "c"], "ac", config=MergeConfig(refit_heads=True))
+    assert (reg.root / MANIFEST).read_bytes() == before and not (reg.root / "merges" / "ac").exists()
 
 
 def test_peft_baselines_go_through_the_same_pipeline(merge_reg):
