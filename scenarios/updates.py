@@ -14,11 +14,13 @@ seen so far is evaluated on its test split. Writes ``results.json`` and
 
     python scenarios/updates.py                      # embedded MiniLM, sentiment4
     python scenarios/updates.py --layers 2 --max-train 200   # quick look
+    python scenarios/updates.py --update-epochs 2            # warm-started updates train shorter
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -37,8 +39,14 @@ METHODS = ("update-replay", "update-naive", "retrain")
 
 
 def run(scenario: Scenario, out: Path, *, backbone: BackboneConfig, training: TrainConfig, device: str = "auto",
-        methods: tuple[str, ...] = METHODS, replay_ratio: float = 1.0, echo=print) -> dict:
-    """Run ``methods`` over ``scenario``'s domains; write results into ``out``; return them."""
+        methods: tuple[str, ...] = METHODS, replay_ratio: float = 1.0, update_training: TrainConfig | None = None,
+        penalty: str = "none", echo=print) -> dict:
+    """Run ``methods`` over ``scenario``'s domains; write results into ``out``; return them.
+
+    ``training`` trains the first version and every retraining; ``update_training`` (default: the
+    same) the warm-started updates; ``penalty`` (``"none"``, ``"ewc"``, ``"lwf"``) applies to ``update-replay``.
+    """
+    update_training = update_training or training
     if scenario.kind != "domain-incremental":
         raise ValueError(f"Scenario {scenario.name!r} is {scenario.kind}; this benchmark needs a domain-incremental "
                          "one (one task whose data shifts).")
@@ -46,7 +54,8 @@ def run(scenario: Scenario, out: Path, *, backbone: BackboneConfig, training: Tr
     names = [e.name for e in experiences]
     out.mkdir(parents=True, exist_ok=True)
     results = {"scenario": scenario.name, "domains": names, "backbone": backbone.to_dict(),
-               "training": training.to_dict(), "replay_ratio": replay_ratio, "max_train": scenario.max_train, "max_eval": scenario.max_eval,
+               "training": training.to_dict(), "update_training": update_training.to_dict(), "penalty": penalty,
+               "replay_ratio": replay_ratio, "max_train": scenario.max_train, "max_eval": scenario.max_eval,
                "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
                "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"), "methods": {}}
     for method in methods:
@@ -63,9 +72,10 @@ def run(scenario: Scenario, out: Path, *, backbone: BackboneConfig, training: Tr
                              validation=Examples.concat([e.validation for e in seen]), training=training)
                 gate.append(None)
             else:
-                ratio = replay_ratio if method == "update-replay" else 0.0
-                result = reg.update_task(task, exp.train, validation=exp.validation, training=training,
-                                         config=UpdateConfig(replay_ratio=ratio), promote=True)
+                config = (UpdateConfig(replay_ratio=replay_ratio, penalty=penalty) if method == "update-replay"
+                          else UpdateConfig(replay_ratio=0.0))
+                result = reg.update_task(task, exp.train, validation=exp.validation, training=update_training,
+                                         config=config, promote=True)
                 gate.append(result.reason.split("the gate said: ", 1)[-1])
             seconds.append(time.perf_counter() - started)
             for j in range(i + 1):
@@ -122,15 +132,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--replay-ratio", type=float, default=1.0, help="update-replay: replayed per new example.")
+    parser.add_argument("--update-epochs", type=int, default=None, help="epochs of an update (default: --epochs)")
+    parser.add_argument("--update-lr", type=float, default=None, help="learning rate of an update (default: that of training, 1e-3)")
+    parser.add_argument("--penalty", choices=["none", "ewc", "lwf"], default="none", help="update-replay's penalty")
     args = parser.parse_args(argv)
     scenario = Scenario.from_yaml(args.scenario)
     scenario = scenario.shrink(args.max_train or scenario.max_train, args.max_eval or scenario.max_eval)
     methods = tuple(m for m in args.methods.split(",") if m)
     if unknown := sorted(set(methods) - set(METHODS)):
         parser.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
-    run(scenario, Path(args.out), backbone=BackboneConfig(num_hidden_layers=args.layers),
-        training=TrainConfig(epochs=args.epochs, seed=args.seed, progress=False), device=args.device,
-        methods=methods, replay_ratio=args.replay_ratio)
+    training = TrainConfig(epochs=args.epochs, seed=args.seed, progress=False)
+    update_training = dataclasses.replace(training, epochs=args.update_epochs or training.epochs,
+                                          learning_rate=args.update_lr or training.learning_rate)
+    run(scenario, Path(args.out), backbone=BackboneConfig(num_hidden_layers=args.layers), training=training,
+        update_training=update_training, penalty=args.penalty, device=args.device, methods=methods,
+        replay_ratio=args.replay_ratio)
     print((Path(args.out) / "results.md").read_text())
     return 0
 

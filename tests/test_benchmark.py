@@ -82,9 +82,12 @@ def test_update_benchmark_script(tmp_path, tiny_backbone):
     scenario = Scenario.from_yaml(SCENARIOS / "sentiment4.yaml").shrink(24, 12)
     lines = []
     results = updates.run(scenario, tmp_path, backbone=BackboneConfig(name_or_path=tiny_backbone, max_length=32),
-                          training=TrainConfig(epochs=1, batch_size=8, progress=False), device="cpu",
+                          training=TrainConfig(epochs=2, batch_size=8, progress=False), device="cpu",
+                          update_training=TrainConfig(epochs=1, batch_size=8, progress=False), penalty="lwf",
                           echo=lines.append)
     assert list(results["methods"]) == ["update-replay", "update-naive", "retrain"]
+    assert results["training"]["epochs"] == 2 and results["update_training"]["epochs"] == 1
+    assert results["penalty"] == "lwf"
     replay = results["methods"]["update-replay"]
     assert len(replay["report"]["R"]) == 4 and replay["gate"][0] is None and all(replay["gate"][1:])
     assert len(lines) == 12 and lines[-1].startswith("retrain: after nyt")
