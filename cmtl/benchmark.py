@@ -8,6 +8,8 @@ folder: ``results.json`` (every accuracy matrix and metric), ``results.md``
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import logging
 import platform
@@ -114,6 +116,7 @@ def to_markdown(results: dict) -> str:
         lines.append("| " + " | ".join(_fmt(row[c]) for c in columns) + " |")
     for run in results["runs"]:
         report = ContinualReport.from_matrix(run["R"], run["task_names"], b=run["b"])
+        report = dataclasses.replace(report, fwt=run["fwt"])  # None where the run found FWT meaningless
         lines += ["", f"### {run['strategy']} ({run['order']})", "", report.to_markdown(),
                   "", f"![{run['strategy']} {run['order']}]({run['heatmap']})"]
     return "\n".join(lines) + "\n"

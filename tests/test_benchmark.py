@@ -55,6 +55,8 @@ def test_bench_cli_on_minilm_cut(tmp_path):
     assert result.exit_code == 0, result.output
     assert "adapters" in result.output and "lwf" in result.output and "wrote" in result.output
     assert (tmp_path / "heatmap-lwf-stated.png").exists()
+    md = (tmp_path / "results.md").read_text()  # class-incremental: no FWT anywhere (unseen classes score 0)
+    assert "FWT –" in md and "FWT -" not in md and "FWT 0" not in md
 
 
 def test_avalanche_strategy_in_the_same_table(tmp_path, tiny_backbone):
