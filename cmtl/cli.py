@@ -320,6 +320,57 @@ def merge(
 
 
 @app.command()
+def group(
+    registry: RegistryArg,
+    name: Annotated[str, typer.Argument(help="Name of the joint entry (shared with merges).")],
+    data: Annotated[list[str], typer.Option(help="TASK=TRAIN or TASK=TRAIN,VALIDATION; once per task (two or more).")],
+    sampler: Annotated[str, typer.Option(help="uniform, proportional or temperature.")] = "temperature",
+    temperature: float = 2.0,
+    weighting: Annotated[str, typer.Option(help="static or uncertainty.")] = "static",
+    primary: Annotated[Optional[str], typer.Option(help="MT2ST primary task (the others are auxiliary).")] = None,
+    schedule: Annotated[str, typer.Option(help="none, diminish, switch or adaptive_switch (needs --primary).")] = "none",
+    switch_step: Annotated[Optional[int], typer.Option(help="Switch: step at which the auxiliaries stop.")] = None,
+    eta: Annotated[float, typer.Option(help="Diminish: decay rate η.")] = 0.01,
+    tag_every: Annotated[Optional[int], typer.Option(help="Measure TAG affinities every N steps.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Optimiser steps (default: --epochs of the largest task).")] = None,
+    epochs: int = 3,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    seed: int = 0,
+) -> None:
+    """Train one adapter jointly on several tasks (a head each); predict through it with --merge NAME."""
+    from cmtl import CmtlError, TrainConfig
+    from cmtl.multitask import MultiTaskConfig
+
+    reg = _open(registry)
+    try:
+        pairs = {}
+        for item in data:
+            task, sep, paths = item.partition("=")
+            if not sep or not paths or task in pairs:
+                raise ValueError(f"--data {item!r}: write TASK=TRAIN or TASK=TRAIN,VALIDATION, once per task.")
+            train, _, validation = paths.partition(",")
+            pairs[task] = (Path(train), Path(validation) if validation else None)
+        config = MultiTaskConfig(sampler=sampler, temperature=temperature, weighting=weighting, primary=primary,
+                                 schedule=schedule, switch_step=switch_step, eta=eta, tag_every=tag_every,
+                                 steps=steps, epochs=epochs)
+        record = reg.train_group(name, pairs, config=config,
+                                 training=TrainConfig(batch_size=batch_size, learning_rate=lr, seed=seed))
+    except (CmtlError, ValueError) as exc:
+        _fail(exc)
+    typer.echo(f"trained {name} on {', '.join(record['tasks'])}: {record['steps']} steps, {record['seconds']:.1f} s"
+               + (f", switched at step {record['switched_at']}" if record["switched_at"] else ""))
+    scores = record["validation_accuracy"]
+    if scores:
+        typer.echo(format_table([{"task": t, "validation accuracy": scores.get(t)} for t in record["tasks"]],
+                                ["task", "validation accuracy"]))
+    if record["affinity"] is not None:
+        typer.echo("TAG affinity (row i onto column j):")
+        typer.echo(format_table([{"i": t, **{u: z for u, z in zip(record["tasks"], row)}}
+                                 for t, row in zip(record["tasks"], record["affinity"])], ["i"] + record["tasks"]))
+
+
+@app.command()
 def rollback(registry: RegistryArg, task: TaskArg, version: Annotated[int, typer.Argument(help="Version number.")]) -> None:
     """Make a stored version of a task the current one."""
     from cmtl import CmtlError

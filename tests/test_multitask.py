@@ -201,3 +201,37 @@ def test_registry_group_is_stored_served_and_reopened(registry, tmp_path):
                              config=MultiTaskConfig(steps=2), training=training)
     assert registry._manifest is before and registry.merges() == ["both"]
     assert sorted(p.name for p in (registry.root / "merges").iterdir()) == ["both"]
+
+
+def test_group_cli(registry, tmp_path):
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from cmtl.cli import app
+    from tests.conftest import FAST
+
+    registry.add_task(TaskSpec("sentiment", labels=["neg", "pos"]), toy_sentiment(32), training=FAST)
+    registry.add_task(TaskSpec("topic", labels=TOPICS), toy_topics(30), training=FAST)
+    files = {}
+    for name, rows in [("s", toy_sentiment(48)), ("sv", toy_sentiment(16, 1)), ("t", toy_topics(48)),
+                       ("tv", toy_topics(16, 1))]:
+        files[name] = tmp_path / f"{name}.csv"
+        pd.DataFrame(rows).to_csv(files[name], index=False)
+    run = CliRunner().invoke
+    result = run(app, ["group", str(registry.root), "both", "--data", f"sentiment={files['s']},{files['sv']}",
+                       "--data", f"topic={files['t']},{files['tv']}", "--steps", "12", "--tag-every", "4",
+                       "--primary", "topic", "--schedule", "switch", "--switch-step", "6"])
+    assert result.exit_code == 0, result.output
+    assert "trained both on sentiment, topic: 12 steps" in result.output and "TAG affinity" in result.output
+    from cmtl import Registry
+
+    info = Registry.open(registry.root, device="cpu").merge_info("both")
+    assert info["config"]["schedule"] == "switch" and info["config"]["switch_step"] == 6
+    result = run(app, ["predict", str(registry.root), "topic", "a match and a goal", "--merge", "both"])
+    assert result.exit_code == 0, result.output
+    for bad, message in [(["--data", f"sentiment={files['s']}"], "at least two tasks"),
+                         (["--data", "sentiment", "--data", f"topic={files['t']}"], "TASK=TRAIN"),
+                         (["--data", f"sentiment={files['s']}", "--data", f"topic={files['t']}", "--sampler", "zipf"],
+                          "Unknown sampler")]:
+        result = run(app, ["group", str(registry.root), "other", *bad])
+        assert result.exit_code != 0 and message in result.output, result.output
