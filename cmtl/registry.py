@@ -324,8 +324,9 @@ class Registry:
         with self._lock:
             parent_key = self._ensure_loaded(task, parent)  # before seeding: loading may draw random numbers
         with self._lock, seeded(training.seed, self.backbone.device):
-            parent_new = self._score(parent_key, spec, val_enc, metric)
-            parent_old = self._score(parent_key, spec, old_enc, metric) if old_enc is not None else None
+            parent_head = self._heads[parent_key]
+            parent_new = self._score(parent_key, parent_head, spec, val_enc)
+            parent_old = self._score(parent_key, parent_head, spec, old_enc) if old_enc is not None else None
             adapter = AdapterConfig.from_dict(parent_record["adapter"])
             self._bank.load(key, adapter, self._bank.state_dict(parent_key))
             head = TaskHead(self.backbone.hidden_size, spec.num_outputs, training.head_dropout).to(self.backbone.device)
@@ -334,8 +335,8 @@ class Registry:
                 extra = self._update_penalty(config, key, parent_key, head, spec, [replay_enc, old_enc], training)
                 result = self._train(key, adapter, head, spec, train_enc, early_stop, training, extra_loss=extra)
                 self._heads[key] = head
-                gate = Gate(metric, higher, parent_new, self._score(key, spec, val_enc, metric), parent_old,
-                            self._score(key, spec, old_enc, metric) if old_enc is not None else None,
+                gate = Gate(metric, higher, parent_new, self._score(key, head, spec, val_enc), parent_old,
+                            self._score(key, head, spec, old_enc) if old_enc is not None else None,
                             config.tolerance)
                 promoted, reason = gate.decide()
                 if promote is not None:
@@ -465,7 +466,11 @@ class Registry:
         # Each task is judged on the held-out data of its newest merged version's lineage, against that version.
         newest = {t: max(v for u, v in pairs if u == t) for t in tasks}
         held = {t: self.holdout(t, newest[t]) for t in tasks}
-        individual = {t: self._holdout_score(t, held[t], version=newest[t]) for t in tasks if held[t] is not None}
+        held = {t: None if ex is None else self._encode(ex, self.spec(t)) for t, ex in held.items()}  # once
+        with self._lock:
+            keys = {t: self._ensure_loaded(t, newest[t]) for t in tasks}
+        individual = {t: self._score(keys[t], self._heads[keys[t]], self.spec(t), held[t])
+                      for t in tasks if held[t] is not None}
 
         buffers = self._refit_data(pairs, tasks) if config.refit_heads else None
         trials, best = [], None
@@ -722,11 +727,6 @@ class Registry:
     def _encode(self, examples: Examples, spec: TaskSpec) -> Encoded:
         return encode(examples, spec, self.backbone.tokenize)
 
-    def _forward(self, key: str):
-        head = self._heads[key]
-        embed = self.backbone.embed
-        return lambda inputs: head(embed(**inputs))
-
     def _train(self, key: str, adapter: AdapterConfig, head: TaskHead, spec: TaskSpec, train_enc: Encoded,
                val_enc: Encoded | None, config: TrainConfig, extra_loss=None) -> TrainResult:
         # Layers below the adapter are frozen for every adapter this run switches in (an update's
@@ -832,11 +832,14 @@ class Registry:
             return None
         return store.read_checked(store.version_dir(self.root, task, version) / name, record["files"][name])
 
-    def _score(self, key: str, spec: TaskSpec, encoded: Encoded, metric: str) -> float:
-        self._bank.activate(key)
-        self._heads[key].eval()
-        logits = predict_logits(self._forward(key), encoded, batch_size=64, pad_id=self.backbone.pad_id,
-                                device=self.backbone.device)
+    def _score(self, key: str, head: TaskHead, spec: TaskSpec, encoded: Encoded) -> float:
+        """Primary metric of ``spec`` on ``encoded`` through the adapter ``key`` and ``head``."""
+        metric, _ = primary_metric(spec)
+        with self._lock:
+            self._bank.activate(key)
+            head.eval()
+            logits = predict_logits(lambda inputs: head(self.backbone.embed(**inputs)), encoded, batch_size=64,
+                                    pad_id=self.backbone.pad_id, device=self.backbone.device)
         return float(compute_metrics(spec, logits, encoded.targets)[metric])
 
     def _update_penalty(self, config: UpdateConfig, key: str, parent_key: str, head: TaskHead, spec: TaskSpec,
@@ -960,20 +963,6 @@ class Registry:
             out[t] = head.to(self.backbone.device).eval()
         return out
 
-    def _holdout_score(self, task: str, examples: Examples, *, version: int | None = None,
-                       key: str | None = None, head: TaskHead | None = None) -> float:
-        spec = self.spec(task)
-        metric, _ = primary_metric(spec)
-        encoded = self._encode(examples, spec)
-        with self._lock:
-            if key is None:
-                logits = self._predict_encoded(task, encoded, version)
-            else:
-                self._bank.activate(key)
-                logits = predict_logits(lambda inputs: head(self.backbone.embed(**inputs)), encoded, batch_size=64,
-                                        pad_id=self.backbone.pad_id, device=self.backbone.device)
-        return float(compute_metrics(spec, logits, encoded.targets)[metric])
-
     def _refit_data(self, pairs: list[tuple[str, int]], tasks: list[str]) -> dict[str, Encoded]:
         """Each task's replay buffer (of its newest merged version), encoded, to refit its head on."""
         out = {}
@@ -987,7 +976,7 @@ class Registry:
         return out
 
     def _score_merged(self, merged: dict[str, torch.Tensor], base: AdapterConfig, heads: dict[str, TaskHead],
-                      held: dict[str, Examples | None], rank: int | None,
+                      held: dict[str, Encoded | None], rank: int | None,
                       buffers: dict[str, Encoded] | None = None) -> tuple[dict[str, float], dict[str, TaskHead]]:
         """Primary metric of each task with a held-out sample, through a merged delta (loaded
         temporarily), and the heads that scored it: refitted on ``buffers`` when given."""
@@ -1005,7 +994,7 @@ class Registry:
                                                   batch_size=64, pad_id=self.backbone.pad_id,
                                                   device=self.backbone.device)
                         heads[t] = refit_head(heads[t], features, encoded.targets, self.spec(t).loss).eval()
-                scores = {t: self._holdout_score(t, held[t], key=key, head=heads[t]) for t in heads if held.get(t)}
+                scores = {t: self._score(key, heads[t], self.spec(t), held[t]) for t in heads if held.get(t) is not None}
                 return scores, heads
             finally:
                 self._bank.remove(key)
