@@ -295,6 +295,8 @@ def merge(
     drop: Annotated[float, typer.Option(help="DARE: drop probability.")] = 0.9,
     rank: Annotated[Optional[int], typer.Option(help="Rank of the stored adapter (default: exact).")] = None,
     search: Annotated[bool, typer.Option(help="Choose the knobs on the members' held-out samples.")] = False,
+    refit_heads: Annotated[bool, typer.Option(help="Refit each task's head on its replay buffer through the "
+                                                   "merged adapter.")] = False,
     seed: int = 0,
 ) -> None:
     """Merge task adapters into one adapter; each task keeps its own head (predict TASK --merge NAME)."""
@@ -305,7 +307,8 @@ def merge(
     try:
         parsed = [(m.split(":")[0], int(m.split(":")[1])) if ":" in m else m for m in members]
         record = reg.merge(parsed, name, config=MergeConfig(method=method, scale=scale, density=density, drop=drop,
-                                                            rank=rank, seed=seed), search=search)
+                                                            rank=rank, seed=seed, refit_heads=refit_heads),
+                           search=search)
     except (CmtlError, ValueError) as exc:
         _fail(exc)
     members_text = ", ".join(f"{m['task']} v{m['version']}" for m in record["members"])

@@ -11,12 +11,13 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from cmtl import Registry
 from cmtl.cli import app
 from tests.conftest import toy_sentiment
 
 runner = CliRunner()
-COMMANDS = ["init", "add-task", "predict", "eval", "ls", "versions", "update", "monitor", "merge", "rollback", "remove",
-            "demo", "bench"]
+COMMANDS = ["init", "add-task", "predict", "eval", "ls", "versions", "update", "monitor", "merge", "group", "rollback",
+            "remove", "serve", "demo", "bench"]
 
 
 def invoke(*args: str):
@@ -88,6 +89,9 @@ def test_lifecycle(tmp_path, tiny_backbone):
     assert "merged sentiment v1, sentiment v3 into soup (linear, scale 0.5" in result.output and "normalised" in result.output
     result = invoke("predict", reg, "sentiment", "a great film", "--merge", "soup")
     assert result.exit_code == 0 and result.output.split("\t")[0] in ("pos", "neg")
+    result = invoke("merge", reg, "soup-refit", "sentiment:1", "sentiment:3", "--method", "linear", "--refit-heads")
+    assert result.exit_code == 0, result.output
+    assert Registry.open(reg, device="cpu").merge_info("soup-refit")["config"]["refit_heads"] is True
     result = invoke("merge", reg, "bad", "sentiment:1", "sentiment:1")
     assert result.exit_code == 1 and "merged with itself" in result.output
 
