@@ -131,6 +131,29 @@ def run(args, echo=print) -> dict:
     return results
 
 
+def plot_curves(results: dict, path: Path) -> None:
+    """Primary validation accuracy against wall time, one line per way, the target dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for way, r in results["ways"].items():
+        seconds, accuracy = zip(*r["curve"]) if r["curve"] else ((), ())
+        ax.plot(seconds, accuracy, marker=".", label=way)
+    if results.get("target"):
+        ax.axhline(results["target"], color="grey", linestyle="--", linewidth=1, label="target")
+    p = results["pairing"]
+    ax.set_title(f"{p['primary']} with {', '.join(p['auxiliaries'])}")
+    ax.set_xlabel("wall time (s)")
+    ax.set_ylabel(f"{p['primary']} validation accuracy")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def to_markdown(results: dict) -> str:
     p = results["pairing"]
     lines = [f"Primary `{p['primary']}`, auxiliaries {', '.join(f'`{a}`' for a in p['auxiliaries'])}; "
@@ -175,6 +198,7 @@ def main(argv: list[str] | None = None, echo=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(to_markdown(results) + "\n")
+    plot_curves(results, out / "accuracy-vs-time.png")
     echo(to_markdown(results))
     return results
 
