@@ -11,11 +11,13 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 from torch import nn
 
+from cmtl import store
 from cmtl.errors import DataError
 
 
@@ -88,6 +90,44 @@ def _peft_config(config: AdapterConfig):
         layers_to_transform=list(config.layers) if config.layers is not None else None,
         bias="none",
     )
+
+
+def stack_lora(parts: list[tuple[dict[str, torch.Tensor], float]]) -> dict[str, torch.Tensor]:
+    """One LoRA state with scaling 1 whose ΔW is the sum of the parts' (state, scaling) ΔWs:
+    A factors stacked along the rank, each B scaled by its part's scaling. Every part must adapt
+    the same modules; the result's rank is the sum of the parts' ranks."""
+    keys = sorted(parts[0][0])
+    for state, _ in parts[1:]:
+        if sorted(state) != keys:
+            raise DataError("Adapters to stack must adapt the same modules; "
+                            f"{sorted(set(keys) ^ set(state))[:3]} differ.")
+    out = {}
+    for key in keys:
+        if ".lora_A." in key:
+            out[key] = torch.cat([state[key] for state, _ in parts], dim=0)
+        elif ".lora_B." in key:
+            out[key] = torch.cat([state[key] * scaling for state, scaling in parts], dim=1)
+        else:
+            raise DataError(f"Unexpected adapter tensor {key!r}: only LoRA A and B factors stack.")
+    return out
+
+
+def entry_adapter(root: str | Path, record: dict[str, Any], task: str | None = None
+                  ) -> tuple[dict[str, torch.Tensor], AdapterConfig]:
+    """The adapter weights and config of a merged or joint entry; with ``task``, for a joint entry
+    trained with per-task adapters, the shared and the task's own factors stacked into one LoRA
+    (rank r_shared + r_task, scaling 1). Files are checked against the manifest's checksums."""
+    folder = store.merge_dir(Path(root), record["name"])
+    state = store.read_tensors(folder / "adapter.safetensors", record["files"]["adapter.safetensors"])
+    config = AdapterConfig.from_dict(record["adapter"])
+    if task is None or not record.get("task_adapter"):
+        return state, config
+    own_all = store.read_tensors(folder / "task_adapters.safetensors", record["files"]["task_adapters.safetensors"])
+    own = {k[len(task) + 1:]: v for k, v in own_all.items() if k.startswith(f"{task}.")}
+    own_cfg = record["task_adapter"]
+    stacked = stack_lora([(state, config.scaling), (own, own_cfg["alpha"] / own_cfg["r"])])
+    rank = config.r + int(own_cfg["r"])
+    return stacked, AdapterConfig.from_dict({**config.to_dict(), "r": rank, "alpha": float(rank), "dropout": 0.0})
 
 
 class AdapterBank:
@@ -220,6 +260,13 @@ class AdapterBank:
                                                    combination_type=combination_type, density=density)
         self._freeze_all()
         self.set_training(name, False)
+
+    def modules(self, name: str) -> dict[str, nn.Module]:
+        """The layers adapter ``name`` adapts, keyed as in :meth:`state_dict` (``….query``)."""
+        if name not in self:
+            raise KeyError(f"Adapter {name!r} is not loaded. Loaded: {self.names}.")
+        return {path: module for path, module in self._peft.named_modules()
+                if isinstance(getattr(module, "lora_A", None), nn.ModuleDict) and name in module.lora_A}
 
     def num_parameters(self, name: str) -> int:
         return sum(p.numel() for _, p in self._named(name))

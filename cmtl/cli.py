@@ -335,6 +335,7 @@ def group(
     switch_step: Annotated[Optional[int], typer.Option(help="Switch: step at which the auxiliaries stop.")] = None,
     eta: Annotated[float, typer.Option(help="Diminish: decay rate η.")] = 0.01,
     tag_every: Annotated[Optional[int], typer.Option(help="Measure TAG affinities every N steps.")] = None,
+    task_rank: Annotated[int, typer.Option(help="Rank of a small LoRA per task beside the shared one; 0: none.")] = 0,
     steps: Annotated[Optional[int], typer.Option(help="Optimiser steps (default: --epochs of the largest task).")] = None,
     epochs: int = 3,
     batch_size: int = 16,
@@ -342,11 +343,14 @@ def group(
     seed: int = 0,
 ) -> None:
     """Train one adapter jointly on several tasks (a head each); predict through it with --merge NAME."""
-    from cmtl import CmtlError, TrainConfig
+    from cmtl import AdapterConfig, CmtlError, TrainConfig
     from cmtl.multitask import MultiTaskConfig
 
     reg = _open(registry)
     try:
+        if task_rank < 0:
+            raise ValueError(f"--task-rank must be >= 0. Got {task_rank}.")
+        own = AdapterConfig(r=task_rank, alpha=2.0 * task_rank) if task_rank else None
         pairs = {}
         for item in data:
             task, sep, paths = item.partition("=")
@@ -357,7 +361,7 @@ def group(
         config = MultiTaskConfig(sampler=sampler, temperature=temperature, weighting=weighting, primary=primary,
                                  schedule=schedule, switch_step=switch_step, eta=eta, tag_every=tag_every,
                                  steps=steps, epochs=epochs)
-        record = reg.train_group(name, pairs, config=config,
+        record = reg.train_group(name, pairs, config=config, task_adapter=own,
                                  training=TrainConfig(batch_size=batch_size, learning_rate=lr, seed=seed))
     except (CmtlError, ValueError) as exc:
         _fail(exc)

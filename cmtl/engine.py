@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from cmtl import store
-from cmtl.adapters import AdapterConfig
+from cmtl.adapters import AdapterConfig, entry_adapter
 from cmtl.backbone import Backbone, BackboneConfig, load_backbone
 from cmtl.data import Encoded, batches, token_budget_chunks
 from cmtl.errors import DataError, TaskNotFoundError
@@ -143,12 +143,17 @@ class InferenceEngine:
                                          self._head(specs[task], head_state))
         for name, record in sorted(manifest.get("merges", {}).items()):
             folder = store.merge_dir(self.root, name)
-            state = store.read_tensors(folder / "adapter.safetensors", record["files"]["adapter.safetensors"])
             heads = store.read_tensors(folder / "heads.safetensors", record["files"]["heads.safetensors"])
-            adapters.append((state, AdapterConfig.from_dict(record["adapter"]).scaling))
+            per_task = bool(record.get("task_adapter"))  # a joint entry whose tasks have their own factors too
+            if not per_task:
+                state, config = entry_adapter(self.root, record)
+                adapters.append((state, config.scaling))
             for task in record["tasks"]:
                 if task not in specs:  # the task was removed after the merge: its head has no spec
                     continue
+                if per_task:
+                    state, config = entry_adapter(self.root, record, task)
+                    adapters.append((state, config.scaling))
                 head_state = {k[len(task) + 1:]: v for k, v in heads.items() if k.startswith(f"{task}.")}
                 routes[(task, name)] = Route(task, name, None, len(adapters) - 1, specs[task],
                                              self._head(specs[task], head_state))

@@ -245,6 +245,76 @@ def grouped_forward(embed: Callable[..., torch.Tensor], heads: Sequence[TaskHead
 
 
 
+
+class TaskLoRA(nn.Module):
+    """Small LoRA factors per task beside the shared adapter: in a mixed batch, row b's output of
+    every adapted layer gains its own task's ΔW_t x = (alpha / r) · B_t A_t x, through forward hooks
+    (two batched matrix products per layer, gathered by row; no loop over tasks).
+
+    Args:
+        shapes: ``{module path: (in_features, out_features)}`` of the layers the shared adapter
+            adapts, paths in peft's state-dict form (``….attention.self.query``).
+        num_tasks: Tasks of the group, in order; ``groups`` values index them.
+        r, alpha: Rank and scaling numerator of each task's factors (B starts at zero).
+    """
+
+    def __init__(self, shapes: dict[str, tuple[int, int]], num_tasks: int, r: int, alpha: float):
+        super().__init__()
+        self.paths = sorted(shapes)
+        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        self.A, self.B = nn.ParameterList(), nn.ParameterList()
+        for path in self.paths:
+            fan_in, fan_out = shapes[path]
+            a = torch.empty(num_tasks, r, fan_in)
+            for t in range(num_tasks):  # peft's LoRA A initialisation, per task
+                nn.init.kaiming_uniform_(a[t], a=math.sqrt(5))
+            self.A.append(nn.Parameter(a))
+            self.B.append(nn.Parameter(torch.zeros(num_tasks, fan_out, r)))
+        self.groups: torch.Tensor | None = None
+        self._handles: list = []
+
+    def attach(self, modules: dict[str, nn.Module]) -> None:
+        """Hook ``modules`` (``{path: module}``, the adapted layers) so their outputs gain the rows' deltas."""
+        self.detach()
+        for i, path in enumerate(self.paths):
+            self._handles.append(modules[path].register_forward_hook(self._hook(i)))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _hook(self, i: int):
+        def hook(module, args, out):
+            if self.groups is None:
+                raise RuntimeError("TaskLoRA needs the rows' tasks: call the model through TaskLoRA.wrap(forward).")
+            a, b = self.A[i][self.groups], self.B[i][self.groups]  # (B, r, in), (B, out, r)
+            return out + self.scaling * torch.bmm(torch.bmm(args[0], a.transpose(1, 2)), b.transpose(1, 2))
+
+        return hook
+
+    def wrap(self, forward: Callable[[dict[str, torch.Tensor]], torch.Tensor]
+             ) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+        """``forward`` with ``inputs["groups"]`` routed to the hooks for the duration of the call."""
+
+        def wrapped(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+            self.groups = inputs["groups"]
+            try:
+                return forward(inputs)
+            finally:
+                self.groups = None
+
+        return wrapped
+
+    def state(self, t: int) -> dict[str, torch.Tensor]:
+        """Task t's factors in peft's state-dict format (``….lora_A.weight`` / ``….lora_B.weight``), on CPU."""
+        out = {}
+        for path, a, b in zip(self.paths, self.A, self.B):
+            out[f"{path}.lora_A.weight"] = a[t].detach().cpu().clone().contiguous()
+            out[f"{path}.lora_B.weight"] = b[t].detach().cpu().clone().contiguous()
+        return out
+
+
 @dataclass
 class MultiTaskResult:
     """What :func:`train_multitask` did: steps, time, per-task validation history, TAG affinities."""

@@ -27,7 +27,7 @@ import torch
 
 from cmtl import distributed, store
 from cmtl._version import __version__
-from cmtl.adapters import AdapterBank, AdapterConfig
+from cmtl.adapters import AdapterBank, AdapterConfig, entry_adapter
 from cmtl.backbone import Backbone, BackboneConfig, load_backbone
 from cmtl.caching import maybe_cache
 from cmtl.data import Encoded, Examples, as_texts, encode, read_examples
@@ -35,7 +35,7 @@ from cmtl.errors import DataError, RegistryError, TaskExistsError, TaskNotFoundE
 from cmtl.evaluation import compute_metrics, predict_logits, primary_metric
 from cmtl.merging import MergeConfig, lora_deltas, merge_deltas, refit_head, to_lora_state
 from cmtl.monitor import DriftMonitor, DriftReport, MonitorConfig
-from cmtl.multitask import MultiTaskConfig, grouped_forward, train_multitask
+from cmtl.multitask import MultiTaskConfig, TaskLoRA, grouped_forward, train_multitask
 from cmtl.penalties import distillation_loss, ewc_term, fisher_diagonal
 from cmtl.replay import ReplayBuffer, make_buffer
 from cmtl.tasks import _NAME, TaskHead, TaskSpec
@@ -508,7 +508,8 @@ class Registry:
         return record
 
     def train_group(self, name: str, data: dict[str, tuple[Any, Any]], *, config: MultiTaskConfig | None = None,
-                    adapter: AdapterConfig | None = None, training: TrainConfig | None = None) -> dict[str, Any]:
+                    adapter: AdapterConfig | None = None, task_adapter: AdapterConfig | None = None,
+                    training: TrainConfig | None = None) -> dict[str, Any]:
         """Train ONE adapter jointly on several of the registry's tasks, with a fresh head per task,
         and store it as an entry beside the merges: ``predict(task, texts, merge=name)`` and the
         server answer through it.
@@ -518,6 +519,9 @@ class Registry:
             data: ``{task: (train, validation)}`` for at least two existing single-label tasks.
             config: Sampler, loss weighting, MT2ST schedule, TAG measurement, steps.
             adapter: LoRA settings of the shared adapter (default: the first task's current ones).
+            task_adapter: Also give each task a small LoRA of its own (``r`` and ``alpha`` from
+                this config; the shared adapter's layers) beside the shared one. Each task then
+                answers through shared + own factors, stored as one adapter of rank r_shared + r.
             training: Batch size, learning rate, warm-up, clipping, seed.
 
         Returns:
@@ -545,6 +549,14 @@ class Registry:
             heads = [TaskHead(self.backbone.hidden_size, s.num_outputs, training.head_dropout).to(self.backbone.device)
                      for s in specs]
             forward = grouped_forward(self.backbone.embed, heads)
+            own = None
+            if task_adapter is not None:
+                state = self._bank.state_dict(key)  # A: (r, in), B: (out, r) per adapted layer
+                shapes = {k.rpartition(".lora_A.")[0]: (v.shape[1], state[k.replace(".lora_A.", ".lora_B.")].shape[0])
+                          for k, v in state.items() if ".lora_A." in k}
+                own = TaskLoRA(shapes, len(tasks), task_adapter.r, task_adapter.alpha).to(self.backbone.device)
+                own.attach(self._bank.modules(key))
+                forward = own.wrap(forward)
 
             def set_training(flag: bool) -> None:
                 self._bank.set_training(key, flag)
@@ -554,9 +566,9 @@ class Registry:
             try:
                 self._bank.activate(key)
                 shared = self._bank.parameters(key)
-                result = train_multitask(forward, shared, [p for h in heads for p in h.parameters()], set_training,
-                                         specs, train_enc, val_enc, config, training, pad_id=self.backbone.pad_id,
-                                         device=self.backbone.device)
+                per_task = [p for h in heads for p in h.parameters()] + (list(own.parameters()) if own else [])
+                result = train_multitask(forward, shared, per_task, set_training, specs, train_enc, val_enc, config,
+                                         training, pad_id=self.backbone.pad_id, device=self.backbone.device)
                 for p in shared:
                     p.requires_grad_(False)
                 record = {
@@ -567,19 +579,28 @@ class Registry:
                     "history": result.history, "affinity": result.affinity,
                     "tag_seconds": round(result.tag_seconds, 3), "switched_at": result.switched_at,
                     "task_weights": result.task_weights,
+                    "task_adapter": None if own is None else {"r": own.r, "alpha": own.alpha},
                 }
-                self._write_entry(record, self._bank.state_dict(key), dict(zip(tasks, heads)))
+                own_states = None if own is None else {t: own.state(i) for i, t in enumerate(tasks)}
+                self._write_entry(record, self._bank.state_dict(key), dict(zip(tasks, heads)), own_states)
             except BaseException:
                 self._bank.remove(key)
                 raise
-            for t, h in zip(tasks, heads):
-                self._heads[f"{key}:{t}"] = h.eval()
+            finally:
+                if own is not None:
+                    own.detach()
+            if own is None:
+                for t, h in zip(tasks, heads):
+                    self._heads[f"{key}:{t}"] = h.eval()
+            else:  # each task answers through shared + own factors, loaded per task on first use
+                self._bank.remove(key)
         return record
 
     def _write_entry(self, record: dict[str, Any], adapter_state: dict[str, torch.Tensor],
-                     heads: dict[str, TaskHead]) -> None:
-        """Write a merged or jointly trained entry's adapter and heads, then name it in the manifest.
-        Under torchrun only rank 0 writes; the other ranks read what it wrote."""
+                     heads: dict[str, TaskHead], task_adapters: dict[str, dict[str, torch.Tensor]] | None = None
+                     ) -> None:
+        """Write a merged or jointly trained entry's adapter, heads (and per-task adapters), then name
+        it in the manifest. Under torchrun only rank 0 writes; the other ranks read what it wrote."""
         name = record["name"]
         if not distributed.is_main():
             distributed.barrier()
@@ -587,16 +608,20 @@ class Registry:
             record.update(self._manifest["merges"][name])
             return
         try:
-            self._write_entry_files(record, adapter_state, heads)
+            self._write_entry_files(record, adapter_state, heads, task_adapters)
         finally:
             distributed.barrier()
 
     def _write_entry_files(self, record: dict[str, Any], adapter_state: dict[str, torch.Tensor],
-                           heads: dict[str, TaskHead]) -> None:
+                           heads: dict[str, TaskHead], task_adapters: dict[str, dict[str, torch.Tensor]] | None
+                           ) -> None:
         name = record["name"]
         files = {"adapter.safetensors": store.tensors_to_bytes(adapter_state),
                  "heads.safetensors": store.tensors_to_bytes(
                      {f"{t}.{k}": v for t, head in heads.items() for k, v in head.state_dict().items()})}
+        if task_adapters:
+            files["task_adapters.safetensors"] = store.tensors_to_bytes(
+                {f"{t}.{k}": v for t, state in task_adapters.items() for k, v in state.items()})
         with store.writer_lock(self.root):
             manifest = store.read_manifest(self.root)
             if name in manifest.get("merges", {}):
@@ -627,7 +652,8 @@ class Registry:
             del manifest["merges"][name]
             store.write_manifest(self.root, manifest)
             shutil.rmtree(store.merge_dir(self.root, name), ignore_errors=True)
-            self._bank.remove(_merge_key(name))
+            for key in [k for k in self._bank.names if k == _merge_key(name) or k.startswith(f"{_merge_key(name)}__")]:
+                self._bank.remove(key)
             for key in [k for k in self._heads if k.startswith(f"{_merge_key(name)}:")]:
                 del self._heads[key]
 
@@ -922,16 +948,18 @@ class Registry:
         if task not in record["tasks"]:
             raise TaskNotFoundError(f"Merge {name!r} does not hold task {task!r}. It holds {record['tasks']}.")
         key = _merge_key(name)
-        if key not in self._bank:
-            folder = store.merge_dir(self.root, name)
-            state = store.read_tensors(folder / "adapter.safetensors", record["files"]["adapter.safetensors"])
-            heads = store.read_tensors(folder / "heads.safetensors", record["files"]["heads.safetensors"])
+        # A joint entry with per-task adapters answers each task through its own stacked adapter.
+        adapter_key = key if not record.get("task_adapter") else f"{key}__{task}"
+        if adapter_key not in self._bank:
+            state, config = entry_adapter(self.root, record, None if adapter_key == key else task)
+            heads = store.read_tensors(store.merge_dir(self.root, name) / "heads.safetensors",
+                                       record["files"]["heads.safetensors"])
             for t in record["tasks"]:
                 head = TaskHead(self.backbone.hidden_size, self.spec(t).num_outputs)
                 head.load_state_dict({k[len(t) + 1:]: v for k, v in heads.items() if k.startswith(f"{t}.")})
                 self._heads[f"{key}:{t}"] = head.to(self.backbone.device).eval()
-            self._bank.load(key, AdapterConfig.from_dict(record["adapter"]), state)
-        return key, f"{key}:{task}"
+            self._bank.load(adapter_key, config, state)
+        return adapter_key, f"{key}:{task}"
 
     def _combine(self, pairs: list[tuple[str, int]], deltas: list[dict[str, torch.Tensor]],
                  config: MergeConfig) -> dict[str, torch.Tensor]:

@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from cmtl import TaskSpec, TrainConfig
-from cmtl.adapters import AdapterBank, AdapterConfig
+from cmtl.adapters import AdapterBank, AdapterConfig, stack_lora
 from cmtl.backbone import load_backbone
 from cmtl.data import encode, read_examples
-from cmtl.multitask import (MultiTaskConfig, UncertaintyWeighting, _adamw_lookahead, diminish, grouped_forward,
-                            group_score, sampling_probabilities, select_groups, switch, train_multitask)
+from cmtl.multitask import (MultiTaskConfig, TaskLoRA, UncertaintyWeighting, _adamw_lookahead, diminish,
+                            grouped_forward, group_score, sampling_probabilities, select_groups, switch,
+                            train_multitask)
 from cmtl.tasks import TaskHead
 from tests.conftest import TOPICS, toy_sentiment, toy_topics
 
@@ -220,13 +221,14 @@ def test_group_cli(registry, tmp_path):
     run = CliRunner().invoke
     result = run(app, ["group", str(registry.root), "both", "--data", f"sentiment={files['s']},{files['sv']}",
                        "--data", f"topic={files['t']},{files['tv']}", "--steps", "12", "--tag-every", "4",
-                       "--primary", "topic", "--schedule", "switch", "--switch-step", "6"])
+                       "--primary", "topic", "--schedule", "switch", "--switch-step", "6", "--task-rank", "2"])
     assert result.exit_code == 0, result.output
     assert "trained both on sentiment, topic: 12 steps" in result.output and "TAG affinity" in result.output
     from cmtl import Registry
 
     info = Registry.open(registry.root, device="cpu").merge_info("both")
     assert info["config"]["schedule"] == "switch" and info["config"]["switch_step"] == 6
+    assert info["task_adapter"] == {"r": 2, "alpha": 4.0}
     result = run(app, ["predict", str(registry.root), "topic", "a match and a goal", "--merge", "both"])
     assert result.exit_code == 0, result.output
     for bad, message in [(["--data", f"sentiment={files['s']}"], "at least two tasks"),
@@ -235,3 +237,64 @@ def test_group_cli(registry, tmp_path):
                           "Unknown sampler")]:
         result = run(app, ["group", str(registry.root), "other", *bad])
         assert result.exit_code != 0 and message in result.output, result.output
+
+
+def test_task_lora_adds_each_rows_own_delta():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 3)
+    own = TaskLoRA({"layer": (4, 3)}, num_tasks=2, r=2, alpha=4.0)
+    with torch.no_grad():
+        for p in own.B:
+            p.normal_()
+    own.attach({"layer": layer})
+    x = torch.randn(3, 5, 4)  # (batch, tokens, features)
+    groups = torch.tensor([1, 0, 1])
+    out = own.wrap(lambda inputs: layer(x))({"groups": groups})
+    for b, t in enumerate(groups.tolist()):  # by hand: W x + (alpha / r) B_t A_t x, row by row
+        delta = 2.0 * own.B[0][t] @ own.A[0][t]
+        base = torch.nn.functional.linear(x[b], layer.weight, layer.bias)
+        torch.testing.assert_close(out[b], base + x[b] @ delta.T)
+    # Only the factors of the tasks in the batch receive gradient.
+    out = own.wrap(lambda inputs: layer(x))({"groups": torch.tensor([1, 1, 1])})
+    out.sum().backward()
+    assert own.B[0].grad[0].abs().sum() == 0 and own.B[0].grad[1].abs().sum() > 0
+    with pytest.raises(RuntimeError, match="wrap"):
+        layer(x)
+    own.detach()
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+    # Stacked with a shared adapter, one LoRA of rank r_s + r gives the sum of both deltas.
+    shared = {"layer.lora_A.weight": torch.randn(3, 4), "layer.lora_B.weight": torch.randn(3, 3)}
+    stacked = stack_lora([(shared, 0.5), (own.state(1), own.scaling)])
+    assert stacked["layer.lora_A.weight"].shape == (5, 4)
+    torch.testing.assert_close(stacked["layer.lora_B.weight"] @ stacked["layer.lora_A.weight"],
+                               0.5 * shared["layer.lora_B.weight"] @ shared["layer.lora_A.weight"]
+                               + 2.0 * (own.B[0][1] @ own.A[0][1]).detach())
+
+
+def test_group_with_task_adapters_round_trip(registry):
+    from cmtl import Registry
+    from cmtl.engine import InferenceEngine
+    from tests.conftest import FAST
+
+    registry.add_task(TaskSpec("sentiment", labels=["neg", "pos"]), toy_sentiment(32), training=FAST)
+    registry.add_task(TaskSpec("topic", labels=TOPICS), toy_topics(30), training=FAST)
+    data = {"sentiment": (toy_sentiment(64), toy_sentiment(24, 1)), "topic": (toy_topics(63), toy_topics(24, 1))}
+    training = TrainConfig(batch_size=16, learning_rate=2e-2, progress=False)
+    record = registry.train_group("both", data, config=MultiTaskConfig(steps=40, eval_every=20),
+                                  task_adapter=AdapterConfig(r=2, alpha=4.0), training=training)
+    assert record["task_adapter"] == {"r": 2, "alpha": 4.0} and "task_adapters.safetensors" in record["files"]
+    # The stored score is what the stored, stacked adapters give, in this process and another.
+    assert registry.evaluate("topic", toy_topics(24, 1), merge="both")["accuracy"] == \
+        pytest.approx(record["validation_accuracy"]["topic"])
+    texts = [r["text"] for r in toy_sentiment(6, 3)]
+    got = registry.predict_proba("sentiment", texts, merge="both")
+    reopened = Registry.open(registry.root, device="cpu")
+    np.testing.assert_allclose(reopened.predict_proba("sentiment", texts, merge="both"), got, atol=1e-6)
+    engine = InferenceEngine(registry.root, device="cpu")
+    served = engine.logits(["sentiment"] * 3 + ["topic"] * 3, texts, merges=["both"] * 6)
+    np.testing.assert_allclose(torch.stack(served[:3]).softmax(-1).numpy(), got[:3], atol=1e-5)
+    # Each task trained factors of its own, and the task's route differs from the other's.
+    own = registry._bank.state_dict("both__merged__sentiment")
+    assert any(k.endswith("lora_B.weight") and v.shape[1] == 8 + 2 and v[:, 8:].abs().sum() > 0 for k, v in own.items())
+    registry.remove_merge("both")
+    assert not [n for n in registry._bank.names if n.startswith("both__merged")]
