@@ -126,6 +126,8 @@ def test_model_forward_matches_cmtl_batches(benchmark, backbone):
     lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     assert model.parameters_added_per_task() == [lora + 2 * 32 + 2, 2 * 32 + 2, 3 * 32 + 3]
     assert model.parameters_added_per_task(in_bytes=True) == [4 * n for n in model.parameters_added_per_task()]
+    # Trained during each experience: the shared adapter and that task's head.
+    assert model.trainable_parameters_per_task() == [lora + 2 * 32 + 2, lora + 2 * 32 + 2, lora + 3 * 32 + 3]
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or n.startswith("heads.") for n in trainable)
     x0, t0 = _first(benchmark.test_stream[0].dataset, 4)
@@ -204,6 +206,7 @@ def test_cross_check_with_avalanche_metrics(benchmark, backbone):
     assert report.task_names == ("sent", "flip", "three") and report.bwt == pytest.approx(run.stream_bwt[-1])
     assert report.fwt is not None and len(report.seconds_per_experience) == 3
     assert report.bytes_per_task == tuple(model.parameters_added_per_task(in_bytes=True))
+    assert report.trainable_parameters_per_task == tuple(model.trainable_parameters_per_task())
 
 
 @pytest.mark.parametrize("name", av.AVALANCHE_STRATEGIES)

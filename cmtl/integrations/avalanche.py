@@ -257,11 +257,17 @@ def _model_class() -> type:
             return lambda inputs: head(self.backbone.embed(**inputs))
 
         def parameters_added_per_task(self, *, in_bytes: bool = False) -> list[int]:
-            """Trainable parameters (or their bytes) each task adds; the first brings the shared adapter."""
+            """Parameters (or their bytes) each task adds to what is stored; the first brings the shared adapter."""
             size = (lambda p: p.numel() * p.element_size()) if in_bytes else (lambda p: p.numel())
             counts = [sum(size(p) for p in head.parameters()) for head in self.heads]
             counts[0] += sum(size(p) for n, p in self.encoder.named_parameters() if "lora_" in n)
             return counts
+
+        def trainable_parameters_per_task(self) -> list[int]:
+            """Parameters trained during each task's experience: the shared adapter and that task's head
+            (as cmtl's shared-adapter strategies count them)."""
+            lora = sum(p.numel() for n, p in self.encoder.named_parameters() if "lora_" in n)
+            return [lora + sum(p.numel() for p in head.parameters()) for head in self.heads]
 
     TaskIncrementalModel.__module__ = __name__
     TaskIncrementalModel.__qualname__ = "TaskIncrementalModel"
@@ -465,7 +471,7 @@ def run_strategy(
         experience_bwt=per_exp["ExperienceBWT"],
         stream_accuracy=tuple(stream_acc),
         seconds_per_experience=tuple(seconds),
-        trainable_parameters_per_task=tuple(model.parameters_added_per_task()),
+        trainable_parameters_per_task=tuple(model.trainable_parameters_per_task()),
         bytes_per_task=tuple(model.parameters_added_per_task(in_bytes=True)),
     )
 
