@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -36,7 +36,9 @@ class TrainConfig:
         batch_size: Examples per optimiser step.
         learning_rate: Peak AdamW learning rate (LoRA and head tolerate ~1e-3).
         weight_decay: AdamW weight decay.
-        warmup_ratio: Fraction of steps with linear warm-up; linear decay to 0 after.
+        warmup_ratio: Fraction of steps with linear warm-up.
+        lr_schedule: After the warm-up, ``"linear"`` decays the rate to 0 at the last
+            step; ``"constant"`` keeps the peak rate (Avalanche's default loop).
         max_steps: Stop after this many steps (overrides ``epochs`` when smaller).
         eval_every: Evaluate on validation every N steps; ``None`` once per epoch.
         patience: Stop after this many evaluations without improvement;
@@ -61,6 +63,7 @@ class TrainConfig:
     learning_rate: float = 1e-3
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
+    lr_schedule: Literal["linear", "constant"] = "linear"
     max_steps: int | None = None
     eval_every: int | None = None
     patience: int | None = 2
@@ -86,6 +89,8 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{key} must be an integer >= 0. Got {value!r}.")
         if not self.learning_rate > 0:
             raise ValueError(f"TrainConfig.learning_rate must be > 0. Got {self.learning_rate!r}.")
+        if self.lr_schedule not in ("linear", "constant"):
+            raise ValueError(f"TrainConfig.lr_schedule must be 'linear' or 'constant'. Got {self.lr_schedule!r}.")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"TrainConfig.warmup_ratio must be in [0, 1). Got {self.warmup_ratio!r}.")
         if not 0.0 <= self.head_dropout < 1.0:
@@ -127,10 +132,12 @@ def seeded(seed: int, device: torch.device | None = None) -> Iterator[None]:
 
 
 def get_lr(step: int, total: int, config: TrainConfig) -> float:
-    """Linear warm-up to the peak rate, then linear decay to zero."""
+    """Linear warm-up to the peak rate, then linear decay to zero (or the peak rate, ``constant``)."""
     warmup = int(total * config.warmup_ratio)
     if step < warmup:
         return config.learning_rate * (step + 1) / warmup
+    if config.lr_schedule == "constant":
+        return config.learning_rate
     return config.learning_rate * max(0.0, (total - step) / max(1, total - warmup))
 
 

@@ -51,10 +51,13 @@ def test_run_benchmark_rejects_unknown_names(tmp_path):
 def test_bench_cli_on_minilm_cut(tmp_path):
     result = CliRunner().invoke(app, ["bench", str(SCENARIOS / "trec-classes.yaml"), "--strategy", "adapters,lwf",
                                       "--max-train", "16", "--max-eval", "8", "--epochs", "1", "--layers", "1",
+                                      "--lr-schedule", "constant", "--patience", "0",
                                       "--out", str(tmp_path), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "adapters" in result.output and "lwf" in result.output and "wrote" in result.output
     assert (tmp_path / "heatmap-lwf-stated.png").exists()
+    training = json.loads((tmp_path / "results.json").read_text())["command_config"]["training"]
+    assert training["lr_schedule"] == "constant" and training["patience"] is None
     md = (tmp_path / "results.md").read_text()  # class-incremental: no FWT anywhere (unseen classes score 0)
     assert "FWT –" in md and "FWT -" not in md and "FWT 0" not in md
 

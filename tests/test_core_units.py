@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -64,6 +66,11 @@ def test_lr_schedule():
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert max(lrs) == pytest.approx(1.0) and lrs[-1] == pytest.approx(1 / 90)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    constant = dataclasses.replace(config, lr_schedule="constant")
+    assert [get_lr(s, 100, constant) for s in range(10)] == lrs[:10]  # the same warm-up
+    assert all(get_lr(s, 100, constant) == 1.0 for s in range(10, 100))
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(lr_schedule="cosine")
 
 
 def test_backbone_is_frozen_and_pools(tiny_backbone):
