@@ -255,7 +255,8 @@ class TaskLoRA(nn.Module):
         shapes: ``{module path: (in_features, out_features)}`` of the layers the shared adapter
             adapts, paths in peft's state-dict form (``….attention.self.query``).
         num_tasks: Tasks of the group, in order; ``groups`` values index them.
-        r, alpha: Rank and scaling numerator of each task's factors (B starts at zero).
+        r: Rank of each task's factors (B starts at zero).
+        alpha: Scaling numerator: the delta is scaled by ``alpha / r``.
     """
 
     def __init__(self, shapes: dict[str, tuple[int, int]], num_tasks: int, r: int, alpha: float):
