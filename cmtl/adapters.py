@@ -112,22 +112,26 @@ def stack_lora(parts: list[tuple[dict[str, torch.Tensor], float]]) -> dict[str, 
     return out
 
 
-def entry_adapter(root: str | Path, record: dict[str, Any], task: str | None = None
-                  ) -> tuple[dict[str, torch.Tensor], AdapterConfig]:
-    """The adapter weights and config of a merged or joint entry; with ``task``, for a joint entry
-    trained with per-task adapters, the shared and the task's own factors stacked into one LoRA
-    (rank r_shared + r_task, scaling 1). Files are checked against the manifest's checksums."""
+def entry_adapters(root: str | Path, record: dict[str, Any]) -> dict[str | None, tuple[dict[str, torch.Tensor],
+                                                                                    AdapterConfig]]:
+    """The adapter weights and config of a merged or joint entry, each file read once and checked
+    against the manifest's checksums: ``{None: ...}`` for one shared adapter, or, for a joint entry
+    trained with per-task adapters, ``{task: ...}`` with the shared and the task's own factors
+    stacked into one LoRA (rank r_shared + r_task, scaling 1)."""
     folder = store.merge_dir(Path(root), record["name"])
     state = store.read_tensors(folder / "adapter.safetensors", record["files"]["adapter.safetensors"])
     config = AdapterConfig.from_dict(record["adapter"])
-    if task is None or not record.get("task_adapter"):
-        return state, config
+    if not record.get("task_adapter"):
+        return {None: (state, config)}
     own_all = store.read_tensors(folder / "task_adapters.safetensors", record["files"]["task_adapters.safetensors"])
-    own = {k[len(task) + 1:]: v for k, v in own_all.items() if k.startswith(f"{task}.")}
     own_cfg = record["task_adapter"]
-    stacked = stack_lora([(state, config.scaling), (own, own_cfg["alpha"] / own_cfg["r"])])
     rank = config.r + int(own_cfg["r"])
-    return stacked, AdapterConfig.from_dict({**config.to_dict(), "r": rank, "alpha": float(rank), "dropout": 0.0})
+    stacked_config = AdapterConfig.from_dict({**config.to_dict(), "r": rank, "alpha": float(rank), "dropout": 0.0})
+    out = {}
+    for task in record["tasks"]:
+        own = {k[len(task) + 1:]: v for k, v in own_all.items() if k.startswith(f"{task}.")}
+        out[task] = (stack_lora([(state, config.scaling), (own, own_cfg["alpha"] / own_cfg["r"])]), stacked_config)
+    return out
 
 
 class AdapterBank:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from cmtl import store
-from cmtl.adapters import AdapterConfig, entry_adapter
+from cmtl.adapters import AdapterConfig, entry_adapters
 from cmtl.backbone import Backbone, BackboneConfig, load_backbone
 from cmtl.data import Encoded, batches, token_budget_chunks
 from cmtl.errors import DataError, TaskNotFoundError
@@ -144,15 +144,16 @@ class InferenceEngine:
         for name, record in sorted(manifest.get("merges", {}).items()):
             folder = store.merge_dir(self.root, name)
             heads = store.read_tensors(folder / "heads.safetensors", record["files"]["heads.safetensors"])
-            per_task = bool(record.get("task_adapter"))  # a joint entry whose tasks have their own factors too
-            if not per_task:
-                state, config = entry_adapter(self.root, record)
+            # One shared adapter (key None), or one per task for a joint entry with per-task adapters.
+            adapters_of = entry_adapters(self.root, record)
+            if None in adapters_of:
+                state, config = adapters_of[None]
                 adapters.append((state, config.scaling))
             for task in record["tasks"]:
                 if task not in specs:  # the task was removed after the merge: its head has no spec
                     continue
-                if per_task:
-                    state, config = entry_adapter(self.root, record, task)
+                if task in adapters_of:
+                    state, config = adapters_of[task]
                     adapters.append((state, config.scaling))
                 head_state = {k[len(task) + 1:]: v for k, v in heads.items() if k.startswith(f"{task}.")}
                 routes[(task, name)] = Route(task, name, None, len(adapters) - 1, specs[task],

@@ -27,7 +27,7 @@ import torch
 
 from cmtl import distributed, store
 from cmtl._version import __version__
-from cmtl.adapters import AdapterBank, AdapterConfig, entry_adapter
+from cmtl.adapters import AdapterBank, AdapterConfig, entry_adapters
 from cmtl.backbone import Backbone, BackboneConfig, load_backbone
 from cmtl.caching import maybe_cache
 from cmtl.data import Encoded, Examples, as_texts, encode, read_examples
@@ -950,15 +950,17 @@ class Registry:
         key = _merge_key(name)
         # A joint entry with per-task adapters answers each task through its own stacked adapter.
         adapter_key = key if not record.get("task_adapter") else f"{key}__{task}"
-        if adapter_key not in self._bank:
-            state, config = entry_adapter(self.root, record, None if adapter_key == key else task)
+        if adapter_key not in self._bank:  # the entry's adapters and heads load together, once
             heads = store.read_tensors(store.merge_dir(self.root, name) / "heads.safetensors",
                                        record["files"]["heads.safetensors"])
             for t in record["tasks"]:
                 head = TaskHead(self.backbone.hidden_size, self.spec(t).num_outputs)
                 head.load_state_dict({k[len(t) + 1:]: v for k, v in heads.items() if k.startswith(f"{t}.")})
                 self._heads[f"{key}:{t}"] = head.to(self.backbone.device).eval()
-            self._bank.load(adapter_key, config, state)
+            for which, (state, config) in entry_adapters(self.root, record).items():
+                name_in_bank = key if which is None else f"{key}__{which}"
+                if name_in_bank not in self._bank:
+                    self._bank.load(name_in_bank, config, state)
         return adapter_key, f"{key}:{task}"
 
     def _combine(self, pairs: list[tuple[str, int]], deltas: list[dict[str, torch.Tensor]],
