@@ -27,7 +27,7 @@ from torch import nn
 from cmtl import distributed
 from cmtl.data import Encoded, batches
 from cmtl.evaluation import compute_metrics, predict_logits
-from cmtl.tasks import MASKED_LOGIT, TaskHead
+from cmtl.tasks import TaskHead, route_to_heads
 
 Sampler = Literal["uniform", "proportional", "temperature"]
 Weighting = Literal["static", "uncertainty"]
@@ -233,17 +233,9 @@ def grouped_forward(embed: Callable[..., torch.Tensor], heads: Sequence[TaskHead
     def forward(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = dict(inputs)
         groups = inputs.pop("groups")
-        pooled = embed(**inputs)
-        out = pooled.new_full((len(pooled), width), MASKED_LOGIT)
-        for t in groups.unique().tolist():
-            rows = groups == t
-            logits = heads[t](pooled[rows])
-            out[rows, : logits.shape[1]] = logits
-        return out
+        return route_to_heads(embed(**inputs), groups, heads.__getitem__, width)
 
     return forward
-
-
 
 
 class TaskLoRA(nn.Module):

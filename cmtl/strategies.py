@@ -45,7 +45,7 @@ from cmtl.penalties import Anchor, distillation_loss, ewc_term, fisher_diagonal
 from cmtl.registry import Registry
 from cmtl.replay import make_buffer
 from cmtl.scenarios import Experience
-from cmtl.tasks import MASKED_LOGIT, TaskHead, TaskSpec
+from cmtl.tasks import MASKED_LOGIT, TaskHead, TaskSpec, route_to_heads
 from cmtl.training import TrainConfig, seeded, train
 
 STRATEGIES = ("adapters", "seq-ft", "replay", "ewc", "lwf", "joint", "single")
@@ -161,11 +161,7 @@ class SharedLearner(Learner):
         groups = inputs.pop("groups")
         pooled = self.backbone.embed(**inputs)  # (B, H)
         self.last_pooled = pooled
-        logits = pooled.new_full((pooled.shape[0], self.width), MASKED_LOGIT)
-        for g in groups.unique().tolist():
-            rows = groups == g
-            out = self._head(g)(pooled[rows])
-            logits[rows, : out.shape[1]] = out
+        logits = route_to_heads(pooled, groups, self._head, self.width)
         if self.allowed is not None:
             logits = logits.masked_fill(~self.allowed, MASKED_LOGIT)
         return logits

@@ -10,7 +10,7 @@ import math
 import re
 import warnings
 from dataclasses import KW_ONLY, asdict, dataclass, fields
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -207,3 +207,15 @@ class TaskHead(nn.Module):
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.linear(self.dropout(pooled))
+
+
+def route_to_heads(pooled: torch.Tensor, groups: torch.Tensor, head_of: Callable[[int], nn.Module],
+                   width: int) -> torch.Tensor:
+    """Logits (B, ``width``) of a mixed batch: row b through ``head_of(groups[b])``; the columns past
+    that head's outputs hold :data:`MASKED_LOGIT`. One head call per group present, not per row."""
+    out = pooled.new_full((len(pooled), width), MASKED_LOGIT)
+    for g in groups.unique().tolist():
+        rows = groups == g
+        logits = head_of(g)(pooled[rows])
+        out[rows, : logits.shape[1]] = logits
+    return out

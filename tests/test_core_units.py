@@ -12,6 +12,7 @@ from cmtl.adapters import AdapterBank, AdapterConfig
 from cmtl.backbone import BackboneConfig, load_backbone
 from cmtl.data import Encoded, batches, read_examples
 from cmtl.errors import BackboneNotFoundError
+from cmtl.tasks import MASKED_LOGIT, TaskHead, route_to_heads
 from cmtl.training import get_lr
 
 
@@ -52,6 +53,18 @@ def test_read_examples_errors(tmp_path):
         read_examples(dd, spec)
     with pytest.raises(DataError, match="missing labels at rows \\[1\\]"):
         read_examples([{"text": "x", "label": "a"}, {"text": "y", "label": None}], spec)
+
+
+def test_route_to_heads_sends_each_row_through_its_own_head():
+    torch.manual_seed(0)
+    heads = [TaskHead(4, 2, dropout=0.0), TaskHead(4, 3, dropout=0.0)]
+    pooled = torch.randn(5, 4)
+    groups = torch.tensor([1, 0, 1, 1, 0])
+    out = route_to_heads(pooled, groups, heads.__getitem__, width=3)
+    for b, g in enumerate(groups.tolist()):
+        expected = heads[g](pooled[b : b + 1])[0]
+        assert torch.allclose(out[b, : len(expected)], expected)
+        assert (out[b, len(expected) :] == MASKED_LOGIT).all()  # task 0's missing third column
 
 
 def test_dynamic_padding():

@@ -35,7 +35,7 @@ from cmtl.backbone import Backbone
 from cmtl.data import Encoded, batches, encode, read_examples
 from cmtl.evaluation import Forward
 from cmtl.metrics import ContinualReport
-from cmtl.tasks import MASKED_LOGIT, TaskHead, TaskSpec
+from cmtl.tasks import TaskHead, TaskSpec, route_to_heads
 from cmtl.training import seeded
 
 if TYPE_CHECKING:  # annotations only: importing avalanche at runtime happens inside functions
@@ -243,13 +243,7 @@ def _model_class() -> type:
                 return self.forward_all_tasks(x)
             if isinstance(task_labels, int):
                 return self.forward_single_task(x, task_labels)
-            pooled = self.embed(x)  # (B, H)
-            out = pooled.new_full((x.shape[0], self.max_class_label), MASKED_LOGIT)
-            for t in torch.unique(task_labels).tolist():
-                rows = task_labels == t
-                logits = self.heads[t](pooled[rows])
-                out[rows, : logits.shape[1]] = logits
-            return out
+            return route_to_heads(self.embed(x), task_labels, self.heads.__getitem__, self.max_class_label)
 
         def forward_for(self, task: int) -> Forward:
             """Task ``task``'s forward on cmtl's padded batches, for :func:`cmtl.evaluation.predict_logits`."""
