@@ -83,7 +83,7 @@ def run(args, echo=print) -> dict:
     }
     results = {"pairing": {"primary": primary, "auxiliaries": list(aux)}, "steps": steps,
                "batch_size": args.batch_size, "max_train": args.max_train, "max_eval": args.max_eval,
-               "layers": args.layers, "device": str(backbone.device), "date": time.strftime("%Y-%m-%d"),
+               "layers": args.layers, "max_length": args.max_length, "device": str(backbone.device), "date": time.strftime("%Y-%m-%d"),
                "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "torch_threads": torch.get_num_threads(),
                "command": " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if args.argv is None else args.argv)),
                "ways": {}}
@@ -158,7 +158,8 @@ def to_markdown(results: dict) -> str:
     p = results["pairing"]
     lines = [f"Primary `{p['primary']}`, auxiliaries {', '.join(f'`{a}`' for a in p['auxiliaries'])}; "
              f"{results['steps']} steps of batch {results['batch_size']}, {results['max_train']} training examples "
-             f"per task, backbone layers: {results['layers'] or 'all'}. {results['machine']} ({results['device']}), "
+             f"per task, backbone layers: {results['layers'] or 'all'}, at most {results['max_length']} tokens per "
+             f"text. {results['machine']} ({results['device']}), "
              f"{results['date']}.", ""]
     target = results.get("target")
     lines += [f"| way | best val. acc | test acc | total s | s to {target:.3f} val. acc | switched at step |"

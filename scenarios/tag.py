@@ -126,6 +126,7 @@ def run(args, echo=print) -> dict:
                "steps": everything["steps"], "tag_every": args.tag_every, "max_groups": args.groups,
                "seconds": time.perf_counter() - started,
                "max_train": scenario.max_train, "max_eval": scenario.max_eval, "layers": args.layers,
+               "max_length": args.max_length,
                "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
                "command": " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if args.argv is None else args.argv))}
     (out / "affinity.json").write_text(json.dumps({"tasks": names, "affinity": Z.tolist()}, indent=2) + "\n")
@@ -173,7 +174,8 @@ def to_markdown(results: dict) -> str:
 
     lines = [f"`{results['scenario']}`, {results['max_train']} training examples per task, {results['steps']} joint "
              f"steps for all tasks, affinity every {results['tag_every']} steps, at most {results['max_groups']} "
-             f"groups, backbone layers: {results['layers'] or 'all'}. {results['machine']}, {results['date']}.",
+             f"groups, backbone layers: {results['layers'] or 'all'}, at most {results['max_length']} tokens per text. "
+             f"{results['machine']}, {results['date']}.",
              "", f"TAG groups: {groups('tag')}."]
     if "pairs" in selections:
         lines.append(f"Pair-search groups: {groups('pairs')}.")
