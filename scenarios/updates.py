@@ -15,6 +15,7 @@ seen so far is evaluated on its test split. Writes ``results.json`` and
     python scenarios/updates.py                      # embedded MiniLM, sentiment4
     python scenarios/updates.py --layers 2 --max-train 200   # quick look
     python scenarios/updates.py --update-epochs 2            # warm-started updates train shorter
+    python scenarios/updates.py --seeds 0,1,2                # mean ± sd over seeds (OUT/summary.md)
 """
 
 from __future__ import annotations
@@ -129,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-eval", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default=None,
+                        help="comma-separated seeds: one run per seed under OUT/seed-N, then mean ± sd in OUT/summary.md")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--replay-ratio", type=float, default=1.0, help="update-replay: replayed per new example.")
@@ -141,14 +144,62 @@ def main(argv: list[str] | None = None) -> int:
     methods = tuple(m for m in args.methods.split(",") if m)
     if unknown := sorted(set(methods) - set(METHODS)):
         parser.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
-    training = TrainConfig(epochs=args.epochs, seed=args.seed, progress=False)
-    update_training = dataclasses.replace(training, epochs=args.update_epochs or training.epochs,
-                                          learning_rate=args.update_lr or training.learning_rate)
-    run(scenario, Path(args.out), backbone=BackboneConfig(num_hidden_layers=args.layers), training=training,
-        update_training=update_training, penalty=args.penalty, device=args.device, methods=methods,
-        replay_ratio=args.replay_ratio)
-    print((Path(args.out) / "results.md").read_text())
+    try:
+        seeds = [int(v) for v in args.seeds.split(",")] if args.seeds else [args.seed]
+    except ValueError:
+        parser.error(f"--seeds takes integers separated by commas, e.g. 0,1,2; got {args.seeds!r}")
+    out = Path(args.out)
+    runs = []
+    for seed in seeds:
+        training = TrainConfig(epochs=args.epochs, seed=seed, progress=False)
+        update_training = dataclasses.replace(training, epochs=args.update_epochs or training.epochs,
+                                              learning_rate=args.update_lr or training.learning_rate)
+        where = out / f"seed-{seed}" if args.seeds else out
+        runs.append(run(scenario, where, backbone=BackboneConfig(num_hidden_layers=args.layers), training=training,
+                        update_training=update_training, penalty=args.penalty, device=args.device, methods=methods,
+                        replay_ratio=args.replay_ratio))
+        print((where / "results.md").read_text())
+    if args.seeds:
+        summary = summarise(runs)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (out / "summary.md").write_text(summary_markdown(summary) + "\n")
+        print((out / "summary.md").read_text())
     return 0
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Per method, over seeds: average accuracy on every domain after the last update, mean forgetting,
+    and (with both ``update-replay`` and ``retrain``) the last update's time ratio; each as mean, sd, values."""
+
+    def stats(values):
+        return {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+                "values": [float(v) for v in values]}
+
+    summary = {"seeds": [r["training"]["seed"] for r in runs], "methods": {}}
+    for method in runs[0]["methods"]:
+        ms = [r["methods"][method] for r in runs]
+        summary["methods"][method] = {"final_average": stats([m["average_seen_accuracy"][-1] for m in ms]),
+                                      "mean_forgetting": stats([m["report"]["mean_forgetting"] for m in ms])}
+    if {"update-replay", "retrain"} <= set(runs[0]["methods"]):
+        ratio = [r["methods"]["update-replay"]["report"]["seconds_per_experience"][-1]
+                 / r["methods"]["retrain"]["report"]["seconds_per_experience"][-1] for r in runs]
+        gap = [r["methods"]["retrain"]["average_seen_accuracy"][-1]
+               - r["methods"]["update-replay"]["average_seen_accuracy"][-1] for r in runs]
+        summary["update_vs_retrain"] = {"last_time_ratio": stats(ratio), "final_average_gap": stats(gap)}
+    return summary
+
+
+def summary_markdown(summary: dict) -> str:
+    fmt = lambda s: f"{s['mean']:.3f} ± {s['sd']:.3f}"  # noqa: E731
+    lines = [f"### Over seeds {', '.join(map(str, summary['seeds']))} (mean ± sd)", "",
+             "| method | avg acc after the last update | mean forgetting |", "|---|---|---|"]
+    lines += [f"| {name} | {fmt(m['final_average'])} | {fmt(m['mean_forgetting'])} |"
+              for name, m in summary["methods"].items()]
+    if "update_vs_retrain" in summary:
+        u = summary["update_vs_retrain"]
+        lines += ["", f"retrain − update-replay, average accuracy after the last update: {fmt(u['final_average_gap'])}; "
+                      f"time of the last update / its retraining: {fmt(u['last_time_ratio'])}"]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

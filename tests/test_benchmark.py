@@ -103,6 +103,25 @@ def test_update_benchmark_script(tmp_path, tiny_backbone):
                     training=TrainConfig())
 
 
+
+def test_update_benchmark_summary_over_seeds():
+    updates = load_script("updates")
+
+    def one(seed, replay_avg, retrain_avg, forgetting, replay_s, retrain_s):
+        method = lambda avg, f, s: {"average_seen_accuracy": [0.7, avg], "report": {  # noqa: E731
+            "mean_forgetting": f, "seconds_per_experience": [10.0, s]}}
+        return {"training": {"seed": seed}, "methods": {"update-replay": method(replay_avg, forgetting, replay_s),
+                                                        "retrain": method(retrain_avg, 0.0, retrain_s)}}
+
+    summary = updates.summarise([one(0, 0.85, 0.87, 0.01, 40, 100), one(1, 0.86, 0.86, 0.03, 50, 100)])
+    assert summary["seeds"] == [0, 1]
+    replay = summary["methods"]["update-replay"]
+    assert replay["final_average"]["mean"] == pytest.approx(0.855)
+    assert replay["mean_forgetting"]["sd"] == pytest.approx(np.std([0.01, 0.03], ddof=1))
+    assert summary["update_vs_retrain"]["final_average_gap"]["values"] == pytest.approx([0.02, 0.0])
+    assert summary["update_vs_retrain"]["last_time_ratio"]["mean"] == pytest.approx(0.45)
+    assert "0.855 ± 0.007" in updates.summary_markdown(summary)
+
 def test_merge_benchmark_script(tmp_path, tiny_backbone):
     merging = load_script("merging")
     scenario = Scenario.from_yaml(SCENARIOS / "text5.yaml").shrink(24, 12)
