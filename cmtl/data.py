@@ -281,6 +281,34 @@ def token_budget_chunks(encoded: Encoded, max_rows: int, max_tokens: int) -> lis
     return chunks
 
 
+def padding_chunks(lengths: Sequence[int], overhead: int) -> list[list[int]]:
+    """Rows sorted by length and cut into consecutive chunks that minimise
+    Σ over chunks (rows × longest row + ``overhead``): the padded tokens of one
+    backbone pass per chunk, plus ``overhead`` tokens' worth of fixed cost per pass.
+
+    A batch of short texts stays one chunk; a few long texts among many short ones
+    get a chunk of their own instead of padding every row to their length. Exact
+    (dynamic programming over the sorted rows, O(rows²)).
+    """
+    if overhead < 0:
+        raise ValueError(f"The per-chunk overhead must be >= 0 tokens. Got {overhead}.")
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    n = len(order)
+    best = [0.0] + [math.inf] * n  # best[k]: cost of the k shortest rows
+    cut = [0] * (n + 1)
+    for k in range(1, n + 1):
+        longest = lengths[order[k - 1]]
+        for j in range(k):
+            cost = best[j] + (k - j) * longest + overhead
+            if cost < best[k]:
+                best[k], cut[k] = cost, j
+    chunks, k = [], n
+    while k > 0:
+        chunks.append(order[cut[k]:k])
+        k = cut[k]
+    return chunks[::-1]
+
+
 def length_sorted(encoded: Encoded) -> list[int]:
     """Row order by token length, for evaluation: little padding, same results."""
     lengths = encoded.lengths()

@@ -2,11 +2,11 @@
 
 Every step draws a mixed batch: each row's task is sampled with the sampler's probabilities
 (:func:`sampling_probabilities`), the row is the next example of that task's shuffled stream,
-and the whole batch goes through the backbone and the shared adapter once; each row then
-goes through its task's head. The loss is Σ_t w_t(step) · L_t over the tasks present, with
-w_t from static weights, uncertainty weighting (Kendall et al., 2018) or an MT2ST schedule
-for auxiliary tasks (Liu & Yu, 2024: Diminish γ_k(t) = γ_k,0 · exp(−η_k · t^ν_k), or Switch,
-fixed or adaptive). Every ``tag_every`` steps, TAG (Fifty et al., 2021) takes, for each task i,
+and the batch goes through the backbone and the shared adapter in length-sorted passes
+(``pass_overhead``); each row then goes through its task's head. The loss is
+Σ_t w_t(step) · L_t over the tasks present, with w_t from static weights, uncertainty
+weighting (Kendall et al., 2018) or an MT2ST schedule for auxiliary tasks (Liu & Yu, 2024:
+Diminish γ_k(t) = γ_k,0 · exp(−η_k · t^ν_k), or Switch, fixed or adaptive). Every ``tag_every`` steps, TAG (Fifty et al., 2021) takes, for each task i,
 a lookahead step of the shared parameters on task i's loss alone (on a copy, with the AdamW
 update rule and state) and records Z_{i→j} = 1 − L_j(θ') / L_j(θ) on the same batch;
 :func:`select_groups` turns the averaged matrix into task groups.
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from cmtl import distributed
-from cmtl.data import Encoded, batches
+from cmtl.data import Encoded, batches, padding_chunks
 from cmtl.evaluation import compute_metrics, predict_logits
 from cmtl.tasks import TaskHead, route_to_heads
 
@@ -108,6 +108,11 @@ class MultiTaskConfig:
         steps: Optimiser steps; ``None``: epochs of the primary task (or of the largest task).
         epochs: Used when ``steps`` is ``None``.
         eval_every: Evaluate every task's validation data every this many steps; ``None``: 10 times.
+        pass_overhead: Each mixed batch runs through the backbone in length-sorted sub-batches
+            that minimise padded tokens plus this many tokens per pass (its fixed cost; see
+            :func:`~cmtl.data.padding_chunks`), so a few long texts of one task do not pad the
+            short texts of the others; ``None``: one pass per batch. Same loss and gradients up
+            to float rounding (adapter dropout draws differ).
     """
 
     sampler: Sampler = "temperature"
@@ -126,6 +131,7 @@ class MultiTaskConfig:
     steps: int | None = None
     epochs: int = 3
     eval_every: int | None = None
+    pass_overhead: int | None = 512
 
     def __post_init__(self) -> None:
         if self.schedule != "none" and self.primary is None:
@@ -138,6 +144,9 @@ class MultiTaskConfig:
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"MultiTaskConfig.{key} must be a positive integer or None. Got {value!r}.")
+        if self.pass_overhead is not None and (not isinstance(self.pass_overhead, int) or self.pass_overhead < 0):
+            raise ValueError(f"MultiTaskConfig.pass_overhead must be an integer >= 0 (tokens) or None. "
+                             f"Got {self.pass_overhead!r}.")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -416,13 +425,18 @@ def train_multitask(
             local = distributed.shard(rows)  # this rank's rows (all of them without a process group)
             if local:
                 batch = Encoded.concat([_select(data[t], [i]) for t, i in local])
-                _, inputs, targets = next(batches(batch, list(range(len(batch))), len(batch), pad_id, device))
-                groups = inputs["groups"]
+                passes = _passes(batch, config.pass_overhead, pad_id, device)
+                targets = torch.cat([p[1] for p in passes])
+                groups = torch.cat([p[0]["groups"] for p in passes])
+
+                def logits_of(passes=passes) -> torch.Tensor:  # rows in pass order, like targets and groups
+                    return torch.cat([forward(inputs) for inputs, _ in passes])
+
                 # Each task's loss summed over this rank's rows / its rows in the whole batch: summed over
                 # ranks, the mean over the whole batch.
-                losses = _task_losses(specs, forward(inputs), targets, groups, T, counts)
+                losses = _task_losses(specs, logits_of(), targets, groups, T, counts)
             else:
-                inputs = None
+                logits_of = None
                 losses = sum(p.sum() for p in params) * 0.0 + torch.zeros(T, device=device)
             if uncertainty is not None:
                 loss = uncertainty(losses, present, distributed.world()[1])
@@ -441,7 +455,7 @@ def train_multitask(
             if tag:
                 tag_started = time.perf_counter()
                 set_training(False)
-                affinity += _tag_step(forward, inputs, targets if local else None, groups if local else None,
+                affinity += _tag_step(logits_of, targets if local else None, groups if local else None,
                                       specs, shared, optimizer, task_grads, T, counts)
                 set_training(True)
                 measured += 1
@@ -486,6 +500,13 @@ def _select(d: Encoded, idx: list[int]) -> Encoded:
                    None if d.targets is None else d.targets[idx], d.groups[idx])
 
 
+def _passes(batch: Encoded, overhead: int | None, pad_id: int, device: torch.device
+            ) -> list[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    """(padded inputs, targets) of each backbone pass over ``batch``: its length chunks, or all rows at once."""
+    chunks = [list(range(len(batch)))] if overhead is None else padding_chunks(batch.lengths(), overhead)
+    return [next(batches(batch, chunk, len(chunk), pad_id, device))[1:] for chunk in chunks]
+
+
 def _task_losses(specs, logits: torch.Tensor, targets: torch.Tensor, groups: torch.Tensor, T: int,
                  counts: torch.Tensor) -> torch.Tensor:
     """(T,): each task's loss summed over these rows, divided by ``counts[t]``, its rows in the
@@ -507,13 +528,14 @@ def _summed(grads: Sequence[torch.Tensor | None], params: Sequence[torch.Tensor]
     return [distributed.all_reduce_sum(g) for g in grads]
 
 
-def _tag_step(forward, inputs, targets, groups, specs, shared, optimizer, task_grads, T, counts) -> np.ndarray:
+def _tag_step(logits_of, targets, groups, specs, shared, optimizer, task_grads, T, counts) -> np.ndarray:
     """Z[i, j] = 1 − L_j(θ'_i) / L_j(θ) on this batch (dropout off), θ'_i = one AdamW step of the
     shared parameters on task i's gradient alone, from the optimiser's current state.
-    ``inputs`` is None on a rank without rows in this batch (it still joins the all-reduces)."""
+    ``logits_of()`` gives this batch's logits; it is None on a rank without rows in this batch
+    (that rank still joins the all-reduces)."""
 
     def losses() -> torch.Tensor:
-        local = (_task_losses(specs, forward(inputs), targets, groups, T, counts) if inputs is not None
+        local = (_task_losses(specs, logits_of(), targets, groups, T, counts) if logits_of is not None
                  else torch.zeros(T, device=counts.device))
         return distributed.all_reduce_sum(local)
 

@@ -112,13 +112,13 @@ def test_exhaustive_selection_matches_brute_force():
         select_groups(np.zeros((2, 3)), 1)
 
 
-@pytest.fixture
-def joint(tiny_config):
-    """A shared adapter and two heads on the tiny backbone, with their forward."""
+def _joint(tiny_config, dropout: float = 0.1, long_topics: bool = False):
+    """A shared adapter and two heads on the tiny backbone, with their forward; ``long_topics``
+    pads every third topic text with 30 more words, so mixed batches hold very different lengths."""
     backbone = load_backbone(tiny_config, device="cpu")
     bank = AdapterBank(backbone.encoder)
     torch.manual_seed(0)
-    bank.add("shared", AdapterConfig())
+    bank.add("shared", AdapterConfig(dropout=dropout))
     bank.activate("shared")
     specs = [TaskSpec("sentiment", labels=["neg", "pos"]), TaskSpec("topic", labels=TOPICS)]
     heads = [TaskHead(backbone.hidden_size, s.num_outputs, 0.0) for s in specs]
@@ -130,12 +130,23 @@ def joint(tiny_config):
         for h in heads:
             h.train(flag)
 
+    def topics(n, seed=0):
+        rows = toy_topics(n, seed)
+        if long_topics:
+            rows = [{**r, "text": r["text"] + " and the day" * 10} if i % 3 == 0 else r for i, r in enumerate(rows)]
+        return rows
+
     enc = lambda rows, spec: encode(read_examples(rows, spec), spec, backbone.tokenize)  # noqa: E731
-    data = [enc(toy_sentiment(64), specs[0]), enc(toy_topics(63), specs[1])]
-    val = [enc(toy_sentiment(24, 1), specs[0]), enc(toy_topics(24, 1), specs[1])]
+    data = [enc(toy_sentiment(64), specs[0]), enc(topics(63), specs[1])]
+    val = [enc(toy_sentiment(24, 1), specs[0]), enc(topics(24, 1), specs[1])]
     shared = bank.parameters("shared")
     head_params = [p for h in heads for p in h.parameters()]
     return forward, shared, head_params, set_training, specs, data, val, backbone
+
+
+@pytest.fixture
+def joint(tiny_config):
+    return _joint(tiny_config)
 
 
 def test_joint_training_learns_both_tasks_and_measures_affinity(joint):
@@ -298,3 +309,32 @@ def test_group_with_task_adapters_round_trip(registry):
     assert any(k.endswith("lora_B.weight") and v.shape[1] == 8 + 2 and v[:, 8:].abs().sum() > 0 for k, v in own.items())
     registry.remove_merge("both")
     assert not [n for n in registry._bank.names if n.startswith("both__merged")]
+
+
+def test_length_passes_train_the_same_with_less_padding(tiny_config):
+    """Mixed batches cut into length-sorted passes give the same history, affinities and weights
+    as one pass per batch (dropout off), with fewer padded tokens."""
+    runs = {}
+    for overhead in (None, 0):
+        forward, shared, heads, set_training, specs, data, val, backbone = _joint(tiny_config, 0.0, long_topics=True)
+        padded = []
+
+        def counted(inputs, forward=forward, padded=padded):
+            padded.append(inputs["attention_mask"].numel())
+            return forward(inputs)
+
+        config = MultiTaskConfig(sampler="uniform", steps=12, eval_every=6, tag_every=4, pass_overhead=overhead)
+        result = train_multitask(counted, shared, heads, set_training, specs, data, val, config,
+                                 TrainConfig(batch_size=16, learning_rate=2e-2, progress=False),
+                                 pad_id=backbone.pad_id, device=torch.device("cpu"))
+        runs[overhead] = result, [p.detach().clone() for p in shared + heads], sum(padded), len(padded)
+    (one, w_one, tokens_one, passes_one), (cut, w_cut, tokens_cut, passes_cut) = runs[None], runs[0]
+    assert passes_cut > passes_one and tokens_cut < 0.8 * tokens_one
+    assert [h["step"] for h in cut.history] == [h["step"] for h in one.history] == [6, 12]
+    for a, b in zip(cut.history, one.history):
+        assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+    np.testing.assert_allclose(cut.affinity, one.affinity, atol=1e-5)
+    for a, b in zip(w_cut, w_one):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="pass_overhead"):
+        MultiTaskConfig(pass_overhead=-1)

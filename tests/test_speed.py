@@ -4,6 +4,7 @@ and length-grouped batches are a permutation of the data with less padding."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import random
 
 import pytest
@@ -166,3 +167,29 @@ def test_token_budget_chunks_bound_rows_and_padded_tokens():
     padded = sum(len(c) * max(lengths[i] for i in c) for c in chunks)
     one_batch = sum(16 * max(lengths[i] for i in range(s, min(s + 16, 91))) for s in range(0, 91, 16))
     assert padded < one_batch
+
+
+def test_padding_chunks_are_the_cheapest_cuts_of_the_sorted_rows():
+    from cmtl.data import padding_chunks
+
+    def cost(chunks, lengths, overhead):
+        return sum(len(c) * max(lengths[i] for i in c) + overhead for c in chunks)
+
+    rng = random.Random(0)
+    for trial in range(30):
+        lengths = [rng.randint(1, 300) for _ in range(rng.randint(1, 8))]
+        overhead = rng.choice([0, 16, 256, 10_000])
+        chunks = padding_chunks(lengths, overhead)
+        assert sorted(i for c in chunks for i in c) == list(range(len(lengths)))  # every row once
+        order = sorted(range(len(lengths)), key=lengths.__getitem__)
+        assert [i for c in chunks for i in c] == order  # consecutive runs of the length order
+        # Brute force: every way of cutting the sorted rows into consecutive runs.
+        brute = min(cost([order[a:b] for a, b in zip((0, *cuts), (*cuts, len(order)))], lengths, overhead)
+                    for k in range(len(order)) for cuts in itertools.combinations(range(1, len(order)), k))
+        assert cost(chunks, lengths, overhead) == brute
+    # Three long texts among thirteen short ones travel apart; equal lengths stay one pass.
+    assert [len(c) for c in padding_chunks([256] * 3 + [40] * 13, 256)] == [13, 3]
+    assert padding_chunks([30] * 16, 0) == [list(range(16))]
+    assert padding_chunks([], 5) == []
+    with pytest.raises(ValueError, match=">= 0"):
+        padding_chunks([3], -1)
