@@ -28,8 +28,9 @@ import numpy as np
 import torch
 
 from cmtl import BackboneConfig, Registry, TrainConfig
-from cmtl.merging import METHODS, PEFT_METHODS, MergeConfig
+from cmtl.merging import METHODS, PEFT_METHODS, MergeConfig, refit_head
 from cmtl.scenarios import Scenario
+from cmtl.tasks import TaskHead
 
 
 def run(scenario: Scenario, out: Path, *, backbone: BackboneConfig, training: TrainConfig, device: str = "auto",
@@ -48,12 +49,14 @@ def run(scenario: Scenario, out: Path, *, backbone: BackboneConfig, training: Tr
         reg.add_task(exp.spec, exp.train, exp.validation, training=training)
         individual[exp.name] = reg.evaluate(exp.name, exp.test)["accuracy"]
         echo(f"individual {exp.name}: {individual[exp.name]:.3f}")
+    probe = {exp.name: probe_accuracy(reg, exp) for exp in experiences}
+    echo("linear probe on the bare backbone: " + " ".join(f"{t}={a:.3f}" for t, a in probe.items()))
     results = {"scenario": scenario.name, "tasks": tasks, "backbone": backbone.to_dict(),
                "training": training.to_dict(), "max_train": scenario.max_train, "max_eval": scenario.max_eval,
                "rank": rank, "search": search,
                "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
                "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
-               "individual": individual, "merges": {}}
+               "individual": individual, "probe": probe, "merges": {}}
     for method, head in [(m, h) for m in methods for h in heads]:
         started = time.perf_counter()
         label = method if head == "keep" else f"{method}+refit"
@@ -75,6 +78,20 @@ def run(scenario: Scenario, out: Path, *, backbone: BackboneConfig, training: Tr
     return results
 
 
+def probe_accuracy(reg: Registry, exp) -> float:
+    """Test accuracy of a head fitted, as ``refit_heads`` fits it, on the task's replay buffer through the
+    bare backbone (no adapter): what refitted heads get from the backbone alone, the reference a merge
+    with refitted heads must beat to show its adapter matters."""
+    spec = reg.spec(exp.name)
+    buffer = reg.buffer(exp.name).to_examples()
+    test = exp.test
+    head = refit_head(TaskHead(reg.backbone.hidden_size, spec.num_outputs).eval(), reg.embed(buffer.texts),
+                      spec.encode_labels(buffer.labels), spec.loss)
+    with torch.no_grad():
+        predicted = head(reg.embed(test.texts)).argmax(-1)
+    return float((predicted == spec.encode_labels(test.labels)).float().mean())
+
+
 def to_markdown(results: dict) -> str:
     tasks = results["tasks"]
     lines = [f"### {results['scenario']}: all task adapters merged into one", "",
@@ -82,6 +99,11 @@ def to_markdown(results: dict) -> str:
              "|---" * (len(tasks) + 7) + "|",
              "| individual adapters | " + " | ".join(f"{results['individual'][t]:.3f}" for t in tasks)
              + " | 1.000 | | | | | |"]
+    if results.get("probe"):
+        probe = results["probe"]
+        lines.append("| linear probe, no adapter (λ = 0, heads fitted on the buffers) | "
+                     + " | ".join(f"{probe[t]:.3f}" for t in tasks)
+                     + f" | {np.mean([probe[t] / results['individual'][t] for t in tasks]):.3f} | 0 | | | | |")
     for label, m in results["merges"].items():
         c = m["config"]
         method = c["method"]

@@ -137,7 +137,9 @@ def test_merge_benchmark_script(tmp_path, tiny_backbone):
     assert set(linear["normalised"]) == {"bbc", "trec", "spam", "rotten", "foods"}
     md = (tmp_path / "results.md").read_text()
     assert "| individual adapters |" in md and "| peft_ties |" in md and "| peft_ties+refit |" in md
-    assert len(lines) == 9
+    assert len(lines) == 10 and lines[5].startswith("linear probe on the bare backbone")
+    assert set(results["probe"]) == set(results["individual"]) and all(0 <= a <= 1 for a in results["probe"].values())
+    assert "| linear probe, no adapter" in md
     with pytest.raises(ValueError, match="task-incremental"):
         merging.run(Scenario.from_yaml(SCENARIOS / "sentiment4.yaml"), tmp_path, backbone=BackboneConfig(),
                     training=TrainConfig())
