@@ -327,7 +327,7 @@ def group(
     registry: RegistryArg,
     name: Annotated[str, typer.Argument(help="Name of the joint entry (shared with merges).")],
     data: Annotated[list[str], typer.Option(help="TASK=TRAIN or TASK=TRAIN,VALIDATION; once per task (two or more).")],
-    sampler: Annotated[str, typer.Option(help="uniform, proportional or temperature.")] = "temperature",
+    sampler: Annotated[str, typer.Option(help="uniform, proportional, temperature, or per_task (a full batch of each task per step).")] = "temperature",
     temperature: float = 2.0,
     weighting: Annotated[str, typer.Option(help="static or uncertainty.")] = "static",
     primary: Annotated[Optional[str], typer.Option(help="MT2ST primary task (the others are auxiliary).")] = None,

@@ -29,7 +29,7 @@ from cmtl.data import Encoded, batches, padding_chunks
 from cmtl.evaluation import compute_metrics, predict_logits
 from cmtl.tasks import TaskHead, route_to_heads
 
-Sampler = Literal["uniform", "proportional", "temperature"]
+Sampler = Literal["uniform", "proportional", "temperature", "per_task"]
 Weighting = Literal["static", "uncertainty"]
 Schedule = Literal["none", "diminish", "switch", "adaptive_switch"]
 
@@ -39,7 +39,11 @@ Schedule = Literal["none", "diminish", "switch", "adaptive_switch"]
 
 def sampling_probabilities(sizes: Sequence[int], kind: Sampler = "temperature", temperature: float = 2.0,
                            cap: int | None = None) -> np.ndarray:
-    """Task probabilities: uniform 1/T; proportional n_t / Σn; temperature ∝ min(n_t, cap)^(1/temperature)."""
+    """Task probabilities: uniform 1/T; proportional n_t / Σn; temperature ∝ min(n_t, cap)^(1/temperature).
+
+    ``"per_task"`` draws nothing: every step takes a full batch of each task (MT2ST's
+    L_primary + Σ_k γ_k L_aux,k, each loss on its own batch), so each task's share of the rows is 1/T.
+    """
     n = np.asarray(sizes, dtype=float)
     if len(n) == 0 or (n <= 0).any():
         raise ValueError(f"Every task needs at least one example; sizes are {list(sizes)}.")
@@ -47,7 +51,7 @@ def sampling_probabilities(sizes: Sequence[int], kind: Sampler = "temperature", 
         if cap < 1:
             raise ValueError(f"The size cap must be >= 1. Got {cap}.")
         n = np.minimum(n, cap)
-    if kind == "uniform":
+    if kind in ("uniform", "per_task"):
         p = np.ones_like(n)
     elif kind == "proportional":
         p = n
@@ -56,7 +60,7 @@ def sampling_probabilities(sizes: Sequence[int], kind: Sampler = "temperature", 
             raise ValueError(f"The sampling temperature must be > 0. Got {temperature}.")
         p = n ** (1.0 / temperature)
     else:
-        raise ValueError(f"Unknown sampler {kind!r}. Choose 'uniform', 'proportional' or 'temperature'.")
+        raise ValueError(f"Unknown sampler {kind!r}. Choose 'uniform', 'proportional', 'temperature' or 'per_task'.")
     return p / p.sum()
 
 
@@ -90,7 +94,9 @@ class MultiTaskConfig:
     """How a group of tasks trains together.
 
     Args:
-        sampler: How rows of a mixed batch pick their task (see :func:`sampling_probabilities`).
+        sampler: How rows of a mixed batch pick their task (see :func:`sampling_probabilities`);
+            ``"per_task"``: every step holds ``batch_size`` rows of each task whose weight is
+            not 0 (after a Switch, a step is a single-task step).
         temperature: Temperature of the ``"temperature"`` sampler.
         size_cap: Cap on task sizes before sampling; ``None`` no cap.
         weighting: ``"static"`` (``weights``, default 1 each) or ``"uncertainty"``.
@@ -416,9 +422,13 @@ def train_multitask(
                 group["lr"] = get_lr(step, total, training)
             weights = [config.gamma(n, step, switched) for n in names]
             # A task whose weight has reached 0 (Switch) leaves the batch: from then on it costs nothing.
-            mix = torch.as_tensor(probs) * torch.tensor([float(w > 0) for w in weights], dtype=torch.float64)
-            picks = torch.multinomial(mix if mix.sum() > 0 else torch.as_tensor(probs), training.batch_size,
-                                      replacement=True, generator=generator).tolist()
+            active = [t for t in range(T) if weights[t] > 0] or list(range(T))
+            if config.sampler == "per_task":
+                picks = [t for t in active for _ in range(training.batch_size)]
+            else:
+                mix = torch.as_tensor(probs) * torch.tensor([float(t in active) for t in range(T)],
+                                                            dtype=torch.float64)
+                picks = torch.multinomial(mix, training.batch_size, replacement=True, generator=generator).tolist()
             rows = [(t, next_row(t)) for t in picks]  # the same on every rank
             counts = torch.bincount(torch.tensor(picks), minlength=T).to(device)  # rows per task, whole batch
             present = counts > 0

@@ -2,10 +2,14 @@
 (issue "multi-task").
 
 A primary task trains with auxiliary tasks through one shared LoRA adapter (a head per task),
-five ways, each with the same number of optimiser steps and the same batch size:
+five ways, each with the same number of optimiser steps, in each of which the primary gets a batch
+of ``--batch-size`` rows: with the default ``--sampler per_task`` every auxiliary task adds a batch of
+its own, as in MT2ST's loss L_primary + Σ_k γ_k(t) · L_aux,k (so the primary sees as many examples as
+in single-task training, and the auxiliaries cost extra time); ``--sampler temperature`` instead mixes
+one batch of ``--batch-size`` rows drawn across the tasks (the primary then gets a third of them):
 
 * ``stl``             — the primary alone;
-* ``mtl``             — primary and auxiliaries, all weights 1 (temperature sampler, T=2);
+* ``mtl``             — primary and auxiliaries, all weights 1;
 * ``diminish``        — auxiliary weight γ(t) = γ0 · exp(−η · t^ν) (ν = 1, η so that γ ≈ 0.05 at the end);
 * ``switch``          — auxiliaries on until 60 % of the steps, then the primary alone (MT2ST's 15 of 25 epochs);
 * ``adaptive-switch`` — auxiliaries stop once the primary validation accuracy stops improving (2 evaluations).
@@ -71,17 +75,17 @@ def run(args, echo=print) -> dict:
     test_primary = enc(primary, "test", args.max_eval, specs[0])
     training = TrainConfig(batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed, progress=False)
     steps = args.steps or math.ceil(len(train_data[0]) / args.batch_size) * 6
+    common = {"steps": steps, "sampler": args.sampler}
     configs = {
-        "stl": MultiTaskConfig(steps=steps),
-        "mtl": MultiTaskConfig(steps=steps),
-        "diminish": MultiTaskConfig(steps=steps, primary=specs[0].name, schedule="diminish", gamma0=1.0,
+        "stl": MultiTaskConfig(**common),
+        "mtl": MultiTaskConfig(**common),
+        "diminish": MultiTaskConfig(**common, primary=specs[0].name, schedule="diminish", gamma0=1.0,
                                     eta=3.0 / steps, nu=1.0),
-        "switch": MultiTaskConfig(steps=steps, primary=specs[0].name, schedule="switch",
-                                  switch_step=int(0.6 * steps)),
-        "adaptive-switch": MultiTaskConfig(steps=steps, primary=specs[0].name, schedule="adaptive_switch",
+        "switch": MultiTaskConfig(**common, primary=specs[0].name, schedule="switch", switch_step=int(0.6 * steps)),
+        "adaptive-switch": MultiTaskConfig(**common, primary=specs[0].name, schedule="adaptive_switch",
                                            switch_patience=2),
     }
-    results = {"pairing": {"primary": primary, "auxiliaries": list(aux)}, "steps": steps,
+    results = {"pairing": {"primary": primary, "auxiliaries": list(aux)}, "steps": steps, "sampler": args.sampler,
                "batch_size": args.batch_size, "max_train": args.max_train, "max_eval": args.max_eval,
                "layers": args.layers, "max_length": args.max_length, "device": str(backbone.device), "date": time.strftime("%Y-%m-%d"),
                "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "torch_threads": torch.get_num_threads(),
@@ -157,7 +161,9 @@ def plot_curves(results: dict, path: Path) -> None:
 def to_markdown(results: dict) -> str:
     p = results["pairing"]
     lines = [f"Primary `{p['primary']}`, auxiliaries {', '.join(f'`{a}`' for a in p['auxiliaries'])}; "
-             f"{results['steps']} steps of batch {results['batch_size']}, {results['max_train']} training examples "
+             f"{results['steps']} steps of batch {results['batch_size']} "
+             f"({'per task' if results.get('sampler', 'temperature') == 'per_task' else 'mixed across the tasks'}), "
+             f"{results['max_train']} training examples "
              f"per task, backbone layers: {results['layers'] or 'all'}, at most {results['max_length']} tokens per "
              f"text. {results['machine']} ({results['device']}), "
              f"{results['date']}.", ""]
@@ -180,6 +186,8 @@ def main(argv: list[str] | None = None, echo=print) -> dict:
     p.add_argument("--max-eval", type=int, default=300)
     p.add_argument("--steps", type=int, default=None, help="default: 6 epochs of the primary task")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--sampler", choices=["per_task", "temperature", "uniform", "proportional"], default="per_task",
+                   help="per_task: a batch of each task per step (MT2ST's loss); others: one mixed batch")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--target", type=float, default=0.99, help="fraction of STL's best validation accuracy")
     p.add_argument("--layers", type=int, default=None)

@@ -180,6 +180,7 @@ def test_mt2st_benchmark_script(tmp_path, tiny_backbone):
     assert results["ways"]["stl"]["seconds_to_target"] is not None  # STL reaches its own best
     md = (tmp_path / "rotten" / "results.md").read_text()
     assert "| switch |" in md and "vader_amazon" in md and len(lines) == 6
+    assert results["sampler"] == "per_task" and "steps of batch 8 (per task)" in md
     assert (tmp_path / "rotten" / "accuracy-vs-time.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

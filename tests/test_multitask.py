@@ -338,3 +338,22 @@ def test_length_passes_train_the_same_with_less_padding(tiny_config):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="pass_overhead"):
         MultiTaskConfig(pass_overhead=-1)
+
+
+def test_per_task_sampler_takes_a_full_batch_of_each_active_task(joint):
+    """MT2ST's L_primary + Σ γ L_aux: every step holds batch_size rows of each task, and once Switch
+    drops the auxiliary its rows leave the batch (a single-task step)."""
+    forward, shared, heads, set_training, specs, data, val, backbone = joint
+    counts = []
+
+    def counted(inputs):
+        counts.append(torch.bincount(inputs["groups"], minlength=2).tolist())
+        return forward(inputs)
+
+    config = MultiTaskConfig(sampler="per_task", primary="topic", schedule="switch", switch_step=3, steps=6,
+                             pass_overhead=None)
+    train_multitask(counted, shared, heads, set_training, specs, data, [None, None], config,
+                    TrainConfig(batch_size=4, learning_rate=1e-2, progress=False),
+                    pad_id=backbone.pad_id, device=torch.device("cpu"))
+    assert counts == [[4, 4]] * 3 + [[0, 4]] * 3
+    np.testing.assert_allclose(sampling_probabilities([10, 30], "per_task"), [0.5, 0.5])
