@@ -1,13 +1,13 @@
 """Joint multi-task training of one shared adapter with a head per task; MT2ST schedules; TAG affinities.
 
 Every step draws a mixed batch: each row's task is sampled with the sampler's probabilities
-(:func:`sampling_probabilities`), the row is the next example of that task's shuffled stream,
-and the batch goes through the backbone and the shared adapter in length-sorted passes
-(``pass_overhead``); each row then goes through its task's head. The loss is
-Σ_t w_t(step) · L_t over the tasks present, with w_t from static weights, uncertainty
-weighting (Kendall et al., 2018) or an MT2ST schedule for auxiliary tasks (Liu & Yu, 2024:
-Diminish γ_k(t) = γ_k,0 · exp(−η_k · t^ν_k), or Switch, fixed or adaptive). Every ``tag_every`` steps, TAG (Fifty et al., 2021) takes, for each task i,
-a lookahead step of the shared parameters on task i's loss alone (on a copy, with the AdamW
+(:func:`sampling_probabilities`; or every task gets a full batch, ``"per_task"``), the row is
+the next example of that task's shuffled stream, and the batch goes through the backbone and
+the shared adapter in length-sorted passes (``pass_overhead``); each row then goes through its
+task's head. The loss is Σ_t w_t(step) · L_t over the tasks present, with w_t from static
+weights, uncertainty weighting (Kendall et al., 2018) or an MT2ST schedule for auxiliary tasks
+(Liu & Yu, 2024: Diminish γ_k(t) = γ_k,0 · exp(−η_k · t^ν_k), or Switch, fixed or adaptive).
+Every ``tag_every`` steps, TAG (Fifty et al., 2021) takes, for each task i, a lookahead step of the shared parameters on task i's loss alone (on a copy, with the AdamW
 update rule and state) and records Z_{i→j} = 1 − L_j(θ') / L_j(θ) on the same batch;
 :func:`select_groups` turns the averaged matrix into task groups.
 """
