@@ -7,9 +7,10 @@ the shared adapter in length-sorted passes (``pass_overhead``); each row then go
 task's head. The loss is Σ_t w_t(step) · L_t over the tasks present, with w_t from static
 weights, uncertainty weighting (Kendall et al., 2018) or an MT2ST schedule for auxiliary tasks
 (Liu & Yu, 2024: Diminish γ_k(t) = γ_k,0 · exp(−η_k · t^ν_k), or Switch, fixed or adaptive).
-Every ``tag_every`` steps, TAG (Fifty et al., 2021) takes, for each task i, a lookahead step of the shared parameters on task i's loss alone (on a copy, with the AdamW
-update rule and state) and records Z_{i→j} = 1 − L_j(θ') / L_j(θ) on the same batch;
-:func:`select_groups` turns the averaged matrix into task groups.
+Every ``tag_every`` steps, TAG (Fifty et al., 2021) takes, for each task i, a lookahead step
+of the shared parameters on task i's loss alone (on a copy, with the AdamW update rule and
+state) and records Z_{i→j} = 1 − L_j(θ') / L_j(θ) on the same batch; :func:`select_groups`
+turns the averaged matrix into task groups.
 """
 
 from __future__ import annotations
