@@ -1,16 +1,17 @@
 """Joint multi-task training of one shared adapter with a head per task; MT2ST schedules; TAG affinities.
 
 Every step draws a mixed batch: each row's task is sampled with the sampler's probabilities
-(:func:`sampling_probabilities`; or every task gets a full batch, ``"per_task"``), the row is
-the next example of that task's shuffled stream, and the batch goes through the backbone and
-the shared adapter in length-sorted passes (``pass_overhead``); each row then goes through its
-task's head. The loss is Σ_t w_t(step) · L_t over the tasks present, with w_t from static
-weights, uncertainty weighting (Kendall et al., 2018) or an MT2ST schedule for auxiliary tasks
-(Liu & Yu, 2024: Diminish γ_k(t) = γ_k,0 · exp(−η_k · t^ν_k), or Switch, fixed or adaptive).
-Every ``tag_every`` steps, TAG (Fifty et al., 2021) takes, for each task i, a lookahead step
-of the shared parameters on task i's loss alone (on a copy, with the AdamW update rule and
-state) and records Z_{i→j} = 1 − L_j(θ') / L_j(θ) on the same batch; :func:`select_groups`
-turns the averaged matrix into task groups.
+(:func:`sampling_probabilities`, or a ``sampling_schedule``'s for that step; or every task gets a
+full batch, ``"per_task"``), the row is the next example of that task's shuffled stream, and the
+batch goes through the backbone and the shared adapter in length-sorted passes
+(``pass_overhead``); each row then goes through its task's head. The loss is
+Σ_t w_t(step) · L_t over the tasks present, with w_t from static weights, uncertainty weighting
+(Kendall et al., 2018) or an MT2ST schedule for auxiliary tasks (Liu & Yu, 2024: Diminish
+γ_k(t) = γ_k,0 · exp(−η_k · t^ν_k), or Switch, fixed or adaptive). Every ``tag_every`` steps,
+TAG (Fifty et al., 2021) takes, for each task i, a lookahead step of the shared parameters on
+task i's loss alone (on a copy, with the AdamW update rule and state) and records
+Z_{i→j} = 1 − L_j(θ') / L_j(θ) on the same batch; :func:`select_groups` turns the averaged
+matrix into task groups.
 """
 
 from __future__ import annotations
@@ -100,6 +101,10 @@ class MultiTaskConfig:
             not 0 (after a Switch, a step is a single-task step).
         temperature: Temperature of the ``"temperature"`` sampler.
         size_cap: Cap on task sizes before sampling; ``None`` no cap.
+        sampling_schedule: A time-dependent sampler: ``f(step, total_steps)`` returns a weight
+            >= 0 per task (in task order), normalised into that step's probabilities; it replaces
+            the fixed probabilities of ``sampler`` (which must then draw, i.e. not be
+            ``"per_task"``). Registry records store its name.
         weighting: ``"static"`` (``weights``, default 1 each) or ``"uncertainty"``.
         weights: Static loss weight per task name.
         primary: MT2ST: the primary task; the others are auxiliary and weighted by ``schedule``.
@@ -125,6 +130,7 @@ class MultiTaskConfig:
     sampler: Sampler = "temperature"
     temperature: float = 2.0
     size_cap: int | None = None
+    sampling_schedule: Callable[[int, int], Sequence[float]] | None = None
     weighting: Weighting = "static"
     weights: dict[str, float] | None = None
     primary: str | None = None
@@ -145,6 +151,14 @@ class MultiTaskConfig:
             raise ValueError(f"schedule={self.schedule!r} needs a primary task: set MultiTaskConfig.primary.")
         if self.schedule == "switch" and self.switch_step is None:
             raise ValueError("schedule='switch' needs switch_step (the step at which auxiliaries stop).")
+        if self.sampling_schedule is not None:
+            if not callable(self.sampling_schedule):
+                raise ValueError("MultiTaskConfig.sampling_schedule must be a function (step, total_steps) -> "
+                                 f"weights per task. Got {self.sampling_schedule!r}.")
+            if self.sampler == "per_task":
+                raise ValueError("sampler='per_task' takes a full batch of every task each step, so there is nothing "
+                                 "for sampling_schedule to weigh: use sampler='uniform' (or another drawing sampler) "
+                                 "with a schedule.")
         if self.weighting == "uncertainty" and self.schedule != "none":
             raise ValueError("Uncertainty weighting learns every task's weight; it cannot run with an MT2ST schedule.")
         for key in ("steps", "tag_every", "eval_every"):
@@ -156,7 +170,11 @@ class MultiTaskConfig:
                              f"Got {self.pass_overhead!r}.")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        f = self.sampling_schedule
+        if f is not None:  # a function is not JSON: record which one it was
+            out["sampling_schedule"] = f"{getattr(f, '__module__', '')}.{getattr(f, '__qualname__', repr(f))}"
+        return out
 
     def _per_task(self, name: str, value: float | dict[str, float]) -> float:
         return float(value.get(name, 1.0) if isinstance(value, dict) else value)
@@ -326,10 +344,12 @@ class TaskLoRA(nn.Module):
 
 @dataclass
 class MultiTaskResult:
-    """What :func:`train_multitask` did: steps, time, per-task validation history, TAG affinities."""
+    """What :func:`train_multitask` did: steps, time, rows trained per task, per-task validation
+    history, TAG affinities."""
 
     steps: int
     seconds: float
+    rows_per_task: dict[str, int] = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     best_step: int = 0
     best_metrics: dict[str, float] = field(default_factory=dict)
@@ -410,7 +430,7 @@ def train_multitask(
             streams[t] = iter(torch.randperm(sizes[t], generator=generator).tolist())
             return next(streams[t])
 
-    affinity, measured = np.zeros((T, T)), 0
+    affinity, measured, seen = np.zeros((T, T)), 0, np.zeros(T, dtype=np.int64)
     best_score, best = -math.inf, [p.detach().clone() for p in params]
     result = MultiTaskResult(steps=0, seconds=0.0)
     has_validation = any(v is not None for v in validation)
@@ -427,9 +447,15 @@ def train_multitask(
             if config.sampler == "per_task":
                 picks = [t for t in active for _ in range(training.batch_size)]
             else:
-                mix = torch.as_tensor(probs) * torch.tensor([float(t in active) for t in range(T)],
-                                                            dtype=torch.float64)
+                now = probs if config.sampling_schedule is None else _scheduled(config.sampling_schedule, step,
+                                                                                 total, names)
+                mix = torch.as_tensor(now) * torch.tensor([float(t in active) for t in range(T)], dtype=torch.float64)
+                if not mix.sum() > 0:
+                    raise ValueError(f"At step {step} the sampling schedule gives weight only to tasks whose loss "
+                                     f"weight is 0 (active: {[names[t] for t in active]}); give an active task a "
+                                     "weight > 0.")
                 picks = torch.multinomial(mix, training.batch_size, replacement=True, generator=generator).tolist()
+            seen += np.bincount(picks, minlength=T)
             rows = [(t, next_row(t)) for t in picks]  # the same on every rank
             counts = torch.bincount(torch.tensor(picks), minlength=T).to(device)  # rows per task, whole batch
             present = counts > 0
@@ -499,11 +525,21 @@ def train_multitask(
             for p, b in zip(params, best):
                 p.copy_(b)
     result.seconds = time.perf_counter() - started
+    result.rows_per_task = {n: int(c) for n, c in zip(names, seen)}
     if measured:
         result.affinity = (affinity / measured).tolist()
     if uncertainty is not None:
         result.task_weights = dict(zip(names, torch.exp(-uncertainty.log_var.detach()).tolist()))
     return result
+
+
+def _scheduled(schedule, step: int, total: int, names: Sequence[str]) -> np.ndarray:
+    """This step's task probabilities from a ``sampling_schedule``, checked."""
+    w = np.asarray(schedule(step, total), dtype=float)
+    if w.shape != (len(names),) or not np.isfinite(w).all() or (w < 0).any() or not w.sum() > 0:
+        raise ValueError(f"sampling_schedule({step}, {total}) must return {len(names)} finite weights >= 0 with a "
+                         f"positive sum, one per task in the order {list(names)}. Got {w.tolist()}.")
+    return w / w.sum()
 
 
 def _select(d: Encoded, idx: list[int]) -> Encoded:

@@ -575,7 +575,7 @@ class Registry:
                     "name": name, "kind": "joint", "created": _now(), "cmtl_version": __version__, "tasks": tasks,
                     "members": [], "config": config.to_dict(), "training": training.to_dict(),
                     "adapter": resolved.to_dict(), "steps": result.steps, "seconds": round(result.seconds, 3),
-                    "best_step": result.best_step, "validation_accuracy": result.best_metrics,
+                    "rows_per_task": result.rows_per_task, "best_step": result.best_step, "validation_accuracy": result.best_metrics,
                     "history": result.history, "affinity": result.affinity,
                     "tag_seconds": round(result.tag_seconds, 3), "switched_at": result.switched_at,
                     "task_weights": result.task_weights,
