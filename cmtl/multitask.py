@@ -430,7 +430,7 @@ def train_multitask(
             streams[t] = iter(torch.randperm(sizes[t], generator=generator).tolist())
             return next(streams[t])
 
-    affinity, measured, seen = np.zeros((T, T)), 0, np.zeros(T, dtype=np.int64)
+    affinity, measured, seen = np.zeros((T, T)), 0, torch.zeros(T, dtype=torch.long)
     best_score, best = -math.inf, [p.detach().clone() for p in params]
     result = MultiTaskResult(steps=0, seconds=0.0)
     has_validation = any(v is not None for v in validation)
@@ -455,9 +455,10 @@ def train_multitask(
                                      f"weight is 0 (active: {[names[t] for t in active]}); give an active task a "
                                      "weight > 0.")
                 picks = torch.multinomial(mix, training.batch_size, replacement=True, generator=generator).tolist()
-            seen += np.bincount(picks, minlength=T)
+            drawn = torch.bincount(torch.tensor(picks), minlength=T)  # rows per task, whole batch
+            seen += drawn
             rows = [(t, next_row(t)) for t in picks]  # the same on every rank
-            counts = torch.bincount(torch.tensor(picks), minlength=T).to(device)  # rows per task, whole batch
+            counts = drawn.to(device)
             present = counts > 0
             local = distributed.shard(rows)  # this rank's rows (all of them without a process group)
             if local:
@@ -525,7 +526,7 @@ def train_multitask(
             for p, b in zip(params, best):
                 p.copy_(b)
     result.seconds = time.perf_counter() - started
-    result.rows_per_task = {n: int(c) for n, c in zip(names, seen)}
+    result.rows_per_task = dict(zip(names, seen.tolist()))
     if measured:
         result.affinity = (affinity / measured).tolist()
     if uncertainty is not None:
