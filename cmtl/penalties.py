@@ -63,4 +63,4 @@ def distillation_loss(new_logits: torch.Tensor, old_logits: torch.Tensor, temper
 
 def ewc_term(params: Sequence[torch.Tensor], anchors: Sequence[Anchor], weight: float) -> Callable:
     """An ``extra_loss`` for :func:`cmtl.training.train` that adds :func:`ewc_loss`."""
-    return lambda inputs, logits: ewc_loss(params, anchors, weight)
+    return lambda inputs, logits, rows: ewc_loss(params, anchors, weight)

@@ -332,7 +332,8 @@ class Registry:
             head = TaskHead(self.backbone.hidden_size, spec.num_outputs, training.head_dropout).to(self.backbone.device)
             head.load_state_dict(self._heads[parent_key].state_dict())
             try:
-                extra = self._update_penalty(config, key, parent_key, head, spec, [replay_enc, old_enc], training)
+                extra = self._update_penalty(config, key, parent_key, head, spec, train_enc, [replay_enc, old_enc],
+                                             training)
                 result = self._train(key, adapter, head, spec, train_enc, early_stop, training, extra_loss=extra)
                 self._heads[key] = head
                 gate = Gate(metric, higher, parent_new, self._score(key, head, spec, val_enc), parent_old,
@@ -859,20 +860,24 @@ class Registry:
             return None
         return store.read_checked(store.version_dir(self.root, task, version) / name, record["files"][name])
 
-    def _score(self, key: str, head: TaskHead, spec: TaskSpec, encoded: Encoded) -> float:
-        """Primary metric of ``spec`` on ``encoded`` through the adapter ``key`` and ``head``."""
-        metric, _ = primary_metric(spec)
+    def _eval_logits(self, key: str, head: TaskHead, encoded: Encoded, batch_size: int = 64) -> torch.Tensor:
+        """Logits of every row of ``encoded`` through the adapter ``key`` and ``head``, in eval mode."""
         with self._lock:
             self._bank.activate(key)
             head.eval()
-            logits = predict_logits(lambda inputs: head(self.backbone.embed(**inputs)), encoded, batch_size=64,
-                                    pad_id=self.backbone.pad_id, device=self.backbone.device)
+            return predict_logits(lambda inputs: head(self.backbone.embed(**inputs)), encoded, batch_size=batch_size,
+                                  pad_id=self.backbone.pad_id, device=self.backbone.device)
+
+    def _score(self, key: str, head: TaskHead, spec: TaskSpec, encoded: Encoded) -> float:
+        """Primary metric of ``spec`` on ``encoded`` through the adapter ``key`` and ``head``."""
+        metric, _ = primary_metric(spec)
+        logits = self._eval_logits(key, head, encoded)
         return float(compute_metrics(spec, logits, encoded.targets)[metric])
 
     def _update_penalty(self, config: UpdateConfig, key: str, parent_key: str, head: TaskHead, spec: TaskSpec,
-                        old_data: list[Encoded | None], training: TrainConfig):
+                        train_enc: Encoded, old_data: list[Encoded | None], training: TrainConfig):
         """The ``extra_loss`` for an update: EWC around the parent's weights (Fisher on ``old_data``: replayed
-        and held-out examples), or LwF towards its outputs."""
+        and held-out examples), or LwF towards its outputs on the training rows ``train_enc``."""
         if config.penalty == "ewc":
             parts = [e for e in old_data if e is not None]
             if not parts:
@@ -886,14 +891,16 @@ class Registry:
                                      pad_id=self.backbone.pad_id, device=self.backbone.device)
             return ewc_term(params, [anchor], config.weight)
         if config.penalty == "lwf":
-            parent_head, weight, t = self._heads[parent_key], config.weight, config.temperature
+            # The parent is frozen and runs without dropout, so its outputs on the training rows are fixed:
+            # one length-sorted pass here, instead of a second forward on every step of every epoch.
+            with torch.no_grad():
+                old_logits = self._eval_logits(parent_key, self._heads[parent_key], train_enc,
+                                               training.eval_batch_size)
+            self._bank.activate(key)
+            weight, t = config.weight, config.temperature
 
-            def lwf(inputs, logits):
-                with torch.no_grad():
-                    self._bank.activate(parent_key)
-                    old_logits = parent_head(self.backbone.embed(**inputs))
-                    self._bank.activate(key)
-                return weight * distillation_loss(logits, old_logits, t)
+            def lwf(inputs, logits, rows):
+                return weight * distillation_loss(logits, old_logits[rows].to(logits.device), t)
 
             return lwf
         return None

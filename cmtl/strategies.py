@@ -237,7 +237,7 @@ class SharedLearner(Learner):
                 old_cols = torch.tensor([label in {x for e in self.experiences[:i] for x in e.spec.labels}
                                          for label in self.head_specs[0].labels], device=self.device)
 
-            def lwf_penalty(inputs, logits):
+            def lwf_penalty(inputs, logits, rows):
                 pooled_new = self.last_pooled
                 model_inputs = {k: v for k, v in inputs.items() if k != "groups"}
                 with torch.no_grad():

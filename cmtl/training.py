@@ -152,13 +152,15 @@ def train(
     *,
     pad_id: int,
     device: torch.device,
-    extra_loss: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor] | None = None,
+    extra_loss: Callable[[dict[str, torch.Tensor], torch.Tensor, list[int]], torch.Tensor] | None = None,
     desc: str = "train",
 ) -> TrainResult:
     """Train ``params`` to minimise ``spec.loss(forward(batch))`` (+ ``extra_loss``).
 
     On return the parameters hold the best state seen on ``validation`` (or the
-    last state without validation data).
+    last state without validation data). ``extra_loss(inputs, logits, rows)``
+    gets the batch's inputs, its logits and the indices of its rows in
+    ``train_data`` (so a penalty can look up values it computed once per row).
 
     Raises:
         TrainingDivergedError: the loss became NaN or infinite. The parameters
@@ -197,7 +199,7 @@ def train(
                     logits = forward(inputs)
                     loss = spec.loss(logits, targets)
                     if extra_loss is not None:
-                        loss = loss + extra_loss(inputs, logits)
+                        loss = loss + extra_loss(inputs, logits, local)
                 else:  # fewer rows than ranks in the last batch: this rank adds zero gradient
                     loss = sum(p.sum() for p in params) * 0.0
                 if any_rank(not torch.isfinite(loss), device):  # every rank stops together

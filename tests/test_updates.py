@@ -10,6 +10,7 @@ import torch
 
 from cmtl import (CorruptFileError, DataError, MemoryConfig, Registry, TaskNotFoundError, TaskSpec, TrainConfig,
                   UpdateConfig)
+from cmtl.adapters import AdapterConfig
 from cmtl.store import MANIFEST
 from cmtl.updates import Gate
 from tests.conftest import toy_sentiment
@@ -114,6 +115,37 @@ def test_penalised_updates_train_and_stay_close(reg, penalty):
     assert result.version.training["update"]["penalty"] == penalty
     assert result.gate.candidate_new > result.gate.parent_new
     assert reg.evaluate("sentiment", toy_sentiment(60, 7), version=2)["accuracy"] >= 0.8
+
+
+def test_lwf_teacher_computed_once_matches_the_parent_run_on_each_batch(reg):
+    """The LwF term looks the parent's logits up per row; they must equal the parent run on the batch."""
+    from cmtl.data import batches, read_examples
+    from cmtl.penalties import distillation_loss
+
+    spec = reg.spec("sentiment")
+    parent_key = reg._ensure_loaded("sentiment", 1)
+    parent_head = reg._heads[parent_key]
+    adapter = AdapterConfig.from_dict(reg._version_record("sentiment", 1)["adapter"])
+    reg._bank.load("candidate", adapter, reg._bank.state_dict(parent_key))
+    head = type(parent_head)(reg.backbone.hidden_size, spec.num_outputs)
+    head.load_state_dict(parent_head.state_dict())
+    with torch.no_grad():
+        head.linear.weight.add_(torch.randn_like(head.linear.weight))  # the student disagrees with its parent
+    train_enc = reg._encode(read_examples(shifted_sentiment(40), spec), spec)
+    config = UpdateConfig(penalty="lwf", penalty_weight=2.0, temperature=3.0)
+    lwf = reg._update_penalty(config, "candidate", parent_key, head, spec, train_enc, [None, None],
+                              TrainConfig(eval_batch_size=7))
+    order = torch.randperm(len(train_enc), generator=torch.Generator().manual_seed(0)).tolist()
+    terms = []
+    for rows, inputs, _ in batches(train_enc, order, 16, reg.backbone.pad_id, reg.backbone.device):
+        reg._bank.activate("candidate")
+        logits = head(reg.backbone.embed(**inputs))
+        with torch.no_grad():
+            reg._bank.activate(parent_key)
+            expected = 2.0 * distillation_loss(logits, parent_head(reg.backbone.embed(**inputs)), 3.0)
+        torch.testing.assert_close(lwf(inputs, logits, rows), expected, atol=1e-5, rtol=1e-5)
+        terms.append(expected.item())
+    assert min(terms) > 1e-3  # the check compares real disagreements, not zeros
 
 
 def test_update_without_validation_holds_out_part_of_the_new_data(reg):
