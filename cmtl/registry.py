@@ -67,6 +67,16 @@ class VersionInfo:
     promoted: bool = True
 
 
+def _gate_scores(spec: TaskSpec, logits: torch.Tensor, encoded: Encoded, n_new: int) -> tuple[float, float | None]:
+    """The primary metric on the first ``n_new`` rows (new validation) and on the rest (old held-out, if any)."""
+    metric, _ = primary_metric(spec)
+
+    def score(rows: slice) -> float:
+        return float(compute_metrics(spec, logits[rows], encoded.targets[rows])[metric])
+
+    return score(slice(0, n_new)), (score(slice(n_new, None)) if len(encoded) > n_new else None)
+
+
 def _head_key(task: str, version: int) -> str:
     # Adapter names live inside module paths: no dots.
     return f"{task}__v{version}"
@@ -324,9 +334,8 @@ class Registry:
         with self._lock:
             parent_key = self._ensure_loaded(task, parent)  # before seeding: loading may draw random numbers
         with self._lock, seeded(training.seed, self.backbone.device):
-            parent_head = self._heads[parent_key]
-            parent_new = self._score(parent_key, parent_head, spec, val_enc)
-            parent_old = self._score(parent_key, parent_head, spec, old_enc) if old_enc is not None else None
+            parent_new, parent_old = _gate_scores(spec, self._eval_logits(parent_key, self._heads[parent_key],
+                                                                          early_stop), early_stop, len(val_enc))
             adapter = AdapterConfig.from_dict(parent_record["adapter"])
             self._bank.load(key, adapter, self._bank.state_dict(parent_key))
             head = TaskHead(self.backbone.hidden_size, spec.num_outputs, training.head_dropout).to(self.backbone.device)
@@ -336,9 +345,12 @@ class Registry:
                                              training)
                 result = self._train(key, adapter, head, spec, train_enc, early_stop, training, extra_loss=extra)
                 self._heads[key] = head
-                gate = Gate(metric, higher, parent_new, self._score(key, head, spec, val_enc), parent_old,
-                            self._score(key, head, spec, old_enc) if old_enc is not None else None,
-                            config.tolerance)
+                # Training scored its kept state on the same rows (new validation, then old held-out).
+                logits = result.validation_logits
+                if logits is None:  # no evaluation ever scored (a non-finite metric): score it now
+                    logits = self._eval_logits(key, head, early_stop)
+                candidate_new, candidate_old = _gate_scores(spec, logits, early_stop, len(val_enc))
+                gate = Gate(metric, higher, parent_new, candidate_new, parent_old, candidate_old, config.tolerance)
                 promoted, reason = gate.decide()
                 if promote is not None:
                     reason = f"{'promoted' if promote else 'not promoted'} by the caller; the gate said: {reason}"

@@ -107,7 +107,11 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """What a training run did: steps, time, the kept evaluation and the history."""
+    """What a training run did: steps, time, the kept evaluation and the history.
+
+    ``validation_logits`` are the kept state's logits on the validation rows, in
+    row order (``None`` without validation data), so callers need not rerun them.
+    """
 
     steps: int
     seconds: float
@@ -116,6 +120,7 @@ class TrainResult:
     best_metrics: dict[str, float]
     history: list[dict[str, float]] = field(default_factory=list)
     stopped_early: bool = False
+    validation_logits: torch.Tensor | None = None
 
     @property
     def samples_per_second(self) -> float:
@@ -175,7 +180,7 @@ def train(
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     initial = [p.detach().clone() for p in params]
     best = [p.detach().clone() for p in params]
-    best_score, best_step, best_metrics, bad_evals = -math.inf, 0, {}, 0
+    best_score, best_step, best_metrics, best_logits, bad_evals = -math.inf, 0, {}, None, 0
     history: list[dict[str, float]] = []
     generator = torch.Generator().manual_seed(config.seed)
     lengths = train_data.lengths()
@@ -232,7 +237,7 @@ def train(
                     history.append({"step": step, **metrics})
                     score = metrics[metric] if higher else -metrics[metric]
                     if score > best_score:
-                        best_score, best_step, best_metrics, bad_evals = score, step, metrics, 0
+                        best_score, best_step, best_metrics, best_logits, bad_evals = score, step, metrics, logits_val, 0
                         best = [p.detach().clone() for p in params]
                     else:
                         bad_evals += 1
@@ -259,4 +264,5 @@ def train(
         best_metrics=best_metrics,
         history=history,
         stopped_early=stopped_early,
+        validation_logits=best_logits,
     )

@@ -153,6 +153,8 @@ def test_early_stopping_keeps_the_best_state():
                    device=torch.device("cpu"))
     assert result.stopped_early and result.best_step == 1 and result.steps == 4
     assert [h["step"] for h in result.history] == [1, 2, 3, 4]
+    # The kept state's validation logits come back with it (the last evaluation's would differ).
+    torch.testing.assert_close(result.validation_logits, forward({"input_ids": torch.tensor(ids)}).detach())
 
     again, forward = _bias_model()
     train(forward, [again], lambda _: None, spec, train_data, None,

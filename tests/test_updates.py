@@ -62,6 +62,9 @@ def test_update_on_shifted_data_is_promoted_and_keeps_old_skill(reg):
     # What is stored and served is the candidate the gate scored.
     assert reg.evaluate("sentiment", shifted_sentiment(32, 1))["accuracy"] == pytest.approx(info.metrics["new_accuracy"])
     assert reg.evaluate("sentiment", toy_sentiment(32, 1))["accuracy"] == pytest.approx(info.metrics["old_accuracy"])
+    # ... and the parent's scores are its own on the same two sets (the gate scores both in one pass each).
+    for data, name in [(shifted_sentiment(32, 1), "parent_new_accuracy"), (toy_sentiment(32, 1), "parent_old_accuracy")]:
+        assert reg.evaluate("sentiment", data, version=1)["accuracy"] == pytest.approx(info.metrics[name])
     # The new version's buffer holds both generations; its held-out lineage both validation sets.
     buffer = reg.buffer("sentiment")
     assert {it.domain for it in buffer.items()} == {"v1", "v2"} and len(buffer) == 96 + 96
