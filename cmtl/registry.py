@@ -905,9 +905,7 @@ class Registry:
         if config.penalty == "lwf":
             # The parent is frozen and runs without dropout, so its outputs on the training rows are fixed:
             # one length-sorted pass here, instead of a second forward on every step of every epoch.
-            with torch.no_grad():
-                old_logits = self._eval_logits(parent_key, self._heads[parent_key], train_enc,
-                                               training.eval_batch_size)
+            old_logits = self._eval_logits(parent_key, self._heads[parent_key], train_enc, training.eval_batch_size)
             self._bank.activate(key)
             weight, t = config.weight, config.temperature
 
