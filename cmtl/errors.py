@@ -64,3 +64,7 @@ class UnsafePickleError(CmtlError, pickle.UnpicklingError):
 
 class ReplayBufferError(CmtlError, ValueError):
     """A bad buffer setting, or a buffer file that is missing, corrupt or not a buffer."""
+
+
+class ManifestError(RegistryError):
+    """A registry.json that parses but breaks the manifest's rules (a bad name, a missing or mistyped field)."""
