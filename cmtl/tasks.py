@@ -7,6 +7,7 @@ that can be merged across tasks while each task keeps its own head.
 from __future__ import annotations
 
 import math
+import numbers
 import re
 import warnings
 from dataclasses import KW_ONLY, asdict, dataclass, fields
@@ -20,6 +21,8 @@ from cmtl.errors import DataError
 
 ProblemType = Literal["single_label", "multi_label", "regression"]
 PROBLEM_TYPES = ("single_label", "multi_label", "regression")
+LabelEncoding = Literal["value", "index"]
+LABEL_ENCODINGS = ("value", "index")
 #: Logit given to a class a row may not take (another task's column, an unseen class):
 #: never the argmax, and its softmax weight underflows to exactly 0 without NaNs.
 MASKED_LOGIT = -1e4
@@ -30,16 +33,37 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 class TaskSpec:
     """What a task is: its name, its outputs and where its data lives.
 
+    How raw label values become label names (one rule for every data source, see
+    :func:`cmtl.data.read_examples`):
+
+    * A ``datasets.Dataset`` label column of type ``ClassLabel`` (or a sequence of
+      ``ClassLabel`` for multi-label) holds integers whose ClassLabel names are the truth:
+      each integer becomes its name, matched to ``labels`` by name. Leave ``labels`` out to
+      take them from the ClassLabel, in its order (:func:`cmtl.data.spec_for_data`); labels
+      that lack a ClassLabel name are refused.
+    * Strings are label names.
+    * Other integers (a DataFrame, a list of dicts, JSON, a CSV column of integers, a Dataset
+      int column) are matched by value to numeric label names when ``label_encoding`` is
+      ``"value"`` (``1`` -> ``'1'``), and are positions in ``labels`` only when it is
+      ``"index"`` (``1`` -> ``labels[1]``). Integers with non-numeric label names and
+      ``"value"`` are refused, since their meaning is not known.
+    * Without ``labels``, integers become their string form (``0`` -> ``'0'``).
+
     Args:
         name: Unique task name: letters, digits, ``_`` and ``-``, at most 64.
         labels: The label names. Single-label data holds one of them per row;
             multi-label data a list of them. For regression, the names of the
-            targets (default one target, ``"score"``).
+            targets (default one target, ``"score"``). ``None`` (single- and
+            multi-label): taken from the training data's ClassLabel names when the
+            task is added; training without them is refused.
         problem_type: ``"single_label"``, ``"multi_label"`` or ``"regression"``.
         text_column: Column holding the input text.
         text_pair_column: Column holding the second text for pair tasks
             (entailment, similarity); ``None`` for single texts.
         label_column: Column holding the label(s) or target(s).
+        label_encoding: What plain integer labels mean: ``"value"`` (default), the
+            label whose name is that number; ``"index"``, the label at that position
+            in ``labels``. ClassLabel columns and string labels are read by name either way.
         threshold: Multi-label decision threshold on each label's probability.
         description: Free text shown in listings.
     """
@@ -51,6 +75,7 @@ class TaskSpec:
     text_column: str = "text"
     text_pair_column: str | None = None
     label_column: str = "label"
+    label_encoding: LabelEncoding = "value"
     threshold: float = 0.5
     description: str = ""
 
@@ -64,10 +89,18 @@ class TaskSpec:
             raise ValueError(
                 f"The 'problem_type' parameter must be one of {list(PROBLEM_TYPES)}. Got {self.problem_type!r} instead."
             )
+        if self.label_encoding not in LABEL_ENCODINGS:
+            raise ValueError(
+                f"The 'label_encoding' parameter must be one of {list(LABEL_ENCODINGS)}. Got {self.label_encoding!r} "
+                "instead. Use 'value' when integer labels are the label names' numbers, 'index' when they are "
+                "positions in labels."
+            )
         labels = self.labels
         if labels is None and self.problem_type == "regression":
             labels = ("score",)
-        if labels is None or isinstance(labels, str):
+        if labels is None:  # single/multi-label: filled in from the data's ClassLabel (cmtl.data.spec_for_data)
+            return
+        if isinstance(labels, str):
             raise ValueError(
                 f"Task {self.name!r} needs a list of label names, e.g. TaskSpec({self.name!r}, "
                 f"labels=['neg', 'pos']). Got {labels!r}."
@@ -83,11 +116,19 @@ class TaskSpec:
 
     @property
     def num_outputs(self) -> int:
-        return len(self.labels)
+        return len(self._known_labels())
+
+    def _known_labels(self) -> tuple[str, ...]:
+        if self.labels is None:
+            raise ValueError(
+                f"Task {self.name!r} has no labels yet. Pass them, e.g. TaskSpec({self.name!r}, labels=['neg', 'pos']), "
+                "or train on a datasets.Dataset whose label column is a ClassLabel, which names them."
+            )
+        return self.labels
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["labels"] = list(self.labels)
+        d["labels"] = None if self.labels is None else list(self.labels)
         return d
 
     @classmethod
@@ -102,55 +143,118 @@ class TaskSpec:
 
     # --- labels -----------------------------------------------------------------
 
+    def label_names(self, values: Sequence[Any], *, class_names: Sequence[str] | None = None) -> list:
+        """Raw label values -> label names, by the rule in the class docstring.
+
+        Single-label: one name per row. Multi-label: a list of names per row (a lone
+        string is a one-label row). Regression: the values, unchanged.
+
+        Args:
+            values: One raw label (multi-label: one label or a list of them) per row.
+            class_names: The ClassLabel names of the label column, if it is one; its
+                integers are then read as those names.
+
+        Raises:
+            DataError: a value that names no label of the task, integers whose meaning
+                is not known, or ClassLabel names the task's labels lack.
+        """
+        if self.problem_type == "regression":
+            return list(values)
+        if class_names is not None:
+            class_names = [str(n) for n in class_names]
+            lacking = [n for n in class_names if self.labels is not None and n not in self.labels]
+            if lacking:
+                raise DataError(
+                    f"Column {self.label_column!r} is a ClassLabel with names {class_names}, but task {self.name!r} "
+                    f"has labels {list(self.labels)}, which lack {lacking}. ClassLabel names are matched to the "
+                    f"task's labels by name: give labels that include every ClassLabel name, e.g. "
+                    f"TaskSpec({self.name!r}, labels={class_names}), or leave labels out to take them from the ClassLabel."
+                )
+        unknown: set[str] = set()
+        integers = False
+        by_value = self._by_value() if self.labels is not None else {}
+
+        def name_of(v: Any) -> str | None:
+            nonlocal integers
+            if hasattr(v, "item") and not isinstance(v, str):  # numpy / torch scalars
+                v = v.item()
+            if isinstance(v, str):
+                return v if self.labels is None or v in self.labels else None
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                return None
+            integral = isinstance(v, numbers.Integral) or (math.isfinite(v) and float(v).is_integer())
+            if class_names is not None:
+                return class_names[int(v)] if integral and 0 <= int(v) < len(class_names) else None
+            if self.labels is None:
+                return str(int(v)) if integral else str(v)
+            if self.label_encoding == "index":
+                return self.labels[int(v)] if integral and 0 <= int(v) < len(self.labels) else None
+            integers = True
+            if integral and str(int(v)) in self.labels:
+                return str(int(v))
+            return by_value.get(float(v))
+
+        out: list = []
+        for v in values:
+            if self.problem_type == "multi_label":
+                items = [v] if isinstance(v, str) or not hasattr(v, "__iter__") else list(v)
+                names = [name_of(item) for item in items]
+                unknown.update(repr(item) for item, n in zip(items, names) if n is None)
+                out.append(names)
+            else:
+                name = name_of(v)
+                if name is None:
+                    unknown.add(repr(v.item() if hasattr(v, "item") and not isinstance(v, str) else v))
+                out.append(name)
+        if integers and not by_value:
+            raise DataError(
+                f"Integer labels in the data of task {self.name!r}, whose labels {list(self.labels)} are not numbers: "
+                "integers are matched to label names by value. Either use the label strings in the data, or, if the "
+                f"integers are positions in labels (indices 0..{len(self.labels) - 1}), say so with "
+                f"TaskSpec({self.name!r}, labels=..., label_encoding='index')."
+            )
+        if unknown:
+            hint = {
+                "index": f"integer labels are indices 0..{len(self._known_labels()) - 1}, label_encoding='index'",
+                "value": "integer labels are matched to numeric label names by value",
+            }[self.label_encoding] if self.labels is not None else "labels must be strings or integers"
+            raise DataError(
+                f"Labels {', '.join(sorted(unknown)[:10])} in the data of task {self.name!r} are not in its label set "
+                f"{None if self.labels is None else list(self.labels)} ({hint}). Fix the data or declare the labels "
+                "in the TaskSpec."
+            )
+        return out
+
+    def _by_value(self) -> dict[float, str]:
+        """Numeric label names by their value, e.g. {1.0: '1'}; the first name wins a tie."""
+        out: dict[float, str] = {}
+        for label in reversed(self._known_labels()):
+            try:
+                value = float(label)
+            except ValueError:
+                continue
+            if math.isfinite(value):
+                out[value] = label
+        return out
+
     def encode_labels(self, values: Sequence[Any]) -> torch.Tensor:
         """Turn raw label values into a target tensor.
 
-        Single-label: a label name or its integer index per row -> (N,) long.
-        Multi-label: a list of label names per row -> (N, L) float multi-hot.
+        Single-label: a label per row (read by :meth:`label_names`) -> (N,) long.
+        Multi-label: a list of labels per row -> (N, L) float multi-hot.
         Regression: a number (or a list of L numbers) per row -> (N, L) float.
 
         Raises:
             DataError: a value that is not one of the task's labels, or not a number.
         """
         if self.problem_type == "single_label":
-            index = {label: i for i, label in enumerate(self.labels)}
-            out, unknown = [], set()
-            for v in values:
-                if isinstance(v, bool) or v is None:
-                    unknown.add(repr(v))
-                elif isinstance(v, (int,)) or (hasattr(v, "item") and not isinstance(v, str)):
-                    i = int(v)
-                    if 0 <= i < len(self.labels):
-                        out.append(i)
-                    else:
-                        unknown.add(repr(v))
-                elif str(v) in index:
-                    out.append(index[str(v)])
-                else:
-                    unknown.add(repr(v))
-            if unknown:
-                raise DataError(
-                    f"Labels {', '.join(sorted(unknown)[:10])} in the data of task {self.name!r} are not in its label set "
-                    f"{list(self.labels)} (integer labels must be indices 0..{len(self.labels) - 1}). "
-                    "Fix the data or declare the labels in the TaskSpec."
-                )
-            return torch.tensor(out, dtype=torch.long)
+            index = {label: i for i, label in enumerate(self._known_labels())}
+            return torch.tensor([index[name] for name in self.label_names(values)], dtype=torch.long)
         if self.problem_type == "multi_label":
-            index = {label: i for i, label in enumerate(self.labels)}
+            index = {label: i for i, label in enumerate(self._known_labels())}
             target = torch.zeros(len(values), len(self.labels))
-            unknown = set()
-            for row, v in enumerate(values):
-                items = [v] if isinstance(v, str) else list(v)
-                for item in items:
-                    if str(item) in index:
-                        target[row, index[str(item)]] = 1.0
-                    else:
-                        unknown.add(repr(item))
-            if unknown:
-                raise DataError(
-                    f"Labels {', '.join(sorted(unknown)[:10])} in the data of task {self.name!r} are not in its label set "
-                    f"{list(self.labels)}. Fix the data or declare the labels in the TaskSpec."
-                )
+            for row, names in enumerate(self.label_names(values)):
+                target[row, [index[name] for name in names]] = 1.0
             return target
         try:
             target = torch.tensor([[float(x) for x in (v if isinstance(v, (list, tuple)) else [v])] for v in values])

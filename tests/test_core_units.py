@@ -17,7 +17,7 @@ from cmtl.training import get_lr
 
 
 def test_encode_and_decode_labels():
-    spec = TaskSpec("t", labels=["a", "b", "c"])
+    spec = TaskSpec("t", labels=["a", "b", "c"], label_encoding="index")
     assert spec.encode_labels(["a", "c", 1]).tolist() == [0, 2, 1]
     logits = torch.tensor([[0.0, 5.0, 0.0], [9.0, 0.0, 0.0]])
     assert spec.decode(logits) == ["b", "a"]

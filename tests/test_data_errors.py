@@ -1,0 +1,109 @@
+"""Bad data files and bad texts give a DataError that names the problem and the fix, never a raw
+UnicodeDecodeError, EmptyDataError, KeyError or TypeError."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from cmtl import DataError, TaskSpec
+from cmtl.data import as_texts, read_examples, read_file
+
+SPEC = TaskSpec("x", labels=["a", "b"])
+
+
+# --- file encodings -----------------------------------------------------------------
+
+
+def test_latin1_csv_names_file_offset_and_fix(tmp_path):
+    path = tmp_path / "latin.csv"
+    head = b"text,label\nplain,a\n"
+    path.write_bytes(head + "café au lait,b\n".encode("latin-1"))
+    offset = len(head) + len(b"caf")
+    with pytest.raises(DataError, match=rf"latin\.csv.*not valid UTF-8.*byte {offset}.*encoding='latin-1'.*--encoding"):
+        read_examples(path, SPEC)
+    assert read_examples(path, SPEC, encoding="latin-1").texts == ["plain", "café au lait"]
+    assert read_file(path, encoding="latin-1")["text"].tolist() == ["plain", "café au lait"]
+
+
+def test_latin1_offset_past_pandas_first_chunk(tmp_path):
+    path = tmp_path / "late.tsv"
+    head = b"text\tlabel\n" + b"plain row\ta\n" * 20_000  # past pandas' first read
+    path.write_bytes(head + "naïve\tb\n".encode("latin-1"))
+    with pytest.raises(DataError, match=rf"byte {len(head) + 2}\b"):
+        read_file(path)
+
+
+def test_latin1_jsonl_is_a_data_error(tmp_path):
+    path = tmp_path / "latin.jsonl"
+    path.write_bytes('{"text": "café", "label": "a"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin\.jsonl.*not valid UTF-8.*byte 13"):
+        read_examples(path, SPEC)
+    assert read_examples(path, SPEC, encoding="latin-1").texts == ["café"]
+
+
+def test_unknown_encoding_and_encoding_for_parquet_are_refused(tmp_path):
+    csv = tmp_path / "d.csv"
+    csv.write_text("text,label\nx,a\n")
+    with pytest.raises(DataError, match="Unknown encoding 'klingon'"):
+        read_file(csv, encoding="klingon")
+    import pandas as pd
+
+    pd.DataFrame({"text": ["x"], "label": ["a"]}).to_parquet(tmp_path / "d.parquet")
+    with pytest.raises(DataError, match="Parquet stores text as UTF-8"):
+        read_file(tmp_path / "d.parquet", encoding="latin-1")
+
+
+def test_read_file_takes_a_string_path(tmp_path):
+    (tmp_path / "d.csv").write_text("text,label\nx,a\n")
+    assert read_file(str(tmp_path / "d.csv"))["label"].tolist() == ["a"]
+
+
+# --- empty files and missing columns ---------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl", ".json", ".parquet"])
+def test_zero_byte_file_names_the_file(tmp_path, suffix):
+    path = tmp_path / f"empty{suffix}"
+    path.write_bytes(b"")
+    with pytest.raises(DataError, match=rf"empty{suffix}.*is empty"):
+        read_examples(path, SPEC)
+
+
+@pytest.mark.parametrize("header, kwargs, field", [
+    ("text,category", {}, "label_column"),
+    ("text,label", {"text_column": "body"}, "text_column"),
+])
+def test_missing_column_names_it_the_columns_and_the_fix(tmp_path, header, kwargs, field):
+    path = tmp_path / "d.csv"
+    path.write_text(f"{header}\nhello,a\n")
+    spec = TaskSpec("x", labels=["a", "b"], **kwargs)
+    missing = getattr(spec, field)
+    with pytest.raises(DataError, match=rf"Column\(s\) \['{missing}'\] not found.*Columns present: {re.escape(str(header.split(',')))}"
+                                        rf".*TaskSpec\(\.\.\., {field}=\.\.\.\)"):
+        read_examples(path, spec)
+
+
+# --- texts that are not valid Unicode ---------------------------------------------------
+
+
+def test_lone_surrogate_in_texts_names_the_row():
+    with pytest.raises(DataError, match=r"row 1 .*not valid Unicode.*lone surrogate"):
+        as_texts(["fine", "bad \ud800 text"])
+    with pytest.raises(DataError, match=r"row 0 .*not valid Unicode"):
+        as_texts("\udfff")
+    with pytest.raises(DataError, match=r"Column 'text'.*row 2 .*not valid Unicode"):
+        read_examples([{"text": "a", "label": "a"}, {"text": "b", "label": "a"}, {"text": "\ud83d", "label": "b"}], SPEC)
+
+
+def test_lone_surrogate_through_the_registry_is_a_data_error(sentiment_registry):
+    from cmtl import Registry
+
+    reg = Registry.open(sentiment_registry, device="cpu")
+    for call in (lambda: reg.predict("sentiment", ["ok", "\ud800"]),
+                 lambda: reg.predict_proba("sentiment", "\ud800"),
+                 lambda: reg.embed(["\ud800"]),
+                 lambda: reg.evaluate("sentiment", [{"text": "\ud800", "label": "pos"}])):
+        with pytest.raises(DataError, match="not valid Unicode"):
+            call()
