@@ -31,7 +31,7 @@ from cmtl.adapters import AdapterBank, AdapterConfig, entry_adapters
 from cmtl.backbone import Backbone, BackboneConfig, load_backbone
 from cmtl.caching import maybe_cache
 from cmtl.data import Encoded, Examples, as_texts, encode, read_examples
-from cmtl.errors import DataError, RegistryError, TaskExistsError, TaskNotFoundError
+from cmtl.errors import CorruptFileError, DataError, RegistryError, TaskExistsError, TaskNotFoundError
 from cmtl.evaluation import compute_metrics, predict_logits, primary_metric
 from cmtl.merging import MergeConfig, lora_deltas, merge_deltas, refit_head, to_lora_state
 from cmtl.monitor import DriftMonitor, DriftReport, MonitorConfig
@@ -188,8 +188,27 @@ class Registry:
         """Names of all tasks, sorted."""
         return sorted(self._manifest["tasks"])
 
-    def spec(self, task: str) -> TaskSpec:
-        return TaskSpec.from_dict(self._entry(task)["spec"])
+    def spec(self, task: str, *, merge: str | None = None) -> TaskSpec:
+        """What ``task`` predicts; with ``merge``, as that merged entry recorded it (a merge answers with
+        the labels it was made with, also after the task is removed or replaced).
+
+        Raises:
+            TaskNotFoundError: no such task, or ``merge`` does not hold it.
+        """
+        if merge is None:
+            return TaskSpec.from_dict(self._entry(task)["spec"])
+        record = self.merge_info(merge)
+        if task not in record["tasks"]:
+            raise TaskNotFoundError(f"Merge {merge!r} does not hold task {task!r}. It holds {record['tasks']}.")
+        recorded = record.get("specs", {}).get(task)
+        if recorded is not None:
+            return TaskSpec.from_dict(recorded)
+        if task not in self._manifest["tasks"]:  # an entry written before merges recorded their members' specs
+            raise TaskNotFoundError(
+                f"Merge {merge!r} was written by an older cmtl that kept only the task names, and its task {task!r} "
+                f"has since been removed, so its labels are unknown. Predict through it for "
+                f"{[t for t in record['tasks'] if t != task]}, or remove it with remove_merge({merge!r}).")
+        return self.spec(task)
 
     def versions(self, task: str) -> list[VersionInfo]:
         """Every version of ``task``, oldest first."""
@@ -464,9 +483,11 @@ class Registry:
         records = [self._version_record(t, v) for t, v in pairs]
         deltas = []
         for (t, v), record in zip(pairs, records):
-            state = store.read_tensors(store.version_dir(self.root, t, v) / "adapter.safetensors",
-                                       record["files"]["adapter.safetensors"])
-            deltas.append(lora_deltas(state, AdapterConfig.from_dict(record["adapter"]).scaling))
+            path = store.version_dir(self.root, t, v) / "adapter.safetensors"
+            state = store.read_tensors(path, record["files"]["adapter.safetensors"])
+            adapter = AdapterConfig.from_dict(record["adapter"])
+            check_adapter_state(state, adapter, self.backbone.encoder, path)
+            deltas.append(lora_deltas(state, adapter.scaling))
         base = AdapterConfig.from_dict(records[0]["adapter"])
         for (t, v), record in zip(pairs[1:], records[1:]):
             other = AdapterConfig.from_dict(record["adapter"])
@@ -509,6 +530,7 @@ class Registry:
         record = {
             "name": name, "created": _now(), "cmtl_version": __version__,
             "members": [{"task": t, "version": v} for t, v in pairs], "tasks": tasks,
+            "specs": {t: self.spec(t).to_dict() for t in tasks},  # what serving needs: self-contained
             "config": {**config.to_dict(), "scale": config.resolved_scale(len(pairs))},
             "adapter": {**base.to_dict(), "r": rank, "alpha": float(rank), "dropout": 0.0},
             "reconstruction_error": {"mean": float(np.mean(list(errors.values()))), "max": max(errors.values())},
@@ -586,6 +608,7 @@ class Registry:
                     p.requires_grad_(False)
                 record = {
                     "name": name, "kind": "joint", "created": _now(), "cmtl_version": __version__, "tasks": tasks,
+                    "specs": {t: spec.to_dict() for t, spec in zip(tasks, specs)},
                     "members": [], "config": config.to_dict(), "training": training.to_dict(),
                     "adapter": resolved.to_dict(), "steps": result.steps, "seconds": round(result.seconds, 3),
                     "rows_per_task": result.rows_per_task, "best_step": result.best_step,
@@ -605,7 +628,7 @@ class Registry:
                     own.detach()
             if own is None:
                 for t, h in zip(tasks, heads):
-                    self._heads[f"{key}:{t}"] = h.eval()
+                    self._heads[_merge_key(name, t)] = h.eval()
             else:  # each task answers through shared + own factors, loaded per task on first use
                 self._bank.remove(key)
         return record
@@ -662,14 +685,11 @@ class Registry:
         with store.writer_lock(self.root), self._lock:
             manifest = store.read_manifest(self.root)
             self._manifest = manifest
-            self.merge_info(name)
+            tasks = self.merge_info(name)["tasks"]
             del manifest["merges"][name]
             store.write_manifest(self.root, manifest)
             shutil.rmtree(store.merge_dir(self.root, name), ignore_errors=True)
-            for key in [k for k in self._bank.names if k == _merge_key(name) or k.startswith(f"{_merge_key(name)}__")]:
-                self._bank.remove(key)
-            for key in [k for k in self._heads if k.startswith(f"{_merge_key(name)}:")]:
-                del self._heads[key]
+            self._unload_merge(name, tasks)
 
     # --- inference --------------------------------------------------------------
 
@@ -679,25 +699,24 @@ class Registry:
 
         ``version`` picks a stored version (default: current); ``merge`` a merged entry holding ``task``.
         """
-        spec = self.spec(task)
+        spec = self.spec(task, merge=merge)
         return spec.decode(self._logits(task, spec, texts, text_pairs, version, merge))
 
     def predict_proba(self, task: str, texts: str | Sequence[str], text_pairs: Sequence[str] | None = None,
                       *, version: int | None = None, merge: str | None = None) -> np.ndarray:
         """Per-label probabilities, shape (N, L), columns in ``spec(task).labels`` order."""
-        spec = self.spec(task)
+        spec = self.spec(task, merge=merge)
         return spec.probabilities(self._logits(task, spec, texts, text_pairs, version, merge)).numpy()
 
     def evaluate(self, task: str, data: Any, *, version: int | None = None, merge: str | None = None
                  ) -> dict[str, float]:
         """Metrics of ``task`` (current version unless given, or through ``merge``) on labelled ``data``."""
-        spec = self.spec(task)
+        spec = self.spec(task, merge=merge)
         examples = read_examples(data, spec)
         encoded = self._encode(examples, spec)
         logits = self._predict_encoded(task, encoded, version, merge)
         return compute_metrics(spec, logits, encoded.targets)
 
-    @torch.inference_mode()
     def embed(self, texts: str | Sequence[str], task: str | None = None, *, version: int | None = None,
               batch_size: int = 64) -> torch.Tensor:
         """Pooled embeddings (N, H) of ``texts``: through ``task``'s adapter, or the plain backbone if ``None``."""
@@ -712,7 +731,7 @@ class Registry:
                 key = self._ensure_loaded(task, self._entry(task)["current"] if version is None else version)
                 self._bank.activate(key)
                 context = contextlib.nullcontext()
-            with context:
+            with context, torch.inference_mode():
                 for idx, inputs, _ in batches(encoded, length_sorted(encoded), batch_size, self.backbone.pad_id,
                                               self.backbone.device):
                     out[idx] = self.backbone.embed(**inputs).float().cpu()
@@ -923,13 +942,29 @@ class Registry:
         folder = store.version_dir(self.root, task, version)
         adapter_state = store.read_tensors(folder / "adapter.safetensors", record["files"]["adapter.safetensors"])
         head_state = store.read_tensors(folder / "head.safetensors", record["files"]["head.safetensors"])
-        spec = self.spec(task)
-        head = TaskHead(self.backbone.hidden_size, spec.num_outputs)
-        head.load_state_dict(head_state)
-        head.to(self.backbone.device).eval()
-        self._bank.load(key, AdapterConfig.from_dict(record["adapter"]), adapter_state)
+        # Loaded parameters must be ordinary tensors whatever mode the caller runs in: one created
+        # under inference_mode could never be trained from again (an update) in this process.
+        with torch.inference_mode(False):
+            head = self._build_head(self.spec(task), head_state, folder / "head.safetensors")
+            self._load_adapter(key, AdapterConfig.from_dict(record["adapter"]), adapter_state,
+                               folder / "adapter.safetensors")
         self._heads[key] = head
         return key
+
+    def _build_head(self, spec: TaskSpec, state: dict[str, torch.Tensor], path: Path) -> TaskHead:
+        """``spec``'s head with stored weights, checked against the spec's labels first."""
+        head = TaskHead(self.backbone.hidden_size, spec.num_outputs)
+        check_head_state(state, head, spec, path)
+        head.load_state_dict(state)
+        return head.to(self.backbone.device).eval()
+
+    def _load_adapter(self, key: str, config: AdapterConfig, state: dict[str, torch.Tensor], path: Path) -> None:
+        """Put stored LoRA weights into the bank as ``key``, checked against their recorded config first."""
+        check_adapter_state(state, config, self.backbone.encoder, path)
+        try:
+            self._bank.load(key, config, state)
+        except DataError as exc:  # tensors missing for some adapted module
+            raise CorruptFileError(f"File {str(path)!r} does not fit its recorded adapter: {exc} {_FIX}") from exc
 
     def _predict_encoded(self, task: str, encoded: Encoded, version: int | None, merge: str | None = None
                          ) -> torch.Tensor:
@@ -962,24 +997,33 @@ class Registry:
         return self._predict_encoded(task, encoded, version, merge)
 
     def _ensure_merge_loaded(self, name: str, task: str) -> tuple[str, str]:
+        """Keys of the adapter and head that answer ``task`` through merged entry ``name``, loaded from
+        the entry's own files: a merge never needs its member tasks' entries."""
+        spec = self.spec(task, merge=name)
         record = self.merge_info(name)
-        if task not in record["tasks"]:
-            raise TaskNotFoundError(f"Merge {name!r} does not hold task {task!r}. It holds {record['tasks']}.")
-        key = _merge_key(name)
+        folder = store.merge_dir(self.root, name)
         # A joint entry with per-task adapters answers each task through its own stacked adapter.
-        adapter_key = key if not record.get("task_adapter") else f"{key}__{task}"
-        if adapter_key not in self._bank:  # the entry's adapters and heads load together, once
-            heads = store.read_tensors(store.merge_dir(self.root, name) / "heads.safetensors",
-                                       record["files"]["heads.safetensors"])
-            for t in record["tasks"]:
-                head = TaskHead(self.backbone.hidden_size, self.spec(t).num_outputs)
-                head.load_state_dict({k[len(t) + 1:]: v for k, v in heads.items() if k.startswith(f"{t}.")})
-                self._heads[f"{key}:{t}"] = head.to(self.backbone.device).eval()
-            for which, (state, config) in entry_adapters(self.root, record).items():
-                name_in_bank = key if which is None else f"{key}__{which}"
-                if name_in_bank not in self._bank:
-                    self._bank.load(name_in_bank, config, state)
-        return adapter_key, f"{key}:{task}"
+        adapter_key = _merge_key(name, task if record.get("task_adapter") else None)
+        head_key = _merge_key(name, task)
+        with torch.inference_mode(False):  # as in _ensure_loaded
+            if head_key not in self._heads:
+                heads = store.read_tensors(folder / "heads.safetensors", record["files"]["heads.safetensors"])
+                state = {k[len(task) + 1:]: v for k, v in heads.items() if k.startswith(f"{task}.")}
+                self._heads[head_key] = self._build_head(spec, state, folder / "heads.safetensors")
+            if adapter_key not in self._bank:  # the entry's adapters load together, once
+                for which, (state, config) in entry_adapters(self.root, record).items():
+                    if _merge_key(name, which) not in self._bank:
+                        path = folder / ("adapter.safetensors" if which is None else
+                                         "adapter.safetensors + task_adapters.safetensors")
+                        self._load_adapter(_merge_key(name, which), config, state, path)
+        return adapter_key, head_key
+
+    def _unload_merge(self, name: str, tasks: list[str]) -> None:
+        """Drop merged entry ``name``'s adapters and heads from this object: by exact key, so a task
+        whose name looks like a merge key keeps its own."""
+        for key in [_merge_key(name)] + [_merge_key(name, t) for t in tasks]:
+            self._bank.remove(key)
+            self._heads.pop(key, None)
 
     def _combine(self, pairs: list[tuple[str, int]], deltas: list[dict[str, torch.Tensor]],
                  config: MergeConfig) -> dict[str, torch.Tensor]:
@@ -1001,9 +1045,10 @@ class Registry:
         """One head per member task; the mean of a task's heads when several of its versions merge (a soup)."""
         heads: dict[str, list[dict[str, torch.Tensor]]] = {}
         for t, v in pairs:
-            record = self._version_record(t, v)
-            heads.setdefault(t, []).append(store.read_tensors(
-                store.version_dir(self.root, t, v) / "head.safetensors", record["files"]["head.safetensors"]))
+            path = store.version_dir(self.root, t, v) / "head.safetensors"
+            state = store.read_tensors(path, self._version_record(t, v)["files"]["head.safetensors"])
+            check_head_state(state, TaskHead(self.backbone.hidden_size, self.spec(t).num_outputs), self.spec(t), path)
+            heads.setdefault(t, []).append(state)
         out = {}
         for t, states in heads.items():
             head = TaskHead(self.backbone.hidden_size, self.spec(t).num_outputs)
@@ -1061,8 +1106,64 @@ class UpdateResult:
     gate: Gate
 
 
-def _merge_key(name: str) -> str:
-    return f"{name}__merged"
+def _merge_key(name: str, task: str | None = None) -> str:
+    """Key of merged entry ``name`` in the adapter bank (with ``task``: of that task's own adapter or head).
+
+    Task versions are keyed ``<task>__v<N>`` and names never hold ':', so no merge key equals
+    a task key, and a merge's keys are found exactly, never by prefix.
+    """
+    return f"{name}__merged" if task is None else f"{name}__merged:{task}"
+
+
+_FIX = "The file was replaced or damaged (and its checksum rewritten); roll the task back to another version, " \
+       "or retrain it (remove_merge and merge again for a merged entry)."
+
+
+def check_adapter_state(state: dict[str, torch.Tensor], config: AdapterConfig, encoder: torch.nn.Module,
+                        path: Path) -> None:
+    """Check stored LoRA factors against their recorded config and the backbone they adapt: each tensor
+    a ``lora_A`` (r, in) or ``lora_B`` (out, r) of a linear layer in ``config``'s target modules and layers.
+
+    Raises:
+        CorruptFileError: a tensor of another module, rank or width; names the file and the shapes.
+    """
+    problems = []
+    for name, tensor in sorted(state.items()):
+        module_name, _, part = name.removeprefix("base_model.model.").rpartition(".lora_")
+        try:
+            module = encoder.get_submodule(module_name)
+        except AttributeError:
+            module = None
+        layer = next((int(p) for p in module_name.split(".") if p.isdigit()), None)
+        if (part not in ("A.weight", "B.weight") or not hasattr(module, "in_features")
+                or (config.target_modules is not None and module_name.rpartition(".")[2] not in config.target_modules)
+                or (config.layers is not None and layer not in config.layers)):
+            problems.append(f"tensor {name!r} is not a LoRA factor of the adapted modules "
+                            f"{list(config.target_modules or [])} in layers {list(config.layers or []) or 'all'}")
+            continue
+        expected = (config.r, module.in_features) if part == "A.weight" else (module.out_features, config.r)
+        if tuple(tensor.shape) != expected:
+            problems.append(f"tensor {name!r}: expected shape {expected}, found {tuple(tensor.shape)}")
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CorruptFileError(f"File {str(path)!r} does not fit its recorded adapter (rank {config.r}): "
+                               f"{problems[0]}{more}. {_FIX}")
+
+
+def check_head_state(state: dict[str, torch.Tensor], head: TaskHead, spec: TaskSpec, path: Path) -> None:
+    """Check stored head weights against a fresh ``head`` for ``spec`` (one output per label).
+
+    Raises:
+        CorruptFileError: missing, extra or differently shaped tensors; names the file and the shapes.
+    """
+    expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if found == expected:
+        return
+    wrong = [f"{k!r}: expected shape {expected.get(k, 'none')}, found {found.get(k, 'none')}"
+             for k in sorted(set(expected) | set(found)) if expected.get(k) != found.get(k)]
+    raise CorruptFileError(f"File {str(path)!r} does not fit the head of task {spec.name!r} ({spec.num_outputs} "
+                           f"outputs for labels {list(spec.labels)}): {'; '.join(wrong)}. {_FIX}")
 
 
 def _search_grid(config: MergeConfig) -> list[MergeConfig]:

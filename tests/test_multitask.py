@@ -307,7 +307,7 @@ def test_group_with_task_adapters_round_trip(registry):
     served = engine.logits(["sentiment"] * 3 + ["topic"] * 3, texts, merges=["both"] * 6)
     np.testing.assert_allclose(torch.stack(served[:3]).softmax(-1).numpy(), got[:3], atol=1e-5)
     # Each task trained factors of its own, and the task's route differs from the other's.
-    own = registry._bank.state_dict("both__merged__sentiment")
+    own = registry._bank.state_dict("both__merged:sentiment")
     assert any(k.endswith("lora_B.weight") and v.shape[1] == 8 + 2 and v[:, 8:].abs().sum() > 0 for k, v in own.items())
     registry.remove_merge("both")
     assert not [n for n in registry._bank.names if n.startswith("both__merged")]
