@@ -13,7 +13,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Callable, Iterator, Literal
 
 import torch
 from torch import nn
@@ -151,11 +151,14 @@ class Backbone:
         return int(self.encoder.config.num_hidden_layers)
 
     @property
+    def split_refusal(self) -> str | None:
+        """Why :meth:`run_layers` cannot run a slice of this encoder's layers, or ``None`` when it can."""
+        return _family_of(self.encoder)[1]
+
+    @property
     def splittable(self) -> bool:
-        """Whether the encoder exposes ``embeddings`` and ``encoder.layer`` (BERT-style models), so
-        :meth:`run_layers` can run a slice of its layers."""
-        layers = getattr(getattr(self.encoder, "encoder", None), "layer", None)
-        return hasattr(self.encoder, "embeddings") and isinstance(layers, nn.ModuleList)
+        """Whether :meth:`run_layers` can run a slice of this encoder's layers (see :attr:`split_refusal`)."""
+        return self.split_refusal is None
 
     def run_layers(
         self,
@@ -167,25 +170,27 @@ class Backbone:
         input_ids: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Hidden states (B, T, H) after layers ``[start, stop)``.
+        """Hidden states (B, T, H) after layers ``[start, stop)``, computed as the encoder's own forward
+        pass computes them (``stop=None`` runs to the end, final norm included: ``last_hidden_state``).
 
         ``start=0`` begins from the embeddings of ``input_ids`` (``hidden`` is ignored);
         otherwise ``hidden`` holds the output of layer ``start - 1``.
         """
-        if not self.splittable:
+        family, refusal = _family_of(self.encoder)
+        if family is None:
             raise NotImplementedError(
-                f"{type(self.encoder).__name__} does not expose embeddings and encoder.layer; cmtl can only run "
-                "it whole. Leave TrainConfig.cache_frozen_mb at its default: the cache is skipped for such models."
+                f"cmtl cannot run a slice of {type(self.encoder).__name__}'s layers: {refusal} It runs the encoder "
+                "whole; TrainConfig.cache_frozen_mb has no effect on it."
             )
-        from transformers.masking_utils import create_bidirectional_mask
-
+        layers = family.layers(self.encoder)
+        stop = len(layers) if stop is None else stop
         if start == 0:
-            hidden = self.encoder.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
-        mask = create_bidirectional_mask(config=self.encoder.config, inputs_embeds=hidden, attention_mask=attention_mask)
-        for layer in self.encoder.encoder.layer[start:stop]:
-            hidden = layer(hidden, mask)
-            if isinstance(hidden, tuple):  # older transformers return (hidden, ...)
-                hidden = hidden[0]
+            hidden = family.embed(self.encoder, input_ids, token_type_ids, attention_mask)
+        step = family.prepare(self.encoder, hidden, attention_mask)
+        for index in range(start, stop):
+            hidden = step(index, layers[index], hidden)
+        if stop == len(layers) and family.finish is not None:
+            hidden = family.finish(self.encoder, hidden)
         return hidden
 
     def tokenize(self, texts: list[str], pairs: list[str] | None = None) -> dict[str, list[list[int]]]:
@@ -199,6 +204,129 @@ class Backbone:
                 f"was built on weights hash {recorded_sha256[:12]}…. Adapters only work on the backbone they "
                 "were trained on: open it with that backbone, or create a new registry."
             )
+
+
+# --- running a slice of layers, per encoder family ------------------------------------------------
+# Each family's model forward is embeddings -> per-batch inputs its layers share (attention mask,
+# relative position bias, rotary tables) -> layers -> an optional final step. run_layers repeats it
+# for any slice, so the layers above a cached prefix see exactly what the full forward feeds them.
+# A family missing here is run whole; cmtl.caching also checks the split against the full forward.
+
+_Step = Callable[[int, nn.Module, torch.Tensor], torch.Tensor]  # (layer index, layer, hidden) -> hidden
+
+
+@dataclass(frozen=True)
+class _Family:
+    layers: Callable[[nn.Module], nn.ModuleList]
+    embed: Callable[[nn.Module, torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]
+    prepare: Callable[[nn.Module, torch.Tensor, torch.Tensor], _Step]  # (model, hidden, attention_mask)
+    finish: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+
+
+def _bidirectional_mask(model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor):
+    from transformers.masking_utils import create_bidirectional_mask
+
+    return create_bidirectional_mask(config=model.config, inputs_embeds=hidden, attention_mask=attention_mask)
+
+
+def _embed_bert(model, input_ids, token_type_ids, attention_mask):
+    hidden = model.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+    project = getattr(model, "embeddings_project", None)  # ELECTRA with embedding_size != hidden_size
+    return hidden if project is None else project(hidden)
+
+
+def _embed_ids(model, input_ids, token_type_ids, attention_mask):
+    return model.embeddings(input_ids=input_ids)
+
+
+def _prepare_bert(model, hidden, attention_mask) -> _Step:
+    mask = _bidirectional_mask(model, hidden, attention_mask)
+
+    def step(index, layer, hidden):
+        out = layer(hidden, mask)
+        return out[0] if isinstance(out, tuple) else out  # older transformers return (hidden, ...)
+
+    return step
+
+
+def _prepare_mpnet(model, hidden, attention_mask) -> _Step:
+    mask = _bidirectional_mask(model, hidden, attention_mask)
+    bias = model.encoder.compute_position_bias(hidden)  # relative position bias, the same for every layer
+    return lambda index, layer, hidden: layer(hidden, mask, bias)[0]
+
+
+def _embed_deberta_v2(model, input_ids, token_type_ids, attention_mask):
+    if token_type_ids is None:
+        token_type_ids = torch.zeros_like(input_ids)
+    return model.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, mask=attention_mask)
+
+
+def _prepare_deberta_v2(model, hidden, attention_mask) -> _Step:
+    encoder = model.encoder
+    mask = encoder.get_attention_mask(attention_mask)
+    relative_pos = encoder.get_rel_pos(hidden)
+    rel_embeddings = encoder.get_rel_embedding()
+
+    def step(index, layer, hidden):
+        out, _ = layer(hidden, mask, query_states=None, relative_pos=relative_pos, rel_embeddings=rel_embeddings)
+        if index == 0 and encoder.conv is not None:  # DeBERTa-v2's convolution beside the first layer
+            out = encoder.conv(hidden, out, attention_mask)
+        return out
+
+    return step
+
+
+def _prepare_modernbert(model, hidden, attention_mask) -> _Step:
+    from transformers.masking_utils import create_bidirectional_sliding_window_mask
+
+    masks = {"full_attention": _bidirectional_mask(model, hidden, attention_mask),
+             "sliding_attention": create_bidirectional_sliding_window_mask(
+                 config=model.config, inputs_embeds=hidden, attention_mask=attention_mask)}
+    positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+    rotary = {kind: model.rotary_emb(hidden, positions, kind) for kind in set(model.config.layer_types)}
+    return lambda index, layer, hidden: layer(hidden, attention_mask=masks[layer.attention_type],
+                                              position_embeddings=rotary[layer.attention_type])
+
+
+_BERT = _Family(lambda m: m.encoder.layer, _embed_bert, _prepare_bert)
+#: ``config.model_type`` -> how its ``AutoModel`` runs; each is tested against the full forward.
+_FAMILIES = {
+    "bert": _BERT,
+    "roberta": _BERT,
+    "xlm-roberta": _BERT,
+    "electra": _BERT,
+    "distilbert": _Family(lambda m: m.transformer.layer, _embed_ids, _prepare_bert),
+    "mpnet": _Family(lambda m: m.encoder.layer, _embed_ids, _prepare_mpnet),
+    "deberta-v2": _Family(lambda m: m.encoder.layer, _embed_deberta_v2, _prepare_deberta_v2),
+    "modernbert": _Family(lambda m: m.layers, _embed_ids, _prepare_modernbert, lambda m, h: m.final_norm(h)),
+}
+_REFUSED = {
+    "albert": "ALBERT shares one set of layer weights across its depth, so no layer is frozen while another "
+              "is adapted.",
+}
+
+
+def _family_of(encoder: nn.Module) -> tuple[_Family | None, str | None]:
+    """(how to run a slice of ``encoder``'s layers, None) or (None, why cmtl cannot)."""
+    config = getattr(encoder, "config", None)
+    kind = getattr(config, "model_type", None)
+    if kind in _REFUSED:
+        return None, _REFUSED[kind]
+    if kind not in _FAMILIES:
+        return None, (f"cmtl runs a slice of layers only for the encoder families {sorted(_FAMILIES)}; "
+                      f"this is {kind!r}.")
+    if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
+        return None, f"this {kind!r} model is configured as a decoder (causal or cross attention)."
+    if getattr(encoder, "z_steps", 0) > 1:
+        return None, f"this {kind!r} model re-runs its last layer (z_steps={encoder.z_steps})."
+    family = _FAMILIES[kind]
+    try:
+        layers = family.layers(encoder)
+    except AttributeError:
+        layers = None
+    if not isinstance(layers, nn.ModuleList):
+        return None, f"{type(encoder).__name__} is a {kind!r} model without the layer list its base model has."
+    return family, None
 
 
 @contextlib.contextmanager
