@@ -1,7 +1,9 @@
 """The ``cmtl`` command line. The only module that prints.
 
 Every command takes the registry folder as its first argument; ``--help``
-works on each.
+works on each. An error of cmtl's own (``cmtl.CmtlError``) or a bad setting
+(``ValueError``) prints one ``error: ...`` line and exits with code 1, never a
+traceback; bad usage exits with code 2.
 """
 
 from __future__ import annotations
@@ -13,8 +15,26 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperGroup
+
+
+class _Commands(TyperGroup):
+    """The one place where the CLI turns errors into messages."""
+
+    def invoke(self, ctx):
+        from cmtl import CmtlError
+
+        try:
+            return super().invoke(ctx)
+        # ValueError: a setting the library refused (e.g. a task name); OSError: a file the user named
+        # cannot be read or written. Anything else is a bug and keeps its traceback.
+        except (CmtlError, ValueError, OSError) as exc:
+            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(code=1) from None
+
 
 app = typer.Typer(
+    cls=_Commands,
     help="cmtl: one frozen transformer, a registry of per-task LoRA adapters.",
     no_args_is_help=True,
     add_completion=False,
@@ -23,6 +43,8 @@ app = typer.Typer(
 
 RegistryArg = Annotated[Path, typer.Argument(help="Registry folder.")]
 TaskArg = Annotated[str, typer.Argument(help="Task name.")]
+EncodingOpt = Annotated[Optional[str], typer.Option(
+    help="Text encoding of the data files, e.g. latin-1 or cp1252 (default: UTF-8).")]
 
 
 @app.callback()
@@ -31,18 +53,17 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log pro
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
-def _fail(exc: Exception) -> None:
-    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=1)
-
-
 def _open(registry: Path):
-    from cmtl import CmtlError, Registry
+    from cmtl import Registry
 
-    try:
-        return Registry.open(registry)
-    except CmtlError as exc:
-        _fail(exc)
+    return Registry.open(registry)
+
+
+def _read(path: Path | None, spec, encoding: str | None, *, labelled: bool = True):
+    """A data file's examples for ``spec`` (``None`` for no file), decoded with ``encoding``."""
+    from cmtl.data import read_examples
+
+    return None if path is None else read_examples(path, spec, labelled=labelled, encoding=encoding)
 
 
 def format_table(rows: list[dict], columns: list[str]) -> str:
@@ -67,14 +88,11 @@ def init(
     layers: Annotated[Optional[int], typer.Option(help="Keep only the first N transformer layers.")] = None,
 ) -> None:
     """Create an empty registry on a frozen backbone."""
-    from cmtl import BackboneConfig, CmtlError, Registry
+    from cmtl import BackboneConfig, Registry
     from cmtl.backbone import DEFAULT_BACKBONE
 
-    try:
-        config = BackboneConfig(name_or_path=backbone or DEFAULT_BACKBONE, pooling=pooling, num_hidden_layers=layers)
-        reg = Registry.create(registry, config)
-    except (CmtlError, ValueError) as exc:
-        _fail(exc)
+    config = BackboneConfig(name_or_path=backbone or DEFAULT_BACKBONE, pooling=pooling, num_hidden_layers=layers)
+    reg = Registry.create(registry, config)
     typer.echo(f"created {reg.root} on {config.name_or_path} (weights {reg.backbone.sha256[:12]})")
 
 
@@ -97,29 +115,27 @@ def add_task(
     alpha: Annotated[float, typer.Option(help="LoRA alpha.")] = 16.0,
     seed: int = 0,
     progress: bool = True,
+    encoding: EncodingOpt = None,
 ) -> None:
     """Train a new task's adapter and head and store it as version 1."""
-    from cmtl import AdapterConfig, CmtlError, TaskSpec, TrainConfig
-    from cmtl.data import read_file
+    from cmtl import AdapterConfig, TaskSpec, TrainConfig
 
     reg = _open(registry)
-    try:
-        if labels is None:
-            if problem_type != "single_label":
-                raise ValueError("--labels is required for multi_label and regression tasks.")
-            labels_list = sorted({str(v) for v in read_file(train)[label_column]})
-        else:
-            labels_list = [x.strip() for x in labels.split(",") if x.strip()]
-        spec = TaskSpec(name, labels=labels_list, problem_type=problem_type, text_column=text_column,
-                        text_pair_column=text_pair_column, label_column=label_column)
-        info = reg.add_task(
-            spec, train, validation,
-            adapter=AdapterConfig(r=rank, alpha=alpha),
-            training=TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=lr, max_steps=max_steps,
-                                 seed=seed, progress=progress),
-        )
-    except (CmtlError, ValueError, KeyError) as exc:
-        _fail(exc)
+    columns = dict(problem_type=problem_type, text_column=text_column, text_pair_column=text_pair_column,
+                   label_column=label_column)
+    if labels is None:
+        if problem_type != "single_label":
+            raise ValueError("--labels is required for multi_label and regression tasks.")
+        labels_list = sorted(set(_read(train, TaskSpec(name, **columns), encoding).labels))  # names as in the file
+    else:
+        labels_list = [x.strip() for x in labels.split(",") if x.strip()]
+    spec = TaskSpec(name, labels=labels_list, **columns)
+    info = reg.add_task(
+        spec, _read(train, spec, encoding), _read(validation, spec, encoding),
+        adapter=AdapterConfig(r=rank, alpha=alpha),
+        training=TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=lr, max_steps=max_steps,
+                             seed=seed, progress=progress),
+    )
     typer.echo(f"added {info.task} v{info.version}: {info.trainable_parameters:,} trainable parameters, "
                f"{info.bytes_on_disk:,} bytes on disk, {info.train_seconds:.1f} s")
     for key, value in info.metrics.items():
@@ -135,25 +151,20 @@ def predict(
     proba: Annotated[bool, typer.Option(help="Also print per-label probabilities.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
     merge: Annotated[Optional[str], typer.Option(help="Predict through this merged entry.")] = None,
+    encoding: EncodingOpt = None,
 ) -> None:
     """Predict labels for texts given as arguments or in a file."""
-    from cmtl import CmtlError
-    from cmtl.data import read_examples
-
     reg = _open(registry)
-    try:
-        spec = reg.spec(task)
-        if input is not None:
-            ex = read_examples(input, spec, labelled=False)
-            texts, pairs = ex.texts, ex.pairs
-        elif texts:
-            pairs = None
-        else:
-            raise ValueError("Give texts as arguments or --input FILE.")
-        labels = reg.predict(task, texts, pairs, merge=merge)
-        probs = reg.predict_proba(task, texts, pairs, merge=merge) if proba or as_json else None
-    except (CmtlError, ValueError) as exc:
-        _fail(exc)
+    spec = reg.spec(task, merge=merge)
+    if input is not None:
+        ex = _read(input, spec, encoding, labelled=False)
+        texts, pairs = ex.texts, ex.pairs
+    elif texts:
+        pairs = None
+    else:
+        raise ValueError("Give texts as arguments or --input FILE.")
+    labels = reg.predict(task, texts, pairs, merge=merge)
+    probs = reg.predict_proba(task, texts, pairs, merge=merge) if proba or as_json else None
     for i, (text, label) in enumerate(zip(texts, labels)):
         if as_json:
             row = {"text": text, "prediction": label,
@@ -172,15 +183,11 @@ def evaluate(
     task: TaskArg,
     data: Annotated[Path, typer.Option(help="Labelled data file.")],
     version: Annotated[Optional[int], typer.Option(help="Version to evaluate (default: current).")] = None,
+    encoding: EncodingOpt = None,
 ) -> None:
     """Evaluate a task on labelled data."""
-    from cmtl import CmtlError
-
     reg = _open(registry)
-    try:
-        metrics = reg.evaluate(task, data, version=version)
-    except (CmtlError, ValueError) as exc:
-        _fail(exc)
+    metrics = reg.evaluate(task, _read(data, reg.spec(task), encoding), version=version)
     typer.echo(format_table([{"metric": k, "value": v} for k, v in metrics.items()], ["metric", "value"]))
 
 
@@ -204,13 +211,7 @@ def list_tasks(registry: RegistryArg) -> None:
 @app.command()
 def versions(registry: RegistryArg, task: TaskArg) -> None:
     """Show a task's lineage: every version, its parent and metrics."""
-    from cmtl import CmtlError
-
-    reg = _open(registry)
-    try:
-        infos = reg.versions(task)
-    except CmtlError as exc:
-        _fail(exc)
+    infos = _open(registry).versions(task)
     rows = [{"version": f"v{i.version}" + (" *" if i.current else ""), "parent": i.parent and f"v{i.parent}",
              "kind": i.kind, "val_acc": i.metrics.get("validation_accuracy"), "new_acc": i.metrics.get("new_accuracy"),
              "old_acc": i.metrics.get("old_accuracy"), "examples": i.training.get("examples"),
@@ -234,21 +235,20 @@ def update(
                                                     help="Override the gate (default: the gate decides).")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Default: as the current version was trained.")] = None,
     progress: bool = True,
+    encoding: EncodingOpt = None,
 ) -> None:
     """Train a new version of a task on new data from the current one; promote it if it passes the gate."""
     import dataclasses
 
-    from cmtl import CmtlError, TrainConfig, UpdateConfig
+    from cmtl import TrainConfig, UpdateConfig
 
     reg = _open(registry)
-    try:
-        training = TrainConfig.from_dict(reg.current(task).training)
-        changes = {"progress": progress} | ({"epochs": epochs} if epochs is not None else {})
-        result = reg.update_task(task, data, validation, promote=promote,
-                                 training=dataclasses.replace(training, **changes),
-                                 config=UpdateConfig(replay_ratio=replay_ratio, penalty=penalty, tolerance=tolerance))
-    except (CmtlError, ValueError) as exc:
-        _fail(exc)
+    training = TrainConfig.from_dict(reg.current(task).training)
+    changes = {"progress": progress} | ({"epochs": epochs} if epochs is not None else {})
+    config = UpdateConfig(replay_ratio=replay_ratio, penalty=penalty, tolerance=tolerance)
+    spec = reg.spec(task)
+    result = reg.update_task(task, _read(data, spec, encoding), _read(validation, spec, encoding), promote=promote,
+                             training=dataclasses.replace(training, **changes), config=config)
     info = result.version
     typer.echo(f"{task} v{info.version} (from v{info.parent}, {info.training['examples']} new + "
                f"{info.training['replayed']} replayed examples, {info.train_seconds:.1f} s): {result.reason}")
@@ -265,20 +265,16 @@ def monitor(
     alpha: Annotated[float, typer.Option(help="Significance level.")] = 0.01,
     permutations: int = 500,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    encoding: EncodingOpt = None,
 ) -> None:
     """Test whether incoming texts for a task have drifted from its reference (exit code 3 on drift)."""
-    from cmtl import CmtlError
-    from cmtl.data import read_examples
     from cmtl.monitor import MonitorConfig
 
     reg = _open(registry)
-    try:
-        spec = reg.spec(task)
-        texts = read_examples(data, spec, labelled=False).texts
-        ref = read_examples(reference, spec, labelled=False).texts if reference is not None else None
-        report = reg.monitor(task, texts, reference=ref, config=MonitorConfig(alpha=alpha, permutations=permutations))
-    except (CmtlError, ValueError) as exc:
-        _fail(exc)
+    spec = reg.spec(task)
+    texts = _read(data, spec, encoding, labelled=False).texts
+    ref = _read(reference, spec, encoding, labelled=False).texts if reference is not None else None
+    report = reg.monitor(task, texts, reference=ref, config=MonitorConfig(alpha=alpha, permutations=permutations))
     typer.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.verdict)
     if report.drift:
         raise typer.Exit(code=3)
@@ -300,17 +296,18 @@ def merge(
     seed: int = 0,
 ) -> None:
     """Merge task adapters into one adapter; each task keeps its own head (predict TASK --merge NAME)."""
-    from cmtl import CmtlError
     from cmtl.merging import MergeConfig
 
     reg = _open(registry)
-    try:
-        parsed = [(m.split(":")[0], int(m.split(":")[1])) if ":" in m else m for m in members]
-        record = reg.merge(parsed, name, config=MergeConfig(method=method, scale=scale, density=density, drop=drop,
-                                                            rank=rank, seed=seed, refit_heads=refit_heads),
-                           search=search)
-    except (CmtlError, ValueError) as exc:
-        _fail(exc)
+    parsed = []
+    for m in members:
+        task, sep, version = m.partition(":")
+        if sep and not version.isdigit():
+            raise ValueError(f"Member {m!r}: write TASK (its current version) or TASK:VERSION, e.g. {task}:2.")
+        parsed.append((task, int(version)) if sep else task)
+    record = reg.merge(parsed, name, config=MergeConfig(method=method, scale=scale, density=density, drop=drop,
+                                                        rank=rank, seed=seed, refit_heads=refit_heads),
+                       search=search)
     members_text = ", ".join(f"{m['task']} v{m['version']}" for m in record["members"])
     knobs = record["config"]
     typer.echo(f"merged {members_text} into {name} ({knobs['method']}, scale {knobs['scale']:g}, density "
@@ -341,30 +338,30 @@ def group(
     batch_size: int = 16,
     lr: float = 1e-3,
     seed: int = 0,
+    encoding: EncodingOpt = None,
 ) -> None:
     """Train one adapter jointly on several tasks (a head each); predict through it with --merge NAME."""
-    from cmtl import AdapterConfig, CmtlError, TrainConfig
+    from cmtl import AdapterConfig, TrainConfig
     from cmtl.multitask import MultiTaskConfig
 
     reg = _open(registry)
-    try:
-        if task_rank < 0:
-            raise ValueError(f"--task-rank must be >= 0. Got {task_rank}.")
-        own = AdapterConfig(r=task_rank, alpha=2.0 * task_rank) if task_rank else None
-        pairs = {}
-        for item in data:
-            task, sep, paths = item.partition("=")
-            if not sep or not paths or task in pairs:
-                raise ValueError(f"--data {item!r}: write TASK=TRAIN or TASK=TRAIN,VALIDATION, once per task.")
-            train, _, validation = paths.partition(",")
-            pairs[task] = (Path(train), Path(validation) if validation else None)
-        config = MultiTaskConfig(sampler=sampler, temperature=temperature, weighting=weighting, primary=primary,
-                                 schedule=schedule, switch_step=switch_step, eta=eta, tag_every=tag_every,
-                                 steps=steps, epochs=epochs)
-        record = reg.train_group(name, pairs, config=config, task_adapter=own,
-                                 training=TrainConfig(batch_size=batch_size, learning_rate=lr, seed=seed))
-    except (CmtlError, ValueError) as exc:
-        _fail(exc)
+    if task_rank < 0:
+        raise ValueError(f"--task-rank must be >= 0. Got {task_rank}.")
+    own = AdapterConfig(r=task_rank, alpha=2.0 * task_rank) if task_rank else None
+    pairs = {}
+    for item in data:
+        task, sep, paths = item.partition("=")
+        if not sep or not paths or task in pairs:
+            raise ValueError(f"--data {item!r}: write TASK=TRAIN or TASK=TRAIN,VALIDATION, once per task.")
+        train, _, validation = paths.partition(",")
+        spec = reg.spec(task)
+        pairs[task] = (_read(Path(train), spec, encoding), _read(Path(validation) if validation else None, spec,
+                                                                 encoding))
+    config = MultiTaskConfig(sampler=sampler, temperature=temperature, weighting=weighting, primary=primary,
+                             schedule=schedule, switch_step=switch_step, eta=eta, tag_every=tag_every,
+                             steps=steps, epochs=epochs)
+    record = reg.train_group(name, pairs, config=config, task_adapter=own,
+                             training=TrainConfig(batch_size=batch_size, learning_rate=lr, seed=seed))
     typer.echo(f"trained {name} on {', '.join(record['tasks'])}: {record['steps']} steps, {record['seconds']:.1f} s"
                + (f", switched at step {record['switched_at']}" if record["switched_at"] else ""))
     scores = record["validation_accuracy"]
@@ -380,13 +377,7 @@ def group(
 @app.command()
 def rollback(registry: RegistryArg, task: TaskArg, version: Annotated[int, typer.Argument(help="Version number.")]) -> None:
     """Make a stored version of a task the current one."""
-    from cmtl import CmtlError
-
-    reg = _open(registry)
-    try:
-        info = reg.rollback(task, version)
-    except CmtlError as exc:
-        _fail(exc)
+    info = _open(registry).rollback(task, version)
     typer.echo(f"{task}: current version is now v{info.version}")
 
 
@@ -396,16 +387,11 @@ def remove(
     task: TaskArg,
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
 ) -> None:
-    """Delete a task and all its versions."""
-    from cmtl import CmtlError
-
+    """Delete a task and all its versions (merged entries that hold it keep answering for it)."""
     reg = _open(registry)
     if not yes and not typer.confirm(f"Delete task {task!r} and all its versions?"):
         raise typer.Exit(code=1)
-    try:
-        reg.remove_task(task)
-    except CmtlError as exc:
-        _fail(exc)
+    reg.remove_task(task)
     typer.echo(f"removed {task}")
 
 
@@ -424,16 +410,12 @@ def serve(
 ) -> None:
     """Serve every task of a registry over HTTP (POST /v1/predict, /v1/predict/all; GET /v1/tasks, /healthz,
     /metrics, /docs); picks up new versions without a restart."""
-    from cmtl import CmtlError
     from cmtl.server import ServeConfig
     from cmtl.server import serve as run_server
 
-    try:
-        config = ServeConfig(max_texts=max_texts, max_chars=max_chars, max_batch_size=max_batch_size,
-                             max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms, poll_seconds=poll_seconds)
-        run_server(registry, host=host, port=port, config=config, device=device)
-    except (CmtlError, ValueError) as exc:
-        _fail(exc)
+    config = ServeConfig(max_texts=max_texts, max_chars=max_chars, max_batch_size=max_batch_size,
+                         max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms, poll_seconds=poll_seconds)
+    run_server(registry, host=host, port=port, config=config, device=device)
 
 
 @app.command()
@@ -444,13 +426,9 @@ def demo(
     layers: Annotated[Optional[int], typer.Option(help="Use only the first N backbone layers (faster).")] = None,
 ) -> None:
     """End-to-end demo on real data: two tasks on the embedded MiniLM, predictions and a results table."""
-    from cmtl import CmtlError
     from cmtl.demo import run_demo
 
-    try:
-        result = run_demo(out, max_train=max_train, epochs=epochs, layers=layers, echo=typer.echo)
-    except CmtlError as exc:
-        _fail(exc)
+    result = run_demo(out, max_train=max_train, epochs=epochs, layers=layers, echo=typer.echo)
     typer.echo("")
     typer.echo(format_table(result["table"], ["task", "labels", "train", "test", "accuracy", "macro_f1",
                                               "train_s", "params", "bytes"]))
@@ -478,24 +456,21 @@ def bench(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
     """Run continual-learning strategies on a scenario; write results.json, results.md and heatmaps."""
-    from cmtl import BackboneConfig, CmtlError, TrainConfig
+    from cmtl import BackboneConfig, TrainConfig
     from cmtl.benchmark import run_benchmark, summary_rows
     from cmtl.scenarios import Scenario
     from cmtl.strategies import StrategyConfig
 
-    try:
-        sc = Scenario.from_yaml(scenario)
-        if max_train or max_eval:
-            sc = sc.shrink(max_train or sc.max_train, max_eval or sc.max_eval)
-        training = TrainConfig(epochs=epochs, lr_schedule=lr_schedule, patience=patience or None, seed=seed,
-                               progress=False)
-        config = StrategyConfig(training=training, replay_budget=replay_budget)
-        out = out or Path("runs/bench") / sc.name
-        results = run_benchmark(sc, [s.strip() for s in strategy.split(",") if s.strip()], out,
-                                backbone=BackboneConfig(num_hidden_layers=layers), config=config,
-                                orders=[o.strip() for o in orders.split(",")], device=device, echo=typer.echo)
-    except (CmtlError, ValueError, OSError) as exc:
-        _fail(exc)
+    sc = Scenario.from_yaml(scenario)
+    if max_train or max_eval:
+        sc = sc.shrink(max_train or sc.max_train, max_eval or sc.max_eval)
+    training = TrainConfig(epochs=epochs, lr_schedule=lr_schedule, patience=patience or None, seed=seed,
+                           progress=False)
+    config = StrategyConfig(training=training, replay_budget=replay_budget)
+    out = out or Path("runs/bench") / sc.name
+    results = run_benchmark(sc, [s.strip() for s in strategy.split(",") if s.strip()], out,
+                            backbone=BackboneConfig(num_hidden_layers=layers), config=config,
+                            orders=[o.strip() for o in orders.split(",")], device=device, echo=typer.echo)
     typer.echo("")
     typer.echo(format_table(summary_rows(results), ["strategy", "order", "ACC", "BWT", "FWT", "forgetting", "time_s",
                                                     "params_per_exp", "bytes_added"]))

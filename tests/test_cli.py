@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -118,3 +120,72 @@ def test_lifecycle(tmp_path, tiny_backbone):
 
     assert invoke("remove", reg, "sentiment", "--yes").exit_code == 0
     assert "(no tasks)" in invoke("ls", reg).output
+
+
+# --- errors are one line, never a traceback -------------------------------------------------
+
+
+def clean_failure(result, *needles: str) -> None:
+    """Exit code 1, an 'error: ' line holding every needle, and no exception escaped the CLI."""
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert result.output.startswith("error: ") and "Traceback" not in result.output, result.output
+    for needle in needles:
+        assert needle in result.output, result.output
+
+
+@pytest.fixture
+def reg_copy(tmp_path, sentiment_registry):
+    shutil.copytree(sentiment_registry, tmp_path / "reg")
+    return tmp_path / "reg"
+
+
+def test_bad_manifest_is_one_line_for_ls_and_serve(reg_copy):
+    manifest = json.loads((reg_copy / "registry.json").read_text())
+    manifest["tasks"]["sentiment"]["current"] = 99
+    manifest["generation"] += 1
+    (reg_copy / "registry.json").write_text(json.dumps(manifest))
+    clean_failure(invoke("ls", reg_copy), "99")
+    proc = subprocess.run([sys.executable, "-m", "cmtl.cli", "serve", str(reg_copy), "--device", "cpu", "--port", "0"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr and "99" in proc.stderr, proc.stderr
+
+
+def test_add_task_without_label_column_names_the_column(reg_copy, tmp_path):
+    pd.DataFrame({"text": ["a", "b"]}).to_csv(tmp_path / "nolabel.csv", index=False)
+    clean_failure(invoke("add-task", reg_copy, "new", "--train", tmp_path / "nolabel.csv"), "'label'", "not found")
+    clean_failure(invoke("add-task", reg_copy, "new", "--train", tmp_path / "nolabel.csv", "--labels", "a,b"),
+                  "'label'", "not found")
+    assert "new" not in Registry.open(reg_copy, device="cpu").tasks()
+
+
+def test_encoding_option_reads_latin1_files(reg_copy, tmp_path):
+    rows = [{"text": r["text"] + " café", "label": r["label"]} for r in toy_sentiment(24)]
+    latin = tmp_path / "latin.csv"
+    pd.DataFrame(rows).to_csv(latin, index=False, encoding="latin-1")
+    clean_failure(invoke("add-task", reg_copy, "new", "--train", latin, "--max-steps", "2", "--no-progress"),
+                  "latin.csv", "--encoding")
+    ok = ["--encoding", "latin-1"]
+    result = invoke("add-task", reg_copy, "new", "--train", latin, "--validation", latin, "--max-steps", "2",
+                    "--no-progress", *ok)
+    assert result.exit_code == 0, result.output
+    assert Registry.open(reg_copy, device="cpu").spec("new").labels == ("neg", "pos")
+    clean_failure(invoke("eval", reg_copy, "new", "--data", latin), "latin.csv", "--encoding")
+    assert invoke("eval", reg_copy, "new", "--data", latin, *ok).exit_code == 0
+    assert len(invoke("predict", reg_copy, "new", "--input", latin, *ok).output.splitlines()) == 24
+    result = invoke("update", reg_copy, "new", "--data", latin, "--epochs", "1", "--no-progress", *ok)
+    assert result.exit_code == 0, result.output
+    result = invoke("monitor", reg_copy, "new", "--data", latin, "--reference", latin, *ok)
+    assert result.exit_code == 0 and "no drift" in result.output, result.output
+    clean_failure(invoke("eval", reg_copy, "new", "--data", latin, "--encoding", "klingon"), "klingon")
+
+
+def test_merge_answers_after_member_removal_in_the_cli(tmp_path, served):
+    reg = tmp_path / "reg"
+    shutil.copytree(served, reg)
+    before = invoke("predict", reg, "topic", "a song and the night", "--merge", "both").output
+    assert invoke("remove", reg, "topic", "--yes").exit_code == 0
+    result = invoke("predict", reg, "topic", "a song and the night", "--merge", "both")
+    assert result.exit_code == 0 and result.output == before, result.output
+    clean_failure(invoke("predict", reg, "topic", "a song"), "Task 'topic' not found")
