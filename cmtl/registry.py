@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -664,7 +663,7 @@ class Registry:
             if name in manifest.get("merges", {}):
                 raise ValueError(f"An entry named {name!r} was written by another process meanwhile.")
             store.remove_unreferenced(self.root, manifest)
-            record["files"] = store.write_folder(store.merge_dir(self.root, name), files)
+            record["files"] = store.write_folder(self.root, store.merge_dir(self.root, name), files)
             manifest.setdefault("merges", {})[name] = record
             store.write_manifest(self.root, manifest)
             self._manifest = manifest
@@ -683,12 +682,11 @@ class Registry:
     def remove_merge(self, name: str) -> None:
         """Delete a merged entry and its files (its member tasks are untouched)."""
         with store.writer_lock(self.root), self._lock:
-            manifest = store.read_manifest(self.root)
-            self._manifest = manifest
+            manifest = self._reread(merge=name)
             tasks = self.merge_info(name)["tasks"]
             del manifest["merges"][name]
             store.write_manifest(self.root, manifest)
-            shutil.rmtree(store.merge_dir(self.root, name), ignore_errors=True)
+            store.remove_unreferenced(self.root, manifest)  # the entry's folder (a link there is only unlinked)
             self._unload_merge(name, tasks)
 
     # --- inference --------------------------------------------------------------
@@ -742,10 +740,10 @@ class Registry:
     def rollback(self, task: str, version: int) -> VersionInfo:
         """Make an earlier (or later) stored version of ``task`` the current one."""
         with store.writer_lock(self.root), self._lock:
-            manifest = store.read_manifest(self.root)
-            self._manifest = manifest
+            manifest = self._reread(task=task)
             self._version_record(task, version)  # raises if unknown
             manifest["tasks"][task]["current"] = version
+            store.remove_unreferenced(self.root, manifest)
             store.write_manifest(self.root, manifest)
         logger.info("Task %s: current version is now v%d", task, version)
         return self.current(task)
@@ -753,8 +751,7 @@ class Registry:
     def remove_task(self, task: str) -> None:
         """Delete a task, all its versions and their files."""
         with store.writer_lock(self.root), self._lock:
-            manifest = store.read_manifest(self.root)
-            self._manifest = manifest
+            manifest = self._reread(task=task)
             entry = self._entry(task)
             for v in entry["versions"]:
                 key = _head_key(task, v["version"])
@@ -762,7 +759,7 @@ class Registry:
                 self._heads.pop(key, None)
             del manifest["tasks"][task]
             store.write_manifest(self.root, manifest)
-            shutil.rmtree(self.root / "tasks" / task, ignore_errors=True)
+            store.remove_unreferenced(self.root, manifest)  # the task's folder (a link there is only unlinked)
 
     # --- internals --------------------------------------------------------------
 
@@ -846,6 +843,17 @@ class Registry:
         finally:
             distributed.barrier()
 
+    def _reread(self, *, task: str | None = None, merge: str | None = None) -> dict[str, Any]:
+        """The manifest on disk, made this object's (call under the writer lock). A ``task`` or ``merge``
+        this object knew of but another writer removed since raises a TaskNotFoundError saying so."""
+        known, manifest = self._manifest, store.read_manifest(self.root)
+        self._manifest = manifest
+        if task is not None and task in known["tasks"] and task not in manifest["tasks"]:
+            raise store.removed_error(f"Task {task!r}", sorted(manifest["tasks"]))
+        if merge is not None and merge in known.get("merges", {}) and merge not in manifest.get("merges", {}):
+            raise store.removed_error(f"Merge {merge!r}", sorted(manifest.get("merges", {})))
+        return manifest
+
     def _write_version(self, spec: TaskSpec, record: dict[str, Any], files: dict[str, bytes], *, new_task: bool,
                        memory: MemoryConfig | None, make_current: bool) -> None:
         with store.writer_lock(self.root):
@@ -854,9 +862,11 @@ class Registry:
                 raise TaskExistsError(f"Task {spec.name!r} was added by another process meanwhile.")
             if not new_task:
                 entry = manifest["tasks"].get(spec.name)
-                if entry is None or any(r["version"] == record["version"] for r in entry["versions"]):
-                    raise RegistryError(f"Task {spec.name!r} was changed by another process meanwhile "
-                                        f"(removed, or its v{record['version']} written). Reopen and retry.")
+                if entry is None:
+                    raise store.removed_error(f"Task {spec.name!r}", sorted(manifest["tasks"]))
+                if any(r["version"] == record["version"] for r in entry["versions"]):
+                    raise RegistryError(f"Task {spec.name!r} v{record['version']} was written by another process "
+                                        "meanwhile. Reopen the registry and retry.")
             store.remove_unreferenced(self.root, manifest)
             record["files"] = store.write_version_files(self.root, spec.name, record["version"], files)
             entry = manifest["tasks"].setdefault(spec.name, {"spec": spec.to_dict(), "versions": []})

@@ -14,20 +14,31 @@
 A version's files are written into a staging folder, fsynced and renamed into
 place; only then is the manifest replaced (temp file + ``os.replace``). A
 crash at any point therefore leaves the previous manifest, which names only
-complete files. Folders the manifest does not name are leftovers of such a
-crash and are removed by the next writer. Tensors are safetensors, everything
-else parquet or JSON: loading never unpickles. Each file's SHA-256 is in the
-manifest and checked on load.
+complete files. Folders the manifest does not name, and the manifest's temp
+files, are leftovers of such a crash and are removed by the next writer.
+Tensors are safetensors, everything else parquet or JSON: loading never
+unpickles. Each file's SHA-256 is in the manifest and checked on load.
+
+The manifest is checked on every read (:mod:`cmtl.manifest`): its names obey
+the same rule as new names, so none can point outside the registry. Every
+path a writer creates or deletes is checked to lie inside the root with no
+symbolic link on the way; a link is never followed when deleting (a leftover
+link is unlinked, a link the registry needs is refused with an error naming
+it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -37,11 +48,16 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from cmtl import manifest as rules
 from cmtl._version import __version__
-from cmtl.errors import CorruptFileError, RegistryError
+from cmtl.errors import CorruptFileError, RegistryError, TaskNotFoundError
+
+logger = logging.getLogger(__name__)
 
 MANIFEST = "registry.json"
 FORMAT = 1
+#: Names of the manifest's temp files (see :func:`write_bytes_atomic`); a crash can leave one behind.
+_MANIFEST_TMP = re.compile(rf"^\.{re.escape(MANIFEST)}\.[0-9a-f]{{32}}\.tmp$")
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -59,7 +75,7 @@ def _fsync_dir(path: Path) -> None:
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see either the old or the new file, never a part."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "wb") as f:
+    with open(tmp, "xb") as f:  # exclusive: never opens (and follows) something already there
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -76,13 +92,17 @@ def read_checked(path: Path, expected_sha256: str) -> bytes:
 
     Raises:
         CorruptFileError: the file is missing or its SHA-256 differs.
+        TaskNotFoundError, RegistryError: the manifest on disk no longer names this file: another
+            writer removed or replaced its task version or merged entry after the caller read the manifest.
     """
     try:
         data = path.read_bytes()
     except FileNotFoundError as exc:
+        _raise_if_stale(path, expected_sha256)
         raise CorruptFileError(f"File {str(path)!r} named in the manifest is missing.") from exc
     actual = sha256_bytes(data)
     if actual != expected_sha256:
+        _raise_if_stale(path, expected_sha256)
         raise CorruptFileError(
             f"File {str(path)!r} is corrupt or truncated: SHA-256 {actual[:12]}… does not match the manifest's "
             f"{expected_sha256[:12]}…. Roll the task back to another version or retrain it."
@@ -95,7 +115,51 @@ def read_tensors(path: Path, expected_sha256: str) -> dict[str, torch.Tensor]:
     return load_safetensors(read_checked(path, expected_sha256))
 
 
+def removed_error(what: str, known: list) -> TaskNotFoundError:
+    """The error for a task, version or merged entry (``what``: "Task 'x'", "Task 'x' v2", "Merge 'm'")
+    that the caller's copy of the manifest still names but another writer has removed since."""
+    return TaskNotFoundError(
+        f"{what} was removed (by another writer?) after this registry object read the manifest. "
+        f"Reopen the registry (or call reload()) to see what it holds now: {known}."
+    )
+
+
+def _raise_if_stale(path: Path, expected_sha256: str) -> None:
+    """Raise :func:`removed_error` (or a RegistryError for a replaced file) when the manifest on disk no
+    longer names ``path`` with ``expected_sha256``: the caller read an older manifest."""
+    parents = path.parents
+    if len(parents) > 3 and parents[2].name == "tasks" and (parents[3] / MANIFEST).is_file():
+        root, kind, name = parents[3], "tasks", parents[1].name
+    elif len(parents) > 2 and parents[1].name == "merges" and (parents[2] / MANIFEST).is_file():
+        root, kind, name = parents[2], "merges", parents[0].name
+    else:
+        return
+    manifest = read_manifest(root)
+    if kind == "merges":
+        record = manifest.get("merges", {}).get(name)
+        if record is None:
+            raise removed_error(f"Merge {name!r}", sorted(manifest.get("merges", {})))
+    else:
+        entry = manifest["tasks"].get(name)
+        if entry is None:
+            raise removed_error(f"Task {name!r}", sorted(manifest["tasks"]))
+        record = next((r for r in entry["versions"] if f"v{r['version']}" == parents[0].name), None)
+        if record is None:
+            raise removed_error(f"Task {name!r} {parents[0].name}", [r["version"] for r in entry["versions"]])
+    if record["files"].get(path.name) != expected_sha256:
+        raise RegistryError(
+            f"File {str(path)!r} was replaced by another writer after this registry object read the manifest "
+            "(its entry was removed and written again?). Reopen the registry and retry."
+        )
+
+
 def read_manifest(root: Path) -> dict[str, Any]:
+    """The registry's manifest, parsed and checked against :mod:`cmtl.manifest`'s rules.
+
+    Raises:
+        RegistryError: no manifest, not JSON, or another format.
+        ManifestError: a bad name or structure, naming the key.
+    """
     path = root / MANIFEST
     if not path.exists():
         raise RegistryError(
@@ -103,13 +167,14 @@ def read_manifest(root: Path) -> dict[str, Any]:
         )
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RegistryError(f"The manifest {str(path)!r} is not valid JSON: {exc}.") from exc
-    if manifest.get("format") != FORMAT:
+    if isinstance(manifest, dict) and manifest.get("format") != FORMAT:
         raise RegistryError(
             f"Registry {str(root)!r} has format {manifest.get('format')!r}; this cmtl ({__version__}) reads "
             f"format {FORMAT}."
         )
+    rules.validate(manifest, path)
     return manifest
 
 
@@ -130,61 +195,135 @@ def write_version_files(root: Path, task: str, version: int, files: dict[str, by
 
     Call under :func:`writer_lock`, before the manifest that names them is written.
     """
-    return write_folder(version_dir(root, task, version), files)
+    return write_folder(root, version_dir(root, task, version), files)
 
 
 def merge_dir(root: Path, name: str) -> Path:
     return root / "merges" / name
 
 
-def write_folder(final: Path, files: dict[str, bytes]) -> dict[str, str]:
-    """Write ``files`` into a staging folder beside ``final``, fsync, rename it to ``final``; return SHA-256s."""
+# --- paths a writer touches --------------------------------------------------------------------
+
+
+def _inside(root: Path, path: Path, *, including: bool = False) -> Path:
+    """``path``, after checking that it lies inside ``root`` and that no folder between them (nor
+    ``path`` itself, with ``including``) is a symbolic link.
+
+    Raises:
+        RegistryError: ``path`` is outside ``root``, or the link it passes through, named.
+    """
+    try:
+        parts = path.relative_to(root).parts
+    except ValueError:
+        parts = ()
+    real_root = os.path.realpath(root)
+    if not parts or ".." in parts or os.path.commonpath([real_root, os.path.realpath(path.parent)]) != real_root:
+        raise RegistryError(f"Refusing to write or delete {str(path)!r}: it is outside the registry {str(root)!r}.")
+    for depth in range(1, len(parts) + (1 if including else 0)):
+        step = root.joinpath(*parts[:depth])
+        if step.is_symlink():
+            raise RegistryError(
+                f"{'/'.join(parts[:depth])!r} in the registry {str(root)!r} is a symbolic link to "
+                f"{os.readlink(step)!r}. cmtl never writes or deletes through a link inside a registry, since that "
+                "could change files outside it. Replace the link with the folder it points to (or remove it) and "
+                "retry."
+            )
+    return path
+
+
+def _warn_undeleted(function, path, exc) -> None:
+    exc = exc[1] if isinstance(exc, tuple) else exc  # onerror passes exc_info, onexc the exception
+    logger.warning("Could not delete %s (%s); the next writer tries again.", path, exc)
+
+
+def delete(root: Path, path: Path) -> None:
+    """Delete a file or folder inside ``root``. A symbolic link is unlinked, never followed; links
+    inside a folder are unlinked too (``shutil.rmtree`` works on file descriptors and does not follow
+    them). A failure to delete is logged: the next writer removes what is left.
+
+    Raises:
+        RegistryError: ``path`` is outside ``root`` or reached through a link.
+    """
+    _inside(root, path)
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.is_dir():
+        handler = {"onexc" if sys.version_info >= (3, 12) else "onerror": _warn_undeleted}
+        shutil.rmtree(path, **handler)
+
+
+def write_folder(root: Path, final: Path, files: dict[str, bytes]) -> dict[str, str]:
+    """Write ``files`` into a staging folder beside ``final``, fsync, rename it to ``final``; return SHA-256s.
+
+    ``final`` lies inside ``root`` with no link on the way; whatever is at ``final`` already is a
+    crash leftover the manifest never named, and is replaced (a link there is unlinked). On any
+    error the staging folder is removed.
+    """
+    _inside(root, final)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = final.parent / f".staging-{final.name}-{uuid.uuid4().hex}"
     staging.mkdir()
-    sums = {}
-    for name, data in files.items():
-        with open(staging / name, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        sums[name] = sha256_bytes(data)
-    _fsync_dir(staging)
-    if final.exists():  # a leftover of a crash: the manifest never named it
-        shutil.rmtree(final)
-    os.replace(staging, final)
+    try:
+        sums = {}
+        for name, data in files.items():
+            with open(staging / name, "xb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            sums[name] = sha256_bytes(data)
+        _fsync_dir(staging)
+        if os.path.lexists(final):  # a leftover of a crash: the manifest never named it
+            delete(root, final)
+        os.replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     _fsync_dir(final.parent)
     return sums
 
 
 def remove_unreferenced(root: Path, manifest: dict[str, Any]) -> None:
-    """Delete task versions and merges the manifest does not name (crash leftovers, removed entries)."""
-    tasks_root = root / "tasks"
-    if tasks_root.exists():
-        for task_dir in tasks_root.iterdir():
-            entry = manifest["tasks"].get(task_dir.name)
-            if entry is None:
-                shutil.rmtree(task_dir, ignore_errors=True)
-                continue
-            keep = {f"v{v['version']}" for v in entry["versions"]}
-            for child in task_dir.iterdir():
-                if child.name.startswith(".staging-") or (child.name.startswith("v") and child.name not in keep):
-                    shutil.rmtree(child, ignore_errors=True)
-    merges_root = root / "merges"
-    if merges_root.exists():
-        for child in merges_root.iterdir():
-            if child.name not in manifest.get("merges", {}):
-                shutil.rmtree(child, ignore_errors=True)
+    """Delete what ``manifest`` does not name: task versions, tasks and merged entries (crash leftovers,
+    removed entries), staging folders and the manifest's crash-left temp files. Call under
+    :func:`writer_lock`.
+
+    Raises:
+        RegistryError: ``tasks``, ``merges`` or a named task's folder is a symbolic link (it is named).
+    """
+    for child in root.iterdir():
+        if _MANIFEST_TMP.match(child.name) and child.is_file() and not child.is_symlink():
+            child.unlink(missing_ok=True)
+    tasks, merges = manifest["tasks"], manifest.get("merges", {})
+    for folder, named in ((root / "tasks", tasks), (root / "merges", merges)):
+        if not os.path.lexists(folder):
+            continue
+        _inside(root, folder, including=True)
+        for child in folder.iterdir():
+            if child.name not in named:
+                delete(root, child)
+            elif folder.name == "tasks":
+                _inside(root, child, including=True)
+                keep = {f"v{r['version']}" for r in named[child.name]["versions"]}
+                for sub in child.iterdir():
+                    if sub.name.startswith(".staging-") or (sub.name.startswith("v") and sub.name not in keep):
+                        delete(root, sub)
 
 
 @contextlib.contextmanager
 def writer_lock(root: Path, timeout: float = 60.0) -> Iterator[None]:
     """Hold the registry's exclusive write lock (one writer at a time, across processes)."""
-    with open(root / ".lock", "a+") as f:
+    try:  # O_NOFOLLOW: a planted link must not make us create or lock a file elsewhere
+        fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise RegistryError(f"'.lock' in the registry {str(root)!r} is a symbolic link to "
+                            f"{os.readlink(root / '.lock')!r}; remove the link and retry.") from None
+    try:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
@@ -195,4 +334,6 @@ def writer_lock(root: Path, timeout: float = 60.0) -> Iterator[None]:
         try:
             yield
         finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

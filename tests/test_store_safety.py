@@ -1,0 +1,364 @@
+"""Store safety: planted symlinks, traversal keys and malformed manifests never make a writer touch
+anything outside the registry; crash-left temp files are cleaned; a stale writer says what happened."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cmtl import CorruptFileError, Registry, RegistryError, TaskNotFoundError, TaskSpec, TrainConfig
+from cmtl.errors import ManifestError
+from cmtl.store import MANIFEST, read_manifest
+from tests.conftest import toy_sentiment
+
+STEPS = TrainConfig(max_steps=2, progress=False)
+
+
+@pytest.fixture
+def reg_root(tmp_path, served) -> Path:
+    """A writable copy of the ``served`` registry: tasks sentiment, topic, upper and the merge 'both'."""
+    shutil.copytree(served, tmp_path / "reg")
+    return tmp_path / "reg"
+
+
+@pytest.fixture
+def outside(tmp_path) -> Path:
+    """A folder beside the registry, with subfolders named like versions and merges, that must survive."""
+    root = tmp_path / "outside"
+    for sub in ("v1", "v2", "v7", "keep"):
+        (root / sub).mkdir(parents=True)
+        (root / sub / "data.txt").write_text("precious")
+    return root
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def add_second(root: Path) -> None:
+    Registry.open(root, device="cpu").add_task(TaskSpec("second", labels=["neg", "pos"]), train=toy_sentiment(16),
+                                               training=STEPS)
+
+
+def edit_manifest(root: Path, change) -> None:
+    manifest = json.loads((root / MANIFEST).read_text())
+    change(manifest)
+    (root / MANIFEST).write_text(json.dumps(manifest))
+
+
+# --- item 4: planted symlinks ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("folder", ["merges", "tasks"])
+def test_symlinked_top_folder_is_refused_and_its_target_kept(reg_root, outside, folder):
+    before = snapshot(outside)
+    shutil.rmtree(reg_root / folder)
+    (reg_root / folder).symlink_to(outside, target_is_directory=True)
+    edit_manifest(reg_root, lambda m: (m.pop("merges"), m.__setitem__("tasks", {}) if folder == "tasks" else None))
+    manifest = (reg_root / MANIFEST).read_bytes()
+    with pytest.raises(RegistryError, match=rf"'{folder}' in the registry .* is a symbolic link to .*outside.*Replace the link"):
+        add_second(reg_root)
+    assert snapshot(outside) == before
+    assert (reg_root / MANIFEST).read_bytes() == manifest
+
+
+def test_symlinked_task_folder_is_refused_and_its_target_kept(reg_root, outside):
+    shutil.copytree(reg_root / "tasks" / "topic" / "v1", outside / "v1", dirs_exist_ok=True)
+    shutil.rmtree(reg_root / "tasks" / "topic")
+    (reg_root / "tasks" / "topic").symlink_to(outside, target_is_directory=True)
+    before = snapshot(outside)
+    with pytest.raises(RegistryError, match=r"'tasks/topic' in the registry .* is a symbolic link to .*outside"):
+        add_second(reg_root)
+    assert snapshot(outside) == before
+
+
+def test_unreferenced_symlinks_are_unlinked_not_followed(reg_root, outside):
+    before = snapshot(outside)
+    (reg_root / "tasks" / "ghost").symlink_to(outside, target_is_directory=True)
+    (reg_root / "tasks" / "sentiment" / "v9").symlink_to(outside / "v7", target_is_directory=True)
+    (reg_root / "merges" / "old").symlink_to(outside / "keep", target_is_directory=True)
+    add_second(reg_root)
+    assert snapshot(outside) == before
+    for link in ("tasks/ghost", "tasks/sentiment/v9", "merges/old"):
+        assert not os.path.lexists(reg_root / link), link
+
+
+def test_symlinked_new_version_folder_is_replaced_not_followed(reg_root, outside):
+    before = snapshot(outside)
+    (reg_root / "tasks" / "sentiment" / "v2").symlink_to(outside / "v2", target_is_directory=True)
+    reg = Registry.open(reg_root, device="cpu")
+    result = reg.update_task("sentiment", toy_sentiment(24, 5), training=STEPS)
+    assert result.version.version == 2
+    assert snapshot(outside) == before
+    v2 = reg_root / "tasks" / "sentiment" / "v2"
+    assert v2.is_dir() and not v2.is_symlink() and (v2 / "adapter.safetensors").is_file()
+    assert not list(reg_root.rglob(".staging-*"))
+
+
+@pytest.mark.parametrize("remove", ["task", "merge"])
+def test_removing_an_entry_whose_folder_is_a_symlink_unlinks_only_the_link(reg_root, outside, remove):
+    before = snapshot(outside)
+    folder = reg_root / ("tasks/upper" if remove == "task" else "merges/both")
+    shutil.rmtree(folder)
+    folder.symlink_to(outside, target_is_directory=True)
+    reg = Registry.open(reg_root, device="cpu")
+    reg.remove_task("upper") if remove == "task" else reg.remove_merge("both")
+    assert snapshot(outside) == before
+    assert not os.path.lexists(folder)
+
+
+def test_a_failed_folder_write_leaves_no_staging_folder(reg_root, monkeypatch):
+    from cmtl import store
+
+    def fail(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store, "_fsync_dir", fail)
+    with pytest.raises(OSError, match="No space left"):
+        store.write_folder(reg_root, reg_root / "tasks" / "sentiment" / "v5", {"a.bin": b"x"})
+    assert not list(reg_root.rglob(".staging-*"))
+
+
+def test_paths_outside_the_root_are_refused(reg_root, tmp_path):
+    from cmtl import store
+
+    with pytest.raises(RegistryError, match="outside the registry"):
+        store.write_folder(reg_root, tmp_path / "elsewhere" / "v1", {"a.bin": b"x"})
+    with pytest.raises(RegistryError, match="outside the registry"):
+        store.delete(reg_root, reg_root / "tasks" / ".." / ".." / "outside")
+
+
+# --- item 5: names and structure of the manifest ------------------------------------------------
+
+
+def test_traversal_task_key_is_refused_before_anything_is_deleted(reg_root, tmp_path):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "data.txt").write_text("precious")
+    edit_manifest(reg_root, lambda m: m["tasks"].__setitem__("../../victim", copy.deepcopy(m["tasks"]["upper"])))
+    with pytest.raises(ManifestError, match=r"task name '\.\./\.\./victim'.*letters, digits"):
+        Registry.open(reg_root, device="cpu").remove_task("../../victim")
+    assert (victim / "data.txt").read_text() == "precious"
+
+
+def test_traversal_merge_key_is_refused_before_anything_is_deleted(reg_root, tmp_path):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "data.txt").write_text("precious")
+
+    def plant(m):
+        m["merges"]["../../victim"] = {**m["merges"]["both"], "name": "../../victim"}
+
+    edit_manifest(reg_root, plant)
+    with pytest.raises(ManifestError, match=r"merge name '\.\./\.\./victim'"):
+        Registry.open(reg_root, device="cpu").remove_merge("../../victim")
+    assert (victim / "data.txt").read_text() == "precious"
+
+
+def _set(path, value):
+    """A change that sets manifest[path[0]][path[1]]... to ``value`` (or deletes it when value is DELETE)."""
+
+    def change(m):
+        target = m
+        for key in path[:-1]:
+            target = target[key]
+        if value is DELETE:
+            del target[path[-1]]
+        else:
+            target[path[-1]] = value
+
+    return change
+
+
+DELETE = object()
+S = ("tasks", "sentiment")
+V1 = (*S, "versions", 0)
+BOTH = ("merges", "both")
+
+STRUCTURE_DEFECTS = {
+    "top-level list": (None, r"must hold a JSON object.*got a list"),
+    "no tasks": (_set(("tasks",), DELETE), r"has no 'tasks'"),
+    "tasks a list": (_set(("tasks",), []), r"'tasks' must be an object.*got a list"),
+    "task entry a string": (_set(S, "x"), r"tasks\['sentiment'\] must be an object"),
+    "no versions": (_set((*S, "versions"), DELETE), r"tasks\['sentiment'\] has no 'versions'"),
+    "versions empty": (_set((*S, "versions"), []), r"tasks\['sentiment'\]\['versions'\] must be a non-empty list"),
+    "version a string": (_set((*V1, "version"), "1"), r"\['version'\] must be a positive integer.*got '1'"),
+    "version a bool": (_set((*V1, "version"), True), r"\['version'\] must be a positive integer.*got True"),
+    "record a number": (_set(V1, 3), r"\['versions'\]\[0\] must be an object"),
+    "current 99": (_set((*S, "current"), 99), r"\['current'\] is 99, which names no version.*versions: \[1\]"),
+    "no current": (_set((*S, "current"), DELETE), r"tasks\['sentiment'\] has no 'current'"),
+    "parent unknown": (_set((*V1, "parent"), 5), r"\['parent'\] is 5.*must be null or an earlier version"),
+    "parent itself": (_set((*V1, "parent"), 1), r"\['parent'\] is 1.*must be null or an earlier version"),
+    "no files": (_set((*V1, "files"), DELETE), r"\['versions'\]\[0\] has no 'files'"),
+    "adapter file missing": (_set((*V1, "files", "adapter.safetensors"), DELETE),
+                             r"\['files'\] lacks 'adapter.safetensors'"),
+    "checksum not hex": (_set((*V1, "files", "head.safetensors"), 7), r"\['head.safetensors'\] must be a SHA-256"),
+    "file name with a slash": (_set((*V1, "files", "../x"), "0" * 64), r"file name '\.\./x'"),
+    "adapter not a dict": (_set((*V1, "adapter"), None), r"\['adapter'\] must be an object"),
+    "spec missing": (_set((*S, "spec"), DELETE), r"tasks\['sentiment'\] has no 'spec'"),
+    "spec of another task": (_set((*S, "spec", "name"), "other"), r"\['spec'\]\['name'\] is 'other'.*'sentiment'"),
+    "spec of no problem type": (_set((*S, "spec", "problem_type"), "bogus"),
+                                r"\['spec'\] is not a valid task spec.*problem_type"),
+    "merges a list": (_set(("merges",), []), r"'merges' must be an object"),
+    "merge record a list": (_set(BOTH, []), r"merges\['both'\] must be an object"),
+    "merge named otherwise": (_set((*BOTH, "name"), "other"), r"merges\['both'\]\['name'\] is 'other'"),
+    "merge tasks a string": (_set((*BOTH, "tasks"), "sentiment"), r"merges\['both'\]\['tasks'\] must be a non-empty"),
+    "merge task bad name": (_set((*BOTH, "tasks"), ["../x"]), r"task name '\.\./x' \(merges\['both'\]\['tasks'\]\[0\]\)"),
+    "merge without heads": (_set((*BOTH, "files", "heads.safetensors"), DELETE), r"lacks 'heads.safetensors'"),
+    "merge task_adapter bad": (_set((*BOTH, "task_adapter"), {"r": "4"}), r"\['task_adapter'\] must be null or"),
+    "merge members bad": (_set((*BOTH, "members"), [{"task": "sentiment"}]), r"\['members'\]\[0\] must be"),
+    "backbone missing": (_set(("backbone",), DELETE), r"has no 'backbone'"),
+    "backbone sha not str": (_set(("backbone", "sha256"), None), r"backbone\['sha256'\] must be a string"),
+    "generation a string": (_set(("generation",), "7"), r"'generation' must be a non-negative integer"),
+}
+
+
+@pytest.mark.parametrize("defect", list(STRUCTURE_DEFECTS))
+def test_structural_defects_raise_manifest_error(reg_root, defect):
+    change, match = STRUCTURE_DEFECTS[defect]
+    if change is None:
+        (reg_root / MANIFEST).write_text("[1, 2]")
+    else:
+        edit_manifest(reg_root, change)
+    with pytest.raises(ManifestError, match=match) as info:
+        read_manifest(reg_root)
+    message = str(info.value)
+    assert str(reg_root / MANIFEST) in message and "registry.json" in message
+    assert "back" in message or "edit" in message  # says how to fix it
+
+
+def test_current_99_is_caught_on_open(reg_root):
+    edit_manifest(reg_root, _set((*S, "current"), 99))
+    with pytest.raises(ManifestError, match=r"\['current'\] is 99"):
+        Registry.open(reg_root, device="cpu")
+
+
+def test_the_served_manifest_is_valid(served):
+    read_manifest(served)
+
+
+# --- item 14: crash-left temp files, and the losing writer of a concurrent remove -------------
+
+
+def test_crash_left_manifest_temp_files_are_cleaned_by_the_next_writer(reg_root, tmp_path):
+    target = tmp_path / "target.txt"
+    target.write_text("precious")
+    left = reg_root / f".{MANIFEST}.{'a' * 32}.tmp"
+    left.write_text('{"half": ')
+    link = reg_root / f".{MANIFEST}.{'b' * 32}.tmp"
+    link.symlink_to(target)
+    other = reg_root / "notes.tmp"
+    other.write_text("mine")
+    Registry.open(reg_root, device="cpu").rollback("sentiment", 1)
+    assert not left.exists()
+    assert target.read_text() == "precious" and other.read_text() == "mine"
+
+
+@pytest.mark.parametrize("write", ["remove", "update", "merge", "rollback"])
+def test_the_losing_writer_of_a_concurrent_remove_says_it_was_removed(reg_root, write):
+    first, second = Registry.open(reg_root, device="cpu"), Registry.open(reg_root, device="cpu")
+    first.remove_task("upper")
+    calls = {"remove": lambda: second.remove_task("upper"),
+             "update": lambda: second.update_task("upper", toy_sentiment(24, 5), training=STEPS),
+             "merge": lambda: second.merge(["upper", "sentiment"], "m2"),
+             "rollback": lambda: second.rollback("upper", 1)}
+    with pytest.raises(TaskNotFoundError, match=r"Task 'upper' was removed \(by another writer\?\)"):
+        calls[write]()
+
+
+def test_the_losing_writer_of_a_concurrent_merge_removal_says_it_was_removed(reg_root):
+    first, second, reader = (Registry.open(reg_root, device="cpu") for _ in range(3))
+    first.remove_merge("both")
+    with pytest.raises(TaskNotFoundError, match=r"Merge 'both' was removed \(by another writer\?\)"):
+        second.remove_merge("both")
+    with pytest.raises(TaskNotFoundError, match=r"Merge 'both' was removed \(by another writer\?\)"):
+        reader.predict("sentiment", ["x"], merge="both")
+
+
+def test_a_file_really_missing_is_still_corrupt(reg_root):
+    (reg_root / "tasks" / "sentiment" / "v1" / "adapter.safetensors").unlink()
+    with pytest.raises(CorruptFileError, match="named in the manifest is missing"):
+        Registry.open(reg_root, device="cpu").predict("sentiment", ["x"])
+
+
+# --- crash safety of every write, with the clean-up above in the path ------------------------------
+
+KILLER = """
+import os, signal, sys
+os.environ["HF_HUB_OFFLINE"] = "1"
+from cmtl import Registry, TrainConfig, store
+from tests.conftest import toy_sentiment
+
+root, op, where = sys.argv[1], sys.argv[2], sys.argv[3]
+real_write_manifest = store.write_manifest
+
+def die_halfway(path, data):  # the manifest's temp file gets half its bytes, then the process dies
+    tmp = path.with_name(f".{path.name}.{'c' * 32}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data[: len(data) // 2]); f.flush(); os.fsync(f.fileno())
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def die_after(root_, manifest):  # the manifest is replaced; nothing after it (clean-up) runs
+    real_write_manifest(root_, manifest)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if where == "mid-manifest":
+    store.write_bytes_atomic = die_halfway
+else:
+    store.write_manifest = die_after
+reg = Registry.open(root, device="cpu")
+steps = TrainConfig(max_steps=2, progress=False)
+{"update": lambda: reg.update_task("sentiment", toy_sentiment(24, 5), training=steps),
+ "merge": lambda: reg.merge(["sentiment", "topic"], "m2"),
+ "rollback": lambda: reg.rollback("sentiment", 1),
+ "remove_task": lambda: reg.remove_task("upper"),
+ "remove_merge": lambda: reg.remove_merge("both")}[op]()
+print("not killed")
+"""
+
+
+def named_folders(root: Path) -> tuple[set[str], set[str]]:
+    """(folders the manifest names, entries present under tasks/ and merges/)."""
+    manifest = read_manifest(root)
+    named = {f"tasks/{t}/v{r['version']}" for t, e in manifest["tasks"].items() for r in e["versions"]}
+    named |= {f"merges/{m}" for m in manifest.get("merges", {})}
+    present = {str(p.relative_to(root)) for p in root.glob("tasks/*/*")} | {
+        str(p.relative_to(root)) for p in root.glob("merges/*")}
+    return named, present
+
+
+@pytest.mark.parametrize("where", ["mid-manifest", "after-manifest"])
+@pytest.mark.parametrize("op", ["update", "merge", "rollback", "remove_task", "remove_merge"])
+def test_kill_during_every_write_keeps_a_consistent_registry(reg_root, op, where):
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    texts = ["a great film", "an awful film"]
+    reg = Registry.open(reg_root, device="cpu")
+    expected = reg.predict_proba("sentiment", texts)
+    expected_merge = reg.predict_proba("sentiment", texts, merge="both")
+    before = (reg_root / MANIFEST).read_bytes()
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(reg_root), op, where], capture_output=True, text=True,
+                          cwd=str(Path(__file__).parents[1]), env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    if where == "mid-manifest":
+        assert (reg_root / MANIFEST).read_bytes() == before
+    else:
+        assert (reg_root / MANIFEST).read_bytes() != before
+    reg = Registry.open(reg_root, device="cpu")
+    np.testing.assert_allclose(reg.predict_proba("sentiment", texts, version=1), expected, rtol=0, atol=1e-6)
+    if "both" in reg.merges():
+        np.testing.assert_allclose(reg.predict_proba("sentiment", texts, merge="both"), expected_merge, rtol=0,
+                                   atol=1e-6)
+    # The next writer removes every leftover: folders the manifest does not name, staging, temp files.
+    reg.rollback("sentiment", 1)
+    named, present = named_folders(reg_root)
+    assert present == named
+    assert not list(reg_root.rglob(".staging-*")) and not list(reg_root.glob(f".{MANIFEST}.*.tmp"))
