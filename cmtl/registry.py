@@ -786,10 +786,11 @@ class Registry:
     def _train(self, key: str, adapter: AdapterConfig, head: TaskHead, spec: TaskSpec, train_enc: Encoded,
                val_enc: Encoded | None, config: TrainConfig, extra_loss=None) -> TrainResult:
         # Layers below the adapter are frozen for every adapter this run switches in (an update's
-        # parent, for LwF, has the same layers): compute their outputs once, for all epochs.
+        # parent, for LwF, has the same layers): compute their outputs once, for all epochs. Activate
+        # first: the prefix must not carry whichever adapter was active before (another task's).
+        self._bank.activate(key)
         train_enc, val_enc = maybe_cache([train_enc, val_enc], self.backbone, adapter, config.cache_frozen_mb,
                                          batch_size=config.eval_batch_size)
-        self._bank.activate(key)
         params = self._bank.parameters(key) + list(head.parameters())
 
         def set_training(flag: bool) -> None:

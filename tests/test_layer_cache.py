@@ -238,9 +238,6 @@ def test_training_falls_back_to_the_full_forward_when_the_check_fails(tmp_path, 
     assert "Not caching the 1 frozen layers" in caplog.text and "Caching" not in caplog.text
 
 
-@pytest.mark.xfail(strict=True, reason="Registry._train builds the cache before it activates the adapter it trains: "
-                   "the prefix carries whichever adapter was active (here the first task's, on layer 0). "
-                   "Fix: call self._bank.activate(key) before maybe_cache in cmtl/registry.py; then drop this mark.")
 def test_the_cache_is_built_under_the_adapter_being_trained(tmp_path, tiny_config):
     """A task trained after another task whose adapter covers the frozen layers gets the adapter the
     full forward pass gives (the prefix must not carry the other task's adapter)."""
