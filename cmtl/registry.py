@@ -199,15 +199,22 @@ class Registry:
         record = self.merge_info(merge)
         if task not in record["tasks"]:
             raise TaskNotFoundError(f"Merge {merge!r} does not hold task {task!r}. It holds {record['tasks']}.")
-        recorded = record.get("specs", {}).get(task)
-        if recorded is not None:
-            return TaskSpec.from_dict(recorded)
-        if task not in self._manifest["tasks"]:  # an entry written before merges recorded their members' specs
+        spec = self._merge_spec(record, task)
+        if spec is None:
             raise TaskNotFoundError(
                 f"Merge {merge!r} was written by an older cmtl that kept only the task names, and its task {task!r} "
                 f"has since been removed, so its labels are unknown. Predict through it for "
                 f"{[t for t in record['tasks'] if t != task]}, or remove it with remove_merge({merge!r}).")
-        return self.spec(task)
+        return spec
+
+    def _merge_spec(self, record: dict[str, Any], task: str) -> TaskSpec | None:
+        """The spec a merged entry recorded for ``task``; for an entry written before merges recorded
+        them, the task's own (``None`` once that task is removed)."""
+        recorded = record.get("specs", {}).get(task)
+        if recorded is not None:
+            return TaskSpec.from_dict(recorded)
+        entry = self._manifest["tasks"].get(task)
+        return None if entry is None else TaskSpec.from_dict(entry["spec"])
 
     def versions(self, task: str) -> list[VersionInfo]:
         """Every version of ``task``, oldest first."""
@@ -1017,10 +1024,14 @@ class Registry:
         adapter_key = _merge_key(name, task if record.get("task_adapter") else None)
         head_key = _merge_key(name, task)
         with torch.inference_mode(False):  # as in _ensure_loaded
-            if head_key not in self._heads:
+            if head_key not in self._heads:  # the entry's heads load together, once
                 heads = store.read_tensors(folder / "heads.safetensors", record["files"]["heads.safetensors"])
-                state = {k[len(task) + 1:]: v for k, v in heads.items() if k.startswith(f"{task}.")}
-                self._heads[head_key] = self._build_head(spec, state, folder / "heads.safetensors")
+                for t in record["tasks"]:
+                    spec_t = spec if t == task else self._merge_spec(record, t)
+                    if spec_t is not None:  # None: an older entry's removed task, refused when asked for
+                        state = {k[len(t) + 1:]: v for k, v in heads.items() if k.startswith(f"{t}.")}
+                        self._heads[_merge_key(name, t)] = self._build_head(spec_t, state,
+                                                                            folder / "heads.safetensors")
             if adapter_key not in self._bank:  # the entry's adapters load together, once
                 for which, (state, config) in entry_adapters(self.root, record).items():
                     if _merge_key(name, which) not in self._bank:

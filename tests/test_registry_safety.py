@@ -87,6 +87,15 @@ def test_merge_answers_after_a_member_task_is_removed(root):
         reg.predict("b", TEXTS)
 
 
+def test_api_and_engine_answer_the_same_through_a_merge_after_member_removal(root):
+    from cmtl.engine import InferenceEngine
+
+    open_reg(root).remove_task("b")
+    api = open_reg(root).predict_proba("b", TEXTS, merge="both")
+    served = InferenceEngine(root, device="cpu").logits(["b"] * 3, TEXTS, merges=["both"] * 3)
+    torch.testing.assert_close(torch.stack(served).softmax(-1), torch.tensor(api), atol=1e-5, rtol=0)
+
+
 def test_merge_keeps_the_labels_it_was_made_with(root):
     reg = open_reg(root)
     reg.remove_task("b")
