@@ -216,9 +216,9 @@ def _inside(root: Path, path: Path, *, including: bool = False) -> Path:
         parts = path.relative_to(root).parts
     except ValueError:
         parts = ()
-    real_root = os.path.realpath(root)
-    if not parts or ".." in parts or os.path.commonpath([real_root, os.path.realpath(path.parent)]) != real_root:
-        raise RegistryError(f"Refusing to write or delete {str(path)!r}: it is outside the registry {str(root)!r}.")
+    outside = RegistryError(f"Refusing to write or delete {str(path)!r}: it is outside the registry {str(root)!r}.")
+    if not parts or ".." in parts:
+        raise outside
     for depth in range(1, len(parts) + (1 if including else 0)):
         step = root.joinpath(*parts[:depth])
         if step.is_symlink():
@@ -228,6 +228,9 @@ def _inside(root: Path, path: Path, *, including: bool = False) -> Path:
                 "could change files outside it. Replace the link with the folder it points to (or remove it) and "
                 "retry."
             )
+    real_root = os.path.realpath(root)
+    if os.path.commonpath([real_root, os.path.realpath(path.parent)]) != real_root:
+        raise outside
     return path
 
 

@@ -59,9 +59,15 @@ def test_symlinked_top_folder_is_refused_and_its_target_kept(reg_root, outside, 
     before = snapshot(outside)
     shutil.rmtree(reg_root / folder)
     (reg_root / folder).symlink_to(outside, target_is_directory=True)
-    edit_manifest(reg_root, lambda m: (m.pop("merges"), m.__setitem__("tasks", {}) if folder == "tasks" else None))
+
+    def name_nothing_there(m):  # the manifest names nothing in the linked folder: all of it looks like leftovers
+        m.pop("merges")
+        if folder == "tasks":
+            m["tasks"] = {}
+
+    edit_manifest(reg_root, name_nothing_there)
     manifest = (reg_root / MANIFEST).read_bytes()
-    with pytest.raises(RegistryError, match=rf"'{folder}' in the registry .* is a symbolic link to .*outside.*Replace the link"):
+    with pytest.raises(RegistryError, match=rf"'{folder}' in the registry .* is a symbolic link to .*outside.*Replace"):
         add_second(reg_root)
     assert snapshot(outside) == before
     assert (reg_root / MANIFEST).read_bytes() == manifest
@@ -110,6 +116,16 @@ def test_removing_an_entry_whose_folder_is_a_symlink_unlinks_only_the_link(reg_r
     reg.remove_task("upper") if remove == "task" else reg.remove_merge("both")
     assert snapshot(outside) == before
     assert not os.path.lexists(folder)
+
+
+def test_symlinked_lock_file_is_refused(reg_root, tmp_path):
+    target = tmp_path / "target.txt"
+    target.write_text("precious")
+    (reg_root / ".lock").unlink()
+    (reg_root / ".lock").symlink_to(target)
+    with pytest.raises(RegistryError, match=r"'\.lock' in the registry .* is a symbolic link to .*target\.txt"):
+        Registry.open(reg_root, device="cpu").rollback("sentiment", 1)
+    assert target.read_text() == "precious"
 
 
 def test_a_failed_folder_write_leaves_no_staging_folder(reg_root, monkeypatch):
@@ -208,7 +224,8 @@ STRUCTURE_DEFECTS = {
     "merge record a list": (_set(BOTH, []), r"merges\['both'\] must be an object"),
     "merge named otherwise": (_set((*BOTH, "name"), "other"), r"merges\['both'\]\['name'\] is 'other'"),
     "merge tasks a string": (_set((*BOTH, "tasks"), "sentiment"), r"merges\['both'\]\['tasks'\] must be a non-empty"),
-    "merge task bad name": (_set((*BOTH, "tasks"), ["../x"]), r"task name '\.\./x' \(merges\['both'\]\['tasks'\]\[0\]\)"),
+    "merge task bad name": (_set((*BOTH, "tasks"), ["../x"]),
+                            r"task name '\.\./x' \(merges\['both'\]\['tasks'\]\[0\]\)"),
     "merge without heads": (_set((*BOTH, "files", "heads.safetensors"), DELETE), r"lacks 'heads.safetensors'"),
     "merge task_adapter bad": (_set((*BOTH, "task_adapter"), {"r": "4"}), r"\['task_adapter'\] must be null or"),
     "merge members bad": (_set((*BOTH, "members"), [{"task": "sentiment"}]), r"\['members'\]\[0\] must be"),
