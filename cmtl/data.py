@@ -127,7 +127,8 @@ def _table(data: Any, encoding: str | None = None) -> _Table:
         untyped = Path(data).suffix.lower() in (".csv", ".tsv")
         data = read_file(data, encoding=encoding)
     elif encoding is not None:
-        raise DataError(f"encoding={encoding!r} applies to a data file path; got a {type(data).__name__}. Leave it out.")
+        raise DataError(f"encoding={encoding!r} applies to a data file path; got a {type(data).__name__}. "
+                        "Leave it out.")
     if datasets is not None and isinstance(data, datasets.DatasetDict):
         raise DataError(
             f"Got a DatasetDict with splits {list(data)}; pass one split, e.g. data['train']."
@@ -317,7 +318,10 @@ def _check_examples(examples: Examples, spec: TaskSpec, labelled: bool) -> Examp
         raise DataError(f"The examples for task {spec.name!r} carry no labels.")
     if (examples.pairs is None) != (spec.text_pair_column is None):
         raise DataError(f"Task {spec.name!r} {'takes' if spec.text_pair_column else 'does not take'} text pairs.")
-    return examples
+    texts = _texts(examples.texts, spec.text_column)
+    pairs = _texts(examples.pairs, spec.text_pair_column) if examples.pairs is not None else None
+    labels = spec.label_names(examples.labels) if labelled else examples.labels  # same rule as every other source
+    return Examples(texts, pairs, labels)
 
 
 def as_texts(texts: str | Sequence[str]) -> list[str]:

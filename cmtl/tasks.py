@@ -121,8 +121,9 @@ class TaskSpec:
     def _known_labels(self) -> tuple[str, ...]:
         if self.labels is None:
             raise ValueError(
-                f"Task {self.name!r} has no labels yet. Pass them, e.g. TaskSpec({self.name!r}, labels=['neg', 'pos']), "
-                "or train on a datasets.Dataset whose label column is a ClassLabel, which names them."
+                f"Task {self.name!r} has no labels yet. Pass them, e.g. TaskSpec({self.name!r}, "
+                "labels=['neg', 'pos']), or take them from a datasets.Dataset whose label column is a ClassLabel: "
+                "cmtl.data.spec_for_data(spec, dataset)."
             )
         return self.labels
 
@@ -168,7 +169,8 @@ class TaskSpec:
                     f"Column {self.label_column!r} is a ClassLabel with names {class_names}, but task {self.name!r} "
                     f"has labels {list(self.labels)}, which lack {lacking}. ClassLabel names are matched to the "
                     f"task's labels by name: give labels that include every ClassLabel name, e.g. "
-                    f"TaskSpec({self.name!r}, labels={class_names}), or leave labels out to take them from the ClassLabel."
+                    f"TaskSpec({self.name!r}, labels={class_names}), or leave labels out to take them from the "
+                    "ClassLabel."
                 )
         unknown: set[str] = set()
         integers = False

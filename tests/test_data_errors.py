@@ -80,7 +80,8 @@ def test_missing_column_names_it_the_columns_and_the_fix(tmp_path, header, kwarg
     path.write_text(f"{header}\nhello,a\n")
     spec = TaskSpec("x", labels=["a", "b"], **kwargs)
     missing = getattr(spec, field)
-    with pytest.raises(DataError, match=rf"Column\(s\) \['{missing}'\] not found.*Columns present: {re.escape(str(header.split(',')))}"
+    present = re.escape(str(header.split(",")))
+    with pytest.raises(DataError, match=rf"Column\(s\) \['{missing}'\] not found.*Columns present: {present}"
                                         rf".*TaskSpec\(\.\.\., {field}=\.\.\.\)"):
         read_examples(path, spec)
 
@@ -93,8 +94,9 @@ def test_lone_surrogate_in_texts_names_the_row():
         as_texts(["fine", "bad \ud800 text"])
     with pytest.raises(DataError, match=r"row 0 .*not valid Unicode"):
         as_texts("\udfff")
+    rows = [{"text": "a", "label": "a"}, {"text": "b", "label": "a"}, {"text": "\ud83d", "label": "b"}]
     with pytest.raises(DataError, match=r"Column 'text'.*row 2 .*not valid Unicode"):
-        read_examples([{"text": "a", "label": "a"}, {"text": "b", "label": "a"}, {"text": "\ud83d", "label": "b"}], SPEC)
+        read_examples(rows, SPEC)
 
 
 def test_lone_surrogate_through_the_registry_is_a_data_error(sentiment_registry):

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from cmtl import DataError, TaskSpec
-from cmtl.data import read_examples, spec_for_data
+from cmtl.data import Examples, read_examples, spec_for_data
 
 TEXTS = ["a", "b", "c", "d"]
 
@@ -83,6 +83,8 @@ def _write(rows: list[dict], source: str, tmp_path):
         return frame
     if source == "dataset":
         return datasets.Dataset.from_list(rows)
+    if source == "examples":
+        return Examples([r["text"] for r in rows], None, [r["label"] for r in rows])
     path = tmp_path / f"data.{source}"
     if source in ("csv", "tsv"):
         frame.to_csv(path, sep="\t" if source == "tsv" else ",", index=False)
@@ -95,7 +97,7 @@ def _write(rows: list[dict], source: str, tmp_path):
     return path
 
 
-SOURCES = ["dicts", "dataframe", "dataset", "csv", "tsv", "jsonl", "json", "parquet"]
+SOURCES = ["dicts", "dataframe", "dataset", "examples", "csv", "tsv", "jsonl", "json", "parquet"]
 
 
 @pytest.mark.parametrize("source", SOURCES)
@@ -133,7 +135,8 @@ def test_index_out_of_range_and_unknown_value_are_refused():
 def test_string_labels_are_names_under_either_encoding():
     rows = [{"text": "a", "label": "pos"}, {"text": "b", "label": "neg"}]
     for encoding in ("value", "index"):
-        assert read_examples(rows, TaskSpec("x", labels=["neg", "pos"], label_encoding=encoding)).labels == ["pos", "neg"]
+        spec = TaskSpec("x", labels=["neg", "pos"], label_encoding=encoding)
+        assert read_examples(rows, spec).labels == ["pos", "neg"]
 
 
 def test_encode_labels_applies_the_same_rule_to_raw_values():
@@ -160,3 +163,30 @@ def test_label_encoding_round_trips_and_old_manifests_load():
         warnings.simplefilter("error")
         assert TaskSpec.from_dict(old).label_encoding == "value"
     assert TaskSpec.from_dict(TaskSpec("y").to_dict()) == TaskSpec("y")
+
+
+# --- through the registry: the repro ------------------------------------------
+
+
+def _as_classlabel(rows, names):
+    ds = datasets.Dataset.from_list(rows)
+    return ds.cast_column("label", datasets.ClassLabel(names=names))
+
+
+def test_classlabel_training_predicts_by_name(registry):
+    from tests.conftest import FAST, toy_sentiment
+
+    train = _as_classlabel(toy_sentiment(96), ["neg", "pos"])
+    registry.add_task(TaskSpec("s", labels=["pos", "neg"]), train, training=FAST)  # the other order
+    # The training rows with string labels: ~0.97 by name; the old positional mapping scored 0.03.
+    assert registry.evaluate("s", toy_sentiment(96))["accuracy"] >= 0.9
+
+
+@pytest.mark.xfail(strict=True, reason="Registry.add_task must call cmtl.data.spec_for_data(spec, train) first "
+                                        "(registry.py is not helper A's); remove this mark when it does")
+def test_spec_without_labels_takes_classlabel_names_in_add_task(registry):
+    from tests.conftest import FAST, toy_sentiment
+
+    train = _as_classlabel(toy_sentiment(32), ["pos", "neg"])
+    info = registry.add_task(TaskSpec("s"), train, training=FAST)
+    assert registry.spec(info.task).labels == ("pos", "neg")
