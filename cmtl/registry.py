@@ -29,7 +29,7 @@ from cmtl._version import __version__
 from cmtl.adapters import AdapterBank, AdapterConfig, entry_adapters
 from cmtl.backbone import Backbone, BackboneConfig, load_backbone
 from cmtl.caching import maybe_cache
-from cmtl.data import Encoded, Examples, as_texts, encode, read_examples
+from cmtl.data import Encoded, Examples, as_texts, encode, read_examples, spec_for_data
 from cmtl.errors import CorruptFileError, DataError, RegistryError, TaskExistsError, TaskNotFoundError
 from cmtl.evaluation import compute_metrics, predict_logits, primary_metric
 from cmtl.merging import MergeConfig, lora_deltas, merge_deltas, refit_head, to_lora_state
@@ -263,6 +263,7 @@ class Registry:
                 f"Task {spec.name!r} already exists (current version {self._entry(spec.name)['current']}). "
                 "Pick another name, or remove_task it first."
             )
+        spec = spec_for_data(spec, train)  # labels from a ClassLabel column when the spec names none
         adapter = adapter or AdapterConfig()
         training = training or TrainConfig()
         memory = memory or MemoryConfig()

@@ -182,8 +182,6 @@ def test_classlabel_training_predicts_by_name(registry):
     assert registry.evaluate("s", toy_sentiment(96))["accuracy"] >= 0.9
 
 
-@pytest.mark.xfail(strict=True, reason="Registry.add_task must call cmtl.data.spec_for_data(spec, train) first "
-                                        "(registry.py is not helper A's); remove this mark when it does")
 def test_spec_without_labels_takes_classlabel_names_in_add_task(registry):
     from tests.conftest import FAST, toy_sentiment
 
