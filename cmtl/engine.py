@@ -10,7 +10,9 @@ pooled vector then goes through its own task's head (one call per task present).
 
 :meth:`InferenceEngine.refresh` builds a new snapshot when the registry's manifest
 changes (an update, rollback, merge) and swaps it in with one assignment: a batch that
-started on the old snapshot finishes on it, so hot swaps never fail a request.
+started on the old snapshot finishes on it, so hot swaps never fail a request. A caller
+that must answer from one generation across several calls (a server request queued for a
+later batch) takes ``engine.snapshot`` once and passes it as ``snapshot=``.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from torch import nn
 from cmtl import store
 from cmtl.adapters import AdapterConfig, entry_adapters
 from cmtl.backbone import Backbone, BackboneConfig, load_backbone
-from cmtl.data import Encoded, batches, token_budget_chunks
-from cmtl.errors import DataError, TaskNotFoundError
+from cmtl.data import Encoded, as_texts, batches, token_budget_chunks
+from cmtl.errors import DataError, ManifestError, TaskNotFoundError
 from cmtl.tasks import TaskHead, TaskSpec
 
 logger = logging.getLogger(__name__)
@@ -134,7 +136,7 @@ class InferenceEngine:
         routes: dict[tuple[str, str | None], Route] = {}
         specs = {name: TaskSpec.from_dict(entry["spec"]) for name, entry in manifest["tasks"].items()}
         for task, entry in sorted(manifest["tasks"].items()):
-            record = next(r for r in entry["versions"] if r["version"] == entry["current"])
+            record = _current_record(task, entry)
             folder = store.version_dir(self.root, task, record["version"])
             state = store.read_tensors(folder / "adapter.safetensors", record["files"]["adapter.safetensors"])
             head_state = store.read_tensors(folder / "head.safetensors", record["files"]["head.safetensors"])
@@ -149,15 +151,16 @@ class InferenceEngine:
             if None in adapters_of:
                 state, config = adapters_of[None]
                 adapters.append((state, config.scaling))
+            recorded = record.get("specs", {})  # merges record their members' specs: self-contained
             for task in record["tasks"]:
-                if task not in specs:  # the task was removed after the merge: its head has no spec
+                spec = TaskSpec.from_dict(recorded[task]) if task in recorded else specs.get(task)
+                if spec is None:  # an older merge whose task was removed since: its head has no spec
                     continue
                 if task in adapters_of:
                     state, config = adapters_of[task]
                     adapters.append((state, config.scaling))
                 head_state = {k[len(task) + 1:]: v for k, v in heads.items() if k.startswith(f"{task}.")}
-                routes[(task, name)] = Route(task, name, None, len(adapters) - 1, specs[task],
-                                             self._head(specs[task], head_state))
+                routes[(task, name)] = Route(task, name, None, len(adapters) - 1, spec, self._head(spec, head_state))
         factors, ranks = self._stack(adapters)
         new = [m for m in factors if m not in self._hooked]
         if new:
@@ -222,14 +225,15 @@ class InferenceEngine:
 
     @torch.inference_mode()
     def logits(self, tasks: Sequence[str], texts: Sequence[str], *, merges: Sequence[str | None] | None = None,
-               pairs: Sequence[str | None] | None = None) -> list[torch.Tensor]:
-        """Logits of row ``i`` of ``texts`` for ``tasks[i]`` (through ``merges[i]`` if given), in order.
+               pairs: Sequence[str | None] | None = None, snapshot: Snapshot | None = None) -> list[torch.Tensor]:
+        """Logits of row ``i`` of ``texts`` for ``tasks[i]`` (through ``merges[i]`` if given), in order,
+        from ``snapshot`` (default: the newest one loaded).
 
         Raises:
             TaskNotFoundError: an unknown task or merge (nothing runs).
-            DataError: lengths differ, or a text is not a string.
+            DataError: lengths differ, or a text is not a string or not valid Unicode.
         """
-        return self._infer(tasks, texts, merges, pairs)[1]
+        return self._infer(tasks, texts, merges, pairs, snapshot)[1]
 
     def _infer(self, tasks, texts, merges, pairs, snapshot: Snapshot | None = None
                ) -> tuple[list[Route], list[torch.Tensor]]:
@@ -238,8 +242,9 @@ class InferenceEngine:
         if len(tasks) != n or len(merges) != n or (pairs is not None and len(pairs) != n):
             raise DataError(f"Got {n} texts, {len(tasks)} tasks, {len(merges)} merges"
                             + (f", {len(pairs)} pairs" if pairs is not None else "") + ": one per row.")
-        if any(not isinstance(t, str) for t in texts):
-            raise DataError("Every text must be a string.")
+        texts = as_texts(texts) if n else []  # strings, valid Unicode (what the tokenizer needs)
+        if pairs is not None and any(p is not None for p in pairs):
+            as_texts([p for p in pairs if p is not None])
         snapshot = snapshot or self.snapshot  # one call runs on one snapshot, whatever refresh() does meanwhile
         routes = [snapshot.route(t, m) for t, m in zip(tasks, merges)]
         for i, route in enumerate(routes):
@@ -279,10 +284,11 @@ class InferenceEngine:
                     out[positions[idx[j]]] = row_logits
 
     def predict(self, tasks: Sequence[str], texts: Sequence[str], *, merges: Sequence[str | None] | None = None,
-                pairs: Sequence[str | None] | None = None) -> list[dict[str, Any]]:
+                pairs: Sequence[str | None] | None = None, snapshot: Snapshot | None = None) -> list[dict[str, Any]]:
         """Per row: ``{"task", "version", "merge", "label", "probabilities": {label: p}}``
-        (``"value"`` instead of label and probabilities for regression)."""
-        routes, rows = self._infer(tasks, texts, merges, pairs)
+        (``"value"`` instead of label and probabilities for regression), from ``snapshot``
+        (default: the newest one loaded)."""
+        routes, rows = self._infer(tasks, texts, merges, pairs, snapshot)
         return [self._decode(route, logits) for route, logits in zip(routes, rows)]
 
     def predict_all(self, texts: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
@@ -303,3 +309,19 @@ class InferenceEngine:
             return {**served, "value": spec.decode(row)[0]}
         probs = spec.probabilities(row)[0].tolist()
         return {**served, "label": spec.decode(row)[0], "probabilities": dict(zip(spec.labels, probs))}
+
+
+def _current_record(task: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """The version record ``entry["current"]`` names.
+
+    Raises:
+        ManifestError: the manifest names a current version the task does not hold.
+    """
+    for record in entry["versions"]:
+        if record["version"] == entry["current"]:
+            return record
+    raise ManifestError(
+        f"Task {task!r}: the manifest's current version {entry['current']!r} is not among its versions "
+        f"{[r['version'] for r in entry['versions']]}. Set it to one of them, or restore registry.json from a "
+        "backup."
+    )
