@@ -346,7 +346,7 @@ class Registry:
         new_enc, val_enc = self._encode(new_ex, spec), self._encode(val_ex, spec)  # DataError on unknown labels
         buffer = self.buffer(task, parent)
         old_holdout = self.holdout(task, parent)
-        replayed = (buffer.to_examples().select(_sample_indices(len(buffer), round(config.replay_ratio * len(new_ex)),
+        replayed = (_stored(spec, buffer.to_examples()).select(_sample_indices(len(buffer), round(config.replay_ratio * len(new_ex)),
                                                                  training.seed))
                     if buffer is not None and len(buffer) else None)
         replay_enc = self._encode(replayed, spec) if replayed is not None and len(replayed) else None
@@ -415,7 +415,8 @@ class Registry:
         while v is not None:
             data = self._read_version_file(task, v, "holdout.parquet")
             if data is not None:
-                parts.append(ReplayBuffer.from_bytes(data, where=f"Held-out sample of task {task!r} v{v}").to_examples())
+                held = ReplayBuffer.from_bytes(data, where=f"Held-out sample of task {task!r} v{v}").to_examples()
+                parts.append(_stored(self.spec(task), held))
             v = self._version_record(task, v)["parent"] if lineage else None
         return Examples.concat(parts[::-1]) if parts else None
 
@@ -1088,7 +1089,7 @@ class Registry:
             if buffer is None or len(buffer) == 0:
                 raise DataError(f"refit_heads needs a replay buffer, and {t} v{v} has none (it was trained with "
                                 "fill_buffer=False). Merge without refit_heads, or update the task with a buffer.")
-            out[t] = self._encode(buffer.to_examples(), self.spec(t))
+            out[t] = self._encode(_stored(self.spec(t), buffer.to_examples()), self.spec(t))
         return out
 
     def _score_merged(self, merged: dict[str, torch.Tensor], base: AdapterConfig, heads: dict[str, TaskHead],
@@ -1127,6 +1128,16 @@ class UpdateResult:
     promoted: bool
     reason: str
     gate: Gate
+
+
+def _stored(spec: TaskSpec, examples: Examples) -> Examples:
+    """Stored examples with their label names. Buffers and held-out samples that earlier
+    releases wrote from integer-labelled data hold positions in ``spec.labels`` (the rule
+    then); names pass unchanged."""
+    if spec.problem_type == "regression" or examples.labels is None:
+        return examples
+    names = dataclasses.replace(spec, label_encoding="index").label_names(examples.labels)
+    return dataclasses.replace(examples, labels=names)
 
 
 def _merge_key(name: str, task: str | None = None) -> str:

@@ -3,6 +3,7 @@ and the same answer from every data source."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 
@@ -188,3 +189,44 @@ def test_spec_without_labels_takes_classlabel_names_in_add_task(registry):
     train = _as_classlabel(toy_sentiment(32), ["pos", "neg"])
     info = registry.add_task(TaskSpec("s"), train, training=FAST)
     assert registry.spec(info.task).labels == ("pos", "neg")
+
+
+# --- Stored examples of earlier releases -----------------------------------------------
+
+
+def _store_with_positions(root, task, version, name):
+    """Rewrite a stored buffer as earlier releases wrote integer-labelled data: label positions."""
+    import hashlib
+
+    from cmtl.replay import ReplayBuffer
+
+    path = root / "tasks" / task / f"v{version}" / name
+    stored = ReplayBuffer.from_bytes(path.read_bytes())
+    old = type(stored)(budget=stored.budget, seed=stored.seed)
+    old.add(dataclasses.replace(item, label=("neg", "pos").index(item.label)) for item in stored.items())
+    data = old.to_bytes()
+    path.write_bytes(data)
+    manifest = json.loads((root / "registry.json").read_text())
+    record = next(r for r in manifest["tasks"][task]["versions"] if r["version"] == version)
+    record["files"][name] = hashlib.sha256(data).hexdigest()
+    (root / "registry.json").write_text(json.dumps(manifest))
+
+
+def test_positions_stored_by_earlier_releases_read_as_label_names(tmp_path, sentiment_registry):
+    """A buffer and held-out sample holding label positions (the old rule) are read by position,
+    not by value, and an update on them trains."""
+    import shutil
+
+    from cmtl import Registry, UpdateConfig
+    from tests.conftest import FAST, toy_sentiment
+
+    root = tmp_path / "reg"
+    shutil.copytree(sentiment_registry, root)
+    names = Registry.open(root, device="cpu").holdout("sentiment").labels
+    _store_with_positions(root, "sentiment", 1, "replay.parquet")
+    _store_with_positions(root, "sentiment", 1, "holdout.parquet")
+    reg = Registry.open(root, device="cpu")
+    assert reg.holdout("sentiment").labels == names
+    result = reg.update_task("sentiment", toy_sentiment(32, 5), validation=toy_sentiment(16, 6), training=FAST,
+                             config=UpdateConfig(replay_ratio=1.0))
+    assert result.version.version == 2
