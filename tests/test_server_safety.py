@@ -325,3 +325,16 @@ def test_serve_config_checks_the_body_limit():
     assert ServeConfig().max_body_bytes == 16 * 1024 * 1024
     with pytest.raises(ValueError, match="max_body_bytes"):
         ServeConfig(max_body_bytes=0)
+
+
+def test_a_merge_still_serves_a_task_removed_after_it(root):
+    """Item 8, serving side: the engine answers through a merge from the specs the merge recorded, as the
+    Python API does, after one of its member tasks is removed."""
+    engine = InferenceEngine(root, device="cpu")
+    reg = Registry.open(root, device="cpu")
+    reg.remove_task("topic")
+    assert engine.refresh() is True and "topic" not in engine.snapshot.tasks
+    served = engine.predict(["topic", "sentiment"], TEXTS, merges=["both", "both"])
+    fresh = Registry.open(root, device="cpu")
+    assert [row["label"] for row in served] == (fresh.predict("topic", TEXTS[:1], merge="both")
+                                                + fresh.predict("sentiment", TEXTS[1:], merge="both"))
