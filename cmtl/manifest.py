@@ -121,16 +121,7 @@ class _Check:
         self.name(task, "task", "a key of 'tasks'")
         keys = ("tasks", task)
         self.obj(entry, keys)
-        spec = self.obj(self.field(entry, "spec", keys), (*keys, "spec"))
-        if spec.get("name") != task:
-            raise self.fail(f"{_where((*keys, 'spec', 'name'))} is {spec.get('name')!r}, but the entry is under "
-                            f"{task!r}; they must be equal")
-        try:
-            with warnings.catch_warnings():  # unknown keys warn where the spec is used, not on every read
-                warnings.simplefilter("ignore")
-                TaskSpec.from_dict(spec)
-        except (TypeError, ValueError) as exc:
-            raise self.fail(f"{_where((*keys, 'spec'))} is not a valid task spec ({exc})") from None
+        self.spec(self.field(entry, "spec", keys), task, (*keys, "spec"))
         versions = self.field(entry, "versions", keys)
         if not isinstance(versions, list) or not versions:
             raise self.fail(f"{_where((*keys, 'versions'))} must be a non-empty list of version records, got "
@@ -161,6 +152,18 @@ class _Check:
         if "memory" in entry:
             self.obj(entry["memory"], (*keys, "memory"))
 
+    def spec(self, spec: Any, task: str, keys: tuple) -> None:
+        self.obj(spec, keys)
+        if spec.get("name") != task:
+            raise self.fail(f"{_where((*keys, 'name'))} is {spec.get('name')!r}, but it is the spec of {task!r}; "
+                            "they must be equal")
+        try:
+            with warnings.catch_warnings():  # unknown keys warn where the spec is used, not on every read
+                warnings.simplefilter("ignore")
+                TaskSpec.from_dict(spec)
+        except (TypeError, ValueError) as exc:
+            raise self.fail(f"{_where(keys)} is not a valid task spec ({exc})") from None
+
     def merge(self, name: Any, record: Any) -> None:
         self.name(name, "merge", "a key of 'merges'")
         keys = ("merges", name)
@@ -173,6 +176,14 @@ class _Check:
             raise self.fail(f"{_where((*keys, 'tasks'))} must be a non-empty list of task names, got {_kind(tasks)}")
         for i, task in enumerate(tasks):
             self.name(task, "task", _where((*keys, "tasks", i)))
+        specs = record.get("specs", {})  # absent in entries written before merges recorded their specs
+        if not isinstance(specs, dict):
+            raise self.fail(f"{_where((*keys, 'specs'))} must be an object (task -> spec), got {_kind(specs)}")
+        for task, spec in specs.items():
+            if task not in tasks:
+                raise self.fail(f"{_where((*keys, 'specs'))} has a spec for {task!r}, which is not one of the "
+                                f"entry's tasks {tasks}")
+            self.spec(spec, task, (*keys, "specs", task))
         members = record.get("members", [])
         if not isinstance(members, list):
             raise self.fail(f"{_where((*keys, 'members'))} must be a list, got {_kind(members)}")
