@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from cmtl import store
-from cmtl.errors import DataError
+from cmtl.errors import STORED_FILE_FIX, CorruptFileError, DataError
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -287,3 +287,34 @@ class AdapterBank:
         # peft makes the active adapter trainable; cmtl decides what trains, per call.
         for p in self.encoder.parameters():
             p.requires_grad_(False)
+
+
+def check_adapter_state(state: dict[str, torch.Tensor], config: AdapterConfig, encoder: torch.nn.Module,
+                        path: Path) -> None:
+    """Check stored LoRA factors against their recorded config and the backbone they adapt: each tensor
+    a ``lora_A`` (r, in) or ``lora_B`` (out, r) of a linear layer in ``config``'s target modules and layers.
+
+    Raises:
+        CorruptFileError: a tensor of another module, rank or width; names the file and the shapes.
+    """
+    problems = []
+    for name, tensor in sorted(state.items()):
+        module_name, _, part = name.removeprefix("base_model.model.").rpartition(".lora_")
+        try:
+            module = encoder.get_submodule(module_name)
+        except AttributeError:
+            module = None
+        layer = next((int(p) for p in module_name.split(".") if p.isdigit()), None)
+        if (part not in ("A.weight", "B.weight") or not hasattr(module, "in_features")
+                or (config.target_modules is not None and module_name.rpartition(".")[2] not in config.target_modules)
+                or (config.layers is not None and layer not in config.layers)):
+            problems.append(f"tensor {name!r} is not a LoRA factor of the adapted modules "
+                            f"{list(config.target_modules or [])} in layers {list(config.layers or []) or 'all'}")
+            continue
+        expected = (config.r, module.in_features) if part == "A.weight" else (module.out_features, config.r)
+        if tuple(tensor.shape) != expected:
+            problems.append(f"tensor {name!r}: expected shape {expected}, found {tuple(tensor.shape)}")
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CorruptFileError(f"File {str(path)!r} does not fit its recorded adapter (rank {config.r}): "
+                               f"{problems[0]}{more}. {STORED_FILE_FIX}")

@@ -27,11 +27,11 @@ import torch
 from torch import nn
 
 from cmtl import store
-from cmtl.adapters import AdapterConfig, entry_adapters
+from cmtl.adapters import AdapterConfig, check_adapter_state, entry_adapters
 from cmtl.backbone import Backbone, BackboneConfig, load_backbone
 from cmtl.data import Encoded, as_texts, batches, token_budget_chunks
 from cmtl.errors import DataError, ManifestError, TaskNotFoundError
-from cmtl.tasks import TaskHead, TaskSpec
+from cmtl.tasks import TaskHead, TaskSpec, check_head_state
 
 logger = logging.getLogger(__name__)
 
@@ -140,14 +140,18 @@ class InferenceEngine:
             folder = store.version_dir(self.root, task, record["version"])
             state = store.read_tensors(folder / "adapter.safetensors", record["files"]["adapter.safetensors"])
             head_state = store.read_tensors(folder / "head.safetensors", record["files"]["head.safetensors"])
-            adapters.append((state, AdapterConfig.from_dict(record["adapter"]).scaling))
+            config = AdapterConfig.from_dict(record["adapter"])
+            check_adapter_state(state, config, self.backbone.encoder, folder / "adapter.safetensors")
+            adapters.append((state, config.scaling))
             routes[(task, None)] = Route(task, None, record["version"], len(adapters) - 1, specs[task],
-                                         self._head(specs[task], head_state))
+                                         self._head(specs[task], head_state, folder / "head.safetensors"))
         for name, record in sorted(manifest.get("merges", {}).items()):
             folder = store.merge_dir(self.root, name)
             heads = store.read_tensors(folder / "heads.safetensors", record["files"]["heads.safetensors"])
             # One shared adapter (key None), or one per task for a joint entry with per-task adapters.
             adapters_of = entry_adapters(self.root, record)
+            for state, config in adapters_of.values():
+                check_adapter_state(state, config, self.backbone.encoder, folder / "adapter.safetensors")
             if None in adapters_of:
                 state, config = adapters_of[None]
                 adapters.append((state, config.scaling))
@@ -160,7 +164,8 @@ class InferenceEngine:
                     state, config = adapters_of[task]
                     adapters.append((state, config.scaling))
                 head_state = {k[len(task) + 1:]: v for k, v in heads.items() if k.startswith(f"{task}.")}
-                routes[(task, name)] = Route(task, name, None, len(adapters) - 1, spec, self._head(spec, head_state))
+                routes[(task, name)] = Route(task, name, None, len(adapters) - 1, spec,
+                                             self._head(spec, head_state, folder / "heads.safetensors"))
         factors, ranks = self._stack(adapters)
         new = [m for m in factors if m not in self._hooked]
         if new:
@@ -169,8 +174,9 @@ class InferenceEngine:
                     self._hook(module)
         return Snapshot(manifest.get("generation"), routes, factors, ranks)
 
-    def _head(self, spec: TaskSpec, state: dict[str, torch.Tensor]) -> TaskHead:
+    def _head(self, spec: TaskSpec, state: dict[str, torch.Tensor], path: Path) -> TaskHead:
         head = TaskHead(self.backbone.hidden_size, spec.num_outputs)
+        check_head_state(state, head, spec, path)
         head.load_state_dict(state)
         return head.to(self.backbone.device).eval()
 

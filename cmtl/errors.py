@@ -68,3 +68,8 @@ class ReplayBufferError(CmtlError, ValueError):
 
 class ManifestError(RegistryError):
     """A registry.json that parses but breaks the manifest's rules (a bad name, a missing or mistyped field)."""
+
+
+#: The way out of a stored file that passed its checksum but does not fit what it claims to be.
+STORED_FILE_FIX = ("The file was replaced or damaged (and its checksum rewritten); roll the task back to another version, "
+                   "or retrain it (remove_merge and merge again for a merged entry).")

@@ -26,18 +26,18 @@ import torch
 
 from cmtl import distributed, store
 from cmtl._version import __version__
-from cmtl.adapters import AdapterBank, AdapterConfig, entry_adapters
+from cmtl.adapters import AdapterBank, AdapterConfig, check_adapter_state, entry_adapters
 from cmtl.backbone import Backbone, BackboneConfig, load_backbone
 from cmtl.caching import maybe_cache
 from cmtl.data import Encoded, Examples, as_texts, encode, read_examples, spec_for_data
-from cmtl.errors import CorruptFileError, DataError, RegistryError, TaskExistsError, TaskNotFoundError
+from cmtl.errors import STORED_FILE_FIX, CorruptFileError, DataError, RegistryError, TaskExistsError, TaskNotFoundError
 from cmtl.evaluation import compute_metrics, predict_logits, primary_metric
 from cmtl.merging import MergeConfig, lora_deltas, merge_deltas, refit_head, to_lora_state
 from cmtl.monitor import DriftMonitor, DriftReport, MonitorConfig
 from cmtl.multitask import MultiTaskConfig, TaskLoRA, grouped_forward, train_multitask
 from cmtl.penalties import distillation_loss, ewc_term, fisher_diagonal
 from cmtl.replay import ReplayBuffer, make_buffer
-from cmtl.tasks import _NAME, TaskHead, TaskSpec
+from cmtl.tasks import _NAME, TaskHead, TaskSpec, check_head_state
 from cmtl.training import TrainConfig, TrainResult, seeded, train
 from cmtl.updates import Gate, MemoryConfig, UpdateConfig
 
@@ -984,7 +984,7 @@ class Registry:
         try:
             self._bank.load(key, config, state)
         except DataError as exc:  # tensors missing for some adapted module
-            raise CorruptFileError(f"File {str(path)!r} does not fit its recorded adapter: {exc} {_FIX}") from exc
+            raise CorruptFileError(f"File {str(path)!r} does not fit its recorded adapter: {exc} {STORED_FILE_FIX}") from exc
 
     def _predict_encoded(self, task: str, encoded: Encoded, version: int | None, merge: str | None = None
                          ) -> torch.Tensor:
@@ -1147,57 +1147,6 @@ def _merge_key(name: str, task: str | None = None) -> str:
     a task key, and a merge's keys are found exactly, never by prefix.
     """
     return f"{name}__merged" if task is None else f"{name}__merged:{task}"
-
-
-_FIX = "The file was replaced or damaged (and its checksum rewritten); roll the task back to another version, " \
-       "or retrain it (remove_merge and merge again for a merged entry)."
-
-
-def check_adapter_state(state: dict[str, torch.Tensor], config: AdapterConfig, encoder: torch.nn.Module,
-                        path: Path) -> None:
-    """Check stored LoRA factors against their recorded config and the backbone they adapt: each tensor
-    a ``lora_A`` (r, in) or ``lora_B`` (out, r) of a linear layer in ``config``'s target modules and layers.
-
-    Raises:
-        CorruptFileError: a tensor of another module, rank or width; names the file and the shapes.
-    """
-    problems = []
-    for name, tensor in sorted(state.items()):
-        module_name, _, part = name.removeprefix("base_model.model.").rpartition(".lora_")
-        try:
-            module = encoder.get_submodule(module_name)
-        except AttributeError:
-            module = None
-        layer = next((int(p) for p in module_name.split(".") if p.isdigit()), None)
-        if (part not in ("A.weight", "B.weight") or not hasattr(module, "in_features")
-                or (config.target_modules is not None and module_name.rpartition(".")[2] not in config.target_modules)
-                or (config.layers is not None and layer not in config.layers)):
-            problems.append(f"tensor {name!r} is not a LoRA factor of the adapted modules "
-                            f"{list(config.target_modules or [])} in layers {list(config.layers or []) or 'all'}")
-            continue
-        expected = (config.r, module.in_features) if part == "A.weight" else (module.out_features, config.r)
-        if tuple(tensor.shape) != expected:
-            problems.append(f"tensor {name!r}: expected shape {expected}, found {tuple(tensor.shape)}")
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise CorruptFileError(f"File {str(path)!r} does not fit its recorded adapter (rank {config.r}): "
-                               f"{problems[0]}{more}. {_FIX}")
-
-
-def check_head_state(state: dict[str, torch.Tensor], head: TaskHead, spec: TaskSpec, path: Path) -> None:
-    """Check stored head weights against a fresh ``head`` for ``spec`` (one output per label).
-
-    Raises:
-        CorruptFileError: missing, extra or differently shaped tensors; names the file and the shapes.
-    """
-    expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in state.items()}
-    if found == expected:
-        return
-    wrong = [f"{k!r}: expected shape {expected.get(k, 'none')}, found {found.get(k, 'none')}"
-             for k in sorted(set(expected) | set(found)) if expected.get(k) != found.get(k)]
-    raise CorruptFileError(f"File {str(path)!r} does not fit the head of task {spec.name!r} ({spec.num_outputs} "
-                           f"outputs for labels {list(spec.labels)}): {'; '.join(wrong)}. {_FIX}")
 
 
 def _search_grid(config: MergeConfig) -> list[MergeConfig]:

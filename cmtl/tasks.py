@@ -11,13 +11,14 @@ import numbers
 import re
 import warnings
 from dataclasses import KW_ONLY, asdict, dataclass, fields
+from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cmtl.errors import DataError
+from cmtl.errors import STORED_FILE_FIX, CorruptFileError, DataError
 
 ProblemType = Literal["single_label", "multi_label", "regression"]
 PROBLEM_TYPES = ("single_label", "multi_label", "regression")
@@ -325,3 +326,19 @@ def route_to_heads(pooled: torch.Tensor, groups: torch.Tensor, head_of: Callable
         logits = head_of(g)(pooled[rows])
         out[rows, : logits.shape[1]] = logits
     return out
+
+
+def check_head_state(state: dict[str, torch.Tensor], head: TaskHead, spec: TaskSpec, path: Path) -> None:
+    """Check stored head weights against a fresh ``head`` for ``spec`` (one output per label).
+
+    Raises:
+        CorruptFileError: missing, extra or differently shaped tensors; names the file and the shapes.
+    """
+    expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if found == expected:
+        return
+    wrong = [f"{k!r}: expected shape {expected.get(k, 'none')}, found {found.get(k, 'none')}"
+             for k in sorted(set(expected) | set(found)) if expected.get(k) != found.get(k)]
+    raise CorruptFileError(f"File {str(path)!r} does not fit the head of task {spec.name!r} ({spec.num_outputs} "
+                           f"outputs for labels {list(spec.labels)}): {'; '.join(wrong)}. {STORED_FILE_FIX}")

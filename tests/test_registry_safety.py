@@ -165,6 +165,20 @@ def test_adapter_with_foreign_tensor_names_is_a_corrupt_file(root):
         open_reg(root).predict("a", TEXTS)
 
 
+@pytest.mark.parametrize("src,dst,record_of", [
+    ("tasks/c/v1/adapter.safetensors", "tasks/a/v1/adapter.safetensors", version_record("a")),
+    ("tasks/c/v1/head.safetensors", "tasks/a/v1/head.safetensors", version_record("a")),
+    ("tasks/c/v1/adapter.safetensors", "merges/both/adapter.safetensors", lambda m: m["merges"]["both"]),
+], ids=["adapter", "head", "merged-adapter"])
+def test_the_engine_refuses_swapped_files_like_the_registry(root, src, dst, record_of):
+    """The server's engine reads the same files: a swapped one is a CorruptFileError naming it."""
+    from cmtl.engine import InferenceEngine
+
+    swap(root, src, dst, record_of)
+    with pytest.raises(CorruptFileError, match=rf"{dst}.*expected.*found"):
+        InferenceEngine(root, device="cpu")
+
+
 # --- item 14: task keys and merge keys never collide --------------------------------------------
 
 
