@@ -402,6 +402,8 @@ def serve(
     port: int = 8000,
     max_texts: Annotated[int, typer.Option(help="Texts per request; more gets HTTP 413.")] = 256,
     max_chars: Annotated[int, typer.Option(help="Characters per text; longer gets HTTP 413.")] = 20_000,
+    max_body_bytes: Annotated[int, typer.Option(help="Bytes per request body; more gets HTTP 413 before it is "
+                                                     "read.")] = 16 * 1024 * 1024,
     max_batch_size: Annotated[int, typer.Option(help="Rows per batch, at most.")] = 64,
     max_batch_tokens: Annotated[int, typer.Option(help="Padded tokens per backbone forward, at most.")] = 4096,
     max_wait_ms: Annotated[float, typer.Option(help="Wait this long for more rows before running a batch.")] = 5.0,
@@ -413,7 +415,8 @@ def serve(
     from cmtl.server import ServeConfig
     from cmtl.server import serve as run_server
 
-    config = ServeConfig(max_texts=max_texts, max_chars=max_chars, max_batch_size=max_batch_size,
+    config = ServeConfig(max_texts=max_texts, max_chars=max_chars, max_body_bytes=max_body_bytes,
+                         max_batch_size=max_batch_size,
                          max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms, poll_seconds=poll_seconds)
     run_server(registry, host=host, port=port, config=config, device=device)
 

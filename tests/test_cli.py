@@ -189,3 +189,15 @@ def test_merge_answers_after_member_removal_in_the_cli(tmp_path, served):
     result = invoke("predict", reg, "topic", "a song and the night", "--merge", "both")
     assert result.exit_code == 0 and result.output == before, result.output
     clean_failure(invoke("predict", reg, "topic", "a song"), "Task 'topic' not found")
+
+
+def test_serve_passes_its_limits_to_the_server(monkeypatch, tmp_path):
+    import cmtl.server
+
+    seen = {}
+    monkeypatch.setattr(cmtl.server, "serve", lambda registry, **kwargs: seen.update(kwargs))
+    result = invoke("serve", tmp_path, "--max-body-bytes", 4096, "--max-texts", 8)
+    assert result.exit_code == 0, result.output
+    assert seen["config"].max_body_bytes == 4096 and seen["config"].max_texts == 8
+    result = invoke("serve", tmp_path, "--max-body-bytes", 0)
+    assert result.exit_code == 1 and result.output.startswith("error:") and "max_body_bytes" in result.output
