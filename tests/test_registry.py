@@ -256,42 +256,14 @@ def test_bad_configs():
 
 # --- crash safety ------------------------------------------------------------------------------
 
-KILLER = """
-import os, signal, sys
-os.environ["HF_HUB_OFFLINE"] = "1"
-from cmtl import Registry, TaskSpec, TrainConfig, store
-from tests.conftest import toy_sentiment
-
-root, where = sys.argv[1], sys.argv[2]
-real_atomic = store.write_bytes_atomic
-
-def die_halfway(path, data):  # the manifest's temp file gets half its bytes, then the process dies
-    tmp = path.with_name("." + path.name + ".partial.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data[: len(data) // 2]); f.flush(); os.fsync(f.fileno())
-    os.kill(os.getpid(), signal.SIGKILL)
-
-def die_before_manifest(root_, manifest):  # version files are in place; the manifest is never written
-    os.kill(os.getpid(), signal.SIGKILL)
-
-if where == "mid-manifest":
-    store.write_bytes_atomic = die_halfway
-else:
-    store.write_manifest = die_before_manifest
-reg = Registry.open(root, device="cpu")
-reg.add_task(TaskSpec("second", labels=["neg", "pos"]), train=toy_sentiment(16),
-             training=TrainConfig(max_steps=2, progress=False))
-print("not killed")
-"""
-
 
 @pytest.mark.parametrize("where", ["mid-manifest", "before-manifest"])
 def test_kill_during_write_keeps_previous_state(reg_copy, where):
     texts = ["a great film", "an awful film"]
     expected = Registry.open(reg_copy, device="cpu").predict_proba("sentiment", texts)
     before = manifest_bytes(reg_copy)
-    proc = subprocess.run([sys.executable, "-c", KILLER, str(reg_copy), where], capture_output=True, text=True,
-                          cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+    proc = subprocess.run([sys.executable, "-m", "tests.kill_during_write", str(reg_copy), "add", where],
+                          capture_output=True, text=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert manifest_bytes(reg_copy) == before
     reg = Registry.open(reg_copy, device="cpu")

@@ -312,39 +312,6 @@ def test_a_file_really_missing_is_still_corrupt(reg_root):
 
 # --- crash safety of every write, with the clean-up above in the path ------------------------------
 
-KILLER = """
-import os, signal, sys
-os.environ["HF_HUB_OFFLINE"] = "1"
-from cmtl import Registry, TrainConfig, store
-from tests.conftest import toy_sentiment
-
-root, op, where = sys.argv[1], sys.argv[2], sys.argv[3]
-real_write_manifest = store.write_manifest
-
-def die_halfway(path, data):  # the manifest's temp file gets half its bytes, then the process dies
-    tmp = path.with_name(f".{path.name}.{'c' * 32}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data[: len(data) // 2]); f.flush(); os.fsync(f.fileno())
-    os.kill(os.getpid(), signal.SIGKILL)
-
-def die_after(root_, manifest):  # the manifest is replaced; nothing after it (clean-up) runs
-    real_write_manifest(root_, manifest)
-    os.kill(os.getpid(), signal.SIGKILL)
-
-if where == "mid-manifest":
-    store.write_bytes_atomic = die_halfway
-else:
-    store.write_manifest = die_after
-reg = Registry.open(root, device="cpu")
-steps = TrainConfig(max_steps=2, progress=False)
-{"update": lambda: reg.update_task("sentiment", toy_sentiment(24, 5), training=steps),
- "merge": lambda: reg.merge(["sentiment", "topic"], "m2"),
- "rollback": lambda: reg.rollback("sentiment", 1),
- "remove_task": lambda: reg.remove_task("upper"),
- "remove_merge": lambda: reg.remove_merge("both")}[op]()
-print("not killed")
-"""
-
 
 def named_folders(root: Path) -> tuple[set[str], set[str]]:
     """(folders the manifest names, entries present under tasks/ and merges/)."""
@@ -369,7 +336,7 @@ def test_kill_during_every_write_keeps_a_consistent_registry(reg_root, op, where
     expected = reg.predict_proba("sentiment", texts)
     expected_merge = reg.predict_proba("sentiment", texts, merge="both")
     before = (reg_root / MANIFEST).read_bytes()
-    proc = subprocess.run([sys.executable, "-c", KILLER, str(reg_root), op, where], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "tests.kill_during_write", str(reg_root), op, where], capture_output=True, text=True,
                           cwd=str(Path(__file__).parents[1]), env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == -9, proc.stderr[-2000:]
     if where == "mid-manifest":
