@@ -9,14 +9,19 @@ batched matrix products over gathered factors (no loop over rows or adapters). E
 pooled vector then goes through its own task's head (one call per task present).
 
 :meth:`InferenceEngine.refresh` builds a new snapshot when the registry's manifest
-changes (an update, rollback, merge) and swaps it in with one assignment: a batch that
-started on the old snapshot finishes on it, so hot swaps never fail a request. A caller
-that must answer from one generation across several calls (a server request queued for a
-later batch) takes ``engine.snapshot`` once and passes it as ``snapshot=``.
+changes (an update, rollback, merge; any byte of it, not only its generation: a registry
+deleted and re-created at the same path reaches the same generation with other content)
+and swaps it in with one assignment: a batch that started on the old snapshot finishes on
+it, so hot swaps never fail a request. A manifest that records another backbone than the
+one loaded is refused (its adapters only fit their own backbone); the old snapshot stays.
+A caller that must answer from one generation across several calls (a server request
+queued for a later batch) takes ``engine.snapshot`` once and passes it as ``snapshot=``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import threading
 from dataclasses import dataclass
@@ -30,7 +35,7 @@ from cmtl import store
 from cmtl.adapters import AdapterConfig, check_adapter_state, entry_adapters
 from cmtl.backbone import Backbone, BackboneConfig, load_backbone
 from cmtl.data import Encoded, as_texts, batches, token_budget_chunks
-from cmtl.errors import DataError, ManifestError, TaskNotFoundError
+from cmtl.errors import BackboneMismatchError, DataError, ManifestError, TaskNotFoundError
 from cmtl.tasks import TaskHead, TaskSpec, check_head_state
 
 logger = logging.getLogger(__name__)
@@ -58,6 +63,7 @@ class Snapshot:
     routes: dict[tuple[str, str | None], Route]
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A (K, R, in), B (K, out, R))
     ranks: torch.Tensor  # (K,) rank of each slot
+    manifest_sha256: str = ""  # of the manifest it was built from: any change to it means a new snapshot
 
     @property
     def tasks(self) -> list[str]:
@@ -105,6 +111,7 @@ class InferenceEngine:
         config = backbone or BackboneConfig(**{k: v for k, v in recorded.items() if k != "sha256"})
         self.backbone: Backbone = load_backbone(config, device=device)
         self.backbone.check_matches(recorded["sha256"], f"registry {str(self.root)!r}")
+        self._recorded_backbone = dict(recorded)
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self._hooked: set[str] = set()
@@ -118,18 +125,44 @@ class InferenceEngine:
     def refresh(self) -> bool:
         """Load the registry's newest state if its manifest changed; return whether it did.
 
-        On an error (e.g. a file removed by a concurrent change) the old snapshot stays
-        and the error propagates; the next call tries again.
+        Any change of the manifest counts, not only a new generation (a registry deleted and
+        re-created at the same path can reach the old generation with other content). On an
+        error (e.g. a file removed by a concurrent change) the old snapshot stays and the
+        error propagates; the next call tries again.
+
+        Raises:
+            BackboneMismatchError: the manifest now records another backbone (weights or
+                settings) than the one this engine loaded.
         """
         with self._refresh_lock:
             manifest = store.read_manifest(self.root)
-            if manifest.get("generation") == self.snapshot.generation:
+            if _manifest_sha256(manifest) == self.snapshot.manifest_sha256:
                 return False
+            self._check_backbone(manifest["backbone"])
             snapshot = self._build(manifest)
             self.snapshot = snapshot  # one assignment: in-flight batches keep their own reference
             logger.info("Serving registry generation %s: %d tasks, %d merges", snapshot.generation,
                         len(snapshot.tasks), len(snapshot.merges))
             return True
+
+    def _check_backbone(self, recorded: dict[str, Any]) -> None:
+        """Refuse a manifest whose backbone is not the one loaded: its adapters and heads were
+        trained on other weights (or another pooling, max_length), and would answer wrongly."""
+        settings = {k: v for k, v in recorded.items() if k not in ("name_or_path", "sha256")}
+        loaded = {k: v for k, v in self._recorded_backbone.items() if k not in ("name_or_path", "sha256")}
+        if recorded.get("sha256") == self.backbone.sha256 and settings == loaded:
+            return
+        if recorded.get("sha256") != self.backbone.sha256:
+            theirs, ours = str(recorded.get("sha256"))[:12], self.backbone.sha256[:12]
+            changed = f"weights hash {theirs}…; this engine's is {ours}…"
+        else:
+            changed = f"settings {settings}; this engine's are {loaded}"
+        raise BackboneMismatchError(
+            f"Registry {str(self.root)!r} now records backbone {recorded.get('name_or_path')!r} with {changed}: it "
+            f"was replaced by a registry built on another backbone. Still serving generation "
+            f"{self.snapshot.generation!r}; restore the registry, or start a new InferenceEngine (restart the "
+            "server) to serve the new one."
+        )
 
     def _build(self, manifest: dict[str, Any]) -> Snapshot:
         adapters: list[tuple[dict[str, torch.Tensor], float]] = []
@@ -172,7 +205,7 @@ class InferenceEngine:
             with self._forward_lock:  # no forward runs while hooks are added (refresh runs beside serving)
                 for module in new:
                     self._hook(module)
-        return Snapshot(manifest.get("generation"), routes, factors, ranks)
+        return Snapshot(manifest.get("generation"), routes, factors, ranks, _manifest_sha256(manifest))
 
     def _head(self, spec: TaskSpec, state: dict[str, torch.Tensor], path: Path) -> TaskHead:
         head = TaskHead(self.backbone.hidden_size, spec.num_outputs)
@@ -315,6 +348,10 @@ class InferenceEngine:
             return {**served, "value": spec.decode(row)[0]}
         probs = spec.probabilities(row)[0].tolist()
         return {**served, "label": spec.decode(row)[0], "probabilities": dict(zip(spec.labels, probs))}
+
+
+def _manifest_sha256(manifest: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
 
 
 def _current_record(task: str, entry: dict[str, Any]) -> dict[str, Any]:

@@ -338,3 +338,65 @@ def test_a_merge_still_serves_a_task_removed_after_it(root):
     fresh = Registry.open(root, device="cpu")
     assert [row["label"] for row in served] == (fresh.predict("topic", TEXTS[:1], merge="both")
                                                 + fresh.predict("sentiment", TEXTS[1:], merge="both"))
+
+
+# --- round 2, D3: a registry re-created at the same path -------------------------------------
+
+
+def _recreate(root: Path, backbone: str, flip: bool) -> Registry:
+    """Delete the registry at ``root`` and build a new one there with one task 'sentiment' (labels
+    swapped if ``flip``): the generation it reaches is the one the deleted registry had."""
+    from cmtl import BackboneConfig, TaskSpec
+    from tests.conftest import FAST, toy_sentiment
+
+    shutil.rmtree(root)
+    reg = Registry.create(root, BackboneConfig(name_or_path=backbone, max_length=64), device="cpu")
+    swap = {"pos": "neg", "neg": "pos"} if flip else {"pos": "pos", "neg": "neg"}
+    rows = [{"text": r["text"], "label": swap[r["label"]]} for r in toy_sentiment(48)]
+    reg.add_task(TaskSpec("sentiment", labels=["neg", "pos"]), rows, training=FAST)
+    return reg
+
+
+@pytest.fixture
+def one_task(sentiment_registry, tmp_path) -> Path:
+    copy = tmp_path / "reg"
+    shutil.copytree(sentiment_registry, copy)
+    return copy
+
+
+def test_engine_picks_up_a_recreated_registry_of_the_same_generation(one_task):
+    engine = InferenceEngine(one_task, device="cpu")
+    generation = engine.snapshot.generation
+    fresh = _recreate(one_task, Registry.open(one_task, device="cpu").backbone.config.name_or_path, flip=True)
+    assert json.loads((one_task / "registry.json").read_text())["generation"] == generation  # the trap
+    assert engine.refresh() is True
+    assert [row["label"] for row in engine.predict(["sentiment"] * 2, TEXTS)] == fresh.predict("sentiment", TEXTS)
+    assert engine.refresh() is False  # unchanged since
+
+
+def test_engine_refuses_a_recreated_registry_on_another_backbone(one_task, other_tiny_backbone):
+    from cmtl.errors import BackboneMismatchError
+
+    engine = InferenceEngine(one_task, device="cpu")
+    before, answers = engine.snapshot, engine.predict(["sentiment"] * 2, TEXTS)
+    fresh = _recreate(one_task, other_tiny_backbone, flip=True)
+    with pytest.raises(BackboneMismatchError, match="weights hash"):
+        engine.refresh()
+    fresh.rollback("sentiment", 1)  # a further write: a newer generation, still the other backbone
+    with pytest.raises(BackboneMismatchError, match="weights hash"):
+        engine.refresh()
+    assert engine.snapshot is before and engine.predict(["sentiment"] * 2, TEXTS) == answers
+
+
+def test_server_reports_a_recreated_registry_on_another_backbone_as_degraded(one_task, other_tiny_backbone):
+    app = create_app(one_task, ServeConfig(poll_seconds=0.05), device="cpu")
+    with TestClient(app) as client:
+        first = client.get("/healthz").json()
+        answers = client.post("/v1/predict", json={"task": "sentiment", "texts": TEXTS}).json()
+        _recreate(one_task, other_tiny_backbone, flip=True)
+        # (while the registry is re-created the poller may also see no registry at all, for a moment)
+        health = _wait_for(lambda: client.get("/healthz"), lambda r: "Backbone" in (r.json()["error"] or ""))
+        body = health.json()
+        assert body["status"] == "degraded" and body["stale"] is True, body
+        assert body["error"].startswith("BackboneMismatchError") and body["generation"] == first["generation"]
+        assert client.post("/v1/predict", json={"task": "sentiment", "texts": TEXTS}).json() == answers
