@@ -49,7 +49,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from cmtl import store
 from cmtl.data import as_texts
@@ -104,7 +104,9 @@ def _request_models(config: ServeConfig, tasks: list[str]) -> tuple[type[BaseMod
     their schema.
 
     ``maxItems``/``maxLength`` are declared, not validated by pydantic: going over them is a
-    413 with the limit named (see ``check_limits`` in :func:`create_app`), not a 422.
+    413 with the limit named (see ``check_limits`` in :func:`create_app`), not a 422. An
+    unknown field is a 422 naming it (``additionalProperties: false``): a typo such as
+    ``"merg"`` would otherwise be answered through another route.
     """
     limits = {"maxItems": config.max_texts, "items": {"type": "string", "maxLength": config.max_chars}}
 
@@ -113,6 +115,8 @@ def _request_models(config: ServeConfig, tasks: list[str]) -> tuple[type[BaseMod
 
     class PredictRequest(BaseModel):
         """Body of ``POST /v1/predict``."""
+
+        model_config = ConfigDict(extra="forbid")
 
         task: str = Field(description="Task name, see GET /v1/tasks.", examples=tasks[:3] or None)
         texts: list[str] = Field(min_length=1, json_schema_extra=limits,
@@ -123,6 +127,8 @@ def _request_models(config: ServeConfig, tasks: list[str]) -> tuple[type[BaseMod
 
     class PredictAllRequest(BaseModel):
         """Body of ``POST /v1/predict/all``."""
+
+        model_config = ConfigDict(extra="forbid")
 
         texts: list[str] = Field(min_length=1, json_schema_extra=limits,
                                  description=f"Texts to classify with every task (at most {config.max_texts}, "

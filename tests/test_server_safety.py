@@ -400,3 +400,21 @@ def test_server_reports_a_recreated_registry_on_another_backbone_as_degraded(one
         assert body["status"] == "degraded" and body["stale"] is True, body
         assert body["error"].startswith("BackboneMismatchError") and body["generation"] == first["generation"]
         assert client.post("/v1/predict", json={"task": "sentiment", "texts": TEXTS}).json() == answers
+
+
+# --- round 2, D8: an unknown field is a 422, not ignored ---------------------------------------
+
+
+@pytest.mark.parametrize("path, body, field", [
+    ("/v1/predict", {"task": "sentiment", "texts": TEXTS, "merg": "both"}, "merg"),  # a typo of 'merge'
+    ("/v1/predict/all", {"texts": TEXTS, "task": "sentiment"}, "task"),
+])
+def test_an_unknown_request_field_is_a_422_naming_it(served, path, body, field):
+    with TestClient(create_app(served, ServeConfig(poll_seconds=3600), device="cpu")) as client:
+        r = client.post(path, json=body)
+        assert r.status_code == 422, r.text
+        (issue,) = r.json()["detail"]
+        assert issue["loc"] == ["body", field] and issue["type"] == "extra_forbidden"
+        schema = client.get("/openapi.json").json()["components"]["schemas"]
+        assert schema["PredictRequest"]["additionalProperties"] is False
+        assert schema["PredictAllRequest"]["additionalProperties"] is False
