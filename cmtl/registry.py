@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import threading
 import time
@@ -30,7 +31,8 @@ from cmtl.adapters import AdapterBank, AdapterConfig, check_adapter_state, entry
 from cmtl.backbone import Backbone, BackboneConfig, load_backbone
 from cmtl.caching import maybe_cache
 from cmtl.data import Encoded, Examples, as_texts, encode, read_examples, spec_for_data
-from cmtl.errors import STORED_FILE_FIX, CorruptFileError, DataError, RegistryError, TaskExistsError, TaskNotFoundError
+from cmtl.errors import (STORED_FILE_FIX, BackboneMismatchError, CorruptFileError, DataError, RegistryError,
+                         TaskExistsError, TaskNotFoundError)
 from cmtl.evaluation import compute_metrics, predict_logits, primary_metric
 from cmtl.merging import MergeConfig, lora_deltas, merge_deltas, refit_head, to_lora_state
 from cmtl.monitor import DriftMonitor, DriftReport, MonitorConfig
@@ -93,6 +95,10 @@ class Registry:
         self._manifest = manifest
         self._bank = AdapterBank(backbone.encoder)
         self._heads: dict[str, TaskHead] = {}
+        # What each loaded adapter / head key was read from: (owner, source), owner ("task", name, version)
+        # or ("merge", name, None), source the files' SHA-256 and specs the manifest named (see _source).
+        # A key whose owner the manifest now describes otherwise is stale: unloaded, loaded afresh.
+        self._sources: dict[str, tuple[tuple[str, str, int | None], str]] = {}
         # One active adapter at a time: forward passes of different tasks must not interleave.
         self._lock = threading.RLock()
 
@@ -173,13 +179,52 @@ class Registry:
         return cls(root, manifest, loaded)
 
     def reload(self) -> bool:
-        """Re-read the manifest if another process changed it; return whether it changed."""
-        manifest = store.read_manifest(self.root)
-        if manifest.get("generation") == self._manifest.get("generation"):
-            return False
+        """Re-read the manifest if another process changed it; return whether it changed.
+
+        Any change counts, not only a new generation (a registry deleted and created again can
+        reach the same one). Adapters and heads loaded from files the new manifest no longer
+        names (a task or merge removed and added again under its name) are unloaded.
+
+        Raises:
+            BackboneMismatchError: the registry on disk now records another backbone (it was
+                replaced); this object keeps what it had.
+        """
+        manifest = self._read_manifest()
         with self._lock:
-            self._manifest = manifest
+            if manifest == self._manifest:
+                return False
+            self._adopt(manifest)
         return True
+
+    def _read_manifest(self) -> dict[str, Any]:
+        """The manifest on disk, refused if it records another backbone than this object's manifest."""
+        manifest = store.read_manifest(self.root)
+        known, recorded = self._manifest["backbone"], manifest["backbone"]
+        if recorded != known:
+            changes = ", ".join(
+                f"weights hash {str(known.get(k))[:12]}… -> {str(recorded.get(k))[:12]}…" if k == "sha256" else
+                f"{k} {known.get(k)!r} -> {recorded.get(k)!r}"
+                for k in sorted(set(known) | set(recorded)) if known.get(k) != recorded.get(k))
+            raise BackboneMismatchError(
+                f"The registry {str(self.root)!r} now records another backbone than this object runs ({changes}): "
+                "it was replaced (deleted and created again?) since this object opened it. Adapters only work on "
+                f"the backbone they were trained on, so its manifest was not taken in. Open it anew with "
+                f"Registry.open({str(self.root)!r})."
+            )
+        return manifest
+
+    def _adopt(self, manifest: dict[str, Any]) -> None:
+        """Make ``manifest`` this object's, unloading every adapter and head loaded from files it no longer names."""
+        self._manifest = manifest
+        for key, (owner, source) in list(self._sources.items()):
+            if _source(manifest, owner) != source:
+                self._unload([key])
+
+    def _unload(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            self._bank.remove(key)
+            self._heads.pop(key, None)
+            self._sources.pop(key, None)
 
     # --- reading ----------------------------------------------------------------
 
@@ -274,6 +319,7 @@ class Registry:
         key = _head_key(spec.name, 1)
         # peft draws A, cmtl the head and dropout its masks from the global RNG: seed it, for this call only.
         with self._lock, seeded(training.seed, self.backbone.device):
+            self._unload([key])  # one loaded under this name came from a removed task's files
             resolved = self._bank.add(key, adapter)
             head = TaskHead(self.backbone.hidden_size, spec.num_outputs, training.head_dropout).to(self.backbone.device)
             try:
@@ -288,6 +334,7 @@ class Registry:
                 self._bank.remove(key)
                 raise
             self._heads[key] = head
+            self._sources[key] = self._task_source(spec.name, 1)
         return self.current(spec.name)
 
     def update_task(
@@ -333,6 +380,7 @@ class Registry:
         entry = self._entry(task)
         parent = entry["current"]
         parent_record = self._version_record(task, parent)
+        started_from = {(task, parent): _version_source(entry, parent_record)}  # checked again at commit
         training = training or TrainConfig.from_dict(parent_record["training"])
         memory = MemoryConfig.from_dict(entry.get("memory", {}))
         if config.penalty == "lwf" and spec.problem_type != "single_label":
@@ -363,6 +411,7 @@ class Registry:
             parent_new, parent_old = _gate_scores(spec, self._eval_logits(parent_key, self._heads[parent_key],
                                                                           early_stop), early_stop, len(val_enc))
             adapter = AdapterConfig.from_dict(parent_record["adapter"])
+            self._unload([key])  # one loaded under this name came from a removed task's files
             self._bank.load(key, adapter, self._bank.state_dict(parent_key))
             head = TaskHead(self.backbone.hidden_size, spec.num_outputs, training.head_dropout).to(self.backbone.device)
             head.load_state_dict(self._heads[parent_key].state_dict())
@@ -387,7 +436,8 @@ class Registry:
                 record["training"].update(replayed=0 if replayed is None else len(replayed), update=config.to_dict())
                 record.update(promoted=promoted, note=reason)
                 files = self._memory_files(task, version, memory, new_ex if fill_buffer else None, val_ex, buffer)
-                self._commit(spec, record, key, head, new_task=False, extra_files=files, make_current=promoted)
+                self._commit(spec, record, key, head, new_task=False, extra_files=files, make_current=promoted,
+                             started_from=started_from)
             except BaseException:
                 self._bank.remove(key)
                 self._heads.pop(key, None)
@@ -489,6 +539,7 @@ class Registry:
         if len(set(pairs)) < len(pairs):
             raise ValueError(f"Members {pairs} name a task version twice: a version merged with itself is itself.")
         records = [self._version_record(t, v) for t, v in pairs]
+        started_from = {(t, v): _version_source(self._entry(t), r) for (t, v), r in zip(pairs, records)}
         deltas = []
         for (t, v), record in zip(pairs, records):
             path = store.version_dir(self.root, t, v) / "adapter.safetensors"
@@ -546,7 +597,7 @@ class Registry:
             "normalised": _normalised(scores, individual), "search": trials,
         }
         with self._lock:
-            self._write_entry(record, lora_state, heads)
+            self._write_entry(record, lora_state, heads, started_from=started_from)
         logger.info("Merged %s into %s (%s): normalised score %s", pairs, name, config.method, record["normalised"])
         return record
 
@@ -635,31 +686,35 @@ class Registry:
                 if own is not None:
                     own.detach()
             if own is None:
+                source = (("merge", name, None), _source(self._manifest, ("merge", name, None)))
+                self._sources[key] = source
                 for t, h in zip(tasks, heads):
                     self._heads[_merge_key(name, t)] = h.eval()
+                    self._sources[_merge_key(name, t)] = source
             else:  # each task answers through shared + own factors, loaded per task on first use
                 self._bank.remove(key)
         return record
 
     def _write_entry(self, record: dict[str, Any], adapter_state: dict[str, torch.Tensor],
-                     heads: dict[str, TaskHead], task_adapters: dict[str, dict[str, torch.Tensor]] | None = None
-                     ) -> None:
+                     heads: dict[str, TaskHead], task_adapters: dict[str, dict[str, torch.Tensor]] | None = None,
+                     *, started_from: dict[tuple[str, int], str] | None = None) -> None:
         """Write a merged or jointly trained entry's adapter, heads (and per-task adapters), then name
-        it in the manifest. Under torchrun only rank 0 writes; the other ranks read what it wrote."""
+        it in the manifest. Under torchrun only rank 0 writes; the other ranks read what it wrote.
+        ``started_from``: the member versions it was computed from (see :meth:`_check_started_from`)."""
         name = record["name"]
         if not distributed.is_main():
             distributed.barrier()
-            self._manifest = store.read_manifest(self.root)
+            self._adopt(self._read_manifest())
             record.update(self._manifest["merges"][name])
             return
         try:
-            self._write_entry_files(record, adapter_state, heads, task_adapters)
+            self._write_entry_files(record, adapter_state, heads, task_adapters, started_from=started_from)
         finally:
             distributed.barrier()
 
     def _write_entry_files(self, record: dict[str, Any], adapter_state: dict[str, torch.Tensor],
-                           heads: dict[str, TaskHead], task_adapters: dict[str, dict[str, torch.Tensor]] | None
-                           ) -> None:
+                           heads: dict[str, TaskHead], task_adapters: dict[str, dict[str, torch.Tensor]] | None,
+                           *, started_from: dict[tuple[str, int], str] | None = None) -> None:
         name = record["name"]
         files = {"adapter.safetensors": store.tensors_to_bytes(adapter_state),
                  "heads.safetensors": store.tensors_to_bytes(
@@ -668,14 +723,15 @@ class Registry:
             files["task_adapters.safetensors"] = store.tensors_to_bytes(
                 {f"{t}.{k}": v for t, state in task_adapters.items() for k, v in state.items()})
         with store.writer_lock(self.root):
-            manifest = store.read_manifest(self.root)
+            manifest = self._read_manifest()
             if name in manifest.get("merges", {}):
                 raise ValueError(f"An entry named {name!r} was written by another process meanwhile.")
+            _check_started_from(manifest, started_from or {}, "merge")
             store.remove_unreferenced(self.root, manifest)
             record["files"] = store.write_folder(self.root, store.merge_dir(self.root, name), files)
             manifest.setdefault("merges", {})[name] = record
             store.write_manifest(self.root, manifest)
-            self._manifest = manifest
+            self._adopt(manifest)
 
     def merges(self) -> list[str]:
         """Names of all merged entries, sorted."""
@@ -762,10 +818,8 @@ class Registry:
         with store.writer_lock(self.root), self._lock:
             manifest = self._reread(task=task)
             entry = self._entry(task)
-            for v in entry["versions"]:
-                key = _head_key(task, v["version"])
-                self._bank.remove(key)
-                self._heads.pop(key, None)
+            owned = [k for k, (owner, _) in self._sources.items() if owner[:2] == ("task", task)]
+            self._unload(owned + [_head_key(task, v["version"]) for v in entry["versions"]])
             del manifest["tasks"][task]
             store.write_manifest(self.root, manifest)
             store.remove_unreferenced(self.root, manifest)  # the task's folder (a link there is only unlinked)
@@ -834,8 +888,9 @@ class Registry:
 
     def _commit(self, spec: TaskSpec, record: dict[str, Any], key: str, head: TaskHead, *, new_task: bool,
                 extra_files: dict[str, bytes] | None = None, memory: MemoryConfig | None = None,
-                make_current: bool = True) -> None:
-        """Write a version's files, then the manifest that names it (and, by default, makes it current)."""
+                make_current: bool = True, started_from: dict[tuple[str, int], str] | None = None) -> None:
+        """Write a version's files, then the manifest that names it (and, by default, makes it current).
+        ``started_from``: the versions an update trained from, which must still be there unchanged."""
         head_state = head.state_dict()
         files = {
             "adapter.safetensors": store.tensors_to_bytes(self._bank.state_dict(key)),
@@ -846,18 +901,20 @@ class Registry:
         record["bytes_on_disk"] = sum(len(b) for b in files.values())
         if not distributed.is_main():  # under torchrun, rank 0 writes; the others read what it wrote
             distributed.barrier()
-            self._manifest = store.read_manifest(self.root)
-            return
-        try:
-            self._write_version(spec, record, files, new_task=new_task, memory=memory, make_current=make_current)
-        finally:
-            distributed.barrier()
+            self._adopt(self._read_manifest())
+        else:
+            try:
+                self._write_version(spec, record, files, new_task=new_task, memory=memory,
+                                    make_current=make_current, started_from=started_from)
+            finally:
+                distributed.barrier()
+        self._sources[key] = self._task_source(spec.name, record["version"])
 
     def _reread(self, *, task: str | None = None, merge: str | None = None) -> dict[str, Any]:
         """The manifest on disk, made this object's (call under the writer lock). A ``task`` or ``merge``
         this object knew of but another writer removed since raises a TaskNotFoundError saying so."""
-        known, manifest = self._manifest, store.read_manifest(self.root)
-        self._manifest = manifest
+        known, manifest = self._manifest, self._read_manifest()
+        self._adopt(manifest)
         if task is not None and task in known["tasks"] and task not in manifest["tasks"]:
             raise store.removed_error(f"Task {task!r}", sorted(manifest["tasks"]))
         if merge is not None and merge in known.get("merges", {}) and merge not in manifest.get("merges", {}):
@@ -865,15 +922,17 @@ class Registry:
         return manifest
 
     def _write_version(self, spec: TaskSpec, record: dict[str, Any], files: dict[str, bytes], *, new_task: bool,
-                       memory: MemoryConfig | None, make_current: bool) -> None:
+                       memory: MemoryConfig | None, make_current: bool,
+                       started_from: dict[tuple[str, int], str] | None = None) -> None:
         with store.writer_lock(self.root):
-            manifest = store.read_manifest(self.root)
+            manifest = self._read_manifest()
             if new_task and spec.name in manifest["tasks"]:
                 raise TaskExistsError(f"Task {spec.name!r} was added by another process meanwhile.")
             if not new_task:
                 entry = manifest["tasks"].get(spec.name)
                 if entry is None:
                     raise store.removed_error(f"Task {spec.name!r}", sorted(manifest["tasks"]))
+                _check_started_from(manifest, started_from or {}, "update")
                 if any(r["version"] == record["version"] for r in entry["versions"]):
                     raise RegistryError(f"Task {spec.name!r} v{record['version']} was written by another process "
                                         "meanwhile. Reopen the registry and retry.")
@@ -886,7 +945,7 @@ class Registry:
             if make_current:
                 entry["current"] = record["version"]
             store.write_manifest(self.root, manifest)
-            self._manifest = manifest
+            self._adopt(manifest)
 
     def _memory_files(self, task: str, version: int, memory: MemoryConfig, train_ex: Examples | None,
                       val_ex: Examples | None, parent_buffer: ReplayBuffer | None) -> dict[str, bytes]:
@@ -954,11 +1013,18 @@ class Registry:
             return lwf
         return None
 
+    def _task_source(self, task: str, version: int) -> tuple[tuple[str, str, int | None], str]:
+        owner = ("task", task, version)
+        return owner, _source(self._manifest, owner)
+
     def _ensure_loaded(self, task: str, version: int) -> str:
+        """Key of ``task`` v``version``'s adapter and head, loaded from the files the manifest names now."""
         key = _head_key(task, version)
-        if key in self._heads:
-            return key
         record = self._version_record(task, version)
+        source = self._task_source(task, version)
+        if key in self._heads and self._sources.get(key) == source:
+            return key
+        self._unload([key])  # loaded from other files: the task was removed and added again under its name
         folder = store.version_dir(self.root, task, version)
         adapter_state = store.read_tensors(folder / "adapter.safetensors", record["files"]["adapter.safetensors"])
         head_state = store.read_tensors(folder / "head.safetensors", record["files"]["head.safetensors"])
@@ -969,6 +1035,7 @@ class Registry:
             self._load_adapter(key, AdapterConfig.from_dict(record["adapter"]), adapter_state,
                                folder / "adapter.safetensors")
         self._heads[key] = head
+        self._sources[key] = source
         return key
 
     def _build_head(self, spec: TaskSpec, state: dict[str, torch.Tensor], path: Path) -> TaskHead:
@@ -1025,6 +1092,12 @@ class Registry:
         # A joint entry with per-task adapters answers each task through its own stacked adapter.
         adapter_key = _merge_key(name, task if record.get("task_adapter") else None)
         head_key = _merge_key(name, task)
+        owner = ("merge", name, None)
+        source = (owner, _source(self._manifest, owner))
+        if any(loaded != source for loaded in self._sources.values() if loaded[0] == owner) or (
+                head_key in self._heads and self._sources.get(head_key) != source):
+            # Loaded from other files: the entry was removed and made again under its name.
+            self._unload_merge(name, record["tasks"])
         with torch.inference_mode(False):  # as in _ensure_loaded
             if head_key not in self._heads:  # the entry's heads load together, once
                 heads = store.read_tensors(folder / "heads.safetensors", record["files"]["heads.safetensors"])
@@ -1034,20 +1107,21 @@ class Registry:
                         state = {k[len(t) + 1:]: v for k, v in heads.items() if k.startswith(f"{t}.")}
                         self._heads[_merge_key(name, t)] = self._build_head(spec_t, state,
                                                                             folder / "heads.safetensors")
+                        self._sources[_merge_key(name, t)] = source
             if adapter_key not in self._bank:  # the entry's adapters load together, once
                 for which, (state, config) in entry_adapters(self.root, record).items():
                     if _merge_key(name, which) not in self._bank:
                         path = folder / ("adapter.safetensors" if which is None else
                                          "adapter.safetensors + task_adapters.safetensors")
                         self._load_adapter(_merge_key(name, which), config, state, path)
+                        self._sources[_merge_key(name, which)] = source
         return adapter_key, head_key
 
     def _unload_merge(self, name: str, tasks: list[str]) -> None:
         """Drop merged entry ``name``'s adapters and heads from this object: by exact key, so a task
         whose name looks like a merge key keeps its own."""
-        for key in [_merge_key(name)] + [_merge_key(name, t) for t in tasks]:
-            self._bank.remove(key)
-            self._heads.pop(key, None)
+        owned = [k for k, (owner, _) in self._sources.items() if owner == ("merge", name, None)]
+        self._unload(owned + [_merge_key(name)] + [_merge_key(name, t) for t in tasks])
 
     def _combine(self, pairs: list[tuple[str, int]], deltas: list[dict[str, torch.Tensor]],
                  config: MergeConfig) -> dict[str, torch.Tensor]:
@@ -1138,6 +1212,41 @@ def _stored(spec: TaskSpec, examples: Examples) -> Examples:
         return examples
     names = dataclasses.replace(spec, label_encoding="index").label_names(examples.labels)
     return dataclasses.replace(examples, labels=names)
+
+
+def _version_source(entry: dict[str, Any], record: dict[str, Any]) -> str:
+    """What a task version is loaded from: its files' SHA-256 and the task's spec (the head's labels)."""
+    return json.dumps({"files": record.get("files"), "spec": entry.get("spec")}, sort_keys=True)
+
+
+def _source(manifest: dict[str, Any], owner: tuple[str, str, int | None]) -> str | None:
+    """The source (see :func:`_version_source`) ``manifest`` names for a task version or merged entry
+    ``owner``; ``None`` if it names none."""
+    kind, name, version = owner
+    if kind == "merge":
+        record = manifest.get("merges", {}).get(name)
+        return None if record is None else json.dumps(
+            {k: record.get(k) for k in ("files", "specs", "tasks", "task_adapter")}, sort_keys=True)
+    entry = manifest["tasks"].get(name)
+    record = next((r for r in entry["versions"] if r["version"] == version), None) if entry else None
+    return None if record is None else _version_source(entry, record)
+
+
+def _check_started_from(manifest: dict[str, Any], started_from: dict[tuple[str, int], str], what: str) -> None:
+    """Refuse to commit an ``what`` ("update", "merge") computed from task versions that ``manifest`` (read
+    under the writer lock) no longer holds unchanged: another writer removed the task (and added it again,
+    its versions restarting at 1) while it ran. Committing would attach it to another task's data."""
+    for (task, version), source in started_from.items():
+        if _source(manifest, ("task", task, version)) == source:
+            continue
+        again = (f"Reopen the registry (or call reload()) to see what it holds now, and {what} again if that is "
+                 "still what you want.")
+        if task not in manifest["tasks"]:
+            raise TaskNotFoundError(f"Task {task!r} was removed by another writer while this {what} ran, from its "
+                                    f"v{version}. Nothing was written. {again}")
+        now = "holds other files" if _source(manifest, ("task", task, version)) else "is gone"
+        raise RegistryError(f"Task {task!r} was removed and added again by another writer while this {what} ran: "
+                            f"its v{version}, which the {what} started from, now {now}. Nothing was written. {again}")
 
 
 def _merge_key(name: str, task: str | None = None) -> str:

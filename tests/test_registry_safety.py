@@ -9,7 +9,8 @@ import shutil
 import pytest
 import torch
 
-from cmtl import AdapterConfig, BackboneConfig, CorruptFileError, Registry, TaskNotFoundError, TaskSpec, TrainConfig
+from cmtl import (AdapterConfig, BackboneConfig, CorruptFileError, Registry, RegistryError, TaskNotFoundError,
+                  TaskSpec, TrainConfig)
 from cmtl.registry import _head_key
 from cmtl.store import MANIFEST, sha256_bytes
 from tests.conftest import toy_sentiment, toy_topics
@@ -206,3 +207,154 @@ def test_merging_a_swapped_member_file_is_refused(root):
     with pytest.raises(CorruptFileError, match=r"tasks/b/v1/head.safetensors.*expected shape \(2, 32\)"):
         open_reg(root).merge(["a", "b"], "again", method="linear")
     assert open_reg(root).merges() == ["both"]
+
+
+# --- round 2: what a long-lived object has loaded follows the files the manifest names ----------
+
+
+def assert_answers_like_a_fresh_open(reg, root, task, merge=None) -> None:
+    expected = open_reg(root).predict_proba(task, TEXTS, merge=merge)
+    torch.testing.assert_close(torch.tensor(reg.predict_proba(task, TEXTS, merge=merge)), torch.tensor(expected))
+
+
+def readd_a(root) -> None:
+    """Another writer removes task 'a' and adds it again (its versions restart at 1) with other weights
+    and the opposite label order."""
+    writer = open_reg(root)
+    writer.remove_task("a")
+    writer.add_task(TaskSpec("a", labels=["pos", "neg"]), toy_sentiment(24, 7), training=QUICK)
+
+
+def test_reader_serves_a_task_removed_and_added_again_after_reload(root):
+    reader = open_reg(root)
+    old = reader.predict_proba("a", TEXTS)  # loads a v1
+    readd_a(root)
+    assert reader.reload() and reader.current("a").version == 1
+    assert reader.spec("a").labels == ("pos", "neg")
+    assert not torch.allclose(torch.tensor(open_reg(root).predict_proba("a", TEXTS)), torch.tensor(old))
+    assert_answers_like_a_fresh_open(reader, root, "a")
+    assert reader.embed(TEXTS, task="a").shape == (3, 32)
+
+
+def test_a_write_that_rereads_the_manifest_also_unloads_what_changed(root):
+    reader = open_reg(root)
+    reader.predict_proba("a", TEXTS)
+    readd_a(root)
+    reader.add_task(TaskSpec("d", labels=["neg", "pos"]), toy_sentiment(16, 8), training=QUICK)  # re-reads
+    assert_answers_like_a_fresh_open(reader, root, "a")
+    # An update of the re-added task starts from the new v1, not the old one still in memory.
+    reader.update_task("a", toy_sentiment(16, 9), training=QUICK, promote=True)
+    assert_answers_like_a_fresh_open(reader, root, "a")
+
+
+def test_reader_serves_a_merge_removed_and_made_again_under_the_same_name(root):
+    from cmtl import MergeConfig
+
+    reader = open_reg(root)
+    old = reader.predict_proba("a", TEXTS, merge="both")  # loads the merge's adapter and heads
+    writer = open_reg(root)
+    writer.remove_merge("both")
+    writer.merge(["b", "c"], "both", config=MergeConfig(method="linear", scale=2.0))
+    assert reader.reload()
+    assert not torch.allclose(torch.tensor(open_reg(root).predict_proba("b", TEXTS, merge="both")),
+                              torch.tensor(reader.predict_proba("b", TEXTS)))  # a meaningful change
+    assert_answers_like_a_fresh_open(reader, root, "b", merge="both")
+    assert_answers_like_a_fresh_open(reader, root, "c", merge="both")
+    with pytest.raises(TaskNotFoundError, match="a"):
+        reader.predict("a", TEXTS, merge="both")
+    assert old.shape == (3, 2)
+
+
+def test_a_merge_made_again_is_reloaded_after_a_write_by_the_reader(root):
+    from cmtl import MergeConfig
+
+    reader = open_reg(root)
+    reader.predict_proba("a", TEXTS, merge="both")
+    writer = open_reg(root)
+    writer.remove_merge("both")
+    writer.merge(["a", "b"], "both", config=MergeConfig(method="linear", scale=3.0))
+    reader.rollback("c", 1)  # any write re-reads the manifest
+    assert_answers_like_a_fresh_open(reader, root, "a", merge="both")
+    assert_answers_like_a_fresh_open(reader, root, "b", merge="both")
+
+
+# --- round 2: reload() sees any change of the manifest, and refuses another backbone -------------
+
+
+def recreate(root, backbone, generation) -> None:
+    """Delete the registry and create another at the same path, whose manifest reaches ``generation``."""
+    shutil.rmtree(root)
+    reg = Registry.create(root, BackboneConfig(name_or_path=backbone, max_length=64), device="cpu")
+    reg.add_task(TaskSpec("a", labels=["pos", "neg"]), toy_sentiment(24, 7), training=QUICK)
+    edit_manifest(root, lambda m: m.__setitem__("generation", generation))
+
+
+def test_reload_sees_a_registry_made_again_at_the_same_generation(root, tiny_backbone):
+    reader = open_reg(root)
+    reader.predict_proba("a", TEXTS)
+    recreate(root, tiny_backbone, json.loads((root / MANIFEST).read_text())["generation"])
+    assert reader.reload()
+    assert reader.tasks() == ["a"] and reader.merges() == []
+    assert_answers_like_a_fresh_open(reader, root, "a")
+    assert not reader.reload()
+
+
+def test_reload_refuses_a_registry_made_again_on_another_backbone(root, other_tiny_backbone):
+    from cmtl import BackboneMismatchError
+
+    reader = open_reg(root)
+    expected = reader.predict_proba("a", TEXTS)
+    recreate(root, other_tiny_backbone, json.loads((root / MANIFEST).read_text())["generation"] + 5)
+    with pytest.raises(BackboneMismatchError, match=r"(?s)registry .*reg.*weights hash.*Registry.open"):
+        reader.reload()
+    # Nothing of the other registry was taken in: the object still answers from what it had.
+    torch.testing.assert_close(torch.tensor(reader.predict_proba("a", TEXTS)), torch.tensor(expected))
+
+
+# --- round 2: a write never lands in a task or merge member that changed while it trained --------
+
+
+def test_update_racing_a_remove_and_add_writes_nothing(root, monkeypatch):
+    a = open_reg(root)
+    commit = a._write_version
+
+    def other_writer_meanwhile(*args, **kwargs):  # process B, while A trains (timing simulated)
+        readd_a(root)
+        return commit(*args, **kwargs)
+
+    monkeypatch.setattr(a, "_write_version", other_writer_meanwhile)
+    with pytest.raises(RegistryError, match=r"Task 'a' was removed and added again by another writer while this "
+                                            r"update ran: its v1.*now holds other files. Nothing was written. Reopen"):
+        a.update_task("a", toy_sentiment(16, 9), training=QUICK, promote=True)
+    fresh = open_reg(root)
+    assert [v.version for v in fresh.versions("a")] == [1] and fresh.spec("a").labels == ("pos", "neg")
+    assert sorted(p.name for p in (root / "tasks" / "a").iterdir()) == ["v1"]
+
+
+def test_update_still_commits_when_another_writer_only_rolled_back(root, monkeypatch):
+    a = open_reg(root)
+    a.update_task("a", toy_sentiment(16, 4), training=QUICK, promote=True)
+    commit = a._write_version
+
+    def other_writer_meanwhile(*args, **kwargs):
+        open_reg(root).rollback("a", 1)
+        return commit(*args, **kwargs)
+
+    monkeypatch.setattr(a, "_write_version", other_writer_meanwhile)
+    a.update_task("a", toy_sentiment(16, 5), training=QUICK, promote=True)
+    assert [v.version for v in open_reg(root).versions("a")] == [1, 2, 3]
+
+
+def test_merge_racing_a_member_remove_and_add_writes_nothing(root, monkeypatch):
+    reg = open_reg(root)
+    commit = reg._write_entry_files
+
+    def other_writer_meanwhile(*args, **kwargs):
+        readd_a(root)
+        return commit(*args, **kwargs)
+
+    monkeypatch.setattr(reg, "_write_entry_files", other_writer_meanwhile)
+    with pytest.raises(RegistryError, match=r"Task 'a' was removed and added again by another writer while this "
+                                            r"merge ran: its v1.*Nothing was written"):
+        reg.merge(["a", "b"], "again", method="linear")
+    assert open_reg(root).merges() == ["both"] and not (root / "merges" / "again").exists()
