@@ -49,6 +49,9 @@ class TaskSpec:
       ``"index"`` (``1`` -> ``labels[1]``). Integers with non-numeric label names and
       ``"value"`` are refused, since their meaning is not known.
     * Without ``labels``, integers become their string form (``0`` -> ``'0'``).
+    * A multi-label row is a list of distinct labels (names, or positions with
+      ``"index"``). Multi-hot 0/1 vectors are not accepted: ``[1, 0, 1]`` would read as
+      positions 1, 0, 1 (or values 1, 0, 1), so a row that names a label twice is refused.
 
     Args:
         name: Unique task name: letters, digits, ``_`` and ``-``, at most 64.
@@ -198,11 +201,12 @@ class TaskSpec:
             return by_value.get(float(v))
 
         out: list = []
-        for v in values:
+        for row, v in enumerate(values):
             if self.problem_type == "multi_label":
                 items = [v] if isinstance(v, str) or not hasattr(v, "__iter__") else list(v)
                 names = [name_of(item) for item in items]
                 unknown.update(repr(item) for item, n in zip(items, names) if n is None)
+                self._check_distinct(row, items, names)
                 out.append(names)
             else:
                 name = name_of(v)
@@ -227,6 +231,24 @@ class TaskSpec:
                 "in the TaskSpec."
             )
         return out
+
+    def _check_distinct(self, row: int, items: list, names: list[str | None]) -> None:
+        """Refuse a multi-label row that names a label twice: most likely a multi-hot 0/1 vector,
+        whose entries would otherwise be read as positions or values, silently."""
+        seen: set[str] = set()
+        twice = next((n for n in names if n is not None and (n in seen or seen.add(n))), None)
+        if twice is None:
+            return
+        raw = [v.item() if hasattr(v, "item") and not isinstance(v, str) else v for v in items]
+        example = "e.g. ['label_a', 'label_c']"
+        if self.labels is not None and len(raw) == len(self.labels) and set(raw) <= {0, 1}:
+            meant = [i for i, flag in enumerate(raw) if flag == 1]
+            example = f"for this row {[self.labels[i] for i in meant]}, or {meant}"
+        raise DataError(
+            f"Row {row} of the data of task {self.name!r} names label {twice!r} twice: {raw!r}. A multi-label row is a "
+            "list of distinct labels; multi-hot 0/1 vectors are not accepted. Give the list of label names, or their "
+            f"positions in labels with TaskSpec({self.name!r}, ..., label_encoding='index') ({example})."
+        )
 
     def _by_value(self) -> dict[float, str]:
         """Numeric label names by their value, e.g. {1.0: '1'}; the first name wins a tie."""

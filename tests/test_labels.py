@@ -72,6 +72,33 @@ def test_multi_label_sequence_of_classlabel_maps_by_name():
     assert spec_for_data(TaskSpec("m", problem_type="multi_label"), ds).labels == ("x", "y")
 
 
+# --- multi-label rows: lists of distinct labels, never multi-hot vectors ---------------
+
+
+@pytest.mark.parametrize("source", ["dicts", "dataframe", "dataset", "examples", "jsonl", "parquet"])
+@pytest.mark.parametrize("spec_kwargs, ok, row, label", [
+    ({"labels": ["a", "b", "c"], "label_encoding": "index"}, [2], [1, 0, 1], "'b'"),  # read b, a, b: {a, c} meant
+    ({"labels": ["0", "1", "2"]}, [2], [1, 0, 1], "'1'"),  # numeric names by value: 1, 0, 1
+    ({}, [0], [0, 1, 1], "'1'"),  # no labels yet
+    ({"labels": ["a", "b"]}, ["b"], ["a", "b", "a"], "'a'"),
+])
+def test_a_multi_label_row_naming_a_label_twice_is_refused(tmp_path, source, spec_kwargs, ok, row, label):
+    rows = [{"text": "s", "label": ok}, {"text": "t", "label": row}]
+    spec = TaskSpec("m", problem_type="multi_label", **spec_kwargs)
+    with pytest.raises(DataError, match=rf"Row 1 .*names label {label} twice.*multi-hot 0/1 vectors are not accepted"):
+        read_examples(_write(rows, source, tmp_path), spec)
+
+
+def test_the_multi_hot_error_says_what_the_vector_means():
+    spec = TaskSpec("m", labels=["a", "b", "c"], problem_type="multi_label", label_encoding="index")
+    with pytest.raises(DataError, match=r"label names, or their positions.*label_encoding='index'.*\['a', 'c'\], or \[0, 2\]"):
+        read_examples([{"text": "t", "label": [1, 0, 1]}], spec)
+    with pytest.raises(DataError, match="multi-hot"):
+        spec.encode_labels([[1, 0, 1]])
+    assert read_examples([{"text": "t", "label": [0, 2]}], spec).labels == [["a", "c"]]  # positions are fine
+    assert "multi-hot 0/1 vectors are not accepted" in TaskSpec.__doc__.lower()
+
+
 # --- plain integers: by value, or as indices when the spec says so ------------------
 
 
