@@ -193,7 +193,8 @@ def read_file(path: str | Path, *, encoding: str | None = None):
             e.g. ``'latin-1'``); ``None`` means UTF-8. Parquet is always UTF-8.
 
     Raises:
-        DataError: a missing, empty, undecodable or unreadable file, or an unknown encoding.
+        DataError: a missing, empty, undecodable or unreadable file, or an unknown or
+            non-text encoding.
     """
     import pandas as pd
 
@@ -210,6 +211,13 @@ def read_file(path: str | Path, *, encoding: str | None = None):
             raise DataError(
                 f"Unknown encoding {encoding!r} for {str(path)!r}: use a Python codec name such as 'utf-8', "
                 "'latin-1' or 'cp1252'."
+            ) from None
+        try:
+            "".encode(codec)  # LookupError for bytes-to-bytes or str-to-str codecs (rot13, hex, base64)
+        except LookupError:
+            raise DataError(
+                f"Encoding {encoding!r} is not a text encoding (it does not turn bytes into text), so it cannot "
+                f"read {str(path)!r}: use a text encoding such as 'utf-8', 'latin-1' or 'cp1252'."
             ) from None
         if suffix == ".parquet" and codec != "utf-8":
             raise DataError(f"Parquet stores text as UTF-8; encoding={encoding!r} does not apply to {str(path)!r}. "

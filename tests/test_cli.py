@@ -201,3 +201,20 @@ def test_serve_passes_its_limits_to_the_server(monkeypatch, tmp_path):
     assert seen["config"].max_body_bytes == 4096 and seen["config"].max_texts == 8
     result = invoke("serve", tmp_path, "--max-body-bytes", 0)
     assert result.exit_code == 1 and result.output.startswith("error:") and "max_body_bytes" in result.output
+
+
+def test_encoding_that_is_not_a_text_encoding_is_one_line(reg_copy, tmp_path):
+    pd.DataFrame(toy_sentiment(4)).to_csv(tmp_path / "d.csv", index=False)
+    for codec in ("rot13", "hex", "base64"):
+        clean_failure(invoke("eval", reg_copy, "sentiment", "--data", tmp_path / "d.csv", "--encoding", codec),
+                      f"{codec!r} is not a text encoding")
+
+
+@pytest.mark.parametrize("port", ["99999", "-1", "65536"])
+def test_serve_refuses_a_port_out_of_range_in_one_line(monkeypatch, tmp_path, port):
+    import cmtl.server
+
+    monkeypatch.setattr(cmtl.server, "serve", lambda registry, **kwargs: pytest.fail("served on a bad port"))
+    result = invoke("serve", tmp_path, "--port", port)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "--port" in result.output and "0<=x<=65535" in result.output.replace(" ", ""), result.output

@@ -55,6 +55,19 @@ def test_unknown_encoding_and_encoding_for_parquet_are_refused(tmp_path):
         read_file(tmp_path / "d.parquet", encoding="latin-1")
 
 
+@pytest.mark.parametrize("codec", ["rot13", "hex", "base64", "zlib"])
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+def test_a_codec_that_is_not_a_text_encoding_is_refused(tmp_path, codec, suffix):
+    import pandas as pd
+
+    path = tmp_path / f"d{suffix}"
+    frame = pd.DataFrame({"text": ["x"], "label": ["a"]})
+    frame.to_parquet(path) if suffix == ".parquet" else path.write_text("text,label\nx,a\n" if suffix == ".csv"
+                                                                         else '{"text": "x", "label": "a"}\n')
+    with pytest.raises(DataError, match=rf"{codec!r} is not a text encoding.*'utf-8', 'latin-1'"):
+        read_examples(path, SPEC, encoding=codec)
+
+
 def test_read_file_takes_a_string_path(tmp_path):
     (tmp_path / "d.csv").write_text("text,label\nx,a\n")
     assert read_file(str(tmp_path / "d.csv"))["label"].tolist() == ["a"]
