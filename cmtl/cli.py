@@ -399,7 +399,7 @@ def remove(
 def serve(
     registry: RegistryArg,
     host: Annotated[str, typer.Option(help="Interface to listen on (loopback by default).")] = "127.0.0.1",
-    port: int = 8000,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on (0: any free port).")] = 8000,
     max_texts: Annotated[int, typer.Option(help="Texts per request; more gets HTTP 413.")] = 256,
     max_chars: Annotated[int, typer.Option(help="Characters per text; longer gets HTTP 413.")] = 20_000,
     max_body_bytes: Annotated[int, typer.Option(help="Bytes per request body; more gets HTTP 413 before it is "

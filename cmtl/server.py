@@ -645,9 +645,15 @@ def _issue(error: dict[str, Any]) -> dict[str, Any]:
 
 def serve(registry: str | Path, *, host: str = "127.0.0.1", port: int = 8000, config: ServeConfig | None = None,
           device: str = "auto") -> None:
-    """Run the service until interrupted."""
+    """Run the service until interrupted (``port=0``: any free port).
+
+    Raises:
+        ValueError: a port outside 0..65535 (before the registry is loaded).
+    """
     import uvicorn
 
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"port must be an integer in 0..65535 (0 picks a free port). Got {port!r}.")
     app = create_app(registry, config, device=device)
     logger.info("Serving %s on http://%s:%d with %s", registry, host, port, asdict(config or ServeConfig()))
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -418,3 +418,14 @@ def test_an_unknown_request_field_is_a_422_naming_it(served, path, body, field):
         schema = client.get("/openapi.json").json()["components"]["schemas"]
         assert schema["PredictRequest"]["additionalProperties"] is False
         assert schema["PredictAllRequest"]["additionalProperties"] is False
+
+
+# --- round 2, D7: a port out of range --------------------------------------------------------
+
+
+@pytest.mark.parametrize("port", [99999, -1, 65536, "8000"])
+def test_serve_refuses_a_port_out_of_range(tmp_path, port):
+    from cmtl.server import serve
+
+    with pytest.raises(ValueError, match=rf"port must be an integer in 0\.\.65535 .*Got {port!r}"):
+        serve(tmp_path / "no-registry", port=port)  # refused before anything is loaded
