@@ -5,14 +5,24 @@ name read from the file is held to the same rule as a new one (:data:`cmtl.tasks
 letters, digits, ``_`` and ``-``, no ``/`` or ``..``). The structure is what loading,
 updating, merging and serving need: a bad value is reported by where it is in the file,
 never as a KeyError or StopIteration deep inside a load.
+
+Recorded configurations (a version's ``training`` and ``adapter``, a merged entry's ``adapter``,
+a task's ``memory``, the ``backbone``) must be ones their classes accept, and their values of the
+types those classes declare; a version record holds what :class:`cmtl.registry.VersionInfo`
+requires, of its declared types. Keys this cmtl does not know (written by a newer one) are
+accepted: the classes' ``from_dict`` ignore them where the value is used. The check is a few
+``isinstance`` tests per value, cheap enough for every read (the server polls the manifest).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
 import re
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from cmtl.errors import ManifestError
 from cmtl.tasks import _NAME, TaskSpec
@@ -23,6 +33,8 @@ ENTRY_FILES = ("adapter.safetensors", "heads.safetensors")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 NAME_RULE = "1-64 letters, digits, '_' or '-', starting with a letter or digit"
+#: The largest version number a manifest may hold (``v<N>`` is a folder name; 10**300 is not one).
+MAX_VERSION = 10**9
 
 
 def valid_name(name: Any) -> bool:
@@ -55,6 +67,104 @@ def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
+def _version_number(value: Any) -> bool:
+    return _positive_int(value) and value <= MAX_VERSION
+
+
+def backbone_config(recorded: dict[str, Any], **overrides: Any):
+    """The :class:`cmtl.backbone.BackboneConfig` a manifest's ``backbone`` record describes (with
+    ``overrides``); keys this cmtl does not know (written by a newer one) warn and are ignored."""
+    from cmtl.backbone import BackboneConfig
+
+    known = {f.name for f in dataclasses.fields(BackboneConfig)}
+    extra = sorted(k for k in recorded if k not in known and k != "sha256")
+    if extra:
+        warnings.warn(f"Ignoring unknown backbone keys {extra} (written by a newer cmtl?).", stacklevel=2)
+    return BackboneConfig(**{**{k: v for k, v in recorded.items() if k in known}, **overrides})
+
+
+# --- the types a dataclass declares, as checks of JSON values ---------------------------------------
+
+_Rule = tuple[str, Callable[[Any], bool]]
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+_SCALARS: dict[str, _Rule] = {
+    "int": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "float": ("a number", _number),
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+}
+_PLURAL = {"int": "integers", "float": "numbers", "str": "strings", "bool": "true or false values"}
+
+
+def _rule(annotation: str) -> tuple[str, Callable[[Any], bool], Callable[[Any], bool] | None] | None:
+    """(what is allowed, a check of the value, a check of each value of an object) for a field's
+    annotation, or None where the class's own check decides (``Literal``, aliases, ``Any``)."""
+    parts = [part.strip() for part in annotation.split("|")]
+    nullable = "None" in parts
+    parts = [part for part in parts if part != "None"]
+    if len(parts) != 1:
+        return None
+    part, each = parts[0], None
+    if part in _SCALARS:
+        what, check = _SCALARS[part]
+    elif part.startswith(("tuple[", "list[")) and part[part.index("[") + 1:].split(",")[0].strip() in _SCALARS:
+        inner = part[part.index("[") + 1:].split(",")[0].strip()
+        element = _SCALARS[inner][1]
+        what, check = f"a list of {_PLURAL[inner]}", lambda v: isinstance(v, list) and all(map(element, v))
+    elif part.startswith("dict["):
+        what, check = "an object", lambda v: isinstance(v, dict)
+        if part.split(",")[-1].strip(" ]") == "float":  # an object of numbers (metrics): each may be null
+            each = lambda v: v is None or _number(v)  # noqa: E731
+    else:
+        return None
+    if nullable:
+        return f"{what} or null", lambda v: v is None or check(v), each
+    return what, check, each
+
+
+@functools.cache
+def _field_names(cls: type) -> frozenset[str]:
+    return frozenset(f.name for f in dataclasses.fields(cls)) - {"_"}
+
+
+def _known(cls: type, record: dict) -> dict:
+    """``record`` without the keys ``cls`` does not know: checked without the warning ``from_dict`` gives
+    for them where the value is used (and without a warnings context per value, which is slow)."""
+    names = _field_names(cls)
+    return {k: v for k, v in record.items() if k in names}
+
+
+@functools.cache
+def _rules(cls: type) -> dict[str, tuple]:
+    return {f.name: rule for f in dataclasses.fields(cls) if (rule := _rule(str(f.type))) is not None}
+
+
+@functools.cache
+def _classes() -> dict[str, type]:
+    # Imported on first use: these modules import cmtl.store, which imports this one.
+    from cmtl.adapters import AdapterConfig
+    from cmtl.backbone import BackboneConfig
+    from cmtl.registry import VersionInfo
+    from cmtl.training import TrainConfig
+    from cmtl.updates import MemoryConfig
+
+    return {"training": TrainConfig, "adapter": AdapterConfig, "backbone": BackboneConfig, "memory": MemoryConfig,
+            "version": VersionInfo}
+
+
+@functools.cache
+def _required_record_keys() -> tuple[str, ...]:
+    """What :class:`cmtl.registry.VersionInfo` requires of a version record (task and current are not stored)."""
+    return tuple(f.name for f in dataclasses.fields(_classes()["version"])
+                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                 and f.name not in ("task", "current"))
+
+
 class _Check:
     def __init__(self, path: Path):
         self.path = path
@@ -75,6 +185,31 @@ class _Check:
         if key not in record:
             raise self.fail(f"{_where(keys)} has no {key!r}")
         return record[key]
+
+    def typed(self, record: dict, cls: type, keys: tuple, skip: tuple[str, ...] = ()) -> None:
+        """Each value of ``record`` that ``cls`` declares is of the declared type (numbers finite)."""
+        rules = _rules(cls)
+        for key, value in record.items():
+            if key not in rules or key in skip:
+                continue
+            what, check, each = rules[key]
+            if not check(value):
+                raise self.fail(f"{_where((*keys, key))} must be {what}, got {_kind(value)}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise self.fail(f"{_where((*keys, key))} must be a finite number, got {value!r}")
+            for sub, item in (value.items() if each is not None else ()):
+                if not each(item):
+                    raise self.fail(f"{_where((*keys, key, sub))} must be a number or null, got {_kind(item)}")
+
+    def config(self, record: Any, what: str, keys: tuple) -> Any:
+        """``record`` as the ``what`` config class (training, adapter, memory, backbone) it must be."""
+        cls = _classes()[what]
+        self.typed(self.obj(record, keys), cls, keys)
+        try:
+            return cls(**_known(cls, record)) if what == "backbone" else cls.from_dict(_known(cls, record))
+        except (TypeError, ValueError) as exc:
+            where = repr(keys[0]) if len(keys) == 1 else _where(keys)
+            raise self.fail(f"{where} is not a valid {what} config ({exc})") from None
 
     def name(self, name: Any, what: str, where: str) -> None:
         if not valid_name(name):
@@ -103,6 +238,7 @@ class _Check:
         for key in ("sha256", "name_or_path"):
             if not isinstance(self.field(backbone, key, ("backbone",)), str):
                 raise self.fail(f"{_where(('backbone', key))} must be a string, got {_kind(backbone[key])}")
+        self.config(backbone, "backbone", ("backbone",))
         generation = m.get("generation", 0)
         if not isinstance(generation, int) or isinstance(generation, bool) or generation < 0:
             raise self.fail(f"'generation' must be a non-negative integer, got {_kind(generation)}")
@@ -131,26 +267,32 @@ class _Check:
             rkeys = (*keys, "versions", i)
             self.obj(record, rkeys)
             number = self.field(record, "version", rkeys)
-            if not _positive_int(number):
-                raise self.fail(f"{_where((*rkeys, 'version'))} must be a positive integer, got {_kind(number)}")
+            if not _version_number(number):
+                raise self.fail(f"{_where((*rkeys, 'version'))} must be a positive integer up to {MAX_VERSION}, got "
+                                f"{_kind(number)}")
             if number in numbers:
                 raise self.fail(f"{_where(keys)} lists version {number} twice")
             numbers.append(number)
         for i, record in enumerate(versions):
             rkeys = (*keys, "versions", i)
-            parent = record.get("parent")
+            for key in _required_record_keys():  # what reg.versions() and `cmtl ls` read
+                self.field(record, key, rkeys)
+            parent = record["parent"]
             if parent is not None and not (_positive_int(parent) and parent in numbers and parent < record["version"]):
                 raise self.fail(f"{_where((*rkeys, 'parent'))} is {parent!r}; it must be null or an earlier version "
                                 f"of {task!r} (versions: {sorted(numbers)})")
+            self.typed(record, _classes()["version"], rkeys, skip=("version", "parent"))
             self.files(self.field(record, "files", rkeys), VERSION_FILES, (*rkeys, "files"))
             for key in ("adapter", "training"):
-                self.obj(self.field(record, key, rkeys), (*rkeys, key))
+                self.config(self.field(record, key, rkeys), key, (*rkeys, key))
         current = self.field(entry, "current", keys)
-        if current not in numbers or isinstance(current, bool):
+        if not _positive_int(current):
+            raise self.fail(f"{_where((*keys, 'current'))} must be a positive integer, got {_kind(current)}")
+        if current not in numbers:
             raise self.fail(f"{_where((*keys, 'current'))} is {current!r}, which names no version of {task!r} "
                             f"(versions: {sorted(numbers)})")
         if "memory" in entry:
-            self.obj(entry["memory"], (*keys, "memory"))
+            self.config(entry["memory"], "memory", (*keys, "memory"))
 
     def spec(self, spec: Any, task: str, keys: tuple) -> None:
         self.obj(spec, keys)
@@ -158,11 +300,12 @@ class _Check:
             raise self.fail(f"{_where((*keys, 'name'))} is {spec.get('name')!r}, but it is the spec of {task!r}; "
                             "they must be equal")
         try:
-            with warnings.catch_warnings():  # unknown keys warn where the spec is used, not on every read
-                warnings.simplefilter("ignore")
-                TaskSpec.from_dict(spec)
+            parsed = TaskSpec.from_dict(_known(TaskSpec, spec))
         except (TypeError, ValueError) as exc:
             raise self.fail(f"{_where(keys)} is not a valid task spec ({exc})") from None
+        if parsed.labels is None:  # allowed in memory until a ClassLabel fills it in; a stored spec has them
+            raise self.fail(f"{_where((*keys, 'labels'))} is null, but a stored {parsed.problem_type} spec must list "
+                            "its labels (the head's outputs, in order)")
 
     def merge(self, name: Any, record: Any) -> None:
         self.name(name, "merge", "a key of 'merges'")
@@ -189,7 +332,7 @@ class _Check:
             raise self.fail(f"{_where((*keys, 'members'))} must be a list, got {_kind(members)}")
         for i, member in enumerate(members):
             if not (isinstance(member, dict) and valid_name(member.get("task"))
-                    and _positive_int(member.get("version"))):
+                    and _version_number(member.get("version"))):
                 raise self.fail(f"{_where((*keys, 'members', i))} must be an object with a task name and a positive "
                                 f"integer version, got {member!r}")
         own = record.get("task_adapter")
@@ -200,4 +343,4 @@ class _Check:
                             f"and a number 'alpha', got {own!r}")
         required = ENTRY_FILES + (("task_adapters.safetensors",) if own else ())
         self.files(self.field(record, "files", keys), required, (*keys, "files"))
-        self.obj(self.field(record, "adapter", keys), (*keys, "adapter"))
+        self.config(self.field(record, "adapter", keys), "adapter", (*keys, "adapter"))

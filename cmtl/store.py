@@ -24,7 +24,8 @@ the same rule as new names, so none can point outside the registry. Every
 path a writer creates or deletes is checked to lie inside the root with no
 symbolic link on the way; a link is never followed when deleting (a leftover
 link is unlinked, a link the registry needs is refused with an error naming
-it).
+it). A file where the layout has a folder (or a folder where it has a file,
+``.lock`` included) is a RegistryError naming it, for readers and writers alike.
 """
 
 from __future__ import annotations
@@ -100,6 +101,9 @@ def read_checked(path: Path, expected_sha256: str) -> bytes:
     except FileNotFoundError as exc:
         _raise_if_stale(path, expected_sha256)
         raise CorruptFileError(f"File {str(path)!r} named in the manifest is missing.") from exc
+    except (NotADirectoryError, IsADirectoryError) as exc:
+        root = next((p for p in path.parents if (p / MANIFEST).is_file()), path.parent)
+        raise (wrong_kind(root, path) or RegistryError(f"Cannot read {str(path)!r}: {exc}.")) from None
     actual = sha256_bytes(data)
     if actual != expected_sha256:
         _raise_if_stale(path, expected_sha256)
@@ -153,8 +157,15 @@ def _raise_if_stale(path: Path, expected_sha256: str) -> None:
         )
 
 
+#: The text of the last manifest that passed the check, by path (a few): the server re-reads an
+#: unchanged manifest every poll, and the check costs more than the parse on a large registry.
+_CHECKED: dict[str, str] = {}
+_CHECKED_MAX = 32
+
+
 def read_manifest(root: Path) -> dict[str, Any]:
-    """The registry's manifest, parsed and checked against :mod:`cmtl.manifest`'s rules.
+    """The registry's manifest, parsed and checked against :mod:`cmtl.manifest`'s rules (the text
+    of a manifest that passed is remembered, so an unchanged one is not checked again).
 
     Raises:
         RegistryError: no manifest, not JSON, or another format.
@@ -166,7 +177,8 @@ def read_manifest(root: Path) -> dict[str, Any]:
             f"No registry at {str(root)!r}: {MANIFEST} is missing. Create one with Registry.create({str(root)!r})."
         )
     try:
-        manifest = json.loads(path.read_text())
+        text = path.read_text()
+        manifest = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise RegistryError(f"The manifest {str(path)!r} is not valid JSON: {exc}.") from exc
     if isinstance(manifest, dict) and manifest.get("format") != FORMAT:
@@ -174,7 +186,12 @@ def read_manifest(root: Path) -> dict[str, Any]:
             f"Registry {str(root)!r} has format {manifest.get('format')!r}; this cmtl ({__version__}) reads "
             f"format {FORMAT}."
         )
-    rules.validate(manifest, path)
+    key = str(path)
+    if _CHECKED.get(key) != text:
+        rules.validate(manifest, path)
+        if len(_CHECKED) >= _CHECKED_MAX:
+            _CHECKED.clear()
+        _CHECKED[key] = text
     return manifest
 
 
@@ -205,12 +222,37 @@ def merge_dir(root: Path, name: str) -> Path:
 # --- paths a writer touches --------------------------------------------------------------------
 
 
+def _kind_error(root: Path, path: Path, *, want_folder: bool) -> RegistryError:
+    rel = str(path.relative_to(root))
+    found, want = ("file", "folder") if want_folder else ("folder", "file")
+    fix = ("cmtl creates it itself: remove the folder and retry" if rel == ".lock" else
+           "it was put there by hand or by another tool: move it out of the registry, put back what cmtl wrote "
+           "there (from a backup), or roll back / remove the task or merged entry that needs it, and retry")
+    return RegistryError(f"{rel!r} in the registry {str(root)!r} is a {found}, where cmtl keeps a {want}: {fix}.")
+
+
+def wrong_kind(root: Path, path: Path) -> RegistryError | None:
+    """The error for the first thing on the way from ``root`` to the file ``path`` that is a file
+    where the layout has a folder, or for ``path`` itself when it is a folder; None when there is none."""
+    parts = path.relative_to(root).parts
+    for depth in range(1, len(parts) + 1):
+        step = root.joinpath(*parts[:depth])
+        if not os.path.lexists(step):
+            return None
+        if depth < len(parts) and not step.is_dir():
+            return _kind_error(root, step, want_folder=True)
+        if depth == len(parts) and step.is_dir():
+            return _kind_error(root, step, want_folder=False)
+    return None
+
+
 def _inside(root: Path, path: Path, *, including: bool = False) -> Path:
     """``path``, after checking that it lies inside ``root`` and that no folder between them (nor
     ``path`` itself, with ``including``) is a symbolic link.
 
     Raises:
-        RegistryError: ``path`` is outside ``root``, or the link it passes through, named.
+        RegistryError: ``path`` is outside ``root``, or the link (or file where a folder belongs) it
+            passes through, named.
     """
     try:
         parts = path.relative_to(root).parts
@@ -228,6 +270,8 @@ def _inside(root: Path, path: Path, *, including: bool = False) -> Path:
                 "could change files outside it. Replace the link with the folder it points to (or remove it) and "
                 "retry."
             )
+        if os.path.lexists(step) and not step.is_dir():
+            raise _kind_error(root, step, want_folder=True)
     real_root = os.path.realpath(root)
     if os.path.commonpath([real_root, os.path.realpath(path.parent)]) != real_root:
         raise outside
@@ -318,6 +362,8 @@ def writer_lock(root: Path, timeout: float = 60.0) -> Iterator[None]:
     try:  # O_NOFOLLOW: a planted link must not make us create or lock a file elsewhere
         fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as exc:
+        if exc.errno == errno.EISDIR:
+            raise _kind_error(root, root / ".lock", want_folder=False) from None
         if exc.errno != errno.ELOOP:
             raise
         raise RegistryError(f"'.lock' in the registry {str(root)!r} is a symbolic link to "

@@ -128,6 +128,62 @@ def test_symlinked_lock_file_is_refused(reg_root, tmp_path):
     assert target.read_text() == "precious"
 
 
+def _replace_with_file(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+    path.write_text("not a folder")
+
+
+@pytest.mark.parametrize("where", ["tasks", "tasks/sentiment", "tasks/sentiment/v1"])
+def test_a_file_where_a_folder_belongs_is_a_registry_error_for_readers(reg_root, where):
+    _replace_with_file(reg_root / where)
+    with pytest.raises(RegistryError, match=rf"'{where}' in the registry .* is a file, where cmtl keeps a folder"):
+        Registry.open(reg_root, device="cpu").predict("sentiment", ["x"])
+
+
+def test_a_file_where_a_merge_folder_belongs_is_a_registry_error_for_readers(reg_root):
+    for where in ("merges/both", "merges"):
+        _replace_with_file(reg_root / where)
+        with pytest.raises(RegistryError, match=rf"'{where}' in the registry .* is a file, where cmtl keeps a folder"):
+            Registry.open(reg_root, device="cpu").predict("sentiment", ["x"], merge="both")
+
+
+def test_a_folder_where_a_file_belongs_is_a_registry_error_for_readers(reg_root):
+    path = reg_root / "tasks" / "sentiment" / "v1" / "adapter.safetensors"
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(RegistryError, match=r"'tasks/sentiment/v1/adapter\.safetensors' in the registry .* is a "
+                                            r"folder, where cmtl keeps a file"):
+        Registry.open(reg_root, device="cpu").predict("sentiment", ["x"])
+
+
+@pytest.mark.parametrize("where", ["tasks", "tasks/sentiment", "merges"])
+def test_a_file_where_a_folder_belongs_is_a_registry_error_for_writers(reg_root, where):
+    _replace_with_file(reg_root / where)
+    manifest = (reg_root / MANIFEST).read_bytes()
+    with pytest.raises(RegistryError, match=rf"'{where}' in the registry .* is a file, where cmtl keeps a folder"):
+        add_second(reg_root)
+    assert (reg_root / MANIFEST).read_bytes() == manifest
+    assert (reg_root / where).read_text() == "not a folder"
+
+
+def test_a_file_where_a_new_folder_goes_is_a_registry_error_for_writers(reg_root):
+    (reg_root / "tasks").rename(reg_root / "tasks-moved")
+    (reg_root / "tasks").write_text("not a folder")
+    edit_manifest(reg_root, lambda m: (m.__setitem__("tasks", {}), m.__setitem__("merges", {})))
+    with pytest.raises(RegistryError, match=r"'tasks' in the registry .* is a file, where cmtl keeps a folder"):
+        add_second(reg_root)
+    assert (reg_root / "tasks").read_text() == "not a folder"
+
+
+def test_a_lock_that_is_a_folder_is_a_registry_error(reg_root):
+    (reg_root / ".lock").unlink(missing_ok=True)
+    (reg_root / ".lock").mkdir()
+    manifest = (reg_root / MANIFEST).read_bytes()
+    with pytest.raises(RegistryError, match=r"'\.lock' in the registry .* is a folder, where cmtl keeps a file"):
+        Registry.open(reg_root, device="cpu").rollback("sentiment", 1)
+    assert (reg_root / MANIFEST).read_bytes() == manifest
+
+
 def test_a_failed_folder_write_leaves_no_staging_folder(reg_root, monkeypatch):
     from cmtl import store
 
@@ -239,6 +295,65 @@ STRUCTURE_DEFECTS = {
     "backbone missing": (_set(("backbone",), DELETE), r"has no 'backbone'"),
     "backbone sha not str": (_set(("backbone", "sha256"), None), r"backbone\['sha256'\] must be a string"),
     "generation a string": (_set(("generation",), "7"), r"'generation' must be a non-negative integer"),
+    # Values that passed the check above but crashed loading or the CLI with a raw TypeError/ValueError/OSError:
+    # every recorded config must be one its class accepts (and of the types it declares).
+    "eval_batch_size null": (_set((*V1, "training", "eval_batch_size"), None),
+                             r"\['training'\]\['eval_batch_size'\] must be an integer, got null"),
+    "eval_batch_size -3": (_set((*V1, "training", "eval_batch_size"), -3),
+                           r"\['training'\] is not a valid training config.*eval_batch_size must be a positive"),
+    "eval_batch_size 0": (_set((*V1, "training", "eval_batch_size"), 0),
+                          r"\['training'\] is not a valid training config.*eval_batch_size"),
+    "eval_batch_size a string": (_set((*V1, "training", "eval_batch_size"), "x"),
+                                 r"\['training'\]\['eval_batch_size'\] must be an integer, got 'x'"),
+    "learning_rate a string": (_set((*V1, "training", "learning_rate"), "x"),
+                               r"\['training'\]\['learning_rate'\] must be a number, got 'x'"),
+    "training progress a string": (_set((*V1, "training", "progress"), "no"),
+                                   r"\['training'\]\['progress'\] must be true or false, got 'no'"),
+    "adapter alpha null": (_set((*V1, "adapter", "alpha"), None),
+                           r"\['adapter'\]\['alpha'\] must be a number, got null"),
+    "adapter alpha a string": (_set((*V1, "adapter", "alpha"), "16"), r"\['adapter'\]\['alpha'\] must be a number"),
+    "adapter alpha NaN": (_set((*V1, "adapter", "alpha"), float("nan")),
+                          r"\['adapter'\]\['alpha'\] must be a finite number, got nan"),
+    "adapter r a string": (_set((*V1, "adapter", "r"), "8"), r"\['adapter'\]\['r'\] must be an integer, got '8'"),
+    "adapter r a bool": (_set((*V1, "adapter", "r"), True), r"\['adapter'\]\['r'\] must be an integer, got True"),
+    "adapter r 0": (_set((*V1, "adapter", "r"), 0), r"\['adapter'\] is not a valid adapter config.*rank r"),
+    "adapter dropout 5": (_set((*V1, "adapter", "dropout"), 5),
+                          r"\['adapter'\] is not a valid adapter config.*dropout"),
+    "adapter target_modules a string": (_set((*V1, "adapter", "target_modules"), "query"),
+                                        r"\['adapter'\]\['target_modules'\] must be a list of strings or null"),
+    "adapter layers of strings": (_set((*V1, "adapter", "layers"), ["1"]),
+                                  r"\['adapter'\]\['layers'\] must be a list of integers or null"),
+    "merge adapter r a string": (_set((*BOTH, "adapter", "r"), "32"),
+                                 r"merges\['both'\]\['adapter'\]\['r'\] must be an integer, got '32'"),
+    "spec labels null": (_set((*S, "spec", "labels"), None),
+                         r"tasks\['sentiment'\]\['spec'\]\['labels'\] is null, but a stored single_label spec "
+                         r"must list its labels"),
+    "merge spec labels null": (_set((*BOTH, "specs", "topic", "labels"), None),
+                               r"\['specs'\]\['topic'\]\['labels'\] is null"),
+    "metrics a list": (_set((*V1, "metrics"), [1]), r"\['versions'\]\[0\]\['metrics'\] must be an object, got a list"),
+    "metrics a string": (_set((*V1, "metrics"), "x"), r"\['metrics'\] must be an object, got 'x'"),
+    "metric a string": (_set((*V1, "metrics", "validation_accuracy"), "high"),
+                        r"\['metrics'\]\['validation_accuracy'\] must be a number or null, got 'high'"),
+    "no created": (_set((*V1, "created"), DELETE), r"\['versions'\]\[0\] has no 'created'"),
+    "created a number": (_set((*V1, "created"), 5), r"\['versions'\]\[0\]\['created'\] must be a string, got 5"),
+    "no kind": (_set((*V1, "kind"), DELETE), r"\['versions'\]\[0\] has no 'kind'"),
+    "kind a number": (_set((*V1, "kind"), 5), r"\['kind'\] must be a string, got 5"),
+    "no parent": (_set((*V1, "parent"), DELETE), r"\['versions'\]\[0\] has no 'parent'"),
+    "trainable_parameters a string": (_set((*V1, "trainable_parameters"), "many"),
+                                      r"\['trainable_parameters'\] must be an integer, got 'many'"),
+    "backbone max_length a string": (_set(("backbone", "max_length"), "64"),
+                                     r"backbone\['max_length'\] must be an integer, got '64'"),
+    "backbone max_length -1": (_set(("backbone", "max_length"), -1),
+                               r"'backbone' is not a valid backbone config.*max_length"),
+    "backbone pooling bogus": (_set(("backbone", "pooling"), "bogus"),
+                               r"'backbone' is not a valid backbone config.*pooling"),
+    "version absurd": (lambda m: (_set((*V1, "version"), 10**300)(m), _set((*S, "current"), 10**300)(m)),
+                       r"\['version'\] must be a positive integer up to 1000000000, got 1000000000000"),
+    "current 1.0": (_set((*S, "current"), 1.0), r"\['current'\] must be a positive integer, got 1\.0"),
+    "memory budget a string": (_set((*S, "memory", "budget"), "x"),
+                               r"tasks\['sentiment'\]\['memory'\]\['budget'\] must be an integer, got 'x'"),
+    "memory buffer bogus": (_set((*S, "memory", "buffer"), "bogus"),
+                            r"\['memory'\] is not a valid memory config.*buffer"),
 }
 
 
@@ -256,10 +371,52 @@ def test_structural_defects_raise_manifest_error(reg_root, defect):
     assert "back" in message or "edit" in message  # says how to fix it
 
 
+@pytest.mark.parametrize("where", [("backbone",), (*V1, "training"), (*V1, "adapter"), (*S, "memory"),
+                                   (*BOTH, "adapter")])
+def test_unknown_config_keys_from_a_newer_cmtl_are_accepted(reg_root, where):
+    edit_manifest(reg_root, _set((*where, "from_a_newer_cmtl"), 1))
+    read_manifest(reg_root)
+
+
+def test_a_backbone_key_from_a_newer_cmtl_warns_and_is_ignored(reg_root):
+    from cmtl.manifest import backbone_config
+
+    edit_manifest(reg_root, _set(("backbone", "from_a_newer_cmtl"), 1))
+    recorded = read_manifest(reg_root)["backbone"]
+    with pytest.warns(UserWarning, match=r"Ignoring unknown backbone keys \['from_a_newer_cmtl'\]"):
+        config = backbone_config(recorded)
+    assert config.max_length == recorded["max_length"]
+
+
+@pytest.mark.xfail(strict=True, reason="cmtl/registry.py (Registry.open) builds BackboneConfig(**recorded): it should "
+                   "call cmtl.manifest.backbone_config (owned by helper R this round)")
+def test_a_registry_with_a_backbone_key_from_a_newer_cmtl_opens(reg_root):
+    edit_manifest(reg_root, _set(("backbone", "from_a_newer_cmtl"), 1))
+    with pytest.warns(UserWarning, match="from_a_newer_cmtl"):
+        Registry.open(reg_root, device="cpu")
+
+
 def test_current_99_is_caught_on_open(reg_root):
     edit_manifest(reg_root, _set((*S, "current"), 99))
     with pytest.raises(ManifestError, match=r"\['current'\] is 99"):
         Registry.open(reg_root, device="cpu")
+
+
+def test_an_unchanged_manifest_is_checked_once_and_a_changed_one_again(reg_root, monkeypatch):
+    from cmtl import manifest as rules
+
+    checked = []
+    check = rules.validate
+    monkeypatch.setattr(rules, "validate", lambda m, path: (checked.append(path), check(m, path)))
+    read_manifest(reg_root)
+    read_manifest(reg_root)
+    assert len(checked) == 1  # the server polls: an unchanged manifest is not checked again
+    edit_manifest(reg_root, _set((*V1, "training", "eval_batch_size"), 0))
+    with pytest.raises(ManifestError, match="eval_batch_size"):
+        read_manifest(reg_root)
+    with pytest.raises(ManifestError, match="eval_batch_size"):  # a bad manifest is never remembered as checked
+        read_manifest(reg_root)
+    assert len(checked) == 3
 
 
 def test_the_served_manifest_is_valid(served):
