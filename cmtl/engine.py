@@ -36,6 +36,7 @@ from cmtl.adapters import AdapterConfig, check_adapter_state, entry_adapters
 from cmtl.backbone import Backbone, BackboneConfig, load_backbone
 from cmtl.data import Encoded, as_texts, batches, token_budget_chunks
 from cmtl.errors import BackboneMismatchError, DataError, ManifestError, TaskNotFoundError
+from cmtl.manifest import backbone_config
 from cmtl.tasks import TaskHead, TaskSpec, check_head_state
 
 logger = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ class InferenceEngine:
         self.root = Path(registry)
         manifest = store.read_manifest(self.root)
         recorded = manifest["backbone"]
-        config = backbone or BackboneConfig(**{k: v for k, v in recorded.items() if k != "sha256"})
+        config = backbone or backbone_config(recorded)
         self.backbone: Backbone = load_backbone(config, device=device)
         self.backbone.check_matches(recorded["sha256"], f"registry {str(self.root)!r}")
         self._recorded_backbone = dict(recorded)

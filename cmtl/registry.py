@@ -34,6 +34,7 @@ from cmtl.data import Encoded, Examples, as_texts, encode, read_examples, spec_f
 from cmtl.errors import (STORED_FILE_FIX, BackboneMismatchError, CorruptFileError, DataError, RegistryError,
                          TaskExistsError, TaskNotFoundError)
 from cmtl.evaluation import compute_metrics, predict_logits, primary_metric
+from cmtl.manifest import backbone_config
 from cmtl.merging import MergeConfig, lora_deltas, merge_deltas, refit_head, to_lora_state
 from cmtl.monitor import DriftMonitor, DriftReport, MonitorConfig
 from cmtl.multitask import MultiTaskConfig, TaskLoRA, grouped_forward, train_multitask
@@ -167,11 +168,9 @@ class Registry:
         manifest = store.read_manifest(root)
         recorded = manifest["backbone"]
         if backbone is None:
-            config = BackboneConfig(**{k: v for k, v in recorded.items() if k != "sha256"})
+            config = backbone_config(recorded)
         elif isinstance(backbone, str):
-            config = BackboneConfig(
-                **{**{k: v for k, v in recorded.items() if k != "sha256"}, "name_or_path": backbone}
-            )
+            config = backbone_config(recorded, name_or_path=backbone)
         else:
             config = backbone
         loaded = load_backbone(config, device=device)
@@ -840,7 +839,7 @@ class Registry:
         raise TaskNotFoundError(f"Task {task!r} has no version {version!r}. Versions: {known}.")
 
     def _info(self, task: str, record: dict[str, Any], current: int) -> VersionInfo:
-        fields_ = {k: v for k, v in record.items() if k in VersionInfo.__dataclass_fields__ and k != "files"}
+        fields_ = {k: v for k, v in record.items() if k in VersionInfo.__dataclass_fields__ and k not in ("files", "task", "current")}
         return VersionInfo(task=task, current=record["version"] == current, **fields_)
 
     def _encode(self, examples: Examples, spec: TaskSpec) -> Encoded:
