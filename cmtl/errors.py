@@ -71,5 +71,5 @@ class ManifestError(RegistryError):
 
 
 #: The way out of a stored file that passed its checksum but does not fit what it claims to be.
-STORED_FILE_FIX = ("The file was replaced or damaged (and its checksum rewritten); roll the task back to another version, "
-                   "or retrain it (remove_merge and merge again for a merged entry).")
+STORED_FILE_FIX = ("The file was replaced or damaged (and its checksum rewritten); roll the task back to another "
+                   "version, or retrain it (remove_merge and merge again for a merged entry).")

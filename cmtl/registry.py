@@ -393,8 +393,8 @@ class Registry:
         new_enc, val_enc = self._encode(new_ex, spec), self._encode(val_ex, spec)  # DataError on unknown labels
         buffer = self.buffer(task, parent)
         old_holdout = self.holdout(task, parent)
-        replayed = (_stored(spec, buffer.to_examples()).select(_sample_indices(len(buffer), round(config.replay_ratio * len(new_ex)),
-                                                                 training.seed))
+        n_replay = round(config.replay_ratio * len(new_ex))
+        replayed = (_stored(spec, buffer.to_examples()).select(_sample_indices(len(buffer), n_replay, training.seed))
                     if buffer is not None and len(buffer) else None)
         replay_enc = self._encode(replayed, spec) if replayed is not None and len(replayed) else None
         train_enc = Encoded.concat([new_enc] + ([replay_enc] if replay_enc is not None else []))
@@ -839,7 +839,8 @@ class Registry:
         raise TaskNotFoundError(f"Task {task!r} has no version {version!r}. Versions: {known}.")
 
     def _info(self, task: str, record: dict[str, Any], current: int) -> VersionInfo:
-        fields_ = {k: v for k, v in record.items() if k in VersionInfo.__dataclass_fields__ and k not in ("files", "task", "current")}
+        fields_ = {k: v for k, v in record.items()
+                   if k in VersionInfo.__dataclass_fields__ and k not in ("files", "task", "current")}
         return VersionInfo(task=task, current=record["version"] == current, **fields_)
 
     def _encode(self, examples: Examples, spec: TaskSpec) -> Encoded:
@@ -1050,7 +1051,8 @@ class Registry:
         try:
             self._bank.load(key, config, state)
         except DataError as exc:  # tensors missing for some adapted module
-            raise CorruptFileError(f"File {str(path)!r} does not fit its recorded adapter: {exc} {STORED_FILE_FIX}") from exc
+            raise CorruptFileError(
+                f"File {str(path)!r} does not fit its recorded adapter: {exc} {STORED_FILE_FIX}") from exc
 
     def _predict_encoded(self, task: str, encoded: Encoded, version: int | None, merge: str | None = None
                          ) -> torch.Tensor:

@@ -91,7 +91,8 @@ def test_a_multi_label_row_naming_a_label_twice_is_refused(tmp_path, source, spe
 
 def test_the_multi_hot_error_says_what_the_vector_means():
     spec = TaskSpec("m", labels=["a", "b", "c"], problem_type="multi_label", label_encoding="index")
-    with pytest.raises(DataError, match=r"label names, or their positions.*label_encoding='index'.*\['a', 'c'\], or \[0, 2\]"):
+    meant = r"label names, or their positions.*label_encoding='index'.*\['a', 'c'\], or \[0, 2\]"
+    with pytest.raises(DataError, match=meant):
         read_examples([{"text": "t", "label": [1, 0, 1]}], spec)
     with pytest.raises(DataError, match="multi-hot"):
         spec.encode_labels([[1, 0, 1]])

@@ -498,8 +498,9 @@ def test_kill_during_every_write_keeps_a_consistent_registry(reg_root, op, where
     expected = reg.predict_proba("sentiment", texts)
     expected_merge = reg.predict_proba("sentiment", texts, merge="both")
     before = (reg_root / MANIFEST).read_bytes()
-    proc = subprocess.run([sys.executable, "-m", "tests.kill_during_write", str(reg_root), op, where], capture_output=True, text=True,
-                          cwd=str(Path(__file__).parents[1]), env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run([sys.executable, "-m", "tests.kill_during_write", str(reg_root), op, where],
+                          capture_output=True, text=True, cwd=str(Path(__file__).parents[1]),
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == -9, proc.stderr[-2000:]
     if where == "mid-manifest":
         assert (reg_root / MANIFEST).read_bytes() == before
