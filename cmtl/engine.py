@@ -36,7 +36,7 @@ from cmtl.adapters import AdapterConfig, check_adapter_state, entry_adapters
 from cmtl.backbone import Backbone, BackboneConfig, load_backbone
 from cmtl.data import Encoded, as_texts, batches, token_budget_chunks
 from cmtl.errors import BackboneMismatchError, DataError, ManifestError, TaskNotFoundError
-from cmtl.manifest import backbone_config
+from cmtl.manifest import backbone_changes, backbone_config
 from cmtl.tasks import TaskHead, TaskSpec, check_head_state
 
 logger = logging.getLogger(__name__)
@@ -149,18 +149,14 @@ class InferenceEngine:
     def _check_backbone(self, recorded: dict[str, Any]) -> None:
         """Refuse a manifest whose backbone is not the one loaded: its adapters and heads were
         trained on other weights (or another pooling, max_length), and would answer wrongly."""
-        settings = {k: v for k, v in recorded.items() if k not in ("name_or_path", "sha256")}
-        loaded = {k: v for k, v in self._recorded_backbone.items() if k not in ("name_or_path", "sha256")}
-        if recorded.get("sha256") == self.backbone.sha256 and settings == loaded:
+        # The folder may differ (the engine may load the same weights from elsewhere); the hash is checked.
+        changes = backbone_changes(self._recorded_backbone, recorded, ignore=("name_or_path",))
+        if not changes:
             return
-        if recorded.get("sha256") != self.backbone.sha256:
-            theirs, ours = str(recorded.get("sha256"))[:12], self.backbone.sha256[:12]
-            changed = f"weights hash {theirs}…; this engine's is {ours}…"
-        else:
-            changed = f"settings {settings}; this engine's are {loaded}"
         raise BackboneMismatchError(
-            f"Registry {str(self.root)!r} now records backbone {recorded.get('name_or_path')!r} with {changed}: it "
-            f"was replaced by a registry built on another backbone. Still serving generation "
+            f"Registry {str(self.root)!r} now records backbone {recorded.get('name_or_path')!r} "
+            f"({', '.join(changes)}, from the one this engine loaded): it was replaced by a registry built on "
+            f"another backbone. Still serving generation "
             f"{self.snapshot.generation!r}; restore the registry, or start a new InferenceEngine (restart the "
             "server) to serve the new one."
         )

@@ -71,6 +71,14 @@ def _version_number(value: Any) -> bool:
     return _positive_int(value) and value <= MAX_VERSION
 
 
+def backbone_changes(known: dict[str, Any], recorded: dict[str, Any], *, ignore: tuple[str, ...] = ()) -> list[str]:
+    """How a manifest's ``backbone`` record differs from the ``known`` one, one phrase per field
+    (``ignore``: fields that may differ); empty when they describe the same backbone."""
+    return [f"weights hash {str(known.get(k))[:12]}… -> {str(recorded.get(k))[:12]}…" if k == "sha256" else
+            f"{k} {known.get(k)!r} -> {recorded.get(k)!r}"
+            for k in sorted(set(known) | set(recorded)) if k not in ignore and known.get(k) != recorded.get(k)]
+
+
 def backbone_config(recorded: dict[str, Any], **overrides: Any):
     """The :class:`cmtl.backbone.BackboneConfig` a manifest's ``backbone`` record describes (with
     ``overrides``); keys this cmtl does not know (written by a newer one) warn and are ignored."""

@@ -34,7 +34,7 @@ from cmtl.data import Encoded, Examples, as_texts, encode, read_examples, spec_f
 from cmtl.errors import (STORED_FILE_FIX, BackboneMismatchError, CorruptFileError, DataError, RegistryError,
                          TaskExistsError, TaskNotFoundError)
 from cmtl.evaluation import compute_metrics, predict_logits, primary_metric
-from cmtl.manifest import backbone_config
+from cmtl.manifest import backbone_changes, backbone_config
 from cmtl.merging import MergeConfig, lora_deltas, merge_deltas, refit_head, to_lora_state
 from cmtl.monitor import DriftMonitor, DriftReport, MonitorConfig
 from cmtl.multitask import MultiTaskConfig, TaskLoRA, grouped_forward, train_multitask
@@ -198,14 +198,11 @@ class Registry:
     def _read_manifest(self) -> dict[str, Any]:
         """The manifest on disk, refused if it records another backbone than this object's manifest."""
         manifest = store.read_manifest(self.root)
-        known, recorded = self._manifest["backbone"], manifest["backbone"]
-        if recorded != known:
-            changes = ", ".join(
-                f"weights hash {str(known.get(k))[:12]}… -> {str(recorded.get(k))[:12]}…" if k == "sha256" else
-                f"{k} {known.get(k)!r} -> {recorded.get(k)!r}"
-                for k in sorted(set(known) | set(recorded)) if known.get(k) != recorded.get(k))
+        changes = backbone_changes(self._manifest["backbone"], manifest["backbone"])
+        if changes:
             raise BackboneMismatchError(
-                f"The registry {str(self.root)!r} now records another backbone than this object runs ({changes}): "
+                f"The registry {str(self.root)!r} now records another backbone than this object runs "
+                f"({', '.join(changes)}): "
                 "it was replaced (deleted and created again?) since this object opened it. Adapters only work on "
                 f"the backbone they were trained on, so its manifest was not taken in. Open it anew with "
                 f"Registry.open({str(self.root)!r})."
