@@ -9,9 +9,14 @@ and head per task::
     reg.predict("spam", ["WIN a free phone now!!!"])
 """
 
+from cmtl import _moved
 from cmtl._version import __version__
-from cmtl.adapters import AdapterConfig
-from cmtl.backbone import BackboneConfig
+from cmtl.benchmarks.metrics import ContinualReport, acc, bwt, forgetting, fwt
+from cmtl.continual.replay import ClassBalancedBuffer, ReplayBuffer, ReservoirBuffer, TaskBalancedBuffer, make_buffer
+from cmtl.continual.updates import MemoryConfig, UpdateConfig
+from cmtl.core.adapters import AdapterConfig
+from cmtl.core.backbone import BackboneConfig
+from cmtl.core.tasks import TaskSpec
 from cmtl.errors import (
     BackboneMismatchError,
     CmtlError,
@@ -24,14 +29,12 @@ from cmtl.errors import (
     TaskNotFoundError,
     TrainingDivergedError,
 )
-from cmtl.merging import MergeConfig
-from cmtl.metrics import ContinualReport, acc, bwt, forgetting, fwt
-from cmtl.monitor import DriftMonitor, DriftReport, MonitorConfig
-from cmtl.registry import Registry, UpdateResult, VersionInfo
-from cmtl.replay import ClassBalancedBuffer, ReplayBuffer, ReservoirBuffer, TaskBalancedBuffer, make_buffer
-from cmtl.tasks import TaskSpec
-from cmtl.training import TrainConfig
-from cmtl.updates import MemoryConfig, UpdateConfig
+from cmtl.merging.methods import MergeConfig
+from cmtl.monitoring.drift import DriftMonitor, DriftReport, MonitorConfig
+from cmtl.registry.facade import Registry, UpdateResult, VersionInfo
+from cmtl.training.loop import TrainConfig
+
+_moved.install()
 
 __all__ = [
     "AdapterConfig",

@@ -51,7 +51,7 @@ class TrainingDivergedError(CmtlError, FloatingPointError):
 
 
 class CorpusNotFoundError(CmtlError, _LookupKeyError):
-    """A corpus name that :data:`cmtl.corpora.CORPORA` does not hold."""
+    """A corpus name that :data:`cmtl.benchmarks.corpora.CORPORA` does not hold."""
 
 
 class CorpusSourceError(CmtlError, RuntimeError):

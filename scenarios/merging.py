@@ -28,9 +28,9 @@ import numpy as np
 import torch
 
 from cmtl import BackboneConfig, Registry, TrainConfig
-from cmtl.merging import METHODS, PEFT_METHODS, MergeConfig, refit_head
-from cmtl.scenarios import Scenario
-from cmtl.tasks import TaskHead
+from cmtl.benchmarks.scenarios import Scenario
+from cmtl.core.tasks import TaskHead
+from cmtl.merging.methods import METHODS, PEFT_METHODS, MergeConfig, refit_head
 
 
 def run(scenario: Scenario, out: Path, *, backbone: BackboneConfig, training: TrainConfig, device: str = "auto",

@@ -49,14 +49,14 @@ WAYS = ("stl", "mtl", "diminish", "switch", "adaptive-switch")
 
 def run(args, echo=print) -> dict:
     from cmtl import BackboneConfig, TaskSpec, TrainConfig
-    from cmtl.adapters import AdapterBank, AdapterConfig
-    from cmtl.backbone import load_backbone
-    from cmtl.corpora import corpus_info, load_corpus
+    from cmtl.benchmarks.corpora import corpus_info, load_corpus
+    from cmtl.core.adapters import AdapterBank, AdapterConfig
+    from cmtl.core.backbone import load_backbone
+    from cmtl.core.tasks import TaskHead
     from cmtl.data import encode, read_examples
-    from cmtl.evaluation import compute_metrics, predict_logits
-    from cmtl.multitask import MultiTaskConfig, grouped_forward, train_multitask
-    from cmtl.tasks import TaskHead
-    from cmtl.training import seeded
+    from cmtl.multitask.joint import MultiTaskConfig, grouped_forward, train_multitask
+    from cmtl.training.evaluation import compute_metrics, predict_logits
+    from cmtl.training.loop import seeded
 
     primary, aux = PAIRINGS[args.pairing]
     corpora = [primary, *aux]

@@ -4,7 +4,7 @@ Throughput (in process, no HTTP): batches of real text5 test texts, each row for
 task adapters (K = 1, 4, 16 by default), raw texts to logits, five ways:
 
 * ``base``        — the backbone alone, no adapter (the physical limit);
-* ``cmtl``        — :class:`cmtl.engine.InferenceEngine`, one forward with gathered LoRA factors;
+* ``cmtl``        — :class:`cmtl.serving.engine.InferenceEngine`, one forward with gathered LoRA factors;
 * ``one-adapter`` — the engine with every row on one adapter (what a merged entry costs);
 * ``loop``        — one forward per task present in the batch (``Registry.predict_proba``);
 * ``peft-mixed``  — peft's mixed-batch forward (``adapter_names=[...]``) on the same adapters.
@@ -42,7 +42,7 @@ TEXT5 = ("bbc_news", "trec6", "sms_spam", "rotten_tomatoes", "fine_foods")
 def build_registry(root: Path, k: int, layers: int | None, device: str):
     """A registry with ``k`` tasks (labels of the text5 corpora in turn), each trained a few steps."""
     from cmtl import BackboneConfig, Registry, TaskSpec, TrainConfig
-    from cmtl.corpora import corpus_info, load_corpus
+    from cmtl.benchmarks.corpora import corpus_info, load_corpus
 
     reg = Registry.create(root, BackboneConfig(num_hidden_layers=layers), device=device)
     for i in range(k):
@@ -54,7 +54,7 @@ def build_registry(root: Path, k: int, layers: int | None, device: str):
 
 
 def texts_pool(n: int) -> list[str]:
-    from cmtl.corpora import load_corpus
+    from cmtl.benchmarks.corpora import load_corpus
 
     per = -(-n // len(TEXT5))
     texts = [t for c in TEXT5 for t in load_corpus(c)["test"].select(range(per))["text"]]
@@ -82,9 +82,9 @@ def throughput(args, k: int, workdir: Path, echo=print) -> dict:
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
     from cmtl import Registry, store
-    from cmtl.backbone import load_backbone
+    from cmtl.core.backbone import load_backbone
     from cmtl.data import Encoded, batches, token_budget_chunks
-    from cmtl.engine import InferenceEngine
+    from cmtl.serving.engine import InferenceEngine
 
     root = workdir / f"reg{k}"
     build_registry(root, k, args.layers, args.device)
@@ -205,7 +205,7 @@ def load_test(args, workdir: Path, echo=print) -> dict:
     import httpx
 
     from cmtl import Registry, TrainConfig
-    from cmtl.corpora import load_corpus
+    from cmtl.benchmarks.corpora import load_corpus
 
     root = workdir / "serve-reg"
     reg = build_registry(root, 4, args.layers, args.device)
@@ -213,7 +213,7 @@ def load_test(args, workdir: Path, echo=print) -> dict:
     reg.update_task("task00", load_corpus(TEXT5[0])["train"].select(range(32, 96)),
                     training=TrainConfig(max_steps=4, learning_rate=5e-3, progress=False), promote=False)
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "cmtl.cli", "serve", str(root), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "cmtl.cli.commands", "serve", str(root), "--port", str(port),
                              "--device", args.device, "--poll-seconds", "0.5"],
                             env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)

@@ -49,14 +49,14 @@ TARGET_MODULES = ("query", "value")
 
 
 def _rows(corpus: str, split: str, n: int):
-    from cmtl.corpora import load_corpus
+    from cmtl.benchmarks.corpora import load_corpus
 
     data = load_corpus(corpus)[split]
     return data.select(range(min(n, len(data))))
 
 
 def _labels(corpus: str) -> list[str]:
-    from cmtl.corpora import corpus_info
+    from cmtl.benchmarks.corpora import corpus_info
 
     return list(corpus_info(corpus).labels)
 
@@ -68,7 +68,7 @@ def _adapted_layers(args, num_layers: int) -> tuple[int, ...] | None:
 def _num_layers(args) -> int:
     from transformers import AutoConfig
 
-    from cmtl.backbone import DEFAULT_BACKBONE, resolve_path
+    from cmtl.core.backbone import DEFAULT_BACKBONE, resolve_path
 
     full = AutoConfig.from_pretrained(resolve_path(DEFAULT_BACKBONE), local_files_only=True).num_hidden_layers
     return args.layers or full
@@ -81,7 +81,7 @@ def _peak_mb(device: str) -> float:
 
 
 def _lr_lambda(total: int, warmup_ratio: float):
-    warmup = int(total * warmup_ratio)  # the same schedule as cmtl.training.get_lr
+    warmup = int(total * warmup_ratio)  # the same schedule as cmtl.training.loop.get_lr
     return lambda step: (step + 1) / warmup if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
 
 
@@ -107,7 +107,7 @@ def _hf_model(args, num_labels: int, layers):
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from cmtl.backbone import DEFAULT_BACKBONE, resolve_path
+    from cmtl.core.backbone import DEFAULT_BACKBONE, resolve_path
 
     path = resolve_path(DEFAULT_BACKBONE)
     extra = {"num_hidden_layers": args.layers} if args.layers else {}
@@ -151,7 +151,7 @@ def _hf_trainer(args, model, tokenizer, workdir: Path, train=None, val=None):
 def train_hf(args, workdir: Path) -> dict:
     from transformers import AutoTokenizer
 
-    from cmtl.backbone import DEFAULT_BACKBONE, resolve_path
+    from cmtl.core.backbone import DEFAULT_BACKBONE, resolve_path
 
     labels = _labels(args.task)
     train, val = _rows(args.task, "train", args.max_train), _rows(args.task, "validation", args.max_eval)
@@ -183,7 +183,7 @@ def train_avalanche(args, workdir: Path) -> dict:
     from avalanche.training.plugins import LRSchedulerPlugin
 
     from cmtl import AdapterConfig, BackboneConfig, TaskSpec
-    from cmtl.backbone import load_backbone
+    from cmtl.core.backbone import load_backbone
     from cmtl.integrations import avalanche as av
 
     spec = TaskSpec("task", labels=_labels(args.task))
@@ -228,7 +228,7 @@ def eval_cmtl(args, workdir: Path) -> dict:
 def eval_hf(args, workdir: Path) -> dict:
     from transformers import AutoTokenizer
 
-    from cmtl.backbone import DEFAULT_BACKBONE, resolve_path
+    from cmtl.core.backbone import DEFAULT_BACKBONE, resolve_path
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_path(DEFAULT_BACKBONE), local_files_only=True)
     models = {corpus: _hf_model(args, len(_labels(corpus)), None) for corpus in TEXT5}
@@ -244,7 +244,7 @@ def eval_hf(args, workdir: Path) -> dict:
 
 def eval_avalanche(args, workdir: Path) -> dict:
     from cmtl import BackboneConfig, TaskSpec
-    from cmtl.backbone import load_backbone
+    from cmtl.core.backbone import load_backbone
     from cmtl.integrations import avalanche as av
 
     backbone = load_backbone(BackboneConfig(num_hidden_layers=args.layers), device=args.device)
@@ -370,7 +370,7 @@ def to_markdown(results: dict) -> str:
 
 def main(argv: list[str] | None = None, echo=print) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--task", default="rotten_tomatoes", help="corpus to train on (cmtl.corpora.CORPORA)")
+    p.add_argument("--task", default="rotten_tomatoes", help="corpus to train on (cmtl.benchmarks.corpora.CORPORA)")
     p.add_argument("--max-train", type=int, default=600)
     p.add_argument("--max-eval", type=int, default=300, help="validation examples; test examples per text5 task")
     p.add_argument("--epochs", type=int, default=3)

@@ -4,12 +4,12 @@
 1. Every task of the scenario (default ``text5``) gets its own adapter in a fresh registry
    (the per-task baseline).
 2. One adapter trains jointly on all of them while TAG measures, every ``--tag-every`` steps,
-   the lookahead affinity Z_{i→j} (:mod:`cmtl.multitask`); the averaged matrix is written as
+   the lookahead affinity Z_{i→j} (:mod:`cmtl.multitask.joint`); the averaged matrix is written as
    ``affinity.json`` and ``affinity.png``.
 3. Pair search (``--pairs``, the default): every pair of tasks trains as a joint adapter; the
    validation gain of task j when paired with i over its own adapter fills S[i, j]. This is the
    pairwise "higher-order approximation" of Standley et al. (2020) that TAG's paper compares to.
-4. :func:`cmtl.multitask.select_groups` picks at most ``--groups`` groups from Z (TAG) and from
+4. :func:`cmtl.multitask.joint.select_groups` picks at most ``--groups`` groups from Z (TAG) and from
    S (pair search); each group of two or more tasks trains as a joint adapter in the registry
    (``Registry.train_group``), each for ``--epochs`` over its own tasks' data.
 5. Test accuracy per task: its own adapter, all tasks in one adapter, its group under TAG and
@@ -33,13 +33,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 
 def run(args, echo=print) -> dict:
     from cmtl import BackboneConfig, Registry, TrainConfig
-    from cmtl.multitask import MultiTaskConfig, group_score, select_groups
-    from cmtl.scenarios import Scenario
+    from cmtl.benchmarks.scenarios import Scenario
+    from cmtl.multitask.joint import MultiTaskConfig, group_score, select_groups
 
     scenario = Scenario.from_yaml(args.scenario)
     if scenario.kind != "task-incremental":

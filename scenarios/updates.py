@@ -32,9 +32,9 @@ import numpy as np
 import torch
 
 from cmtl import BackboneConfig, Registry, TrainConfig, UpdateConfig
+from cmtl.benchmarks.metrics import ContinualReport
+from cmtl.benchmarks.scenarios import Scenario
 from cmtl.data import Examples
-from cmtl.metrics import ContinualReport
-from cmtl.scenarios import Scenario
 
 METHODS = ("update-replay", "update-naive", "retrain")
 

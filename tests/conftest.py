@@ -41,7 +41,7 @@ def tiny_backbone(tmp_path_factory) -> str:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from cmtl.backbone import DEFAULT_BACKBONE, resolve_path
+    from cmtl.core.backbone import DEFAULT_BACKBONE, resolve_path
 
     path = tmp_path_factory.mktemp("tiny-bert")
     tokenizer = AutoTokenizer.from_pretrained(resolve_path(DEFAULT_BACKBONE), local_files_only=True)

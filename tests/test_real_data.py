@@ -7,8 +7,8 @@ import random
 import pytest
 
 from cmtl import BackboneConfig, Registry, TaskSpec, TrainConfig
-from cmtl.corpora import corpus_info, load_corpus
-from cmtl.monitor import DriftMonitor
+from cmtl.benchmarks.corpora import corpus_info, load_corpus
+from cmtl.monitoring.drift import DriftMonitor
 
 
 @pytest.mark.slow

@@ -30,13 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cmtl.adapters import AdapterBank, AdapterConfig
-from cmtl.backbone import Backbone
+from cmtl.benchmarks.metrics import ContinualReport
+from cmtl.core.adapters import AdapterBank, AdapterConfig
+from cmtl.core.backbone import Backbone
+from cmtl.core.tasks import TaskHead, TaskSpec, route_to_heads
 from cmtl.data import Encoded, batches, encode, read_examples
-from cmtl.evaluation import Forward
-from cmtl.metrics import ContinualReport
-from cmtl.tasks import TaskHead, TaskSpec, route_to_heads
-from cmtl.training import seeded
+from cmtl.training.evaluation import Forward
+from cmtl.training.loop import seeded
 
 if TYPE_CHECKING:  # annotations only: importing avalanche at runtime happens inside functions
     from avalanche.benchmarks.scenarios.generic_scenario import CLScenario
@@ -168,7 +168,7 @@ def build_model(
     if any("lora_" in name for name, _ in backbone.encoder.named_parameters()):
         raise ValueError(
             "This backbone already carries LoRA layers (another model or registry uses it). "
-            "Load a fresh one with cmtl.backbone.load_backbone for each model."
+            "Load a fresh one with cmtl.core.backbone.load_backbone for each model."
         )
     with seeded(seed):  # peft draws A and cmtl draws the heads from the global RNG
         return _model_class()(backbone, list(specs), adapter or AdapterConfig(), head_dropout)
@@ -189,7 +189,7 @@ def _model_class() -> type:
         """Frozen cmtl backbone + one shared LoRA adapter + one :class:`TaskHead` per task.
 
         ``forward(x, task_labels)`` takes ``x`` (B, 3, L) as built by :func:`export_benchmark` and
-        returns logits (B, max labels); columns beyond a task's labels hold :data:`cmtl.tasks.MASKED_LOGIT`.
+        returns logits (B, max labels); columns beyond a task's labels hold :data:`cmtl.core.tasks.MASKED_LOGIT`.
         """
 
         def __init__(self, backbone: Backbone, specs: list[TaskSpec], adapter: AdapterConfig, head_dropout: float):
@@ -246,7 +246,7 @@ def _model_class() -> type:
             return route_to_heads(self.embed(x), task_labels, self.heads.__getitem__, self.max_class_label)
 
         def forward_for(self, task: int) -> Forward:
-            """Task ``task``'s forward on cmtl's padded batches, for :func:`cmtl.evaluation.predict_logits`."""
+            """Task ``task``'s forward on cmtl's padded batches, for :func:`cmtl.training.evaluation.predict_logits`."""
             head = self.heads[task]
             return lambda inputs: head(self.backbone.embed(**inputs))
 
@@ -476,13 +476,13 @@ def run_avalanche_stream(name: str, experiences: Sequence, kind: str, backbone_c
 
     Args:
         name: ``"naive"``, ``"replay"``, ``"ewc"`` or ``"lwf"``.
-        experiences: :class:`cmtl.scenarios.Experience` objects (task-incremental).
-        backbone_config: :class:`cmtl.backbone.BackboneConfig` of the backbone to load.
-        config: :class:`cmtl.strategies.StrategyConfig`: epochs, batch size, learning rate, seed, replay
+        experiences: :class:`cmtl.benchmarks.scenarios.Experience` objects (task-incremental).
+        backbone_config: :class:`cmtl.core.backbone.BackboneConfig` of the backbone to load.
+        config: :class:`cmtl.benchmarks.learners.StrategyConfig`: epochs, batch size, learning rate, seed, replay
             budget and penalty weights carry over.
     """
-    from cmtl.backbone import load_backbone
-    from cmtl.strategies import StrategyConfig
+    from cmtl.benchmarks.learners import StrategyConfig
+    from cmtl.core.backbone import load_backbone
 
     if kind != "task-incremental":
         raise ValueError(f"Avalanche strategies run here on task-incremental scenarios only, not {kind}.")

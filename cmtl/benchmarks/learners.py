@@ -1,0 +1,439 @@
+"""Continual-learning strategies, compared on one scenario with one backbone and budget.
+
+* ``adapters`` — cmtl: a registry with one LoRA adapter + head per experience.
+  Without a task id at test time (domain- and class-incremental) each text goes
+  to the adapter whose head is most confident.
+* ``seq-ft`` — one shared LoRA adapter fine-tuned experience after experience.
+* ``replay`` — ``seq-ft`` plus a task-balanced buffer of earlier examples mixed
+  into each experience's training data (Chaudhry et al., 2019, "On Tiny
+  Episodic Memories in Continual Learning").
+* ``ewc`` — ``seq-ft`` plus (λ/2) Σ F (θ − θ*)² per earlier experience
+  (Kirkpatrick et al., 2017).
+* ``lwf`` — ``seq-ft`` plus λ T² KL(old ‖ new) on earlier heads' outputs for
+  the new data (Li & Hoiem, 2017).
+* ``joint`` — a shared adapter retrained from scratch on every experience
+  seen so far (the offline upper bound at each step).
+* ``single`` — task-incremental only: an independent, fully fine-tuned copy
+  of the backbone per task (the status quo cmtl replaces).
+
+Shared strategies keep one head per task (task-incremental), one head for the
+one task (domain-incremental), or one head over every class whose unseen
+classes are masked (class-incremental). A head for an experience not trained
+yet is a fresh head drawn from a seed fixed per experience, so ``b`` and FWT
+compare like with like across strategies.
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+import dataclasses
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+
+from cmtl.benchmarks.metrics import ContinualReport
+from cmtl.benchmarks.scenarios import Experience
+from cmtl.continual.penalties import Anchor, distillation_loss, ewc_term, fisher_diagonal
+from cmtl.continual.replay import make_buffer
+from cmtl.core.adapters import AdapterBank, AdapterConfig
+from cmtl.core.backbone import Backbone, BackboneConfig, load_backbone
+from cmtl.core.tasks import MASKED_LOGIT, TaskHead, TaskSpec, route_to_heads
+from cmtl.data import Encoded, Examples, encode
+from cmtl.registry.facade import Registry
+from cmtl.training.evaluation import predict_logits
+from cmtl.training.loop import TrainConfig, seeded, train
+
+STRATEGIES = ("adapters", "seq-ft", "replay", "ewc", "lwf", "joint", "single")
+Kind = Literal["task-incremental", "domain-incremental", "class-incremental"]
+
+
+@dataclass(kw_only=True, frozen=True)
+class StrategyConfig:
+    """The budget every strategy shares, and each strategy's own knobs.
+
+    Args:
+        adapter: LoRA settings of every adapter.
+        training: Loop settings for every experience.
+        replay_budget: Examples the replay buffer keeps, over all experiences.
+        ewc_lambda: Weight of the EWC penalty.
+        fisher_examples: Training examples used to estimate each Fisher diagonal.
+        lwf_lambda: Weight of the LwF distillation term.
+        lwf_temperature: Softmax temperature of the distillation.
+        single_learning_rate: Peak learning rate of full fine-tuning (``single``).
+    """
+
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    training: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, progress=False))
+    replay_budget: int = 500
+    ewc_lambda: float = 1000.0
+    fisher_examples: int = 256
+    lwf_lambda: float = 1.0
+    lwf_temperature: float = 2.0
+    single_learning_rate: float = 5e-5
+
+
+def _seeded_head(hidden: int, n_out: int, dropout: float, seed: int) -> TaskHead:
+    with seeded(seed):
+        return TaskHead(hidden, n_out, dropout)
+
+
+class Learner(abc.ABC):
+    """One strategy on one stream: ``fit`` each experience in turn, ``predict`` any of them."""
+
+    def __init__(self, experiences: list[Experience], kind: Kind, backbone: Backbone, config: StrategyConfig):
+        self.experiences = experiences
+        self.kind = kind
+        self.backbone = backbone
+        self.config = config
+        self.device = backbone.device
+        self.pad_id = backbone.pad_id
+        self.trainable_parameters: list[int] = []  # added per experience
+        self.bytes_added: list[int] = []
+
+    @abc.abstractmethod
+    def fit(self, i: int) -> None:
+        """Learn experience ``i`` (experiences ``< i`` were fit before)."""
+
+    @abc.abstractmethod
+    def predict(self, j: int, n_seen: int) -> list[str]:
+        """Predicted label names for experience ``j``'s test texts after ``n_seen`` experiences."""
+
+    def _head_seed(self, j: int) -> int:
+        return self.config.training.seed * 1009 + j
+
+    def _encode(self, examples: Examples, spec: TaskSpec, group: int, with_targets: bool = True) -> Encoded:
+        enc = encode(examples, spec, self.backbone.tokenize, with_targets=with_targets)
+        enc.groups = torch.full((len(enc),), group, dtype=torch.long)
+        return enc
+
+
+class SharedLearner(Learner):
+    """One shared adapter; ``mode`` picks seq-ft, replay, ewc, lwf or joint."""
+
+    def __init__(self, experiences, kind, backbone, config, mode: str):
+        super().__init__(experiences, kind, backbone, config)
+        self.mode = mode
+        self.bank = AdapterBank(backbone.encoder)
+        self._fresh_adapter()
+        if kind == "task-incremental":
+            self.head_keys = [e.spec.name for e in experiences]
+            self.head_specs = [e.spec for e in experiences]
+        else:  # one head: the shared label set, or every class of a class-incremental stream
+            labels = tuple(dict.fromkeys(label for e in experiences for label in e.spec.labels))
+            self.head_keys = [experiences[0].spec.name if kind == "domain-incremental" else "classes"]
+            self.head_specs = [TaskSpec(self.head_keys[0], labels=labels)]
+        self.width = max(s.num_outputs for s in self.head_specs)
+        self.heads: dict[int, TaskHead] = {}
+        for g in range(len(self.head_specs)):  # eagerly: a head first built under inference_mode cannot train
+            self._head(g)
+        self.allowed: torch.Tensor | None = None  # class-incremental: classes seen so far
+        self.buffer = make_buffer("task_balanced", config.replay_budget, config.training.seed)
+        self.ewc: list[Anchor] = []  # (Fisher, θ*) per experience
+        self.last_pooled: torch.Tensor | None = None
+
+    # --- model ------------------------------------------------------------------
+
+    def _fresh_adapter(self) -> None:
+        if "shared" in self.bank:
+            self.bank.remove("shared")
+        with seeded(self.config.training.seed):
+            self.bank.add("shared", self.config.adapter)
+        self.bank.activate("shared")
+
+    def _group(self, j: int) -> int:
+        return j if self.kind == "task-incremental" else 0
+
+    def _head(self, g: int) -> TaskHead:
+        if g not in self.heads:
+            self.heads[g] = _seeded_head(self.backbone.hidden_size, self.head_specs[g].num_outputs,
+                                         self.config.training.head_dropout, self._head_seed(g)).to(self.device)
+            self.heads[g].eval()
+        return self.heads[g]
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits (B, width): each row through its group's head; masked columns at a large negative."""
+        inputs = dict(inputs)
+        groups = inputs.pop("groups")
+        pooled = self.backbone.embed(**inputs)  # (B, H)
+        self.last_pooled = pooled
+        logits = route_to_heads(pooled, groups, self._head, self.width)
+        if self.allowed is not None:
+            logits = logits.masked_fill(~self.allowed, MASKED_LOGIT)
+        return logits
+
+    # --- learning ---------------------------------------------------------------
+
+    def _training_data(self, i: int, exp: Experience, split: str) -> Encoded:
+        g = self._group(i)
+        spec = self.head_specs[g]
+        parts = [self._encode(getattr(exp, split), spec, g)]
+        if self.mode == "joint":
+            parts = [self._encode(getattr(e, split), self.head_specs[self._group(j)], self._group(j))
+                     for j, e in enumerate(self.experiences[: i + 1])]
+        elif self.mode == "replay" and split == "train" and len(self.buffer):
+            for j, e in enumerate(self.experiences[:i]):
+                old = self.buffer.to_examples(task=e.name)
+                if len(old):
+                    parts.append(self._encode(old, self.head_specs[self._group(j)], self._group(j)))
+        return Encoded.concat(parts)
+
+    def fit(self, i: int) -> None:
+        exp = self.experiences[i]
+        if self.mode == "joint":
+            self._fresh_adapter()
+            self.heads.clear()
+            for g in range(len(self.head_specs)):
+                self._head(g)
+        if self.kind == "class-incremental":
+            seen = {label for e in self.experiences[: i + 1] for label in e.spec.labels}
+            self.allowed = torch.tensor([label in seen for label in self.head_specs[0].labels], device=self.device)
+        train_data = self._training_data(i, exp, "train")
+        validation = self._training_data(i, exp, "validation")
+        groups = sorted(set(train_data.groups.tolist()))
+        heads = [self._head(g) for g in groups]
+        old_heads = {g: copy.deepcopy(h) for g, h in self.heads.items()} if self.mode == "lwf" else None
+        if self.mode == "lwf" and i > 0:
+            if "previous" in self.bank:
+                self.bank.remove("previous")
+            self.bank.load("previous", self.config.adapter, self.bank.state_dict("shared"))
+            self.bank.activate("shared")
+        params = self.bank.parameters("shared") + [p for h in heads for p in h.parameters()]
+
+        def set_training(flag: bool) -> None:
+            self.bank.set_training("shared", flag)
+            for h in heads:
+                h.train(flag)
+
+        # Loss over rows of every group: targets index the group's own labels.
+        spec = TaskSpec("stream", labels=[f"c{k}" for k in range(max(self.width, 2))])
+        extra = self._penalty(i, old_heads)
+        train(self.forward, params, set_training, spec, train_data, validation, self.config.training,
+              pad_id=self.pad_id, device=self.device, extra_loss=extra, desc=f"{self.mode}:{exp.name}")
+        for p in params:
+            p.requires_grad_(False)
+        if self.mode == "replay":
+            self.buffer.add_examples(exp.train, task=exp.name)
+        if self.mode == "ewc":
+            self.ewc.append(self._fisher(train_data, spec))
+        self.trainable_parameters.append(sum(p.numel() for p in params))
+        # Stored state grows by the new head (and by the one shared adapter, once).
+        new_head = self.kind == "task-incremental" or i == 0
+        added = (self.bank.num_parameters("shared") if i == 0 else 0) + (
+            sum(p.numel() for p in self._head(self._group(i)).parameters()) if new_head else 0)
+        self.bytes_added.append(4 * added)  # float32
+
+    def _penalty(self, i: int, old_heads) -> Callable | None:
+        if self.mode == "ewc" and self.ewc:
+            return ewc_term(self.bank.parameters("shared"), self.ewc, self.config.ewc_lambda)
+        if self.mode == "lwf" and i > 0:
+            lam, T = self.config.lwf_lambda, self.config.lwf_temperature
+            old_groups = sorted({self._group(j) for j in range(i)})
+            if self.kind == "class-incremental":
+                old_cols = torch.tensor([label in {x for e in self.experiences[:i] for x in e.spec.labels}
+                                         for label in self.head_specs[0].labels], device=self.device)
+
+            def lwf_penalty(inputs, logits, rows):
+                pooled_new = self.last_pooled
+                model_inputs = {k: v for k, v in inputs.items() if k != "groups"}
+                with torch.no_grad():
+                    self.bank.activate("previous")
+                    pooled_old = self.backbone.embed(**model_inputs)
+                    self.bank.activate("shared")
+                total = logits.new_zeros(())
+                for g in old_groups:
+                    old, new = old_heads[g](pooled_old), self.heads[g](pooled_new)
+                    if self.kind == "class-incremental":
+                        old, new = old[:, old_cols], new[:, old_cols]
+                    total = total + distillation_loss(new, old, T)
+                return lam * total / len(old_groups)
+
+            return lwf_penalty
+        return None
+
+    def _fisher(self, data: Encoded, spec: TaskSpec) -> Anchor:
+        shared = self.bank.parameters("shared")
+        anchor = fisher_diagonal(self.forward, shared, spec, data, max_examples=self.config.fisher_examples,
+                                 batch_size=self.config.training.batch_size, pad_id=self.pad_id, device=self.device)
+        for p in shared:
+            p.requires_grad_(False)
+        return anchor
+
+    # --- inference --------------------------------------------------------------
+
+    def predict(self, j: int, n_seen: int) -> list[str]:
+        exp = self.experiences[j]
+        g = self._group(j)
+        spec = self.head_specs[g]
+        enc = self._encode(exp.test, spec, g, with_targets=False)
+        logits = predict_logits(self.forward, enc, batch_size=self.config.training.eval_batch_size,
+                                pad_id=self.pad_id, device=self.device)
+        return [spec.labels[k] for k in logits[:, : spec.num_outputs].argmax(-1).tolist()]
+
+
+class AdapterLearner(Learner):
+    """cmtl itself: every experience becomes a task of a registry, with its own adapter and head."""
+
+    def __init__(self, experiences, kind, backbone, config, root: Path):
+        super().__init__(experiences, kind, backbone, config)
+        self.registry = Registry.create(root, backbone)
+
+    def fit(self, i: int) -> None:
+        exp = self.experiences[i]
+        info = self.registry.add_task(TaskSpec(exp.name, labels=exp.spec.labels), train=exp.train,
+                                      validation=exp.validation, adapter=self.config.adapter,
+                                      training=self.config.training)
+        self.trainable_parameters.append(info.trainable_parameters)
+        self.bytes_added.append(info.bytes_on_disk)
+
+    def predict(self, j: int, n_seen: int) -> list[str]:
+        exp = self.experiences[j]
+        texts = exp.test.texts
+        if self.kind == "task-incremental":
+            if j < n_seen:
+                return self.registry.predict(exp.name, texts)
+            return self._untrained(j, texts)
+        if n_seen == 0:
+            return self._untrained(j, texts)
+        # No task id: every seen adapter answers, the most confident (adapter, label) wins.
+        best_p = torch.full((len(texts),), -1.0)
+        best = [""] * len(texts)
+        for e in self.experiences[:n_seen]:
+            probs = torch.from_numpy(self.registry.predict_proba(e.name, texts))  # (N, L_e)
+            p, k = probs.max(-1)
+            for row in torch.nonzero(p > best_p).flatten().tolist():
+                best[row] = e.spec.labels[k[row]]
+            best_p = torch.maximum(best_p, p)
+        return best
+
+    def _untrained(self, j: int, texts: list[str]) -> list[str]:
+        """A task not trained yet: its fresh seeded head on the plain backbone (its adapter starts at B = 0)."""
+        labels = self.experiences[j].spec.labels
+        if self.kind == "class-incremental":  # an untrained model may answer any class of the stream
+            labels = tuple(dict.fromkeys(x for e in self.experiences for x in e.spec.labels))
+        head = _seeded_head(self.backbone.hidden_size, len(labels), 0.0, self._head_seed(j))
+        with torch.inference_mode():
+            logits = head(self.registry.embed(texts))
+        return [labels[k] for k in logits.argmax(-1).tolist()]
+
+
+class SingleLearner(Learner):
+    """One independent, fully fine-tuned copy of the backbone per task (task-incremental only)."""
+
+    def __init__(self, experiences, kind, backbone, config):
+        if kind != "task-incremental":
+            raise ValueError("Strategy 'single' trains one model per task and needs a task id at test time: "
+                             f"it runs on task-incremental scenarios only, not {kind}.")
+        super().__init__(experiences, kind, backbone, config)
+        self.models: dict[int, tuple[torch.nn.Module, TaskHead]] = {}
+
+    def _model(self, j: int) -> tuple[torch.nn.Module, TaskHead]:
+        if j not in self.models:
+            encoder = copy.deepcopy(self.backbone.encoder)
+            spec = self.experiences[j].spec
+            head = _seeded_head(self.backbone.hidden_size, spec.num_outputs, self.config.training.head_dropout,
+                                self._head_seed(j)).to(self.device)
+            encoder.eval()
+            head.eval()
+            self.models[j] = (encoder, head)
+        return self.models[j]
+
+    def _forward(self, j: int):
+        encoder, head = self._model(j)
+        pool = self.backbone.pool
+
+        def forward(inputs):
+            inputs = {k: v for k, v in inputs.items() if k != "groups"}
+            return head(pool(encoder(**inputs).last_hidden_state, inputs["attention_mask"]))
+
+        return forward
+
+    def fit(self, i: int) -> None:
+        exp = self.experiences[i]
+        encoder, head = self._model(i)
+        params = list(encoder.parameters()) + list(head.parameters())
+        for p in params:
+            p.requires_grad_(True)
+
+        def set_training(flag: bool) -> None:
+            encoder.train(flag)
+            head.train(flag)
+
+        config = TrainConfig.from_dict({**self.config.training.to_dict(),
+                                        "learning_rate": self.config.single_learning_rate})
+        train(self._forward(i), params, set_training, exp.spec, self._encode(exp.train, exp.spec, 0),
+              self._encode(exp.validation, exp.spec, 0), config, pad_id=self.pad_id, device=self.device,
+              desc=f"single:{exp.name}")
+        for p in params:
+            p.requires_grad_(False)
+        n = sum(p.numel() for p in params)
+        self.trainable_parameters.append(n)
+        self.bytes_added.append(4 * n)
+
+    def predict(self, j: int, n_seen: int) -> list[str]:
+        exp = self.experiences[j]
+        enc = self._encode(exp.test, exp.spec, 0, with_targets=False)
+        logits = predict_logits(self._forward(j), enc, batch_size=self.config.training.eval_batch_size,
+                                pad_id=self.pad_id, device=self.device)
+        return [exp.spec.labels[k] for k in logits.argmax(-1).tolist()]
+
+
+def make_learner(strategy: str, experiences: list[Experience], kind: Kind, backbone: Backbone,
+                 config: StrategyConfig, workdir: Path) -> Learner:
+    """The learner of one strategy name from :data:`STRATEGIES`."""
+    if strategy == "adapters":
+        return AdapterLearner(experiences, kind, backbone, config, workdir / "registry")
+    if strategy == "single":
+        return SingleLearner(experiences, kind, backbone, config)
+    if strategy in ("seq-ft", "replay", "ewc", "lwf", "joint"):
+        return SharedLearner(experiences, kind, backbone, config, mode=strategy)
+    raise ValueError(f"Unknown strategy {strategy!r}. Known strategies: {list(STRATEGIES)}.")
+
+
+def run_stream(
+    strategy: str,
+    experiences: list[Experience],
+    kind: Kind,
+    backbone: BackboneConfig | None = None,
+    config: StrategyConfig | None = None,
+    *,
+    device: str = "auto",
+    workdir: str | Path | None = None,
+    on_step: Callable[[str], None] | None = None,
+) -> ContinualReport:
+    """Train ``strategy`` through the stream; measure R, b, time, parameters and bytes per experience.
+
+    Each run loads its own copy of the backbone, so strategies never share adapter state.
+    """
+    config = config or StrategyConfig()
+    loaded = load_backbone(backbone, device=device)
+    with tempfile.TemporaryDirectory(prefix="cmtl-bench-") as tmp:
+        learner = make_learner(strategy, experiences, kind, loaded, config, Path(workdir or tmp))
+        T = len(experiences)
+
+        def accuracy(j: int, n_seen: int) -> float:
+            truth = experiences[j].test.labels
+            return sum(p == t for p, t in zip(learner.predict(j, n_seen), truth)) / len(truth)
+
+        b = [accuracy(j, 0) for j in range(T)]
+        R, seconds = [], []
+        for i in range(T):
+            started = time.perf_counter()
+            with seeded(config.training.seed * 7919 + i, loaded.device):  # dropout masks, fresh heads
+                learner.fit(i)
+            seconds.append(time.perf_counter() - started)
+            R.append([accuracy(j, i + 1) for j in range(T)])
+            if on_step:
+                on_step(f"{strategy}: after {experiences[i].name} ({seconds[-1]:.0f} s): "
+                        + " ".join(f"{experiences[j].name}={R[-1][j]:.3f}" for j in range(T)))
+        report = ContinualReport.from_matrix(R, [e.name for e in experiences], b=b, seconds_per_experience=seconds,
+                                             trainable_parameters_per_task=learner.trainable_parameters,
+                                             bytes_per_task=learner.bytes_added)
+    if kind == "class-incremental":
+        # Classes not seen yet cannot be predicted, so R[j-1][j] = 0 by construction: FWT says nothing.
+        report = dataclasses.replace(report, fwt=None)
+    return report

@@ -1,0 +1,141 @@
+"""Run strategies on a scenario and write what a person wants to read.
+
+``run_benchmark`` trains each strategy through each requested order of a
+scenario's stream (:func:`cmtl.benchmarks.learners.run_stream`) and writes, into one
+folder: ``results.json`` (every accuracy matrix and metric), ``results.md``
+(one summary table, then each matrix) and ``heatmap-<strategy>-<order>.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from cmtl._version import __version__
+from cmtl.benchmarks.learners import STRATEGIES, StrategyConfig, run_stream
+from cmtl.benchmarks.metrics import ContinualReport, plot_heatmap
+from cmtl.benchmarks.scenarios import Scenario
+from cmtl.core.backbone import BackboneConfig
+
+logger = logging.getLogger(__name__)
+AVALANCHE_STRATEGIES = ("avl-naive", "avl-replay", "avl-ewc", "avl-lwf")
+
+
+def run_benchmark(
+    scenario: Scenario,
+    strategies: Sequence[str],
+    out: str | Path,
+    *,
+    backbone: BackboneConfig | None = None,
+    config: StrategyConfig | None = None,
+    orders: Sequence[str] = ("stated",),
+    device: str = "auto",
+    echo: Callable[[str], None] = lambda _: None,
+) -> dict:
+    """Run ``strategies`` × ``orders`` of ``scenario``; write results into ``out``; return the JSON dict.
+
+    Args:
+        orders: Names from :meth:`Scenario.orders` (``"stated"``, ``"random-1"``, ...) or ``"all"``.
+    """
+    unknown = [s for s in strategies if s not in STRATEGIES + AVALANCHE_STRATEGIES]
+    if unknown:
+        raise ValueError(f"Unknown strategies {unknown}. Known: {list(STRATEGIES + AVALANCHE_STRATEGIES)}.")
+    available = dict(scenario.orders())
+    wanted = list(available) if "all" in orders else list(orders)
+    missing = [o for o in wanted if o not in available]
+    if missing:
+        raise ValueError(f"Unknown orders {missing} for scenario {scenario.name!r}. Available: {list(available)}.")
+    config = config or StrategyConfig()
+    backbone = backbone or BackboneConfig()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {
+        "scenario": scenario.name,
+        "kind": scenario.kind,
+        "command_config": {"max_train": scenario.max_train, "max_eval": scenario.max_eval, "seed": scenario.seed,
+                           "backbone": backbone.to_dict(), "adapter": config.adapter.to_dict(),
+                           "training": config.training.to_dict(),
+                           **{k: v for k, v in asdict(config).items() if k not in ("adapter", "training")}},
+        "machine": _machine(),
+        "date": time.strftime("%Y-%m-%d"),
+        "cmtl_version": __version__,
+        "runs": [],
+    }
+    for order in wanted:
+        stream = available[order]
+        experiences = stream.load()
+        for strategy in strategies:
+            echo(f"== {scenario.name} [{order}] {strategy}: " + " -> ".join(e.name for e in experiences))
+            started = time.perf_counter()
+            if strategy in AVALANCHE_STRATEGIES:
+                from cmtl.integrations.avalanche import run_avalanche_stream
+
+                report = run_avalanche_stream(strategy.removeprefix("avl-"), experiences, stream.kind, backbone,
+                                              config, device=device)
+            else:
+                report = run_stream(strategy, experiences, stream.kind, backbone, config, device=device,
+                                    on_step=echo)
+            seconds = time.perf_counter() - started
+            png = plot_heatmap(report.R, report.task_names, out / f"heatmap-{strategy}-{order}.png")
+            results["runs"].append({"strategy": strategy, "order": order, "seconds": seconds,
+                                    "heatmap": png.name, **report.to_dict()})
+            echo(f"   ACC {report.acc:.3f}  BWT {_fmt(report.bwt)}  FWT {_fmt(report.fwt)}  ({seconds:.0f} s)")
+            _write(out, results)  # after every run: a long benchmark keeps what it measured
+    return results
+
+
+def summary_rows(results: dict) -> list[dict]:
+    """One row per run: the table of the issue (ACC, BWT, FWT, forgetting, time, parameters, bytes)."""
+    rows = []
+    for run in results["runs"]:
+        params = run.get("trainable_parameters_per_task") or []
+        added = run.get("bytes_per_task") or []
+        rows.append({
+            "strategy": run["strategy"], "order": run["order"], "ACC": run["acc"], "BWT": run["bwt"],
+            "FWT": run["fwt"], "forgetting": run["mean_forgetting"],
+            "time_s": sum(run.get("seconds_per_experience") or [run["seconds"]]),
+            "params_per_exp": int(sum(params) / len(params)) if params else None,
+            "bytes_added": sum(added) if added else None,
+        })
+    return rows
+
+
+def to_markdown(results: dict) -> str:
+    columns = ["strategy", "order", "ACC", "BWT", "FWT", "forgetting", "time_s", "params_per_exp", "bytes_added"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in summary_rows(results):
+        lines.append("| " + " | ".join(_fmt(row[c]) for c in columns) + " |")
+    for run in results["runs"]:
+        report = ContinualReport.from_matrix(run["R"], run["task_names"], b=run["b"])
+        report = dataclasses.replace(report, fwt=run["fwt"])  # None where the run found FWT meaningless
+        lines += ["", f"### {run['strategy']} ({run['order']})", "", report.to_markdown(),
+                  "", f"![{run['strategy']} {run['order']}]({run['heatmap']})"]
+    return "\n".join(lines) + "\n"
+
+
+def _write(out: Path, results: dict) -> None:
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(f"# {results['scenario']} ({results['kind']})\n\n" + to_markdown(results))
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 100 else f"{v:.0f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def _machine() -> str:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} torch threads, {gpu}".strip()

@@ -1,0 +1,175 @@
+"""Continual-learning scenarios: an ordered stream of experiences over real corpora.
+
+A scenario is declared in a small YAML file (see ``scenarios/*.yaml``) and
+turned into :class:`Experience` objects with fixed, seeded, capped splits.
+
+Three kinds (van de Ven & Tolias, 2019, "Three scenarios for continual learning"):
+
+* ``task-incremental``: each experience is a new task with its own labels; the
+  task identity is known at test time (one head per task).
+* ``domain-incremental``: every experience is the same task (one label set)
+  on a shifted input distribution; no task identity is needed.
+* ``class-incremental``: new classes of one task arrive per experience; at
+  test time the model picks among all classes seen so far, with no task id.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from cmtl.benchmarks.corpora import corpus_info, load_corpus
+from cmtl.core.tasks import TaskSpec
+from cmtl.data import Examples, read_examples
+
+Kind = Literal["task-incremental", "domain-incremental", "class-incremental"]
+KINDS = ("task-incremental", "domain-incremental", "class-incremental")
+
+
+@dataclass(kw_only=True, frozen=True)
+class ExperienceSpec:
+    """One step of a stream, as declared.
+
+    Args:
+        name: Experience name (the task name in task-incremental scenarios).
+        corpus: A name from :data:`cmtl.benchmarks.corpora.CORPORA`.
+        labels: Class-incremental only: the classes of the corpus this experience brings.
+    """
+
+    name: str
+    corpus: str
+    labels: tuple[str, ...] | None = None
+
+
+@dataclass(kw_only=True, frozen=True)
+class Scenario:
+    """A declared stream of experiences and its budget.
+
+    Args:
+        name: Scenario name.
+        kind: ``"task-incremental"``, ``"domain-incremental"`` or ``"class-incremental"``.
+        experiences: The stream, in its stated order.
+        task: Domain- and class-incremental: the name of the one task.
+        max_train: Training examples per experience (seeded sample of the train split).
+        max_eval: Validation and test examples per experience.
+        random_orders: Seeds of extra, shuffled orders of the stream to run.
+        seed: Seeds the corpora's splits and the samples.
+        description: Free text.
+    """
+
+    name: str
+    kind: Kind
+    experiences: tuple[ExperienceSpec, ...]
+    task: str | None = None
+    max_train: int = 1000
+    max_eval: int = 500
+    random_orders: tuple[int, ...] = ()
+    seed: int = 0
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"Scenario {self.name!r}: kind must be one of {list(KINDS)}. Got {self.kind!r}.")
+        if len(self.experiences) < 2:
+            raise ValueError(f"Scenario {self.name!r} needs at least 2 experiences, got {len(self.experiences)}.")
+        names = [e.name for e in self.experiences]
+        if len(set(names)) != len(names):
+            raise ValueError(f"Scenario {self.name!r} has duplicate experience names: {names}.")
+        if self.kind != "task-incremental" and not self.task:
+            raise ValueError(f"A {self.kind} scenario needs 'task': the name of its one task.")
+        if self.kind == "class-incremental":
+            if len({e.corpus for e in self.experiences}) != 1 or any(not e.labels for e in self.experiences):
+                raise ValueError("A class-incremental scenario draws every experience from one corpus and "
+                                 "names each experience's 'labels'.")
+            seen = [label for e in self.experiences for label in e.labels]
+            if len(set(seen)) != len(seen):
+                raise ValueError(f"Classes may arrive only once in {self.name!r}; got {seen}.")
+        if self.max_train < 1 or self.max_eval < 1:
+            raise ValueError(f"max_train and max_eval must be >= 1. Got {self.max_train}, {self.max_eval}.")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Scenario":
+        d = dict(d)
+        d["experiences"] = tuple(
+            ExperienceSpec(**{**e, "labels": tuple(e["labels"]) if e.get("labels") else None})
+            for e in d.get("experiences", [])
+        )
+        d["random_orders"] = tuple(d.get("random_orders", ()))
+        return cls(**d)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "Scenario":
+        import yaml
+
+        with open(path) as f:
+            return cls.from_dict(yaml.safe_load(f))
+
+    def shrink(self, max_train: int, max_eval: int) -> "Scenario":
+        """The same stream with smaller caps (for tests and quick looks)."""
+        return replace(self, max_train=max_train, max_eval=max_eval)
+
+    def orders(self) -> list[tuple[str, "Scenario"]]:
+        """The stated order, then one shuffled copy per seed in ``random_orders``."""
+        out = [("stated", self)]
+        for seed in self.random_orders:
+            exps = list(self.experiences)
+            random.Random(seed).shuffle(exps)
+            out.append((f"random-{seed}", replace(self, experiences=tuple(exps), random_orders=())))
+        return out
+
+    def all_labels(self) -> tuple[str, ...]:
+        """Class-incremental: every class in arrival order; otherwise the shared label set."""
+        if self.kind == "class-incremental":
+            return tuple(label for e in self.experiences for label in e.labels)
+        return corpus_info(self.experiences[0].corpus).labels
+
+    def load(self, cache_dir: str | Path | None = None) -> list["Experience"]:
+        """Materialise the stream: capped, seeded splits of each experience's corpus."""
+        return [_load_experience(self, e, cache_dir) for e in self.experiences]
+
+
+@dataclass
+class Experience:
+    """One step of a loaded stream.
+
+    ``spec`` is the head this experience trains: its own task (task-incremental),
+    the shared task (domain-incremental), or its new classes (class-incremental).
+    """
+
+    name: str
+    spec: TaskSpec
+    train: Examples
+    validation: Examples
+    test: Examples
+    corpus: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _load_experience(scenario: Scenario, e: ExperienceSpec, cache_dir) -> Experience:
+    info = corpus_info(e.corpus)
+    labels = e.labels or info.labels
+    unknown = sorted(set(labels) - set(info.labels))
+    if unknown:
+        raise ValueError(f"Experience {e.name!r}: labels {unknown} are not in corpus {e.corpus!r} {list(info.labels)}.")
+    splits = load_corpus(e.corpus, seed=scenario.seed, cache_dir=cache_dir)
+    task = scenario.task if scenario.kind == "domain-incremental" else e.name
+    spec = TaskSpec(task, labels=labels, description=info.description)
+
+    def take(split: str, cap: int) -> Examples:
+        ds = splits[split]
+        if e.labels:
+            wanted = set(e.labels)
+            ds = ds.select([i for i, label in enumerate(ds["label"]) if label in wanted])
+        ds = ds.shuffle(seed=scenario.seed).select(range(min(cap, len(ds))))
+        return read_examples(ds, spec)
+
+    return Experience(
+        name=e.name,
+        spec=spec,
+        train=take("train", scenario.max_train),
+        validation=take("validation", scenario.max_eval),
+        test=take("test", scenario.max_eval),
+        corpus=e.corpus,
+    )

@@ -1,0 +1,481 @@
+"""The ``cmtl`` command line. The only module that prints.
+
+Every command takes the registry folder as its first argument; ``--help``
+works on each. An error of cmtl's own (``cmtl.CmtlError``) or a bad setting
+(``ValueError``) prints one ``error: ...`` line and exits with code 1, never a
+traceback; bad usage exits with code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from typer.core import TyperGroup
+
+
+class _Commands(TyperGroup):
+    """The one place where the CLI turns errors into messages."""
+
+    def invoke(self, ctx):
+        from cmtl import CmtlError
+
+        try:
+            return super().invoke(ctx)
+        # ValueError: a setting the library refused (e.g. a task name); OSError: a file the user named
+        # cannot be read or written. Anything else is a bug and keeps its traceback.
+        except (CmtlError, ValueError, OSError) as exc:
+            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(code=1) from None
+
+
+app = typer.Typer(
+    cls=_Commands,
+    help="cmtl: one frozen transformer, a registry of per-task LoRA adapters.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+RegistryArg = Annotated[Path, typer.Argument(help="Registry folder.")]
+TaskArg = Annotated[str, typer.Argument(help="Task name.")]
+EncodingOpt = Annotated[Optional[str], typer.Option(
+    help="Text encoding of the data files, e.g. latin-1 or cp1252 (default: UTF-8).")]
+
+
+@app.callback()
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # cmtl never downloads models
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _open(registry: Path):
+    from cmtl import Registry
+
+    return Registry.open(registry)
+
+
+def _read(path: Path | None, spec, encoding: str | None, *, labelled: bool = True):
+    """A data file's examples for ``spec`` (``None`` for no file), decoded with ``encoding``."""
+    from cmtl.data import read_examples
+
+    return None if path is None else read_examples(path, spec, labelled=labelled, encoding=encoding)
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    """Plain-text table with a header and aligned columns."""
+
+    def cell(v) -> str:
+        if isinstance(v, float):
+            return f"{v:.4f}"
+        return "" if v is None else str(v)
+
+    cells = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+@app.command()
+def init(
+    registry: RegistryArg,
+    backbone: Annotated[Optional[str], typer.Option(help="Local encoder folder (default: embedded all-MiniLM-L6-v2).")] = None,
+    pooling: Annotated[str, typer.Option(help="mean or cls.")] = "mean",
+    layers: Annotated[Optional[int], typer.Option(help="Keep only the first N transformer layers.")] = None,
+) -> None:
+    """Create an empty registry on a frozen backbone."""
+    from cmtl import BackboneConfig, Registry
+    from cmtl.core.backbone import DEFAULT_BACKBONE
+
+    config = BackboneConfig(name_or_path=backbone or DEFAULT_BACKBONE, pooling=pooling, num_hidden_layers=layers)
+    reg = Registry.create(registry, config)
+    typer.echo(f"created {reg.root} on {config.name_or_path} (weights {reg.backbone.sha256[:12]})")
+
+
+@app.command("add-task")
+def add_task(
+    registry: RegistryArg,
+    name: TaskArg,
+    train: Annotated[Path, typer.Option(help="Training data: .csv, .tsv, .jsonl, .json or .parquet.")],
+    labels: Annotated[Optional[str], typer.Option(help="Comma-separated label names (default: those in the data).")] = None,
+    validation: Annotated[Optional[Path], typer.Option(help="Validation data for early stopping.")] = None,
+    problem_type: Annotated[str, typer.Option(help="single_label, multi_label or regression.")] = "single_label",
+    text_column: str = "text",
+    text_pair_column: Optional[str] = None,
+    label_column: str = "label",
+    epochs: int = 3,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    max_steps: Optional[int] = None,
+    rank: Annotated[int, typer.Option(help="LoRA rank r.")] = 8,
+    alpha: Annotated[float, typer.Option(help="LoRA alpha.")] = 16.0,
+    seed: int = 0,
+    progress: bool = True,
+    encoding: EncodingOpt = None,
+) -> None:
+    """Train a new task's adapter and head and store it as version 1."""
+    from cmtl import AdapterConfig, TaskSpec, TrainConfig
+
+    reg = _open(registry)
+    columns = dict(problem_type=problem_type, text_column=text_column, text_pair_column=text_pair_column,
+                   label_column=label_column)
+    if labels is None:
+        if problem_type != "single_label":
+            raise ValueError("--labels is required for multi_label and regression tasks.")
+        labels_list = sorted(set(_read(train, TaskSpec(name, **columns), encoding).labels))  # names as in the file
+    else:
+        labels_list = [x.strip() for x in labels.split(",") if x.strip()]
+    spec = TaskSpec(name, labels=labels_list, **columns)
+    info = reg.add_task(
+        spec, _read(train, spec, encoding), _read(validation, spec, encoding),
+        adapter=AdapterConfig(r=rank, alpha=alpha),
+        training=TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=lr, max_steps=max_steps,
+                             seed=seed, progress=progress),
+    )
+    typer.echo(f"added {info.task} v{info.version}: {info.trainable_parameters:,} trainable parameters, "
+               f"{info.bytes_on_disk:,} bytes on disk, {info.train_seconds:.1f} s")
+    for key, value in info.metrics.items():
+        typer.echo(f"  {key} = {value:.4f}" if isinstance(value, float) else f"  {key} = {value}")
+
+
+@app.command()
+def predict(
+    registry: RegistryArg,
+    task: TaskArg,
+    texts: Annotated[Optional[list[str]], typer.Argument(help="Texts to classify.")] = None,
+    input: Annotated[Optional[Path], typer.Option("--input", help="File with a text column instead.")] = None,
+    proba: Annotated[bool, typer.Option(help="Also print per-label probabilities.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    merge: Annotated[Optional[str], typer.Option(help="Predict through this merged entry.")] = None,
+    encoding: EncodingOpt = None,
+) -> None:
+    """Predict labels for texts given as arguments or in a file."""
+    reg = _open(registry)
+    spec = reg.spec(task, merge=merge)
+    if input is not None:
+        ex = _read(input, spec, encoding, labelled=False)
+        texts, pairs = ex.texts, ex.pairs
+    elif texts:
+        pairs = None
+    else:
+        raise ValueError("Give texts as arguments or --input FILE.")
+    labels = reg.predict(task, texts, pairs, merge=merge)
+    probs = reg.predict_proba(task, texts, pairs, merge=merge) if proba or as_json else None
+    for i, (text, label) in enumerate(zip(texts, labels)):
+        if as_json:
+            row = {"text": text, "prediction": label,
+                   "probabilities": dict(zip(spec.labels, (round(float(p), 6) for p in probs[i])))}
+            typer.echo(json.dumps(row))
+        elif proba:
+            scores = "  ".join(f"{lab}={p:.3f}" for lab, p in zip(spec.labels, probs[i]))
+            typer.echo(f"{label}\t{scores}\t{text}")
+        else:
+            typer.echo(f"{label}\t{text}")
+
+
+@app.command("eval")
+def evaluate(
+    registry: RegistryArg,
+    task: TaskArg,
+    data: Annotated[Path, typer.Option(help="Labelled data file.")],
+    version: Annotated[Optional[int], typer.Option(help="Version to evaluate (default: current).")] = None,
+    encoding: EncodingOpt = None,
+) -> None:
+    """Evaluate a task on labelled data."""
+    reg = _open(registry)
+    metrics = reg.evaluate(task, _read(data, reg.spec(task), encoding), version=version)
+    typer.echo(format_table([{"metric": k, "value": v} for k, v in metrics.items()], ["metric", "value"]))
+
+
+@app.command("ls")
+def list_tasks(registry: RegistryArg) -> None:
+    """List tasks with their current version, metrics, size and parameters."""
+    reg = _open(registry)
+    rows = []
+    for name in reg.tasks():
+        info, spec = reg.current(name), reg.spec(name)
+        rows.append({
+            "task": name, "version": f"v{info.version}/{len(reg.versions(name))}", "type": spec.problem_type,
+            "labels": len(spec.labels), "val_acc": info.metrics.get("validation_accuracy"),
+            "params": f"{info.trainable_parameters:,}", "bytes": f"{info.bytes_on_disk:,}", "created": info.created,
+        })
+    typer.echo(f"{reg.root}  backbone {reg.backbone.config.name_or_path} ({reg.backbone.num_parameters:,} frozen parameters)")
+    typer.echo(format_table(rows, ["task", "version", "type", "labels", "val_acc", "params", "bytes", "created"])
+               if rows else "(no tasks)")
+
+
+@app.command()
+def versions(registry: RegistryArg, task: TaskArg) -> None:
+    """Show a task's lineage: every version, its parent and metrics."""
+    infos = _open(registry).versions(task)
+    rows = [{"version": f"v{i.version}" + (" *" if i.current else ""), "parent": i.parent and f"v{i.parent}",
+             "kind": i.kind, "val_acc": i.metrics.get("validation_accuracy"), "new_acc": i.metrics.get("new_accuracy"),
+             "old_acc": i.metrics.get("old_accuracy"), "examples": i.training.get("examples"),
+             "replayed": i.training.get("replayed"), "seconds": i.train_seconds, "created": i.created, "note": i.note}
+            for i in infos]
+    typer.echo(format_table(rows, ["version", "parent", "kind", "val_acc", "new_acc", "old_acc", "examples",
+                                   "replayed", "seconds", "created", "note"]))
+    typer.echo("(* = current)")
+
+
+@app.command()
+def update(
+    registry: RegistryArg,
+    task: TaskArg,
+    data: Annotated[Path, typer.Option(help="New labelled training data.")],
+    validation: Annotated[Optional[Path], typer.Option(help="New held-out data (default: 10% of --data).")] = None,
+    replay_ratio: Annotated[float, typer.Option(help="Replayed buffer examples per new example.")] = 1.0,
+    penalty: Annotated[str, typer.Option(help="none, ewc or lwf.")] = "none",
+    tolerance: Annotated[float, typer.Option(help="Largest allowed drop on earlier data (0.01 = 1 point).")] = 0.01,
+    promote: Annotated[Optional[bool], typer.Option("--promote/--no-promote",
+                                                    help="Override the gate (default: the gate decides).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Default: as the current version was trained.")] = None,
+    progress: bool = True,
+    encoding: EncodingOpt = None,
+) -> None:
+    """Train a new version of a task on new data from the current one; promote it if it passes the gate."""
+    import dataclasses
+
+    from cmtl import TrainConfig, UpdateConfig
+
+    reg = _open(registry)
+    training = TrainConfig.from_dict(reg.current(task).training)
+    changes = {"progress": progress} | ({"epochs": epochs} if epochs is not None else {})
+    config = UpdateConfig(replay_ratio=replay_ratio, penalty=penalty, tolerance=tolerance)
+    spec = reg.spec(task)
+    result = reg.update_task(task, _read(data, spec, encoding), _read(validation, spec, encoding), promote=promote,
+                             training=dataclasses.replace(training, **changes), config=config)
+    info = result.version
+    typer.echo(f"{task} v{info.version} (from v{info.parent}, {info.training['examples']} new + "
+               f"{info.training['replayed']} replayed examples, {info.train_seconds:.1f} s): {result.reason}")
+    typer.echo(f"current version: v{reg.current(task).version}")
+
+
+@app.command()
+def monitor(
+    registry: RegistryArg,
+    task: TaskArg,
+    data: Annotated[Path, typer.Option(help="Incoming texts (a file with the task's text column).")],
+    reference: Annotated[Optional[Path], typer.Option(help="Reference texts (default: the held-out sample kept "
+                                                              "with the current version).")] = None,
+    alpha: Annotated[float, typer.Option(help="Significance level.")] = 0.01,
+    permutations: int = 500,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    encoding: EncodingOpt = None,
+) -> None:
+    """Test whether incoming texts for a task have drifted from its reference (exit code 3 on drift)."""
+    from cmtl.monitoring.drift import MonitorConfig
+
+    reg = _open(registry)
+    spec = reg.spec(task)
+    texts = _read(data, spec, encoding, labelled=False).texts
+    ref = _read(reference, spec, encoding, labelled=False).texts if reference is not None else None
+    report = reg.monitor(task, texts, reference=ref, config=MonitorConfig(alpha=alpha, permutations=permutations))
+    typer.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.verdict)
+    if report.drift:
+        raise typer.Exit(code=3)
+
+
+@app.command()
+def merge(
+    registry: RegistryArg,
+    name: Annotated[str, typer.Argument(help="Name of the merged entry.")],
+    members: Annotated[list[str], typer.Argument(help="Tasks to merge: TASK (current version) or TASK:VERSION.")],
+    method: Annotated[str, typer.Option(help="linear, ties, dare or dare_ties.")] = "ties",
+    scale: Annotated[Optional[float], typer.Option(help="λ (default: mean for linear/dare, 1 for TIES).")] = None,
+    density: Annotated[float, typer.Option(help="TIES: fraction of each delta kept.")] = 0.2,
+    drop: Annotated[float, typer.Option(help="DARE: drop probability.")] = 0.9,
+    rank: Annotated[Optional[int], typer.Option(help="Rank of the stored adapter (default: exact).")] = None,
+    search: Annotated[bool, typer.Option(help="Choose the knobs on the members' held-out samples.")] = False,
+    refit_heads: Annotated[bool, typer.Option(help="Refit each task's head on its replay buffer through the "
+                                                   "merged adapter.")] = False,
+    seed: int = 0,
+) -> None:
+    """Merge task adapters into one adapter; each task keeps its own head (predict TASK --merge NAME)."""
+    from cmtl.merging.methods import MergeConfig
+
+    reg = _open(registry)
+    parsed = []
+    for m in members:
+        task, sep, version = m.partition(":")
+        if sep and not version.isdigit():
+            raise ValueError(f"Member {m!r}: write TASK (its current version) or TASK:VERSION, e.g. {task}:2.")
+        parsed.append((task, int(version)) if sep else task)
+    record = reg.merge(parsed, name, config=MergeConfig(method=method, scale=scale, density=density, drop=drop,
+                                                        rank=rank, seed=seed, refit_heads=refit_heads),
+                       search=search)
+    members_text = ", ".join(f"{m['task']} v{m['version']}" for m in record["members"])
+    knobs = record["config"]
+    typer.echo(f"merged {members_text} into {name} ({knobs['method']}, scale {knobs['scale']:g}, density "
+               f"{knobs['density']:g}, drop {knobs['drop']:g}; rank {record['adapter']['r']}, reconstruction error "
+               f"{record['reconstruction_error']['max']:.2e})")
+    rows = [{"task": t, "individual": v["individual"], "merged": v["merged"],
+             "normalised": v["merged"] / v["individual"] if v["merged"] is not None and v["individual"] else None}
+            for t, v in record["holdout"].items()]
+    typer.echo(format_table(rows, ["task", "individual", "merged", "normalised"]))
+
+
+@app.command()
+def group(
+    registry: RegistryArg,
+    name: Annotated[str, typer.Argument(help="Name of the joint entry (shared with merges).")],
+    data: Annotated[list[str], typer.Option(help="TASK=TRAIN or TASK=TRAIN,VALIDATION; once per task (two or more).")],
+    sampler: Annotated[str, typer.Option(help="uniform, proportional, temperature, or per_task (a full batch of each task per step).")] = "temperature",
+    temperature: float = 2.0,
+    weighting: Annotated[str, typer.Option(help="static or uncertainty.")] = "static",
+    primary: Annotated[Optional[str], typer.Option(help="MT2ST primary task (the others are auxiliary).")] = None,
+    schedule: Annotated[str, typer.Option(help="none, diminish, switch or adaptive_switch (needs --primary).")] = "none",
+    switch_step: Annotated[Optional[int], typer.Option(help="Switch: step at which the auxiliaries stop.")] = None,
+    eta: Annotated[float, typer.Option(help="Diminish: decay rate η.")] = 0.01,
+    tag_every: Annotated[Optional[int], typer.Option(help="Measure TAG affinities every N steps.")] = None,
+    task_rank: Annotated[int, typer.Option(help="Rank of a small LoRA per task beside the shared one; 0: none.")] = 0,
+    steps: Annotated[Optional[int], typer.Option(help="Optimiser steps (default: --epochs of the largest task).")] = None,
+    epochs: int = 3,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    seed: int = 0,
+    encoding: EncodingOpt = None,
+) -> None:
+    """Train one adapter jointly on several tasks (a head each); predict through it with --merge NAME."""
+    from cmtl import AdapterConfig, TrainConfig
+    from cmtl.multitask.joint import MultiTaskConfig
+
+    reg = _open(registry)
+    if task_rank < 0:
+        raise ValueError(f"--task-rank must be >= 0. Got {task_rank}.")
+    own = AdapterConfig(r=task_rank, alpha=2.0 * task_rank) if task_rank else None
+    pairs = {}
+    for item in data:
+        task, sep, paths = item.partition("=")
+        if not sep or not paths or task in pairs:
+            raise ValueError(f"--data {item!r}: write TASK=TRAIN or TASK=TRAIN,VALIDATION, once per task.")
+        train, _, validation = paths.partition(",")
+        spec = reg.spec(task)
+        pairs[task] = (_read(Path(train), spec, encoding), _read(Path(validation) if validation else None, spec,
+                                                                 encoding))
+    config = MultiTaskConfig(sampler=sampler, temperature=temperature, weighting=weighting, primary=primary,
+                             schedule=schedule, switch_step=switch_step, eta=eta, tag_every=tag_every,
+                             steps=steps, epochs=epochs)
+    record = reg.train_group(name, pairs, config=config, task_adapter=own,
+                             training=TrainConfig(batch_size=batch_size, learning_rate=lr, seed=seed))
+    typer.echo(f"trained {name} on {', '.join(record['tasks'])}: {record['steps']} steps, {record['seconds']:.1f} s"
+               + (f", switched at step {record['switched_at']}" if record["switched_at"] else ""))
+    scores = record["validation_accuracy"]
+    if scores:
+        typer.echo(format_table([{"task": t, "validation accuracy": scores.get(t)} for t in record["tasks"]],
+                                ["task", "validation accuracy"]))
+    if record["affinity"] is not None:
+        typer.echo("TAG affinity (row i onto column j):")
+        typer.echo(format_table([{"i": t, **{u: z for u, z in zip(record["tasks"], row)}}
+                                 for t, row in zip(record["tasks"], record["affinity"])], ["i"] + record["tasks"]))
+
+
+@app.command()
+def rollback(registry: RegistryArg, task: TaskArg, version: Annotated[int, typer.Argument(help="Version number.")]) -> None:
+    """Make a stored version of a task the current one."""
+    info = _open(registry).rollback(task, version)
+    typer.echo(f"{task}: current version is now v{info.version}")
+
+
+@app.command()
+def remove(
+    registry: RegistryArg,
+    task: TaskArg,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Delete a task and all its versions (merged entries that hold it keep answering for it)."""
+    reg = _open(registry)
+    if not yes and not typer.confirm(f"Delete task {task!r} and all its versions?"):
+        raise typer.Exit(code=1)
+    reg.remove_task(task)
+    typer.echo(f"removed {task}")
+
+
+@app.command()
+def serve(
+    registry: RegistryArg,
+    host: Annotated[str, typer.Option(help="Interface to listen on (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on (0: any free port).")] = 8000,
+    max_texts: Annotated[int, typer.Option(help="Texts per request; more gets HTTP 413.")] = 256,
+    max_chars: Annotated[int, typer.Option(help="Characters per text; longer gets HTTP 413.")] = 20_000,
+    max_body_bytes: Annotated[int, typer.Option(help="Bytes per request body; more gets HTTP 413 before it is "
+                                                     "read.")] = 16 * 1024 * 1024,
+    max_batch_size: Annotated[int, typer.Option(help="Rows per batch, at most.")] = 64,
+    max_batch_tokens: Annotated[int, typer.Option(help="Padded tokens per backbone forward, at most.")] = 4096,
+    max_wait_ms: Annotated[float, typer.Option(help="Wait this long for more rows before running a batch.")] = 5.0,
+    poll_seconds: Annotated[float, typer.Option(help="How often to check the registry for changes.")] = 1.0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Serve every task of a registry over HTTP (POST /v1/predict, /v1/predict/all; GET /v1/tasks, /healthz,
+    /metrics, /docs); picks up new versions without a restart."""
+    from cmtl.serving.server import ServeConfig
+    from cmtl.serving.server import serve as run_server
+
+    config = ServeConfig(max_texts=max_texts, max_chars=max_chars, max_body_bytes=max_body_bytes,
+                         max_batch_size=max_batch_size,
+                         max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms, poll_seconds=poll_seconds)
+    run_server(registry, host=host, port=port, config=config, device=device)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Registry folder to create (must not exist).")] = Path("runs/demo"),
+    max_train: Annotated[int, typer.Option(help="Training examples per task.")] = 2000,
+    epochs: int = 2,
+    layers: Annotated[Optional[int], typer.Option(help="Use only the first N backbone layers (faster).")] = None,
+) -> None:
+    """End-to-end demo on real data: two tasks on the embedded MiniLM, predictions and a results table."""
+    from cmtl.cli.demo import run_demo
+
+    result = run_demo(out, max_train=max_train, epochs=epochs, layers=layers, echo=typer.echo)
+    typer.echo("")
+    typer.echo(format_table(result["table"], ["task", "labels", "train", "test", "accuracy", "macro_f1",
+                                              "train_s", "params", "bytes"]))
+    typer.echo("")
+    for row in result["predictions"]:
+        typer.echo(f"{row['task']:>6}: {row['prediction']:<5} <- {row['text']}")
+
+
+@app.command()
+def bench(
+    scenario: Annotated[Path, typer.Argument(help="Scenario file, e.g. scenarios/text5.yaml.")],
+    strategy: Annotated[str, typer.Option(help="Comma-separated strategies: adapters, seq-ft, replay, ewc, lwf, "
+                                               "joint, single, avl-naive, avl-replay, avl-ewc, avl-lwf.")]
+    = "adapters,seq-ft,replay,ewc,lwf,joint",
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default runs/bench/<scenario>).")] = None,
+    orders: Annotated[str, typer.Option(help="Comma-separated orders: stated, random-1, ..., or all.")] = "stated",
+    max_train: Annotated[Optional[int], typer.Option(help="Override the scenario's training cap.")] = None,
+    max_eval: Annotated[Optional[int], typer.Option(help="Override the scenario's validation/test cap.")] = None,
+    epochs: int = 2,
+    lr_schedule: Annotated[str, typer.Option(help="linear (decay to 0) or constant after the warm-up.")] = "linear",
+    patience: Annotated[int, typer.Option(help="Early-stopping patience in epochs; 0 never stops early.")] = 2,
+    layers: Annotated[Optional[int], typer.Option(help="Use only the first N backbone layers.")] = None,
+    replay_budget: int = 500,
+    seed: int = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Run continual-learning strategies on a scenario; write results.json, results.md and heatmaps."""
+    from cmtl import BackboneConfig, TrainConfig
+    from cmtl.benchmarks.learners import StrategyConfig
+    from cmtl.benchmarks.runner import run_benchmark, summary_rows
+    from cmtl.benchmarks.scenarios import Scenario
+
+    sc = Scenario.from_yaml(scenario)
+    if max_train or max_eval:
+        sc = sc.shrink(max_train or sc.max_train, max_eval or sc.max_eval)
+    training = TrainConfig(epochs=epochs, lr_schedule=lr_schedule, patience=patience or None, seed=seed,
+                           progress=False)
+    config = StrategyConfig(training=training, replay_budget=replay_budget)
+    out = out or Path("runs/bench") / sc.name
+    results = run_benchmark(sc, [s.strip() for s in strategy.split(",") if s.strip()], out,
+                            backbone=BackboneConfig(num_hidden_layers=layers), config=config,
+                            orders=[o.strip() for o in orders.split(",")], device=device, echo=typer.echo)
+    typer.echo("")
+    typer.echo(format_table(summary_rows(results), ["strategy", "order", "ACC", "BWT", "FWT", "forgetting", "time_s",
+                                                    "params_per_exp", "bytes_added"]))
+    typer.echo(f"\nwrote {out}/results.json, results.md and heatmaps")
+

@@ -1,0 +1,297 @@
+"""LoRA adapters on the shared backbone. The only module that imports peft.
+
+An :class:`AdapterBank` wraps the frozen encoder in a peft model once and then
+holds any number of named LoRA adapters (one per task version). Exactly one is
+active at a time; the rest of cmtl sees adapters as plain tensors keyed by
+module name (peft's own saved format, so an exported adapter loads in peft).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from cmtl.errors import STORED_FILE_FIX, CorruptFileError, DataError
+
+
+@dataclass(kw_only=True, frozen=True)
+class AdapterConfig:
+    """LoRA hyper-parameters (Hu et al., 2021: "LoRA: Low-Rank Adaptation of Large Language Models").
+
+    Each adapted linear layer W gains ΔW = (alpha / r) · B · A with A: r×in and
+    B: out×r, B starting at zero so training starts from the backbone.
+
+    Args:
+        r: Rank of the update.
+        alpha: Scaling numerator; the update is scaled by ``alpha / r``.
+        dropout: Dropout on the adapter's input during training.
+        target_modules: Names of the linear layers to adapt (e.g.
+            ``("query", "value")`` for BERT). ``None`` uses peft's default for
+            the backbone's architecture; the resolved names are recorded.
+        layers: Indices of the transformer layers to adapt; ``None`` adapts
+            all. Adapting only top layers lets training skip the backward pass
+            through the frozen lower ones.
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.1
+    target_modules: tuple[str, ...] | None = None
+    layers: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"LoRA rank r must be a positive integer. Got {self.r!r}.")
+        if self.alpha <= 0:
+            raise ValueError(f"LoRA alpha must be > 0. Got {self.alpha!r}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1). Got {self.dropout!r}.")
+        if self.target_modules is not None:
+            object.__setattr__(self, "target_modules", tuple(sorted(self.target_modules)))
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(sorted(int(i) for i in self.layers)))
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for key in ("target_modules", "layers"):
+            if d[key] is not None:
+                d[key] = list(d[key])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "AdapterConfig":
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        for key in ("target_modules", "layers"):
+            if kwargs.get(key) is not None:
+                kwargs[key] = tuple(kwargs[key])
+        return cls(**kwargs)
+
+
+def _peft_config(config: AdapterConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=config.r,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=list(config.target_modules) if config.target_modules else None,
+        layers_to_transform=list(config.layers) if config.layers is not None else None,
+        bias="none",
+    )
+
+
+def stack_lora(parts: list[tuple[dict[str, torch.Tensor], float]]) -> dict[str, torch.Tensor]:
+    """One LoRA state with scaling 1 whose ΔW is the sum of the parts' (state, scaling) ΔWs:
+    A factors stacked along the rank, each B scaled by its part's scaling. Every part must adapt
+    the same modules; the result's rank is the sum of the parts' ranks."""
+    keys = sorted(parts[0][0])
+    for state, _ in parts[1:]:
+        if sorted(state) != keys:
+            raise DataError("Adapters to stack must adapt the same modules; "
+                            f"{sorted(set(keys) ^ set(state))[:3]} differ.")
+    out = {}
+    for key in keys:
+        if ".lora_A." in key:
+            out[key] = torch.cat([state[key] for state, _ in parts], dim=0)
+        elif ".lora_B." in key:
+            out[key] = torch.cat([state[key] * scaling for state, scaling in parts], dim=1)
+        else:
+            raise DataError(f"Unexpected adapter tensor {key!r}: only LoRA A and B factors stack.")
+    return out
+
+
+class AdapterBank:
+    """Named LoRA adapters injected into one frozen encoder.
+
+    The encoder is modified in place (peft swaps adapted ``nn.Linear`` layers
+    for LoRA layers), so calling the encoder applies the active adapter.
+    """
+
+    def __init__(self, encoder: nn.Module):
+        self.encoder = encoder
+        self._peft = None  # peft.PeftModel, created with the first adapter
+
+    # --- membership -------------------------------------------------------------
+
+    @property
+    def names(self) -> list[str]:
+        return [] if self._peft is None else list(self._peft.peft_config)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.names
+
+    def add(self, name: str, config: AdapterConfig) -> AdapterConfig:
+        """Create a fresh adapter (B = 0) and return its config with target modules resolved."""
+        from peft import get_peft_model
+
+        if name in self:
+            raise ValueError(f"Adapter {name!r} already exists in this bank.")
+        try:
+            with warnings.catch_warnings():
+                # peft 0.21 asks transformers 5 a deprecated question; users can do nothing about it.
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                if self._peft is None:
+                    self._peft = get_peft_model(self.encoder, _peft_config(config), adapter_name=name)
+                else:
+                    self._peft.add_adapter(name, _peft_config(config))
+        except ValueError as exc:
+            raise DataError(f"Cannot build LoRA adapter with {config}: {exc}") from exc
+        self._freeze_all()
+        self.set_training(name, False)  # peft builds the adapter's dropout in training mode
+        resolved = tuple(sorted(self._peft.peft_config[name].target_modules))
+        return AdapterConfig.from_dict({**config.to_dict(), "target_modules": resolved})
+
+    def load(self, name: str, config: AdapterConfig, state: dict[str, torch.Tensor]) -> None:
+        """Add adapter ``name`` with the given weights (keys as returned by :meth:`state_dict`)."""
+        from peft import set_peft_model_state_dict
+
+        self.add(name, config)
+        result = set_peft_model_state_dict(self._peft, state, adapter_name=name)
+        missing = [k for k in result.missing_keys if "lora_" in k and f".{name}." in k]
+        unexpected = list(result.unexpected_keys)
+        if missing or unexpected:
+            self.remove(name)
+            raise DataError(
+                f"Adapter weights do not fit adapter {name!r}: missing {missing[:3]}, unexpected {unexpected[:3]}."
+            )
+        self._freeze_all()
+
+    def remove(self, name: str) -> None:
+        if name not in self:
+            return
+        if len(self.names) == 1:
+            # peft cannot delete the last adapter; unload() restores the plain layers in place.
+            self.encoder = self._peft.unload()
+            self._peft = None
+        else:
+            if self._peft.active_adapter == name:
+                self._peft.set_adapter([n for n in self.names if n != name][0])
+            self._peft.delete_adapter(name)
+        self._freeze_all()
+
+    # --- use --------------------------------------------------------------------
+
+    def activate(self, name: str) -> None:
+        """Make ``name`` the adapter every forward pass applies."""
+        if name not in self:
+            raise KeyError(f"Adapter {name!r} is not loaded. Loaded: {self.names}.")
+        # peft's set_adapter also flips requires_grad; activation must not change what trains
+        # (a training step may switch to another adapter and back, e.g. for distillation).
+        lora = [p for n, p in self.encoder.named_parameters() if "lora_" in n]
+        flags = [p.requires_grad for p in lora]
+        self._peft.set_adapter(name)
+        for p, flag in zip(lora, flags):
+            p.requires_grad_(flag)
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Run the plain backbone, no adapter applied."""
+        if self._peft is None:
+            yield
+        else:
+            with self._peft.disable_adapter():
+                yield
+
+    def parameters(self, name: str) -> list[nn.Parameter]:
+        """The adapter's LoRA tensors, made trainable (everything else stays frozen)."""
+        params = [p for n, p in self._named(name)]
+        for p in params:
+            p.requires_grad_(True)
+        return params
+
+    def set_training(self, name: str, training: bool) -> None:
+        """Switch only the adapter's dropout between train and eval; the backbone stays in eval()."""
+        for module_name, module in self.encoder.named_modules():
+            if module_name.endswith(f"lora_dropout.{name}"):
+                module.train(training)
+
+    def state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        """The adapter's weights in peft's saved format (adapter name stripped), cloned to CPU."""
+        from peft import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(self._peft, adapter_name=name)
+        return {k: v.detach().to("cpu").clone().contiguous() for k, v in state.items()}
+
+    def scaling(self, name: str) -> float:
+        """The factor peft applies to B · A of adapter ``name`` (alpha / r, or what a peft merge set)."""
+        for module in self.encoder.modules():
+            if isinstance(getattr(module, "scaling", None), dict) and name in module.scaling:
+                return float(module.scaling[name])
+        raise KeyError(f"Adapter {name!r} is not loaded. Loaded: {self.names}.")
+
+    def peft_merge(self, name: str, adapters: list[str], weights: list[float], combination_type: str,
+                   density: float | None = None) -> None:
+        """Add adapter ``name`` made by peft's ``LoraModel.add_weighted_adapter`` (the baseline
+        :mod:`cmtl.merging.methods` is measured against; it combines A and B separately)."""
+        missing = [a for a in adapters if a not in self]
+        if missing:
+            raise KeyError(f"Adapters {missing} are not loaded. Loaded: {self.names}.")
+        self._peft.base_model.add_weighted_adapter(adapters=adapters, weights=weights, adapter_name=name,
+                                                   combination_type=combination_type, density=density)
+        self._freeze_all()
+        self.set_training(name, False)
+
+    def modules(self, name: str) -> dict[str, nn.Module]:
+        """The layers adapter ``name`` adapts, keyed as in :meth:`state_dict` (``….query``)."""
+        if name not in self:
+            raise KeyError(f"Adapter {name!r} is not loaded. Loaded: {self.names}.")
+        return {path: module for path, module in self._peft.named_modules()
+                if isinstance(getattr(module, "lora_A", None), nn.ModuleDict) and name in module.lora_A}
+
+    def num_parameters(self, name: str) -> int:
+        return sum(p.numel() for _, p in self._named(name))
+
+    # --- internals --------------------------------------------------------------
+
+    def _named(self, name: str):
+        if name not in self:
+            raise KeyError(f"Adapter {name!r} is not loaded. Loaded: {self.names}.")
+        marker = f".{name}."
+        return [(n, p) for n, p in self.encoder.named_parameters() if "lora_" in n and marker in n + "."]
+
+    def _freeze_all(self) -> None:
+        # peft makes the active adapter trainable; cmtl decides what trains, per call.
+        for p in self.encoder.parameters():
+            p.requires_grad_(False)
+
+
+def check_adapter_state(state: dict[str, torch.Tensor], config: AdapterConfig, encoder: torch.nn.Module,
+                        path: Path) -> None:
+    """Check stored LoRA factors against their recorded config and the backbone they adapt: each tensor
+    a ``lora_A`` (r, in) or ``lora_B`` (out, r) of a linear layer in ``config``'s target modules and layers.
+
+    Raises:
+        CorruptFileError: a tensor of another module, rank or width; names the file and the shapes.
+    """
+    problems = []
+    for name, tensor in sorted(state.items()):
+        module_name, _, part = name.removeprefix("base_model.model.").rpartition(".lora_")
+        try:
+            module = encoder.get_submodule(module_name)
+        except AttributeError:
+            module = None
+        layer = next((int(p) for p in module_name.split(".") if p.isdigit()), None)
+        if (part not in ("A.weight", "B.weight") or not hasattr(module, "in_features")
+                or (config.target_modules is not None and module_name.rpartition(".")[2] not in config.target_modules)
+                or (config.layers is not None and layer not in config.layers)):
+            problems.append(f"tensor {name!r} is not a LoRA factor of the adapted modules "
+                            f"{list(config.target_modules or [])} in layers {list(config.layers or []) or 'all'}")
+            continue
+        expected = (config.r, module.in_features) if part == "A.weight" else (module.out_features, config.r)
+        if tuple(tensor.shape) != expected:
+            problems.append(f"tensor {name!r}: expected shape {expected}, found {tuple(tensor.shape)}")
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CorruptFileError(f"File {str(path)!r} does not fit its recorded adapter (rank {config.r}): "
+                               f"{problems[0]}{more}. {STORED_FILE_FIX}")

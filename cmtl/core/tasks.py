@@ -1,0 +1,366 @@
+"""Tasks: what a task predicts (:class:`TaskSpec`) and the head that predicts it.
+
+Heads are owned by cmtl, not by peft, so that adapters stay plain LoRA weights
+that can be merged across tasks while each task keeps its own head.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import re
+import warnings
+from dataclasses import KW_ONLY, asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cmtl.errors import STORED_FILE_FIX, CorruptFileError, DataError
+
+ProblemType = Literal["single_label", "multi_label", "regression"]
+PROBLEM_TYPES = ("single_label", "multi_label", "regression")
+LabelEncoding = Literal["value", "index"]
+LABEL_ENCODINGS = ("value", "index")
+#: Logit given to a class a row may not take (another task's column, an unseen class):
+#: never the argmax, and its softmax weight underflows to exactly 0 without NaNs.
+MASKED_LOGIT = -1e4
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What a task is: its name, its outputs and where its data lives.
+
+    How raw label values become label names (one rule for every data source, see
+    :func:`cmtl.data.read_examples`):
+
+    * A ``datasets.Dataset`` label column of type ``ClassLabel`` (or a sequence of
+      ``ClassLabel`` for multi-label) holds integers whose ClassLabel names are the truth:
+      each integer becomes its name, matched to ``labels`` by name. Leave ``labels`` out to
+      take them from the ClassLabel, in its order (:func:`cmtl.data.examples.spec_for_data`); labels
+      that lack a ClassLabel name are refused.
+    * Strings are label names.
+    * Other integers (a DataFrame, a list of dicts, JSON, a CSV column of integers, a Dataset
+      int column) are matched by value to numeric label names when ``label_encoding`` is
+      ``"value"`` (``1`` -> ``'1'``), and are positions in ``labels`` only when it is
+      ``"index"`` (``1`` -> ``labels[1]``). Integers with non-numeric label names and
+      ``"value"`` are refused, since their meaning is not known.
+    * Without ``labels``, integers become their string form (``0`` -> ``'0'``).
+    * A multi-label row is a list of distinct labels (names, or positions with
+      ``"index"``). Multi-hot 0/1 vectors are not accepted: ``[1, 0, 1]`` would read as
+      positions 1, 0, 1 (or values 1, 0, 1), so a row that names a label twice is refused.
+
+    Args:
+        name: Unique task name: letters, digits, ``_`` and ``-``, at most 64.
+        labels: The label names. Single-label data holds one of them per row;
+            multi-label data a list of them. For regression, the names of the
+            targets (default one target, ``"score"``). ``None`` (single- and
+            multi-label): taken from the training data's ClassLabel names when the
+            task is added; training without them is refused.
+        problem_type: ``"single_label"``, ``"multi_label"`` or ``"regression"``.
+        text_column: Column holding the input text.
+        text_pair_column: Column holding the second text for pair tasks
+            (entailment, similarity); ``None`` for single texts.
+        label_column: Column holding the label(s) or target(s).
+        label_encoding: What plain integer labels mean: ``"value"`` (default), the
+            label whose name is that number; ``"index"``, the label at that position
+            in ``labels``. ClassLabel columns and string labels are read by name either way.
+        threshold: Multi-label decision threshold on each label's probability.
+        description: Free text shown in listings.
+    """
+
+    name: str
+    _: KW_ONLY
+    labels: tuple[str, ...] | None = None
+    problem_type: ProblemType = "single_label"
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    label_encoding: LabelEncoding = "value"
+    threshold: float = 0.5
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _NAME.match(self.name):
+            raise ValueError(
+                f"Task name {self.name!r} is not allowed: use 1-64 letters, digits, '_' or '-', "
+                "starting with a letter or digit, e.g. 'spam' or 'topic-v2'."
+            )
+        if self.problem_type not in PROBLEM_TYPES:
+            raise ValueError(
+                f"The 'problem_type' parameter must be one of {list(PROBLEM_TYPES)}. Got {self.problem_type!r} instead."
+            )
+        if self.label_encoding not in LABEL_ENCODINGS:
+            raise ValueError(
+                f"The 'label_encoding' parameter must be one of {list(LABEL_ENCODINGS)}. Got {self.label_encoding!r} "
+                "instead. Use 'value' when integer labels are the label names' numbers, 'index' when they are "
+                "positions in labels."
+            )
+        labels = self.labels
+        if labels is None and self.problem_type == "regression":
+            labels = ("score",)
+        if labels is None:  # single/multi-label: filled in from the data's ClassLabel (cmtl.data.examples.spec_for_data)
+            return
+        if isinstance(labels, str):
+            raise ValueError(
+                f"Task {self.name!r} needs a list of label names, e.g. TaskSpec({self.name!r}, "
+                f"labels=['neg', 'pos']). Got {labels!r}."
+            )
+        labels = tuple(str(label) for label in labels)
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"Task {self.name!r} has duplicate labels: {list(labels)}.")
+        if self.problem_type == "single_label" and len(labels) < 2:
+            raise ValueError(f"A single-label task needs at least 2 labels. Task {self.name!r} has {list(labels)}.")
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError(f"threshold must be in (0, 1). Got {self.threshold}.")
+        object.__setattr__(self, "labels", labels)
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self._known_labels())
+
+    def _known_labels(self) -> tuple[str, ...]:
+        if self.labels is None:
+            raise ValueError(
+                f"Task {self.name!r} has no labels yet. Pass them, e.g. TaskSpec({self.name!r}, "
+                "labels=['neg', 'pos']), or take them from a datasets.Dataset whose label column is a ClassLabel: "
+                "cmtl.data.examples.spec_for_data(spec, dataset)."
+            )
+        return self.labels
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["labels"] = None if self.labels is None else list(self.labels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TaskSpec":
+        """Inverse of :meth:`to_dict`; unknown keys (from a newer cmtl) warn and are ignored."""
+        known = {f.name for f in fields(cls)} - {"_"}
+        extra = sorted(set(d) - known)
+        if extra:
+            warnings.warn(f"Ignoring unknown TaskSpec keys {extra} (written by a newer cmtl?).", stacklevel=2)
+        kwargs = {k: v for k, v in d.items() if k in known}
+        return cls(kwargs.pop("name"), **kwargs)
+
+    # --- labels -----------------------------------------------------------------
+
+    def label_names(self, values: Sequence[Any], *, class_names: Sequence[str] | None = None) -> list:
+        """Raw label values -> label names, by the rule in the class docstring.
+
+        Single-label: one name per row. Multi-label: a list of names per row (a lone
+        string is a one-label row). Regression: the values, unchanged.
+
+        Args:
+            values: One raw label (multi-label: one label or a list of them) per row.
+            class_names: The ClassLabel names of the label column, if it is one; its
+                integers are then read as those names.
+
+        Raises:
+            DataError: a value that names no label of the task, integers whose meaning
+                is not known, or ClassLabel names the task's labels lack.
+        """
+        if self.problem_type == "regression":
+            return list(values)
+        if class_names is not None:
+            class_names = [str(n) for n in class_names]
+            lacking = [n for n in class_names if self.labels is not None and n not in self.labels]
+            if lacking:
+                raise DataError(
+                    f"Column {self.label_column!r} is a ClassLabel with names {class_names}, but task {self.name!r} "
+                    f"has labels {list(self.labels)}, which lack {lacking}. ClassLabel names are matched to the "
+                    f"task's labels by name: give labels that include every ClassLabel name, e.g. "
+                    f"TaskSpec({self.name!r}, labels={class_names}), or leave labels out to take them from the "
+                    "ClassLabel."
+                )
+        unknown: set[str] = set()
+        integers = False
+        by_value = self._by_value() if self.labels is not None else {}
+
+        def name_of(v: Any) -> str | None:
+            nonlocal integers
+            if hasattr(v, "item") and not isinstance(v, str):  # numpy / torch scalars
+                v = v.item()
+            if isinstance(v, str):
+                return v if self.labels is None or v in self.labels else None
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                return None
+            integral = isinstance(v, numbers.Integral) or (math.isfinite(v) and float(v).is_integer())
+            if class_names is not None:
+                return class_names[int(v)] if integral and 0 <= int(v) < len(class_names) else None
+            if self.labels is None:
+                return str(int(v)) if integral else str(v)
+            if self.label_encoding == "index":
+                return self.labels[int(v)] if integral and 0 <= int(v) < len(self.labels) else None
+            integers = True
+            if integral and str(int(v)) in self.labels:
+                return str(int(v))
+            return by_value.get(float(v))
+
+        out: list = []
+        for row, v in enumerate(values):
+            if self.problem_type == "multi_label":
+                items = [v] if isinstance(v, str) or not hasattr(v, "__iter__") else list(v)
+                names = [name_of(item) for item in items]
+                unknown.update(repr(item) for item, n in zip(items, names) if n is None)
+                self._check_distinct(row, items, names)
+                out.append(names)
+            else:
+                name = name_of(v)
+                if name is None:
+                    unknown.add(repr(v.item() if hasattr(v, "item") and not isinstance(v, str) else v))
+                out.append(name)
+        if integers and not by_value:
+            raise DataError(
+                f"Integer labels in the data of task {self.name!r}, whose labels {list(self.labels)} are not numbers: "
+                "integers are matched to label names by value. Either use the label strings in the data, or, if the "
+                f"integers are positions in labels (indices 0..{len(self.labels) - 1}), say so with "
+                f"TaskSpec({self.name!r}, labels=..., label_encoding='index')."
+            )
+        if unknown:
+            hint = {
+                "index": f"integer labels are indices 0..{len(self._known_labels()) - 1}, label_encoding='index'",
+                "value": "integer labels are matched to numeric label names by value",
+            }[self.label_encoding] if self.labels is not None else "labels must be strings or integers"
+            raise DataError(
+                f"Labels {', '.join(sorted(unknown)[:10])} in the data of task {self.name!r} are not in its label set "
+                f"{None if self.labels is None else list(self.labels)} ({hint}). Fix the data or declare the labels "
+                "in the TaskSpec."
+            )
+        return out
+
+    def _check_distinct(self, row: int, items: list, names: list[str | None]) -> None:
+        """Refuse a multi-label row that names a label twice: most likely a multi-hot 0/1 vector,
+        whose entries would otherwise be read as positions or values, silently."""
+        seen: set[str] = set()
+        twice = next((n for n in names if n is not None and (n in seen or seen.add(n))), None)
+        if twice is None:
+            return
+        raw = [v.item() if hasattr(v, "item") and not isinstance(v, str) else v for v in items]
+        example = "e.g. ['label_a', 'label_c']"
+        if self.labels is not None and len(raw) == len(self.labels) and set(raw) <= {0, 1}:
+            meant = [i for i, flag in enumerate(raw) if flag == 1]
+            example = f"for this row {[self.labels[i] for i in meant]}, or {meant}"
+        raise DataError(
+            f"Row {row} of the data of task {self.name!r} names label {twice!r} twice: {raw!r}. A multi-label row is a "
+            "list of distinct labels; multi-hot 0/1 vectors are not accepted. Give the list of label names, or their "
+            f"positions in labels with TaskSpec({self.name!r}, ..., label_encoding='index') ({example})."
+        )
+
+    def _by_value(self) -> dict[float, str]:
+        """Numeric label names by their value, e.g. {1.0: '1'}; the first name wins a tie."""
+        out: dict[float, str] = {}
+        for label in reversed(self._known_labels()):
+            try:
+                value = float(label)
+            except ValueError:
+                continue
+            if math.isfinite(value):
+                out[value] = label
+        return out
+
+    def encode_labels(self, values: Sequence[Any]) -> torch.Tensor:
+        """Turn raw label values into a target tensor.
+
+        Single-label: a label per row (read by :meth:`label_names`) -> (N,) long.
+        Multi-label: a list of labels per row -> (N, L) float multi-hot.
+        Regression: a number (or a list of L numbers) per row -> (N, L) float.
+
+        Raises:
+            DataError: a value that is not one of the task's labels, or not a number.
+        """
+        if self.problem_type == "single_label":
+            index = {label: i for i, label in enumerate(self._known_labels())}
+            return torch.tensor([index[name] for name in self.label_names(values)], dtype=torch.long)
+        if self.problem_type == "multi_label":
+            index = {label: i for i, label in enumerate(self._known_labels())}
+            target = torch.zeros(len(values), len(self.labels))
+            for row, names in enumerate(self.label_names(values)):
+                target[row, [index[name] for name in names]] = 1.0
+            return target
+        try:
+            target = torch.tensor([[float(x) for x in (v if isinstance(v, (list, tuple)) else [v])] for v in values])
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"Regression targets of task {self.name!r} must be numbers: {exc}.") from exc
+        if target.ndim != 2 or target.shape[1] != len(self.labels):
+            raise DataError(
+                f"Task {self.name!r} has {len(self.labels)} regression target(s) {list(self.labels)}; "
+                f"the data has shape {tuple(target.shape)}."
+            )
+        if not torch.isfinite(target).all():
+            raise DataError(f"Regression targets of task {self.name!r} contain NaN or infinite values.")
+        return target
+
+    # --- outputs ----------------------------------------------------------------
+
+    def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean loss of logits (B, L) against encoded targets."""
+        if self.problem_type == "single_label":
+            return F.cross_entropy(logits, target)
+        if self.problem_type == "multi_label":
+            return F.binary_cross_entropy_with_logits(logits, target)
+        return F.mse_loss(logits, target)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Softmax (single-label), per-label sigmoid (multi-label) or the values (regression)."""
+        if self.problem_type == "single_label":
+            return logits.softmax(-1)
+        if self.problem_type == "multi_label":
+            return logits.sigmoid()
+        return logits
+
+    def decode(self, logits: torch.Tensor) -> list:
+        """Human-readable predictions: a label, a list of labels, or a number (or list of numbers)."""
+        if self.problem_type == "single_label":
+            return [self.labels[i] for i in logits.argmax(-1).tolist()]
+        if self.problem_type == "multi_label":
+            on = (logits.sigmoid() >= self.threshold).tolist()
+            return [[label for label, flag in zip(self.labels, row) if flag] for row in on]
+        values = logits.tolist()
+        return [row[0] for row in values] if len(self.labels) == 1 else values
+
+
+class TaskHead(nn.Module):
+    """Dropout and a linear layer from the pooled embedding (B, H) to logits (B, L)."""
+
+    def __init__(self, hidden_size: int, num_outputs: int, dropout: float = 0.1):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.linear = nn.Linear(hidden_size, num_outputs)
+        # Small initial logits keep the first steps from fighting a random head.
+        nn.init.normal_(self.linear.weight, std=1.0 / math.sqrt(hidden_size) * 0.1)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.dropout(pooled))
+
+
+def route_to_heads(pooled: torch.Tensor, groups: torch.Tensor, head_of: Callable[[int], nn.Module],
+                   width: int) -> torch.Tensor:
+    """Logits (B, ``width``) of a mixed batch: row b through ``head_of(groups[b])``; the columns past
+    that head's outputs hold :data:`MASKED_LOGIT`. One head call per group present, not per row."""
+    out = pooled.new_full((len(pooled), width), MASKED_LOGIT)
+    for g in groups.unique().tolist():
+        rows = groups == g
+        logits = head_of(g)(pooled[rows])
+        out[rows, : logits.shape[1]] = logits
+    return out
+
+
+def check_head_state(state: dict[str, torch.Tensor], head: TaskHead, spec: TaskSpec, path: Path) -> None:
+    """Check stored head weights against a fresh ``head`` for ``spec`` (one output per label).
+
+    Raises:
+        CorruptFileError: missing, extra or differently shaped tensors; names the file and the shapes.
+    """
+    expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if found == expected:
+        return
+    wrong = [f"{k!r}: expected shape {expected.get(k, 'none')}, found {found.get(k, 'none')}"
+             for k in sorted(set(expected) | set(found)) if expected.get(k) != found.get(k)]
+    raise CorruptFileError(f"File {str(path)!r} does not fit the head of task {spec.name!r} ({spec.num_outputs} "
+                           f"outputs for labels {list(spec.labels)}): {'; '.join(wrong)}. {STORED_FILE_FIX}")

@@ -1,0 +1,18 @@
+"""Several tasks trained together: sampling, loss weights, MT2ST schedules, TAG affinities."""
+
+from cmtl.multitask.joint import (
+                                  MultiTaskConfig,
+                                  MultiTaskResult,
+                                  TaskLoRA,
+                                  UncertaintyWeighting,
+                                  diminish,
+                                  group_score,
+                                  grouped_forward,
+                                  sampling_probabilities,
+                                  select_groups,
+                                  switch,
+                                  train_multitask,
+)
+
+__all__ = ["MultiTaskConfig", "MultiTaskResult", "TaskLoRA", "UncertaintyWeighting", "diminish", "group_score",
+           "grouped_forward", "sampling_probabilities", "select_groups", "switch", "train_multitask"]

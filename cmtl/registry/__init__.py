@@ -1,0 +1,5 @@
+"""The registry: the public facade, its manifest, its on-disk store and the loaded entries."""
+
+from cmtl.registry.facade import Registry, UpdateResult, VersionInfo
+
+__all__ = ["Registry", "UpdateResult", "VersionInfo"]

@@ -1,0 +1,92 @@
+"""Batched inference and per-task metrics.
+
+Inference runs under ``torch.inference_mode`` on length-sorted batches (little
+padding) and returns rows in their original order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+
+from cmtl.core.tasks import TaskSpec
+from cmtl.data import Encoded, batches, length_sorted
+
+Forward = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+
+
+@torch.inference_mode()
+def predict_logits(
+    forward: Forward, encoded: Encoded, *, batch_size: int, pad_id: int, device: torch.device
+) -> torch.Tensor:
+    """Logits (N, L) for every row of ``encoded``, in row order, on CPU."""
+    order = length_sorted(encoded)
+    out: torch.Tensor | None = None
+    unlabelled = dataclasses.replace(encoded, targets=None)
+    for idx, inputs, _ in batches(unlabelled, order, batch_size, pad_id, device):
+        logits = forward(inputs).float().cpu()
+        if out is None:
+            out = torch.empty((len(encoded), logits.shape[-1]))
+        out[idx] = logits
+    assert out is not None  # encoded is never empty: read_examples refuses empty data
+    return out
+
+
+def primary_metric(spec: TaskSpec) -> tuple[str, bool]:
+    """(metric name, higher is better) used for early stopping and gating."""
+    return {"single_label": ("accuracy", True), "multi_label": ("micro_f1", True), "regression": ("mse", False)}[
+        spec.problem_type
+    ]
+
+
+def compute_metrics(spec: TaskSpec, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """Metrics of logits (N, L) against encoded targets.
+
+    Single-label: accuracy, macro-F1, loss. Multi-label: micro-F1, macro-F1,
+    exact match (subset accuracy), loss. Regression: MSE, MAE, Pearson r
+    (mean over targets), loss.
+    """
+    n = int(targets.shape[0])
+    metrics: dict[str, float] = {"n": n, "loss": float(spec.loss(logits, targets))}
+    if spec.problem_type == "single_label":
+        pred = logits.argmax(-1)
+        metrics["accuracy"] = float((pred == targets).float().mean())
+        metrics["macro_f1"] = _macro_f1(
+            torch.nn.functional.one_hot(pred, spec.num_outputs).bool(),
+            torch.nn.functional.one_hot(targets, spec.num_outputs).bool(),
+            present_only=True,
+        )
+    elif spec.problem_type == "multi_label":
+        pred = logits.sigmoid() >= spec.threshold
+        truth = targets.bool()
+        tp = (pred & truth).sum().item()
+        fp = (pred & ~truth).sum().item()
+        fn = (~pred & truth).sum().item()
+        metrics["micro_f1"] = 2 * tp / max(2 * tp + fp + fn, 1)
+        metrics["macro_f1"] = _macro_f1(pred, truth, present_only=False)
+        metrics["exact_match"] = float((pred == truth).all(-1).float().mean())
+    else:
+        err = logits - targets
+        metrics["mse"] = float((err**2).mean())
+        metrics["mae"] = float(err.abs().mean())
+        metrics["pearson"] = _pearson(logits, targets)
+    return metrics
+
+
+def _macro_f1(pred: torch.Tensor, truth: torch.Tensor, *, present_only: bool) -> float:
+    """Mean F1 over labels (columns) of boolean (N, L) matrices."""
+    tp = (pred & truth).sum(0).float()
+    fp = (pred & ~truth).sum(0).float()
+    fn = (~pred & truth).sum(0).float()
+    f1 = 2 * tp / (2 * tp + fp + fn).clamp_min(1)
+    keep = (truth.sum(0) > 0) | (pred.sum(0) > 0) if present_only else torch.ones_like(tp, dtype=torch.bool)
+    return float(f1[keep].mean()) if keep.any() else 0.0
+
+
+def _pearson(x: torch.Tensor, y: torch.Tensor) -> float:
+    x = x - x.mean(0)
+    y = y - y.mean(0)
+    denom = (x.norm(dim=0) * y.norm(dim=0)).clamp_min(1e-12)
+    return float(((x * y).sum(0) / denom).mean())

@@ -1,0 +1,268 @@
+"""The training loop for one adapter and head on a frozen backbone.
+
+It reads top to bottom: learning rate -> evaluate / early-stop -> forward ->
+loss check -> backward -> clip -> step. Only the parameters it is given
+train; everything it needs arrives as arguments, so the same loop serves
+new tasks, updates and (later) replay or penalty terms via ``extra_loss``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable, Iterator, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from cmtl.core.tasks import TaskSpec
+from cmtl.data import Encoded, batches, length_grouped
+from cmtl.errors import TrainingDivergedError
+from cmtl.training.distributed import all_reduce_gradients, any_rank, is_main, shard
+from cmtl.training.evaluation import Forward, compute_metrics, predict_logits, primary_metric
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True, frozen=True)
+class TrainConfig:
+    """How to train an adapter and head.
+
+    Args:
+        epochs: Passes over the training data.
+        batch_size: Examples per optimiser step.
+        learning_rate: Peak AdamW learning rate (LoRA and head tolerate ~1e-3).
+        weight_decay: AdamW weight decay.
+        warmup_ratio: Fraction of steps with linear warm-up.
+        lr_schedule: After the warm-up, ``"linear"`` decays the rate to 0 at the last
+            step; ``"constant"`` keeps the peak rate (Avalanche's default loop).
+        max_steps: Stop after this many steps (overrides ``epochs`` when smaller).
+        eval_every: Evaluate on validation every N steps; ``None`` once per epoch.
+        patience: Stop after this many evaluations without improvement;
+            ``None`` never stops early. The best evaluated state is kept.
+        grad_clip: Max global gradient norm; ``None`` disables clipping.
+        head_dropout: Dropout before the task head.
+        eval_batch_size: Batch size for evaluation and prediction.
+        length_grouping: Sort examples by length within windows of this many
+            batches (then shuffle the batches), so batches hold rows of similar
+            length and carry less padding; 0 keeps plain shuffled batches.
+            Changes which rows share a batch, so results differ slightly.
+        cache_frozen_mb: When the adapter leaves the bottom layers untouched
+            (``AdapterConfig.layers``), run them once per example and reuse
+            their outputs for every epoch and validation pass, if the cache
+            fits in this many MiB; 0 never caches. Results are unchanged.
+        seed: Seeds initialisation and data order; same seed, same adapter.
+        progress: Show a tqdm bar with the running loss.
+    """
+
+    epochs: int = 3
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    lr_schedule: Literal["linear", "constant"] = "linear"
+    max_steps: int | None = None
+    eval_every: int | None = None
+    patience: int | None = 2
+    grad_clip: float | None = 1.0
+    head_dropout: float = 0.1
+    eval_batch_size: int = 64
+    length_grouping: int = 0
+    cache_frozen_mb: int = 2048
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "eval_batch_size": self.eval_batch_size}
+        for key in ("max_steps", "eval_every", "patience"):
+            if getattr(self, key) is not None:
+                positive[key] = getattr(self, key)
+        for key, value in positive.items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"TrainConfig.{key} must be a positive integer. Got {value!r}.")
+        for key in ("length_grouping", "cache_frozen_mb"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"TrainConfig.{key} must be an integer >= 0. Got {value!r}.")
+        if not self.learning_rate > 0:
+            raise ValueError(f"TrainConfig.learning_rate must be > 0. Got {self.learning_rate!r}.")
+        if self.lr_schedule not in ("linear", "constant"):
+            raise ValueError(f"TrainConfig.lr_schedule must be 'linear' or 'constant'. Got {self.lr_schedule!r}.")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"TrainConfig.warmup_ratio must be in [0, 1). Got {self.warmup_ratio!r}.")
+        if not 0.0 <= self.head_dropout < 1.0:
+            raise ValueError(f"TrainConfig.head_dropout must be in [0, 1). Got {self.head_dropout!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class TrainResult:
+    """What a training run did: steps, time, the kept evaluation and the history.
+
+    ``validation_logits`` are the kept state's logits on the validation rows, in
+    row order (``None`` without validation data), so callers need not rerun them.
+    """
+
+    steps: int
+    seconds: float
+    examples_seen: int
+    best_step: int
+    best_metrics: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    stopped_early: bool = False
+    validation_logits: torch.Tensor | None = None
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.examples_seen / max(self.seconds, 1e-9)
+
+
+@contextlib.contextmanager
+def seeded(seed: int, device: torch.device | None = None) -> Iterator[None]:
+    """Run a block from a fixed RNG state (initialisation, dropout) and restore the caller's state after."""
+    devices = [device.index or 0] if device is not None and device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def get_lr(step: int, total: int, config: TrainConfig) -> float:
+    """Linear warm-up to the peak rate, then linear decay to zero (or the peak rate, ``constant``)."""
+    warmup = int(total * config.warmup_ratio)
+    if step < warmup:
+        return config.learning_rate * (step + 1) / warmup
+    if config.lr_schedule == "constant":
+        return config.learning_rate
+    return config.learning_rate * max(0.0, (total - step) / max(1, total - warmup))
+
+
+def train(
+    forward: Forward,
+    params: list[torch.nn.Parameter],
+    set_training: Callable[[bool], None],
+    spec: TaskSpec,
+    train_data: Encoded,
+    validation: Encoded | None,
+    config: TrainConfig,
+    *,
+    pad_id: int,
+    device: torch.device,
+    extra_loss: Callable[[dict[str, torch.Tensor], torch.Tensor, list[int]], torch.Tensor] | None = None,
+    desc: str = "train",
+) -> TrainResult:
+    """Train ``params`` to minimise ``spec.loss(forward(batch))`` (+ ``extra_loss``).
+
+    On return the parameters hold the best state seen on ``validation`` (or the
+    last state without validation data). ``extra_loss(inputs, logits, rows)``
+    gets the batch's inputs, its logits and the indices of its rows in
+    ``train_data`` (so a penalty can look up values it computed once per row).
+
+    Raises:
+        TrainingDivergedError: the loss became NaN or infinite. The parameters
+            are left as they were before training.
+    """
+    steps_per_epoch = math.ceil(len(train_data) / config.batch_size)
+    total = steps_per_epoch * config.epochs
+    if config.max_steps is not None:
+        total = min(total, config.max_steps)
+    eval_every = config.eval_every or steps_per_epoch
+    metric, higher = primary_metric(spec)
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    initial = [p.detach().clone() for p in params]
+    best = [p.detach().clone() for p in params]
+    best_score, best_step, best_metrics, best_logits, bad_evals = -math.inf, 0, {}, None, 0
+    history: list[dict[str, float]] = []
+    generator = torch.Generator().manual_seed(config.seed)
+    lengths = train_data.lengths()
+    step, seen, stopped_early = 0, 0, False
+    started = time.perf_counter()
+    bar = tqdm(total=total, desc=desc, disable=not (config.progress and is_main()), leave=False, dynamic_ncols=True)
+    set_training(True)
+    try:
+        while step < total and not stopped_early:
+            order = torch.randperm(len(train_data), generator=generator).tolist()
+            if config.length_grouping:
+                order = length_grouped(order, lengths, config.batch_size, config.length_grouping, generator)
+            for start in range(0, len(order), config.batch_size):
+                batch = order[start : start + config.batch_size]
+                local = shard(batch)  # the whole batch without a process group
+                lr = get_lr(step, total, config)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                if local:
+                    _, inputs, targets = next(batches(train_data, local, len(local), pad_id, device))
+                    logits = forward(inputs)
+                    loss = spec.loss(logits, targets)
+                    if extra_loss is not None:
+                        loss = loss + extra_loss(inputs, logits, local)
+                else:  # fewer rows than ranks in the last batch: this rank adds zero gradient
+                    loss = sum(p.sum() for p in params) * 0.0
+                if any_rank(not torch.isfinite(loss), device):  # every rank stops together
+                    with torch.no_grad():
+                        for p, p0 in zip(params, initial):
+                            p.copy_(p0)
+                    raise TrainingDivergedError(
+                        f"Training of task {spec.name!r} diverged at step {step}: loss is {loss.item()}. "
+                        "Nothing was saved. Lower the learning rate or check the data for extreme values."
+                    )
+                # Weight by this rank's share so the summed gradients equal the global batch's mean.
+                (loss * (len(local) / len(batch))).backward()
+                all_reduce_gradients(params)
+                if config.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                seen += len(batch)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+
+                if validation is not None and (step % eval_every == 0 or step == total):
+                    set_training(False)
+                    logits_val = predict_logits(
+                        forward, validation, batch_size=config.eval_batch_size, pad_id=pad_id, device=device
+                    )
+                    set_training(True)
+                    metrics = compute_metrics(spec, logits_val, validation.targets)
+                    history.append({"step": step, **metrics})
+                    score = metrics[metric] if higher else -metrics[metric]
+                    if score > best_score:
+                        best_score, best_step, best_metrics, best_logits, bad_evals = score, step, metrics, logits_val, 0
+                        best = [p.detach().clone() for p in params]
+                    else:
+                        bad_evals += 1
+                        if config.patience is not None and bad_evals >= config.patience:
+                            stopped_early = True
+                    logger.info("%s step %d: %s=%.4f", desc, step, metric, metrics[metric])
+                if step >= total or stopped_early:
+                    break
+    finally:
+        set_training(False)
+        bar.close()
+    if validation is not None:
+        # Keep the best evaluated state, not the last one (early stopping).
+        with torch.no_grad():
+            for p, b in zip(params, best):
+                p.copy_(b)
+    else:
+        best_step = step
+    return TrainResult(
+        steps=step,
+        seconds=time.perf_counter() - started,
+        examples_seen=seen,
+        best_step=best_step,
+        best_metrics=best_metrics,
+        history=history,
+        stopped_early=stopped_early,
+        validation_logits=best_logits,
+    )

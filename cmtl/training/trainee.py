@@ -1,0 +1,82 @@
+"""The seam between a model and the training loops: what they need of it, and nothing more.
+
+A :class:`Trainee` is a forward pass, the parameters it trains and a switch between training and
+evaluation. The loops (:func:`cmtl.training.train`, :func:`cmtl.multitask.train_multitask`) take
+its parts; :meth:`Trainee.unfrozen` makes its parameters trainable for one run and freezes them
+again afterwards, whatever happens in between.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from cmtl.core.adapters import AdapterBank
+from cmtl.core.backbone import Backbone
+from cmtl.data import Encoded
+from cmtl.training.evaluation import predict_logits
+
+Forward = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+
+
+class Trainee:
+    """A forward pass with the modules it trains.
+
+    Args:
+        forward: Model inputs (a batch of :func:`cmtl.data.batches`) to logits.
+        modules: Modules trained whole (heads, a copied encoder): switched with ``train()``/``eval()``.
+        bank, key: The bank adapter trained with them (only its LoRA tensors train; its dropout
+            follows the switch); ``None`` when no adapter trains.
+    """
+
+    def __init__(self, forward: Forward, modules: Sequence[nn.Module] = (), *,
+                 bank: AdapterBank | None = None, key: str | None = None):
+        if (bank is None) != (key is None):
+            raise ValueError("Trainee takes bank= and key= together (an adapter of that bank), or neither.")
+        self.forward = forward
+        self.modules = list(modules)
+        self.bank, self.key = bank, key
+
+    @classmethod
+    def adapter(cls, backbone: Backbone, bank: AdapterBank, key: str, head: nn.Module) -> "Trainee":
+        """Adapter ``key`` of ``bank`` on ``backbone``, pooled into ``head``."""
+        return cls(lambda inputs: head(backbone.embed(**inputs)), [head], bank=bank, key=key)
+
+    def parameters(self) -> list[nn.Parameter]:
+        """What trains: the adapter's LoRA tensors, then the modules' parameters; all made trainable."""
+        params = self.bank.parameters(self.key) if self.bank is not None else []
+        params += [p for m in self.modules for p in m.parameters()]
+        for p in params:
+            p.requires_grad_(True)
+        return params
+
+    def set_training(self, flag: bool) -> None:
+        """Dropout on (``True``) or off in the adapter and the modules; the frozen backbone stays in eval()."""
+        if self.bank is not None:
+            self.bank.set_training(self.key, flag)
+        for m in self.modules:
+            m.train(flag)
+
+    def activate(self) -> None:
+        """Switch the bank to this trainee's adapter (forward passes go through it from now on)."""
+        if self.bank is not None:
+            self.bank.activate(self.key)
+
+    @contextlib.contextmanager
+    def unfrozen(self) -> Iterator[list[nn.Parameter]]:
+        """The trainable parameters, frozen again when the block ends (also on an error)."""
+        params = self.parameters()
+        try:
+            yield params
+        finally:
+            for p in params:
+                p.requires_grad_(False)
+
+    def logits(self, encoded: Encoded, *, pad_id: int, device: torch.device, batch_size: int = 64) -> torch.Tensor:
+        """Logits of every row of ``encoded``, in eval mode, through this trainee's adapter."""
+        self.activate()
+        self.set_training(False)
+        return predict_logits(self.forward, encoded, batch_size=batch_size, pad_id=pad_id, device=device)

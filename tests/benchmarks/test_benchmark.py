@@ -1,0 +1,213 @@
+"""The benchmark runner end to end on shrunk real scenarios: files, tables, and the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cmtl import BackboneConfig, TrainConfig
+from cmtl.benchmarks.learners import StrategyConfig
+from cmtl.benchmarks.runner import run_benchmark, summary_rows
+from cmtl.benchmarks.scenarios import Scenario
+from cmtl.cli.commands import app
+
+SCENARIOS = Path(__file__).parents[2] / "scenarios"
+
+
+def test_run_benchmark_writes_results(tmp_path, tiny_backbone):
+    scenario = Scenario.from_yaml(SCENARIOS / "text5.yaml").shrink(24, 12)
+    config = StrategyConfig(training=TrainConfig(epochs=1, batch_size=8, progress=False), replay_budget=12)
+    lines = []
+    results = run_benchmark(scenario, ["adapters", "replay"], tmp_path, orders=["stated", "random-1"],
+                            backbone=BackboneConfig(name_or_path=tiny_backbone, max_length=32), config=config,
+                            device="cpu", echo=lines.append)
+    assert [(r["strategy"], r["order"]) for r in results["runs"]] == [
+        ("adapters", "stated"), ("replay", "stated"), ("adapters", "random-1"), ("replay", "random-1")]
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["runs"][0]["task_names"] == ["bbc", "trec", "spam", "rotten", "foods"]
+    assert on_disk["runs"][2]["task_names"] != on_disk["runs"][0]["task_names"]
+    assert len(on_disk["runs"][0]["R"]) == 5 and on_disk["machine"] and on_disk["date"]
+    for run in results["runs"]:
+        assert (tmp_path / run["heatmap"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (tmp_path / "results.md").read_text()
+    assert "| strategy | order | ACC | BWT | FWT |" in md and "### replay (random-1)" in md
+    rows = summary_rows(results)
+    assert rows[0]["BWT"] == 0.0 and rows[0]["bytes_added"] > 0
+    assert any("after bbc" in line for line in lines)
+
+
+def test_run_benchmark_rejects_unknown_names(tmp_path):
+    scenario = Scenario.from_yaml(SCENARIOS / "text5.yaml")
+    with pytest.raises(ValueError, match=r"Unknown strategies \['gem'\]"):
+        run_benchmark(scenario, ["gem"], tmp_path)
+    with pytest.raises(ValueError, match=r"Unknown orders \['random-9'\].*Available"):
+        run_benchmark(scenario, ["adapters"], tmp_path, orders=["random-9"])
+
+
+def test_bench_cli_on_minilm_cut(tmp_path):
+    result = CliRunner().invoke(app, ["bench", str(SCENARIOS / "trec-classes.yaml"), "--strategy", "adapters,lwf",
+                                      "--max-train", "16", "--max-eval", "8", "--epochs", "1", "--layers", "1",
+                                      "--lr-schedule", "constant", "--patience", "0",
+                                      "--out", str(tmp_path), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "adapters" in result.output and "lwf" in result.output and "wrote" in result.output
+    assert (tmp_path / "heatmap-lwf-stated.png").exists()
+    training = json.loads((tmp_path / "results.json").read_text())["command_config"]["training"]
+    assert training["lr_schedule"] == "constant" and training["patience"] is None
+    md = (tmp_path / "results.md").read_text()  # class-incremental: no FWT anywhere (unseen classes score 0)
+    assert "FWT –" in md and "FWT -" not in md and "FWT 0" not in md
+
+
+def test_avalanche_strategy_in_the_same_table(tmp_path, tiny_backbone):
+    scenario = Scenario.from_yaml(SCENARIOS / "text5.yaml").shrink(16, 8)
+    config = StrategyConfig(training=TrainConfig(epochs=1, batch_size=8, progress=False), replay_budget=8)
+    results = run_benchmark(scenario, ["avl-naive", "avl-replay"], tmp_path, config=config, device="cpu",
+                            backbone=BackboneConfig(name_or_path=tiny_backbone, max_length=32))
+    rows = summary_rows(results)
+    assert [r["strategy"] for r in rows] == ["avl-naive", "avl-replay"]
+    assert all(len(run["R"]) == 5 and run["b"] is not None for run in results["runs"])
+
+
+def load_script(name: str):
+    """Import a runner script from scenarios/ (they are scripts, not package modules)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"scenario_{name}", SCENARIOS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_update_benchmark_script(tmp_path, tiny_backbone):
+    updates = load_script("updates")
+    scenario = Scenario.from_yaml(SCENARIOS / "sentiment4.yaml").shrink(24, 12)
+    lines = []
+    results = updates.run(scenario, tmp_path, backbone=BackboneConfig(name_or_path=tiny_backbone, max_length=32),
+                          training=TrainConfig(epochs=2, batch_size=8, progress=False), device="cpu",
+                          update_training=TrainConfig(epochs=1, batch_size=8, progress=False), penalty="lwf",
+                          echo=lines.append)
+    assert list(results["methods"]) == ["update-replay", "update-naive", "retrain"]
+    assert results["training"]["epochs"] == 2 and results["update_training"]["epochs"] == 1
+    assert results["penalty"] == "lwf"
+    replay = results["methods"]["update-replay"]
+    assert len(replay["report"]["R"]) == 4 and replay["gate"][0] is None and all(replay["gate"][1:])
+    assert len(lines) == 12 and lines[-1].startswith("retrain: after nyt")
+    md = (tmp_path / "results.md").read_text()
+    assert "| update-replay |" in md and "time of update-replay / retrain per update" in md
+    with pytest.raises(ValueError, match="needs a domain-incremental"):
+        updates.run(Scenario.from_yaml(SCENARIOS / "text5.yaml"), tmp_path, backbone=BackboneConfig(),
+                    training=TrainConfig())
+
+
+
+def test_update_benchmark_summary_over_seeds():
+    updates = load_script("updates")
+
+    def one(seed, replay_avg, retrain_avg, forgetting, replay_s, retrain_s):
+        method = lambda avg, f, s: {"average_seen_accuracy": [0.7, avg], "report": {  # noqa: E731
+            "mean_forgetting": f, "seconds_per_experience": [10.0, s]}}
+        return {"training": {"seed": seed}, "methods": {"update-replay": method(replay_avg, forgetting, replay_s),
+                                                        "retrain": method(retrain_avg, 0.0, retrain_s)}}
+
+    summary = updates.summarise([one(0, 0.85, 0.87, 0.01, 40, 100), one(1, 0.86, 0.86, 0.03, 50, 100)])
+    assert summary["seeds"] == [0, 1]
+    replay = summary["methods"]["update-replay"]
+    assert replay["final_average"]["mean"] == pytest.approx(0.855)
+    assert replay["mean_forgetting"]["sd"] == pytest.approx(np.std([0.01, 0.03], ddof=1))
+    assert summary["update_vs_retrain"]["final_average_gap"]["values"] == pytest.approx([0.02, 0.0])
+    assert summary["update_vs_retrain"]["last_time_ratio"]["mean"] == pytest.approx(0.45)
+    assert "0.855 ± 0.007" in updates.summary_markdown(summary)
+
+def test_merge_benchmark_script(tmp_path, tiny_backbone):
+    merging = load_script("merging")
+    scenario = Scenario.from_yaml(SCENARIOS / "text5.yaml").shrink(24, 12)
+    lines = []
+    results = merging.run(scenario, tmp_path, backbone=BackboneConfig(name_or_path=tiny_backbone, max_length=32),
+                          training=TrainConfig(epochs=1, batch_size=8, progress=False), device="cpu",
+                          methods=("linear", "peft_ties"), rank=4, search=False, echo=lines.append)
+    assert list(results["merges"]) == ["linear", "linear+refit", "peft_ties", "peft_ties+refit"]
+    assert len(results["individual"]) == 5
+    linear = results["merges"]["linear"]
+    assert results["merges"]["linear+refit"]["config"]["refit_heads"] and not linear["config"]["refit_heads"]
+    assert linear["rank"] == 4 and 0 < linear["reconstruction_error"]["max"] < 1
+    assert set(linear["normalised"]) == {"bbc", "trec", "spam", "rotten", "foods"}
+    md = (tmp_path / "results.md").read_text()
+    assert "| individual adapters |" in md and "| peft_ties |" in md and "| peft_ties+refit |" in md
+    assert len(lines) == 10 and lines[5].startswith("linear probe on the bare backbone")
+    assert set(results["probe"]) == set(results["individual"]) and all(0 <= a <= 1 for a in results["probe"].values())
+    assert "| linear probe, no adapter" in md
+    with pytest.raises(ValueError, match="task-incremental"):
+        merging.run(Scenario.from_yaml(SCENARIOS / "sentiment4.yaml"), tmp_path, backbone=BackboneConfig(),
+                    training=TrainConfig())
+
+
+def test_speed_benchmark_script(tmp_path):
+    speed = load_script("speed")
+    lines = []
+    args = ["--layers", "1", "--max-train", "16", "--max-eval", "8", "--epochs", "1", "--repeats", "1",
+            "--adapt", "top-half", "--ways", "cmtl,cmtl-plain,hf-peft,avalanche", "--device", "cpu",
+            "--out", str(tmp_path)]
+    speed.main(args, echo=lines.append)
+    results = json.loads((tmp_path / "results.json").read_text())
+    train, evaluation = results["summary"]["train"], results["summary"]["eval"]
+    assert list(train) == ["cmtl", "cmtl-plain", "hf-peft", "avalanche"]
+    assert list(evaluation) == ["cmtl", "hf-peft", "avalanche"]
+    for row in list(train.values()) + list(evaluation.values()):
+        assert row["per_second"] > 0 and row["peak_mb"] > 0 and row["vs_hf-peft"] > 0 and row["vs_avalanche"] > 0
+    assert all(0 <= row["accuracy"] <= 1 for row in train.values())
+    assert train["hf-peft"]["vs_hf-peft"] == 1.0
+    assert train["cmtl"]["vs_avalanche"] == pytest.approx(train["cmtl"]["per_second"] / train["avalanche"]["per_second"])
+    assert results["device"] == "cpu" and results["machine"] and results["date"]
+    assert "| hf-peft |" in (tmp_path / "results.md").read_text() and len(lines) == 8
+    with pytest.raises(SystemExit):
+        speed.main(["--ways", "cmtl,gem"])
+
+
+def test_mt2st_benchmark_script(tmp_path, tiny_backbone):
+    mt2st = load_script("mt2st")
+    lines = []
+    results = mt2st.main(["--backbone", tiny_backbone, "--max-train", "24", "--max-eval", "12", "--steps", "8",
+                          "--batch-size", "8", "--max-length", "64", "--device", "cpu", "--out", str(tmp_path)],
+                         echo=lines.append)
+    assert list(results["ways"]) == ["stl", "mtl", "diminish", "switch", "adaptive-switch"]
+    for row in results["ways"].values():
+        assert 0 <= row["test_accuracy"] <= 1 and len(row["curve"]) == 8 and row["seconds"] > 0
+    assert results["target"] == pytest.approx(0.99 * results["ways"]["stl"]["best_validation"])
+    assert results["ways"]["stl"]["seconds_to_target"] is not None  # STL reaches its own best
+    md = (tmp_path / "rotten" / "results.md").read_text()
+    assert "| switch |" in md and "vader_amazon" in md and len(lines) == 6
+    assert results["sampler"] == "per_task" and "steps of batch 8 (per task)" in md
+    assert (tmp_path / "rotten" / "accuracy-vs-time.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tag_benchmark_script(tmp_path, tiny_backbone):
+    tag = load_script("tag")
+    lines = []
+    results = tag.main(["--backbone", tiny_backbone, "--max-train", "24", "--max-eval", "12", "--steps", "6",
+                        "--tag-every", "2", "--epochs", "1", "--batch-size", "8", "--max-length", "64",
+                        "--device", "cpu", "--out", str(tmp_path)], echo=lines.append)
+    names = ["bbc", "trec", "spam", "rotten", "foods"]
+    assert results["tasks"] == names and np.array(results["affinity"]).shape == (5, 5)
+    gain = np.array(results["pair_gain"])
+    assert gain.shape == (5, 5) and np.all(np.diag(gain) == 0)
+    pairs = [k for k in results["groups_trained"] if k.count("+") == 1]
+    assert len(pairs) == 10  # every pair trained once
+    for label in ("tag", "pairs"):
+        chosen = results["selections"][label]
+        assert 1 <= len(chosen["groups"]) <= 2 and set().union(*chosen["groups"]) == set(names)
+        for t, entry in chosen["per_task"].items():  # a task's accuracy comes from the group it was put in
+            assert t in entry["group"]
+            expected = (results["groups_trained"]["+".join(entry["group"])][t] if len(entry["group"]) > 1
+                        else results["individual"][t])
+            assert entry["accuracy"] == expected
+    cost = results["cost_seconds"]
+    assert 0 < cost["tag measurements"] < cost["tag run"] and cost["pair search"] > 0
+    assert json.loads((tmp_path / "affinity.json").read_text())["tasks"] == names
+    for png in ("affinity.png", "pair_gain.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (tmp_path / "results.md").read_text()
+    assert "| Z (step on row i, onto column j) |" in md and "Pair-search groups" in md and "pair search" in md

@@ -1,0 +1,91 @@
+"""Every strategy on toy streams with the tiny backbone: shapes, and the properties that hold exactly."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from cmtl import BackboneConfig, TaskSpec, TrainConfig
+from cmtl.benchmarks.learners import STRATEGIES, StrategyConfig, run_stream
+from cmtl.benchmarks.scenarios import Experience
+from cmtl.data import read_examples
+from tests.conftest import FILLER
+
+WORDS = {"red": ["apple", "cherry"], "blue": ["sky", "ocean"], "green": ["grass", "leaf"],
+         "loud": ["drum", "siren"], "quiet": ["whisper", "library"], "sweet": ["honey", "candy"]}
+
+
+def _rows(labels, n, seed):
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = labels[i % len(labels)]
+        words = rng.sample(FILLER, 4) + [rng.choice(WORDS[label])]
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+def _stream(kind: str) -> list[Experience]:
+    groups = [("red", "blue"), ("green", "loud"), ("quiet", "sweet")]
+    out = []
+    for j, labels in enumerate(groups):
+        name = f"e{j}"
+        task = "shared" if kind == "domain-incremental" else name
+        spec_labels = ("red", "blue") if kind == "domain-incremental" else labels
+        if kind == "domain-incremental":
+            labels = spec_labels
+        spec = TaskSpec(task, labels=spec_labels)
+        split = lambda n, s: read_examples(_rows(labels, n, s + 10 * j), spec)  # noqa: E731
+        out.append(Experience(name=name, spec=spec, train=split(48, 0), validation=split(16, 1),
+                              test=split(16, 2), corpus="toy"))
+    return out
+
+
+CONFIG = StrategyConfig(training=TrainConfig(epochs=4, batch_size=8, learning_rate=2e-2, progress=False,
+                                             patience=None), replay_budget=16, fisher_examples=16,
+                        single_learning_rate=5e-3)
+
+
+@pytest.mark.parametrize("strategy", [s for s in STRATEGIES])
+def test_task_incremental(strategy, tiny_backbone):
+    report = run_stream(strategy, _stream("task-incremental"), "task-incremental",
+                        BackboneConfig(name_or_path=tiny_backbone, max_length=32), CONFIG, device="cpu")
+    assert report.task_names == ("e0", "e1", "e2") and len(report.R) == 3
+    assert all(0.0 <= v <= 1.0 for row in report.R for v in row)
+    assert len(report.seconds_per_experience) == 3 and all(s > 0 for s in report.seconds_per_experience)
+    assert all(p > 0 for p in report.trainable_parameters_per_task)
+    if strategy in ("adapters", "single"):
+        # Independent parameters per task: learning task i cannot change task j < i ...
+        assert report.bwt == 0.0 and report.mean_forgetting == 0.0
+        for i in range(3):
+            for j in range(i):
+                assert report.R[i][j] == report.R[j][j]
+    if strategy == "adapters":
+        # ... and an untrained task is the plain backbone with its fresh head, exactly as before any training.
+        assert report.fwt == 0.0
+    assert report.acc >= 0.6, report.to_markdown()
+
+
+@pytest.mark.parametrize("strategy", ["adapters", "seq-ft", "replay", "lwf"])
+def test_class_incremental_cannot_predict_unseen_classes(strategy, tiny_backbone):
+    report = run_stream(strategy, _stream("class-incremental"), "class-incremental",
+                        BackboneConfig(name_or_path=tiny_backbone, max_length=32), CONFIG, device="cpu")
+    for i in range(3):
+        for j in range(i + 1, 3):
+            assert report.R[i][j] == 0.0
+
+
+def test_domain_incremental_runs(tiny_backbone):
+    report = run_stream("adapters", _stream("domain-incremental"), "domain-incremental",
+                        BackboneConfig(name_or_path=tiny_backbone, max_length=32), CONFIG, device="cpu")
+    assert report.acc >= 0.6
+
+
+def test_bad_strategy_and_kind(tiny_backbone):
+    config = BackboneConfig(name_or_path=tiny_backbone)
+    with pytest.raises(ValueError, match=r"Unknown strategy 'gem'\. Known strategies"):
+        run_stream("gem", _stream("task-incremental"), "task-incremental", config, CONFIG, device="cpu")
+    with pytest.raises(ValueError, match="task-incremental scenarios only"):
+        run_stream("single", _stream("class-incremental"), "class-incremental", config, CONFIG, device="cpu")

@@ -1,0 +1,221 @@
+"""The cmtl command line: help everywhere, and a full lifecycle on a tiny backbone."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from cmtl import Registry
+from cmtl.cli.commands import app
+from tests.conftest import toy_sentiment
+
+runner = CliRunner()
+COMMANDS = ["init", "add-task", "predict", "eval", "ls", "versions", "update", "monitor", "merge", "group", "rollback",
+            "remove", "serve", "demo", "bench"]
+
+
+def invoke(*args: str):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result
+
+
+@pytest.mark.parametrize("command", [None] + COMMANDS)
+def test_help(command):
+    result = invoke(*([command] if command else []), "--help")
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def test_console_script_and_public_api():
+    script = Path(sys.executable).with_name("cmtl")  # installed next to this interpreter
+    out = subprocess.run([str(script), "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and all(c in out.stdout for c in COMMANDS)
+    doc = subprocess.run([sys.executable, "-c", "import cmtl; help(cmtl)"], capture_output=True, text=True,
+                         env={"PAGER": "cat", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+    assert doc.returncode == 0 and "Registry" in doc.stdout and "TaskSpec" in doc.stdout
+
+
+def test_lifecycle(tmp_path, tiny_backbone):
+    reg = tmp_path / "reg"
+    pd.DataFrame(toy_sentiment(96)).to_csv(tmp_path / "train.csv", index=False)
+    pd.DataFrame(toy_sentiment(32, 1)).to_csv(tmp_path / "val.csv", index=False)
+    assert invoke("init", reg, "--backbone", tiny_backbone).exit_code == 0
+
+    train = ["add-task", reg, "sentiment", "--train", tmp_path / "train.csv", "--validation", tmp_path / "val.csv",
+             "--epochs", "8", "--batch-size", "8", "--lr", "0.02", "--no-progress"]
+    result = invoke(*train)
+    assert result.exit_code == 0, result.output
+    assert "added sentiment v1" in result.output and "validation_accuracy" in result.output
+
+    result = invoke("predict", reg, "sentiment", "a great film", "an awful film")
+    assert result.exit_code == 0 and result.output.split("\n")[0].startswith("pos")
+    rows = [json.loads(line) for line in invoke("predict", reg, "sentiment", "a great film", "--json").output.splitlines()]
+    assert rows[0]["prediction"] == "pos" and set(rows[0]["probabilities"]) == {"neg", "pos"}
+    result = invoke("predict", reg, "sentiment", "--input", tmp_path / "val.csv")
+    assert result.exit_code == 0 and len(result.output.splitlines()) == 32
+
+    result = invoke("eval", reg, "sentiment", "--data", tmp_path / "val.csv")
+    assert result.exit_code == 0 and "accuracy" in result.output
+
+    result = invoke("ls", reg)
+    assert result.exit_code == 0 and "sentiment" in result.output and "v1/1" in result.output
+    result = invoke("versions", reg, "sentiment")
+    assert result.exit_code == 0 and "v1 *" in result.output
+    assert invoke("rollback", reg, "sentiment", "1").exit_code == 0
+
+    # Update: the same data again cannot improve on the new validation data, so the gate keeps v1.
+    result = invoke("update", reg, "sentiment", "--data", tmp_path / "train.csv", "--validation",
+                    tmp_path / "val.csv", "--epochs", "1", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "sentiment v2 (from v1, 96 new + 96 replayed examples" in result.output
+    assert "current version: v" in result.output
+    forced = invoke("update", reg, "sentiment", "--data", tmp_path / "train.csv", "--epochs", "1", "--promote",
+                    "--no-progress")
+    assert forced.exit_code == 0 and "promoted by the caller" in forced.output and "current version: v3" in forced.output
+    result = invoke("versions", reg, "sentiment")
+    assert "v3 *" in result.output and "new_acc" in result.output and "update" in result.output
+    result = invoke("update", reg, "sentiment", "--data", tmp_path / "train.csv", "--penalty", "l2")
+    assert result.exit_code == 1 and "penalty must be" in result.output
+
+    # Merge two versions of the task (a soup) and predict through it.
+    result = invoke("merge", reg, "soup", "sentiment:1", "sentiment:3", "--method", "linear")
+    assert result.exit_code == 0, result.output
+    assert "merged sentiment v1, sentiment v3 into soup (linear, scale 0.5" in result.output and "normalised" in result.output
+    result = invoke("predict", reg, "sentiment", "a great film", "--merge", "soup")
+    assert result.exit_code == 0 and result.output.split("\t")[0] in ("pos", "neg")
+    result = invoke("merge", reg, "soup-refit", "sentiment:1", "sentiment:3", "--method", "linear", "--refit-heads")
+    assert result.exit_code == 0, result.output
+    assert Registry.open(reg, device="cpu").merge_info("soup-refit")["config"]["refit_heads"] is True
+    result = invoke("merge", reg, "bad", "sentiment:1", "sentiment:1")
+    assert result.exit_code == 1 and "merged with itself" in result.output
+
+    # Monitor: the held-out sample of v3 is the reference; exit code 3 signals drift.
+    pd.DataFrame({"text": [r["text"] for r in toy_sentiment(40, 5)]}).to_csv(tmp_path / "same.csv", index=False)
+    pd.DataFrame({"text": [f"breaking news {i}: markets fall in {c}" for i, c in enumerate(["tokyo", "paris"] * 20)]}
+                 ).to_csv(tmp_path / "news.csv", index=False)
+    result = invoke("monitor", reg, "sentiment", "--data", tmp_path / "news.csv", "--json")
+    report = json.loads(result.output)
+    assert result.exit_code == 3 and report["drift"] and report["p_value"] < 0.01 and report["n_new"] == 40
+    result = invoke("monitor", reg, "sentiment", "--data", tmp_path / "news.csv", "--reference", tmp_path / "news.csv")
+    assert result.exit_code == 0 and "no drift detected" in result.output
+    pd.DataFrame({"text": ["too few"] * 5}).to_csv(tmp_path / "few.csv", index=False)
+    result = invoke("monitor", reg, "sentiment", "--data", tmp_path / "few.csv")
+    assert result.exit_code == 1 and "needs at least 20 incoming texts; got 5" in result.output
+
+    # Errors are one red line and exit code 1, not a traceback.
+    result = invoke(*train)
+    assert result.exit_code == 1 and "already exists" in result.output
+    result = invoke("predict", reg, "nope", "x")
+    assert result.exit_code == 1 and "Known tasks: ['sentiment']" in result.output
+    result = invoke("ls", tmp_path / "missing")
+    assert result.exit_code == 1 and "No registry at" in result.output
+
+    assert invoke("remove", reg, "sentiment", "--yes").exit_code == 0
+    assert "(no tasks)" in invoke("ls", reg).output
+
+
+# --- errors are one line, never a traceback -------------------------------------------------
+
+
+def clean_failure(result, *needles: str) -> None:
+    """Exit code 1, an 'error: ' line holding every needle, and no exception escaped the CLI."""
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert result.output.startswith("error: ") and "Traceback" not in result.output, result.output
+    for needle in needles:
+        assert needle in result.output, result.output
+
+
+@pytest.fixture
+def reg_copy(tmp_path, sentiment_registry):
+    shutil.copytree(sentiment_registry, tmp_path / "reg")
+    return tmp_path / "reg"
+
+
+def test_bad_manifest_is_one_line_for_ls_and_serve(reg_copy):
+    manifest = json.loads((reg_copy / "registry.json").read_text())
+    manifest["tasks"]["sentiment"]["current"] = 99
+    manifest["generation"] += 1
+    (reg_copy / "registry.json").write_text(json.dumps(manifest))
+    clean_failure(invoke("ls", reg_copy), "99")
+    proc = subprocess.run([sys.executable, "-m", "cmtl.cli", "serve", str(reg_copy), "--device", "cpu", "--port", "0"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr and "99" in proc.stderr, proc.stderr
+
+
+def test_add_task_without_label_column_names_the_column(reg_copy, tmp_path):
+    pd.DataFrame({"text": ["a", "b"]}).to_csv(tmp_path / "nolabel.csv", index=False)
+    clean_failure(invoke("add-task", reg_copy, "new", "--train", tmp_path / "nolabel.csv"), "'label'", "not found")
+    clean_failure(invoke("add-task", reg_copy, "new", "--train", tmp_path / "nolabel.csv", "--labels", "a,b"),
+                  "'label'", "not found")
+    assert "new" not in Registry.open(reg_copy, device="cpu").tasks()
+
+
+def test_encoding_option_reads_latin1_files(reg_copy, tmp_path):
+    rows = [{"text": r["text"] + " café", "label": r["label"]} for r in toy_sentiment(24)]
+    latin = tmp_path / "latin.csv"
+    pd.DataFrame(rows).to_csv(latin, index=False, encoding="latin-1")
+    clean_failure(invoke("add-task", reg_copy, "new", "--train", latin, "--max-steps", "2", "--no-progress"),
+                  "latin.csv", "--encoding")
+    ok = ["--encoding", "latin-1"]
+    result = invoke("add-task", reg_copy, "new", "--train", latin, "--validation", latin, "--max-steps", "2",
+                    "--no-progress", *ok)
+    assert result.exit_code == 0, result.output
+    assert Registry.open(reg_copy, device="cpu").spec("new").labels == ("neg", "pos")
+    clean_failure(invoke("eval", reg_copy, "new", "--data", latin), "latin.csv", "--encoding")
+    assert invoke("eval", reg_copy, "new", "--data", latin, *ok).exit_code == 0
+    assert len(invoke("predict", reg_copy, "new", "--input", latin, *ok).output.splitlines()) == 24
+    result = invoke("update", reg_copy, "new", "--data", latin, "--epochs", "1", "--no-progress", *ok)
+    assert result.exit_code == 0, result.output
+    result = invoke("monitor", reg_copy, "new", "--data", latin, "--reference", latin, *ok)
+    assert result.exit_code == 0 and "no drift" in result.output, result.output
+    clean_failure(invoke("eval", reg_copy, "new", "--data", latin, "--encoding", "klingon"), "klingon")
+
+
+def test_merge_answers_after_member_removal_in_the_cli(tmp_path, served):
+    reg = tmp_path / "reg"
+    shutil.copytree(served, reg)
+    before = invoke("predict", reg, "topic", "a song and the night", "--merge", "both").output
+    assert invoke("remove", reg, "topic", "--yes").exit_code == 0
+    result = invoke("predict", reg, "topic", "a song and the night", "--merge", "both")
+    assert result.exit_code == 0 and result.output == before, result.output
+    clean_failure(invoke("predict", reg, "topic", "a song"), "Task 'topic' not found")
+
+
+def test_serve_passes_its_limits_to_the_server(monkeypatch, tmp_path):
+    import cmtl.serving.server
+
+    seen = {}
+    monkeypatch.setattr(cmtl.serving.server, "serve", lambda registry, **kwargs: seen.update(kwargs))
+    result = invoke("serve", tmp_path, "--max-body-bytes", 4096, "--max-texts", 8)
+    assert result.exit_code == 0, result.output
+    assert seen["config"].max_body_bytes == 4096 and seen["config"].max_texts == 8
+    result = invoke("serve", tmp_path, "--max-body-bytes", 0)
+    assert result.exit_code == 1 and result.output.startswith("error:") and "max_body_bytes" in result.output
+
+
+def test_encoding_that_is_not_a_text_encoding_is_one_line(reg_copy, tmp_path):
+    pd.DataFrame(toy_sentiment(4)).to_csv(tmp_path / "d.csv", index=False)
+    for codec in ("rot13", "hex", "base64"):
+        clean_failure(invoke("eval", reg_copy, "sentiment", "--data", tmp_path / "d.csv", "--encoding", codec),
+                      f"{codec!r} is not a text encoding")
+
+
+@pytest.mark.parametrize("port", ["99999", "-1", "65536"])
+def test_serve_refuses_a_port_out_of_range_in_one_line(monkeypatch, tmp_path, port):
+    import cmtl.serving.server
+
+    monkeypatch.setattr(cmtl.serving.server, "serve", lambda registry, **kwargs: pytest.fail("served on a bad port"))
+    result = invoke("serve", tmp_path, "--port", port)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    bound = "greater than or equal to 0" if port == "-1" else "less than or equal to 65535"
+    assert "Invalid value for '--port'" in result.output and bound in result.output, result.output

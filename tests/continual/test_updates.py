@@ -1,0 +1,237 @@
+"""Registry.update_task: warm start, replay, penalties, gated promotion, persistence, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from cmtl import (
+    CorruptFileError,
+    DataError,
+    MemoryConfig,
+    Registry,
+    TaskNotFoundError,
+    TaskSpec,
+    TrainConfig,
+    UpdateConfig,
+)
+from cmtl.continual.updates import Gate
+from cmtl.core.adapters import AdapterConfig
+from cmtl.registry.store import MANIFEST
+from tests.conftest import toy_sentiment
+
+POSITIVE_B = ["brilliant", "delightful", "charming", "moving", "stunning", "gripping"]
+NEGATIVE_B = ["boring", "dull", "tedious", "bland", "clumsy", "lifeless"]
+
+
+def shifted_sentiment(n: int, seed: int = 0) -> list[dict]:
+    """The same task in other words: sentiment carried by a new vocabulary."""
+    return toy_sentiment(n, seed, POSITIVE_B, NEGATIVE_B)
+
+
+@pytest.fixture
+def reg(tmp_path, sentiment_registry):
+    shutil.copytree(sentiment_registry, tmp_path / "reg")
+    return Registry.open(tmp_path / "reg", device="cpu")
+
+
+UPDATE = TrainConfig(epochs=8, batch_size=16, learning_rate=1e-2, progress=False, patience=None)
+
+
+def test_gate_decides_both_ways():
+    def gate(new, old, higher=True, tolerance=0.01):
+        return Gate("accuracy" if higher else "mse", higher, 0.5, new, 0.9 if old is not None else None, old,
+                    tolerance).decide()
+
+    assert gate(0.6, 0.9)[0] and gate(0.6, 0.895)[0] and gate(0.6, 0.95)[0]
+    assert not gate(0.5, 0.9)[0] and "did not improve" in gate(0.5, 0.9)[1]
+    assert not gate(0.6, 0.88)[0] and "dropped by 0.0200" in gate(0.6, 0.88)[1]
+    assert gate(0.6, 0.88, tolerance=0.05)[0]
+    assert gate(0.6, None)[0] and "no held-out data" in gate(0.6, None)[1]
+    # Lower is better for regression errors: a falling error improves, a rising one forgets.
+    assert gate(0.4, 0.9, higher=False)[0] and not gate(0.6, 0.9, higher=False)[0]
+    assert not gate(0.4, 0.95, higher=False)[0]
+
+
+def test_update_on_shifted_data_is_promoted_and_keeps_old_skill(reg):
+    # The tiny random backbone transfers poorly to new words: a lenient tolerance; real data is in test_real_data.
+    result = reg.update_task("sentiment", shifted_sentiment(96), validation=shifted_sentiment(32, 1), training=UPDATE,
+                             config=UpdateConfig(tolerance=0.1))
+    assert result.promoted, result.reason
+    info = result.version
+    assert (info.version, info.parent, info.kind, info.current, info.promoted) == (2, 1, "update", True, True)
+    assert info.metrics["new_accuracy"] > info.metrics["parent_new_accuracy"]
+    assert info.metrics["old_accuracy"] >= info.metrics["parent_old_accuracy"] - 0.1
+    assert info.training["replayed"] == 96  # replay_ratio 1: one buffered example per new one (buffer holds 96)
+    assert reg.current("sentiment").version == 2
+    # What is stored and served is the candidate the gate scored.
+    assert reg.evaluate("sentiment", shifted_sentiment(32, 1))["accuracy"] == pytest.approx(info.metrics["new_accuracy"])
+    assert reg.evaluate("sentiment", toy_sentiment(32, 1))["accuracy"] == pytest.approx(info.metrics["old_accuracy"])
+    # ... and the parent's scores are its own on the same two sets (the gate scores both in one pass each).
+    for data, name in [(shifted_sentiment(32, 1), "parent_new_accuracy"), (toy_sentiment(32, 1), "parent_old_accuracy")]:
+        assert reg.evaluate("sentiment", data, version=1)["accuracy"] == pytest.approx(info.metrics[name])
+    # The new version's buffer holds both generations; its held-out lineage both validation sets.
+    buffer = reg.buffer("sentiment")
+    assert {it.domain for it in buffer.items()} == {"v1", "v2"} and len(buffer) == 96 + 96
+    assert len(reg.holdout("sentiment")) == 64 and len(reg.holdout("sentiment", lineage=False)) == 32
+    # Another process sees the same thing.
+    again = Registry.open(reg.root, device="cpu")
+    assert [v.version for v in again.versions("sentiment")] == [1, 2]
+    texts = ["a brilliant story", "a tedious story", "a great film"]
+    torch.testing.assert_close(torch.tensor(again.predict_proba("sentiment", texts)),
+                               torch.tensor(reg.predict_proba("sentiment", texts)), atol=1e-6, rtol=0)
+
+
+def test_update_that_forgets_is_kept_but_not_promoted(reg):
+    # Contradicting data: the old texts with flipped labels. New-data accuracy rises, old-data accuracy collapses.
+    flipped = [{"text": r["text"], "label": "neg" if r["label"] == "pos" else "pos"} for r in toy_sentiment(96, 3)]
+    val = [{"text": r["text"], "label": "neg" if r["label"] == "pos" else "pos"} for r in toy_sentiment(32, 4)]
+    predictions = reg.predict("sentiment", ["a great film", "an awful film"])
+    result = reg.update_task("sentiment", flipped, validation=val, training=UPDATE,
+                             config=UpdateConfig(replay_ratio=0.0))
+    assert not result.promoted
+    assert "dropped" in result.reason and "tolerance" in result.reason
+    assert result.gate.candidate_new > result.gate.parent_new
+    assert result.version.version == 2 and not result.version.current and result.version.note == result.reason
+    assert reg.current("sentiment").version == 1
+    assert reg.predict("sentiment", ["a great film", "an awful film"]) == predictions
+    # The caller may still choose it, and go back.
+    texts = ["a great film", "an awful film", "a plot"]
+    candidate = reg.predict_proba("sentiment", texts, version=2)
+    reg.rollback("sentiment", 2)
+    torch.testing.assert_close(torch.tensor(reg.predict_proba("sentiment", texts)), torch.tensor(candidate))
+    reg.rollback("sentiment", 1)
+    assert reg.predict("sentiment", ["a great film", "an awful film"]) == predictions
+
+
+def test_update_without_improvement_is_not_promoted_unless_forced(reg):
+    same = toy_sentiment(96)
+    easy = [{"text": "a great film", "label": "pos"}, {"text": "an awful film", "label": "neg"}]  # v1 gets both
+    result = reg.update_task("sentiment", same, validation=easy, training=UPDATE)
+    assert not result.promoted and "did not improve" in result.reason, result.reason
+    forced = reg.update_task("sentiment", same, validation=easy, training=UPDATE, promote=True)
+    assert forced.promoted and forced.version.current and "by the caller" in forced.reason
+    assert forced.version.parent == 1  # v2 was never current: v3 also starts from v1
+    refused = reg.update_task("sentiment", shifted_sentiment(64), training=UPDATE, promote=False)
+    assert not refused.promoted and reg.current("sentiment").version == 3
+
+
+@pytest.mark.parametrize("penalty", ["ewc", "lwf"])
+def test_penalised_updates_train_and_stay_close(reg, penalty):
+    result = reg.update_task("sentiment", shifted_sentiment(96), validation=shifted_sentiment(32, 1), training=UPDATE,
+                             config=UpdateConfig(penalty=penalty, replay_ratio=0.0))
+    assert result.version.training["update"]["penalty"] == penalty
+    assert result.gate.candidate_new > result.gate.parent_new
+    assert reg.evaluate("sentiment", toy_sentiment(60, 7), version=2)["accuracy"] >= 0.8
+
+
+def test_lwf_teacher_computed_once_matches_the_parent_run_on_each_batch(reg):
+    """The LwF term looks the parent's logits up per row; they must equal the parent run on the batch."""
+    from cmtl.continual.penalties import distillation_loss
+    from cmtl.data import batches, read_examples
+
+    spec = reg.spec("sentiment")
+    parent_key = reg._ensure_loaded("sentiment", 1)
+    parent_head = reg._heads[parent_key]
+    adapter = AdapterConfig.from_dict(reg._version_record("sentiment", 1)["adapter"])
+    reg._bank.load("candidate", adapter, reg._bank.state_dict(parent_key))
+    head = type(parent_head)(reg.backbone.hidden_size, spec.num_outputs)
+    head.load_state_dict(parent_head.state_dict())
+    with torch.no_grad():
+        head.linear.weight.add_(torch.randn_like(head.linear.weight))  # the student disagrees with its parent
+    train_enc = reg._encode(read_examples(shifted_sentiment(40), spec), spec)
+    config = UpdateConfig(penalty="lwf", penalty_weight=2.0, temperature=3.0)
+    lwf = reg._update_penalty(config, "candidate", parent_key, head, spec, train_enc, [None, None],
+                              TrainConfig(eval_batch_size=7))
+    order = torch.randperm(len(train_enc), generator=torch.Generator().manual_seed(0)).tolist()
+    terms = []
+    for rows, inputs, _ in batches(train_enc, order, 16, reg.backbone.pad_id, reg.backbone.device):
+        reg._bank.activate("candidate")
+        logits = head(reg.backbone.embed(**inputs))
+        with torch.no_grad():
+            reg._bank.activate(parent_key)
+            expected = 2.0 * distillation_loss(logits, parent_head(reg.backbone.embed(**inputs)), 3.0)
+        torch.testing.assert_close(lwf(inputs, logits, rows), expected, atol=1e-5, rtol=1e-5)
+        terms.append(expected.item())
+    assert min(terms) > 1e-3  # the check compares real disagreements, not zeros
+
+
+def test_update_without_validation_holds_out_part_of_the_new_data(reg):
+    result = reg.update_task("sentiment", shifted_sentiment(100), training=UPDATE)
+    assert result.version.training["examples"] == 90
+    assert len(reg.holdout("sentiment", 2, lineage=False)) == 10
+
+
+def test_warm_start_with_no_steps_reproduces_the_parent(reg):
+    texts = ["a great film", "an awful film", "a plot"]
+    parent = reg.predict_proba("sentiment", texts)
+    tiny_lr = TrainConfig(epochs=1, learning_rate=1e-12, progress=False)
+    reg.update_task("sentiment", shifted_sentiment(16), validation=shifted_sentiment(8, 1), training=tiny_lr,
+                    promote=True)
+    torch.testing.assert_close(torch.tensor(reg.predict_proba("sentiment", texts)), torch.tensor(parent),
+                               atol=1e-5, rtol=0)
+
+
+def test_memory_config_and_opt_out(tmp_path, tiny_config):
+    reg = Registry.create(tmp_path / "r", tiny_config, device="cpu")
+    reg.add_task(TaskSpec("s", labels=["neg", "pos"]), train=toy_sentiment(64), validation=toy_sentiment(40, 1),
+                 training=UPDATE, memory=MemoryConfig(buffer="reservoir", budget=20, holdout=16))
+    buffer = reg.buffer("s")
+    assert buffer.kind == "reservoir" and len(buffer) == 20 and buffer.seen == 64
+    assert len(reg.holdout("s")) == 16
+    reg.update_task("s", shifted_sentiment(32), training=UPDATE, fill_buffer=False, promote=True)
+    assert reg.buffer("s").seen == 64  # not filled with the update's data
+    reg.add_task(TaskSpec("t", labels=["neg", "pos"]), train=toy_sentiment(32), training=UPDATE, fill_buffer=False)
+    assert reg.buffer("t") is None and reg.holdout("t") is None
+    with pytest.raises(DataError, match="EWC needs old data"):
+        reg.update_task("t", shifted_sentiment(32), training=UPDATE, config=UpdateConfig(penalty="ewc"))
+
+
+# --- bad input: a clear error, and the registry is unchanged ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "task, data, error, match",
+    [
+        ("nope", toy_sentiment(8), TaskNotFoundError, r"Task 'nope' not found\. Known tasks: \['sentiment'\]"),
+        ("sentiment", [{"text": "hi", "label": "maybe"}] * 20, DataError, r"'maybe'.*not in its label set"),
+        ("sentiment", [], DataError, "empty"),
+        ("sentiment", [{"text": "only one", "label": "pos"}], DataError, "too few to hold some out"),
+    ],
+)
+def test_bad_updates_change_nothing(reg, task, data, error, match):
+    before = (reg.root / MANIFEST).read_bytes()
+    files = sorted(p.relative_to(reg.root) for p in reg.root.rglob("*"))
+    with pytest.raises(error, match=match):
+        reg.update_task(task, data, training=UPDATE)
+    assert (reg.root / MANIFEST).read_bytes() == before
+    assert sorted(p.relative_to(reg.root) for p in reg.root.rglob("*")) == files
+
+
+def test_corrupt_buffer_file_is_refused(reg):
+    path = reg.root / "tasks" / "sentiment" / "v1" / "replay.parquet"
+    path.write_bytes(path.read_bytes()[:-20])
+    before = (reg.root / MANIFEST).read_bytes()
+    with pytest.raises(CorruptFileError, match="replay.parquet.*corrupt or truncated"):
+        reg.update_task("sentiment", shifted_sentiment(32), training=UPDATE)
+    assert (reg.root / MANIFEST).read_bytes() == before
+    assert json.loads(before)["tasks"]["sentiment"]["current"] == 1
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"replay_ratio": -1}, "replay_ratio"), ({"penalty": "l2"}, "penalty"), ({"tolerance": -0.1}, "tolerance"),
+    ({"validation_fraction": 1.0}, "validation_fraction"), ({"penalty_weight": -1.0}, "penalty_weight"),
+])
+def test_bad_update_configs(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        UpdateConfig(**kwargs)
+
+
+def test_bad_memory_configs():
+    with pytest.raises(ValueError, match="buffer must be one of"):
+        MemoryConfig(buffer="fifo")
+    with pytest.raises(ValueError, match="budget must be a positive integer"):
+        MemoryConfig(budget=0)

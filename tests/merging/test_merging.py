@@ -1,0 +1,265 @@
+"""Merging: each method against hand-computed examples, LoRA re-factorisation, and the registry round trip."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from cmtl import Registry, TaskNotFoundError, TaskSpec
+from cmtl.core.tasks import TaskHead
+from cmtl.errors import DataError
+from cmtl.merging.methods import (
+    MergeConfig,
+    dare,
+    lora_deltas,
+    merge_deltas,
+    refactorise,
+    refit_head,
+    ties,
+    to_lora_state,
+    trim,
+)
+from cmtl.registry.store import MANIFEST
+from tests.conftest import FAST, toy_sentiment
+
+T = lambda *rows: torch.tensor(rows, dtype=torch.float64)  # noqa: E731
+
+
+def test_lora_delta_is_scaled_b_times_a():
+    a, b = torch.randn(2, 5), torch.randn(3, 2)
+    deltas = lora_deltas({"m.lora_A.weight": a, "m.lora_B.weight": b}, scaling=2.0)
+    torch.testing.assert_close(deltas["m"], 2.0 * (b.double() @ a.double()))
+    with pytest.raises(ValueError, match="lack lora_A or lora_B"):
+        lora_deltas({"m.lora_A.weight": a}, 1.0)
+    with pytest.raises(ValueError, match="only lora_A / lora_B"):
+        lora_deltas({"m.weight": a}, 1.0)
+
+
+def test_trim_keeps_top_k_by_magnitude():
+    assert torch.equal(trim(T([1.0, -4.0], [3.0, 0.5]), 0.5), T([0.0, -4.0], [3.0, 0.0]))
+    assert torch.equal(trim(T([1.0, 2.0]), 0.01), T([0.0, 2.0]))  # at least one entry survives
+
+
+def test_ties_elects_sign_by_mass_and_averages_agreeing_entries():
+    d1 = T([3.0, -1.0, 2.0, 0.0])
+    d2 = T([1.0, 4.0, -2.0, 0.0])
+    d3 = T([-1.0, 1.0, -1.0, 0.0])
+    # Column sums 3, 4, -1, 0 -> signs +, +, -, 0; agreeing non-zero entries are averaged.
+    expected = T([(3.0 + 1.0) / 2, (4.0 + 1.0) / 2, (-2.0 - 1.0) / 2, 0.0])
+    torch.testing.assert_close(ties([d1, d2, d3], density=1.0), expected)
+    # Trimmed to the top half of each: d1 -> [3, 0, 2, 0], d2 -> [0, 4, -2, 0], d3 keeps all three |1|s (a tie at
+    # the threshold) -> [-1, 1, -1, 0]; sums 2, 5, -1 -> means of the agreeing entries [3, (4+1)/2, (-2-1)/2, 0].
+    torch.testing.assert_close(ties([d1, d2, d3], density=0.5), T([3.0, 2.5, -1.5, 0.0]))
+
+
+def test_dare_rescales_to_keep_the_expectation():
+    delta = torch.full((200, 200), 2.0, dtype=torch.float64)
+    dropped = dare(delta, 0.9, torch.Generator().manual_seed(0))
+    kept = dropped != 0
+    assert abs(kept.double().mean().item() - 0.1) < 0.01
+    assert torch.allclose(dropped[kept], torch.tensor(20.0, dtype=torch.float64))
+    assert abs(dropped.mean().item() - 2.0) < 0.1
+    assert torch.equal(dare(delta, 0.0, torch.Generator()), delta)
+
+
+def test_merge_methods_on_a_small_example():
+    a = {"m": T([1.0, -2.0], [0.0, 4.0])}
+    b = {"m": T([3.0, 2.0], [-1.0, 0.0])}
+    torch.testing.assert_close(merge_deltas([a, b], MergeConfig(method="linear"))["m"], T([2.0, 0.0], [-0.5, 2.0]))
+    torch.testing.assert_close(merge_deltas([a, b], MergeConfig(method="linear", scale=1.0))["m"],
+                               T([4.0, 0.0], [-1.0, 4.0]))
+    # TIES, density 1: signs of sums (+, 0, -, +); a zero-sum entry elects no sign and stays 0.
+    torch.testing.assert_close(merge_deltas([a, b], MergeConfig(method="ties", density=1.0))["m"],
+                               T([2.0, 0.0], [-1.0, 4.0]))
+    # DARE with drop 0 is the linear merge; seeded drops repeat.
+    torch.testing.assert_close(merge_deltas([a, b], MergeConfig(method="dare", drop=0.0))["m"], T([2.0, 0.0], [-0.5, 2.0]))
+    one = merge_deltas([a, b], MergeConfig(method="dare_ties", drop=0.5, seed=3))
+    assert torch.equal(one["m"], merge_deltas([a, b], MergeConfig(method="dare_ties", drop=0.5, seed=3))["m"])
+
+
+def test_refactorise_error_matches_dropped_singular_values():
+    u, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64))
+    s = torch.tensor([5.0, 3.0, 1.0, 0.5, 0.1], dtype=torch.float64)
+    delta = u[:, :5] @ torch.diag(s) @ v.T
+    a, b, error = refactorise(delta, 2)
+    assert a.shape == (2, 5) and b.shape == (6, 2)
+    assert error == pytest.approx(float(s[2:].norm() / s.norm()), rel=1e-9)
+    assert refactorise(delta, None)[2] < 1e-12
+    state, r, errors = to_lora_state({"x": delta, "y": delta[:3, :3]}, rank=None)
+    assert r == 5 and state["y.lora_A.weight"].shape == (5, 3) and max(errors.values()) < 1e-6  # zero-padded
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"method": "svd"}, "Unknown merge method"), ({"scale": 0.0}, "scale"), ({"density": 0.0}, "density"),
+    ({"drop": 1.0}, "drop"), ({"rank": 0}, "rank"),
+])
+def test_bad_merge_configs(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MergeConfig(**kwargs)
+
+
+def test_merge_deltas_rejects_mismatches():
+    a = {"m": T([1.0])}
+    with pytest.raises(ValueError, match="at least two"):
+        merge_deltas([a], MergeConfig())
+    with pytest.raises(ValueError, match="other modules"):
+        merge_deltas([a, {"n": T([1.0])}], MergeConfig())
+    with pytest.raises(ValueError, match="other shapes.*different backbones"):
+        merge_deltas([a, {"m": T([1.0, 2.0])}], MergeConfig())
+
+
+# --- registry ------------------------------------------------------------------------------
+
+
+def test_refit_head_learns_the_new_features_from_a_warm_start():
+    torch.manual_seed(0)
+    features = torch.randn(200, 8)
+    targets = (features[:, 0] - features[:, 3] > 0).long()
+    head = TaskHead(8, 2).eval()
+    with torch.no_grad():  # a head trained on other features: it gets the new ones backwards
+        head.linear.weight.copy_(torch.tensor([[1.0, 0, 0, -1, 0, 0, 0, 0], [-1.0, 0, 0, 1, 0, 0, 0, 0]]))
+    before = head.state_dict()
+    spec = TaskSpec("t", labels=["a", "b"])
+    assert (head(features).argmax(-1) == targets).float().mean() == 0
+    fitted = refit_head(head, features, targets, spec.loss)
+    assert (fitted(features).argmax(-1) == targets).float().mean() >= 0.98
+    assert all(torch.equal(before[k], v) for k, v in head.state_dict().items())  # the member's head is untouched
+    again = refit_head(head, features, targets, spec.loss)
+    assert all(torch.equal(p, q) for p, q in zip(fitted.parameters(), again.parameters()))  # deterministic
+    # The L2 term keeps separable data from sending the weights to infinity.
+    assert fitted.linear.weight.norm() < refit_head(head, features, targets, spec.loss, l2=0.0).linear.weight.norm()
+
+
+@pytest.fixture(scope="module")
+def two_task_registry(tmp_path_factory, tiny_backbone):
+    from cmtl import BackboneConfig
+    from tests.test_updates import shifted_sentiment
+
+    root = tmp_path_factory.mktemp("merge") / "reg"
+    reg = Registry.create(root, BackboneConfig(name_or_path=tiny_backbone, max_length=64), device="cpu")
+    reg.add_task(TaskSpec("a", labels=["neg", "pos"]), toy_sentiment(96), toy_sentiment(32, 1), training=FAST)
+    reg.add_task(TaskSpec("b", labels=["neg", "pos"]), shifted_sentiment(96), shifted_sentiment(32, 1), training=FAST)
+    return root
+
+
+@pytest.fixture
+def merge_reg(tmp_path, two_task_registry):
+    shutil.copytree(two_task_registry, tmp_path / "reg")
+    return Registry.open(tmp_path / "reg", device="cpu")
+
+
+def test_registry_merge_round_trip(merge_reg):
+    reg = merge_reg
+    record = reg.merge(["a", "b"], "ab", "linear")
+    assert record["members"] == [{"task": "a", "version": 1}, {"task": "b", "version": 1}]
+    assert record["config"]["method"] == "linear" and record["config"]["scale"] == 0.5
+    assert record["reconstruction_error"]["max"] < 1e-5 and set(record["holdout"]) == {"a", "b"}
+    assert 0 < record["normalised"] <= 1.5
+    assert reg.merges() == ["ab"] and reg.merge_info("ab")["tasks"] == ["a", "b"]
+    # The merged entry answers each task through its own head, and another process gets the same answers.
+    texts = ["a great film", "an awful film", "a dull plot"]
+    proba = reg.predict_proba("a", texts, merge="ab")
+    again = Registry.open(reg.root, device="cpu")
+    torch.testing.assert_close(torch.tensor(again.predict_proba("a", texts, merge="ab")), torch.tensor(proba))
+    score = again.evaluate("b", toy_sentiment(8), merge="ab")["accuracy"]
+    assert 0 <= score <= 1
+    # The stored (re-factorised) adapter scores what the dense merged delta scored at merge time.
+    assert record["holdout"]["a"]["merged"] == pytest.approx(
+        again.evaluate("a", reg.holdout("a"), merge="ab")["accuracy"])
+    reg.add_task(TaskSpec("c", labels=["neg", "pos"]), toy_sentiment(16), training=FAST)
+    with pytest.raises(TaskNotFoundError, match=r"does not hold task 'c'. It holds \['a', 'b'\]"):
+        reg.predict("c", texts, merge="ab")
+    with pytest.raises(ValueError, match="not both"):
+        reg.predict("a", texts, merge="ab", version=1)
+    reg.remove_merge("ab")
+    assert reg.merges() == [] and not (reg.root / "merges" / "ab").exists()
+
+
+def test_merge_search_and_soup(merge_reg):
+    from tests.test_updates import UPDATE, shifted_sentiment
+
+    reg = merge_reg
+    searched = reg.merge(["a", "b"], "ab-ties", "ties", search=True)
+    assert len(searched["search"]) == 12
+    best = max(searched["search"], key=lambda tr: tr["normalised"])
+    assert searched["normalised"] == pytest.approx(best["normalised"])
+    assert searched["config"]["scale"] == best["scale"] and searched["config"]["density"] == best["density"]
+    reg.update_task("b", shifted_sentiment(64, 5), training=UPDATE, promote=True)
+    soup = reg.merge([("b", 1), ("b", 2)], "b-soup", "linear", config=MergeConfig(rank=4))
+    assert soup["tasks"] == ["b"] and soup["adapter"]["r"] == 4 and soup["reconstruction_error"]["max"] > 0
+    assert reg.predict("b", ["a charming plot"], merge="b-soup")[0] in ("neg", "pos")
+
+
+@pytest.mark.parametrize("members, name, match", [
+    ([], "x", "at least two"), (["a"], "x", "at least two"), ([("a", 1), ("a", 1)], "x", "merged with itself"),
+    (["a", "b"], "bad name!", "not allowed"),
+])
+def test_bad_merges_write_nothing(merge_reg, members, name, match):
+    before = (merge_reg.root / MANIFEST).read_bytes()
+    with pytest.raises(ValueError, match=match):
+        merge_reg.merge(members, name)
+    assert (merge_reg.root / MANIFEST).read_bytes() == before and not (merge_reg.root / "merges").exists()
+
+
+def test_merge_rejects_unknown_members_taken_names_and_other_modules(merge_reg, tmp_path):
+    from cmtl import AdapterConfig
+
+    reg = merge_reg
+    with pytest.raises(TaskNotFoundError, match="no version 9"):
+        reg.merge([("a", 1), ("a", 9)], "x")
+    reg.merge(["a", "b"], "ab")
+    with pytest.raises(ValueError, match="exists already"):
+        reg.merge(["a", "b"], "ab")
+    reg.add_task(TaskSpec("c", labels=["neg", "pos"]), toy_sentiment(32), training=FAST,
+                 adapter=AdapterConfig(target_modules=("query",)))
+    before = json.loads((reg.root / MANIFEST).read_text())["merges"]
+    with pytest.raises(ValueError, match="only adapters on the same modules merge"):
+        reg.merge(["a", "c"], "ac")
+    assert json.loads((reg.root / MANIFEST).read_text())["merges"] == before
+
+
+def test_merge_with_refitted_heads(merge_reg):
+    reg = merge_reg
+    plain = reg.merge(["a", "b"], "plain", "ties", config=MergeConfig(scale=1.0, density=0.5))
+    refit = reg.merge(["a", "b"], "refit", "ties", config=MergeConfig(scale=1.0, density=0.5, refit_heads=True))
+    assert refit["config"]["refit_heads"] is True
+    texts = ["a great film", "an awful film", "a dull plot"]
+    # Same adapter, other heads: the stored refitted heads answer, in this process and another.
+    assert not torch.allclose(torch.tensor(reg.predict_proba("a", texts, merge="refit")),
+                              torch.tensor(reg.predict_proba("a", texts, merge="plain")))
+    again = Registry.open(reg.root, device="cpu")
+    for t in ("a", "b"):
+        assert refit["holdout"][t]["merged"] == pytest.approx(again.evaluate(t, reg.holdout(t), merge="refit")["accuracy"])
+        # The heads learn the training data through the merged adapter: at least as well as the member heads.
+        buffer = reg.buffer(t).to_examples()
+        assert (again.evaluate(t, buffer, merge="refit")["accuracy"]
+                >= again.evaluate(t, buffer, merge="plain")["accuracy"])
+    searched = reg.merge(["a", "b"], "refit-search", "linear", config=MergeConfig(refit_heads=True), search=True)
+    assert searched["normalised"] == pytest.approx(max(tr["normalised"] for tr in searched["search"]))
+
+
+def test_refit_needs_a_buffer(merge_reg):
+    reg = merge_reg
+    reg.add_task(TaskSpec("c", labels=["neg", "pos"]), toy_sentiment(32), toy_sentiment(16, 1), training=FAST,
+                 fill_buffer=False)
+    before = (reg.root / MANIFEST).read_bytes()
+    with pytest.raises(DataError, match="c v1 has none"):
+        reg.merge(["a", "c"], "ac", config=MergeConfig(refit_heads=True))
+    assert (reg.root / MANIFEST).read_bytes() == before and not (reg.root / "merges" / "ac").exists()
+
+
+def test_peft_baselines_go_through_the_same_pipeline(merge_reg):
+    reg = merge_reg
+    record = reg.merge(["a", "b"], "peft-ties-svd", "peft_ties_svd")
+    assert record["config"]["method"] == "peft_ties_svd" and record["reconstruction_error"]["max"] < 1e-5
+    ours = reg.merge(["a", "b"], "ours-linear", "linear", config=MergeConfig(scale=1.0))
+    theirs = reg.merge(["a", "b"], "peft-linear", "peft_linear", config=MergeConfig(scale=1.0))
+    assert ours["holdout"]["a"]["merged"] is not None and theirs["holdout"]["a"]["merged"] is not None
+    # peft's linear type sums A and B separately: its delta has cross terms B_a·A_b, so it differs from ours.
+    texts = ["a great film", "an awful film", "a dull plot"]
+    assert not torch.allclose(torch.tensor(reg.predict_proba("a", texts, merge="ours-linear")),
+                              torch.tensor(reg.predict_proba("a", texts, merge="peft-linear")))

@@ -1,0 +1,93 @@
+"""The drift test: MMD permutation test properties, DriftMonitor reports, and Registry.monitor."""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from cmtl import DataError
+from cmtl.monitoring.drift import DriftMonitor, MonitorConfig, mmd_test
+
+
+def gaussians(n: int, shift: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g)
+    x[:, 0] += shift
+    return x
+
+
+def test_mmd_null_is_calibrated_and_shift_is_detected():
+    p_null = [mmd_test(gaussians(40, 0, s), gaussians(40, 0, 1000 + s), permutations=200, seed=s)[1]
+              for s in range(100)]
+    assert 0.01 <= np.mean(np.array(p_null) < 0.05) <= 0.10  # false-alarm rate near alpha
+    assert 0.4 <= np.mean(p_null) <= 0.6  # p-values roughly uniform under the null
+    mmd2, p, bandwidth = mmd_test(gaussians(40, 0, 1), gaussians(40, 1.5, 2), permutations=200, seed=0)
+    assert p == pytest.approx(1 / 201) and mmd2 > 0 and bandwidth > 0
+
+
+def test_mmd_is_deterministic_and_symmetric_in_its_statistic():
+    x, y = gaussians(30, 0, 1), gaussians(25, 0.5, 2)
+    assert mmd_test(x, y, permutations=100, seed=3) == mmd_test(x, y, permutations=100, seed=3)
+    assert mmd_test(x, y, permutations=100, seed=3)[0] == pytest.approx(mmd_test(y, x, permutations=100, seed=3)[0])
+
+
+def hashed_embed(texts: list[str]) -> torch.Tensor:
+    """A stand-in encoder: bag of hashed words."""
+    out = torch.zeros(len(texts), 64)
+    for i, t in enumerate(texts):
+        for w in t.split():
+            out[i, zlib.crc32(w.encode()) % 64] += 1.0
+    return out
+
+
+def test_drift_monitor_report_and_verdict():
+    reference = [f"the film was {w}" for w in ["good", "bad", "fine", "dull"] * 10]
+    proba = lambda texts: np.array([[0.9, 0.1] if "good" in t or "fine" in t else [0.2, 0.8] for t in texts])  # noqa
+    monitor = DriftMonitor(hashed_embed, reference, predict_proba=proba, labels=["pos", "neg"], task="review")
+    same = monitor.check(list(reversed(reference)))
+    assert not same.drift and same.p_value > 0.5 and "no drift detected" in same.verdict
+    news = [f"stocks fall in city {i} amid fears" for i in range(30)]
+    shifted = monitor.check(news)
+    assert shifted.drift and shifted.p_value < 0.01 and shifted.mmd2 > same.mmd2
+    assert "DRIFT" in shifted.verdict and "cmtl update review" in shifted.verdict
+    assert shifted.labels_new == {"pos": 0.0, "neg": 1.0} and shifted.label_shift == pytest.approx(0.5)
+    assert shifted.confidence_shift == pytest.approx(0.8 - (0.9 + 0.8) / 2)
+    assert set(shifted.to_dict()) >= {"p_value", "mmd2", "drift", "verdict", "confidence_shift"}
+
+
+def test_too_few_texts_are_refused():
+    monitor = DriftMonitor(hashed_embed, ["a b c"] * 30)
+    with pytest.raises(DataError, match="needs at least 20 incoming texts; got 19"):
+        monitor.check(["x y"] * 19)
+    with pytest.raises(DataError, match="needs at least 20 reference texts; got 3"):
+        DriftMonitor(hashed_embed, ["a"] * 3)
+
+
+def test_large_samples_are_subsampled():
+    monitor = DriftMonitor(hashed_embed, [f"w{i}" for i in range(300)], config=MonitorConfig(max_samples=50))
+    assert len(monitor.reference) == 50 and monitor.check([f"w{i}" for i in range(500)]).n_new == 50
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"alpha": 0}, "alpha"), ({"permutations": 10}, "permutations"), ({"min_samples": 2}, "min_samples"),
+    ({"max_samples": 10}, "max_samples"),
+])
+def test_bad_monitor_configs(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MonitorConfig(**kwargs)
+
+
+def test_registry_monitor_uses_the_kept_holdout(sentiment_registry):
+    from cmtl import Registry
+    from tests.conftest import toy_sentiment
+
+    reg = Registry.open(sentiment_registry, device="cpu")
+    same = reg.monitor("sentiment", [r["text"] for r in toy_sentiment(40, 9)])
+    assert same.n_reference == 32 and same.task == "sentiment" and same.confidence_new is not None
+    other = reg.monitor("sentiment", [f"quarterly earnings rose {i} percent in europe" for i in range(40)])
+    assert other.drift and not same.drift
+    with pytest.raises(DataError, match="reference texts"):
+        reg.monitor("sentiment", ["x"] * 40, reference=["y"] * 4)

@@ -1,0 +1,368 @@
+"""Registry read paths under hostile conditions: inference mode, removed merge members, swapped
+files with rewritten checksums, and names that look like internal keys."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from cmtl import (
+    AdapterConfig,
+    BackboneConfig,
+    CorruptFileError,
+    Registry,
+    RegistryError,
+    TaskNotFoundError,
+    TaskSpec,
+    TrainConfig,
+)
+from cmtl.registry.facade import _head_key
+from cmtl.registry.store import MANIFEST, sha256_bytes
+from tests.conftest import toy_sentiment, toy_topics
+
+QUICK = TrainConfig(max_steps=3, batch_size=8, progress=False)
+TEXTS = ["a great film", "an awful film", "a song and the night"]
+
+
+@pytest.fixture(scope="module")
+def three_tasks(tmp_path_factory, tiny_backbone):
+    """Tasks a (r=8), b (r=8) and c (r=4, three labels), and a merge 'both' of a and b."""
+    root = tmp_path_factory.mktemp("safety") / "reg"
+    reg = Registry.create(root, BackboneConfig(name_or_path=tiny_backbone, max_length=64), device="cpu")
+    reg.add_task(TaskSpec("a", labels=["neg", "pos"]), toy_sentiment(24), toy_sentiment(8, 1), training=QUICK)
+    reg.add_task(TaskSpec("b", labels=["neg", "pos"]), toy_sentiment(24, 2), toy_sentiment(8, 3), training=QUICK)
+    reg.add_task(TaskSpec("c", labels=["sport", "food", "music"]), toy_topics(24), training=QUICK,
+                 adapter=AdapterConfig(r=4, alpha=8))
+    reg.merge(["a", "b"], "both", method="linear")
+    return root
+
+
+@pytest.fixture
+def root(tmp_path, three_tasks):
+    shutil.copytree(three_tasks, tmp_path / "reg")
+    return tmp_path / "reg"
+
+
+def open_reg(root) -> Registry:
+    return Registry.open(root, device="cpu")
+
+
+def edit_manifest(root, change) -> None:
+    manifest = json.loads((root / MANIFEST).read_text())
+    change(manifest)
+    (root / MANIFEST).write_text(json.dumps(manifest))
+
+
+# --- item 2: loading under inference mode -------------------------------------------------------
+
+
+def test_embed_as_first_use_leaves_the_task_usable(root):
+    reg = open_reg(root)
+    expected = open_reg(root).predict_proba("a", TEXTS)
+    reg.embed(["x"], task="a")  # the first call that loads a's adapter and head
+    torch.testing.assert_close(torch.tensor(reg.predict_proba("a", TEXTS)), torch.tensor(expected))
+    assert reg.evaluate("a", toy_sentiment(8, 1))["n"] == 8
+    reg.update_task("a", toy_sentiment(16, 4), training=QUICK, promote=True)  # trains from the loaded parent
+    assert reg.current("a").version == 2
+
+
+def test_a_caller_in_inference_mode_does_not_break_later_calls(root):
+    reg = open_reg(root)
+    with torch.inference_mode():
+        reg.predict("a", TEXTS)
+        reg.predict("a", TEXTS, merge="both")
+    assert len(reg.predict("a", TEXTS)) == 3 and len(reg.predict("b", TEXTS, merge="both")) == 3
+    reg.update_task("a", toy_sentiment(16, 4), training=QUICK, promote=True)
+    assert not any(p.requires_grad for p in reg.backbone.encoder.parameters())
+
+
+# --- item 8: a merge answers without its members' entries ---------------------------------------
+
+
+def test_merge_answers_after_a_member_task_is_removed(root):
+    before = {t: open_reg(root).predict_proba(t, TEXTS, merge="both") for t in ("a", "b")}
+    open_reg(root).remove_task("b")
+    reg = open_reg(root)
+    assert reg.tasks() == ["a", "c"] and reg.merges() == ["both"]
+    for t in ("a", "b"):
+        torch.testing.assert_close(torch.tensor(reg.predict_proba(t, TEXTS, merge="both")), torch.tensor(before[t]))
+    assert reg.predict("b", TEXTS, merge="both")[0] in ("neg", "pos")
+    assert reg.evaluate("b", toy_sentiment(8), merge="both")["n"] == 8
+    assert reg.spec("b", merge="both").labels == ("neg", "pos")
+    with pytest.raises(TaskNotFoundError, match="Task 'b' not found"):
+        reg.predict("b", TEXTS)
+
+
+def test_api_and_engine_answer_the_same_through_a_merge_after_member_removal(root):
+    from cmtl.serving.engine import InferenceEngine
+
+    open_reg(root).remove_task("b")
+    api = open_reg(root).predict_proba("b", TEXTS, merge="both")
+    served = InferenceEngine(root, device="cpu").logits(["b"] * 3, TEXTS, merges=["both"] * 3)
+    torch.testing.assert_close(torch.stack(served).softmax(-1), torch.tensor(api), atol=1e-5, rtol=0)
+
+
+def test_merge_keeps_the_labels_it_was_made_with(root):
+    reg = open_reg(root)
+    reg.remove_task("b")
+    reg.add_task(TaskSpec("b", labels=["sport", "food", "music"]), toy_topics(24), training=QUICK)
+    again = open_reg(root)
+    assert again.predict("b", TEXTS, merge="both")[0] in ("neg", "pos")  # the merged head's labels
+    assert again.predict("b", TEXTS)[0] in ("sport", "food", "music")  # the new task's
+
+
+def test_old_merge_record_without_specs_names_the_way_out(root):
+    edit_manifest(root, lambda m: m["merges"]["both"].pop("specs", None))
+    reg = open_reg(root)
+    assert reg.predict("b", TEXTS, merge="both")[0] in ("neg", "pos")  # the member's entry still answers
+    reg.remove_task("b")
+    edit_manifest(root, lambda m: m["merges"]["both"].pop("specs", None))  # as an older cmtl would have left it
+    with pytest.raises(TaskNotFoundError, match=r"Merge 'both' .* task 'b'.*remove_merge\('both'\)"):
+        open_reg(root).predict("b", TEXTS, merge="both")
+    assert open_reg(root).predict("a", TEXTS, merge="both")[0] in ("neg", "pos")
+
+
+# --- item 13: a swapped file whose checksum was rewritten --------------------------------------
+
+
+def swap(root, src, dst, record_of) -> None:
+    """Copy file ``src`` over ``dst`` and rewrite ``dst``'s checksum in the manifest."""
+    data = (root / src).read_bytes()
+    (root / dst).write_bytes(data)
+    edit_manifest(root, lambda m: record_of(m)["files"].__setitem__(dst.split("/")[-1], sha256_bytes(data)))
+
+
+def version_record(task):
+    return lambda m: m["tasks"][task]["versions"][0]
+
+
+def test_swapped_adapter_of_another_rank_is_a_corrupt_file(root):
+    swap(root, "tasks/c/v1/adapter.safetensors", "tasks/a/v1/adapter.safetensors", version_record("a"))
+    reg = open_reg(root)
+    with pytest.raises(CorruptFileError, match=r"tasks/a/v1/adapter.safetensors.*expected.*\(8, 32\).*found.*"
+                                               r"\(4, 32\).*[Rr]oll.*back.*retrain"):
+        reg.predict("a", TEXTS)
+    assert reg.predict("b", TEXTS)[0] in ("neg", "pos")  # nothing half-loaded is left behind
+    with pytest.raises(CorruptFileError, match="adapter.safetensors"):
+        reg.predict("a", TEXTS)
+
+
+def test_swapped_head_with_other_labels_is_a_corrupt_file(root):
+    swap(root, "tasks/c/v1/head.safetensors", "tasks/a/v1/head.safetensors", version_record("a"))
+    with pytest.raises(CorruptFileError, match=r"tasks/a/v1/head.safetensors.*labels \['neg', 'pos'\].*"
+                                               r"expected shape \(2, 32\), found \(3, 32\)"):
+        open_reg(root).predict("a", TEXTS)
+
+
+def test_swapped_merged_adapter_is_a_corrupt_file(root):
+    swap(root, "tasks/c/v1/adapter.safetensors", "merges/both/adapter.safetensors", lambda m: m["merges"]["both"])
+    with pytest.raises(CorruptFileError, match=r"merges/both/adapter.safetensors.*expected.*found"):
+        open_reg(root).predict("a", TEXTS, merge="both")
+
+
+def test_adapter_with_foreign_tensor_names_is_a_corrupt_file(root):
+    from safetensors.torch import load, save
+
+    state = load((root / "tasks/a/v1/adapter.safetensors").read_bytes())
+    renamed = {k.replace("query", "qwery"): v for k, v in state.items()}
+    (root / "tasks/a/v1/adapter.safetensors").write_bytes(save(renamed))
+    swap(root, "tasks/a/v1/adapter.safetensors", "tasks/a/v1/adapter.safetensors", version_record("a"))
+    with pytest.raises(CorruptFileError, match=r"tasks/a/v1/adapter.safetensors.*qwery"):
+        open_reg(root).predict("a", TEXTS)
+
+
+@pytest.mark.parametrize("src,dst,record_of", [
+    ("tasks/c/v1/adapter.safetensors", "tasks/a/v1/adapter.safetensors", version_record("a")),
+    ("tasks/c/v1/head.safetensors", "tasks/a/v1/head.safetensors", version_record("a")),
+    ("tasks/c/v1/adapter.safetensors", "merges/both/adapter.safetensors", lambda m: m["merges"]["both"]),
+], ids=["adapter", "head", "merged-adapter"])
+def test_the_engine_refuses_swapped_files_like_the_registry(root, src, dst, record_of):
+    """The server's engine reads the same files: a swapped one is a CorruptFileError naming it."""
+    from cmtl.serving.engine import InferenceEngine
+
+    swap(root, src, dst, record_of)
+    with pytest.raises(CorruptFileError, match=rf"{dst}.*expected.*found"):
+        InferenceEngine(root, device="cpu")
+
+
+# --- item 14: task keys and merge keys never collide --------------------------------------------
+
+
+def test_removing_merge_x_keeps_task_x__merged_loaded(root):
+    reg = open_reg(root)
+    reg.add_task(TaskSpec("x__merged", labels=["neg", "pos"]), toy_sentiment(16), training=QUICK)
+    reg.merge(["a", "b"], "x", method="linear")
+    expected = reg.predict_proba("x__merged", TEXTS)
+    reg.predict("a", TEXTS, merge="x")
+    key = _head_key("x__merged", 1)
+    assert key in reg._bank and key in reg._heads
+    reg.remove_merge("x")
+    assert key in reg._bank and key in reg._heads, reg._bank.names
+    torch.testing.assert_close(torch.tensor(reg.predict_proba("x__merged", TEXTS)), torch.tensor(expected))
+    with pytest.raises(TaskNotFoundError, match="Merge 'x' not found"):
+        reg.predict("a", TEXTS, merge="x")
+
+
+def test_merging_a_swapped_member_file_is_refused(root):
+    swap(root, "tasks/c/v1/adapter.safetensors", "tasks/b/v1/adapter.safetensors", version_record("b"))
+    with pytest.raises(CorruptFileError, match=r"tasks/b/v1/adapter.safetensors.*expected shape \(8, 32\)"):
+        open_reg(root).merge(["a", "b"], "again", method="linear")
+    swap(root, "tasks/a/v1/adapter.safetensors", "tasks/b/v1/adapter.safetensors", version_record("b"))
+    swap(root, "tasks/c/v1/head.safetensors", "tasks/b/v1/head.safetensors", version_record("b"))
+    with pytest.raises(CorruptFileError, match=r"tasks/b/v1/head.safetensors.*expected shape \(2, 32\)"):
+        open_reg(root).merge(["a", "b"], "again", method="linear")
+    assert open_reg(root).merges() == ["both"]
+
+
+# --- round 2: what a long-lived object has loaded follows the files the manifest names ----------
+
+
+def assert_answers_like_a_fresh_open(reg, root, task, merge=None) -> None:
+    expected = open_reg(root).predict_proba(task, TEXTS, merge=merge)
+    torch.testing.assert_close(torch.tensor(reg.predict_proba(task, TEXTS, merge=merge)), torch.tensor(expected))
+
+
+def readd_a(root) -> None:
+    """Another writer removes task 'a' and adds it again (its versions restart at 1) with other weights
+    and the opposite label order."""
+    writer = open_reg(root)
+    writer.remove_task("a")
+    writer.add_task(TaskSpec("a", labels=["pos", "neg"]), toy_sentiment(24, 7), training=QUICK)
+
+
+def test_reader_serves_a_task_removed_and_added_again_after_reload(root):
+    reader = open_reg(root)
+    old = reader.predict_proba("a", TEXTS)  # loads a v1
+    readd_a(root)
+    assert reader.reload() and reader.current("a").version == 1
+    assert reader.spec("a").labels == ("pos", "neg")
+    assert not torch.allclose(torch.tensor(open_reg(root).predict_proba("a", TEXTS)), torch.tensor(old))
+    assert_answers_like_a_fresh_open(reader, root, "a")
+    assert reader.embed(TEXTS, task="a").shape == (3, 32)
+
+
+def test_a_write_that_rereads_the_manifest_also_unloads_what_changed(root):
+    reader = open_reg(root)
+    reader.predict_proba("a", TEXTS)
+    readd_a(root)
+    reader.add_task(TaskSpec("d", labels=["neg", "pos"]), toy_sentiment(16, 8), training=QUICK)  # re-reads
+    assert_answers_like_a_fresh_open(reader, root, "a")
+    # An update of the re-added task starts from the new v1, not the old one still in memory.
+    reader.update_task("a", toy_sentiment(16, 9), training=QUICK, promote=True)
+    assert_answers_like_a_fresh_open(reader, root, "a")
+
+
+def test_reader_serves_a_merge_removed_and_made_again_under_the_same_name(root):
+    from cmtl import MergeConfig
+
+    reader = open_reg(root)
+    old = reader.predict_proba("a", TEXTS, merge="both")  # loads the merge's adapter and heads
+    writer = open_reg(root)
+    writer.remove_merge("both")
+    writer.merge(["b", "c"], "both", config=MergeConfig(method="linear", scale=2.0))
+    assert reader.reload()
+    assert not torch.allclose(torch.tensor(open_reg(root).predict_proba("b", TEXTS, merge="both")),
+                              torch.tensor(reader.predict_proba("b", TEXTS)))  # a meaningful change
+    assert_answers_like_a_fresh_open(reader, root, "b", merge="both")
+    assert_answers_like_a_fresh_open(reader, root, "c", merge="both")
+    with pytest.raises(TaskNotFoundError, match="a"):
+        reader.predict("a", TEXTS, merge="both")
+    assert old.shape == (3, 2)
+
+
+def test_a_merge_made_again_is_reloaded_after_a_write_by_the_reader(root):
+    from cmtl import MergeConfig
+
+    reader = open_reg(root)
+    reader.predict_proba("a", TEXTS, merge="both")
+    writer = open_reg(root)
+    writer.remove_merge("both")
+    writer.merge(["a", "b"], "both", config=MergeConfig(method="linear", scale=3.0))
+    reader.rollback("c", 1)  # any write re-reads the manifest
+    assert_answers_like_a_fresh_open(reader, root, "a", merge="both")
+    assert_answers_like_a_fresh_open(reader, root, "b", merge="both")
+
+
+# --- round 2: reload() sees any change of the manifest, and refuses another backbone -------------
+
+
+def recreate(root, backbone, generation) -> None:
+    """Delete the registry and create another at the same path, whose manifest reaches ``generation``."""
+    shutil.rmtree(root)
+    reg = Registry.create(root, BackboneConfig(name_or_path=backbone, max_length=64), device="cpu")
+    reg.add_task(TaskSpec("a", labels=["pos", "neg"]), toy_sentiment(24, 7), training=QUICK)
+    edit_manifest(root, lambda m: m.__setitem__("generation", generation))
+
+
+def test_reload_sees_a_registry_made_again_at_the_same_generation(root, tiny_backbone):
+    reader = open_reg(root)
+    reader.predict_proba("a", TEXTS)
+    recreate(root, tiny_backbone, json.loads((root / MANIFEST).read_text())["generation"])
+    assert reader.reload()
+    assert reader.tasks() == ["a"] and reader.merges() == []
+    assert_answers_like_a_fresh_open(reader, root, "a")
+    assert not reader.reload()
+
+
+def test_reload_refuses_a_registry_made_again_on_another_backbone(root, other_tiny_backbone):
+    from cmtl import BackboneMismatchError
+
+    reader = open_reg(root)
+    expected = reader.predict_proba("a", TEXTS)
+    recreate(root, other_tiny_backbone, json.loads((root / MANIFEST).read_text())["generation"] + 5)
+    with pytest.raises(BackboneMismatchError, match=r"(?s)registry .*reg.*weights hash.*Registry.open"):
+        reader.reload()
+    # Nothing of the other registry was taken in: the object still answers from what it had.
+    torch.testing.assert_close(torch.tensor(reader.predict_proba("a", TEXTS)), torch.tensor(expected))
+
+
+# --- round 2: a write never lands in a task or merge member that changed while it trained --------
+
+
+def test_update_racing_a_remove_and_add_writes_nothing(root, monkeypatch):
+    a = open_reg(root)
+    commit = a._write_version
+
+    def other_writer_meanwhile(*args, **kwargs):  # process B, while A trains (timing simulated)
+        readd_a(root)
+        return commit(*args, **kwargs)
+
+    monkeypatch.setattr(a, "_write_version", other_writer_meanwhile)
+    with pytest.raises(RegistryError, match=r"Task 'a' was removed and added again by another writer while this "
+                                            r"update ran: its v1.*now holds other files. Nothing was written. Reopen"):
+        a.update_task("a", toy_sentiment(16, 9), training=QUICK, promote=True)
+    fresh = open_reg(root)
+    assert [v.version for v in fresh.versions("a")] == [1] and fresh.spec("a").labels == ("pos", "neg")
+    assert sorted(p.name for p in (root / "tasks" / "a").iterdir()) == ["v1"]
+
+
+def test_update_still_commits_when_another_writer_only_rolled_back(root, monkeypatch):
+    a = open_reg(root)
+    a.update_task("a", toy_sentiment(16, 4), training=QUICK, promote=True)
+    commit = a._write_version
+
+    def other_writer_meanwhile(*args, **kwargs):
+        open_reg(root).rollback("a", 1)
+        return commit(*args, **kwargs)
+
+    monkeypatch.setattr(a, "_write_version", other_writer_meanwhile)
+    a.update_task("a", toy_sentiment(16, 5), training=QUICK, promote=True)
+    assert [v.version for v in open_reg(root).versions("a")] == [1, 2, 3]
+
+
+def test_merge_racing_a_member_remove_and_add_writes_nothing(root, monkeypatch):
+    reg = open_reg(root)
+    commit = reg._write_entry_files
+
+    def other_writer_meanwhile(*args, **kwargs):
+        readd_a(root)
+        return commit(*args, **kwargs)
+
+    monkeypatch.setattr(reg, "_write_entry_files", other_writer_meanwhile)
+    with pytest.raises(RegistryError, match=r"Task 'a' was removed and added again by another writer while this "
+                                            r"merge ran: its v1.*Nothing was written"):
+        reg.merge(["a", "b"], "again", method="linear")
+    assert open_reg(root).merges() == ["both"] and not (root / "merges" / "again").exists()

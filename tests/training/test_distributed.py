@@ -1,0 +1,49 @@
+"""Data-parallel training: 2 CPU processes under torchrun (gloo) train the same adapter as one
+process on the same global batches (one task, and a joint group with TAG and uncertainty
+weighting), and only rank 0 writes the registry."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+SCRIPT = Path(__file__).parents[1] / "ddp_train.py"
+
+
+def _run(cmd: list[str]) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("mode", ["task", "group"])
+def test_two_process_training_matches_one_process(tmp_path, tiny_backbone, mode):
+    _run([sys.executable, str(SCRIPT), mode, tiny_backbone, str(tmp_path / "single"), str(tmp_path / "single")])
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(SCRIPT),
+          mode, tiny_backbone, str(tmp_path / "ddp"), str(tmp_path / "ddp")])
+    single = torch.load(tmp_path / "single.rank0.pt")
+    ranks = [torch.load(tmp_path / f"ddp.rank{r}.pt") for r in (0, 1)]
+    assert single.keys() == ranks[0].keys() == ranks[1].keys()
+    for key in single:
+        torch.testing.assert_close(ranks[0][key], ranks[1][key], atol=0, rtol=0)  # ranks stay identical
+        torch.testing.assert_close(ranks[0][key], single[key], atol=1e-4, rtol=1e-3)
+    assert any(not torch.allclose(v, torch.zeros_like(v)) for k, v in single.items() if "lora_B" in k)
+    manifest = json.loads((tmp_path / "ddp" / "registry.json").read_text())
+    assert [v["version"] for v in manifest["tasks"]["sentiment"]["versions"]] == [1]
+    assert sorted(p.name for p in (tmp_path / "ddp" / "tasks" / "sentiment").iterdir()) == ["v1"]
+    if mode == "task":
+        assert manifest["generation"] == 2  # created, then one write
+        assert manifest["tasks"]["sentiment"]["versions"][0]["training"]["steps"] == 24  # 3 × ceil(61 / 8)
+    else:
+        extra = [json.loads((tmp_path / f"{name}.rank{r}.json").read_text())
+                 for name, r in (("single", 0), ("ddp", 0), ("ddp", 1))]
+        np.testing.assert_allclose(extra[1]["affinity"], extra[0]["affinity"], atol=1e-4)
+        assert extra[1] == extra[2]  # rank 1 read the record rank 0 wrote
+        assert list(manifest["merges"]) == ["both"] and manifest["generation"] == 4  # create, 2 tasks, group
