@@ -806,6 +806,31 @@ class Registry:
                     out[idx] = self.backbone.embed(**inputs).float().cpu()
         return out
 
+    def adapter_state(self, task: str, version: int | None = None, *, merge: str | None = None
+                      ) -> dict[str, torch.Tensor]:
+        """The LoRA factors that answer ``task`` (current version unless given, or through ``merge``), as
+        loaded: peft's state-dict keys (``….lora_A.weight`` (r, in), ``….lora_B.weight`` (out, r)), CPU copies."""
+        with self._lock:
+            if merge is None:
+                key = self._ensure_loaded(task, self._entry(task)["current"] if version is None else version)
+            else:
+                if version is not None:
+                    raise ValueError("Pass version= or merge=, not both: a merge fixes its members' versions.")
+                key, _ = self._ensure_merge_loaded(merge, task)
+            return self._bank.state_dict(key)
+
+    def head_state(self, task: str, version: int | None = None, *, merge: str | None = None
+                   ) -> dict[str, torch.Tensor]:
+        """The weights of the head that answers ``task`` (as :meth:`adapter_state`), copies on the CPU."""
+        with self._lock:
+            if merge is None:
+                key = self._ensure_loaded(task, self._entry(task)["current"] if version is None else version)
+            else:
+                if version is not None:
+                    raise ValueError("Pass version= or merge=, not both: a merge fixes its members' versions.")
+                _, key = self._ensure_merge_loaded(merge, task)
+            return {k: v.detach().cpu().clone() for k, v in self._heads[key].state_dict().items()}
+
     # --- lineage ----------------------------------------------------------------
 
     def rollback(self, task: str, version: int) -> VersionInfo:
