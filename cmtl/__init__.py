@@ -31,7 +31,7 @@ from cmtl.errors import (
 )
 from cmtl.merging.methods import MergeConfig
 from cmtl.monitoring.drift import DriftMonitor, DriftReport, MonitorConfig
-from cmtl.registry.facade import Registry, UpdateResult, VersionInfo
+from cmtl.registry import Registry, UpdateResult, VersionInfo
 from cmtl.training.loop import TrainConfig
 
 _moved.install()

@@ -12,6 +12,7 @@ continues exactly as if it had never been saved.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -27,6 +28,7 @@ from typing import Any, ClassVar, Iterable, Literal, Mapping
 
 from cmtl._io import write_bytes_atomic
 from cmtl._version import __version__
+from cmtl.core.tasks import TaskSpec
 from cmtl.data import Examples
 from cmtl.errors import DataError, ReplayBufferError, TaskNotFoundError
 
@@ -423,3 +425,13 @@ def make_buffer(kind: Kind, budget: int, seed: int = 0) -> ReplayBuffer:
     if kind not in BUFFERS:
         raise ReplayBufferError(f"The 'kind' of a replay buffer must be one of {list(BUFFERS)}. Got {kind!r} instead.")
     return BUFFERS[kind](budget=budget, seed=seed)
+
+
+def stored(spec: TaskSpec, examples: Examples) -> Examples:
+    """Examples read back from a stored buffer, with their label names. Buffers and held-out samples
+    that earlier releases wrote from integer-labelled data hold positions in ``spec.labels`` (the
+    rule then); names pass unchanged."""
+    if spec.problem_type == "regression" or examples.labels is None:
+        return examples
+    names = dataclasses.replace(spec, label_encoding="index").label_names(examples.labels)
+    return dataclasses.replace(examples, labels=names)

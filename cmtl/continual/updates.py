@@ -1,18 +1,29 @@
-"""Settings and the promotion rule for updating a task on new data.
+"""Updating a task on new data: the settings, the algorithm and the promotion rule.
 
-:meth:`cmtl.Registry.update_task` trains a candidate version from the current
-one; :func:`decide` says whether it becomes current. The registry keeps, per
-version, a replay buffer of training examples and a held-out sample of that
-version's validation data (:class:`MemoryConfig`); the held-out samples of a
-version's lineage are the "old distribution" a candidate must not forget.
+:meth:`cmtl.Registry.update_task` reads the data (:func:`update_data`) and trains a candidate
+version from the current one (:func:`train_candidate`); :meth:`Gate.decide` says whether it
+becomes current. The registry keeps, per version, a replay buffer of training examples and a
+held-out sample of that version's validation data (:class:`MemoryConfig`); the held-out samples
+of a version's lineage are the "old distribution" a candidate must not forget.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
-from cmtl.continual.replay import Kind
+import torch
+
+from cmtl.continual.penalties import distillation_loss, ewc_term, fisher_diagonal
+from cmtl.continual.replay import Kind, ReplayBuffer, make_buffer, stored
+from cmtl.core.adapters import AdapterBank, AdapterConfig
+from cmtl.core.backbone import Backbone
+from cmtl.core.tasks import TaskHead, TaskSpec
+from cmtl.data import Encoded, Examples, read_examples
+from cmtl.errors import DataError, InvalidParameterError, bad_param
+from cmtl.training.evaluation import compute_metrics, primary_metric
+from cmtl.training.loop import TrainConfig, TrainResult
+from cmtl.training.trainee import Trainee, fit
 
 Penalty = Literal["none", "ewc", "lwf"]
 _BUFFER_KINDS = ("reservoir", "class_balanced", "task_balanced")
@@ -37,11 +48,12 @@ class MemoryConfig:
 
     def __post_init__(self) -> None:
         if self.buffer not in _BUFFER_KINDS:
-            raise ValueError(f"MemoryConfig.buffer must be one of {list(_BUFFER_KINDS)}. Got {self.buffer!r}.")
+            raise InvalidParameterError(bad_param("buffer", "MemoryConfig", f"be one of {list(_BUFFER_KINDS)}",
+                                                  self.buffer))
         for key in ("budget", "holdout"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"MemoryConfig.{key} must be a positive integer. Got {value!r}.")
+                raise InvalidParameterError(bad_param(key, "MemoryConfig", "be a positive integer", value))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,17 +94,20 @@ class UpdateConfig:
 
     def __post_init__(self) -> None:
         if not self.replay_ratio >= 0:
-            raise ValueError(f"UpdateConfig.replay_ratio must be >= 0. Got {self.replay_ratio!r}.")
+            raise InvalidParameterError(bad_param("replay_ratio", "UpdateConfig", "be >= 0", self.replay_ratio))
         if self.penalty not in ("none", "ewc", "lwf"):
-            raise ValueError(f"UpdateConfig.penalty must be 'none', 'ewc' or 'lwf'. Got {self.penalty!r}.")
+            raise InvalidParameterError(bad_param("penalty", "UpdateConfig", "be one of ['none', 'ewc', 'lwf']",
+                                                  self.penalty))
         if self.penalty_weight is not None and not self.penalty_weight >= 0:
-            raise ValueError(f"UpdateConfig.penalty_weight must be >= 0. Got {self.penalty_weight!r}.")
+            raise InvalidParameterError(bad_param("penalty_weight", "UpdateConfig", "be >= 0 or None",
+                                                  self.penalty_weight))
         if not self.temperature > 0:
-            raise ValueError(f"UpdateConfig.temperature must be > 0. Got {self.temperature!r}.")
+            raise InvalidParameterError(bad_param("temperature", "UpdateConfig", "be > 0", self.temperature))
         if not self.tolerance >= 0:
-            raise ValueError(f"UpdateConfig.tolerance must be >= 0. Got {self.tolerance!r}.")
+            raise InvalidParameterError(bad_param("tolerance", "UpdateConfig", "be >= 0", self.tolerance))
         if not 0 < self.validation_fraction < 1:
-            raise ValueError(f"UpdateConfig.validation_fraction must be in (0, 1). Got {self.validation_fraction!r}.")
+            raise InvalidParameterError(bad_param("validation_fraction", "UpdateConfig", "be in (0, 1)",
+                                                  self.validation_fraction))
 
     @property
     def weight(self) -> float:
@@ -145,3 +160,140 @@ class Gate:
         if self.parent_old is not None and self.candidate_old is not None:
             out.update({f"parent_old_{self.metric}": self.parent_old, f"old_{self.metric}": self.candidate_old})
         return out
+
+
+def memory_files(task: str, version: int, memory: MemoryConfig, train: Examples | None, validation: Examples | None,
+                 parent_buffer: ReplayBuffer | None) -> dict[str, bytes]:
+    """A version's ``replay.parquet`` (the parent's buffer plus ``train``) and ``holdout.parquet``
+    (a sample of ``validation``), as bytes."""
+    files = {}
+    buffer = parent_buffer
+    if train is not None:
+        buffer = buffer or make_buffer(memory.buffer, memory.budget, memory.seed)
+        buffer.add_examples(train, task=task, source=f"v{version}", domain=f"v{version}")
+    if buffer is not None:
+        files["replay.parquet"] = buffer.to_bytes()
+    if validation is not None:
+        holdout = make_buffer("reservoir", memory.holdout, memory.seed + version)
+        holdout.add_examples(validation, task=task, source=f"v{version}", domain=f"v{version}")
+        files["holdout.parquet"] = holdout.to_bytes()
+    return files
+
+
+@dataclass
+class UpdateData:
+    """An update's data: new examples (and the held-out part of them), replayed old examples, and
+    the encoded rows it trains on and is judged on (``judge``: new validation, then old held-out)."""
+
+    new: Examples
+    validation: Examples
+    replayed: Examples | None
+    train: Encoded
+    judge: Encoded
+    n_new: int  # rows of ``judge`` that are new validation data
+    old: list[Encoded | None]  # replayed and old held-out rows: EWC's Fisher data
+
+
+def update_data(spec: TaskSpec, train: Any, validation: Any, *, config: UpdateConfig, training: TrainConfig,
+                buffer: ReplayBuffer | None, held: Examples | None, encode: Callable[[Examples], Encoded]
+                ) -> UpdateData:
+    """Read and encode an update's data; replay ``config.replay_ratio`` examples per new one from the
+    parent's ``buffer`` (seeded); ``held``: the old held-out examples of the parent's lineage."""
+    new = read_examples(train, spec)
+    if validation is None:
+        new, val = split(new, config.validation_fraction, training.seed, spec.name)
+    else:
+        val = read_examples(validation, spec)
+    new_enc, val_enc = encode(new), encode(val)  # DataError on unknown labels
+    n_replay = round(config.replay_ratio * len(new))
+    replayed = (stored(spec, buffer.to_examples()).select(sample_indices(len(buffer), n_replay, training.seed))
+                if buffer is not None and len(buffer) else None)
+    replay_enc = encode(replayed) if replayed is not None and len(replayed) else None
+    train_enc = Encoded.concat([new_enc] + ([replay_enc] if replay_enc is not None else []))
+    old_enc = encode(held) if held is not None else None
+    judge = Encoded.concat([val_enc] + ([old_enc] if old_enc is not None else []))
+    return UpdateData(new, val, replayed, train_enc, judge, len(val_enc), [replay_enc, old_enc])
+
+
+def train_candidate(backbone: Backbone, bank: AdapterBank, parent: Trainee, key: str, spec: TaskSpec,
+                    adapter: AdapterConfig, data: UpdateData, config: UpdateConfig, training: TrainConfig,
+                    promote: bool | None) -> tuple[Trainee, TrainResult, Gate, bool, str]:
+    """Train adapter ``key`` of ``bank`` (and a head) from ``parent``'s weights on ``data``, and judge it
+    against ``parent``. Returns the candidate, its training result, the gate, promoted?, and why."""
+    metric, higher = primary_metric(spec)
+    device = backbone.device
+    parent_new, parent_old = gate_scores(spec, parent.logits(data.judge, pad_id=backbone.pad_id, device=device),
+                                         data.judge, data.n_new)
+    bank.load(key, adapter, bank.state_dict(parent.key))
+    head = TaskHead(backbone.hidden_size, spec.num_outputs, training.head_dropout).to(device)
+    head.load_state_dict(parent.modules[0].state_dict())  # the parent's head
+    candidate = Trainee.adapter(backbone, bank, key, head)
+    extra = penalty(config, candidate, parent, spec, data, training, backbone)
+    result = fit(candidate, backbone, adapter, spec, data.train, data.judge, training, extra_loss=extra)
+    # Training scored its kept state on the same rows (new validation, then old held-out).
+    logits = result.validation_logits
+    if logits is None:  # no evaluation ever scored (a non-finite metric): score it now
+        logits = candidate.logits(data.judge, pad_id=backbone.pad_id, device=device)
+    candidate_new, candidate_old = gate_scores(spec, logits, data.judge, data.n_new)
+    gate = Gate(metric, higher, parent_new, candidate_new, parent_old, candidate_old, config.tolerance)
+    promoted, reason = gate.decide()
+    if promote is not None:
+        reason = f"{'promoted' if promote else 'not promoted'} by the caller; the gate said: {reason}"
+        promoted = promote
+    return candidate, result, gate, promoted, reason
+
+
+def penalty(config: UpdateConfig, candidate: Trainee, parent: Trainee, spec: TaskSpec, data: UpdateData,
+            training: TrainConfig, backbone: Backbone):
+    """The ``extra_loss`` of an update: EWC around the parent's weights (Fisher on the replayed and
+    held-out old rows), or LwF towards the parent's outputs on the training rows; ``None`` for neither."""
+    if config.penalty == "ewc":
+        parts = [e for e in data.old if e is not None]
+        if not parts:
+            raise DataError(f"EWC needs old data of task {spec.name!r} to weigh the parameters, but its current "
+                            "version has no replay buffer or held-out sample. Use penalty='lwf' or 'none'.")
+        candidate.activate()
+        params = candidate.parameters()
+        anchor = fisher_diagonal(candidate.forward, params, spec, Encoded.concat(parts),
+                                 max_examples=config.fisher_examples, batch_size=training.batch_size,
+                                 pad_id=backbone.pad_id, device=backbone.device)
+        return ewc_term(params, [anchor], config.weight)
+    if config.penalty == "lwf":
+        # The parent is frozen and runs without dropout, so its outputs on the training rows are fixed:
+        # one length-sorted pass here, instead of a second forward on every step of every epoch.
+        old_logits = parent.logits(data.train, pad_id=backbone.pad_id, device=backbone.device,
+                                   batch_size=training.eval_batch_size)
+        candidate.activate()
+        weight, t = config.weight, config.temperature
+
+        def lwf(inputs, logits, rows):
+            return weight * distillation_loss(logits, old_logits[rows].to(logits.device), t)
+
+        return lwf
+    return None
+
+
+def gate_scores(spec: TaskSpec, logits: torch.Tensor, encoded: Encoded, n_new: int) -> tuple[float, float | None]:
+    """The primary metric on the first ``n_new`` rows (new validation) and on the rest (old held-out, if any)."""
+    metric, _ = primary_metric(spec)
+
+    def score(rows: slice) -> float:
+        return float(compute_metrics(spec, logits[rows], encoded.targets[rows])[metric])
+
+    return score(slice(0, n_new)), (score(slice(n_new, None)) if len(encoded) > n_new else None)
+
+
+def split(examples: Examples, fraction: float, seed: int, task: str) -> tuple[Examples, Examples]:
+    """(train, held out): ``fraction`` of ``examples`` held out, seeded; order kept within each part."""
+    n_val = max(1, round(len(examples) * fraction))
+    if len(examples) - n_val < 1:
+        raise DataError(f"Task {task!r}: {len(examples)} new example(s) are too few to hold some out for "
+                        "validation; pass validation=... or more data.")
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    return examples.select(sorted(order[n_val:])), examples.select(sorted(order[:n_val]))
+
+
+def sample_indices(n: int, k: int, seed: int) -> list[int]:
+    """``min(n, k)`` of ``range(n)``, seeded, in order."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(order[: min(n, k)])

@@ -8,7 +8,7 @@ never as a KeyError or StopIteration deep inside a load.
 
 Recorded configurations (a version's ``training`` and ``adapter``, a merged entry's ``adapter``,
 a task's ``memory``, the ``backbone``) must be ones their classes accept, and their values of the
-types those classes declare; a version record holds what :class:`cmtl.registry.facade.VersionInfo`
+types those classes declare; a version record holds what :class:`cmtl.registry.reader.VersionInfo`
 requires, of its declared types. Keys this cmtl does not know (written by a newer one) are
 accepted: the classes' ``from_dict`` ignore them where the value is used. The check is a few
 ``isinstance`` tests per value, cheap enough for every read (the server polls the manifest).
@@ -158,7 +158,7 @@ def _classes() -> dict[str, type]:
     from cmtl.continual.updates import MemoryConfig
     from cmtl.core.adapters import AdapterConfig
     from cmtl.core.backbone import BackboneConfig
-    from cmtl.registry.facade import VersionInfo
+    from cmtl.registry.reader import VersionInfo
     from cmtl.training.loop import TrainConfig
 
     return {"training": TrainConfig, "adapter": AdapterConfig, "backbone": BackboneConfig, "memory": MemoryConfig,
@@ -167,7 +167,7 @@ def _classes() -> dict[str, type]:
 
 @functools.cache
 def _required_record_keys() -> tuple[str, ...]:
-    """What :class:`cmtl.registry.facade.VersionInfo` requires of a version record (task and current are not stored)."""
+    """What :class:`cmtl.registry.reader.VersionInfo` requires of a version record (task and current are not stored)."""
     return tuple(f.name for f in dataclasses.fields(_classes()["version"])
                  if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
                  and f.name not in ("task", "current"))

@@ -1,14 +1,209 @@
-"""Adapters and heads of stored entries, loaded for prediction."""
+"""The adapters and heads a registry object has loaded: read from the files its manifest names,
+checked, kept while those files stay the same, and run for prediction."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
-from cmtl.core.adapters import AdapterConfig, stack_lora
+from cmtl.core.adapters import AdapterBank, AdapterConfig, check_adapter_state, stack_lora
+from cmtl.core.backbone import Backbone
+from cmtl.core.tasks import TaskHead, TaskSpec, check_head_state
+from cmtl.data import Encoded, as_texts, batches, length_sorted
+from cmtl.errors import STORED_FILE_FIX, CorruptFileError, DataError
 from cmtl.registry import store
+from cmtl.registry.reader import Owner, RegistryReader, head_key, merge_key
+from cmtl.training.evaluation import predict_logits
+from cmtl.training.trainee import Trainee
+
+
+class Runtime:
+    """Loaded adapters (one bank on the backbone) and heads, by key, with what each was read from.
+
+    A key's source is its owner (see :data:`~cmtl.registry.reader.Owner`) and the files' SHA-256 and
+    specs the manifest named (:func:`~cmtl.registry.reader.source`); a key whose owner the manifest
+    now describes otherwise is stale: unloaded, and loaded afresh when asked for.
+    """
+
+    def __init__(self, backbone: Backbone):
+        self.backbone = backbone
+        self.bank = AdapterBank(backbone.encoder)
+        self.heads: dict[str, TaskHead] = {}
+        self.sources: dict[str, tuple[Owner, str | None]] = {}
+        # One active adapter at a time: forward passes of different tasks must not interleave.
+        self.lock = threading.RLock()
+
+    def adopt(self, reader: RegistryReader) -> None:
+        """Unload every adapter and head loaded from files ``reader``'s manifest no longer names."""
+        for key, (owner, source) in list(self.sources.items()):
+            if reader._source(owner) != source:
+                self.unload([key])
+
+    def unload(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            self.bank.remove(key)
+            self.heads.pop(key, None)
+            self.sources.pop(key, None)
+
+    def unload_owned(self, owner: Owner, keys: Sequence[str] = ()) -> None:
+        """Drop what ``owner`` loaded, and ``keys``: by exact key, so a task whose name looks like a
+        merge key keeps its own."""
+        self.unload([k for k, (o, _) in self.sources.items() if o == owner] + list(keys))
+
+    def keep(self, key: str, head: TaskHead | None, owner: Owner, reader: RegistryReader) -> None:
+        """Record a just-written adapter (and head) under ``key`` as loaded from ``owner``'s files."""
+        if head is not None:
+            self.heads[key] = head
+        self.sources[key] = (owner, reader._source(owner))
+
+    def trainee(self, key: str, head: TaskHead | None = None) -> Trainee:
+        """Adapter ``key`` with ``head`` (default: the head loaded under ``key``)."""
+        return Trainee.adapter(self.backbone, self.bank, key, self.heads[key] if head is None else head)
+
+    def new_head(self, spec: TaskSpec, dropout: float = 0.0) -> TaskHead:
+        return TaskHead(self.backbone.hidden_size, spec.num_outputs, dropout).to(self.backbone.device)
+
+    # --- loading ------------------------------------------------------------------
+
+    def task(self, reader: RegistryReader, task: str, version: int) -> str:
+        """Key of ``task`` v``version``'s adapter and head, loaded from the files the manifest names now."""
+        key = head_key(task, version)
+        record = reader._version_record(task, version)
+        owner = ("task", task, version)
+        source = (owner, reader._source(owner))
+        if key in self.heads and self.sources.get(key) == source:
+            return key
+        self.unload([key])  # loaded from other files: the task was removed and added again under its name
+        folder = store.version_dir(reader.root, task, version)
+        adapter_state = store.read_tensors(folder / "adapter.safetensors", record["files"]["adapter.safetensors"])
+        head_state = store.read_tensors(folder / "head.safetensors", record["files"]["head.safetensors"])
+        # Loaded parameters must be ordinary tensors whatever mode the caller runs in: one created
+        # under inference_mode could never be trained from again (an update) in this process.
+        with torch.inference_mode(False):
+            head = self._build_head(reader.spec(task), head_state, folder / "head.safetensors")
+            self._load_adapter(key, AdapterConfig.from_dict(record["adapter"]), adapter_state,
+                               folder / "adapter.safetensors")
+        self.heads[key] = head
+        self.sources[key] = source
+        return key
+
+    def merge(self, reader: RegistryReader, name: str, task: str) -> tuple[str, str]:
+        """Keys of the adapter and head that answer ``task`` through merged entry ``name``, loaded from
+        the entry's own files: a merge never needs its member tasks' entries."""
+        spec = reader.spec(task, merge=name)
+        record = reader.merge_info(name)
+        folder = store.merge_dir(reader.root, name)
+        # A joint entry with per-task adapters answers each task through its own stacked adapter.
+        adapter_key = merge_key(name, task if record.get("task_adapter") else None)
+        head = merge_key(name, task)
+        owner = ("merge", name, None)
+        source = (owner, reader._source(owner))
+        if any(loaded != source for loaded in self.sources.values() if loaded[0] == owner) or (
+                head in self.heads and self.sources.get(head) != source):
+            # Loaded from other files: the entry was removed and made again under its name.
+            self.unload_merge(name, record["tasks"])
+        with torch.inference_mode(False):  # as in task()
+            if head not in self.heads:  # the entry's heads load together, once
+                heads = store.read_tensors(folder / "heads.safetensors", record["files"]["heads.safetensors"])
+                for t in record["tasks"]:
+                    spec_t = spec if t == task else reader._merge_spec(record, t)
+                    if spec_t is not None:  # None: an older entry's removed task, refused when asked for
+                        state = {k[len(t) + 1:]: v for k, v in heads.items() if k.startswith(f"{t}.")}
+                        self.heads[merge_key(name, t)] = self._build_head(spec_t, state, folder / "heads.safetensors")
+                        self.sources[merge_key(name, t)] = source
+            if adapter_key not in self.bank:  # the entry's adapters load together, once
+                for which, (state, config) in entry_adapters(reader.root, record).items():
+                    if merge_key(name, which) not in self.bank:
+                        path = folder / ("adapter.safetensors" if which is None else
+                                         "adapter.safetensors + task_adapters.safetensors")
+                        self._load_adapter(merge_key(name, which), config, state, path)
+                        self.sources[merge_key(name, which)] = source
+        return adapter_key, head
+
+    def unload_merge(self, name: str, tasks: list[str]) -> None:
+        """Drop merged entry ``name``'s adapters and heads."""
+        self.unload_owned(("merge", name, None), [merge_key(name)] + [merge_key(name, t) for t in tasks])
+
+    def _build_head(self, spec: TaskSpec, state: dict[str, torch.Tensor], path: Path) -> TaskHead:
+        """``spec``'s head with stored weights, checked against the spec's labels first."""
+        head = TaskHead(self.backbone.hidden_size, spec.num_outputs)
+        check_head_state(state, head, spec, path)
+        head.load_state_dict(state)
+        return head.to(self.backbone.device).eval()
+
+    def _load_adapter(self, key: str, config: AdapterConfig, state: dict[str, torch.Tensor], path: Path) -> None:
+        """Put stored LoRA weights into the bank as ``key``, checked against their recorded config first."""
+        check_adapter_state(state, config, self.backbone.encoder, path)
+        try:
+            self.bank.load(key, config, state)
+        except DataError as exc:  # tensors missing for some adapted module
+            raise CorruptFileError(
+                f"File {str(path)!r} does not fit its recorded adapter: {exc} {STORED_FILE_FIX}") from exc
+
+    def keys(self, reader: RegistryReader, task: str, version: int | None, merge: str | None) -> tuple[str, str]:
+        """Keys of the adapter and head that answer ``task`` (loaded): a version of it, or through ``merge``."""
+        if merge is None:
+            key = self.task(reader, task, reader._version(task, version))
+            return key, key
+        if version is not None:
+            raise ValueError("Pass version= or merge=, not both: a merge fixes its members' versions.")
+        return self.merge(reader, merge, task)
+
+    def members(self, reader: RegistryReader, members: list[tuple[str, int]], specs: dict[str, TaskSpec]
+                ) -> tuple[list[dict[str, torch.Tensor]], list[AdapterConfig], dict[str, list[dict[str, torch.Tensor]]]]:
+        """The stored LoRA factors, adapter configs and head weights (by task) of merge ``members``, each
+        checked against its record and this backbone."""
+        states, adapters, heads = [], [], {}
+        for t, v in members:
+            folder, record = store.version_dir(reader.root, t, v), reader._version_record(t, v)
+            state = store.read_tensors(folder / "adapter.safetensors", record["files"]["adapter.safetensors"])
+            adapter = AdapterConfig.from_dict(record["adapter"])
+            check_adapter_state(state, adapter, self.backbone.encoder, folder / "adapter.safetensors")
+            states.append(state)
+            adapters.append(adapter)
+        for t, v in members:
+            folder, record = store.version_dir(reader.root, t, v), reader._version_record(t, v)
+            head = store.read_tensors(folder / "head.safetensors", record["files"]["head.safetensors"])
+            check_head_state(head, TaskHead(self.backbone.hidden_size, specs[t].num_outputs), specs[t],
+                             folder / "head.safetensors")
+            heads.setdefault(t, []).append(head)
+        return states, adapters, heads
+
+    # --- running ------------------------------------------------------------------
+
+    def predict(self, reader: RegistryReader, task: str, encoded: Encoded, version: int | None,
+                merge: str | None) -> torch.Tensor:
+        """Logits of ``encoded`` through ``task``'s version (current by default) or through ``merge``."""
+        key, head = self.keys(reader, task, version, merge)
+        batch_size = 64 if merge is not None else int(
+            reader._version_record(task, reader._version(task, version))["training"].get("eval_batch_size", 64))
+        return self.logits(key, head, encoded, batch_size)
+
+    def logits(self, key: str, head: str, encoded: Encoded, batch_size: int = 64) -> torch.Tensor:
+        """Logits of every row of ``encoded`` through adapter ``key`` and the head loaded as ``head``."""
+        self.bank.activate(key)
+        forward = self.trainee(key, self.heads[head]).forward
+        return predict_logits(forward, encoded, batch_size=batch_size, pad_id=self.backbone.pad_id,
+                              device=self.backbone.device)
+
+    def embed(self, texts, key: str | None, batch_size: int = 64) -> torch.Tensor:
+        """Pooled embeddings (N, H) through adapter ``key``, or the plain backbone if ``None``."""
+        encoded = Encoded(self.backbone.tokenize(as_texts(texts))["input_ids"], None, None)
+        out = torch.empty((len(encoded), self.backbone.hidden_size))
+        if key is None:
+            context = self.bank.disabled()
+        else:
+            self.bank.activate(key)
+            context = contextlib.nullcontext()
+        with context, torch.inference_mode():
+            for idx, inputs, _ in batches(encoded, length_sorted(encoded), batch_size, self.backbone.pad_id,
+                                          self.backbone.device):
+                out[idx] = self.backbone.embed(**inputs).float().cpu()
+        return out
 
 
 def entry_adapters(root: str | Path, record: dict[str, Any]) -> dict[str | None, tuple[dict[str, torch.Tensor],

@@ -3,7 +3,7 @@
 A :class:`Trainee` is a forward pass, the parameters it trains and a switch between training and
 evaluation. The loops (:func:`cmtl.training.train`, :func:`cmtl.multitask.train_multitask`) take
 its parts; :meth:`Trainee.unfrozen` makes its parameters trainable for one run and freezes them
-again afterwards, whatever happens in between.
+again afterwards, whatever happens in between. :func:`fit` trains one adapter and head.
 """
 
 from __future__ import annotations
@@ -14,10 +14,13 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from cmtl.core.adapters import AdapterBank
+from cmtl.core.adapters import AdapterBank, AdapterConfig
 from cmtl.core.backbone import Backbone
+from cmtl.core.tasks import TaskSpec
 from cmtl.data import Encoded
+from cmtl.training.caching import maybe_cache
 from cmtl.training.evaluation import predict_logits
+from cmtl.training.loop import TrainConfig, TrainResult, train
 
 Forward = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
@@ -80,3 +83,18 @@ class Trainee:
         self.activate()
         self.set_training(False)
         return predict_logits(self.forward, encoded, batch_size=batch_size, pad_id=pad_id, device=device)
+
+
+def fit(trainee: Trainee, backbone: Backbone, adapter: AdapterConfig, spec: TaskSpec, train_data: Encoded,
+        validation: Encoded | None, config: TrainConfig, *, extra_loss=None) -> TrainResult:
+    """Train ``trainee`` (an adapter of ``backbone``'s bank, configured as ``adapter``, and its head) on
+    ``train_data`` with early stopping on ``validation``; its parameters are frozen again afterwards."""
+    # Layers below the adapter are frozen for every adapter this run switches in (an update's
+    # parent, for LwF, has the same layers): compute their outputs once, for all epochs. Activate
+    # first: the prefix must not carry whichever adapter was active before (another task's).
+    trainee.activate()
+    train_data, validation = maybe_cache([train_data, validation], backbone, adapter, config.cache_frozen_mb,
+                                         batch_size=config.eval_batch_size)
+    with trainee.unfrozen() as params:
+        return train(trainee.forward, params, trainee.set_training, spec, train_data, validation, config,
+                     pad_id=backbone.pad_id, device=backbone.device, desc=f"{spec.name}", extra_loss=extra_loss)

@@ -19,7 +19,7 @@ from cmtl import (
     TaskSpec,
     TrainConfig,
 )
-from cmtl.registry.facade import _head_key
+from cmtl.registry.reader import head_key as _head_key
 from cmtl.registry.store import MANIFEST, sha256_bytes
 from tests.conftest import toy_sentiment, toy_topics
 

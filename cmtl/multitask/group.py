@@ -1,0 +1,63 @@
+"""A group of tasks trained as one entry: one shared adapter, a fresh head per task, and optionally
+a small LoRA of each task's own (what :meth:`cmtl.Registry.train_group` stores beside the merges)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from cmtl.core.adapters import AdapterBank, AdapterConfig, TaskLoRA
+from cmtl.core.backbone import Backbone
+from cmtl.core.tasks import TaskHead, TaskSpec
+from cmtl.data import Encoded
+from cmtl.multitask.config import MultiTaskConfig, MultiTaskResult
+from cmtl.multitask.joint import grouped_forward, train_multitask
+from cmtl.training.loop import TrainConfig
+from cmtl.training.trainee import Trainee
+
+
+@dataclass
+class Group:
+    """A trained group: the shared adapter's resolved config, the heads in task order, the run's
+    result, and each task's own factors (``None`` without per-task adapters)."""
+
+    adapter: AdapterConfig
+    heads: list[TaskHead]
+    result: MultiTaskResult
+    own: dict[str, dict[str, torch.Tensor]] | None
+    own_config: dict[str, Any] | None  # {"r", "alpha"} of the per-task factors
+
+
+def train_group(backbone: Backbone, bank: AdapterBank, key: str, tasks: list[str], specs: list[TaskSpec],
+                train: list[Encoded], validation: list[Encoded | None], *, adapter: AdapterConfig,
+                task_adapter: AdapterConfig | None, config: MultiTaskConfig, training: TrainConfig) -> Group:
+    """Add adapter ``key`` to ``bank`` and train it jointly with a head per task (and per-task factors
+    when ``task_adapter`` is given) with :func:`~cmtl.multitask.train_multitask`. The caller removes
+    ``key`` from the bank if anything after this fails."""
+    resolved = bank.add(key, adapter)
+    heads = [TaskHead(backbone.hidden_size, s.num_outputs, training.head_dropout).to(backbone.device) for s in specs]
+    trainee = Trainee(grouped_forward(backbone.embed, heads), heads, bank=bank, key=key)
+    forward, own = trainee.forward, None
+    try:
+        if task_adapter is not None:
+            state = bank.state_dict(key)  # A: (r, in), B: (out, r) per adapted layer
+            shapes = {k.rpartition(".lora_A.")[0]: (v.shape[1], state[k.replace(".lora_A.", ".lora_B.")].shape[0])
+                      for k, v in state.items() if ".lora_A." in k}
+            own = TaskLoRA(shapes, len(tasks), task_adapter.r, task_adapter.alpha).to(backbone.device)
+            own.attach(bank.modules(key))
+            forward = own.wrap(forward)
+        trainee.activate()
+        shared = bank.parameters(key)
+        per_task = [p for h in heads for p in h.parameters()] + (list(own.parameters()) if own else [])
+        result = train_multitask(forward, shared, per_task, trainee.set_training, specs, train, validation, config,
+                                 training, pad_id=backbone.pad_id, device=backbone.device)
+        for p in shared:
+            p.requires_grad_(False)
+        own_states = None if own is None else {t: own.state(i) for i, t in enumerate(tasks)}
+        own_config = None if own is None else {"r": own.r, "alpha": own.alpha}
+        return Group(resolved, heads, result, own_states, own_config)
+    finally:
+        if own is not None:
+            own.detach()

@@ -1,0 +1,174 @@
+"""A registry loaded on its backbone, read-only: predictions, metrics, embeddings, drift checks.
+
+:class:`LoadedRegistry` adds to the manifest's read side (:class:`~cmtl.registry.reader.RegistryReader`)
+the backbone and the adapters and heads loaded on it (:class:`~cmtl.registry.runtime.Runtime`);
+:class:`~cmtl.registry.Registry` adds the verbs that train and write.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from cmtl.core.backbone import Backbone, BackboneConfig, load_backbone
+from cmtl.core.tasks import TaskSpec
+from cmtl.data import Encoded, Examples, as_texts, encode, read_examples
+from cmtl.errors import DataError
+from cmtl.monitoring.drift import DriftMonitor, DriftReport, MonitorConfig
+from cmtl.registry import commit, store
+from cmtl.registry.manifest import backbone_config
+from cmtl.registry.reader import RegistryReader
+from cmtl.registry.runtime import Runtime
+from cmtl.training.evaluation import compute_metrics
+
+
+class LoadedRegistry(RegistryReader):
+    """The read side of the registry at ``root`` with ``backbone`` loaded: answers through any stored
+    task version or merged entry (loaded lazily, kept while their files stay the same)."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any], backbone: Backbone):
+        super().__init__(root, manifest)
+        self.backbone = backbone
+        self._runtime = Runtime(backbone)
+        self._lock = self._runtime.lock  # one active adapter at a time: forward passes must not interleave
+
+    @classmethod
+    def open(cls, path: str | Path, backbone: BackboneConfig | str | None = None, *, device: str = "auto") -> "LoadedRegistry":
+        """Open an existing registry.
+
+        Args:
+            path: The registry folder.
+            backbone: Load this backbone instead of the recorded one (e.g. the same weights moved to
+                another folder). Its weights must hash to the recorded value.
+
+        Raises:
+            RegistryError: no registry at ``path``.
+            BackboneMismatchError: the backbone's weights differ from the recorded ones.
+        """
+        root = Path(path)
+        manifest = store.read_manifest(root)
+        recorded = manifest["backbone"]
+        if isinstance(backbone, BackboneConfig):
+            config = backbone
+        else:
+            config = backbone_config(recorded, **({} if backbone is None else {"name_or_path": backbone}))
+        loaded = load_backbone(config, device=device)
+        loaded.check_matches(recorded["sha256"], f"registry {str(root)!r}")
+        return cls(root, manifest, loaded)
+
+    def reload(self) -> bool:
+        """Re-read the manifest if another process changed it; return whether it changed.
+
+        Any change counts, not only a new generation (a registry deleted and created again can reach the
+        same one). Adapters and heads loaded from files the new manifest no longer names (a task or merge
+        removed and added again under its name) are unloaded.
+
+        Raises:
+            BackboneMismatchError: the registry on disk now records another backbone (it was replaced);
+                this object keeps what it had.
+        """
+        manifest = commit.read_manifest(self.root, self._manifest["backbone"])
+        with self._lock:
+            if manifest == self._manifest:
+                return False
+            self._adopt(manifest)
+        return True
+
+    def __repr__(self) -> str:
+        return f"Registry({str(self.root)!r}, backbone={self.backbone.config.name_or_path!r}, tasks={self.tasks()})"
+
+    def predict(self, task: str, texts: str | Sequence[str], text_pairs: Sequence[str] | None = None,
+                *, version: int | None = None, merge: str | None = None) -> list:
+        """Predicted labels (a list of label strings; lists of labels for multi-label; numbers for regression).
+
+        ``version`` picks a stored version (default: current); ``merge`` a merged entry holding ``task``.
+        """
+        spec = self.spec(task, merge=merge)
+        return spec.decode(self._logits(task, spec, texts, text_pairs, version, merge))
+
+    def predict_proba(self, task: str, texts: str | Sequence[str], text_pairs: Sequence[str] | None = None,
+                      *, version: int | None = None, merge: str | None = None) -> np.ndarray:
+        """Per-label probabilities, shape (N, L), columns in ``spec(task).labels`` order."""
+        spec = self.spec(task, merge=merge)
+        return spec.probabilities(self._logits(task, spec, texts, text_pairs, version, merge)).numpy()
+
+    def evaluate(self, task: str, data: Any, *, version: int | None = None, merge: str | None = None
+                 ) -> dict[str, float]:
+        """Metrics of ``task`` (current version unless given, or through ``merge``) on labelled ``data``."""
+        spec = self.spec(task, merge=merge)
+        encoded = self._encode(read_examples(data, spec), spec)
+        with self._lock:
+            logits = self._runtime.predict(self, task, encoded, version, merge)
+        return compute_metrics(spec, logits, encoded.targets)
+
+    def embed(self, texts: str | Sequence[str], task: str | None = None, *, version: int | None = None,
+              batch_size: int = 64) -> torch.Tensor:
+        """Pooled embeddings (N, H) of ``texts``: through ``task``'s adapter, or the plain backbone if ``None``."""
+        with self._lock:
+            key = None if task is None else self._runtime.task(self, task, self._version(task, version))
+            return self._runtime.embed(texts, key, batch_size)
+
+    def adapter_state(self, task: str, version: int | None = None, *, merge: str | None = None
+                      ) -> dict[str, torch.Tensor]:
+        """The LoRA factors that answer ``task`` (current version unless given, or through ``merge``), as
+        loaded: peft's state-dict keys (``….lora_A.weight`` (r, in), ``….lora_B.weight`` (out, r)), CPU copies."""
+        with self._lock:
+            return self._runtime.bank.state_dict(self._runtime.keys(self, task, version, merge)[0])
+
+    def head_state(self, task: str, version: int | None = None, *, merge: str | None = None
+                   ) -> dict[str, torch.Tensor]:
+        """The weights of the head that answers ``task`` (as :meth:`adapter_state`), copies on the CPU."""
+        with self._lock:
+            head = self._runtime.heads[self._runtime.keys(self, task, version, merge)[1]]
+            return {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
+
+    def monitor(self, task: str, texts: Sequence[str], *, reference: Sequence[str] | None = None,
+                config: MonitorConfig | None = None) -> DriftReport:
+        """Test whether incoming unlabelled ``texts`` for ``task`` have drifted from its reference sample.
+
+        The reference is, unless given, the held-out sample kept with the current version (or with its
+        nearest ancestor that kept at least ``config.min_samples``): the data the task was last validated
+        on. See :mod:`cmtl.monitoring.drift` for the test.
+
+        Raises:
+            DataError: fewer texts than ``config.min_samples``, or no reference sample.
+        """
+        spec, config = self.spec(task), config or MonitorConfig()
+        if reference is None:
+            v = self._entry(task)["current"]
+            while v is not None:
+                held = self.holdout(task, v, lineage=False)
+                if held is not None and len(held) >= config.min_samples:
+                    break
+                v = self._version_record(task, v)["parent"]
+            if v is None:
+                raise DataError(f"No version of task {task!r} in the current one's lineage kept a held-out sample of "
+                                f"at least {config.min_samples} texts to compare against. Pass reference=[...] texts.")
+            reference = held.texts
+        proba = (lambda xs: self.predict_proba(task, xs)) if spec.problem_type == "single_label" else None
+        return DriftMonitor(self.embed, reference, config=config, predict_proba=proba, labels=spec.labels,
+                            task=task).check(texts)
+
+    def _adopt(self, manifest: dict[str, Any]) -> None:
+        """Make ``manifest`` this object's, unloading every adapter and head loaded from files it no longer names."""
+        self._manifest = manifest
+        self._runtime.adopt(self)
+
+    def _encode(self, examples: Examples, spec: TaskSpec) -> Encoded:
+        return encode(examples, spec, self.backbone.tokenize)
+
+    def _logits(self, task: str, spec: TaskSpec, texts, text_pairs, version: int | None,
+                merge: str | None = None) -> torch.Tensor:
+        pairs = None
+        if spec.text_pair_column is not None:
+            if text_pairs is None:
+                raise DataError(f"Task {spec.name!r} takes text pairs: pass text_pairs=[...] as well.")
+            pairs = as_texts(text_pairs)
+            if len(pairs) != len(texts if not isinstance(texts, str) else [texts]):
+                raise DataError(f"Got {len(as_texts(texts))} texts but {len(pairs)} text_pairs; they must match.")
+        encoded = encode(Examples(as_texts(texts), pairs), spec, self.backbone.tokenize, with_targets=False)
+        with self._lock:
+            return self._runtime.predict(self, task, encoded, version, merge)

@@ -1,0 +1,225 @@
+"""The read side of a registry: what its manifest records, and the stored files it names.
+
+:class:`RegistryReader` answers from one manifest (already checked by :mod:`cmtl.registry.manifest`)
+and reads files only through the checksums it records; it loads no model. The :class:`Registry`
+facade is a reader that can also write.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cmtl.continual.replay import ReplayBuffer, stored
+from cmtl.continual.updates import Gate
+from cmtl.core.tasks import _NAME, TaskSpec
+from cmtl.data import Examples
+from cmtl.errors import TaskNotFoundError
+from cmtl.registry import store
+
+#: Who a loaded adapter or head belongs to: ("task", name, version) or ("merge", name, None).
+Owner = tuple[str, str, int | None]
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """One trained version of a task, as recorded in the manifest."""
+
+    task: str
+    version: int
+    parent: int | None
+    created: str
+    kind: str
+    current: bool
+    metrics: dict[str, float] = field(default_factory=dict)
+    data_fingerprint: str | None = None
+    adapter: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    trainable_parameters: int = 0
+    bytes_on_disk: int = 0
+    train_seconds: float = 0.0
+    cmtl_version: str = ""
+    note: str = ""
+    promoted: bool = True
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    """What :meth:`Registry.update_task` did: the new version, whether it is current, and why."""
+
+    version: VersionInfo
+    promoted: bool
+    reason: str
+    gate: Gate
+
+
+class RegistryReader:
+    """Tasks, versions, merged entries, buffers and held-out samples of the registry at ``root``,
+    as ``manifest`` records them."""
+
+    def __init__(self, root: Path, manifest: dict[str, Any]):
+        self.root = root
+        self._manifest = manifest
+
+    def tasks(self) -> list[str]:
+        """Names of all tasks, sorted."""
+        return sorted(self._manifest["tasks"])
+
+    def spec(self, task: str, *, merge: str | None = None) -> TaskSpec:
+        """What ``task`` predicts; with ``merge``, as that merged entry recorded it (a merge answers with
+        the labels it was made with, also after the task is removed or replaced).
+
+        Raises:
+            TaskNotFoundError: no such task, or ``merge`` does not hold it.
+        """
+        if merge is None:
+            return TaskSpec.from_dict(self._entry(task)["spec"])
+        record = self.merge_info(merge)
+        if task not in record["tasks"]:
+            raise TaskNotFoundError(f"Merge {merge!r} does not hold task {task!r}. It holds {record['tasks']}.")
+        spec = self._merge_spec(record, task)
+        if spec is None:
+            raise TaskNotFoundError(
+                f"Merge {merge!r} was written by an older cmtl that kept only the task names, and its task {task!r} "
+                f"has since been removed, so its labels are unknown. Predict through it for "
+                f"{[t for t in record['tasks'] if t != task]}, or remove it with remove_merge({merge!r}).")
+        return spec
+
+    def _merge_spec(self, record: dict[str, Any], task: str) -> TaskSpec | None:
+        """The spec a merged entry recorded for ``task``; for an entry written before merges recorded
+        them, the task's own (``None`` once that task is removed)."""
+        recorded = record.get("specs", {}).get(task)
+        if recorded is not None:
+            return TaskSpec.from_dict(recorded)
+        entry = self._manifest["tasks"].get(task)
+        return None if entry is None else TaskSpec.from_dict(entry["spec"])
+
+    def versions(self, task: str) -> list[VersionInfo]:
+        """Every version of ``task``, oldest first."""
+        entry = self._entry(task)
+        return [self._info(task, v, entry["current"]) for v in entry["versions"]]
+
+    def current(self, task: str) -> VersionInfo:
+        """The version of ``task`` that answers predictions."""
+        entry = self._entry(task)
+        return self._info(task, self._version_record(task, entry["current"]), entry["current"])
+
+    def merges(self) -> list[str]:
+        """Names of all merged entries, sorted."""
+        return sorted(self._manifest.get("merges", {}))
+
+    def merge_info(self, name: str) -> dict[str, Any]:
+        """The record of a merged entry: members, method and knobs, errors, scores."""
+        try:
+            return self._manifest.get("merges", {})[name]
+        except KeyError:
+            raise TaskNotFoundError(f"Merge {name!r} not found. Merges: {self.merges()}.") from None
+
+    def buffer(self, task: str, version: int | None = None) -> ReplayBuffer | None:
+        """The replay buffer stored with a version of ``task`` (current by default); ``None`` if it has none.
+
+        Raises:
+            CorruptFileError, ReplayBufferError: the stored buffer is damaged.
+        """
+        data = self._read_version_file(task, version, "replay.parquet")
+        if data is None:
+            return None
+        return ReplayBuffer.from_bytes(data, where=f"Replay buffer of task {task!r}")
+
+    def holdout(self, task: str, version: int | None = None, *, lineage: bool = True) -> Examples | None:
+        """Held-out labelled examples kept with ``version`` (current by default) and, with
+        ``lineage``, with all its ancestors; ``None`` if none were kept."""
+        entry = self._entry(task)
+        v = entry["current"] if version is None else version
+        parts = []
+        while v is not None:
+            data = self._read_version_file(task, v, "holdout.parquet")
+            if data is not None:
+                held = ReplayBuffer.from_bytes(data, where=f"Held-out sample of task {task!r} v{v}").to_examples()
+                parts.append(stored(self.spec(task), held))
+            v = self._version_record(task, v)["parent"] if lineage else None
+        return Examples.concat(parts[::-1]) if parts else None
+
+    # --- records ------------------------------------------------------------------
+
+    def _entry(self, task: str) -> dict[str, Any]:
+        try:
+            return self._manifest["tasks"][task]
+        except KeyError:
+            raise TaskNotFoundError(f"Task {task!r} not found. Known tasks: {self.tasks()}.") from None
+
+    def _version(self, task: str, version: int | None) -> int:
+        """``version``, or the current one of ``task`` when ``None``."""
+        return self._entry(task)["current"] if version is None else version
+
+    def _version_record(self, task: str, version: int) -> dict[str, Any]:
+        for record in self._entry(task)["versions"]:
+            if record["version"] == version:
+                return record
+        known = [r["version"] for r in self._entry(task)["versions"]]
+        raise TaskNotFoundError(f"Task {task!r} has no version {version!r}. Versions: {known}.")
+
+    def _info(self, task: str, record: dict[str, Any], current: int) -> VersionInfo:
+        fields_ = {k: v for k, v in record.items()
+                   if k in VersionInfo.__dataclass_fields__ and k not in ("files", "task", "current")}
+        return VersionInfo(task=task, current=record["version"] == current, **fields_)
+
+    def _read_version_file(self, task: str, version: int | None, name: str) -> bytes | None:
+        version = self._version(task, version)
+        record = self._version_record(task, version)
+        if name not in record.get("files", {}):
+            return None
+        return store.read_checked(store.version_dir(self.root, task, version) / name, record["files"][name])
+
+    def _check_new_entry(self, name: Any, what: str) -> None:
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ValueError(f"{what} name {name!r} is not allowed: use 1-64 letters, digits, '_' or '-'.")
+        if name in self._manifest.get("merges", {}):
+            raise ValueError(f"A merge named {name!r} exists already; remove_merge it or pick another name."
+                             if what == "Merge" else
+                             f"An entry named {name!r} exists already; remove_merge it or pick another name.")
+
+    def _source(self, owner: Owner) -> str | None:
+        return source(self._manifest, owner)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.root)!r}, tasks={self.tasks()})"
+
+
+def version_source(entry: dict[str, Any], record: dict[str, Any]) -> str:
+    """What a task version is loaded from: its files' SHA-256 and the task's spec (the head's labels)."""
+    return json.dumps({"files": record.get("files"), "spec": entry.get("spec")}, sort_keys=True)
+
+
+def source(manifest: dict[str, Any], owner: Owner) -> str | None:
+    """The source (see :func:`version_source`) ``manifest`` names for a task version or merged entry
+    ``owner``; ``None`` if it names none."""
+    kind, name, version = owner
+    if kind == "merge":
+        record = manifest.get("merges", {}).get(name)
+        return None if record is None else json.dumps(
+            {k: record.get(k) for k in ("files", "specs", "tasks", "task_adapter")}, sort_keys=True)
+    entry = manifest["tasks"].get(name)
+    record = next((r for r in entry["versions"] if r["version"] == version), None) if entry else None
+    return None if record is None else version_source(entry, record)
+
+
+def head_key(task: str, version: int) -> str:
+    """Key of a task version's adapter and head (adapter names live inside module paths: no dots)."""
+    return f"{task}__v{version}"
+
+
+def merge_key(name: str, task: str | None = None) -> str:
+    """Key of merged entry ``name`` in the adapter bank (with ``task``: of that task's own adapter or head).
+
+    Task versions are keyed ``<task>__v<N>`` and names never hold ':', so no merge key equals
+    a task key, and a merge's keys are found exactly, never by prefix.
+    """
+    return f"{name}__merged" if task is None else f"{name}__merged:{task}"
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
