@@ -1,19 +1,14 @@
-"""Unit checks of the pieces under the registry: task specs, data reading, backbone, adapters, training loop."""
+"""cmtl.core.tasks: TaskSpec (labels in and out, the spec's own rules), TaskHead, route_to_heads, check_head_state."""
 
 from __future__ import annotations
 
-import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
 
-from cmtl import DataError, TaskSpec, TrainConfig
-from cmtl.core.adapters import AdapterBank, AdapterConfig
-from cmtl.core.backbone import BackboneConfig, load_backbone
-from cmtl.core.tasks import MASKED_LOGIT, TaskHead, route_to_heads
-from cmtl.data import Encoded, batches, read_examples
-from cmtl.errors import BackboneNotFoundError
-from cmtl.training.loop import get_lr
+from cmtl import CorruptFileError, DataError, TaskSpec
+from cmtl.core.tasks import MASKED_LOGIT, TaskHead, check_head_state, route_to_heads
 
 
 def test_encode_and_decode_labels():
@@ -39,20 +34,46 @@ def test_spec_round_trip_warns_on_unknown_keys():
         TaskSpec.from_dict({**spec.to_dict(), "future_field": 1})
 
 
-def test_read_examples_errors(tmp_path):
-    spec = TaskSpec("t", labels=["a", "b"])
-    (tmp_path / "x.xlsx").write_bytes(b"")
-    with pytest.raises(DataError, match="Unsupported data file"):
-        read_examples(tmp_path / "x.xlsx", spec)
-    with pytest.raises(DataError, match="does not exist"):
-        read_examples(tmp_path / "x.csv", spec)
-    import datasets
+# Each message names the parameter and the value given (matched loosely: the wording may change).
+@pytest.mark.parametrize("kwargs, match", [
+    ({"name": "no spaces"}, r"name.*'no spaces'"),
+    ({"name": "../up"}, r"name.*'\.\./up'"),
+    ({"name": 7}, r"name.*\b7\b"),
+    ({"problem_type": "ranking"}, r"problem_type.*'ranking'"),
+    ({"labels": ["a", "a"]}, r"labels.*\['a', 'a'\]"),
+    ({"labels": ["only"]}, r"labels.*\['only'\]"),
+    ({"threshold": 1.0}, r"threshold.*1\.0"),
+])
+def test_bad_specs_name_the_field_and_the_value(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TaskSpec(**{"name": "t", "labels": ["a", "b"], **kwargs})
 
-    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list([{"text": "x", "label": "a"}])})
-    with pytest.raises(DataError, match=r"pass one split, e.g. data\['train'\]"):
-        read_examples(dd, spec)
-    with pytest.raises(DataError, match="missing labels at rows \\[1\\]"):
-        read_examples([{"text": "x", "label": "a"}, {"text": "y", "label": None}], spec)
+
+def test_loss_and_probabilities_follow_the_problem_type():
+    logits = torch.tensor([[2.0, -1.0], [0.0, 0.0]])
+    single = TaskSpec("s", labels=["a", "b"])
+    torch.testing.assert_close(single.probabilities(logits), logits.softmax(-1))
+    torch.testing.assert_close(single.loss(logits, torch.tensor([0, 1])),
+                               torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1])))
+    multi = TaskSpec("m", labels=["a", "b"], problem_type="multi_label")
+    torch.testing.assert_close(multi.probabilities(logits), logits.sigmoid())
+    assert multi.decode(logits) == [["a"], ["a", "b"]]  # sigmoid(0) = 0.5 is on at the default threshold
+    assert TaskSpec("m2", labels=["a", "b"], problem_type="multi_label", threshold=0.6).decode(logits) == [["a"], []]
+    reg = TaskSpec("r", labels=["x", "y"], problem_type="regression")
+    torch.testing.assert_close(reg.probabilities(logits), logits)  # the values themselves
+    assert reg.decode(logits) == [[2.0, -1.0], [0.0, 0.0]]  # two targets: a list per row
+    torch.testing.assert_close(reg.loss(logits, torch.zeros(2, 2)), (logits**2).mean())
+
+
+def test_head_starts_small_and_drops_out_only_in_training():
+    torch.manual_seed(0)
+    head = TaskHead(16, 3, dropout=0.5)
+    assert head.linear.bias.abs().sum() == 0 and head.linear.weight.abs().max() < 0.2
+    pooled = torch.randn(4, 16)
+    head.eval()
+    torch.testing.assert_close(head(pooled), head.linear(pooled))
+    head.train()
+    assert not torch.allclose(head(pooled), head.linear(pooled))
 
 
 def test_route_to_heads_sends_each_row_through_its_own_head():
@@ -67,97 +88,13 @@ def test_route_to_heads_sends_each_row_through_its_own_head():
         assert (out[b, len(expected) :] == MASKED_LOGIT).all()  # task 0's missing third column
 
 
-def test_dynamic_padding():
-    enc = Encoded([[1, 2, 3], [4], [5, 6]], None, torch.tensor([0, 1, 0]))
-    shapes = [inputs["input_ids"].shape for _, inputs, _ in batches(enc, [1, 2, 0], 2, 0, torch.device("cpu"))]
-    assert shapes == [(2, 2), (1, 3)]
-
-
-def test_lr_schedule():
-    config = TrainConfig(learning_rate=1.0, warmup_ratio=0.1)
-    lrs = [get_lr(s, 100, config) for s in range(100)]
-    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
-    assert max(lrs) == pytest.approx(1.0) and lrs[-1] == pytest.approx(1 / 90)
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
-    constant = dataclasses.replace(config, lr_schedule="constant")
-    assert [get_lr(s, 100, constant) for s in range(10)] == lrs[:10]  # the same warm-up
-    assert all(get_lr(s, 100, constant) == 1.0 for s in range(10, 100))
-    with pytest.raises(ValueError, match="lr_schedule"):
-        TrainConfig(lr_schedule="cosine")
-
-
-def test_backbone_is_frozen_and_pools(tiny_backbone):
-    bb = load_backbone(BackboneConfig(name_or_path=tiny_backbone, pooling="mean"), device="cpu")
-    assert not bb.encoder.training and not any(p.requires_grad for p in bb.encoder.parameters())
-    hidden = torch.arange(12.0).reshape(1, 3, 4)
-    mask = torch.tensor([[1, 1, 0]])
-    torch.testing.assert_close(bb.pool(hidden, mask), hidden[:, :2].mean(1))
-    cls = load_backbone(BackboneConfig(name_or_path=tiny_backbone, pooling="cls"), device="cpu")
-    torch.testing.assert_close(cls.pool(hidden, mask), hidden[:, 0])
-    assert bb.sha256 == cls.sha256  # pooling does not change the weights
-
-
-def test_backbone_never_downloads(tmp_path):
-    with pytest.raises(BackboneNotFoundError, match="never downloads"):
-        load_backbone("some-org/some-model-that-is-not-local", device="cpu")
-    with pytest.raises(ValueError, match="Unknown embedded backbone"):
-        load_backbone("embedded:bert-large", device="cpu")
-
-
-def test_adapter_bank(tiny_backbone):
-    bb = load_backbone(BackboneConfig(name_or_path=tiny_backbone), device="cpu")
-    ids = {"input_ids": torch.tensor([[101, 2307, 102]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
-    plain = bb.embed(**ids)
-    bank = AdapterBank(bb.encoder)
-    resolved = bank.add("first", AdapterConfig(r=2, layers=(1,)))
-    assert resolved.target_modules == ("query", "value")
-    params = bank.parameters("first")
-    assert bank.num_parameters("first") == sum(p.numel() for p in params) == 2 * (2 * 32 * 2)  # 1 layer, q+v, A+B
-    with torch.no_grad():
-        for p in params:
-            p.add_(0.5)
-    bank.activate("first")
-    assert not torch.allclose(bb.embed(**ids), plain)
-    with bank.disabled():
-        torch.testing.assert_close(bb.embed(**ids), plain)
-    state = bank.state_dict("first")
-    bank.load("second", resolved, state)
-    bank.activate("second")
-    out_b = bb.embed(**ids)
-    bank.activate("first")
-    torch.testing.assert_close(bb.embed(**ids), out_b)
-    bank.remove("first")
-    bank.remove("second")
-    assert bank.names == []
-    torch.testing.assert_close(bb.embed(**ids), plain)
-
-
-def _bias_model():
-    """A 'model' that is only a learnable pair of logits: training pulls it toward the train labels."""
-    bias = torch.nn.Parameter(torch.tensor([0.0, 0.1]))
-    forward = lambda inputs: bias.expand(inputs["input_ids"].shape[0], 2)  # noqa: E731
-    return bias, forward
-
-
-def test_early_stopping_keeps_the_best_state():
-    from cmtl.training.loop import train
-
-    spec = TaskSpec("t", labels=["a", "b"])
-    ids = [[1, 2]] * 16
-    train_data = Encoded(ids, None, torch.zeros(16, dtype=torch.long))  # all "a"
-    validation = Encoded(ids, None, torch.ones(16, dtype=torch.long))  # all "b": training makes it worse
-    config = TrainConfig(epochs=50, batch_size=4, learning_rate=0.05, warmup_ratio=0.0, eval_every=1,
-                         patience=3, progress=False)
-    bias, forward = _bias_model()
-    result = train(forward, [bias], lambda _: None, spec, train_data, validation, config, pad_id=0,
-                   device=torch.device("cpu"))
-    assert result.stopped_early and result.best_step == 1 and result.steps == 4
-    assert [h["step"] for h in result.history] == [1, 2, 3, 4]
-    # The kept state's validation logits come back with it (the last evaluation's would differ).
-    torch.testing.assert_close(result.validation_logits, forward({"input_ids": torch.tensor(ids)}).detach())
-
-    again, forward = _bias_model()
-    train(forward, [again], lambda _: None, spec, train_data, None,
-          TrainConfig(epochs=50, batch_size=4, learning_rate=0.05, warmup_ratio=0.0, max_steps=1, progress=False),
-          pad_id=0, device=torch.device("cpu"))
-    torch.testing.assert_close(bias.detach(), again.detach())  # restored to the state after step 1
+def test_check_head_state_names_the_file_and_the_shapes():
+    spec = TaskSpec("t", labels=["a", "b", "c"])
+    head = TaskHead(8, 3)
+    check_head_state(head.state_dict(), head, spec, Path("head.safetensors"))  # its own weights fit
+    other = TaskHead(8, 2).state_dict()
+    with pytest.raises(CorruptFileError, match=r"'head.safetensors' does not fit the head of task 't' \(3 outputs "
+                                               r".*'linear.weight': expected shape \(3, 8\), found \(2, 8\)"):
+        check_head_state(other, head, spec, Path("head.safetensors"))
+    with pytest.raises(CorruptFileError, match=r"'linear.bias': expected shape \(3,\), found none"):
+        check_head_state({"linear.weight": head.linear.weight}, head, spec, Path("head.safetensors"))

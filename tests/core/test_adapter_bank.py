@@ -1,0 +1,39 @@
+"""cmtl.core.adapters' AdapterBank: named LoRA adapters in one frozen encoder, one active at a time.
+
+(The LoRA-key parser and the per-row hook of the same module are tested in tests/core/test_adapters.py.)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cmtl.core.adapters import AdapterBank, AdapterConfig
+from cmtl.core.backbone import BackboneConfig, load_backbone
+
+
+def test_adapter_bank(tiny_backbone):
+    bb = load_backbone(BackboneConfig(name_or_path=tiny_backbone), device="cpu")
+    ids = {"input_ids": torch.tensor([[101, 2307, 102]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    plain = bb.embed(**ids)
+    bank = AdapterBank(bb.encoder)
+    resolved = bank.add("first", AdapterConfig(r=2, layers=(1,)))
+    assert resolved.target_modules == ("query", "value")
+    params = bank.parameters("first")
+    assert bank.num_parameters("first") == sum(p.numel() for p in params) == 2 * (2 * 32 * 2)  # 1 layer, q+v, A+B
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.5)
+    bank.activate("first")
+    assert not torch.allclose(bb.embed(**ids), plain)
+    with bank.disabled():
+        torch.testing.assert_close(bb.embed(**ids), plain)
+    state = bank.state_dict("first")
+    bank.load("second", resolved, state)
+    bank.activate("second")
+    out_b = bb.embed(**ids)
+    bank.activate("first")
+    torch.testing.assert_close(bb.embed(**ids), out_b)
+    bank.remove("first")
+    bank.remove("second")
+    assert bank.names == []
+    torch.testing.assert_close(bb.embed(**ids), plain)

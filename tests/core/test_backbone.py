@@ -1,0 +1,77 @@
+"""cmtl.core.backbone: loading offline and frozen, pooling, layer cuts, the weights hash."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cmtl.core.backbone import BackboneConfig, load_backbone, weights_sha256
+from cmtl.errors import BackboneMismatchError, BackboneNotFoundError
+
+
+def test_backbone_is_frozen_and_pools(tiny_backbone):
+    bb = load_backbone(BackboneConfig(name_or_path=tiny_backbone, pooling="mean"), device="cpu")
+    assert not bb.encoder.training and not any(p.requires_grad for p in bb.encoder.parameters())
+    hidden = torch.arange(12.0).reshape(1, 3, 4)
+    mask = torch.tensor([[1, 1, 0]])
+    torch.testing.assert_close(bb.pool(hidden, mask), hidden[:, :2].mean(1))
+    cls = load_backbone(BackboneConfig(name_or_path=tiny_backbone, pooling="cls"), device="cpu")
+    torch.testing.assert_close(cls.pool(hidden, mask), hidden[:, 0])
+    assert bb.sha256 == cls.sha256  # pooling does not change the weights
+
+
+def test_backbone_never_downloads(tmp_path):
+    with pytest.raises(BackboneNotFoundError, match="never downloads"):
+        load_backbone("some-org/some-model-that-is-not-local", device="cpu")
+    with pytest.raises(ValueError, match="Unknown embedded backbone"):
+        load_backbone("embedded:bert-large", device="cpu")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"pooling": "max"}, r"pooling.*'max'"),
+    ({"num_hidden_layers": 0}, r"num_hidden_layers.*\b0\b"),
+    ({"max_length": 4}, r"max_length.*\b4\b"),
+])
+def test_bad_backbone_configs(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        BackboneConfig(**kwargs)
+
+
+def test_layer_cut_keeps_the_first_layers_and_changes_the_hash(tiny_backbone):
+    full = load_backbone(BackboneConfig(name_or_path=tiny_backbone), device="cpu")
+    cut = load_backbone(BackboneConfig(name_or_path=tiny_backbone, num_hidden_layers=1), device="cpu")
+    assert (full.num_layers, cut.num_layers) == (2, 1)
+    assert cut.sha256 != full.sha256  # a registry built on the cut refuses the full model
+    ids = {"input_ids": torch.tensor([[101, 2307, 102]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    with torch.no_grad():
+        after_one = full.run_layers(None, ids["attention_mask"], stop=1, input_ids=ids["input_ids"])
+        torch.testing.assert_close(full.run_layers(after_one, ids["attention_mask"], start=1),
+                                   full.encoder(**ids).last_hidden_state)  # two slices are the whole pass
+        torch.testing.assert_close(cut.encoder(**ids).last_hidden_state, after_one)
+
+
+def test_weights_hash_sees_values_not_the_wrapping(tiny_backbone):
+    bb = load_backbone(BackboneConfig(name_or_path=tiny_backbone), device="cpu")
+    before = weights_sha256(bb.encoder)
+    assert before == bb.sha256
+    with torch.no_grad():
+        p = next(bb.encoder.parameters())
+        p.view(-1)[0] += 1e-3
+    assert weights_sha256(bb.encoder) != before
+    with torch.no_grad():
+        p.view(-1)[0] -= 1e-3
+    assert weights_sha256(bb.encoder) == before
+    bb.check_matches(before, "here")
+    with pytest.raises(BackboneMismatchError, match=r"weights hash .* but registry 'x' was built on weights hash "
+                                                    r"0000000000"):
+        bb.check_matches("0" * 64, "registry 'x'")
+
+
+def test_tokenize_truncates_to_max_length_and_joins_pairs(tiny_backbone):
+    bb = load_backbone(BackboneConfig(name_or_path=tiny_backbone, max_length=8), device="cpu")
+    out = bb.tokenize(["word " * 50, "short"])
+    assert [len(ids) for ids in out["input_ids"]][0] == 8 and len(out["input_ids"][1]) < 8
+    paired = bb.tokenize(["a film"], ["a plot"])
+    assert paired["input_ids"][0].count(bb.tokenizer.sep_token_id) == 2
+    assert set(paired["token_type_ids"][0]) == {0, 1}
+    assert bb.pad_id == bb.tokenizer.pad_token_id

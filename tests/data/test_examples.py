@@ -1,0 +1,67 @@
+"""cmtl.data.examples: reading user data into Examples, and the Examples helpers."""
+
+from __future__ import annotations
+
+import pytest
+
+from cmtl import DataError, TaskSpec
+from cmtl.data import Examples, as_texts, read_examples
+
+
+def test_read_examples_errors(tmp_path):
+    spec = TaskSpec("t", labels=["a", "b"])
+    (tmp_path / "x.xlsx").write_bytes(b"")
+    with pytest.raises(DataError, match="Unsupported data file"):
+        read_examples(tmp_path / "x.xlsx", spec)
+    with pytest.raises(DataError, match="does not exist"):
+        read_examples(tmp_path / "x.csv", spec)
+    import datasets
+
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list([{"text": "x", "label": "a"}])})
+    with pytest.raises(DataError, match=r"pass one split, e.g. data\['train'\]"):
+        read_examples(dd, spec)
+    with pytest.raises(DataError, match="missing labels at rows \\[1\\]"):
+        read_examples([{"text": "x", "label": "a"}, {"text": "y", "label": None}], spec)
+
+
+def test_pairs_and_unlabelled_reading():
+    spec = TaskSpec("nli", labels=["no", "yes"], text_pair_column="hypothesis")
+    rows = [{"text": "a cat", "hypothesis": "an animal", "label": "yes"}, {"text": "a car", "hypothesis": "a fish"}]
+    unlabelled = read_examples(rows, spec, labelled=False)
+    assert (unlabelled.texts, unlabelled.pairs, unlabelled.labels) == (["a cat", "a car"], ["an animal", "a fish"],
+                                                                       None)
+    with pytest.raises(DataError, match=r"Column 'label' has missing labels at rows \[1\]"):
+        read_examples(rows, spec)
+
+
+def test_examples_in_are_checked_like_any_other_source():
+    spec = TaskSpec("t", labels=["a", "b"])
+    index = TaskSpec("i", labels=["a", "b"], label_encoding="index")
+    assert read_examples(Examples(["x", "y"], None, [0, "b"]), index).labels == ["a", "b"]  # the spec's label rule
+    with pytest.raises(DataError, match="Integer labels in the data of task 't'"):
+        read_examples(Examples(["x"], None, [0]), spec)
+    with pytest.raises(DataError, match="is empty"):
+        read_examples(Examples([]), spec)
+    with pytest.raises(DataError, match="carry no labels"):
+        read_examples(Examples(["x"]), spec)
+    with pytest.raises(DataError, match="does not take text pairs"):
+        read_examples(Examples(["x"], ["y"], ["a"]), spec)
+
+
+def test_select_concat_and_fingerprint():
+    ex = Examples(["a", "b", "c"], ["p", "q", "r"], ["x", "y", "x"])
+    assert ex.select([2, 0]) == Examples(["c", "a"], ["r", "p"], ["x", "x"])
+    assert Examples.concat([ex.select([0]), Examples([]), ex.select([1, 2])]) == ex  # empty parts are skipped
+    assert Examples.concat([]) == Examples([])
+    assert Examples.concat([ex, Examples(["d"])]).pairs is None  # all or none carry pairs
+    assert ex.fingerprint() == Examples(list(ex.texts), list(ex.pairs), list(ex.labels)).fingerprint()
+    assert ex.fingerprint() != ex.select([1, 0, 2]).fingerprint()  # row order counts
+    assert ex.fingerprint() != Examples(ex.texts, ex.pairs, ["x", "y", "y"]).fingerprint()
+
+
+def test_as_texts():
+    assert as_texts("one") == ["one"] and as_texts(("a", "b")) == ["a", "b"]
+    with pytest.raises(DataError, match="No texts given"):
+        as_texts([])
+    with pytest.raises(DataError, match=r"Column 'texts' must hold strings; rows \[1\] hold \['int'\]"):
+        as_texts(["ok", 3])

@@ -1,0 +1,60 @@
+"""cmtl.training.evaluation: batched inference in row order, the primary metric, metrics by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cmtl import TaskSpec
+from cmtl.data import Encoded
+from cmtl.training.evaluation import compute_metrics, predict_logits, primary_metric
+
+
+def test_predict_logits_returns_rows_in_their_order_in_inference_mode():
+    enc = Encoded([[5, 5, 5], [1], [2, 2], [7, 7, 7, 7]], None, torch.tensor([0, 1, 0, 1]))
+    widths, modes = [], []
+
+    def forward(inputs):  # logits (B, 2): the row's first id and its length
+        widths.append(inputs["input_ids"].shape[1])
+        modes.append(torch.is_inference_mode_enabled())
+        assert "targets" not in inputs
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        return torch.stack([ids[:, 0].float(), mask.sum(1).float()], dim=1)
+
+    out = predict_logits(forward, enc, batch_size=2, pad_id=0, device=torch.device("cpu"))
+    assert out.tolist() == [[5, 3], [1, 1], [2, 2], [7, 4]]
+    assert widths == [2, 4] and all(modes)  # length-sorted batches: short rows together
+
+
+def test_primary_metric_per_problem_type():
+    assert primary_metric(TaskSpec("s", labels=["a", "b"])) == ("accuracy", True)
+    assert primary_metric(TaskSpec("m", labels=["a", "b"], problem_type="multi_label")) == ("micro_f1", True)
+    assert primary_metric(TaskSpec("r", problem_type="regression")) == ("mse", False)
+
+
+def test_single_label_metrics_by_hand():
+    spec = TaskSpec("s", labels=["a", "b", "c"])
+    logits = torch.tensor([[5.0, 0, 0], [0, 5.0, 0], [0, 5.0, 0], [0, 0, 5.0]])  # predicts a b b c
+    m = compute_metrics(spec, logits, torch.tensor([0, 1, 2, 2]))
+    assert m["n"] == 4 and m["accuracy"] == 0.75
+    # F1 per label: a 1, b 2/3 (tp 1, fp 1), c 2/3 (tp 1, fn 1)
+    assert m["macro_f1"] == pytest.approx((1 + 2 / 3 + 2 / 3) / 3)
+    assert m["loss"] == pytest.approx(float(spec.loss(logits, torch.tensor([0, 1, 2, 2]))))
+    # A label neither predicted nor present does not pull macro-F1 down.
+    assert compute_metrics(spec, logits[:2], torch.tensor([0, 1]))["macro_f1"] == 1.0
+
+
+def test_multi_label_metrics_by_hand():
+    spec = TaskSpec("m", labels=["x", "y"], problem_type="multi_label")
+    logits = torch.tensor([[3.0, -3.0], [3.0, 3.0]])  # predicts {x}, {x, y}
+    m = compute_metrics(spec, logits, torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
+    assert m["micro_f1"] == pytest.approx(2 * 2 / (2 * 2 + 1 + 0))  # tp 2, fp 1
+    assert m["exact_match"] == 0.5
+    assert m["macro_f1"] == pytest.approx((1.0 + 0.0) / 2)  # x: F1 1; y: never true, predicted once: 0
+
+
+def test_regression_metrics_by_hand():
+    spec = TaskSpec("r", problem_type="regression")
+    m = compute_metrics(spec, torch.tensor([[1.0], [2.0], [4.0]]), torch.tensor([[1.0], [3.0], [5.0]]))
+    assert m["mse"] == pytest.approx(2 / 3) and m["mae"] == pytest.approx(2 / 3)
+    assert m["pearson"] == pytest.approx(0.9819805, abs=1e-6)
