@@ -4,20 +4,30 @@ An :class:`AdapterBank` wraps the frozen encoder in a peft model once and then
 holds any number of named LoRA adapters (one per task version). Exactly one is
 active at a time; the rest of cmtl sees adapters as plain tensors keyed by
 module name (peft's own saved format, so an exported adapter loads in peft).
+That key format is read and written here only: :func:`lora_factors` and its
+inverse :func:`lora_state`. The per-row LoRA term of a mixed-task batch (the
+serving engine's adapters, :class:`TaskLoRA`'s per-task factors) is added by one
+forward hook, :func:`hook_row_lora`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+import re
 import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
 from cmtl.errors import STORED_FILE_FIX, CorruptFileError, DataError
+
+# peft's state-dict keys start with the wrapper's path; the encoder's own module paths do not.
+PEFT_PREFIX = "base_model.model."
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -91,6 +101,47 @@ def _peft_config(config: AdapterConfig):
     )
 
 
+def lora_key(key: str) -> tuple[str, str] | None:
+    """``(module path, "A" or "B")`` of a key in peft's form ``<module>.lora_A.weight`` /
+    ``<module>.lora_B.weight``; ``None`` for any other key."""
+    match = _LORA_KEY.match(key)
+    return None if match is None else (match["module"], match["part"])
+
+
+def lora_factors(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{module path: (A (r, in), B (out, r))}`` of a LoRA state dict in peft's key form, modules in
+    the order they first appear; paths keep peft's prefix (strip :data:`PEFT_PREFIX` for the encoder's).
+
+    Raises:
+        DataError: a key that is not a LoRA factor, or a module without both factors.
+    """
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        parsed = lora_key(key)
+        if parsed is None:
+            raise DataError(f"Unexpected key {key!r} in a LoRA state dict: only lora_A / lora_B weights "
+                            "(peft's '<module>.lora_A.weight', '<module>.lora_B.weight') are LoRA factors.")
+        parts.setdefault(parsed[0], {})[parsed[1]] = value
+    incomplete = [m for m, p in parts.items() if set(p) != {"A", "B"}]
+    if incomplete:
+        raise DataError(f"Modules {incomplete[:3]} lack lora_A or lora_B weights.")
+    return {m: (p["A"], p["B"]) for m, p in parts.items()}
+
+
+def lora_state(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`lora_factors`: ``<module>.lora_A.weight`` and ``<module>.lora_B.weight`` per module."""
+    state = {}
+    for module, (a, b) in factors.items():
+        state[f"{module}.lora_A.weight"] = a
+        state[f"{module}.lora_B.weight"] = b
+    return state
+
+
+def lora_shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
+    """``{module path: (in_features, out_features)}`` of the layers a LoRA state dict adapts."""
+    return {m: (a.shape[1], b.shape[0]) for m, (a, b) in lora_factors(state).items()}
+
+
 def stack_lora(parts: list[tuple[dict[str, torch.Tensor], float]]) -> dict[str, torch.Tensor]:
     """One LoRA state with scaling 1 whose ΔW is the sum of the parts' (state, scaling) ΔWs:
     A factors stacked along the rank, each B scaled by its part's scaling. Every part must adapt
@@ -100,15 +151,11 @@ def stack_lora(parts: list[tuple[dict[str, torch.Tensor], float]]) -> dict[str, 
         if sorted(state) != keys:
             raise DataError("Adapters to stack must adapt the same modules; "
                             f"{sorted(set(keys) ^ set(state))[:3]} differ.")
-    out = {}
-    for key in keys:
-        if ".lora_A." in key:
-            out[key] = torch.cat([state[key] for state, _ in parts], dim=0)
-        elif ".lora_B." in key:
-            out[key] = torch.cat([state[key] * scaling for state, scaling in parts], dim=1)
-        else:
-            raise DataError(f"Unexpected adapter tensor {key!r}: only LoRA A and B factors stack.")
-    return out
+    factors = [(lora_factors(state), scaling) for state, scaling in parts]
+    stacked = {module: (torch.cat([f[module][0] for f, _ in factors], dim=0),
+                        torch.cat([f[module][1] * scaling for f, scaling in factors], dim=1))
+               for module in factors[0][0]}
+    return dict(sorted(lora_state(stacked).items()))
 
 
 class AdapterBank:
@@ -276,22 +323,114 @@ def check_adapter_state(state: dict[str, torch.Tensor], config: AdapterConfig, e
     """
     problems = []
     for name, tensor in sorted(state.items()):
-        module_name, _, part = name.removeprefix("base_model.model.").rpartition(".lora_")
+        module_name, part = lora_key(name) or ("", "")
+        module_name = module_name.removeprefix(PEFT_PREFIX)
         try:
             module = encoder.get_submodule(module_name)
         except AttributeError:
             module = None
         layer = next((int(p) for p in module_name.split(".") if p.isdigit()), None)
-        if (part not in ("A.weight", "B.weight") or not hasattr(module, "in_features")
+        if (not part or not hasattr(module, "in_features")
                 or (config.target_modules is not None and module_name.rpartition(".")[2] not in config.target_modules)
                 or (config.layers is not None and layer not in config.layers)):
             problems.append(f"tensor {name!r} is not a LoRA factor of the adapted modules "
                             f"{list(config.target_modules or [])} in layers {list(config.layers or []) or 'all'}")
             continue
-        expected = (config.r, module.in_features) if part == "A.weight" else (module.out_features, config.r)
+        expected = (config.r, module.in_features) if part == "A" else (module.out_features, config.r)
         if tuple(tensor.shape) != expected:
             problems.append(f"tensor {name!r}: expected shape {expected}, found {tuple(tensor.shape)}")
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise CorruptFileError(f"File {str(path)!r} does not fit its recorded adapter (rank {config.r}): "
                                f"{problems[0]}{more}. {STORED_FILE_FIX}")
+
+
+# --- per-row LoRA (a mixed-task batch: each row its own factors) ----------------------------
+
+RowFactors = Callable[[], "tuple[torch.Tensor, torch.Tensor, float | None] | None"]
+
+
+def add_row_lora(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                 scaling: float | None = None) -> torch.Tensor:
+    """``out + scaling · x Aᵀ Bᵀ`` with row b's own factors: ``x`` (B, T, in), ``out`` (B, T, out),
+    ``a`` (B, r, in), ``b`` (B, out, r); two batched matrix products, no loop over rows.
+    ``scaling=None`` adds the term unscaled (a caller that folded the scaling into ``b``)."""
+    delta = torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))  # (B, T, out)
+    return out + delta if scaling is None else out + scaling * delta
+
+
+def hook_row_lora(module: nn.Module, factors: RowFactors) -> torch.utils.hooks.RemovableHandle:
+    """Hook ``module`` so its output gains :func:`add_row_lora` of ``factors()``, asked at every forward:
+    ``(a (B, r, in), b (B, out, r), scaling)`` gathered for the batch's rows, or ``None`` to add nothing."""
+
+    def hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        rows = factors()
+        return out if rows is None else add_row_lora(out, args[0], *rows)
+
+    return module.register_forward_hook(hook)
+
+
+class TaskLoRA(nn.Module):
+    """Small LoRA factors per task beside the shared adapter: in a mixed batch, row b's output of
+    every adapted layer gains its own task's ΔW_t x = (alpha / r) · B_t A_t x, through forward hooks
+    (two batched matrix products per layer, gathered by row; no loop over tasks).
+
+    Args:
+        shapes: ``{module path: (in_features, out_features)}`` of the layers the shared adapter
+            adapts, paths in peft's state-dict form (``….attention.self.query``; see :func:`lora_shapes`).
+        num_tasks: Tasks of the group, in order; ``groups`` values index them.
+        r: Rank of each task's factors (B starts at zero).
+        alpha: Scaling numerator: the delta is scaled by ``alpha / r``.
+    """
+
+    def __init__(self, shapes: dict[str, tuple[int, int]], num_tasks: int, r: int, alpha: float):
+        super().__init__()
+        self.paths = sorted(shapes)
+        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        self.A, self.B = nn.ParameterList(), nn.ParameterList()
+        for path in self.paths:
+            fan_in, fan_out = shapes[path]
+            a = torch.empty(num_tasks, r, fan_in)
+            for t in range(num_tasks):  # peft's LoRA A initialisation, per task
+                nn.init.kaiming_uniform_(a[t], a=math.sqrt(5))
+            self.A.append(nn.Parameter(a))
+            self.B.append(nn.Parameter(torch.zeros(num_tasks, fan_out, r)))
+        self.groups: torch.Tensor | None = None
+        self._handles: list = []
+
+    def attach(self, modules: dict[str, nn.Module]) -> None:
+        """Hook ``modules`` (``{path: module}``, the adapted layers) so their outputs gain the rows' deltas."""
+        self.detach()
+        for i, path in enumerate(self.paths):
+            self._handles.append(hook_row_lora(modules[path], self._rows(i)))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _rows(self, i: int) -> RowFactors:
+        def rows() -> tuple[torch.Tensor, torch.Tensor, float]:
+            if self.groups is None:
+                raise RuntimeError("TaskLoRA needs the rows' tasks: call the model through TaskLoRA.wrap(forward).")
+            return self.A[i][self.groups], self.B[i][self.groups], self.scaling  # (B, r, in), (B, out, r)
+
+        return rows
+
+    def wrap(self, forward: Callable[[dict[str, torch.Tensor]], torch.Tensor]
+             ) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+        """``forward`` with ``inputs["groups"]`` routed to the hooks for the duration of the call."""
+
+        def wrapped(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+            self.groups = inputs["groups"]
+            try:
+                return forward(inputs)
+            finally:
+                self.groups = None
+
+        return wrapped
+
+    def state(self, t: int) -> dict[str, torch.Tensor]:
+        """Task t's factors in peft's state-dict format (:func:`lora_state`), on CPU."""
+        return lora_state({path: (a[t].detach().cpu().clone().contiguous(), b[t].detach().cpu().clone().contiguous())
+                           for path, a, b in zip(self.paths, self.A, self.B)})

@@ -22,19 +22,19 @@ baseline these are measured against.
 from __future__ import annotations
 
 import copy
-import re
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Literal, Sequence
 
 import torch
 from torch import nn
 
+from cmtl.core.adapters import lora_factors, lora_state
+
 Method = Literal["linear", "ties", "dare", "dare_ties", "peft_linear", "peft_ties", "peft_dare_ties", "peft_ties_svd"]
 METHODS: tuple[str, ...] = ("linear", "ties", "dare", "dare_ties")
 # peft's LoraModel.add_weighted_adapter, for comparison: it merges A and B separately (non-SVD types) or takes
 # an SVD of the weighted sum at the adapters' rank (``*_svd``).
 PEFT_METHODS: tuple[str, ...] = ("peft_linear", "peft_ties", "peft_dare_ties", "peft_ties_svd")
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -86,17 +86,12 @@ class MergeConfig:
 
 
 def lora_deltas(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
-    """ΔW = scaling · B · A for every module of a LoRA state dict (keys ``<module>.lora_A/B.weight``)."""
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in state.items():
-        match = _LORA_KEY.match(key)
-        if match is None:
-            raise ValueError(f"Unexpected key {key!r} in a LoRA state dict: only lora_A / lora_B weights merge.")
-        parts.setdefault(match["module"], {})[match["part"]] = value
-    incomplete = [m for m, p in parts.items() if set(p) != {"A", "B"}]
-    if incomplete:
-        raise ValueError(f"Modules {incomplete[:3]} lack lora_A or lora_B weights.")
-    return {m: scaling * (p["B"].double() @ p["A"].double()) for m, p in parts.items()}
+    """ΔW = scaling · B · A for every module of a LoRA state dict (keys ``<module>.lora_A/B.weight``).
+
+    Raises:
+        DataError: (a ValueError) a key that is not a LoRA factor, or a module without both factors.
+    """
+    return {m: scaling * (b.double() @ a.double()) for m, (a, b) in lora_factors(state).items()}
 
 
 def dare(delta: torch.Tensor, drop: float, generator: torch.Generator) -> torch.Tensor:
@@ -200,13 +195,12 @@ def to_lora_state(merged: dict[str, torch.Tensor], rank: int | None) -> tuple[di
     """
     full = max(min(d.shape) for d in merged.values())
     r = full if rank is None else min(rank, full)
-    state, errors = {}, {}
+    factors, errors = {}, {}
     for module, delta in merged.items():
         a, b, errors[module] = refactorise(delta, r)
         pad = r - a.shape[0]
         if pad:
             a = torch.cat([a, a.new_zeros(pad, a.shape[1])])
             b = torch.cat([b, b.new_zeros(b.shape[0], pad)], 1)
-        state[f"{module}.lora_A.weight"] = a.float().contiguous()
-        state[f"{module}.lora_B.weight"] = b.float().contiguous()
-    return state, r, errors
+        factors[module] = (a.float().contiguous(), b.float().contiguous())
+    return lora_state(factors), r, errors

@@ -1,9 +1,9 @@
 """Several tasks trained together: sampling, loss weights, MT2ST schedules, TAG affinities."""
 
+from cmtl.core.adapters import TaskLoRA
 from cmtl.multitask.joint import (
                                   MultiTaskConfig,
                                   MultiTaskResult,
-                                  TaskLoRA,
                                   UncertaintyWeighting,
                                   diminish,
                                   group_score,

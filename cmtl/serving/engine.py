@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from cmtl.core.adapters import AdapterConfig, check_adapter_state
+from cmtl.core.adapters import PEFT_PREFIX, AdapterConfig, check_adapter_state, hook_row_lora, lora_factors
 from cmtl.core.backbone import Backbone, BackboneConfig, load_backbone
 from cmtl.core.tasks import TaskHead, TaskSpec, check_head_state
 from cmtl.data import Encoded, as_texts, batches, token_budget_chunks
@@ -41,8 +41,6 @@ from cmtl.registry.manifest import backbone_changes, backbone_config
 from cmtl.registry.runtime import entry_adapters
 
 logger = logging.getLogger(__name__)
-
-_PEFT_PREFIX = "base_model.model."
 
 
 @dataclass(frozen=True)
@@ -213,26 +211,25 @@ class InferenceEngine:
 
     def _stack(self, adapters: list[tuple[dict[str, torch.Tensor], float]]):
         """Per module: A (K, R, in) and scaling · B (K, out, R), zero for slots that do not adapt it."""
-        parts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+        parts: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}  # encoder path -> slot -> (A, B)
         for slot, (state, _) in enumerate(adapters):
-            for key, value in state.items():
-                module, _, part = key.removeprefix(_PEFT_PREFIX).rpartition(".lora_")
-                parts.setdefault(module, {}).setdefault(slot, {})[part.split(".")[0]] = value
+            for module, ab in lora_factors(state).items():
+                parts.setdefault(module.removeprefix(PEFT_PREFIX), {})[slot] = ab
         ranks = torch.zeros(len(adapters), dtype=torch.long)
         for slots in parts.values():
-            for slot, ab in slots.items():
-                ranks[slot] = max(int(ranks[slot]), ab["A"].shape[0])
+            for slot, (a_slot, _) in slots.items():
+                ranks[slot] = max(int(ranks[slot]), a_slot.shape[0])
         R, K = max(int(ranks.max()) if len(ranks) else 0, 1), max(len(adapters), 1)
         device = self.backbone.device
         factors = {}
         for module, slots in parts.items():
-            any_ab = next(iter(slots.values()))
-            a = torch.zeros(K, R, any_ab["A"].shape[1])
-            b = torch.zeros(K, any_ab["B"].shape[0], R)
-            for slot, ab in slots.items():
-                r = ab["A"].shape[0]
-                a[slot, :r] = ab["A"]
-                b[slot, :, :r] = ab["B"] * adapters[slot][1]
+            any_a, any_b = next(iter(slots.values()))
+            a = torch.zeros(K, R, any_a.shape[1])
+            b = torch.zeros(K, any_b.shape[0], R)
+            for slot, (a_slot, b_slot) in slots.items():
+                r = a_slot.shape[0]
+                a[slot, :r] = a_slot
+                b[slot, :, :r] = b_slot * adapters[slot][1]
             factors[module] = (a.to(device), b.to(device))
         return factors, ranks
 
@@ -245,18 +242,18 @@ class InferenceEngine:
             raise DataError(f"An adapter in {str(self.root)!r} targets {module_name!r}, which the backbone lacks.") from exc
         if not isinstance(module, nn.Linear):
             raise DataError(f"An adapter targets {module_name!r}, a {type(module).__name__}; only nn.Linear is served.")
-        module.register_forward_hook(lambda mod, args, out: self._lora(module_name, args[0], out))
+        hook_row_lora(module, lambda: self._rows(module_name))
         self._hooked.add(module_name)
 
-    def _lora(self, module_name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def _rows(self, module_name: str) -> tuple[torch.Tensor, torch.Tensor, None] | None:
+        """The batch's per-row factors of ``module_name`` (scaling folded into B), or None outside a batch."""
         if self._batch is None:
-            return out
+            return None
         snapshot, rows, rank = self._batch
         factors = snapshot.factors.get(module_name)
         if factors is None:
-            return out
-        a, b = factors[0][rows, :rank], factors[1][rows, :, :rank]  # (B, r, in), (B, out, r)
-        return out + torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
+            return None
+        return factors[0][rows, :rank], factors[1][rows, :, :rank], None  # (B, r, in), (B, out, r)
 
     # --- inference -------------------------------------------------------------------
 

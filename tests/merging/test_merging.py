@@ -137,7 +137,7 @@ def test_refit_head_learns_the_new_features_from_a_warm_start():
 @pytest.fixture(scope="module")
 def two_task_registry(tmp_path_factory, tiny_backbone):
     from cmtl import BackboneConfig
-    from tests.test_updates import shifted_sentiment
+    from tests.continual.test_updates import shifted_sentiment
 
     root = tmp_path_factory.mktemp("merge") / "reg"
     reg = Registry.create(root, BackboneConfig(name_or_path=tiny_backbone, max_length=64), device="cpu")
@@ -180,7 +180,7 @@ def test_registry_merge_round_trip(merge_reg):
 
 
 def test_merge_search_and_soup(merge_reg):
-    from tests.test_updates import UPDATE, shifted_sentiment
+    from tests.continual.test_updates import UPDATE, shifted_sentiment
 
     reg = merge_reg
     searched = reg.merge(["a", "b"], "ab-ties", "ties", search=True)

@@ -14,13 +14,12 @@ import pytest
 import torch
 
 from cmtl import TaskSpec, TrainConfig
-from cmtl.core.adapters import AdapterBank, AdapterConfig, stack_lora
+from cmtl.core.adapters import AdapterBank, AdapterConfig, TaskLoRA, stack_lora
 from cmtl.core.backbone import load_backbone
 from cmtl.core.tasks import TaskHead
 from cmtl.data import Encoded, encode, read_examples
 from cmtl.multitask.joint import (
     MultiTaskConfig,
-    TaskLoRA,
     UncertaintyWeighting,
     _adamw_lookahead,
     diminish,
