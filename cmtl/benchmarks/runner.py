@@ -23,10 +23,11 @@ from cmtl._version import __version__
 from cmtl.benchmarks.learners import STRATEGIES, StrategyConfig, run_stream
 from cmtl.benchmarks.metrics import ContinualReport, plot_heatmap
 from cmtl.benchmarks.scenarios import Scenario
-from cmtl.core.backbone import BackboneConfig
+from cmtl.core.backbone import BackboneConfig, load_backbone
+from cmtl.integrations import avalanche
 
 logger = logging.getLogger(__name__)
-AVALANCHE_STRATEGIES = ("avl-naive", "avl-replay", "avl-ewc", "avl-lwf")
+AVALANCHE_STRATEGIES = tuple(f"avl-{name}" for name in avalanche.AVALANCHE_STRATEGIES)
 
 
 def run_benchmark(
@@ -76,8 +77,6 @@ def run_benchmark(
             echo(f"== {scenario.name} [{order}] {strategy}: " + " -> ".join(e.name for e in experiences))
             started = time.perf_counter()
             if strategy in AVALANCHE_STRATEGIES:
-                from cmtl.integrations.avalanche import run_avalanche_stream
-
                 report = run_avalanche_stream(strategy.removeprefix("avl-"), experiences, stream.kind, backbone,
                                               config, device=device)
             else:
@@ -90,6 +89,32 @@ def run_benchmark(
             echo(f"   ACC {report.acc:.3f}  BWT {_fmt(report.bwt)}  FWT {_fmt(report.fwt)}  ({seconds:.0f} s)")
             _write(out, results)  # after every run: a long benchmark keeps what it measured
     return results
+
+
+def run_avalanche_stream(name: str, experiences: Sequence, kind: str, backbone_config: BackboneConfig | None = None,
+                         config: StrategyConfig | None = None, *, device: str = "auto") -> ContinualReport:
+    """Run Avalanche's own strategy ``name`` on a loaded cmtl stream with the budget of a ``cmtl bench`` run.
+
+    Args:
+        name: ``"naive"``, ``"replay"``, ``"ewc"`` or ``"lwf"``.
+        experiences: :class:`cmtl.benchmarks.scenarios.Experience` objects (task-incremental).
+        backbone_config: :class:`cmtl.core.backbone.BackboneConfig` of the backbone to load.
+        config: :class:`cmtl.benchmarks.learners.StrategyConfig`: epochs, batch size, learning rate, seed, replay
+            budget and penalty weights carry over.
+    """
+    if kind != "task-incremental":
+        raise ValueError(f"Avalanche strategies run here on task-incremental scenarios only, not {kind}.")
+    config = config or StrategyConfig()
+    backbone = load_backbone(backbone_config, device=device)
+    stream = [(e.spec, e.train, e.test, None) for e in experiences]
+    model = avalanche.build_model(backbone, avalanche.task_specs(stream), config.adapter, head_dropout=config.training.head_dropout,
+                        seed=config.training.seed)
+    t = config.training
+    run = avalanche.run_strategy(name, avalanche.export_benchmark(stream, backbone), model, avalanche.AvalancheConfig(
+        epochs=t.epochs, batch_size=t.batch_size, eval_batch_size=t.eval_batch_size, learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay, seed=t.seed, device=str(backbone.device), mem_size=config.replay_budget,
+        ewc_lambda=config.ewc_lambda, lwf_alpha=config.lwf_lambda, lwf_temperature=config.lwf_temperature))
+    return run.report()
 
 
 def summary_rows(results: dict) -> list[dict]:

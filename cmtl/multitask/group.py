@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from cmtl.core.adapters import AdapterBank, AdapterConfig, TaskLoRA
+from cmtl.core.adapters import AdapterBank, AdapterConfig, TaskLoRA, lora_shapes
 from cmtl.core.backbone import Backbone
 from cmtl.core.tasks import TaskHead, TaskSpec
 from cmtl.data import Encoded
@@ -42,10 +42,8 @@ def train_group(backbone: Backbone, bank: AdapterBank, key: str, tasks: list[str
     forward, own = trainee.forward, None
     try:
         if task_adapter is not None:
-            state = bank.state_dict(key)  # A: (r, in), B: (out, r) per adapted layer
-            shapes = {k.rpartition(".lora_A.")[0]: (v.shape[1], state[k.replace(".lora_A.", ".lora_B.")].shape[0])
-                      for k, v in state.items() if ".lora_A." in k}
-            own = TaskLoRA(shapes, len(tasks), task_adapter.r, task_adapter.alpha).to(backbone.device)
+            own = TaskLoRA(lora_shapes(bank.state_dict(key)), len(tasks), task_adapter.r, task_adapter.alpha
+                           ).to(backbone.device)
             own.attach(bank.modules(key))
             forward = own.wrap(forward)
         trainee.activate()

@@ -173,17 +173,15 @@ class Registry(LoadedRegistry):
         data = updates.update_data(spec, train, validation, config=config, training=training, buffer=buffer,
                                    held=self.holdout(task, parent), encode=lambda ex: self._encode(ex, spec))
         version = max(r["version"] for r in entry["versions"]) + 1
-        key, rt = head_key(task, version), self._runtime
+        key, rt, adapter = head_key(task, version), self._runtime, AdapterConfig.from_dict(parent_record["adapter"])
         with self._lock:
             parent_key = rt.task(self, task, parent)  # before seeding: loading may draw random numbers
         with self._lock, seeded(training.seed, self.backbone.device):
             rt.unload([key])  # one loaded under this name came from a removed task's files
             try:
                 candidate, result, gate, promoted, reason = updates.train_candidate(
-                    self.backbone, rt.bank, rt.trainee(parent_key), key, spec,
-                    AdapterConfig.from_dict(parent_record["adapter"]), data, config, training, promote)
-                record = entries.version_record(version, parent, "update", data.new,
-                                          AdapterConfig.from_dict(parent_record["adapter"]), training, result)
+                    self.backbone, rt.bank, rt.trainee(parent_key), key, spec, adapter, data, config, training, promote)
+                record = entries.version_record(version, parent, "update", data.new, adapter, training, result)
                 record["metrics"].update(gate.to_metrics())
                 record["training"].update(replayed=0 if data.replayed is None else len(data.replayed),
                                           update=config.to_dict())
@@ -341,8 +339,7 @@ class Registry(LoadedRegistry):
         with store.writer_lock(self.root), self._lock:
             manifest = self._reread(task=task)
             entry = self._entry(task)
-            self._runtime.unload([k for k, (owner, _) in self._runtime.sources.items() if owner[:2] == ("task", task)]
-                                 + [head_key(task, v["version"]) for v in entry["versions"]])
+            self._runtime.unload_task(task, [v["version"] for v in entry["versions"]])
             del manifest["tasks"][task]
             store.write_manifest(self.root, manifest)
             store.remove_unreferenced(self.root, manifest)  # the task's folder (a link there is only unlinked)
@@ -362,9 +359,9 @@ class Registry(LoadedRegistry):
                 make_current: bool = True, started_from: dict[tuple[str, int], str] | None = None) -> None:
         """Write a version's files, then the manifest that names it (and, by default, makes it current).
         ``started_from``: the versions an update trained from, which must still be there unchanged."""
-        rt, head_state = self._runtime, head.state_dict()
-        files = commit.version_files(rt.bank.state_dict(key), head_state, extra_files)
-        record["trainable_parameters"] = rt.bank.num_parameters(key) + sum(v.numel() for v in head_state.values())
+        rt = self._runtime
+        files = commit.version_files(rt.bank.state_dict(key), head.state_dict(), extra_files)
+        record["trainable_parameters"] = rt.num_parameters(key, head)
         record["bytes_on_disk"] = sum(len(b) for b in files.values())
         self._adopt(commit.on_main(
             lambda: commit.write_version(self.root, self._manifest["backbone"], spec, record, files, new_task=new_task,

@@ -54,6 +54,15 @@ class Runtime:
         merge key keeps its own."""
         self.unload([k for k, (o, _) in self.sources.items() if o == owner] + list(keys))
 
+    def unload_task(self, task: str, versions: Sequence[int]) -> None:
+        """Drop every adapter and head of ``task``'s ``versions`` (and any other version this object loaded)."""
+        self.unload([k for k, (owner, _) in self.sources.items() if owner[:2] == ("task", task)]
+                    + [head_key(task, v) for v in versions])
+
+    def num_parameters(self, key: str, head: TaskHead) -> int:
+        """Trainable parameters of adapter ``key`` and ``head``."""
+        return self.bank.num_parameters(key) + sum(v.numel() for v in head.state_dict().values())
+
     def keep(self, key: str, head: TaskHead | None, owner: Owner, reader: RegistryReader) -> None:
         """Record a just-written adapter (and head) under ``key`` as loaded from ``owner``'s files."""
         if head is not None:
