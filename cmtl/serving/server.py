@@ -39,7 +39,8 @@ label for every path the app does not serve, so random URLs cannot grow it.
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the endpoints' annotations at runtime,
-# and the request models are classes local to create_app (they carry its limits).
+# and the request models are built per app (they carry its limits; schemas.request_models).
+# The bodies and error models live in schemas.py, the ASGI middlewares and metrics in middleware.py.
 import asyncio
 import contextlib
 import json
@@ -47,14 +48,21 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-from cmtl.data import as_texts
 from cmtl.errors import DataError, TaskNotFoundError
 from cmtl.registry import store
 from cmtl.serving.engine import InferenceEngine, Snapshot
+from cmtl.serving.middleware import BodyLimit, Metrics, Observe, json_response_class
+from cmtl.serving.schemas import (
+    BAD_BODY,
+    ErrorResponse,
+    Health,
+    TaskNotFoundResponse,
+    TooLarge,
+    request_models,
+    validation_issue,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -96,242 +104,6 @@ class ServeConfig:
                 raise ValueError(f"ServeConfig.{key} must be >= 0. Got {getattr(self, key)!r}.")
 
 
-# --- request and response bodies (what /openapi.json declares) ----------------------------
-
-
-def _request_models(config: ServeConfig, tasks: list[str]) -> tuple[type[BaseModel], type[BaseModel]]:
-    """The two request bodies, with this app's limits (and, as examples, the tasks served at start) in
-    their schema.
-
-    ``maxItems``/``maxLength`` are declared, not validated by pydantic: going over them is a
-    413 with the limit named (see ``check_limits`` in :func:`create_app`), not a 422. An
-    unknown field is a 422 naming it (``additionalProperties: false``): a typo such as
-    ``"merg"`` would otherwise be answered through another route.
-    """
-    limits = {"maxItems": config.max_texts, "items": {"type": "string", "maxLength": config.max_chars}}
-
-    def valid_unicode(texts: list[str]) -> list[str]:
-        return as_texts(texts)  # DataError (a ValueError) → 422: a lone surrogate cannot be tokenized
-
-    class PredictRequest(BaseModel):
-        """Body of ``POST /v1/predict``."""
-
-        model_config = ConfigDict(extra="forbid")
-
-        task: str = Field(description="Task name, see GET /v1/tasks.", examples=tasks[:3] or None)
-        texts: list[str] = Field(min_length=1, json_schema_extra=limits,
-                                 description=f"Texts to classify (at most {config.max_texts}, each at most "
-                                             f"{config.max_chars} characters).")
-        merge: str | None = Field(default=None, description="Serve the task through this merged entry.")
-        _unicode = field_validator("texts")(valid_unicode)
-
-    class PredictAllRequest(BaseModel):
-        """Body of ``POST /v1/predict/all``."""
-
-        model_config = ConfigDict(extra="forbid")
-
-        texts: list[str] = Field(min_length=1, json_schema_extra=limits,
-                                 description=f"Texts to classify with every task (at most {config.max_texts}, "
-                                             f"each at most {config.max_chars} characters).")
-        _unicode = field_validator("texts")(valid_unicode)
-
-    return PredictRequest, PredictAllRequest
-
-
-class Health(BaseModel):
-    """Body of ``GET /healthz``."""
-
-    status: Literal["ok", "degraded"] = Field(
-        description="'degraded' while the registry's newest state cannot be loaded (see error).")
-    generation: int | None = Field(description="The registry generation being served.")
-    tasks: int = Field(description="Tasks served.")
-    stale: bool = Field(description="Whether the registry on disk changed but could not be loaded.")
-    generation_on_disk: Any = Field(default=None, description="When stale: the generation in registry.json.")
-    error: str | None = Field(default=None, description="When stale: why the newest state could not be loaded.")
-    stale_seconds: float | None = Field(default=None, description="When stale: seconds since the first failure.")
-
-
-class ErrorResponse(BaseModel):
-    """An error: what was wrong and how to fix it."""
-
-    detail: str
-
-
-class TaskNotFoundResponse(BaseModel):
-    """An unknown task or merged entry, with what the registry serves."""
-
-    detail: str
-    tasks: list[str]
-    merges: dict[str, list[str]]
-
-
-class ValidationIssue(BaseModel):
-    """One reason a request body was refused: where (``["body", "texts", 3]``), what, and its kind."""
-
-    loc: list[str | int]
-    msg: str
-    type: str
-    ctx: dict[str, Any] | None = None
-
-
-class ValidationErrorResponse(BaseModel):
-    """A request body that does not fit the schema."""
-
-    detail: list[ValidationIssue]
-
-
-_BAD_BODY = {
-    400: {"model": ErrorResponse, "description": "The body could not be read as JSON text."},
-    413: {"model": ErrorResponse, "description": "Body, number of texts or a text over the limits."},
-    422: {"model": ValidationErrorResponse, "description": "A body that does not fit the schema."},
-}
-
-
-# --- metrics ------------------------------------------------------------------------------
-
-
-class _Metrics:
-    """Prometheus metrics of one app, in their own registry (several apps may share a process)."""
-
-    def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
-        self.registry = CollectorRegistry()
-        self.requests = Counter("cmtl_requests", "HTTP requests by route template and status code",
-                                ["endpoint", "status"], registry=self.registry)
-        self.latency = Histogram("cmtl_request_seconds", "Request latency in seconds by route template",
-                                 ["endpoint"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-                                 registry=self.registry)
-        self.batch_rows = Histogram("cmtl_batch_rows", "Rows per backbone batch",
-                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
-        self.texts = Counter("cmtl_task_texts", "Texts predicted per task", ["task"], registry=self.registry)
-        self.swaps = Counter("cmtl_registry_swaps", "Registry snapshots swapped in", registry=self.registry)
-        self.refresh_errors = Counter("cmtl_registry_refresh_errors", "Polls that failed to load the registry",
-                                      registry=self.registry)
-        self.stale = Gauge("cmtl_registry_stale", "1 while the registry on disk cannot be loaded (serving the "
-                           "last good snapshot), else 0", registry=self.registry)
-
-
-UNMATCHED = "unmatched"  # the metrics label of every path the app does not serve
-
-
-class _Observe:
-    """ASGI middleware: count and time each request under its route template (``/v1/predict``), not
-    its raw path, so that the number of series is bounded by the app's routes."""
-
-    def __init__(self, app, *, metrics: _Metrics, routes) -> None:
-        self.app, self.metrics, self.routes = app, metrics, routes
-
-    def template(self, scope) -> str:
-        from starlette.routing import Match
-
-        partial = None
-        for route in self.routes():
-            match, _ = route.matches(scope)
-            if match is Match.FULL:
-                return route.path
-            if match is Match.PARTIAL and partial is None:  # right path, other method: a 405
-                partial = route.path
-        return partial or UNMATCHED
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started, status = time.perf_counter(), "499"  # no response at all: the client went away (nginx's 499)
-
-        async def observed_send(message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = str(message["status"])
-            await send(message)
-
-        try:
-            await self.app(scope, receive, observed_send)
-        except Exception:
-            status = "500"  # ServerErrorMiddleware, outside this one, answers it
-            raise
-        finally:
-            endpoint = self.template(scope)
-            self.metrics.requests.labels(endpoint, status).inc()
-            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
-
-
-class _BodyLimit:
-    """ASGI middleware: refuse a request body over ``limit`` bytes with 413 before the app sees it.
-
-    A ``Content-Length`` over the limit is refused before any of the body is read. Otherwise
-    (chunked bodies included) the body is read while counting, and refused as soon as the
-    count passes the limit; at most ``limit`` bytes are ever held. A refusal closes the
-    connection (``Connection: close``), so the server does not drain the rest.
-    """
-
-    def __init__(self, app, *, limit: int) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = _content_length(scope)
-        if declared is not None and declared > self.limit:
-            await self.refuse(send, f"The request body is {declared} bytes (Content-Length)")
-            return
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # the client went away: nobody to answer
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.limit:
-                await self.refuse(send, f"The request body passed {self.limit} bytes while being read")
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        pending = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
-
-        async def replay():
-            return pending.pop() if pending else await receive()
-
-        await self.app(scope, replay, send)
-
-    async def refuse(self, send, what: str) -> None:
-        body = _json_bytes({"detail": f"{what}; the limit is {self.limit} bytes. Send fewer or shorter texts "
-                                      "per request (or raise ServeConfig.max_body_bytes)."})
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
-
-
-def _content_length(scope) -> int | None:
-    for name, value in scope.get("headers", []):
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
-
-
-def _json_bytes(content: Any) -> bytes:
-    """JSON in ASCII: a lone surrogate anywhere in a body is written as a ``\\ud800`` escape instead of
-    failing to encode as UTF-8 (which would turn any answer into a 500)."""
-    return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
-
-
-def _json_response_class():
-    from fastapi.responses import JSONResponse
-
-    class JSON(JSONResponse):
-        def render(self, content: Any) -> bytes:
-            return _json_bytes(content)
-
-    return JSON
-
-
 # --- batching -----------------------------------------------------------------------------
 
 
@@ -347,7 +119,7 @@ class _Job:
 class _Batcher:
     """Collects rows of concurrent requests into batches and runs them one at a time in a thread."""
 
-    def __init__(self, engine: InferenceEngine, config: ServeConfig, metrics: _Metrics):
+    def __init__(self, engine: InferenceEngine, config: ServeConfig, metrics: Metrics):
         self.engine, self.config, self.metrics = engine, config, metrics
         self.queue: asyncio.Queue[_Job] = asyncio.Queue()
 
@@ -442,7 +214,7 @@ class _Stale:
 class _Poller:
     """Reloads the registry when it changes; on any error keeps the last good snapshot and retries."""
 
-    def __init__(self, engine: InferenceEngine, config: ServeConfig, metrics: _Metrics):
+    def __init__(self, engine: InferenceEngine, config: ServeConfig, metrics: Metrics):
         self.engine, self.config, self.metrics = engine, config, metrics
         self.stale: _Stale | None = None
 
@@ -522,11 +294,11 @@ def create_app(registry: str | Path | InferenceEngine, config: ServeConfig | Non
     config = config or ServeConfig()
     engine = registry if isinstance(registry, InferenceEngine) else InferenceEngine(
         registry, device=device, max_batch_size=config.max_batch_size, max_batch_tokens=config.max_batch_tokens)
-    metrics = _Metrics()
+    metrics = Metrics()
     poller = _Poller(engine, config, metrics)
     state: dict[str, Any] = {}
-    PredictRequest, PredictAllRequest = _request_models(config, engine.snapshot.tasks)
-    JSON = _json_response_class()
+    PredictRequest, PredictAllRequest = request_models(config, engine.snapshot.tasks)
+    JSON = json_response_class()
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -542,19 +314,19 @@ def create_app(registry: str | Path | InferenceEngine, config: ServeConfig | Non
     app = FastAPI(title="cmtl", description="Multi-task text classification from a cmtl registry.",
                   lifespan=lifespan, default_response_class=JSON,
                   responses={500: {"model": ErrorResponse, "description": "An unexpected error (logged)."}})
-    app.add_middleware(_BodyLimit, limit=config.max_body_bytes)
-    app.add_middleware(_Observe, metrics=metrics, routes=lambda: app.router.routes)
+    app.add_middleware(BodyLimit, limit=config.max_body_bytes)
+    app.add_middleware(Observe, metrics=metrics, routes=lambda: app.router.routes)
 
     def check_limits(texts: list[str]) -> None:
         if len(texts) > config.max_texts:
-            raise _TooLarge(f"{len(texts)} texts in one request; the limit is {config.max_texts}. "
+            raise TooLarge(f"{len(texts)} texts in one request; the limit is {config.max_texts}. "
                             "Split the request.")
         long = [i for i, t in enumerate(texts) if len(t) > config.max_chars]
         if long:
-            raise _TooLarge(f"Texts {long[:10]} are longer than {config.max_chars} characters. Shorten them.")
+            raise TooLarge(f"Texts {long[:10]} are longer than {config.max_chars} characters. Shorten them.")
 
-    @app.exception_handler(_TooLarge)
-    async def too_large(request: Request, exc: _TooLarge):
+    @app.exception_handler(TooLarge)
+    async def too_large(request: Request, exc: TooLarge):
         return JSON(status_code=413, content={"detail": str(exc)})
 
     @app.exception_handler(TaskNotFoundError)
@@ -568,7 +340,7 @@ def create_app(registry: str | Path | InferenceEngine, config: ServeConfig | Non
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
-        return JSON(status_code=422, content={"detail": [_issue(e) for e in exc.errors()]})
+        return JSON(status_code=422, content={"detail": [validation_issue(e) for e in exc.errors()]})
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):
@@ -576,7 +348,7 @@ def create_app(registry: str | Path | InferenceEngine, config: ServeConfig | Non
         return JSON(status_code=500, content={"detail": f"{type(exc).__name__}: {exc}"})
 
     @app.post("/v1/predict", responses={404: {"model": TaskNotFoundResponse, "description": "Unknown task or merge."},
-                                        **_BAD_BODY})
+                                        **BAD_BODY})
     async def predict(body: PredictRequest, request: Request) -> dict[str, Any]:
         """Labels and probabilities of one task for each text."""
         check_limits(body.texts)
@@ -587,7 +359,7 @@ def create_app(registry: str | Path | InferenceEngine, config: ServeConfig | Non
         metrics.texts.labels(body.task).inc(n)
         return {"task": body.task, "merge": body.merge, "version": rows[0].get("version"), "predictions": rows}
 
-    @app.post("/v1/predict/all", responses=_BAD_BODY)
+    @app.post("/v1/predict/all", responses=BAD_BODY)
     async def predict_all(body: PredictAllRequest, request: Request) -> dict[str, Any]:
         """Every task's prediction for each text (tasks on single texts)."""
         check_limits(body.texts)
@@ -626,21 +398,6 @@ def create_app(registry: str | Path | InferenceEngine, config: ServeConfig | Non
 
     app.state.engine, app.state.config = engine, config
     return app
-
-
-class _TooLarge(Exception):
-    pass
-
-
-def _issue(error: dict[str, Any]) -> dict[str, Any]:
-    """One pydantic error as the schema's ValidationIssue: ``loc`` a list, ``ctx`` JSON values; the
-    rejected ``input`` is not echoed (it may be large, or not encodable)."""
-    out = {"loc": [p if isinstance(p, (str, int)) else str(p) for p in error.get("loc", ())],
-           "msg": str(error.get("msg", "")), "type": str(error.get("type", ""))}
-    if isinstance(error.get("ctx"), dict):
-        out["ctx"] = {str(k): v if isinstance(v, (str, int, float, bool, type(None))) else str(v)
-                      for k, v in error["ctx"].items()}
-    return out
 
 
 def serve(registry: str | Path, *, host: str = "127.0.0.1", port: int = 8000, config: ServeConfig | None = None,
