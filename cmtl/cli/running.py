@@ -1,0 +1,95 @@
+"""The commands that run something rather than one registry verb: the HTTP server, the demo, a benchmark.
+
+Registered on the app by :mod:`cmtl.cli.commands` (which keeps the order of ``cmtl --help``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cmtl.cli.common import RegistryArg, format_table
+
+
+def serve(
+    registry: RegistryArg,
+    host: Annotated[str, typer.Option(help="Interface to listen on (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on (0: any free port).")] = 8000,
+    max_texts: Annotated[int, typer.Option(help="Texts per request; more gets HTTP 413.")] = 256,
+    max_chars: Annotated[int, typer.Option(help="Characters per text; longer gets HTTP 413.")] = 20_000,
+    max_body_bytes: Annotated[int, typer.Option(help="Bytes per request body; more gets HTTP 413 before it is "
+                                                     "read.")] = 16 * 1024 * 1024,
+    max_batch_size: Annotated[int, typer.Option(help="Rows per batch, at most.")] = 64,
+    max_batch_tokens: Annotated[int, typer.Option(help="Padded tokens per backbone forward, at most.")] = 4096,
+    max_wait_ms: Annotated[float, typer.Option(help="Wait this long for more rows before running a batch.")] = 5.0,
+    poll_seconds: Annotated[float, typer.Option(help="How often to check the registry for changes.")] = 1.0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Serve every task of a registry over HTTP (POST /v1/predict, /v1/predict/all; GET /v1/tasks, /healthz,
+    /metrics, /docs); picks up new versions without a restart."""
+    from cmtl.serving.server import ServeConfig
+    from cmtl.serving.server import serve as run_server
+
+    config = ServeConfig(max_texts=max_texts, max_chars=max_chars, max_body_bytes=max_body_bytes,
+                         max_batch_size=max_batch_size,
+                         max_batch_tokens=max_batch_tokens, max_wait_ms=max_wait_ms, poll_seconds=poll_seconds)
+    run_server(registry, host=host, port=port, config=config, device=device)
+
+
+def demo(
+    out: Annotated[Path, typer.Option(help="Registry folder to create (must not exist).")] = Path("runs/demo"),
+    max_train: Annotated[int, typer.Option(help="Training examples per task.")] = 2000,
+    epochs: int = 2,
+    layers: Annotated[Optional[int], typer.Option(help="Use only the first N backbone layers (faster).")] = None,
+) -> None:
+    """End-to-end demo on real data: two tasks on the embedded MiniLM, predictions and a results table."""
+    from cmtl.cli.demo import run_demo
+
+    result = run_demo(out, max_train=max_train, epochs=epochs, layers=layers, echo=typer.echo)
+    typer.echo("")
+    typer.echo(format_table(result["table"], ["task", "labels", "train", "test", "accuracy", "macro_f1",
+                                              "train_s", "params", "bytes"]))
+    typer.echo("")
+    for row in result["predictions"]:
+        typer.echo(f"{row['task']:>6}: {row['prediction']:<5} <- {row['text']}")
+
+
+def bench(
+    scenario: Annotated[Path, typer.Argument(help="Scenario file, e.g. scenarios/text5.yaml.")],
+    strategy: Annotated[str, typer.Option(help="Comma-separated strategies: adapters, seq-ft, replay, ewc, lwf, "
+                                               "joint, single, avl-naive, avl-replay, avl-ewc, avl-lwf.")]
+    = "adapters,seq-ft,replay,ewc,lwf,joint",
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default runs/bench/<scenario>).")] = None,
+    orders: Annotated[str, typer.Option(help="Comma-separated orders: stated, random-1, ..., or all.")] = "stated",
+    max_train: Annotated[Optional[int], typer.Option(help="Override the scenario's training cap.")] = None,
+    max_eval: Annotated[Optional[int], typer.Option(help="Override the scenario's validation/test cap.")] = None,
+    epochs: int = 2,
+    lr_schedule: Annotated[str, typer.Option(help="linear (decay to 0) or constant after the warm-up.")] = "linear",
+    patience: Annotated[int, typer.Option(help="Early-stopping patience in epochs; 0 never stops early.")] = 2,
+    layers: Annotated[Optional[int], typer.Option(help="Use only the first N backbone layers.")] = None,
+    replay_budget: int = 500,
+    seed: int = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Run continual-learning strategies on a scenario; write results.json, results.md and heatmaps."""
+    from cmtl import BackboneConfig, TrainConfig
+    from cmtl.benchmarks.learners import StrategyConfig
+    from cmtl.benchmarks.runner import run_benchmark, summary_rows
+    from cmtl.benchmarks.scenarios import Scenario
+
+    sc = Scenario.from_yaml(scenario)
+    if max_train or max_eval:
+        sc = sc.shrink(max_train or sc.max_train, max_eval or sc.max_eval)
+    training = TrainConfig(epochs=epochs, lr_schedule=lr_schedule, patience=patience or None, seed=seed,
+                           progress=False)
+    config = StrategyConfig(training=training, replay_budget=replay_budget)
+    out = out or Path("runs/bench") / sc.name
+    results = run_benchmark(sc, [s.strip() for s in strategy.split(",") if s.strip()], out,
+                            backbone=BackboneConfig(num_hidden_layers=layers), config=config,
+                            orders=[o.strip() for o in orders.split(",")], device=device, echo=typer.echo)
+    typer.echo("")
+    typer.echo(format_table(summary_rows(results), ["strategy", "order", "ACC", "BWT", "FWT", "forgetting", "time_s",
+                                                    "params_per_exp", "bytes_added"]))
+    typer.echo(f"\nwrote {out}/results.json, results.md and heatmaps")
