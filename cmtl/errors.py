@@ -7,6 +7,7 @@ keeps working, while ``except cmtl.CmtlError`` catches everything of ours.
 from __future__ import annotations
 
 import pickle
+from typing import Any
 
 
 class CmtlError(Exception):
@@ -24,6 +25,16 @@ class TaskNotFoundError(CmtlError, _LookupKeyError):
 
 class TaskExistsError(CmtlError, ValueError):
     """Adding a task whose name is already taken."""
+
+
+class EntryExistsError(CmtlError, ValueError):
+    """Writing a merged or joint entry under a name the registry already holds (or another writer took
+    while this one ran)."""
+
+
+class InvalidParameterError(CmtlError, ValueError):
+    """A parameter (of a config, a spec or a call) outside its allowed values; the message is
+    :func:`bad_param`'s."""
 
 
 class DataError(CmtlError, ValueError):
@@ -68,6 +79,26 @@ class ReplayBufferError(CmtlError, ValueError):
 
 class ManifestError(RegistryError):
     """A registry.json that parses but breaks the manifest's rules (a bad name, a missing or mistyped field)."""
+
+
+class WriteConflictError(RegistryError):
+    """Another writer changed what this write started from (wrote the same version, or removed a task and
+    added it again) while it ran; nothing was written. Reopen the registry and retry."""
+
+
+def bad_param(name: str, owner: str, must: str, got: Any, fix: str = "") -> str:
+    """The message for a parameter that breaks its rule, in one style:
+    ``The 'name' parameter of owner must <must>; got <repr(got)> instead. <fix>``.
+
+    Args:
+        name: The parameter, e.g. ``"epochs"``.
+        owner: What takes it, e.g. ``"TrainConfig"`` or ``"TaskSpec 'spam'"``.
+        must: The rule, starting with its verb: ``"be a positive integer"``, ``"hold distinct labels"``.
+        got: The value given; shown with ``repr``.
+        fix: Optional sentence on how to fix it, appended as is.
+    """
+    message = f"The {name!r} parameter of {owner} must {must}; got {got!r} instead."
+    return f"{message} {fix}" if fix else message
 
 
 #: The way out of a stored file that passed its checksum but does not fit what it claims to be.
