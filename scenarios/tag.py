@@ -4,12 +4,12 @@
 1. Every task of the scenario (default ``text5``) gets its own adapter in a fresh registry
    (the per-task baseline).
 2. One adapter trains jointly on all of them while TAG measures, every ``--tag-every`` steps,
-   the lookahead affinity Z_{i→j} (:mod:`cmtl.multitask.joint`); the averaged matrix is written as
+   the lookahead affinity Z_{i→j} (:mod:`cmtl.multitask.affinity`); the averaged matrix is written as
    ``affinity.json`` and ``affinity.png``.
 3. Pair search (``--pairs``, the default): every pair of tasks trains as a joint adapter; the
    validation gain of task j when paired with i over its own adapter fills S[i, j]. This is the
    pairwise "higher-order approximation" of Standley et al. (2020) that TAG's paper compares to.
-4. :func:`cmtl.multitask.joint.select_groups` picks at most ``--groups`` groups from Z (TAG) and from
+4. :func:`cmtl.multitask.affinity.select_groups` picks at most ``--groups`` groups from Z (TAG) and from
    S (pair search); each group of two or more tasks trains as a joint adapter in the registry
    (``Registry.train_group``), each for ``--epochs`` over its own tasks' data.
 5. Test accuracy per task: its own adapter, all tasks in one adapter, its group under TAG and
@@ -38,7 +38,8 @@ import numpy as np
 def run(args, echo=print) -> dict:
     from cmtl import BackboneConfig, Registry, TrainConfig
     from cmtl.benchmarks.scenarios import Scenario
-    from cmtl.multitask.joint import MultiTaskConfig, group_score, select_groups
+    from cmtl.multitask.affinity import group_score, select_groups
+    from cmtl.multitask.config import MultiTaskConfig
 
     scenario = Scenario.from_yaml(args.scenario)
     if scenario.kind != "task-incremental":
@@ -52,8 +53,9 @@ def run(args, echo=print) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     where = {"name_or_path": args.backbone} if args.backbone else {}
-    reg = Registry.create(out / f"registry-{time.strftime('%Y%m%d-%H%M%S')}", BackboneConfig(**where, num_hidden_layers=args.layers,
-                                                            max_length=args.max_length), device=args.device)
+    reg = Registry.create(out / f"registry-{time.strftime('%Y%m%d-%H%M%S')}",
+                          BackboneConfig(**where, num_hidden_layers=args.layers, max_length=args.max_length),
+                          device=args.device)
     training = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed,
                            progress=False)
 

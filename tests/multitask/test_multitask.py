@@ -18,18 +18,10 @@ from cmtl.core.adapters import AdapterBank, AdapterConfig, TaskLoRA, stack_lora
 from cmtl.core.backbone import load_backbone
 from cmtl.core.tasks import TaskHead
 from cmtl.data import Encoded, encode, read_examples
-from cmtl.multitask.joint import (
-    MultiTaskConfig,
-    UncertaintyWeighting,
-    _adamw_lookahead,
-    diminish,
-    group_score,
-    grouped_forward,
-    sampling_probabilities,
-    select_groups,
-    switch,
-    train_multitask,
-)
+from cmtl.multitask.affinity import _adamw_lookahead, group_score, select_groups
+from cmtl.multitask.config import MultiTaskConfig
+from cmtl.multitask.joint import grouped_forward, train_multitask
+from cmtl.multitask.schedules import UncertaintyWeighting, diminish, sampling_probabilities, switch
 from tests.conftest import TOPICS, toy_sentiment, toy_topics
 
 

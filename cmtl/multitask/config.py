@@ -1,0 +1,130 @@
+"""What a joint multi-task run is told (:class:`MultiTaskConfig`) and what it reports (:class:`MultiTaskResult`)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Literal, Sequence
+
+from cmtl.multitask.schedules import Sampler, diminish, switch
+
+Weighting = Literal["static", "uncertainty"]
+Schedule = Literal["none", "diminish", "switch", "adaptive_switch"]
+
+
+@dataclass(kw_only=True, frozen=True)
+class MultiTaskConfig:
+    """How a group of tasks trains together.
+
+    Args:
+        sampler: How rows of a mixed batch pick their task (see
+            :func:`~cmtl.multitask.schedules.sampling_probabilities`); ``"per_task"``: every step
+            holds ``batch_size`` rows of each task whose weight is not 0 (after a Switch, a step is
+            a single-task step).
+        temperature: Temperature of the ``"temperature"`` sampler.
+        size_cap: Cap on task sizes before sampling; ``None`` no cap.
+        sampling_schedule: A time-dependent sampler: ``f(step, total_steps)`` returns a weight
+            >= 0 per task (in task order), normalised into that step's probabilities; it replaces
+            the fixed probabilities of ``sampler`` (which must then draw, i.e. not be
+            ``"per_task"``). Registry records store its name.
+        weighting: ``"static"`` (``weights``, default 1 each) or ``"uncertainty"``.
+        weights: Static loss weight per task name.
+        primary: MT2ST: the primary task; the others are auxiliary and weighted by ``schedule``.
+        schedule: ``"none"``, ``"diminish"``, ``"switch"`` (at ``switch_step``) or
+            ``"adaptive_switch"`` (auxiliaries stop when the primary validation metric has not
+            improved for ``switch_patience`` evaluations).
+        gamma0: Initial auxiliary weight γ_k,0 (Diminish, Switch), per task name or one value for all.
+        eta: Diminish decay rate η_k, per task name or one value.
+        nu: Diminish curvature ν_k, per task name or one value.
+        switch_step: Step at which Switch drops the auxiliaries.
+        switch_patience: Evaluations without improvement before the adaptive switch fires.
+        tag_every: Measure TAG lookahead affinities every this many steps; ``None`` never.
+        steps: Optimiser steps; ``None``: epochs of the primary task (or of the largest task).
+        epochs: Used when ``steps`` is ``None``.
+        eval_every: Evaluate every task's validation data every this many steps; ``None``: 10 times.
+        pass_overhead: Each mixed batch runs through the backbone in length-sorted sub-batches
+            that minimise padded tokens plus this many tokens per pass (its fixed cost; see
+            :func:`~cmtl.data.examples.padding_chunks`), so a few long texts of one task do not pad the
+            short texts of the others; ``None``: one pass per batch. Same loss and gradients up
+            to float rounding (adapter dropout draws differ).
+    """
+
+    sampler: Sampler = "temperature"
+    temperature: float = 2.0
+    size_cap: int | None = None
+    sampling_schedule: Callable[[int, int], Sequence[float]] | None = None
+    weighting: Weighting = "static"
+    weights: dict[str, float] | None = None
+    primary: str | None = None
+    schedule: Schedule = "none"
+    gamma0: float | dict[str, float] = 1.0
+    eta: float | dict[str, float] = 0.01
+    nu: float | dict[str, float] = 1.0
+    switch_step: int | None = None
+    switch_patience: int = 2
+    tag_every: int | None = None
+    steps: int | None = None
+    epochs: int = 3
+    eval_every: int | None = None
+    pass_overhead: int | None = 512
+
+    def __post_init__(self) -> None:
+        if self.schedule != "none" and self.primary is None:
+            raise ValueError(f"schedule={self.schedule!r} needs a primary task: set MultiTaskConfig.primary.")
+        if self.schedule == "switch" and self.switch_step is None:
+            raise ValueError("schedule='switch' needs switch_step (the step at which auxiliaries stop).")
+        if self.sampling_schedule is not None:
+            if not callable(self.sampling_schedule):
+                raise ValueError("MultiTaskConfig.sampling_schedule must be a function (step, total_steps) -> "
+                                 f"weights per task. Got {self.sampling_schedule!r}.")
+            if self.sampler == "per_task":
+                raise ValueError("sampler='per_task' takes a full batch of every task each step, so there is nothing "
+                                 "for sampling_schedule to weigh: use sampler='uniform' (or another drawing sampler) "
+                                 "with a schedule.")
+        if self.weighting == "uncertainty" and self.schedule != "none":
+            raise ValueError("Uncertainty weighting learns every task's weight; it cannot run with an MT2ST schedule.")
+        for key in ("steps", "tag_every", "eval_every"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"MultiTaskConfig.{key} must be a positive integer or None. Got {value!r}.")
+        if self.pass_overhead is not None and (not isinstance(self.pass_overhead, int) or self.pass_overhead < 0):
+            raise ValueError(f"MultiTaskConfig.pass_overhead must be an integer >= 0 (tokens) or None. "
+                             f"Got {self.pass_overhead!r}.")
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        f = self.sampling_schedule
+        if f is not None:  # a function is not JSON: record which one it was
+            out["sampling_schedule"] = f"{getattr(f, '__module__', '')}.{getattr(f, '__qualname__', repr(f))}"
+        return out
+
+    def _per_task(self, name: str, value: float | dict[str, float]) -> float:
+        return float(value.get(name, 1.0) if isinstance(value, dict) else value)
+
+    def gamma(self, task: str, step: int, switched: bool) -> float:
+        """Loss weight of ``task`` at ``step`` under the static weights or the MT2ST schedule."""
+        static = (self.weights or {}).get(task, 1.0)
+        if self.schedule == "none" or task == self.primary:
+            return static
+        g0 = self._per_task(task, self.gamma0)
+        if self.schedule == "diminish":
+            return diminish(step, g0, self._per_task(task, self.eta), self._per_task(task, self.nu))
+        if self.schedule == "switch":
+            return switch(step, g0, self.switch_step)
+        return 0.0 if switched else g0  # adaptive_switch
+
+
+@dataclass
+class MultiTaskResult:
+    """What :func:`~cmtl.multitask.joint.train_multitask` did: steps, time, rows trained per task, per-task validation
+    history, TAG affinities."""
+
+    steps: int
+    seconds: float
+    rows_per_task: dict[str, int] = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+    best_step: int = 0
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    affinity: list[list[float]] | None = None
+    tag_seconds: float = 0.0
+    switched_at: int | None = None
+    task_weights: dict[str, float] = field(default_factory=dict)
