@@ -54,9 +54,11 @@ def run(args, echo=print) -> dict:
     from cmtl.core.backbone import load_backbone
     from cmtl.core.tasks import TaskHead
     from cmtl.data import encode, read_examples
-    from cmtl.multitask.joint import MultiTaskConfig, grouped_forward, train_multitask
+    from cmtl.multitask.config import MultiTaskConfig
+    from cmtl.multitask.joint import grouped_forward, train_multitask
     from cmtl.training.evaluation import compute_metrics, predict_logits
     from cmtl.training.loop import seeded
+    from cmtl.training.trainee import Trainee
 
     primary, aux = PAIRINGS[args.pairing]
     corpora = [primary, *aux]
@@ -87,8 +89,9 @@ def run(args, echo=print) -> dict:
     }
     results = {"pairing": {"primary": primary, "auxiliaries": list(aux)}, "steps": steps, "sampler": args.sampler,
                "batch_size": args.batch_size, "max_train": args.max_train, "max_eval": args.max_eval,
-               "layers": args.layers, "max_length": args.max_length, "device": str(backbone.device), "date": time.strftime("%Y-%m-%d"),
-               "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores", "torch_threads": torch.get_num_threads(),
+               "layers": args.layers, "max_length": args.max_length, "device": str(backbone.device),
+               "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+               "torch_threads": torch.get_num_threads(),
                "command": " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if args.argv is None else args.argv)),
                "ways": {}}
     bank = AdapterBank(backbone.encoder)
@@ -101,22 +104,15 @@ def run(args, echo=print) -> dict:
                      for s in specs[:n_tasks]]
         bank.activate(key)
 
-        forward = grouped_forward(backbone.embed, heads)
-
-        def set_training(flag, heads=heads, key=key):
-            bank.set_training(key, flag)
-            for h in heads:
-                h.train(flag)
-
+        trainee = Trainee(grouped_forward(backbone.embed, heads), heads, bank=bank, key=key)
         config = dataclasses.replace(configs[way], eval_every=max(1, steps // 20))
-        shared = bank.parameters(key)
-        result = train_multitask(forward, shared, [p for h in heads for p in h.parameters()], set_training,
-                                 specs[:n_tasks], train_data[:n_tasks], [val_primary] + [None] * (n_tasks - 1),
-                                 config, training, pad_id=backbone.pad_id, device=backbone.device)
-        for p in shared:
-            p.requires_grad_(False)
+        with trainee.unfrozen() as params:  # the adapter's LoRA tensors, then the heads'
+            n_shared = len(params) - sum(len(list(h.parameters())) for h in heads)
+            result = train_multitask(trainee.forward, params[:n_shared], params[n_shared:], trainee.set_training,
+                                     specs[:n_tasks], train_data[:n_tasks], [val_primary] + [None] * (n_tasks - 1),
+                                     config, training, pad_id=backbone.pad_id, device=backbone.device)
         test = dataclasses.replace(test_primary, groups=torch.zeros(len(test_primary), dtype=torch.long))
-        logits = predict_logits(forward, test, batch_size=64, pad_id=backbone.pad_id, device=backbone.device)
+        logits = predict_logits(trainee.forward, test, batch_size=64, pad_id=backbone.pad_id, device=backbone.device)
         curve = [(h["seconds"], h[f"{specs[0].name}_accuracy"]) for h in result.history]
         results["ways"][way] = {"best_validation": result.best_metrics[specs[0].name],
                                 "test_accuracy": compute_metrics(specs[0], logits[:, : specs[0].num_outputs],

@@ -32,12 +32,12 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 
 from cmtl.benchmarks.metrics import ContinualReport
-from cmtl.benchmarks.scenarios import Experience
+from cmtl.benchmarks.scenarios import Experience, Kind
 from cmtl.continual.penalties import Anchor, distillation_loss, ewc_term, fisher_diagonal
 from cmtl.continual.replay import make_buffer
 from cmtl.core.adapters import AdapterBank, AdapterConfig
@@ -47,9 +47,9 @@ from cmtl.data import Encoded, Examples, encode
 from cmtl.registry.facade import Registry
 from cmtl.training.evaluation import predict_logits
 from cmtl.training.loop import TrainConfig, seeded, train
+from cmtl.training.trainee import Trainee
 
 STRATEGIES = ("adapters", "seq-ft", "replay", "ewc", "lwf", "joint", "single")
-Kind = Literal["task-incremental", "domain-incremental", "class-incremental"]
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -202,20 +202,19 @@ class SharedLearner(Learner):
                 self.bank.remove("previous")
             self.bank.load("previous", self.config.adapter, self.bank.state_dict("shared"))
             self.bank.activate("shared")
-        params = self.bank.parameters("shared") + [p for h in heads for p in h.parameters()]
-
-        def set_training(flag: bool) -> None:
-            self.bank.set_training("shared", flag)
-            for h in heads:
-                h.train(flag)
-
-        # Loss over rows of every group: targets index the group's own labels.
-        spec = TaskSpec("stream", labels=[f"c{k}" for k in range(max(self.width, 2))])
-        extra = self._penalty(i, old_heads)
-        train(self.forward, params, set_training, spec, train_data, validation, self.config.training,
-              pad_id=self.pad_id, device=self.device, extra_loss=extra, desc=f"{self.mode}:{exp.name}")
-        for p in params:
-            p.requires_grad_(False)
+        # A head trained in an earlier fit was frozen after it and stays frozen (passed to the loop, it gets
+        # no gradient): the one head of a domain- or class-incremental stream learns on the first experience
+        # only, and replayed rows do not train their old heads.
+        frozen = [p for h in heads for p in h.parameters() if not p.requires_grad]
+        trainee = Trainee(self.forward, heads, bank=self.bank, key="shared")
+        with trainee.unfrozen() as params:
+            for p in frozen:
+                p.requires_grad_(False)
+            # Loss over rows of every group: targets index the group's own labels.
+            spec = TaskSpec("stream", labels=[f"c{k}" for k in range(max(self.width, 2))])
+            extra = self._penalty(i, old_heads)
+            train(trainee.forward, params, trainee.set_training, spec, train_data, validation, self.config.training,
+                  pad_id=self.pad_id, device=self.device, extra_loss=extra, desc=f"{self.mode}:{exp.name}")
         if self.mode == "replay":
             self.buffer.add_examples(exp.train, task=exp.name)
         if self.mode == "ewc":
@@ -354,22 +353,13 @@ class SingleLearner(Learner):
 
     def fit(self, i: int) -> None:
         exp = self.experiences[i]
-        encoder, head = self._model(i)
-        params = list(encoder.parameters()) + list(head.parameters())
-        for p in params:
-            p.requires_grad_(True)
-
-        def set_training(flag: bool) -> None:
-            encoder.train(flag)
-            head.train(flag)
-
+        trainee = Trainee(self._forward(i), self._model(i))  # the encoder copy and the head, trained whole
         config = TrainConfig.from_dict({**self.config.training.to_dict(),
                                         "learning_rate": self.config.single_learning_rate})
-        train(self._forward(i), params, set_training, exp.spec, self._encode(exp.train, exp.spec, 0),
-              self._encode(exp.validation, exp.spec, 0), config, pad_id=self.pad_id, device=self.device,
-              desc=f"single:{exp.name}")
-        for p in params:
-            p.requires_grad_(False)
+        with trainee.unfrozen() as params:
+            train(trainee.forward, params, trainee.set_training, exp.spec, self._encode(exp.train, exp.spec, 0),
+                  self._encode(exp.validation, exp.spec, 0), config, pad_id=self.pad_id, device=self.device,
+                  desc=f"single:{exp.name}")
         n = sum(p.numel() for p in params)
         self.trainable_parameters.append(n)
         self.bytes_added.append(4 * n)
