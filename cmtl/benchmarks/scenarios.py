@@ -23,6 +23,7 @@ from typing import Any, Literal
 from cmtl.benchmarks.corpora import corpus_info, load_corpus
 from cmtl.core.tasks import TaskSpec
 from cmtl.data import Examples, read_examples
+from cmtl.errors import InvalidParameterError, bad_param
 
 Kind = Literal["task-incremental", "domain-incremental", "class-incremental"]
 KINDS = ("task-incremental", "domain-incremental", "class-incremental")
@@ -70,24 +71,27 @@ class Scenario:
     description: str = ""
 
     def __post_init__(self) -> None:
+        owner = f"Scenario {self.name!r}"
         if self.kind not in KINDS:
-            raise ValueError(f"Scenario {self.name!r}: kind must be one of {list(KINDS)}. Got {self.kind!r}.")
-        if len(self.experiences) < 2:
-            raise ValueError(f"Scenario {self.name!r} needs at least 2 experiences, got {len(self.experiences)}.")
+            raise InvalidParameterError(bad_param("kind", owner, f"be one of {list(KINDS)}", self.kind))
         names = [e.name for e in self.experiences]
+        if len(self.experiences) < 2:
+            raise InvalidParameterError(bad_param("experiences", owner, "hold at least 2 experiences", names))
         if len(set(names)) != len(names):
-            raise ValueError(f"Scenario {self.name!r} has duplicate experience names: {names}.")
+            raise InvalidParameterError(bad_param("experiences", owner, "not hold duplicate names", names))
         if self.kind != "task-incremental" and not self.task:
-            raise ValueError(f"A {self.kind} scenario needs 'task': the name of its one task.")
+            raise InvalidParameterError(bad_param("task", owner, f"name the one task of a {self.kind} scenario",
+                                                  self.task))
         if self.kind == "class-incremental":
             if len({e.corpus for e in self.experiences}) != 1 or any(not e.labels for e in self.experiences):
                 raise ValueError("A class-incremental scenario draws every experience from one corpus and "
                                  "names each experience's 'labels'.")
             seen = [label for e in self.experiences for label in e.labels]
             if len(set(seen)) != len(seen):
-                raise ValueError(f"Classes may arrive only once in {self.name!r}; got {seen}.")
-        if self.max_train < 1 or self.max_eval < 1:
-            raise ValueError(f"max_train and max_eval must be >= 1. Got {self.max_train}, {self.max_eval}.")
+                raise InvalidParameterError(bad_param("experiences", owner, "bring each class only once", seen))
+        for key in ("max_train", "max_eval"):
+            if getattr(self, key) < 1:
+                raise InvalidParameterError(bad_param(key, owner, "be >= 1", getattr(self, key)))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Scenario":

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from cmtl.errors import STORED_FILE_FIX, CorruptFileError, DataError
+from cmtl.errors import STORED_FILE_FIX, CorruptFileError, DataError, InvalidParameterError, bad_param
 
 # peft's state-dict keys start with the wrapper's path; the encoder's own module paths do not.
 PEFT_PREFIX = "base_model.model."
@@ -57,11 +57,12 @@ class AdapterConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"LoRA rank r must be a positive integer. Got {self.r!r}.")
+            raise InvalidParameterError(bad_param("r", "AdapterConfig", "be a positive integer (the LoRA rank)",
+                                                  self.r))
         if self.alpha <= 0:
-            raise ValueError(f"LoRA alpha must be > 0. Got {self.alpha!r}.")
+            raise InvalidParameterError(bad_param("alpha", "AdapterConfig", "be > 0", self.alpha))
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1). Got {self.dropout!r}.")
+            raise InvalidParameterError(bad_param("dropout", "AdapterConfig", "be in [0, 1)", self.dropout))
         if self.target_modules is not None:
             object.__setattr__(self, "target_modules", tuple(sorted(self.target_modules)))
         if self.layers is not None:

@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Literal
 import torch
 from torch import nn
 
-from cmtl.errors import BackboneMismatchError, BackboneNotFoundError
+from cmtl.errors import BackboneMismatchError, BackboneNotFoundError, InvalidParameterError, bad_param
 
 logger = logging.getLogger(__name__)
 
@@ -52,13 +52,13 @@ class BackboneConfig:
 
     def __post_init__(self) -> None:
         if self.pooling not in ("mean", "cls"):
-            raise ValueError(
-                f"The 'pooling' parameter must be one of ['cls', 'mean']. Got {self.pooling!r} instead."
-            )
+            raise InvalidParameterError(bad_param("pooling", "BackboneConfig", "be one of ['cls', 'mean']",
+                                                  self.pooling))
         if self.num_hidden_layers is not None and self.num_hidden_layers < 1:
-            raise ValueError(f"num_hidden_layers must be >= 1 or None. Got {self.num_hidden_layers}.")
+            raise InvalidParameterError(bad_param("num_hidden_layers", "BackboneConfig", "be >= 1 or None",
+                                                  self.num_hidden_layers))
         if self.max_length < 8:
-            raise ValueError(f"max_length must be >= 8 tokens. Got {self.max_length}.")
+            raise InvalidParameterError(bad_param("max_length", "BackboneConfig", "be >= 8 (tokens)", self.max_length))
 
     def to_dict(self) -> dict:
         return asdict(self)

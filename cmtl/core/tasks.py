@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cmtl.errors import STORED_FILE_FIX, CorruptFileError, DataError
+from cmtl.errors import STORED_FILE_FIX, CorruptFileError, DataError, InvalidParameterError, bad_param
 
 ProblemType = Literal["single_label", "multi_label", "regression"]
 PROBLEM_TYPES = ("single_label", "multi_label", "regression")
@@ -89,33 +89,32 @@ class TaskSpec:
                 f"Task name {self.name!r} is not allowed: use 1-64 letters, digits, '_' or '-', "
                 "starting with a letter or digit, e.g. 'spam' or 'topic-v2'."
             )
+        owner = f"TaskSpec {self.name!r}"
         if self.problem_type not in PROBLEM_TYPES:
-            raise ValueError(
-                f"The 'problem_type' parameter must be one of {list(PROBLEM_TYPES)}. Got {self.problem_type!r} instead."
-            )
+            raise InvalidParameterError(bad_param("problem_type", owner, f"be one of {list(PROBLEM_TYPES)}",
+                                                  self.problem_type))
         if self.label_encoding not in LABEL_ENCODINGS:
-            raise ValueError(
-                f"The 'label_encoding' parameter must be one of {list(LABEL_ENCODINGS)}. Got {self.label_encoding!r} "
-                "instead. Use 'value' when integer labels are the label names' numbers, 'index' when they are "
-                "positions in labels."
-            )
+            raise InvalidParameterError(bad_param(
+                "label_encoding", owner, f"be one of {list(LABEL_ENCODINGS)}", self.label_encoding,
+                "Use 'value' when integer labels are the label names' numbers, 'index' when they are positions in "
+                "labels."))
         labels = self.labels
         if labels is None and self.problem_type == "regression":
             labels = ("score",)
         if labels is None:  # single/multi-label: filled in from the data's ClassLabel (cmtl.data.examples.spec_for_data)
             return
         if isinstance(labels, str):
-            raise ValueError(
-                f"Task {self.name!r} needs a list of label names, e.g. TaskSpec({self.name!r}, "
-                f"labels=['neg', 'pos']). Got {labels!r}."
-            )
+            raise InvalidParameterError(bad_param(
+                "labels", owner, f"be a list of label names, e.g. TaskSpec({self.name!r}, labels=['neg', 'pos'])",
+                labels))
         labels = tuple(str(label) for label in labels)
         if len(set(labels)) != len(labels):
-            raise ValueError(f"Task {self.name!r} has duplicate labels: {list(labels)}.")
+            raise InvalidParameterError(bad_param("labels", owner, "not hold duplicate labels", list(labels)))
         if self.problem_type == "single_label" and len(labels) < 2:
-            raise ValueError(f"A single-label task needs at least 2 labels. Task {self.name!r} has {list(labels)}.")
+            raise InvalidParameterError(bad_param("labels", owner, "hold at least 2 labels for a single-label "
+                                                  "task", list(labels)))
         if not 0.0 < self.threshold < 1.0:
-            raise ValueError(f"threshold must be in (0, 1). Got {self.threshold}.")
+            raise InvalidParameterError(bad_param("threshold", owner, "be in (0, 1)", self.threshold))
         object.__setattr__(self, "labels", labels)
 
     @property

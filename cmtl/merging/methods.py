@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from cmtl.core.adapters import lora_factors, lora_state
+from cmtl.errors import InvalidParameterError, bad_param
 
 Method = Literal["linear", "ties", "dare", "dare_ties", "peft_linear", "peft_ties", "peft_dare_ties", "peft_ties_svd"]
 METHODS: tuple[str, ...] = ("linear", "ties", "dare", "dare_ties")
@@ -42,14 +43,19 @@ class MergeConfig:
     """Knobs of a merge.
 
     Args:
-        method: ``"linear"``, ``"ties"``, ``"dare"`` or ``"dare_ties"``.
-        scale: λ, multiplies the combined delta. ``None``: 1 / (number of
-            adapters) for ``linear`` and ``dare`` (their mean), 1 for TIES variants.
-        density: TIES: fraction of entries of each delta kept (top-k by magnitude).
-        drop: DARE: probability of dropping each entry.
+        method: One of the 8 in :data:`METHODS` + :data:`PEFT_METHODS`: cmtl's ``"linear"``,
+            ``"ties"``, ``"dare"`` or ``"dare_ties"`` on the exact deltas, or the peft baselines
+            ``"peft_linear"``, ``"peft_ties"``, ``"peft_dare_ties"`` or ``"peft_ties_svd"``
+            (peft's ``add_weighted_adapter`` with that combination type).
+        scale: λ, multiplies the combined delta. ``None``: 1 / (number of adapters) for
+            ``linear``, ``dare`` and ``peft_linear`` (their mean), 1 for the TIES variants.
+        density: TIES (``ties``, ``dare_ties``, ``peft_ties``, ``peft_ties_svd``): fraction of
+            entries of each delta kept (top-k by magnitude).
+        drop: DARE (``dare``, ``dare_ties``, ``peft_dare_ties``): probability of dropping each
+            entry (peft is given density = 1 - drop).
         rank: Rank of the stored LoRA adapter; ``None`` keeps the merged delta
             exactly (full rank of each layer).
-        seed: Seeds DARE's drops.
+        seed: Seeds DARE's drops (peft's too).
         refit_heads: After merging, retrain each task's head (only the head, warm-started
             from the member's) on the task's replay buffer through the merged adapter.
             The merged features differ from those each head was trained on; refitting a
@@ -66,15 +72,16 @@ class MergeConfig:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS + PEFT_METHODS:
-            raise ValueError(f"Unknown merge method {self.method!r}. Choose one of {list(METHODS + PEFT_METHODS)}.")
+            raise InvalidParameterError(bad_param("method", "MergeConfig", f"be one of {list(METHODS + PEFT_METHODS)}",
+                                                  self.method))
         if self.scale is not None and not 0 < self.scale <= 10:
-            raise ValueError(f"MergeConfig.scale must be in (0, 10]. Got {self.scale!r}.")
+            raise InvalidParameterError(bad_param("scale", "MergeConfig", "be in (0, 10] or None", self.scale))
         if not 0 < self.density <= 1:
-            raise ValueError(f"MergeConfig.density must be in (0, 1]. Got {self.density!r}.")
+            raise InvalidParameterError(bad_param("density", "MergeConfig", "be in (0, 1]", self.density))
         if not 0 <= self.drop < 1:
-            raise ValueError(f"MergeConfig.drop must be in [0, 1). Got {self.drop!r}.")
+            raise InvalidParameterError(bad_param("drop", "MergeConfig", "be in [0, 1)", self.drop))
         if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 1):
-            raise ValueError(f"MergeConfig.rank must be a positive integer or None. Got {self.rank!r}.")
+            raise InvalidParameterError(bad_param("rank", "MergeConfig", "be a positive integer or None", self.rank))
 
     def resolved_scale(self, n: int) -> float:
         if self.scale is not None:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from cmtl.data import as_texts
-from cmtl.errors import DataError
+from cmtl.errors import DataError, InvalidParameterError, bad_param
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -44,14 +44,18 @@ class MonitorConfig:
 
     def __post_init__(self) -> None:
         if not 0 < self.alpha < 1:
-            raise ValueError(f"MonitorConfig.alpha must be in (0, 1). Got {self.alpha!r}.")
+            raise InvalidParameterError(bad_param("alpha", "MonitorConfig", "be in (0, 1)", self.alpha))
         if not isinstance(self.permutations, int) or self.permutations < 1 / self.alpha:
-            raise ValueError(f"MonitorConfig.permutations must be an integer >= 1/alpha = {math.ceil(1 / self.alpha)} "
-                             f"for the p-value to reach below alpha. Got {self.permutations!r}.")
+            raise InvalidParameterError(bad_param(
+                "permutations", "MonitorConfig", f"be an integer >= 1/alpha = {math.ceil(1 / self.alpha)} "
+                "for the p-value to reach below alpha", self.permutations))
         if not isinstance(self.min_samples, int) or self.min_samples < 5:
-            raise ValueError(f"MonitorConfig.min_samples must be an integer >= 5. Got {self.min_samples!r}.")
+            raise InvalidParameterError(bad_param("min_samples", "MonitorConfig", "be an integer >= 5",
+                                                  self.min_samples))
         if not isinstance(self.max_samples, int) or self.max_samples < self.min_samples:
-            raise ValueError(f"MonitorConfig.max_samples must be an integer >= min_samples. Got {self.max_samples!r}.")
+            raise InvalidParameterError(bad_param("max_samples", "MonitorConfig",
+                                                  f"be an integer >= min_samples = {self.min_samples!r}",
+                                                  self.max_samples))
 
 
 @dataclass(frozen=True)

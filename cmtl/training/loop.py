@@ -3,7 +3,8 @@
 It reads top to bottom: learning rate -> evaluate / early-stop -> forward ->
 loss check -> backward -> clip -> step. Only the parameters it is given
 train; everything it needs arrives as arguments, so the same loop serves
-new tasks, updates and (later) replay or penalty terms via ``extra_loss``.
+new tasks, updates (their EWC or LwF penalty arrives as ``extra_loss``; replayed
+rows are part of the data) and the benchmark learners.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 
 from cmtl.core.tasks import TaskSpec
 from cmtl.data import Encoded, batches, length_grouped
-from cmtl.errors import TrainingDivergedError
+from cmtl.errors import InvalidParameterError, TrainingDivergedError, bad_param
 from cmtl.training.distributed import all_reduce_gradients, any_rank, is_main, shard
 from cmtl.training.evaluation import Forward, compute_metrics, predict_logits, primary_metric
 
@@ -82,19 +83,20 @@ class TrainConfig:
                 positive[key] = getattr(self, key)
         for key, value in positive.items():
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"TrainConfig.{key} must be a positive integer. Got {value!r}.")
+                raise InvalidParameterError(bad_param(key, "TrainConfig", "be a positive integer", value))
         for key in ("length_grouping", "cache_frozen_mb"):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 0:
-                raise ValueError(f"TrainConfig.{key} must be an integer >= 0. Got {value!r}.")
+                raise InvalidParameterError(bad_param(key, "TrainConfig", "be an integer >= 0", value))
         if not self.learning_rate > 0:
-            raise ValueError(f"TrainConfig.learning_rate must be > 0. Got {self.learning_rate!r}.")
+            raise InvalidParameterError(bad_param("learning_rate", "TrainConfig", "be > 0", self.learning_rate))
         if self.lr_schedule not in ("linear", "constant"):
-            raise ValueError(f"TrainConfig.lr_schedule must be 'linear' or 'constant'. Got {self.lr_schedule!r}.")
+            raise InvalidParameterError(bad_param("lr_schedule", "TrainConfig", "be one of ['linear', 'constant']",
+                                                  self.lr_schedule))
         if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"TrainConfig.warmup_ratio must be in [0, 1). Got {self.warmup_ratio!r}.")
+            raise InvalidParameterError(bad_param("warmup_ratio", "TrainConfig", "be in [0, 1)", self.warmup_ratio))
         if not 0.0 <= self.head_dropout < 1.0:
-            raise ValueError(f"TrainConfig.head_dropout must be in [0, 1). Got {self.head_dropout!r}.")
+            raise InvalidParameterError(bad_param("head_dropout", "TrainConfig", "be in [0, 1)", self.head_dropout))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -44,10 +44,10 @@ def test_load_domain_incremental_shares_one_task():
 
 
 @pytest.mark.parametrize("change, match", [
-    ({"kind": "online"}, "kind must be one of"),
+    ({"kind": "online"}, "'kind' parameter of Scenario 's' must be one of"),
     ({"experiences": [{"name": "a", "corpus": "trec6"}]}, "at least 2 experiences"),
     ({"experiences": [{"name": "a", "corpus": "trec6"}, {"name": "a", "corpus": "sms_spam"}]}, "duplicate"),
-    ({"kind": "domain-incremental"}, "needs 'task'"),
+    ({"kind": "domain-incremental"}, "'task' parameter of Scenario 's' must name the one task"),
     ({"kind": "class-incremental", "task": "t"}, "names each experience's 'labels'"),
     ({"max_train": 0}, "must be >= 1"),
 ])

@@ -231,7 +231,7 @@ def test_bad_update_configs(kwargs, match):
 
 
 def test_bad_memory_configs():
-    with pytest.raises(ValueError, match="buffer must be one of"):
+    with pytest.raises(ValueError, match="'buffer' parameter of MemoryConfig must be one of"):
         MemoryConfig(buffer="fifo")
-    with pytest.raises(ValueError, match="budget must be a positive integer"):
+    with pytest.raises(ValueError, match="'budget' parameter of MemoryConfig must be a positive integer"):
         MemoryConfig(budget=0)

@@ -179,7 +179,8 @@ def test_encode_labels_applies_the_same_rule_to_raw_values():
 
 
 def test_label_encoding_is_validated():
-    with pytest.raises(ValueError, match=r"'label_encoding' parameter must be one of \['value', 'index'\]. Got 'idx'"):
+    with pytest.raises(ValueError, match=r"'label_encoding' parameter of TaskSpec 'x' must be one of "
+                                         r"\['value', 'index'\]; got 'idx'"):
         TaskSpec("x", labels=["a", "b"], label_encoding="idx")
 
 

@@ -242,15 +242,15 @@ def test_create_and_open_errors(tmp_path, tiny_config, sentiment_registry):
 def test_bad_configs():
     with pytest.raises(ValueError, match="Task name 'a b'"):
         TaskSpec("a b", labels=["x", "y"])
-    with pytest.raises(ValueError, match="'problem_type' parameter must be one of"):
+    with pytest.raises(ValueError, match="'problem_type' parameter of TaskSpec 't' must be one of"):
         TaskSpec("t", labels=["x", "y"], problem_type="ranking")
     with pytest.raises(ValueError, match="duplicate labels"):
         TaskSpec("t", labels=["x", "x"])
-    with pytest.raises(ValueError, match="rank r must be a positive integer"):
+    with pytest.raises(ValueError, match="'r' parameter of AdapterConfig must be a positive integer"):
         AdapterConfig(r=0)
-    with pytest.raises(ValueError, match="TrainConfig.epochs must be a positive integer"):
+    with pytest.raises(ValueError, match="'epochs' parameter of TrainConfig must be a positive integer"):
         TrainConfig(epochs=0)
-    with pytest.raises(ValueError, match="'pooling' parameter must be one of"):
+    with pytest.raises(ValueError, match="'pooling' parameter of BackboneConfig must be one of"):
         BackboneConfig(pooling="max")
 
 

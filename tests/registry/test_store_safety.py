@@ -298,7 +298,8 @@ STRUCTURE_DEFECTS = {
     "eval_batch_size null": (_set((*V1, "training", "eval_batch_size"), None),
                              r"\['training'\]\['eval_batch_size'\] must be an integer, got null"),
     "eval_batch_size -3": (_set((*V1, "training", "eval_batch_size"), -3),
-                           r"\['training'\] is not a valid training config.*eval_batch_size must be a positive"),
+                           r"\['training'\] is not a valid training config.*'eval_batch_size' parameter of TrainConfig "
+                           r"must be a positive"),
     "eval_batch_size 0": (_set((*V1, "training", "eval_batch_size"), 0),
                           r"\['training'\] is not a valid training config.*eval_batch_size"),
     "eval_batch_size a string": (_set((*V1, "training", "eval_batch_size"), "x"),
@@ -314,7 +315,7 @@ STRUCTURE_DEFECTS = {
                           r"\['adapter'\]\['alpha'\] must be a finite number, got nan"),
     "adapter r a string": (_set((*V1, "adapter", "r"), "8"), r"\['adapter'\]\['r'\] must be an integer, got '8'"),
     "adapter r a bool": (_set((*V1, "adapter", "r"), True), r"\['adapter'\]\['r'\] must be an integer, got True"),
-    "adapter r 0": (_set((*V1, "adapter", "r"), 0), r"\['adapter'\] is not a valid adapter config.*rank r"),
+    "adapter r 0": (_set((*V1, "adapter", "r"), 0), r"\['adapter'\] is not a valid adapter config.*'r' parameter"),
     "adapter dropout 5": (_set((*V1, "adapter", "dropout"), 5),
                           r"\['adapter'\] is not a valid adapter config.*dropout"),
     "adapter target_modules a string": (_set((*V1, "adapter", "target_modules"), "query"),
