@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Literal, Sequence
 
+from cmtl.errors import InvalidParameterError, bad_param
 from cmtl.multitask.schedules import Sampler, diminish, switch
 
 Weighting = Literal["static", "uncertainty"]
@@ -74,8 +75,9 @@ class MultiTaskConfig:
             raise ValueError("schedule='switch' needs switch_step (the step at which auxiliaries stop).")
         if self.sampling_schedule is not None:
             if not callable(self.sampling_schedule):
-                raise ValueError("MultiTaskConfig.sampling_schedule must be a function (step, total_steps) -> "
-                                 f"weights per task. Got {self.sampling_schedule!r}.")
+                raise InvalidParameterError(bad_param(
+                    "sampling_schedule", "MultiTaskConfig", "be a function (step, total_steps) -> weights per task",
+                    self.sampling_schedule))
             if self.sampler == "per_task":
                 raise ValueError("sampler='per_task' takes a full batch of every task each step, so there is nothing "
                                  "for sampling_schedule to weigh: use sampler='uniform' (or another drawing sampler) "
@@ -85,10 +87,10 @@ class MultiTaskConfig:
         for key in ("steps", "tag_every", "eval_every"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"MultiTaskConfig.{key} must be a positive integer or None. Got {value!r}.")
+                raise InvalidParameterError(bad_param(key, "MultiTaskConfig", "be a positive integer or None", value))
         if self.pass_overhead is not None and (not isinstance(self.pass_overhead, int) or self.pass_overhead < 0):
-            raise ValueError(f"MultiTaskConfig.pass_overhead must be an integer >= 0 (tokens) or None. "
-                             f"Got {self.pass_overhead!r}.")
+            raise InvalidParameterError(bad_param("pass_overhead", "MultiTaskConfig",
+                                                  "be an integer >= 0 (tokens) or None", self.pass_overhead))
 
     def to_dict(self) -> dict:
         out = asdict(self)

@@ -50,7 +50,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from cmtl.errors import DataError, TaskNotFoundError
+from cmtl.errors import DataError, InvalidParameterError, TaskNotFoundError, bad_param
 from cmtl.registry import store
 from cmtl.serving.engine import InferenceEngine, Snapshot
 from cmtl.serving.middleware import BodyLimit, Metrics, Observe, json_response_class
@@ -98,10 +98,10 @@ class ServeConfig:
         for key in ("max_texts", "max_chars", "max_body_bytes", "max_batch_size", "max_batch_tokens"):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"ServeConfig.{key} must be a positive integer. Got {value!r}.")
+                raise InvalidParameterError(bad_param(key, "ServeConfig", "be a positive integer", value))
         for key in ("max_wait_ms", "poll_seconds"):
             if not getattr(self, key) >= 0:
-                raise ValueError(f"ServeConfig.{key} must be >= 0. Got {getattr(self, key)!r}.")
+                raise InvalidParameterError(bad_param(key, "ServeConfig", "be >= 0", getattr(self, key)))
 
 
 # --- batching -----------------------------------------------------------------------------
