@@ -308,10 +308,10 @@ def test_group_with_task_adapters_round_trip(registry):
     served = engine.logits(["sentiment"] * 3 + ["topic"] * 3, texts, merges=["both"] * 6)
     np.testing.assert_allclose(torch.stack(served[:3]).softmax(-1).numpy(), got[:3], atol=1e-5)
     # Each task trained factors of its own, and the task's route differs from the other's.
-    own = registry._bank.state_dict("both__merged:sentiment")
+    own = registry.adapter_state("sentiment", merge="both")
     assert any(k.endswith("lora_B.weight") and v.shape[1] == 8 + 2 and v[:, 8:].abs().sum() > 0 for k, v in own.items())
     registry.remove_merge("both")
-    assert not [n for n in registry._bank.names if n.startswith("both__merged")]
+    assert not [n for n in registry._runtime.bank.names if n.startswith("both__merged")]  # internal: no public view
 
 
 def test_length_passes_train_the_same_with_less_padding(tiny_config):
@@ -400,8 +400,8 @@ def test_samplers_draw_rows_at_their_formula_frequencies():
         drawn = np.array([result.rows_per_task[f"t{t}"] for t in range(3)])
         assert drawn.sum() == 500 * 16
         np.testing.assert_allclose(drawn / drawn.sum(), p, atol=0.02, err_msg=f"{kind}, cap {cap}")
-    per_task = _train_toy(_one_vector_tasks([0, 1, 0], sizes),
-                          MultiTaskConfig(sampler="per_task", primary="t0", schedule="switch", switch_step=30, steps=50))
+    per_task = _train_toy(_one_vector_tasks([0, 1, 0], sizes), MultiTaskConfig(
+        sampler="per_task", primary="t0", schedule="switch", switch_step=30, steps=50))
     assert per_task.rows_per_task == {"t0": 50 * 16, "t1": 30 * 16, "t2": 30 * 16}
 
 
