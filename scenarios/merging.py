@@ -18,7 +18,6 @@ replay buffer through the merged adapter (the adapter is the same merge). Writes
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 
 from cmtl import BackboneConfig, Registry, TrainConfig
+from cmtl.benchmarks.results import write_results
 from cmtl.benchmarks.scenarios import Scenario
 from cmtl.core.tasks import TaskHead
 from cmtl.merging.methods import METHODS, PEFT_METHODS, MergeConfig, refit_head
@@ -73,8 +73,8 @@ def run(scenario: Scenario, out: Path, *, backbone: BackboneConfig, training: Tr
         }
         echo(f"{label}: mean normalised {results['merges'][label]['mean_normalised']:.3f} "
              + " ".join(f"{t}={merged[t]:.3f}" for t in tasks) + f" ({seconds:.0f} s)")
-        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(to_markdown(results) + "\n")
+        write_results(out, results)
+    write_results(out, results, to_markdown(results))
     return results
 
 

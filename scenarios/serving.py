@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import socket
@@ -213,7 +212,7 @@ def load_test(args, workdir: Path, echo=print) -> dict:
     reg.update_task("task00", load_corpus(TEXT5[0])["train"].select(range(32, 96)),
                     training=TrainConfig(max_steps=4, learning_rate=5e-3, progress=False), promote=False)
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "cmtl.cli.commands", "serve", str(root), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "cmtl.cli", "serve", str(root), "--port", str(port),
                              "--device", args.device, "--poll-seconds", "0.5"],
                             env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
@@ -279,6 +278,8 @@ def to_markdown(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None, echo=print) -> dict:
+    from cmtl.benchmarks.results import write_results
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--adapters", default="1,4,16", help="numbers of task adapters to mix")
     p.add_argument("--batch-size", type=int, default=64)
@@ -307,11 +308,10 @@ def main(argv: list[str] | None = None, echo=print) -> dict:
         if args.skip != "throughput":
             for k in (int(x) for x in args.adapters.split(",")):
                 results["throughput"][str(k)] = throughput(args, k, Path(tmp), echo)
-                (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+                write_results(out, results)
         if args.skip != "load":
             results["load"] = load_test(args, Path(tmp), echo)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(to_markdown(results) + "\n")
+    write_results(out, results, to_markdown(results))
     echo(to_markdown(results))
     return results
 

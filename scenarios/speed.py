@@ -277,6 +277,8 @@ def measure(args) -> dict:
 
 def run(args, echo=print) -> dict:
     """Every (phase, way) ``args.repeats`` times, interleaved, each in a fresh process; medians and ratios."""
+    from cmtl.benchmarks.results import write_results
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = "cuda" if args.device == "auto" and torch.cuda.is_available() else (
@@ -295,10 +297,9 @@ def run(args, echo=print) -> dict:
             rate = result["examples" if phase == "train" else "texts"] / result["seconds"]
             echo(f"[{repeat + 1}/{args.repeats}] {phase} {way}: {result['seconds']:.1f} s, {rate:.1f}/s"
                  + (f", accuracy {result['accuracy']:.4f}" if "accuracy" in result else ""))
-            (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+            write_results(out, results)
     results["summary"] = summarise(results)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(to_markdown(results) + "\n")
+    write_results(out, results, to_markdown(results))
     return results
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import platform
 import sys
 import time
@@ -33,6 +32,7 @@ import torch
 
 from cmtl import BackboneConfig, Registry, TrainConfig, UpdateConfig
 from cmtl.benchmarks.metrics import ContinualReport
+from cmtl.benchmarks.results import write_results
 from cmtl.benchmarks.scenarios import Scenario
 from cmtl.data import Examples
 
@@ -86,8 +86,8 @@ def run(scenario: Scenario, out: Path, *, backbone: BackboneConfig, training: Tr
         report = ContinualReport.from_matrix(R, names, seconds_per_experience=seconds)
         seen_avg = [float(R[i, : i + 1].mean()) for i in range(len(names))]
         results["methods"][method] = {"report": report.to_dict(), "average_seen_accuracy": seen_avg, "gate": gate}
-        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(to_markdown(results) + "\n")
+        write_results(out, results)
+    write_results(out, results, to_markdown(results))
     return results
 
 
@@ -161,8 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         print((where / "results.md").read_text())
     if args.seeds:
         summary = summarise(runs)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        (out / "summary.md").write_text(summary_markdown(summary) + "\n")
+        write_results(out, summary, summary_markdown(summary), name="summary")
         print((out / "summary.md").read_text())
     return 0
 
