@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import platform
@@ -201,8 +200,9 @@ def main(argv: list[str] | None = None, echo=print) -> dict:
     results = run(args, echo)
     out = Path(args.out) / args.pairing
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(to_markdown(results) + "\n")
+    from cmtl.benchmarks.results import write_results
+
+    write_results(out, results, to_markdown(results))
     plot_curves(results, out / "accuracy-vs-time.png")
     echo(to_markdown(results))
     return results

@@ -134,8 +134,9 @@ def run(args, echo=print) -> dict:
     plot_affinity(Z, names, out / "affinity.png", "TAG lookahead affinity", "Z (i → j)")
     if pair_gain is not None:
         plot_affinity(pair_gain, names, out / "pair_gain.png", "Pair search: validation gain", "gain of j with i")
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(to_markdown(results) + "\n")
+    from cmtl.benchmarks.results import write_results
+
+    write_results(out, results, to_markdown(results))
     return results
 
 
