@@ -27,8 +27,7 @@ def main(mode: str, backbone: str, registry: str, out: str) -> None:
     reg.add_task(TaskSpec("sentiment", labels=["neg", "pos"]), toy_sentiment(61), validation=toy_sentiment(16, 1),
                  adapter=adapter, training=training)
     if mode == "task":
-        key = reg._ensure_loaded("sentiment", 1)
-        heads = {"sentiment": reg._heads[key]}
+        adapter_state, heads = reg.adapter_state("sentiment", 1), {"sentiment": reg.head_state("sentiment", 1)}
         extra = {}
     else:
         reg.add_task(TaskSpec("topic", labels=TOPICS), toy_topics(30), adapter=adapter,
@@ -37,12 +36,12 @@ def main(mode: str, backbone: str, registry: str, out: str) -> None:
                                           "topic": (toy_topics(45), toy_topics(15, 1))},
                                  config=MultiTaskConfig(steps=12, eval_every=6, tag_every=3, weighting="uncertainty"),
                                  adapter=adapter, training=dataclass_replace(training, batch_size=7))
-        key = "both__merged"
-        heads = {t: reg._heads[f"{key}:{t}"] for t in ("sentiment", "topic")}
+        adapter_state = reg.adapter_state("sentiment", merge="both")
+        heads = {t: reg.head_state(t, merge="both") for t in ("sentiment", "topic")}
         extra = {"affinity": record["affinity"], "files": record["files"]}
-    state = {f"adapter.{k}": v for k, v in reg._bank.state_dict(key).items()}
+    state = {f"adapter.{k}": v for k, v in adapter_state.items()}
     for task, head in heads.items():
-        state.update({f"head.{task}.{k}": v for k, v in head.state_dict().items()})
+        state.update({f"head.{task}.{k}": v for k, v in head.items()})
     torch.save(state, f"{out}.rank{rank}.pt")
     with open(f"{out}.rank{rank}.json", "w") as f:
         json.dump(extra, f)

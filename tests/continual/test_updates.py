@@ -131,29 +131,41 @@ def test_penalised_updates_train_and_stay_close(reg, penalty):
 def test_lwf_teacher_computed_once_matches_the_parent_run_on_each_batch(reg):
     """The LwF term looks the parent's logits up per row; they must equal the parent run on the batch."""
     from cmtl.continual.penalties import distillation_loss
-    from cmtl.data import batches, read_examples
+    from cmtl.continual.updates import UpdateData, penalty
+    from cmtl.core.adapters import AdapterBank
+    from cmtl.core.backbone import load_backbone
+    from cmtl.core.tasks import TaskHead
+    from cmtl.data import Examples, batches, encode, read_examples
+    from cmtl.training.trainee import Trainee
 
     spec = reg.spec("sentiment")
-    parent_key = reg._ensure_loaded("sentiment", 1)
-    parent_head = reg._heads[parent_key]
-    adapter = AdapterConfig.from_dict(reg._version_record("sentiment", 1)["adapter"])
-    reg._bank.load("candidate", adapter, reg._bank.state_dict(parent_key))
-    head = type(parent_head)(reg.backbone.hidden_size, spec.num_outputs)
+    # The parent (v1) as the registry loads it, in a bank of our own on a second copy of the backbone.
+    backbone = load_backbone(reg.backbone.config, device="cpu")
+    bank = AdapterBank(backbone.encoder)
+    adapter = AdapterConfig.from_dict(reg.current("sentiment").adapter)
+    bank.load("parent", adapter, reg.adapter_state("sentiment", 1))
+    bank.load("candidate", adapter, reg.adapter_state("sentiment", 1))
+    parent_head = TaskHead(backbone.hidden_size, spec.num_outputs)
+    parent_head.load_state_dict(reg.head_state("sentiment", 1))
+    head = TaskHead(backbone.hidden_size, spec.num_outputs)
     head.load_state_dict(parent_head.state_dict())
     with torch.no_grad():
         head.linear.weight.add_(torch.randn_like(head.linear.weight))  # the student disagrees with its parent
-    train_enc = reg._encode(read_examples(shifted_sentiment(40), spec), spec)
+    train_enc = encode(read_examples(shifted_sentiment(40), spec), spec, backbone.tokenize)
+    data = UpdateData(Examples([]), Examples([]), None, train_enc, train_enc, len(train_enc), [None, None])
     config = UpdateConfig(penalty="lwf", penalty_weight=2.0, temperature=3.0)
-    lwf = reg._update_penalty(config, "candidate", parent_key, head, spec, train_enc, [None, None],
-                              TrainConfig(eval_batch_size=7))
+    parent = Trainee.adapter(backbone, bank, "parent", parent_head)
+    lwf = penalty(config, Trainee.adapter(backbone, bank, "candidate", head), parent, spec, data,
+                  TrainConfig(eval_batch_size=7), backbone)
+    parent_head.eval()
     order = torch.randperm(len(train_enc), generator=torch.Generator().manual_seed(0)).tolist()
     terms = []
-    for rows, inputs, _ in batches(train_enc, order, 16, reg.backbone.pad_id, reg.backbone.device):
-        reg._bank.activate("candidate")
-        logits = head(reg.backbone.embed(**inputs))
+    for rows, inputs, _ in batches(train_enc, order, 16, backbone.pad_id, backbone.device):
+        bank.activate("candidate")
+        logits = head(backbone.embed(**inputs))
         with torch.no_grad():
-            reg._bank.activate(parent_key)
-            expected = 2.0 * distillation_loss(logits, parent_head(reg.backbone.embed(**inputs)), 3.0)
+            bank.activate("parent")
+            expected = 2.0 * distillation_loss(logits, parent_head(backbone.embed(**inputs)), 3.0)
         torch.testing.assert_close(lwf(inputs, logits, rows), expected, atol=1e-5, rtol=1e-5)
         terms.append(expected.item())
     assert min(terms) > 1e-3  # the check compares real disagreements, not zeros

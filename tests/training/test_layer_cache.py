@@ -213,8 +213,7 @@ def _train_twice(config: BackboneConfig, adapter: AdapterConfig, folder, caplog,
         with caplog.at_level(logging.INFO, logger="cmtl.training.caching"):
             reg.add_task(spec, toy_sentiment(24), validation=toy_sentiment(8, 1), adapter=adapter,
                          training=dataclasses.replace(FAST, epochs=2, cache_frozen_mb=mb))
-        key = reg._ensure_loaded("sentiment", 1)
-        outcomes.append((reg._bank.state_dict(key), reg.predict_proba("sentiment", ["a lovely film", "awful"])))
+        outcomes.append((reg.adapter_state("sentiment", 1), reg.predict_proba("sentiment", ["a lovely film", "awful"])))
     (a, pa), (b, pb) = outcomes
     assert a.keys() == b.keys()
     for k in a:
@@ -249,6 +248,6 @@ def test_the_cache_is_built_under_the_adapter_being_trained(tmp_path, tiny_confi
         reg.add_task(TaskSpec("upper", labels=["neg", "pos"]), toy_sentiment(24, 2), validation=toy_sentiment(8, 3),
                      adapter=AdapterConfig(r=2, layers=(1,), dropout=0.0),
                      training=dataclasses.replace(FAST, epochs=2, cache_frozen_mb=mb))
-        states.append(reg._bank.state_dict(reg._ensure_loaded("upper", 1)))
+        states.append(reg.adapter_state("upper", 1))
     for k in states[0]:
         torch.testing.assert_close(states[1][k], states[0][k], atol=1e-4, rtol=1e-4)

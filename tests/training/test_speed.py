@@ -85,9 +85,8 @@ def test_training_with_the_cache_gives_the_same_adapter(tmp_path, tiny_config):
         reg.add_task(SPEC, varied(48, 4), validation=varied(16, 5), adapter=adapter,
                      training=dataclasses.replace(FAST, epochs=3, cache_frozen_mb=mb))
         info = reg.current("sentiment")
-        key = reg._ensure_loaded("sentiment", info.version)
-        states.append((reg._bank.state_dict(key), reg.predict_proba("sentiment", [r["text"] for r in varied(10, 6)]),
-                       info.metrics))
+        states.append((reg.adapter_state("sentiment", info.version),
+                       reg.predict_proba("sentiment", [r["text"] for r in varied(10, 6)]), info.metrics))
     (a, pa, ma), (b, pb, mb_) = states
     assert a.keys() == b.keys()
     for k in a:
@@ -108,8 +107,7 @@ def test_an_lwf_update_on_the_cache_matches_the_plain_update(tmp_path, tiny_conf
         result = reg.update_task("sentiment", varied(32, 7), validation=varied(16, 8),
                                  config=UpdateConfig(penalty="lwf"),
                                  training=dataclasses.replace(training, epochs=2))
-        key = reg._ensure_loaded("sentiment", result.version.version)
-        outcomes.append((reg._bank.state_dict(key), result.gate))
+        outcomes.append((reg.adapter_state("sentiment", result.version.version), result.gate))
     (a, gate_a), (b, gate_b) = outcomes
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-4)
