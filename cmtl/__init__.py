@@ -22,12 +22,15 @@ from cmtl.errors import (
     CmtlError,
     CorruptFileError,
     DataError,
+    EntryExistsError,
+    InvalidParameterError,
     ManifestError,
     RegistryError,
     ReplayBufferError,
     TaskExistsError,
     TaskNotFoundError,
     TrainingDivergedError,
+    WriteConflictError,
 )
 from cmtl.merging.methods import MergeConfig
 from cmtl.monitoring.drift import DriftMonitor, DriftReport, MonitorConfig
@@ -47,6 +50,8 @@ __all__ = [
     "DataError",
     "DriftMonitor",
     "DriftReport",
+    "EntryExistsError",
+    "InvalidParameterError",
     "ManifestError",
     "MemoryConfig",
     "MergeConfig",
@@ -65,6 +70,7 @@ __all__ = [
     "UpdateConfig",
     "UpdateResult",
     "VersionInfo",
+    "WriteConflictError",
     "__version__",
     "acc",
     "bwt",

@@ -12,7 +12,7 @@ import torch
 
 from cmtl._io import tensors_to_bytes
 from cmtl.core.tasks import TaskSpec
-from cmtl.errors import BackboneMismatchError, RegistryError, TaskExistsError, TaskNotFoundError
+from cmtl.errors import BackboneMismatchError, EntryExistsError, TaskExistsError, TaskNotFoundError, WriteConflictError
 from cmtl.registry import store
 from cmtl.registry.manifest import backbone_changes
 from cmtl.registry.reader import now, source
@@ -92,7 +92,7 @@ def write_version(root: Path, backbone: dict[str, Any], spec: TaskSpec, record: 
                 raise store.removed_error(f"Task {spec.name!r}", sorted(manifest["tasks"]))
             check_started_from(manifest, started_from or {}, "update")
             if any(r["version"] == record["version"] for r in entry["versions"]):
-                raise RegistryError(f"Task {spec.name!r} v{record['version']} was written by another process "
+                raise WriteConflictError(f"Task {spec.name!r} v{record['version']} was written by another process "
                                     "meanwhile. Reopen the registry and retry.")
         store.remove_unreferenced(root, manifest)
         record["files"] = store.write_version_files(root, spec.name, record["version"], files)
@@ -113,7 +113,7 @@ def write_entry(root: Path, backbone: dict[str, Any], record: dict[str, Any], fi
     with store.writer_lock(root):
         manifest = read_manifest(root, backbone)
         if name in manifest.get("merges", {}):
-            raise ValueError(f"An entry named {name!r} was written by another process meanwhile.")
+            raise EntryExistsError(f"An entry named {name!r} was written by another process meanwhile.")
         check_started_from(manifest, started_from or {}, "merge")
         store.remove_unreferenced(root, manifest)
         record["files"] = store.write_folder(root, store.merge_dir(root, name), files)
@@ -135,7 +135,7 @@ def check_started_from(manifest: Manifest, started_from: StartedFrom, what: str)
             raise TaskNotFoundError(f"Task {task!r} was removed by another writer while this {what} ran, from its "
                                     f"v{version}. Nothing was written. {again}")
         now = "holds other files" if source(manifest, ("task", task, version)) else "is gone"
-        raise RegistryError(f"Task {task!r} was removed and added again by another writer while this {what} ran: "
+        raise WriteConflictError(f"Task {task!r} was removed and added again by another writer while this {what} ran: "
                             f"its v{version}, which the {what} started from, now {now}. Nothing was written. {again}")
 
 

@@ -17,7 +17,7 @@ from cmtl.continual.replay import ReplayBuffer, stored
 from cmtl.continual.updates import Gate
 from cmtl.core.tasks import _NAME, TaskSpec
 from cmtl.data import Examples
-from cmtl.errors import TaskNotFoundError
+from cmtl.errors import EntryExistsError, TaskNotFoundError
 from cmtl.registry import store
 
 #: Who a loaded adapter or head belongs to: ("task", name, version) or ("merge", name, None).
@@ -175,12 +175,12 @@ class RegistryReader:
         return store.read_checked(store.version_dir(self.root, task, version) / name, record["files"][name])
 
     def _check_new_entry(self, name: Any, what: str) -> None:
+        """Refuse ``name`` for a new merged or joint entry (``what``: "Merge", "Group")."""
         if not isinstance(name, str) or not _NAME.match(name):
             raise ValueError(f"{what} name {name!r} is not allowed: use 1-64 letters, digits, '_' or '-'.")
         if name in self._manifest.get("merges", {}):
-            raise ValueError(f"A merge named {name!r} exists already; remove_merge it or pick another name."
-                             if what == "Merge" else
-                             f"An entry named {name!r} exists already; remove_merge it or pick another name.")
+            kind = "A merge" if what == "Merge" else "An entry"
+            raise EntryExistsError(f"{kind} named {name!r} exists already; remove_merge it or pick another name.")
 
     def _source(self, owner: Owner) -> str | None:
         return source(self._manifest, owner)

@@ -19,6 +19,7 @@ from cmtl import (
     TaskSpec,
     TrainConfig,
 )
+from cmtl.registry import commit as registry_commit
 from cmtl.registry.store import MANIFEST, sha256_bytes
 from tests.conftest import toy_sentiment, toy_topics
 
@@ -328,13 +329,14 @@ def test_reload_refuses_a_registry_made_again_on_another_backbone(root, other_ti
 
 def test_update_racing_a_remove_and_add_writes_nothing(root, monkeypatch):
     a = open_reg(root)
-    commit = a._write_version
+    write = registry_commit.write_version
 
     def other_writer_meanwhile(*args, **kwargs):  # process B, while A trains (timing simulated)
+        monkeypatch.setattr(registry_commit, "write_version", write)  # B itself writes as usual
         readd_a(root)
-        return commit(*args, **kwargs)
+        return write(*args, **kwargs)
 
-    monkeypatch.setattr(a, "_write_version", other_writer_meanwhile)
+    monkeypatch.setattr(registry_commit, "write_version", other_writer_meanwhile)
     with pytest.raises(RegistryError, match=r"Task 'a' was removed and added again by another writer while this "
                                             r"update ran: its v1.*now holds other files. Nothing was written. Reopen"):
         a.update_task("a", toy_sentiment(16, 9), training=QUICK, promote=True)
@@ -346,26 +348,28 @@ def test_update_racing_a_remove_and_add_writes_nothing(root, monkeypatch):
 def test_update_still_commits_when_another_writer_only_rolled_back(root, monkeypatch):
     a = open_reg(root)
     a.update_task("a", toy_sentiment(16, 4), training=QUICK, promote=True)
-    commit = a._write_version
+    write = registry_commit.write_version
 
     def other_writer_meanwhile(*args, **kwargs):
+        monkeypatch.setattr(registry_commit, "write_version", write)
         open_reg(root).rollback("a", 1)
-        return commit(*args, **kwargs)
+        return write(*args, **kwargs)
 
-    monkeypatch.setattr(a, "_write_version", other_writer_meanwhile)
+    monkeypatch.setattr(registry_commit, "write_version", other_writer_meanwhile)
     a.update_task("a", toy_sentiment(16, 5), training=QUICK, promote=True)
     assert [v.version for v in open_reg(root).versions("a")] == [1, 2, 3]
 
 
 def test_merge_racing_a_member_remove_and_add_writes_nothing(root, monkeypatch):
     reg = open_reg(root)
-    commit = reg._write_entry_files
+    write = registry_commit.write_entry
 
     def other_writer_meanwhile(*args, **kwargs):
+        monkeypatch.setattr(registry_commit, "write_entry", write)
         readd_a(root)
-        return commit(*args, **kwargs)
+        return write(*args, **kwargs)
 
-    monkeypatch.setattr(reg, "_write_entry_files", other_writer_meanwhile)
+    monkeypatch.setattr(registry_commit, "write_entry", other_writer_meanwhile)
     with pytest.raises(RegistryError, match=r"Task 'a' was removed and added again by another writer while this "
                                             r"merge ran: its v1.*Nothing was written"):
         reg.merge(["a", "b"], "again", method="linear")

@@ -189,7 +189,7 @@ def test_a_failed_folder_write_leaves_no_staging_folder(reg_root, monkeypatch):
     def fail(*args):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(store, "_fsync_dir", fail)
+    monkeypatch.setattr(store, "fsync_dir", fail)
     with pytest.raises(OSError, match="No space left"):
         store.write_folder(reg_root, reg_root / "tasks" / "sentiment" / "v5", {"a.bin": b"x"})
     assert not list(reg_root.rglob(".staging-*"))
