@@ -11,7 +11,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cmtl import AdapterConfig, BackboneConfig, Registry, TaskSpec, TrainConfig  # noqa: E402
-from cmtl.multitask.joint import MultiTaskConfig  # noqa: E402
+from cmtl.multitask.config import MultiTaskConfig  # noqa: E402
 from tests.conftest import TOPICS, toy_sentiment, toy_topics  # noqa: E402
 
 
