@@ -31,8 +31,9 @@ class Trainee:
     Args:
         forward: Model inputs (a batch of :func:`cmtl.data.batches`) to logits.
         modules: Modules trained whole (heads, a copied encoder): switched with ``train()``/``eval()``.
-        bank, key: The bank adapter trained with them (only its LoRA tensors train; its dropout
-            follows the switch); ``None`` when no adapter trains.
+        bank: The bank holding the adapter trained with them (only its LoRA tensors train; its
+            dropout follows the switch); ``None`` when no adapter trains.
+        key: That adapter's name in ``bank``.
     """
 
     def __init__(self, forward: Forward, modules: Sequence[nn.Module] = (), *,
