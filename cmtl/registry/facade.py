@@ -25,7 +25,7 @@ from cmtl.core.adapters import AdapterConfig
 from cmtl.core.backbone import Backbone, BackboneConfig, load_backbone
 from cmtl.core.tasks import TaskHead, TaskSpec
 from cmtl.data import read_examples, spec_for_data
-from cmtl.errors import RegistryError, TaskExistsError
+from cmtl.errors import InvalidParameterError, RegistryError, TaskExistsError, bad_param
 from cmtl.merging import pipeline
 from cmtl.merging.methods import MergeConfig
 from cmtl.multitask.config import MultiTaskConfig
@@ -166,6 +166,8 @@ class Registry(LoadedRegistry):
         started_from = {(task, parent): version_source(entry, parent_record)}  # checked again at commit
         training = training or TrainConfig.from_dict(parent_record["training"])
         memory = MemoryConfig.from_dict(entry.get("memory", {}))
+        if promote is not None and not isinstance(promote, bool):
+            raise InvalidParameterError(bad_param("promote", "update_task", "be True, False or None", promote))
         if config.penalty == "lwf" and spec.problem_type != "single_label":
             raise ValueError(f"LwF distils class probabilities; task {task!r} is {spec.problem_type}. "
                              "Use penalty='ewc' or 'none'.")
@@ -327,7 +329,7 @@ class Registry(LoadedRegistry):
         """Make an earlier (or later) stored version of ``task`` the current one."""
         with store.writer_lock(self.root), self._lock:
             manifest = self._reread(task=task)
-            self._version_record(task, version)  # raises if unknown
+            version = self._version_record(task, version)["version"]  # raises if unknown; the stored int
             manifest["tasks"][task]["current"] = version
             store.remove_unreferenced(self.root, manifest)
             store.write_manifest(self.root, manifest)

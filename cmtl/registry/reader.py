@@ -8,6 +8,7 @@ facade is a reader that can also write.
 from __future__ import annotations
 
 import json
+import numbers
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from cmtl.continual.replay import ReplayBuffer, stored
 from cmtl.continual.updates import Gate
 from cmtl.core.tasks import _NAME, TaskSpec
 from cmtl.data import Examples
-from cmtl.errors import EntryExistsError, TaskNotFoundError
+from cmtl.errors import EntryExistsError, InvalidParameterError, TaskNotFoundError, bad_param
 from cmtl.registry import store
 
 #: Who a loaded adapter or head belongs to: ("task", name, version) or ("merge", name, None).
@@ -156,6 +157,10 @@ class RegistryReader:
         return self._entry(task)["current"] if version is None else version
 
     def _version_record(self, task: str, version: int) -> dict[str, Any]:
+        if isinstance(version, bool) or not isinstance(version, numbers.Integral):
+            # True == 1 and 1.0 == 1 would match version 1, and a rollback would write them into the manifest.
+            raise InvalidParameterError(bad_param("version", f"task {task!r}", "be an int", version,
+                                                  f"Versions: {[r['version'] for r in self._entry(task)['versions']]}."))
         for record in self._entry(task)["versions"]:
             if record["version"] == version:
                 return record
