@@ -9,11 +9,12 @@ of a version's lineage are the "old distribution" a candidate must not forget.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Callable, Literal
 
 import torch
 
+from cmtl._config import known_keys
 from cmtl.continual.penalties import distillation_loss, ewc_term, fisher_diagonal
 from cmtl.continual.replay import Kind, ReplayBuffer, make_buffer, stored
 from cmtl.core.adapters import AdapterBank, AdapterConfig
@@ -60,8 +61,7 @@ class MemoryConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MemoryConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls(**known_keys(cls, d))
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -16,13 +16,14 @@ import contextlib
 import math
 import re
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
+from cmtl._config import known_keys
 from cmtl.errors import STORED_FILE_FIX, CorruptFileError, DataError, InvalidParameterError, bad_param
 
 # peft's state-dict keys start with the wrapper's path; the encoder's own module paths do not.
@@ -81,8 +82,7 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "AdapterConfig":
-        known = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in known}
+        kwargs = known_keys(cls, d)
         for key in ("target_modules", "layers"):
             if kwargs.get(key) is not None:
                 kwargs[key] = tuple(kwargs[key])

@@ -13,12 +13,13 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Literal
 
 import torch
 from tqdm.auto import tqdm
 
+from cmtl._config import known_keys
 from cmtl.core.tasks import TaskSpec
 from cmtl.data import Encoded, batches, length_grouped
 from cmtl.errors import InvalidParameterError, TrainingDivergedError, bad_param
@@ -103,8 +104,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls(**known_keys(cls, d))
 
 
 @dataclass

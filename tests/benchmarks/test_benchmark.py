@@ -82,12 +82,15 @@ def load_script(name: str):
     return module
 
 
+def shrunk(name: str) -> Scenario:
+    return Scenario.from_yaml(SCENARIOS / f"{name}.yaml").shrink(24, 12)
+
+
 def test_update_benchmark_script(tmp_path, tiny_backbone):
-    updates = load_script("updates")
-    scenario = Scenario.from_yaml(SCENARIOS / "sentiment4.yaml").shrink(24, 12)
-    lines = []
-    results = updates.run(scenario, tmp_path, backbone=BackboneConfig(name_or_path=tiny_backbone, max_length=32),
-                          training=TrainConfig(epochs=2, batch_size=8, progress=False), device="cpu",
+    updates, lines = load_script("updates"), []
+    backbone = BackboneConfig(name_or_path=tiny_backbone, max_length=32)
+    results = updates.run(shrunk("sentiment4"), tmp_path, backbone=backbone, device="cpu",
+                          training=TrainConfig(epochs=2, batch_size=8, progress=False),
                           update_training=TrainConfig(epochs=1, batch_size=8, progress=False), penalty="lwf",
                           echo=lines.append)
     assert list(results["methods"]) == ["update-replay", "update-naive", "retrain"]
@@ -123,11 +126,10 @@ def test_update_benchmark_summary_over_seeds():
     assert "0.855 ± 0.007" in updates.summary_markdown(summary)
 
 def test_merge_benchmark_script(tmp_path, tiny_backbone):
-    merging = load_script("merging")
-    scenario = Scenario.from_yaml(SCENARIOS / "text5.yaml").shrink(24, 12)
-    lines = []
-    results = merging.run(scenario, tmp_path, backbone=BackboneConfig(name_or_path=tiny_backbone, max_length=32),
-                          training=TrainConfig(epochs=1, batch_size=8, progress=False), device="cpu",
+    merging, lines = load_script("merging"), []
+    backbone = BackboneConfig(name_or_path=tiny_backbone, max_length=32)
+    results = merging.run(shrunk("text5"), tmp_path, backbone=backbone, device="cpu",
+                          training=TrainConfig(epochs=1, batch_size=8, progress=False),
                           methods=("linear", "peft_ties"), rank=4, search=False, echo=lines.append)
     assert list(results["merges"]) == ["linear", "linear+refit", "peft_ties", "peft_ties+refit"]
     assert len(results["individual"]) == 5

@@ -11,17 +11,7 @@ import torch
 from cmtl import Registry, TaskNotFoundError, TaskSpec
 from cmtl.core.tasks import TaskHead
 from cmtl.errors import DataError
-from cmtl.merging.methods import (
-    MergeConfig,
-    dare,
-    lora_deltas,
-    merge_deltas,
-    refactorise,
-    refit_head,
-    ties,
-    to_lora_state,
-    trim,
-)
+from cmtl.merging import MergeConfig, dare, lora_deltas, merge_deltas, refactorise, refit_head, ties, to_lora_state, trim
 from cmtl.registry.store import MANIFEST
 from tests.conftest import FAST, toy_sentiment
 
