@@ -33,7 +33,7 @@ from cmtl.data import Examples
 from cmtl.errors import DataError, ReplayBufferError, TaskNotFoundError
 
 Label = str | int | float | tuple[str, ...] | tuple[float, ...]
-Kind = Literal["reservoir", "class_balanced", "task_balanced"]
+BufferKind = Literal["reservoir", "class_balanced", "task_balanced"]
 FORMAT = 1
 REGRESSION_CLASS = "<regression>"  # the one class of all regression targets of a task
 NO_LABEL_CLASS = "<none>"  # the class of multi-label items with no label on
@@ -420,7 +420,7 @@ BUFFERS: dict[str, type[ReplayBuffer]] = {
 }
 
 
-def make_buffer(kind: Kind, budget: int, seed: int = 0) -> ReplayBuffer:
+def make_buffer(kind: BufferKind, budget: int, seed: int = 0) -> ReplayBuffer:
     """A new, empty buffer of ``kind``: ``"reservoir"``, ``"class_balanced"`` or ``"task_balanced"``."""
     if kind not in BUFFERS:
         raise ReplayBufferError(f"The 'kind' of a replay buffer must be one of {list(BUFFERS)}. Got {kind!r} instead.")

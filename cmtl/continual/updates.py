@@ -10,13 +10,13 @@ of a version's lineage are the "old distribution" a candidate must not forget.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, get_args
 
 import torch
 
 from cmtl._config import known_keys
 from cmtl.continual.penalties import distillation_loss, ewc_term, fisher_diagonal
-from cmtl.continual.replay import Kind, ReplayBuffer, make_buffer, stored
+from cmtl.continual.replay import BufferKind, ReplayBuffer, make_buffer, stored
 from cmtl.core.adapters import AdapterBank, AdapterConfig
 from cmtl.core.backbone import Backbone
 from cmtl.core.tasks import TaskHead, TaskSpec
@@ -27,7 +27,7 @@ from cmtl.training.loop import TrainConfig, TrainResult
 from cmtl.training.trainee import Trainee, fit
 
 Penalty = Literal["none", "ewc", "lwf"]
-_BUFFER_KINDS = ("reservoir", "class_balanced", "task_balanced")
+_BUFFER_KINDS = get_args(BufferKind)
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -42,7 +42,7 @@ class MemoryConfig:
         seed: Seeds which examples are kept.
     """
 
-    buffer: Kind = "class_balanced"
+    buffer: BufferKind = "class_balanced"
     budget: int = 1000
     holdout: int = 1000
     seed: int = 0
