@@ -107,8 +107,8 @@ def run_avalanche_stream(name: str, experiences: Sequence, kind: str, backbone_c
     config = config or StrategyConfig()
     backbone = load_backbone(backbone_config, device=device)
     stream = [(e.spec, e.train, e.test, None) for e in experiences]
-    model = avalanche.build_model(backbone, avalanche.task_specs(stream), config.adapter, head_dropout=config.training.head_dropout,
-                        seed=config.training.seed)
+    model = avalanche.build_model(backbone, avalanche.task_specs(stream), config.adapter,
+                                  head_dropout=config.training.head_dropout, seed=config.training.seed)
     t = config.training
     run = avalanche.run_strategy(name, avalanche.export_benchmark(stream, backbone), model, avalanche.AvalancheConfig(
         epochs=t.epochs, batch_size=t.batch_size, eval_batch_size=t.eval_batch_size, learning_rate=t.learning_rate,

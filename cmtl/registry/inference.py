@@ -36,7 +36,8 @@ class LoadedRegistry(RegistryReader):
         self._lock = self._runtime.lock  # one active adapter at a time: forward passes must not interleave
 
     @classmethod
-    def open(cls, path: str | Path, backbone: BackboneConfig | str | None = None, *, device: str = "auto") -> "LoadedRegistry":
+    def open(cls, path: str | Path, backbone: BackboneConfig | str | None = None, *,
+             device: str = "auto") -> "LoadedRegistry":
         """Open an existing registry.
 
         Args:

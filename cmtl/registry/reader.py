@@ -159,8 +159,9 @@ class RegistryReader:
     def _version_record(self, task: str, version: int) -> dict[str, Any]:
         if isinstance(version, bool) or not isinstance(version, numbers.Integral):
             # True == 1 and 1.0 == 1 would match version 1, and a rollback would write them into the manifest.
+            known = [r["version"] for r in self._entry(task)["versions"]]
             raise InvalidParameterError(bad_param("version", f"task {task!r}", "be an int", version,
-                                                  f"Versions: {[r['version'] for r in self._entry(task)['versions']]}."))
+                                                  f"Versions: {known}."))
         for record in self._entry(task)["versions"]:
             if record["version"] == version:
                 return record

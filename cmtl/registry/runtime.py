@@ -20,6 +20,8 @@ from cmtl.registry.reader import Owner, RegistryReader, head_key, merge_key
 from cmtl.training.evaluation import predict_logits
 from cmtl.training.trainee import Trainee
 
+State = dict[str, torch.Tensor]
+
 
 class Runtime:
     """Loaded adapters (one bank on the backbone) and heads, by key, with what each was read from.
@@ -163,7 +165,7 @@ class Runtime:
         return self.merge(reader, merge, task)
 
     def members(self, reader: RegistryReader, members: list[tuple[str, int]], specs: dict[str, TaskSpec]
-                ) -> tuple[list[dict[str, torch.Tensor]], list[AdapterConfig], dict[str, list[dict[str, torch.Tensor]]]]:
+                ) -> tuple[list[State], list[AdapterConfig], dict[str, list[State]]]:
         """The stored LoRA factors, adapter configs and head weights (by task) of merge ``members``, each
         checked against its record and this backbone."""
         states, adapters, heads = [], [], {}
