@@ -37,7 +37,7 @@ BufferKind = Literal["reservoir", "class_balanced", "task_balanced"]
 FORMAT = 1
 REGRESSION_CLASS = "<regression>"  # the one class of all regression targets of a task
 NO_LABEL_CLASS = "<none>"  # the class of multi-label items with no label on
-_META_KEY = b"cmtl.continual.replay"
+_META_KEY = b"cmtl.replay"  # on-disk format: the module's name in cmtl 0.1, kept
 _STATE_KEYS = {"format", "kind", "budget", "seed", "rng", "samples", "tasks", "groups", "items"}
 
 
@@ -226,7 +226,7 @@ class ReplayBuffer(ABC):
         if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 0:
             raise ReplayBufferError(f"sample() needs a number of items n >= 0. Got {n!r} instead.")
         if seed is None:
-            rng, self._samples = random.Random(f"cmtl.continual.replay:{self.seed}:{self._samples}"), self._samples + 1
+            rng, self._samples = random.Random(f"cmtl.replay:{self.seed}:{self._samples}"), self._samples + 1
         else:
             rng = random.Random(seed)
         items = self.items()
