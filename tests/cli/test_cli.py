@@ -83,7 +83,7 @@ def test_lifecycle(tmp_path, tiny_backbone):
     result = invoke("versions", reg, "sentiment")
     assert "v3 *" in result.output and "new_acc" in result.output and "update" in result.output
     result = invoke("update", reg, "sentiment", "--data", tmp_path / "train.csv", "--penalty", "l2")
-    assert result.exit_code == 1 and "penalty must be" in result.output
+    assert result.exit_code == 1 and "'penalty' parameter of UpdateConfig must be" in result.output
 
     # Merge two versions of the task (a soup) and predict through it.
     result = invoke("merge", reg, "soup", "sentiment:1", "sentiment:3", "--method", "linear")
