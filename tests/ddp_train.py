@@ -21,7 +21,7 @@ def main(mode: str, backbone: str, registry: str, out: str) -> None:
     rank = dist.get_rank() if dist.is_initialized() else 0
     reg = Registry.create(registry, BackboneConfig(name_or_path=backbone, max_length=64), device="cpu")
     training = TrainConfig(epochs=3, batch_size=8, learning_rate=2e-2, head_dropout=0.0, patience=None,
-                           progress=False)
+                           probe_init=False, progress=False)  # the training itself is compared
     adapter = AdapterConfig(dropout=0.0)
     # 61 rows: the last global batch holds 5, split 3 / 2 over two ranks.
     reg.add_task(TaskSpec("sentiment", labels=["neg", "pos"]), toy_sentiment(61), validation=toy_sentiment(16, 1),

@@ -91,12 +91,16 @@ def add_task(
     text_column: str = "text",
     text_pair_column: Optional[str] = None,
     label_column: str = "label",
-    epochs: int = 3,
+    epochs: Annotated[int, typer.Option(help="At most this many epochs; with --validation, early stopping "
+                                               "usually ends sooner.")] = 10,
     batch_size: int = 16,
     lr: float = 1e-3,
     max_steps: Optional[int] = None,
-    rank: Annotated[int, typer.Option(help="LoRA rank r.")] = 8,
-    alpha: Annotated[float, typer.Option(help="LoRA alpha.")] = 16.0,
+    rank: Annotated[Optional[int], typer.Option(help="LoRA rank r (default 8, or the --init source's).")] = None,
+    alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha (default 16, or the --init source's).")] = None,
+    probe_init: Annotated[bool, typer.Option(help="Fit the head as a linear probe first (LP-FT).")] = True,
+    init: Annotated[Optional[str], typer.Option(help="Start the adapter from a task ('spam', 'task:spam@2'), a "
+                                                     "merge ('merge:NAME') or 'auto'; default: from zero.")] = None,
     seed: int = 0,
     progress: bool = True,
     encoding: EncodingOpt = None,
@@ -116,9 +120,11 @@ def add_task(
     spec = TaskSpec(name, labels=labels_list, **columns)
     info = reg.add_task(
         spec, _read(train, spec, encoding), _read(validation, spec, encoding),
-        adapter=AdapterConfig(r=rank, alpha=alpha),
+        adapter=None if rank is None and alpha is None else AdapterConfig(r=8 if rank is None else rank,
+                                                                          alpha=16.0 if alpha is None else alpha),
         training=TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=lr, max_steps=max_steps,
-                             seed=seed, progress=progress),
+                             probe_init=probe_init, seed=seed, progress=progress),
+        init=init,
     )
     typer.echo(f"added {info.task} v{info.version}: {info.trainable_parameters:,} trainable parameters, "
                f"{info.bytes_on_disk:,} bytes on disk, {info.train_seconds:.1f} s")

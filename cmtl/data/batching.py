@@ -54,6 +54,14 @@ class Encoded:
     def lengths(self) -> list[int]:
         return [len(ids) for ids in self.input_ids]
 
+    def select(self, indices: Sequence[int]) -> "Encoded":
+        """The rows at ``indices``, in that order."""
+        rows = torch.as_tensor(list(indices), dtype=torch.long)
+        pick = lambda xs: None if xs is None else [xs[i] for i in indices]  # noqa: E731
+        return Encoded([self.input_ids[i] for i in indices], pick(self.token_type_ids),
+                       None if self.targets is None else self.targets[rows],
+                       None if self.groups is None else self.groups[rows], pick(self.prefix), self.prefix_layers)
+
 
 
 def encode(examples: Examples, spec: TaskSpec, tokenize, *, with_targets: bool = True) -> Encoded:

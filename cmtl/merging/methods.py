@@ -21,15 +21,14 @@ baseline these are measured against.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
-from torch import nn
 
 from cmtl.core.adapters import lora_factors, lora_state
 from cmtl.errors import InvalidParameterError, bad_param
+from cmtl.training.probe import refit_head  # noqa: F401  (re-exported: cmtl.merging.refit_head)
 
 Method = Literal["linear", "ties", "dare", "dare_ties", "peft_linear", "peft_ties", "peft_dare_ties", "peft_ties_svd"]
 METHODS: tuple[str, ...] = ("linear", "ties", "dare", "dare_ties")
@@ -168,30 +167,6 @@ def refactorise(delta: torch.Tensor, rank: int | None) -> tuple[torch.Tensor, to
     norm = torch.linalg.norm(delta)
     error = float(torch.linalg.norm(delta - b @ a) / norm) if norm > 0 else 0.0
     return a, b, error
-
-
-def refit_head(head: nn.Module, features: torch.Tensor, targets: torch.Tensor,
-               loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *, l2: float = 1e-3,
-               max_iter: int = 100) -> nn.Module:
-    """A copy of ``head`` (dropout + linear) fitted to ``features`` (N, H) by full-batch L-BFGS
-    on ``loss(logits, targets) + l2 · ‖W‖²``, starting from ``head``'s weights. Deterministic."""
-    fitted = copy.deepcopy(head).train(False)
-    device = next(fitted.parameters()).device
-    # Clones: features computed under inference_mode cannot take part in autograd.
-    features, targets = features.to(device).clone(), targets.to(device).clone()
-    params = [p.requires_grad_(True) for p in fitted.parameters()]
-    optimizer = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
-    weights = [p for name, p in fitted.named_parameters() if name.endswith("weight")]
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        value = loss(fitted(features), targets) + l2 * sum(w.pow(2).sum() for w in weights)
-        value.backward()
-        return value
-
-    with torch.enable_grad():
-        optimizer.step(closure)
-    return fitted
 
 
 def to_lora_state(merged: dict[str, torch.Tensor], rank: int | None) -> tuple[dict[str, torch.Tensor], int, dict]:

@@ -34,6 +34,7 @@ from cmtl.registry import commit, entries, store
 from cmtl.registry.inference import LoadedRegistry
 from cmtl.registry.reader import UpdateResult, VersionInfo, head_key, merge_key, version_source
 from cmtl.training import distributed
+from cmtl.training.transfer import parse_init
 from cmtl.training.loop import TrainConfig, seeded
 from cmtl.training.trainee import fit
 
@@ -87,7 +88,7 @@ class Registry(LoadedRegistry):
 
     def add_task(self, spec: TaskSpec, train: Any, validation: Any = None, *, adapter: AdapterConfig | None = None,
                  training: TrainConfig | None = None, memory: MemoryConfig | None = None,
-                 fill_buffer: bool = True) -> VersionInfo:
+                 fill_buffer: bool = True, init: str | None = None) -> VersionInfo:
         """Train a new task's adapter and head on the frozen backbone and store it as version 1.
 
         Args:
@@ -99,9 +100,18 @@ class Registry(LoadedRegistry):
             training: Optimiser and loop settings.
             memory: Replay buffer kind and budget and held-out sample size, for this task's later updates.
             fill_buffer: Put training examples into the task's replay buffer.
+            init: Where the adapter starts (forward transfer): ``None``, from zero (the frozen backbone);
+                a task name (``"spam"``, ``"task:spam"``, ``"task:spam@2"`` for version 2) or ``"merge:NAME"``,
+                from a copy of that adapter (its rank, modules and layers, which ``adapter`` may then
+                only repeat); ``"auto"``, from whichever current task adapter or merge gives the new
+                task's data the lowest linear-probe loss on held-out rows, if that beats the bare
+                backbone (:mod:`cmtl.training.transfer`). The source is recorded as ``init`` in the
+                version's record.
 
         Raises:
             TaskExistsError: the name is taken.
+            TaskNotFoundError: ``init`` names a task, version or merge that does not exist.
+            InvalidParameterError: ``init`` is malformed, or its adapter does not match ``adapter``.
             DataError: the data does not fit ``spec``.
             TrainingDivergedError: the loss went non-finite; nothing was written.
         """
@@ -110,20 +120,33 @@ class Registry(LoadedRegistry):
                 f"Task {spec.name!r} already exists (current version {self._entry(spec.name)['current']}). "
                 "Pick another name, or remove_task it first.")
         spec = spec_for_data(spec, train)  # labels from a ClassLabel column when the spec names none
+        start = parse_init(init)
+        requested = adapter
         adapter, training, memory = adapter or AdapterConfig(), training or TrainConfig(), memory or MemoryConfig()
         train_ex = read_examples(train, spec)
         val_ex = read_examples(validation, spec) if validation is not None else None
         train_enc = self._encode(train_ex, spec)
         val_enc = self._encode(val_ex, spec) if val_ex is not None else None
         key, rt = head_key(spec.name, 1), self._runtime
+        source, lineage = None, None
+        if start is not None:  # before seeding: loading and probing the sources may draw random numbers
+            with self._lock, seeded(training.seed, self.backbone.device):
+                source, adapter, lineage = rt.start_from(self, start, requested, adapter, spec, train_enc,
+                                                         val_enc, training.seed)
         # peft draws A, cmtl the head and dropout its masks from the global RNG: seed it, for this call only.
         with self._lock, seeded(training.seed, self.backbone.device):
             rt.unload([key])  # one loaded under this name came from a removed task's files
-            resolved = rt.bank.add(key, adapter)
+            if source is None:
+                resolved = rt.bank.add(key, adapter)
+            else:
+                rt.bank.load(key, adapter, rt.bank.state_dict(source))
+                resolved = adapter
             head = rt.new_head(spec, training.head_dropout)
             try:
-                result = fit(rt.trainee(key, head), self.backbone, resolved, spec, train_enc, val_enc, training)
+                result = fit(rt.trainee(key, head), self.backbone, resolved, spec, train_enc, val_enc, training,
+                             new_head=True)
                 record = entries.version_record(1, None, "train", train_ex, resolved, training, result)
+                record["init"] = lineage
                 files = updates.memory_files(spec.name, 1, memory, train_ex if fill_buffer else None, val_ex, None)
                 self._commit(spec, record, key, head, new_task=True, extra_files=files, memory=memory)
             except BaseException:

@@ -45,6 +45,7 @@ class VersionInfo:
     cmtl_version: str = ""
     note: str = ""
     promoted: bool = True
+    init: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,10 @@ from cmtl.core.adapters import AdapterBank, AdapterConfig, check_adapter_state, 
 from cmtl.core.backbone import Backbone
 from cmtl.core.tasks import TaskHead, TaskSpec, check_head_state
 from cmtl.data import Encoded, as_texts, batches, length_sorted
-from cmtl.errors import STORED_FILE_FIX, CorruptFileError, DataError
+from cmtl.errors import STORED_FILE_FIX, CorruptFileError, DataError, InvalidParameterError, bad_param
 from cmtl.registry import store
 from cmtl.registry.reader import Owner, RegistryReader, head_key, merge_key
+from cmtl.training import transfer
 from cmtl.training.evaluation import predict_logits
 from cmtl.training.trainee import Trainee
 
@@ -77,6 +78,57 @@ class Runtime:
 
     def new_head(self, spec: TaskSpec, dropout: float = 0.0) -> TaskHead:
         return TaskHead(self.backbone.hidden_size, spec.num_outputs, dropout).to(self.backbone.device)
+
+    # --- forward transfer -------------------------------------------------------
+
+    def start_from(self, reader: RegistryReader, start: tuple[str, str | None, int | None],
+                   requested: AdapterConfig | None, adapter: AdapterConfig, spec: TaskSpec, train: Encoded,
+                   validation: Encoded | None, seed: int) -> tuple[str | None, AdapterConfig, dict[str, Any]]:
+        """``add_task``'s ``init`` (as :func:`~cmtl.training.transfer.parse_init` reads it): the loaded adapter
+        to copy (``None``: a fresh one configured as ``adapter``), its config, and the lineage record.
+        ``"auto"`` probes every current task version and every merge whose adapter fits ``requested``."""
+        kind, name, version = start
+        if kind == "auto":
+            members = [("task", t, None) for t in reader.tasks()] + [("merge", m, None) for m in reader.merges()
+                                                                  if not reader.merge_info(m).get("task_adapter")]
+        else:
+            members = [start]
+        sources = {}
+        for k, n, v in members:
+            if k == "task":
+                v = reader._version(n, v)
+                config = AdapterConfig.from_dict(reader._version_record(n, v)["adapter"])
+                label, loaded = {"task": n, "version": v}, (lambda n=n, v=v: self.task(reader, n, v))
+            else:
+                record = reader.merge_info(n)
+                if record.get("task_adapter"):
+                    raise InvalidParameterError(bad_param(
+                        "init", "add_task", "name a merge with one shared adapter", f"merge:{n}",
+                        f"Joint entry {n!r} keeps an adapter per task; start from one of its tasks instead."))
+                config = AdapterConfig.from_dict(record["adapter"])
+                label, loaded = {"merge": n}, (lambda n=n, r=record: self.merge(reader, n, r["tasks"][0])[0])
+            mismatch = transfer.compatible(requested, config)
+            if mismatch and kind != "auto":
+                raise InvalidParameterError(bad_param(
+                    "init", "add_task", "name an adapter that adapter= can continue", f"{k}:{n}",
+                    f"Its settings differ: {mismatch}. Leave adapter=None to take the source's settings."))
+            if not mismatch:
+                sources[loaded()] = (config, label)
+        if kind != "auto":
+            (key, (config, label)), = sources.items()
+            return key, config, {**label, "chosen": "named"}
+        probe_train, probe_held = transfer.probe_rows(train, validation, seed)
+        losses = transfer.probe_losses(self.backbone, self.bank, [None, *sources], spec, probe_train, probe_held)
+        best = transfer.pick_source(losses)
+        scores = {"backbone": losses[None], **{self._label(sources[k][1]): losses[k] for k in sources}}
+        if best is None:
+            return None, adapter, {"chosen": "auto", "probe_losses": scores}
+        config, label = sources[best]
+        return best, config, {**label, "chosen": "auto", "probe_losses": scores}
+
+    @staticmethod
+    def _label(source: dict[str, Any]) -> str:
+        return f"merge:{source['merge']}" if "merge" in source else f"task:{source['task']}@{source['version']}"
 
     # --- loading ------------------------------------------------------------------
 

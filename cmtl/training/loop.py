@@ -29,12 +29,22 @@ from cmtl.training.evaluation import Forward, compute_metrics, predict_logits, p
 logger = logging.getLogger(__name__)
 
 
+#: Default evaluation interval on long epochs (steps): convergence is checked at least this often.
+EVAL_EVERY_MAX = 250
+
+
 @dataclass(kw_only=True, frozen=True)
 class TrainConfig:
     """How to train an adapter and head.
 
+    The budget is set by convergence, not by a fixed epoch count: with validation data the loop
+    evaluates every ``eval_every`` steps, keeps the best state and stops after ``patience``
+    evaluations without improvement; ``epochs`` and ``max_steps`` only cap it. Without validation data
+    nothing can tell convergence, and training runs the whole cap.
+
     Args:
-        epochs: Passes over the training data.
+        epochs: At most this many passes over the training data (the cap; the learning rate decays
+            over it). With validation data, early stopping usually ends training sooner.
         batch_size: Examples per optimiser step.
         learning_rate: Peak AdamW learning rate (LoRA and head tolerate ~1e-3).
         weight_decay: AdamW weight decay.
@@ -42,7 +52,8 @@ class TrainConfig:
         lr_schedule: After the warm-up, ``"linear"`` decays the rate to 0 at the last
             step; ``"constant"`` keeps the peak rate (Avalanche's default loop).
         max_steps: Stop after this many steps (overrides ``epochs`` when smaller).
-        eval_every: Evaluate on validation every N steps; ``None`` once per epoch.
+        eval_every: Evaluate on validation every N steps; ``None``: once per epoch, or every
+            :data:`EVAL_EVERY_MAX` steps when an epoch is longer.
         patience: Stop after this many evaluations without improvement;
             ``None`` never stops early. The best evaluated state is kept.
         grad_clip: Max global gradient norm; ``None`` disables clipping.
@@ -56,11 +67,20 @@ class TrainConfig:
             (``AdapterConfig.layers``), run them once per example and reuse
             their outputs for every epoch and validation pass, if the cache
             fits in this many MiB; 0 never caches. Results are unchanged.
+        probe_init: For a new head (``Registry.add_task``, a new task's head in the benchmarks): first
+            fit a linear probe on the features the untrained adapter gives (the frozen backbone's,
+            or the ``init`` source's) and score it as step 0, so that early stopping returns it
+            when training never beats it on validation: a new task never ends below the probe.
+            Costs one inference pass over the training data. Updates warm-start from their
+            parent's head and do not probe.
+        probe_start: With ``probe_init``, also start training from the probe's head (LP-FT, Kumar
+            et al. 2022) instead of a fresh one. Off by default: measured less accurate at these
+            budgets (docs/results.md, "Defaults of add_task").
         seed: Seeds initialisation and data order; same seed, same adapter.
         progress: Show a tqdm bar with the running loss.
     """
 
-    epochs: int = 3
+    epochs: int = 10
     batch_size: int = 16
     learning_rate: float = 1e-3
     weight_decay: float = 0.01
@@ -74,6 +94,8 @@ class TrainConfig:
     eval_batch_size: int = 64
     length_grouping: int = 0
     cache_frozen_mb: int = 2048
+    probe_init: bool = True
+    probe_start: bool = False
     seed: int = 0
     progress: bool = True
 
@@ -89,6 +111,9 @@ class TrainConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or value < 0:
                 raise InvalidParameterError(bad_param(key, "TrainConfig", "be an integer >= 0", value))
+        for key in ("probe_init", "probe_start"):
+            if not isinstance(getattr(self, key), bool):
+                raise InvalidParameterError(bad_param(key, "TrainConfig", "be True or False", getattr(self, key)))
         if not self.learning_rate > 0:
             raise InvalidParameterError(bad_param("learning_rate", "TrainConfig", "be > 0", self.learning_rate))
         if self.lr_schedule not in ("linear", "constant"):
@@ -161,6 +186,7 @@ def train(
     device: torch.device,
     extra_loss: Callable[[dict[str, torch.Tensor], torch.Tensor, list[int]], torch.Tensor] | None = None,
     desc: str = "train",
+    candidate: list[torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train ``params`` to minimise ``spec.loss(forward(batch))`` (+ ``extra_loss``).
 
@@ -168,6 +194,10 @@ def train(
     last state without validation data). ``extra_loss(inputs, logits, rows)``
     gets the batch's inputs, its logits and the indices of its rows in
     ``train_data`` (so a penalty can look up values it computed once per row).
+    ``candidate``: values for ``params`` (in order) scored as step 0 before training starts from the
+    parameters as given; they are returned when no later evaluation reaches their score (the linear
+    probe of :func:`cmtl.training.trainee.fit`). Patience counts from the trained states only, so a
+    strong candidate does not stop training before it has had its chance.
 
     Raises:
         TrainingDivergedError: the loss became NaN or infinite. The parameters
@@ -177,7 +207,7 @@ def train(
     total = steps_per_epoch * config.epochs
     if config.max_steps is not None:
         total = min(total, config.max_steps)
-    eval_every = config.eval_every or steps_per_epoch
+    eval_every = config.eval_every or min(steps_per_epoch, EVAL_EVERY_MAX)
     metric, higher = primary_metric(spec)
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     initial = [p.detach().clone() for p in params]
@@ -189,8 +219,40 @@ def train(
     step, seen, stopped_early = 0, 0, False
     started = time.perf_counter()
     bar = tqdm(total=total, desc=desc, disable=not (config.progress and is_main()), leave=False, dynamic_ncols=True)
+
+    def score_now() -> tuple[float, dict[str, float], torch.Tensor]:
+        set_training(False)
+        logits_val = predict_logits(forward, validation, batch_size=config.eval_batch_size, pad_id=pad_id,
+                                    device=device)
+        set_training(True)
+        metrics = compute_metrics(spec, logits_val, validation.targets)
+        history.append({"step": step, **metrics})
+        logger.info("%s step %d: %s=%.4f", desc, step, metric, metrics[metric])
+        return (metrics[metric] if higher else -metrics[metric]), metrics, logits_val
+
+    def evaluate() -> bool:
+        """Score the current parameters on ``validation``; keep them if best. True when it is time to stop."""
+        nonlocal best_score, best_step, best_metrics, best_logits, bad_evals, best
+        score, metrics, logits_val = score_now()
+        if score > best_score:
+            best_score, best_step, best_metrics, best_logits, bad_evals = score, step, metrics, logits_val, 0
+            best = [p.detach().clone() for p in params]
+            return False
+        bad_evals += 1
+        return config.patience is not None and bad_evals >= config.patience
+
+    fallback = None  # the candidate's (score, metrics, logits): kept only if training never reaches it
     set_training(True)
     try:
+        if candidate is not None and validation is not None:
+            given = [p.detach().clone() for p in params]
+            with torch.no_grad():
+                for p, c in zip(params, candidate):
+                    p.copy_(c)
+            fallback = score_now()  # scored, but not what patience counts from: training must get its chance
+            with torch.no_grad():
+                for p, g in zip(params, given):
+                    p.copy_(g)
         while step < total and not stopped_early:
             order = torch.randperm(len(train_data), generator=generator).tolist()
             if config.length_grouping:
@@ -230,28 +292,16 @@ def train(
                 bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
 
                 if validation is not None and (step % eval_every == 0 or step == total):
-                    set_training(False)
-                    logits_val = predict_logits(
-                        forward, validation, batch_size=config.eval_batch_size, pad_id=pad_id, device=device
-                    )
-                    set_training(True)
-                    metrics = compute_metrics(spec, logits_val, validation.targets)
-                    history.append({"step": step, **metrics})
-                    score = metrics[metric] if higher else -metrics[metric]
-                    if score > best_score:
-                        best_score, best_step, best_metrics, best_logits, bad_evals = score, step, metrics, logits_val, 0
-                        best = [p.detach().clone() for p in params]
-                    else:
-                        bad_evals += 1
-                        if config.patience is not None and bad_evals >= config.patience:
-                            stopped_early = True
-                    logger.info("%s step %d: %s=%.4f", desc, step, metric, metrics[metric])
+                    stopped_early = evaluate()
                 if step >= total or stopped_early:
                     break
     finally:
         set_training(False)
         bar.close()
     if validation is not None:
+        if fallback is not None and fallback[0] > best_score:
+            best_score, best_metrics, best_logits = fallback
+            best_step, best = 0, candidate
         # Keep the best evaluated state, not the last one (early stopping).
         with torch.no_grad():
             for p, b in zip(params, best):

@@ -21,6 +21,7 @@ from cmtl.data import Encoded
 from cmtl.training.caching import maybe_cache
 from cmtl.training.evaluation import predict_logits
 from cmtl.training.loop import TrainConfig, TrainResult, train
+from cmtl.training.probe import probe_head
 
 Forward = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
@@ -87,15 +88,34 @@ class Trainee:
 
 
 def fit(trainee: Trainee, backbone: Backbone, adapter: AdapterConfig, spec: TaskSpec, train_data: Encoded,
-        validation: Encoded | None, config: TrainConfig, *, extra_loss=None) -> TrainResult:
+        validation: Encoded | None, config: TrainConfig, *, extra_loss=None, new_head: bool = False) -> TrainResult:
     """Train ``trainee`` (an adapter of ``backbone``'s bank, configured as ``adapter``, and its head) on
-    ``train_data`` with early stopping on ``validation``; its parameters are frozen again afterwards."""
+    ``train_data`` with early stopping on ``validation``; its parameters are frozen again afterwards.
+
+    ``new_head``: the trainee's head (its first module) is untrained; with ``config.probe_init`` a
+    linear probe is fitted on the adapter's features as they are (:func:`cmtl.training.probe.probe_head`)
+    and scored as the step-0 candidate of early stopping; training starts from it with
+    ``config.probe_start``, from the fresh head otherwise.
+    """
     # Layers below the adapter are frozen for every adapter this run switches in (an update's
     # parent, for LwF, has the same layers): compute their outputs once, for all epochs. Activate
     # first: the prefix must not carry whichever adapter was active before (another task's).
     trainee.activate()
     train_data, validation = maybe_cache([train_data, validation], backbone, adapter, config.cache_frozen_mb,
                                          batch_size=config.eval_batch_size)
+    probe = new_head and config.probe_init
+    if probe:
+        head = trainee.modules[0]
+        fresh = [p.detach().clone() for p in head.parameters()]
+        probe_head(head, backbone, spec, train_data, batch_size=config.eval_batch_size)
     with trainee.unfrozen() as params:
+        candidate = None
+        if probe:
+            candidate = [p.detach().clone() for p in params]  # the adapter as it is, the probe's head
+            if not config.probe_start:
+                with torch.no_grad():
+                    for p, f in zip(head.parameters(), fresh):
+                        p.copy_(f)
         return train(trainee.forward, params, trainee.set_training, spec, train_data, validation, config,
-                     pad_id=backbone.pad_id, device=backbone.device, desc=f"{spec.name}", extra_loss=extra_loss)
+                     pad_id=backbone.pad_id, device=backbone.device, desc=f"{spec.name}", extra_loss=extra_loss,
+                     candidate=candidate)

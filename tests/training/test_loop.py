@@ -106,3 +106,58 @@ def test_extra_loss_sees_the_batch_rows_and_counts():
     train(forward, [bias], lambda _: None, SPEC, ALL_A, None, config, pad_id=0, device=CPU, extra_loss=pull_to_b)
     assert sorted(seen) == sorted(list(range(16)) * 2)  # every row, once an epoch
     assert bias[1] > bias[0]
+
+
+REG = TaskSpec("r", problem_type="regression")
+ONES = Encoded(IDS, None, torch.ones(16, 1))
+
+
+def _scalar_model(start: float):
+    """A 'model' that is one learnable output: its validation MSE against 1.0 is the curve the loop sees."""
+    value = torch.nn.Parameter(torch.tensor([start]))
+    forward = lambda inputs: value.expand(inputs["input_ids"].shape[0], 1)  # noqa: E731
+    return value, forward
+
+
+def test_convergence_stops_patience_evaluations_after_the_best():
+    # Train toward 0 while validation wants 1: from 0.5 the MSE rises at every step, so the best is the
+    # first evaluation and training stops `patience` evaluations later, far below the epoch cap.
+    zeros = Encoded(IDS, None, torch.zeros(16, 1))
+    config = TrainConfig(epochs=100, batch_size=4, learning_rate=0.05, warmup_ratio=0.0, eval_every=2,
+                         patience=3, lr_schedule="constant", progress=False)
+    value, forward = _scalar_model(0.5)
+    result = train(forward, [value], lambda _: None, REG, zeros, ONES, config, pad_id=0, device=CPU)
+    assert [h["step"] for h in result.history] == [2, 4, 6, 8]
+    assert result.stopped_early and result.best_step == 2 and result.steps == 8
+
+
+def test_default_evaluation_interval_is_an_epoch_capped_in_steps(monkeypatch):
+    from cmtl.training import loop
+
+    monkeypatch.setattr(loop, "EVAL_EVERY_MAX", 3)
+    value, forward = _scalar_model(0.0)
+    config = TrainConfig(epochs=1, batch_size=2, patience=None, progress=False)  # 8 steps per epoch
+    result = train(forward, [value], lambda _: None, REG, ONES, ONES, config, pad_id=0, device=CPU)
+    assert [h["step"] for h in result.history] == [3, 6, 8]
+    monkeypatch.setattr(loop, "EVAL_EVERY_MAX", 250)
+    result = train(forward, [value], lambda _: None, REG, ONES, ONES, config, pad_id=0, device=CPU)
+    assert [h["step"] for h in result.history] == [8]
+
+
+def test_a_candidate_does_not_use_up_patience_and_is_kept_only_if_never_reached():
+    # The candidate (0.9: MSE 0.01) beats the first trained evaluations; training toward 1 reaches it later.
+    config = TrainConfig(epochs=100, batch_size=4, learning_rate=0.02, warmup_ratio=0.0, eval_every=1,
+                         patience=2, lr_schedule="constant", progress=False)
+    value, forward = _scalar_model(0.0)
+    result = train(forward, [value], lambda _: None, REG, ONES, ONES, config, pad_id=0, device=CPU,
+                   candidate=[torch.tensor([0.9])])
+    assert result.history[0]["step"] == 0 and result.history[0]["mse"] == pytest.approx(0.01)
+    assert result.history[1]["mse"] > 0.01 and result.best_step > 2  # patience 2 did not stop it at step 2
+    assert result.best_metrics["mse"] <= 0.01 and value.item() != pytest.approx(0.9)
+    # Training that never reaches the candidate returns it, with its scores.
+    value, forward = _scalar_model(0.0)
+    result = train(forward, [value], lambda _: None, REG, ONES, ONES,
+                   dataclasses.replace(config, max_steps=3), pad_id=0, device=CPU, candidate=[torch.tensor([0.9])])
+    assert result.best_step == 0 and value.item() == pytest.approx(0.9)
+    assert result.best_metrics["mse"] == pytest.approx(0.01)
+    torch.testing.assert_close(result.validation_logits, torch.full((16, 1), 0.9))

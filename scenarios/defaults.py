@@ -1,0 +1,197 @@
+"""Benchmark: which ``add_task`` defaults buy the most accuracy per second (issue #21).
+
+Every variant trains one task per shipped corpus from scratch with ``Registry.add_task`` (1,000
+training examples, or all when fewer; validation and test capped at ``--max-eval``) and is scored on
+the test split. Two references run beside them: ``probe``, a linear probe on the frozen backbone's
+mean-pooled features (the head alone, fitted as ``refit_heads`` fits heads: full-batch L-BFGS, L2
+1e-3), and ``single``, the whole backbone fine-tuned per task (the benchmarks' ``single`` strategy).
+Each (corpus, seed) uses the corpus split and training seed ``seed``, so seeds differ in data and
+initialisation. Results are appended to ``results.json`` as each run ends, so an interrupted study
+resumes where it stopped; ``results.md`` holds the per-variant means and a per-corpus table.
+
+    python scenarios/defaults.py                                   # every variant, 6 corpora, 3 seeds
+    python scenarios/defaults.py --variants probe,v01,default --seeds 0
+    python scenarios/defaults.py --layers 2 --max-train 64 --max-eval 32 --corpora trec6   # a quick look
+
+Read ``time_s`` only within one run on one machine: it is the wall time of ``add_task``
+(training, the probe when on, and writing the version), with whatever else shared the cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from cmtl import AdapterConfig, BackboneConfig, Registry, TrainConfig
+from cmtl.benchmarks.learners import StrategyConfig, run_stream
+from cmtl.benchmarks.results import write_results
+from cmtl.benchmarks.scenarios import ExperienceSpec, Scenario
+from cmtl.core.tasks import TaskHead
+from cmtl.training.probe import refit_head
+
+#: The corpora the study runs on: one per shipped source (vader_movies is left out because it
+#: repeats rotten_tomatoes; vader_tweets stands for the four VADER sets, as the one most unlike the others).
+CORPORA = ("bbc_news", "trec6", "sms_spam", "rotten_tomatoes", "fine_foods", "vader_tweets")
+
+_ATTENTION = ("query", "key", "value", "attention.output.dense")
+_ATTENTION_FFN = ("query", "key", "value", "intermediate.dense", "output.dense")  # output.dense: both outputs
+
+#: name -> (what it is, AdapterConfig kwargs, TrainConfig kwargs). ``v01`` is cmtl 0.1's add_task.
+VARIANTS: dict[str, tuple[str, dict, dict]] = {
+    "v01": ("cmtl 0.1 defaults: r 8 on query/value, 3 epochs, patience 2 per epoch, no probe", {},
+            {"epochs": 3, "patience": 2, "eval_every": None, "probe_init": False}),
+    "v01-lp-ft": ("v01, training started from the linear probe's head (LP-FT)", {},
+                  {"epochs": 3, "patience": 2, "eval_every": None, "probe_init": True, "probe_start": True}),
+    "default": ("the library's defaults now (TrainConfig(), AdapterConfig())", {}, {}),
+    "no-probe": ("default without the probe as step-0 candidate", {}, {"probe_init": False}),
+    "lp-ft": ("default, training started from the probe's head (LP-FT)", {}, {"probe_start": True}),
+    "attention": ("default with LoRA on all attention projections", {"target_modules": _ATTENTION}, {}),
+    "attn-ffn": ("default with LoRA on attention and feed-forward", {"target_modules": _ATTENTION_FFN}, {}),
+    "r4": ("default with rank 4 (alpha 8)", {"r": 4, "alpha": 8.0}, {}),
+    "r16": ("default with rank 16 (alpha 32)", {"r": 16, "alpha": 32.0}, {}),
+    "top-half": ("default adapting the top half of the layers (frozen-layer cache on)", {"layers": "top-half"}, {}),
+    "lr-3e-4": ("default with learning rate 3e-4", {}, {"learning_rate": 3e-4}),
+    "lr-3e-3": ("default with learning rate 3e-3", {}, {"learning_rate": 3e-3}),
+}
+REFERENCES = ("probe", "single")
+
+
+def load_corpora(corpora: list[str], seed: int, max_train: int, max_eval: int) -> dict:
+    """Each corpus as a loaded experience (its task named after the corpus), capped and seeded."""
+    padded = corpora + [c for c in CORPORA if c not in corpora][: max(0, 2 - len(corpora))]  # streams hold >= 2
+    scenario = Scenario(name="defaults", kind="task-incremental",
+                        experiences=tuple(ExperienceSpec(name=c.replace("_", "-"), corpus=c) for c in padded),
+                        max_train=max_train, max_eval=max_eval, seed=seed)
+    return {e.corpus: e for e in scenario.load() if e.corpus in corpora}
+
+
+def run_variant(variant: str, exp, backbone: BackboneConfig, seed: int, device: str) -> dict:
+    """Train and score one variant (or reference) on one loaded experience."""
+    if variant == "single":
+        report = run_stream("single", [exp], "task-incremental", backbone,
+                            StrategyConfig(training=TrainConfig(seed=seed, progress=False)), device=device)
+        return {"accuracy": report.R[0][0], "time_s": report.seconds_per_experience[0],
+                "trainable_parameters": report.trainable_parameters_per_task[0], "bytes": report.bytes_per_task[0]}
+    with tempfile.TemporaryDirectory(prefix="cmtl-defaults-") as tmp:
+        reg = Registry.create(Path(tmp) / "registry", backbone, device=device)
+        if variant == "probe":
+            started = time.perf_counter()
+            spec = exp.spec
+            head = refit_head(TaskHead(reg.backbone.hidden_size, spec.num_outputs).eval(), reg.embed(exp.train.texts),
+                              spec.encode_labels(exp.train.labels), spec.loss)
+            with torch.no_grad():
+                predicted = head(reg.embed(exp.test.texts)).argmax(-1)
+            accuracy = float((predicted == spec.encode_labels(exp.test.labels)).float().mean())
+            return {"accuracy": accuracy, "time_s": time.perf_counter() - started,
+                    "trainable_parameters": sum(p.numel() for p in head.parameters()), "bytes": None}
+        _, adapter_kwargs, training_kwargs = VARIANTS[variant]
+        adapter_kwargs = dict(adapter_kwargs)
+        if adapter_kwargs.get("layers") == "top-half":
+            n = reg.backbone.num_layers
+            adapter_kwargs["layers"] = tuple(range(n // 2, n))
+        training = TrainConfig(**{**training_kwargs, "seed": seed, "progress": False})
+        started = time.perf_counter()
+        info = reg.add_task(exp.spec, exp.train, exp.validation, adapter=AdapterConfig(**adapter_kwargs),
+                            training=training)
+        seconds = time.perf_counter() - started
+        scores = reg.evaluate(exp.spec.name, exp.test)
+        record = info.training
+        return {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"], "time_s": seconds,
+                "trainable_parameters": info.trainable_parameters, "bytes": info.bytes_on_disk,
+                "steps": record.get("steps"), "best_step": record.get("best_step"),
+                "stopped_early": record.get("stopped_early")}
+
+
+def summarise(results: dict) -> str:
+    """Per-variant means over corpora and seeds, and per-corpus accuracy."""
+    rows = results["runs"]
+    probe = {(r["corpus"], r["seed"]): r["accuracy"] for r in rows if r["variant"] == "probe"}
+    v01 = {(r["corpus"], r["seed"]): r["time_s"] for r in rows if r["variant"] == "v01"}
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    corpora = list(dict.fromkeys(r["corpus"] for r in rows))
+    lines = ["| variant | runs | mean accuracy | sd over seeds (mean) | errors removed vs probe | below probe "
+             "| time s | time / v01 | trainable params | bytes |", "|---" * 10 + "|"]
+    for v in variants:
+        mine = [r for r in rows if r["variant"] == v]
+        acc = statistics.fmean(r["accuracy"] for r in mine)
+        by_corpus = [[r["accuracy"] for r in mine if r["corpus"] == c] for c in corpora]
+        sds = [statistics.stdev(a) for a in by_corpus if len(a) > 1]
+        removed = [(r["accuracy"] - probe[k]) / max(1 - probe[k], 1e-9) for r in mine
+                   if (k := (r["corpus"], r["seed"])) in probe]
+        below = sum(r["accuracy"] < probe[(r["corpus"], r["seed"])] for r in mine if (r["corpus"], r["seed"]) in probe)
+        ratio = [r["time_s"] / v01[k] for r in mine if (k := (r["corpus"], r["seed"])) in v01]
+        size = [r["bytes"] for r in mine if r.get("bytes")]
+        lines.append(
+            f"| {v} | {len(mine)} | {acc:.4f} | {statistics.fmean(sds) if sds else float('nan'):.4f} | "
+            f"{statistics.fmean(removed) * 100 if removed else float('nan'):.1f} % | {below} | "
+            f"{statistics.fmean(r['time_s'] for r in mine):.1f} | "
+            f"{statistics.fmean(ratio) if ratio else float('nan'):.2f} | "
+            f"{mine[0]['trainable_parameters']:,} | {statistics.fmean(size) if size else 0:,.0f} |")
+    lines += ["", "| variant | " + " | ".join(corpora) + " |", "|---" * (len(corpora) + 1) + "|"]
+    for v in variants:
+        cells = []
+        for c in corpora:
+            a = [r["accuracy"] for r in rows if r["variant"] == v and r["corpus"] == c]
+            cells.append(f"{statistics.fmean(a):.3f}" + (f" ± {statistics.stdev(a):.3f}" if len(a) > 1 else "")
+                         if a else "–")
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    described = {**{k: d for k, (d, _, _) in VARIANTS.items()},
+                 "probe": "linear probe on the frozen backbone (no adapter)",
+                 "single": "the whole backbone fine-tuned (lr 5e-5, 3 epochs cap)"}
+    lines += [""] + [f"- `{v}`: {described[v]}" for v in variants]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--variants", default=",".join(REFERENCES[:1] + tuple(VARIANTS)),
+                        help=f"comma-separated; from {list(REFERENCES + tuple(VARIANTS))}")
+    parser.add_argument("--corpora", default=",".join(CORPORA))
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--max-train", type=int, default=1000)
+    parser.add_argument("--max-eval", type=int, default=500)
+    parser.add_argument("--layers", type=int, default=None, help="Use only the first N backbone layers.")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", default="runs/bench/defaults")
+    args = parser.parse_args(argv)
+    variants = [v for v in args.variants.split(",") if v]
+    if unknown := sorted(set(variants) - set(REFERENCES) - set(VARIANTS)):
+        parser.error(f"unknown variants {unknown}; choose from {list(REFERENCES + tuple(VARIANTS))}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    backbone = BackboneConfig(num_hidden_layers=args.layers)
+    path = out / "results.json"
+    results = (__import__("json").loads(path.read_text()) if path.exists() else
+               {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "runs": []})
+    results.update(torch_threads=torch.get_num_threads(), max_train=args.max_train, max_eval=args.max_eval,
+                   backbone=backbone.to_dict(), defaults={"training": TrainConfig().to_dict(),
+                                                          "adapter": AdapterConfig().to_dict()})
+    done = {(r["variant"], r["corpus"], r["seed"]) for r in results["runs"]}
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        corpora = [c for c in args.corpora.split(",") if c]
+        loaded = load_corpora(corpora, seed, args.max_train, args.max_eval)
+        for corpus in corpora:
+            exp = loaded[corpus]
+            for variant in variants:
+                if (variant, corpus, seed) in done:
+                    continue
+                row = run_variant(variant, exp, backbone, seed, args.device)
+                row.update(variant=variant, corpus=corpus, seed=seed, n_train=len(exp.train),
+                           n_test=len(exp.test), date=time.strftime("%Y-%m-%d"))
+                results["runs"].append(row)
+                print(f"{variant:10s} {corpus:16s} seed {seed}: acc {row['accuracy']:.4f} "
+                      f"({row['time_s']:.0f} s)", flush=True)
+                write_results(out, results)
+    write_results(out, results, summarise(results))
+    print(summarise(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
