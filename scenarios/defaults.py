@@ -20,6 +20,8 @@ Read ``time_s`` only within one run on one machine: it is the wall time of ``add
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import platform
 import statistics
 import tempfile
@@ -116,7 +118,7 @@ def summarise(results: dict) -> str:
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     corpora = list(dict.fromkeys(r["corpus"] for r in rows))
     lines = ["| variant | runs | mean accuracy | sd over seeds (mean) | errors removed vs probe | below probe "
-             "| time s | time / v01 | trainable params | bytes |", "|---" * 10 + "|"]
+             "| kept the probe | epochs run | time s | time / v01 | trainable params | bytes |", "|---" * 12 + "|"]
     for v in variants:
         mine = [r for r in rows if r["variant"] == v]
         acc = statistics.fmean(r["accuracy"] for r in mine)
@@ -127,9 +129,13 @@ def summarise(results: dict) -> str:
         below = sum(r["accuracy"] < probe[(r["corpus"], r["seed"])] for r in mine if (r["corpus"], r["seed"]) in probe)
         ratio = [r["time_s"] / v01[k] for r in mine if (k := (r["corpus"], r["seed"])) in v01]
         size = [r["bytes"] for r in mine if r.get("bytes")]
+        kept_probe = sum(r.get("best_step") == 0 for r in mine)  # a trained run whose step-0 probe won
+        epochs = [r["steps"] / math.ceil(r["n_train"] / 16) for r in mine if r.get("steps")]
         lines.append(
             f"| {v} | {len(mine)} | {acc:.4f} | {statistics.fmean(sds) if sds else float('nan'):.4f} | "
             f"{statistics.fmean(removed) * 100 if removed else float('nan'):.1f} % | {below} | "
+            f"{kept_probe if 'steps' in mine[0] and mine[0]['steps'] is not None else '–'} | "
+            f"{statistics.fmean(epochs) if epochs else float('nan'):.1f} | "
             f"{statistics.fmean(r['time_s'] for r in mine):.1f} | "
             f"{statistics.fmean(ratio) if ratio else float('nan'):.2f} | "
             f"{mine[0]['trainable_parameters']:,} | {statistics.fmean(size) if size else 0:,.0f} |")
@@ -143,7 +149,7 @@ def summarise(results: dict) -> str:
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     described = {**{k: d for k, (d, _, _) in VARIANTS.items()},
                  "probe": "linear probe on the frozen backbone (no adapter)",
-                 "single": "the whole backbone fine-tuned (lr 5e-5, 3 epochs cap)"}
+                 "single": "the whole backbone fine-tuned (lr 5e-5), under the default budget rule"}
     lines += [""] + [f"- `{v}`: {described[v]}" for v in variants]
     return "\n".join(lines)
 
@@ -167,11 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     backbone = BackboneConfig(num_hidden_layers=args.layers)
     path = out / "results.json"
-    results = (__import__("json").loads(path.read_text()) if path.exists() else
-               {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "runs": []})
-    results.update(torch_threads=torch.get_num_threads(), max_train=args.max_train, max_eval=args.max_eval,
-                   backbone=backbone.to_dict(), defaults={"training": TrainConfig().to_dict(),
-                                                          "adapter": AdapterConfig().to_dict()})
+    settings = {"max_train": args.max_train, "max_eval": args.max_eval, "backbone": backbone.to_dict(),
+                "torch_threads": torch.get_num_threads()}
+    results = json.loads(path.read_text()) if path.exists() else {
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), **settings, "runs": []}
+    if changed := {k: (results.get(k), v) for k, v in settings.items() if results.get(k) != v}:
+        parser.error(f"{path} holds runs made with other settings {changed} (stored, now): use another --out")
+    results["defaults"] = {"training": TrainConfig().to_dict(), "adapter": AdapterConfig().to_dict()}
     done = {(r["variant"], r["corpus"], r["seed"]) for r in results["runs"]}
     for seed in [int(s) for s in args.seeds.split(",")]:
         corpora = [c for c in args.corpora.split(",") if c]

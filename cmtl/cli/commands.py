@@ -91,14 +91,16 @@ def add_task(
     text_column: str = "text",
     text_pair_column: Optional[str] = None,
     label_column: str = "label",
-    epochs: Annotated[int, typer.Option(help="At most this many epochs; with --validation, early stopping "
-                                               "usually ends sooner.")] = 10,
+    epochs: Annotated[int, typer.Option(help="At most this many epochs; early stopping on the validation data "
+                                               "(--validation, else 10% held out) usually ends sooner.")] = 10,
     batch_size: int = 16,
     lr: float = 1e-3,
     max_steps: Optional[int] = None,
-    rank: Annotated[Optional[int], typer.Option(help="LoRA rank r (default 8, or the --init source's).")] = None,
-    alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha (default 16, or the --init source's).")] = None,
-    probe_init: Annotated[bool, typer.Option(help="Fit the head as a linear probe first (LP-FT).")] = True,
+    rank: Annotated[Optional[int], typer.Option(help="LoRA rank r (default 8; with --init leave --rank and --alpha "
+                                                     "out to take the source's).")] = None,
+    alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha (default 16).")] = None,
+    probe_init: Annotated[bool, typer.Option(help="Score a linear probe on the frozen features as the step-0 "
+                                                  "candidate: the task never ends below it on validation.")] = True,
     init: Annotated[Optional[str], typer.Option(help="Start the adapter from a task ('spam', 'task:spam@2'), a "
                                                      "merge ('merge:NAME') or 'auto'; default: from zero.")] = None,
     seed: int = 0,

@@ -56,7 +56,8 @@ class Encoded:
 
     def select(self, indices: Sequence[int]) -> "Encoded":
         """The rows at ``indices``, in that order."""
-        rows = torch.as_tensor(list(indices), dtype=torch.long)
+        indices = list(indices)
+        rows = torch.as_tensor(indices, dtype=torch.long)
         pick = lambda xs: None if xs is None else [xs[i] for i in indices]  # noqa: E731
         return Encoded([self.input_ids[i] for i in indices], pick(self.token_type_ids),
                        None if self.targets is None else self.targets[rows],

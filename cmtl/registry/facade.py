@@ -94,8 +94,9 @@ class Registry(LoadedRegistry):
         Args:
             spec: The task's name, labels and columns.
             train: Training data (Dataset, DataFrame, file path or list of dicts).
-            validation: Optional held-out data for early stopping and metrics; a sample of it is kept (see
+            validation: Held-out data for early stopping and metrics; a sample of it is kept (see
                 ``memory``) to check later updates for forgetting and as the drift monitor's reference.
+                Without it, ``training.validation_fraction`` of ``train`` is held out (seeded) instead.
             adapter: LoRA settings (defaults: r=8, alpha=16 on peft's default modules).
             training: Optimiser and loop settings.
             memory: Replay buffer kind and budget and held-out sample size, for this task's later updates.
@@ -125,6 +126,8 @@ class Registry(LoadedRegistry):
         adapter, training, memory = adapter or AdapterConfig(), training or TrainConfig(), memory or MemoryConfig()
         train_ex = read_examples(train, spec)
         val_ex = read_examples(validation, spec) if validation is not None else None
+        if val_ex is None and training.validation_fraction > 0 and len(train_ex) > 1:
+            train_ex, val_ex = updates.split(train_ex, training.validation_fraction, training.seed, spec.name)
         train_enc = self._encode(train_ex, spec)
         val_enc = self._encode(val_ex, spec) if val_ex is not None else None
         key, rt = head_key(spec.name, 1), self._runtime
@@ -139,7 +142,7 @@ class Registry(LoadedRegistry):
             if source is None:
                 resolved = rt.bank.add(key, adapter)
             else:
-                rt.bank.load(key, adapter, rt.bank.state_dict(source))
+                rt.bank.load(key, adapter, source)
                 resolved = adapter
             head = rt.new_head(spec, training.head_dropout)
             try:

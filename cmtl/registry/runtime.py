@@ -4,6 +4,8 @@ checked, kept while those files stay the same, and run for prediction."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 import threading
 from pathlib import Path
 from typing import Any, Sequence
@@ -83,48 +85,75 @@ class Runtime:
 
     def start_from(self, reader: RegistryReader, start: tuple[str, str | None, int | None],
                    requested: AdapterConfig | None, adapter: AdapterConfig, spec: TaskSpec, train: Encoded,
-                   validation: Encoded | None, seed: int) -> tuple[str | None, AdapterConfig, dict[str, Any]]:
-        """``add_task``'s ``init`` (as :func:`~cmtl.training.transfer.parse_init` reads it): the loaded adapter
-        to copy (``None``: a fresh one configured as ``adapter``), its config, and the lineage record.
-        ``"auto"`` probes every current task version and every merge whose adapter fits ``requested``."""
+                   validation: Encoded | None, seed: int
+                   ) -> tuple[State | None, AdapterConfig, dict[str, Any]]:
+        """``add_task``'s ``init`` (as :func:`~cmtl.training.transfer.parse_init` reads it): the LoRA weights
+        to start from (a copy; ``None``: a fresh adapter configured as ``adapter``), their config, and the
+        lineage record. The config is the source's rank, alpha, modules and layers with ``adapter``'s dropout
+        (a merge's rank can be larger than its members'). ``"auto"`` probes every current task version and
+        every merge whose adapter fits ``requested``; a candidate that cannot be loaded is skipped (and named
+        in the record), and candidates loaded only for the probe are unloaded again."""
         kind, name, version = start
         if kind == "auto":
-            members = [("task", t, None) for t in reader.tasks()] + [("merge", m, None) for m in reader.merges()
-                                                                  if not reader.merge_info(m).get("task_adapter")]
+            members = [("task", t, None) for t in reader.tasks()] + [("merge", m, None) for m in reader.merges()]
         else:
             members = [start]
-        sources = {}
+        loaded_before = set(self.sources)
+        sources: dict[str, tuple[AdapterConfig, dict[str, Any]]] = {}  # loaded key -> (config, lineage label)
+        skipped: dict[str, str] = {}
         for k, n, v in members:
-            if k == "task":
-                v = reader._version(n, v)
-                config = AdapterConfig.from_dict(reader._version_record(n, v)["adapter"])
-                label, loaded = {"task": n, "version": v}, (lambda n=n, v=v: self.task(reader, n, v))
-            else:
-                record = reader.merge_info(n)
-                if record.get("task_adapter"):
-                    raise InvalidParameterError(bad_param(
-                        "init", "add_task", "name a merge with one shared adapter", f"merge:{n}",
-                        f"Joint entry {n!r} keeps an adapter per task; start from one of its tasks instead."))
-                config = AdapterConfig.from_dict(record["adapter"])
-                label, loaded = {"merge": n}, (lambda n=n, r=record: self.merge(reader, n, r["tasks"][0])[0])
+            try:
+                key, config, label = self._source_adapter(reader, k, n, v)
+            except Exception as error:  # noqa: BLE001 - "auto" skips what it cannot use; a named source raises
+                if kind != "auto":
+                    raise
+                skipped[f"{k}:{n}"] = f"{type(error).__name__}: {error}"
+                continue
             mismatch = transfer.compatible(requested, config)
             if mismatch and kind != "auto":
                 raise InvalidParameterError(bad_param(
                     "init", "add_task", "name an adapter that adapter= can continue", f"{k}:{n}",
                     f"Its settings differ: {mismatch}. Leave adapter=None to take the source's settings."))
-            if not mismatch:
-                sources[loaded()] = (config, label)
-        if kind != "auto":
-            (key, (config, label)), = sources.items()
-            return key, config, {**label, "chosen": "named"}
-        probe_train, probe_held = transfer.probe_rows(train, validation, seed)
-        losses = transfer.probe_losses(self.backbone, self.bank, [None, *sources], spec, probe_train, probe_held)
-        best = transfer.pick_source(losses)
-        scores = {"backbone": losses[None], **{self._label(sources[k][1]): losses[k] for k in sources}}
-        if best is None:
-            return None, adapter, {"chosen": "auto", "probe_losses": scores}
-        config, label = sources[best]
-        return best, config, {**label, "chosen": "auto", "probe_losses": scores}
+            if mismatch:
+                skipped[self._label(label)] = f"adapter= differs: {mismatch}"
+                continue
+            sources[key] = (dataclasses.replace(config, dropout=adapter.dropout), label)
+        try:
+            if kind != "auto":
+                (key, (config, label)), = sources.items()
+                return self.bank.state_dict(key), config, {**label, "chosen": "named"}
+            lineage: dict[str, Any] = {"chosen": "auto"}
+            if skipped:
+                lineage["skipped"] = skipped
+            probe_train, probe_held = transfer.probe_rows(train, validation, seed)
+            if not len(probe_train) or not len(probe_held):
+                return None, adapter, {**lineage, "probe_losses": None, "note": "too few rows to probe; fresh start"}
+            losses = transfer.probe_losses(self.backbone, self.bank, [None, *sources], spec, probe_train, probe_held)
+            best = transfer.pick_source(losses)
+            lineage["probe_losses"] = {self._label(sources[k][1]) if k is not None else "backbone":
+                                       (v if math.isfinite(v) else None) for k, v in losses.items()}
+            if best is None:
+                return None, adapter, lineage
+            config, label = sources[best]
+            return self.bank.state_dict(best), config, {**label, **lineage}
+        finally:
+            self.unload([k for k in self.sources if k not in loaded_before])
+
+    def _source_adapter(self, reader: RegistryReader, kind: str, name: str, version: int | None
+                        ) -> tuple[str, AdapterConfig, dict[str, Any]]:
+        """A task version's or merge's adapter, loaded: (key, config, lineage label)."""
+        if kind == "task":
+            version = reader._version(name, version)
+            config = AdapterConfig.from_dict(reader._version_record(name, version)["adapter"])
+            return self.task(reader, name, version), config, {"task": name, "version": version}
+        record = reader.merge_info(name)
+        if record.get("task_adapter"):
+            raise InvalidParameterError(bad_param(
+                "init", "add_task", "name a merge with one shared adapter", f"merge:{name}",
+                f"Joint entry {name!r} keeps an adapter per task; start from one of its tasks instead."))
+        alive = [t for t in record["tasks"] if t in reader.tasks()] or record["tasks"]
+        key, _ = self.merge(reader, name, alive[0])
+        return key, AdapterConfig.from_dict(record["adapter"]), {"merge": name}
 
     @staticmethod
     def _label(source: dict[str, Any]) -> str:

@@ -39,8 +39,9 @@ class TrainConfig:
 
     The budget is set by convergence, not by a fixed epoch count: with validation data the loop
     evaluates every ``eval_every`` steps, keeps the best state and stops after ``patience``
-    evaluations without improvement; ``epochs`` and ``max_steps`` only cap it. Without validation data
-    nothing can tell convergence, and training runs the whole cap.
+    evaluations without improvement; ``epochs`` and ``max_steps`` only cap it. ``Registry.add_task``
+    without validation data holds out ``validation_fraction`` of the training data for this; with
+    no validation rows at all, training runs the whole cap.
 
     Args:
         epochs: At most this many passes over the training data (the cap; the learning rate decays
@@ -67,12 +68,16 @@ class TrainConfig:
             (``AdapterConfig.layers``), run them once per example and reuse
             their outputs for every epoch and validation pass, if the cache
             fits in this many MiB; 0 never caches. Results are unchanged.
-        probe_init: For a new head (``Registry.add_task``, a new task's head in the benchmarks): first
-            fit a linear probe on the features the untrained adapter gives (the frozen backbone's,
-            or the ``init`` source's) and score it as step 0, so that early stopping returns it
-            when training never beats it on validation: a new task never ends below the probe.
-            Costs one inference pass over the training data. Updates warm-start from their
-            parent's head and do not probe.
+        validation_fraction: ``Registry.add_task`` without validation data holds out this fraction of
+            the training data (seeded) to stop on and to keep as the task's held-out sample;
+            0 trains on all of it for the whole ``epochs`` cap.
+        probe_init: For a new task's head (``Registry.add_task``, so also the benchmarks' ``adapters``
+            strategy): first fit a linear probe on the features the untrained adapter gives (the
+            frozen backbone's, or the ``init`` source's) and score it on validation as step 0;
+            early stopping returns it when no trained state reaches its score, so a new task never
+            ends below the probe on validation. Costs one inference pass over (up to 20,000 of)
+            the training rows. Skipped without validation data (unless ``probe_start``). Updates
+            warm-start from their parent's head and do not probe.
         probe_start: With ``probe_init``, also start training from the probe's head (LP-FT, Kumar
             et al. 2022) instead of a fresh one. Off by default: measured less accurate at these
             budgets (docs/results.md, "Defaults of add_task").
@@ -94,6 +99,7 @@ class TrainConfig:
     eval_batch_size: int = 64
     length_grouping: int = 0
     cache_frozen_mb: int = 2048
+    validation_fraction: float = 0.1
     probe_init: bool = True
     probe_start: bool = False
     seed: int = 0
@@ -121,6 +127,9 @@ class TrainConfig:
                                                   self.lr_schedule))
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise InvalidParameterError(bad_param("warmup_ratio", "TrainConfig", "be in [0, 1)", self.warmup_ratio))
+        if not isinstance(self.validation_fraction, (int, float)) or not 0.0 <= self.validation_fraction < 1.0:
+            raise InvalidParameterError(bad_param("validation_fraction", "TrainConfig", "be in [0, 1)",
+                                                  self.validation_fraction))
         if not 0.0 <= self.head_dropout < 1.0:
             raise InvalidParameterError(bad_param("head_dropout", "TrainConfig", "be in [0, 1)", self.head_dropout))
 
@@ -247,7 +256,7 @@ def train(
         if candidate is not None and validation is not None:
             given = [p.detach().clone() for p in params]
             with torch.no_grad():
-                for p, c in zip(params, candidate):
+                for p, c in zip(params, candidate, strict=True):
                     p.copy_(c)
             fallback = score_now()  # scored, but not what patience counts from: training must get its chance
             with torch.no_grad():

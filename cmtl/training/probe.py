@@ -50,9 +50,18 @@ def refit_head(head: nn.Module, features: torch.Tensor, targets: torch.Tensor,
     return fitted
 
 
-def probe_head(head: nn.Module, backbone: Backbone, spec: TaskSpec, data: Encoded, *, batch_size: int = 64) -> None:
+#: Rows a probe is fitted on at most (a seeded sample beyond that): its cost stays an inference pass over them.
+PROBE_MAX_ROWS = 20_000
+
+
+def probe_head(head: nn.Module, backbone: Backbone, spec: TaskSpec, data: Encoded, *, batch_size: int = 64,
+               seed: int = 0) -> None:
     """Fit ``head`` in place as a linear probe on ``data``'s pooled features through the backbone's
-    active adapter (one inference pass over ``data``, then :func:`refit_head`)."""
+    active adapter (one inference pass over ``data``, or over a seeded sample of :data:`PROBE_MAX_ROWS`
+    of its rows, then :func:`refit_head`)."""
+    if len(data) > PROBE_MAX_ROWS:
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
+        data = data.select(sorted(order[:PROBE_MAX_ROWS]))
     features = predict_logits(lambda inputs: backbone.embed(**inputs), data, batch_size=batch_size,
                               pad_id=backbone.pad_id, device=backbone.device)
     fitted = refit_head(head, features, data.targets, spec.loss)

@@ -92,10 +92,10 @@ def fit(trainee: Trainee, backbone: Backbone, adapter: AdapterConfig, spec: Task
     """Train ``trainee`` (an adapter of ``backbone``'s bank, configured as ``adapter``, and its head) on
     ``train_data`` with early stopping on ``validation``; its parameters are frozen again afterwards.
 
-    ``new_head``: the trainee's head (its first module) is untrained; with ``config.probe_init`` a
-    linear probe is fitted on the adapter's features as they are (:func:`cmtl.training.probe.probe_head`)
-    and scored as the step-0 candidate of early stopping; training starts from it with
-    ``config.probe_start``, from the fresh head otherwise.
+    ``new_head``: the trainee's head (its first module) is untrained; with ``config.probe_init`` and
+    validation data a linear probe is fitted on the adapter's features as they are
+    (:func:`cmtl.training.probe.probe_head`) and scored as the step-0 candidate of early stopping;
+    training starts from it with ``config.probe_start``, from the fresh head otherwise.
     """
     # Layers below the adapter are frozen for every adapter this run switches in (an update's
     # parent, for LwF, has the same layers): compute their outputs once, for all epochs. Activate
@@ -103,11 +103,12 @@ def fit(trainee: Trainee, backbone: Backbone, adapter: AdapterConfig, spec: Task
     trainee.activate()
     train_data, validation = maybe_cache([train_data, validation], backbone, adapter, config.cache_frozen_mb,
                                          batch_size=config.eval_batch_size)
-    probe = new_head and config.probe_init
+    # Without validation nothing could choose the probe: fit it only when training starts from it.
+    probe = new_head and config.probe_init and (validation is not None or config.probe_start)
     if probe:
         head = trainee.modules[0]
         fresh = [p.detach().clone() for p in head.parameters()]
-        probe_head(head, backbone, spec, train_data, batch_size=config.eval_batch_size)
+        probe_head(head, backbone, spec, train_data, batch_size=config.eval_batch_size, seed=config.seed)
     with trainee.unfrozen() as params:
         candidate = None
         if probe:

@@ -57,6 +57,16 @@ def test_lifecycle(tmp_path, tiny_backbone):
 
     result = invoke("predict", reg, "sentiment", "a great film", "an awful film")
     assert result.exit_code == 0 and result.output.split("\n")[0].startswith("pos")
+
+    # A second task that starts from the first one's adapter, recorded in its lineage.
+    result = invoke("add-task", reg, "again", "--train", tmp_path / "train.csv", "--init", "sentiment",
+                    "--max-steps", "1", "--lr", "1e-12", "--no-probe-init", "--no-progress")
+    assert result.exit_code == 0, result.output
+    opened = Registry.open(reg, device="cpu")
+    assert opened.current("again").init == {"task": "sentiment", "version": 1, "chosen": "named"}
+    result = invoke("add-task", reg, "bad", "--train", tmp_path / "train.csv", "--init", "merge:", "--no-progress")
+    assert result.exit_code == 1 and "'init' parameter of add_task must" in result.output
+    assert invoke("remove", reg, "again", "--yes").exit_code == 0
     rows = [json.loads(line) for line in invoke("predict", reg, "sentiment", "a great film", "--json").output.splitlines()]
     assert rows[0]["prediction"] == "pos" and set(rows[0]["probabilities"]) == {"neg", "pos"}
     result = invoke("predict", reg, "sentiment", "--input", tmp_path / "val.csv")

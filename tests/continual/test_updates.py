@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -196,7 +197,11 @@ def test_memory_config_and_opt_out(tmp_path, tiny_config):
     assert len(reg.holdout("s")) == 16
     reg.update_task("s", shifted_sentiment(32), training=UPDATE, fill_buffer=False, promote=True)
     assert reg.buffer("s").seen == 64  # not filled with the update's data
-    reg.add_task(TaskSpec("t", labels=["neg", "pos"]), train=toy_sentiment(32), training=UPDATE, fill_buffer=False)
+    # Without validation data, add_task holds out validation_fraction of train, and keeps a sample of it.
+    reg.add_task(TaskSpec("u", labels=["neg", "pos"]), train=toy_sentiment(32), training=UPDATE, fill_buffer=False)
+    assert reg.buffer("u") is None and len(reg.holdout("u")) == 3
+    reg.add_task(TaskSpec("t", labels=["neg", "pos"]), train=toy_sentiment(32), fill_buffer=False,
+                 training=dataclasses.replace(UPDATE, validation_fraction=0.0))
     assert reg.buffer("t") is None and reg.holdout("t") is None
     with pytest.raises(DataError, match="EWC needs old data"):
         reg.update_task("t", shifted_sentiment(32), training=UPDATE, config=UpdateConfig(penalty="ewc"))

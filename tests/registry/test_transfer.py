@@ -90,7 +90,7 @@ def test_malformed_init_is_refused(init):
 
 @pytest.mark.parametrize("init, error, match", [
     ("nope", TaskNotFoundError, "nope"),
-    ("task:sentiment@7", Exception, "7"),
+    ("task:sentiment@7", TaskNotFoundError, "7"),
     ("merge:nope", TaskNotFoundError, "nope"),
     ("merge:", InvalidParameterError, "init"),
 ])
@@ -113,3 +113,28 @@ def test_init_whose_adapter_differs_from_adapter_is_refused(reg):
     info = reg.add_task(TaskSpec("new", labels=["neg", "pos"]), toy_sentiment(16), training=STILL,
                         init="sentiment", adapter=source)
     assert info.init["task"] == "sentiment"
+
+
+def test_a_copied_adapter_keeps_the_requested_dropout_not_the_sources(reg):
+    reg.add_task(TaskSpec("topic", labels=TOPICS), toy_topics(48), toy_topics(15, 1), training=FAST)
+    reg.merge(["sentiment", "topic"], "both", "linear")  # merged adapters are stored with dropout 0
+    assert reg.merge_info("both")["adapter"]["dropout"] == 0.0
+    info = reg.add_task(TaskSpec("new", labels=TOPICS), toy_topics(30, 2), training=STILL, init="merge:both")
+    assert info.adapter["dropout"] == AdapterConfig().dropout
+    assert info.adapter["r"] == reg.merge_info("both")["adapter"]["r"]
+
+
+def test_auto_skips_a_candidate_it_cannot_load_and_says_why(reg):
+    reg.add_task(TaskSpec("topic", labels=TOPICS), toy_topics(48), toy_topics(15, 1), training=FAST)
+    (reg.root / "tasks" / "topic" / "v1" / "adapter.safetensors").write_bytes(b"damaged")
+    fresh = Registry.open(reg.root, device="cpu")  # nothing loaded yet
+    info = fresh.add_task(TaskSpec("again", labels=["neg", "pos"]), toy_sentiment(48, 4), toy_sentiment(16, 5),
+                          training=STILL, init="auto")
+    assert "CorruptFileError" in info.init["skipped"]["task:topic"]
+    assert set(info.init["probe_losses"]) == {"backbone", "task:sentiment@1"}
+    assert fresh._runtime.bank.names == ["again__v1"]  # the probed candidates were unloaded again
+
+
+def test_auto_with_too_few_rows_to_probe_starts_fresh(reg):
+    info = reg.add_task(TaskSpec("one", labels=["neg", "pos"]), toy_sentiment(1), training=STILL, init="auto")
+    assert info.init["chosen"] == "auto" and "task" not in info.init and "too few rows" in info.init["note"]
