@@ -172,6 +172,13 @@ def seeded(seed: int, device: torch.device | None = None) -> Iterator[None]:
         yield
 
 
+def assign(params: list[torch.Tensor] | list[torch.nn.Parameter], values: list[torch.Tensor]) -> None:
+    """Copy ``values`` into ``params`` in place, in order (one value per parameter)."""
+    with torch.no_grad():
+        for p, v in zip(params, values, strict=True):
+            p.copy_(v)
+
+
 def get_lr(step: int, total: int, config: TrainConfig) -> float:
     """Linear warm-up to the peak rate, then linear decay to zero (or the peak rate, ``constant``)."""
     warmup = int(total * config.warmup_ratio)
@@ -255,13 +262,9 @@ def train(
     try:
         if candidate is not None and validation is not None:
             given = [p.detach().clone() for p in params]
-            with torch.no_grad():
-                for p, c in zip(params, candidate, strict=True):
-                    p.copy_(c)
+            assign(params, candidate)
             fallback = score_now()  # scored, but not what patience counts from: training must get its chance
-            with torch.no_grad():
-                for p, g in zip(params, given):
-                    p.copy_(g)
+            assign(params, given)
         while step < total and not stopped_early:
             order = torch.randperm(len(train_data), generator=generator).tolist()
             if config.length_grouping:
@@ -281,9 +284,7 @@ def train(
                 else:  # fewer rows than ranks in the last batch: this rank adds zero gradient
                     loss = sum(p.sum() for p in params) * 0.0
                 if any_rank(not torch.isfinite(loss), device):  # every rank stops together
-                    with torch.no_grad():
-                        for p, p0 in zip(params, initial):
-                            p.copy_(p0)
+                    assign(params, initial)
                     raise TrainingDivergedError(
                         f"Training of task {spec.name!r} diverged at step {step}: loss is {loss.item()}. "
                         "Nothing was saved. Lower the learning rate or check the data for extreme values."
@@ -312,9 +313,7 @@ def train(
             best_score, best_metrics, best_logits = fallback
             best_step, best = 0, candidate
         # Keep the best evaluated state, not the last one (early stopping).
-        with torch.no_grad():
-            for p, b in zip(params, best):
-                p.copy_(b)
+        assign(params, best)
     else:
         best_step = step
     return TrainResult(

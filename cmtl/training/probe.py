@@ -50,6 +50,12 @@ def refit_head(head: nn.Module, features: torch.Tensor, targets: torch.Tensor,
     return fitted
 
 
+def pooled_features(backbone: Backbone, data: Encoded, batch_size: int = 64) -> torch.Tensor:
+    """Pooled features (N, H) of ``data``'s rows through the backbone's active adapter, in row order."""
+    return predict_logits(lambda inputs: backbone.embed(**inputs), data, batch_size=batch_size,
+                          pad_id=backbone.pad_id, device=backbone.device)
+
+
 #: Rows a probe is fitted on at most (a seeded sample beyond that): its cost stays an inference pass over them.
 PROBE_MAX_ROWS = 20_000
 
@@ -62,9 +68,5 @@ def probe_head(head: nn.Module, backbone: Backbone, spec: TaskSpec, data: Encode
     if len(data) > PROBE_MAX_ROWS:
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
         data = data.select(sorted(order[:PROBE_MAX_ROWS]))
-    features = predict_logits(lambda inputs: backbone.embed(**inputs), data, batch_size=batch_size,
-                              pad_id=backbone.pad_id, device=backbone.device)
-    fitted = refit_head(head, features, data.targets, spec.loss)
-    with torch.no_grad():
-        for p, q in zip(head.parameters(), fitted.parameters()):
-            p.copy_(q)
+    fitted = refit_head(head, pooled_features(backbone, data, batch_size), data.targets, spec.loss)
+    head.load_state_dict(fitted.state_dict())

@@ -20,7 +20,7 @@ from cmtl.core.tasks import TaskSpec
 from cmtl.data import Encoded
 from cmtl.training.caching import maybe_cache
 from cmtl.training.evaluation import predict_logits
-from cmtl.training.loop import TrainConfig, TrainResult, train
+from cmtl.training.loop import TrainConfig, TrainResult, assign, train
 from cmtl.training.probe import probe_head
 
 Forward = Callable[[dict[str, torch.Tensor]], torch.Tensor]
@@ -114,9 +114,7 @@ def fit(trainee: Trainee, backbone: Backbone, adapter: AdapterConfig, spec: Task
         if probe:
             candidate = [p.detach().clone() for p in params]  # the adapter as it is, the probe's head
             if not config.probe_start:
-                with torch.no_grad():
-                    for p, f in zip(head.parameters(), fresh):
-                        p.copy_(f)
+                assign(list(head.parameters()), fresh)
         return train(trainee.forward, params, trainee.set_training, spec, train_data, validation, config,
                      pad_id=backbone.pad_id, device=backbone.device, desc=f"{spec.name}", extra_loss=extra_loss,
                      candidate=candidate)

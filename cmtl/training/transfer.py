@@ -20,8 +20,7 @@ from cmtl.core.backbone import Backbone
 from cmtl.core.tasks import TaskHead, TaskSpec
 from cmtl.data import Encoded
 from cmtl.errors import InvalidParameterError, bad_param
-from cmtl.training.evaluation import predict_logits
-from cmtl.training.probe import refit_head
+from cmtl.training.probe import pooled_features, refit_head
 
 #: Rows of the new task's data each candidate is probed on: training rows, held-out rows.
 PROBE_TRAIN_ROWS = 512
@@ -50,10 +49,10 @@ def probe_losses(backbone: Backbone, bank: AdapterBank, candidates: Sequence[str
     for key in candidates:
         if key is None:
             with bank.disabled():
-                features = [_features(backbone, part, batch_size) for part in (train, held)]
+                features = [pooled_features(backbone, part, batch_size) for part in (train, held)]
         else:
             bank.activate(key)
-            features = [_features(backbone, part, batch_size) for part in (train, held)]
+            features = [pooled_features(backbone, part, batch_size) for part in (train, held)]
         head = TaskHead(backbone.hidden_size, spec.num_outputs, 0.0).to(backbone.device)
         with torch.no_grad():
             for p in head.parameters():
@@ -71,11 +70,6 @@ def pick_source(losses: dict[str | None, float]) -> str | None:
     if best is None or not losses[best] < losses.get(None, math.inf):
         return None
     return best
-
-
-def _features(backbone: Backbone, data: Encoded, batch_size: int) -> torch.Tensor:
-    return predict_logits(lambda inputs: backbone.embed(**inputs), data, batch_size=batch_size,
-                          pad_id=backbone.pad_id, device=backbone.device)
 
 
 def parse_init(init: object) -> tuple[str, str | None, int | None] | None:
