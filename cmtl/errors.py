@@ -41,6 +41,11 @@ class DataError(CmtlError, ValueError):
     """Training or evaluation data that cannot be used as given."""
 
 
+class MergeRefusedError(CmtlError, ValueError):
+    """A merge asked to beat the frozen backbone (``MergeConfig(require_gain=True)``) that does not;
+    nothing was written."""
+
+
 class BackboneMismatchError(CmtlError, ValueError):
     """A registry opened with another backbone than the one it was built on."""
 

@@ -8,11 +8,15 @@ merge's knobs are searched on the tasks' validation samples; each task is then
 scored on its test split through the merged adapter and its own head, and
 normalised by the task's own adapter. With ``--heads both`` (the default) every
 method also runs with ``refit_heads``: each task's head is refitted on the task's
-replay buffer through the merged adapter (the adapter is the same merge). Writes
-``results.json`` and ``results.md``.
+replay buffer through the merged adapter (the adapter is the same merge). Every row also shows the
+frozen backbone (no adapter; the members' heads, or heads refitted on the same buffers), the
+tasks on which the merge beats it on the test split, and the merge's wall time against the time
+the five adapters took to train in the same run. ``--compare-full ties+refit`` also runs that searched
+merge without successive halving. Writes ``results.json`` and ``results.md``.
 
     python scenarios/merging.py                          # embedded MiniLM, text5
     python scenarios/merging.py --layers 2 --max-train 200   # quick look
+    python scenarios/merging.py --compare-full ties+refit   # every method, and TIES's full grid (#26)
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from cmtl.merging.methods import METHODS, PEFT_METHODS, MergeConfig, refit_head
 
 def run(scenario: Scenario, out: Path, *, backbone: BackboneConfig, training: TrainConfig, device: str = "auto",
         methods: tuple[str, ...] = METHODS + PEFT_METHODS, rank: int | None = None, search: bool = True,
-        heads: tuple[str, ...] = ("keep", "refit"), echo=print) -> dict:
+        heads: tuple[str, ...] = ("refit", "keep"), compare_full: tuple[str, ...] = (), echo=print) -> dict:
     """Train, merge with each method, score; write results into ``out``; return them."""
     if scenario.kind != "task-incremental":
         raise ValueError(f"Scenario {scenario.name!r} is {scenario.kind}; merging needs one adapter per task "
@@ -44,35 +48,50 @@ def run(scenario: Scenario, out: Path, *, backbone: BackboneConfig, training: Tr
     tasks = [e.spec.name for e in experiences]
     out.mkdir(parents=True, exist_ok=True)
     reg = Registry.create(out / "registry", backbone, device=device)
-    individual = {}
+    individual, train_seconds = {}, {}
     for exp in experiences:
+        started = time.perf_counter()
         reg.add_task(exp.spec, exp.train, exp.validation, training=training)
+        train_seconds[exp.name] = time.perf_counter() - started
         individual[exp.name] = reg.evaluate(exp.name, exp.test)["accuracy"]
-        echo(f"individual {exp.name}: {individual[exp.name]:.3f}")
-    probe = {exp.name: probe_accuracy(reg, exp) for exp in experiences}
-    echo("linear probe on the bare backbone: " + " ".join(f"{t}={a:.3f}" for t, a in probe.items()))
+        echo(f"individual {exp.name}: {individual[exp.name]:.3f} ({train_seconds[exp.name]:.0f} s)")
+    frozen = {"refit": {exp.name: probe_accuracy(reg, exp) for exp in experiences},
+              "keep": {exp.name: frozen_accuracy(reg, exp) for exp in experiences}}
+    for head, what in (("refit", "heads refitted on the buffers"), ("keep", "the tasks' own heads")):
+        echo(f"frozen backbone, {what}: " + " ".join(f"{t}={a:.3f}" for t, a in frozen[head].items()))
     results = {"scenario": scenario.name, "tasks": tasks, "backbone": backbone.to_dict(),
                "training": training.to_dict(), "max_train": scenario.max_train, "max_eval": scenario.max_eval,
                "rank": rank, "search": search,
                "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
                "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
-               "individual": individual, "probe": probe, "merges": {}}
-    for method, head in [(m, h) for m in methods for h in heads]:
+               "individual": individual, "train_seconds": train_seconds, "frozen": frozen, "merges": {}}
+    label_of = lambda m, h: m if h == "keep" else f"{m}+refit"  # noqa: E731
+    runs = [(m, h, halving) for m in methods for h in heads
+            for halving in ((True, False) if search and label_of(m, h) in compare_full else (True,))]
+    for method, head, halving in runs:
         started = time.perf_counter()
-        label = method if head == "keep" else f"{method}+refit"
-        record = reg.merge(tasks, label.replace("_", "-").replace("+", "-"), search=search,
-                           config=MergeConfig(method=method, rank=rank, refit_heads=head == "refit"))
+        label = label_of(method, head) + ("" if halving or not search else " (full grid)")
+        name = label.replace("_", "-").replace("+", "-").replace(" (full grid)", "-full")
+        record = reg.merge(tasks, name, search=search, config=MergeConfig(
+            method=method, rank=rank, refit_heads=head == "refit", halving=halving, progress=False))
         seconds = time.perf_counter() - started
         merged = {e.name: reg.evaluate(e.name, e.test, merge=record["name"])["accuracy"] for e in experiences}
         normalised = {t: merged[t] / individual[t] for t in tasks}
+        base = frozen[head]
         results["merges"][label] = {
             "test_accuracy": merged, "normalised": normalised, "mean_normalised": float(np.mean(list(normalised.values()))),
+            "frozen_mean_normalised": float(np.mean([base[t] / individual[t] for t in tasks])),
+            "beats_frozen": [t for t in tasks if merged[t] > base[t]],
+            "below_frozen": [t for t in tasks if merged[t] < base[t]],
             "config": record["config"], "rank": record["adapter"]["r"],
-            "reconstruction_error": record["reconstruction_error"], "validation_normalised": record["normalised"],
-            "seconds": seconds,
+            "reconstruction_error": record["reconstruction_error"], "heldout_normalised": record["normalised"],
+            "heldout_frozen_normalised": record.get("baseline_normalised"),
+            "seconds": seconds, "vs_training": seconds / sum(train_seconds.values()),
+            "candidates_scored": len(record["search"]),
         }
         echo(f"{label}: mean normalised {results['merges'][label]['mean_normalised']:.3f} "
-             + " ".join(f"{t}={merged[t]:.3f}" for t in tasks) + f" ({seconds:.0f} s)")
+             + " ".join(f"{t}={merged[t]:.3f}" for t in tasks)
+             + f" ({seconds:.0f} s, {results['merges'][label]['vs_training']:.2f}x training)")
         write_results(out, results)
     write_results(out, results, to_markdown(results))
     return results
@@ -92,26 +111,56 @@ def probe_accuracy(reg: Registry, exp) -> float:
     return float((predicted == spec.encode_labels(test.labels)).float().mean())
 
 
+def frozen_accuracy(reg: Registry, exp) -> float:
+    """Test accuracy of the task's own head on the bare backbone's features: what a merge that keeps the
+    heads must beat."""
+    spec = reg.spec(exp.name)
+    return float((torch.tensor(_own_head_predictions(reg, exp.name, exp.test.texts))
+                  == spec.encode_labels(exp.test.labels)).float().mean())
+
+
+def _own_head_predictions(reg: Registry, task: str, texts: list[str]) -> list[int]:
+    from safetensors.torch import load_file
+
+    from cmtl.registry import store
+
+    spec = reg.spec(task)
+    head = TaskHead(reg.backbone.hidden_size, spec.num_outputs).eval()
+    version = reg.versions(task)[-1].version
+    head.load_state_dict(load_file(store.version_dir(reg.root, task, version) / "head.safetensors"))
+    with torch.no_grad():
+        return head(reg.embed(texts)).argmax(-1).tolist()
+
+
 def to_markdown(results: dict) -> str:
     tasks = results["tasks"]
+    train = sum(results.get("train_seconds", {}).values())
     lines = [f"### {results['scenario']}: all task adapters merged into one", "",
-             "| method | " + " | ".join(tasks) + " | mean normalised | λ | density | drop | rank | recon. error |",
-             "|---" * (len(tasks) + 7) + "|",
+             f"Training the {len(tasks)} adapters took {train:.0f} s." if train else "",
+             "", "| method | " + " | ".join(tasks) + " | mean normalised | frozen backbone | beats it on | λ | density "
+             "| drop | rank | recon. error | seconds | × training |",
+             "|---" * (len(tasks) + 11) + "|",
              "| individual adapters | " + " | ".join(f"{results['individual'][t]:.3f}" for t in tasks)
-             + " | 1.000 | | | | | |"]
-    if results.get("probe"):
-        probe = results["probe"]
-        lines.append("| linear probe, no adapter (λ = 0, heads fitted on the buffers) | "
-                     + " | ".join(f"{probe[t]:.3f}" for t in tasks)
-                     + f" | {np.mean([probe[t] / results['individual'][t] for t in tasks]):.3f} | 0 | | | | |")
+             + " | 1.000 | | | | | | | | | |"]
+    frozen = results.get("frozen") or {"refit": results.get("probe")}
+    for head, what in (("keep", "the tasks' own heads"), ("refit", "heads fitted on the buffers")):
+        if frozen.get(head):
+            acc = frozen[head]
+            lines.append(f"| frozen backbone, {what} (λ = 0) | " + " | ".join(f"{acc[t]:.3f}" for t in tasks)
+                         + f" | {np.mean([acc[t] / results['individual'][t] for t in tasks]):.3f} | | | 0 | | | | | | |")
     for label, m in results["merges"].items():
         c = m["config"]
         method = c["method"]
         dare_like = "dare" in method
         ties_like = "ties" in method and method != "peft_dare_ties"  # peft's DARE-TIES keeps 1 − drop, no trim
+        base = f"{m['frozen_mean_normalised']:.3f}" if "frozen_mean_normalised" in m else ""
+        beats = ", ".join(m.get("beats_frozen", [])) or ("none" if "beats_frozen" in m else "")
+        seconds = f"{m['seconds']:.0f}" if "seconds" in m else ""
+        ratio = f"{m['vs_training']:.2f}" if "vs_training" in m else ""
         lines.append(f"| {label} | " + " | ".join(f"{m['test_accuracy'][t]:.3f}" for t in tasks)
-                     + f" | {m['mean_normalised']:.3f} | {c['scale']:g} | {c['density'] if ties_like else '–'} | "
-                     f"{c['drop'] if dare_like else '–'} | {m['rank']} | {m['reconstruction_error']['max']:.1e} |")
+                     + f" | {m['mean_normalised']:.3f} | {base} | {beats} | {c['scale']:g} | "
+                     f"{c['density'] if ties_like else '–'} | {c['drop'] if dare_like else '–'} | {m['rank']} | "
+                     f"{m['reconstruction_error']['max']:.1e} | {seconds} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -122,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=None, help="Use only the first N backbone layers.")
     parser.add_argument("--max-train", type=int, default=None)
     parser.add_argument("--max-eval", type=int, default=None)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=None, help="Epoch cap (default: TrainConfig's).")
     parser.add_argument("--rank", type=int, default=None, help="Rank of the stored merged adapters (default exact).")
     parser.add_argument("--no-search", action="store_true", help="Use the default knobs instead of searching.")
     parser.add_argument("--seed", type=int, default=0)
@@ -130,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default=",".join(METHODS + PEFT_METHODS))
     parser.add_argument("--heads", choices=["keep", "refit", "both"], default="both",
                         help="keep the task heads, refit them on the replay buffers after merging, or both")
+    parser.add_argument("--compare-full", default="",
+                        help="Comma-separated merges (e.g. ties+refit) to run also on the full grid (no halving).")
     args = parser.parse_args(argv)
     scenario = Scenario.from_yaml(args.scenario)
     scenario = scenario.shrink(args.max_train or scenario.max_train, args.max_eval or scenario.max_eval)
@@ -137,9 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := sorted(set(methods) - set(METHODS + PEFT_METHODS)):
         parser.error(f"unknown methods {unknown}; choose from {list(METHODS + PEFT_METHODS)}")
     run(scenario, Path(args.out), backbone=BackboneConfig(num_hidden_layers=args.layers),
-        training=TrainConfig(epochs=args.epochs, seed=args.seed, progress=False), device=args.device,
+        training=TrainConfig(**({} if args.epochs is None else {"epochs": args.epochs}), seed=args.seed,
+                             progress=False), device=args.device,
         methods=methods, rank=args.rank, search=not args.no_search,
-        heads=("keep", "refit") if args.heads == "both" else (args.heads,))
+        heads=("refit", "keep") if args.heads == "both" else (args.heads,),
+        compare_full=tuple(x for x in args.compare_full.split(",") if x))
     print((Path(args.out) / "results.md").read_text())
     return 0
 

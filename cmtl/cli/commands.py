@@ -282,12 +282,17 @@ def merge(
     density: Annotated[float, typer.Option(help="TIES: fraction of each delta kept.")] = 0.2,
     drop: Annotated[float, typer.Option(help="DARE: drop probability.")] = 0.9,
     rank: Annotated[Optional[int], typer.Option(help="Rank of the stored adapter (default: exact).")] = None,
-    search: Annotated[bool, typer.Option(help="Choose the knobs on the members' held-out samples.")] = False,
+    search: Annotated[bool, typer.Option(help="Choose the knobs on part of the members' held-out samples (no delta "
+                                              "among the candidates) and report on the rest.")] = False,
     refit_heads: Annotated[bool, typer.Option(help="Refit each task's head on its replay buffer through the "
                                                    "merged adapter.")] = False,
+    require_gain: Annotated[bool, typer.Option(help="Refuse a merge that does not beat the frozen backbone (on "
+                                                    "average, and on no task below it).")] = False,
     seed: int = 0,
 ) -> None:
-    """Merge task adapters into one adapter; each task keeps its own head (predict TASK --merge NAME)."""
+    """Merge task adapters into one adapter; each task keeps its own head (predict TASK --merge NAME).
+
+    Every merge is scored against the frozen backbone (no adapter, the same heads or refitted ones)."""
     from cmtl.merging.methods import MergeConfig
 
     reg = _open(registry)
@@ -298,17 +303,25 @@ def merge(
             raise ValueError(f"Member {m!r}: write TASK (its current version) or TASK:VERSION, e.g. {task}:2.")
         parsed.append((task, int(version)) if sep else task)
     record = reg.merge(parsed, name, config=MergeConfig(method=method, scale=scale, density=density, drop=drop,
-                                                        rank=rank, seed=seed, refit_heads=refit_heads),
+                                                        rank=rank, seed=seed, refit_heads=refit_heads,
+                                                        require_gain=require_gain),
                        search=search)
     members_text = ", ".join(f"{m['task']} v{m['version']}" for m in record["members"])
     knobs = record["config"]
     typer.echo(f"merged {members_text} into {name} ({knobs['method']}, scale {knobs['scale']:g}, density "
                f"{knobs['density']:g}, drop {knobs['drop']:g}; rank {record['adapter']['r']}, reconstruction error "
                f"{record['reconstruction_error']['max']:.2e})")
-    rows = [{"task": t, "individual": v["individual"], "merged": v["merged"],
-             "normalised": v["merged"] / v["individual"] if v["merged"] is not None and v["individual"] else None}
+    rows = [{"task": t, "individual": v["individual"], "merged": v["merged"], "frozen": v.get("baseline"),
+             "normalised": v["merged"] / v["individual"] if v["merged"] is not None and v["individual"] else None,
+             "rows": v.get("rows")}
             for t, v in record["holdout"].items()]
-    typer.echo(format_table(rows, ["task", "individual", "merged", "normalised"]))
+    typer.echo(format_table(rows, ["task", "individual", "merged", "frozen", "normalised", "rows"]))
+    if record.get("baseline_normalised") is not None:
+        below = record["below_baseline"]
+        typer.echo(f"normalised {record['normalised']:.4f}, frozen backbone {record['baseline_normalised']:.4f}"
+                   + (f"; below the frozen backbone on {', '.join(below)}" if below else "")
+                   + (f"; scores on the {sum(v['rows'] for v in record['holdout'].values() if v['rows'])} held-out "
+                      "rows the search did not choose on" if search else "") + f" ({record['seconds']:.0f} s)")
 
 
 @app.command()

@@ -251,6 +251,32 @@ class AdapterBank:
             with self._peft.disable_adapter():
                 yield
 
+    @contextlib.contextmanager
+    def added(self, deltas: dict[str, torch.Tensor]) -> Iterator[None]:
+        """Run the plain backbone (no adapter) with dense ``deltas`` added to its weights: ``{module path:
+        ΔW}``, paths as in :meth:`state_dict`'s keys. Costs no more than the plain forward pass (a LoRA
+        adapter of full rank costs about a third more); the weights are restored bit for bit on exit."""
+        root = self.encoder if self._peft is None else self._peft
+        modules = dict(root.named_modules())
+        saved: dict[str, torch.Tensor] = {}
+        try:
+            for path, delta in deltas.items():
+                module = modules.get(path if self._peft is not None else path.removeprefix(PEFT_PREFIX))
+                if module is None:
+                    raise DataError(f"The backbone has no module {path!r} to add a delta to.")
+                weight = getattr(module, "base_layer", module).weight
+                if weight.shape != delta.shape:
+                    raise DataError(f"A delta of shape {tuple(delta.shape)} does not fit {path!r}, whose weight is "
+                                    f"{tuple(weight.shape)}.")
+                saved[path] = weight.data.clone()
+                weight.data += delta.to(weight.dtype).to(weight.device)
+            with self.disabled():
+                yield
+        finally:
+            for path, original in saved.items():
+                module = modules[path if self._peft is not None else path.removeprefix(PEFT_PREFIX)]
+                getattr(module, "base_layer", module).weight.data.copy_(original)
+
     def parameters(self, name: str) -> list[nn.Parameter]:
         """The adapter's LoRA tensors, made trainable (everything else stays frozen)."""
         params = [p for n, p in self._named(name)]

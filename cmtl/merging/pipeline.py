@@ -2,13 +2,16 @@
 
 The registry reads the members (LoRA factors, heads, held-out samples, buffers) and commits the
 result; in between, :func:`merge_members` combines the members' deltas (:mod:`cmtl.merging.methods`
-or peft's ``add_weighted_adapter``), scores candidates on the held-out samples through a temporary
-adapter, optionally refits the heads, and picks the knobs when asked to search.
+or peft's ``add_weighted_adapter``), scores them and the frozen backbone (no delta, the baseline) on the
+held-out samples (:mod:`cmtl.merging.scoring`), optionally refits the heads, and, asked to search, picks
+the knobs by successive halving on one part of the held-out rows and reports on the other.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -20,11 +23,14 @@ from cmtl.core.adapters import AdapterBank, AdapterConfig
 from cmtl.core.backbone import Backbone
 from cmtl.core.tasks import TaskHead, TaskSpec
 from cmtl.data import Encoded, Examples
-from cmtl.errors import DataError
-from cmtl.merging.methods import MergeConfig, lora_deltas, merge_deltas, refit_head, to_lora_state
-from cmtl.training.evaluation import compute_metrics, predict_logits, primary_metric
+from cmtl.errors import DataError, MergeRefusedError
+from cmtl.merging.methods import MergeConfig, lora_deltas, merge_deltas, to_lora_state
+from cmtl.merging.scoring import Evaluation, Scorer, TaskRows, rungs, shuffled, split_holdout
+from cmtl.training.evaluation import compute_metrics, primary_metric
 from cmtl.training.loop import seeded
-from cmtl.training.trainee import Trainee
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
 
 Member = tuple[str, int]  # (task, version)
 
@@ -32,15 +38,26 @@ Member = tuple[str, int]  # (task, version)
 @dataclass
 class Merged:
     """What a merge produced: the knobs used, the merged adapter (LoRA factors of ``rank``, with each
-    module's reconstruction error), the heads, the scores on the held-out samples, the search trials."""
+    module's reconstruction error), the heads, and per task the held-out scores of the merge, of the
+    members (``individual``) and of the frozen backbone (``baseline``), each as ``{part: {task: score}}``
+    with part ``"select"`` (rows that chose the knobs; empty without search) or ``"report"`` (the others);
+    ``rows`` counts each part's rows per task; ``trials`` lists the search's candidates."""
 
     config: MergeConfig
     lora_state: dict[str, torch.Tensor]
     rank: int
     errors: dict[str, float]
     heads: dict[str, TaskHead]
-    scores: dict[str, float]
+    scores: dict[str, dict[str, float]]
+    individual: dict[str, dict[str, float]]
+    baseline: dict[str, dict[str, float]]
+    rows: dict[str, dict[str, int]]
     trials: list[dict[str, Any]]
+
+    def below_baseline(self) -> list[str]:
+        """Tasks whose reported merged score is below the frozen backbone's."""
+        merged, base = self.scores["report"], self.baseline["report"]
+        return [t for t in merged if t in base and merged[t] < base[t]]
 
 
 def check_mergeable(members: list[Member], adapters: list[AdapterConfig]) -> None:
@@ -76,63 +93,162 @@ def soup_heads(states: dict[str, list[dict[str, torch.Tensor]]], specs: dict[str
     return out
 
 
-def score(trainee: Trainee, spec: TaskSpec, encoded: Encoded, backbone: Backbone) -> float:
-    """Primary metric of ``spec`` on ``encoded`` through ``trainee``."""
-    metric, _ = primary_metric(spec)
-    logits = trainee.logits(encoded, pad_id=backbone.pad_id, device=backbone.device)
-    return float(compute_metrics(spec, logits, encoded.targets)[metric])
-
-
 def merge_members(backbone: Backbone, bank: AdapterBank, members: list[Member], states: list[dict[str, torch.Tensor]],
                   adapters: list[AdapterConfig], member_keys: Callable[[], list[str]], heads: dict[str, TaskHead],
-                  specs: dict[str, TaskSpec], held: dict[str, Encoded | None], individual: dict[str, float],
+                  specs: dict[str, TaskSpec], held: dict[str, Encoded | None], individual: dict[str, torch.Tensor],
                   buffers: dict[str, Encoded] | None, config: MergeConfig, search: bool) -> Merged:
     """Merge the members' adapters (``states``, configured as ``adapters``) as ``config`` says, or, with
-    ``search``, with the knobs that maximise the normalised held-out score (``individual``: each
-    task's own score). ``member_keys()`` loads the members into ``bank`` (peft's methods need them)."""
+    ``search``, with the knobs that maximise the mean merged / individual score on the selection part of
+    the held-out samples ``held``, no delta at all (λ = 0) being one of the candidates. ``individual``
+    holds each member's own logits on its task's ``held`` rows; ``buffers`` the rows heads are refitted
+    on (``None``: keep the members' heads). ``member_keys()`` loads the members into ``bank`` (peft's
+    methods need them). Raises :class:`~cmtl.errors.MergeRefusedError` when ``config.require_gain``
+    and the merge does not beat the frozen backbone."""
     deltas = [lora_deltas(state, adapter.scaling) for state, adapter in zip(states, adapters)]
-    base = adapters[0]
-    run = _Run(backbone, bank, members, deltas, member_keys, base, specs, held, buffers, config.rank)
-    trials, best = [], None
-    if search:
-        for candidate in search_grid(config) if individual else []:
-            merged = run.combine(candidate)
-            scores, fitted = run.score(merged, heads)
-            trials.append({**{k: getattr(candidate, k) for k in ("scale", "density", "drop")},
-                           "scores": scores, "normalised": normalised(scores, individual)})
-            norm = trials[-1]["normalised"]
-            if norm is not None and (best is None or norm > best[0]["normalised"]):
-                best = (trials[-1], candidate, merged, fitted)
-        if best is None:
-            raise DataError("search=True needs held-out samples of the members (add them with validation data).")
-        config, merged, scores, heads = best[1], best[2], best[0]["scores"], best[3]  # the winner, not redone
-    else:
-        merged = run.combine(config)
-        if individual or buffers:
-            scores, heads = run.score(merged, heads)
+    combine = _Combiner(backbone, bank, members, deltas, member_keys)
+    if search and not individual:
+        raise DataError("search=True needs held-out samples of the members (add them with validation data).")
+    rows, own, own_select = _task_rows(specs, heads, held, individual, buffers, config, search)
+    scorer = Scorer(backbone, bank, adapters[0], rows, config.rank, config.cache_frozen_mb)
+    parts = ("select", "report") if search else ("report",)
+    grid = search_grid(config) if search else []
+    plan = rungs(len(grid)) if config.halving else [(len(grid), 1.0)]
+    total = bool(individual) + sum(n for n, _ in plan) + (bool(individual) or bool(buffers))
+    with tqdm(total=total, desc=f"merge {config.method}", disable=not config.progress, leave=False,
+              dynamic_ncols=True) as bar:
+        baseline = scorer.evaluate(None, parts=parts) if individual else None
+        bar.update(bool(individual))
+        trials: list[dict[str, Any]] = []
+        if search:
+            assert baseline is not None
+            chosen, config, delta = _search(scorer, combine, grid, plan, baseline, own_select, trials, bar)
+            if chosen is baseline:
+                report = baseline.scores["report"]
+            else:
+                report = scorer.evaluate(delta, parts=("report",), heads=chosen.heads, stored=True).scores["report"]
+            heads, select = chosen.heads, chosen.scores["select"]
         else:
-            scores = {}
-    lora_state, rank, errors = to_lora_state(merged, config.rank)
-    return Merged(config, lora_state, rank, errors, heads, scores, trials)
+            delta = combine(config)
+            chosen = scorer.evaluate(delta, parts=parts, stored=True) if individual or buffers else None
+            heads = heads if chosen is None else chosen.heads
+            report, select = ({} if chosen is None else chosen.scores["report"]), {}
+        bar.update(total - bar.n)
+    lora_state, rank, errors = to_lora_state(delta, 1 if config.scale == 0 else config.rank)
+    merged = Merged(config, lora_state, rank, errors, heads, {"select": select, "report": report}, own,
+                    {} if baseline is None else baseline.scores,
+                    {p: {t: len(getattr(r, p)) for t, r in rows.items() if getattr(r, p) is not None}
+                     for p in ("select", "report")}, trials)
+    _judge(merged, config, search)
+    return merged
+
+
+def _task_rows(specs: dict[str, TaskSpec], heads: dict[str, TaskHead], held: dict[str, Encoded | None],
+               individual: dict[str, torch.Tensor], buffers: dict[str, Encoded] | None, config: MergeConfig,
+               search: bool) -> tuple[dict[str, TaskRows], dict[str, dict[str, float]], "_Own"]:
+    """Each task's rows (held-out rows split into selection and report parts when searching), the
+    members' own scores on each part, and their logits on the selection rows."""
+    rows, own, chosen = {}, {"select": {}, "report": {}}, _Own({})
+    for t, spec in specs.items():
+        buffer = shuffled(buffers[t], config.seed) if buffers else None
+        encoded = held.get(t) if t in individual else None
+        if encoded is None:
+            rows[t] = TaskRows(spec, heads[t], buffer, None, None)
+            continue
+        pick, report = (split_holdout(encoded, config.selection_fraction, config.seed) if search
+                        else ([], list(range(len(encoded)))))
+        for part, idx in (("select", pick), ("report", report)):
+            if idx:
+                own[part][t] = _metric(spec, individual[t][idx], encoded.targets[idx])
+        if pick:
+            chosen.select[t] = (spec, individual[t][pick], encoded.targets[pick])
+        rows[t] = TaskRows(spec, heads[t], buffer, encoded.select(pick) if pick else None, encoded.select(report))
+    return rows, own, chosen
 
 
 @dataclass
-class _Run:
-    """The fixed inputs of one merge, shared by its candidates."""
+class _Own:
+    """The members' logits and targets on their selection rows, to score a prefix of them."""
+
+    select: dict[str, tuple[TaskSpec, torch.Tensor, torch.Tensor]]
+
+    def normalised(self, scores: dict[str, float], rows: dict[str, int]) -> float | None:
+        """Mean merged / own score over tasks, each on its first ``rows[task]`` selection rows."""
+        return normalised(scores, {t: _metric(spec, logits[: rows[t]], targets[: rows[t]])
+                                   for t, (spec, logits, targets) in self.select.items() if t in rows})
+
+
+def _metric(spec: TaskSpec, logits: torch.Tensor, targets: torch.Tensor) -> float:
+    metric, _ = primary_metric(spec)
+    return float(compute_metrics(spec, logits, targets)[metric])
+
+
+def _search(scorer: Scorer, combine: "_Combiner", grid: list[MergeConfig], plan: list[tuple[int, float]],
+            baseline: Evaluation, own: _Own, trials: list[dict[str, Any]], bar
+            ) -> tuple[Evaluation, MergeConfig, dict[str, torch.Tensor]]:
+    """Successive halving over ``grid`` on the selection rows (``plan`` from :func:`rungs`), then the best
+    candidate against no delta at all (``baseline``): the winner's evaluation, knobs and merged delta."""
+    floor = own.normalised(baseline.scores["select"], baseline.rows["select"])
+    rank = lambda value: -math.inf if value is None else value  # noqa: E731  (no score ranks last)
+    trials.append({"scale": 0.0, "density": None, "drop": None, "share": 1.0, "scores": baseline.scores["select"],
+                   "normalised": floor})
+    alive, best = list(range(len(grid))), None
+    for rung, (keep, share) in enumerate(plan):
+        ranked = []
+        for i in alive[:keep]:
+            delta = combine(grid[i])
+            ev = scorer.evaluate(delta, share=share)
+            ranked.append((own.normalised(ev.scores["select"], ev.rows["select"]), i, ev, delta))
+            trials.append({**{k: getattr(grid[i], k) for k in ("scale", "density", "drop")}, "share": share,
+                           "scores": ev.scores["select"], "normalised": ranked[-1][0]})
+            bar.update(1)
+            bar.set_postfix_str(f"rung {rung + 1}/{len(plan)} on {share:.0%} of the rows, best "
+                                f"{max(rank(r[0]) for r in ranked):.4f} (no delta {rank(floor):.4f})")
+        ranked.sort(key=lambda r: -rank(r[0]))
+        alive, best = [r[1] for r in ranked], ranked[0]
+    assert best is not None
+    if rank(best[0]) > rank(floor):
+        return best[2], grid[best[1]], best[3]
+    zero = {m: torch.zeros_like(d) for m, d in best[3].items()}
+    return baseline, dataclasses.replace(grid[best[1]], scale=0.0), zero
+
+
+def _judge(merged: Merged, config: MergeConfig, searched: bool) -> None:
+    """Log (and with ``require_gain`` refuse) a merge that does not beat the frozen backbone."""
+    if not merged.baseline:
+        if config.require_gain:
+            raise DataError("require_gain=True needs held-out samples of the members to compare the merge with "
+                            "the frozen backbone (add the tasks with validation data).")
+        return
+    below = merged.below_baseline()
+    mean = normalised(merged.scores["report"], merged.individual["report"])
+    floor = normalised(merged.baseline["report"], merged.individual["report"])
+    if searched and config.scale == 0:
+        heads = "heads refitted on the buffers" if config.refit_heads else "the members' heads"
+        message = f"the search chose no delta (λ = 0): no merged delta beat the frozen backbone with {heads}"
+    elif below or (mean is not None and floor is not None and mean <= floor):
+        message = (f"the merge scores below the frozen backbone on {below} (normalised {mean:.4f} against "
+                   f"{floor:.4f})" if below else f"the merge does not beat the frozen backbone on average "
+                   f"(normalised {mean:.4f} against {floor:.4f})")
+    else:
+        return
+    if config.require_gain:
+        raise MergeRefusedError(f"Merge refused (require_gain=True): {message}. Serve the tasks' own adapters, "
+                                "or merge fewer or more related tasks.")
+    logger.warning("Merge: %s.", message)
+
+
+@dataclass
+class _Combiner:
+    """Merged per-module deltas of the members: cmtl's methods on exact deltas, or peft's
+    ``add_weighted_adapter`` on the members loaded into ``bank``."""
 
     backbone: Backbone
     bank: AdapterBank
     members: list[Member]
     deltas: list[dict[str, torch.Tensor]]
     member_keys: Callable[[], list[str]]
-    base: AdapterConfig
-    specs: dict[str, TaskSpec]
-    held: dict[str, Encoded | None]
-    buffers: dict[str, Encoded] | None
-    rank: int | None
 
-    def combine(self, config: MergeConfig) -> dict[str, torch.Tensor]:
-        """Merged per-module deltas: cmtl's methods on exact deltas, or peft's ``add_weighted_adapter``."""
+    def __call__(self, config: MergeConfig) -> dict[str, torch.Tensor]:
         if not config.method.startswith("peft_"):
             return merge_deltas(self.deltas, config)
         kind = config.method.removeprefix("peft_")
@@ -146,29 +262,6 @@ class _Run:
                 return lora_deltas(self.bank.state_dict(name), self.bank.scaling(name))
             finally:
                 self.bank.remove(name)
-
-    def score(self, merged: dict[str, torch.Tensor], heads: dict[str, TaskHead]
-              ) -> tuple[dict[str, float], dict[str, TaskHead]]:
-        """Primary metric of each task with a held-out sample, through a merged delta (loaded
-        temporarily), and the heads that scored it: refitted on the buffers when there are any."""
-        lora_state, r, _ = to_lora_state(merged, self.rank)
-        key = "_merge_candidate"
-        self.bank.load(key, AdapterConfig.from_dict({**self.base.to_dict(), "r": r, "alpha": float(r),
-                                                      "dropout": 0.0}), lora_state)
-        backbone = self.backbone
-        try:
-            if self.buffers:
-                self.bank.activate(key)
-                heads = dict(heads)
-                for t, encoded in self.buffers.items():
-                    features = predict_logits(lambda inputs: backbone.embed(**inputs), encoded, batch_size=64,
-                                              pad_id=backbone.pad_id, device=backbone.device)
-                    heads[t] = refit_head(heads[t], features, encoded.targets, self.specs[t].loss).eval()
-            scores = {t: score(Trainee.adapter(backbone, self.bank, key, heads[t]), self.specs[t], self.held[t],
-                               backbone) for t in heads if self.held.get(t) is not None}
-            return scores, heads
-        finally:
-            self.bank.remove(key)
 
 
 def search_grid(config: MergeConfig) -> list[MergeConfig]:

@@ -31,9 +31,12 @@ def version_record(version: int, parent: int | None, kind: str, examples: Exampl
 
 
 def merge_record(name: str, members: list[tuple[str, int]], specs: dict[str, TaskSpec], base: AdapterConfig,
-                 merged: Merged, individual: dict[str, float]) -> dict[str, Any]:
-    """A merged entry: its members, knobs, stored adapter, reconstruction errors and held-out scores."""
+                 merged: Merged, seconds: float) -> dict[str, Any]:
+    """A merged entry: its members, knobs, stored adapter, reconstruction errors, the held-out scores of
+    the merge, the members and the frozen backbone on the rows that did not choose the knobs, and the
+    merge's wall time."""
     config, tasks = merged.config, list(specs)
+    report, own, base_scores = merged.scores["report"], merged.individual["report"], merged.baseline.get("report", {})
     return {
         "name": name, "created": now(), "cmtl_version": __version__,
         "members": [{"task": t, "version": v} for t, v in members], "tasks": tasks,
@@ -42,8 +45,15 @@ def merge_record(name: str, members: list[tuple[str, int]], specs: dict[str, Tas
         "adapter": {**base.to_dict(), "r": merged.rank, "alpha": float(merged.rank), "dropout": 0.0},
         "reconstruction_error": {"mean": float(np.mean(list(merged.errors.values()))),
                                  "max": max(merged.errors.values())},
-        "holdout": {t: {"individual": individual.get(t), "merged": merged.scores.get(t)} for t in tasks},
-        "normalised": normalised(merged.scores, individual), "search": merged.trials,
+        "holdout": {t: {"individual": own.get(t), "merged": report.get(t), "baseline": base_scores.get(t),
+                        "rows": merged.rows["report"].get(t), "selection_rows": merged.rows["select"].get(t)}
+                    for t in tasks},
+        "normalised": normalised(report, own), "baseline_normalised": normalised(base_scores, own),
+        "below_baseline": merged.below_baseline(),
+        "selection": {"individual": merged.individual["select"], "merged": merged.scores["select"],
+                      "baseline": merged.baseline.get("select", {}),
+                      "normalised": normalised(merged.scores["select"], merged.individual["select"])},
+        "search": merged.trials, "seconds": round(seconds, 3),
     }
 
 

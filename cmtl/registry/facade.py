@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -239,18 +240,27 @@ class Registry(LoadedRegistry):
             name: Name of the merged entry (letters, digits, ``_``, ``-``).
             method: One of :data:`cmtl.merging.METHODS` or :data:`cmtl.merging.PEFT_METHODS`; overrides
                 ``config.method``.
-            config: Knobs (scale λ, density, drop, rank, seed, head refitting).
-            search: Choose λ (and density / drop) on the members' held-out samples, maximising the mean
-                of merged / individual score.
+            config: Knobs (scale λ, density, drop, rank, seed, head refitting, how to search).
+            search: Choose λ (and density / drop) on one part of the members' held-out samples
+                (``config.selection_fraction``), maximising the mean of merged / individual score, with
+                no delta at all (λ = 0, the frozen backbone) as a candidate; scores are reported on
+                the other part.
+
+        Every merge with held-out samples is also scored against the frozen backbone (no adapter; heads
+        refitted on the same buffers with ``refit_heads``, else the members' heads): the record's
+        ``holdout[task]["baseline"]``, ``baseline_normalised`` and ``below_baseline``; a merge below it
+        is logged, or refused with ``MergeConfig(require_gain=True)``.
 
         Returns:
-            The merged entry's record (members, knobs, reconstruction error, scores).
+            The merged entry's record (members, knobs, reconstruction error, scores, search trials).
 
         Raises:
             ValueError: fewer than two members, a member twice, a taken or bad name, out-of-range knobs,
                 or adapters on different modules.
             TaskNotFoundError: an unknown task or version.
+            MergeRefusedError: ``require_gain`` and the merge does not beat the frozen backbone.
         """
+        started = time.perf_counter()
         config = config or MergeConfig()
         if method is not None:
             config = dataclasses.replace(config, method=method)
@@ -273,7 +283,8 @@ class Registry(LoadedRegistry):
         held = {t: None if ex is None else self._encode(ex, specs[t]) for t, ex in held.items()}  # once
         with self._lock:
             keys = {t: rt.task(self, t, newest[t]) for t in tasks}
-            individual = {t: pipeline.score(rt.trainee(keys[t]), specs[t], held[t], self.backbone)
+            individual = {t: rt.trainee(keys[t]).logits(held[t], pad_id=self.backbone.pad_id,
+                                                        device=self.backbone.device)
                           for t in tasks if held[t] is not None}
         buffers = (pipeline.refit_data({t: (v, self.buffer(t, v)) for t, v in newest.items()}, specs, self._encode)
                    if config.refit_heads else None)
@@ -281,11 +292,11 @@ class Registry(LoadedRegistry):
             merged = pipeline.merge_members(
                 self.backbone, rt.bank, pairs, states, adapters, lambda: [rt.task(self, t, v) for t, v in pairs],
                 heads, specs, held, individual, buffers, config, search)
-        record = entries.merge_record(name, pairs, specs, adapters[0], merged, individual)
+        record = entries.merge_record(name, pairs, specs, adapters[0], merged, time.perf_counter() - started)
         with self._lock:
             self._write_entry(record, merged.lora_state, merged.heads, started_from=started_from)
-        logger.info("Merged %s into %s (%s): normalised score %s", pairs, name, merged.config.method,
-                    record["normalised"])
+        logger.info("Merged %s into %s (%s): normalised score %s (frozen backbone %s) in %.1f s", pairs, name,
+                    merged.config.method, record["normalised"], record["baseline_normalised"], record["seconds"])
         return record
 
     def train_group(self, name: str, data: dict[str, tuple[Any, Any]], *, config: MultiTaskConfig | None = None,

@@ -99,6 +99,15 @@ def test_lifecycle(tmp_path, tiny_backbone):
     result = invoke("merge", reg, "soup", "sentiment:1", "sentiment:3", "--method", "linear")
     assert result.exit_code == 0, result.output
     assert "merged sentiment v1, sentiment v3 into soup (linear, scale 0.5" in result.output and "normalised" in result.output
+    assert "frozen" in result.output and "frozen backbone" in result.output  # the baseline every merge is held to
+    searched = invoke("merge", reg, "soup-search", "sentiment:1", "sentiment:3", "--method", "linear", "--search",
+                      "--require-gain")
+    info = Registry.open(reg, device="cpu").merge_info("soup-search") if searched.exit_code == 0 else None
+    if info is None:  # refused: the best merge does not beat the frozen backbone, and nothing was written
+        assert searched.exit_code == 1 and "require_gain" in searched.output, searched.output
+    else:
+        assert "held-out rows the search did not choose on" in searched.output
+        assert info["normalised"] > info["baseline_normalised"] and not info["below_baseline"]
     result = invoke("predict", reg, "sentiment", "a great film", "--merge", "soup")
     assert result.exit_code == 0 and result.output.split("\t")[0] in ("pos", "neg")
     result = invoke("merge", reg, "soup-refit", "sentiment:1", "sentiment:3", "--method", "linear", "--refit-heads")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -84,7 +83,8 @@ def test_refactorise_error_matches_dropped_singular_values():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"method": "svd"}, "'method' parameter of MergeConfig must be one of"), ({"scale": 0.0}, "scale"),
+    ({"method": "svd"}, "'method' parameter of MergeConfig must be one of"), ({"scale": -0.5}, "scale"),
+    ({"selection_fraction": 1.0}, "selection_fraction"),
     ({"density": 0.0}, "density"),
     ({"drop": 1.0}, "drop"), ({"rank": 0}, "rank"),
 ])
@@ -125,24 +125,6 @@ def test_refit_head_learns_the_new_features_from_a_warm_start():
     assert fitted.linear.weight.norm() < refit_head(head, features, targets, spec.loss, l2=0.0).linear.weight.norm()
 
 
-@pytest.fixture(scope="module")
-def two_task_registry(tmp_path_factory, tiny_backbone):
-    from cmtl import BackboneConfig
-    from tests.continual.test_updates import shifted_sentiment
-
-    root = tmp_path_factory.mktemp("merge") / "reg"
-    reg = Registry.create(root, BackboneConfig(name_or_path=tiny_backbone, max_length=64), device="cpu")
-    reg.add_task(TaskSpec("a", labels=["neg", "pos"]), toy_sentiment(96), toy_sentiment(32, 1), training=FAST)
-    reg.add_task(TaskSpec("b", labels=["neg", "pos"]), shifted_sentiment(96), shifted_sentiment(32, 1), training=FAST)
-    return root
-
-
-@pytest.fixture
-def merge_reg(tmp_path, two_task_registry):
-    shutil.copytree(two_task_registry, tmp_path / "reg")
-    return Registry.open(tmp_path / "reg", device="cpu")
-
-
 def test_registry_merge_round_trip(merge_reg):
     reg = merge_reg
     record = reg.merge(["a", "b"], "ab", "linear")
@@ -175,10 +157,16 @@ def test_merge_search_and_soup(merge_reg):
 
     reg = merge_reg
     searched = reg.merge(["a", "b"], "ab-ties", "ties", search=True)
-    assert len(searched["search"]) == 12
-    best = max(searched["search"], key=lambda tr: tr["normalised"])
-    assert searched["normalised"] == pytest.approx(best["normalised"])
-    assert searched["config"]["scale"] == best["scale"] and searched["config"]["density"] == best["density"]
+    # Successive halving over the 12 TIES candidates: 12, then 4, then 2 on all selection rows; and no delta.
+    assert [tr["share"] for tr in searched["search"]] == [1.0] + [1 / 9] * 12 + [1 / 3] * 4 + [1.0] * 2
+    final = [tr for tr in searched["search"] if tr["share"] == 1.0]
+    best = max(final, key=lambda tr: tr["normalised"])
+    assert searched["selection"]["normalised"] == pytest.approx(best["normalised"])
+    assert searched["config"]["scale"] == best["scale"]
+    if best["scale"]:
+        assert searched["config"]["density"] == best["density"]
+    full = reg.merge(["a", "b"], "ab-ties-full", "ties", search=True, config=MergeConfig(halving=False))
+    assert [tr["share"] for tr in full["search"]] == [1.0] * 13
     reg.update_task("b", shifted_sentiment(64, 5), training=UPDATE, promote=True)
     soup = reg.merge([("b", 1), ("b", 2)], "b-soup", "linear", config=MergeConfig(rank=4))
     assert soup["tasks"] == ["b"] and soup["adapter"]["r"] == 4 and soup["reconstruction_error"]["max"] > 0
@@ -215,7 +203,7 @@ def test_merge_rejects_unknown_members_taken_names_and_other_modules(merge_reg, 
 
 def test_merge_with_refitted_heads(merge_reg):
     reg = merge_reg
-    plain = reg.merge(["a", "b"], "plain", "ties", config=MergeConfig(scale=1.0, density=0.5))
+    reg.merge(["a", "b"], "plain", "ties", config=MergeConfig(scale=1.0, density=0.5))
     refit = reg.merge(["a", "b"], "refit", "ties", config=MergeConfig(scale=1.0, density=0.5, refit_heads=True))
     assert refit["config"]["refit_heads"] is True
     texts = ["a great film", "an awful film", "a dull plot"]
@@ -230,7 +218,8 @@ def test_merge_with_refitted_heads(merge_reg):
         assert (again.evaluate(t, buffer, merge="refit")["accuracy"]
                 >= again.evaluate(t, buffer, merge="plain")["accuracy"])
     searched = reg.merge(["a", "b"], "refit-search", "linear", config=MergeConfig(refit_heads=True), search=True)
-    assert searched["normalised"] == pytest.approx(max(tr["normalised"] for tr in searched["search"]))
+    final = [tr["normalised"] for tr in searched["search"] if tr["share"] == 1.0]
+    assert searched["selection"]["normalised"] == pytest.approx(max(final))
 
 
 def test_refit_needs_a_buffer(merge_reg):

@@ -1,0 +1,186 @@
+"""Scoring merge candidates: one inference pass per candidate and task, heads refitted on its features.
+
+A candidate is a merged delta (``{module: ΔW}``), or ``None`` for no delta at all: the frozen backbone,
+the baseline every merge is measured against. :class:`Scorer` scores it per member task on that task's
+:class:`TaskRows`: the pooled features of the buffer rows (when heads are refitted) and of the held-out
+rows come from one pass through the candidate; a refitted head is fitted on the buffer features
+(:func:`cmtl.training.probe.refit_head`) and applied to the held-out features. Held-out rows are split
+once into a *selection* part, which chooses the knobs, and a *report* part, whose scores are recorded,
+so a reported score is never the best of several tries on the same rows.
+
+:func:`rungs` plans successive halving (Jamieson & Talwalkar 2016): every candidate is first scored on a
+small seeded share of the buffer and selection rows, the best third goes on to three times the rows, and
+so on, until the last few are scored on all rows. When the adapters leave the bottom layers untouched
+(``AdapterConfig.layers``), those layers run once for every row (:mod:`cmtl.training.caching`) and each
+candidate runs only the layers above.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+
+from cmtl.core.adapters import AdapterBank, AdapterConfig
+from cmtl.core.backbone import Backbone
+from cmtl.core.tasks import TaskHead, TaskSpec
+from cmtl.data import Encoded
+from cmtl.errors import DataError
+from cmtl.merging.methods import to_lora_state
+from cmtl.training.caching import maybe_cache
+from cmtl.training.evaluation import compute_metrics, primary_metric
+from cmtl.training.probe import pooled_features, refit_head
+
+#: Successive halving keeps the best 1/ETA of the candidates at each rung and gives them ETA times the rows.
+ETA = 3
+#: Fewest buffer or selection rows per task a rung scores on (all of them when a task has fewer).
+MIN_ROWS = 32
+
+Delta = dict[str, torch.Tensor]
+
+
+@dataclass
+class TaskRows:
+    """A member task's rows: ``buffer`` to refit its head on (``None`` keeps ``head``, the member's), the
+    held-out rows that choose the knobs (``select``) and those whose scores are reported (``report``).
+    Buffer and selection rows are in a seeded random order, so each prefix is a random sample."""
+
+    spec: TaskSpec
+    head: TaskHead
+    buffer: Encoded | None
+    select: Encoded | None
+    report: Encoded | None
+
+
+@dataclass
+class Evaluation:
+    """What one candidate scored: ``scores[part][task]`` (part ``"select"`` or ``"report"``), the heads
+    it scored with, and how many rows of each part (and ``"buffer"``) per task it used."""
+
+    scores: dict[str, dict[str, float]]
+    heads: dict[str, TaskHead]
+    rows: dict[str, dict[str, int]]
+
+
+def split_holdout(held: Encoded, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Rows of ``held`` that choose a merge's knobs and the disjoint rows that report its scores: a seeded
+    ``fraction`` (at least one row each way)."""
+    if len(held) < 2:
+        raise DataError(f"Choosing a merge's knobs on held-out rows and reporting on others needs at least 2 "
+                        f"held-out rows per task; a member has {len(held)}. Add the task with more validation "
+                        "data, or merge without search.")
+    order = torch.randperm(len(held), generator=torch.Generator().manual_seed(seed)).tolist()
+    n = min(max(1, round(fraction * len(held))), len(held) - 1)
+    return order[:n], order[n:]
+
+
+def shuffled(encoded: Encoded | None, seed: int) -> Encoded | None:
+    """``encoded``'s rows in a seeded random order (so that a prefix is a random sample)."""
+    if encoded is None:
+        return None
+    return encoded.select(torch.randperm(len(encoded), generator=torch.Generator().manual_seed(seed)).tolist())
+
+
+def rungs(candidates: int, eta: int = ETA) -> list[tuple[int, float]]:
+    """Successive halving's plan: (candidates scored, share of the rows) per rung; the last rung scores
+    the final ≤ 2 (or all of ``candidates`` when there are that few) on every row."""
+    kept = [candidates]
+    while kept[-1] > 2:
+        kept.append(math.ceil(kept[-1] / eta))
+    return [(n, float(eta) ** -(len(kept) - 1 - i)) for i, n in enumerate(kept)]
+
+
+class Scorer:
+    """Scores candidate deltas on the members' rows; see the module docstring.
+
+    Args:
+        backbone: Where candidates run.
+        bank: The backbone's adapters (a candidate is loaded into it, or disables it, while it is scored).
+        base: The members' adapter config (modules and layers the delta covers).
+        tasks: Each member task's rows.
+        rank: Rank the candidate's delta is loaded at (``None``: exact).
+        cache_mb: Largest frozen-layer cache, in MiB (0: none).
+    """
+
+    def __init__(self, backbone: Backbone, bank: AdapterBank, base: AdapterConfig, tasks: dict[str, TaskRows],
+                 rank: int | None, cache_mb: float):
+        self.backbone, self.bank, self.base, self.rank = backbone, bank, base, rank
+        parts = [(t, p) for t, rows in tasks.items() for p in ("buffer", "select", "report")
+                 if getattr(rows, p) is not None]
+        cached = maybe_cache([getattr(tasks[t], p) for t, p in parts], backbone, base, cache_mb)
+        self.tasks = {t: dataclasses.replace(rows) for t, rows in tasks.items()}
+        for (t, p), encoded in zip(parts, cached):
+            setattr(self.tasks[t], p, encoded)
+        self.cached = any(e is not None and e.prefix is not None for e in cached)
+
+    def evaluate(self, delta: Delta | None, *, share: float = 1.0, parts: tuple[str, ...] = ("select",),
+                 heads: dict[str, TaskHead] | None = None, stored: bool = False) -> Evaluation:
+        """Scores of ``delta`` (``None``: the frozen backbone) on ``parts`` of every task's held-out rows, with
+        the heads refitted on the first ``share`` of the buffer rows (or the given ``heads``, or the members'
+        when there is no buffer); ``share`` also takes that prefix of the selection rows. ``stored`` runs
+        the delta as the LoRA adapter a merged entry stores (what serving computes); otherwise an exact
+        delta is added to the weights, which gives the same scores up to float rounding at less cost."""
+        scores: dict[str, dict[str, float]] = {p: {} for p in parts}
+        fitted: dict[str, TaskHead] = {}
+        used: dict[str, dict[str, int]] = {p: {} for p in ("buffer", *parts)}
+        with self._through(delta, stored or self.rank is not None):
+            for t, rows in self.tasks.items():
+                buffer = rows.buffer if heads is None else None
+                pieces = {"buffer": _prefix(buffer, share)} | {
+                    p: _prefix(getattr(rows, p), share if p == "select" else 1.0) for p in parts}
+                pieces = {p: e for p, e in pieces.items() if e is not None and len(e)}
+                if not pieces:
+                    fitted[t] = rows.head if heads is None else heads[t]
+                    continue
+                features = pooled_features(self.backbone, Encoded.concat(
+                    [dataclasses.replace(e, targets=None) for e in pieces.values()]))
+                by_part = dict(zip(pieces, features.split([len(e) for e in pieces.values()])))
+                if heads is not None:
+                    fitted[t] = heads[t]
+                elif "buffer" in by_part:
+                    fitted[t] = refit_head(rows.head, by_part["buffer"], pieces["buffer"].targets,
+                                           rows.spec.loss).eval()
+                else:
+                    fitted[t] = rows.head
+                for p, e in pieces.items():
+                    used[p][t] = len(e)
+                metric, _ = primary_metric(rows.spec)
+                with torch.no_grad():
+                    for p in parts:
+                        if p in by_part:
+                            logits = fitted[t](by_part[p].to(self.backbone.device)).float().cpu()
+                            scores[p][t] = float(compute_metrics(rows.spec, logits, pieces[p].targets)[metric])
+        return Evaluation(scores, fitted, used)
+
+    @contextlib.contextmanager
+    def _through(self, delta: Delta | None, as_lora: bool):
+        """Forward passes inside the block go through ``delta``: loaded as a temporary LoRA adapter at the
+        stored rank (``as_lora``) or added to the weights; through no adapter at all when it is ``None``."""
+        if delta is None:
+            with self.bank.disabled():
+                yield
+            return
+        if not as_lora:
+            with self.bank.added(delta):
+                yield
+            return
+        lora_state, r, _ = to_lora_state(delta, self.rank)
+        key = "_merge_candidate"
+        self.bank.load(key, AdapterConfig.from_dict({**self.base.to_dict(), "r": r, "alpha": float(r),
+                                                      "dropout": 0.0}), lora_state)
+        try:
+            self.bank.activate(key)
+            yield
+        finally:
+            self.bank.remove(key)
+
+
+def _prefix(encoded: Encoded | None, share: float) -> Encoded | None:
+    """The first ``share`` of ``encoded``'s rows (at least :data:`MIN_ROWS`, at most all)."""
+    if encoded is None or share >= 1:
+        return encoded
+    n = min(len(encoded), max(MIN_ROWS, math.ceil(share * len(encoded))))
+    return encoded.select(range(n))
