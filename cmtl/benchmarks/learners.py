@@ -49,7 +49,7 @@ from cmtl.training.evaluation import predict_logits
 from cmtl.training.loop import TrainConfig, seeded, train
 from cmtl.training.trainee import Trainee
 
-STRATEGIES = ("adapters", "seq-ft", "replay", "ewc", "lwf", "joint", "single")
+STRATEGIES = ("adapters", "adapters-auto", "seq-ft", "replay", "ewc", "lwf", "joint", "single")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -58,7 +58,9 @@ class StrategyConfig:
 
     Args:
         adapter: LoRA settings of every adapter.
-        training: Loop settings for every experience.
+        training: Loop settings for every experience: by default the library's budget rule (at most
+            10 epochs, validation after each, stop after 2 without improvement, best state kept), which
+            Avalanche's strategies get too (:func:`cmtl.integrations.avalanche.best_epoch_plugin`).
         replay_budget: Examples the replay buffer keeps, over all experiences.
         ewc_lambda: Weight of the EWC penalty.
         fisher_examples: Training examples used to estimate each Fisher diagonal.
@@ -68,7 +70,7 @@ class StrategyConfig:
     """
 
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
-    training: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=2, progress=False))
+    training: TrainConfig = field(default_factory=lambda: TrainConfig(progress=False))
     replay_budget: int = 500
     ewc_lambda: float = 1000.0
     fisher_examples: int = 256
@@ -93,6 +95,7 @@ class Learner(abc.ABC):
         self.device = backbone.device
         self.pad_id = backbone.pad_id
         self.trainable_parameters: list[int] = []  # added per experience
+        self.notes: list[str] = []  # what each fit chose, when there is something to say
         self.bytes_added: list[int] = []
 
     @abc.abstractmethod
@@ -275,19 +278,27 @@ class SharedLearner(Learner):
 
 
 class AdapterLearner(Learner):
-    """cmtl itself: every experience becomes a task of a registry, with its own adapter and head."""
+    """cmtl itself: every experience becomes a task of a registry, with its own adapter and head; with
+    ``init="auto"`` (strategy ``adapters-auto``) each adapter starts from the earlier task adapter whose
+    features fit the new task best, or fresh when none beats the bare backbone (forward transfer)."""
 
-    def __init__(self, experiences, kind, backbone, config, root: Path):
+    def __init__(self, experiences, kind, backbone, config, root: Path, init: str | None = None):
         super().__init__(experiences, kind, backbone, config)
         self.registry = Registry.create(root, backbone)
+        self.init = init
 
     def fit(self, i: int) -> None:
         exp = self.experiences[i]
         info = self.registry.add_task(TaskSpec(exp.name, labels=exp.spec.labels), train=exp.train,
                                       validation=exp.validation, adapter=self.config.adapter,
-                                      training=self.config.training)
+                                      training=self.config.training, init=self.init)
         self.trainable_parameters.append(info.trainable_parameters)
         self.bytes_added.append(info.bytes_on_disk)
+        if self.init is not None:
+            chosen = info.init or {}
+            source = (f"task {chosen['task']}" if "task" in chosen else f"merge {chosen['merge']}" if "merge" in chosen
+                      else "fresh")
+            self.notes.append(f"started from {source}")
 
     def predict(self, j: int, n_seen: int) -> list[str]:
         exp = self.experiences[j]
@@ -375,8 +386,9 @@ class SingleLearner(Learner):
 def make_learner(strategy: str, experiences: list[Experience], kind: Kind, backbone: Backbone,
                  config: StrategyConfig, workdir: Path) -> Learner:
     """The learner of one strategy name from :data:`STRATEGIES`."""
-    if strategy == "adapters":
-        return AdapterLearner(experiences, kind, backbone, config, workdir / "registry")
+    if strategy in ("adapters", "adapters-auto"):
+        return AdapterLearner(experiences, kind, backbone, config, workdir / "registry",
+                              init="auto" if strategy == "adapters-auto" else None)
     if strategy == "single":
         return SingleLearner(experiences, kind, backbone, config)
     if strategy in ("seq-ft", "replay", "ewc", "lwf", "joint"):
@@ -418,7 +430,8 @@ def run_stream(
             seconds.append(time.perf_counter() - started)
             R.append([accuracy(j, i + 1) for j in range(T)])
             if on_step:
-                on_step(f"{strategy}: after {experiences[i].name} ({seconds[-1]:.0f} s): "
+                note = f", {learner.notes[i]}" if len(learner.notes) > i else ""
+                on_step(f"{strategy}: after {experiences[i].name} ({seconds[-1]:.0f} s{note}): "
                         + " ".join(f"{experiences[j].name}={R[-1][j]:.3f}" for j in range(T)))
         report = ContinualReport.from_matrix(R, [e.name for e in experiences], b=b, seconds_per_experience=seconds,
                                              trainable_parameters_per_task=learner.trainable_parameters,

@@ -87,8 +87,25 @@ def run_benchmark(
             results["runs"].append({"strategy": strategy, "order": order, "seconds": seconds,
                                     "heatmap": png.name, **report.to_dict()})
             echo(f"   ACC {report.acc:.3f}  BWT {_fmt(report.bwt)}  FWT {_fmt(report.fwt)}  ({seconds:.0f} s)")
+            transfer_vs_fresh(results["runs"], order, echo)
             _write(out, results)  # after every run: a long benchmark keeps what it measured
     return results
+
+
+def transfer_vs_fresh(runs: list[dict], order: str, echo: Callable[[str], None] = lambda _: None) -> None:
+    """Forward transfer of ``adapters-auto`` against ``adapters`` in the same order, once both ran: the mean
+    over tasks after the first of ``R[i][i]`` (auto) − ``R[i][i]`` (fresh), stored on the auto run as
+    ``fwt_vs_fresh`` with the per-task differences. The standard FWT cannot show this transfer: a task's
+    adapter does not exist before it is trained, so ``R[i-1][i]`` is the untrained head's score either way."""
+    by = {r["strategy"]: r for r in runs if r["order"] == order}
+    if "adapters" not in by or "adapters-auto" not in by or "fwt_vs_fresh" in by["adapters-auto"]:
+        return
+    fresh, auto = by["adapters"]["R"], by["adapters-auto"]["R"]
+    gains = [auto[i][i] - fresh[i][i] for i in range(1, len(auto))]
+    by["adapters-auto"]["fwt_vs_fresh"] = sum(gains) / len(gains) if gains else None
+    by["adapters-auto"]["fwt_vs_fresh_per_task"] = gains
+    echo(f"   adapters-auto against adapters [{order}]: forward transfer {_fmt(by['adapters-auto']['fwt_vs_fresh'])} "
+         f"(per task after the first: {' '.join(f'{g:+.3f}' for g in gains)})")
 
 
 def run_avalanche_stream(name: str, experiences: Sequence, kind: str, backbone_config: BackboneConfig | None = None,
@@ -110,8 +127,13 @@ def run_avalanche_stream(name: str, experiences: Sequence, kind: str, backbone_c
     model = avalanche.build_model(backbone, avalanche.task_specs(stream), config.adapter,
                                   head_dropout=config.training.head_dropout, seed=config.training.seed)
     t = config.training
-    run = avalanche.run_strategy(name, avalanche.export_benchmark(stream, backbone), model, avalanche.AvalancheConfig(
-        epochs=t.epochs, batch_size=t.batch_size, eval_batch_size=t.eval_batch_size, learning_rate=t.learning_rate,
+    # The same budget rule as cmtl's strategies: at most t.epochs, stopped by patience on validation, best kept.
+    validation = [e.validation for e in experiences] if t.patience and all(
+        e.validation is not None and len(e.validation) for e in experiences) else None
+    benchmark = avalanche.export_benchmark(stream, backbone, validation=validation)
+    run = avalanche.run_strategy(name, benchmark, model, avalanche.AvalancheConfig(
+        epochs=t.epochs, patience=t.patience if validation is not None else None, batch_size=t.batch_size,
+        eval_batch_size=t.eval_batch_size, learning_rate=t.learning_rate,
         weight_decay=t.weight_decay, seed=t.seed, device=str(backbone.device), mem_size=config.replay_budget,
         ewc_lambda=config.ewc_lambda, lwf_alpha=config.lwf_lambda, lwf_temperature=config.lwf_temperature))
     return run.report()
@@ -138,6 +160,11 @@ def to_markdown(results: dict) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in summary_rows(results):
         lines.append("| " + " | ".join(_fmt(row[c]) for c in columns) + " |")
+    for run in results["runs"]:
+        if run.get("fwt_vs_fresh") is not None:
+            lines += ["", f"Forward transfer of adapters-auto against adapters ({run['order']}): "
+                      f"{_fmt(run['fwt_vs_fresh'])}, the mean of R[i][i] (auto) − R[i][i] (fresh) over the tasks "
+                      "after the first: " + " ".join(f"{g:+.3f}" for g in run["fwt_vs_fresh_per_task"]) + "."]
     for run in results["runs"]:
         report = ContinualReport.from_matrix(run["R"], run["task_names"], b=run["b"])
         report = dataclasses.replace(report, fwt=run["fwt"])  # None where the run found FWT meaningless

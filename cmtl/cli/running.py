@@ -65,9 +65,11 @@ def bench(
     orders: Annotated[str, typer.Option(help="Comma-separated orders: stated, random-1, ..., or all.")] = "stated",
     max_train: Annotated[Optional[int], typer.Option(help="Override the scenario's training cap.")] = None,
     max_eval: Annotated[Optional[int], typer.Option(help="Override the scenario's validation/test cap.")] = None,
-    epochs: int = 2,
+    epochs: Annotated[Optional[int], typer.Option(help="At most this many epochs per experience (default: "
+                                                       "TrainConfig's, 10), for every strategy.")] = None,
     lr_schedule: Annotated[str, typer.Option(help="linear (decay to 0) or constant after the warm-up.")] = "linear",
-    patience: Annotated[int, typer.Option(help="Early-stopping patience in epochs; 0 never stops early.")] = 2,
+    patience: Annotated[int, typer.Option(help="Stop after this many validation checks (one per epoch) without "
+                                               "improvement and keep the best; 0 never stops early.")] = 2,
     layers: Annotated[Optional[int], typer.Option(help="Use only the first N backbone layers.")] = None,
     replay_budget: int = 500,
     seed: int = 0,
@@ -82,8 +84,8 @@ def bench(
     sc = Scenario.from_yaml(scenario)
     if max_train or max_eval:
         sc = sc.shrink(max_train or sc.max_train, max_eval or sc.max_eval)
-    training = TrainConfig(epochs=epochs, lr_schedule=lr_schedule, patience=patience or None, seed=seed,
-                           progress=False)
+    training = TrainConfig(**({} if epochs is None else {"epochs": epochs}), lr_schedule=lr_schedule,
+                           patience=patience or None, seed=seed, progress=False)
     config = StrategyConfig(training=training, replay_budget=replay_budget)
     out = out or Path("runs/bench") / sc.name
     results = run_benchmark(sc, [s.strip() for s in strategy.split(",") if s.strip()], out,

@@ -84,7 +84,8 @@ def task_specs(experiences: Sequence[TextExperience]) -> list[TaskSpec]:
 
 
 def export_benchmark(
-    experiences: Sequence[TextExperience], backbone: Backbone, *, seq_len: int | None = None
+    experiences: Sequence[TextExperience], backbone: Backbone, *, seq_len: int | None = None,
+    validation: Sequence[Any] | None = None,
 ) -> CLScenario:
     """Build a task-incremental Avalanche ``CLScenario``: experience ``t`` has task label ``t``.
 
@@ -98,11 +99,13 @@ def export_benchmark(
         experiences: ``(task, train_rows, test_rows, labels)`` per task, in stream order.
         backbone: Supplies the tokenizer (and its truncation length).
         seq_len: Pad length; ``None`` uses the longest tokenized row of the stream.
+        validation: Validation rows per experience, in stream order: adds a ``valid_stream``, which
+            :func:`run_strategy` uses to stop and keep the best epoch (``AvalancheConfig.patience``).
 
     Returns:
-        A ``CLScenario`` with ``train_stream`` and ``test_stream`` of T experiences each, whose
-        datasets are ``TaskAwareSupervisedClassificationDataset`` with ``targets`` and
-        ``targets_task_labels``.
+        A ``CLScenario`` with ``train_stream`` and ``test_stream`` (and ``valid_stream``) of T
+        experiences each, whose datasets are ``TaskAwareSupervisedClassificationDataset`` with
+        ``targets`` and ``targets_task_labels``.
     """
     from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
     from avalanche.benchmarks.scenarios.supervised import with_classes_timeline
@@ -114,6 +117,11 @@ def export_benchmark(
         "train": [read(entry[1], spec) for entry, spec in zip(experiences, specs)],
         "test": [read(entry[2], spec) for entry, spec in zip(experiences, specs)],
     }
+    if validation is not None:
+        if len(validation) != len(experiences):
+            raise ValueError(f"validation holds {len(validation)} entries for {len(experiences)} experiences: give "
+                             "one set of validation rows per experience, in stream order.")
+        encoded["valid"] = [read(rows, spec) for rows, spec in zip(validation, specs)]
     longest = max(max(e.lengths()) for split in encoded.values() for e in split)
     if seq_len is None:
         seq_len = longest
@@ -161,7 +169,12 @@ class AvalancheConfig:
     """How :func:`run_strategy` trains and evaluates.
 
     Args:
-        epochs: Passes over each experience's training data.
+        epochs: Passes over each experience's training data (at most, with ``patience``).
+        patience: With a benchmark that has a ``valid_stream`` (``export_benchmark(validation=...)``):
+            score the experience's validation rows after every epoch, stop after ``patience`` epochs
+            without a better accuracy, and end the experience with the best epoch's weights (before
+            any strategy plugin sees them) — cmtl's own budget rule (:class:`cmtl.TrainConfig`).
+            ``None`` trains every epoch and keeps the last.
         batch_size: Training mini-batch size.
         eval_batch_size: Evaluation mini-batch size.
         learning_rate: AdamW learning rate.
@@ -176,6 +189,7 @@ class AvalancheConfig:
     """
 
     epochs: int = 1
+    patience: int | None = None
     batch_size: int = 16
     eval_batch_size: int = 64
     learning_rate: float = 1e-3
@@ -193,6 +207,8 @@ class AvalancheConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"AvalancheConfig.{key} must be a positive integer. Got {value!r}.")
+        if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 1):
+            raise ValueError(f"AvalancheConfig.patience must be a positive integer or None. Got {self.patience!r}.")
         for key in ("learning_rate", "lwf_temperature"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"AvalancheConfig.{key} must be > 0. Got {getattr(self, key)!r}.")
@@ -213,6 +229,8 @@ class AvalancheRun:
             training experience (the mean over experiences trained before the current one).
         experience_forgetting, experience_bwt: Avalanche's per-experience values after the last one.
         stream_accuracy: ``Top1_Acc_Stream`` after each training experience.
+        validation: With ``AvalancheConfig.patience``, the validation accuracy after each epoch, per
+            training experience (its length is the epochs trained); ``None`` otherwise.
     """
 
     strategy: str
@@ -227,6 +245,7 @@ class AvalancheRun:
     seconds_per_experience: tuple[float, ...]
     trainable_parameters_per_task: tuple[int, ...]
     bytes_per_task: tuple[int, ...]
+    validation: tuple[tuple[float, ...], ...] | None = None
 
     def report(self) -> ContinualReport:
         """cmtl's metrics (ACC, BWT, FWT, Chaudhry forgetting) of this run."""
@@ -234,6 +253,61 @@ class AvalancheRun:
             self.R, self.task_names, b=self.b, seconds_per_experience=self.seconds_per_experience,
             trainable_parameters_per_task=self.trainable_parameters_per_task, bytes_per_task=self.bytes_per_task,
         )
+
+
+def best_epoch_plugin(valid_stream, patience: int, batch_size: int):
+    """An Avalanche plugin that gives a strategy cmtl's budget rule: after each training epoch it scores the
+    current experience's validation rows (``valid_stream[i]``), stops after ``patience`` epochs without a
+    better accuracy, and at the end of the experience puts back the best epoch's trainable weights.
+
+    Strategies list the caller's plugins before their own (EWC's Fisher, LwF's snapshot, replay's buffer
+    update), so those see the restored weights."""
+    from avalanche.core import SupervisedPlugin
+
+    class BestEpoch(SupervisedPlugin):
+        def __init__(self) -> None:
+            super().__init__()
+            self.best: tuple[float, dict[str, torch.Tensor]] | None = None
+            self.waited = 0
+            self.history: list[list[float]] = []  # validation accuracy after each epoch, per experience
+
+        def before_training_exp(self, strategy, **kwargs) -> None:
+            self.best, self.waited = None, 0
+            self.history.append([])
+
+        def after_training_epoch(self, strategy, **kwargs) -> None:
+            score = self._accuracy(strategy.model, valid_stream[strategy.experience.current_experience].dataset,
+                                   strategy.device)
+            self.history[-1].append(score)
+            if self.best is None or score > self.best[0]:
+                trained = {n: p.detach().clone() for n, p in strategy.model.named_parameters() if p.requires_grad}
+                self.best, self.waited = (score, trained), 0
+            else:
+                self.waited += 1
+                if self.waited >= patience:
+                    strategy.stop_training()
+
+        def after_training_exp(self, strategy, **kwargs) -> None:
+            if self.best is not None:
+                params = dict(strategy.model.named_parameters())
+                with torch.no_grad():
+                    for name, value in self.best[1].items():
+                        params[name].copy_(value)
+
+        @staticmethod
+        def _accuracy(model: nn.Module, dataset, device) -> float:
+            was_training = model.training
+            model.eval()
+            correct = total = 0
+            with torch.no_grad():
+                for x, y, t in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
+                    predicted = model(x.to(device), int(t[0])).argmax(-1).cpu()
+                    correct += int((predicted == y).sum())
+                    total += len(y)
+            model.train(was_training)
+            return correct / max(total, 1)
+
+    return BestEpoch()
 
 
 class _MemoryLogger:
@@ -306,10 +380,16 @@ def run_strategy(
         "ewc": (EWC, {"ewc_lambda": config.ewc_lambda}),
         "lwf": (LwF, {"alpha": config.lwf_alpha, "temperature": config.lwf_temperature}),
     }[name]
+    best = None
+    if config.patience is not None:
+        if getattr(benchmark, "valid_stream", None) is None:
+            raise ValueError("AvalancheConfig.patience needs validation data: build the benchmark with "
+                             "export_benchmark(..., validation=[rows per experience]), or set patience=None.")
+        best = best_epoch_plugin(benchmark.valid_stream, config.patience, config.eval_batch_size)
     strategy = strategy_cls(
         model=model, optimizer=optimizer, criterion=nn.CrossEntropyLoss(), train_mb_size=config.batch_size,
         train_epochs=config.epochs, eval_mb_size=config.eval_batch_size, evaluator=evaluator,
-        device=config.device or next(model.parameters()).device,
+        device=config.device or next(model.parameters()).device, plugins=[] if best is None else [best],
         **extra,
     )
 
@@ -352,4 +432,5 @@ def run_strategy(
         seconds_per_experience=tuple(seconds),
         trainable_parameters_per_task=tuple(model.trainable_parameters_per_task()),
         bytes_per_task=tuple(model.parameters_added_per_task(in_bytes=True)),
+        validation=None if best is None else tuple(tuple(h) for h in best.history),
     )

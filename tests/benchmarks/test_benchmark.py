@@ -72,6 +72,21 @@ def test_avalanche_strategy_in_the_same_table(tmp_path, tiny_backbone):
     assert all(len(run["R"]) == 5 and run["b"] is not None for run in results["runs"])
 
 
+def test_adapters_auto_measures_forward_transfer_against_fresh_adapters(tmp_path, tiny_backbone):
+    scenario = Scenario.from_yaml(SCENARIOS / "text5.yaml").shrink(16, 8)
+    config = StrategyConfig(training=TrainConfig(epochs=1, batch_size=8, progress=False))
+    lines: list[str] = []
+    results = run_benchmark(scenario, ["adapters", "adapters-auto"], tmp_path, config=config, device="cpu",
+                            backbone=BackboneConfig(name_or_path=tiny_backbone, max_length=32), echo=lines.append)
+    fresh, auto = results["runs"]
+    assert "fwt_vs_fresh" not in fresh and len(auto["fwt_vs_fresh_per_task"]) == 4
+    assert auto["fwt_vs_fresh_per_task"] == pytest.approx([auto["R"][i][i] - fresh["R"][i][i] for i in range(1, 5)])
+    assert auto["fwt_vs_fresh"] == pytest.approx(sum(auto["fwt_vs_fresh_per_task"]) / 4)
+    assert auto["bwt"] == 0  # each task keeps its own adapter: nothing is forgotten, whatever it started from
+    assert sum("adapters-auto: after" in line and "started from" in line for line in lines) == 5
+    assert "Forward transfer of adapters-auto against adapters (stated)" in (tmp_path / "results.md").read_text()
+
+
 def load_script(name: str):
     """Import a runner script from scenarios/ (they are scripts, not package modules)."""
     import importlib.util
@@ -131,17 +146,27 @@ def test_merge_benchmark_script(tmp_path, tiny_backbone):
     results = merging.run(shrunk("text5"), tmp_path, backbone=backbone, device="cpu",
                           training=TrainConfig(epochs=1, batch_size=8, progress=False),
                           methods=("linear", "peft_ties"), rank=4, search=False, echo=lines.append)
-    assert list(results["merges"]) == ["linear", "linear+refit", "peft_ties", "peft_ties+refit"]
-    assert len(results["individual"]) == 5
+    assert list(results["merges"]) == ["linear+refit", "linear", "peft_ties+refit", "peft_ties"]
+    assert len(results["individual"]) == 5 and set(results["train_seconds"]) == set(results["individual"])
     linear = results["merges"]["linear"]
     assert results["merges"]["linear+refit"]["config"]["refit_heads"] and not linear["config"]["refit_heads"]
     assert linear["rank"] == 4 and 0 < linear["reconstruction_error"]["max"] < 1
     assert set(linear["normalised"]) == {"bbc", "trec", "spam", "rotten", "foods"}
+    # The frozen backbone beside every merge: the tasks it beats and loses to split the tasks between them.
+    assert set(linear["beats_frozen"]) | set(linear["below_frozen"]) <= set(linear["normalised"])
+    assert not set(linear["beats_frozen"]) & set(linear["below_frozen"]) and linear["vs_training"] > 0
     md = (tmp_path / "results.md").read_text()
     assert "| individual adapters |" in md and "| peft_ties |" in md and "| peft_ties+refit |" in md
-    assert len(lines) == 10 and lines[5].startswith("linear probe on the bare backbone")
-    assert set(results["probe"]) == set(results["individual"]) and all(0 <= a <= 1 for a in results["probe"].values())
-    assert "| linear probe, no adapter" in md
+    assert "| frozen backbone, the tasks' own heads (λ = 0) |" in md and "beats it on" in md
+    assert len(lines) == 11 and lines[5].startswith("frozen backbone, heads refitted on the buffers")
+    for head in ("refit", "keep"):
+        assert set(results["frozen"][head]) == set(results["individual"])
+        assert all(0 <= a <= 1 for a in results["frozen"][head].values())
+    searched = merging.run(shrunk("text5"), tmp_path / "search", backbone=backbone, device="cpu",
+                           training=TrainConfig(epochs=1, batch_size=8, progress=False), methods=("ties",),
+                           heads=("refit",), compare_full=("ties+refit",), echo=lines.append)
+    assert list(searched["merges"]) == ["ties+refit", "ties+refit (full grid)"]
+    assert [m["candidates_scored"] for m in searched["merges"].values()] == [19, 13]
     with pytest.raises(ValueError, match="task-incremental"):
         merging.run(Scenario.from_yaml(SCENARIOS / "sentiment4.yaml"), tmp_path, backbone=BackboneConfig(),
                     training=TrainConfig())

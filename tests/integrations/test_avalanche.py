@@ -219,3 +219,42 @@ def test_every_strategy_runs(name, benchmark, backbone):
     assert len(run.R) == 3 and all(0.0 <= v <= 1.0 for row in run.R for v in row)
     assert run.stream_forgetting[-1] == pytest.approx(avalanche_forgetting(run.R).stream, abs=1e-6)
     assert all(p.requires_grad == ("lora_" in n or n.startswith("heads.")) for n, p in model.named_parameters())
+
+
+VALID = [toy_sentiment(12, 7), _flip(toy_sentiment(12, 8)), _three(toy_sentiment(12, 9))]
+
+
+def _valid_accuracy(model, backbone, t: int) -> float:
+    spec = av.task_specs(STREAM)[t]
+    enc = encode(read_examples(VALID[t], spec), spec, backbone.tokenize)
+    logits = predict_logits(model.forward_for(t), enc, batch_size=5, pad_id=_pad(backbone), device=CPU)
+    return compute_metrics(spec, logits, enc.targets)["accuracy"]
+
+
+def test_patience_stops_on_validation_and_keeps_the_best_epoch(backbone, tiny_backbone):
+    """Avalanche's strategies get cmtl's budget rule: best epoch on validation kept, stopped by patience."""
+    bench = av.export_benchmark(STREAM, backbone, validation=VALID)
+    assert len(bench.valid_stream) == 3 and len(bench.valid_stream[2].dataset) == 12
+    model = av.build_model(backbone, av.task_specs(STREAM))
+    final: list[float] = []
+    # A large learning rate makes validation accuracy jump around, so the best epoch is rarely the last.
+    config = av.AvalancheConfig(batch_size=4, epochs=8, learning_rate=0.3, patience=2, measure_b=False)
+    run = av.run_strategy("naive", bench, model, config,
+                          after_experience=lambda i: final.append(_valid_accuracy(model, backbone, i)))
+    assert run.validation is not None and len(run.validation) == 3
+    for t, history in enumerate(run.validation):
+        best = max(range(len(history)), key=lambda k: (history[k], -k))  # the first best epoch
+        assert final[t] == pytest.approx(history[best], abs=1e-6)  # its weights were put back
+        assert len(history) == min(8, best + 1 + 2)  # stopped 2 epochs after it, or at the cap
+    assert any(len(h) < 8 for h in run.validation) and any(h[-1] < max(h) for h in run.validation), \
+        "the run never stopped early or never fell back: the test would not see the rule"
+
+
+def test_patience_needs_a_validation_stream(benchmark, backbone):
+    model = av.build_model(backbone, av.task_specs(STREAM))
+    with pytest.raises(ValueError, match="patience needs validation data"):
+        av.run_strategy("naive", benchmark, model, av.AvalancheConfig(patience=2))
+    with pytest.raises(ValueError, match="validation holds 2 entries for 3 experiences"):
+        av.export_benchmark(STREAM, backbone, validation=VALID[:2])
+    with pytest.raises(ValueError, match="patience must be a positive integer or None"):
+        av.AvalancheConfig(patience=0)
