@@ -114,7 +114,6 @@ class Scorer:
         self.tasks = {t: dataclasses.replace(rows) for t, rows in tasks.items()}
         for (t, p), encoded in zip(parts, cached):
             setattr(self.tasks[t], p, encoded)
-        self.cached = any(e is not None and e.prefix is not None for e in cached)
 
     def evaluate(self, delta: Delta | None, *, share: float = 1.0, parts: tuple[str, ...] = ("select",),
                  heads: dict[str, TaskHead] | None = None, stored: bool = False) -> Evaluation:
