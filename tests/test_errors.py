@@ -109,7 +109,9 @@ BAD = {
     "MergeConfig.method": (MergeConfig, {"method": "svd"}, "method", "MergeConfig",
                            "be one of ['linear', 'ties', 'dare', 'dare_ties', 'peft_linear', 'peft_ties', "
                            "'peft_dare_ties', 'peft_ties_svd']", "svd"),
-    "MergeConfig.scale": (MergeConfig, {"scale": 0.0}, "scale", "MergeConfig", "be in (0, 10] or None", 0.0),
+    "MergeConfig.scale": (MergeConfig, {"scale": -0.5}, "scale", "MergeConfig", "be in [0, 10] or None", -0.5),
+    "MergeConfig.selection_fraction": (MergeConfig, {"selection_fraction": 0.0}, "selection_fraction",
+                                       "MergeConfig", "be in (0, 1)", 0.0),
     "MergeConfig.density": (MergeConfig, {"density": 0.0}, "density", "MergeConfig", "be in (0, 1]", 0.0),
     "MergeConfig.drop": (MergeConfig, {"drop": 1.0}, "drop", "MergeConfig", "be in [0, 1)", 1.0),
     "MergeConfig.rank": (MergeConfig, {"rank": 0}, "rank", "MergeConfig", "be a positive integer or None", 0),
