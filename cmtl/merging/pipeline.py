@@ -25,8 +25,7 @@ from cmtl.core.tasks import TaskHead, TaskSpec
 from cmtl.data import Encoded, Examples
 from cmtl.errors import DataError, MergeRefusedError
 from cmtl.merging.methods import MergeConfig, lora_deltas, merge_deltas, to_lora_state
-from cmtl.merging.scoring import Evaluation, Scorer, TaskRows, rungs, shuffled, split_holdout
-from cmtl.training.evaluation import compute_metrics, primary_metric
+from cmtl.merging.scoring import Evaluation, Scorer, TaskRows, primary_score, rungs, shuffled, split_holdout
 from cmtl.training.loop import seeded
 from tqdm.auto import tqdm
 
@@ -158,7 +157,7 @@ def _task_rows(specs: dict[str, TaskSpec], heads: dict[str, TaskHead], held: dic
                         else ([], list(range(len(encoded)))))
         for part, idx in (("select", pick), ("report", report)):
             if idx:
-                own[part][t] = _metric(spec, individual[t][idx], encoded.targets[idx])
+                own[part][t] = primary_score(spec, individual[t][idx], encoded.targets[idx])
         if pick:
             chosen.select[t] = (spec, individual[t][pick], encoded.targets[pick])
         rows[t] = TaskRows(spec, heads[t], buffer, encoded.select(pick) if pick else None, encoded.select(report))
@@ -173,13 +172,8 @@ class _Own:
 
     def normalised(self, scores: dict[str, float], rows: dict[str, int]) -> float | None:
         """Mean merged / own score over tasks, each on its first ``rows[task]`` selection rows."""
-        return normalised(scores, {t: _metric(spec, logits[: rows[t]], targets[: rows[t]])
+        return normalised(scores, {t: primary_score(spec, logits[: rows[t]], targets[: rows[t]])
                                    for t, (spec, logits, targets) in self.select.items() if t in rows})
-
-
-def _metric(spec: TaskSpec, logits: torch.Tensor, targets: torch.Tensor) -> float:
-    metric, _ = primary_metric(spec)
-    return float(compute_metrics(spec, logits, targets)[metric])
 
 
 def _search(scorer: Scorer, combine: "_Combiner", grid: list[MergeConfig], plan: list[tuple[int, float]],

@@ -146,12 +146,11 @@ class Scorer:
                     fitted[t] = rows.head
                 for p, e in pieces.items():
                     used[p][t] = len(e)
-                metric, _ = primary_metric(rows.spec)
                 with torch.no_grad():
                     for p in parts:
                         if p in by_part:
                             logits = fitted[t](by_part[p].to(self.backbone.device)).float().cpu()
-                            scores[p][t] = float(compute_metrics(rows.spec, logits, pieces[p].targets)[metric])
+                            scores[p][t] = primary_score(rows.spec, logits, pieces[p].targets)
         return Evaluation(scores, fitted, used)
 
     @contextlib.contextmanager
@@ -175,6 +174,12 @@ class Scorer:
             yield
         finally:
             self.bank.remove(key)
+
+
+def primary_score(spec: TaskSpec, logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """``spec``'s primary metric (accuracy, micro-F1 or MSE) of ``logits`` against ``targets``."""
+    metric, _ = primary_metric(spec)
+    return float(compute_metrics(spec, logits, targets)[metric])
 
 
 def _prefix(encoded: Encoded | None, share: float) -> Encoded | None:
