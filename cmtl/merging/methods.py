@@ -62,9 +62,9 @@ class MergeConfig:
             linear head costs one forward pass over the buffer.
         selection_fraction: With ``search``, the share of each member's held-out sample that chooses
             the knobs; the scores recorded are those on the rest, which the choice never saw.
-        halving: With ``search``, score the candidates by successive halving (all on a third or a ninth
-            of the rows, the best third on three times as many, ..., the last two on all rows) instead
-            of every candidate on every row: about a third of the cost for the TIES grid.
+        halving: With ``search``, score the candidates by successive halving (all on a small share of
+            the rows, the best third on three times as many, ..., the last one on all rows) instead of
+            every candidate on every row: about a quarter of the search's cost for the TIES grid.
         require_gain: Refuse the merge (:class:`~cmtl.errors.MergeRefusedError`, nothing written) unless
             it scores above the frozen backbone on average and not below it on any member task
             (reported rows; the backbone's heads refitted as the merge's are).

@@ -10,9 +10,9 @@ so a reported score is never the best of several tries on the same rows.
 
 :func:`rungs` plans successive halving (Jamieson & Talwalkar 2016): every candidate is first scored on a
 small seeded share of the buffer and selection rows, the best third goes on to three times the rows, and
-so on, until the last few are scored on all rows. When the adapters leave the bottom layers untouched
-(``AdapterConfig.layers``), those layers run once for every row (:mod:`cmtl.training.caching`) and each
-candidate runs only the layers above.
+so on, until one is left and scored on all rows, where it must beat no delta at all. When the adapters
+leave the bottom layers untouched (``AdapterConfig.layers``), those layers run once for every row
+(:mod:`cmtl.training.caching`) and each candidate runs only the layers above.
 """
 
 from __future__ import annotations
@@ -85,10 +85,10 @@ def shuffled(encoded: Encoded | None, seed: int) -> Encoded | None:
 
 
 def rungs(candidates: int, eta: int = ETA) -> list[tuple[int, float]]:
-    """Successive halving's plan: (candidates scored, share of the rows) per rung; the last rung scores
-    the final ≤ 2 (or all of ``candidates`` when there are that few) on every row."""
+    """Successive halving's plan: (candidates scored, share of the rows) per rung, down to the one
+    candidate the last rung scores on every row."""
     kept = [candidates]
-    while kept[-1] > 2:
+    while kept[-1] > 1:
         kept.append(math.ceil(kept[-1] / eta))
     return [(n, float(eta) ** -(len(kept) - 1 - i)) for i, n in enumerate(kept)]
 

@@ -166,7 +166,7 @@ def test_merge_benchmark_script(tmp_path, tiny_backbone):
                            training=TrainConfig(epochs=1, batch_size=8, progress=False), methods=("ties",),
                            heads=("refit",), compare_full=("ties+refit",), echo=lines.append)
     assert list(searched["merges"]) == ["ties+refit", "ties+refit (full grid)"]
-    assert [m["candidates_scored"] for m in searched["merges"].values()] == [19, 13]
+    assert [m["candidates_scored"] for m in searched["merges"].values()] == [20, 13]
     with pytest.raises(ValueError, match="task-incremental"):
         merging.run(Scenario.from_yaml(SCENARIOS / "sentiment4.yaml"), tmp_path, backbone=BackboneConfig(),
                     training=TrainConfig())

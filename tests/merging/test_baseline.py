@@ -17,11 +17,11 @@ from cmtl.registry.store import MANIFEST
 from tests.conftest import FAST, toy_sentiment
 
 
-def test_rungs_keep_a_third_on_three_times_the_rows():
-    assert rungs(12) == [(12, 1 / 9), (4, 1 / 3), (2, 1.0)]
-    assert rungs(5) == [(5, 1 / 3), (2, 1.0)]
+def test_rungs_keep_a_third_on_three_times_the_rows_down_to_one():
+    assert rungs(12) == [(12, 1 / 27), (4, 1 / 9), (2, 1 / 3), (1, 1.0)]
+    assert rungs(5) == [(5, 1 / 9), (2, 1 / 3), (1, 1.0)]
     assert rungs(24) == [(24, 1 / 27), (8, 1 / 9), (3, 1 / 3), (1, 1.0)]
-    assert rungs(2) == [(2, 1.0)] and rungs(1) == [(1, 1.0)]
+    assert rungs(2) == [(2, 1 / 3), (1, 1.0)] and rungs(1) == [(1, 1.0)]
 
 
 def test_selection_and_report_rows_are_disjoint_and_seeded():

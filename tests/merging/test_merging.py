@@ -157,8 +157,8 @@ def test_merge_search_and_soup(merge_reg):
 
     reg = merge_reg
     searched = reg.merge(["a", "b"], "ab-ties", "ties", search=True)
-    # Successive halving over the 12 TIES candidates: 12, then 4, then 2 on all selection rows; and no delta.
-    assert [tr["share"] for tr in searched["search"]] == [1.0] + [1 / 9] * 12 + [1 / 3] * 4 + [1.0] * 2
+    # Successive halving over the 12 TIES candidates: 12, 4, 2, then 1 on all selection rows; and no delta.
+    assert [tr["share"] for tr in searched["search"]] == [1.0] + [1 / 27] * 12 + [1 / 9] * 4 + [1 / 3] * 2 + [1.0]
     final = [tr for tr in searched["search"] if tr["share"] == 1.0]
     best = max(final, key=lambda tr: tr["normalised"])
     assert searched["selection"]["normalised"] == pytest.approx(best["normalised"])
