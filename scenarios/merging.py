@@ -12,16 +12,21 @@ replay buffer through the merged adapter (the adapter is the same merge). Every 
 frozen backbone (no adapter; the members' heads, or heads refitted on the same buffers), the
 tasks on which the merge beats it on the test split, and the merge's wall time against the time
 the five adapters took to train in the same run. ``--compare-full ties+refit`` also runs that searched
-merge without successive halving. Writes ``results.json`` and ``results.md``.
+merge without successive halving. Writes ``results.json`` and ``results.md``; ``--resume`` continues a
+run in the same ``--out`` folder: its trained adapters, training times and recorded merges are kept,
+and only the merges not recorded yet run.
 
     python scenarios/merging.py                          # embedded MiniLM, text5
     python scenarios/merging.py --layers 2 --max-train 200   # quick look
     python scenarios/merging.py --compare-full ties+refit   # every method, and TIES's full grid (#26)
+    python scenarios/merging.py --methods ties --heads refit --out runs/bench/m   # ... later, the rest:
+    python scenarios/merging.py --resume --out runs/bench/m
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 import time
@@ -38,40 +43,54 @@ from cmtl.merging.methods import METHODS, PEFT_METHODS, MergeConfig, refit_head
 
 
 def run(scenario: Scenario, out: Path, *, backbone: BackboneConfig, training: TrainConfig, device: str = "auto",
-        methods: tuple[str, ...] = METHODS + PEFT_METHODS, rank: int | None = None, search: bool = True,
-        heads: tuple[str, ...] = ("refit", "keep"), compare_full: tuple[str, ...] = (), echo=print) -> dict:
-    """Train, merge with each method, score; write results into ``out``; return them."""
+        methods: tuple[str, ...] = METHODS + PEFT_METHODS, rank: int | str | None = "auto", search: bool = True,
+        heads: tuple[str, ...] = ("refit", "keep"), compare_full: tuple[str, ...] = (), resume: bool = False,
+        echo=print) -> dict:
+    """Train, merge with each method, score; write results into ``out``; return them. With ``resume``, keep
+    the adapters, training times and merges that ``out`` already records and run only the missing merges."""
     if scenario.kind != "task-incremental":
         raise ValueError(f"Scenario {scenario.name!r} is {scenario.kind}; merging needs one adapter per task "
                          "(a task-incremental scenario).")
     experiences = scenario.load()
     tasks = [e.spec.name for e in experiences]
     out.mkdir(parents=True, exist_ok=True)
-    reg = Registry.create(out / "registry", backbone, device=device)
-    individual, train_seconds = {}, {}
-    for exp in experiences:
-        started = time.perf_counter()
-        reg.add_task(exp.spec, exp.train, exp.validation, training=training)
-        train_seconds[exp.name] = time.perf_counter() - started
-        individual[exp.name] = reg.evaluate(exp.name, exp.test)["accuracy"]
-        echo(f"individual {exp.name}: {individual[exp.name]:.3f} ({train_seconds[exp.name]:.0f} s)")
-    frozen = {"refit": {exp.name: probe_accuracy(reg, exp) for exp in experiences},
-              "keep": {exp.name: frozen_accuracy(reg, exp) for exp in experiences}}
-    for head, what in (("refit", "heads refitted on the buffers"), ("keep", "the tasks' own heads")):
-        echo(f"frozen backbone, {what}: " + " ".join(f"{t}={a:.3f}" for t, a in frozen[head].items()))
-    results = {"scenario": scenario.name, "tasks": tasks, "backbone": backbone.to_dict(),
-               "training": training.to_dict(), "max_train": scenario.max_train, "max_eval": scenario.max_eval,
-               "rank": rank, "search": search,
-               "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-               "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
-               "individual": individual, "train_seconds": train_seconds, "frozen": frozen, "merges": {}}
+    settings = {"scenario": scenario.name, "tasks": tasks, "backbone": backbone.to_dict(),
+                "training": training.to_dict(), "max_train": scenario.max_train, "max_eval": scenario.max_eval}
+    if resume:
+        results = _previous(out, settings)
+        reg = Registry.open(out / "registry", device=device)
+        individual, frozen = results["individual"], results["frozen"]
+        echo(f"resuming {out}: adapters trained on {results['date']}, merges recorded: "
+             f"{', '.join(results['merges']) or 'none'}")
+    else:
+        reg = Registry.create(out / "registry", backbone, device=device)
+        individual, train_seconds = {}, {}
+        for exp in experiences:
+            started = time.perf_counter()
+            reg.add_task(exp.spec, exp.train, exp.validation, training=training)
+            train_seconds[exp.name] = time.perf_counter() - started
+            individual[exp.name] = reg.evaluate(exp.name, exp.test)["accuracy"]
+            echo(f"individual {exp.name}: {individual[exp.name]:.3f} ({train_seconds[exp.name]:.0f} s)")
+        frozen = {"refit": {exp.name: probe_accuracy(reg, exp) for exp in experiences},
+                  "keep": {exp.name: frozen_accuracy(reg, exp) for exp in experiences}}
+        for head, what in (("refit", "heads refitted on the buffers"), ("keep", "the tasks' own heads")):
+            echo(f"frozen backbone, {what}: " + " ".join(f"{t}={a:.3f}" for t, a in frozen[head].items()))
+        results = {**settings, "rank": rank, "search": search,
+                   "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+                   "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
+                   "individual": individual, "train_seconds": train_seconds, "frozen": frozen, "merges": {}}
+    train_seconds = results["train_seconds"]
     label_of = lambda m, h: m if h == "keep" else f"{m}+refit"  # noqa: E731
     runs = [(m, h, halving) for m in methods for h in heads
             for halving in ((True, False) if search and label_of(m, h) in compare_full else (True,))]
     for method, head, halving in runs:
-        started = time.perf_counter()
         label = label_of(method, head) + ("" if halving or not search else " (full grid)")
+        if label in results["merges"]:
+            continue
         name = label.replace("_", "-").replace("+", "-").replace(" (full grid)", "-full")
+        if name in reg.merges():  # written by a run stopped before it recorded the merge's scores
+            reg.remove_merge(name)
+        started = time.perf_counter()
         record = reg.merge(tasks, name, search=search, config=MergeConfig(
             method=method, rank=rank, refit_heads=head == "refit", halving=halving, progress=False))
         seconds = time.perf_counter() - started
@@ -87,13 +106,29 @@ def run(scenario: Scenario, out: Path, *, backbone: BackboneConfig, training: Tr
             "reconstruction_error": record["reconstruction_error"], "heldout_normalised": record["normalised"],
             "heldout_frozen_normalised": record.get("baseline_normalised"),
             "seconds": seconds, "vs_training": seconds / sum(train_seconds.values()),
-            "candidates_scored": len(record["search"]),
+            "candidates_scored": len(record["search"]), "date": time.strftime("%Y-%m-%d"),
+            "torch_threads": torch.get_num_threads(),
         }
         echo(f"{label}: mean normalised {results['merges'][label]['mean_normalised']:.3f} "
              + " ".join(f"{t}={merged[t]:.3f}" for t in tasks)
              + f" ({seconds:.0f} s, {results['merges'][label]['vs_training']:.2f}x training)")
         write_results(out, results)
     write_results(out, results, to_markdown(results))
+    return results
+
+
+def _previous(out: Path, settings: dict) -> dict:
+    """The results ``out`` records, checked to be of the same scenario, backbone and training."""
+    path = out / "results.json"
+    if not path.exists() or not (out / "registry").exists():
+        raise FileNotFoundError(f"--resume: {out} holds no results.json and registry of an earlier run (a run "
+                                "writes them once its adapters are trained and its first merge is scored). "
+                                "Run without --resume.")
+    results = json.loads(path.read_text(encoding="utf-8"))
+    changed = [k for k, v in settings.items() if results.get(k) != json.loads(json.dumps(v))]
+    if changed:
+        raise ValueError(f"--resume: {out} was run with other {', '.join(changed)}; resume with the same "
+                         "scenario and settings, or use a new --out folder.")
     return results
 
 
@@ -172,13 +207,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-train", type=int, default=None)
     parser.add_argument("--max-eval", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=None, help="Epoch cap (default: TrainConfig's).")
-    parser.add_argument("--rank", type=int, default=None, help="Rank of the stored merged adapters (default exact).")
+    parser.add_argument("--rank", default="auto",
+                        help="Rank of the stored merged adapters: auto (MergeConfig's default), exact or a number.")
     parser.add_argument("--no-search", action="store_true", help="Use the default knobs instead of searching.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--methods", default=",".join(METHODS + PEFT_METHODS))
     parser.add_argument("--heads", choices=["keep", "refit", "both"], default="both",
                         help="keep the task heads, refit them on the replay buffers after merging, or both")
+    parser.add_argument("--resume", action="store_true",
+                        help="Continue the run in --out: keep its adapters and recorded merges, run the rest.")
     parser.add_argument("--compare-full", default="",
                         help="Comma-separated merges (e.g. ties+refit) to run also on the full grid (no halving).")
     args = parser.parse_args(argv)
@@ -190,9 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     run(scenario, Path(args.out), backbone=BackboneConfig(num_hidden_layers=args.layers),
         training=TrainConfig(**({} if args.epochs is None else {"epochs": args.epochs}), seed=args.seed,
                              progress=False), device=args.device,
-        methods=methods, rank=args.rank, search=not args.no_search,
+        methods=methods, rank=(None if args.rank == "exact" else args.rank if args.rank == "auto"
+                                 else int(args.rank)),
+        search=not args.no_search,
         heads=("refit", "keep") if args.heads == "both" else (args.heads,),
-        compare_full=tuple(x for x in args.compare_full.split(",") if x))
+        compare_full=tuple(x for x in args.compare_full.split(",") if x), resume=args.resume)
     print((Path(args.out) / "results.md").read_text())
     return 0
 

@@ -281,7 +281,10 @@ def merge(
     scale: Annotated[Optional[float], typer.Option(help="λ (default: mean for linear/dare, 1 for TIES).")] = None,
     density: Annotated[float, typer.Option(help="TIES: fraction of each delta kept.")] = 0.2,
     drop: Annotated[float, typer.Option(help="DARE: drop probability.")] = 0.9,
-    rank: Annotated[Optional[int], typer.Option(help="Rank of the stored adapter (default: exact).")] = None,
+    rank: Annotated[str, typer.Option(help="Rank of the stored adapter: auto (the smallest whose relative "
+                                           "reconstruction error is at most --rank-tolerance in every module), "
+                                           "exact, or a number.")] = "auto",
+    rank_tolerance: Annotated[float, typer.Option(help="Error bound of --rank auto.")] = 1e-3,
     search: Annotated[bool, typer.Option(help="Choose the knobs on part of the members' held-out samples (no delta "
                                               "among the candidates) and report on the rest.")] = False,
     refit_heads: Annotated[bool, typer.Option(help="Refit each task's head on its replay buffer through the "
@@ -295,6 +298,9 @@ def merge(
     Every merge is scored against the frozen backbone (no adapter, the same heads or refitted ones)."""
     from cmtl.merging.methods import MergeConfig
 
+    if rank not in ("auto", "exact") and not rank.isdigit():
+        raise ValueError(f"--rank {rank!r}: write auto, exact or a positive number, e.g. --rank 16.")
+    stored_rank = {"auto": "auto", "exact": None}[rank] if rank in ("auto", "exact") else int(rank)
     reg = _open(registry)
     parsed = []
     for m in members:
@@ -303,7 +309,8 @@ def merge(
             raise ValueError(f"Member {m!r}: write TASK (its current version) or TASK:VERSION, e.g. {task}:2.")
         parsed.append((task, int(version)) if sep else task)
     record = reg.merge(parsed, name, config=MergeConfig(method=method, scale=scale, density=density, drop=drop,
-                                                        rank=rank, seed=seed, refit_heads=refit_heads,
+                                                        rank=stored_rank, rank_tolerance=rank_tolerance,
+                                                        seed=seed, refit_heads=refit_heads,
                                                         require_gain=require_gain),
                        search=search)
     members_text = ", ".join(f"{m['task']} v{m['version']}" for m in record["members"])

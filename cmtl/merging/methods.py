@@ -12,7 +12,8 @@ approximates the sum and needs equal ranks):
   rescale by 1 / (1 − drop), then ``linear`` / ``ties`` (Yu et al. 2024).
 
 The merged delta goes back into LoRA form by truncated SVD
-(:func:`refactorise`), with its relative reconstruction error. Optionally each task's
+(:func:`refactorise`), with its relative reconstruction error; by default at the smallest rank
+whose error stays within ``MergeConfig.rank_tolerance`` in every module. Optionally each task's
 head is then refitted to the merged features on the task's replay buffer
 (:func:`refit_head`): the merged adapter is shared, the heads stay per task. ``peft_*`` methods
 run peft's ``add_weighted_adapter`` instead (see :meth:`cmtl.Registry.merge`), as the
@@ -53,8 +54,13 @@ class MergeConfig:
             entries of each delta kept (top-k by magnitude).
         drop: DARE (``dare``, ``dare_ties``, ``peft_dare_ties``): probability of dropping each
             entry (peft is given density = 1 - drop).
-        rank: Rank of the stored LoRA adapter; ``None`` keeps the merged delta
-            exactly (full rank of each layer).
+        rank: Rank of the stored LoRA adapter. ``"auto"``: the smallest rank whose relative
+            reconstruction error ‖ΔW − BA‖ / ‖ΔW‖ is at most ``rank_tolerance`` in every module
+            (a task-arithmetic merge of n rank-r adapters needs at most n · r; TIES and DARE deltas
+            are sparse and need more); ``None`` keeps the merged delta exactly (full rank of each
+            layer); an integer truncates to that rank, and the search then scores the truncated
+            candidates.
+        rank_tolerance: The error bound of ``rank="auto"``.
         seed: Seeds DARE's drops (peft's too).
         refit_heads: After merging, retrain each task's head (only the head, warm-started
             from the member's) on the task's replay buffer through the merged adapter.
@@ -77,7 +83,8 @@ class MergeConfig:
     scale: float | None = None
     density: float = 0.2
     drop: float = 0.9
-    rank: int | None = None
+    rank: int | Literal["auto"] | None = "auto"
+    rank_tolerance: float = 1e-3
     seed: int = 0
     refit_heads: bool = False
     selection_fraction: float = 0.5
@@ -99,8 +106,13 @@ class MergeConfig:
             raise InvalidParameterError(bad_param("density", "MergeConfig", "be in (0, 1]", self.density))
         if not 0 <= self.drop < 1:
             raise InvalidParameterError(bad_param("drop", "MergeConfig", "be in [0, 1)", self.drop))
-        if self.rank is not None and (not isinstance(self.rank, int) or self.rank < 1):
-            raise InvalidParameterError(bad_param("rank", "MergeConfig", "be a positive integer or None", self.rank))
+        if self.rank not in (None, "auto") and (isinstance(self.rank, bool) or not isinstance(self.rank, int)
+                                                 or self.rank < 1):
+            raise InvalidParameterError(bad_param("rank", "MergeConfig", "be a positive integer, 'auto' or None",
+                                                  self.rank))
+        if not 0 < self.rank_tolerance < 1:
+            raise InvalidParameterError(bad_param("rank_tolerance", "MergeConfig", "be in (0, 1)",
+                                                  self.rank_tolerance))
 
     def resolved_scale(self, n: int) -> float:
         if self.scale is not None:
@@ -181,28 +193,50 @@ def refactorise(delta: torch.Tensor, rank: int | None) -> tuple[torch.Tensor, to
 
     ``rank=None`` keeps every singular value (exact up to rounding).
     """
-    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
-    r = len(s) if rank is None else min(rank, len(s))
-    b, a = u[:, :r] * s[:r], vh[:r]
-    norm = torch.linalg.norm(delta)
-    error = float(torch.linalg.norm(delta - b @ a) / norm) if norm > 0 else 0.0
-    return a, b, error
+    return _truncate(torch.linalg.svd(delta.double(), full_matrices=False), rank)
 
 
-def to_lora_state(merged: dict[str, torch.Tensor], rank: int | None) -> tuple[dict[str, torch.Tensor], int, dict]:
+def smallest_rank(singular_values: torch.Tensor, tolerance: float) -> int:
+    """The smallest r whose truncation keeps the relative error ‖ΔW − BA‖ / ‖ΔW‖ (the norm of the
+    dropped singular values over the norm of all) at most ``tolerance``; 0 for a zero delta."""
+    tail = singular_values.double().pow(2).flip(0).cumsum(0).flip(0)  # tail[k] = Σ_{i ≥ k} s_i²
+    if len(tail) == 0 or tail[0] == 0:
+        return 0
+    within = torch.nonzero((tail / tail[0]).sqrt() <= tolerance)
+    return int(within[0]) if len(within) else len(tail)
+
+
+def to_lora_state(merged: dict[str, torch.Tensor], rank: int | str | None,
+                  tolerance: float = 1e-3) -> tuple[dict[str, torch.Tensor], int, dict]:
     """LoRA tensors (scaling 1) for merged deltas, their common rank, and reconstruction errors per module.
 
-    All modules share one rank (peft's config has one ``r``): ``rank``, or the
-    largest full rank among the modules when ``None``; smaller factors are zero-padded.
+    All modules share one rank (peft's config has one ``r``): ``rank``; with ``"auto"`` the largest
+    of the modules' :func:`smallest_rank` for ``tolerance`` (at least 1); with ``None`` the largest full
+    rank among the modules. Smaller factors are zero-padded.
     """
-    full = max(min(d.shape) for d in merged.values())
-    r = full if rank is None else min(rank, full)
+    svds = {module: torch.linalg.svd(delta.double(), full_matrices=False) for module, delta in merged.items()}
+    full = max(len(s) for _, s, _ in svds.values())
+    if rank == "auto":
+        r = max(1, *(smallest_rank(s, tolerance) for _, s, _ in svds.values()))
+    else:
+        r = full if rank is None else min(int(rank), full)
     factors, errors = {}, {}
-    for module, delta in merged.items():
-        a, b, errors[module] = refactorise(delta, r)
+    for module, svd in svds.items():
+        a, b, errors[module] = _truncate(svd, r)
         pad = r - a.shape[0]
         if pad:
             a = torch.cat([a, a.new_zeros(pad, a.shape[1])])
             b = torch.cat([b, b.new_zeros(b.shape[0], pad)], 1)
         factors[module] = (a.float().contiguous(), b.float().contiguous())
     return lora_state(factors), r, errors
+
+
+def _truncate(svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor], rank: int | None
+              ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(A, B, relative error) of the rank-``rank`` truncation of a delta given by its SVD (U, S, Vᵀ)."""
+    u, s, vh = svd
+    r = len(s) if rank is None else min(rank, len(s))
+    b, a = u[:, :r] * s[:r], vh[:r]
+    norm = torch.linalg.norm(s)
+    error = float(torch.linalg.norm(s[r:]) / norm) if norm > 0 else 0.0
+    return a, b, error

@@ -108,7 +108,7 @@ def merge_members(backbone: Backbone, bank: AdapterBank, members: list[Member], 
     if search and not individual:
         raise DataError("search=True needs held-out samples of the members (add them with validation data).")
     rows, own, own_select = _task_rows(specs, heads, held, individual, buffers, config, search)
-    scorer = Scorer(backbone, bank, adapters[0], rows, config.rank, config.cache_frozen_mb)
+    scorer = Scorer(backbone, bank, adapters[0], rows, config.rank, config.cache_frozen_mb, config.rank_tolerance)
     parts = ("select", "report") if search else ("report",)
     grid = search_grid(config) if search else []
     plan = rungs(len(grid)) if config.halving else [(len(grid), 1.0)]
@@ -132,7 +132,7 @@ def merge_members(backbone: Backbone, bank: AdapterBank, members: list[Member], 
             heads = heads if chosen is None else chosen.heads
             report, select = ({} if chosen is None else chosen.scores["report"]), {}
         bar.update(total - bar.n)
-    lora_state, rank, errors = to_lora_state(delta, 1 if config.scale == 0 else config.rank)
+    lora_state, rank, errors = to_lora_state(delta, 1 if config.scale == 0 else config.rank, config.rank_tolerance)
     merged = Merged(config, lora_state, rank, errors, heads, {"select": select, "report": report}, own,
                     {} if baseline is None else baseline.scores,
                     {p: {t: len(getattr(r, p)) for t, r in rows.items() if getattr(r, p) is not None}

@@ -101,13 +101,16 @@ class Scorer:
         bank: The backbone's adapters (a candidate is loaded into it, or disables it, while it is scored).
         base: The members' adapter config (modules and layers the delta covers).
         tasks: Each member task's rows.
-        rank: Rank the candidate's delta is loaded at (``None``: exact).
+        rank: Rank a candidate's delta is stored at (``MergeConfig.rank``). A fixed rank truncates, so every
+            candidate is scored truncated; ``"auto"`` (within ``tolerance``) and ``None`` (exact) score
+            the exact delta, and only ``stored`` evaluations load the LoRA form.
         cache_mb: Largest frozen-layer cache, in MiB (0: none).
+        tolerance: ``MergeConfig.rank_tolerance``.
     """
 
     def __init__(self, backbone: Backbone, bank: AdapterBank, base: AdapterConfig, tasks: dict[str, TaskRows],
-                 rank: int | None, cache_mb: float):
-        self.backbone, self.bank, self.base, self.rank = backbone, bank, base, rank
+                 rank: int | str | None, cache_mb: float, tolerance: float = 1e-3):
+        self.backbone, self.bank, self.base, self.rank, self.tolerance = backbone, bank, base, rank, tolerance
         parts = [(t, p) for t, rows in tasks.items() for p in ("buffer", "select", "report")
                  if getattr(rows, p) is not None]
         cached = maybe_cache([getattr(tasks[t], p) for t, p in parts], backbone, base, cache_mb)
@@ -125,7 +128,7 @@ class Scorer:
         scores: dict[str, dict[str, float]] = {p: {} for p in parts}
         fitted: dict[str, TaskHead] = {}
         used: dict[str, dict[str, int]] = {p: {} for p in ("buffer", *parts)}
-        with self._through(delta, stored or self.rank is not None):
+        with self._through(delta, stored or isinstance(self.rank, int)):
             for t, rows in self.tasks.items():
                 buffer = rows.buffer if heads is None else None
                 pieces = {"buffer": _prefix(buffer, share)} | {
@@ -165,7 +168,7 @@ class Scorer:
             with self.bank.added(delta):
                 yield
             return
-        lora_state, r, _ = to_lora_state(delta, self.rank)
+        lora_state, r, _ = to_lora_state(delta, self.rank, self.tolerance)
         key = "_merge_candidate"
         self.bank.load(key, AdapterConfig.from_dict({**self.base.to_dict(), "r": r, "alpha": float(r),
                                                       "dropout": 0.0}), lora_state)

@@ -8,7 +8,8 @@ request is answered from the one snapshot that was current when it arrived (a ta
 removed meanwhile still answers that request); the next request sees the new one.
 
 Endpoints: ``POST /v1/predict``, ``POST /v1/predict/all``, ``GET /v1/tasks``, ``GET /healthz``,
-``GET /metrics`` (Prometheus text), and FastAPI's ``/docs`` and ``/openapi.json``.
+``GET /metrics`` (Prometheus text), and FastAPI's ``/openapi.json``, ``/docs`` and ``/redoc`` (their
+scripts and styles served by the app itself, from the ``fastapi-offline`` package: no CDN).
 
 Limits and errors (every error body is JSON with a ``detail``, and every status is declared in
 ``/openapi.json``, which the tests check the responses against):
@@ -287,8 +288,9 @@ def _disk_generation(root: Path) -> Any:
 
 def create_app(registry: str | Path | InferenceEngine, config: ServeConfig | None = None, *, device: str = "auto"):
     """The FastAPI app serving ``registry`` (a folder, or an engine already built on one)."""
-    from fastapi import FastAPI, Request
+    from fastapi import Request
     from fastapi.exceptions import RequestValidationError
+    from fastapi_offline import FastAPIOffline
     from fastapi.responses import PlainTextResponse
 
     config = config or ServeConfig()
@@ -311,7 +313,9 @@ def create_app(registry: str | Path | InferenceEngine, config: ServeConfig | Non
             for task in tasks:
                 task.cancel()
 
-    app = FastAPI(title="cmtl", description="Multi-task text classification from a cmtl registry.",
+    # /docs and /redoc with their scripts and styles served by the app (static/), not from a CDN:
+    # a server without network access still shows its documentation.
+    app = FastAPIOffline(title="cmtl", description="Multi-task text classification from a cmtl registry.",
                   lifespan=lifespan, default_response_class=JSON,
                   responses={500: {"model": ErrorResponse, "description": "An unexpected error (logged)."}})
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)

@@ -167,6 +167,19 @@ def test_merge_benchmark_script(tmp_path, tiny_backbone):
                            heads=("refit",), compare_full=("ties+refit",), echo=lines.append)
     assert list(searched["merges"]) == ["ties+refit", "ties+refit (full grid)"]
     assert [m["candidates_scored"] for m in searched["merges"].values()] == [20, 13]
+    # --resume keeps the adapters and the recorded merges, and runs only the missing ones.
+    resumed = merging.run(shrunk("text5"), tmp_path / "search", backbone=backbone, device="cpu",
+                          training=TrainConfig(epochs=1, batch_size=8, progress=False), methods=("ties", "linear"),
+                          heads=("refit",), resume=True, echo=lines.append)
+    assert list(resumed["merges"]) == ["ties+refit", "ties+refit (full grid)", "linear+refit"]
+    assert resumed["train_seconds"] == searched["train_seconds"]
+    assert resumed["merges"]["ties+refit"] == json.loads(json.dumps(searched["merges"]["ties+refit"]))
+    with pytest.raises(ValueError, match="other training"):
+        merging.run(shrunk("text5"), tmp_path / "search", backbone=backbone, device="cpu",
+                    training=TrainConfig(epochs=2, batch_size=8, progress=False), resume=True)
+    with pytest.raises(FileNotFoundError, match="Run without --resume"):
+        merging.run(shrunk("text5"), tmp_path / "none", backbone=backbone, device="cpu",
+                    training=TrainConfig(epochs=1, batch_size=8, progress=False), resume=True)
     with pytest.raises(ValueError, match="task-incremental"):
         merging.run(Scenario.from_yaml(SCENARIOS / "sentiment4.yaml"), tmp_path, backbone=BackboneConfig(),
                     training=TrainConfig())

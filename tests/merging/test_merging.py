@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from cmtl import Registry, TaskNotFoundError, TaskSpec
 from cmtl.core.tasks import TaskHead
 from cmtl.errors import DataError
-from cmtl.merging import MergeConfig, dare, lora_deltas, merge_deltas, refactorise, refit_head, ties, to_lora_state, trim
+from cmtl.merging import (MergeConfig, dare, lora_deltas, merge_deltas, refactorise, refit_head, smallest_rank, ties,
+                          to_lora_state, trim)
 from cmtl.registry.store import MANIFEST
 from tests.conftest import FAST, toy_sentiment
 
@@ -82,8 +84,48 @@ def test_refactorise_error_matches_dropped_singular_values():
     assert r == 5 and state["y.lora_A.weight"].shape == (5, 3) and max(errors.values()) < 1e-6  # zero-padded
 
 
+def test_auto_rank_is_the_smallest_within_the_tolerance():
+    u, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64))
+    s = torch.tensor([5.0, 3.0, 1.0, 0.5, 0.1], dtype=torch.float64)
+    error = lambda k: float(s[k:].norm() / s.norm())  # noqa: E731  (relative error of the rank-k truncation)
+    for tolerance, expected in ((0.6, 1), (0.2, 2), (0.1, 3), (0.02, 4), (1e-3, 5)):
+        k = smallest_rank(s, tolerance)
+        assert k == expected and error(k) <= tolerance < error(k - 1)
+    assert smallest_rank(torch.zeros(3, dtype=torch.float64), 1e-3) == 0
+    delta = u[:, :5] @ torch.diag(s) @ v.T
+    small = delta[:3, :3]
+    state, r, errors = to_lora_state({"x": delta, "y": small}, rank="auto", tolerance=0.05)
+    assert r == max(smallest_rank(s, 0.05), smallest_rank(torch.linalg.svdvals(small), 0.05)) == 4
+    assert max(errors.values()) <= 0.05 and state["x.lora_A.weight"].shape == (4, 5)
+    b_a = state["x.lora_B.weight"].double() @ state["x.lora_A.weight"].double()
+    assert float((delta - b_a).norm() / delta.norm()) == pytest.approx(errors["x"], abs=1e-6)
+    # A zero delta (the frozen backbone chosen by a search) is stored at rank 1.
+    assert to_lora_state({"x": torch.zeros(6, 5, dtype=torch.float64)}, "auto")[1] == 1
+
+
+def test_default_merge_is_stored_at_the_rank_its_members_need(merge_reg):
+    """Two rank-r members merged by task arithmetic span at most 2r directions: the default ("auto") stores
+    that, within the tolerance, where rank=None stores every layer's full rank."""
+    reg = merge_reg
+    member_rank = reg.current("a").adapter["r"]
+    auto = reg.merge(["a", "b"], "ab-auto", "linear")
+    exact = reg.merge(["a", "b"], "ab-exact", "linear", config=MergeConfig(rank=None))
+    assert auto["config"]["rank"] == "auto" and auto["config"]["rank_tolerance"] == 1e-3
+    assert 1 <= auto["adapter"]["r"] <= 2 * member_rank < exact["adapter"]["r"]
+    assert auto["reconstruction_error"]["max"] <= 1e-3
+    size = lambda name: (reg.root / "merges" / name / "adapter.safetensors").stat().st_size  # noqa: E731
+    assert size("ab-auto") * 2 < size("ab-exact")
+    texts = ["a charming plot", "dull and slow", "fine acting"]
+    np.testing.assert_allclose(reg.predict_proba("a", texts, merge="ab-auto"),
+                               reg.predict_proba("a", texts, merge="ab-exact"), atol=1e-3)
+    ties = reg.merge(["a", "b"], "ab-ties", "ties")
+    assert ties["reconstruction_error"]["max"] <= 1e-3
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"method": "svd"}, "'method' parameter of MergeConfig must be one of"), ({"scale": -0.5}, "scale"),
+    ({"rank": "full"}, "'auto' or None"), ({"rank": True}, "rank"), ({"rank_tolerance": 1.0}, "rank_tolerance"),
     ({"selection_fraction": 1.0}, "selection_fraction"),
     ({"density": 0.0}, "density"),
     ({"drop": 1.0}, "drop"), ({"rank": 0}, "rank"),
@@ -130,7 +172,8 @@ def test_registry_merge_round_trip(merge_reg):
     record = reg.merge(["a", "b"], "ab", "linear")
     assert record["members"] == [{"task": "a", "version": 1}, {"task": "b", "version": 1}]
     assert record["config"]["method"] == "linear" and record["config"]["scale"] == 0.5
-    assert record["reconstruction_error"]["max"] < 1e-5 and set(record["holdout"]) == {"a", "b"}
+    assert record["reconstruction_error"]["max"] <= record["config"]["rank_tolerance"] == 1e-3
+    assert set(record["holdout"]) == {"a", "b"}
     assert 0 < record["normalised"] <= 1.5
     assert reg.merges() == ["ab"] and reg.merge_info("ab")["tasks"] == ["a", "b"]
     # The merged entry answers each task through its own head, and another process gets the same answers.

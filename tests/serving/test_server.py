@@ -4,6 +4,7 @@ spoken to over HTTP: answers, every limit and error, metrics, and hot swap under
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -85,7 +86,21 @@ def test_predict_all_tasks_and_listing(server):
     assert [t["name"] for t in listing["tasks"]] == ["sentiment", "topic", "upper"]
     assert listing["merges"] == {"both": ["sentiment", "topic"]}
     assert httpx.get(f"{url}/openapi.json").json()["paths"]["/v1/predict"]
-    assert httpx.get(f"{url}/docs").status_code == 200
+
+
+def test_docs_pages_need_no_network(server):
+    """/docs and /redoc load every script and style from the server itself: no CDN, so they render offline."""
+    url, _ = server
+    for page, needs in (("docs", ("swagger-ui-bundle.js", "swagger-ui.css")), ("redoc", ("redoc.standalone.js",))):
+        html = httpx.get(f"{url}/{page}")
+        assert html.status_code == 200
+        assets = re.findall(r'(?:src|href)=["\']([^"\']+)["\']', html.text) + re.findall(
+            r"url: ?'([^']+)'", html.text)
+        assert not [a for a in assets if "://" in a or a.startswith("//")], assets
+        for name in needs:
+            asset = next(a for a in assets if a.endswith(name))
+            got = httpx.get(f"{url}{asset}")
+            assert got.status_code == 200 and len(got.content) > 10_000, asset
 
 
 @pytest.mark.parametrize("payload, status, says", [
