@@ -45,8 +45,18 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from cmtl._version import __version__
+
+        typer.echo(f"cmtl {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False) -> None:
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
+          version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                help="Print cmtl's version and exit.")] = False) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # cmtl never downloads models
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
@@ -198,6 +208,21 @@ def list_tasks(registry: RegistryArg) -> None:
     typer.echo(f"{reg.root}  backbone {reg.backbone.config.name_or_path} ({reg.backbone.num_parameters:,} frozen parameters)")
     typer.echo(format_table(rows, ["task", "version", "type", "labels", "val_acc", "params", "bytes", "created"])
                if rows else "(no tasks)")
+    entries = []
+    for name in reg.merges():
+        info = reg.merge_info(name)
+        joint = info.get("kind") == "joint"
+        entries.append({
+            "entry": name, "kind": "joint" if joint else f"merge ({info['config']['method']})",
+            "tasks": ", ".join(info["tasks"]) if joint else ", ".join(f"{m['task']} v{m['version']}"
+                                                                        for m in info["members"]),
+            "rank": info["adapter"]["r"], "score": info.get("normalised"),
+            "frozen": info.get("baseline_normalised"), "created": info["created"]})
+    if entries:
+        typer.echo("")
+        typer.echo(format_table(entries, ["entry", "kind", "tasks", "rank", "score", "frozen", "created"]))
+        typer.echo("(score: a merge's held-out accuracy over its members' own, and the frozen backbone's; "
+                   "predict TASK --merge ENTRY)")
 
 
 @app.command()
@@ -405,6 +430,21 @@ def remove(
         raise typer.Exit(code=1)
     reg.remove_task(task)
     typer.echo(f"removed {task}")
+
+
+@app.command("remove-merge")
+def remove_merge(
+    registry: RegistryArg,
+    name: Annotated[str, typer.Argument(help="Name of the merged or joint entry.")],
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Delete a merged or joint entry (its member tasks and their versions are untouched)."""
+    reg = _open(registry)
+    reg.merge_info(name)  # an unknown name fails here, before asking
+    if not yes and not typer.confirm(f"Delete entry {name!r}?"):
+        raise typer.Exit(code=1)
+    reg.remove_merge(name)
+    typer.echo(f"removed {name}")
 
 
 # serve, demo and bench (cli/running.py), last in ``cmtl --help`` as before.

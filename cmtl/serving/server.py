@@ -290,8 +290,8 @@ def create_app(registry: str | Path | InferenceEngine, config: ServeConfig | Non
     """The FastAPI app serving ``registry`` (a folder, or an engine already built on one)."""
     from fastapi import Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi_offline import FastAPIOffline
     from fastapi.responses import PlainTextResponse
+    from fastapi_offline import FastAPIOffline
 
     config = config or ServeConfig()
     engine = registry if isinstance(registry, InferenceEngine) else InferenceEngine(
@@ -316,8 +316,8 @@ def create_app(registry: str | Path | InferenceEngine, config: ServeConfig | Non
     # /docs and /redoc with their scripts and styles served by the app (static/), not from a CDN:
     # a server without network access still shows its documentation.
     app = FastAPIOffline(title="cmtl", description="Multi-task text classification from a cmtl registry.",
-                  lifespan=lifespan, default_response_class=JSON,
-                  responses={500: {"model": ErrorResponse, "description": "An unexpected error (logged)."}})
+                         lifespan=lifespan, default_response_class=JSON,
+                         responses={500: {"model": ErrorResponse, "description": "An unexpected error (logged)."}})
     app.add_middleware(BodyLimit, limit=config.max_body_bytes)
     app.add_middleware(Observe, metrics=metrics, routes=lambda: app.router.routes)
 

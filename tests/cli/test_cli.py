@@ -13,13 +13,14 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+import cmtl
 from cmtl import Registry
 from cmtl.cli.commands import app
 from tests.conftest import toy_sentiment
 
 runner = CliRunner()
 COMMANDS = ["init", "add-task", "predict", "eval", "ls", "versions", "update", "monitor", "merge", "group", "rollback",
-            "remove", "serve", "demo", "bench"]
+            "remove", "remove-merge", "serve", "demo", "bench"]
 
 
 def invoke(*args: str):
@@ -38,6 +39,8 @@ def test_console_script_and_public_api():
     script = Path(sys.executable).with_name("cmtl")  # installed next to this interpreter
     out = subprocess.run([str(script), "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and all(c in out.stdout for c in COMMANDS)
+    version = subprocess.run([str(script), "--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and version.stdout == f"cmtl {cmtl.__version__}\n"
     doc = subprocess.run([sys.executable, "-c", "import cmtl; help(cmtl)"], capture_output=True, text=True,
                          env={"PAGER": "cat", "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
     assert doc.returncode == 0 and "Registry" in doc.stdout and "TaskSpec" in doc.stdout
@@ -208,6 +211,18 @@ def test_merge_answers_after_member_removal_in_the_cli(tmp_path, served):
     result = invoke("predict", reg, "topic", "a song and the night", "--merge", "both")
     assert result.exit_code == 0 and result.output == before, result.output
     clean_failure(invoke("predict", reg, "topic", "a song"), "Task 'topic' not found")
+    # ls lists the merged entry; remove-merge deletes it (and only it).
+    listing = invoke("ls", reg)
+    assert listing.exit_code == 0 and "entry" in listing.output, listing.output
+    line = next(row for row in listing.output.splitlines() if row.startswith("both "))
+    assert "merge (" in line and "sentiment v1" in line and "topic v1" in line, line
+    assert invoke("remove-merge", reg, "both").exit_code == 1  # no --yes and no stdin: not confirmed
+    assert Registry.open(reg, device="cpu").merges() == ["both"]
+    clean_failure(invoke("remove-merge", reg, "nope", "--yes"), "Merge 'nope' not found")
+    result = invoke("remove-merge", reg, "both", "--yes")
+    assert result.exit_code == 0 and "removed both" in result.output
+    assert Registry.open(reg, device="cpu").merges() == [] and "entry" not in invoke("ls", reg).output
+    clean_failure(invoke("predict", reg, "sentiment", "a song", "--merge", "both"), "'both'")
 
 
 def test_serve_passes_its_limits_to_the_server(monkeypatch, tmp_path):
