@@ -1,8 +1,9 @@
 """Avalanche 0.6 bridge: cmtl text tasks as a task-incremental benchmark, a LoRA model its
 strategies can train, and a runner that returns the accuracy matrix with Avalanche's own metrics.
 
-The only cmtl module that imports ``avalanche``, and only inside functions (importing
-Avalanche takes seconds and warns about QP solvers)::
+The only cmtl module that imports ``avalanche`` (with :mod:`~cmtl.integrations.avalanche_model`), and only
+inside functions: importing Avalanche takes seconds, and its QP-solver warning is silenced there
+(:func:`~cmtl.integrations.avalanche_model.import_avalanche`)::
 
     from cmtl.integrations import avalanche as av
     stream = [("spam", spam_train, spam_test, ["ham", "spam"]), ("trec", ...)]
@@ -35,6 +36,7 @@ from cmtl.core.tasks import TaskSpec
 from cmtl.data import Encoded, batches, encode, read_examples
 from cmtl.integrations import avalanche_model
 from cmtl.integrations.avalanche_model import build_model as build_model  # re-exported: av.build_model
+from cmtl.integrations.avalanche_model import import_avalanche
 
 if TYPE_CHECKING:  # annotations only: importing avalanche at runtime happens inside functions
     from avalanche.benchmarks.scenarios.generic_scenario import CLScenario
@@ -107,6 +109,7 @@ def export_benchmark(
         experiences each, whose datasets are ``TaskAwareSupervisedClassificationDataset`` with
         ``targets`` and ``targets_task_labels``.
     """
+    import_avalanche()
     from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
     from avalanche.benchmarks.scenarios.supervised import with_classes_timeline
     from avalanche.benchmarks.scenarios.task_aware import with_task_labels
@@ -136,6 +139,7 @@ def export_benchmark(
 
 
 def _dataset(encoded: Encoded, task: int, seq_len: int, pad_id: int):
+    import_avalanche()
     from avalanche.benchmarks.utils import ConstantSequence, DataAttribute, TaskLabels
     from avalanche.benchmarks.utils.classification_dataset import TaskAwareSupervisedClassificationDataset
 
@@ -262,6 +266,7 @@ def best_epoch_plugin(valid_stream, patience: int, batch_size: int):
 
     Strategies list the caller's plugins before their own (EWC's Fisher, LwF's snapshot, replay's buffer
     update), so those see the restored weights."""
+    import_avalanche()
     from avalanche.core import SupervisedPlugin
 
     class BestEpoch(SupervisedPlugin):
@@ -357,6 +362,7 @@ def run_strategy(
             f"The benchmark has {len(benchmark.train_stream)} train and {T} test experiences and the model "
             f"{len(model.task_names)} task heads; all three must match (build both from the same experiences)."
         )
+    import_avalanche()
     from avalanche.evaluation.metrics import accuracy_metrics, bwt_metrics, forgetting_metrics
     from avalanche.training import EWC, LwF, Naive, Replay
     from avalanche.training.determinism.rng_manager import RNGManager

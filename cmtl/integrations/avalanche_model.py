@@ -5,6 +5,7 @@ frozen backbone, ONE LoRA adapter shared by all tasks, a head per task, as an Av
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any, Sequence
 
 import torch
@@ -45,7 +46,18 @@ def build_model(
 
 
 @functools.cache
+def import_avalanche() -> None:
+    """Import Avalanche (once) without its import-time warning that no QP solver is installed: qpsolvers
+    warns on import, and only Avalanche's GEM strategy needs a solver (cmtl runs none). Every cmtl
+    function that imports from ``avalanche`` calls this first."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="no QP solver found", category=UserWarning)
+        import avalanche  # noqa: F401
+
+
+@functools.cache
 def model_class() -> type:
+    import_avalanche()
     from avalanche.models import MultiTaskModule
 
     class TaskIncrementalModel(MultiTaskModule):
