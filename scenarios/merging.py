@@ -39,7 +39,7 @@ from cmtl import BackboneConfig, Registry, TrainConfig
 from cmtl.benchmarks.results import write_results
 from cmtl.benchmarks.scenarios import Scenario
 from cmtl.core.tasks import TaskHead
-from cmtl.merging.methods import METHODS, PEFT_METHODS, MergeConfig, refit_head
+from cmtl.merging.methods import METHODS, PEFT_METHODS, MergeConfig, parse_rank, refit_head
 
 
 def run(scenario: Scenario, out: Path, *, backbone: BackboneConfig, training: TrainConfig, device: str = "auto",
@@ -228,8 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     run(scenario, Path(args.out), backbone=BackboneConfig(num_hidden_layers=args.layers),
         training=TrainConfig(**({} if args.epochs is None else {"epochs": args.epochs}), seed=args.seed,
                              progress=False), device=args.device,
-        methods=methods, rank=(None if args.rank == "exact" else args.rank if args.rank == "auto"
-                                 else int(args.rank)),
+        methods=methods, rank=parse_rank(args.rank),
         search=not args.no_search,
         heads=("refit", "keep") if args.heads == "both" else (args.heads,),
         compare_full=tuple(x for x in args.compare_full.split(",") if x), resume=args.resume)

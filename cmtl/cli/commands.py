@@ -321,11 +321,9 @@ def merge(
     """Merge task adapters into one adapter; each task keeps its own head (predict TASK --merge NAME).
 
     Every merge is scored against the frozen backbone (no adapter, the same heads or refitted ones)."""
-    from cmtl.merging.methods import MergeConfig
+    from cmtl.merging.methods import MergeConfig, parse_rank
 
-    if rank not in ("auto", "exact") and not rank.isdigit():
-        raise ValueError(f"--rank {rank!r}: write auto, exact or a positive number, e.g. --rank 16.")
-    stored_rank = {"auto": "auto", "exact": None}[rank] if rank in ("auto", "exact") else int(rank)
+    stored_rank = parse_rank(rank)
     reg = _open(registry)
     parsed = []
     for m in members:

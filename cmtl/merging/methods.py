@@ -38,6 +38,21 @@ METHODS: tuple[str, ...] = ("linear", "ties", "dare", "dare_ties")
 PEFT_METHODS: tuple[str, ...] = ("peft_linear", "peft_ties", "peft_dare_ties", "peft_ties_svd")
 
 
+#: Default bound of ``MergeConfig(rank="auto")``: relative reconstruction error per module.
+RANK_TOLERANCE = 1e-3
+
+
+def parse_rank(text: str) -> int | str | None:
+    """A command line's ``--rank`` (``auto``, ``exact`` or a number) as :class:`MergeConfig` takes it."""
+    if text == "auto":
+        return "auto"
+    if text == "exact":
+        return None
+    if not text.isdigit():
+        raise ValueError(f"--rank {text!r}: write auto, exact or a positive number, e.g. --rank 16.")
+    return int(text)
+
+
 @dataclass(kw_only=True, frozen=True)
 class MergeConfig:
     """Knobs of a merge.
@@ -84,7 +99,7 @@ class MergeConfig:
     density: float = 0.2
     drop: float = 0.9
     rank: int | Literal["auto"] | None = "auto"
-    rank_tolerance: float = 1e-3
+    rank_tolerance: float = RANK_TOLERANCE
     seed: int = 0
     refit_heads: bool = False
     selection_fraction: float = 0.5
@@ -207,7 +222,7 @@ def smallest_rank(singular_values: torch.Tensor, tolerance: float) -> int:
 
 
 def to_lora_state(merged: dict[str, torch.Tensor], rank: int | str | None,
-                  tolerance: float = 1e-3) -> tuple[dict[str, torch.Tensor], int, dict]:
+                  tolerance: float = RANK_TOLERANCE) -> tuple[dict[str, torch.Tensor], int, dict]:
     """LoRA tensors (scaling 1) for merged deltas, their common rank, and reconstruction errors per module.
 
     All modules share one rank (peft's config has one ``r``): ``rank``; with ``"auto"`` the largest

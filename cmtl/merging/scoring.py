@@ -109,7 +109,7 @@ class Scorer:
     """
 
     def __init__(self, backbone: Backbone, bank: AdapterBank, base: AdapterConfig, tasks: dict[str, TaskRows],
-                 rank: int | str | None, cache_mb: float, tolerance: float = 1e-3):
+                 rank: int | str | None, cache_mb: float, tolerance: float):
         self.backbone, self.bank, self.base, self.rank, self.tolerance = backbone, bank, base, rank, tolerance
         parts = [(t, p) for t, rows in tasks.items() for p in ("buffer", "select", "report")
                  if getattr(rows, p) is not None]

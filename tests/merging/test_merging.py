@@ -13,6 +13,7 @@ from cmtl.core.tasks import TaskHead
 from cmtl.errors import DataError
 from cmtl.merging import (MergeConfig, dare, lora_deltas, merge_deltas, refactorise, refit_head, smallest_rank, ties,
                           to_lora_state, trim)
+from cmtl.merging.methods import parse_rank
 from cmtl.registry.store import MANIFEST
 from tests.conftest import FAST, toy_sentiment
 
@@ -102,6 +103,13 @@ def test_auto_rank_is_the_smallest_within_the_tolerance():
     assert float((delta - b_a).norm() / delta.norm()) == pytest.approx(errors["x"], abs=1e-6)
     # A zero delta (the frozen backbone chosen by a search) is stored at rank 1.
     assert to_lora_state({"x": torch.zeros(6, 5, dtype=torch.float64)}, "auto")[1] == 1
+
+
+def test_parse_rank_reads_the_command_lines_rank():
+    assert parse_rank("auto") == "auto" and parse_rank("exact") is None and parse_rank("16") == 16
+    for bad in ("full", "-1", "1.5", ""):
+        with pytest.raises(ValueError, match="write auto, exact or a positive number"):
+            parse_rank(bad)
 
 
 def test_default_merge_is_stored_at_the_rank_its_members_need(merge_reg):
