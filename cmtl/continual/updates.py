@@ -40,12 +40,17 @@ class MemoryConfig:
         holdout: Validation examples kept per version: the old-distribution
             check of later updates and the drift monitor's reference.
         seed: Seeds which examples are kept.
+        features: Also keep what training computed on those rows (``features.safetensors``: the frozen
+            backbone's pooled features of the buffer and held-out rows, the version's logits on its
+            lineage's held-out rows; 4 bytes per number), so that merges need not run them again
+            (:mod:`cmtl.registry.features`).
     """
 
     buffer: BufferKind = "class_balanced"
     budget: int = 1000
     holdout: int = 1000
     seed: int = 0
+    features: bool = True
 
     def __post_init__(self) -> None:
         if self.buffer not in _BUFFER_KINDS:
@@ -55,6 +60,8 @@ class MemoryConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InvalidParameterError(bad_param(key, "MemoryConfig", "be a positive integer", value))
+        if not isinstance(self.features, bool):
+            raise InvalidParameterError(bad_param("features", "MemoryConfig", "be True or False", self.features))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

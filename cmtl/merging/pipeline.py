@@ -25,7 +25,7 @@ from cmtl.core.tasks import TaskHead, TaskSpec
 from cmtl.data import Encoded, Examples
 from cmtl.errors import DataError, MergeRefusedError
 from cmtl.merging.methods import MergeConfig, lora_deltas, merge_deltas, to_lora_state
-from cmtl.merging.scoring import Evaluation, Scorer, TaskRows, primary_score, rungs, shuffled, split_holdout
+from cmtl.merging.scoring import Evaluation, Scorer, TaskRows, primary_score, rungs, shuffle_order, split_holdout
 from cmtl.training.loop import seeded
 from tqdm.auto import tqdm
 
@@ -95,19 +95,22 @@ def soup_heads(states: dict[str, list[dict[str, torch.Tensor]]], specs: dict[str
 def merge_members(backbone: Backbone, bank: AdapterBank, members: list[Member], states: list[dict[str, torch.Tensor]],
                   adapters: list[AdapterConfig], member_keys: Callable[[], list[str]], heads: dict[str, TaskHead],
                   specs: dict[str, TaskSpec], held: dict[str, Encoded | None], individual: dict[str, torch.Tensor],
-                  buffers: dict[str, Encoded] | None, config: MergeConfig, search: bool) -> Merged:
+                  buffers: dict[str, Encoded] | None, config: MergeConfig, search: bool, *,
+                  frozen: dict[str, dict[str, torch.Tensor]] | None = None) -> Merged:
     """Merge the members' adapters (``states``, configured as ``adapters``) as ``config`` says, or, with
     ``search``, with the knobs that maximise the mean merged / individual score on the selection part of
     the held-out samples ``held``, no delta at all (λ = 0) being one of the candidates. ``individual``
     holds each member's own logits on its task's ``held`` rows; ``buffers`` the rows heads are refitted
-    on (``None``: keep the members' heads). ``member_keys()`` loads the members into ``bank`` (peft's
-    methods need them). Raises :class:`~cmtl.errors.MergeRefusedError` when ``config.require_gain``
-    and the merge does not beat the frozen backbone."""
+    on (``None``: keep the members' heads); ``frozen[task]`` the frozen backbone's pooled features of the
+    task's ``"held"`` and ``"buffer"`` rows where the caller has them (the baseline then runs none of
+    them). ``member_keys()`` loads the members into ``bank`` (peft's methods need them). Raises
+    :class:`~cmtl.errors.MergeRefusedError` when ``config.require_gain`` and the merge does not beat the
+    frozen backbone."""
     deltas = [lora_deltas(state, adapter.scaling) for state, adapter in zip(states, adapters)]
     combine = _Combiner(backbone, bank, members, deltas, member_keys)
     if search and not individual:
         raise DataError("search=True needs held-out samples of the members (add them with validation data).")
-    rows, own, own_select = _task_rows(specs, heads, held, individual, buffers, config, search)
+    rows, own, own_select = _task_rows(specs, heads, held, individual, buffers, frozen or {}, config, search)
     scorer = Scorer(backbone, bank, adapters[0], rows, config.rank, config.cache_frozen_mb, config.rank_tolerance)
     parts = ("select", "report") if search else ("report",)
     grid = search_grid(config) if search else []
@@ -142,16 +145,24 @@ def merge_members(backbone: Backbone, bank: AdapterBank, members: list[Member], 
 
 
 def _task_rows(specs: dict[str, TaskSpec], heads: dict[str, TaskHead], held: dict[str, Encoded | None],
-               individual: dict[str, torch.Tensor], buffers: dict[str, Encoded] | None, config: MergeConfig,
-               search: bool) -> tuple[dict[str, TaskRows], dict[str, dict[str, float]], "_Own"]:
-    """Each task's rows (held-out rows split into selection and report parts when searching), the
-    members' own scores on each part, and their logits on the selection rows."""
+               individual: dict[str, torch.Tensor], buffers: dict[str, Encoded] | None,
+               frozen: dict[str, dict[str, torch.Tensor]], config: MergeConfig, search: bool
+               ) -> tuple[dict[str, TaskRows], dict[str, dict[str, float]], "_Own"]:
+    """Each task's rows (held-out rows split into selection and report parts when searching, with their
+    frozen features where known), the members' own scores on each part, and their logits on the
+    selection rows."""
     rows, own, chosen = {}, {"select": {}, "report": {}}, _Own({})
     for t, spec in specs.items():
-        buffer = shuffled(buffers[t], config.seed) if buffers else None
+        buffer, known = None, frozen.get(t, {})
+        rows_frozen: dict[str, torch.Tensor] = {}
+        if buffers:
+            order = shuffle_order(len(buffers[t]), config.seed)
+            buffer = buffers[t].select(order)
+            if "buffer" in known:
+                rows_frozen["buffer"] = known["buffer"][order]
         encoded = held.get(t) if t in individual else None
         if encoded is None:
-            rows[t] = TaskRows(spec, heads[t], buffer, None, None)
+            rows[t] = TaskRows(spec, heads[t], buffer, None, None, rows_frozen)
             continue
         pick, report = (split_holdout(encoded, config.selection_fraction, config.seed) if search
                         else ([], list(range(len(encoded)))))
@@ -160,7 +171,10 @@ def _task_rows(specs: dict[str, TaskSpec], heads: dict[str, TaskHead], held: dic
                 own[part][t] = primary_score(spec, individual[t][idx], encoded.targets[idx])
         if pick:
             chosen.select[t] = (spec, individual[t][pick], encoded.targets[pick])
-        rows[t] = TaskRows(spec, heads[t], buffer, encoded.select(pick) if pick else None, encoded.select(report))
+        if "held" in known:
+            rows_frozen |= {part: known["held"][idx] for part, idx in (("select", pick), ("report", report)) if idx}
+        rows[t] = TaskRows(spec, heads[t], buffer, encoded.select(pick) if pick else None, encoded.select(report),
+                           rows_frozen)
     return rows, own, chosen
 
 

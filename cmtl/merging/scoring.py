@@ -46,13 +46,16 @@ Delta = dict[str, torch.Tensor]
 class TaskRows:
     """A member task's rows: ``buffer`` to refit its head on (``None`` keeps ``head``, the member's), the
     held-out rows that choose the knobs (``select``) and those whose scores are reported (``report``).
-    Buffer and selection rows are in a seeded random order, so each prefix is a random sample."""
+    Buffer and selection rows are in a seeded random order, so each prefix is a random sample.
+    ``frozen``: the frozen backbone's pooled features of a part's rows, where known (by part name),
+    so that scoring no delta need not run them."""
 
     spec: TaskSpec
     head: TaskHead
     buffer: Encoded | None
     select: Encoded | None
     report: Encoded | None
+    frozen: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 @dataclass
@@ -77,11 +80,9 @@ def split_holdout(held: Encoded, fraction: float, seed: int) -> tuple[list[int],
     return order[:n], order[n:]
 
 
-def shuffled(encoded: Encoded | None, seed: int) -> Encoded | None:
-    """``encoded``'s rows in a seeded random order (so that a prefix is a random sample)."""
-    if encoded is None:
-        return None
-    return encoded.select(torch.randperm(len(encoded), generator=torch.Generator().manual_seed(seed)).tolist())
+def shuffle_order(n: int, seed: int) -> list[int]:
+    """``n`` rows in a seeded random order (so that a prefix of the rows so ordered is a random sample)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def rungs(candidates: int, eta: int = ETA) -> list[tuple[int, float]]:
@@ -137,9 +138,12 @@ class Scorer:
                 if not pieces:
                     fitted[t] = rows.head if heads is None else heads[t]
                     continue
+                known = {p: rows.frozen[p][: len(e)] for p, e in pieces.items() if delta is None and p in rows.frozen}
+                run = [p for p in pieces if p not in known]
                 features = pooled_features(self.backbone, Encoded.concat(
-                    [dataclasses.replace(e, targets=None) for e in pieces.values()]))
-                by_part = dict(zip(pieces, features.split([len(e) for e in pieces.values()])))
+                    [dataclasses.replace(pieces[p], targets=None) for p in run])) if run else None
+                by_part = known | ({} if features is None else dict(zip(run, features.split(
+                    [len(pieces[p]) for p in run]))))
                 if heads is not None:
                     fitted[t] = heads[t]
                 elif "buffer" in by_part:

@@ -31,12 +31,13 @@ from cmtl.merging import pipeline
 from cmtl.merging.methods import MergeConfig
 from cmtl.multitask.config import MultiTaskConfig
 from cmtl.multitask.group import train_group
-from cmtl.registry import commit, entries, store
+from cmtl.registry import commit, entries, features, store
 from cmtl.registry.inference import LoadedRegistry
 from cmtl.registry.reader import UpdateResult, VersionInfo, head_key, merge_key, version_source
 from cmtl.training import distributed
 from cmtl.training.transfer import parse_init
 from cmtl.training.loop import TrainConfig, seeded
+from cmtl.training.probe import pooled_features
 from cmtl.training.trainee import fit
 
 if TYPE_CHECKING:
@@ -152,6 +153,15 @@ class Registry(LoadedRegistry):
                 record = entries.version_record(1, None, "train", train_ex, resolved, training, result)
                 record["init"] = lineage
                 files = updates.memory_files(spec.name, 1, memory, train_ex if fill_buffer else None, val_ex, None)
+                if memory.features:
+                    # A fresh adapter changes nothing: the probe's features are the frozen backbone's.
+                    frozen = features.RowTable()
+                    if source is None:
+                        frozen.add(train_enc, result.start_features.get("train"))
+                        frozen.add(val_enc, result.start_features.get("validation"))
+                    files |= features.kept(spec, files, lambda ex: self._encode(ex, spec), frozen=frozen,
+                                           logits=features.RowTable().add(val_enc, result.validation_logits),
+                                           older=None)
                 self._commit(spec, record, key, head, new_task=True, extra_files=files, memory=memory)
             except BaseException:
                 rt.bank.remove(key)
@@ -217,6 +227,10 @@ class Registry(LoadedRegistry):
                 record.update(promoted=promoted, note=reason)
                 files = updates.memory_files(task, version, memory, data.new if fill_buffer else None,
                                              data.validation, buffer)
+                if memory.features:  # the candidate was judged on the new and the lineage's held-out rows
+                    files |= features.kept(spec, files, lambda ex: self._encode(ex, spec), frozen=features.RowTable(),
+                                           logits=features.RowTable().add(data.judge, result.validation_logits),
+                                           older=self.holdout(task, parent))
                 self._commit(spec, record, key, candidate.modules[0], new_task=False, extra_files=files,
                              make_current=promoted, started_from=started_from)
             except BaseException:
@@ -280,18 +294,28 @@ class Registry(LoadedRegistry):
         # Each task is judged on the held-out data of its newest merged version's lineage, against that version.
         newest = {t: max(v for u, v in pairs if u == t) for t in tasks}
         held = {t: self.holdout(t, newest[t]) for t in tasks}
-        held = {t: None if ex is None else self._encode(ex, specs[t]) for t, ex in held.items()}  # once
-        with self._lock:
-            keys = {t: rt.task(self, t, newest[t]) for t in tasks}
-            individual = {t: rt.trainee(keys[t]).logits(held[t], pad_id=self.backbone.pad_id,
-                                                        device=self.backbone.device)
-                          for t in tasks if held[t] is not None}
+        encode = {t: (lambda ex, spec=specs[t]: self._encode(ex, spec)) for t in tasks}
+        held = {t: None if ex is None else encode[t](ex) for t, ex in held.items()}  # once
         buffers = (pipeline.refit_data({t: (v, self.buffer(t, v)) for t, v in newest.items()}, specs, self._encode)
                    if config.refit_heads else None)
+        # What training kept (features.safetensors) spares running those rows again; the rest run here.
+        frozen: dict[str, dict[str, torch.Tensor]] = {}
         with self._lock:
+            keys = {t: rt.task(self, t, newest[t]) for t in tasks}
+            individual = {t: features.own_logits(self, t, newest[t], encode[t]).complete(
+                held[t], lambda rows, t=t: rt.trainee(keys[t]).logits(rows, pad_id=self.backbone.pad_id,
+                                                                      device=self.backbone.device))
+                for t in tasks if held[t] is not None}
+            with rt.bank.disabled():
+                for t in individual:
+                    table = features.frozen_rows(self, t, newest[t], encode[t])
+                    run = lambda rows: pooled_features(self.backbone, rows)  # noqa: E731
+                    frozen[t] = {"held": table.complete(held[t], run)}
+                    if buffers is not None:
+                        frozen[t]["buffer"] = table.complete(buffers[t], run)
             merged = pipeline.merge_members(
                 self.backbone, rt.bank, pairs, states, adapters, lambda: [rt.task(self, t, v) for t, v in pairs],
-                heads, specs, held, individual, buffers, config, search)
+                heads, specs, held, individual, buffers, config, search, frozen=frozen)
         record = entries.merge_record(name, pairs, specs, adapters[0], merged, time.perf_counter() - started)
         with self._lock:
             self._write_entry(record, merged.lora_state, merged.heads, started_from=started_from)

@@ -8,6 +8,8 @@
     <root>/tasks/<task>/v<N>/head.safetensors
     <root>/tasks/<task>/v<N>/replay.parquet      replay buffer after training this version (optional)
     <root>/tasks/<task>/v<N>/holdout.parquet     sample of this version's validation data (optional)
+    <root>/tasks/<task>/v<N>/features.safetensors  what training computed on those rows, for merges
+                                                   (optional; :mod:`cmtl.registry.features`)
     <root>/merges/<name>/adapter.safetensors     a merged adapter
     <root>/merges/<name>/heads.safetensors       the heads of the tasks it serves
 

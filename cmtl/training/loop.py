@@ -147,6 +147,9 @@ class TrainResult:
 
     ``validation_logits`` are the kept state's logits on the validation rows, in
     row order (``None`` without validation data), so callers need not rerun them.
+    ``start_features`` are the pooled features of the ``"train"`` and ``"validation"`` rows (row
+    order) through the adapter as it was before training, where the linear probe computed them
+    (:func:`cmtl.training.trainee.fit`); for a fresh adapter, the frozen backbone's.
     """
 
     steps: int
@@ -157,6 +160,7 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
     stopped_early: bool = False
     validation_logits: torch.Tensor | None = None
+    start_features: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def samples_per_second(self) -> float:
@@ -203,6 +207,7 @@ def train(
     extra_loss: Callable[[dict[str, torch.Tensor], torch.Tensor, list[int]], torch.Tensor] | None = None,
     desc: str = "train",
     candidate: list[torch.Tensor] | None = None,
+    candidate_logits: torch.Tensor | None = None,
 ) -> TrainResult:
     """Train ``params`` to minimise ``spec.loss(forward(batch))`` (+ ``extra_loss``).
 
@@ -213,7 +218,8 @@ def train(
     ``candidate``: values for ``params`` (in order) scored as step 0 before training starts from the
     parameters as given; they are returned when no later evaluation reaches their score (the linear
     probe of :func:`cmtl.training.trainee.fit`). Patience counts from the trained states only, so a
-    strong candidate does not stop training before it has had its chance.
+    strong candidate does not stop training before it has had its chance. ``candidate_logits``: the
+    candidate's logits on ``validation`` when the caller has them (no forward pass is then run for it).
 
     Raises:
         TrainingDivergedError: the loss became NaN or infinite. The parameters
@@ -236,11 +242,14 @@ def train(
     started = time.perf_counter()
     bar = tqdm(total=total, desc=desc, disable=not (config.progress and is_main()), leave=False, dynamic_ncols=True)
 
-    def score_now() -> tuple[float, dict[str, float], torch.Tensor]:
+    def logits_now() -> torch.Tensor:
         set_training(False)
         logits_val = predict_logits(forward, validation, batch_size=config.eval_batch_size, pad_id=pad_id,
                                     device=device)
         set_training(True)
+        return logits_val
+
+    def score(logits_val: torch.Tensor) -> tuple[float, dict[str, float], torch.Tensor]:
         metrics = compute_metrics(spec, logits_val, validation.targets)
         history.append({"step": step, **metrics})
         logger.info("%s step %d: %s=%.4f", desc, step, metric, metrics[metric])
@@ -249,9 +258,9 @@ def train(
     def evaluate() -> bool:
         """Score the current parameters on ``validation``; keep them if best. True when it is time to stop."""
         nonlocal best_score, best_step, best_metrics, best_logits, bad_evals, best
-        score, metrics, logits_val = score_now()
-        if score > best_score:
-            best_score, best_step, best_metrics, best_logits, bad_evals = score, step, metrics, logits_val, 0
+        value, metrics, logits_val = score(logits_now())
+        if value > best_score:
+            best_score, best_step, best_metrics, best_logits, bad_evals = value, step, metrics, logits_val, 0
             best = [p.detach().clone() for p in params]
             return False
         bad_evals += 1
@@ -261,10 +270,12 @@ def train(
     set_training(True)
     try:
         if candidate is not None and validation is not None:
-            given = [p.detach().clone() for p in params]
-            assign(params, candidate)
-            fallback = score_now()  # scored, but not what patience counts from: training must get its chance
-            assign(params, given)
+            if candidate_logits is None:
+                given = [p.detach().clone() for p in params]
+                assign(params, candidate)
+                candidate_logits = logits_now()
+                assign(params, given)
+            fallback = score(candidate_logits)  # not what patience counts from: training must get its chance
         while step < total and not stopped_early:
             order = torch.randperm(len(train_data), generator=generator).tolist()
             if config.length_grouping:

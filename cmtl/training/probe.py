@@ -61,12 +61,16 @@ PROBE_MAX_ROWS = 20_000
 
 
 def probe_head(head: nn.Module, backbone: Backbone, spec: TaskSpec, data: Encoded, *, batch_size: int = 64,
-               seed: int = 0) -> None:
+               seed: int = 0) -> torch.Tensor | None:
     """Fit ``head`` in place as a linear probe on ``data``'s pooled features through the backbone's
     active adapter (one inference pass over ``data``, or over a seeded sample of :data:`PROBE_MAX_ROWS`
-    of its rows, then :func:`refit_head`)."""
-    if len(data) > PROBE_MAX_ROWS:
+    of its rows, then :func:`refit_head`). Returns those features (N, H) in row order, or ``None`` when
+    the probe saw only a sample."""
+    sampled = len(data) > PROBE_MAX_ROWS
+    if sampled:
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
         data = data.select(sorted(order[:PROBE_MAX_ROWS]))
-    fitted = refit_head(head, pooled_features(backbone, data, batch_size), data.targets, spec.loss)
+    features = pooled_features(backbone, data, batch_size)
+    fitted = refit_head(head, features, data.targets, spec.loss)
     head.load_state_dict(fitted.state_dict())
+    return None if sampled else features

@@ -21,7 +21,7 @@ from cmtl.data import Encoded
 from cmtl.training.caching import maybe_cache
 from cmtl.training.evaluation import predict_logits
 from cmtl.training.loop import TrainConfig, TrainResult, assign, train
-from cmtl.training.probe import probe_head
+from cmtl.training.probe import pooled_features, probe_head
 
 Forward = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
@@ -95,7 +95,8 @@ def fit(trainee: Trainee, backbone: Backbone, adapter: AdapterConfig, spec: Task
     ``new_head``: the trainee's head (its first module) is untrained; with ``config.probe_init`` and
     validation data a linear probe is fitted on the adapter's features as they are
     (:func:`cmtl.training.probe.probe_head`) and scored as the step-0 candidate of early stopping;
-    training starts from it with ``config.probe_start``, from the fresh head otherwise.
+    training starts from it with ``config.probe_start``, from the fresh head otherwise. The features the
+    probe saw are returned as ``TrainResult.start_features``.
     """
     # Layers below the adapter are frozen for every adapter this run switches in (an update's
     # parent, for LwF, has the same layers): compute their outputs once, for all epochs. Activate
@@ -105,16 +106,27 @@ def fit(trainee: Trainee, backbone: Backbone, adapter: AdapterConfig, spec: Task
                                          batch_size=config.eval_batch_size)
     # Without validation nothing could choose the probe: fit it only when training starts from it.
     probe = new_head and config.probe_init and (validation is not None or config.probe_start)
+    features: dict[str, torch.Tensor] = {}
+    candidate_logits = None
     if probe:
         head = trainee.modules[0]
         fresh = [p.detach().clone() for p in head.parameters()]
-        probe_head(head, backbone, spec, train_data, batch_size=config.eval_batch_size, seed=config.seed)
+        trainee.set_training(False)  # features without dropout, as evaluation sees them
+        trained_on = probe_head(head, backbone, spec, train_data, batch_size=config.eval_batch_size, seed=config.seed)
+        if trained_on is not None:
+            features["train"] = trained_on
+        if validation is not None:  # the probe's validation logits, from features its callers may keep
+            features["validation"] = pooled_features(backbone, validation, config.eval_batch_size)
+            with torch.no_grad():
+                candidate_logits = head(features["validation"].to(backbone.device)).float().cpu()
     with trainee.unfrozen() as params:
         candidate = None
         if probe:
             candidate = [p.detach().clone() for p in params]  # the adapter as it is, the probe's head
             if not config.probe_start:
                 assign(list(head.parameters()), fresh)
-        return train(trainee.forward, params, trainee.set_training, spec, train_data, validation, config,
-                     pad_id=backbone.pad_id, device=backbone.device, desc=f"{spec.name}", extra_loss=extra_loss,
-                     candidate=candidate)
+        result = train(trainee.forward, params, trainee.set_training, spec, train_data, validation, config,
+                       pad_id=backbone.pad_id, device=backbone.device, desc=f"{spec.name}", extra_loss=extra_loss,
+                       candidate=candidate, candidate_logits=candidate_logits)
+    result.start_features = features
+    return result

@@ -164,7 +164,8 @@ def test_stores_no_pickles(sentiment_registry):
     manifest = json.loads(manifest_bytes(sentiment_registry))
     record = manifest["tasks"]["sentiment"]["versions"][0]
     assert manifest["backbone"]["sha256"] and record["data_fingerprint"] and record["cmtl_version"]
-    assert set(record["files"]) == {"adapter.safetensors", "head.safetensors", "replay.parquet", "holdout.parquet"}
+    assert set(record["files"]) == {"adapter.safetensors", "head.safetensors", "replay.parquet", "holdout.parquet",
+                                    "features.safetensors"}
     assert {"version", "parent", "created", "adapter", "training", "metrics"} <= set(record)
 
 
