@@ -82,6 +82,10 @@ class ReplayBufferError(CmtlError, ValueError):
     """A bad buffer setting, or a buffer file that is missing, corrupt or not a buffer."""
 
 
+class MissingExtraError(CmtlError, ImportError):
+    """A feature needs a package that cmtl's core install leaves out; the message names the extra."""
+
+
 class ManifestError(RegistryError):
     """A registry.json that parses but breaks the manifest's rules (a bad name, a missing or mistyped field)."""
 

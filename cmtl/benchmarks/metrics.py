@@ -25,6 +25,7 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
+from cmtl._extras import require
 from cmtl._io import write_bytes_atomic
 
 
@@ -251,6 +252,7 @@ class ContinualReport:
 
 def plot_heatmap(R: Any, names: Sequence[str], path: str | Path) -> Path:
     """Write the accuracy matrix as an annotated heat map PNG (matplotlib Agg, no pyplot state)."""
+    require("matplotlib", purpose="Heat maps of accuracy matrices")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -1,6 +1,7 @@
 """Continual-learning scenarios: an ordered stream of experiences over real corpora.
 
-A scenario is declared in a small YAML file (see ``scenarios/*.yaml``) and
+A scenario is declared in a small YAML file (see ``scenarios/*.yaml``, shipped in the package as
+``cmtl.scenarios``, so that :meth:`Scenario.from_yaml` also takes a shipped scenario's name) and
 turned into :class:`Experience` objects with fixed, seeded, capped splits.
 
 Three kinds (van de Ven & Tolias, 2019, "Three scenarios for continual learning"):
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field, replace
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -105,10 +108,10 @@ class Scenario:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "Scenario":
+        """The scenario in YAML file ``path``, or shipped with cmtl under that name (:func:`shipped`)."""
         import yaml
 
-        with open(path) as f:
-            return cls.from_dict(yaml.safe_load(f))
+        return cls.from_dict(yaml.safe_load(scenario_file(path).read_text(encoding="utf-8")))
 
     def shrink(self, max_train: int, max_eval: int) -> "Scenario":
         """The same stream with smaller caps (for tests and quick looks)."""
@@ -177,3 +180,28 @@ def _load_experience(scenario: Scenario, e: ExperienceSpec, cache_dir) -> Experi
         test=take("test", scenario.max_eval),
         corpus=e.corpus,
     )
+
+
+def shipped() -> dict[str, Traversable]:
+    """The scenario files shipped with cmtl (package data ``cmtl.scenarios``, the repository's
+    ``scenarios/`` folder), by name: ``{"text5": <text5.yaml>, ...}``."""
+    try:
+        root = files("cmtl.scenarios")
+    except ModuleNotFoundError:  # a source tree on sys.path without an install: nothing is mapped
+        return {}
+    return {f.name.removesuffix(".yaml"): f for f in root.iterdir() if f.name.endswith(".yaml")}
+
+
+def scenario_file(path: str | Path) -> Path | Traversable:
+    """``path`` when it is a file; else, when it names no folder, the shipped scenario of that name
+    (``"text5"`` or ``"text5.yaml"``)."""
+    given = Path(path)
+    if given.is_file():
+        return given
+    known = shipped()
+    name = given.name.removesuffix(".yaml")
+    if given.parent == Path(".") and name in known:
+        return known[name]
+    raise FileNotFoundError(f"No scenario file {str(path)!r}" + ("" if given.parent != Path(".") else
+                            " and no shipped scenario of that name") + f". Shipped scenarios: {sorted(known)}; "
+                            "pass one of these names or the path of a YAML file.")

@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from cmtl._extras import require
 from cmtl.cli.common import RegistryArg, format_table
 
 
@@ -29,8 +30,8 @@ def serve(
 ) -> None:
     """Serve every task of a registry over HTTP (POST /v1/predict, /v1/predict/all; GET /v1/tasks, /healthz,
     /metrics, /docs); picks up new versions without a restart."""
-    from cmtl.serving.server import ServeConfig
-    from cmtl.serving.server import serve as run_server
+    from cmtl.serving import ServeConfig
+    from cmtl.serving import serve as run_server
 
     config = ServeConfig(max_texts=max_texts, max_chars=max_chars, max_body_bytes=max_body_bytes,
                          max_batch_size=max_batch_size,
@@ -57,7 +58,8 @@ def demo(
 
 
 def bench(
-    scenario: Annotated[Path, typer.Argument(help="Scenario file, e.g. scenarios/text5.yaml.")],
+    scenario: Annotated[str, typer.Argument(help="A shipped scenario's name (text5, sentiment4, trec-classes) "
+                                                 "or a scenario file, e.g. my-stream.yaml.")],
     strategy: Annotated[str, typer.Option(help="Comma-separated strategies: adapters, seq-ft, replay, ewc, lwf, "
                                                "joint, single, avl-naive, avl-replay, avl-ewc, avl-lwf.")]
     = "adapters,seq-ft,replay,ewc,lwf,joint",
@@ -74,6 +76,8 @@ def bench(
     replay_budget: int = 500,
     seed: int = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Load the scenario's data, print each experience's "
+                                                            "rows and what would run; train nothing.")] = False,
 ) -> None:
     """Run continual-learning strategies on a scenario; write results.json, results.md and heatmaps."""
     from cmtl import BackboneConfig, TrainConfig
@@ -81,14 +85,30 @@ def bench(
     from cmtl.benchmarks.runner import run_benchmark, summary_rows
     from cmtl.benchmarks.scenarios import Scenario
 
-    sc = Scenario.from_yaml(scenario)
+    try:
+        sc = Scenario.from_yaml(scenario)
+    except FileNotFoundError as error:
+        raise typer.BadParameter(str(error), param_hint="SCENARIO") from None
     if max_train or max_eval:
         sc = sc.shrink(max_train or sc.max_train, max_eval or sc.max_eval)
+    strategies = [s.strip() for s in strategy.split(",") if s.strip()]
+    if not dry_run:  # before hours of training, not after
+        require("matplotlib", purpose="cmtl bench (its heat maps)")
+        if any(s.startswith("avl-") for s in strategies):
+            require("avalanche", "torchvision", purpose=f"cmtl bench --strategy {strategy}")
+    if dry_run:
+        typer.echo(f"{sc.name} ({sc.kind}): {len(sc.experiences)} experiences, at most {sc.max_train} training and "
+                   f"{sc.max_eval} validation/test examples each")
+        rows = [{"experience": e.name, "task": e.spec.name, "labels": len(e.spec.labels or ()), "train": len(e.train),
+                 "validation": len(e.validation), "test": len(e.test)} for e in sc.load()]
+        typer.echo(format_table(rows, ["experience", "task", "labels", "train", "validation", "test"]))
+        typer.echo(f"would run {', '.join(strategies)} on orders {orders} into {out or Path('runs/bench') / sc.name}")
+        return
     training = TrainConfig(**({} if epochs is None else {"epochs": epochs}), lr_schedule=lr_schedule,
                            patience=patience or None, seed=seed, progress=False)
     config = StrategyConfig(training=training, replay_budget=replay_budget)
     out = out or Path("runs/bench") / sc.name
-    results = run_benchmark(sc, [s.strip() for s in strategy.split(",") if s.strip()], out,
+    results = run_benchmark(sc, strategies, out,
                             backbone=BackboneConfig(num_hidden_layers=layers), config=config,
                             orders=[o.strip() for o in orders.split(",")], device=device, echo=typer.echo)
     typer.echo("")

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from cmtl._extras import require
 from cmtl.core.adapters import AdapterBank, AdapterConfig
 from cmtl.core.backbone import Backbone
 from cmtl.core.tasks import TaskHead, TaskSpec, route_to_heads
@@ -52,7 +53,7 @@ def import_avalanche() -> None:
     function that imports from ``avalanche`` calls this first."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="no QP solver found", category=UserWarning)
-        import avalanche  # noqa: F401
+        require("avalanche", "torchvision", purpose="The Avalanche bridge (cmtl.integrations.avalanche)")
 
 
 @functools.cache

@@ -76,7 +76,6 @@ class RowTable:
         values, missing = self.find(encoded)
         return None if missing else values
 
-
     def complete(self, encoded: Encoded, compute: Callable[[Encoded], torch.Tensor]) -> torch.Tensor:
         """The vectors of all of ``encoded``'s rows: those in the table, and ``compute`` of the others
         (called once, on just those rows, and only if there are any)."""

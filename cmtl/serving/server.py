@@ -51,6 +51,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from cmtl._extras import require
 from cmtl.errors import DataError, InvalidParameterError, TaskNotFoundError, bad_param
 from cmtl.registry import store
 from cmtl.serving.engine import InferenceEngine, Snapshot
@@ -288,6 +289,7 @@ def _disk_generation(root: Path) -> Any:
 
 def create_app(registry: str | Path | InferenceEngine, config: ServeConfig | None = None, *, device: str = "auto"):
     """The FastAPI app serving ``registry`` (a folder, or an engine already built on one)."""
+    require("fastapi", "fastapi_offline", "prometheus_client", purpose="Serving")
     from fastapi import Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import PlainTextResponse
@@ -411,7 +413,7 @@ def serve(registry: str | Path, *, host: str = "127.0.0.1", port: int = 8000, co
     Raises:
         ValueError: a port outside 0..65535 (before the registry is loaded).
     """
-    import uvicorn
+    uvicorn, = require("uvicorn", purpose="Serving")
 
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ValueError(f"port must be an integer in 0..65535 (0 picks a free port). Got {port!r}.")
