@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -21,7 +22,7 @@ SCENARIO_FILES = sorted(p.name for p in (ROOT / "scenarios").glob("*.yaml"))
 def test_every_subpackage_is_listed_for_the_wheel():
     listed = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
     found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "cmtl").rglob("__init__.py")}
-    assert set(listed) == found | {"cmtl.scenarios"}
+    assert set(listed) == found | {"cmtl.scenario_files"}
 
 
 def test_shipped_scenarios_are_found_by_name():
@@ -36,6 +37,18 @@ def test_shipped_scenarios_are_found_by_name():
     assert "no shipped scenario" not in str(error.value)
 
 
+def test_the_old_module_path_cmtl_scenarios_still_leads_to_the_scenario_code():
+    # The package data has its own name: cmtl.scenarios is cmtl 0.1's path of cmtl.benchmarks.scenarios.
+    import importlib
+
+    import cmtl.benchmarks.scenarios
+
+    sys.modules.pop("cmtl.scenarios", None)
+    with pytest.warns(DeprecationWarning, match="cmtl.scenarios moved to cmtl.benchmarks.scenarios"):
+        old = importlib.import_module("cmtl.scenarios")
+    assert old is cmtl.benchmarks.scenarios
+
+
 def test_bench_refuses_an_unknown_scenario_with_the_shipped_names():
     from typer.testing import CliRunner
 
@@ -48,8 +61,13 @@ def test_bench_refuses_an_unknown_scenario_with_the_shipped_names():
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q",
+    # Built from a copy of what the wheel reads: setuptools writes build/ and *.egg-info beside its source.
+    source, out = tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("wheel")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for name in ("cmtl", "scenarios"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q",
                     "-w", str(out)], check=True, cwd=out, timeout=300)
     built, = out.glob("cmtl-*.whl")
     return built
@@ -57,7 +75,7 @@ def wheel(tmp_path_factory) -> Path:
 
 def test_the_wheel_ships_the_scenarios_and_no_tests(wheel):
     names = zipfile.ZipFile(wheel).namelist()
-    assert {f"cmtl/scenarios/{name}" for name in SCENARIO_FILES} <= set(names)
+    assert {f"cmtl/scenario_files/{name}" for name in SCENARIO_FILES} <= set(names)
     assert not [n for n in names if n.startswith(("tests/", "scenarios/", "notebooks/", "docs/"))]
 
 

@@ -1,7 +1,7 @@
 """Continual-learning scenarios: an ordered stream of experiences over real corpora.
 
 A scenario is declared in a small YAML file (see ``scenarios/*.yaml``, shipped in the package as
-``cmtl.scenarios``, so that :meth:`Scenario.from_yaml` also takes a shipped scenario's name) and
+``cmtl.scenario_files``, so that :meth:`Scenario.from_yaml` also takes a shipped scenario's name) and
 turned into :class:`Experience` objects with fixed, seeded, capped splits.
 
 Three kinds (van de Ven & Tolias, 2019, "Three scenarios for continual learning"):
@@ -183,10 +183,10 @@ def _load_experience(scenario: Scenario, e: ExperienceSpec, cache_dir) -> Experi
 
 
 def shipped() -> dict[str, Traversable]:
-    """The scenario files shipped with cmtl (package data ``cmtl.scenarios``, the repository's
+    """The scenario files shipped with cmtl (package data ``cmtl.scenario_files``, the repository's
     ``scenarios/`` folder), by name: ``{"text5": <text5.yaml>, ...}``."""
     try:
-        root = files("cmtl.scenarios")
+        root = files("cmtl.scenario_files")
     except ModuleNotFoundError:  # a source tree on sys.path without an install: nothing is mapped
         return {}
     return {f.name.removesuffix(".yaml"): f for f in root.iterdir() if f.name.endswith(".yaml")}
