@@ -15,6 +15,10 @@
   seen so far (the offline upper bound at each step).
 * ``single`` — task-incremental only: an independent, fully fine-tuned copy
   of the backbone per task (the status quo cmtl replaces).
+* ``analytic`` — no training: a head computed in closed form from running class
+  statistics of the frozen backbone's features (:mod:`cmtl.continual.analytic`;
+  RanPAC's random projection and ridge by default), updated exactly on each
+  experience, so the head forgets nothing and stores no examples.
 
 Shared strategies keep one head per task (task-incremental), one head for the
 one task (domain-incremental), or one head over every class whose unseen
@@ -28,6 +32,7 @@ from __future__ import annotations
 import abc
 import copy
 import dataclasses
+import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -38,6 +43,7 @@ import torch
 
 from cmtl.benchmarks.metrics import ContinualReport
 from cmtl.benchmarks.scenarios import Experience, Kind
+from cmtl.continual.analytic import AnalyticConfig, AnalyticHead
 from cmtl.continual.penalties import Anchor, distillation_loss, ewc_term, fisher_diagonal
 from cmtl.continual.replay import make_buffer
 from cmtl.core.adapters import AdapterBank, AdapterConfig
@@ -47,9 +53,10 @@ from cmtl.data import Encoded, Examples, encode
 from cmtl.registry.facade import Registry
 from cmtl.training.evaluation import predict_logits
 from cmtl.training.loop import TrainConfig, seeded, train
+from cmtl.training.probe import pooled_features
 from cmtl.training.trainee import Trainee
 
-STRATEGIES = ("adapters", "adapters-auto", "seq-ft", "replay", "ewc", "lwf", "joint", "single")
+STRATEGIES = ("adapters", "adapters-auto", "seq-ft", "replay", "ewc", "lwf", "joint", "single", "analytic")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -67,6 +74,7 @@ class StrategyConfig:
         lwf_lambda: Weight of the LwF distillation term.
         lwf_temperature: Softmax temperature of the distillation.
         single_learning_rate: Peak learning rate of full fine-tuning (``single``).
+        analytic: The closed-form head of ``analytic``.
     """
 
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -77,6 +85,7 @@ class StrategyConfig:
     lwf_lambda: float = 1.0
     lwf_temperature: float = 2.0
     single_learning_rate: float = 5e-5
+    analytic: AnalyticConfig = field(default_factory=AnalyticConfig)
 
 
 def _seeded_head(hidden: int, n_out: int, dropout: float, seed: int) -> TaskHead:
@@ -383,6 +392,80 @@ class SingleLearner(Learner):
         return [exp.spec.labels[k] for k in logits.argmax(-1).tolist()]
 
 
+class AnalyticLearner(Learner):
+    """Closed-form heads on the frozen backbone's pooled features: one per task (task-incremental), one
+    over the shared label set (domain-incremental) or over every class seen so far, grown on each
+    experience (class-incremental). Each experience adds its training rows to the statistics; the
+    ridge λ is chosen on the validation rows seen so far, whose pooled features (not texts) are kept."""
+
+    def __init__(self, experiences, kind, backbone, config):
+        super().__init__(experiences, kind, backbone, config)
+        if kind == "task-incremental":
+            self.labels = [tuple(e.spec.labels) for e in experiences]
+        elif kind == "domain-incremental":
+            self.labels = [tuple(experiences[0].spec.labels)]
+        else:  # grows with each experience's classes
+            self.labels = [()]
+        self.heads: dict[int, AnalyticHead] = {}
+        self.validation: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.test_features: dict[int, torch.Tensor] = {}  # the backbone is frozen: one pass per test set
+
+    def _group(self, j: int) -> int:
+        return j if self.kind == "task-incremental" else 0
+
+    def _features(self, examples: Examples, spec: TaskSpec) -> torch.Tensor:
+        return pooled_features(self.backbone, encode(examples, spec, self.backbone.tokenize, with_targets=False),
+                               batch_size=self.config.training.eval_batch_size).cpu()
+
+    def fit(self, i: int) -> None:
+        exp, g = self.experiences[i], self._group(i)
+        if self.kind == "class-incremental":
+            new = [label for label in exp.spec.labels if label not in self.labels[0]]
+            self.labels[0] = self.labels[0] + tuple(new)
+        labels = self.labels[g]
+        spec = TaskSpec(exp.spec.name, labels=list(labels))
+        index = {label: k for k, label in enumerate(labels)}
+        head = self.heads.get(g)
+        before = _analytic_bytes(head, self.validation.get(g, []))
+        weights_before = 0 if head is None else head.weight.numel()
+        if head is None:
+            head = self.heads[g] = AnalyticHead(self.backbone.hidden_size, len(labels), self.config.analytic)
+        elif head.num_classes < len(labels):
+            head.grow(len(labels) - head.num_classes)
+        head.update(self._features(exp.train, spec), torch.tensor([index[y] for y in exp.train.labels]))
+        self.validation.setdefault(g, []).append(
+            (self._features(exp.validation, spec), torch.tensor([index[y] for y in exp.validation.labels])))
+        held = self.validation[g]
+        lam = head.choose_ridge(torch.cat([x for x, _ in held]), torch.cat([y for _, y in held]))
+        self.trainable_parameters.append(head.weight.numel() - weights_before)  # computed, not trained
+        self.bytes_added.append(_analytic_bytes(head, held) - before)
+        self.notes.append(f"{head.stats.rows} rows, {head.num_classes} classes"
+                          + ("" if math.isnan(lam) else f", ridge {lam:g}"))
+
+    def predict(self, j: int, n_seen: int) -> list[str]:
+        exp, g = self.experiences[j], self._group(j)
+        if j not in self.test_features:
+            self.test_features[j] = self._features(exp.test, exp.spec)
+        features = self.test_features[j]
+        if g not in self.heads or n_seen == 0 or (self.kind == "task-incremental" and j >= n_seen):
+            # Not learnt yet: a fresh seeded head, as the other strategies' untrained answers.
+            labels = (tuple(dict.fromkeys(x for e in self.experiences for x in e.spec.labels))
+                      if self.kind == "class-incremental" else tuple(exp.spec.labels))
+            head = _seeded_head(self.backbone.hidden_size, len(labels), 0.0, self._head_seed(j))
+            with torch.inference_mode():
+                logits = head(features)
+            return [labels[k] for k in logits.argmax(-1).tolist()]
+        return [self.labels[g][k] for k in self.heads[g](features).argmax(-1).tolist()]
+
+
+def _analytic_bytes(head: AnalyticHead | None, held: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    """What an analytic learner keeps: the statistics (float64) and the validation rows' features (float32)."""
+    if head is None:
+        return 0
+    stats = sum(t.numel() * 8 for t in head.stats.state_dict().values())
+    return stats + sum(x.numel() * 4 + y.numel() * 8 for x, y in held)
+
+
 def make_learner(strategy: str, experiences: list[Experience], kind: Kind, backbone: Backbone,
                  config: StrategyConfig, workdir: Path) -> Learner:
     """The learner of one strategy name from :data:`STRATEGIES`."""
@@ -391,6 +474,8 @@ def make_learner(strategy: str, experiences: list[Experience], kind: Kind, backb
                               init="auto" if strategy == "adapters-auto" else None)
     if strategy == "single":
         return SingleLearner(experiences, kind, backbone, config)
+    if strategy == "analytic":
+        return AnalyticLearner(experiences, kind, backbone, config)
     if strategy in ("seq-ft", "replay", "ewc", "lwf", "joint"):
         return SharedLearner(experiences, kind, backbone, config, mode=strategy)
     raise ValueError(f"Unknown strategy {strategy!r}. Known strategies: {list(STRATEGIES)}.")

@@ -60,8 +60,8 @@ def demo(
 def bench(
     scenario: Annotated[str, typer.Argument(help="A shipped scenario's name (text5, sentiment4, trec-classes) "
                                                  "or a scenario file, e.g. my-stream.yaml.")],
-    strategy: Annotated[str, typer.Option(help="Comma-separated strategies: adapters, seq-ft, replay, ewc, lwf, "
-                                               "joint, single, avl-naive, avl-replay, avl-ewc, avl-lwf.")]
+    strategy: Annotated[str, typer.Option(help="Comma-separated strategies: adapters, adapters-auto, seq-ft, replay, ewc, lwf, "
+                                               "joint, single, analytic, avl-naive, avl-replay, avl-ewc, avl-lwf.")]
     = "adapters,seq-ft,replay,ewc,lwf,joint",
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default runs/bench/<scenario>).")] = None,
     orders: Annotated[str, typer.Option(help="Comma-separated orders: stated, random-1, ..., or all.")] = "stated",
@@ -84,6 +84,7 @@ def bench(
     from cmtl.benchmarks.learners import StrategyConfig
     from cmtl.benchmarks.runner import run_benchmark, summary_rows
     from cmtl.benchmarks.scenarios import Scenario
+    from cmtl.continual.analytic import AnalyticConfig
 
     try:
         sc = Scenario.from_yaml(scenario)
@@ -106,7 +107,7 @@ def bench(
         return
     training = TrainConfig(**({} if epochs is None else {"epochs": epochs}), lr_schedule=lr_schedule,
                            patience=patience or None, seed=seed, progress=False)
-    config = StrategyConfig(training=training, replay_budget=replay_budget)
+    config = StrategyConfig(training=training, replay_budget=replay_budget, analytic=AnalyticConfig(seed=seed))
     out = out or Path("runs/bench") / sc.name
     results = run_benchmark(sc, strategies, out,
                             backbone=BackboneConfig(num_hidden_layers=layers), config=config,

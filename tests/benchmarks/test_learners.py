@@ -56,7 +56,7 @@ def test_task_incremental(strategy, tiny_backbone):
     assert all(0.0 <= v <= 1.0 for row in report.R for v in row)
     assert len(report.seconds_per_experience) == 3 and all(s > 0 for s in report.seconds_per_experience)
     assert all(p > 0 for p in report.trainable_parameters_per_task)
-    if strategy in ("adapters", "single"):
+    if strategy in ("adapters", "single", "analytic"):
         # Independent parameters per task: learning task i cannot change task j < i ...
         assert report.bwt == 0.0 and report.mean_forgetting == 0.0
         for i in range(3):
@@ -68,7 +68,7 @@ def test_task_incremental(strategy, tiny_backbone):
     assert report.acc >= 0.6, report.to_markdown()
 
 
-@pytest.mark.parametrize("strategy", ["adapters", "seq-ft", "replay", "lwf"])
+@pytest.mark.parametrize("strategy", ["adapters", "seq-ft", "replay", "lwf", "analytic"])
 def test_class_incremental_cannot_predict_unseen_classes(strategy, tiny_backbone):
     report = run_stream(strategy, _stream("class-incremental"), "class-incremental",
                         BackboneConfig(name_or_path=tiny_backbone, max_length=32), CONFIG, device="cpu")
@@ -77,8 +77,39 @@ def test_class_incremental_cannot_predict_unseen_classes(strategy, tiny_backbone
             assert report.R[i][j] == 0.0
 
 
-def test_domain_incremental_runs(tiny_backbone):
-    report = run_stream("adapters", _stream("domain-incremental"), "domain-incremental",
+def test_analytic_class_incremental_ends_where_one_fit_on_everything_ends(tiny_backbone):
+    """Its statistics are exact: after the last experience, the head is the one computed from all the
+    training rows at once (with λ chosen on all the validation rows)."""
+    import torch
+
+    from cmtl.benchmarks.learners import make_learner
+    from cmtl.continual.analytic import AnalyticHead
+    from cmtl.core.backbone import load_backbone
+
+    stream = _stream("class-incremental")
+    backbone = load_backbone(BackboneConfig(name_or_path=tiny_backbone, max_length=32), device="cpu")
+    learner = make_learner("analytic", stream, "class-incremental", backbone, CONFIG, workdir=None)
+    for i in range(3):
+        learner.fit(i)
+    labels = learner.labels[0]
+    assert labels == ("red", "blue", "green", "loud", "quiet", "sweet")
+    spec = TaskSpec("all", labels=list(labels))
+    rows = lambda split: [(x, labels.index(y)) for e in stream for x, y in zip(  # noqa: E731
+        learner._features(getattr(e, split), spec), getattr(e, split).labels)]
+    train, val = rows("train"), rows("validation")
+    once = AnalyticHead(backbone.hidden_size, len(labels), CONFIG.analytic)
+    once.update(torch.stack([x for x, _ in train]), torch.tensor([y for _, y in train]))
+    once.choose_ridge(torch.stack([x for x, _ in val]), torch.tensor([y for _, y in val]))
+    assert once.ridge == learner.heads[0].ridge
+    for j, e in enumerate(stream):
+        features = learner._features(e.test, spec)
+        torch.testing.assert_close(learner.heads[0](features), once(features), rtol=1e-5, atol=1e-5)
+        assert learner.predict(j, 3) == [labels[k] for k in once(features).argmax(-1).tolist()]
+
+
+@pytest.mark.parametrize("strategy", ["adapters", "analytic"])
+def test_domain_incremental_runs(strategy, tiny_backbone):
+    report = run_stream(strategy, _stream("domain-incremental"), "domain-incremental",
                         BackboneConfig(name_or_path=tiny_backbone, max_length=32), CONFIG, device="cpu")
     assert report.acc >= 0.6
 

@@ -1,0 +1,225 @@
+"""Analytic heads: a classifier computed in closed form from running class statistics of features.
+
+A head fitted by gradient descent forgets what it is not shown again. One computed from sufficient
+statistics does not: adding data, or classes, adds to the statistics, and the head computed from them
+equals the one computed from all the data at once. Two closed forms over the same statistics:
+
+- ``"slda"`` (streaming LDA, Hayes & Kanan 2020): class means μ_c and one covariance Σ shared by all
+  classes, pooled within classes and shrunk towards a scaled identity; class c scores
+  ``x·Σ⁻¹μ_c − ½ μ_c·Σ⁻¹μ_c``.
+- ``"ridge"`` (RanPAC, McDonnell et al. 2023): the features first go through a fixed random projection
+  and a ReLU, ``h = max(0, xP)``; then ridge regression onto one-hot targets,
+  ``W = (G + λI)⁻¹ C`` with ``G = Σ h hᵀ`` and ``C[:, c] = Σ_{y=c} h``. λ is chosen on validation
+  rows (:meth:`AnalyticHead.choose_ridge`).
+
+:class:`ClassStatistics` is all that is kept: per-class counts and feature sums, and the Gram matrix
+of all rows (in float64, so that streamed and one-shot statistics agree to rounding).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+from torch import nn
+
+from cmtl.errors import DataError, InvalidParameterError, bad_param
+
+AnalyticKind = Literal["slda", "ridge"]
+_KINDS = ("slda", "ridge")
+
+#: λ values :meth:`AnalyticHead.choose_ridge` tries, as multiples of the Gram matrix's mean diagonal.
+RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+
+
+@dataclass(frozen=True)
+class AnalyticConfig:
+    """How an analytic head turns features into scores.
+
+    Args:
+        kind: ``"slda"`` (class means and a shared covariance) or ``"ridge"`` (random projection with
+            ReLU, then ridge regression; RanPAC).
+        projection: Width M of the random projection (``"ridge"`` only).
+        shrinkage: SLDA's covariance is ``(1 − s)·Σ + s·(tr Σ / d)·I``.
+        seed: Seeds the random projection: a head and its later updates must use the same one.
+    """
+
+    kind: AnalyticKind = "ridge"
+    projection: int = 2048
+    shrinkage: float = 1e-2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in _KINDS:
+            raise InvalidParameterError(bad_param("kind", "AnalyticConfig", f"be one of {list(_KINDS)}", self.kind))
+        if isinstance(self.projection, bool) or not isinstance(self.projection, int) or self.projection < 1:
+            raise InvalidParameterError(bad_param("projection", "AnalyticConfig", "be a positive integer",
+                                                  self.projection))
+        if not isinstance(self.shrinkage, (int, float)) or not 0.0 <= self.shrinkage <= 1.0:
+            raise InvalidParameterError(bad_param("shrinkage", "AnalyticConfig", "be in [0, 1]", self.shrinkage))
+
+
+class ClassStatistics:
+    """Counts, feature sums per class, and the Gram matrix of every row seen, for ``dim``-wide features.
+
+    Classes are indices ``0 .. num_classes - 1``; :meth:`grow` adds new ones at the end.
+    """
+
+    def __init__(self, dim: int, num_classes: int):
+        if dim < 1 or num_classes < 1:
+            raise InvalidParameterError(f"ClassStatistics needs dim >= 1 and num_classes >= 1; got {dim}, {num_classes}.")
+        self.counts = torch.zeros(num_classes, dtype=torch.float64)
+        self.sums = torch.zeros(num_classes, dim, dtype=torch.float64)
+        self.gram = torch.zeros(dim, dim, dtype=torch.float64)
+
+    @property
+    def dim(self) -> int:
+        return self.gram.shape[0]
+
+    @property
+    def num_classes(self) -> int:
+        return self.counts.shape[0]
+
+    @property
+    def rows(self) -> int:
+        return int(self.counts.sum().item())
+
+    def update(self, features: torch.Tensor, targets: torch.Tensor) -> "ClassStatistics":
+        """Add rows ``features`` (N, dim) with class indices ``targets`` (N,)."""
+        if features.ndim != 2 or features.shape[1] != self.dim:
+            raise DataError(f"Expected features of shape (N, {self.dim}); got {tuple(features.shape)}.")
+        targets = torch.as_tensor(targets, dtype=torch.long).flatten()
+        if len(targets) != len(features):
+            raise DataError(f"{len(targets)} targets for {len(features)} rows.")
+        if len(targets) and (targets.min() < 0 or targets.max() >= self.num_classes):
+            raise DataError(f"Class indices must lie in 0..{self.num_classes - 1}; got "
+                            f"{targets.min().item()}..{targets.max().item()}. Grow the statistics first.")
+        x = features.detach().to("cpu", torch.float64)
+        self.counts += torch.bincount(targets, minlength=self.num_classes).to(torch.float64)
+        self.sums.index_add_(0, targets, x)
+        self.gram += x.T @ x
+        return self
+
+    def grow(self, new_classes: int) -> "ClassStatistics":
+        """Append ``new_classes`` empty classes."""
+        if new_classes < 0:
+            raise InvalidParameterError(f"Statistics can only grow; got new_classes={new_classes}.")
+        self.counts = torch.cat([self.counts, torch.zeros(new_classes, dtype=torch.float64)])
+        self.sums = torch.cat([self.sums, torch.zeros(new_classes, self.dim, dtype=torch.float64)])
+        return self
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"counts": self.counts.clone(), "sums": self.sums.clone(), "gram": self.gram.clone()}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> "ClassStatistics":
+        sums = state["sums"]
+        stats = cls(sums.shape[1], sums.shape[0])
+        stats.counts, stats.sums, stats.gram = (state[k].to(torch.float64).clone() for k in ("counts", "sums", "gram"))
+        return stats
+
+
+def random_projection(dim: int, width: int, seed: int) -> torch.Tensor:
+    """The fixed (dim, width) Gaussian projection of a ``"ridge"`` head, drawn from ``seed`` alone."""
+    return torch.randn(dim, width, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+class AnalyticHead(nn.Module):
+    """A head whose weights come from :class:`ClassStatistics` in closed form (see the module docstring).
+
+    ``update`` adds rows to the statistics; the scores (``forward``) use the weights of the last
+    :meth:`solve`. Features are whatever the caller pools (the frozen backbone's, or a frozen adapter's).
+    """
+
+    def __init__(self, hidden: int, num_classes: int, config: AnalyticConfig | None = None):
+        super().__init__()
+        self.config = config or AnalyticConfig()
+        width = self.config.projection if self.config.kind == "ridge" else hidden
+        self.register_buffer("projection", random_projection(hidden, width, self.config.seed)
+                             if self.config.kind == "ridge" else torch.zeros(0, dtype=torch.float64))
+        self.stats = ClassStatistics(width, num_classes)
+        self.ridge = math.nan  # λ of the last ridge solve
+        self.register_buffer("weight", torch.zeros(num_classes, width, dtype=torch.float64))
+        self.register_buffer("bias", torch.zeros(num_classes, dtype=torch.float64))
+
+    @property
+    def num_classes(self) -> int:
+        return self.stats.num_classes
+
+    def expand(self, features: torch.Tensor) -> torch.Tensor:
+        """The features the statistics are kept on: ``max(0, xP)`` for ``"ridge"``, ``x`` itself for ``"slda"``."""
+        x = features.detach().to("cpu", torch.float64)
+        return torch.relu(x @ self.projection) if self.config.kind == "ridge" else x
+
+    def update(self, features: torch.Tensor, targets: torch.Tensor | Sequence[int]) -> "AnalyticHead":
+        """Add labelled rows (pooled features, class indices) to the statistics; :meth:`solve` afterwards."""
+        self.stats.update(self.expand(features), torch.as_tensor(targets))
+        return self
+
+    def grow(self, new_classes: int) -> "AnalyticHead":
+        """Add ``new_classes`` classes at the end (their scores stay at minus infinity until they have rows)."""
+        self.stats.grow(new_classes)
+        return self
+
+    def solve(self, ridge: float | None = None) -> "AnalyticHead":
+        """Compute the weights from the statistics. ``ridge``: λ as a multiple of G's mean diagonal
+        (``"ridge"`` only; default: the last one chosen, else 1e-2)."""
+        if self.stats.rows == 0:
+            raise DataError("An analytic head needs at least one labelled row before it can be solved.")
+        if self.config.kind == "slda":
+            weight, bias = _slda(self.stats, self.config.shrinkage)
+        else:
+            if ridge is None:
+                ridge = 1e-2 if math.isnan(self.ridge) else self.ridge
+            weight, bias = _ridge(self.stats, ridge)
+            self.ridge = float(ridge)
+        empty = self.stats.counts == 0
+        bias = bias.masked_fill(empty, -math.inf)  # a class with no rows is never predicted
+        self.weight, self.bias = weight, bias
+        return self
+
+    def choose_ridge(self, features: torch.Tensor, targets: torch.Tensor | Sequence[int],
+                     grid: Sequence[float] = RIDGE_GRID) -> float:
+        """Solve with each λ of ``grid`` and keep the one most accurate on the validation rows given
+        (ties: the larger λ). Returns it. ``"slda"`` has no λ: it solves and returns NaN."""
+        if self.config.kind != "ridge":
+            self.solve()
+            return math.nan
+        targets = torch.as_tensor(targets, dtype=torch.long)
+        h = self.expand(features)
+        best, best_acc = None, -1.0
+        for lam in sorted(grid, reverse=True):
+            self.solve(lam)
+            acc = ((h @ self.weight.T + self.bias).argmax(-1) == targets).double().mean().item()
+            if acc > best_acc:
+                best, best_acc = lam, acc
+        self.solve(best)
+        return float(best)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        scores = self.expand(features) @ self.weight.T + self.bias
+        return scores.to(features.dtype if features.is_floating_point() else torch.float32)
+
+
+def _slda(stats: ClassStatistics, shrinkage: float) -> tuple[torch.Tensor, torch.Tensor]:
+    counts = stats.counts
+    seen = counts > 0
+    means = stats.sums / counts.clamp_min(1.0).unsqueeze(1)
+    n, classes, d = counts.sum(), int(seen.sum()), stats.dim
+    # Within-class scatter: Σ x xᵀ − Σ_c n_c μ_c μ_cᵀ, pooled over the classes seen.
+    scatter = stats.gram - (means * counts.unsqueeze(1)).T @ means
+    cov = scatter / max(n.item() - classes, 1.0)
+    cov = (1.0 - shrinkage) * cov + shrinkage * (torch.trace(cov) / d).clamp_min(1e-12) * torch.eye(d, dtype=cov.dtype)
+    precision_means = torch.linalg.solve(cov, means.T)  # (d, C)
+    weight = precision_means.T
+    bias = -0.5 * (means * weight).sum(1)
+    return weight, bias
+
+
+def _ridge(stats: ClassStatistics, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    g = stats.gram
+    lam = ridge * (torch.trace(g) / g.shape[0]).clamp_min(1e-12)
+    weight = torch.linalg.solve(g + lam * torch.eye(g.shape[0], dtype=g.dtype), stats.sums.T).T  # (C, M)
+    return weight, torch.zeros(stats.num_classes, dtype=torch.float64)
