@@ -230,11 +230,11 @@ def versions(registry: RegistryArg, task: TaskArg) -> None:
     """Show a task's lineage: every version, its parent and metrics."""
     infos = _open(registry).versions(task)
     rows = [{"version": f"v{i.version}" + (" *" if i.current else ""), "parent": i.parent and f"v{i.parent}",
-             "kind": i.kind, "val_acc": i.metrics.get("validation_accuracy"), "new_acc": i.metrics.get("new_accuracy"),
+             "kind": i.kind, "labels": len(i.labels or ()), "val_acc": i.metrics.get("validation_accuracy"), "new_acc": i.metrics.get("new_accuracy"),
              "old_acc": i.metrics.get("old_accuracy"), "examples": i.training.get("examples"),
              "replayed": i.training.get("replayed"), "seconds": i.train_seconds, "created": i.created, "note": i.note}
             for i in infos]
-    typer.echo(format_table(rows, ["version", "parent", "kind", "val_acc", "new_acc", "old_acc", "examples",
+    typer.echo(format_table(rows, ["version", "parent", "kind", "labels", "val_acc", "new_acc", "old_acc", "examples",
                                    "replayed", "seconds", "created", "note"]))
     typer.echo("(* = current)")
 
@@ -251,6 +251,9 @@ def update(
     promote: Annotated[Optional[bool], typer.Option("--promote/--no-promote",
                                                     help="Override the gate (default: the gate decides).")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Default: as the current version was trained.")] = None,
+    labels: Annotated[Optional[str], typer.Option(help="Comma-separated label names: the current ones plus labels "
+                                                       "to add (each needs rows in --data). Default: the current "
+                                                       "labels.")] = None,
     progress: bool = True,
     encoding: EncodingOpt = None,
 ) -> None:
@@ -258,15 +261,20 @@ def update(
     import dataclasses
 
     from cmtl import TrainConfig, UpdateConfig
+    from cmtl.continual.updates import grown_spec
 
     reg = _open(registry)
     training = TrainConfig.from_dict(reg.current(task).training)
     changes = {"progress": progress} | ({"epochs": epochs} if epochs is not None else {})
     config = UpdateConfig(replay_ratio=replay_ratio, penalty=penalty, tolerance=tolerance)
-    spec = reg.spec(task)
+    labels_list = None if labels is None else [x.strip() for x in labels.split(",") if x.strip()]
+    spec = grown_spec(reg.spec(task), labels_list)
     result = reg.update_task(task, _read(data, spec, encoding), _read(validation, spec, encoding), promote=promote,
-                             training=dataclasses.replace(training, **changes), config=config)
+                             training=dataclasses.replace(training, **changes), config=config, labels=labels_list)
     info = result.version
+    added = spec.labels[len(reg.spec(task, version=info.parent).labels):]
+    if added:
+        typer.echo(f"labels added: {', '.join(added)}")
     typer.echo(f"{task} v{info.version} (from v{info.parent}, {info.training['examples']} new + "
                f"{info.training['replayed']} replayed examples, {info.train_seconds:.1f} s): {result.reason}")
     typer.echo(f"current version: v{reg.current(task).version}")

@@ -60,8 +60,9 @@ def demo(
 def bench(
     scenario: Annotated[str, typer.Argument(help="A shipped scenario's name (text5, sentiment4, trec-classes) "
                                                  "or a scenario file, e.g. my-stream.yaml.")],
-    strategy: Annotated[str, typer.Option(help="Comma-separated strategies: adapters, adapters-auto, seq-ft, replay, ewc, lwf, "
-                                               "joint, single, analytic, avl-naive, avl-replay, avl-ewc, avl-lwf.")]
+    strategy: Annotated[str, typer.Option(help="Comma-separated strategies: adapters, adapters-auto, seq-ft, replay, "
+                                               "ewc, lwf, joint, single, analytic, avl-naive, avl-replay, avl-ewc, "
+                                               "avl-lwf.")]
     = "adapters,seq-ft,replay,ewc,lwf,joint",
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default runs/bench/<scenario>).")] = None,
     orders: Annotated[str, typer.Option(help="Comma-separated orders: stated, random-1, ..., or all.")] = "stated",

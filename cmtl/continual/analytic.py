@@ -69,7 +69,8 @@ class ClassStatistics:
 
     def __init__(self, dim: int, num_classes: int):
         if dim < 1 or num_classes < 1:
-            raise InvalidParameterError(f"ClassStatistics needs dim >= 1 and num_classes >= 1; got {dim}, {num_classes}.")
+            raise InvalidParameterError(f"ClassStatistics needs dim >= 1 and num_classes >= 1; got {dim}, "
+                                        f"{num_classes}.")
         self.counts = torch.zeros(num_classes, dtype=torch.float64)
         self.sums = torch.zeros(num_classes, dim, dtype=torch.float64)
         self.gram = torch.zeros(dim, dim, dtype=torch.float64)

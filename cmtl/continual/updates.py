@@ -9,8 +9,9 @@ of a version's lineage are the "old distribution" a candidate must not forget.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Literal, get_args
+from typing import Any, Callable, Literal, Sequence, get_args
 
 import torch
 
@@ -19,7 +20,7 @@ from cmtl.continual.penalties import distillation_loss, ewc_term, fisher_diagona
 from cmtl.continual.replay import BufferKind, ReplayBuffer, make_buffer, stored
 from cmtl.core.adapters import AdapterBank, AdapterConfig
 from cmtl.core.backbone import Backbone
-from cmtl.core.tasks import TaskHead, TaskSpec
+from cmtl.core.tasks import MASKED_LOGIT, TaskHead, TaskSpec
 from cmtl.data import Encoded, Examples, read_examples
 from cmtl.errors import DataError, InvalidParameterError, bad_param
 from cmtl.training.evaluation import compute_metrics, primary_metric
@@ -222,6 +223,71 @@ def update_data(spec: TaskSpec, train: Any, validation: Any, *, config: UpdateCo
     return UpdateData(new, val, replayed, train_enc, judge, len(val_enc), [replay_enc, old_enc])
 
 
+def grown_spec(spec: TaskSpec, labels: Sequence[str] | None) -> TaskSpec:
+    """``spec`` with the labels of ``labels`` it lacks appended, in their order (its own labels keep their
+    positions, so the parent's head rows, buffers and held-out samples stay valid). ``None``: ``spec``.
+
+    Raises:
+        InvalidParameterError: not a list of names, duplicates, a regression task, or a label of
+            ``spec`` left out (labels cannot be removed).
+    """
+    if labels is None:
+        return spec
+    owner = f"update_task of {spec.name!r}"
+    if isinstance(labels, str) or not all(isinstance(x, str) and x for x in labels):
+        raise InvalidParameterError(bad_param("labels", owner, "be a list of label names, e.g. "
+                                              f"{[*spec.labels, 'new-label']}", labels))
+    labels = list(labels)
+    if len(set(labels)) != len(labels):
+        raise InvalidParameterError(bad_param("labels", owner, "not hold duplicate labels", labels))
+    if spec.problem_type == "regression":
+        raise InvalidParameterError(f"Task {spec.name!r} is a regression task: it has no labels to add.")
+    removed = [x for x in spec.labels if x not in labels]
+    if removed:
+        raise InvalidParameterError(
+            f"labels of update_task must keep every label of task {spec.name!r}; {removed} are missing. Labels "
+            f"can be added, not removed: pass {[*spec.labels, *[x for x in labels if x not in spec.labels]]}, or "
+            "add a new task for the smaller label set.")
+    added = [x for x in labels if x not in spec.labels]
+    return dataclasses.replace(spec, labels=(*spec.labels, *added)) if added else spec
+
+
+def check_added_labels(parent: TaskSpec, spec: TaskSpec, train: Examples) -> None:
+    """Every label ``spec`` adds to ``parent`` has at least one training row in ``train``.
+
+    Raises:
+        DataError: names the labels without rows.
+    """
+    added = spec.labels[len(parent.labels):]
+    if not added:
+        return
+    seen = {x for row in train.labels for x in (row if isinstance(row, (list, tuple)) else [row])}
+    missing = [x for x in added if x not in seen]
+    if missing:
+        raise DataError(f"New labels {missing} of task {spec.name!r} have no training rows in the update's data "
+                        f"({len(train)} rows): a head cannot learn a label it never sees. Add rows for them or "
+                        "leave them out of labels.")
+
+
+def widen(logits: torch.Tensor, width: int) -> torch.Tensor:
+    """``logits`` (N, L) padded to (N, ``width``) with :data:`MASKED_LOGIT`: a parent's outputs scored
+    against a label set that grew (it never predicts the labels it lacks)."""
+    if logits.shape[1] >= width:
+        return logits
+    return torch.cat([logits, logits.new_full((len(logits), width - logits.shape[1]), MASKED_LOGIT)], dim=1)
+
+
+def grown_head(parent: TaskHead, num_outputs: int, dropout: float) -> TaskHead:
+    """A head of ``num_outputs`` whose first rows are ``parent``'s; the rest start as a fresh head's
+    (draws from the current random state)."""
+    head = TaskHead(parent.linear.in_features, num_outputs, dropout).to(parent.linear.weight.device)
+    old = parent.linear.out_features
+    with torch.no_grad():
+        head.linear.weight[:old] = parent.linear.weight
+        head.linear.bias[:old] = parent.linear.bias
+    return head
+
+
 def train_candidate(backbone: Backbone, bank: AdapterBank, parent: Trainee, key: str, spec: TaskSpec,
                     adapter: AdapterConfig, data: UpdateData, config: UpdateConfig, training: TrainConfig,
                     promote: bool | None) -> tuple[Trainee, TrainResult, Gate, bool, str]:
@@ -229,11 +295,11 @@ def train_candidate(backbone: Backbone, bank: AdapterBank, parent: Trainee, key:
     against ``parent``. Returns the candidate, its training result, the gate, promoted?, and why."""
     metric, higher = primary_metric(spec)
     device = backbone.device
-    parent_new, parent_old = gate_scores(spec, parent.logits(data.judge, pad_id=backbone.pad_id, device=device),
-                                         data.judge, data.n_new)
+    # A parent with fewer labels (the update adds some) never predicts the new ones.
+    parent_logits = widen(parent.logits(data.judge, pad_id=backbone.pad_id, device=device), spec.num_outputs)
+    parent_new, parent_old = gate_scores(spec, parent_logits, data.judge, data.n_new)
     bank.load(key, adapter, bank.state_dict(parent.key))
-    head = TaskHead(backbone.hidden_size, spec.num_outputs, training.head_dropout).to(device)
-    head.load_state_dict(parent.modules[0].state_dict())  # the parent's head
+    head = grown_head(parent.modules[0], spec.num_outputs, training.head_dropout)  # the parent's head, grown
     candidate = Trainee.adapter(backbone, bank, key, head)
     extra = penalty(config, candidate, parent, spec, data, training, backbone)
     result = fit(candidate, backbone, adapter, spec, data.train, data.judge, training, extra_loss=extra)
@@ -273,8 +339,10 @@ def penalty(config: UpdateConfig, candidate: Trainee, parent: Trainee, spec: Tas
         candidate.activate()
         weight, t = config.weight, config.temperature
 
+        old = old_logits.shape[1]  # the parent's labels: added ones have no old outputs to keep
+
         def lwf(inputs, logits, rows):
-            return weight * distillation_loss(logits, old_logits[rows].to(logits.device), t)
+            return weight * distillation_loss(logits[:, :old], old_logits[rows].to(logits.device), t)
 
         return lwf
     return None

@@ -170,7 +170,7 @@ class Registry(LoadedRegistry):
 
     def update_task(self, task: str, train: Any, validation: Any = None, *, config: UpdateConfig | None = None,
                     training: TrainConfig | None = None, promote: bool | None = None,
-                    fill_buffer: bool = True) -> UpdateResult:
+                    fill_buffer: bool = True, labels: Sequence[str] | None = None) -> UpdateResult:
         """Train a new version of ``task`` on new data, starting from the current version.
 
         The candidate warm-starts from the current adapter and head and trains on the new data mixed with
@@ -189,17 +189,29 @@ class Registry(LoadedRegistry):
             training: Loop settings; default: those the current version was trained with.
             promote: ``True`` or ``False`` overrides the gate; ``None`` lets it decide.
             fill_buffer: Add the new training examples to the new version's replay buffer.
+            labels: Grow the label set: the current labels, then the new ones in the order given (the
+                current ones keep their positions whatever order they are given in). The head gains one
+                row per new label; the old rows start from the parent's. Old classes are kept by the
+                replay buffer (class-balanced by default) and, with ``config.penalty="lwf"``, by
+                distillation on the old labels' outputs; the gate scores the new version on the new
+                validation data (all labels) and on the lineage's held-out rows. Rollback brings back
+                the old label set; each version answers with its own (``versions(task)[i].labels``).
 
         Raises:
             TaskNotFoundError: no such task.
-            DataError: empty data or labels outside the task's label set.
+            DataError: empty data, labels outside the task's label set, or an added label without
+                training rows.
+            InvalidParameterError: ``labels`` leaves out a current label (labels cannot be removed),
+                repeats one, or the task is a regression.
             CorruptFileError, ReplayBufferError: the current version's files are damaged.
             TrainingDivergedError: the loss went non-finite; nothing was written.
         """
-        spec, config = self.spec(task), config or UpdateConfig()
+        config = config or UpdateConfig()
         entry = self._entry(task)
         parent = entry["current"]
         parent_record = self._version_record(task, parent)
+        parent_spec = self.spec(task, version=parent)
+        spec = updates.grown_spec(parent_spec, labels)
         started_from = {(task, parent): version_source(entry, parent_record)}  # checked again at commit
         training = training or TrainConfig.from_dict(parent_record["training"])
         memory = MemoryConfig.from_dict(entry.get("memory", {}))
@@ -211,6 +223,7 @@ class Registry(LoadedRegistry):
         buffer = self.buffer(task, parent)
         data = updates.update_data(spec, train, validation, config=config, training=training, buffer=buffer,
                                    held=self.holdout(task, parent), encode=lambda ex: self._encode(ex, spec))
+        updates.check_added_labels(parent_spec, spec, data.new)
         version = max(r["version"] for r in entry["versions"]) + 1
         key, rt, adapter = head_key(task, version), self._runtime, AdapterConfig.from_dict(parent_record["adapter"])
         with self._lock:
@@ -225,6 +238,8 @@ class Registry(LoadedRegistry):
                 record["training"].update(replayed=0 if data.replayed is None else len(data.replayed),
                                           update=config.to_dict())
                 record.update(promoted=promoted, note=reason)
+                if spec.labels != TaskSpec.from_dict(entry["spec"]).labels:
+                    record["labels"] = list(spec.labels)
                 files = updates.memory_files(task, version, memory, data.new if fill_buffer else None,
                                              data.validation, buffer)
                 if memory.features:  # the candidate was judged on the new and the lineage's held-out rows
@@ -287,12 +302,18 @@ class Registry(LoadedRegistry):
         records = [self._version_record(t, v) for t, v in pairs]
         started_from = {(t, v): version_source(self._entry(t), r) for (t, v), r in zip(pairs, records)}
         tasks = list(dict.fromkeys(t for t, _ in pairs))
-        specs, rt = {t: self.spec(t) for t in tasks}, self._runtime
+        # Each task answers with the labels of its newest merged version, and is judged on the held-out
+        # data of that version's lineage, against that version.
+        newest = {t: max(v for u, v in pairs if u == t) for t in tasks}
+        specs, rt = {t: self.spec(t, version=newest[t]) for t in tasks}, self._runtime
+        for t, v in pairs:
+            if self.spec(t, version=v).labels != specs[t].labels:
+                raise ValueError(f"Members {t!r} v{v} and v{newest[t]} have different labels ("
+                                 f"{list(self.spec(t, version=v).labels)} and {list(specs[t].labels)}): their "
+                                 "heads cannot be averaged. Merge versions with the same labels.")
         states, adapters, head_states = rt.members(self, pairs, specs)
         pipeline.check_mergeable(pairs, adapters)
         heads = pipeline.soup_heads(head_states, specs, self.backbone)
-        # Each task is judged on the held-out data of its newest merged version's lineage, against that version.
-        newest = {t: max(v for u, v in pairs if u == t) for t in tasks}
         held = {t: self.holdout(t, newest[t]) for t in tasks}
         encode = {t: (lambda ex, spec=specs[t]: self._encode(ex, spec)) for t in tasks}
         held = {t: None if ex is None else encode[t](ex) for t, ex in held.items()}  # once

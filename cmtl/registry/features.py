@@ -119,7 +119,7 @@ def frozen_rows(reader: "RegistryReader", task: str, version: int, encode: Encod
         if "frozen.buffer" in stored_:
             buffer = reader.buffer(task, v)
             if buffer is not None:
-                table.add(encode(stored(reader.spec(task), buffer.to_examples())), stored_["frozen.buffer"])
+                table.add(encode(stored(reader.spec(task, version=v), buffer.to_examples())), stored_["frozen.buffer"])
         v = reader._version_record(task, v)["parent"]
     return table
 

@@ -87,19 +87,20 @@ class LoadedRegistry(RegistryReader):
 
         ``version`` picks a stored version (default: current); ``merge`` a merged entry holding ``task``.
         """
-        spec = self.spec(task, merge=merge)
+        spec = self.spec(task, version=version, merge=merge)
         return spec.decode(self._logits(task, spec, texts, text_pairs, version, merge))
 
     def predict_proba(self, task: str, texts: str | Sequence[str], text_pairs: Sequence[str] | None = None,
                       *, version: int | None = None, merge: str | None = None) -> np.ndarray:
-        """Per-label probabilities, shape (N, L), columns in ``spec(task).labels`` order."""
-        spec = self.spec(task, merge=merge)
+        """Per-label probabilities, shape (N, L), columns in the order of the answering version's labels
+        (``spec(task, version=version, merge=merge).labels``)."""
+        spec = self.spec(task, version=version, merge=merge)
         return spec.probabilities(self._logits(task, spec, texts, text_pairs, version, merge)).numpy()
 
     def evaluate(self, task: str, data: Any, *, version: int | None = None, merge: str | None = None
                  ) -> dict[str, float]:
         """Metrics of ``task`` (current version unless given, or through ``merge``) on labelled ``data``."""
-        spec = self.spec(task, merge=merge)
+        spec = self.spec(task, version=version, merge=merge)
         encoded = self._encode(read_examples(data, spec), spec)
         with self._lock:
             logits = self._runtime.predict(self, task, encoded, version, merge)

@@ -289,10 +289,11 @@ class _Check:
             if parent is not None and not (_positive_int(parent) and parent in numbers and parent < record["version"]):
                 raise self.fail(f"{_where((*rkeys, 'parent'))} is {parent!r}; it must be null or an earlier version "
                                 f"of {task!r} (versions: {sorted(numbers)})")
-            self.typed(record, _classes()["version"], rkeys, skip=("version", "parent"))
+            self.typed(record, _classes()["version"], rkeys, skip=("version", "parent", "labels"))
             self.files(self.field(record, "files", rkeys), VERSION_FILES, (*rkeys, "files"))
             for key in ("adapter", "training"):
                 self.config(self.field(record, key, rkeys), key, (*rkeys, key))
+        self.grown_labels(entry, {r["version"]: r for r in versions}, keys)
         current = self.field(entry, "current", keys)
         if not _positive_int(current):
             raise self.fail(f"{_where((*keys, 'current'))} must be a positive integer, got {_kind(current)}")
@@ -301,6 +302,29 @@ class _Check:
                             f"(versions: {sorted(numbers)})")
         if "memory" in entry:
             self.config(entry["memory"], "memory", (*keys, "memory"))
+
+    def grown_labels(self, entry: dict, records: dict[int, dict], keys: tuple) -> None:
+        """A version's ``labels`` (an update that added labels) extend its parent's, which start with the
+        task spec's: old labels keep their positions, so stored rows and heads stay valid."""
+        def labels_of(number: int) -> list:
+            return records[number].get("labels") or list(entry["spec"]["labels"])
+
+        for i, (number, record) in enumerate(records.items()):
+            if record.get("labels") is None:
+                continue
+            where = _where((*keys, "versions", i, "labels"))
+            labels = record["labels"]
+            if entry["spec"].get("problem_type") == "regression":
+                raise self.fail(f"{where} is set, but a regression task has no labels to add")
+            if not (isinstance(labels, list) and all(isinstance(x, str) and x for x in labels)
+                    and len(set(labels)) == len(labels)):
+                raise self.fail(f"{where} must be a list of distinct, non-empty label names, got {_kind(labels)}")
+            parent = record["parent"]
+            before = list(entry["spec"]["labels"]) if parent is None else labels_of(parent)
+            if labels[: len(before)] != before:
+                raise self.fail(f"{where} is {labels!r}; it must start with the labels of "
+                                f"{'the task' if parent is None else f'its parent v{parent}'}, {before!r}, "
+                                "in their order")
 
     def spec(self, spec: Any, task: str, keys: tuple) -> None:
         self.obj(spec, keys)

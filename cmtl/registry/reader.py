@@ -7,6 +7,7 @@ facade is a reader that can also write.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import numbers
 import time
@@ -46,6 +47,7 @@ class VersionInfo:
     note: str = ""
     promoted: bool = True
     init: dict[str, Any] | None = None
+    labels: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -70,15 +72,17 @@ class RegistryReader:
         """Names of all tasks, sorted."""
         return sorted(self._manifest["tasks"])
 
-    def spec(self, task: str, *, merge: str | None = None) -> TaskSpec:
-        """What ``task`` predicts; with ``merge``, as that merged entry recorded it (a merge answers with
-        the labels it was made with, also after the task is removed or replaced).
+    def spec(self, task: str, *, version: int | None = None, merge: str | None = None) -> TaskSpec:
+        """What ``task`` predicts through ``version`` (default: the current one; an update may have added
+        labels, so versions can differ); with ``merge``, as that merged entry recorded it (a merge answers
+        with the labels it was made with, also after the task is removed or replaced).
 
         Raises:
-            TaskNotFoundError: no such task, or ``merge`` does not hold it.
+            TaskNotFoundError: no such task or version, or ``merge`` does not hold the task.
         """
-        if merge is None:
-            return TaskSpec.from_dict(self._entry(task)["spec"])
+        if merge is None:  # (a merge holds one version of each task: ``version`` does not apply)
+            entry = self._entry(task)
+            return version_spec(entry, self._version_record(task, self._version(task, version)))
         record = self.merge_info(merge)
         if task not in record["tasks"]:
             raise TaskNotFoundError(f"Merge {merge!r} does not hold task {task!r}. It holds {record['tasks']}.")
@@ -97,7 +101,7 @@ class RegistryReader:
         if recorded is not None:
             return TaskSpec.from_dict(recorded)
         entry = self._manifest["tasks"].get(task)
-        return None if entry is None else TaskSpec.from_dict(entry["spec"])
+        return None if entry is None else version_spec(entry, self._version_record(task, entry["current"]))
 
     def versions(self, task: str) -> list[VersionInfo]:
         """Every version of ``task``, oldest first."""
@@ -141,7 +145,7 @@ class RegistryReader:
             data = self._read_version_file(task, v, "holdout.parquet")
             if data is not None:
                 held = ReplayBuffer.from_bytes(data, where=f"Held-out sample of task {task!r} v{v}").to_examples()
-                parts.append(stored(self.spec(task), held))
+                parts.append(stored(self.spec(task, version=v), held))
             v = self._version_record(task, v)["parent"] if lineage else None
         return Examples.concat(parts[::-1]) if parts else None
 
@@ -171,8 +175,9 @@ class RegistryReader:
 
     def _info(self, task: str, record: dict[str, Any], current: int) -> VersionInfo:
         fields_ = {k: v for k, v in record.items()
-                   if k in VersionInfo.__dataclass_fields__ and k not in ("files", "task", "current")}
-        return VersionInfo(task=task, current=record["version"] == current, **fields_)
+                   if k in VersionInfo.__dataclass_fields__ and k not in ("files", "task", "current", "labels")}
+        return VersionInfo(task=task, current=record["version"] == current,
+                           labels=version_spec(self._entry(task), record).labels, **fields_)
 
     def _read_version_file(self, task: str, version: int | None, name: str) -> bytes | None:
         version = self._version(task, version)
@@ -196,9 +201,19 @@ class RegistryReader:
         return f"{type(self).__name__}({str(self.root)!r}, tasks={self.tasks()})"
 
 
+def version_spec(entry: dict[str, Any], record: dict[str, Any]) -> TaskSpec:
+    """The spec of one version of a task: the task's, with the labels of the version when an update
+    added some (``record["labels"]``: the parent's labels in their order, then the new ones)."""
+    spec = TaskSpec.from_dict(entry["spec"])
+    return spec if record.get("labels") is None else dataclasses.replace(spec, labels=tuple(record["labels"]))
+
+
 def version_source(entry: dict[str, Any], record: dict[str, Any]) -> str:
-    """What a task version is loaded from: its files' SHA-256 and the task's spec (the head's labels)."""
-    return json.dumps({"files": record.get("files"), "spec": entry.get("spec")}, sort_keys=True)
+    """What a task version is loaded from: its files' SHA-256 and its spec (the head's labels)."""
+    source = {"files": record.get("files"), "spec": entry.get("spec")}
+    if record.get("labels") is not None:
+        source["labels"] = record["labels"]
+    return json.dumps(source, sort_keys=True)
 
 
 def source(manifest: dict[str, Any], owner: Owner) -> str | None:

@@ -176,7 +176,7 @@ class Runtime:
         # Loaded parameters must be ordinary tensors whatever mode the caller runs in: one created
         # under inference_mode could never be trained from again (an update) in this process.
         with torch.inference_mode(False):
-            head = self._build_head(reader.spec(task), head_state, folder / "head.safetensors")
+            head = self._build_head(reader.spec(task, version=version), head_state, folder / "head.safetensors")
             self._load_adapter(key, AdapterConfig.from_dict(record["adapter"]), adapter_state,
                                folder / "adapter.safetensors")
         self.heads[key] = head

@@ -38,6 +38,7 @@ from cmtl.data import Encoded, as_texts, batches, token_budget_chunks
 from cmtl.errors import BackboneMismatchError, DataError, ManifestError, TaskNotFoundError
 from cmtl.registry import store
 from cmtl.registry.manifest import backbone_changes, backbone_config
+from cmtl.registry.reader import version_spec
 from cmtl.registry.runtime import entry_adapters
 
 logger = logging.getLogger(__name__)
@@ -163,7 +164,7 @@ class InferenceEngine:
     def _build(self, manifest: dict[str, Any]) -> Snapshot:
         adapters: list[tuple[dict[str, torch.Tensor], float]] = []
         routes: dict[tuple[str, str | None], Route] = {}
-        specs = {name: TaskSpec.from_dict(entry["spec"]) for name, entry in manifest["tasks"].items()}
+        specs = {name: version_spec(entry, _current_record(name, entry)) for name, entry in manifest["tasks"].items()}
         for task, entry in sorted(manifest["tasks"].items()):
             record = _current_record(task, entry)
             folder = store.version_dir(self.root, task, record["version"])
