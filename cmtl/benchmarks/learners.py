@@ -15,6 +15,11 @@
   seen so far (the offline upper bound at each step).
 * ``single`` — task-incremental only: an independent, fully fine-tuned copy
   of the backbone per task (the status quo cmtl replaces).
+* ``grow`` — class-incremental only: cmtl's registry path for a task whose
+  classes grow: one task, created on the first experience and updated on each
+  later one with its new labels (``update_task(labels=...)``), replaying from
+  the class-balanced buffer as many rows per old label as the new data has per
+  new label.
 * ``analytic`` — no training: a head computed in closed form from running class
   statistics of the frozen backbone's features (:mod:`cmtl.continual.analytic`;
   RanPAC's random projection and ridge by default), updated exactly on each
@@ -50,13 +55,14 @@ from cmtl.core.adapters import AdapterBank, AdapterConfig
 from cmtl.core.backbone import Backbone, BackboneConfig, load_backbone
 from cmtl.core.tasks import MASKED_LOGIT, TaskHead, TaskSpec, route_to_heads
 from cmtl.data import Encoded, Examples, encode
+from cmtl.continual.updates import UpdateConfig
 from cmtl.registry.facade import Registry
 from cmtl.training.evaluation import predict_logits
 from cmtl.training.loop import TrainConfig, seeded, train
 from cmtl.training.probe import pooled_features
 from cmtl.training.trainee import Trainee
 
-STRATEGIES = ("adapters", "adapters-auto", "seq-ft", "replay", "ewc", "lwf", "joint", "single", "analytic")
+STRATEGIES = ("adapters", "adapters-auto", "seq-ft", "replay", "ewc", "lwf", "joint", "single", "analytic", "grow")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -392,6 +398,48 @@ class SingleLearner(Learner):
         return [exp.spec.labels[k] for k in logits.argmax(-1).tolist()]
 
 
+class GrowLearner(Learner):
+    """One registry task whose labels grow with each experience of a class-incremental stream."""
+
+    def __init__(self, experiences, kind, backbone, config, root: Path):
+        if kind != "class-incremental":
+            raise ValueError(f"Strategy 'grow' adds each experience's classes to one task: it runs on "
+                             f"class-incremental scenarios only, not {kind}.")
+        super().__init__(experiences, kind, backbone, config)
+        self.registry = Registry.create(root, backbone)
+        self.task = "classes"
+        self.labels: list[str] = []
+
+    def fit(self, i: int) -> None:
+        exp = self.experiences[i]
+        old = list(self.labels)
+        self.labels += [x for x in exp.spec.labels if x not in self.labels]
+        if i == 0:
+            info = self.registry.add_task(TaskSpec(self.task, labels=self.labels), train=exp.train,
+                                          validation=exp.validation, adapter=self.config.adapter,
+                                          training=self.config.training)
+            self.bytes_added.append(info.bytes_on_disk)
+            self.trainable_parameters.append(info.trainable_parameters)
+            self.notes.append(f"task {self.task!r} created with {len(self.labels)} labels")
+            return
+        ratio = len(old) / max(1, len(self.labels) - len(old))  # as many rows per old label as per new one
+        result = self.registry.update_task(self.task, exp.train, exp.validation, labels=self.labels, promote=True,
+                                           training=self.config.training, config=UpdateConfig(replay_ratio=ratio))
+        self.bytes_added.append(result.version.bytes_on_disk)
+        self.trainable_parameters.append(result.version.trainable_parameters)
+        self.notes.append(f"replay ratio {ratio:g}; gate: {result.reason}")
+
+    def predict(self, j: int, n_seen: int) -> list[str]:
+        texts = self.experiences[j].test.texts
+        if n_seen == 0:  # nothing learnt yet: a fresh seeded head over every class of the stream
+            labels = tuple(dict.fromkeys(x for e in self.experiences for x in e.spec.labels))
+            head = _seeded_head(self.backbone.hidden_size, len(labels), 0.0, self._head_seed(j))
+            with torch.inference_mode():
+                logits = head(self.registry.embed(texts))
+            return [labels[k] for k in logits.argmax(-1).tolist()]
+        return self.registry.predict(self.task, texts)
+
+
 class AnalyticLearner(Learner):
     """Closed-form heads on the frozen backbone's pooled features: one per task (task-incremental), one
     over the shared label set (domain-incremental) or over every class seen so far, grown on each
@@ -476,6 +524,8 @@ def make_learner(strategy: str, experiences: list[Experience], kind: Kind, backb
         return SingleLearner(experiences, kind, backbone, config)
     if strategy == "analytic":
         return AnalyticLearner(experiences, kind, backbone, config)
+    if strategy == "grow":
+        return GrowLearner(experiences, kind, backbone, config, workdir / "registry")
     if strategy in ("seq-ft", "replay", "ewc", "lwf", "joint"):
         return SharedLearner(experiences, kind, backbone, config, mode=strategy)
     raise ValueError(f"Unknown strategy {strategy!r}. Known strategies: {list(STRATEGIES)}.")
