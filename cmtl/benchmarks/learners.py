@@ -3,6 +3,9 @@
 * ``adapters`` — cmtl: a registry with one LoRA adapter + head per experience.
   Without a task id at test time (domain- and class-incremental) each text goes
   to the adapter whose head is most confident.
+* ``adapters-routed`` — ``adapters``, but without a task id each text goes to the
+  adapter of the experience whose training rows it most resembles on the frozen
+  backbone's features (:class:`cmtl.continual.routing.FeatureRouter`).
 * ``seq-ft`` — one shared LoRA adapter fine-tuned experience after experience.
 * ``replay`` — ``seq-ft`` plus a task-balanced buffer of earlier examples mixed
   into each experience's training data (Chaudhry et al., 2019, "On Tiny
@@ -51,6 +54,7 @@ from cmtl.benchmarks.scenarios import Experience, Kind
 from cmtl.continual.analytic import AnalyticConfig, AnalyticHead
 from cmtl.continual.penalties import Anchor, distillation_loss, ewc_term, fisher_diagonal
 from cmtl.continual.replay import make_buffer
+from cmtl.continual.routing import FeatureRouter
 from cmtl.core.adapters import AdapterBank, AdapterConfig
 from cmtl.core.backbone import Backbone, BackboneConfig, load_backbone
 from cmtl.core.tasks import MASKED_LOGIT, TaskHead, TaskSpec, route_to_heads
@@ -62,7 +66,7 @@ from cmtl.training.loop import TrainConfig, seeded, train
 from cmtl.training.probe import pooled_features
 from cmtl.training.trainee import Trainee
 
-STRATEGIES = ("adapters", "adapters-auto", "seq-ft", "replay", "ewc", "lwf", "joint", "single", "analytic", "grow")
+STRATEGIES = ("adapters", "adapters-auto", "adapters-routed", "seq-ft", "replay", "ewc", "lwf", "joint", "single", "analytic", "grow")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -297,13 +301,19 @@ class AdapterLearner(Learner):
     ``init="auto"`` (strategy ``adapters-auto``) each adapter starts from the earlier task adapter whose
     features fit the new task best, or fresh when none beats the bare backbone (forward transfer)."""
 
-    def __init__(self, experiences, kind, backbone, config, root: Path, init: str | None = None):
+    def __init__(self, experiences, kind, backbone, config, root: Path, init: str | None = None,
+                 routed: bool = False):
         super().__init__(experiences, kind, backbone, config)
         self.registry = Registry.create(root, backbone)
         self.init = init
+        # Task-free scenarios: route by feature statistics instead of the most confident head.
+        self.router = FeatureRouter(backbone.hidden_size) if routed and kind != "task-incremental" else None
+        self.test_features: dict[int, torch.Tensor] = {}
 
     def fit(self, i: int) -> None:
         exp = self.experiences[i]
+        if self.router is not None:
+            self.router.add(exp.name, self.registry.embed(exp.train.texts))
         info = self.registry.add_task(TaskSpec(exp.name, labels=exp.spec.labels), train=exp.train,
                                       validation=exp.validation, adapter=self.config.adapter,
                                       training=self.config.training, init=self.init)
@@ -324,6 +334,16 @@ class AdapterLearner(Learner):
             return self._untrained(j, texts)
         if n_seen == 0:
             return self._untrained(j, texts)
+        if self.router is not None:
+            if j not in self.test_features:
+                self.test_features[j] = self.registry.embed(texts)
+            routes = self.router.route(self.test_features[j])
+            out = [""] * len(texts)
+            for name in set(routes):
+                rows = [k for k, r in enumerate(routes) if r == name]
+                for k, label in zip(rows, self.registry.predict(name, [texts[k] for k in rows])):
+                    out[k] = label
+            return out
         # No task id: every seen adapter answers, the most confident (adapter, label) wins.
         best_p = torch.full((len(texts),), -1.0)
         best = [""] * len(texts)
@@ -517,9 +537,10 @@ def _analytic_bytes(head: AnalyticHead | None, held: list[tuple[torch.Tensor, to
 def make_learner(strategy: str, experiences: list[Experience], kind: Kind, backbone: Backbone,
                  config: StrategyConfig, workdir: Path) -> Learner:
     """The learner of one strategy name from :data:`STRATEGIES`."""
-    if strategy in ("adapters", "adapters-auto"):
+    if strategy in ("adapters", "adapters-auto", "adapters-routed"):
         return AdapterLearner(experiences, kind, backbone, config, workdir / "registry",
-                              init="auto" if strategy == "adapters-auto" else None)
+                              init="auto" if strategy == "adapters-auto" else None,
+                              routed=strategy == "adapters-routed")
     if strategy == "single":
         return SingleLearner(experiences, kind, backbone, config)
     if strategy == "analytic":

@@ -68,7 +68,7 @@ def test_task_incremental(strategy, tiny_backbone):
     assert report.acc >= 0.6, report.to_markdown()
 
 
-@pytest.mark.parametrize("strategy", ["adapters", "seq-ft", "replay", "lwf", "analytic", "grow"])
+@pytest.mark.parametrize("strategy", ["adapters", "adapters-routed", "seq-ft", "replay", "lwf", "analytic", "grow"])
 def test_class_incremental_cannot_predict_unseen_classes(strategy, tiny_backbone):
     report = run_stream(strategy, _stream("class-incremental"), "class-incremental",
                         BackboneConfig(name_or_path=tiny_backbone, max_length=32), CONFIG, device="cpu")
@@ -122,7 +122,7 @@ def test_grow_keeps_one_task_whose_labels_grow(tiny_backbone, tmp_path):
     assert sum(p == y for p, y in zip(learner.predict(0, 3), stream[0].test.labels)) / len(stream[0].test) >= 0.5
 
 
-@pytest.mark.parametrize("strategy", ["adapters", "analytic"])
+@pytest.mark.parametrize("strategy", ["adapters", "adapters-routed", "analytic"])
 def test_domain_incremental_runs(strategy, tiny_backbone):
     report = run_stream(strategy, _stream("domain-incremental"), "domain-incremental",
                         BackboneConfig(name_or_path=tiny_backbone, max_length=32), CONFIG, device="cpu")
