@@ -417,6 +417,50 @@ def group(
                                  for t, row in zip(record["tasks"], record["affinity"])], ["i"] + record["tasks"]))
 
 
+@app.command("export")
+def export_peft(
+    registry: RegistryArg,
+    task: TaskArg,
+    out: Annotated[Path, typer.Argument(help="Folder to write (must be new or empty).")],
+    version: Annotated[Optional[int], typer.Option(help="Version to export (default: current).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty folder.")] = False,
+) -> None:
+    """Write a task version as a PEFT adapter folder (PeftModel.from_pretrained loads it), with its head."""
+    path = _open(registry).export_peft(task, out, version=version, overwrite=overwrite)
+    typer.echo(f"wrote {path} (adapter_config.json, adapter_model.safetensors, cmtl_head.safetensors, "
+               "cmtl_task.json, README.md)")
+
+
+@app.command("import")
+def import_peft(
+    registry: RegistryArg,
+    folder: Annotated[Path, typer.Argument(help="A PEFT LoRA adapter folder (from cmtl export or save_pretrained).")],
+    name: Annotated[Optional[str], typer.Option(help="Task name (default: the exported task's).")] = None,
+    labels: Annotated[Optional[str], typer.Option(help="Comma-separated labels, for a folder without cmtl's "
+                                                       "task file.")] = None,
+    train: Annotated[Optional[Path], typer.Option(help="Labelled data to fit the head on (needed without cmtl's "
+                                                       "head) and to fill the replay buffer.")] = None,
+    validation: Annotated[Optional[Path], typer.Option(help="Labelled data for metrics and the held-out "
+                                                            "sample.")] = None,
+    encoding: EncodingOpt = None,
+) -> None:
+    """Add a task from a PEFT LoRA adapter folder, as version 1."""
+    from cmtl import TaskSpec
+    from cmtl.integrations.peft_folder import read_folder
+
+    exported = read_folder(folder).spec  # DataError for a folder that is not a PEFT adapter
+    if exported is None and (name is None or labels is None):
+        raise ValueError(f"{str(folder)!r} holds no cmtl task file: pass --name, --labels and --train.")
+    spec = exported
+    if labels is not None:
+        spec = TaskSpec(name or exported.name, labels=[x.strip() for x in labels.split(",") if x.strip()])
+    elif name is not None:
+        spec = TaskSpec.from_dict({**exported.to_dict(), "name": name})
+    reg = _open(registry)
+    info = reg.import_peft(folder, spec, _read(train, spec, encoding), _read(validation, spec, encoding))
+    typer.echo(f"imported {info.task} v{info.version} from {folder} ({len(info.labels or ())} labels)")
+
+
 @app.command()
 def rollback(registry: RegistryArg, task: TaskArg, version: Annotated[int, typer.Argument(help="Version number.")]) -> None:
     """Make a stored version of a task the current one."""

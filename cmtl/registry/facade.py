@@ -25,7 +25,7 @@ from cmtl.continual.updates import MemoryConfig, UpdateConfig
 from cmtl.core.adapters import AdapterConfig
 from cmtl.core.backbone import Backbone, BackboneConfig, load_backbone
 from cmtl.core.tasks import TaskHead, TaskSpec
-from cmtl.data import read_examples, spec_for_data
+from cmtl.data import Examples, read_examples, spec_for_data
 from cmtl.errors import InvalidParameterError, RegistryError, TaskExistsError, bad_param
 from cmtl.merging import pipeline
 from cmtl.merging.methods import MergeConfig
@@ -253,6 +253,117 @@ class Registry(LoadedRegistry):
                 raise
         logger.info("Task %s v%d: %s", task, version, reason)
         return UpdateResult(self._info(task, record, self._entry(task)["current"]), promoted, reason, gate)
+
+    # --- PEFT folders ---------------------------------------------------------------
+
+    def export_peft(self, task: str, path: str | Path, *, version: int | None = None,
+                    overwrite: bool = False) -> Path:
+        """Write ``task``'s version (current by default) as a standard PEFT adapter folder:
+        ``PeftModel.from_pretrained(AutoModel.from_pretrained(base), path)`` computes the same pooled
+        features as this registry; the head, the task and the backbone record go beside it, with a
+        model card (:mod:`cmtl.integrations.peft_folder`). Returns ``path``.
+
+        Raises:
+            FileExistsError: ``path`` is not empty (unless ``overwrite``).
+        """
+        from cmtl.core.backbone import resolve_path
+        from cmtl.integrations.peft_folder import write_folder
+
+        version = self._version(task, version)
+        record = self._version_record(task, version)
+        folder = store.version_dir(self.root, task, version)
+        state = store.read_tensors(folder / "adapter.safetensors", record["files"]["adapter.safetensors"])
+        head = store.read_tensors(folder / "head.safetensors", record["files"]["head.safetensors"])
+        backbone = self._manifest["backbone"]
+        return write_folder(path, adapter=AdapterConfig.from_dict(record["adapter"]), state=state,
+                            base_model=resolve_path(backbone["name_or_path"]), spec=self.spec(task, version=version),
+                            head=head, backbone=backbone, overwrite=overwrite,
+                            source={"task": task, "version": version, "metrics": record.get("metrics", {}),
+                                    "registry": str(self.root)})
+
+    def import_peft(self, path: str | Path, spec: TaskSpec | None = None, train: Any = None,
+                    validation: Any = None, *, memory: MemoryConfig | None = None,
+                    training: TrainConfig | None = None) -> VersionInfo:
+        """Add a task whose adapter is the LoRA adapter of a PEFT folder, as version 1.
+
+        A folder ``export_peft`` wrote brings its task and head (``spec`` may rename the task; its labels
+        must be the exported ones); it must come from a registry on the same backbone weights. Any
+        other PEFT LoRA folder for this backbone needs ``spec`` and labelled ``train`` data: the head
+        is then fitted as a linear probe on the adapter's features (the adapter is kept as it is;
+        ``update_task`` trains it further). ``train`` and ``validation`` also fill the version's replay
+        buffer and held-out sample, and ``validation`` gives its metrics.
+
+        Raises:
+            TaskExistsError: the name is taken.
+            BackboneMismatchError: the folder records other backbone weights.
+            DataError: not a PEFT LoRA folder, an adapter that does not fit this backbone, or no head
+                and no ``train`` data to fit one.
+        """
+        from cmtl.core.adapters import check_adapter_state
+        from cmtl.errors import BackboneMismatchError, CorruptFileError, DataError
+        from cmtl.integrations.peft_folder import read_folder
+        from cmtl.training.evaluation import compute_metrics
+        from cmtl.training.loop import TrainResult
+        from cmtl.training.probe import probe_head
+
+        started = time.perf_counter()
+        folder = read_folder(path)
+        recorded = (folder.backbone or {}).get("sha256")
+        if recorded is not None and recorded != self.backbone.sha256:
+            raise BackboneMismatchError(
+                f"{str(path)!r} was exported from a registry on backbone {folder.backbone.get('name_or_path')!r} "
+                f"(weights {recorded[:12]}…); this registry's backbone has weights {self.backbone.sha256[:12]}…. "
+                "Import it into a registry on the same backbone.")
+        if spec is None and folder.spec is None:
+            raise DataError(f"{str(path)!r} holds no cmtl task (no {'cmtl_task.json'}): pass spec=TaskSpec(...) "
+                            "and labelled train data to fit its head.")
+        spec = spec or folder.spec
+        use_head = folder.head is not None and folder.spec is not None and folder.spec.labels == spec.labels
+        if not use_head and train is None:
+            raise DataError(f"The folder has no head for labels {list(spec.labels or ())}: pass labelled train "
+                            "data to fit one on the adapter's features.")
+        if spec.name in self._manifest["tasks"]:
+            raise TaskExistsError(f"Task {spec.name!r} already exists. Pass spec=TaskSpec(<another name>, ...).")
+        try:
+            check_adapter_state(folder.state, folder.adapter, self.backbone.encoder, Path(path))
+        except CorruptFileError as exc:
+            raise DataError(f"The adapter in {str(path)!r} does not fit this registry's backbone "
+                            f"{self.backbone.config.name_or_path!r} (its base model: {folder.base_model!r}): "
+                            f"{exc}") from None
+        training, memory = training or TrainConfig(), memory or MemoryConfig()
+        train_ex = None if train is None else read_examples(train, spec)
+        val_ex = None if validation is None else read_examples(validation, spec)
+        key, rt = head_key(spec.name, 1), self._runtime
+        with self._lock, seeded(training.seed, self.backbone.device):
+            rt.unload([key])
+            rt.bank.load(key, folder.adapter, folder.state)
+            try:
+                head = rt.new_head(spec, training.head_dropout).train(False)  # it answers; nothing trains it
+                if use_head:
+                    head.load_state_dict(folder.head)
+                else:
+                    rt.bank.activate(key)
+                    probe_head(head, self.backbone, spec, self._encode(train_ex, spec),
+                               batch_size=training.eval_batch_size, seed=training.seed)
+                metrics = {}
+                if val_ex is not None:
+                    val_enc = self._encode(val_ex, spec)
+                    logits = rt.trainee(key, head).logits(val_enc, pad_id=self.backbone.pad_id,
+                                                          device=self.backbone.device)
+                    metrics = compute_metrics(spec, logits, val_enc.targets)
+                result = TrainResult(steps=0, seconds=time.perf_counter() - started, examples_seen=0, best_step=0,
+                                     best_metrics=metrics)
+                record = entries.version_record(1, None, "import", train_ex or Examples([]), folder.adapter,
+                                                training, result)
+                record["init"] = {"peft": str(Path(path).resolve()), **(
+                    {"task": folder.source.get("task"), "version": folder.source.get("version")}
+                    if folder.source else {})}
+                files = updates.memory_files(spec.name, 1, memory, train_ex, val_ex, None)
+                self._commit(spec, record, key, head, new_task=True, extra_files=files, memory=memory)
+            except BaseException:
+                rt.bank.remove(key)
+                raise
+        return self.current(spec.name)
 
     # --- merged and joint entries -------------------------------------------------
 

@@ -19,8 +19,8 @@ from cmtl.cli.commands import app
 from tests.conftest import toy_sentiment
 
 runner = CliRunner()
-COMMANDS = ["init", "add-task", "predict", "eval", "ls", "versions", "update", "monitor", "merge", "group", "rollback",
-            "remove", "remove-merge", "serve", "demo", "bench"]
+COMMANDS = ["init", "add-task", "predict", "eval", "ls", "versions", "update", "monitor", "merge", "group", "export",
+            "import", "rollback", "remove", "remove-merge", "serve", "demo", "bench"]
 
 
 def invoke(*args: str):
@@ -253,3 +253,25 @@ def test_serve_refuses_a_port_out_of_range_in_one_line(monkeypatch, tmp_path, po
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     bound = "greater than or equal to 0" if port == "-1" else "less than or equal to 65535"
     assert "Invalid value for '--port'" in result.output and bound in result.output, result.output
+
+
+def test_export_and_import_a_task_through_peft_folders(reg_copy, tmp_path, tiny_backbone):
+    out = tmp_path / "export"
+    result = invoke("export", reg_copy, "sentiment", out)
+    assert result.exit_code == 0, result.output
+    assert (out / "adapter_config.json").is_file() and (out / "cmtl_head.safetensors").is_file()
+    assert invoke("export", reg_copy, "sentiment", out).exit_code == 1  # not empty: refused, one line
+    other = tmp_path / "other"
+    assert invoke("init", other, "--backbone", tiny_backbone).exit_code == 0
+    Registry.open(other, device="cpu")  # created on the same tiny weights (max_length differs: not hashed)
+    result = invoke("import", other, out, "--name", "copy")
+    assert result.exit_code == 0, result.output
+    assert "imported copy v1" in result.output
+    (out / "cmtl_task.json").unlink()
+    result = invoke("import", other, out)
+    assert result.exit_code == 1 and "pass --name, --labels and --train" in result.output
+    rows = tmp_path / "rows.csv"
+    rows.write_text("text,label\n" + "\n".join(f"{r['text']},{r['label']}" for r in toy_sentiment(32)) + "\n")
+    result = invoke("import", other, out, "--name", "fitted", "--labels", "neg,pos", "--train", rows)
+    assert result.exit_code == 0, result.output
+    assert Registry.open(other, device="cpu").tasks() == ["copy", "fitted"]

@@ -1,0 +1,152 @@
+"""A task version as a standard PEFT adapter folder, and back.
+
+:func:`write_folder` writes what ``PeftModel.from_pretrained(base_model, folder)`` loads
+(``adapter_config.json``, ``adapter_model.safetensors``), plus cmtl's own files beside them: the head
+(``cmtl_head.safetensors``), the task and backbone it belongs to (``cmtl_task.json``) and a model card
+(``README.md``). :func:`read_folder` reads such a folder, or any PEFT LoRA folder for an encoder
+(then without head or task). ``Registry.export_peft`` / ``Registry.import_peft`` and ``cmtl export`` /
+``cmtl import`` use them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from cmtl._version import __version__
+from cmtl.core.adapters import AdapterConfig
+from cmtl.core.tasks import TaskSpec
+from cmtl.errors import DataError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+HEAD = "cmtl_head.safetensors"
+TASK = "cmtl_task.json"
+CARD = "README.md"
+
+
+@dataclass
+class PeftFolder:
+    """What a PEFT adapter folder holds: the LoRA settings and weights and, when cmtl wrote it, the
+    task's spec and head and the backbone record (name, weights hash) it was trained on."""
+
+    adapter: AdapterConfig
+    state: dict[str, torch.Tensor]
+    base_model: str | None
+    spec: TaskSpec | None = None
+    head: dict[str, torch.Tensor] | None = None
+    backbone: dict[str, Any] | None = None
+    source: dict[str, Any] | None = None  # task, version, metrics, cmtl version of the export
+
+
+def write_folder(path: str | Path, *, adapter: AdapterConfig, state: dict[str, torch.Tensor], base_model: str,
+                 spec: TaskSpec, head: dict[str, torch.Tensor], backbone: dict[str, Any],
+                 source: dict[str, Any], overwrite: bool = False) -> Path:
+    """Write the folder at ``path`` (whole, or not at all). ``backbone``: the registry's backbone record
+    (its ``sha256`` is checked on import); ``source``: task, version and metrics for the card.
+
+    Raises:
+        FileExistsError: ``path`` exists and is not an empty folder (unless ``overwrite``).
+    """
+    from peft import LoraConfig
+
+    path = Path(path)
+    if path.exists() and not (path.is_dir() and not any(path.iterdir())) and not overwrite:
+        raise FileExistsError(f"{str(path)!r} exists and is not empty. Pick a new folder, or pass overwrite=True "
+                              "(cmtl export --overwrite) to replace it.")
+    config = LoraConfig(r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
+                        target_modules=list(adapter.target_modules) if adapter.target_modules else None,
+                        layers_to_transform=list(adapter.layers) if adapter.layers is not None else None,
+                        bias="none", base_model_name_or_path=base_model, inference_mode=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        config.save_pretrained(str(staging))
+        save_file({k: v.contiguous() for k, v in state.items()}, str(staging / ADAPTER_WEIGHTS),
+                  metadata={"format": "pt"})
+        save_file({k: v.contiguous() for k, v in head.items()}, str(staging / HEAD))
+        record = {"spec": spec.to_dict(), "backbone": backbone, "source": source, "cmtl_version": __version__}
+        (staging / TASK).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        (staging / CARD).write_text(_card(spec, base_model, backbone, adapter, source), encoding="utf-8")
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path
+
+
+def read_folder(path: str | Path) -> PeftFolder:
+    """Read a PEFT LoRA adapter folder (and cmtl's files in it, if any).
+
+    Raises:
+        DataError: no adapter config or weights, or an adapter that is not LoRA.
+    """
+    from peft import LoraConfig, PeftConfig
+
+    path = Path(path)
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        if not (path / name).is_file():
+            raise DataError(f"{str(path)!r} is not a PEFT adapter folder: it has no {name}. Point to the folder "
+                            "that PeftModel.save_pretrained (or cmtl export) wrote.")
+    config = PeftConfig.from_pretrained(str(path))
+    if not isinstance(config, LoraConfig):
+        raise DataError(f"The adapter in {str(path)!r} is {type(config).__name__}; cmtl imports LoRA adapters only.")
+    layers = config.layers_to_transform
+    adapter = AdapterConfig(r=int(config.r), alpha=float(config.lora_alpha), dropout=float(config.lora_dropout),
+                            target_modules=tuple(sorted(config.target_modules)) if config.target_modules else None,
+                            layers=None if layers is None else tuple([layers] if isinstance(layers, int) else layers))
+    folder = PeftFolder(adapter, load_file(str(path / ADAPTER_WEIGHTS)), config.base_model_name_or_path)
+    if (path / TASK).is_file() and (path / HEAD).is_file():
+        record = json.loads((path / TASK).read_text(encoding="utf-8"))
+        folder.spec = TaskSpec.from_dict(record["spec"])
+        folder.head = load_file(str(path / HEAD))
+        folder.backbone, folder.source = record.get("backbone"), record.get("source")
+    return folder
+
+
+def _card(spec: TaskSpec, base_model: str, backbone: dict[str, Any], adapter: AdapterConfig,
+          source: dict[str, Any]) -> str:
+    metrics = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted((source.get("metrics") or {}).items())
+                        if isinstance(v, (int, float)))
+    return f"""---
+library_name: peft
+base_model: {base_model}
+tags: [cmtl, lora, text-classification]
+---
+
+# {spec.name}: a LoRA adapter and head exported by cmtl
+
+Task `{spec.name}` ({spec.problem_type}), version {source.get('version')} of a cmtl registry, exported
+with cmtl {__version__}. Labels, in the order of the head's outputs: {', '.join(f'`{x}`' for x in spec.labels)}.
+
+Backbone: `{backbone.get('name_or_path')}` (weights SHA-256 `{backbone.get('sha256')}`), pooling
+`{backbone.get('pooling')}`, at most {backbone.get('max_length')} tokens. LoRA r={adapter.r}, alpha={adapter.alpha:g} on
+{', '.join(adapter.target_modules or ())}{'' if adapter.layers is None else f' of layers {list(adapter.layers)}'}.
+
+| metric (validation) | value |
+|---|---|
+{metrics}
+
+## Use
+
+```python
+from transformers import AutoModel
+from peft import PeftModel
+
+model = PeftModel.from_pretrained(AutoModel.from_pretrained("{base_model}"), "<this folder>")
+```
+
+The head (`{HEAD}`: `linear.weight`, `linear.bias`) maps the {backbone.get('pooling')}-pooled last hidden
+state to one logit per label. Into a cmtl registry on the same backbone:
+`Registry.import_peft("<this folder>")` or `cmtl import REGISTRY <this folder>`.
+"""

@@ -1,0 +1,100 @@
+"""A task version as a PEFT adapter folder: PeftModel.from_pretrained reads it, and a registry imports it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from cmtl import BackboneConfig, BackboneMismatchError, DataError, Registry, TaskExistsError, TaskSpec
+from cmtl.integrations.peft_folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CARD, HEAD, TASK
+from tests.conftest import toy_sentiment
+
+TEXTS = ["a lovely film", "an awful plot and the acting", "it was really quite superb", "dreadful"]
+
+
+@pytest.fixture
+def reg(tmp_path, sentiment_registry):
+    shutil.copytree(sentiment_registry, tmp_path / "reg")
+    return Registry.open(tmp_path / "reg", device="cpu")
+
+
+def test_export_loads_in_peft_with_the_same_pooled_features(reg, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    out = reg.export_peft("sentiment", tmp_path / "export")
+    assert {p.name for p in out.iterdir()} == {ADAPTER_CONFIG, ADAPTER_WEIGHTS, HEAD, TASK, CARD}
+    config = json.loads((out / ADAPTER_CONFIG).read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 8 and sorted(config["target_modules"]) == ["query", "value"]
+    assert config["base_model_name_or_path"] == reg.backbone.config.name_or_path
+    model = PeftModel.from_pretrained(AutoModel.from_pretrained(config["base_model_name_or_path"]), str(out)).eval()
+    batch = reg.backbone.tokenizer(TEXTS, padding=True, truncation=True, max_length=64, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    pooled = reg.backbone.pool(hidden, batch["attention_mask"])
+    torch.testing.assert_close(pooled, reg.embed(TEXTS, "sentiment"), rtol=1e-5, atol=1e-5)
+    # ... and the exported head on those features gives the registry's probabilities.
+    head = torch.nn.Linear(pooled.shape[1], 2)
+    from safetensors.torch import load_file
+
+    head.load_state_dict({k.removeprefix("linear."): v for k, v in load_file(out / HEAD).items()})
+    torch.testing.assert_close(head(pooled).softmax(-1).detach(),
+                               torch.from_numpy(reg.predict_proba("sentiment", TEXTS)), rtol=1e-5, atol=1e-5)
+    card = (out / CARD).read_text()
+    assert "library_name: peft" in card and "`neg`, `pos`" in card and reg.backbone.sha256 in card
+
+
+def test_an_exported_task_imports_into_another_registry_unchanged(reg, tmp_path, tiny_backbone):
+    out = reg.export_peft("sentiment", tmp_path / "export")
+    other = Registry.create(tmp_path / "other", BackboneConfig(name_or_path=tiny_backbone, max_length=64),
+                            device="cpu")
+    info = other.import_peft(out)
+    assert (info.version, info.kind) == (1, "import") and info.init["task"] == "sentiment"
+    assert other.spec("sentiment").labels == ("neg", "pos")
+    torch.testing.assert_close(torch.from_numpy(other.predict_proba("sentiment", TEXTS)),
+                               torch.from_numpy(reg.predict_proba("sentiment", TEXTS)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(TaskExistsError, match="already exists"):
+        other.import_peft(out)
+    renamed = other.import_peft(out, TaskSpec("sentiment2", labels=["neg", "pos"]))
+    assert renamed.task == "sentiment2"
+    # A new process reads what was imported (kind, init, files) like any other version.
+    assert Registry.open(other.root, device="cpu").predict("sentiment2", TEXTS) == reg.predict("sentiment", TEXTS)
+
+
+def test_a_plain_peft_folder_needs_a_spec_and_data_for_its_head(reg, tmp_path, tiny_backbone):
+    out = reg.export_peft("sentiment", tmp_path / "export")
+    for name in (HEAD, TASK, CARD):
+        (out / name).unlink()  # as PeftModel.save_pretrained leaves it
+    other = Registry.create(tmp_path / "other", BackboneConfig(name_or_path=tiny_backbone, max_length=64),
+                            device="cpu")
+    with pytest.raises(DataError, match="holds no cmtl task"):
+        other.import_peft(out)
+    with pytest.raises(DataError, match="pass labelled train data"):
+        other.import_peft(out, TaskSpec("s", labels=["neg", "pos"]))
+    info = other.import_peft(out, TaskSpec("s", labels=["neg", "pos"]), toy_sentiment(64), toy_sentiment(32, 1))
+    assert info.metrics["validation_accuracy"] >= 0.8
+    assert other.buffer("s") is not None and len(other.holdout("s")) == 32
+    # The adapter is the exported one, as it was: the same features as the source task's.
+    torch.testing.assert_close(other.embed(TEXTS, "s"), reg.embed(TEXTS, "sentiment"), rtol=1e-5, atol=1e-5)
+
+
+def test_refused_imports_write_nothing(reg, tmp_path):
+    out = reg.export_peft("sentiment", tmp_path / "export")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        reg.export_peft("sentiment", out)
+    reg.export_peft("sentiment", out, overwrite=True)
+    other = Registry.create(tmp_path / "other", device="cpu")  # the embedded MiniLM: other weights
+    manifest = (other.root / "registry.json").read_bytes()
+    with pytest.raises(BackboneMismatchError, match="same backbone"):
+        other.import_peft(out)
+    task = json.loads((out / TASK).read_text())
+    task["backbone"].pop("sha256")
+    (out / TASK).write_text(json.dumps(task))
+    with pytest.raises(DataError, match="does not fit this registry's backbone"):
+        other.import_peft(out)
+    with pytest.raises(DataError, match="not a PEFT adapter folder"):
+        other.import_peft(tmp_path)
+    assert (other.root / "registry.json").read_bytes() == manifest and other.tasks() == []
