@@ -109,6 +109,11 @@ def add_task(
     rank: Annotated[Optional[int], typer.Option(help="LoRA rank r (default 8; with --init leave --rank and --alpha "
                                                      "out to take the source's).")] = None,
     alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha (default 16).")] = None,
+    target_modules: Annotated[Optional[str], typer.Option(help="Comma-separated names of the linear layers to "
+                                                               "adapt, e.g. q_lin,v_lin (default: the backbone "
+                                                               "family's query and value projections).")] = None,
+    layers: Annotated[Optional[str], typer.Option(help="Comma-separated indices of the transformer layers to "
+                                                       "adapt, e.g. 3,4,5 (default: all).")] = None,
     probe_init: Annotated[bool, typer.Option(help="Score a linear probe on the frozen features as the step-0 "
                                                   "candidate: the task never ends below it on validation.")] = True,
     init: Annotated[Optional[str], typer.Option(help="Start the adapter from a task ('spam', 'task:spam@2'), a "
@@ -130,10 +135,14 @@ def add_task(
     else:
         labels_list = [x.strip() for x in labels.split(",") if x.strip()]
     spec = TaskSpec(name, labels=labels_list, **columns)
+    split = lambda text: [x.strip() for x in text.split(",") if x.strip()]  # noqa: E731
+    adapter = None  # add_task's default, or the --init source's
+    if (rank, alpha, target_modules, layers) != (None, None, None, None):
+        adapter = AdapterConfig(r=8 if rank is None else rank, alpha=16.0 if alpha is None else alpha,
+                                target_modules=None if target_modules is None else split(target_modules),
+                                layers=None if layers is None else [int(x) for x in split(layers)])
     info = reg.add_task(
-        spec, _read(train, spec, encoding), _read(validation, spec, encoding),
-        adapter=None if rank is None and alpha is None else AdapterConfig(r=8 if rank is None else rank,
-                                                                          alpha=16.0 if alpha is None else alpha),
+        spec, _read(train, spec, encoding), _read(validation, spec, encoding), adapter=adapter,
         training=TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=lr, max_steps=max_steps,
                              probe_init=probe_init, seed=seed, progress=progress),
         init=init,

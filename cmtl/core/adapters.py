@@ -89,6 +89,62 @@ class AdapterConfig:
         return cls(**kwargs)
 
 
+#: LoRA target modules by transformers ``model_type`` for encoders peft has no default for (peft's own
+#: table covers BERT, RoBERTa, XLM-R, ELECTRA, DeBERTa-v2 and more): query and value projections, or
+#: the fused query/key/value projection where there is one.
+TARGETS: dict[str, tuple[str, ...]] = {
+    "distilbert": ("q_lin", "v_lin"),
+    "mpnet": ("q", "v"),
+    "albert": ("query", "value"),
+    "modernbert": ("Wqkv",),
+}
+_QUERY = re.compile(r"^(q|query|q_proj|q_lin|wq|Wq)$")
+_VALUE = re.compile(r"^(v|value|v_proj|v_lin|wv|Wv)$")
+_FUSED = re.compile(r"^(qkv|Wqkv|qkv_proj|in_proj|c_attn)$")
+#: Encoders whose transformer layers share one set of weights: ``layers=`` cannot pick some of them.
+SHARED_LAYERS = ("albert",)
+
+
+def default_targets(encoder: nn.Module) -> tuple[str, ...]:
+    """The modules a LoRA adapter on ``encoder`` adapts when none are named: :data:`TARGETS`, else peft's
+    default for the architecture, else the attention projections found by name and shape (square
+    query and value layers, or a fused query/key/value layer three times as wide as its input).
+
+    Raises:
+        DataError: none found; the message lists the encoder's linear layers to choose from.
+    """
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
+
+    model_type = getattr(getattr(encoder, "config", None), "model_type", None)
+    if model_type in TARGETS:
+        return TARGETS[model_type]
+    if model_type in PEFT_TARGETS:
+        return tuple(PEFT_TARGETS[model_type])
+    linear = _linear_layers(encoder)
+    square = {n for n, m in linear.items() if m.in_features == m.out_features}
+    query, value = sorted(n for n in square if _QUERY.match(n)), sorted(n for n in square if _VALUE.match(n))
+    if query and value:
+        return (query[0], value[0])
+    fused = sorted(n for n, m in linear.items() if _FUSED.match(n) and m.out_features == 3 * m.in_features)
+    if fused:
+        return (fused[0],)
+    raise DataError(
+        f"cmtl knows no LoRA target modules for model type {model_type!r} and found no query/value projections "
+        f"by name. Name them: AdapterConfig(target_modules=[...]) (CLI: --target-modules). This backbone's linear "
+        f"layers: {sorted(linear)}.")
+
+
+def _linear_paths(encoder: nn.Module) -> dict[str, nn.Linear]:
+    """The encoder's linear layers by module path (one that peft wrapped, by the wrapper's path)."""
+    return {name.removesuffix(".base_layer"): module for name, module in encoder.named_modules()
+            if isinstance(module, nn.Linear) and "lora_" not in name}
+
+
+def _linear_layers(encoder: nn.Module) -> dict[str, nn.Linear]:
+    """The encoder's linear layers by their own (last) name."""
+    return {path.rsplit(".", 1)[-1]: module for path, module in _linear_paths(encoder).items()}
+
+
 def _peft_config(config: AdapterConfig):
     from peft import LoraConfig
 
@@ -185,6 +241,19 @@ class AdapterBank:
 
         if name in self:
             raise ValueError(f"Adapter {name!r} already exists in this bank.")
+        model_type = getattr(getattr(self.encoder, "config", None), "model_type", None)
+        if config.layers is not None and model_type in SHARED_LAYERS:
+            raise InvalidParameterError(
+                f"A {model_type} encoder shares one set of weights across its layers, so an adapter cannot adapt "
+                f"only layers {list(config.layers)}: leave AdapterConfig.layers (CLI --layers) out.")
+        if config.target_modules is None:
+            config = AdapterConfig.from_dict({**config.to_dict(), "target_modules": default_targets(self.encoder)})
+        paths = _linear_paths(self.encoder)
+        missing = [t for t in config.target_modules if not any(p == t or p.endswith("." + t) for p in paths)]
+        if missing:  # peft matches a name against the end of each module path
+            raise DataError(f"Target modules {missing} are not linear layers of this backbone "
+                            f"({getattr(self.encoder.config, 'model_type', type(self.encoder).__name__)}). Its "
+                            f"linear layers: {sorted(_linear_layers(self.encoder))}.")
         try:
             with warnings.catch_warnings():
                 # peft 0.21 asks transformers 5 a deprecated question; users can do nothing about it.
