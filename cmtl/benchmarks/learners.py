@@ -55,18 +55,19 @@ from cmtl.continual.analytic import AnalyticConfig, AnalyticHead
 from cmtl.continual.penalties import Anchor, distillation_loss, ewc_term, fisher_diagonal
 from cmtl.continual.replay import make_buffer
 from cmtl.continual.routing import FeatureRouter
+from cmtl.continual.updates import UpdateConfig
 from cmtl.core.adapters import AdapterBank, AdapterConfig
 from cmtl.core.backbone import Backbone, BackboneConfig, load_backbone
 from cmtl.core.tasks import MASKED_LOGIT, TaskHead, TaskSpec, route_to_heads
 from cmtl.data import Encoded, Examples, encode
-from cmtl.continual.updates import UpdateConfig
 from cmtl.registry.facade import Registry
 from cmtl.training.evaluation import predict_logits
 from cmtl.training.loop import TrainConfig, seeded, train
 from cmtl.training.probe import pooled_features
 from cmtl.training.trainee import Trainee
 
-STRATEGIES = ("adapters", "adapters-auto", "adapters-routed", "seq-ft", "replay", "ewc", "lwf", "joint", "single", "analytic", "grow")
+STRATEGIES = ("adapters", "adapters-auto", "adapters-routed", "seq-ft", "replay", "ewc", "lwf", "joint", "single",
+              "analytic", "grow")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -127,6 +128,17 @@ class Learner(abc.ABC):
 
     def _head_seed(self, j: int) -> int:
         return self.config.training.seed * 1009 + j
+
+    def _fresh_head_answers(self, j: int, features: torch.Tensor) -> list[str]:
+        """Experience ``j`` before anything was learnt for it: its fresh seeded head on the plain backbone's
+        pooled ``features`` of its test texts (a class-incremental model may answer any class of the stream)."""
+        labels = tuple(self.experiences[j].spec.labels)
+        if self.kind == "class-incremental":
+            labels = tuple(dict.fromkeys(x for e in self.experiences for x in e.spec.labels))
+        head = _seeded_head(self.backbone.hidden_size, len(labels), 0.0, self._head_seed(j))
+        with torch.inference_mode():
+            logits = head(features)
+        return [labels[k] for k in logits.argmax(-1).tolist()]
 
     def _encode(self, examples: Examples, spec: TaskSpec, group: int, with_targets: bool = True) -> Encoded:
         enc = encode(examples, spec, self.backbone.tokenize, with_targets=with_targets)
@@ -357,13 +369,7 @@ class AdapterLearner(Learner):
 
     def _untrained(self, j: int, texts: list[str]) -> list[str]:
         """A task not trained yet: its fresh seeded head on the plain backbone (its adapter starts at B = 0)."""
-        labels = self.experiences[j].spec.labels
-        if self.kind == "class-incremental":  # an untrained model may answer any class of the stream
-            labels = tuple(dict.fromkeys(x for e in self.experiences for x in e.spec.labels))
-        head = _seeded_head(self.backbone.hidden_size, len(labels), 0.0, self._head_seed(j))
-        with torch.inference_mode():
-            logits = head(self.registry.embed(texts))
-        return [labels[k] for k in logits.argmax(-1).tolist()]
+        return self._fresh_head_answers(j, self.registry.embed(texts))
 
 
 class SingleLearner(Learner):
@@ -451,12 +457,8 @@ class GrowLearner(Learner):
 
     def predict(self, j: int, n_seen: int) -> list[str]:
         texts = self.experiences[j].test.texts
-        if n_seen == 0:  # nothing learnt yet: a fresh seeded head over every class of the stream
-            labels = tuple(dict.fromkeys(x for e in self.experiences for x in e.spec.labels))
-            head = _seeded_head(self.backbone.hidden_size, len(labels), 0.0, self._head_seed(j))
-            with torch.inference_mode():
-                logits = head(self.registry.embed(texts))
-            return [labels[k] for k in logits.argmax(-1).tolist()]
+        if n_seen == 0:
+            return self._fresh_head_answers(j, self.registry.embed(texts))
         return self.registry.predict(self.task, texts)
 
 
@@ -516,13 +518,7 @@ class AnalyticLearner(Learner):
             self.test_features[j] = self._features(exp.test, exp.spec)
         features = self.test_features[j]
         if g not in self.heads or n_seen == 0 or (self.kind == "task-incremental" and j >= n_seen):
-            # Not learnt yet: a fresh seeded head, as the other strategies' untrained answers.
-            labels = (tuple(dict.fromkeys(x for e in self.experiences for x in e.spec.labels))
-                      if self.kind == "class-incremental" else tuple(exp.spec.labels))
-            head = _seeded_head(self.backbone.hidden_size, len(labels), 0.0, self._head_seed(j))
-            with torch.inference_mode():
-                logits = head(features)
-            return [labels[k] for k in logits.argmax(-1).tolist()]
+            return self._fresh_head_answers(j, features)
         return [self.labels[g][k] for k in self.heads[g](features).argmax(-1).tolist()]
 
 

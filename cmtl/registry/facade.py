@@ -118,10 +118,7 @@ class Registry(LoadedRegistry):
             DataError: the data does not fit ``spec``.
             TrainingDivergedError: the loss went non-finite; nothing was written.
         """
-        if spec.name in self._manifest["tasks"]:
-            raise TaskExistsError(
-                f"Task {spec.name!r} already exists (current version {self._entry(spec.name)['current']}). "
-                "Pick another name, or remove_task it first.")
+        self._check_new_task(spec.name)
         spec = spec_for_data(spec, train)  # labels from a ClassLabel column when the spec names none
         start = parse_init(init)
         requested = adapter
@@ -301,7 +298,7 @@ class Registry(LoadedRegistry):
         """
         from cmtl.core.adapters import check_adapter_state
         from cmtl.errors import BackboneMismatchError, CorruptFileError, DataError
-        from cmtl.integrations.peft_folder import read_folder
+        from cmtl.integrations.peft_folder import TASK, read_folder
         from cmtl.training.evaluation import compute_metrics
         from cmtl.training.loop import TrainResult
         from cmtl.training.probe import probe_head
@@ -315,15 +312,14 @@ class Registry(LoadedRegistry):
                 f"(weights {recorded[:12]}…); this registry's backbone has weights {self.backbone.sha256[:12]}…. "
                 "Import it into a registry on the same backbone.")
         if spec is None and folder.spec is None:
-            raise DataError(f"{str(path)!r} holds no cmtl task (no {'cmtl_task.json'}): pass spec=TaskSpec(...) "
-                            "and labelled train data to fit its head.")
+            raise DataError(f"{str(path)!r} holds no cmtl task (no {TASK}): pass spec=TaskSpec(...) and labelled "
+                            "train data to fit its head.")
         spec = spec or folder.spec
         use_head = folder.head is not None and folder.spec is not None and folder.spec.labels == spec.labels
         if not use_head and train is None:
             raise DataError(f"The folder has no head for labels {list(spec.labels or ())}: pass labelled train "
                             "data to fit one on the adapter's features.")
-        if spec.name in self._manifest["tasks"]:
-            raise TaskExistsError(f"Task {spec.name!r} already exists. Pass spec=TaskSpec(<another name>, ...).")
+        self._check_new_task(spec.name)
         try:
             check_adapter_state(folder.state, folder.adapter, self.backbone.encoder, Path(path))
         except CorruptFileError as exc:
@@ -540,6 +536,11 @@ class Registry(LoadedRegistry):
             store.remove_unreferenced(self.root, manifest)  # the task's folder (a link there is only unlinked)
 
     # --- internals ----------------------------------------------------------------
+
+    def _check_new_task(self, name: str) -> None:
+        if name in self._manifest["tasks"]:
+            raise TaskExistsError(f"Task {name!r} already exists (current version {self._entry(name)['current']}). "
+                                  "Pick another name, or remove_task it first.")
 
     def _reread(self, *, task: str | None = None, merge: str | None = None) -> dict[str, Any]:
         """The manifest on disk, made this object's (call under the writer lock); see commit.check_not_removed."""
