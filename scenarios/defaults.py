@@ -175,8 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     path = out / "results.json"
     settings = {"max_train": args.max_train, "max_eval": args.max_eval, "backbone": backbone.to_dict(),
                 "torch_threads": torch.get_num_threads()}
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() and args.device != "cpu" else "no GPU"
     results = json.loads(path.read_text()) if path.exists() else {
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), **settings, "runs": []}
+        "machine": f"{platform.machine()} {platform.processor() or ''}, {gpu}".strip(), **settings, "runs": []}
     if changed := {k: (results.get(k), v) for k, v in settings.items() if results.get(k) != v}:
         parser.error(f"{path} holds runs made with other settings {changed} (stored, now): use another --out")
     results["defaults"] = {"training": TrainConfig().to_dict(), "adapter": AdapterConfig().to_dict()}
