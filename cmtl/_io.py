@@ -6,9 +6,10 @@ import hashlib
 import os
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import save as save_safetensors
+if TYPE_CHECKING:
+    import torch
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -35,4 +36,6 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 
 
 def tensors_to_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    from safetensors.torch import save as save_safetensors  # here: the manifest-only CLI never imports torch
+
     return save_safetensors({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})

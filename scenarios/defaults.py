@@ -34,7 +34,7 @@ from cmtl import AdapterConfig, BackboneConfig, Registry, TrainConfig
 from cmtl.benchmarks.learners import StrategyConfig, run_stream
 from cmtl.benchmarks.results import write_results
 from cmtl.benchmarks.scenarios import ExperienceSpec, Scenario
-from cmtl.core.tasks import TaskHead
+from cmtl.core.heads import TaskHead
 from cmtl.training.probe import refit_head
 
 #: The corpora the study runs on: one per shipped source (vader_movies is left out because it

@@ -38,7 +38,7 @@ import torch
 from cmtl import BackboneConfig, Registry, TrainConfig
 from cmtl.benchmarks.results import write_results
 from cmtl.benchmarks.scenarios import Scenario
-from cmtl.core.tasks import TaskHead
+from cmtl.core.heads import TaskHead
 from cmtl.merging.methods import METHODS, PEFT_METHODS, MergeConfig, parse_rank, refit_head
 
 

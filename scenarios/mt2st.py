@@ -51,7 +51,7 @@ def run(args, echo=print) -> dict:
     from cmtl.benchmarks.corpora import corpus_info, load_corpus
     from cmtl.core.adapters import AdapterBank, AdapterConfig
     from cmtl.core.backbone import load_backbone
-    from cmtl.core.tasks import TaskHead
+    from cmtl.core.heads import TaskHead
     from cmtl.data import encode, read_examples
     from cmtl.multitask.config import MultiTaskConfig
     from cmtl.multitask.joint import grouped_forward, train_multitask

@@ -58,7 +58,8 @@ from cmtl.continual.routing import FeatureRouter
 from cmtl.continual.updates import UpdateConfig
 from cmtl.core.adapters import AdapterBank, AdapterConfig
 from cmtl.core.backbone import Backbone, BackboneConfig, load_backbone
-from cmtl.core.tasks import MASKED_LOGIT, TaskHead, TaskSpec, route_to_heads
+from cmtl.core.heads import TaskHead, route_to_heads
+from cmtl.core.tasks import MASKED_LOGIT, TaskSpec
 from cmtl.data import Encoded, Examples, encode
 from cmtl.registry.facade import Registry
 from cmtl.training.evaluation import predict_logits

@@ -115,7 +115,7 @@ def run_avalanche_stream(name: str, experiences: Sequence, kind: str, backbone_c
     Args:
         name: ``"naive"``, ``"replay"``, ``"ewc"`` or ``"lwf"``.
         experiences: :class:`cmtl.benchmarks.scenarios.Experience` objects (task-incremental).
-        backbone_config: :class:`cmtl.core.backbone.BackboneConfig` of the backbone to load.
+        backbone_config: :class:`cmtl.core.config.BackboneConfig` of the backbone to load.
         config: :class:`cmtl.benchmarks.learners.StrategyConfig`: epochs, batch size, learning rate, seed, replay
             budget and penalty weights carry over.
     """

@@ -55,10 +55,27 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
+          quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or log lines: results and "
+                                                                   "errors only.")] = False,
           version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
                                                 help="Print cmtl's version and exit.")] = False) -> None:
+    if verbose and quiet:
+        raise typer.BadParameter("choose one of --verbose and --quiet", param_hint="-v/-q")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # cmtl never downloads models
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if quiet:  # read when tqdm, datasets and huggingface_hub are imported: the commands import them later
+        os.environ.update(TQDM_DISABLE="1", HF_DATASETS_DISABLE_PROGRESS_BARS="1", HF_HUB_DISABLE_PROGRESS_BARS="1")
+    _settings["quiet"] = quiet
+    level = logging.ERROR if quiet else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+#: What the top-level options chose for this invocation (set by ``_main`` on every run).
+_settings = {"quiet": False}
+
+
+def _progress(wanted: bool) -> bool:
+    """Whether a command shows its progress bar: ``wanted`` (its --progress flag), unless ``cmtl -q``."""
+    return wanted and not _settings["quiet"]
 
 
 def _open(registry: Path):
@@ -144,7 +161,7 @@ def add_task(
     info = reg.add_task(
         spec, _read(train, spec, encoding), _read(validation, spec, encoding), adapter=adapter,
         training=TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=lr, max_steps=max_steps,
-                             probe_init=probe_init, seed=seed, progress=progress),
+                             probe_init=probe_init, seed=seed, progress=_progress(progress)),
         init=init,
     )
     typer.echo(f"added {info.task} v{info.version}: {info.trainable_parameters:,} trainable parameters, "
@@ -204,8 +221,10 @@ def evaluate(
 
 @app.command("ls")
 def list_tasks(registry: RegistryArg) -> None:
-    """List tasks with their current version, metrics, size and parameters."""
-    reg = _open(registry)
+    """List tasks with their current version, metrics, size and parameters, and the merged/joint entries."""
+    from cmtl.registry import lineage
+
+    reg = lineage.read(registry)  # the manifest alone: no backbone is loaded
     rows = []
     for name in reg.tasks():
         info, spec = reg.current(name), reg.spec(name)
@@ -214,7 +233,8 @@ def list_tasks(registry: RegistryArg) -> None:
             "labels": len(spec.labels), "val_acc": info.metrics.get("validation_accuracy"),
             "params": f"{info.trainable_parameters:,}", "bytes": f"{info.bytes_on_disk:,}", "created": info.created,
         })
-    typer.echo(f"{reg.root}  backbone {reg.backbone.config.name_or_path} ({reg.backbone.num_parameters:,} frozen parameters)")
+    backbone = reg.recorded_backbone
+    typer.echo(f"{reg.root}  backbone {backbone['name_or_path']} (weights sha256 {backbone['sha256'][:12]}…)")
     typer.echo(format_table(rows, ["task", "version", "type", "labels", "val_acc", "params", "bytes", "created"])
                if rows else "(no tasks)")
     entries = []
@@ -237,7 +257,9 @@ def list_tasks(registry: RegistryArg) -> None:
 @app.command()
 def versions(registry: RegistryArg, task: TaskArg) -> None:
     """Show a task's lineage: every version, its parent and metrics."""
-    infos = _open(registry).versions(task)
+    from cmtl.registry import lineage
+
+    infos = lineage.read(registry).versions(task)
     rows = [{"version": f"v{i.version}" + (" *" if i.current else ""), "parent": i.parent and f"v{i.parent}",
              "kind": i.kind, "labels": len(i.labels or ()), "val_acc": i.metrics.get("validation_accuracy"), "new_acc": i.metrics.get("new_accuracy"),
              "old_acc": i.metrics.get("old_accuracy"), "examples": i.training.get("examples"),
@@ -274,7 +296,7 @@ def update(
 
     reg = _open(registry)
     training = TrainConfig.from_dict(reg.current(task).training)
-    changes = {"progress": progress} | ({"epochs": epochs} if epochs is not None else {})
+    changes = {"progress": _progress(progress)} | ({"epochs": epochs} if epochs is not None else {})
     config = UpdateConfig(replay_ratio=replay_ratio, penalty=penalty, tolerance=tolerance)
     labels_list = None if labels is None else [x.strip() for x in labels.split(",") if x.strip()]
     spec = grown_spec(reg.spec(task), labels_list)
@@ -351,7 +373,7 @@ def merge(
     record = reg.merge(parsed, name, config=MergeConfig(method=method, scale=scale, density=density, drop=drop,
                                                         rank=stored_rank, rank_tolerance=rank_tolerance,
                                                         seed=seed, refit_heads=refit_heads,
-                                                        require_gain=require_gain),
+                                                        require_gain=require_gain, progress=_progress(True)),
                        search=search)
     members_text = ", ".join(f"{m['task']} v{m['version']}" for m in record["members"])
     knobs = record["config"]
@@ -473,7 +495,9 @@ def import_peft(
 @app.command()
 def rollback(registry: RegistryArg, task: TaskArg, version: Annotated[int, typer.Argument(help="Version number.")]) -> None:
     """Make a stored version of a task the current one."""
-    info = _open(registry).rollback(task, version)
+    from cmtl.registry import lineage
+
+    info = lineage.rollback(registry, task, version)
     typer.echo(f"{task}: current version is now v{info.version}")
 
 

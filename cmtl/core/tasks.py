@@ -1,7 +1,7 @@
-"""Tasks: what a task predicts (:class:`TaskSpec`) and the head that predicts it.
+"""Tasks: what a task predicts (:class:`TaskSpec`); the head that predicts it is in :mod:`cmtl.core.heads`.
 
-Heads are owned by cmtl, not by peft, so that adapters stay plain LoRA weights
-that can be merged across tasks while each task keeps its own head.
+This module imports no torch at import time (the registry's manifest and the CLI's manifest-only
+commands read task specs); the methods that build tensors import it when called.
 """
 
 from __future__ import annotations
@@ -11,14 +11,12 @@ import numbers
 import re
 import warnings
 from dataclasses import KW_ONLY, asdict, dataclass, fields
-from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+from cmtl.errors import DataError, InvalidParameterError, bad_param
 
-from cmtl.errors import STORED_FILE_FIX, CorruptFileError, DataError, InvalidParameterError, bad_param
+if TYPE_CHECKING:
+    import torch
 
 ProblemType = Literal["single_label", "multi_label", "regression"]
 PROBLEM_TYPES = ("single_label", "multi_label", "regression")
@@ -271,6 +269,8 @@ class TaskSpec:
         Raises:
             DataError: a value that is not one of the task's labels, or not a number.
         """
+        import torch
+
         if self.problem_type == "single_label":
             index = {label: i for i, label in enumerate(self._known_labels())}
             return torch.tensor([index[name] for name in self.label_names(values)], dtype=torch.long)
@@ -297,6 +297,8 @@ class TaskSpec:
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Mean loss of logits (B, L) against encoded targets."""
+        import torch.nn.functional as F
+
         if self.problem_type == "single_label":
             return F.cross_entropy(logits, target)
         if self.problem_type == "multi_label":
@@ -322,44 +324,10 @@ class TaskSpec:
         return [row[0] for row in values] if len(self.labels) == 1 else values
 
 
-class TaskHead(nn.Module):
-    """Dropout and a linear layer from the pooled embedding (B, H) to logits (B, L)."""
+def __getattr__(name: str):
+    """The head and its helpers lived here until 0.2; they import torch, so they moved to :mod:`cmtl.core.heads`."""
+    if name in ("TaskHead", "route_to_heads", "check_head_state"):
+        from cmtl.core import heads
 
-    def __init__(self, hidden_size: int, num_outputs: int, dropout: float = 0.1):
-        super().__init__()
-        self.dropout = nn.Dropout(dropout)
-        self.linear = nn.Linear(hidden_size, num_outputs)
-        # Small initial logits keep the first steps from fighting a random head.
-        nn.init.normal_(self.linear.weight, std=1.0 / math.sqrt(hidden_size) * 0.1)
-        nn.init.zeros_(self.linear.bias)
-
-    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.dropout(pooled))
-
-
-def route_to_heads(pooled: torch.Tensor, groups: torch.Tensor, head_of: Callable[[int], nn.Module],
-                   width: int) -> torch.Tensor:
-    """Logits (B, ``width``) of a mixed batch: row b through ``head_of(groups[b])``; the columns past
-    that head's outputs hold :data:`MASKED_LOGIT`. One head call per group present, not per row."""
-    out = pooled.new_full((len(pooled), width), MASKED_LOGIT)
-    for g in groups.unique().tolist():
-        rows = groups == g
-        logits = head_of(g)(pooled[rows])
-        out[rows, : logits.shape[1]] = logits
-    return out
-
-
-def check_head_state(state: dict[str, torch.Tensor], head: TaskHead, spec: TaskSpec, path: Path) -> None:
-    """Check stored head weights against a fresh ``head`` for ``spec`` (one output per label).
-
-    Raises:
-        CorruptFileError: missing, extra or differently shaped tensors; names the file and the shapes.
-    """
-    expected = {k: tuple(v.shape) for k, v in head.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in state.items()}
-    if found == expected:
-        return
-    wrong = [f"{k!r}: expected shape {expected.get(k, 'none')}, found {found.get(k, 'none')}"
-             for k in sorted(set(expected) | set(found)) if expected.get(k) != found.get(k)]
-    raise CorruptFileError(f"File {str(path)!r} does not fit the head of task {spec.name!r} ({spec.num_outputs} "
-                           f"outputs for labels {list(spec.labels)}): {'; '.join(wrong)}. {STORED_FILE_FIX}")
+        return getattr(heads, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,7 +14,8 @@ from torch import nn
 from cmtl._extras import require
 from cmtl.core.adapters import AdapterBank, AdapterConfig
 from cmtl.core.backbone import Backbone
-from cmtl.core.tasks import TaskHead, TaskSpec, route_to_heads
+from cmtl.core.heads import TaskHead, route_to_heads
+from cmtl.core.tasks import TaskSpec
 from cmtl.training.evaluation import Forward
 from cmtl.training.loop import seeded
 

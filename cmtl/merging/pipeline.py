@@ -21,7 +21,8 @@ import torch
 from cmtl.continual.replay import ReplayBuffer, stored
 from cmtl.core.adapters import AdapterBank, AdapterConfig
 from cmtl.core.backbone import Backbone
-from cmtl.core.tasks import TaskHead, TaskSpec
+from cmtl.core.heads import TaskHead
+from cmtl.core.tasks import TaskSpec
 from cmtl.data import Encoded, Examples
 from cmtl.errors import DataError, MergeRefusedError
 from cmtl.merging.methods import MergeConfig, lora_deltas, merge_deltas, to_lora_state

@@ -26,7 +26,8 @@ import torch
 
 from cmtl.core.adapters import AdapterBank, AdapterConfig
 from cmtl.core.backbone import Backbone
-from cmtl.core.tasks import TaskHead, TaskSpec
+from cmtl.core.heads import TaskHead
+from cmtl.core.tasks import TaskSpec
 from cmtl.data import Encoded
 from cmtl.errors import DataError
 from cmtl.merging.methods import to_lora_state

@@ -10,7 +10,8 @@ import torch
 
 from cmtl.core.adapters import AdapterBank, AdapterConfig, TaskLoRA, lora_shapes
 from cmtl.core.backbone import Backbone
-from cmtl.core.tasks import TaskHead, TaskSpec
+from cmtl.core.heads import TaskHead
+from cmtl.core.tasks import TaskSpec
 from cmtl.data import Encoded
 from cmtl.multitask.config import MultiTaskConfig, MultiTaskResult
 from cmtl.multitask.joint import grouped_forward, train_multitask

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cmtl.core.tasks import TaskHead, route_to_heads
+from cmtl.core.heads import TaskHead, route_to_heads
 from cmtl.data import Encoded, batches, padding_chunks
 from cmtl.multitask.affinity import lookahead_affinity, task_gradients
 from cmtl.multitask.config import MultiTaskConfig, MultiTaskResult
@@ -63,7 +63,7 @@ def train_multitask(
     ``forward(inputs)`` returns logits (B, width) where row b went through the head of task
     ``inputs["groups"][b]``; columns past a task's labels are masked. ``train_data[t]`` and
     ``validation[t]`` are task t's encodings (their ``groups`` are ignored and set to t).
-    ``training`` (a :class:`~cmtl.training.loop.TrainConfig`) supplies batch size, learning rate,
+    ``training`` (a :class:`~cmtl.training.config.TrainConfig`) supplies batch size, learning rate,
     warm-up, clipping, seed and evaluation batch size.
     """
     from cmtl.training.loop import get_lr

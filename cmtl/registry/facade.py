@@ -24,14 +24,15 @@ from cmtl.continual import updates
 from cmtl.continual.updates import MemoryConfig, UpdateConfig
 from cmtl.core.adapters import AdapterConfig
 from cmtl.core.backbone import Backbone, BackboneConfig, load_backbone
-from cmtl.core.tasks import TaskHead, TaskSpec
+from cmtl.core.heads import TaskHead
+from cmtl.core.tasks import TaskSpec
 from cmtl.data import Examples, read_examples, spec_for_data
 from cmtl.errors import InvalidParameterError, RegistryError, TaskExistsError, bad_param
 from cmtl.merging import pipeline
 from cmtl.merging.methods import MergeConfig
 from cmtl.multitask.config import MultiTaskConfig
 from cmtl.multitask.group import train_group
-from cmtl.registry import commit, entries, features, store
+from cmtl.registry import commit, entries, features, lineage, store
 from cmtl.registry.inference import LoadedRegistry
 from cmtl.registry.reader import UpdateResult, VersionInfo, head_key, merge_key, version_source
 from cmtl.training import distributed
@@ -99,7 +100,7 @@ class Registry(LoadedRegistry):
             validation: Held-out data for early stopping and metrics; a sample of it is kept (see
                 ``memory``) to check later updates for forgetting and as the drift monitor's reference.
                 Without it, ``training.validation_fraction`` of ``train`` is held out (seeded) instead.
-            adapter: LoRA settings (defaults: r=8, alpha=16 on peft's default modules).
+            adapter: LoRA settings (defaults: r=8, alpha=16 on the family's default modules).
             training: Optimiser and loop settings.
             memory: Replay buffer kind and budget and held-out sample size, for this task's later updates.
             fill_buffer: Put training examples into the task's replay buffer.
@@ -517,11 +518,7 @@ class Registry(LoadedRegistry):
     def rollback(self, task: str, version: int) -> VersionInfo:
         """Make an earlier (or later) stored version of ``task`` the current one."""
         with store.writer_lock(self.root), self._lock:
-            manifest = self._reread(task=task)
-            version = self._version_record(task, version)["version"]  # raises if unknown; the stored int
-            manifest["tasks"][task]["current"] = version
-            store.remove_unreferenced(self.root, manifest)
-            store.write_manifest(self.root, manifest)
+            version = lineage.set_current(self.root, self._reread(task=task), task, version)
         logger.info("Task %s: current version is now v%d", task, version)
         return self.current(task)
 

@@ -80,9 +80,9 @@ def backbone_changes(known: dict[str, Any], recorded: dict[str, Any], *, ignore:
 
 
 def backbone_config(recorded: dict[str, Any], **overrides: Any):
-    """The :class:`cmtl.core.backbone.BackboneConfig` a manifest's ``backbone`` record describes (with
+    """The :class:`cmtl.core.config.BackboneConfig` a manifest's ``backbone`` record describes (with
     ``overrides``); keys this cmtl does not know (written by a newer one) warn and are ignored."""
-    from cmtl.core.backbone import BackboneConfig
+    from cmtl.core.config import BackboneConfig
 
     known = {f.name for f in dataclasses.fields(BackboneConfig)}
     extra = sorted(k for k in recorded if k not in known and k != "sha256")
@@ -154,12 +154,12 @@ def _rules(cls: type) -> dict[str, tuple]:
 
 @functools.cache
 def _classes() -> dict[str, type]:
-    # Imported on first use: these modules import cmtl.registry.store, which imports this one.
-    from cmtl.continual.updates import MemoryConfig
-    from cmtl.core.adapters import AdapterConfig
-    from cmtl.core.backbone import BackboneConfig
+    # Imported on first use: reader imports cmtl.registry.store, which imports this one. The configs'
+    # own modules import no torch, so checking a manifest loads no model library.
+    from cmtl.continual.config import MemoryConfig
+    from cmtl.core.config import AdapterConfig, BackboneConfig
     from cmtl.registry.reader import VersionInfo
-    from cmtl.training.loop import TrainConfig
+    from cmtl.training.config import TrainConfig
 
     return {"training": TrainConfig, "adapter": AdapterConfig, "backbone": BackboneConfig, "memory": MemoryConfig,
             "version": VersionInfo}

@@ -13,14 +13,16 @@ import numbers
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cmtl.continual.replay import ReplayBuffer, stored
-from cmtl.continual.updates import Gate
 from cmtl.core.tasks import _NAME, TaskSpec
-from cmtl.data import Examples
 from cmtl.errors import EntryExistsError, InvalidParameterError, TaskNotFoundError, bad_param
 from cmtl.registry import store
+
+if TYPE_CHECKING:  # imported where used: reading the manifest needs neither torch nor datasets
+    from cmtl.continual.replay import ReplayBuffer
+    from cmtl.continual.updates import Gate
+    from cmtl.data import Examples
 
 #: Who a loaded adapter or head belongs to: ("task", name, version) or ("merge", name, None).
 Owner = tuple[str, str, int | None]
@@ -67,6 +69,11 @@ class RegistryReader:
     def __init__(self, root: Path, manifest: dict[str, Any]):
         self.root = root
         self._manifest = manifest
+
+    @property
+    def recorded_backbone(self) -> dict[str, Any]:
+        """The backbone as the manifest records it: its config's fields and ``sha256``, its weights' hash."""
+        return dict(self._manifest["backbone"])
 
     def tasks(self) -> list[str]:
         """Names of all tasks, sorted."""
@@ -130,6 +137,8 @@ class RegistryReader:
         Raises:
             CorruptFileError, ReplayBufferError: the stored buffer is damaged.
         """
+        from cmtl.continual.replay import ReplayBuffer
+
         data = self._read_version_file(task, version, "replay.parquet")
         if data is None:
             return None
@@ -138,6 +147,9 @@ class RegistryReader:
     def holdout(self, task: str, version: int | None = None, *, lineage: bool = True) -> Examples | None:
         """Held-out labelled examples kept with ``version`` (current by default) and, with
         ``lineage``, with all its ancestors; ``None`` if none were kept."""
+        from cmtl.continual.replay import ReplayBuffer, stored
+        from cmtl.data import Examples
+
         entry = self._entry(task)
         v = entry["current"] if version is None else version
         parts = []

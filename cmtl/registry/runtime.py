@@ -14,7 +14,8 @@ import torch
 
 from cmtl.core.adapters import AdapterBank, AdapterConfig, check_adapter_state, stack_lora
 from cmtl.core.backbone import Backbone
-from cmtl.core.tasks import TaskHead, TaskSpec, check_head_state
+from cmtl.core.heads import TaskHead, check_head_state
+from cmtl.core.tasks import TaskSpec
 from cmtl.data import Encoded, as_texts, batches, length_sorted
 from cmtl.errors import STORED_FILE_FIX, CorruptFileError, DataError, InvalidParameterError, bad_param
 from cmtl.registry import store

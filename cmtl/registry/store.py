@@ -44,15 +44,15 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
-
-import torch
-from safetensors.torch import load as load_safetensors
+from typing import TYPE_CHECKING, Any, Iterator
 
 from cmtl._io import fsync_dir, sha256_bytes, write_bytes_atomic
 from cmtl._version import __version__
 from cmtl.errors import CorruptFileError, RegistryError, TaskNotFoundError
 from cmtl.registry import manifest as rules
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +90,8 @@ def read_checked(path: Path, expected_sha256: str) -> bytes:
 
 def read_tensors(path: Path, expected_sha256: str) -> dict[str, torch.Tensor]:
     """Load a safetensors file after checking it against the manifest's checksum."""
+    from safetensors.torch import load as load_safetensors  # here: the manifest-only CLI never imports torch
+
     return load_safetensors(read_checked(path, expected_sha256))
 
 

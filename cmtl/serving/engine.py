@@ -33,7 +33,8 @@ from torch import nn
 
 from cmtl.core.adapters import PEFT_PREFIX, AdapterConfig, check_adapter_state, hook_row_lora, lora_factors
 from cmtl.core.backbone import Backbone, BackboneConfig, load_backbone
-from cmtl.core.tasks import TaskHead, TaskSpec, check_head_state
+from cmtl.core.heads import TaskHead, check_head_state
+from cmtl.core.tasks import TaskSpec
 from cmtl.data import Encoded, as_texts, batches, token_budget_chunks
 from cmtl.errors import BackboneMismatchError, DataError, ManifestError, TaskNotFoundError
 from cmtl.registry import store

@@ -135,7 +135,7 @@ def test_lwf_teacher_computed_once_matches_the_parent_run_on_each_batch(reg):
     from cmtl.continual.updates import UpdateData, penalty
     from cmtl.core.adapters import AdapterBank
     from cmtl.core.backbone import load_backbone
-    from cmtl.core.tasks import TaskHead
+    from cmtl.core.heads import TaskHead
     from cmtl.data import Examples, batches, encode, read_examples
     from cmtl.training.trainee import Trainee
 

@@ -105,3 +105,38 @@ def test_unknown_families_are_found_by_name_and_shape_or_refused_with_the_layers
     assert default_targets(_Mystery(("qkv",), fused=True)) == ("qkv",)
     with pytest.raises(DataError, match=r"--target-modules.*\['dense_a', 'dense_b'\]"):
         default_targets(_Mystery(("dense_a", "dense_b")))
+
+
+def test_stored_factors_are_checked_against_dotted_targets(tiny_backbone, tmp_path):
+    """A target named by its dotted suffix (BERT's ``attention.output.dense``, which the defaults study
+    of #21 favours) accepts that module's factors after a save, and still refuses the feed-forward
+    ``output.dense``, which shares its last name."""
+    from transformers import AutoModel
+
+    from cmtl.core.adapters import check_adapter_state
+    from cmtl.errors import CorruptFileError
+
+    encoder = AutoModel.from_pretrained(tiny_backbone)
+    bank = AdapterBank(encoder)
+    config = bank.add("a", AdapterConfig(r=2, target_modules=("query", "key", "value", "attention.output.dense")))
+    state = bank.state_dict("a")
+    assert any(".attention.output.dense.lora_A" in k for k in state)
+    check_adapter_state(state, config, encoder, tmp_path / "adapter.safetensors")
+    stray = {**state, "base_model.model.encoder.layer.0.output.dense.lora_A.weight": torch.zeros(2, 64)}
+    with pytest.raises(CorruptFileError, match="output.dense.lora_A.*not a LoRA factor"):
+        check_adapter_state(stray, config, encoder, tmp_path / "adapter.safetensors")
+
+
+def test_a_task_on_a_dotted_target_reopens(tmp_path, tiny_backbone):
+    """Before the fix, a version adapting ``attention.output.dense`` trained and saved, then failed to
+    load ("not a LoRA factor of the adapted modules"): its own registry could not open it."""
+    from cmtl import BackboneConfig, Registry, TaskSpec
+    from tests.conftest import FAST
+
+    reg = Registry.create(tmp_path / "reg", BackboneConfig(name_or_path=tiny_backbone, max_length=64), device="cpu")
+    adapter = AdapterConfig(r=2, target_modules=("query", "value", "attention.output.dense"))
+    info = reg.add_task(TaskSpec("s", labels=["neg", "pos"]), train=toy_sentiment(32), training=FAST, adapter=adapter)
+    assert info.adapter["target_modules"] == ["attention.output.dense", "query", "value"]
+    texts = ["a lovely film", "an awful film"]
+    again = Registry.open(tmp_path / "reg", device="cpu")
+    assert again.predict_proba("s", texts).tolist() == reg.predict_proba("s", texts).tolist()

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from cmtl import CorruptFileError, DataError, TaskSpec
-from cmtl.core.tasks import MASKED_LOGIT, TaskHead, check_head_state, route_to_heads
+from cmtl.core.heads import TaskHead, check_head_state, route_to_heads
+from cmtl.core.tasks import MASKED_LOGIT
 
 
 def test_encode_and_decode_labels():

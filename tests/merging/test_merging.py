@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cmtl import Registry, TaskNotFoundError, TaskSpec
-from cmtl.core.tasks import TaskHead
+from cmtl.core.heads import TaskHead
 from cmtl.errors import DataError
 from cmtl.merging import (MergeConfig, dare, lora_deltas, merge_deltas, refactorise, refit_head, smallest_rank, ties,
                           to_lora_state, trim)

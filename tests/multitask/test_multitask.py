@@ -16,7 +16,7 @@ import torch
 from cmtl import TaskSpec, TrainConfig
 from cmtl.core.adapters import AdapterBank, AdapterConfig, TaskLoRA, stack_lora
 from cmtl.core.backbone import load_backbone
-from cmtl.core.tasks import TaskHead
+from cmtl.core.heads import TaskHead
 from cmtl.data import Encoded, encode, read_examples
 from cmtl.multitask.affinity import _adamw_lookahead, group_score, select_groups
 from cmtl.multitask.config import MultiTaskConfig

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from cmtl import TaskSpec, TrainConfig
 from cmtl.core.adapters import AdapterBank, AdapterConfig
 from cmtl.core.backbone import BackboneConfig, load_backbone
-from cmtl.core.tasks import TaskHead
+from cmtl.core.heads import TaskHead
 from cmtl.data import encode, read_examples
 from cmtl.training.evaluation import predict_logits
 from cmtl.training.probe import refit_head

@@ -8,7 +8,7 @@ import torch
 
 from cmtl.core.adapters import AdapterBank, AdapterConfig
 from cmtl.core.backbone import BackboneConfig, load_backbone
-from cmtl.core.tasks import TaskHead
+from cmtl.core.heads import TaskHead
 from cmtl.data import Encoded
 from cmtl.training.trainee import Trainee
 

@@ -1,0 +1,121 @@
+"""How one adapter and head train (:class:`TrainConfig`): a plain dataclass without torch, so a
+registry's manifest can be checked against it without loading a model."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from cmtl._config import known_keys
+from cmtl.errors import InvalidParameterError, bad_param
+
+#: Default evaluation interval on long epochs (steps): convergence is checked at least this often.
+EVAL_EVERY_MAX = 250
+
+
+@dataclass(kw_only=True, frozen=True)
+class TrainConfig:
+    """How to train an adapter and head.
+
+    The budget is set by convergence, not by a fixed epoch count: with validation data the loop
+    evaluates every ``eval_every`` steps, keeps the best state and stops after ``patience``
+    evaluations without improvement; ``epochs`` and ``max_steps`` only cap it. ``Registry.add_task``
+    without validation data holds out ``validation_fraction`` of the training data for this; with
+    no validation rows at all, training runs the whole cap.
+
+    Args:
+        epochs: At most this many passes over the training data (the cap; the learning rate decays
+            over it). With validation data, early stopping usually ends training sooner.
+        batch_size: Examples per optimiser step.
+        learning_rate: Peak AdamW learning rate (LoRA and head tolerate ~1e-3).
+        weight_decay: AdamW weight decay.
+        warmup_ratio: Fraction of steps with linear warm-up.
+        lr_schedule: After the warm-up, ``"linear"`` decays the rate to 0 at the last
+            step; ``"constant"`` keeps the peak rate (Avalanche's default loop).
+        max_steps: Stop after this many steps (overrides ``epochs`` when smaller).
+        eval_every: Evaluate on validation every N steps; ``None``: once per epoch, or every
+            :data:`EVAL_EVERY_MAX` steps when an epoch is longer.
+        patience: Stop after this many evaluations without improvement;
+            ``None`` never stops early. The best evaluated state is kept.
+        grad_clip: Max global gradient norm; ``None`` disables clipping.
+        head_dropout: Dropout before the task head.
+        eval_batch_size: Batch size for evaluation and prediction.
+        length_grouping: Sort examples by length within windows of this many
+            batches (then shuffle the batches), so batches hold rows of similar
+            length and carry less padding; 0 keeps plain shuffled batches.
+            Changes which rows share a batch, so results differ slightly.
+        cache_frozen_mb: When the adapter leaves the bottom layers untouched
+            (``AdapterConfig.layers``), run them once per example and reuse
+            their outputs for every epoch and validation pass, if the cache
+            fits in this many MiB; 0 never caches. Results are unchanged.
+        validation_fraction: ``Registry.add_task`` without validation data holds out this fraction of
+            the training data (seeded) to stop on and to keep as the task's held-out sample;
+            0 trains on all of it for the whole ``epochs`` cap.
+        probe_init: For a new task's head (``Registry.add_task``, so also the benchmarks' ``adapters``
+            strategy): first fit a linear probe on the features the untrained adapter gives (the
+            frozen backbone's, or the ``init`` source's) and score it on validation as step 0;
+            early stopping returns it when no trained state reaches its score, so a new task never
+            ends below the probe on validation. Costs one inference pass over (up to 20,000 of)
+            the training rows. Skipped without validation data (unless ``probe_start``). Updates
+            warm-start from their parent's head and do not probe.
+        probe_start: With ``probe_init``, also start training from the probe's head (LP-FT, Kumar
+            et al. 2022) instead of a fresh one. Off by default: measured less accurate at these
+            budgets (docs/results.md, "Defaults of add_task").
+        seed: Seeds initialisation and data order; same seed, same adapter.
+        progress: Show a tqdm bar with the running loss.
+    """
+
+    epochs: int = 10
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    lr_schedule: Literal["linear", "constant"] = "linear"
+    max_steps: int | None = None
+    eval_every: int | None = None
+    patience: int | None = 2
+    grad_clip: float | None = 1.0
+    head_dropout: float = 0.1
+    eval_batch_size: int = 64
+    length_grouping: int = 0
+    cache_frozen_mb: int = 2048
+    validation_fraction: float = 0.1
+    probe_init: bool = True
+    probe_start: bool = False
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "eval_batch_size": self.eval_batch_size}
+        for key in ("max_steps", "eval_every", "patience"):
+            if getattr(self, key) is not None:
+                positive[key] = getattr(self, key)
+        for key, value in positive.items():
+            if not isinstance(value, int) or value < 1:
+                raise InvalidParameterError(bad_param(key, "TrainConfig", "be a positive integer", value))
+        for key in ("length_grouping", "cache_frozen_mb"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 0:
+                raise InvalidParameterError(bad_param(key, "TrainConfig", "be an integer >= 0", value))
+        for key in ("probe_init", "probe_start"):
+            if not isinstance(getattr(self, key), bool):
+                raise InvalidParameterError(bad_param(key, "TrainConfig", "be True or False", getattr(self, key)))
+        if not self.learning_rate > 0:
+            raise InvalidParameterError(bad_param("learning_rate", "TrainConfig", "be > 0", self.learning_rate))
+        if self.lr_schedule not in ("linear", "constant"):
+            raise InvalidParameterError(bad_param("lr_schedule", "TrainConfig", "be one of ['linear', 'constant']",
+                                                  self.lr_schedule))
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise InvalidParameterError(bad_param("warmup_ratio", "TrainConfig", "be in [0, 1)", self.warmup_ratio))
+        if not isinstance(self.validation_fraction, (int, float)) or not 0.0 <= self.validation_fraction < 1.0:
+            raise InvalidParameterError(bad_param("validation_fraction", "TrainConfig", "be in [0, 1)",
+                                                  self.validation_fraction))
+        if not 0.0 <= self.head_dropout < 1.0:
+            raise InvalidParameterError(bad_param("head_dropout", "TrainConfig", "be in [0, 1)", self.head_dropout))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        return cls(**known_keys(cls, d))
