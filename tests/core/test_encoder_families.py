@@ -118,8 +118,8 @@ def test_stored_factors_are_checked_against_dotted_targets(tiny_backbone, tmp_pa
 
     encoder = AutoModel.from_pretrained(tiny_backbone)
     bank = AdapterBank(encoder)
-    config = bank.add("a", AdapterConfig(r=2, target_modules=("query", "key", "value", "attention.output.dense")))
-    state = bank.state_dict("a")
+    config = bank.add("x", AdapterConfig(r=2, target_modules=("query", "key", "value", "attention.output.dense")))
+    state = bank.state_dict("x")
     assert any(".attention.output.dense.lora_A" in k for k in state)
     check_adapter_state(state, config, encoder, tmp_path / "adapter.safetensors")
     stray = {**state, "base_model.model.encoder.layer.0.output.dense.lora_A.weight": torch.zeros(2, 64)}
