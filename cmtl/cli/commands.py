@@ -53,6 +53,10 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
+#: What the top-level options chose for this invocation (set by ``_main`` on every run).
+_settings = {"quiet": False}
+
+
 @app.callback()
 def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False,
           quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or log lines: results and "
@@ -67,10 +71,6 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log pro
     _settings["quiet"] = quiet
     level = logging.ERROR if quiet else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-
-
-#: What the top-level options chose for this invocation (set by ``_main`` on every run).
-_settings = {"quiet": False}
 
 
 def _progress(wanted: bool) -> bool:

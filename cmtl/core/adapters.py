@@ -54,9 +54,7 @@ def default_targets(encoder: nn.Module) -> tuple[str, ...]:
     Raises:
         DataError: none found; the message lists the encoder's linear layers to choose from.
     """
-    from peft.utils.constants import (
-        TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS,
-    )
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
 
     model_type = getattr(getattr(encoder, "config", None), "model_type", None)
     if model_type in TARGETS:

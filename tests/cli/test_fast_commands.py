@@ -14,6 +14,10 @@ import time
 import pytest
 
 import cmtl
+import cmtl.continual
+import cmtl.core
+import cmtl.registry
+import cmtl.training
 from cmtl import BackboneConfig, Registry, TaskSpec
 from cmtl.registry import lineage
 from tests.conftest import FAST, toy_sentiment
@@ -47,7 +51,8 @@ def orphaned(tmp_path_factory, tiny_backbone):
     """A registry with two versions of one task whose backbone folder is gone: loading it would fail."""
     root = tmp_path_factory.mktemp("fast")
     shutil.copytree(tiny_backbone, root / "backbone")
-    reg = Registry.create(root / "reg", BackboneConfig(name_or_path=str(root / "backbone"), max_length=64), device="cpu")
+    config = BackboneConfig(name_or_path=str(root / "backbone"), max_length=64)
+    reg = Registry.create(root / "reg", config, device="cpu")
     reg.add_task(TaskSpec("sentiment", labels=["neg", "pos"]), train=toy_sentiment(48), validation=toy_sentiment(16, 1),
                  training=FAST)
     reg.update_task("sentiment", toy_sentiment(48, 2), toy_sentiment(16, 3))
@@ -84,10 +89,16 @@ def test_lineage_commands_report_bad_input_without_loading(orphaned):
 
 
 def test_import_cmtl_is_lazy():
-    code = "import sys, cmtl; print(sorted(m for m in ('torch', 'transformers', 'datasets', 'peft') if m in sys.modules))"
+    code = ("import sys, cmtl; "
+            "print(sorted(m for m in ('torch', 'transformers', 'datasets', 'peft') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"
     assert cmtl.Registry.__name__ == "Registry" and "TaskSpec" in dir(cmtl)
+    # Each lazy package lists its exports twice (the import map and the literal __all__ that static tools
+    # read): they must name the same things, and every name must resolve.
+    for package in (cmtl, cmtl.core, cmtl.training, cmtl.continual, cmtl.registry):
+        assert set(package.__all__) - {"__version__"} == set(package._EXPORTS), package.__name__
+        assert all(getattr(package, name) is not None for name in package.__all__)
 
 
 def test_quiet_silences_progress_bars_and_logs(tmp_path, tiny_backbone):
