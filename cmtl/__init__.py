@@ -22,7 +22,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("ContinualReport", "acc", "bwt", "forgetting", "fwt"), "cmtl.benchmarks.metrics"),
     **dict.fromkeys(("ClassBalancedBuffer", "ReplayBuffer", "ReservoirBuffer", "TaskBalancedBuffer", "make_buffer"),
                     "cmtl.continual.replay"),
-    "MemoryConfig": "cmtl.continual.config",
+    **dict.fromkeys(("AnalyticConfig", "MemoryConfig"), "cmtl.continual.config"),
     "UpdateConfig": "cmtl.continual.updates",
     **dict.fromkeys(("AdapterConfig", "BackboneConfig"), "cmtl.core.config"),
     "TaskSpec": "cmtl.core.tasks",
@@ -42,7 +42,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the eager imports the lazy ones
     from cmtl.benchmarks.metrics import ContinualReport, acc, bwt, forgetting, fwt
     from cmtl.continual.replay import (ClassBalancedBuffer, ReplayBuffer, ReservoirBuffer, TaskBalancedBuffer,
                                        make_buffer)
-    from cmtl.continual.config import MemoryConfig
+    from cmtl.continual.config import AnalyticConfig, MemoryConfig
     from cmtl.continual.updates import UpdateConfig
     from cmtl.core.config import AdapterConfig, BackboneConfig
     from cmtl.core.tasks import TaskSpec
@@ -59,6 +59,7 @@ _moved.install()
 
 __all__ = [
     "AdapterConfig",
+    "AnalyticConfig",
     "BackboneConfig",
     "BackboneMismatchError",
     "ClassBalancedBuffer",

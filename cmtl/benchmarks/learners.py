@@ -23,6 +23,9 @@
   later one with its new labels (``update_task(labels=...)``), replaying from
   the class-balanced buffer as many rows per old label as the new data has per
   new label.
+* ``grow-analytic`` — the same registry path with an analytic head
+  (``add_task(head=AnalyticConfig())``): each update adds its rows to the
+  task's stored class statistics and trains nothing.
 * ``analytic`` — no training: a head computed in closed form from running class
   statistics of the frozen backbone's features (:mod:`cmtl.continual.analytic`;
   RanPAC's random projection and ridge by default), updated exactly on each
@@ -68,7 +71,7 @@ from cmtl.training.probe import pooled_features
 from cmtl.training.trainee import Trainee
 
 STRATEGIES = ("adapters", "adapters-auto", "adapters-routed", "seq-ft", "replay", "ewc", "lwf", "joint", "single",
-              "analytic", "grow")
+              "analytic", "grow", "grow-analytic")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -426,9 +429,10 @@ class SingleLearner(Learner):
 
 
 class GrowLearner(Learner):
-    """One registry task whose labels grow with each experience of a class-incremental stream."""
+    """One registry task whose labels grow with each experience of a class-incremental stream; with
+    ``head`` (``grow-analytic``), its head is analytic and each update adds to its statistics."""
 
-    def __init__(self, experiences, kind, backbone, config, root: Path):
+    def __init__(self, experiences, kind, backbone, config, root: Path, head: AnalyticConfig | None = None):
         if kind != "class-incremental":
             raise ValueError(f"Strategy 'grow' adds each experience's classes to one task: it runs on "
                              f"class-incremental scenarios only, not {kind}.")
@@ -436,6 +440,7 @@ class GrowLearner(Learner):
         self.registry = Registry.create(root, backbone)
         self.task = "classes"
         self.labels: list[str] = []
+        self.head = head
 
     def fit(self, i: int) -> None:
         exp = self.experiences[i]
@@ -444,12 +449,13 @@ class GrowLearner(Learner):
         if i == 0:
             info = self.registry.add_task(TaskSpec(self.task, labels=self.labels), train=exp.train,
                                           validation=exp.validation, adapter=self.config.adapter,
-                                          training=self.config.training)
+                                          training=self.config.training, head=self.head)
             self.bytes_added.append(info.bytes_on_disk)
             self.trainable_parameters.append(info.trainable_parameters)
             self.notes.append(f"task {self.task!r} created with {len(self.labels)} labels")
             return
-        ratio = len(old) / max(1, len(self.labels) - len(old))  # as many rows per old label as per new one
+        # As many rows per old label as per new one; an analytic head replays nothing (its statistics remember).
+        ratio = 0.0 if self.head is not None else len(old) / max(1, len(self.labels) - len(old))
         result = self.registry.update_task(self.task, exp.train, exp.validation, labels=self.labels, promote=True,
                                            training=self.config.training, config=UpdateConfig(replay_ratio=ratio))
         self.bytes_added.append(result.version.bytes_on_disk)
@@ -542,8 +548,9 @@ def make_learner(strategy: str, experiences: list[Experience], kind: Kind, backb
         return SingleLearner(experiences, kind, backbone, config)
     if strategy == "analytic":
         return AnalyticLearner(experiences, kind, backbone, config)
-    if strategy == "grow":
-        return GrowLearner(experiences, kind, backbone, config, workdir / "registry")
+    if strategy in ("grow", "grow-analytic"):
+        return GrowLearner(experiences, kind, backbone, config, workdir / "registry",
+                           head=config.analytic if strategy == "grow-analytic" else None)
     if strategy in ("seq-ft", "replay", "ewc", "lwf", "joint"):
         return SharedLearner(experiences, kind, backbone, config, mode=strategy)
     raise ValueError(f"Unknown strategy {strategy!r}. Known strategies: {list(STRATEGIES)}.")

@@ -135,12 +135,21 @@ def add_task(
                                                   "candidate: the task never ends below it on validation.")] = True,
     init: Annotated[Optional[str], typer.Option(help="Start the adapter from a task ('spam', 'task:spam@2'), a "
                                                      "merge ('merge:NAME') or 'auto'; default: from zero.")] = None,
+    head: Annotated[str, typer.Option(help="linear: a head trained with the adapter; ridge or slda: a head "
+                                           "computed in closed form from class statistics of the features, which "
+                                           "updates add to exactly (single-label tasks).")] = "linear",
+    head_features: Annotated[str, typer.Option(help="For --head ridge/slda: the frozen backbone's features "
+                                                    "(backbone: no training), or those of an adapter trained here "
+                                                    "first and then frozen (adapter).")] = "backbone",
     seed: int = 0,
     progress: bool = True,
     encoding: EncodingOpt = None,
 ) -> None:
     """Train a new task's adapter and head and store it as version 1."""
-    from cmtl import AdapterConfig, TaskSpec, TrainConfig
+    from cmtl import AdapterConfig, AnalyticConfig, TaskSpec, TrainConfig
+
+    if head not in ("linear", "ridge", "slda"):
+        raise ValueError(f"--head must be one of linear, ridge or slda; got {head!r}.")
 
     reg = _open(registry)
     columns = dict(problem_type=problem_type, text_column=text_column, text_pair_column=text_pair_column,
@@ -162,7 +171,7 @@ def add_task(
         spec, _read(train, spec, encoding), _read(validation, spec, encoding), adapter=adapter,
         training=TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=lr, max_steps=max_steps,
                              probe_init=probe_init, seed=seed, progress=_progress(progress)),
-        init=init,
+        init=init, head=None if head == "linear" else AnalyticConfig(kind=head, features=head_features, seed=seed),
     )
     typer.echo(f"added {info.task} v{info.version}: {info.trainable_parameters:,} trainable parameters, "
                f"{info.bytes_on_disk:,} bytes on disk, {info.train_seconds:.1f} s")

@@ -62,7 +62,7 @@ def bench(
                                                  "bbc-classes) or a scenario file, e.g. my-stream.yaml.")],
     strategy: Annotated[str, typer.Option(help="Comma-separated strategies: adapters, adapters-auto, "
                                                "adapters-routed, seq-ft, replay, ewc, lwf, joint, single, analytic, "
-                                               "grow, avl-naive, avl-replay, avl-ewc, avl-lwf.")]
+                                               "grow, grow-analytic, avl-naive, avl-replay, avl-ewc, avl-lwf.")]
     = "adapters,seq-ft,replay,ewc,lwf,joint",
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default runs/bench/<scenario>).")] = None,
     orders: Annotated[str, typer.Option(help="Comma-separated orders: stated, random-1, ..., or all.")] = "stated",

@@ -1,4 +1,4 @@
-"""Learning without forgetting: replay buffers, penalties (EWC, LwF) and the update of a task."""
+"""Learning without forgetting: replay buffers, penalties (EWC, LwF), analytic heads and the update of a task."""
 
 from __future__ import annotations
 
@@ -9,16 +9,16 @@ from cmtl import _lazy
 _EXPORTS = {
     **dict.fromkeys(("ClassBalancedBuffer", "ReplayBuffer", "ReservoirBuffer", "TaskBalancedBuffer", "make_buffer"),
                     "cmtl.continual.replay"),
-    "MemoryConfig": "cmtl.continual.config",
+    **dict.fromkeys(("AnalyticConfig", "MemoryConfig"), "cmtl.continual.config"),
     **dict.fromkeys(("Gate", "UpdateConfig"), "cmtl.continual.updates"),
 }
 __getattr__, __dir__ = _lazy.exports(__name__, _EXPORTS, globals())
 
 if TYPE_CHECKING:
-    from cmtl.continual.config import MemoryConfig
+    from cmtl.continual.config import AnalyticConfig, MemoryConfig
     from cmtl.continual.replay import (ClassBalancedBuffer, ReplayBuffer, ReservoirBuffer, TaskBalancedBuffer,
                                        make_buffer)
     from cmtl.continual.updates import Gate, UpdateConfig
 
-__all__ = ["ClassBalancedBuffer", "Gate", "MemoryConfig", "ReplayBuffer", "ReservoirBuffer", "TaskBalancedBuffer",
-           "UpdateConfig", "make_buffer"]
+__all__ = ["AnalyticConfig", "ClassBalancedBuffer", "Gate", "MemoryConfig", "ReplayBuffer", "ReservoirBuffer",
+           "TaskBalancedBuffer", "UpdateConfig", "make_buffer"]

@@ -14,51 +14,34 @@ equals the one computed from all the data at once. Two closed forms over the sam
 
 :class:`ClassStatistics` is all that is kept: per-class counts and feature sums, and the Gram matrix
 of all rows (in float64, so that streamed and one-shot statistics agree to rounding).
+
+In a registry, ``add_task(..., head=AnalyticConfig())`` makes a task's head analytic: :func:`fit_head`
+computes it, the version stores its statistics beside the solved weights, and ``update_task`` adds the
+new rows to the parent's statistics (:func:`cmtl.continual.updates.analytic_candidate`), with the
+adapter that computes the features left as it was.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
-from dataclasses import dataclass
-from typing import Literal, Sequence
+import time
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from cmtl.errors import DataError, InvalidParameterError, bad_param
-
-AnalyticKind = Literal["slda", "ridge"]
-_KINDS = ("slda", "ridge")
+from cmtl.continual.config import AnalyticConfig, AnalyticKind  # noqa: F401  (re-exported)
+from cmtl.core.backbone import Backbone
+from cmtl.core.tasks import TaskSpec
+from cmtl.data import Encoded
+from cmtl.errors import DataError, InvalidParameterError
+from cmtl.training.evaluation import compute_metrics
+from cmtl.training.loop import TrainResult
+from cmtl.training.probe import pooled_features
 
 #: λ values :meth:`AnalyticHead.choose_ridge` tries, as multiples of the Gram matrix's mean diagonal.
 RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
-
-
-@dataclass(frozen=True)
-class AnalyticConfig:
-    """How an analytic head turns features into scores.
-
-    Args:
-        kind: ``"slda"`` (class means and a shared covariance) or ``"ridge"`` (random projection with
-            ReLU, then ridge regression; RanPAC).
-        projection: Width M of the random projection (``"ridge"`` only).
-        shrinkage: SLDA's covariance is ``(1 − s)·Σ + s·(tr Σ / d)·I``.
-        seed: Seeds the random projection: a head and its later updates must use the same one.
-    """
-
-    kind: AnalyticKind = "ridge"
-    projection: int = 2048
-    shrinkage: float = 1e-2
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.kind not in _KINDS:
-            raise InvalidParameterError(bad_param("kind", "AnalyticConfig", f"be one of {list(_KINDS)}", self.kind))
-        if isinstance(self.projection, bool) or not isinstance(self.projection, int) or self.projection < 1:
-            raise InvalidParameterError(bad_param("projection", "AnalyticConfig", "be a positive integer",
-                                                  self.projection))
-        if not isinstance(self.shrinkage, (int, float)) or not 0.0 <= self.shrinkage <= 1.0:
-            raise InvalidParameterError(bad_param("shrinkage", "AnalyticConfig", "be in [0, 1]", self.shrinkage))
 
 
 class ClassStatistics:
@@ -131,19 +114,25 @@ class AnalyticHead(nn.Module):
     """A head whose weights come from :class:`ClassStatistics` in closed form (see the module docstring).
 
     ``update`` adds rows to the statistics; the scores (``forward``) use the weights of the last
-    :meth:`solve`. Features are whatever the caller pools (the frozen backbone's, or a frozen adapter's).
+    :meth:`solve`, times ``scale`` (1 until :meth:`calibrate` fits it, which changes no answer, only
+    how sure ``predict_proba`` is). Features are whatever the caller pools (the frozen backbone's, or a
+    frozen adapter's). The weights live on the CPU in float64; scores come back on the features' device.
+    Its ``state_dict`` holds the solved weights, bias and scale; the projection is drawn again from the
+    config's seed, and the statistics are ``stats.state_dict()``.
     """
 
     def __init__(self, hidden: int, num_classes: int, config: AnalyticConfig | None = None):
         super().__init__()
         self.config = config or AnalyticConfig()
         width = self.config.projection if self.config.kind == "ridge" else hidden
+        self.hidden = hidden
         self.register_buffer("projection", random_projection(hidden, width, self.config.seed)
-                             if self.config.kind == "ridge" else torch.zeros(0, dtype=torch.float64))
+                             if self.config.kind == "ridge" else torch.zeros(0, dtype=torch.float64), persistent=False)
         self.stats = ClassStatistics(width, num_classes)
         self.ridge = math.nan  # λ of the last ridge solve
         self.register_buffer("weight", torch.zeros(num_classes, width, dtype=torch.float64))
         self.register_buffer("bias", torch.zeros(num_classes, dtype=torch.float64))
+        self.register_buffer("scale", torch.ones((), dtype=torch.float64))
 
     @property
     def num_classes(self) -> int:
@@ -152,7 +141,7 @@ class AnalyticHead(nn.Module):
     def expand(self, features: torch.Tensor) -> torch.Tensor:
         """The features the statistics are kept on: ``max(0, xP)`` for ``"ridge"``, ``x`` itself for ``"slda"``."""
         x = features.detach().to("cpu", torch.float64)
-        return torch.relu(x @ self.projection) if self.config.kind == "ridge" else x
+        return torch.relu(x @ self.projection.cpu()) if self.config.kind == "ridge" else x
 
     def update(self, features: torch.Tensor, targets: torch.Tensor | Sequence[int]) -> "AnalyticHead":
         """Add labelled rows (pooled features, class indices) to the statistics; :meth:`solve` afterwards."""
@@ -199,9 +188,81 @@ class AnalyticHead(nn.Module):
         self.solve(best)
         return float(best)
 
+    def calibrate(self, features: torch.Tensor, targets: torch.Tensor | Sequence[int]) -> float:
+        """Choose ``scale`` (a softmax temperature's inverse, on a log grid from 1/100 to 1,000) that
+        minimises the cross-entropy of the solved head on these rows. Returns it."""
+        targets = torch.as_tensor(targets, dtype=torch.long)
+        raw = self.expand(features) @ self.weight.T + self.bias
+        best, best_loss = 1.0, math.inf
+        for scale in torch.logspace(-2, 3, 51, dtype=torch.float64).tolist():
+            loss = nn.functional.cross_entropy(raw * scale, targets).item()
+            if loss < best_loss:
+                best, best_loss = scale, loss
+        self.scale = torch.tensor(best, dtype=torch.float64)
+        return best
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        scores = self.expand(features) @ self.weight.T + self.bias
-        return scores.to(features.dtype if features.is_floating_point() else torch.float32)
+        scores = (self.expand(features) @ self.weight.cpu().T + self.bias.cpu()) * self.scale.cpu()
+        dtype = features.dtype if features.is_floating_point() else torch.float32
+        return scores.to(features.device, dtype)
+
+    def record(self) -> dict[str, Any]:
+        """What a registry records of this head beside its files: its config, the λ and scale it was
+        solved with, and the projection's checksum (a later torch drawing another one is refused)."""
+        return {"type": "analytic", "config": self.config.to_dict(),
+                "ridge": None if math.isnan(self.ridge) else self.ridge, "scale": float(self.scale),
+                "projection_sha256": _sha256(self.projection)}
+
+    @classmethod
+    def restore(cls, hidden: int, config: AnalyticConfig, state: dict[str, torch.Tensor],
+                stats: dict[str, torch.Tensor] | None = None, ridge: float | None = None) -> "AnalyticHead":
+        """A head from its stored ``state`` (weight, bias, scale) and, to update it further, its ``stats``."""
+        head = cls(hidden, state["weight"].shape[0], config)
+        head.load_state_dict({k: v.to(torch.float64) for k, v in state.items()})
+        if stats is not None:
+            head.stats = ClassStatistics.from_state_dict(stats)
+        head.ridge = math.nan if ridge is None else float(ridge)
+        return head
+
+
+def _sha256(tensor: torch.Tensor) -> str:
+    return hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+# --- in a registry -------------------------------------------------------------------------------
+
+def check_task(spec: TaskSpec) -> None:
+    """An analytic head classifies: one label per row.
+
+    Raises:
+        InvalidParameterError: a regression or multi-label task.
+    """
+    if spec.problem_type != "single_label":
+        raise InvalidParameterError(
+            f"Task {spec.name!r} is {spec.problem_type}: an analytic head classifies (one label per row, from "
+            "class statistics). Leave head= out to train a linear head for it.")
+
+
+def fit_head(head: AnalyticHead, backbone: Backbone, spec: TaskSpec, train: Encoded, validation: Encoded | None,
+             *, batch_size: int = 64) -> TrainResult:
+    """Add ``train``'s rows, pooled through the backbone's active adapter, to ``head``'s statistics; solve
+    it, choosing λ and the scale on ``validation`` (λ = 1e-2 and scale 1 without). Returns what a
+    training run would (no steps; the validation metrics and logits), for the version's record."""
+    started = time.perf_counter()
+    features = pooled_features(backbone, train, batch_size)
+    head.update(features, train.targets)
+    metrics: dict[str, float] = {}
+    logits = None
+    if validation is not None and len(validation):
+        held = pooled_features(backbone, validation, batch_size)
+        head.choose_ridge(held, validation.targets)
+        head.calibrate(held, validation.targets)
+        logits = head(held).float()
+        metrics = compute_metrics(spec, logits, validation.targets)
+    else:
+        head.solve()
+    return TrainResult(steps=0, seconds=time.perf_counter() - started, examples_seen=len(train), best_step=0,
+                       best_metrics=metrics, validation_logits=logits)
 
 
 def _slda(stats: ClassStatistics, shrinkage: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,5 +1,6 @@
-"""What a task remembers of its data (:class:`MemoryConfig`): a plain dataclass without torch, so a
-registry's manifest can be checked against it without loading a model."""
+"""What a task remembers of its data (:class:`MemoryConfig`) and how an analytic head is computed
+(:class:`AnalyticConfig`): plain dataclasses without torch, so a registry's manifest can be checked
+against them without loading a model."""
 
 from __future__ import annotations
 
@@ -51,4 +52,56 @@ class MemoryConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MemoryConfig":
+        return cls(**known_keys(cls, d))
+
+
+AnalyticKind = Literal["slda", "ridge"]
+_ANALYTIC_KINDS = get_args(AnalyticKind)
+AnalyticFeatures = Literal["backbone", "adapter"]
+_ANALYTIC_FEATURES = get_args(AnalyticFeatures)
+
+
+@dataclass(frozen=True)
+class AnalyticConfig:
+    """How an analytic head turns features into scores (:mod:`cmtl.continual.analytic`).
+
+    Args:
+        kind: ``"slda"`` (class means and a shared covariance) or ``"ridge"`` (random projection with
+            ReLU, then ridge regression; RanPAC).
+        projection: Width M of the random projection (``"ridge"`` only). The statistics keep an M×M
+            matrix in float64: 32 MiB per stored version at the default 2,048.
+        shrinkage: SLDA's covariance is ``(1 − s)·Σ + s·(tr Σ / d)·I``.
+        seed: Seeds the random projection: a head and its later updates must use the same one.
+        features: In a registry (``add_task(..., head=AnalyticConfig())``), what the head reads:
+            ``"backbone"``, the frozen backbone's pooled features (no training at all), or ``"adapter"``,
+            those of the task's LoRA adapter trained on its first data (with a linear head, as without
+            ``head=``) and frozen from then on, so that later updates stay exact.
+    """
+
+    kind: AnalyticKind = "ridge"
+    projection: int = 2048
+    shrinkage: float = 1e-2
+    seed: int = 0
+    features: AnalyticFeatures = "backbone"
+
+    def __post_init__(self) -> None:
+        if self.kind not in _ANALYTIC_KINDS:
+            raise InvalidParameterError(bad_param("kind", "AnalyticConfig", f"be one of {list(_ANALYTIC_KINDS)}",
+                                                  self.kind))
+        if isinstance(self.projection, bool) or not isinstance(self.projection, int) or self.projection < 1:
+            raise InvalidParameterError(bad_param("projection", "AnalyticConfig", "be a positive integer",
+                                                  self.projection))
+        if not isinstance(self.shrinkage, (int, float)) or not 0.0 <= self.shrinkage <= 1.0:
+            raise InvalidParameterError(bad_param("shrinkage", "AnalyticConfig", "be in [0, 1]", self.shrinkage))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise InvalidParameterError(bad_param("seed", "AnalyticConfig", "be an integer", self.seed))
+        if self.features not in _ANALYTIC_FEATURES:
+            raise InvalidParameterError(bad_param("features", "AnalyticConfig",
+                                                  f"be one of {list(_ANALYTIC_FEATURES)}", self.features))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "AnalyticConfig":
         return cls(**known_keys(cls, d))

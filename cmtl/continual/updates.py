@@ -15,6 +15,7 @@ from typing import Any, Callable, Literal, Sequence
 
 import torch
 
+from cmtl.continual.analytic import AnalyticHead, fit_head
 from cmtl.continual.config import MemoryConfig  # noqa: F401  (re-exported)
 from cmtl.continual.penalties import distillation_loss, ewc_term, fisher_diagonal
 from cmtl.continual.replay import ReplayBuffer, make_buffer, stored
@@ -268,11 +269,40 @@ def train_candidate(backbone: Backbone, bank: AdapterBank, parent: Trainee, key:
         logits = candidate.logits(data.judge, pad_id=backbone.pad_id, device=device)
     candidate_new, candidate_old = gate_scores(spec, logits, data.judge, data.n_new)
     gate = Gate(metric, higher, parent_new, candidate_new, parent_old, candidate_old, config.tolerance)
+    return candidate, result, gate, *_decide(gate, promote)
+
+
+def analytic_candidate(backbone: Backbone, bank: AdapterBank, parent: Trainee, key: str, spec: TaskSpec,
+                       adapter: AdapterConfig, data: UpdateData, statistics: dict[str, torch.Tensor],
+                       config: UpdateConfig, training: TrainConfig, promote: bool | None
+                       ) -> tuple[Trainee, TrainResult, Gate, bool, str]:
+    """The update of a version whose head is analytic (:class:`~cmtl.continual.analytic.AnalyticHead`):
+    adapter ``key`` is ``parent``'s, copied unchanged (the features the statistics hold stay valid); the
+    head is the parent's ``statistics`` plus ``data.train``'s rows (one class more per label the update
+    adds), solved with λ and scale chosen on ``data.judge``. Nothing is trained, so nothing old is
+    forgotten but what competition from new classes costs; judged as :func:`train_candidate` judges."""
+    metric, higher = primary_metric(spec)
+    parent_logits = widen(parent.logits(data.judge, pad_id=backbone.pad_id, device=backbone.device),
+                          spec.num_outputs)
+    parent_new, parent_old = gate_scores(spec, parent_logits, data.judge, data.n_new)
+    bank.load(key, adapter, bank.state_dict(parent.key))
+    old = parent.modules[0]
+    head = AnalyticHead.restore(old.hidden, old.config, old.state_dict(), statistics)
+    head.grow(spec.num_outputs - head.num_classes)
+    bank.activate(key)
+    result = fit_head(head, backbone, spec, data.train, data.judge, batch_size=training.eval_batch_size)
+    candidate_new, candidate_old = gate_scores(spec, result.validation_logits, data.judge, data.n_new)
+    gate = Gate(metric, higher, parent_new, candidate_new, parent_old, candidate_old, config.tolerance)
+    return Trainee.adapter(backbone, bank, key, head), result, gate, *_decide(gate, promote)
+
+
+def _decide(gate: Gate, promote: bool | None) -> tuple[bool, str]:
+    """The gate's decision, unless the caller overrides it (``promote`` True or False)."""
     promoted, reason = gate.decide()
     if promote is not None:
         reason = f"{'promoted' if promote else 'not promoted'} by the caller; the gate said: {reason}"
         promoted = promote
-    return candidate, result, gate, promoted, reason
+    return promoted, reason
 
 
 def penalty(config: UpdateConfig, candidate: Trainee, parent: Trainee, spec: TaskSpec, data: UpdateData,

@@ -20,19 +20,22 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from cmtl.continual import updates
+from cmtl._io import tensors_to_bytes
+from cmtl.continual import analytic, updates
+from cmtl.continual.config import AnalyticConfig
 from cmtl.continual.updates import MemoryConfig, UpdateConfig
 from cmtl.core.adapters import AdapterConfig
 from cmtl.core.backbone import Backbone, BackboneConfig, load_backbone
 from cmtl.core.heads import TaskHead
 from cmtl.core.tasks import TaskSpec
 from cmtl.data import Examples, read_examples, spec_for_data
-from cmtl.errors import InvalidParameterError, RegistryError, TaskExistsError, bad_param
+from cmtl.errors import (STORED_FILE_FIX, CorruptFileError, InvalidParameterError, RegistryError,
+                         TaskExistsError, bad_param)
 from cmtl.merging import pipeline
 from cmtl.merging.methods import MergeConfig
 from cmtl.multitask.config import MultiTaskConfig
 from cmtl.multitask.group import train_group
-from cmtl.registry import commit, entries, features, lineage, store
+from cmtl.registry import commit, entries, features, heads, lineage, store
 from cmtl.registry.inference import LoadedRegistry
 from cmtl.registry.reader import UpdateResult, VersionInfo, head_key, merge_key, version_source
 from cmtl.training import distributed
@@ -91,7 +94,8 @@ class Registry(LoadedRegistry):
 
     def add_task(self, spec: TaskSpec, train: Any, validation: Any = None, *, adapter: AdapterConfig | None = None,
                  training: TrainConfig | None = None, memory: MemoryConfig | None = None,
-                 fill_buffer: bool = True, init: str | None = None) -> VersionInfo:
+                 fill_buffer: bool = True, init: str | None = None,
+                 head: AnalyticConfig | None = None) -> VersionInfo:
         """Train a new task's adapter and head on the frozen backbone and store it as version 1.
 
         Args:
@@ -111,17 +115,36 @@ class Registry(LoadedRegistry):
                 task's data the lowest linear-probe loss on held-out rows, if that beats the bare
                 backbone (:mod:`cmtl.training.transfer`). The source is recorded as ``init`` in the
                 version's record.
+            head: ``None`` trains a linear head with the adapter. An
+                :class:`~cmtl.continual.config.AnalyticConfig` computes the head in closed form from class
+                statistics of the features instead (:mod:`cmtl.continual.analytic`): of the frozen
+                backbone (``features="backbone"``: no training, the adapter stays zero) or of the adapter
+                trained here first and then frozen (``features="adapter"``). Its λ and softmax scale are
+                chosen on the validation rows; the statistics are stored (``statistics.safetensors``),
+                so each ``update_task`` adds the new rows to them exactly and the head forgets nothing.
+                Single-label tasks only.
 
         Raises:
             TaskExistsError: the name is taken.
             TaskNotFoundError: ``init`` names a task, version or merge that does not exist.
-            InvalidParameterError: ``init`` is malformed, or its adapter does not match ``adapter``.
+            InvalidParameterError: ``init`` is malformed, or its adapter does not match ``adapter``;
+                ``head`` is not an AnalyticConfig, is given for a regression or multi-label task, or
+                reads the backbone's features while ``init`` names an adapter to start from.
             DataError: the data does not fit ``spec``.
             TrainingDivergedError: the loss went non-finite; nothing was written.
         """
         self._check_new_task(spec.name)
         spec = spec_for_data(spec, train)  # labels from a ClassLabel column when the spec names none
         start = parse_init(init)
+        if head is not None:
+            if not isinstance(head, AnalyticConfig):
+                raise InvalidParameterError(bad_param("head", "add_task", "be None (a trained linear head) or an "
+                                                      "AnalyticConfig", head))
+            analytic.check_task(spec)
+            if head.features == "backbone" and start is not None:
+                raise InvalidParameterError(bad_param(
+                    "init", "add_task", "be None when the analytic head reads the frozen backbone", init,
+                    "Pass head=AnalyticConfig(features='adapter') to train an adapter from that source first."))
         requested = adapter
         adapter, training, memory = adapter or AdapterConfig(), training or TrainConfig(), memory or MemoryConfig()
         train_ex = read_examples(train, spec)
@@ -144,14 +167,31 @@ class Registry(LoadedRegistry):
             else:
                 rt.bank.load(key, adapter, source)
                 resolved = adapter
-            head = rt.new_head(spec, training.head_dropout)
+            linear = rt.new_head(spec, training.head_dropout)
             try:
-                result = fit(rt.trainee(key, head), self.backbone, resolved, spec, train_enc, val_enc, training,
-                             new_head=True)
+                if head is None or head.features == "adapter":
+                    result = fit(rt.trainee(key, linear), self.backbone, resolved, spec, train_enc, val_enc, training,
+                                 new_head=True)
+                final, extra = linear, {}
+                if head is not None:  # the head computed from the statistics of the (now frozen) adapter's features
+                    final = analytic.AnalyticHead(self.backbone.hidden_size, spec.num_outputs, head)
+                    rt.bank.activate(key)
+                    computed = analytic.fit_head(final, self.backbone, spec, train_enc, val_enc,
+                                                 batch_size=training.eval_batch_size)
+                    trained = result.best_metrics if head.features == "adapter" else None
+                    result = computed if head.features == "backbone" else dataclasses.replace(
+                        result, best_metrics=computed.best_metrics, validation_logits=computed.validation_logits,
+                        seconds=result.seconds + computed.seconds)
+                    extra = {heads.STATISTICS: tensors_to_bytes(final.stats.state_dict())}
                 record = entries.version_record(1, None, "train", train_ex, resolved, training, result)
                 record["init"] = lineage
+                if head is not None:
+                    record["head"] = final.record()
+                    if trained is not None:
+                        record["metrics"].update({f"validation_{k}_linear_head": v for k, v in trained.items()})
                 files = updates.memory_files(spec.name, 1, memory, train_ex if fill_buffer else None, val_ex, None)
-                if memory.features:
+                files |= extra
+                if memory.features and head is None:  # merges use them; an analytic version cannot be merged
                     # A fresh adapter changes nothing: the probe's features are the frozen backbone's.
                     frozen = features.RowTable()
                     if source is None:
@@ -160,7 +200,7 @@ class Registry(LoadedRegistry):
                     files |= features.kept(spec, files, lambda ex: self._encode(ex, spec), frozen=frozen,
                                            logits=features.RowTable().add(val_enc, result.validation_logits),
                                            older=None)
-                self._commit(spec, record, key, head, new_task=True, extra_files=files, memory=memory)
+                self._commit(spec, record, key, final, new_task=True, extra_files=files, memory=memory)
             except BaseException:
                 rt.bank.remove(key)
                 raise
@@ -218,10 +258,19 @@ class Registry(LoadedRegistry):
         if config.penalty == "lwf" and spec.problem_type != "single_label":
             raise ValueError(f"LwF distils class probabilities; task {task!r} is {spec.problem_type}. "
                              "Use penalty='ewc' or 'none'.")
+        computed = heads.analytic_config(parent_record) is not None
+        if computed and config.penalty != "none":
+            raise InvalidParameterError(bad_param(
+                "penalty", "UpdateConfig", "be 'none' for a task whose head is analytic", config.penalty,
+                f"Task {task!r} v{parent} computes its head from class statistics: an update adds the new rows to "
+                "them exactly and trains nothing that a penalty could hold back."))
         buffer = self.buffer(task, parent)
-        data = updates.update_data(spec, train, validation, config=config, training=training, buffer=buffer,
-                                   held=self.holdout(task, parent), encode=lambda ex: self._encode(ex, spec))
+        # An analytic head's statistics already hold every old row: replaying some would count them twice.
+        data = updates.update_data(spec, train, validation, config=config, training=training,
+                                   buffer=None if computed else buffer, held=self.holdout(task, parent),
+                                   encode=lambda ex: self._encode(ex, spec))
         updates.check_added_labels(parent_spec, spec, data.new)
+        statistics = self._statistics(task, parent) if computed else None
         version = max(r["version"] for r in entry["versions"]) + 1
         key, rt, adapter = head_key(task, version), self._runtime, AdapterConfig.from_dict(parent_record["adapter"])
         with self._lock:
@@ -229,8 +278,14 @@ class Registry(LoadedRegistry):
         with self._lock, seeded(training.seed, self.backbone.device):
             rt.unload([key])  # one loaded under this name came from a removed task's files
             try:
-                candidate, result, gate, promoted, reason = updates.train_candidate(
-                    self.backbone, rt.bank, rt.trainee(parent_key), key, spec, adapter, data, config, training, promote)
+                if statistics is None:
+                    candidate, result, gate, promoted, reason = updates.train_candidate(
+                        self.backbone, rt.bank, rt.trainee(parent_key), key, spec, adapter, data, config, training,
+                        promote)
+                else:
+                    candidate, result, gate, promoted, reason = updates.analytic_candidate(
+                        self.backbone, rt.bank, rt.trainee(parent_key), key, spec, adapter, data, statistics, config,
+                        training, promote)
                 record = entries.version_record(version, parent, "update", data.new, adapter, training, result)
                 record["metrics"].update(gate.to_metrics())
                 record["training"].update(replayed=0 if data.replayed is None else len(data.replayed),
@@ -240,11 +295,15 @@ class Registry(LoadedRegistry):
                     record["labels"] = list(spec.labels)
                 files = updates.memory_files(task, version, memory, data.new if fill_buffer else None,
                                              data.validation, buffer)
-                if memory.features:  # the candidate was judged on the new and the lineage's held-out rows
+                head = candidate.modules[0]
+                if statistics is not None:
+                    record["head"] = head.record()
+                    files[heads.STATISTICS] = tensors_to_bytes(head.stats.state_dict())
+                elif memory.features:  # the candidate was judged on the new and the lineage's held-out rows
                     files |= features.kept(spec, files, lambda ex: self._encode(ex, spec), frozen=features.RowTable(),
                                            logits=features.RowTable().add(data.judge, result.validation_logits),
                                            older=self.holdout(task, parent))
-                self._commit(spec, record, key, candidate.modules[0], new_task=False, extra_files=files,
+                self._commit(spec, record, key, head, new_task=False, extra_files=files,
                              make_current=promoted, started_from=started_from)
             except BaseException:
                 rt.unload([key])
@@ -263,12 +322,14 @@ class Registry(LoadedRegistry):
 
         Raises:
             FileExistsError: ``path`` is not empty (unless ``overwrite``).
+            InvalidParameterError: the version's head is analytic.
         """
         from cmtl.core.backbone import resolve_path
         from cmtl.integrations.peft_folder import write_folder
 
         version = self._version(task, version)
         record = self._version_record(task, version)
+        heads.refuse_analytic(record, task, version, "a PEFT folder (whose head is one linear layer)")
         folder = store.version_dir(self.root, task, version)
         state = store.read_tensors(folder / "adapter.safetensors", record["files"]["adapter.safetensors"])
         head = store.read_tensors(folder / "head.safetensors", record["files"]["head.safetensors"])
@@ -408,6 +469,8 @@ class Registry(LoadedRegistry):
         if len(set(pairs)) < len(pairs):
             raise ValueError(f"Members {pairs} name a task version twice: a version merged with itself is itself.")
         records = [self._version_record(t, v) for t, v in pairs]
+        for (t, v), r in zip(pairs, records):
+            heads.refuse_analytic(r, t, v, "a merge (it averages trained heads and moves the features)")
         started_from = {(t, v): version_source(self._entry(t), r) for (t, v), r in zip(pairs, records)}
         tasks = list(dict.fromkeys(t for t, _ in pairs))
         # Each task answers with the labels of its newest merged version, and is judged on the held-out
@@ -421,7 +484,7 @@ class Registry(LoadedRegistry):
                                  "heads cannot be averaged. Merge versions with the same labels.")
         states, adapters, head_states = rt.members(self, pairs, specs)
         pipeline.check_mergeable(pairs, adapters)
-        heads = pipeline.soup_heads(head_states, specs, self.backbone)
+        soup = pipeline.soup_heads(head_states, specs, self.backbone)
         held = {t: self.holdout(t, newest[t]) for t in tasks}
         encode = {t: (lambda ex, spec=specs[t]: self._encode(ex, spec)) for t in tasks}
         held = {t: None if ex is None else encode[t](ex) for t, ex in held.items()}  # once
@@ -444,7 +507,7 @@ class Registry(LoadedRegistry):
                         frozen[t]["buffer"] = table.complete(buffers[t], run)
             merged = pipeline.merge_members(
                 self.backbone, rt.bank, pairs, states, adapters, lambda: [rt.task(self, t, v) for t, v in pairs],
-                heads, specs, held, individual, buffers, config, search, frozen=frozen)
+                soup, specs, held, individual, buffers, config, search, frozen=frozen)
         record = entries.merge_record(name, pairs, specs, adapters[0], merged, time.perf_counter() - started)
         with self._lock:
             self._write_entry(record, merged.lora_state, merged.heads, started_from=started_from)
@@ -534,6 +597,15 @@ class Registry(LoadedRegistry):
 
     # --- internals ----------------------------------------------------------------
 
+    def _statistics(self, task: str, version: int) -> dict[str, torch.Tensor]:
+        """The class statistics of an analytic version, checked against the manifest's checksum."""
+        record = self._version_record(task, version)
+        if heads.STATISTICS not in record["files"]:
+            raise CorruptFileError(f"Task {task!r} v{version} has an analytic head but its record names no "
+                                   f"{heads.STATISTICS}: the manifest was edited. {STORED_FILE_FIX}")
+        return store.read_tensors(store.version_dir(self.root, task, version) / heads.STATISTICS,
+                                  record["files"][heads.STATISTICS])
+
     def _check_new_task(self, name: str) -> None:
         if name in self._manifest["tasks"]:
             raise TaskExistsError(f"Task {name!r} already exists (current version {self._entry(name)['current']}). "
@@ -547,7 +619,7 @@ class Registry(LoadedRegistry):
         commit.check_not_removed(known, manifest, task=task, merge=merge)
         return manifest
 
-    def _commit(self, spec: TaskSpec, record: dict[str, Any], key: str, head: TaskHead, *, new_task: bool,
+    def _commit(self, spec: TaskSpec, record: dict[str, Any], key: str, head: torch.nn.Module, *, new_task: bool,
                 extra_files: dict[str, bytes] | None = None, memory: MemoryConfig | None = None,
                 make_current: bool = True, started_from: dict[tuple[str, int], str] | None = None) -> None:
         """Write a version's files, then the manifest that names it (and, by default, makes it current).
@@ -555,6 +627,9 @@ class Registry(LoadedRegistry):
         rt = self._runtime
         files = commit.version_files(rt.bank.state_dict(key), head.state_dict(), extra_files)
         record["trainable_parameters"] = rt.num_parameters(key, head)
+        if heads.analytic_config(record) is not None and not record["training"]["steps"]:
+            # Nothing trained: the adapter is zero or its parent's, the head computed (its weights count).
+            record["trainable_parameters"] = head.weight.numel() + head.bias.numel()
         record["bytes_on_disk"] = sum(len(b) for b in files.values())
         self._adopt(commit.on_main(
             lambda: commit.write_version(self.root, self._manifest["backbone"], spec, record, files, new_task=new_task,
@@ -564,11 +639,11 @@ class Registry(LoadedRegistry):
         rt.keep(key, head, ("task", spec.name, record["version"]), self)
 
     def _write_entry(self, record: dict[str, Any], adapter_state: dict[str, torch.Tensor],
-                     heads: dict[str, TaskHead], task_adapters: dict[str, dict[str, torch.Tensor]] | None = None,
+                     entry_heads: dict[str, TaskHead], task_adapters: dict[str, dict[str, torch.Tensor]] | None = None,
                      *, started_from: dict[tuple[str, int], str] | None = None) -> None:
         """Write a merged or joint entry, then name it in the manifest (``record`` gains what was written).
         ``started_from``: the member versions it was computed from."""
-        files = commit.entry_files(adapter_state, {t: h.state_dict() for t, h in heads.items()}, task_adapters)
+        files = commit.entry_files(adapter_state, {t: h.state_dict() for t, h in entry_heads.items()}, task_adapters)
         self._adopt(commit.on_main(
             lambda: commit.write_entry(self.root, self._manifest["backbone"], record, files, started_from),
             lambda: commit.read_manifest(self.root, self._manifest["backbone"])))

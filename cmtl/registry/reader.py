@@ -50,6 +50,7 @@ class VersionInfo:
     promoted: bool = True
     init: dict[str, Any] | None = None
     labels: tuple[str, ...] | None = None
+    head: dict[str, Any] | None = None  # an analytic head's record (cmtl.registry.heads); None: a trained linear head
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from torch import nn
 
 from cmtl.core.adapters import AdapterBank, AdapterConfig, check_adapter_state, stack_lora
 from cmtl.core.backbone import Backbone
@@ -18,7 +19,7 @@ from cmtl.core.heads import TaskHead, check_head_state
 from cmtl.core.tasks import TaskSpec
 from cmtl.data import Encoded, as_texts, batches, length_sorted
 from cmtl.errors import STORED_FILE_FIX, CorruptFileError, DataError, InvalidParameterError, bad_param
-from cmtl.registry import store
+from cmtl.registry import heads, store
 from cmtl.registry.reader import Owner, RegistryReader, head_key, merge_key
 from cmtl.training import transfer
 from cmtl.training.evaluation import predict_logits
@@ -38,7 +39,7 @@ class Runtime:
     def __init__(self, backbone: Backbone):
         self.backbone = backbone
         self.bank = AdapterBank(backbone.encoder)
-        self.heads: dict[str, TaskHead] = {}
+        self.heads: dict[str, nn.Module] = {}  # TaskHead or AnalyticHead (cmtl.registry.heads)
         self.sources: dict[str, tuple[Owner, str | None]] = {}
         # One active adapter at a time: forward passes of different tasks must not interleave.
         self.lock = threading.RLock()
@@ -65,17 +66,17 @@ class Runtime:
         self.unload([k for k, (owner, _) in self.sources.items() if owner[:2] == ("task", task)]
                     + [head_key(task, v) for v in versions])
 
-    def num_parameters(self, key: str, head: TaskHead) -> int:
+    def num_parameters(self, key: str, head: nn.Module) -> int:
         """Trainable parameters of adapter ``key`` and ``head``."""
         return self.bank.num_parameters(key) + sum(v.numel() for v in head.state_dict().values())
 
-    def keep(self, key: str, head: TaskHead | None, owner: Owner, reader: RegistryReader) -> None:
+    def keep(self, key: str, head: nn.Module | None, owner: Owner, reader: RegistryReader) -> None:
         """Record a just-written adapter (and head) under ``key`` as loaded from ``owner``'s files."""
         if head is not None:
             self.heads[key] = head
         self.sources[key] = (owner, reader._source(owner))
 
-    def trainee(self, key: str, head: TaskHead | None = None) -> Trainee:
+    def trainee(self, key: str, head: nn.Module | None = None) -> Trainee:
         """Adapter ``key`` with ``head`` (default: the head loaded under ``key``)."""
         return Trainee.adapter(self.backbone, self.bank, key, self.heads[key] if head is None else head)
 
@@ -177,7 +178,8 @@ class Runtime:
         # Loaded parameters must be ordinary tensors whatever mode the caller runs in: one created
         # under inference_mode could never be trained from again (an update) in this process.
         with torch.inference_mode(False):
-            head = self._build_head(reader.spec(task, version=version), head_state, folder / "head.safetensors")
+            head = heads.build(self.backbone.hidden_size, reader.spec(task, version=version), record, head_state,
+                               folder / "head.safetensors", self.backbone.device)
             self._load_adapter(key, AdapterConfig.from_dict(record["adapter"]), adapter_state,
                                folder / "adapter.safetensors")
         self.heads[key] = head
@@ -201,12 +203,13 @@ class Runtime:
             self.unload_merge(name, record["tasks"])
         with torch.inference_mode(False):  # as in task()
             if head not in self.heads:  # the entry's heads load together, once
-                heads = store.read_tensors(folder / "heads.safetensors", record["files"]["heads.safetensors"])
+                stored = store.read_tensors(folder / "heads.safetensors", record["files"]["heads.safetensors"])
                 for t in record["tasks"]:
                     spec_t = spec if t == task else reader._merge_spec(record, t)
                     if spec_t is not None:  # None: an older entry's removed task, refused when asked for
-                        state = {k[len(t) + 1:]: v for k, v in heads.items() if k.startswith(f"{t}.")}
-                        self.heads[merge_key(name, t)] = self._build_head(spec_t, state, folder / "heads.safetensors")
+                        state = {k[len(t) + 1:]: v for k, v in stored.items() if k.startswith(f"{t}.")}
+                        self.heads[merge_key(name, t)] = heads.build(self.backbone.hidden_size, spec_t, None, state,
+                                                                     folder / "heads.safetensors", self.backbone.device)
                         self.sources[merge_key(name, t)] = source
             if adapter_key not in self.bank:  # the entry's adapters load together, once
                 for which, (state, config) in entry_adapters(reader.root, record).items():
@@ -220,13 +223,6 @@ class Runtime:
     def unload_merge(self, name: str, tasks: list[str]) -> None:
         """Drop merged entry ``name``'s adapters and heads."""
         self.unload_owned(("merge", name, None), [merge_key(name)] + [merge_key(name, t) for t in tasks])
-
-    def _build_head(self, spec: TaskSpec, state: dict[str, torch.Tensor], path: Path) -> TaskHead:
-        """``spec``'s head with stored weights, checked against the spec's labels first."""
-        head = TaskHead(self.backbone.hidden_size, spec.num_outputs)
-        check_head_state(state, head, spec, path)
-        head.load_state_dict(state)
-        return head.to(self.backbone.device).eval()
 
     def _load_adapter(self, key: str, config: AdapterConfig, state: dict[str, torch.Tensor], path: Path) -> None:
         """Put stored LoRA weights into the bank as ``key``, checked against their recorded config first."""
@@ -250,7 +246,7 @@ class Runtime:
                 ) -> tuple[list[State], list[AdapterConfig], dict[str, list[State]]]:
         """The stored LoRA factors, adapter configs and head weights (by task) of merge ``members``, each
         checked against its record and this backbone."""
-        states, adapters, heads = [], [], {}
+        states, adapters, head_states = [], [], {}
         for t, v in members:
             folder, record = store.version_dir(reader.root, t, v), reader._version_record(t, v)
             state = store.read_tensors(folder / "adapter.safetensors", record["files"]["adapter.safetensors"])
@@ -263,8 +259,8 @@ class Runtime:
             head = store.read_tensors(folder / "head.safetensors", record["files"]["head.safetensors"])
             check_head_state(head, TaskHead(self.backbone.hidden_size, specs[t].num_outputs), specs[t],
                              folder / "head.safetensors")
-            heads.setdefault(t, []).append(head)
-        return states, adapters, heads
+            head_states.setdefault(t, []).append(head)
+        return states, adapters, head_states
 
     # --- running ------------------------------------------------------------------
 

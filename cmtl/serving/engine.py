@@ -33,11 +33,10 @@ from torch import nn
 
 from cmtl.core.adapters import PEFT_PREFIX, AdapterConfig, check_adapter_state, hook_row_lora, lora_factors
 from cmtl.core.backbone import Backbone, BackboneConfig, load_backbone
-from cmtl.core.heads import TaskHead, check_head_state
 from cmtl.core.tasks import TaskSpec
 from cmtl.data import Encoded, as_texts, batches, token_budget_chunks
 from cmtl.errors import BackboneMismatchError, DataError, ManifestError, TaskNotFoundError
-from cmtl.registry import store
+from cmtl.registry import heads, store
 from cmtl.registry.manifest import backbone_changes, backbone_config
 from cmtl.registry.reader import version_spec
 from cmtl.registry.runtime import entry_adapters
@@ -54,7 +53,7 @@ class Route:
     version: int | None
     slot: int
     spec: TaskSpec
-    head: TaskHead
+    head: nn.Module  # TaskHead or AnalyticHead
 
 
 @dataclass(frozen=True)
@@ -175,10 +174,10 @@ class InferenceEngine:
             check_adapter_state(state, config, self.backbone.encoder, folder / "adapter.safetensors")
             adapters.append((state, config.scaling))
             routes[(task, None)] = Route(task, None, record["version"], len(adapters) - 1, specs[task],
-                                         self._head(specs[task], head_state, folder / "head.safetensors"))
+                                         self._head(specs[task], record, head_state, folder / "head.safetensors"))
         for name, record in sorted(manifest.get("merges", {}).items()):
             folder = store.merge_dir(self.root, name)
-            heads = store.read_tensors(folder / "heads.safetensors", record["files"]["heads.safetensors"])
+            stored = store.read_tensors(folder / "heads.safetensors", record["files"]["heads.safetensors"])
             # One shared adapter (key None), or one per task for a joint entry with per-task adapters.
             adapters_of = entry_adapters(self.root, record)
             for state, config in adapters_of.values():
@@ -194,9 +193,9 @@ class InferenceEngine:
                 if task in adapters_of:
                     state, config = adapters_of[task]
                     adapters.append((state, config.scaling))
-                head_state = {k[len(task) + 1:]: v for k, v in heads.items() if k.startswith(f"{task}.")}
+                head_state = {k[len(task) + 1:]: v for k, v in stored.items() if k.startswith(f"{task}.")}
                 routes[(task, name)] = Route(task, name, None, len(adapters) - 1, spec,
-                                             self._head(spec, head_state, folder / "heads.safetensors"))
+                                             self._head(spec, None, head_state, folder / "heads.safetensors"))
         factors, ranks = self._stack(adapters)
         new = [m for m in factors if m not in self._hooked]
         if new:
@@ -205,11 +204,10 @@ class InferenceEngine:
                     self._hook(module)
         return Snapshot(manifest.get("generation"), routes, factors, ranks, _manifest_sha256(manifest))
 
-    def _head(self, spec: TaskSpec, state: dict[str, torch.Tensor], path: Path) -> TaskHead:
-        head = TaskHead(self.backbone.hidden_size, spec.num_outputs)
-        check_head_state(state, head, spec, path)
-        head.load_state_dict(state)
-        return head.to(self.backbone.device).eval()
+    def _head(self, spec: TaskSpec, record: dict[str, Any] | None, state: dict[str, torch.Tensor],
+              path: Path) -> nn.Module:
+        """A task version's head (``record``: its version record; ``None`` for a merged entry's linear heads)."""
+        return heads.build(self.backbone.hidden_size, spec, record, state, path, self.backbone.device)
 
     def _stack(self, adapters: list[tuple[dict[str, torch.Tensor], float]]):
         """Per module: A (K, R, in) and scaling · B (K, out, R), zero for slots that do not adapt it."""

@@ -48,7 +48,7 @@ CONFIG = StrategyConfig(training=TrainConfig(epochs=4, batch_size=8, learning_ra
                         single_learning_rate=5e-3)
 
 
-@pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s != "grow"])
+@pytest.mark.parametrize("strategy", [s for s in STRATEGIES if not s.startswith("grow")])
 def test_task_incremental(strategy, tiny_backbone):
     report = run_stream(strategy, _stream("task-incremental"), "task-incremental",
                         BackboneConfig(name_or_path=tiny_backbone, max_length=32), CONFIG, device="cpu")
@@ -68,7 +68,8 @@ def test_task_incremental(strategy, tiny_backbone):
     assert report.acc >= 0.6, report.to_markdown()
 
 
-@pytest.mark.parametrize("strategy", ["adapters", "adapters-routed", "seq-ft", "replay", "lwf", "analytic", "grow"])
+@pytest.mark.parametrize("strategy", ["adapters", "adapters-routed", "seq-ft", "replay", "lwf", "analytic", "grow",
+                                      "grow-analytic"])
 def test_class_incremental_cannot_predict_unseen_classes(strategy, tiny_backbone):
     report = run_stream(strategy, _stream("class-incremental"), "class-incremental",
                         BackboneConfig(name_or_path=tiny_backbone, max_length=32), CONFIG, device="cpu")
@@ -119,6 +120,22 @@ def test_grow_keeps_one_task_whose_labels_grow(tiny_backbone, tmp_path):
     versions = learner.registry.versions("classes")
     assert [len(v.labels) for v in versions] == [2, 4, 6] and versions[-1].current
     assert [v.training.get("update", {}).get("replay_ratio") for v in versions] == [None, 1.0, 2.0]
+    assert sum(p == y for p, y in zip(learner.predict(0, 3), stream[0].test.labels)) / len(stream[0].test) >= 0.5
+
+
+def test_grow_analytic_adds_each_step_to_the_statistics_of_one_task(tiny_backbone, tmp_path):
+    from cmtl.benchmarks.learners import make_learner
+    from cmtl.core.backbone import load_backbone
+
+    stream = _stream("class-incremental")
+    backbone = load_backbone(BackboneConfig(name_or_path=tiny_backbone, max_length=32), device="cpu")
+    learner = make_learner("grow-analytic", stream, "class-incremental", backbone, CONFIG, tmp_path)
+    for i in range(3):
+        learner.fit(i)
+    versions = learner.registry.versions("classes")
+    assert [len(v.labels) for v in versions] == [2, 4, 6] and versions[-1].current
+    assert all(v.head["type"] == "analytic" and v.training["steps"] == 0 for v in versions)
+    assert [v.training.get("replayed") for v in versions] == [None, 0, 0]
     assert sum(p == y for p, y in zip(learner.predict(0, 3), stream[0].test.labels)) / len(stream[0].test) >= 0.5
 
 

@@ -275,3 +275,21 @@ def test_export_and_import_a_task_through_peft_folders(reg_copy, tmp_path, tiny_
     result = invoke("import", other, out, "--name", "fitted", "--labels", "neg,pos", "--train", rows)
     assert result.exit_code == 0, result.output
     assert Registry.open(other, device="cpu").tasks() == ["copy", "fitted"]
+
+
+def test_add_task_with_an_analytic_head_and_update_it(reg_copy, tmp_path):
+    pd.DataFrame(toy_sentiment(40)).to_csv(tmp_path / "train.csv", index=False)
+    pd.DataFrame(toy_sentiment(16, 1)).to_csv(tmp_path / "val.csv", index=False)
+    data = ["--train", tmp_path / "train.csv", "--validation", tmp_path / "val.csv", "--no-progress"]
+    clean_failure(invoke("add-task", reg_copy, "new", *data, "--head", "lda"), "--head", "linear, ridge or slda")
+    clean_failure(invoke("add-task", reg_copy, "new", *data, "--head", "slda", "--head-features", "probe"),
+                  "features", "'backbone', 'adapter'")
+    assert "new" not in Registry.open(reg_copy, device="cpu").tasks()
+    result = invoke("add-task", reg_copy, "new", *data, "--head", "slda")
+    assert result.exit_code == 0, result.output
+    result = invoke("update", reg_copy, "new", "--data", tmp_path / "train.csv", "--validation", tmp_path / "val.csv",
+                    "--promote", "--no-progress")
+    assert result.exit_code == 0, result.output
+    versions = Registry.open(reg_copy, device="cpu").versions("new")
+    assert [v.head["config"]["kind"] for v in versions] == ["slda", "slda"]
+    assert [v.training["steps"] for v in versions] == [0, 0]
