@@ -23,6 +23,7 @@ adapter that computes the features left as it was.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import time
@@ -263,6 +264,21 @@ def fit_head(head: AnalyticHead, backbone: Backbone, spec: TaskSpec, train: Enco
         head.solve()
     return TrainResult(steps=0, seconds=time.perf_counter() - started, examples_seen=len(train), best_step=0,
                        best_metrics=metrics, validation_logits=logits)
+
+
+def computed_head(config: AnalyticConfig, backbone: Backbone, spec: TaskSpec, train: Encoded,
+                  validation: Encoded | None, *, trained: TrainResult | None = None, batch_size: int = 64
+                  ) -> tuple[AnalyticHead, TrainResult]:
+    """A new task's analytic head from ``train``'s rows (:func:`fit_head`), and its run's result. After an
+    adapter ``trained`` with a linear head (``features="adapter"``), the result is that run's, with the
+    analytic head's metrics and the linear head's as ``<metric>_linear_head``."""
+    head = AnalyticHead(backbone.hidden_size, spec.num_outputs, config)
+    computed = fit_head(head, backbone, spec, train, validation, batch_size=batch_size)
+    if trained is None:
+        return head, computed
+    metrics = {**computed.best_metrics, **{f"{k}_linear_head": v for k, v in trained.best_metrics.items()}}
+    return head, dataclasses.replace(trained, best_metrics=metrics, validation_logits=computed.validation_logits,
+                                     seconds=trained.seconds + computed.seconds)
 
 
 def _slda(stats: ClassStatistics, shrinkage: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -169,29 +169,22 @@ class Registry(LoadedRegistry):
                 resolved = adapter
             linear = rt.new_head(spec, training.head_dropout)
             try:
+                result = None
                 if head is None or head.features == "adapter":
                     result = fit(rt.trainee(key, linear), self.backbone, resolved, spec, train_enc, val_enc, training,
                                  new_head=True)
-                final, extra = linear, {}
-                if head is not None:  # the head computed from the statistics of the (now frozen) adapter's features
-                    final = analytic.AnalyticHead(self.backbone.hidden_size, spec.num_outputs, head)
+                final = linear
+                if head is not None:  # computed from the features of the (now frozen) adapter
                     rt.bank.activate(key)
-                    computed = analytic.fit_head(final, self.backbone, spec, train_enc, val_enc,
-                                                 batch_size=training.eval_batch_size)
-                    trained = result.best_metrics if head.features == "adapter" else None
-                    result = computed if head.features == "backbone" else dataclasses.replace(
-                        result, best_metrics=computed.best_metrics, validation_logits=computed.validation_logits,
-                        seconds=result.seconds + computed.seconds)
-                    extra = {heads.STATISTICS: tensors_to_bytes(final.stats.state_dict())}
+                    final, result = analytic.computed_head(head, self.backbone, spec, train_enc, val_enc,
+                                                           trained=result, batch_size=training.eval_batch_size)
                 record = entries.version_record(1, None, "train", train_ex, resolved, training, result)
                 record["init"] = lineage
+                files = updates.memory_files(spec.name, 1, memory, train_ex if fill_buffer else None, val_ex, None)
                 if head is not None:
                     record["head"] = final.record()
-                    if trained is not None:
-                        record["metrics"].update({f"validation_{k}_linear_head": v for k, v in trained.items()})
-                files = updates.memory_files(spec.name, 1, memory, train_ex if fill_buffer else None, val_ex, None)
-                files |= extra
-                if memory.features and head is None:  # merges use them; an analytic version cannot be merged
+                    files[heads.STATISTICS] = tensors_to_bytes(final.stats.state_dict())
+                elif memory.features:  # merges use them; a version with an analytic head cannot be merged
                     # A fresh adapter changes nothing: the probe's features are the frozen backbone's.
                     frozen = features.RowTable()
                     if source is None:
