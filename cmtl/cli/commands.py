@@ -270,12 +270,13 @@ def versions(registry: RegistryArg, task: TaskArg) -> None:
 
     infos = lineage.read(registry).versions(task)
     rows = [{"version": f"v{i.version}" + (" *" if i.current else ""), "parent": i.parent and f"v{i.parent}",
-             "kind": i.kind, "labels": len(i.labels or ()), "val_acc": i.metrics.get("validation_accuracy"), "new_acc": i.metrics.get("new_accuracy"),
+             "kind": i.kind, "labels": len(i.labels or ()), "head": (i.head or {}).get("config", {}).get("kind", "linear"),
+             "val_acc": i.metrics.get("validation_accuracy"), "new_acc": i.metrics.get("new_accuracy"),
              "old_acc": i.metrics.get("old_accuracy"), "examples": i.training.get("examples"),
              "replayed": i.training.get("replayed"), "seconds": i.train_seconds, "created": i.created, "note": i.note}
             for i in infos]
-    typer.echo(format_table(rows, ["version", "parent", "kind", "labels", "val_acc", "new_acc", "old_acc", "examples",
-                                   "replayed", "seconds", "created", "note"]))
+    typer.echo(format_table(rows, ["version", "parent", "kind", "labels", "head", "val_acc", "new_acc", "old_acc",
+                                   "examples", "replayed", "seconds", "created", "note"]))
     typer.echo("(* = current)")
 
 

@@ -292,4 +292,6 @@ def test_add_task_with_an_analytic_head_and_update_it(reg_copy, tmp_path):
     assert result.exit_code == 0, result.output
     versions = Registry.open(reg_copy, device="cpu").versions("new")
     assert [v.head["config"]["kind"] for v in versions] == ["slda", "slda"]
+    table = invoke("versions", reg_copy, "new").output.splitlines()
+    assert "head" in table[0].split() and all(" slda " in line for line in table[2:4]), table
     assert [v.training["steps"] for v in versions] == [0, 0]
