@@ -150,6 +150,8 @@ def add_task(
 
     if head not in ("linear", "ridge", "slda"):
         raise ValueError(f"--head must be one of linear, ridge or slda; got {head!r}.")
+    if head == "linear" and head_features != "backbone":
+        raise ValueError("--head-features applies to --head ridge or slda only.")
 
     reg = _open(registry)
     columns = dict(problem_type=problem_type, text_column=text_column, text_pair_column=text_pair_column,
@@ -270,7 +272,8 @@ def versions(registry: RegistryArg, task: TaskArg) -> None:
 
     infos = lineage.read(registry).versions(task)
     rows = [{"version": f"v{i.version}" + (" *" if i.current else ""), "parent": i.parent and f"v{i.parent}",
-             "kind": i.kind, "labels": len(i.labels or ()), "head": (i.head or {}).get("config", {}).get("kind", "linear"),
+             "kind": i.kind, "labels": len(i.labels or ()),
+             "head": (i.head or {}).get("config", {}).get("kind", "linear"),
              "val_acc": i.metrics.get("validation_accuracy"), "new_acc": i.metrics.get("new_accuracy"),
              "old_acc": i.metrics.get("old_accuracy"), "examples": i.training.get("examples"),
              "replayed": i.training.get("replayed"), "seconds": i.train_seconds, "created": i.created, "note": i.note}

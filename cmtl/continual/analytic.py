@@ -119,17 +119,19 @@ class AnalyticHead(nn.Module):
     how sure ``predict_proba`` is). Features are whatever the caller pools (the frozen backbone's, or a
     frozen adapter's). The weights live on the CPU in float64; scores come back on the features' device.
     Its ``state_dict`` holds the solved weights, bias and scale; the projection is drawn again from the
-    config's seed, and the statistics are ``stats.state_dict()``.
+    config's seed, and the statistics are ``stats.state_dict()``. ``statistics=False`` makes a head that
+    only predicts (``stats`` is ``None``): a loaded version does not hold a Gram matrix it never uses.
     """
 
-    def __init__(self, hidden: int, num_classes: int, config: AnalyticConfig | None = None):
+    def __init__(self, hidden: int, num_classes: int, config: AnalyticConfig | None = None, *,
+                 statistics: bool = True):
         super().__init__()
         self.config = config or AnalyticConfig()
         width = self.config.projection if self.config.kind == "ridge" else hidden
         self.hidden = hidden
         self.register_buffer("projection", random_projection(hidden, width, self.config.seed)
                              if self.config.kind == "ridge" else torch.zeros(0, dtype=torch.float64), persistent=False)
-        self.stats = ClassStatistics(width, num_classes)
+        self.stats = ClassStatistics(width, num_classes) if statistics else None
         self.ridge = math.nan  # λ of the last ridge solve
         self.register_buffer("weight", torch.zeros(num_classes, width, dtype=torch.float64))
         self.register_buffer("bias", torch.zeros(num_classes, dtype=torch.float64))
@@ -137,7 +139,13 @@ class AnalyticHead(nn.Module):
 
     @property
     def num_classes(self) -> int:
-        return self.stats.num_classes
+        return self.weight.shape[0] if self.stats is None else self.stats.num_classes
+
+    def _kept(self) -> ClassStatistics:
+        if self.stats is None:
+            raise InvalidParameterError("This analytic head was loaded to predict only, without its statistics: "
+                                        "restore it with them (AnalyticHead.restore(..., stats=...)) to update it.")
+        return self.stats
 
     def expand(self, features: torch.Tensor) -> torch.Tensor:
         """The features the statistics are kept on: ``max(0, xP)`` for ``"ridge"``, ``x`` itself for ``"slda"``."""
@@ -146,27 +154,28 @@ class AnalyticHead(nn.Module):
 
     def update(self, features: torch.Tensor, targets: torch.Tensor | Sequence[int]) -> "AnalyticHead":
         """Add labelled rows (pooled features, class indices) to the statistics; :meth:`solve` afterwards."""
-        self.stats.update(self.expand(features), torch.as_tensor(targets))
+        self._kept().update(self.expand(features), _cpu_targets(targets))
         return self
 
     def grow(self, new_classes: int) -> "AnalyticHead":
         """Add ``new_classes`` classes at the end (their scores stay at minus infinity until they have rows)."""
-        self.stats.grow(new_classes)
+        self._kept().grow(new_classes)
         return self
 
     def solve(self, ridge: float | None = None) -> "AnalyticHead":
         """Compute the weights from the statistics. ``ridge``: λ as a multiple of G's mean diagonal
         (``"ridge"`` only; default: the last one chosen, else 1e-2)."""
-        if self.stats.rows == 0:
+        stats = self._kept()
+        if stats.rows == 0:
             raise DataError("An analytic head needs at least one labelled row before it can be solved.")
         if self.config.kind == "slda":
-            weight, bias = _slda(self.stats, self.config.shrinkage)
+            weight, bias = _slda(stats, self.config.shrinkage)
         else:
             if ridge is None:
                 ridge = 1e-2 if math.isnan(self.ridge) else self.ridge
-            weight, bias = _ridge(self.stats, ridge)
+            weight, bias = _ridge(stats, ridge)
             self.ridge = float(ridge)
-        empty = self.stats.counts == 0
+        empty = stats.counts == 0
         bias = bias.masked_fill(empty, -math.inf)  # a class with no rows is never predicted
         self.weight, self.bias = weight, bias
         return self
@@ -178,7 +187,7 @@ class AnalyticHead(nn.Module):
         if self.config.kind != "ridge":
             self.solve()
             return math.nan
-        targets = torch.as_tensor(targets, dtype=torch.long)
+        targets = _cpu_targets(targets)
         h = self.expand(features)
         best, best_acc = None, -1.0
         for lam in sorted(grid, reverse=True):
@@ -191,10 +200,16 @@ class AnalyticHead(nn.Module):
 
     def calibrate(self, features: torch.Tensor, targets: torch.Tensor | Sequence[int]) -> float:
         """Choose ``scale`` (a softmax temperature's inverse, on a log grid from 1/100 to 1,000) that
-        minimises the cross-entropy of the solved head on these rows. Returns it."""
-        targets = torch.as_tensor(targets, dtype=torch.long)
+        minimises the cross-entropy of the solved head on these rows (rows of a class without training rows,
+        which it never predicts, are left out). Returns it."""
+        targets = _cpu_targets(targets)
         raw = self.expand(features) @ self.weight.T + self.bias
+        seen = torch.isfinite(raw.gather(1, targets.unsqueeze(1)).squeeze(1))
+        raw, targets = raw[seen], targets[seen]
         best, best_loss = 1.0, math.inf
+        if not len(targets):
+            self.scale = torch.tensor(best, dtype=torch.float64)
+            return best
         for scale in torch.logspace(-2, 3, 51, dtype=torch.float64).tolist():
             loss = nn.functional.cross_entropy(raw * scale, targets).item()
             if loss < best_loss:
@@ -218,12 +233,16 @@ class AnalyticHead(nn.Module):
     def restore(cls, hidden: int, config: AnalyticConfig, state: dict[str, torch.Tensor],
                 stats: dict[str, torch.Tensor] | None = None, ridge: float | None = None) -> "AnalyticHead":
         """A head from its stored ``state`` (weight, bias, scale) and, to update it further, its ``stats``."""
-        head = cls(hidden, state["weight"].shape[0], config)
+        head = cls(hidden, state["weight"].shape[0], config, statistics=False)
         head.load_state_dict({k: v.to(torch.float64) for k, v in state.items()})
         if stats is not None:
             head.stats = ClassStatistics.from_state_dict(stats)
         head.ridge = math.nan if ridge is None else float(ridge)
         return head
+
+
+def _cpu_targets(targets: torch.Tensor | Sequence[int]) -> torch.Tensor:
+    return torch.as_tensor(targets).to("cpu", torch.long).flatten()
 
 
 def _sha256(tensor: torch.Tensor) -> str:
@@ -242,6 +261,21 @@ def check_task(spec: TaskSpec) -> None:
         raise InvalidParameterError(
             f"Task {spec.name!r} is {spec.problem_type}: an analytic head classifies (one label per row, from "
             "class statistics). Leave head= out to train a linear head for it.")
+
+
+def check_classes(spec: TaskSpec, train: Encoded) -> None:
+    """Every label of ``spec`` has training rows in ``train``.
+
+    Raises:
+        DataError: names the labels without rows (after any validation split).
+    """
+    counts = torch.bincount(train.targets.to("cpu", torch.long).flatten(), minlength=spec.num_outputs)
+    missing = [label for label, n in zip(spec.labels, counts.tolist()) if n == 0]
+    if missing:
+        raise DataError(f"Labels {missing} of task {spec.name!r} have no training rows ({len(train)} rows after "
+                        "any validation split): an analytic head computes each class from its rows. Add rows for "
+                        "them, pass validation= so that no training row is held out, or leave them out of the "
+                        "labels and add them later with update_task(labels=...).")
 
 
 def fit_head(head: AnalyticHead, backbone: Backbone, spec: TaskSpec, train: Encoded, validation: Encoded | None,

@@ -70,7 +70,7 @@ class AnalyticConfig:
             ReLU, then ridge regression; RanPAC).
         projection: Width M of the random projection (``"ridge"`` only). The statistics keep an M×M
             matrix in float64: 32 MiB per stored version at the default 2,048.
-        shrinkage: SLDA's covariance is ``(1 − s)·Σ + s·(tr Σ / d)·I``.
+        shrinkage: SLDA's covariance is ``(1 − s)·Σ + s·(tr Σ / d)·I``, with 0 < s ≤ 1.
         seed: Seeds the random projection: a head and its later updates must use the same one.
         features: In a registry (``add_task(..., head=AnalyticConfig())``), what the head reads:
             ``"backbone"``, the frozen backbone's pooled features (no training at all), or ``"adapter"``,
@@ -91,8 +91,10 @@ class AnalyticConfig:
         if isinstance(self.projection, bool) or not isinstance(self.projection, int) or self.projection < 1:
             raise InvalidParameterError(bad_param("projection", "AnalyticConfig", "be a positive integer",
                                                   self.projection))
-        if not isinstance(self.shrinkage, (int, float)) or not 0.0 <= self.shrinkage <= 1.0:
-            raise InvalidParameterError(bad_param("shrinkage", "AnalyticConfig", "be in [0, 1]", self.shrinkage))
+        if isinstance(self.shrinkage, bool) or not isinstance(self.shrinkage, (int, float)) or \
+                not 0.0 < self.shrinkage <= 1.0:
+            # 0 would leave the covariance singular whenever there are fewer rows than feature dimensions.
+            raise InvalidParameterError(bad_param("shrinkage", "AnalyticConfig", "be in (0, 1]", self.shrinkage))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise InvalidParameterError(bad_param("seed", "AnalyticConfig", "be an integer", self.seed))
         if self.features not in _ANALYTIC_FEATURES:

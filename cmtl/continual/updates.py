@@ -92,7 +92,9 @@ class Gate:
     """The evidence for (or against) promoting a candidate version.
 
     ``*_old`` are scores on the held-out data of the versions so far, ``*_new``
-    on the new validation data; ``None`` where there is no such data.
+    on the new validation data; ``None`` where there is no such data. ``require_gain``: the new score
+    must improve (a trained candidate); without it, it must only not get worse (an exact update of an
+    analytic head's statistics, which adds data rather than searching for a better model).
     """
 
     metric: str
@@ -102,13 +104,14 @@ class Gate:
     parent_old: float | None
     candidate_old: float | None
     tolerance: float
+    require_gain: bool = True
 
     def decide(self) -> tuple[bool, str]:
         """(promote?, the reason in one sentence)."""
         sign = 1.0 if self.higher_is_better else -1.0
         gain = sign * (self.candidate_new - self.parent_new)
         m = self.metric
-        if gain <= 0:
+        if gain < 0 or (gain == 0 and self.require_gain):
             return False, (f"not promoted: {m} on the new data did not improve "
                            f"({self.parent_new:.4f} -> {self.candidate_new:.4f})")
         if self.parent_old is None or self.candidate_old is None:
@@ -280,7 +283,9 @@ def analytic_candidate(backbone: Backbone, bank: AdapterBank, parent: Trainee, k
     adapter ``key`` is ``parent``'s, copied unchanged (the features the statistics hold stay valid); the
     head is the parent's ``statistics`` plus ``data.train``'s rows (one class more per label the update
     adds), solved with λ and scale chosen on ``data.judge``. Nothing is trained, so nothing old is
-    forgotten but what competition from new classes costs; judged as :func:`train_candidate` judges."""
+    forgotten but what competition from new classes costs. The gate promotes it unless the new data's
+    score falls or the old data's drops by more than the tolerance (a tie on the new data is promoted:
+    the statistics are exact, and a rejected version's rows are not in the next one's)."""
     metric, higher = primary_metric(spec)
     parent_logits = widen(parent.logits(data.judge, pad_id=backbone.pad_id, device=backbone.device),
                           spec.num_outputs)
@@ -292,7 +297,8 @@ def analytic_candidate(backbone: Backbone, bank: AdapterBank, parent: Trainee, k
     bank.activate(key)
     result = fit_head(head, backbone, spec, data.train, data.judge, batch_size=training.eval_batch_size)
     candidate_new, candidate_old = gate_scores(spec, result.validation_logits, data.judge, data.n_new)
-    gate = Gate(metric, higher, parent_new, candidate_new, parent_old, candidate_old, config.tolerance)
+    gate = Gate(metric, higher, parent_new, candidate_new, parent_old, candidate_old, config.tolerance,
+                require_gain=False)
     return Trainee.adapter(backbone, bank, key, head), result, gate, *_decide(gate, promote)
 
 

@@ -96,7 +96,8 @@ class Registry(LoadedRegistry):
                  training: TrainConfig | None = None, memory: MemoryConfig | None = None,
                  fill_buffer: bool = True, init: str | None = None,
                  head: AnalyticConfig | None = None) -> VersionInfo:
-        """Train a new task's adapter and head on the frozen backbone and store it as version 1.
+        """Add a task as version 1: train its adapter and head on the frozen backbone (or compute an
+        analytic head, see ``head``).
 
         Args:
             spec: The task's name, labels and columns.
@@ -130,7 +131,7 @@ class Registry(LoadedRegistry):
             InvalidParameterError: ``init`` is malformed, or its adapter does not match ``adapter``;
                 ``head`` is not an AnalyticConfig, is given for a regression or multi-label task, or
                 reads the backbone's features while ``init`` names an adapter to start from.
-            DataError: the data does not fit ``spec``.
+            DataError: the data does not fit ``spec``; with an analytic ``head``, a label has no training rows.
             TrainingDivergedError: the loss went non-finite; nothing was written.
         """
         self._check_new_task(spec.name)
@@ -153,6 +154,8 @@ class Registry(LoadedRegistry):
             train_ex, val_ex = updates.split(train_ex, training.validation_fraction, training.seed, spec.name)
         train_enc = self._encode(train_ex, spec)
         val_enc = self._encode(val_ex, spec) if val_ex is not None else None
+        if head is not None:
+            analytic.check_classes(spec, train_enc)
         key, rt = head_key(spec.name, 1), self._runtime
         source, lineage = None, None
         if start is not None:  # before seeding: loading and probing the sources may draw random numbers
@@ -228,12 +231,20 @@ class Registry(LoadedRegistry):
                 validation data (all labels) and on the lineage's held-out rows. Rollback brings back
                 the old label set; each version answers with its own (``versions(task)[i].labels``).
 
+        A task whose head is analytic (``add_task(..., head=AnalyticConfig())``) trains nothing here: the
+        new version keeps the current adapter and adds the new training rows (not the validation rows,
+        which choose λ and the scale and judge it) to the current version's class statistics, one class
+        more per added label; nothing is replayed (``config.replay_ratio`` does not apply) and no penalty
+        is allowed. Its gate promotes it unless the new score falls or the old one drops by more than
+        ``config.tolerance`` (a tie is promoted). A version that is not promoted keeps its rows in its
+        own statistics only: the next update starts from the current version.
+
         Raises:
             TaskNotFoundError: no such task.
             DataError: empty data, labels outside the task's label set, or an added label without
                 training rows.
             InvalidParameterError: ``labels`` leaves out a current label (labels cannot be removed),
-                repeats one, or the task is a regression.
+                repeats one, or the task is a regression; a penalty for a task whose head is analytic.
             CorruptFileError, ReplayBufferError: the current version's files are damaged.
             TrainingDivergedError: the loss went non-finite; nothing was written.
         """
@@ -263,7 +274,7 @@ class Registry(LoadedRegistry):
                                    buffer=None if computed else buffer, held=self.holdout(task, parent),
                                    encode=lambda ex: self._encode(ex, spec))
         updates.check_added_labels(parent_spec, spec, data.new)
-        statistics = self._statistics(task, parent) if computed else None
+        statistics = self._statistics(task, parent, parent_spec) if computed else None
         version = max(r["version"] for r in entry["versions"]) + 1
         key, rt, adapter = head_key(task, version), self._runtime, AdapterConfig.from_dict(parent_record["adapter"])
         with self._lock:
@@ -281,8 +292,9 @@ class Registry(LoadedRegistry):
                         training, promote)
                 record = entries.version_record(version, parent, "update", data.new, adapter, training, result)
                 record["metrics"].update(gate.to_metrics())
+                done = config if statistics is None else dataclasses.replace(config, replay_ratio=0.0)
                 record["training"].update(replayed=0 if data.replayed is None else len(data.replayed),
-                                          update=config.to_dict())
+                                          update=done.to_dict())
                 record.update(promoted=promoted, note=reason)
                 if spec.labels != TaskSpec.from_dict(entry["spec"]).labels:
                     record["labels"] = list(spec.labels)
@@ -590,14 +602,17 @@ class Registry(LoadedRegistry):
 
     # --- internals ----------------------------------------------------------------
 
-    def _statistics(self, task: str, version: int) -> dict[str, torch.Tensor]:
-        """The class statistics of an analytic version, checked against the manifest's checksum."""
+    def _statistics(self, task: str, version: int, spec: TaskSpec) -> dict[str, torch.Tensor]:
+        """The class statistics of an analytic version, checked against the manifest's checksum and
+        against the head's width and ``spec``'s labels."""
         record = self._version_record(task, version)
+        path = store.version_dir(self.root, task, version) / heads.STATISTICS
         if heads.STATISTICS not in record["files"]:
             raise CorruptFileError(f"Task {task!r} v{version} has an analytic head but its record names no "
                                    f"{heads.STATISTICS}: the manifest was edited. {STORED_FILE_FIX}")
-        return store.read_tensors(store.version_dir(self.root, task, version) / heads.STATISTICS,
-                                  record["files"][heads.STATISTICS])
+        state = store.read_tensors(path, record["files"][heads.STATISTICS])
+        heads.check_statistics(state, record, spec, self.backbone.hidden_size, path)
+        return state
 
     def _check_new_task(self, name: str) -> None:
         if name in self._manifest["tasks"]:

@@ -5,6 +5,7 @@ registry and the server build the same module from the same files."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from torch import nn
 from cmtl.continual.analytic import AnalyticConfig, AnalyticHead
 from cmtl.core.heads import TaskHead, check_head_state
 from cmtl.core.tasks import TaskSpec
-from cmtl.errors import CorruptFileError, InvalidParameterError
+from cmtl.errors import STORED_FILE_FIX, CorruptFileError, InvalidParameterError
 
 #: The file of an analytic version's class statistics (counts, sums, Gram matrix; float64).
 STATISTICS = "statistics.safetensors"
@@ -41,8 +42,10 @@ def build(hidden: int, spec: TaskSpec, record: dict[str, Any] | None, state: dic
         check_head_state(state, head, spec, path)
         head.load_state_dict(state)
         return head.to(device).eval()
-    check_head_state(state, AnalyticHead(hidden, spec.num_outputs, config), spec, path)
-    head = AnalyticHead.restore(hidden, config, state, ridge=record["head"].get("ridge"))
+    head = AnalyticHead(hidden, spec.num_outputs, config, statistics=False)  # predicts only: no Gram matrix
+    check_head_state(state, head, spec, path)
+    head.load_state_dict({k: v.to(torch.float64) for k, v in state.items()})
+    head.ridge = float(record["head"]["ridge"]) if record["head"].get("ridge") is not None else math.nan
     expected = record["head"].get("projection_sha256")
     if expected is not None and head.record()["projection_sha256"] != expected:
         raise CorruptFileError(
@@ -50,6 +53,25 @@ def build(hidden: int, spec: TaskSpec, record: dict[str, Any] | None, state: dic
             f"draws from seed {config.seed} (checksums differ): its weights do not fit. Use the torch the task was "
             "added with, or add the task again here.")
     return head.eval()
+
+
+def check_statistics(state: dict[str, torch.Tensor], record: dict[str, Any], spec: TaskSpec, hidden: int,
+                     path: Path) -> None:
+    """Stored class statistics fit the version's analytic head: one count and sum per label, sums and
+    Gram matrix as wide as the head's features.
+
+    Raises:
+        CorruptFileError: names the file and the shapes.
+    """
+    config = analytic_config(record)
+    width = config.projection if config.kind == "ridge" else hidden
+    classes = spec.num_outputs
+    expected = {"counts": (classes,), "sums": (classes, width), "gram": (width, width)}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if found != expected:
+        raise CorruptFileError(f"File {str(path)!r} does not fit the analytic head of task {spec.name!r} ({classes} "
+                               f"labels, features {width} wide): expected {expected}, found {found}. "
+                               f"{STORED_FILE_FIX}")
 
 
 def refuse_analytic(record: dict[str, Any], task: str, version: int, what: str) -> None:

@@ -284,6 +284,8 @@ def test_add_task_with_an_analytic_head_and_update_it(reg_copy, tmp_path):
     clean_failure(invoke("add-task", reg_copy, "new", *data, "--head", "lda"), "--head", "linear, ridge or slda")
     clean_failure(invoke("add-task", reg_copy, "new", *data, "--head", "slda", "--head-features", "probe"),
                   "features", "'backbone', 'adapter'")
+    clean_failure(invoke("add-task", reg_copy, "new", *data, "--head-features", "adapter"),
+                  "--head-features applies to --head ridge or slda only")
     assert "new" not in Registry.open(reg_copy, device="cpu").tasks()
     result = invoke("add-task", reg_copy, "new", *data, "--head", "slda")
     assert result.exit_code == 0, result.output

@@ -105,5 +105,8 @@ def test_bad_input_is_a_clear_error():
         AnalyticConfig(kind="lda")
     with pytest.raises(InvalidParameterError, match="projection"):
         AnalyticConfig(projection=0)
+    for shrinkage in (0.0, True, 1.5):  # 0 leaves the covariance singular with fewer rows than dimensions
+        with pytest.raises(InvalidParameterError, match=r"shrinkage.*\(0, 1\]"):
+            AnalyticConfig(kind="slda", shrinkage=shrinkage)
     with pytest.raises(InvalidParameterError, match="grow"):
         head.grow(-1)

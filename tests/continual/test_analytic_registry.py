@@ -11,8 +11,8 @@ import textwrap
 import pytest
 import torch
 
-from cmtl import (AnalyticConfig, BackboneConfig, CorruptFileError, InvalidParameterError, Registry, TaskSpec,
-                  UpdateConfig)
+from cmtl import (AnalyticConfig, BackboneConfig, CorruptFileError, DataError, InvalidParameterError, Registry,
+                  TaskSpec, UpdateConfig)
 from cmtl.continual.analytic import AnalyticHead, ClassStatistics
 from cmtl.registry import heads
 from cmtl.registry.store import MANIFEST, read_tensors, version_dir
@@ -140,11 +140,57 @@ def test_engine_serves_an_analytic_task_and_its_grown_labels_after_a_hot_swap(re
         assert list(row["probabilities"].values()) == pytest.approx(proba.tolist(), abs=1e-5)
 
 
+def test_a_loaded_head_predicts_without_holding_statistics(reg):
+    reg.add_task(SPEC, toy_sentiment(40, 0), validation=toy_sentiment(16, 1), head=SMALL)
+    again = Registry.open(reg.root, device="cpu")
+    again.predict("sentiment", ["a lovely film"])
+    loaded = again._runtime.heads[again._runtime.task(again, "sentiment", 1)]
+    assert isinstance(loaded, AnalyticHead) and loaded.stats is None  # no Gram matrix it never uses
+    with pytest.raises(InvalidParameterError, match="loaded to predict only"):
+        loaded.update(torch.zeros(1, reg.backbone.hidden_size), [0])
+
+
+def test_an_analytic_update_that_ties_on_the_new_data_is_promoted():
+    from cmtl.continual.updates import Gate
+
+    tie = dict(metric="accuracy", higher_is_better=True, parent_new=0.9, candidate_new=0.9, parent_old=0.95,
+               candidate_old=0.95, tolerance=0.01)
+    assert Gate(**tie).decide()[0] is False  # a trained candidate must improve
+    assert Gate(**tie, require_gain=False).decide()[0] is True  # added statistics need only not get worse
+    assert Gate(**{**tie, "candidate_new": 0.89}, require_gain=False).decide()[0] is False
+    assert Gate(**{**tie, "candidate_old": 0.9}, require_gain=False).decide()[0] is False
+
+
+def test_statistics_that_do_not_fit_the_head_are_refused(reg):
+    import hashlib
+
+    from safetensors.torch import save
+
+    reg.add_task(SPEC, toy_sentiment(40, 0), validation=toy_sentiment(16, 1), head=SMALL)
+    wrong = save({"counts": torch.zeros(3, dtype=torch.float64), "sums": torch.zeros(3, 64, dtype=torch.float64),
+                  "gram": torch.zeros(64, 64, dtype=torch.float64)})
+    (version_dir(reg.root, "sentiment", 1) / heads.STATISTICS).write_bytes(wrong)
+    manifest = json.loads((reg.root / MANIFEST).read_text())
+    manifest["tasks"]["sentiment"]["versions"][0]["files"][heads.STATISTICS] = hashlib.sha256(wrong).hexdigest()
+    (reg.root / MANIFEST).write_text(json.dumps(manifest))
+    fits = r"does not fit the analytic head of task 'sentiment' \(2 labels, features 64 wide\)"
+    with pytest.raises(CorruptFileError, match=fits):
+        Registry.open(reg.root, device="cpu").update_task("sentiment", toy_sentiment(16, 2), promote=True)
+
+
+def test_a_label_without_training_rows_is_refused_and_writes_nothing(reg):
+    spec = TaskSpec("sentiment", labels=["neg", "pos", "neutral"])
+    with pytest.raises(DataError, match=r"Labels \['neutral'\] of task 'sentiment' have no training rows"):
+        reg.add_task(spec, toy_sentiment(24), validation=toy_sentiment(8, 1) + [{"text": "meh", "label": "neutral"}],
+                     head=SMALL)
+    assert reg.tasks() == [] and not (reg.root / "tasks" / "sentiment").exists()
+
+
 @pytest.mark.parametrize(("spec", "head", "init", "match"), [
     (TaskSpec("score", problem_type="regression"), SMALL, None, "regression: an analytic head classifies"),
     (TaskSpec("tags", labels=["a", "b"], problem_type="multi_label"), SMALL, None, "multi_label"),
     (SPEC, "analytic", None, "'head' parameter of add_task must be None .* or an AnalyticConfig"),
-    (SPEC, SMALL, "task:other", "'init' parameter of add_task must be None when the analytic head reads the frozen backbone"),
+    (SPEC, SMALL, "task:other", "'init' parameter of add_task must be None when the analytic head reads the frozen"),
 ])
 def test_bad_analytic_requests_are_refused_and_write_nothing(reg, spec, head, init, match):
     rows = [{"text": r["text"], "label": 0.5 if spec.problem_type == "regression" else
