@@ -173,7 +173,12 @@ class ContinualReport:
     """Everything measured over one continual stream, ready for JSON or a Markdown table.
 
     Build it with :meth:`from_matrix`. Metrics that need two tasks (or ``b``) are ``None``
-    when they cannot be computed.
+    when they cannot be computed. Two forgetting measures, named apart: ``mean_forgetting`` is
+    Chaudhry et al.'s (:func:`forgetting`: the best earlier accuracy on a task minus the last), and
+    ``stream_forgetting`` is what Avalanche logs as ``StreamForgetting`` (:func:`avalanche_forgetting`:
+    the accuracy right after training on a task minus the last; Avalanche's ``StreamBWT`` is its
+    negation). On the same run they differ whenever a task scored better later than right after its
+    own training.
     """
 
     task_names: tuple[str, ...]
@@ -184,6 +189,7 @@ class ContinualReport:
     fwt: float | None = None
     forgetting: tuple[float, ...] | None = None
     mean_forgetting: float | None = None
+    stream_forgetting: float | None = None
     seconds_per_experience: tuple[float, ...] | None = None
     trainable_parameters_per_task: tuple[int, ...] | None = None
     bytes_per_task: tuple[int, ...] | None = None
@@ -220,6 +226,7 @@ class ContinualReport:
             fwt=fwt(arr, b) if T >= 2 and b is not None else None,
             forgetting=f.per_task if f else None,
             mean_forgetting=f.mean if f else None,
+            stream_forgetting=avalanche_forgetting(arr).stream if T >= 2 else None,
             **extras,
         )
 
@@ -241,7 +248,8 @@ class ContinualReport:
         if self.b is not None:
             lines.append("| before training (b) | " + " | ".join(fmt(v) for v in self.b) + " |")
         lines += ["", f"ACC {fmt(self.acc)} · BWT {fmt(self.bwt)} · FWT {fmt(self.fwt)} · "
-                  f"forgetting {fmt(self.mean_forgetting)}"]
+                  f"forgetting {fmt(self.mean_forgetting)} (Chaudhry; Avalanche's StreamForgetting "
+                  f"{fmt(self.stream_forgetting)})"]
         extras = {"seconds": self.seconds_per_experience, "trainable parameters": self.trainable_parameters_per_task,
                   "bytes added": self.bytes_per_task}
         for label, values in extras.items():

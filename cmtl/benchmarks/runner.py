@@ -49,6 +49,7 @@ def run_benchmark(
     unknown = [s for s in strategies if s not in STRATEGIES + AVALANCHE_STRATEGIES]
     if unknown:
         raise ValueError(f"Unknown strategies {unknown}. Known: {list(STRATEGIES + AVALANCHE_STRATEGIES)}.")
+    check_avalanche_kind(scenario.kind, strategies, scenario.name)
     available = dict(scenario.orders())
     wanted = list(available) if "all" in orders else list(orders)
     missing = [o for o in wanted if o not in available]
@@ -78,7 +79,7 @@ def run_benchmark(
             started = time.perf_counter()
             if strategy in AVALANCHE_STRATEGIES:
                 report = run_avalanche_stream(strategy.removeprefix("avl-"), experiences, stream.kind, backbone,
-                                              config, device=device)
+                                              config, device=device, on_step=echo)
             else:
                 report = run_stream(strategy, experiences, stream.kind, backbone, config, device=device,
                                     on_step=echo)
@@ -108,8 +109,27 @@ def transfer_vs_fresh(runs: list[dict], order: str, echo: Callable[[str], None] 
          f"(per task after the first: {' '.join(f'{g:+.3f}' for g in gains)})")
 
 
+def check_avalanche_kind(kind: str, strategies: Sequence[str], scenario: str | None = None) -> None:
+    """Refuse Avalanche's strategies on a scenario that is not task-incremental, before anything runs.
+
+    Raises:
+        ValueError: names the strategies, the scenario's kind and what to run instead.
+    """
+    avl = [s for s in strategies if s in AVALANCHE_STRATEGIES]
+    if avl and kind != "task-incremental":
+        ours = [s for s in STRATEGIES if s not in ("single", "adapters-auto")]
+        raise ValueError(
+            f"{avl} cannot run on {'this stream' if scenario is None else f'scenario {scenario!r}'}: it is {kind}, "
+            "and cmtl exports a stream to Avalanche as a "
+            "task-incremental benchmark only (one task label and head per experience). Exported that way it "
+            "would tell Avalanche's strategies the task identity its kind withholds, and their results would "
+            f"not be comparable. Run cmtl's strategies on it ({', '.join(ours)}), or avl-* on a task-incremental "
+            "scenario such as text5.")
+
+
 def run_avalanche_stream(name: str, experiences: Sequence, kind: str, backbone_config: BackboneConfig | None = None,
-                         config: StrategyConfig | None = None, *, device: str = "auto") -> ContinualReport:
+                         config: StrategyConfig | None = None, *, device: str = "auto",
+                         on_step: Callable[[str], None] | None = None) -> ContinualReport:
     """Run Avalanche's own strategy ``name`` on a loaded cmtl stream with the budget of a ``cmtl bench`` run.
 
     Args:
@@ -118,9 +138,10 @@ def run_avalanche_stream(name: str, experiences: Sequence, kind: str, backbone_c
         backbone_config: :class:`cmtl.core.config.BackboneConfig` of the backbone to load.
         config: :class:`cmtl.benchmarks.learners.StrategyConfig`: epochs, batch size, learning rate, seed, replay
             budget and penalty weights carry over.
+        on_step: Receives one line per experience (its time and the accuracy on every task), as
+            cmtl's strategies print them.
     """
-    if kind != "task-incremental":
-        raise ValueError(f"Avalanche strategies run here on task-incremental scenarios only, not {kind}.")
+    check_avalanche_kind(kind, [f"avl-{name}"])
     config = config or StrategyConfig()
     backbone = load_backbone(backbone_config, device=device)
     stream = [(e.spec, e.train, e.test, None) for e in experiences]
@@ -131,7 +152,14 @@ def run_avalanche_stream(name: str, experiences: Sequence, kind: str, backbone_c
     validation = [e.validation for e in experiences] if t.patience and all(
         e.validation is not None and len(e.validation) for e in experiences) else None
     benchmark = avalanche.export_benchmark(stream, backbone, validation=validation)
-    run = avalanche.run_strategy(name, benchmark, model, avalanche.AvalancheConfig(
+    names = [e.name for e in experiences]
+
+    def progress(i: int, row: tuple[float, ...], seconds: float) -> None:
+        if on_step is not None:
+            on_step(f"avl-{name}: after {names[i]} ({seconds:.0f} s): "
+                    + " ".join(f"{n}={a:.3f}" for n, a in zip(names, row)))
+
+    run = avalanche.run_strategy(name, benchmark, model, progress=progress, config=avalanche.AvalancheConfig(
         epochs=t.epochs, patience=t.patience if validation is not None else None, batch_size=t.batch_size,
         eval_batch_size=t.eval_batch_size, learning_rate=t.learning_rate,
         weight_decay=t.weight_decay, seed=t.seed, device=str(backbone.device), mem_size=config.replay_budget,
@@ -148,6 +176,8 @@ def summary_rows(results: dict) -> list[dict]:
         rows.append({
             "strategy": run["strategy"], "order": run["order"], "ACC": run["acc"], "BWT": run["bwt"],
             "FWT": run["fwt"], "forgetting": run["mean_forgetting"],
+            "StreamForgetting": run.get("stream_forgetting", ContinualReport.from_matrix(
+                run["R"], run["task_names"]).stream_forgetting),
             "time_s": sum(run.get("seconds_per_experience") or [run["seconds"]]),
             "params_per_exp": int(sum(params) / len(params)) if params else None,
             "bytes_added": sum(added) if added else None,
@@ -156,7 +186,8 @@ def summary_rows(results: dict) -> list[dict]:
 
 
 def to_markdown(results: dict) -> str:
-    columns = ["strategy", "order", "ACC", "BWT", "FWT", "forgetting", "time_s", "params_per_exp", "bytes_added"]
+    columns = ["strategy", "order", "ACC", "BWT", "FWT", "forgetting", "StreamForgetting", "time_s", "params_per_exp",
+               "bytes_added"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in summary_rows(results):
         lines.append("| " + " | ".join(_fmt(row[c]) for c in columns) + " |")

@@ -114,6 +114,6 @@ def bench(
                             backbone=BackboneConfig(num_hidden_layers=layers), config=config,
                             orders=[o.strip() for o in orders.split(",")], device=device, echo=typer.echo)
     typer.echo("")
-    typer.echo(format_table(summary_rows(results), ["strategy", "order", "ACC", "BWT", "FWT", "forgetting", "time_s",
-                                                    "params_per_exp", "bytes_added"]))
+    typer.echo(format_table(summary_rows(results), ["strategy", "order", "ACC", "BWT", "FWT", "forgetting",
+                                                    "StreamForgetting", "time_s", "params_per_exp", "bytes_added"]))
     typer.echo(f"\nwrote {out}/results.json, results.md and heatmaps")

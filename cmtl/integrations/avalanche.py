@@ -81,7 +81,9 @@ def task_specs(experiences: Sequence[TextExperience]) -> list[TaskSpec]:
         specs.append(spec)
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
-        raise ValueError(f"Task names must be unique in a stream. Got {names}.")
+        raise ValueError(f"Task names must be unique in a stream. Got {names}. This bridge exports a task-incremental "
+                         "benchmark (one task label and head per experience); a stream that repeats one task over "
+                         "new domains or new classes (domain- or class-incremental) cannot be exported as one.")
     return specs
 
 
@@ -337,6 +339,7 @@ def run_strategy(
     config: AvalancheConfig | None = None,
     *,
     after_experience: Callable[[int], None] | None = None,
+    progress: Callable[[int, tuple[float, ...], float], None] | None = None,
 ) -> AvalancheRun:
     """Train ``model`` on ``benchmark``'s train stream with an Avalanche strategy; evaluate after each experience.
 
@@ -350,6 +353,8 @@ def run_strategy(
         model: A model from :func:`build_model`.
         config: Training settings.
         after_experience: Called with the experience index after its evaluation, model in eval().
+        progress: Called after each experience's evaluation with its index, the accuracy on every
+            experience of the test stream and the seconds its training took.
     """
     if name not in AVALANCHE_STRATEGIES:
         raise ValueError(
@@ -414,6 +419,8 @@ def run_strategy(
         seconds.append(time.perf_counter() - started)
         strategy.eval(test_stream)
         R.append(accuracies())
+        if progress is not None:
+            progress(i, R[-1], seconds[-1])
         last = logger.evals[-1]
         stream_f.append(float(last["StreamForgetting/eval_phase/test_stream"]))
         stream_b.append(float(last["StreamBWT/eval_phase/test_stream"]))

@@ -63,13 +63,37 @@ def test_bench_cli_on_minilm_cut(tmp_path):
 
 
 def test_avalanche_strategy_in_the_same_table(tmp_path, tiny_backbone):
+    from cmtl.benchmarks.metrics import avalanche_forgetting, forgetting
+
     scenario = Scenario.from_yaml(SCENARIOS / "text5.yaml").shrink(16, 8)
     config = StrategyConfig(training=TrainConfig(epochs=1, batch_size=8, progress=False), replay_budget=8)
+    lines = []
     results = run_benchmark(scenario, ["avl-naive", "avl-replay"], tmp_path, config=config, device="cpu",
-                            backbone=BackboneConfig(name_or_path=tiny_backbone, max_length=32))
+                            backbone=BackboneConfig(name_or_path=tiny_backbone, max_length=32), echo=lines.append)
     rows = summary_rows(results)
     assert [r["strategy"] for r in rows] == ["avl-naive", "avl-replay"]
     assert all(len(run["R"]) == 5 and run["b"] is not None for run in results["runs"])
+    # One line per experience, as cmtl's strategies print them.
+    steps = [line for line in lines if line.startswith("avl-naive: after ")]
+    assert [line.split()[2] for line in steps] == ["bbc", "trec", "spam", "rotten", "foods"]
+    assert all(line.count("=") == 5 for line in steps)
+    # Both forgetting measures, named: Chaudhry's (cmtl's) and Avalanche's StreamForgetting.
+    for run, row in zip(results["runs"], rows):
+        assert row["forgetting"] == pytest.approx(forgetting(run["R"]).mean)
+        assert row["StreamForgetting"] == pytest.approx(avalanche_forgetting(run["R"]).stream)
+    md = (tmp_path / "results.md").read_text()
+    assert "| forgetting | StreamForgetting |" in md and "Avalanche's StreamForgetting" in md
+
+
+@pytest.mark.parametrize(("name", "kind"), [("trec-classes", "class-incremental"),
+                                            ("sentiment4", "domain-incremental")])
+def test_avalanche_strategies_refuse_a_scenario_that_is_not_task_incremental(tmp_path, name, kind):
+    scenario = Scenario.from_yaml(SCENARIOS / f"{name}.yaml")
+    assert scenario.kind == kind
+    with pytest.raises(ValueError, match=rf"\['avl-ewc'\] cannot run on scenario '{name}': it is {kind}.*"
+                                         "task-incremental benchmark only"):
+        run_benchmark(scenario, ["adapters", "avl-ewc"], tmp_path)
+    assert not (tmp_path / "results.json").exists()  # refused before anything ran
 
 
 def test_adapters_auto_measures_forward_transfer_against_fresh_adapters(tmp_path, tiny_backbone):

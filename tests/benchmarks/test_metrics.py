@@ -149,9 +149,19 @@ def test_markdown_table():
     assert lines[0] == "| after \\ on | spam | trec | news |"
     assert lines[2] == "| spam | 0.900 | 0.100 | 0.200 |"
     assert "| before training (b) | 0.500 | 0.400 | 0.250 |" in lines
-    assert "ACC 0.823 · BWT -0.150 · FWT -0.125 · forgetting 0.150" in lines
+    assert "ACC 0.823 · BWT -0.150 · FWT -0.125 · forgetting 0.150 (Chaudhry; Avalanche's StreamForgetting 0.150)" \
+        in lines
     assert "seconds per task: spam=1, trec=2, news=3" in lines
     assert "BWT –" in ContinualReport.from_matrix([[1.0]], ["x"]).to_markdown()
+
+
+def test_the_two_forgetting_measures_are_named_apart_where_they_differ():
+    # Task 0 scores 0.5 right after its training, 0.9 after task 1, 0.6 at the end.
+    R = [[0.5, 0.0, 0.0], [0.9, 0.8, 0.0], [0.6, 0.8, 0.7]]
+    report = ContinualReport.from_matrix(R, ["a", "b", "c"])
+    assert report.mean_forgetting == pytest.approx((0.3 + 0.0) / 2)  # Chaudhry: best earlier row − last
+    assert report.stream_forgetting == pytest.approx((-0.1 + 0.0) / 2)  # Avalanche: right after training − last
+    assert "forgetting 0.150 (Chaudhry; Avalanche's StreamForgetting -0.050)" in report.to_markdown()
 
 
 def test_heatmap_png(tmp_path):
