@@ -176,8 +176,9 @@ def summary_rows(results: dict) -> list[dict]:
         rows.append({
             "strategy": run["strategy"], "order": run["order"], "ACC": run["acc"], "BWT": run["bwt"],
             "FWT": run["fwt"], "forgetting": run["mean_forgetting"],
-            "StreamForgetting": run.get("stream_forgetting", ContinualReport.from_matrix(
-                run["R"], run["task_names"]).stream_forgetting),
+            # Results files written before it was recorded: computed from the matrix.
+            "StreamForgetting": run["stream_forgetting"] if "stream_forgetting" in run else
+            ContinualReport.from_matrix(run["R"], run["task_names"]).stream_forgetting,
             "time_s": sum(run.get("seconds_per_experience") or [run["seconds"]]),
             "params_per_exp": int(sum(params) / len(params)) if params else None,
             "bytes_added": sum(added) if added else None,

@@ -127,7 +127,7 @@ class AnalyticHead(nn.Module):
                  statistics: bool = True):
         super().__init__()
         self.config = config or AnalyticConfig()
-        width = self.config.projection if self.config.kind == "ridge" else hidden
+        width = self.config.width(hidden)
         self.hidden = hidden
         self.register_buffer("projection", random_projection(hidden, width, self.config.seed)
                              if self.config.kind == "ridge" else torch.zeros(0, dtype=torch.float64), persistent=False)
@@ -233,12 +233,16 @@ class AnalyticHead(nn.Module):
     def restore(cls, hidden: int, config: AnalyticConfig, state: dict[str, torch.Tensor],
                 stats: dict[str, torch.Tensor] | None = None, ridge: float | None = None) -> "AnalyticHead":
         """A head from its stored ``state`` (weight, bias, scale) and, to update it further, its ``stats``."""
-        head = cls(hidden, state["weight"].shape[0], config, statistics=False)
-        head.load_state_dict({k: v.to(torch.float64) for k, v in state.items()})
+        head = cls(hidden, state["weight"].shape[0], config, statistics=False).load(state, ridge)
         if stats is not None:
             head.stats = ClassStatistics.from_state_dict(stats)
-        head.ridge = math.nan if ridge is None else float(ridge)
         return head
+
+    def load(self, state: dict[str, torch.Tensor], ridge: float | None = None) -> "AnalyticHead":
+        """Put stored solved weights, bias and scale (and the λ they were solved with) into this head."""
+        self.load_state_dict({k: v.to(torch.float64) for k, v in state.items()})
+        self.ridge = math.nan if ridge is None else float(ridge)
+        return self
 
 
 def _cpu_targets(targets: torch.Tensor | Sequence[int]) -> torch.Tensor:

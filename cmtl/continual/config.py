@@ -101,6 +101,10 @@ class AnalyticConfig:
             raise InvalidParameterError(bad_param("features", "AnalyticConfig",
                                                   f"be one of {list(_ANALYTIC_FEATURES)}", self.features))
 
+    def width(self, hidden: int) -> int:
+        """Width of the features the statistics are kept on, for pooled features ``hidden`` wide."""
+        return self.projection if self.kind == "ridge" else hidden
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -256,11 +256,8 @@ def train_candidate(backbone: Backbone, bank: AdapterBank, parent: Trainee, key:
                     promote: bool | None) -> tuple[Trainee, TrainResult, Gate, bool, str]:
     """Train adapter ``key`` of ``bank`` (and a head) from ``parent``'s weights on ``data``, and judge it
     against ``parent``. Returns the candidate, its training result, the gate, promoted?, and why."""
-    metric, higher = primary_metric(spec)
     device = backbone.device
-    # A parent with fewer labels (the update adds some) never predicts the new ones.
-    parent_logits = widen(parent.logits(data.judge, pad_id=backbone.pad_id, device=device), spec.num_outputs)
-    parent_new, parent_old = gate_scores(spec, parent_logits, data.judge, data.n_new)
+    parent_scores = _parent_scores(backbone, parent, spec, data)
     bank.load(key, adapter, bank.state_dict(parent.key))
     head = grown_head(parent.modules[0], spec.num_outputs, training.head_dropout)  # the parent's head, grown
     candidate = Trainee.adapter(backbone, bank, key, head)
@@ -270,8 +267,7 @@ def train_candidate(backbone: Backbone, bank: AdapterBank, parent: Trainee, key:
     logits = result.validation_logits
     if logits is None:  # no evaluation ever scored (a non-finite metric): score it now
         logits = candidate.logits(data.judge, pad_id=backbone.pad_id, device=device)
-    candidate_new, candidate_old = gate_scores(spec, logits, data.judge, data.n_new)
-    gate = Gate(metric, higher, parent_new, candidate_new, parent_old, candidate_old, config.tolerance)
+    gate = _gate(spec, parent_scores, logits, data, config.tolerance)
     return candidate, result, gate, *_decide(gate, promote)
 
 
@@ -286,20 +282,32 @@ def analytic_candidate(backbone: Backbone, bank: AdapterBank, parent: Trainee, k
     forgotten but what competition from new classes costs. The gate promotes it unless the new data's
     score falls or the old data's drops by more than the tolerance (a tie on the new data is promoted:
     the statistics are exact, and a rejected version's rows are not in the next one's)."""
-    metric, higher = primary_metric(spec)
-    parent_logits = widen(parent.logits(data.judge, pad_id=backbone.pad_id, device=backbone.device),
-                          spec.num_outputs)
-    parent_new, parent_old = gate_scores(spec, parent_logits, data.judge, data.n_new)
+    parent_scores = _parent_scores(backbone, parent, spec, data)
     bank.load(key, adapter, bank.state_dict(parent.key))
     old = parent.modules[0]
     head = AnalyticHead.restore(old.hidden, old.config, old.state_dict(), statistics)
     head.grow(spec.num_outputs - head.num_classes)
     bank.activate(key)
     result = fit_head(head, backbone, spec, data.train, data.judge, batch_size=training.eval_batch_size)
-    candidate_new, candidate_old = gate_scores(spec, result.validation_logits, data.judge, data.n_new)
-    gate = Gate(metric, higher, parent_new, candidate_new, parent_old, candidate_old, config.tolerance,
-                require_gain=False)
+    gate = _gate(spec, parent_scores, result.validation_logits, data, config.tolerance, require_gain=False)
     return Trainee.adapter(backbone, bank, key, head), result, gate, *_decide(gate, promote)
+
+
+def _parent_scores(backbone: Backbone, parent: Trainee, spec: TaskSpec, data: UpdateData
+                   ) -> tuple[float, float | None]:
+    """The parent's gate scores on ``data.judge`` (new validation, old held-out). A parent with fewer
+    labels (the update adds some) never predicts the new ones."""
+    logits = parent.logits(data.judge, pad_id=backbone.pad_id, device=backbone.device)
+    return gate_scores(spec, widen(logits, spec.num_outputs), data.judge, data.n_new)
+
+
+def _gate(spec: TaskSpec, parent_scores: tuple[float, float | None], logits: torch.Tensor, data: UpdateData,
+          tolerance: float, *, require_gain: bool = True) -> Gate:
+    """The gate between the parent's scores and the candidate's ``logits`` on ``data.judge``."""
+    metric, higher = primary_metric(spec)
+    candidate_new, candidate_old = gate_scores(spec, logits, data.judge, data.n_new)
+    return Gate(metric, higher, parent_scores[0], candidate_new, parent_scores[1], candidate_old, tolerance,
+                require_gain=require_gain)
 
 
 def _decide(gate: Gate, promote: bool | None) -> tuple[bool, str]:

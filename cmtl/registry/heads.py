@@ -5,7 +5,6 @@ registry and the server build the same module from the same files."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +43,7 @@ def build(hidden: int, spec: TaskSpec, record: dict[str, Any] | None, state: dic
         return head.to(device).eval()
     head = AnalyticHead(hidden, spec.num_outputs, config, statistics=False)  # predicts only: no Gram matrix
     check_head_state(state, head, spec, path)
-    head.load_state_dict({k: v.to(torch.float64) for k, v in state.items()})
-    head.ridge = float(record["head"]["ridge"]) if record["head"].get("ridge") is not None else math.nan
+    head.load(state, record["head"].get("ridge"))
     expected = record["head"].get("projection_sha256")
     if expected is not None and head.record()["projection_sha256"] != expected:
         raise CorruptFileError(
@@ -64,7 +62,7 @@ def check_statistics(state: dict[str, torch.Tensor], record: dict[str, Any], spe
         CorruptFileError: names the file and the shapes.
     """
     config = analytic_config(record)
-    width = config.projection if config.kind == "ridge" else hidden
+    width = config.width(hidden)
     classes = spec.num_outputs
     expected = {"counts": (classes,), "sums": (classes, width), "gram": (width, width)}
     found = {k: tuple(v.shape) for k, v in state.items()}

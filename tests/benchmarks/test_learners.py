@@ -108,35 +108,32 @@ def test_analytic_class_incremental_ends_where_one_fit_on_everything_ends(tiny_b
         assert learner.predict(j, 3) == [labels[k] for k in once(features).argmax(-1).tolist()]
 
 
-def test_grow_keeps_one_task_whose_labels_grow(tiny_backbone, tmp_path):
+def _grown(strategy: str, tiny_backbone: str, tmp_path) -> list:
+    """Run a registry strategy through the class-incremental stream: one task, 2 then 4 then 6 labels,
+    the last version current and the first step's classes still mostly right. Returns its versions."""
     from cmtl.benchmarks.learners import make_learner
     from cmtl.core.backbone import load_backbone
 
     stream = _stream("class-incremental")
     backbone = load_backbone(BackboneConfig(name_or_path=tiny_backbone, max_length=32), device="cpu")
-    learner = make_learner("grow", stream, "class-incremental", backbone, CONFIG, tmp_path)
+    learner = make_learner(strategy, stream, "class-incremental", backbone, CONFIG, tmp_path)
     for i in range(3):
         learner.fit(i)
     versions = learner.registry.versions("classes")
     assert [len(v.labels) for v in versions] == [2, 4, 6] and versions[-1].current
-    assert [v.training.get("update", {}).get("replay_ratio") for v in versions] == [None, 1.0, 2.0]
     assert sum(p == y for p, y in zip(learner.predict(0, 3), stream[0].test.labels)) / len(stream[0].test) >= 0.5
+    return versions
+
+
+def test_grow_keeps_one_task_whose_labels_grow(tiny_backbone, tmp_path):
+    versions = _grown("grow", tiny_backbone, tmp_path)
+    assert [v.training.get("update", {}).get("replay_ratio") for v in versions] == [None, 1.0, 2.0]
 
 
 def test_grow_analytic_adds_each_step_to_the_statistics_of_one_task(tiny_backbone, tmp_path):
-    from cmtl.benchmarks.learners import make_learner
-    from cmtl.core.backbone import load_backbone
-
-    stream = _stream("class-incremental")
-    backbone = load_backbone(BackboneConfig(name_or_path=tiny_backbone, max_length=32), device="cpu")
-    learner = make_learner("grow-analytic", stream, "class-incremental", backbone, CONFIG, tmp_path)
-    for i in range(3):
-        learner.fit(i)
-    versions = learner.registry.versions("classes")
-    assert [len(v.labels) for v in versions] == [2, 4, 6] and versions[-1].current
+    versions = _grown("grow-analytic", tiny_backbone, tmp_path)
     assert all(v.head["type"] == "analytic" and v.training["steps"] == 0 for v in versions)
     assert [v.training.get("replayed") for v in versions] == [None, 0, 0]
-    assert sum(p == y for p, y in zip(learner.predict(0, 3), stream[0].test.labels)) / len(stream[0].test) >= 0.5
 
 
 @pytest.mark.parametrize("strategy", ["adapters", "adapters-routed", "analytic"])
