@@ -72,6 +72,53 @@ def other_tiny_backbone(tmp_path_factory, tiny_backbone) -> str:
     return str(path)
 
 
+#: The decoder families cmtl knows (cmtl.core.backbone._FAMILIES with causal=True), as tested.
+DECODERS = ("llama", "qwen2", "mistral", "gpt2")
+
+
+def byte_level_tokenizer():
+    """A GPT-2-style byte-level BPE tokenizer (the ``tokenizers`` package), trained on the toy words in a
+    blink: an end-of-text token and no pad token, as decoders' tokenizers come."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    words = POSITIVE + NEGATIVE + FILLER + ["goal", "match", "team", "pasta", "bread", "soup", "song", "band", "drum",
+                                            "day", "night", "quarterly", "earnings", "rose", "percent", "europe"]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator([" ".join(words)] * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def save_tiny_decoder(family: str, path: Path, seed: int = 0) -> str:
+    """A 2-layer, 32-wide random decoder of ``family`` (one of :data:`DECODERS`) with
+    :func:`byte_level_tokenizer`, saved to ``path``. Mistral's sliding window (4 tokens) is shorter
+    than the toy texts, so its masks are exercised."""
+    import torch
+    import transformers as tf
+
+    tokenizer = byte_level_tokenizer()
+    small = dict(vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=0)
+    llama_like = dict(small, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=64, max_position_embeddings=128)
+    config = {"llama": lambda: tf.LlamaConfig(**llama_like),
+              "qwen2": lambda: tf.Qwen2Config(**llama_like),
+              "mistral": lambda: tf.MistralConfig(**llama_like, sliding_window=4),
+              "gpt2": lambda: tf.GPT2Config(**small, n_embd=32, n_layer=2, n_head=4, n_positions=128)}[family]()
+    torch.manual_seed(seed)
+    tf.AutoModel.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> str:
+    return save_tiny_decoder("llama", tmp_path_factory.mktemp("tiny-llama"))
+
+
 @pytest.fixture
 def tiny_config(tiny_backbone) -> BackboneConfig:
     return BackboneConfig(name_or_path=tiny_backbone, max_length=64)

@@ -94,17 +94,24 @@ def _read(path: Path | None, spec, encoding: str | None, *, labelled: bool = Tru
 @app.command()
 def init(
     registry: RegistryArg,
-    backbone: Annotated[Optional[str], typer.Option(help="Local encoder folder (default: embedded all-MiniLM-L6-v2).")] = None,
-    pooling: Annotated[str, typer.Option(help="mean or cls.")] = "mean",
+    backbone: Annotated[Optional[str], typer.Option(
+        help="Local folder of an encoder or a decoder (causal LM), or a .gguf file (default: embedded "
+             "all-MiniLM-L6-v2).")] = None,
+    pooling: Annotated[Optional[str], typer.Option(
+        help="mean, cls or last (default: last for a decoder, mean otherwise).")] = None,
     layers: Annotated[Optional[int], typer.Option(help="Keep only the first N transformer layers.")] = None,
+    dtype: Annotated[str, typer.Option(help="Precision of the frozen backbone: float32, bfloat16 or float16 "
+                                            "(adapters and heads stay float32).")] = "float32",
 ) -> None:
     """Create an empty registry on a frozen backbone."""
     from cmtl import BackboneConfig, Registry
     from cmtl.core.backbone import DEFAULT_BACKBONE
 
-    config = BackboneConfig(name_or_path=backbone or DEFAULT_BACKBONE, pooling=pooling, num_hidden_layers=layers)
+    config = BackboneConfig(name_or_path=backbone or DEFAULT_BACKBONE, pooling=pooling, num_hidden_layers=layers,
+                            dtype=dtype)
     reg = Registry.create(registry, config)
-    typer.echo(f"created {reg.root} on {config.name_or_path} (weights {reg.backbone.sha256[:12]})")
+    typer.echo(f"created {reg.root} on {config.name_or_path} (weights {reg.backbone.sha256[:12]}, "
+               f"{reg.backbone.config.pooling} pooling)")
 
 
 @app.command("add-task")

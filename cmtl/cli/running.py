@@ -74,6 +74,14 @@ def bench(
     patience: Annotated[int, typer.Option(help="Stop after this many validation checks (one per epoch) without "
                                                "improvement and keep the best; 0 never stops early.")] = 2,
     layers: Annotated[Optional[int], typer.Option(help="Use only the first N backbone layers.")] = None,
+    backbone: Annotated[Optional[str], typer.Option(
+        help="Local folder of an encoder or a decoder, or a .gguf file (default: embedded all-MiniLM-L6-v2).")]
+    = None,
+    dtype: Annotated[str, typer.Option(help="Precision of the frozen backbone: float32, bfloat16 or float16.")]
+    = "float32",
+    adapter_layers: Annotated[Optional[str], typer.Option(
+        help="Comma-separated indices of the layers every adapter adapts (default all), e.g. 26,27,28,29: the "
+             "layers below run once per text and are cached.")] = None,
     replay_budget: int = 500,
     seed: int = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
@@ -81,8 +89,9 @@ def bench(
                                                             "rows and what would run; train nothing.")] = False,
 ) -> None:
     """Run continual-learning strategies on a scenario; write results.json, results.md and heatmaps."""
-    from cmtl import BackboneConfig, TrainConfig
+    from cmtl import AdapterConfig, BackboneConfig, TrainConfig
     from cmtl.benchmarks.learners import StrategyConfig
+    from cmtl.core.config import DEFAULT_BACKBONE
     from cmtl.benchmarks.runner import run_benchmark, summary_rows
     from cmtl.benchmarks.scenarios import Scenario
     from cmtl.continual.analytic import AnalyticConfig
@@ -108,10 +117,18 @@ def bench(
         return
     training = TrainConfig(**({} if epochs is None else {"epochs": epochs}), lr_schedule=lr_schedule,
                            patience=patience or None, seed=seed, progress=False)
-    config = StrategyConfig(training=training, replay_budget=replay_budget, analytic=AnalyticConfig(seed=seed))
+    try:
+        adapted = None if adapter_layers is None else [int(x) for x in adapter_layers.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{adapter_layers!r} is not a comma-separated list of layer indices.",
+                                 param_hint="--adapter-layers") from None
+    adapter = AdapterConfig(layers=adapted)
+    config = StrategyConfig(adapter=adapter, training=training, replay_budget=replay_budget,
+                            analytic=AnalyticConfig(seed=seed))
     out = out or Path("runs/bench") / sc.name
     results = run_benchmark(sc, strategies, out,
-                            backbone=BackboneConfig(num_hidden_layers=layers), config=config,
+                            backbone=BackboneConfig(name_or_path=backbone or DEFAULT_BACKBONE, num_hidden_layers=layers,
+                                                    dtype=dtype), config=config,
                             orders=[o.strip() for o in orders.split(",")], device=device, echo=typer.echo)
     typer.echo("")
     typer.echo(format_table(summary_rows(results), ["strategy", "order", "ACC", "BWT", "FWT", "forgetting",

@@ -61,18 +61,18 @@ def default_targets(encoder: nn.Module) -> tuple[str, ...]:
         return TARGETS[model_type]
     if model_type in PEFT_TARGETS:
         return tuple(PEFT_TARGETS[model_type])
-    linear = _linear_layers(encoder)
-    square = {n for n, m in linear.items() if m.in_features == m.out_features}
+    dims = {n: linear_dims(m) for n, m in _linear_layers(encoder).items()}
+    square = {n for n, (fan_in, fan_out) in dims.items() if fan_in == fan_out}
     query, value = sorted(n for n in square if _QUERY.match(n)), sorted(n for n in square if _VALUE.match(n))
     if query and value:
         return (query[0], value[0])
-    fused = sorted(n for n, m in linear.items() if _FUSED.match(n) and m.out_features == 3 * m.in_features)
+    fused = sorted(n for n, (fan_in, fan_out) in dims.items() if _FUSED.match(n) and fan_out == 3 * fan_in)
     if fused:
         return (fused[0],)
     raise DataError(
         f"cmtl knows no LoRA target modules for model type {model_type!r} and found no query/value projections "
         f"by name. Name them: AdapterConfig(target_modules=[...]) (CLI: --target-modules). This backbone's linear "
-        f"layers: {sorted(linear)}.")
+        f"layers: {sorted(dims)}.")
 
 
 def targets(path: str, target_modules: tuple[str, ...]) -> bool:
@@ -81,26 +81,54 @@ def targets(path: str, target_modules: tuple[str, ...]) -> bool:
     return any(path == t or path.endswith("." + t) for t in target_modules)
 
 
-def _linear_paths(encoder: nn.Module) -> dict[str, nn.Linear]:
-    """The encoder's linear layers by module path (one that peft wrapped, by the wrapper's path)."""
+def linear_dims(module: nn.Module) -> tuple[int, int] | None:
+    """``(in_features, out_features)`` of a layer LoRA can adapt: an ``nn.Linear``, or transformers'
+    ``Conv1D`` (GPT-2's linear layer, its weight stored transposed as (in, out)); ``None`` for others.
+    A layer peft wrapped answers for its base layer."""
+    module = getattr(module, "base_layer", module)
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if _is_conv1d(module):
+        return module.weight.shape[0], module.weight.shape[1]
+    return None
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
+
+
+def _linear_paths(encoder: nn.Module) -> dict[str, nn.Module]:
+    """The encoder's linear layers (:func:`linear_dims`) by module path (one that peft wrapped, by the
+    wrapper's path)."""
     return {name.removesuffix(".base_layer"): module for name, module in encoder.named_modules()
-            if isinstance(module, nn.Linear) and "lora_" not in name}
+            if "lora_" not in name and not hasattr(module, "base_layer") and linear_dims(module) is not None}
 
 
-def _linear_layers(encoder: nn.Module) -> dict[str, nn.Linear]:
+def _linear_layers(encoder: nn.Module) -> dict[str, nn.Module]:
     """The encoder's linear layers by their own (last) name."""
     return {path.rsplit(".", 1)[-1]: module for path, module in _linear_paths(encoder).items()}
 
 
-def _peft_config(config: AdapterConfig):
+def _peft_config(config: AdapterConfig, encoder: nn.Module):
     from peft import LoraConfig
 
+    from cmtl.core.backbone import layer_list
+
+    pattern = None
+    if config.layers is not None:  # peft finds layer indices after this name ("layer", "layers", "h")
+        found = layer_list(encoder)
+        pattern = None if found is None else found[0].rsplit(".", 1)[-1]
     return LoraConfig(
         r=config.r,
         lora_alpha=config.alpha,
         lora_dropout=config.dropout,
         target_modules=list(config.target_modules) if config.target_modules else None,
         layers_to_transform=list(config.layers) if config.layers is not None else None,
+        layers_pattern=pattern,
+        fan_in_fan_out=any(_is_conv1d(m) for p, m in _linear_paths(encoder).items()
+                           if targets(p, config.target_modules or ())),
         bias="none",
     )
 
@@ -206,9 +234,9 @@ class AdapterBank:
                 # peft 0.21 asks transformers 5 a deprecated question; users can do nothing about it.
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
                 if self._peft is None:
-                    self._peft = get_peft_model(self.encoder, _peft_config(config), adapter_name=name)
+                    self._peft = get_peft_model(self.encoder, _peft_config(config, self.encoder), adapter_name=name)
                 else:
-                    self._peft.add_adapter(name, _peft_config(config))
+                    self._peft.add_adapter(name, _peft_config(config, self.encoder))
         except ValueError as exc:
             raise DataError(f"Cannot build LoRA adapter with {config}: {exc}") from exc
         self._freeze_all()
@@ -280,7 +308,10 @@ class AdapterBank:
                 module = modules.get(path if self._peft is not None else path.removeprefix(PEFT_PREFIX))
                 if module is None:
                     raise DataError(f"The backbone has no module {path!r} to add a delta to.")
-                weight = getattr(module, "base_layer", module).weight
+                base = getattr(module, "base_layer", module)
+                weight = base.weight
+                if _is_conv1d(base):  # Conv1D stores its weight as (in, out)
+                    delta = delta.T
                 if weight.shape != delta.shape:
                     raise DataError(f"A delta of shape {tuple(delta.shape)} does not fit {path!r}, whose weight is "
                                     f"{tuple(weight.shape)}.")
@@ -373,13 +404,14 @@ def check_adapter_state(state: dict[str, torch.Tensor], config: AdapterConfig, e
         except AttributeError:
             module = None
         layer = next((int(p) for p in module_name.split(".") if p.isdigit()), None)
-        if (not part or not hasattr(module, "in_features")
+        dims = None if module is None else linear_dims(module)
+        if (not part or dims is None
                 or (config.target_modules is not None and not targets(module_name, config.target_modules))
                 or (config.layers is not None and layer not in config.layers)):
             problems.append(f"tensor {name!r} is not a LoRA factor of the adapted modules "
                             f"{list(config.target_modules or [])} in layers {list(config.layers or []) or 'all'}")
             continue
-        expected = (config.r, module.in_features) if part == "A" else (module.out_features, config.r)
+        expected = (config.r, dims[0]) if part == "A" else (dims[1], config.r)
         if tuple(tensor.shape) != expected:
             problems.append(f"tensor {name!r}: expected shape {expected}, found {tuple(tensor.shape)}")
     if problems:

@@ -1,13 +1,15 @@
-"""The frozen pretrained encoder every task shares.
+"""The frozen pretrained transformer every task shares.
 
-A backbone is any Hugging Face encoder that ``AutoModel`` loads from a local
-folder. It is frozen (no gradients, ``eval()``) and pooled to one vector per
-text. Nothing here reaches a model hub: loads are ``local_files_only``.
+A backbone is any Hugging Face encoder or decoder (causal LM) that ``AutoModel``
+loads from a local folder (or a ``.gguf`` file). It is frozen (no gradients,
+``eval()``) and pooled to one vector per text. Nothing here reaches a model hub:
+loads are ``local_files_only``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
@@ -69,8 +71,14 @@ class Backbone:
         return int(self.encoder.config.hidden_size)
 
     @property
+    def causal(self) -> bool:
+        """Whether this is a decoder: each token sees only the tokens before it."""
+        return is_causal(self.encoder.config)
+
+    @property
     def pad_id(self) -> int:
-        """Token id used to pad batches (0 when the tokenizer defines none)."""
+        """Token id used to pad batches (0 when the tokenizer defines none). Batches pad on the right, so
+        a causal model's real tokens never see a pad; pooling and attention ignore pads either way."""
         pad = self.tokenizer.pad_token_id
         return 0 if pad is None else int(pad)
 
@@ -79,9 +87,14 @@ class Backbone:
         return sum(p.numel() for n, p in self.encoder.named_parameters() if "lora_" not in n)
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Pool last hidden states (B, T, H) to (B, H)."""
+        """Pool last hidden states (B, T, H) to float32 (B, H), whatever the backbone's precision."""
+        hidden = hidden.float()
         if self.config.pooling == "cls":
             return hidden[:, 0]
+        if self.config.pooling == "last":  # the last non-pad token, with the pads on either side
+            positions = torch.arange(1, hidden.shape[1] + 1, device=hidden.device)
+            last = (attention_mask.to(positions.dtype) * positions).argmax(1)
+            return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
         return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
 
@@ -101,6 +114,8 @@ class Backbone:
         same as from ``input_ids`` as long as no active adapter touches the layers below.
         """
         if prefix is None:
+            if self.causal:
+                extra = {**extra, "use_cache": False}  # no key/value cache: nothing is generated
             out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra)
             return self.pool(out.last_hidden_state, attention_mask)
         hidden = self.run_layers(prefix, attention_mask, start=prefix_layers)
@@ -166,7 +181,7 @@ class Backbone:
             )
 
 
-# --- running a slice of layers, per encoder family ------------------------------------------------
+# --- running a slice of layers, per model family -------------------------------------------------
 # Each family's model forward is embeddings -> per-batch inputs its layers share (attention mask,
 # relative position bias, rotary tables) -> layers -> an optional final step. run_layers repeats it
 # for any slice, so the layers above a cached prefix see exactly what the full forward feeds them.
@@ -181,6 +196,7 @@ class _Family:
     embed: Callable[[nn.Module, torch.Tensor, torch.Tensor | None, torch.Tensor], torch.Tensor]
     prepare: Callable[[nn.Module, torch.Tensor, torch.Tensor], _Step]  # (model, hidden, attention_mask)
     finish: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
+    causal: bool = False
 
 
 def _bidirectional_mask(model: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor):
@@ -248,7 +264,68 @@ def _prepare_modernbert(model, hidden, attention_mask) -> _Step:
                                               position_embeddings=rotary[layer.attention_type])
 
 
+def _positions(hidden: torch.Tensor) -> torch.Tensor:
+    """(1, T) positions 0..T-1, what a decoder's forward uses without a key/value cache."""
+    return torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+
+
+def _causal_masks(model, hidden, attention_mask, kinds: set[str]) -> dict:
+    """A decoder's attention masks by layer kind (``full_attention``, ``sliding_attention``)."""
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    make = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+    return {kind: make[kind](config=model.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None,
+                             position_ids=_positions(hidden)) for kind in kinds}
+
+
+def _layer_kinds(config, count: int) -> list[str]:
+    """Each decoder layer's attention: the config's ``layer_types`` (Qwen2/3), else sliding for all when a
+    ``sliding_window`` is set (Mistral), else full (Llama)."""
+    kinds = getattr(config, "layer_types", None)
+    if kinds:
+        return list(kinds)
+    return ["sliding_attention" if getattr(config, "sliding_window", None) is not None else "full_attention"] * count
+
+
+def _embed_tokens(model, input_ids, token_type_ids, attention_mask):
+    return model.embed_tokens(input_ids)
+
+
+def _prepare_rotary(model, hidden, attention_mask) -> _Step:
+    """Llama and its kin: rotary tables and causal (or sliding-window) masks shared by every layer."""
+    kinds = _layer_kinds(model.config, len(model.layers))
+    masks = _causal_masks(model, hidden, attention_mask, set(kinds))
+    positions = _positions(hidden)
+    rotary = model.rotary_emb(hidden, positions)
+
+    def step(index, layer, hidden):
+        out = layer(hidden, attention_mask=masks[kinds[index]], position_embeddings=rotary, position_ids=positions,
+                    use_cache=False)
+        return out[0] if isinstance(out, tuple) else out
+
+    return step
+
+
+def _embed_gpt2(model, input_ids, token_type_ids, attention_mask):
+    hidden = model.wte(input_ids) + model.wpe(_positions(input_ids))
+    if token_type_ids is not None:  # GPT-2 embeds token types with its token embeddings
+        hidden = hidden + model.wte(token_type_ids)
+    return model.drop(hidden)
+
+
+def _prepare_gpt2(model, hidden, attention_mask) -> _Step:
+    mask = _causal_masks(model, hidden, attention_mask, {"full_attention"})["full_attention"]
+    positions = _positions(hidden)
+
+    def step(index, layer, hidden):
+        out = layer(hidden, None, mask, position_ids=positions, use_cache=False)
+        return out[0] if isinstance(out, tuple) else out
+
+    return step
+
+
 _BERT = _Family(lambda m: m.encoder.layer, _embed_bert, _prepare_bert)
+_ROTARY = _Family(lambda m: m.layers, _embed_tokens, _prepare_rotary, lambda m, h: m.norm(h), causal=True)
 #: ``config.model_type`` -> how its ``AutoModel`` runs; each is tested against the full forward.
 _FAMILIES = {
     "bert": _BERT,
@@ -259,11 +336,37 @@ _FAMILIES = {
     "mpnet": _Family(lambda m: m.encoder.layer, _embed_ids, _prepare_mpnet),
     "deberta-v2": _Family(lambda m: m.encoder.layer, _embed_deberta_v2, _prepare_deberta_v2),
     "modernbert": _Family(lambda m: m.layers, _embed_ids, _prepare_modernbert, lambda m, h: m.final_norm(h)),
+    "llama": _ROTARY,
+    "mistral": _ROTARY,
+    "qwen2": _ROTARY,
+    "qwen3": _ROTARY,
+    "gpt2": _Family(lambda m: m.h, _embed_gpt2, _prepare_gpt2, lambda m, h: m.ln_f(h), causal=True),
 }
 _REFUSED = {
     "albert": "ALBERT shares one set of layer weights across its depth, so no layer is frozen while another "
               "is adapted.",
 }
+
+
+def is_causal(config) -> bool:
+    """Whether a transformers config describes a decoder (causal LM) rather than an encoder: configured as
+    a decoder, or a model type with a causal-LM head and no masked-LM one (GPT-2, Llama, Qwen, Mistral, ...)."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    kind = getattr(config, "model_type", None)
+    return bool(getattr(config, "is_decoder", False)) or (
+        kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+
+def layer_list(encoder: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """``(module path, layers)`` of the transformer layers of a model cmtl knows, else ``None``."""
+    family, _ = _family_of(encoder)
+    if family is None:
+        return None
+    layers = family.layers(encoder)
+    path = next(name for name, module in encoder.named_modules() if module is layers)
+    return path, layers
 
 
 def _family_of(encoder: nn.Module) -> tuple[_Family | None, str | None]:
@@ -273,13 +376,13 @@ def _family_of(encoder: nn.Module) -> tuple[_Family | None, str | None]:
     if kind in _REFUSED:
         return None, _REFUSED[kind]
     if kind not in _FAMILIES:
-        return None, (f"cmtl runs a slice of layers only for the encoder families {sorted(_FAMILIES)}; "
+        return None, (f"cmtl runs a slice of layers only for the model families {sorted(_FAMILIES)}; "
                       f"this is {kind!r}.")
-    if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
+    family = _FAMILIES[kind]
+    if not family.causal and (getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False)):
         return None, f"this {kind!r} model is configured as a decoder (causal or cross attention)."
     if getattr(encoder, "z_steps", 0) > 1:
         return None, f"this {kind!r} model re-runs its last layer (z_steps={encoder.z_steps})."
-    family = _FAMILIES[kind]
     try:
         layers = family.layers(encoder)
     except AttributeError:
@@ -318,12 +421,20 @@ def weights_sha256(model: nn.Module) -> str:
 
 
 def load_backbone(config: BackboneConfig | str | None = None, device: str = "auto") -> Backbone:
-    """Load and freeze an encoder without touching the network.
+    """Load and freeze an encoder or a decoder without touching the network.
+
+    A decoder whose tokenizer has no pad token gets its end-of-text token as one (no token is added to
+    the vocabulary); ``config.pooling=None`` resolves to ``"last"`` for a decoder and ``"mean"`` otherwise,
+    and the returned backbone's config records the resolved value.
 
     Args:
         config: A :class:`BackboneConfig`, a ``name_or_path`` string, or ``None``
             for the embedded all-MiniLM-L6-v2.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ...
+
+    Raises:
+        BackboneNotFoundError: nothing loadable there (no folder, no weights, no tokenizer), or a model
+            cmtl cannot use as a backbone (an encoder-decoder, a model without text input).
     """
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
@@ -334,23 +445,57 @@ def load_backbone(config: BackboneConfig | str | None = None, device: str = "aut
     path = resolve_path(config.name_or_path)
     if not Path(path).exists() and os.environ.get("HF_HUB_OFFLINE") != "1":
         logger.info("Backbone %r is not a local folder; looking for it in the local Hugging Face cache only.", path)
+    source = {"pretrained_model_name_or_path": path, "local_files_only": True}
+    if path.endswith(".gguf"):  # transformers dequantises GGUF weights through the gguf package
+        _require_gguf(path)
+        source = {**source, "pretrained_model_name_or_path": str(Path(path).parent), "gguf_file": Path(path).name}
     overrides = {}
     if config.num_hidden_layers is not None:
         overrides["num_hidden_layers"] = config.num_hidden_layers
     try:
-        hf_config = AutoConfig.from_pretrained(path, local_files_only=True, **overrides)
-        with _quiet_transformers(config.num_hidden_layers is not None):
+        hf_config = AutoConfig.from_pretrained(**source, **overrides)
+        _check_usable(hf_config, config.name_or_path)
+        with _quiet_transformers(config.num_hidden_layers is not None or "gguf_file" in source):
             # A layer cut leaves the dropped layers' weights unused; transformers reports each one,
             # and its per-tensor loading bar is noise for a model this small.
-            encoder = AutoModel.from_pretrained(path, config=hf_config, local_files_only=True)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except OSError as exc:
+            encoder = AutoModel.from_pretrained(**source, config=hf_config, dtype=getattr(torch, config.dtype))
+        tokenizer = AutoTokenizer.from_pretrained(**source)
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, BackboneNotFoundError):
+            raise
         raise BackboneNotFoundError(
             f"Cannot load backbone {config.name_or_path!r} from {path!r}: {exc}. cmtl never downloads models; "
-            "pass a local folder that holds config.json, the weights and the tokenizer."
+            "pass a local folder that holds config.json, the weights and the tokenizer of a transformers encoder "
+            "or decoder (or a .gguf file)."
         ) from exc
+    if tokenizer.pad_token is None and (tokenizer.eos_token or tokenizer.unk_token) is not None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token  # an existing token: the vocabulary stays
+    if config.pooling is None:
+        config = dataclasses.replace(config, pooling="last" if is_causal(hf_config) else "mean")
     encoder.requires_grad_(False)
     encoder.eval()
     dev = pick_device(device)
     encoder.to(dev)
     return Backbone(config=config, encoder=encoder, tokenizer=tokenizer, sha256=weights_sha256(encoder), device=dev)
+
+
+def _require_gguf(path: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") is None:
+        raise BackboneNotFoundError(
+            f"Loading {path!r} needs the gguf package, which transformers uses to read and dequantise GGUF "
+            "weights: pip install 'cmtl[gguf]' (or pip install gguf).")
+
+
+def _check_usable(hf_config, name: str) -> None:
+    """Refuse a model that cannot be a text backbone, before its weights load."""
+    kind = getattr(hf_config, "model_type", None)
+    if getattr(hf_config, "is_encoder_decoder", False):
+        raise BackboneNotFoundError(
+            f"Backbone {name!r} is an encoder-decoder model ({kind!r}); cmtl pools one stack's hidden states. "
+            "Pass an encoder (BERT, RoBERTa, MiniLM, ...) or a decoder (Llama, Qwen, Mistral, GPT-2, ...).")
+    if getattr(hf_config, "vocab_size", None) is None or getattr(hf_config, "hidden_size", None) is None:
+        raise BackboneNotFoundError(
+            f"Backbone {name!r} is a {kind!r} model without a text vocabulary or hidden size: not a text "
+            "encoder or decoder. Pass the folder of a transformers text model.")

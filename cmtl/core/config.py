@@ -15,33 +15,45 @@ from cmtl.errors import InvalidParameterError, bad_param
 #: registry stays valid when moved to another environment.
 DEFAULT_BACKBONE = "embedded:all-MiniLM-L6-v2"
 
-Pooling = Literal["mean", "cls"]
+Pooling = Literal["mean", "cls", "last"]
+#: Weight precisions the frozen backbone may be loaded in; adapters and heads always train in float32.
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(kw_only=True, frozen=True)
 class BackboneConfig:
-    """Which encoder to load and how to pool it.
+    """Which backbone to load, in which precision, and how to pool it.
 
     Args:
-        name_or_path: A local folder with an encoder and its tokenizer, a model
-            name already in the local Hugging Face cache, or
+        name_or_path: A local folder with an encoder or a decoder (causal LM) and its
+            tokenizer, a ``.gguf`` file that transformers can dequantise (needs the
+            ``gguf`` package), a model name already in the local Hugging Face cache, or
             ``"embedded:all-MiniLM-L6-v2"`` for the model shipped with cmtl.
-        pooling: ``"mean"`` (mask-aware mean of the last hidden states, what
-            sentence encoders such as MiniLM are trained for) or ``"cls"``.
+        pooling: ``"mean"`` (mask-aware mean of the last hidden states, what sentence
+            encoders such as MiniLM are trained for), ``"cls"`` (the first token) or
+            ``"last"`` (the last non-pad token: the only one a causal model lets see the
+            whole text). ``None`` picks ``"last"`` for decoders and ``"mean"`` otherwise;
+            the loaded backbone records the resolved value.
         num_hidden_layers: Keep only the first N transformer layers (a cheaper
             "cut" of the model); ``None`` keeps them all.
         max_length: Longest input in tokens; longer texts are truncated.
+        dtype: Precision of the frozen backbone's weights: ``"bfloat16"`` or ``"float16"``
+            halve its memory; LoRA factors and heads stay float32. Part of the weights'
+            hash, so a registry stays on the precision it was built on.
     """
 
     name_or_path: str = DEFAULT_BACKBONE
-    pooling: Pooling = "mean"
+    pooling: Pooling | None = None
     num_hidden_layers: int | None = None
     max_length: int = 256
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        if self.pooling not in ("mean", "cls"):
-            raise InvalidParameterError(bad_param("pooling", "BackboneConfig", "be one of ['cls', 'mean']",
-                                                  self.pooling))
+        if self.pooling not in (None, "mean", "cls", "last"):
+            raise InvalidParameterError(bad_param("pooling", "BackboneConfig",
+                                                  "be one of ['cls', 'last', 'mean'] or None", self.pooling))
+        if self.dtype not in DTYPES:
+            raise InvalidParameterError(bad_param("dtype", "BackboneConfig", f"be one of {list(DTYPES)}", self.dtype))
         if self.num_hidden_layers is not None and self.num_hidden_layers < 1:
             raise InvalidParameterError(bad_param("num_hidden_layers", "BackboneConfig", "be >= 1 or None",
                                                   self.num_hidden_layers))

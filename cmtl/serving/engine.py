@@ -31,7 +31,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from cmtl.core.adapters import PEFT_PREFIX, AdapterConfig, check_adapter_state, hook_row_lora, lora_factors
+from cmtl.core.adapters import (PEFT_PREFIX, AdapterConfig, check_adapter_state, hook_row_lora, linear_dims,
+                                lora_factors)
 from cmtl.core.backbone import Backbone, BackboneConfig, load_backbone
 from cmtl.core.tasks import TaskSpec
 from cmtl.data import Encoded, as_texts, batches, token_budget_chunks
@@ -240,8 +241,9 @@ class InferenceEngine:
             module = self.backbone.encoder.get_submodule(module_name)
         except AttributeError as exc:
             raise DataError(f"An adapter in {str(self.root)!r} targets {module_name!r}, which the backbone lacks.") from exc
-        if not isinstance(module, nn.Linear):
-            raise DataError(f"An adapter targets {module_name!r}, a {type(module).__name__}; only nn.Linear is served.")
+        if linear_dims(module) is None:
+            raise DataError(f"An adapter targets {module_name!r}, a {type(module).__name__}; only linear layers "
+                            "(nn.Linear, transformers' Conv1D) are served.")
         hook_row_lora(module, lambda: self._rows(module_name))
         self._hooked.add(module_name)
 

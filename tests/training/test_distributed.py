@@ -1,6 +1,6 @@
 """Data-parallel training: 2 CPU processes under torchrun (gloo) train the same adapter as one
 process on the same global batches (one task, and a joint group with TAG and uncertainty
-weighting), and only rank 0 writes the registry."""
+weighting, on an encoder; one task on a decoder), and only rank 0 writes the registry."""
 
 from __future__ import annotations
 
@@ -23,8 +23,10 @@ def _run(cmd: list[str]) -> None:
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
 
-@pytest.mark.parametrize("mode", ["task", "group"])
-def test_two_process_training_matches_one_process(tmp_path, tiny_backbone, mode):
+@pytest.mark.parametrize("mode,backbone", [("task", "tiny_backbone"), ("group", "tiny_backbone"),
+                                           ("task", "tiny_llama")])
+def test_two_process_training_matches_one_process(tmp_path, request, mode, backbone):
+    tiny_backbone = request.getfixturevalue(backbone)  # an encoder, or a decoder
     _run([sys.executable, str(SCRIPT), mode, tiny_backbone, str(tmp_path / "single"), str(tmp_path / "single")])
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(SCRIPT),
           mode, tiny_backbone, str(tmp_path / "ddp"), str(tmp_path / "ddp")])

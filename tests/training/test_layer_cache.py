@@ -1,6 +1,6 @@
-"""The frozen-layer cache is exact on every encoder family transformers ships, or it is refused.
+"""The frozen-layer cache is exact on every encoder and decoder family cmtl knows, or it is refused.
 
-For each family a tiny random encoder (hidden 32, 3 layers) gets a LoRA adapter on its top layer;
+For each family a tiny random model (hidden 32, 3 layers) gets a LoRA adapter on its top layer;
 the cached path (hidden states after the frozen layers, padded by :func:`cmtl.data.examples.batches`, then
 :meth:`Backbone.embed` on the layers above) must give the pooled vectors of the full forward pass
 within 1e-5, on batches that mix rows of different lengths. A family cmtl cannot split is refused
@@ -61,23 +61,42 @@ def _family(name: str):
         config = tf.ModernBertConfig(vocab_size=VOCAB, local_attention=8, pad_token_id=0, bos_token_id=2,
                                      eos_token_id=3, cls_token_id=2, sep_token_id=3, **SMALL)
         return config, tf.ModernBertModel, 0, ("Wqkv",)
+    llama_like = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128, bos_token_id=1,
+                      eos_token_id=1)
+    if name == "llama":
+        return tf.LlamaConfig(**llama_like), tf.LlamaModel, 0, ("q_proj", "v_proj")
+    if name == "mistral":  # every layer sees a sliding window shorter than the rows
+        return tf.MistralConfig(sliding_window=8, **llama_like), tf.MistralModel, 0, ("q_proj", "v_proj")
+    if name == "qwen2":  # the bottom layer full attention, the ones above a sliding window
+        config = tf.Qwen2Config(use_sliding_window=True, sliding_window=8, max_window_layers=1, **llama_like)
+        return config, tf.Qwen2Model, 0, ("q_proj", "v_proj")
+    if name == "qwen3":  # normed queries and keys inside attention
+        return tf.Qwen3Config(head_dim=8, **llama_like), tf.Qwen3Model, 0, ("q_proj", "v_proj")
+    if name == "gpt2":  # learned positions; Conv1D layers with a fused query/key/value projection
+        config = tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=LAYERS, n_head=4, n_positions=128, bos_token_id=1,
+                               eos_token_id=1)
+        return config, tf.GPT2Model, 0, ("c_attn",)
     raise ValueError(name)
 
 
-FAMILIES = ["bert", "roberta", "xlm-roberta", "electra", "deberta-v2", "mpnet", "distilbert", "albert", "modernbert"]
+DECODER_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gpt2"]
+FAMILIES = ["bert", "roberta", "xlm-roberta", "electra", "deberta-v2", "mpnet", "distilbert", "albert", "modernbert",
+            *DECODER_FAMILIES]
 #: Families whose layers share weights: an adapter on the top layer changes the layers below too.
 REFUSED = {"albert"}
-#: peft 0.21 finds no layer index in these module names (ALBERT: ``albert_layer_groups.0.albert_layers.0``,
-#: ModernBERT: ``layers.2`` at the top level), so ``AdapterConfig(layers=...)`` attaches nothing; the cache
-#: is tested on the bare backbone for them.
-NO_LAYER_LORA = {"albert", "modernbert"}
+#: peft 0.21 finds no layer index in ALBERT's module names (``albert_layer_groups.0.albert_layers.0``), so
+#: ``AdapterConfig(layers=...)`` attaches nothing; the cache is tested on the bare backbone for it. (Top-level
+#: layer lists such as ModernBERT's and the decoders' ``layers.2`` are found: cmtl names peft's ``layers_pattern``.)
+NO_LAYER_LORA = {"albert"}
 
 
 def tiny_backbone(name: str, seed: int = 0) -> tuple[Backbone, tuple[str, ...]]:
     config, model_class, pad, targets = _family(name)
     torch.manual_seed(seed)
     encoder = model_class(config).eval().requires_grad_(False)
-    backbone = Backbone(config=BackboneConfig(name_or_path=f"tiny-{name}"), encoder=encoder,
+    pooling = "last" if name in DECODER_FAMILIES else "mean"
+    backbone = Backbone(config=BackboneConfig(name_or_path=f"tiny-{name}", pooling=pooling), encoder=encoder,
                         tokenizer=SimpleNamespace(pad_token_id=pad), sha256="-")
     return backbone, targets
 

@@ -1,0 +1,204 @@
+"""Decoder (causal-LM) backbones: the whole lifecycle on a tiny random Llama, Qwen2, Mistral and GPT-2,
+last-token pooling that ignores padding, a pad token for tokenizers without one, and clear errors for
+folders that hold no usable backbone. (The frozen-layer cache per decoder family is tested beside the
+encoders' in tests/training/test_layer_cache.py.)"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from cmtl import AdapterConfig, BackboneConfig, Registry, TaskSpec, TrainConfig, UpdateConfig
+
+from cmtl.core.backbone import load_backbone
+from cmtl.errors import BackboneMismatchError, BackboneNotFoundError, InvalidParameterError
+from cmtl.serving.engine import InferenceEngine
+from tests.conftest import DECODERS, FAST, TOPICS, byte_level_tokenizer, save_tiny_decoder, toy_sentiment, toy_topics
+
+TEXTS = ["the movie was great", "a goal and the day", "an awful plot", "song and band tonight", "it was superb",
+         "the film was really quite dreadful and the acting was poor and the story nasty"]
+
+
+@pytest.fixture(scope="module", params=DECODERS)
+def decoder(request, tmp_path_factory) -> tuple[str, str]:
+    """(family, folder) of a tiny random decoder of that family."""
+    return request.param, save_tiny_decoder(request.param, tmp_path_factory.mktemp(request.param))
+
+
+def _config(path: str, **kwargs) -> BackboneConfig:
+    return BackboneConfig(name_or_path=path, max_length=64, **kwargs)
+
+
+def test_a_decoder_pools_its_last_token_and_pads_with_its_end_of_text_token(decoder):
+    family, path = decoder
+    backbone = load_backbone(_config(path), device="cpu")
+    assert backbone.causal and backbone.config.pooling == "last"
+    assert backbone.tokenizer.pad_token == "<|endoftext|>"
+    assert len(backbone.tokenizer) == len(byte_level_tokenizer())  # no token added to the vocabulary
+    assert backbone.pad_id == backbone.tokenizer.eos_token_id
+    ids = backbone.tokenize(TEXTS)["input_ids"]
+    width = max(map(len, ids))
+    padded = torch.full((len(ids), width), backbone.pad_id)
+    mask = torch.zeros(len(ids), width, dtype=torch.long)
+    for row, seq in enumerate(ids):
+        padded[row, : len(seq)], mask[row, : len(seq)] = torch.tensor(seq), 1
+    with torch.no_grad():
+        batch = backbone.embed(padded, mask)
+        alone = torch.cat([backbone.embed(torch.tensor([seq]), torch.ones(1, len(seq), dtype=torch.long))
+                           for seq in ids])
+        last = backbone.encoder(input_ids=torch.tensor([ids[0]])).last_hidden_state[0, -1]
+    torch.testing.assert_close(batch, alone, atol=1e-5, rtol=1e-5)  # a padded batch pools as each text alone
+    torch.testing.assert_close(batch[0], last, atol=1e-5, rtol=1e-5)
+
+
+def test_last_pooling_finds_the_last_real_token_on_either_side():
+    from cmtl.core.backbone import Backbone
+
+    backbone = Backbone(config=BackboneConfig(pooling="last"), encoder=None, tokenizer=None, sha256="-")
+    hidden = torch.arange(2 * 4 * 1, dtype=torch.float).reshape(2, 4, 1)  # (B, T, H): value = position
+    right = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    left = torch.tensor([[0, 0, 1, 1], [0, 1, 1, 1]])
+    assert backbone.pool(hidden, right).flatten().tolist() == [1.0, 7.0]
+    assert backbone.pool(hidden, left).flatten().tolist() == [3.0, 7.0]
+
+
+def test_the_whole_lifecycle_runs_on_each_decoder_family(decoder, tmp_path, caplog):
+    family, path = decoder
+    reg = Registry.create(tmp_path / "reg", _config(path), device="cpu")
+    assert reg.recorded_backbone["pooling"] == "last"
+    reg.add_task(TaskSpec("sentiment", labels=["neg", "pos"]), toy_sentiment(64), validation=toy_sentiment(32, 1),
+                 training=FAST)
+    reg.add_task(TaskSpec("topic", labels=TOPICS), toy_topics(48), validation=toy_topics(15, 1),
+                 adapter=AdapterConfig(r=4, alpha=8), training=FAST)
+    with caplog.at_level(logging.INFO, logger="cmtl.training.caching"):
+        reg.add_task(TaskSpec("upper", labels=["neg", "pos"]), toy_sentiment(48, 2), validation=toy_sentiment(16, 3),
+                     adapter=AdapterConfig(r=2, alpha=2, layers=(1,)), training=FAST)
+    assert "Caching the 1 frozen layers" in caplog.text  # the cached path agreed with the full forward
+    expected = ["c_attn"] if family == "gpt2" else ["q_proj", "v_proj"]
+    assert reg.current("sentiment").adapter["target_modules"] == expected
+    upper_keys = reg.adapter_state("upper", 1)
+    assert upper_keys and all(".1." in key for key in upper_keys)  # layer 1 only (peft's layers_pattern)
+    # an update with replay and a penalty, then a merge of the two tasks
+    update = reg.update_task("sentiment", toy_sentiment(48, 5), validation=toy_sentiment(32, 6),
+                             config=UpdateConfig(penalty="ewc"), training=dataclasses.replace(FAST, epochs=2),
+                             promote=True)
+    assert update.version.version == 2 and update.version.current
+    reg.merge(["sentiment", "topic"], "both", method="linear")
+    # mixed-task batches in the engine equal one task at a time, merged entry included
+    engine = InferenceEngine(tmp_path / "reg", device="cpu", max_batch_size=4)
+    tasks = ["sentiment", "topic", "upper", "sentiment", "upper", "topic"]
+    mixed = engine.logits(tasks, TEXTS)
+    for task in ("sentiment", "topic", "upper"):
+        rows = [i for i, t in enumerate(tasks) if t == task]
+        alone = reg.predict_proba(task, [TEXTS[i] for i in rows])
+        got = torch.stack([mixed[i] for i in rows]).softmax(-1).numpy()
+        np.testing.assert_allclose(got, alone, atol=1e-5)
+    merged = engine.logits(["topic", "sentiment"], TEXTS[:2], merges=["both", "both"])
+    np.testing.assert_allclose(merged[0].softmax(-1).numpy(), reg.predict_proba("topic", TEXTS[:1], merge="both")[0],
+                               atol=1e-5)
+    # drift: the same kind of text passes, another kind is flagged
+    assert reg.monitor("sentiment", [r["text"] for r in toy_sentiment(40, 9)]).drift is False
+    assert reg.monitor("sentiment", [f"quarterly earnings rose {i} percent in europe" for i in range(40)]).drift
+    # a new process reads the same answers
+    reopened = Registry.open(tmp_path / "reg", device="cpu")
+    np.testing.assert_allclose(reopened.predict_proba("topic", TEXTS), reg.predict_proba("topic", TEXTS), atol=1e-6)
+
+
+def test_joint_training_and_lwf_run_on_a_decoder(tiny_llama, tmp_path):
+    from cmtl.multitask.config import MultiTaskConfig
+
+    reg = Registry.create(tmp_path / "reg", _config(tiny_llama), device="cpu")
+    reg.add_task(TaskSpec("sentiment", labels=["neg", "pos"]), toy_sentiment(48), validation=toy_sentiment(16, 1),
+                 training=dataclasses.replace(FAST, epochs=2))
+    reg.add_task(TaskSpec("topic", labels=TOPICS), toy_topics(30), training=TrainConfig(max_steps=2, progress=False))
+    reg.train_group("both", {"sentiment": (toy_sentiment(48), toy_sentiment(16, 1)),
+                             "topic": (toy_topics(45), toy_topics(15, 1))},
+                    config=MultiTaskConfig(steps=6, eval_every=3), training=FAST)
+    assert set(reg.predict("topic", TEXTS, merge="both")) <= set(TOPICS)
+    result = reg.update_task("sentiment", toy_sentiment(32, 7), validation=toy_sentiment(16, 8),
+                             config=UpdateConfig(penalty="lwf"), training=dataclasses.replace(FAST, epochs=1),
+                             promote=True)
+    assert result.version.version == 2
+
+
+def test_a_half_precision_backbone_trains_float32_adapters(tiny_llama, tmp_path):
+    reg = Registry.create(tmp_path / "reg", _config(tiny_llama, dtype="bfloat16"), device="cpu")
+    full = load_backbone(_config(tiny_llama), device="cpu")
+    assert reg.backbone.encoder.embed_tokens.weight.dtype == torch.bfloat16
+    assert reg.backbone.sha256 != full.sha256  # the precision is part of the weights' identity
+    reg.add_task(TaskSpec("sentiment", labels=["neg", "pos"]), toy_sentiment(48), validation=toy_sentiment(16, 1),
+                 training=dataclasses.replace(FAST, epochs=2))
+    state = reg.adapter_state("sentiment", 1)
+    assert {v.dtype for v in state.values()} == {torch.float32}
+    assert reg.predict_proba("sentiment", TEXTS[:2]).dtype == np.float32
+    with pytest.raises(BackboneMismatchError):
+        Registry.open(tmp_path / "reg", _config(tiny_llama), device="cpu")  # float32 weights hash otherwise
+    with pytest.raises(InvalidParameterError, match="dtype"):
+        BackboneConfig(dtype="int8")
+
+
+def test_opening_with_another_pooling_is_refused(tiny_llama, tmp_path):
+    """The same weights pooled otherwise give other features: the heads would answer wrongly."""
+    Registry.create(tmp_path / "reg", _config(tiny_llama), device="cpu")
+    with pytest.raises(BackboneMismatchError, match="pooling 'last' -> 'mean'|pooling 'mean' -> 'last'"):
+        Registry.open(tmp_path / "reg", _config(tiny_llama, pooling="mean"), device="cpu")
+    reopened = Registry.open(tmp_path / "reg", _config(tiny_llama), device="cpu")  # None resolves to 'last'
+    assert reopened.backbone.config.pooling == "last"
+
+
+def test_folders_without_a_usable_backbone_get_clear_errors(tmp_path, tiny_llama):
+    import shutil
+
+    import transformers as tf
+
+    empty = tmp_path / "no-weights"
+    shutil.copytree(tiny_llama, empty)
+    for weights in empty.glob("*.safetensors"):
+        weights.unlink()
+    with pytest.raises(BackboneNotFoundError, match="cmtl never downloads models"):
+        load_backbone(str(empty), device="cpu")
+    seq2seq = tmp_path / "t5"
+    tf.T5Config(vocab_size=400, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8).save_pretrained(seq2seq)
+    byte_level_tokenizer().save_pretrained(seq2seq)
+    with pytest.raises(BackboneNotFoundError, match="encoder-decoder"):
+        load_backbone(str(seq2seq), device="cpu")
+    vision = tmp_path / "vit"
+    tf.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                 intermediate_size=32).save_pretrained(vision)
+    with pytest.raises(BackboneNotFoundError, match="text"):
+        load_backbone(str(vision), device="cpu")
+    assert not (tmp_path / "reg").exists()
+    with pytest.raises(BackboneNotFoundError):
+        Registry.create(tmp_path / "reg", str(vision), device="cpu")
+    assert not (tmp_path / "reg" / "registry.json").exists()
+
+
+def test_a_gguf_file_that_cannot_be_read_gets_a_clear_error(tmp_path, monkeypatch):
+    import importlib.util
+
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"not a gguf file")
+    if importlib.util.find_spec("gguf") is not None:  # cmtl[test] brings it
+        with pytest.raises(BackboneNotFoundError, match="Cannot load backbone .*model.gguf"):
+            load_backbone(str(fake), device="cpu")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else find_spec(name, *a))
+    with pytest.raises(BackboneNotFoundError, match=r"pip install 'cmtl\[gguf\]'"):
+        load_backbone(str(fake), device="cpu")
+
+
+def test_init_on_a_decoder_from_the_shell(tiny_llama, tmp_path):
+    from typer.testing import CliRunner
+
+    from cmtl.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["init", str(tmp_path / "reg"), "--backbone", tiny_llama, "--dtype", "bfloat16"])
+    assert result.exit_code == 0, result.output
+    recorded = json.loads((tmp_path / "reg" / "registry.json").read_text())["backbone"]
+    assert (recorded["pooling"], recorded["dtype"]) == ("last", "bfloat16")
