@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from cmtl.core.config import DEFAULT_BACKBONE, BackboneConfig, Pooling  # noqa: F401  (re-exported)
@@ -58,6 +59,10 @@ class Backbone:
         tokenizer: The matching tokenizer.
         sha256: Hash of the encoder's weights after any layer cut; a registry
             refuses to open on an encoder with another hash.
+        checkpointing: While gradients are recorded, run each layer under activation checkpointing
+            (its activations are recomputed in the backward pass instead of kept): less memory, about
+            one more forward pass of time. Only for families :meth:`run_layers` follows; see
+            :meth:`checkpointed`.
     """
 
     config: BackboneConfig
@@ -65,10 +70,16 @@ class Backbone:
     tokenizer: object
     sha256: str
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    checkpointing: bool = False
 
     @property
     def hidden_size(self) -> int:
         return int(self.encoder.config.hidden_size)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Precision of the frozen weights (and of hidden states before pooling)."""
+        return next(self.encoder.parameters()).dtype
 
     @property
     def causal(self) -> bool:
@@ -113,6 +124,10 @@ class Backbone:
         layers (see :meth:`run_layers`), only the layers above run: the result is the
         same as from ``input_ids`` as long as no active adapter touches the layers below.
         """
+        if prefix is None and self.checkpointing and torch.is_grad_enabled() and self.splittable:
+            hidden = self.run_layers(None, attention_mask, input_ids=input_ids,
+                                     token_type_ids=extra.get("token_type_ids"))
+            return self.pool(hidden, attention_mask)
         if prefix is None:
             if self.causal:
                 extra = {**extra, "use_cache": False}  # no key/value cache: nothing is generated
@@ -162,11 +177,27 @@ class Backbone:
         if start == 0:
             hidden = family.embed(self.encoder, input_ids, token_type_ids, attention_mask)
         step = family.prepare(self.encoder, hidden, attention_mask)
+        recompute = self.checkpointing and torch.is_grad_enabled()
         for index in range(start, stop):
-            hidden = step(index, layers[index], hidden)
+            if recompute:  # the layer's activations are recomputed in the backward pass, not kept
+                hidden = torch.utils.checkpoint.checkpoint(step, index, layers[index], hidden, use_reentrant=False)
+            else:
+                hidden = step(index, layers[index], hidden)
         if stop == len(layers) and family.finish is not None:
             hidden = family.finish(self.encoder, hidden)
         return hidden
+
+    @contextlib.contextmanager
+    def checkpointed(self, on: bool = True) -> Iterator[None]:
+        """Activation checkpointing (:attr:`checkpointing`) for the duration of the block. A family
+        :meth:`run_layers` cannot follow is run whole, with a warning."""
+        if on and not self.splittable:
+            logger.warning("Gradient checkpointing is off for %s: %s", self.config.name_or_path, self.split_refusal)
+        before, self.checkpointing = self.checkpointing, on and self.splittable
+        try:
+            yield
+        finally:
+            self.checkpointing = before
 
     def tokenize(self, texts: list[str], pairs: list[str] | None = None) -> dict[str, list[list[int]]]:
         """Token ids (and token type ids) per text, unpadded; pairs are joined with the separator token."""

@@ -3,6 +3,7 @@ a small LoRA of each task's own (what :meth:`cmtl.Registry.train_group` stores b
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,7 @@ from cmtl.multitask.joint import grouped_forward, train_multitask
 from cmtl.training.loop import TrainConfig
 from cmtl.training.trainee import Trainee
 
+logger = logging.getLogger(__name__)
 
 @dataclass
 class Group:
@@ -50,8 +52,14 @@ def train_group(backbone: Backbone, bank: AdapterBank, key: str, tasks: list[str
         trainee.activate()
         shared = bank.parameters(key)
         per_task = [p for h in heads for p in h.parameters()] + (list(own.parameters()) if own else [])
-        result = train_multitask(forward, shared, per_task, trainee.set_training, specs, train, validation, config,
-                                 training, pad_id=backbone.pad_id, device=backbone.device)
+        # Per-task factors are gathered by forward hooks that know the batch's rows only during the forward
+        # pass, not when a checkpointed layer is recomputed in the backward pass.
+        checkpoint = training.gradient_checkpointing and own is None
+        if training.gradient_checkpointing and own is not None:
+            logger.warning("Gradient checkpointing is off for this group: per-task adapters cannot be recomputed.")
+        with backbone.checkpointed(checkpoint):
+            result = train_multitask(forward, shared, per_task, trainee.set_training, specs, train, validation,
+                                     config, training, pad_id=backbone.pad_id, device=backbone.device)
         for p in shared:
             p.requires_grad_(False)
         own_states = None if own is None else {t: own.state(i) for i, t in enumerate(tasks)}

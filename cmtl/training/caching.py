@@ -35,8 +35,8 @@ def frozen_layers(adapter: AdapterConfig, backbone: Backbone) -> int:
 
 
 def prefix_megabytes(encoded: Encoded, backbone: Backbone) -> float:
-    """Memory the cached hidden states of ``encoded`` would take (float32)."""
-    return sum(encoded.lengths()) * backbone.hidden_size * 4 / 2**20
+    """Memory the cached hidden states of ``encoded`` would take (in the backbone's precision)."""
+    return sum(encoded.lengths()) * backbone.hidden_size * backbone.dtype.itemsize / 2**20
 
 
 def cache_prefix(encoded: Encoded, backbone: Backbone, layers: int, *, batch_size: int = 64) -> Encoded:
@@ -62,8 +62,9 @@ def cache_mismatch(encoded: Encoded, backbone: Backbone, layers: int, *, rows: i
 
     Takes up to ``rows`` rows spread over the length range, caches their prefix two rows at a time
     (other padding than they are then used with) and compares the pooled vectors of one padded batch
-    through the cache with the full forward pass's, as ``allclose`` with atol = rtol = 1e-5 in float32
-    (4 eps in lower precisions). Guards against encoders whose layers need inputs cmtl does not know of.
+    through the cache with the full forward pass's, as ``allclose`` with atol = rtol = 1e-5 for a float32
+    backbone (4 eps of its precision for a bfloat16 or float16 one). Guards against models whose layers
+    need inputs cmtl does not know of.
     """
     by_length = length_sorted(encoded)
     picks = sorted({by_length[round(k * (len(by_length) - 1) / max(rows - 1, 1))] for k in range(rows)})
@@ -76,7 +77,7 @@ def cache_mismatch(encoded: Encoded, backbone: Backbone, layers: int, *, rows: i
         _, plain_inputs, _ = next(batches(sample, order, len(order), backbone.pad_id, backbone.device))
         _, cached_inputs, _ = next(batches(cached, order, len(order), backbone.pad_id, backbone.device))
         full, fast = backbone.embed(**plain_inputs), backbone.embed(**cached_inputs)  # (B, H) each
-    tol = max(1e-5, 4 * torch.finfo(full.dtype).eps)
+    tol = max(1e-5, 4 * torch.finfo(backbone.dtype).eps)  # pooled vectors are float32; the layers ran in this
     if torch.allclose(fast, full, atol=tol, rtol=tol):
         return None
     return (f"cached and full forward passes differ by up to {(fast - full).abs().max().item():.3g} "

@@ -48,6 +48,10 @@ class TrainConfig:
             (``AdapterConfig.layers``), run them once per example and reuse
             their outputs for every epoch and validation pass, if the cache
             fits in this many MiB; 0 never caches. Results are unchanged.
+        gradient_checkpointing: Recompute each backbone layer's activations in the backward pass
+            instead of keeping them (:meth:`cmtl.core.backbone.Backbone.checkpointed`): only each layer's
+            input is kept, at the price of one more forward pass per step; for long texts on deep
+            backbones. Results are unchanged. ``train_group`` with per-task adapters runs without it.
         validation_fraction: ``Registry.add_task`` without validation data holds out this fraction of
             the training data (seeded) to stop on and to keep as the task's held-out sample;
             0 trains on all of it for the whole ``epochs`` cap.
@@ -79,6 +83,7 @@ class TrainConfig:
     eval_batch_size: int = 64
     length_grouping: int = 0
     cache_frozen_mb: int = 2048
+    gradient_checkpointing: bool = False
     validation_fraction: float = 0.1
     probe_init: bool = True
     probe_start: bool = False
@@ -97,7 +102,7 @@ class TrainConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or value < 0:
                 raise InvalidParameterError(bad_param(key, "TrainConfig", "be an integer >= 0", value))
-        for key in ("probe_init", "probe_start"):
+        for key in ("probe_init", "probe_start", "gradient_checkpointing"):
             if not isinstance(getattr(self, key), bool):
                 raise InvalidParameterError(bad_param(key, "TrainConfig", "be True or False", getattr(self, key)))
         if not self.learning_rate > 0:

@@ -125,8 +125,9 @@ def fit(trainee: Trainee, backbone: Backbone, adapter: AdapterConfig, spec: Task
             candidate = [p.detach().clone() for p in params]  # the adapter as it is, the probe's head
             if not config.probe_start:
                 assign(list(head.parameters()), fresh)
-        result = train(trainee.forward, params, trainee.set_training, spec, train_data, validation, config,
-                       pad_id=backbone.pad_id, device=backbone.device, desc=f"{spec.name}", extra_loss=extra_loss,
-                       candidate=candidate, candidate_logits=candidate_logits)
+        with backbone.checkpointed(config.gradient_checkpointing):
+            result = train(trainee.forward, params, trainee.set_training, spec, train_data, validation, config,
+                           pad_id=backbone.pad_id, device=backbone.device, desc=f"{spec.name}",
+                           extra_loss=extra_loss, candidate=candidate, candidate_logits=candidate_logits)
     result.start_features = features
     return result

@@ -126,13 +126,16 @@ def test_joint_training_and_lwf_run_on_a_decoder(tiny_llama, tmp_path):
     assert result.version.version == 2
 
 
-def test_a_half_precision_backbone_trains_float32_adapters(tiny_llama, tmp_path):
+def test_a_half_precision_backbone_trains_float32_adapters(tiny_llama, tmp_path, caplog):
     reg = Registry.create(tmp_path / "reg", _config(tiny_llama, dtype="bfloat16"), device="cpu")
     full = load_backbone(_config(tiny_llama), device="cpu")
     assert reg.backbone.encoder.embed_tokens.weight.dtype == torch.bfloat16
     assert reg.backbone.sha256 != full.sha256  # the precision is part of the weights' identity
-    reg.add_task(TaskSpec("sentiment", labels=["neg", "pos"]), toy_sentiment(48), validation=toy_sentiment(16, 1),
-                 training=dataclasses.replace(FAST, epochs=2))
+    with caplog.at_level(logging.INFO, logger="cmtl.training.caching"):
+        reg.add_task(TaskSpec("sentiment", labels=["neg", "pos"]), toy_sentiment(48),
+                     validation=toy_sentiment(16, 1), adapter=AdapterConfig(layers=(1,)),
+                     training=dataclasses.replace(FAST, epochs=2))
+    assert "Caching the 1 frozen layers" in caplog.text  # within 4 eps of bfloat16 of the full forward
     state = reg.adapter_state("sentiment", 1)
     assert {v.dtype for v in state.values()} == {torch.float32}
     assert reg.predict_proba("sentiment", TEXTS[:2]).dtype == np.float32
@@ -202,3 +205,41 @@ def test_init_on_a_decoder_from_the_shell(tiny_llama, tmp_path):
     assert result.exit_code == 0, result.output
     recorded = json.loads((tmp_path / "reg" / "registry.json").read_text())["backbone"]
     assert (recorded["pooling"], recorded["dtype"]) == ("last", "bfloat16")
+
+
+@pytest.mark.parametrize("backbone_fixture", ["tiny_llama", "tiny_backbone"])
+def test_gradient_checkpointing_gives_the_same_gradients_and_training(backbone_fixture, request, tmp_path):
+    from cmtl.core.adapters import AdapterBank
+
+    path = request.getfixturevalue(backbone_fixture)
+    backbone = load_backbone(_config(path), device="cpu")
+    bank = AdapterBank(backbone.encoder)
+    bank.add("task", AdapterConfig(dropout=0.0))
+    bank.activate("task")
+    params = bank.parameters("task")
+    for p in params:
+        p.data.normal_(0, 0.1)
+    ids = backbone.tokenize(TEXTS[:3])["input_ids"]
+    width = max(map(len, ids))
+    padded = torch.tensor([seq + [backbone.pad_id] * (width - len(seq)) for seq in ids])
+    mask = torch.tensor([[1] * len(seq) + [0] * (width - len(seq)) for seq in ids])
+    grads = []
+    for on in (False, True):
+        with backbone.checkpointed(on):
+            assert backbone.checkpointing is on
+            backbone.embed(padded, mask).square().sum().backward()
+        grads.append([p.grad.clone() for p in params])
+        for p in params:
+            p.grad = None
+    assert not backbone.checkpointing
+    for plain, recomputed in zip(*grads):
+        torch.testing.assert_close(recomputed, plain, atol=1e-6, rtol=1e-5)
+    # a whole add_task: the same adapter with and without
+    states = []
+    for on in (False, True):
+        reg = Registry.create(tmp_path / f"reg-{on}", _config(path), device="cpu")
+        reg.add_task(TaskSpec("s", labels=["neg", "pos"]), toy_sentiment(32), validation=toy_sentiment(16, 1),
+                     training=dataclasses.replace(FAST, epochs=2, gradient_checkpointing=on))
+        states.append(reg.adapter_state("s", 1))
+    for key in states[0]:
+        torch.testing.assert_close(states[1][key], states[0][key], atol=1e-5, rtol=1e-4)
