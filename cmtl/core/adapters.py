@@ -17,7 +17,7 @@ import math
 import re
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -111,25 +111,33 @@ def _linear_layers(encoder: nn.Module) -> dict[str, nn.Module]:
     return {path.rsplit(".", 1)[-1]: module for path, module in _linear_paths(encoder).items()}
 
 
-def _peft_config(config: AdapterConfig, encoder: nn.Module):
-    from peft import LoraConfig
-
+def peft_layout(config: AdapterConfig, encoder: nn.Module) -> dict[str, Any]:
+    """What peft must know of ``encoder``'s layout to place ``config``'s adapter as cmtl does:
+    ``layers_pattern`` (the name before the layer index, for ``layers=``) and ``fan_in_fan_out``
+    (the targets are GPT-2-style ``Conv1D`` layers)."""
     from cmtl.core.backbone import layer_list
 
     pattern = None
     if config.layers is not None:  # peft finds layer indices after this name ("layer", "layers", "h")
         found = layer_list(encoder)
         pattern = None if found is None else found[0].rsplit(".", 1)[-1]
+    conv1d = any(_is_conv1d(m) for p, m in _linear_paths(encoder).items() if targets(p, config.target_modules or ()))
+    return {"layers_pattern": pattern, "fan_in_fan_out": conv1d}
+
+
+def peft_config(config: AdapterConfig, encoder: nn.Module, **extra: Any):
+    """peft's ``LoraConfig`` of ``config`` on ``encoder`` (``extra``: more LoraConfig fields)."""
+    from peft import LoraConfig
+
     return LoraConfig(
         r=config.r,
         lora_alpha=config.alpha,
         lora_dropout=config.dropout,
         target_modules=list(config.target_modules) if config.target_modules else None,
         layers_to_transform=list(config.layers) if config.layers is not None else None,
-        layers_pattern=pattern,
-        fan_in_fan_out=any(_is_conv1d(m) for p, m in _linear_paths(encoder).items()
-                           if targets(p, config.target_modules or ())),
         bias="none",
+        **peft_layout(config, encoder),
+        **extra,
     )
 
 
@@ -234,9 +242,9 @@ class AdapterBank:
                 # peft 0.21 asks transformers 5 a deprecated question; users can do nothing about it.
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
                 if self._peft is None:
-                    self._peft = get_peft_model(self.encoder, _peft_config(config, self.encoder), adapter_name=name)
+                    self._peft = get_peft_model(self.encoder, peft_config(config, self.encoder), adapter_name=name)
                 else:
-                    self._peft.add_adapter(name, _peft_config(config, self.encoder))
+                    self._peft.add_adapter(name, peft_config(config, self.encoder))
         except ValueError as exc:
             raise DataError(f"Cannot build LoRA adapter with {config}: {exc}") from exc
         self._freeze_all()

@@ -49,9 +49,10 @@ class PeftFolder:
 
 def write_folder(path: str | Path, *, adapter: AdapterConfig, state: dict[str, torch.Tensor], base_model: str,
                  spec: TaskSpec, head: dict[str, torch.Tensor], backbone: dict[str, Any],
-                 source: dict[str, Any], overwrite: bool = False) -> Path:
+                 source: dict[str, Any], layout: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
     """Write the folder at ``path`` (whole, or not at all). ``backbone``: the registry's backbone record
-    (its ``sha256`` is checked on import); ``source``: task, version and metrics for the card.
+    (its ``sha256`` is checked on import); ``source``: task, version and metrics for the card;
+    ``layout``: :func:`cmtl.core.adapters.peft_layout` of the backbone, so peft places the adapter as cmtl did.
 
     Raises:
         FileExistsError: ``path`` exists and is not an empty folder (unless ``overwrite``).
@@ -65,7 +66,7 @@ def write_folder(path: str | Path, *, adapter: AdapterConfig, state: dict[str, t
     config = LoraConfig(r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
                         target_modules=list(adapter.target_modules) if adapter.target_modules else None,
                         layers_to_transform=list(adapter.layers) if adapter.layers is not None else None,
-                        bias="none", base_model_name_or_path=base_model, inference_mode=True)
+                        bias="none", base_model_name_or_path=base_model, inference_mode=True, **(layout or {}))
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
     try:

@@ -329,6 +329,7 @@ class Registry(LoadedRegistry):
             FileExistsError: ``path`` is not empty (unless ``overwrite``).
             InvalidParameterError: the version's head is analytic.
         """
+        from cmtl.core.adapters import peft_layout
         from cmtl.core.backbone import resolve_path
         from cmtl.integrations.peft_folder import write_folder
 
@@ -342,6 +343,7 @@ class Registry(LoadedRegistry):
         return write_folder(path, adapter=AdapterConfig.from_dict(record["adapter"]), state=state,
                             base_model=resolve_path(backbone["name_or_path"]), spec=self.spec(task, version=version),
                             head=head, backbone=backbone, overwrite=overwrite,
+                            layout=peft_layout(AdapterConfig.from_dict(record["adapter"]), self.backbone.encoder),
                             source={"task": task, "version": version, "metrics": record.get("metrics", {}),
                                     "registry": str(self.root)})
 

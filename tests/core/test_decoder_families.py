@@ -243,3 +243,24 @@ def test_gradient_checkpointing_gives_the_same_gradients_and_training(backbone_f
         states.append(reg.adapter_state("s", 1))
     for key in states[0]:
         torch.testing.assert_close(states[1][key], states[0][key], atol=1e-5, rtol=1e-4)
+
+
+def test_a_decoder_adapter_exports_to_peft_with_its_layout(tmp_path):
+    """GPT-2: Conv1D targets (fan_in_fan_out) and a top-level layer list ``h`` (layers_pattern); PeftModel
+    reads the exported folder and gives the registry's pooled features."""
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    path = save_tiny_decoder("gpt2", tmp_path / "gpt2")
+    reg = Registry.create(tmp_path / "reg", _config(path), device="cpu")
+    reg.add_task(TaskSpec("s", labels=["neg", "pos"]), toy_sentiment(32), validation=toy_sentiment(16, 1),
+                 adapter=AdapterConfig(layers=(1,)), training=dataclasses.replace(FAST, epochs=2))
+    out = reg.export_peft("s", tmp_path / "export")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["layers_pattern"], config["fan_in_fan_out"], config["layers_to_transform"]) == ("h", True, [1])
+    model = PeftModel.from_pretrained(AutoModel.from_pretrained(path), str(out)).eval()
+    batch = reg.backbone.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    torch.testing.assert_close(reg.backbone.pool(hidden, batch["attention_mask"]), reg.embed(TEXTS, "s"),
+                               atol=1e-5, rtol=1e-5)
