@@ -233,6 +233,19 @@ def test_backbone_mismatch(reg_copy, other_tiny_backbone):
         Registry.open(reg_copy, backbone=other_tiny_backbone, device="cpu")
 
 
+def test_opening_with_other_settings_on_the_same_weights_is_refused(tmp_path, tiny_backbone):
+    """A registry pooled by CLS, opened with a BackboneConfig that pools by mean (or cuts texts shorter): the
+    weights hash the same, but every head would read other features and answer wrongly, silently."""
+    Registry.create(tmp_path / "reg", BackboneConfig(name_or_path=tiny_backbone, pooling="cls", max_length=64),
+                    device="cpu")
+    for other in (BackboneConfig(name_or_path=tiny_backbone, pooling="mean", max_length=64),
+                  BackboneConfig(name_or_path=tiny_backbone, pooling="cls", max_length=32)):
+        with pytest.raises(BackboneMismatchError, match="other settings than given"):
+            Registry.open(tmp_path / "reg", other, device="cpu")
+    same = BackboneConfig(name_or_path=tiny_backbone, pooling="cls", max_length=64)
+    assert Registry.open(tmp_path / "reg", same, device="cpu").backbone.config.pooling == "cls"
+
+
 def test_create_and_open_errors(tmp_path, tiny_config, sentiment_registry):
     with pytest.raises(RegistryError, match="No registry at"):
         Registry.open(tmp_path / "nothing")
