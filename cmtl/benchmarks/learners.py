@@ -65,6 +65,7 @@ from cmtl.core.heads import TaskHead, route_to_heads
 from cmtl.core.tasks import MASKED_LOGIT, TaskSpec
 from cmtl.data import Encoded, Examples, encode
 from cmtl.registry.facade import Registry
+from cmtl.training.caching import maybe_cache, prefix_megabytes
 from cmtl.training.evaluation import predict_logits
 from cmtl.training.loop import TrainConfig, seeded, train
 from cmtl.training.probe import pooled_features
@@ -173,6 +174,11 @@ class SharedLearner(Learner):
         self.buffer = make_buffer("task_balanced", config.replay_budget, config.training.seed)
         self.ewc: list[Anchor] = []  # (Fisher, θ*) per experience
         self.last_pooled: torch.Tensor | None = None
+        # Each experience's splits, encoded once, with the frozen layers below the shared adapter run once
+        # (every adapter this learner switches in adapts the same layers): joint training re-reads every
+        # earlier experience, and every test set is read after each experience.
+        self._splits: dict[tuple[int, str], Encoded] = {}
+        self._cached_mb = 0.0
 
     # --- model ------------------------------------------------------------------
 
@@ -206,18 +212,37 @@ class SharedLearner(Learner):
 
     # --- learning ---------------------------------------------------------------
 
+    def _split(self, j: int, split: str) -> Encoded:
+        """Experience ``j``'s ``split`` ("train", "validation", "test") encoded for its head, with the
+        frozen-layer prefix when the adapter leaves bottom layers frozen; computed once."""
+        if (j, split) not in self._splits:
+            g = self._group(j)
+            enc = self._encode(getattr(self.experiences[j], split), self.head_specs[g], g,
+                               with_targets=split != "test")
+            self._splits[(j, split)] = self._with_prefix(enc, held=True)
+        return self._splits[(j, split)]
+
+    def _with_prefix(self, enc: Encoded, *, held: bool) -> Encoded:
+        """``enc`` with its frozen-layer prefix (:func:`~cmtl.training.caching.maybe_cache`) if it fits in
+        ``TrainConfig.cache_frozen_mb`` beside the prefixes this learner holds; ``enc`` itself otherwise.
+        ``held``: the result is kept for the whole stream (its prefix counts against the budget)."""
+        budget = self.config.training.cache_frozen_mb - self._cached_mb
+        (out,) = maybe_cache([enc], self.backbone, self.config.adapter, budget,
+                             batch_size=self.config.training.eval_batch_size)
+        if held and out.prefix is not None:
+            self._cached_mb += prefix_megabytes(out, self.backbone)
+        return out
+
     def _training_data(self, i: int, exp: Experience, split: str) -> Encoded:
-        g = self._group(i)
-        spec = self.head_specs[g]
-        parts = [self._encode(getattr(exp, split), spec, g)]
+        parts = [self._split(i, split)]
         if self.mode == "joint":
-            parts = [self._encode(getattr(e, split), self.head_specs[self._group(j)], self._group(j))
-                     for j, e in enumerate(self.experiences[: i + 1])]
+            parts = [self._split(j, split) for j in range(i + 1)]
         elif self.mode == "replay" and split == "train" and len(self.buffer):
             for j, e in enumerate(self.experiences[:i]):
                 old = self.buffer.to_examples(task=e.name)
-                if len(old):
-                    parts.append(self._encode(old, self.head_specs[self._group(j)], self._group(j)))
+                if len(old):  # the buffer changes after every experience: encoded anew
+                    g = self._group(j)
+                    parts.append(self._with_prefix(self._encode(old, self.head_specs[g], g), held=False))
         return Encoded.concat(parts)
 
     def fit(self, i: int) -> None:
@@ -303,10 +328,8 @@ class SharedLearner(Learner):
     # --- inference --------------------------------------------------------------
 
     def predict(self, j: int, n_seen: int) -> list[str]:
-        exp = self.experiences[j]
-        g = self._group(j)
-        spec = self.head_specs[g]
-        enc = self._encode(exp.test, spec, g, with_targets=False)
+        spec = self.head_specs[self._group(j)]
+        enc = self._split(j, "test")
         logits = predict_logits(self.forward, enc, batch_size=self.config.training.eval_batch_size,
                                 pad_id=self.pad_id, device=self.device)
         return [spec.labels[k] for k in logits[:, : spec.num_outputs].argmax(-1).tolist()]
@@ -325,6 +348,9 @@ class AdapterLearner(Learner):
         # Task-free scenarios: route by feature statistics instead of the most confident head.
         self.router = FeatureRouter(backbone.hidden_size) if routed and kind != "task-incremental" else None
         self.test_features: dict[int, torch.Tensor] = {}
+        # Task-incremental: a task's answers depend only on whether it was trained (its adapter and head
+        # never change afterwards), so each is computed twice at most, not once per experience.
+        self._answers: dict[tuple[int, bool], list[str]] = {}
 
     def fit(self, i: int) -> None:
         exp = self.experiences[i]
@@ -345,9 +371,11 @@ class AdapterLearner(Learner):
         exp = self.experiences[j]
         texts = exp.test.texts
         if self.kind == "task-incremental":
-            if j < n_seen:
-                return self.registry.predict(exp.name, texts)
-            return self._untrained(j, texts)
+            trained = j < n_seen
+            if (j, trained) not in self._answers:
+                self._answers[(j, trained)] = (self.registry.predict(exp.name, texts) if trained
+                                               else self._untrained(j, texts))
+            return self._answers[(j, trained)]
         if n_seen == 0:
             return self._untrained(j, texts)
         if self.router is not None:

@@ -151,3 +151,52 @@ def test_bad_strategy_and_kind(tiny_backbone):
         run_stream("single", _stream("class-incremental"), "class-incremental", config, CONFIG, device="cpu")
     with pytest.raises(ValueError, match="class-incremental scenarios only"):
         run_stream("grow", _stream("task-incremental"), "task-incremental", config, CONFIG, device="cpu")
+
+
+@pytest.mark.parametrize("strategy", ["joint", "replay", "lwf"])
+def test_shared_learners_cache_the_frozen_layers_without_changing_what_they_learn(strategy, tiny_backbone):
+    """With an adapter on the top layer only, each split's frozen-layer prefix is computed once per stream
+    (joint re-reads every earlier experience, every test set is read after each experience); the adapter
+    and the answers are those of the full forward pass."""
+    import dataclasses
+
+    import torch
+
+    from cmtl import AdapterConfig
+    from cmtl.benchmarks.learners import make_learner
+    from cmtl.core.backbone import load_backbone
+
+    stream = _stream("task-incremental")
+    runs = []
+    for cache_mb in (0, 64):
+        config = dataclasses.replace(CONFIG, adapter=AdapterConfig(layers=(1,), dropout=0.0),
+                                     training=dataclasses.replace(CONFIG.training, cache_frozen_mb=cache_mb))
+        backbone = load_backbone(BackboneConfig(name_or_path=tiny_backbone, max_length=32), device="cpu")
+        learner = make_learner(strategy, stream, "task-incremental", backbone, config, workdir=None)
+        for i in range(3):
+            torch.manual_seed(i)
+            learner.fit(i)
+        answers = [learner.predict(j, 3) for j in range(3)]
+        runs.append((learner.bank.state_dict("shared"), answers, dict(learner._splits)))
+    (plain, plain_answers, plain_splits), (cached, cached_answers, cached_splits) = runs
+    assert all(enc.prefix is None for enc in plain_splits.values())
+    assert cached_splits and all(enc.prefix is not None for enc in cached_splits.values())
+    for key in plain:
+        torch.testing.assert_close(cached[key], plain[key], atol=1e-4, rtol=1e-3)
+    assert cached_answers == plain_answers
+
+
+def test_a_task_adapter_answers_the_same_after_later_tasks(tiny_backbone, tmp_path):
+    """What lets the adapters strategy read each task's answers once: adding tasks leaves the earlier
+    tasks' predictions unchanged (in the registry, not only in the learner's memo)."""
+    from cmtl.benchmarks.learners import make_learner
+    from cmtl.core.backbone import load_backbone
+
+    stream = _stream("task-incremental")
+    backbone = load_backbone(BackboneConfig(name_or_path=tiny_backbone, max_length=32), device="cpu")
+    learner = make_learner("adapters", stream, "task-incremental", backbone, CONFIG, tmp_path)
+    learner.fit(0)
+    first = learner.registry.predict_proba("e0", stream[0].test.texts)
+    learner.fit(1)
+    learner.fit(2)
+    assert (learner.registry.predict_proba("e0", stream[0].test.texts) == first).all()
