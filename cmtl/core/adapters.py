@@ -437,9 +437,10 @@ def add_row_lora(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.T
                  scaling: float | None = None) -> torch.Tensor:
     """``out + scaling · x Aᵀ Bᵀ`` with row b's own factors: ``x`` (B, T, in), ``out`` (B, T, out),
     ``a`` (B, r, in), ``b`` (B, out, r); two batched matrix products, no loop over rows.
-    ``scaling=None`` adds the term unscaled (a caller that folded the scaling into ``b``)."""
-    delta = torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))  # (B, T, out)
-    return out + delta if scaling is None else out + scaling * delta
+    ``scaling=None`` adds the term unscaled (a caller that folded the scaling into ``b``). The term is
+    computed in the factors' precision and added in the layer's (a half-precision backbone's)."""
+    delta = torch.bmm(torch.bmm(x.to(a.dtype), a.transpose(1, 2)), b.transpose(1, 2))  # (B, T, out)
+    return out + (delta if scaling is None else scaling * delta).to(out.dtype)
 
 
 def hook_row_lora(module: nn.Module, factors: RowFactors) -> torch.utils.hooks.RemovableHandle:

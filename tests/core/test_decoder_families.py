@@ -139,6 +139,9 @@ def test_a_half_precision_backbone_trains_float32_adapters(tiny_llama, tmp_path,
     state = reg.adapter_state("sentiment", 1)
     assert {v.dtype for v in state.values()} == {torch.float32}
     assert reg.predict_proba("sentiment", TEXTS[:2]).dtype == np.float32
+    engine = InferenceEngine(tmp_path / "reg", device="cpu")  # per-row float32 factors on bfloat16 layers
+    np.testing.assert_allclose(torch.stack(engine.logits(["sentiment"] * 3, TEXTS[:3])).softmax(-1).numpy(),
+                               reg.predict_proba("sentiment", TEXTS[:3]), atol=2e-2)
     with pytest.raises(BackboneMismatchError):
         Registry.open(tmp_path / "reg", _config(tiny_llama), device="cpu")  # float32 weights hash otherwise
     with pytest.raises(InvalidParameterError, match="dtype"):
