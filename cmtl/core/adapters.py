@@ -438,9 +438,10 @@ def add_row_lora(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.T
     """``out + scaling · x Aᵀ Bᵀ`` with row b's own factors: ``x`` (B, T, in), ``out`` (B, T, out),
     ``a`` (B, r, in), ``b`` (B, out, r); two batched matrix products, no loop over rows.
     ``scaling=None`` adds the term unscaled (a caller that folded the scaling into ``b``). The term is
-    computed in the factors' precision and added in the layer's (a half-precision backbone's)."""
+    computed and added in the factors' precision, and the sum rounded once to the layer's (a half-precision
+    backbone's), as peft does."""
     delta = torch.bmm(torch.bmm(x.to(a.dtype), a.transpose(1, 2)), b.transpose(1, 2))  # (B, T, out)
-    return out + (delta if scaling is None else scaling * delta).to(out.dtype)
+    return (out + (delta if scaling is None else scaling * delta)).to(out.dtype)  # one rounding, as peft
 
 
 def hook_row_lora(module: nn.Module, factors: RowFactors) -> torch.utils.hooks.RemovableHandle:

@@ -22,7 +22,8 @@ import torch.utils.checkpoint
 from torch import nn
 
 from cmtl.core.config import DEFAULT_BACKBONE, BackboneConfig, Pooling  # noqa: F401  (re-exported)
-from cmtl.errors import BackboneMismatchError, BackboneNotFoundError
+from cmtl.errors import (BackboneMismatchError, BackboneNotFoundError, CmtlError, InvalidParameterError,
+                         bad_param)
 
 logger = logging.getLogger(__name__)
 
@@ -200,8 +201,35 @@ class Backbone:
             self.checkpointing = before
 
     def tokenize(self, texts: list[str], pairs: list[str] | None = None) -> dict[str, list[list[int]]]:
-        """Token ids (and token type ids) per text, unpadded; pairs are joined with the separator token."""
-        return self.tokenizer(texts, pairs, truncation=True, max_length=self.config.max_length, padding=False)
+        """Token ids (and token type ids) per text, unpadded, truncated to ``max_length`` from the end.
+
+        Pairs are joined by the tokenizer's pair template (the separator token); a decoder's tokenizer
+        without one (GPT-2's, Qwen's) gets the end-of-text token between the two texts, so the boundary
+        is not lost. A text that gives no token at all (an empty one, to a tokenizer that adds none) gets
+        the end-of-text token: a row always has a token to pool."""
+        if pairs is not None and self.causal and self.tokenizer.num_special_tokens_to_add(pair=True) == 0:
+            return self._joined_pairs(texts, pairs)
+        out = self.tokenizer(texts, pairs, truncation=True, max_length=self.config.max_length, padding=False)
+        for row, ids in enumerate(out["input_ids"]):
+            if not ids:
+                out["input_ids"][row] = [self._boundary_id]
+                if "token_type_ids" in out:
+                    out["token_type_ids"][row] = [0]
+        return out
+
+    @property
+    def _boundary_id(self) -> int:
+        """The token that ends a text, or stands for an empty one: end-of-text, else beginning, else pad."""
+        for token_id in (self.tokenizer.eos_token_id, self.tokenizer.bos_token_id):
+            if token_id is not None:
+                return int(token_id)
+        return self.pad_id
+
+    def _joined_pairs(self, texts: list[str], pairs: list[str]) -> dict[str, list[list[int]]]:
+        first = self.tokenizer(texts, add_special_tokens=True, padding=False)["input_ids"]
+        second = self.tokenizer(pairs, add_special_tokens=True, padding=False)["input_ids"]
+        joined = [(a + [self._boundary_id] + b)[: self.config.max_length] for a, b in zip(first, second)]
+        return {"input_ids": joined, "attention_mask": [[1] * len(ids) for ids in joined]}
 
     def check_matches(self, recorded_sha256: str, where: str) -> None:
         if recorded_sha256 != self.sha256:
@@ -390,14 +418,20 @@ def is_causal(config) -> bool:
         kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES)
 
 
+#: Names transformers gives a model's list of transformer layers.
+_LAYER_LISTS = ("layer", "layers", "h", "block", "blocks")
+
+
 def layer_list(encoder: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """``(module path, layers)`` of the transformer layers of a model cmtl knows, else ``None``."""
+    """``(module path, layers)`` of a model's transformer layers: its family's (see :func:`_family_of`),
+    else the longest ``nn.ModuleList`` named like one (``layers``, ``h``, ...); ``None`` when there is none."""
     family, _ = _family_of(encoder)
-    if family is None:
-        return None
-    layers = family.layers(encoder)
-    path = next(name for name, module in encoder.named_modules() if module is layers)
-    return path, layers
+    if family is not None:
+        layers = family.layers(encoder)
+        return next(name for name, module in encoder.named_modules() if module is layers), layers
+    found = [(name, module) for name, module in encoder.named_modules()
+             if isinstance(module, nn.ModuleList) and len(module) and name.rsplit(".", 1)[-1] in _LAYER_LISTS]
+    return max(found, key=lambda item: len(item[1]), default=None)
 
 
 def _family_of(encoder: nn.Module) -> tuple[_Family | None, str | None]:
@@ -480,19 +514,22 @@ def load_backbone(config: BackboneConfig | str | None = None, device: str = "aut
     if path.endswith(".gguf"):  # transformers dequantises GGUF weights through the gguf package
         _require_gguf(path)
         source = {**source, "pretrained_model_name_or_path": str(Path(path).parent), "gguf_file": Path(path).name}
-    overrides = {}
-    if config.num_hidden_layers is not None:
-        overrides["num_hidden_layers"] = config.num_hidden_layers
     try:
-        hf_config = AutoConfig.from_pretrained(**source, **overrides)
+        hf_config = AutoConfig.from_pretrained(**source)
         _check_usable(hf_config, config.name_or_path)
-        with _quiet_transformers(config.num_hidden_layers is not None or "gguf_file" in source):
+        if config.num_hidden_layers is not None:
+            _check_cut(hf_config, config)
+            hf_config = AutoConfig.from_pretrained(**source, num_hidden_layers=config.num_hidden_layers)
+        with _quiet_transformers(config.num_hidden_layers is not None):
             # A layer cut leaves the dropped layers' weights unused; transformers reports each one,
             # and its per-tensor loading bar is noise for a model this small.
-            encoder = AutoModel.from_pretrained(**source, config=hf_config, dtype=getattr(torch, config.dtype))
+            encoder, info = AutoModel.from_pretrained(
+                **source, config=hf_config, output_loading_info=True,
+                dtype="auto" if config.dtype == "auto" else getattr(torch, config.dtype))
+        _check_loaded(info, config.name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(**source)
     except (OSError, ValueError) as exc:
-        if isinstance(exc, BackboneNotFoundError):
+        if isinstance(exc, CmtlError):  # ours, already saying what to do
             raise
         raise BackboneNotFoundError(
             f"Cannot load backbone {config.name_or_path!r} from {path!r}: {exc}. cmtl never downloads models; "
@@ -517,6 +554,27 @@ def _require_gguf(path: str) -> None:
         raise BackboneNotFoundError(
             f"Loading {path!r} needs the gguf package, which transformers uses to read and dequantise GGUF "
             "weights: pip install 'cmtl[gguf]' (or pip install gguf).")
+
+
+def _check_cut(hf_config, config: BackboneConfig) -> None:
+    have = getattr(hf_config, "num_hidden_layers", None)
+    if have is not None and config.num_hidden_layers > have:
+        raise InvalidParameterError(bad_param(
+            "num_hidden_layers", "BackboneConfig", f"be at most the {have} layers {config.name_or_path!r} has",
+            config.num_hidden_layers, "The layers above would be random weights."))
+
+
+#: Weights a backbone may lack: heads cmtl never runs (BERT's pooler), which transformers initialises at random.
+_UNUSED = ("pooler.",)
+
+
+def _check_loaded(info: dict, name: str) -> None:
+    """Refuse weights the checkpoint lacks: transformers would initialise them at random, silently here."""
+    missing = [k for k in info.get("missing_keys", ()) if not k.startswith(_UNUSED)]
+    if missing:
+        raise BackboneNotFoundError(
+            f"Backbone {name!r} lacks {len(missing)} weights of its architecture ({', '.join(sorted(missing)[:4])}"
+            f"{', ...' if len(missing) > 4 else ''}): they would be random. Pass a complete checkpoint.")
 
 
 def _check_usable(hf_config, name: str) -> None:

@@ -17,7 +17,8 @@ DEFAULT_BACKBONE = "embedded:all-MiniLM-L6-v2"
 
 Pooling = Literal["mean", "cls", "last"]
 #: Weight precisions the frozen backbone may be loaded in; adapters and heads always train in float32.
-DTYPES = ("float32", "bfloat16", "float16")
+#: ``"auto"`` is the checkpoint's own precision (how registries created before cmtl recorded a dtype loaded).
+DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -39,7 +40,8 @@ class BackboneConfig:
         max_length: Longest input in tokens; longer texts are truncated.
         dtype: Precision of the frozen backbone's weights: ``"bfloat16"`` or ``"float16"``
             halve its memory; LoRA factors and heads stay float32. Part of the weights'
-            hash, so a registry stays on the precision it was built on.
+            hash, so a registry stays on the precision it was built on. ``"auto"`` keeps
+            the checkpoint's own precision (what a registry whose record names no dtype used).
     """
 
     name_or_path: str = DEFAULT_BACKBONE
@@ -56,6 +58,9 @@ class BackboneConfig:
             raise InvalidParameterError(bad_param("dtype", "BackboneConfig", f"be one of {list(DTYPES)}", self.dtype))
         if self.num_hidden_layers is not None and self.num_hidden_layers < 1:
             raise InvalidParameterError(bad_param("num_hidden_layers", "BackboneConfig", "be >= 1 or None",
+                                                  self.num_hidden_layers))
+        if self.num_hidden_layers is not None and not isinstance(self.num_hidden_layers, int):
+            raise InvalidParameterError(bad_param("num_hidden_layers", "BackboneConfig", "be an integer or None",
                                                   self.num_hidden_layers))
         if self.max_length < 8:
             raise InvalidParameterError(bad_param("max_length", "BackboneConfig", "be >= 8 (tokens)", self.max_length))
@@ -103,6 +108,9 @@ class AdapterConfig:
             object.__setattr__(self, "target_modules", tuple(sorted(self.target_modules)))
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(sorted(int(i) for i in self.layers)))
+            if not self.layers or self.layers[0] < 0:
+                raise InvalidParameterError(bad_param("layers", "AdapterConfig", "hold at least one layer index "
+                                                      ">= 0, or be None (every layer)", self.layers))
 
     @property
     def scaling(self) -> float:

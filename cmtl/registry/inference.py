@@ -16,10 +16,10 @@ import torch
 from cmtl.core.backbone import Backbone, BackboneConfig, load_backbone
 from cmtl.core.tasks import TaskSpec
 from cmtl.data import Encoded, Examples, as_texts, encode, read_examples
-from cmtl.errors import BackboneMismatchError, DataError
+from cmtl.errors import DataError
 from cmtl.monitoring.drift import DriftMonitor, DriftReport, MonitorConfig
 from cmtl.registry import commit, store
-from cmtl.registry.manifest import backbone_changes, backbone_config
+from cmtl.registry.manifest import backbone_config, refuse_other_settings
 from cmtl.registry.reader import RegistryReader
 from cmtl.registry.runtime import Runtime
 from cmtl.training.evaluation import compute_metrics
@@ -57,14 +57,8 @@ class LoadedRegistry(RegistryReader):
         else:
             config = backbone_config(recorded, **({} if backbone is None else {"name_or_path": backbone}))
         loaded = load_backbone(config, device=device)
+        refuse_other_settings(recorded, loaded.config, f"Registry {str(root)!r}")
         loaded.check_matches(recorded["sha256"], f"registry {str(root)!r}")
-        changes = backbone_changes(backbone_config(recorded).to_dict(), loaded.config.to_dict(),
-                                   ignore=("name_or_path",))
-        if changes:  # same weights, other features (pooling, max_length): the heads would answer wrongly
-            raise BackboneMismatchError(
-                f"Registry {str(root)!r} was built on these weights with other settings than given "
-                f"({', '.join(changes)}; recorded -> given), and its heads read features made that way. Open it "
-                "without a BackboneConfig, or with the recorded settings.")
         return cls(root, manifest, loaded)
 
     def reload(self) -> bool:

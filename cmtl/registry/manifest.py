@@ -81,14 +81,34 @@ def backbone_changes(known: dict[str, Any], recorded: dict[str, Any], *, ignore:
 
 def backbone_config(recorded: dict[str, Any], **overrides: Any):
     """The :class:`cmtl.core.config.BackboneConfig` a manifest's ``backbone`` record describes (with
-    ``overrides``); keys this cmtl does not know (written by a newer one) warn and are ignored."""
+    ``overrides``); keys this cmtl does not know (written by a newer one) warn and are ignored. A record
+    without ``dtype`` (written before cmtl recorded one) loads the checkpoint's own precision, as it was."""
     from cmtl.core.config import BackboneConfig
 
     known = {f.name for f in dataclasses.fields(BackboneConfig)}
     extra = sorted(k for k in recorded if k not in known and k != "sha256")
     if extra:
         warnings.warn(f"Ignoring unknown backbone keys {extra} (written by a newer cmtl?).", stacklevel=2)
-    return BackboneConfig(**{**{k: v for k, v in recorded.items() if k in known}, **overrides})
+    return BackboneConfig(**{"dtype": "auto", **{k: v for k, v in recorded.items() if k in known}, **overrides})
+
+
+def refuse_other_settings(recorded: dict[str, Any], given: Any, where: str) -> None:
+    """Refuse a :class:`~cmtl.core.config.BackboneConfig` (``given``) that would make other features than
+    the ``recorded`` backbone did on the same weights: another pooling, length, layer cut or precision
+    (the folder may differ; a record without a dtype pins none, its weights' hash does).
+
+    Raises:
+        BackboneMismatchError: naming each setting, recorded -> given.
+    """
+    from cmtl.errors import BackboneMismatchError
+
+    ignore = ("name_or_path",) if "dtype" in recorded else ("name_or_path", "dtype")
+    changes = backbone_changes(backbone_config(recorded).to_dict(), given.to_dict(), ignore=ignore)
+    if changes:
+        raise BackboneMismatchError(
+            f"{where} was built with other backbone settings than given ({', '.join(changes)}; recorded -> given): "
+            "its heads read features made the recorded way and would answer wrongly. Open it without a "
+            "BackboneConfig, or with the recorded settings.")
 
 
 # --- the types a dataclass declares, as checks of JSON values ---------------------------------------

@@ -38,7 +38,7 @@ from cmtl.core.tasks import TaskSpec
 from cmtl.data import Encoded, as_texts, batches, token_budget_chunks
 from cmtl.errors import BackboneMismatchError, DataError, ManifestError, TaskNotFoundError
 from cmtl.registry import heads, store
-from cmtl.registry.manifest import backbone_changes, backbone_config
+from cmtl.registry.manifest import backbone_changes, backbone_config, refuse_other_settings
 from cmtl.registry.reader import version_spec
 from cmtl.registry.runtime import entry_adapters
 
@@ -112,6 +112,7 @@ class InferenceEngine:
         recorded = manifest["backbone"]
         config = backbone or backbone_config(recorded)
         self.backbone: Backbone = load_backbone(config, device=device)
+        refuse_other_settings(recorded, self.backbone.config, f"Registry {str(self.root)!r}")
         self.backbone.check_matches(recorded["sha256"], f"registry {str(self.root)!r}")
         self._recorded_backbone = dict(recorded)
         self.max_batch_size = max_batch_size

@@ -240,10 +240,34 @@ def test_opening_with_other_settings_on_the_same_weights_is_refused(tmp_path, ti
                     device="cpu")
     for other in (BackboneConfig(name_or_path=tiny_backbone, pooling="mean", max_length=64),
                   BackboneConfig(name_or_path=tiny_backbone, pooling="cls", max_length=32)):
-        with pytest.raises(BackboneMismatchError, match="other settings than given"):
+        with pytest.raises(BackboneMismatchError, match="settings than given"):
             Registry.open(tmp_path / "reg", other, device="cpu")
     same = BackboneConfig(name_or_path=tiny_backbone, pooling="cls", max_length=64)
     assert Registry.open(tmp_path / "reg", same, device="cpu").backbone.config.pooling == "cls"
+
+
+def test_a_record_without_dtype_opens_in_the_checkpoints_own_precision(tmp_path, tiny_backbone):
+    """Registries written before cmtl recorded a dtype loaded a checkpoint in its stored precision (transformers'
+    default) and hashed those weights: they still open, and a BackboneConfig naming that precision fits."""
+    import json
+
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = tmp_path / "bf16-bert"
+    AutoModel.from_pretrained(tiny_backbone, dtype=torch.bfloat16).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_backbone).save_pretrained(folder)
+    reg = Registry.create(tmp_path / "reg", BackboneConfig(name_or_path=str(folder), max_length=64, dtype="auto"),
+                          device="cpu")
+    assert reg.backbone.dtype == torch.bfloat16
+    manifest = json.loads((tmp_path / "reg" / "registry.json").read_text())
+    del manifest["backbone"]["dtype"]  # as an older cmtl wrote it
+    (tmp_path / "reg" / "registry.json").write_text(json.dumps(manifest))
+    assert Registry.open(tmp_path / "reg", device="cpu").backbone.dtype == torch.bfloat16
+    given = BackboneConfig(name_or_path=str(folder), max_length=64, dtype="bfloat16")
+    assert Registry.open(tmp_path / "reg", given, device="cpu").backbone.sha256 == reg.backbone.sha256
+    with pytest.raises(BackboneMismatchError, match="weights hash"):  # float32 weights hash otherwise
+        Registry.open(tmp_path / "reg", BackboneConfig(name_or_path=str(folder), max_length=64), device="cpu")
 
 
 def test_create_and_open_errors(tmp_path, tiny_config, sentiment_registry):
