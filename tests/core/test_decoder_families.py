@@ -101,6 +101,14 @@ def test_the_whole_lifecycle_runs_on_each_decoder_family(decoder, tmp_path, capl
     merged = engine.logits(["topic", "sentiment"], TEXTS[:2], merges=["both", "both"])
     np.testing.assert_allclose(merged[0].softmax(-1).numpy(), reg.predict_proba("topic", TEXTS[:1], merge="both")[0],
                                atol=1e-5)
+    # the HTTP service answers as the registry does
+    from starlette.testclient import TestClient
+
+    from cmtl.serving.server import ServeConfig, create_app
+
+    with TestClient(create_app(engine, ServeConfig(poll_seconds=3600))) as client:
+        body = client.post("/v1/predict", json={"task": "topic", "texts": TEXTS}).json()
+    assert [p["label"] for p in body["predictions"]] == reg.predict("topic", TEXTS)
     # drift: the same kind of text passes, another kind is flagged
     assert reg.monitor("sentiment", [r["text"] for r in toy_sentiment(40, 9)]).drift is False
     assert reg.monitor("sentiment", [f"quarterly earnings rose {i} percent in europe" for i in range(40)]).drift
