@@ -100,8 +100,8 @@ def init(
     pooling: Annotated[Optional[str], typer.Option(
         help="mean, cls or last (default: last for a decoder, mean otherwise).")] = None,
     layers: Annotated[Optional[int], typer.Option(help="Keep only the first N transformer layers.")] = None,
-    dtype: Annotated[str, typer.Option(help="Precision of the frozen backbone: float32, bfloat16 or float16 "
-                                            "(adapters and heads stay float32).")] = "float32",
+    dtype: Annotated[str, typer.Option(help="Precision of the frozen backbone: float32, bfloat16, float16 or auto "
+                                            "(the checkpoint's own); adapters and heads stay float32.")] = "float32",
 ) -> None:
     """Create an empty registry on a frozen backbone."""
     from cmtl import BackboneConfig, Registry

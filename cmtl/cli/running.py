@@ -77,8 +77,8 @@ def bench(
     backbone: Annotated[Optional[str], typer.Option(
         help="Local folder of an encoder or a decoder, or a .gguf file (default: embedded all-MiniLM-L6-v2).")]
     = None,
-    dtype: Annotated[str, typer.Option(help="Precision of the frozen backbone: float32, bfloat16 or float16.")]
-    = "float32",
+    dtype: Annotated[str, typer.Option(help="Precision of the frozen backbone: float32, bfloat16, float16 or auto "
+                                            "(the checkpoint's own).")] = "float32",
     adapter_layers: Annotated[Optional[str], typer.Option(
         help="Comma-separated indices of the layers every adapter adapts (default all), e.g. 26,27,28,29: the "
              "layers below run once per text and are cached.")] = None,
@@ -91,10 +91,10 @@ def bench(
     """Run continual-learning strategies on a scenario; write results.json, results.md and heatmaps."""
     from cmtl import AdapterConfig, BackboneConfig, TrainConfig
     from cmtl.benchmarks.learners import StrategyConfig
-    from cmtl.core.config import DEFAULT_BACKBONE
     from cmtl.benchmarks.runner import run_benchmark, summary_rows
     from cmtl.benchmarks.scenarios import Scenario
     from cmtl.continual.analytic import AnalyticConfig
+    from cmtl.core.config import DEFAULT_BACKBONE
 
     try:
         sc = Scenario.from_yaml(scenario)
