@@ -88,22 +88,24 @@ class LoadedRegistry(RegistryReader):
 
         ``version`` picks a stored version (default: current); ``merge`` a merged entry holding ``task``.
         """
-        spec = self.spec(task, version=version, merge=merge)
-        return spec.decode(self._logits(task, spec, texts, text_pairs, version, merge))
+        with self._lock:  # the labels and the outputs of one version, whatever another thread rolls back
+            spec = self.spec(task, version=version, merge=merge)
+            return spec.decode(self._logits(task, spec, texts, text_pairs, version, merge))
 
     def predict_proba(self, task: str, texts: str | Sequence[str], text_pairs: Sequence[str] | None = None,
                       *, version: int | None = None, merge: str | None = None) -> np.ndarray:
         """Per-label probabilities, shape (N, L), columns in the order of the answering version's labels
         (``spec(task, version=version, merge=merge).labels``)."""
-        spec = self.spec(task, version=version, merge=merge)
-        return spec.probabilities(self._logits(task, spec, texts, text_pairs, version, merge)).numpy()
+        with self._lock:
+            spec = self.spec(task, version=version, merge=merge)
+            return spec.probabilities(self._logits(task, spec, texts, text_pairs, version, merge)).numpy()
 
     def evaluate(self, task: str, data: Any, *, version: int | None = None, merge: str | None = None
                  ) -> dict[str, float]:
         """Metrics of ``task`` (current version unless given, or through ``merge``) on labelled ``data``."""
-        spec = self.spec(task, version=version, merge=merge)
-        encoded = self._encode(read_examples(data, spec), spec)
-        with self._lock:
+        with self._lock:  # targets read with the labels of the version that answers
+            spec = self.spec(task, version=version, merge=merge)
+            encoded = self._encode(read_examples(data, spec), spec)
             logits = self._runtime.predict(self, task, encoded, version, merge)
         return compute_metrics(spec, logits, encoded.targets)
 
@@ -139,9 +141,11 @@ class LoadedRegistry(RegistryReader):
         Raises:
             DataError: fewer texts than ``config.min_samples``, or no reference sample.
         """
-        spec, config = self.spec(task), config or MonitorConfig()
+        with self._lock:  # one version's labels and probabilities, whatever another thread rolls back
+            current = self._version(task, None)
+        spec, config = self.spec(task, version=current), config or MonitorConfig()
         if reference is None:
-            v = self._entry(task)["current"]
+            v = current
             while v is not None:
                 held = self.holdout(task, v, lineage=False)
                 if held is not None and len(held) >= config.min_samples:
@@ -151,7 +155,8 @@ class LoadedRegistry(RegistryReader):
                 raise DataError(f"No version of task {task!r} in the current one's lineage kept a held-out sample of "
                                 f"at least {config.min_samples} texts to compare against. Pass reference=[...] texts.")
             reference = held.texts
-        proba = (lambda xs: self.predict_proba(task, xs)) if spec.problem_type == "single_label" else None
+        single = spec.problem_type == "single_label"
+        proba = (lambda xs: self.predict_proba(task, xs, version=current)) if single else None
         return DriftMonitor(self.embed, reference, config=config, predict_proba=proba, labels=spec.labels,
                             task=task).check(texts)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 
 import pytest
 import torch
@@ -374,3 +375,49 @@ def test_merge_racing_a_member_remove_and_add_writes_nothing(root, monkeypatch):
                                             r"merge ran: its v1.*Nothing was written"):
         reg.merge(["a", "b"], "again", method="linear")
     assert open_reg(root).merges() == ["both"] and not (root / "merges" / "again").exists()
+
+
+# --- an answer and its labels come from one version ----------------------------------------------
+
+@pytest.mark.parametrize("call", ["predict", "evaluate"])
+def test_a_rollback_racing_a_call_cannot_name_one_versions_outputs_with_anothers_labels(root, monkeypatch, call):
+    """predict (and evaluate) read the task's labels, then ran its head: a rollback by another thread in between
+    named version 2's outputs with version 3's labels. v2 and v3 both grew a third label from v1 ('mixed' and
+    'great'), so the wrong name is a valid label and nothing failed."""
+    reg = open_reg(root)
+    tagged = lambda label, seed: [{"text": f"{row['text']} {label}", "label": label}  # noqa: E731
+                                  for row in toy_sentiment(16, seed)]
+    reg.update_task("a", tagged("mixed", 4), labels=["neg", "pos", "mixed"], training=QUICK, promote=True)
+    reg.rollback("a", 1)
+    reg.update_task("a", tagged("great", 5), labels=["neg", "pos", "great"], training=QUICK, promote=True)
+    assert reg.current("a").version == 3 and reg.current("a").parent == 1
+
+    # Whatever the heads learned, each version answers with one column on top: v2 'mixed', v3 'neg'.
+    top = {2: 2, 3: 0}
+    real_predict, real_spec = reg._runtime.predict, reg.spec
+
+    def predict(registry, task, encoded, version, merge):
+        logits = real_predict(registry, task, encoded, version, merge)
+        return torch.nn.functional.one_hot(torch.full((len(logits),), top[registry._version(task, version)]),
+                                           logits.shape[1]).float() * 10
+
+    labels_read, rolled_back = threading.Event(), threading.Event()
+
+    def spec(*args, **kwargs):
+        answer = real_spec(*args, **kwargs)
+        labels_read.set()
+        rolled_back.wait(2)  # the rollback gets this long to slip in
+        return answer
+
+    monkeypatch.setattr(reg._runtime, "predict", predict)
+    monkeypatch.setattr(reg, "spec", spec)
+    other = threading.Thread(target=lambda: labels_read.wait(10) and (reg.rollback("a", 2), rolled_back.set()))
+    other.start()
+    texts = ["a great film", "an awful film"]
+    # The call began with v3 current, so v3 answers it whole; the rollback waits for it.
+    if call == "predict":
+        assert reg.predict("a", texts) == ["neg", "neg"]  # not ['great', 'great']: v2's top column, v3's name
+    else:  # the rows' label 'great' is v3's third column, v2's 'mixed'
+        assert reg.evaluate("a", [{"text": t, "label": "great"} for t in texts])["accuracy"] == 0.0
+    other.join(10)
+    assert reg.current("a").version == 2
