@@ -504,7 +504,9 @@ def import_peft(
         raise ValueError(f"{str(folder)!r} holds no cmtl task file: pass --name, --labels and --train.")
     spec = exported
     if labels is not None:
-        spec = TaskSpec(name or exported.name, labels=[x.strip() for x in labels.split(",") if x.strip()])
+        label_list = [x.strip() for x in labels.split(",") if x.strip()]
+        spec = (TaskSpec(name, labels=label_list) if exported is None else  # the exported task with other labels
+                TaskSpec.from_dict({**exported.to_dict(), "name": name or exported.name, "labels": label_list}))
     elif name is not None:
         spec = TaskSpec.from_dict({**exported.to_dict(), "name": name})
     reg = _open(registry)

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -90,7 +91,9 @@ def read_folder(path: str | Path) -> PeftFolder:
     """Read a PEFT LoRA adapter folder (and cmtl's files in it, if any).
 
     Raises:
-        DataError: no adapter config or weights, or an adapter that is not LoRA.
+        DataError: no adapter config or weights, an adapter that is not LoRA, or LoRA settings that plain
+            LoRA on the bare backbone cannot reproduce (DoRA, per-module ranks or alphas, trained biases, saved
+            whole modules, base-rewriting initialisations, …; rsLoRA is converted exactly).
     """
     from peft import LoraConfig, PeftConfig
 
@@ -102,8 +105,16 @@ def read_folder(path: str | Path) -> PeftFolder:
     config = PeftConfig.from_pretrained(str(path))
     if not isinstance(config, LoraConfig):
         raise DataError(f"The adapter in {str(path)!r} is {type(config).__name__}; cmtl imports LoRA adapters only.")
+    unsupported = _unsupported(config)
+    if unsupported:
+        raise DataError(f"The LoRA adapter in {str(path)!r} sets {'; '.join(unsupported)}. cmtl's adapters compute "
+                        "plain LoRA (x + (alpha/r)·B·A·x on the targeted linear layers), so it would run another "
+                        "adapter than the folder holds. Train or save the adapter without these settings to "
+                        "import it.")
     layers = config.layers_to_transform
-    adapter = AdapterConfig(r=int(config.r), alpha=float(config.lora_alpha), dropout=float(config.lora_dropout),
+    # rsLoRA scales by alpha/sqrt(r); plain LoRA with alpha·sqrt(r) scales by the same number.
+    alpha = float(config.lora_alpha) * (math.sqrt(config.r) if config.use_rslora else 1.0)
+    adapter = AdapterConfig(r=int(config.r), alpha=alpha, dropout=float(config.lora_dropout),
                             target_modules=tuple(sorted(config.target_modules)) if config.target_modules else None,
                             layers=None if layers is None else tuple([layers] if isinstance(layers, int) else layers))
     folder = PeftFolder(adapter, load_file(str(path / ADAPTER_WEIGHTS)), config.base_model_name_or_path)
@@ -113,6 +124,33 @@ def read_folder(path: str | Path) -> PeftFolder:
         folder.head = load_file(str(path / HEAD))
         folder.backbone, folder.source = record.get("backbone"), record.get("source")
     return folder
+
+
+def spec_differences(exported: TaskSpec, spec: TaskSpec) -> list[str]:
+    """How ``spec`` differs from the ``exported`` task in anything but its name, as ``field: exported X,
+    spec Y``: an exported head answers only as its own task (its problem type, pair column, threshold, …)."""
+    mine, theirs = spec.to_dict(), exported.to_dict()
+    return [f"{k}: exported {theirs.get(k)!r}, spec {mine.get(k)!r}" for k in sorted(set(mine) | set(theirs))
+            if k != "name" and mine.get(k) != theirs.get(k)]
+
+
+#: ``init_lora_weights`` values that only choose the starting A and B; the others (PiSSA, OLoRA, CorDA,
+#: LoftQ, LoRA-GA, …) also rewrite the base model's weights, which a folder does not carry.
+_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+
+
+def _unsupported(config: Any) -> list[str]:
+    """The settings of a peft ``LoraConfig`` that change what the adapter computes and that plain LoRA on
+    the bare backbone cannot reproduce, each as ``name=value`` (empty: the folder imports as it is)."""
+    found = {name: getattr(config, name, None) for name in (
+        "use_dora", "lora_bias", "use_qalora", "layer_replication", "trainable_token_indices", "target_parameters",
+        "alora_invocation_tokens", "modules_to_save", "exclude_modules", "megatron_config", "velora_config",
+        "monteclora_config", "kasa_config", "arrow_config", "use_bdlora")}
+    found["bias"] = None if config.bias == "none" else config.bias
+    found["rank_pattern"] = {k: v for k, v in (config.rank_pattern or {}).items() if v != config.r}
+    found["alpha_pattern"] = {k: v for k, v in (config.alpha_pattern or {}).items() if v != config.lora_alpha}
+    found["init_lora_weights"] = None if config.init_lora_weights in _PLAIN_INITS else config.init_lora_weights
+    return [f"{name}={value!r}" for name, value in found.items() if value]
 
 
 def _card(spec: TaskSpec, base_model: str, backbone: dict[str, Any], adapter: AdapterConfig,

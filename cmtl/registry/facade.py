@@ -348,26 +348,27 @@ class Registry(LoadedRegistry):
                                     "registry": str(self.root)})
 
     def import_peft(self, path: str | Path, spec: TaskSpec | None = None, train: Any = None,
-                    validation: Any = None, *, memory: MemoryConfig | None = None,
+                    validation: Any = None, *, name: str | None = None, memory: MemoryConfig | None = None,
                     training: TrainConfig | None = None) -> VersionInfo:
         """Add a task whose adapter is the LoRA adapter of a PEFT folder, as version 1.
 
-        A folder ``export_peft`` wrote brings its task and head (``spec`` may rename the task; its labels
-        must be the exported ones); it must come from a registry on the same backbone weights. Any
-        other PEFT LoRA folder for this backbone needs ``spec`` and labelled ``train`` data: the head
-        is then fitted as a linear probe on the adapter's features (the adapter is kept as it is;
-        ``update_task`` trains it further). ``train`` and ``validation`` also fill the version's replay
-        buffer and held-out sample, and ``validation`` gives its metrics.
+        A folder ``export_peft`` wrote brings its task and head (``name`` imports it under another name);
+        it must come from a registry on the same backbone weights. Its head answers only for the task it
+        was exported with: a ``spec`` that differs from it in anything but the name needs labelled
+        ``train`` data, and gets a new head. Any other PEFT LoRA folder for this backbone needs ``spec``
+        and ``train``: the head is then fitted as a linear probe on the adapter's features (the adapter
+        is kept as it is; ``update_task`` trains it further). ``train`` and ``validation`` also fill the
+        version's replay buffer and held-out sample, and ``validation`` gives its metrics.
 
         Raises:
             TaskExistsError: the name is taken.
             BackboneMismatchError: the folder records other backbone weights.
-            DataError: not a PEFT LoRA folder, an adapter that does not fit this backbone, or no head
-                and no ``train`` data to fit one.
+            DataError: not a PEFT LoRA folder, LoRA settings cmtl cannot reproduce, an adapter that does
+                not fit this backbone, or no head for ``spec`` and no ``train`` data to fit one.
         """
         from cmtl.core.adapters import check_adapter_state
         from cmtl.errors import BackboneMismatchError, CorruptFileError, DataError
-        from cmtl.integrations.peft_folder import TASK, read_folder
+        from cmtl.integrations.peft_folder import TASK, read_folder, spec_differences
         from cmtl.training.evaluation import compute_metrics
         from cmtl.training.loop import TrainResult
         from cmtl.training.probe import probe_head
@@ -380,14 +381,27 @@ class Registry(LoadedRegistry):
                 f"{str(path)!r} was exported from a registry on backbone {folder.backbone.get('name_or_path')!r} "
                 f"(weights {recorded[:12]}…); this registry's backbone has weights {self.backbone.sha256[:12]}…. "
                 "Import it into a registry on the same backbone.")
+        if spec is not None and name is not None:
+            raise InvalidParameterError(bad_param("name", "import_peft", "be left out when spec is given (the "
+                                                  "spec names the task)", name))
         if spec is None and folder.spec is None:
             raise DataError(f"{str(path)!r} holds no cmtl task (no {TASK}): pass spec=TaskSpec(...) and labelled "
                             "train data to fit its head.")
-        spec = spec or folder.spec
-        use_head = folder.head is not None and folder.spec is not None and folder.spec.labels == spec.labels
+        if spec is None:
+            spec = folder.spec if name is None else TaskSpec.from_dict({**folder.spec.to_dict(), "name": name})
+        differs = spec_differences(folder.spec, spec) if folder.spec is not None else []
+        use_head = folder.head is not None and not differs
         if not use_head and train is None:
-            raise DataError(f"The folder has no head for labels {list(spec.labels or ())}: pass labelled train "
-                            "data to fit one on the adapter's features.")
+            if folder.head is None:
+                raise DataError(f"{str(path)!r} has no head for task {spec.name!r}: pass labelled train data to "
+                                "fit one on the adapter's features.")
+            raise DataError(f"The head in {str(path)!r} answers as the exported task {folder.spec.name!r}, and the "
+                            f"spec differs from it in {'; '.join(differs)}. To import that task under another name, "
+                            f"pass name={spec.name!r} instead of a spec; to use the adapter for this spec, pass "
+                            "labelled train data to fit a new head on its features.")
+        if folder.head is not None and differs:
+            logger.info("Import %s: the exported head answers as task %r, not as this spec (%s); fitting a new "
+                        "head on the adapter's features", path, folder.spec.name, "; ".join(differs))
         self._check_new_task(spec.name)
         try:
             check_adapter_state(folder.state, folder.adapter, self.backbone.encoder, Path(path))

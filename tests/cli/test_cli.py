@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 import cmtl
-from cmtl import Registry
+from cmtl import Registry, TaskSpec, TrainConfig
 from cmtl.cli.commands import app
 from tests.conftest import toy_sentiment
 
@@ -275,6 +275,23 @@ def test_export_and_import_a_task_through_peft_folders(reg_copy, tmp_path, tiny_
     result = invoke("import", other, out, "--name", "fitted", "--labels", "neg,pos", "--train", rows)
     assert result.exit_code == 0, result.output
     assert Registry.open(other, device="cpu").tasks() == ["copy", "fitted"]
+
+
+def test_import_with_the_exported_labels_keeps_the_exported_task(reg_copy, tmp_path):
+    """--labels on a folder cmtl exported built a fresh single-label spec; with the same labels the registry
+    reused the multi-label head under it, answering by argmax."""
+    reg = Registry.open(reg_copy, device="cpu")
+    rows = [{"text": r["text"], "tags": [r["label"], "film"] if "film" in r["text"] else [r["label"]]}
+            for r in toy_sentiment(32)]
+    reg.add_task(TaskSpec("tags", labels=["neg", "pos", "film"], problem_type="multi_label", label_column="tags"),
+                 rows, training=TrainConfig(max_steps=3, batch_size=8, progress=False))
+    assert invoke("export", reg_copy, "tags", tmp_path / "export").exit_code == 0
+    result = invoke("import", reg_copy, tmp_path / "export", "--name", "tags-b", "--labels", "neg,pos,film")
+    assert result.exit_code == 0, result.output
+    again = Registry.open(reg_copy, device="cpu")
+    assert again.spec("tags-b").problem_type == "multi_label" and again.spec("tags-b").label_column == "tags"
+    texts = [r["text"] for r in toy_sentiment(8, 9)]
+    assert again.predict("tags-b", texts) == again.predict("tags", texts)
 
 
 def test_add_task_with_an_analytic_head_and_update_it(reg_copy, tmp_path):

@@ -8,7 +8,8 @@ import shutil
 import pytest
 import torch
 
-from cmtl import BackboneConfig, BackboneMismatchError, DataError, Registry, TaskExistsError, TaskSpec
+from cmtl import (BackboneConfig, BackboneMismatchError, DataError, InvalidParameterError, Registry, TaskExistsError,
+                  TaskSpec, TrainConfig)
 from cmtl.integrations.peft_folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CARD, HEAD, TASK
 from tests.conftest import toy_sentiment
 
@@ -98,3 +99,80 @@ def test_refused_imports_write_nothing(reg, tmp_path):
     with pytest.raises(DataError, match="not a PEFT adapter folder"):
         other.import_peft(tmp_path)
     assert (other.root / "registry.json").read_bytes() == manifest and other.tasks() == []
+
+
+def saved_peft_adapter(base: str, path, **lora) -> dict[str, torch.Tensor]:
+    """A LoRA adapter that PEFT itself trains-and-saves (B drawn at random, so it changes the features);
+    returns its mean-pooled features of TEXTS as PEFT computes them."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModel.from_pretrained(base), LoraConfig(target_modules=["query", "value"], **lora))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    model.eval().save_pretrained(str(path))
+    batch = AutoTokenizer.from_pretrained(base)(TEXTS, padding=True, truncation=True, max_length=64,
+                                                return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    return (hidden * mask).sum(1) / mask.sum(1)
+
+
+def test_an_rslora_adapter_imports_with_its_own_scaling(reg, tmp_path):
+    """rsLoRA scales by alpha/sqrt(r): it was read as plain LoRA (alpha/r), 2x here, and served so without a word."""
+    features = saved_peft_adapter(reg.backbone.config.name_or_path, tmp_path / "rs", r=4, lora_alpha=8,
+                                  use_rslora=True)
+    info = reg.import_peft(tmp_path / "rs", TaskSpec("rs", labels=["neg", "pos"]), toy_sentiment(16))
+    assert info.adapter["alpha"] == 16.0 and info.adapter["r"] == 4  # alpha·sqrt(r): the same scaling, plain LoRA
+    torch.testing.assert_close(reg.embed(TEXTS, "rs"), features, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("setting", [
+    {"use_dora": True}, {"bias": "all"}, {"lora_bias": True}, {"rank_pattern": {"query": 4}},
+    {"alpha_pattern": {"value": 64}}, {"modules_to_save": ["classifier"]}, {"init_lora_weights": "pissa"},
+    {"layer_replication": [[0, 1]]}, {"trainable_token_indices": [5, 6]}, {"exclude_modules": ["value"]}])
+def test_lora_settings_plain_lora_cannot_reproduce_are_refused(reg, tmp_path, setting):
+    """Each of these changes what PEFT computes; the import kept r, alpha and targets only and ran another adapter."""
+    out = reg.export_peft("sentiment", tmp_path / "export")
+    config = json.loads((out / ADAPTER_CONFIG).read_text())
+    (out / ADAPTER_CONFIG).write_text(json.dumps({**config, **setting}))
+    manifest = (reg.root / "registry.json").read_bytes()
+    (name,) = setting
+    with pytest.raises(DataError, match=f"sets {name}=.*plain LoRA"):
+        reg.import_peft(out, TaskSpec("copy", labels=["neg", "pos"]))
+    assert (reg.root / "registry.json").read_bytes() == manifest and "copy" not in reg.tasks()
+
+
+TAGS = TaskSpec("tags", labels=["neg", "pos", "film"], problem_type="multi_label", label_column="tags",
+                threshold=0.4)
+
+
+def tag_rows(n: int, seed: int = 0) -> list[dict]:
+    return [{"text": r["text"], "tags": [r["label"], "film"] if "film" in r["text"] else [r["label"]]}
+            for r in toy_sentiment(n, seed)]
+
+
+def test_the_exported_head_answers_only_as_the_exported_task(reg, tmp_path):
+    """A spec with the exported labels but another problem type reused the multi-label head as a single-label
+    one (argmax instead of thresholds), silently; the documented rename call built exactly such a spec."""
+    reg.add_task(TAGS, tag_rows(32), training=TrainConfig(max_steps=3, batch_size=8, progress=False))
+    out = reg.export_peft("tags", tmp_path / "export")
+    manifest = (reg.root / "registry.json").read_bytes()
+    with pytest.raises(DataError, match=r"differs from it in .*problem_type: exported 'multi_label', spec "
+                                        r"'single_label'.*pass name='tags-b' instead"):
+        reg.import_peft(out, TaskSpec("tags-b", labels=["neg", "pos", "film"]))
+    with pytest.raises(InvalidParameterError, match="name"):
+        reg.import_peft(out, TAGS, name="tags-b")
+    assert (reg.root / "registry.json").read_bytes() == manifest
+    reg.import_peft(out, name="tags-b")  # the exported task, renamed: its head and all its settings
+    assert reg.spec("tags-b").to_dict() == {**TAGS.to_dict(), "name": "tags-b"}
+    texts = [r["text"] for r in tag_rows(8, 9)]
+    assert reg.predict("tags-b", texts) == reg.predict("tags", texts)
+    # Another spec with training data gets a head of its own, fitted for that spec.
+    single = reg.import_peft(out, TaskSpec("one", labels=["neg", "pos"]), toy_sentiment(32))
+    assert reg.spec("one").problem_type == "single_label" and single.metrics == {}
+    assert all(label in ("neg", "pos") for label in reg.predict("one", texts))
