@@ -110,7 +110,8 @@ def test_a_search_where_every_delta_hurts_returns_the_baseline(merge_reg, every_
     with caplog.at_level(logging.WARNING, logger="cmtl.merging.pipeline"):
         record = reg.merge(["a", "b"], "none", "linear", search=True, config=MergeConfig(refit_heads=True))
     assert record["config"]["scale"] == 0.0 and record["adapter"]["r"] == 1
-    assert all(tr["normalised"] < record["search"][0]["normalised"] for tr in record["search"][1:])
+    # No trial beats the baseline; one may tie it (the search takes a delta only for a strict gain).
+    assert all(tr["normalised"] <= record["search"][0]["normalised"] for tr in record["search"][1:])
     for t in ("a", "b"):
         assert record["holdout"][t]["merged"] == record["holdout"][t]["baseline"]
     assert "chose no delta" in caplog.text
