@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -27,6 +28,7 @@ from cmtl.data import Encoded, Examples
 from cmtl.errors import DataError, MergeRefusedError
 from cmtl.merging.methods import MergeConfig, lora_deltas, merge_deltas, to_lora_state
 from cmtl.merging.scoring import Evaluation, Scorer, TaskRows, primary_score, rungs, shuffle_order, split_holdout
+from cmtl.training.evaluation import primary_metric
 from cmtl.training.loop import seeded
 from tqdm.auto import tqdm
 
@@ -41,7 +43,8 @@ class Merged:
     module's reconstruction error), the heads, and per task the held-out scores of the merge, of the
     members (``individual``) and of the frozen backbone (``baseline``), each as ``{part: {task: score}}``
     with part ``"select"`` (rows that chose the knobs; empty without search) or ``"report"`` (the others);
-    ``rows`` counts each part's rows per task; ``trials`` lists the search's candidates."""
+    ``rows`` counts each part's rows per task; ``trials`` lists the search's candidates; ``lower`` names
+    the tasks whose score is lower-is-better (regression's MSE)."""
 
     config: MergeConfig
     lora_state: dict[str, torch.Tensor]
@@ -54,10 +57,12 @@ class Merged:
     rows: dict[str, dict[str, int]]
     trials: list[dict[str, Any]]
 
+    lower: frozenset[str] = frozenset()
+
     def below_baseline(self) -> list[str]:
-        """Tasks whose reported merged score is below the frozen backbone's."""
+        """Tasks whose reported merged score is worse than the frozen backbone's."""
         merged, base = self.scores["report"], self.baseline["report"]
-        return [t for t in merged if t in base and merged[t] < base[t]]
+        return [t for t in merged if t in base and (merged[t] > base[t] if t in self.lower else merged[t] < base[t])]
 
 
 def check_mergeable(members: list[Member], adapters: list[AdapterConfig]) -> None:
@@ -140,7 +145,7 @@ def merge_members(backbone: Backbone, bank: AdapterBank, members: list[Member], 
     merged = Merged(config, lora_state, rank, errors, heads, {"select": select, "report": report}, own,
                     {} if baseline is None else baseline.scores,
                     {p: {t: len(getattr(r, p)) for t, r in rows.items() if getattr(r, p) is not None}
-                     for p in ("select", "report")}, trials)
+                     for p in ("select", "report")}, trials, lower_is_better(specs))
     _judge(merged, config, search)
     return merged
 
@@ -186,9 +191,10 @@ class _Own:
     select: dict[str, tuple[TaskSpec, torch.Tensor, torch.Tensor]]
 
     def normalised(self, scores: dict[str, float], rows: dict[str, int]) -> float | None:
-        """Mean merged / own score over tasks, each on its first ``rows[task]`` selection rows."""
+        """:func:`normalised` against the members' own scores, each on its first ``rows[task]`` selection rows."""
         return normalised(scores, {t: primary_score(spec, logits[: rows[t]], targets[: rows[t]])
-                                   for t, (spec, logits, targets) in self.select.items() if t in rows})
+                                   for t, (spec, logits, targets) in self.select.items() if t in rows},
+                          lower_is_better({t: spec for t, (spec, _, _) in self.select.items()}))
 
 
 def _search(scorer: Scorer, combine: "_Combiner", grid: list[MergeConfig], plan: list[tuple[int, float]],
@@ -229,8 +235,8 @@ def _judge(merged: Merged, config: MergeConfig, searched: bool) -> None:
                             "the frozen backbone (add the tasks with validation data).")
         return
     below = merged.below_baseline()
-    mean = normalised(merged.scores["report"], merged.individual["report"])
-    floor = normalised(merged.baseline["report"], merged.individual["report"])
+    mean = normalised(merged.scores["report"], merged.individual["report"], merged.lower)
+    floor = normalised(merged.baseline["report"], merged.individual["report"], merged.lower)
     if searched and config.scale == 0:
         heads = "heads refitted on the buffers" if config.refit_heads else "the members' heads"
         message = f"the search chose no delta (λ = 0): no merged delta beat the frozen backbone with {heads}"
@@ -285,7 +291,15 @@ def search_grid(config: MergeConfig) -> list[MergeConfig]:
     return [dataclasses.replace(config, scale=s, density=k, drop=p) for s in scales for k in densities for p in drops]
 
 
-def normalised(scores: dict[str, float], individual: dict[str, float]) -> float | None:
-    """Mean over tasks of merged / individual score (None without scores)."""
-    ratios = [scores[t] / individual[t] for t in scores if t in individual and individual[t] > 0]
+def normalised(scores: dict[str, float], individual: dict[str, float], lower: Collection[str] = ()) -> float | None:
+    """Mean over tasks of the score as a share of the member's own: merged / individual, or individual /
+    merged for the tasks in ``lower`` (lower is better: MSE). 1 is the member's level, less is worse; None
+    without scores."""
+    ratios = [individual[t] / max(scores[t], 1e-12) if t in lower else scores[t] / individual[t]
+              for t in scores if t in individual and individual[t] > 0]
     return float(np.mean(ratios)) if ratios else None
+
+
+def lower_is_better(specs: dict[str, TaskSpec]) -> frozenset[str]:
+    """The tasks whose primary score (:func:`~cmtl.merging.scoring.primary_score`) is lower-is-better."""
+    return frozenset(t for t, spec in specs.items() if not primary_metric(spec)[1])

@@ -48,11 +48,12 @@ def merge_record(name: str, members: list[tuple[str, int]], specs: dict[str, Tas
         "holdout": {t: {"individual": own.get(t), "merged": report.get(t), "baseline": base_scores.get(t),
                         "rows": merged.rows["report"].get(t), "selection_rows": merged.rows["select"].get(t)}
                     for t in tasks},
-        "normalised": normalised(report, own), "baseline_normalised": normalised(base_scores, own),
+        "normalised": normalised(report, own, merged.lower),
+        "baseline_normalised": normalised(base_scores, own, merged.lower),
         "below_baseline": merged.below_baseline(),
         "selection": {"individual": merged.individual["select"], "merged": merged.scores["select"],
                       "baseline": merged.baseline.get("select", {}),
-                      "normalised": normalised(merged.scores["select"], merged.individual["select"])},
+                      "normalised": normalised(merged.scores["select"], merged.individual["select"], merged.lower)},
         "search": merged.trials, "seconds": round(seconds, 3),
     }
 

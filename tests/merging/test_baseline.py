@@ -172,3 +172,37 @@ def test_a_delta_added_to_the_weights_matches_the_stored_adapter_and_is_undone(m
     torch.testing.assert_close(dense, lora, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(dense, reg._runtime.embed(texts, None))  # the delta did something
     assert all(torch.equal(p, before[n]) for n, p in backbone.encoder.named_parameters() if n in before)
+
+
+def test_normalised_and_below_baseline_read_mse_as_lower_is_better():
+    """Regression tasks score by MSE: the merge code read every score as higher-is-better, so it flagged a
+    merge whose MSE was below the frozen backbone's as 'below baseline' and ranked the worst MSE first."""
+    own, merged, frozen = {"acc": 0.9, "mse": 0.02}, {"acc": 0.81, "mse": 0.04}, {"acc": 0.5, "mse": 0.2}
+    lower = {"mse"}
+    assert pipeline.normalised(merged, own, lower) == pytest.approx((0.81 / 0.9 + 0.02 / 0.04) / 2)
+    assert pipeline.normalised(frozen, own, lower) == pytest.approx((0.5 / 0.9 + 0.02 / 0.2) / 2)
+    record = pipeline.Merged(None, {}, 1, {}, {}, {"select": {}, "report": merged}, {"report": own},
+                             {"report": frozen}, {}, [], lower=frozenset(lower))
+    assert record.below_baseline() == []
+    worse = pipeline.Merged(None, {}, 1, {}, {}, {"select": {}, "report": {"acc": 0.4, "mse": 0.3}},
+                            {"report": own}, {"report": frozen}, {}, [], lower=frozenset(lower))
+    assert worse.below_baseline() == ["acc", "mse"]
+
+
+def test_a_regression_merge_is_judged_by_its_mse(tmp_path, tiny_config):
+    reg = Registry.create(tmp_path / "reg", tiny_config, device="cpu")
+    scored = lambda n, seed: [{"text": r["text"], "label": float(r["label"] == "pos")}  # noqa: E731
+                              for r in toy_sentiment(n, seed)]
+    for t, seed in (("a", 0), ("b", 2)):
+        reg.add_task(TaskSpec(t, problem_type="regression"), scored(64, seed), scored(32, seed + 1), training=FAST)
+    record = reg.merge(["a", "b"], "ab", "linear", config=MergeConfig(scale=0.8))
+    held = record["holdout"]
+    assert record["below_baseline"] == [t for t in ("a", "b") if held[t]["merged"] > held[t]["baseline"]]
+    share = lambda part: sum(held[t]["individual"] / held[t][part] for t in "ab") / 2  # noqa: E731
+    assert record["normalised"] == pytest.approx(share("merged"))
+    assert record["baseline_normalised"] == pytest.approx(share("baseline"))
+    searched = reg.merge(["a", "b"], "ab-search", "linear", search=True)
+    last = [tr for tr in searched["search"] if tr["share"] == 1.0 and tr["scale"] > 0]
+    best = max(last, key=lambda tr: tr["normalised"])
+    own = searched["selection"]["individual"]
+    assert best["normalised"] == pytest.approx(sum(own[t] / best["scores"][t] for t in "ab") / 2)
