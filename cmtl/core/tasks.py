@@ -161,7 +161,7 @@ class TaskSpec:
                 is not known, or ClassLabel names the task's labels lack.
         """
         if self.problem_type == "regression":
-            return list(values)
+            return [self._number(v, row) for row, v in enumerate(values)]
         if class_names is not None:
             class_names = [str(n) for n in class_names]
             lacking = [n for n in class_names if self.labels is not None and n not in self.labels]
@@ -292,6 +292,19 @@ class TaskSpec:
         if not torch.isfinite(target).all():
             raise DataError(f"Regression targets of task {self.name!r} contain NaN or infinite values.")
         return target
+
+    def _number(self, value: Any, row: int) -> float | list[float]:
+        """A regression target as a float (a list of floats for several targets), whatever the source
+        gave: CSV and TSV give strings, JSON and DataFrames integers or floats."""
+        try:
+            if isinstance(value, (list, tuple)) or (hasattr(value, "tolist") and getattr(value, "ndim", 0)):
+                return [float(x) for x in value]
+            if isinstance(value, bool):
+                raise ValueError(f"{value!r} is a bool")
+            return float(value)
+        except (TypeError, ValueError):
+            raise DataError(f"Regression targets of task {self.name!r} must be numbers: column "
+                            f"{self.label_column!r} holds {value!r} at row {row}.") from None
 
     # --- outputs ----------------------------------------------------------------
 

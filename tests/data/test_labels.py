@@ -259,3 +259,21 @@ def test_positions_stored_by_earlier_releases_read_as_label_names(tmp_path, sent
     result = reg.update_task("sentiment", toy_sentiment(32, 5), validation=toy_sentiment(16, 6), training=FAST,
                              config=UpdateConfig(replay_ratio=1.0))
     assert result.version.version == 2
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_regression_targets_are_the_same_numbers_from_every_source(tmp_path, source):
+    """A CSV/TSV kept regression targets as strings ('0.137'): the class-balanced replay buffer then made each
+    distinct value its own class and kept the first rows it saw instead of a sample of the stream."""
+    from cmtl.continual.replay import REGRESSION_CLASS, ReplayItem
+
+    rows = [{"text": t, "label": v} for t, v in zip(TEXTS, [0.137, 2, -1.5, 3])]
+    examples = read_examples(_write(rows, source, tmp_path), TaskSpec("x", problem_type="regression"))
+    assert examples.labels == [0.137, 2.0, -1.5, 3.0] and all(type(v) is float for v in examples.labels)
+    assert {ReplayItem(t, v, "x").label_class() for t, v in zip(examples.texts, examples.labels)} == {REGRESSION_CLASS}
+
+
+def test_regression_targets_that_are_not_numbers_are_refused(tmp_path):
+    rows = [{"text": "a", "label": 0.5}, {"text": "b", "label": "high"}]
+    with pytest.raises(DataError, match=r"Regression targets of task 'x' must be numbers.*'high'.*row 1"):
+        read_examples(_write(rows, "csv", tmp_path), TaskSpec("x", problem_type="regression"))
