@@ -115,7 +115,8 @@ def lookahead_affinity(task_losses: Callable[[], torch.Tensor], shared: list[nn.
                        ) -> np.ndarray:
     """Z[i, j] = 1 − L_j(θ'_i) / L_j(θ) on one batch, θ'_i = one AdamW step of the shared parameters
     on task i's gradient alone (``task_grads``, :func:`task_gradients`), from the optimiser's
-    current state; (T, T), zero outside the tasks of ``task_grads``.
+    current state; (T, T), NaN where not measured: outside the tasks of ``task_grads``, and where task
+    j's loss before the step is 0.
 
     ``task_losses()`` gives this rank's (T,) per-task losses on the batch at the current parameters
     (zeros on a rank without rows in it, which still joins the all-reduces); call it with dropout off.
@@ -125,7 +126,7 @@ def lookahead_affinity(task_losses: Callable[[], torch.Tensor], shared: list[nn.
     def losses() -> torch.Tensor:
         return distributed.all_reduce_sum(task_losses())
 
-    Z = np.zeros((T, T))
+    Z = np.full((T, T), np.nan)
     originals = [p.detach().clone() for p in shared]
     with torch.no_grad():
         before = losses()

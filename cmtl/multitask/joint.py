@@ -99,7 +99,8 @@ def train_multitask(
             streams[t] = iter(torch.randperm(sizes[t], generator=generator).tolist())
             return next(streams[t])
 
-    affinity, measured, seen = np.zeros((T, T)), 0, torch.zeros(T, dtype=torch.long)
+    # TAG: each pair's affinity summed over the steps that measured it, and their count
+    affinity, measured, seen = np.zeros((T, T)), np.zeros((T, T)), torch.zeros(T, dtype=torch.long)
     best_score, best = -math.inf, [p.detach().clone() for p in params]
     result = MultiTaskResult(steps=0, seconds=0.0)
     has_validation = any(v is not None for v in validation)
@@ -166,9 +167,10 @@ def train_multitask(
                     return _task_losses(specs, logits_of(), targets, groups, T, counts)
 
                 set_training(False)
-                affinity += lookahead_affinity(batch_losses, shared, optimizer, task_grads, T)
+                Z = lookahead_affinity(batch_losses, shared, optimizer, task_grads, T)
                 set_training(True)
-                measured += 1
+                affinity += np.nan_to_num(Z, nan=0.0)
+                measured += ~np.isnan(Z)
                 result.tag_seconds += time.perf_counter() - tag_started
             if training.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(params, training.grad_clip)
@@ -199,8 +201,8 @@ def train_multitask(
                 p.copy_(b)
     result.seconds = time.perf_counter() - started
     result.rows_per_task = dict(zip(names, seen.tolist()))
-    if measured:
-        result.affinity = (affinity / measured).tolist()
+    if measured.any():  # a pair never measured (its tasks never shared a TAG step's batch) reads 0
+        result.affinity = (affinity / np.maximum(measured, 1)).tolist()
     if uncertainty is not None:
         result.task_weights = dict(zip(names, torch.exp(-uncertainty.log_var.detach()).tolist()))
     return result

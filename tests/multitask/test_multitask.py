@@ -436,3 +436,45 @@ def test_tag_affinity_signs_on_a_case_with_a_known_answer():
     assert (np.diag(Z) > 0).all()
     assert Z[0, 1] > 0 and Z[1, 0] > 0 and Z[0, 1] == pytest.approx(Z[0, 0])
     assert (Z[[0, 1], 2] < 0).all() and (Z[2, [0, 1]] < 0).all()
+
+
+def test_affinity_is_averaged_over_the_steps_that_measured_each_pair(monkeypatch):
+    """TAG (METHODS.md) averages Z_i->j over the steps where it was measured; the sum was divided by every TAG
+    step, so a task rarely in a batch (here 8 rows against 400 and 400) had its affinities shrunk toward 0."""
+    from cmtl.multitask import joint as joint_module
+
+    torch.manual_seed(0)
+    embedding = torch.nn.Embedding(50, 8)
+
+    def embed(input_ids, attention_mask, **_):
+        mask = attention_mask.unsqueeze(-1).float()
+        return (embedding(input_ids) * mask).sum(1) / mask.sum(1)
+
+    def rows(n, seed):
+        ids = torch.randint(1, 50, (n, 5), generator=torch.Generator().manual_seed(seed)).tolist()
+        return Encoded(ids, None, torch.tensor([i[0] % 2 for i in ids]))
+
+    specs = [TaskSpec(f"t{k}", labels=["a", "b"]) for k in range(3)]
+    heads = [TaskHead(8, 2, 0.0) for _ in specs]
+    seen: list[tuple[np.ndarray, list[int]]] = []
+    real = joint_module.lookahead_affinity
+
+    def spy(task_losses, shared, optimizer, task_grads, T):
+        Z = real(task_losses, shared, optimizer, task_grads, T)
+        seen.append((np.nan_to_num(Z), sorted(task_grads)))
+        return Z
+
+    monkeypatch.setattr(joint_module, "lookahead_affinity", spy)
+    result = train_multitask(grouped_forward(embed, heads), list(embedding.parameters()),
+                             [p for h in heads for p in h.parameters()], lambda flag: None, specs,
+                             [rows(400, 1), rows(400, 2), rows(8, 3)], [None] * 3,
+                             MultiTaskConfig(sampler="proportional", tag_every=1, steps=60),
+                             TrainConfig(batch_size=4, learning_rate=0.2, progress=False), pad_id=0,
+                             device=torch.device("cpu"))
+    total, count = np.zeros((3, 3)), np.zeros((3, 3))
+    for Z, present in seen:
+        for i, j in itertools.product(present, present):
+            total[i, j] += Z[i, j]
+            count[i, j] += 1
+    assert 0 < count[2, 2] < len(seen) / 4  # the small task was measured on few steps
+    np.testing.assert_allclose(result.affinity, total / count, rtol=1e-6, atol=1e-9)
