@@ -60,14 +60,17 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def all_reduce_gradients(params: Sequence[torch.nn.Parameter]) -> None:
-    """Sum the gradients of ``params`` over all ranks, in place (missing gradients count as zero)."""
+    """Sum the gradients of ``params`` over all ranks, in place. A gradient missing on some ranks counts
+    as zero there; one missing on every rank stays ``None``, as in one process (AdamW then leaves the
+    parameter alone instead of decaying it and applying its momentum)."""
     if world()[1] == 1:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    has = torch.tensor([float(p.grad is not None) for p in params], device=grads[0].device, dtype=grads[0].dtype)
+    flat = torch.cat([g.reshape(-1) for g in grads] + [has])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    offset = 0
-    for p, g in zip(params, grads):
+    offset, anywhere = 0, flat[-len(params):].tolist()
+    for p, g, found in zip(params, grads, anywhere):
         n = g.numel()
-        p.grad = flat[offset:offset + n].view_as(p).clone()
+        p.grad = flat[offset:offset + n].view_as(p).clone() if found else None
         offset += n

@@ -49,3 +49,34 @@ def test_two_process_training_matches_one_process(tmp_path, request, mode, backb
         np.testing.assert_allclose(extra[1]["affinity"], extra[0]["affinity"], atol=1e-4)
         assert extra[1] == extra[2]  # rank 1 read the record rank 0 wrote
         assert list(manifest["merges"]) == ["both"] and manifest["generation"] == 4  # create, 2 tasks, group
+
+
+def _reduce_on_two_ranks(rank: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from cmtl.training.distributed import all_reduce_gradients
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    shared, rare, unused = (torch.nn.Parameter(torch.ones(3)) for _ in range(3))
+    shared.grad = torch.full((3,), float(rank + 1))
+    if rank == 0:  # a head whose task only rank 0's rows hold
+        rare.grad = torch.full((3,), 5.0)
+    all_reduce_gradients([shared, rare, unused])
+    optimizer = torch.optim.AdamW([shared, rare, unused], lr=0.1, weight_decay=0.1)
+    optimizer.step()
+    torch.save({"grads": [None if p.grad is None else p.grad.clone() for p in (shared, rare, unused)],
+                "unused": unused.detach().clone()}, f"{out}.rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_a_parameter_no_rank_has_a_gradient_for_keeps_none(tmp_path):
+    """A missing gradient was all-reduced as zeros: AdamW then decayed and moved a parameter (the head of a task
+    absent from the global batch) that the single-process step leaves alone."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_reduce_on_two_ranks, args=(str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2)
+    for rank in (0, 1):
+        saved = torch.load(tmp_path / f"out.rank{rank}.pt")
+        shared, rare, unused = saved["grads"]
+        assert torch.equal(shared, torch.full((3,), 3.0)) and torch.equal(rare, torch.full((3,), 5.0))
+        assert unused is None and torch.equal(saved["unused"], torch.ones(3))  # as one process: untouched
