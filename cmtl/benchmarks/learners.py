@@ -34,8 +34,9 @@
 Shared strategies keep one head per task (task-incremental), one head for the
 one task (domain-incremental), or one head over every class whose unseen
 classes are masked (class-incremental). A head for an experience not trained
-yet is a fresh head drawn from a seed fixed per experience, so ``b`` and FWT
-compare like with like across strategies.
+yet is a fresh head drawn from a fixed seed (per experience when each has its own
+head, the first experience's when the stream shares one), so ``b`` and FWT compare
+like with like across strategies.
 """
 
 from __future__ import annotations
@@ -135,12 +136,15 @@ class Learner(abc.ABC):
         return self.config.training.seed * 1009 + j
 
     def _fresh_head_answers(self, j: int, features: torch.Tensor) -> list[str]:
-        """Experience ``j`` before anything was learnt for it: its fresh seeded head on the plain backbone's
-        pooled ``features`` of its test texts (a class-incremental model may answer any class of the stream)."""
+        """Experience ``j`` before anything was learnt for it: a fresh seeded head on the plain backbone's
+        pooled ``features`` of its test texts (a class-incremental model may answer any class of the stream).
+        The head is the one the shared strategies start from: experience ``j``'s own on a task-incremental
+        stream, the stream's one head (seed of experience 0) otherwise, so ``b`` is one row for every strategy."""
         labels = tuple(self.experiences[j].spec.labels)
         if self.kind == "class-incremental":
             labels = tuple(dict.fromkeys(x for e in self.experiences for x in e.spec.labels))
-        head = _seeded_head(self.backbone.hidden_size, len(labels), 0.0, self._head_seed(j))
+        seed = self._head_seed(j if self.kind == "task-incremental" else 0)
+        head = _seeded_head(self.backbone.hidden_size, len(labels), 0.0, seed)
         with torch.inference_mode():
             logits = head(features)
         return [labels[k] for k in logits.argmax(-1).tolist()]
@@ -273,6 +277,7 @@ class SharedLearner(Learner):
         with trainee.unfrozen() as params:
             for p in frozen:
                 p.requires_grad_(False)
+            trained = sum(p.numel() for p in params if p.requires_grad)  # a frozen old head is not trained
             # Loss over rows of every group: targets index the group's own labels.
             spec = TaskSpec("stream", labels=[f"c{k}" for k in range(max(self.width, 2))])
             extra = self._penalty(i, old_heads)
@@ -282,7 +287,7 @@ class SharedLearner(Learner):
             self.buffer.add_examples(exp.train, task=exp.name)
         if self.mode == "ewc":
             self.ewc.append(self._fisher(train_data, spec))
-        self.trainable_parameters.append(sum(p.numel() for p in params))
+        self.trainable_parameters.append(trained)
         # Stored state grows by the new head (and by the one shared adapter, once).
         new_head = self.kind == "task-incremental" or i == 0
         added = (self.bank.num_parameters("shared") if i == 0 else 0) + (

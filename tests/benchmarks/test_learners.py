@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
+from transformers import AutoConfig
 
 from cmtl import BackboneConfig, TaskSpec, TrainConfig
 from cmtl.benchmarks.learners import STRATEGIES, StrategyConfig, run_stream
@@ -200,3 +202,33 @@ def test_a_task_adapter_answers_the_same_after_later_tasks(tiny_backbone, tmp_pa
     learner.fit(1)
     learner.fit(2)
     assert (learner.registry.predict_proba("e0", stream[0].test.texts) == first).all()
+
+
+@pytest.mark.parametrize("kind", ["task-incremental", "domain-incremental", "class-incremental"])
+def test_every_strategy_answers_the_same_before_training(kind, tiny_backbone, tmp_path):
+    """b (each experience's accuracy before anything was trained) is FWT's baseline, so it must be one row for
+    every strategy on a stream: on a domain-incremental stream the shared strategies answered with the stream's
+    one fresh head (seed 0) and the per-task ones with experience j's (seed j)."""
+    from cmtl.benchmarks.learners import make_learner
+    from cmtl.core.backbone import load_backbone
+
+    stream = _stream(kind)
+    backbone = load_backbone(BackboneConfig(name_or_path=tiny_backbone, max_length=32), device="cpu")
+    learners = {s: make_learner(s, stream, kind, backbone, CONFIG, tmp_path / s)
+                for s in ("seq-ft", "replay", "ewc", "lwf", "joint", "adapters", "analytic")
+                + (("single",) if kind == "task-incremental" else ())}
+    answers = {s: [learner.predict(j, 0) for j in range(len(stream))] for s, learner in learners.items()}
+    assert all(a == answers["seq-ft"] for a in answers.values()), answers
+
+
+@pytest.mark.parametrize("kind", ["domain-incremental", "task-incremental"])
+def test_trained_parameters_leave_out_frozen_heads(kind, tiny_backbone):
+    """params_per_exp counted every head handed to the loop, also the frozen ones: seq-ft on a domain-incremental
+    stream reported its one head as trained in every experience, replay every replayed old head again."""
+    quick = dataclasses.replace(CONFIG, training=dataclasses.replace(CONFIG.training, max_steps=1, epochs=1))
+    report = run_stream("replay", _stream(kind), kind, BackboneConfig(name_or_path=tiny_backbone, max_length=32),
+                        quick, device="cpu")
+    first, *later = report.trainable_parameters_per_task
+    hidden = AutoConfig.from_pretrained(tiny_backbone).hidden_size
+    head = hidden * 2 + 2  # two labels per experience in this stream
+    assert later == [first if kind == "task-incremental" else first - head] * len(later)
