@@ -201,7 +201,8 @@ class Backbone:
             self.checkpointing = before
 
     def tokenize(self, texts: list[str], pairs: list[str] | None = None) -> dict[str, list[list[int]]]:
-        """Token ids (and token type ids) per text, unpadded, truncated to ``max_length`` from the end.
+        """Token ids (and token type ids) per text, unpadded, truncated to ``max_length`` from the end (a pair:
+        the longer text first).
 
         Pairs are joined by the tokenizer's pair template (the separator token); a decoder's tokenizer
         without one (GPT-2's, Qwen's) gets the end-of-text token between the two texts, so the boundary
@@ -228,7 +229,10 @@ class Backbone:
     def _joined_pairs(self, texts: list[str], pairs: list[str]) -> dict[str, list[list[int]]]:
         first = self.tokenizer(texts, add_special_tokens=True, padding=False)["input_ids"]
         second = self.tokenizer(pairs, add_special_tokens=True, padding=False)["input_ids"]
-        joined = [(a + [self._boundary_id] + b)[: self.config.max_length] for a, b in zip(first, second)]
+        joined = []
+        for a, b in zip(first, second):
+            keep_a, keep_b = _longest_first(len(a), len(b), self.config.max_length - 1)  # 1: the boundary
+            joined.append(a[:keep_a] + [self._boundary_id] + b[:keep_b])
         return {"input_ids": joined, "attention_mask": [[1] * len(ids) for ids in joined]}
 
     def check_matches(self, recorded_sha256: str, where: str) -> None:
@@ -483,6 +487,16 @@ def weights_sha256(model: nn.Module) -> str:
         h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def _longest_first(first: int, second: int, budget: int) -> tuple[int, int]:
+    """How many tokens of each text of a pair to keep within ``budget``: the longer text is shortened
+    first, one token at a time, the second on a tie (the tokenizers' ``longest_first`` rule)."""
+    if first + second <= budget:
+        return first, second
+    if min(first, second) <= budget // 2:  # the shorter fits in half: the longer takes the rest
+        return (first, budget - first) if first <= second else (budget - second, second)
+    return (budget + 1) // 2, budget // 2
 
 
 def load_backbone(config: BackboneConfig | str | None = None, device: str = "auto") -> Backbone:

@@ -333,3 +333,21 @@ def test_a_checkpoint_missing_weights_or_layers_is_refused(tmp_path, tiny_llama)
         load_backbone(_config(tiny_llama, num_hidden_layers=4), device="cpu")
     with pytest.raises(InvalidParameterError, match="at least one layer"):
         AdapterConfig(layers=())
+
+
+def test_a_long_first_text_leaves_room_for_its_pair_on_a_tokenizer_without_templates(tmp_path):
+    """The joined pair was cut from the end: a first text of max_length tokens dropped the boundary and the whole
+    second text, so a pair task saw the premise alone (two hypotheses gave the same ids). Now the longer text is
+    shortened first, as the tokenizers' own longest_first truncation does."""
+    path = save_tiny_decoder("gpt2", tmp_path / "gpt2")
+    backbone = load_backbone(dataclasses.replace(_config(path), max_length=16), device="cpu")
+    eos = backbone.tokenizer.eos_token_id
+    premise = "the movie was really quite a plot and the acting was a film story " * 3
+    alone = backbone.tokenize([premise, "great", "awful"])["input_ids"]
+    great, awful = backbone.tokenize([premise, premise], ["great", "awful"])["input_ids"]
+    assert great != awful and len(great) == len(awful) == 16
+    assert great == alone[0][: 15 - len(alone[1])] + [eos] + alone[1]  # the pair kept whole, the premise cut
+    long_pair = backbone.tokenize([premise], [premise])["input_ids"][0]
+    assert long_pair == alone[0][:8] + [eos] + alone[0][:7]  # both long: halves, the first text's the larger
+    short = backbone.tokenize(["the movie"], ["was great"])["input_ids"][0]
+    assert eos in short and len(short) < 16  # what fits is not cut
