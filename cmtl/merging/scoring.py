@@ -115,7 +115,8 @@ class Scorer:
         self.backbone, self.bank, self.base, self.rank, self.tolerance = backbone, bank, base, rank, tolerance
         parts = [(t, p) for t, rows in tasks.items() for p in ("buffer", "select", "report")
                  if getattr(rows, p) is not None]
-        cached = maybe_cache([getattr(tasks[t], p) for t, p in parts], backbone, base, cache_mb)
+        with bank.disabled():  # the frozen layers' own outputs, not those of whichever adapter was used last
+            cached = maybe_cache([getattr(tasks[t], p) for t, p in parts], backbone, base, cache_mb)
         self.tasks = {t: dataclasses.replace(rows) for t, rows in tasks.items()}
         for (t, p), encoded in zip(parts, cached):
             setattr(self.tasks[t], p, encoded)

@@ -206,3 +206,19 @@ def test_a_regression_merge_is_judged_by_its_mse(tmp_path, tiny_config):
     best = max(last, key=lambda tr: tr["normalised"])
     own = searched["selection"]["individual"]
     assert best["normalised"] == pytest.approx(sum(own[t] / best["scores"][t] for t in "ab") / 2)
+
+
+def test_the_frozen_layer_cache_of_a_merge_ignores_the_adapter_used_last(tmp_path, tiny_config):
+    """The merge's scorer cached the frozen bottom layers under whichever adapter was active: after a prediction
+    of a task adapting every layer, the merge was scored on that task's features (other scores, other flags)."""
+    reg = Registry.create(tmp_path / "reg", tiny_config, device="cpu")
+    reg.add_task(TaskSpec("x", labels=["neg", "pos"]), toy_sentiment(32, 4), training=FAST)  # every layer
+    top = AdapterConfig(layers=(1,))
+    reg.add_task(TaskSpec("a", labels=["neg", "pos"]), toy_sentiment(64), toy_sentiment(32, 1), training=FAST,
+                 adapter=top)
+    reg.add_task(TaskSpec("b", labels=["neg", "pos"]), toy_sentiment(64, 2), toy_sentiment(32, 3), training=FAST,
+                 adapter=top)
+    fresh = Registry.open(reg.root, device="cpu").merge(["a", "b"], "fresh", "linear", config=MergeConfig(scale=1.0))
+    reg.predict("x", ["a lovely film"])  # x's adapter is now the active one
+    after = reg.merge(["a", "b"], "after", "linear", config=MergeConfig(scale=1.0))
+    assert after["holdout"] == fresh["holdout"]
