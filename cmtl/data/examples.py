@@ -10,6 +10,7 @@ turns its labels into label names (one rule for every source, see
 from __future__ import annotations
 
 import codecs
+import csv
 import dataclasses
 import hashlib
 import json
@@ -184,8 +185,10 @@ def read_file(path: str | Path, *, encoding: str | None = None):
         raise DataError(f"Data file {str(path)!r} is empty (0 bytes): it needs a header and at least one example.")
     kind = {".csv": "CSV", ".tsv": "TSV", ".jsonl": "JSON lines", ".json": "JSON", ".parquet": "Parquet"}[suffix]
     try:
-        if suffix in (".csv", ".tsv"):
-            return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", keep_default_na=False, dtype=str,
+        if suffix == ".csv":
+            return pd.read_csv(path, keep_default_na=False, dtype=str, encoding=encoding or "utf-8")
+        if suffix == ".tsv":  # TSV has no quoting: a quotation mark is text (GLUE's files rely on it)
+            return pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE, keep_default_na=False, dtype=str,
                                encoding=encoding or "utf-8")
         if suffix in (".jsonl", ".json"):
             return pd.read_json(path, lines=suffix == ".jsonl", dtype=False, encoding=encoding or "utf-8")

@@ -65,3 +65,14 @@ def test_as_texts():
         as_texts([])
     with pytest.raises(DataError, match=r"Column 'texts' must hold strings; rows \[1\] hold \['int'\]"):
         as_texts(["ok", 3])
+
+
+def test_a_tsv_file_is_read_without_quoting(tmp_path):
+    """TSV corpora (GLUE's among them) do not quote: a text opening with a quotation mark was read as a quoted field
+    that swallowed the rows after it (6 rows came back as 3, one text holding four rows and the last label)."""
+    rows = [('"awful" he said, and left', "neg"), ("nasty acting", "neg"), ("the plot was lovely", "pos"),
+            ('a "superb" story', "pos"), ("really nasty acting", "neg"), ('quite superb story, lovely"', "pos")]
+    path = tmp_path / "data.tsv"
+    path.write_text("text\tlabel\n" + "".join(f"{text}\t{label}\n" for text, label in rows), encoding="utf-8")
+    examples = read_examples(path, TaskSpec("s", labels=["neg", "pos"]))
+    assert list(zip(examples.texts, examples.labels)) == rows
