@@ -171,6 +171,9 @@ class LoadedRegistry(RegistryReader):
     def _logits(self, task: str, spec: TaskSpec, texts, text_pairs, version: int | None,
                 merge: str | None = None) -> torch.Tensor:
         pairs = None
+        if spec.text_pair_column is None and text_pairs is not None:
+            raise DataError(f"Task {spec.name!r} takes single texts, but text_pairs were given: leave them out, "
+                            "or add the task with TaskSpec(..., text_pair_column=...) to classify pairs.")
         if spec.text_pair_column is not None:
             if text_pairs is None:
                 raise DataError(f"Task {spec.name!r} takes text pairs: pass text_pairs=[...] as well.")
