@@ -37,14 +37,20 @@ class Encoded:
     @staticmethod
     def concat(parts: Sequence["Encoded"]) -> "Encoded":
         """Rows of several encodings, in order; targets must share their trailing shape.
-        The result carries a prefix only if every part has one from the same layer."""
+        The result carries a prefix only if every part has one from the same layer. When some parts
+        carry token type ids (text pairs) and others do not (single texts, segment 0 throughout), the
+        others get zeros: a pair's rows keep their segments in a batch shared with single texts."""
         cat = lambda xs: None if any(x is None for x in xs) else torch.cat(xs)  # noqa: E731
         join = lambda xs: None if any(x is None for x in xs) else [v for x in xs for v in x]  # noqa: E731
         layers = {p.prefix_layers for p in parts}
         prefix = join([p.prefix for p in parts]) if len(layers) == 1 else None
+        types = None
+        if any(p.token_type_ids is not None for p in parts):
+            types = [row for p in parts for row in (p.token_type_ids if p.token_type_ids is not None
+                                                     else [[0] * len(ids) for ids in p.input_ids])]
         return Encoded(
             [ids for p in parts for ids in p.input_ids],
-            join([p.token_type_ids for p in parts]),
+            types,
             cat([p.targets for p in parts]),
             cat([p.groups for p in parts]),
             prefix,

@@ -63,3 +63,15 @@ def test_encode_tokenizes_once_and_encodes_labels():
     assert enc.targets.tolist() == [1, 0] and enc.token_type_ids is None  # no pairs: no type ids
     paired = encode(Examples(["xx"], ["z"], ["a"]), spec, tokenize, with_targets=False)
     assert paired.targets is None and paired.token_type_ids == [[0]]
+
+
+def test_concat_keeps_a_pairs_segments_beside_single_texts():
+    """A joint batch mixing a pair task's rows with a single-text task's lost every token type id (one part had
+    none), so the pair task trained with its second text read as segment A, and was served with segments."""
+    pairs = Encoded([[1, 2, 3, 4]], [[0, 0, 1, 1]], torch.tensor([1]))
+    single = Encoded([[5, 6, 7]], None, torch.tensor([0]))
+    mixed = Encoded.concat([single, pairs])
+    assert mixed.token_type_ids == [[0, 0, 0], [0, 0, 1, 1]]
+    assert Encoded.concat([single, single]).token_type_ids is None
+    _, inputs, _ = next(batches(mixed, [0, 1], 2, pad_id=0, device=torch.device("cpu")))
+    assert inputs["token_type_ids"].tolist() == [[0, 0, 0, 0], [0, 0, 1, 1]]
