@@ -39,6 +39,12 @@ def train_group(backbone: Backbone, bank: AdapterBank, key: str, tasks: list[str
     """Add adapter ``key`` to ``bank`` and train it jointly with a head per task (and per-task factors
     when ``task_adapter`` is given) with :func:`~cmtl.multitask.train_multitask`. The caller removes
     ``key`` from the bank if anything after this fails."""
+    if task_adapter is not None:
+        unused = {k: v for k, v in (("target_modules", task_adapter.target_modules), ("layers", task_adapter.layers))
+                  if v is not None}
+        if unused:
+            raise ValueError(f"task_adapter sets {unused}, but per-task factors take only r and alpha from it: they "
+                             "sit on the shared adapter's modules and layers. Set those on adapter=AdapterConfig(...).")
     resolved = bank.add(key, adapter)
     heads = [TaskHead(backbone.hidden_size, s.num_outputs, training.head_dropout).to(backbone.device) for s in specs]
     trainee = Trainee(grouped_forward(backbone.embed, heads), heads, bank=bank, key=key)

@@ -80,6 +80,11 @@ def train_multitask(
     probs = sampling_probabilities(sizes, config.sampler, config.temperature, config.size_cap)
     if config.primary is not None and config.primary not in names:
         raise ValueError(f"Primary task {config.primary!r} is not among {names}.")
+    for knob in ("weights", "gamma0", "eta", "nu"):  # a misspelt task would train at the default silently
+        value = getattr(config, knob)
+        unknown = sorted(set(value) - set(names)) if isinstance(value, dict) else []
+        if unknown:
+            raise ValueError(f"MultiTaskConfig.{knob} names {unknown}, which are not among the tasks {names}.")
     reference = sizes[names.index(config.primary)] if config.primary else max(sizes)
     total = config.steps or max(1, math.ceil(reference / training.batch_size) * config.epochs)
     eval_every = config.eval_every or max(1, total // 10)

@@ -58,6 +58,11 @@ def merge_record(name: str, members: list[tuple[str, int]], specs: dict[str, Tas
     }
 
 
+#: TrainConfig fields joint training (``train_group``) does not read: not recorded with a group.
+GROUP_UNUSED_TRAINING = ("epochs", "max_steps", "eval_every", "patience", "length_grouping", "cache_frozen_mb",
+                         "validation_fraction", "probe_init", "probe_start")
+
+
 def group_record(name: str, specs: dict[str, TaskSpec], config: MultiTaskConfig, training: TrainConfig,
                  group: Group) -> dict[str, Any]:
     """A joint entry: its tasks, knobs, the run's history and affinities, and the per-task adapters' size."""
@@ -65,7 +70,8 @@ def group_record(name: str, specs: dict[str, TaskSpec], config: MultiTaskConfig,
     return {
         "name": name, "kind": "joint", "created": now(), "cmtl_version": __version__, "tasks": list(specs),
         "specs": {t: spec.to_dict() for t, spec in specs.items()},
-        "members": [], "config": config.to_dict(), "training": training.to_dict(),
+        "members": [], "config": config.to_dict(),
+        "training": {k: v for k, v in training.to_dict().items() if k not in GROUP_UNUSED_TRAINING},
         "adapter": group.adapter.to_dict(), "steps": result.steps, "seconds": round(result.seconds, 3),
         "rows_per_task": result.rows_per_task, "best_step": result.best_step,
         "validation_accuracy": result.best_metrics, "history": result.history,

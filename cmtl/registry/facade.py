@@ -134,6 +134,9 @@ class Registry(LoadedRegistry):
             DataError: the data does not fit ``spec``; with an analytic ``head``, a label has no training rows.
             TrainingDivergedError: the loss went non-finite; nothing was written.
         """
+        if not isinstance(spec, TaskSpec):
+            raise InvalidParameterError(bad_param("spec", "add_task", "be a TaskSpec, e.g. TaskSpec(\"spam\", "
+                                                  "labels=[\"ham\", \"spam\"])", spec))
         self._check_new_task(spec.name)
         spec = spec_for_data(spec, train)  # labels from a ClassLabel column when the spec names none
         start = parse_init(init)
@@ -479,6 +482,9 @@ class Registry(LoadedRegistry):
             TaskNotFoundError: an unknown task or version.
             MergeRefusedError: ``require_gain`` and the merge does not beat the frozen backbone.
         """
+        if isinstance(members, str):
+            raise InvalidParameterError(bad_param("members", "merge", "be a list of tasks (or (task, version) "
+                                                  "pairs), e.g. ['spam', 'topic']", members))
         started = time.perf_counter()
         config = config or MergeConfig()
         if method is not None:
@@ -551,13 +557,23 @@ class Registry(LoadedRegistry):
             task_adapter: Also give each task a small LoRA of its own (``r`` and ``alpha`` from this
                 config; the shared adapter's layers) beside the shared one. Each task then answers through
                 shared + own factors, stored as one adapter of rank r_shared + r.
-            training: Batch size, learning rate, warm-up, clipping, seed.
+            training: Batch size, learning rate, weight decay, warm-up and schedule, clipping, head
+                dropout, evaluation batch size, gradient checkpointing, seed. Its budget fields do not apply
+                (``config.steps``/``epochs``/``eval_every`` set it; the best evaluated state is kept, with no
+                early stopping): set away from their defaults, they are logged as unused and left out of
+                the record.
 
         Returns:
             The entry's record: tasks, knobs, per-task validation history and best scores, the TAG
             affinity matrix when measured (``affinity[i][j]`` = Z of task i onto task j).
         """
         config, training = config or MultiTaskConfig(), training or TrainConfig()
+        unused = {k: getattr(training, k) for k in entries.GROUP_UNUSED_TRAINING
+                  if getattr(training, k) != getattr(TrainConfig(), k)}
+        if unused:
+            logger.warning("Group %s: %s do not apply to joint training (MultiTaskConfig sets its steps and "
+                           "evaluations; the best evaluated state is kept).",
+                           name, ", ".join(f"TrainConfig.{k}={v!r}" for k, v in unused.items()))
         self._check_new_entry(name, "Group")
         tasks = list(data)
         if len(tasks) < 2:

@@ -478,3 +478,30 @@ def test_affinity_is_averaged_over_the_steps_that_measured_each_pair(monkeypatch
             count[i, j] += 1
     assert 0 < count[2, 2] < len(seen) / 4  # the small task was measured on few steps
     np.testing.assert_allclose(result.affinity, total / count, rtol=1e-6, atol=1e-9)
+
+
+def test_group_knobs_that_would_be_ignored_are_refused_or_named(registry, caplog):
+    """train_group accepted a misspelt task in MultiTaskConfig.weights (the task trained at weight 1), per-task
+    adapter modules/layers it never used, and TrainConfig budget fields it never read, recording them as applied."""
+    import logging
+
+    quick = TrainConfig(batch_size=8, progress=False)
+    registry.add_task(TaskSpec("sentiment", labels=["neg", "pos"]), toy_sentiment(16),
+                      training=dataclasses.replace(quick, max_steps=2))
+    registry.add_task(TaskSpec("topic", labels=TOPICS), toy_topics(15),
+                      training=dataclasses.replace(quick, max_steps=2))
+    data = {"sentiment": (toy_sentiment(24), None), "topic": (toy_topics(24), None)}
+    with pytest.raises(ValueError, match=r"MultiTaskConfig.weights names \['Sentiment'\]"):
+        registry.train_group("g", data, config=MultiTaskConfig(steps=2, weights={"Sentiment": 0.0}), training=quick)
+    with pytest.raises(ValueError, match="gamma0 names"):
+        registry.train_group("g", data, config=MultiTaskConfig(steps=2, primary="topic", schedule="diminish",
+                                                               gamma0={"sentimnt": 0.5}), training=quick)
+    with pytest.raises(ValueError, match="per-task factors take only r and alpha"):
+        registry.train_group("g", data, config=MultiTaskConfig(steps=2), training=quick,
+                             task_adapter=AdapterConfig(r=2, alpha=4, layers=(1,)))
+    assert "g" not in registry.merges()
+    with caplog.at_level(logging.WARNING, logger="cmtl.registry.facade"):
+        record = registry.train_group("g", data, config=MultiTaskConfig(steps=2),
+                                      training=dataclasses.replace(quick, max_steps=1, patience=5))
+    assert record["steps"] == 2 and "TrainConfig.max_steps=1, TrainConfig.patience=5 do not apply" in caplog.text
+    assert "max_steps" not in record["training"] and record["training"]["batch_size"] == 8
