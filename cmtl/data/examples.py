@@ -300,6 +300,8 @@ def as_texts(texts: str | Sequence[str]) -> list[str]:
         DataError: no texts, a value that is not a string, or a string that is not
             valid Unicode (a lone surrogate, which UTF-8 cannot encode).
     """
+    if texts is None or not (isinstance(texts, str) or hasattr(texts, "__iter__")):
+        raise DataError(f"texts must be a string or a list of strings, got {type(texts).__name__}.")
     out = _texts([texts] if isinstance(texts, str) else list(texts), "texts")
     if not out:
         raise DataError("No texts given: pass at least one string.")

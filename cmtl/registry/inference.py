@@ -16,7 +16,7 @@ import torch
 from cmtl.core.backbone import Backbone, BackboneConfig, load_backbone
 from cmtl.core.tasks import TaskSpec
 from cmtl.data import Encoded, Examples, as_texts, encode, read_examples
-from cmtl.errors import DataError
+from cmtl.errors import DataError, InvalidParameterError, bad_param
 from cmtl.monitoring.drift import DriftMonitor, DriftReport, MonitorConfig
 from cmtl.registry import commit, store
 from cmtl.registry.manifest import backbone_config, refuse_other_settings
@@ -112,6 +112,11 @@ class LoadedRegistry(RegistryReader):
     def embed(self, texts: str | Sequence[str], task: str | None = None, *, version: int | None = None,
               batch_size: int = 64) -> torch.Tensor:
         """Pooled embeddings (N, H) of ``texts``: through ``task``'s adapter, or the plain backbone if ``None``."""
+        if task is None and version is not None:
+            raise InvalidParameterError(bad_param("version", "embed", "come with a task (the plain backbone has "
+                                                  "no versions)", version))
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InvalidParameterError(bad_param("batch_size", "embed", "be a positive int", batch_size))
         with self._lock:
             key = None if task is None else self._runtime.task(self, task, self._version(task, version))
             return self._runtime.embed(texts, key, batch_size)

@@ -14,7 +14,6 @@ from cmtl import (
     AdapterConfig,
     BackboneConfig,
     CorruptFileError,
-    DataError,
     Registry,
     RegistryError,
     TaskNotFoundError,
@@ -423,11 +422,3 @@ def test_a_rollback_racing_a_call_cannot_name_one_versions_outputs_with_anothers
     other.join(10)
     assert reg.current("a").version == 2
 
-
-def test_text_pairs_for_a_task_of_single_texts_are_refused(root):
-    """They were dropped without a word: the answer was the first texts' alone (the engine refuses them)."""
-    reg = open_reg(root)
-    with pytest.raises(DataError, match="takes single texts, but text_pairs were given"):
-        reg.predict("a", ["a great film"], text_pairs=["an awful plot"])
-    with pytest.raises(DataError, match="takes single texts"):
-        reg.predict_proba("a", ["a great film"], text_pairs=["an awful plot"])
