@@ -329,8 +329,11 @@ def penalty(config: UpdateConfig, candidate: Trainee, parent: Trainee, spec: Tas
             raise DataError(f"EWC needs old data of task {spec.name!r} to weigh the parameters, but its current "
                             "version has no replay buffer or held-out sample. Use penalty='lwf' or 'none'.")
         candidate.activate()
+        candidate.set_training(False)  # the Fisher at the parent's weights, without dropout draws
         params = candidate.parameters()
-        anchor = fisher_diagonal(candidate.forward, params, spec, Encoded.concat(parts),
+        old = Encoded.concat(parts)  # a buffer lists its rows class by class: take a seeded sample of them all
+        old = old.select(torch.randperm(len(old), generator=torch.Generator().manual_seed(training.seed)).tolist())
+        anchor = fisher_diagonal(candidate.forward, params, spec, old,
                                  max_examples=config.fisher_examples, batch_size=training.batch_size,
                                  pad_id=backbone.pad_id, device=backbone.device)
         return ewc_term(params, [anchor], config.weight)

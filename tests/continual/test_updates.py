@@ -252,3 +252,27 @@ def test_bad_memory_configs():
         MemoryConfig(buffer="fifo")
     with pytest.raises(ValueError, match="'budget' parameter of MemoryConfig must be a positive integer"):
         MemoryConfig(budget=0)
+
+
+def test_ewc_weighs_the_old_rows_of_every_class_with_dropout_off(reg, monkeypatch):
+    """EWC's Fisher took the first rows of the old data, which a class-balanced buffer lists class by class (one
+    class), and ran with the grown head's dropout on (another estimate on every call)."""
+    from cmtl.continual import updates
+
+    seen = {}
+    real = updates.fisher_diagonal
+
+    def spy(forward, params, spec, data, **kwargs):
+        from cmtl.data import batches
+
+        _, inputs, _ = next(batches(data, range(4), 4, kwargs["pad_id"], kwargs["device"]))
+        with torch.no_grad():
+            seen["same twice"] = torch.equal(forward(dict(inputs)), forward(dict(inputs)))  # no dropout draws
+        seen["classes"] = set(data.targets[: kwargs["max_examples"]].tolist())
+        return real(forward, params, spec, data, **kwargs)
+
+    monkeypatch.setattr(updates, "fisher_diagonal", spy)
+    reg.update_task("sentiment", shifted_sentiment(32), training=dataclasses.replace(UPDATE, epochs=1),
+                    config=UpdateConfig(penalty="ewc", fisher_examples=8))
+    assert seen["same twice"]
+    assert seen["classes"] == {0, 1}
