@@ -589,6 +589,18 @@ def make_learner(strategy: str, experiences: list[Experience], kind: Kind, backb
     raise ValueError(f"Unknown strategy {strategy!r}. Known strategies: {list(STRATEGIES)}.")
 
 
+def fit_experience(learner: Learner, i: int, seed: int, device: torch.device) -> float:
+    """Train ``learner`` on experience ``i`` under the seed :func:`run_stream` gives it; return the seconds.
+
+    The seed depends on ``i`` alone (dropout masks, fresh heads), so a learner whose every experience starts
+    afresh (``joint``) trained on experience ``i`` alone ends where the whole stream's run does after ``i``.
+    """
+    started = time.perf_counter()
+    with seeded(seed * 7919 + i, device):
+        learner.fit(i)
+    return time.perf_counter() - started
+
+
 def run_stream(
     strategy: str,
     experiences: list[Experience],
@@ -617,10 +629,7 @@ def run_stream(
         b = [accuracy(j, 0) for j in range(T)]
         R, seconds = [], []
         for i in range(T):
-            started = time.perf_counter()
-            with seeded(config.training.seed * 7919 + i, loaded.device):  # dropout masks, fresh heads
-                learner.fit(i)
-            seconds.append(time.perf_counter() - started)
+            seconds.append(fit_experience(learner, i, config.training.seed, loaded.device))
             R.append([accuracy(j, i + 1) for j in range(T)])
             if on_step:
                 note = f", {learner.notes[i]}" if len(learner.notes) > i else ""

@@ -275,3 +275,23 @@ def test_tag_benchmark_script(tmp_path, tiny_backbone):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (tmp_path / "results.md").read_text()
     assert "| Z (step on row i, onto column j) |" in md and "Pair-search groups" in md and "pair search" in md
+
+def test_joint_final_gives_the_last_row_of_the_joint_benchmark(tmp_path):
+    """scenarios/joint_final.py trains only the last experience, and ends where `cmtl bench --strategy joint` does."""
+    options = ["--layers", "2", "--max-train", "24", "--max-eval", "12", "--epochs", "2", "--seed", "3"]
+    bench = CliRunner().invoke(app, ["bench", str(SCENARIOS / "text5.yaml"), "--strategy", "joint",
+                                     "--out", str(tmp_path / "bench"), "--device", "cpu", *options])
+    assert bench.exit_code == 0, bench.output
+    (full,) = json.loads((tmp_path / "bench" / "results.json").read_text())["runs"]
+    joint_final, lines = load_script("joint_final"), []
+    assert joint_final.main(["text5", "--out", str(tmp_path / "final"), "--device", "cpu", *options]) == 0
+    final = json.loads((tmp_path / "final" / "results.json").read_text())
+    assert final["task_names"] == full["task_names"]
+    assert final["final_row"] == full["R"][-1] and final["acc"] == pytest.approx(full["acc"])
+    assert final["command_config"]["training"] == json.loads(
+        (tmp_path / "bench" / "results.json").read_text())["command_config"]["training"]
+    assert final["trainable_parameters"] == full["trainable_parameters_per_task"][-1]
+    assert "| ACC |" in (tmp_path / "final" / "results.md").read_text()
+    with pytest.raises(ValueError, match="Unknown order 'sideways'"):
+        joint_final.run(Scenario.from_yaml(SCENARIOS / "text5.yaml"), tmp_path / "x", order="sideways",
+                        echo=lines.append)
