@@ -325,7 +325,7 @@ class SharedLearner(Learner):
     def _fisher(self, data: Encoded, spec: TaskSpec) -> Anchor:
         shared = self.bank.parameters("shared")
         anchor = fisher_diagonal(self.forward, shared, spec, data, max_examples=self.config.fisher_examples,
-                                 batch_size=self.config.training.batch_size, pad_id=self.pad_id, device=self.device)
+                                 pad_id=self.pad_id, device=self.device, seed=self.config.training.seed)
         for p in shared:
             p.requires_grad_(False)
         return anchor

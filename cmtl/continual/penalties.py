@@ -27,23 +27,26 @@ def fisher_diagonal(
     data: Encoded,
     *,
     max_examples: int,
-    batch_size: int,
     pad_id: int,
     device: torch.device,
+    seed: int = 0,
 ) -> Anchor:
-    """Diagonal empirical Fisher of ``params`` (mean squared minibatch gradient of the task loss) and a copy of them.
+    """Diagonal empirical Fisher of ``params`` and a copy of them (METHODS.md, EWC).
 
-    Uses the first ``max_examples`` rows of ``data``. ``params`` must require grad.
+    ``F_i = (1/N) Σ_n (∂ℓ_n/∂θ_i)²``: each example's own loss gradient, squared, averaged over a seeded
+    sample of ``N = min(len(data), max_examples)`` rows drawn from all of ``data``, not its first rows (a
+    class-balanced buffer lists its rows class by class). One example per backward pass: squaring the
+    gradients of minibatches instead would shrink ``F``, and λ's effect with it, as the batch grows.
+    Run it with dropout off (the caller's ``set_training(False)``); ``params`` must require grad.
     """
     fisher = [torch.zeros_like(p) for p in params]
-    order = list(range(min(len(data), max_examples)))
-    count = 0
-    for _, inputs, targets in batches(data, order, batch_size, pad_id, device):
+    n = min(len(data), max_examples)
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    for _, inputs, targets in batches(data, order, 1, pad_id, device):
         loss = spec.loss(forward(inputs), targets)
         for f, g in zip(fisher, torch.autograd.grad(loss, list(params))):
             f += g.detach() ** 2
-        count += 1
-    return [f / max(count, 1) for f in fisher], [p.detach().clone() for p in params]
+    return [f / max(n, 1) for f in fisher], [p.detach().clone() for p in params]
 
 
 def ewc_loss(params: Sequence[torch.Tensor], anchors: Sequence[Anchor], weight: float) -> torch.Tensor:

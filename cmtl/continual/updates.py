@@ -331,11 +331,9 @@ def penalty(config: UpdateConfig, candidate: Trainee, parent: Trainee, spec: Tas
         candidate.activate()
         candidate.set_training(False)  # the Fisher at the parent's weights, without dropout draws
         params = candidate.parameters()
-        old = Encoded.concat(parts)  # a buffer lists its rows class by class: take a seeded sample of them all
-        old = old.select(torch.randperm(len(old), generator=torch.Generator().manual_seed(training.seed)).tolist())
-        anchor = fisher_diagonal(candidate.forward, params, spec, old,
-                                 max_examples=config.fisher_examples, batch_size=training.batch_size,
-                                 pad_id=backbone.pad_id, device=backbone.device)
+        anchor = fisher_diagonal(candidate.forward, params, spec, Encoded.concat(parts),
+                                 max_examples=config.fisher_examples, pad_id=backbone.pad_id, device=backbone.device,
+                                 seed=training.seed)
         return ewc_term(params, [anchor], config.weight)
     if config.penalty == "lwf":
         # The parent is frozen and runs without dropout, so its outputs on the training rows are fixed:

@@ -255,8 +255,9 @@ def test_bad_memory_configs():
 
 
 def test_ewc_weighs_the_old_rows_of_every_class_with_dropout_off(reg, monkeypatch):
-    """EWC's Fisher took the first rows of the old data, which a class-balanced buffer lists class by class (one
-    class), and ran with the grown head's dropout on (another estimate on every call)."""
+    """EWC's Fisher ran with the grown head's dropout on (another estimate on every call), and took the first rows
+    of the old data, which a class-balanced buffer lists class by class (one class; tests/continual/test_penalties.py
+    holds the sampling to every row)."""
     from cmtl.continual import updates
 
     seen = {}
@@ -268,11 +269,13 @@ def test_ewc_weighs_the_old_rows_of_every_class_with_dropout_off(reg, monkeypatc
         _, inputs, _ = next(batches(data, range(4), 4, kwargs["pad_id"], kwargs["device"]))
         with torch.no_grad():
             seen["same twice"] = torch.equal(forward(dict(inputs)), forward(dict(inputs)))  # no dropout draws
-        seen["classes"] = set(data.targets[: kwargs["max_examples"]].tolist())
+        seen["classes"] = set(data.targets.tolist())
+        seen["kwargs"] = kwargs
         return real(forward, params, spec, data, **kwargs)
 
     monkeypatch.setattr(updates, "fisher_diagonal", spy)
     reg.update_task("sentiment", shifted_sentiment(32), training=dataclasses.replace(UPDATE, epochs=1),
                     config=UpdateConfig(penalty="ewc", fisher_examples=8))
     assert seen["same twice"]
-    assert seen["classes"] == {0, 1}
+    assert seen["classes"] == {0, 1}  # all the old rows go in; the Fisher samples 8 of them
+    assert seen["kwargs"]["max_examples"] == 8 and seen["kwargs"]["seed"] == UPDATE.seed
