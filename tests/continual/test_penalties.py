@@ -37,8 +37,8 @@ def test_fisher_is_the_mean_of_each_examples_squared_gradient():
     f, star = _fisher(forward, weight, data, max_examples=100)
     by_hand = torch.zeros_like(weight)
     for i in range(len(data)):
-        inputs = {"input_ids": torch.tensor([data.input_ids[i]]), "attention_mask": torch.ones(1, len(data.input_ids[i]),
-                                                                                                dtype=torch.long)}
+        ids = torch.tensor([data.input_ids[i]])
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         (g,) = torch.autograd.grad(SPEC.loss(forward(inputs), data.targets[i: i + 1]), [weight])
         by_hand += g ** 2 / len(data)
     # The squared gradient of whole batches would be smaller: the two classes' gradients cancel in part.
