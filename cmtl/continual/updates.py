@@ -154,15 +154,26 @@ def memory_files(task: str, version: int, memory: MemoryConfig, train: Examples 
 @dataclass
 class UpdateData:
     """An update's data: new examples (and the held-out part of them), replayed old examples, and
-    the encoded rows it trains on and is judged on (``judge``: new validation, then old held-out)."""
+    the encoded rows it trains on, chooses its kept state on (``select``) and is judged on (``judge``).
+
+    ``select`` and ``judge`` are disjoint halves of the new validation rows and of the lineage's held-out
+    rows (each: new rows first, then old). A candidate scored on the rows that chose its kept state would
+    be favoured over its parent, which is scored once: the best of several noisy scores beats one.
+    """
 
     new: Examples
     validation: Examples
     replayed: Examples | None
     train: Encoded
+    select: Encoded
     judge: Encoded
     n_new: int  # rows of ``judge`` that are new validation data
     old: list[Encoded | None]  # replayed and old held-out rows: EWC's Fisher data
+
+    @property
+    def held(self) -> Encoded:
+        """Every held-out row: ``select``'s, then ``judge``'s."""
+        return Encoded.concat([self.select, self.judge])
 
 
 def update_data(spec: TaskSpec, train: Any, validation: Any, *, config: UpdateConfig, training: TrainConfig,
@@ -175,6 +186,10 @@ def update_data(spec: TaskSpec, train: Any, validation: Any, *, config: UpdateCo
         new, val = split(new, config.validation_fraction, training.seed, spec.name)
     else:
         val = read_examples(validation, spec)
+        if len(val) < 2:
+            raise DataError(f"Task {spec.name!r}: an update needs at least 2 validation examples, got {len(val)}: "
+                            "half choose the candidate's kept state, the other half judge it against the current "
+                            "version. Pass more validation data, or none to hold out a share of the new data.")
     new_enc, val_enc = encode(new), encode(val)  # DataError on unknown labels
     n_replay = round(config.replay_ratio * len(new))
     replayed = (stored(spec, buffer.to_examples()).select(sample_indices(len(buffer), n_replay, training.seed))
@@ -182,8 +197,19 @@ def update_data(spec: TaskSpec, train: Any, validation: Any, *, config: UpdateCo
     replay_enc = encode(replayed) if replayed is not None and len(replayed) else None
     train_enc = Encoded.concat([new_enc] + ([replay_enc] if replay_enc is not None else []))
     old_enc = encode(held) if held is not None else None
-    judge = Encoded.concat([val_enc] + ([old_enc] if old_enc is not None else []))
-    return UpdateData(new, val, replayed, train_enc, judge, len(val_enc), [replay_enc, old_enc])
+    parts = [val_enc] + ([old_enc] if old_enc is not None and len(old_enc) else [])
+    split_parts = [[part.select(rows) for rows in halves(len(part), training.seed + k)] for k, part in enumerate(parts)]
+    select = Encoded.concat([s for s, _ in split_parts if len(s)])
+    judge = Encoded.concat([j for _, j in split_parts])
+    return UpdateData(new, val, replayed, train_enc, select, judge, len(split_parts[0][1]), [replay_enc, old_enc])
+
+
+def halves(n: int, seed: int) -> tuple[list[int], list[int]]:
+    """(select, judge): a seeded split of ``range(n)`` in two, ``judge`` the larger half when ``n`` is odd;
+    each in order. ``update_task`` splits the new validation rows with ``training.seed`` and the lineage's
+    held-out rows with ``training.seed + 1``."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return sorted(order[: n // 2]), sorted(order[n // 2:])
 
 
 def grown_spec(spec: TaskSpec, labels: Sequence[str] | None) -> TaskSpec:
@@ -254,21 +280,19 @@ def grown_head(parent: TaskHead, num_outputs: int, dropout: float) -> TaskHead:
 def train_candidate(backbone: Backbone, bank: AdapterBank, parent: Trainee, key: str, spec: TaskSpec,
                     adapter: AdapterConfig, data: UpdateData, config: UpdateConfig, training: TrainConfig,
                     promote: bool | None) -> tuple[Trainee, TrainResult, Gate, bool, str]:
-    """Train adapter ``key`` of ``bank`` (and a head) from ``parent``'s weights on ``data``, and judge it
-    against ``parent``. Returns the candidate, its training result, the gate, promoted?, and why."""
+    """Train adapter ``key`` of ``bank`` (and a head) from ``parent``'s weights on ``data``, keeping the state
+    that scores best on ``data.select``, and judge it against ``parent`` on ``data.judge``. Returns the
+    candidate, its training result (its ``validation_logits`` on ``data.held``), the gate, promoted?, and why."""
     device = backbone.device
     parent_scores = _parent_scores(backbone, parent, spec, data)
     bank.load(key, adapter, bank.state_dict(parent.key))
     head = grown_head(parent.modules[0], spec.num_outputs, training.head_dropout)  # the parent's head, grown
     candidate = Trainee.adapter(backbone, bank, key, head)
     extra = penalty(config, candidate, parent, spec, data, training, backbone)
-    result = fit(candidate, backbone, adapter, spec, data.train, data.judge, training, extra_loss=extra)
-    # Training scored its kept state on the same rows (new validation, then old held-out).
-    logits = result.validation_logits
-    if logits is None:  # no evaluation ever scored (a non-finite metric): score it now
-        logits = candidate.logits(data.judge, pad_id=backbone.pad_id, device=device)
+    result = fit(candidate, backbone, adapter, spec, data.train, data.select, training, extra_loss=extra)
+    logits = candidate.logits(data.judge, pad_id=backbone.pad_id, device=device)  # rows that chose nothing
     gate = _gate(spec, parent_scores, logits, data, config.tolerance)
-    return candidate, result, gate, *_decide(gate, promote)
+    return candidate, _on_held(result, logits), gate, *_decide(gate, promote)
 
 
 def analytic_candidate(backbone: Backbone, bank: AdapterBank, parent: Trainee, key: str, spec: TaskSpec,
@@ -278,7 +302,7 @@ def analytic_candidate(backbone: Backbone, bank: AdapterBank, parent: Trainee, k
     """The update of a version whose head is analytic (:class:`~cmtl.continual.analytic.AnalyticHead`):
     adapter ``key`` is ``parent``'s, copied unchanged (the features the statistics hold stay valid); the
     head is the parent's ``statistics`` plus ``data.train``'s rows (one class more per label the update
-    adds), solved with λ and scale chosen on ``data.judge``. Nothing is trained, so nothing old is
+    adds), solved with λ and scale chosen on ``data.select``. Nothing is trained, so nothing old is
     forgotten but what competition from new classes costs. The gate promotes it unless the new data's
     score falls or the old data's drops by more than the tolerance (a tie on the new data is promoted:
     the statistics are exact, and a rejected version's rows are not in the next one's)."""
@@ -288,9 +312,18 @@ def analytic_candidate(backbone: Backbone, bank: AdapterBank, parent: Trainee, k
     head = AnalyticHead.restore(old.hidden, old.config, old.state_dict(), statistics)
     head.grow(spec.num_outputs - head.num_classes)
     bank.activate(key)
-    result = fit_head(head, backbone, spec, data.train, data.judge, batch_size=training.eval_batch_size)
-    gate = _gate(spec, parent_scores, result.validation_logits, data, config.tolerance, require_gain=False)
-    return Trainee.adapter(backbone, bank, key, head), result, gate, *_decide(gate, promote)
+    result = fit_head(head, backbone, spec, data.train, data.select, batch_size=training.eval_batch_size)
+    candidate = Trainee.adapter(backbone, bank, key, head)
+    logits = candidate.logits(data.judge, pad_id=backbone.pad_id, device=backbone.device)
+    gate = _gate(spec, parent_scores, logits, data, config.tolerance, require_gain=False)
+    return candidate, _on_held(result, logits), gate, *_decide(gate, promote)
+
+
+def _on_held(result: TrainResult, judged: torch.Tensor) -> TrainResult:
+    """``result`` with its ``validation_logits`` (on ``select``) followed by ``judged`` (on ``judge``): the
+    kept state's logits on every held-out row, ``None`` if training kept none."""
+    kept = result.validation_logits
+    return dataclasses.replace(result, validation_logits=None if kept is None else torch.cat([kept, judged.to(kept)]))
 
 
 def _parent_scores(backbone: Backbone, parent: Trainee, spec: TaskSpec, data: UpdateData
@@ -363,11 +396,12 @@ def gate_scores(spec: TaskSpec, logits: torch.Tensor, encoded: Encoded, n_new: i
 
 
 def split(examples: Examples, fraction: float, seed: int, task: str) -> tuple[Examples, Examples]:
-    """(train, held out): ``fraction`` of ``examples`` held out, seeded; order kept within each part."""
-    n_val = max(1, round(len(examples) * fraction))
+    """(train, held out): ``fraction`` of ``examples`` held out (at least 2 rows: see :func:`halves`), seeded;
+    order kept within each part."""
+    n_val = max(2, round(len(examples) * fraction))
     if len(examples) - n_val < 1:
-        raise DataError(f"Task {task!r}: {len(examples)} new example(s) are too few to hold some out for "
-                        "validation; pass validation=... or more data.")
+        raise DataError(f"Task {task!r}: {len(examples)} new example(s) are too few to hold 2 out for "
+                        "validation (half choose the kept state, half judge it); pass validation=... or more data.")
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
     return examples.select(sorted(order[n_val:])), examples.select(sorted(order[:n_val]))
 

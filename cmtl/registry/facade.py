@@ -212,16 +212,18 @@ class Registry(LoadedRegistry):
 
         The candidate warm-starts from the current adapter and head and trains on the new data mixed with
         examples replayed from the current version's buffer (``config.replay_ratio``), optionally with an
-        EWC or LwF penalty against the current version. It is then scored on the new validation data and on
-        the held-out samples of every earlier version in its lineage, and becomes current only if the new
-        score improves and the old one drops by at most ``config.tolerance`` (see
+        EWC or LwF penalty against the current version. The new validation rows and the held-out samples
+        of every earlier version in its lineage are each split in two halves (seeded): training keeps the
+        state that scores best on one, and the gate scores that state and the current version on the other,
+        so the candidate is not judged on the rows that chose it. It becomes current only if the new score
+        improves and the old one drops by at most ``config.tolerance`` (see
         :class:`~cmtl.continual.updates.Gate`). It is stored either way, so :meth:`rollback` can still select it.
 
         Args:
             task: An existing task.
             train: New labelled data, in the task's columns and label set.
-            validation: New held-out data; without it ``config.validation_fraction`` of ``train`` is held
-                out (seeded).
+            validation: New held-out data, at least 2 rows; without it ``config.validation_fraction`` of
+                ``train`` (at least 2 rows) is held out (seeded).
             config: Replay, penalty and promotion settings.
             training: Loop settings; default: those the current version was trained with.
             promote: ``True`` or ``False`` overrides the gate; ``None`` lets it decide.
@@ -307,9 +309,9 @@ class Registry(LoadedRegistry):
                 if statistics is not None:
                     record["head"] = head.record()
                     files[heads.STATISTICS] = tensors_to_bytes(head.stats.state_dict())
-                elif memory.features:  # the candidate was judged on the new and the lineage's held-out rows
+                elif memory.features:  # the candidate was scored on the new and the lineage's held-out rows
                     files |= features.kept(spec, files, lambda ex: self._encode(ex, spec), frozen=features.RowTable(),
-                                           logits=features.RowTable().add(data.judge, result.validation_logits),
+                                           logits=features.RowTable().add(data.held, result.validation_logits),
                                            older=self.holdout(task, parent))
                 self._commit(spec, record, key, head, new_task=False, extra_files=files,
                              make_current=promoted, started_from=started_from)

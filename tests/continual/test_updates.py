@@ -19,8 +19,9 @@ from cmtl import (
     TrainConfig,
     UpdateConfig,
 )
-from cmtl.continual.updates import Gate
+from cmtl.continual.updates import Gate, halves
 from cmtl.core.adapters import AdapterConfig
+from cmtl.data import read_examples
 from cmtl.registry.store import MANIFEST
 from tests.conftest import toy_sentiment
 
@@ -57,10 +58,16 @@ def test_gate_decides_both_ways():
     assert not gate(0.4, 0.95, higher=False)[0]
 
 
+def _halves(rows: list[dict], seed: int) -> tuple[list[dict], list[dict]]:
+    """The rows that choose an update's kept state, and those that judge it (:func:`halves`)."""
+    return tuple([rows[i] for i in part] for part in halves(len(rows), seed))
+
+
 def test_update_on_shifted_data_is_promoted_and_keeps_old_skill(reg):
-    # The tiny random backbone transfers poorly to new words: a lenient tolerance; real data is in test_real_data.
-    result = reg.update_task("sentiment", shifted_sentiment(96), validation=shifted_sentiment(32, 1), training=UPDATE,
-                             config=UpdateConfig(tolerance=0.1))
+    # The tiny random backbone transfers poorly to new words: a lenient tolerance and half UPDATE's learning rate
+    # (at 1e-2 the candidate loses 2 of the 16 old rows that judge it); real data is in test_real_data.
+    result = reg.update_task("sentiment", shifted_sentiment(96), validation=shifted_sentiment(64, 1),
+                             training=dataclasses.replace(UPDATE, learning_rate=5e-3), config=UpdateConfig(tolerance=0.1))
     assert result.promoted, result.reason
     info = result.version
     assert (info.version, info.parent, info.kind, info.current, info.promoted) == (2, 1, "update", True, True)
@@ -68,16 +75,22 @@ def test_update_on_shifted_data_is_promoted_and_keeps_old_skill(reg):
     assert info.metrics["old_accuracy"] >= info.metrics["parent_old_accuracy"] - 0.1
     assert info.training["replayed"] == 96  # replay_ratio 1: one buffered example per new one (buffer holds 96)
     assert reg.current("sentiment").version == 2
-    # What is stored and served is the candidate the gate scored.
-    assert reg.evaluate("sentiment", shifted_sentiment(32, 1))["accuracy"] == pytest.approx(info.metrics["new_accuracy"])
-    assert reg.evaluate("sentiment", toy_sentiment(32, 1))["accuracy"] == pytest.approx(info.metrics["old_accuracy"])
-    # ... and the parent's scores are its own on the same two sets (the gate scores both in one pass each).
-    for data, name in [(shifted_sentiment(32, 1), "parent_new_accuracy"), (toy_sentiment(32, 1), "parent_old_accuracy")]:
-        assert reg.evaluate("sentiment", data, version=1)["accuracy"] == pytest.approx(info.metrics[name])
+    # What is stored and served is the candidate the gate scored, on the half of each held-out set that did
+    # not choose its kept state; the parent is scored on the same rows.
+    (select_new, judge_new), (select_old, judge_old) = [_halves(rows, UPDATE.seed + k) for k, rows in
+                                                        enumerate([shifted_sentiment(64, 1), toy_sentiment(32, 1)])]
+    assert len(judge_new) == 32 and len(judge_old) == 16
+    for version, prefix in [(2, ""), (1, "parent_")]:
+        assert reg.evaluate("sentiment", judge_new, version=version)["accuracy"] == pytest.approx(
+            info.metrics[f"{prefix}new_accuracy"])
+        assert reg.evaluate("sentiment", judge_old, version=version)["accuracy"] == pytest.approx(
+            info.metrics[f"{prefix}old_accuracy"])
+    assert reg.evaluate("sentiment", select_new + select_old)["accuracy"] == pytest.approx(
+        info.metrics["validation_accuracy"])  # the kept state's score on the rows that chose it
     # The new version's buffer holds both generations; its held-out lineage both validation sets.
     buffer = reg.buffer("sentiment")
     assert {it.domain for it in buffer.items()} == {"v1", "v2"} and len(buffer) == 96 + 96
-    assert len(reg.holdout("sentiment")) == 64 and len(reg.holdout("sentiment", lineage=False)) == 32
+    assert len(reg.holdout("sentiment")) == 96 and len(reg.holdout("sentiment", lineage=False)) == 64
     # Another process sees the same thing.
     again = Registry.open(reg.root, device="cpu")
     assert [v.version for v in again.versions("sentiment")] == [1, 2]
@@ -153,7 +166,7 @@ def test_lwf_teacher_computed_once_matches_the_parent_run_on_each_batch(reg):
     with torch.no_grad():
         head.linear.weight.add_(torch.randn_like(head.linear.weight))  # the student disagrees with its parent
     train_enc = encode(read_examples(shifted_sentiment(40), spec), spec, backbone.tokenize)
-    data = UpdateData(Examples([]), Examples([]), None, train_enc, train_enc, len(train_enc), [None, None])
+    data = UpdateData(Examples([]), Examples([]), None, train_enc, train_enc, train_enc, len(train_enc), [None, None])
     config = UpdateConfig(penalty="lwf", penalty_weight=2.0, temperature=3.0)
     parent = Trainee.adapter(backbone, bank, "parent", parent_head)
     lwf = penalty(config, Trainee.adapter(backbone, bank, "candidate", head), parent, spec, data,
@@ -216,7 +229,7 @@ def test_memory_config_and_opt_out(tmp_path, tiny_config):
         ("nope", toy_sentiment(8), TaskNotFoundError, r"Task 'nope' not found\. Known tasks: \['sentiment'\]"),
         ("sentiment", [{"text": "hi", "label": "maybe"}] * 20, DataError, r"'maybe'.*not in its label set"),
         ("sentiment", [], DataError, "empty"),
-        ("sentiment", [{"text": "only one", "label": "pos"}], DataError, "too few to hold some out"),
+        ("sentiment", [{"text": "only one", "label": "pos"}], DataError, "too few to hold 2 out"),
     ],
 )
 def test_bad_updates_change_nothing(reg, task, data, error, match):
@@ -279,3 +292,33 @@ def test_ewc_weighs_the_old_rows_of_every_class_with_dropout_off(reg, monkeypatc
     assert seen["same twice"]
     assert seen["classes"] == {0, 1}  # all the old rows go in; the Fisher samples 8 of them
     assert seen["kwargs"]["max_examples"] == 8 and seen["kwargs"]["seed"] == UPDATE.seed
+
+
+def test_the_gate_judges_on_rows_that_did_not_choose_the_kept_state(reg, monkeypatch):
+    """Training kept the state that scored best on the gate's own rows, so the gate compared the best of several
+    noisy scores with the parent's one score: a candidate no better than its parent was promoted more often than
+    not. The new validation rows and the old held-out rows are now each split: one half chooses, the other judges."""
+    from cmtl.continual import updates
+
+    seen = {}
+    real_fit, real_scores = updates.fit, updates.gate_scores
+
+    def fit(candidate, backbone, adapter, spec, train, validation, *args, **kwargs):
+        seen["select"] = [tuple(ids) for ids in validation.input_ids]
+        return real_fit(candidate, backbone, adapter, spec, train, validation, *args, **kwargs)
+
+    def gate_scores(spec, logits, encoded, n_new):
+        seen.setdefault("judge", []).append(([tuple(ids) for ids in encoded.input_ids], n_new))
+        return real_scores(spec, logits, encoded, n_new)
+
+    monkeypatch.setattr(updates, "fit", fit)
+    monkeypatch.setattr(updates, "gate_scores", gate_scores)
+    new, old = shifted_sentiment(40, 1), toy_sentiment(32, 1)  # old: v1's held-out rows
+    reg.update_task("sentiment", shifted_sentiment(64), validation=new, training=dataclasses.replace(UPDATE, epochs=1))
+    (parent_rows, n_parent), (candidate_rows, n_candidate) = seen["judge"]
+    assert parent_rows == candidate_rows and n_parent == n_candidate == 20  # both scored on the same rows
+    encode = lambda rows: [tuple(ids) for ids in reg._encode(read_examples(rows, reg.spec("sentiment")),  # noqa: E731
+                                                             reg.spec("sentiment")).input_ids]
+    every = encode(new) + encode(old)
+    assert sorted(seen["select"] + candidate_rows) == sorted(every)  # together: every held-out row, once
+    assert len(seen["select"]) == 16 + 20 and len(candidate_rows) == 20 + 16
