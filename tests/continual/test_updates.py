@@ -67,7 +67,8 @@ def test_update_on_shifted_data_is_promoted_and_keeps_old_skill(reg):
     # The tiny random backbone transfers poorly to new words: a lenient tolerance and half UPDATE's learning rate
     # (at 1e-2 the candidate loses 2 of the 16 old rows that judge it); real data is in test_real_data.
     result = reg.update_task("sentiment", shifted_sentiment(96), validation=shifted_sentiment(64, 1),
-                             training=dataclasses.replace(UPDATE, learning_rate=5e-3), config=UpdateConfig(tolerance=0.1))
+                             training=dataclasses.replace(UPDATE, learning_rate=5e-3),
+                             config=UpdateConfig(tolerance=0.1))
     assert result.promoted, result.reason
     info = result.version
     assert (info.version, info.parent, info.kind, info.current, info.promoted) == (2, 1, "update", True, True)
