@@ -33,7 +33,7 @@ def run(scenario, out: str | Path, *, backbone=None, config=None, order: str = "
     """Train ``joint`` on the last experience of ``scenario``'s ``order``; write and return the results."""
     import torch
 
-    from cmtl.benchmarks.learners import StrategyConfig, fit_experience, make_learner
+    from cmtl.benchmarks.learners import StrategyConfig, experience_accuracy, fit_experience, make_learner
     from cmtl.core.backbone import BackboneConfig, load_backbone
 
     started = time.perf_counter()
@@ -51,10 +51,7 @@ def run(scenario, out: str | Path, *, backbone=None, config=None, order: str = "
     with tempfile.TemporaryDirectory(prefix="cmtl-joint-") as tmp:
         learner = make_learner("joint", experiences, stream.kind, loaded, config, Path(tmp))
         seconds = fit_experience(learner, T - 1, config.training.seed, loaded.device)
-        row = []
-        for j, exp in enumerate(experiences):
-            answers = learner.predict(j, T)
-            row.append(sum(a == t for a, t in zip(answers, exp.test.labels)) / len(exp.test.labels))
+        row = [experience_accuracy(learner, experiences, j, T) for j in range(T)]
     results = {
         "scenario": scenario.name, "kind": stream.kind, "order": order, "strategy": "joint",
         "what": "the final model of cmtl bench --strategy joint (its last row of R), trained alone",

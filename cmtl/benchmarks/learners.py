@@ -601,6 +601,12 @@ def fit_experience(learner: Learner, i: int, seed: int, device: torch.device) ->
     return time.perf_counter() - started
 
 
+def experience_accuracy(learner: Learner, experiences: list[Experience], j: int, n_seen: int) -> float:
+    """Accuracy of ``learner`` on experience ``j``'s test set once it has seen ``n_seen`` experiences."""
+    truth = experiences[j].test.labels
+    return sum(p == t for p, t in zip(learner.predict(j, n_seen), truth)) / len(truth)
+
+
 def run_stream(
     strategy: str,
     experiences: list[Experience],
@@ -623,8 +629,7 @@ def run_stream(
         T = len(experiences)
 
         def accuracy(j: int, n_seen: int) -> float:
-            truth = experiences[j].test.labels
-            return sum(p == t for p, t in zip(learner.predict(j, n_seen), truth)) / len(truth)
+            return experience_accuracy(learner, experiences, j, n_seen)
 
         b = [accuracy(j, 0) for j in range(T)]
         R, seconds = [], []
