@@ -30,10 +30,13 @@ PEFT_PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 
 
-#: LoRA target modules by transformers ``model_type`` for encoders peft has no default for (peft's own
-#: table covers BERT, RoBERTa, XLM-R, ELECTRA, DeBERTa-v2 and more): query and value projections, or
-#: the fused query/key/value projection where there is one.
+#: LoRA target modules by transformers ``model_type``, ahead of peft's own table (which covers RoBERTa,
+#: XLM-R, ELECTRA, DeBERTa-v2 and more with query and value). BERT gets all four attention projections:
+#: the defaults study (docs/results.md, "Defaults of add_task") measured them ahead of query/value on
+#: the embedded MiniLM and never below the linear probe. The others are query and value projections, or
+#: the fused query/key/value projection where there is one, for encoders peft has no default for.
 TARGETS: dict[str, tuple[str, ...]] = {
+    "bert": ("attention.output.dense", "key", "query", "value"),
     "distilbert": ("q_lin", "v_lin"),
     "mpnet": ("q", "v"),
     "albert": ("query", "value"),

@@ -83,8 +83,9 @@ class AdapterConfig:
         target_modules: Names of the linear layers to adapt (e.g.
             ``("query", "value")``; a dotted suffix such as
             ``"attention.output.dense"`` names one module among several of that
-            name). ``None`` uses the family's query and value projections
-            (:func:`cmtl.core.adapters.default_targets`); the resolved names are recorded.
+            name). ``None`` uses the family's default (:func:`cmtl.core.adapters.default_targets`):
+            all four attention projections on BERT, query and value on the others; the resolved
+            names are recorded.
         layers: Indices of the transformer layers to adapt; ``None`` adapts
             all. Adapting only top layers lets training skip the backward pass
             through the frozen lower ones.
