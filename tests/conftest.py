@@ -37,6 +37,12 @@ def toy_sentiment(n: int, seed: int = 0, positive: list[str] = POSITIVE, negativ
 FAST = TrainConfig(epochs=8, batch_size=8, learning_rate=2e-2, progress=False, patience=None,
                    validation_fraction=0.0, probe_init=False)
 
+#: LoRA on query and value only. BERT's default adapts all four attention projections (the defaults study,
+#: docs/results.md). The toy thresholds of the tests that name this were set with query/value at FAST's
+#: learning rate of 2e-2, twenty times the default; with all four projections at that rate several of them
+#: fail (sequential fine-tuning ends at chance on the third toy task).
+QV = AdapterConfig(target_modules=("query", "value"))
+
 
 @pytest.fixture(scope="session")
 def tiny_backbone(tmp_path_factory) -> str:
@@ -135,7 +141,7 @@ def sentiment_registry(tmp_path_factory, tiny_backbone) -> Path:
     root = tmp_path_factory.mktemp("shared") / "reg"
     reg = Registry.create(root, BackboneConfig(name_or_path=tiny_backbone, max_length=64), device="cpu")
     reg.add_task(TaskSpec("sentiment", labels=["neg", "pos"]), train=toy_sentiment(96), validation=toy_sentiment(32, 1),
-                 training=FAST)
+                 adapter=QV, training=FAST)
     return root
 
 

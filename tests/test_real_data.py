@@ -18,6 +18,7 @@ def test_sms_spam_on_minilm_cut(tmp_path):
     reg = Registry.create(tmp_path / "reg", BackboneConfig(num_hidden_layers=2), device="cpu")
     info = reg.add_task(TaskSpec("spam", labels=corpus_info("sms_spam").labels), train=train,
                         validation=data["validation"], training=TrainConfig(epochs=2, progress=False))
+    assert info.adapter["target_modules"] == ["attention.output.dense", "key", "query", "value"]  # the default
     metrics = Registry.open(tmp_path / "reg", device="cpu").evaluate("spam", data["test"])
     assert metrics["n"] == len(data["test"]) == 452
     assert metrics["accuracy"] >= 0.95, metrics

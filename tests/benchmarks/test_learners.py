@@ -12,7 +12,7 @@ from cmtl import BackboneConfig, TaskSpec, TrainConfig
 from cmtl.benchmarks.learners import STRATEGIES, StrategyConfig, run_stream
 from cmtl.benchmarks.scenarios import Experience
 from cmtl.data import read_examples
-from tests.conftest import FILLER
+from tests.conftest import FILLER, QV
 
 WORDS = {"red": ["apple", "cherry"], "blue": ["sky", "ocean"], "green": ["grass", "leaf"],
          "loud": ["drum", "siren"], "quiet": ["whisper", "library"], "sweet": ["honey", "candy"]}
@@ -46,7 +46,7 @@ def _stream(kind: str) -> list[Experience]:
 
 
 CONFIG = StrategyConfig(training=TrainConfig(epochs=4, batch_size=8, learning_rate=2e-2, progress=False,
-                                             patience=None), replay_budget=16, fisher_examples=16,
+                                             patience=None), adapter=QV, replay_budget=16, fisher_examples=16,
                         single_learning_rate=5e-3)
 
 

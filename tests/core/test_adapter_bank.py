@@ -17,9 +17,9 @@ def test_adapter_bank(tiny_backbone):
     plain = bb.embed(**ids)
     bank = AdapterBank(bb.encoder)
     resolved = bank.add("first", AdapterConfig(r=2, layers=(1,)))
-    assert resolved.target_modules == ("query", "value")
+    assert resolved.target_modules == ("attention.output.dense", "key", "query", "value")  # BERT's default
     params = bank.parameters("first")
-    assert bank.num_parameters("first") == sum(p.numel() for p in params) == 2 * (2 * 32 * 2)  # 1 layer, q+v, A+B
+    assert bank.num_parameters("first") == sum(p.numel() for p in params) == 4 * (2 * 32 * 2)  # 1 layer, 4 × (A+B)
     with torch.no_grad():
         for p in params:
             p.add_(0.5)

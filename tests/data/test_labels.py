@@ -204,10 +204,10 @@ def _as_classlabel(rows, names):
 
 
 def test_classlabel_training_predicts_by_name(registry):
-    from tests.conftest import FAST, toy_sentiment
+    from tests.conftest import FAST, QV, toy_sentiment
 
     train = _as_classlabel(toy_sentiment(96), ["neg", "pos"])
-    registry.add_task(TaskSpec("s", labels=["pos", "neg"]), train, training=FAST)  # the other order
+    registry.add_task(TaskSpec("s", labels=["pos", "neg"]), train, adapter=QV, training=FAST)  # the other order
     # The training rows with string labels: ~0.97 by name; the old positional mapping scored 0.03.
     assert registry.evaluate("s", toy_sentiment(96))["accuracy"] >= 0.9
 

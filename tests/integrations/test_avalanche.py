@@ -15,7 +15,7 @@ from cmtl.core.tasks import MASKED_LOGIT
 from cmtl.data import encode, read_examples
 from cmtl.integrations import avalanche as av
 from cmtl.training.evaluation import compute_metrics, predict_logits
-from tests.conftest import toy_sentiment
+from tests.conftest import QV, toy_sentiment
 
 CPU = torch.device("cpu")
 
@@ -181,7 +181,7 @@ def _cmtl_accuracies(model, backbone) -> list[float]:
 
 
 def test_cross_check_with_avalanche_metrics(benchmark, backbone):
-    model = av.build_model(backbone, av.task_specs(STREAM))
+    model = av.build_model(backbone, av.task_specs(STREAM), adapter=QV)
     before = _cmtl_accuracies(model.eval(), backbone)
     rows: list[list[float]] = []
     run = av.run_strategy(
@@ -235,7 +235,7 @@ def test_patience_stops_on_validation_and_keeps_the_best_epoch(backbone, tiny_ba
     """Avalanche's strategies get cmtl's budget rule: best epoch on validation kept, stopped by patience."""
     bench = av.export_benchmark(STREAM, backbone, validation=VALID)
     assert len(bench.valid_stream) == 3 and len(bench.valid_stream[2].dataset) == 12
-    model = av.build_model(backbone, av.task_specs(STREAM))
+    model = av.build_model(backbone, av.task_specs(STREAM), adapter=QV)
     final: list[float] = []
     # A large learning rate makes validation accuracy jump around, so the best epoch is rarely the last.
     config = av.AvalancheConfig(batch_size=4, epochs=8, learning_rate=0.3, patience=2, measure_b=False)

@@ -11,7 +11,7 @@ import torch
 from cmtl import (BackboneConfig, BackboneMismatchError, DataError, InvalidParameterError, Registry, TaskExistsError,
                   TaskSpec, TrainConfig)
 from cmtl.integrations.peft_folder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CARD, HEAD, TASK
-from tests.conftest import toy_sentiment
+from tests.conftest import FAST, toy_sentiment
 
 TEXTS = ["a lovely film", "an awful plot and the acting", "it was really quite superb", "dreadful"]
 
@@ -46,6 +46,25 @@ def test_export_loads_in_peft_with_the_same_pooled_features(reg, tmp_path):
                                torch.from_numpy(reg.predict_proba("sentiment", TEXTS)), rtol=1e-5, atol=1e-5)
     card = (out / CARD).read_text()
     assert "library_name: peft" in card and "`neg`, `pos`" in card and reg.backbone.sha256 in card
+
+
+def test_the_default_adapter_exports_its_dotted_target_and_peft_gives_the_same_features(reg, tmp_path):
+    """BERT's default adapts ``attention.output.dense``, a dotted suffix: peft must find the same modules."""
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    reg.add_task(TaskSpec("plain", labels=["neg", "pos"]), toy_sentiment(32), training=FAST)
+    out = reg.export_peft("plain", tmp_path / "export")
+    config = json.loads((out / ADAPTER_CONFIG).read_text())
+    assert sorted(config["target_modules"]) == ["attention.output.dense", "key", "query", "value"]
+    model = PeftModel.from_pretrained(AutoModel.from_pretrained(config["base_model_name_or_path"]), str(out)).eval()
+    adapted = {n.removesuffix(".lora_A.default") for n, _ in model.named_modules() if n.endswith(".lora_A.default")}
+    assert len(adapted) == 4 * reg.backbone.encoder.config.num_hidden_layers
+    assert not any("intermediate" in n or n.endswith("output.dense") and ".attention." not in n for n in adapted)
+    batch = reg.backbone.tokenizer(TEXTS, padding=True, truncation=True, max_length=64, return_tensors="pt")
+    with torch.no_grad():
+        pooled = reg.backbone.pool(model(**batch).last_hidden_state, batch["attention_mask"])
+    torch.testing.assert_close(pooled, reg.embed(TEXTS, "plain"), rtol=1e-5, atol=1e-5)
 
 
 def test_an_exported_task_imports_into_another_registry_unchanged(reg, tmp_path, tiny_backbone):

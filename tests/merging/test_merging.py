@@ -123,7 +123,7 @@ def test_default_merge_is_stored_at_the_rank_its_members_need(merge_reg):
     assert 1 <= auto["adapter"]["r"] <= 2 * member_rank < exact["adapter"]["r"]
     assert auto["reconstruction_error"]["max"] <= 1e-3
     size = lambda name: (reg.root / "merges" / name / "adapter.safetensors").stat().st_size  # noqa: E731
-    assert size("ab-auto") * 2 < size("ab-exact")
+    assert size("ab-auto") < 0.6 * size("ab-exact")  # at most half the rank: about half the bytes, plus the header
     texts = ["a charming plot", "dull and slow", "fine acting"]
     np.testing.assert_allclose(reg.predict_proba("a", texts, merge="ab-auto"),
                                reg.predict_proba("a", texts, merge="ab-exact"), atol=1e-3)

@@ -22,7 +22,7 @@ from cmtl.multitask.affinity import _adamw_lookahead, group_score, select_groups
 from cmtl.multitask.config import MultiTaskConfig
 from cmtl.multitask.joint import grouped_forward, train_multitask
 from cmtl.multitask.schedules import UncertaintyWeighting, diminish, sampling_probabilities, switch
-from tests.conftest import TOPICS, toy_sentiment, toy_topics
+from tests.conftest import QV, TOPICS, toy_sentiment, toy_topics
 
 
 def test_sampling_probabilities_by_hand():
@@ -121,7 +121,7 @@ def _joint(tiny_config, dropout: float = 0.1, long_topics: bool = False):
     backbone = load_backbone(tiny_config, device="cpu")
     bank = AdapterBank(backbone.encoder)
     torch.manual_seed(0)
-    bank.add("shared", AdapterConfig(dropout=dropout))
+    bank.add("shared", dataclasses.replace(QV, dropout=dropout))
     bank.activate("shared")
     specs = [TaskSpec("sentiment", labels=["neg", "pos"]), TaskSpec("topic", labels=TOPICS)]
     heads = [TaskHead(backbone.hidden_size, s.num_outputs, 0.0) for s in specs]

@@ -28,7 +28,7 @@ from cmtl import (
     TrainingDivergedError,
 )
 from cmtl.registry.store import MANIFEST
-from tests.conftest import FAST, toy_sentiment
+from tests.conftest import FAST, QV, toy_sentiment
 
 
 @pytest.fixture
@@ -43,7 +43,7 @@ def manifest_bytes(root) -> bytes:
 
 def test_add_predict_evaluate(registry):
     info = registry.add_task(TaskSpec("sentiment", labels=["neg", "pos"]), train=toy_sentiment(96),
-                             validation=toy_sentiment(32, 1), training=FAST)
+                             validation=toy_sentiment(32, 1), adapter=QV, training=FAST)
     assert (info.task, info.version, info.parent, info.current) == ("sentiment", 1, None, True)
     assert info.metrics["validation_accuracy"] >= 0.9
     assert info.trainable_parameters > 0 and info.bytes_on_disk > 0
