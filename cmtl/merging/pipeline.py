@@ -72,7 +72,10 @@ def check_mergeable(members: list[Member], adapters: list[AdapterConfig]) -> Non
         if (other.target_modules, other.layers) != (base.target_modules, base.layers):
             raise ValueError(f"{t} v{v} adapts {other.target_modules} in layers {other.layers or 'all'}, but "
                              f"{members[0][0]} v{members[0][1]} adapts {base.target_modules} in layers "
-                             f"{base.layers or 'all'}: only adapters on the same modules merge.")
+                             f"{base.layers or 'all'}: only adapters on the same modules merge. Train the odd "
+                             f"one out as a task with add_task(..., adapter=AdapterConfig(target_modules=..., "
+                             f"layers=...)) set to the others' modules. (Versions trained before BERT's default "
+                             f"became all four attention projections adapt query and value.)")
 
 
 def refit_data(buffers: dict[str, tuple[int, ReplayBuffer | None]], specs: dict[str, TaskSpec],
