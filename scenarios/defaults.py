@@ -42,15 +42,19 @@ from cmtl.training.probe import refit_head
 CORPORA = ("bbc_news", "trec6", "sms_spam", "rotten_tomatoes", "fine_foods", "vader_tweets")
 
 _ATTENTION = ("query", "key", "value", "attention.output.dense")
+_QUERY_VALUE = ("query", "value")
 _ATTENTION_FFN = ("query", "key", "value", "intermediate.dense", "output.dense")  # output.dense: both outputs
 
 #: name -> (what it is, AdapterConfig kwargs, TrainConfig kwargs). ``v01`` is cmtl 0.1's add_task.
 VARIANTS: dict[str, tuple[str, dict, dict]] = {
-    "v01": ("cmtl 0.1 defaults: r 8 on query/value, 3 epochs, patience 2 per epoch, no probe", {},
-            {"epochs": 3, "patience": 2, "eval_every": None, "probe_init": False}),
-    "v01-lp-ft": ("v01, training started from the linear probe's head (LP-FT)", {},
+    "v01": ("cmtl 0.1 defaults: r 8 on query/value, 3 epochs, patience 2 per epoch, no probe",
+            {"target_modules": _QUERY_VALUE}, {"epochs": 3, "patience": 2, "eval_every": None, "probe_init": False}),
+    "v01-lp-ft": ("v01, training started from the linear probe's head (LP-FT)", {"target_modules": _QUERY_VALUE},
                   {"epochs": 3, "patience": 2, "eval_every": None, "probe_init": True, "probe_start": True}),
-    "default": ("the library's defaults now (TrainConfig(), AdapterConfig())", {}, {}),
+    "default": ("the library's defaults now (TrainConfig(), AdapterConfig(); on BERT all four attention "
+                "projections)", {}, {}),
+    "query-value": ("default with LoRA on query/value only (BERT's default until 2026-12-05)",
+                    {"target_modules": _QUERY_VALUE}, {}),
     "no-probe": ("default without the probe as step-0 candidate", {}, {"probe_init": False}),
     "lp-ft": ("default, training started from the probe's head (LP-FT)", {}, {"probe_start": True}),
     "attention": ("default with LoRA on all attention projections", {"target_modules": _ATTENTION}, {}),
