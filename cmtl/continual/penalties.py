@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from cmtl.core.tasks import TaskSpec
-from cmtl.data import Encoded, batches
+from cmtl.data import Encoded, batches, seeded_order
 from cmtl.training.evaluation import Forward
 
 Anchor = tuple[list[torch.Tensor], list[torch.Tensor]]  # (Fisher diagonal, θ*) per parameter
@@ -41,7 +41,7 @@ def fisher_diagonal(
     """
     fisher = [torch.zeros_like(p) for p in params]
     n = min(len(data), max_examples)
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    order = seeded_order(len(data), seed)[:n]
     for _, inputs, targets in batches(data, order, 1, pad_id, device):
         loss = spec.loss(forward(inputs), targets)
         for f, g in zip(fisher, torch.autograd.grad(loss, list(params))):

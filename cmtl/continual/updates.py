@@ -23,7 +23,7 @@ from cmtl.core.adapters import AdapterBank, AdapterConfig
 from cmtl.core.backbone import Backbone
 from cmtl.core.heads import TaskHead
 from cmtl.core.tasks import MASKED_LOGIT, TaskSpec
-from cmtl.data import Encoded, Examples, read_examples
+from cmtl.data import Encoded, Examples, read_examples, seeded_order
 from cmtl.errors import DataError, InvalidParameterError, bad_param
 from cmtl.training.evaluation import compute_metrics, primary_metric
 from cmtl.training.loop import TrainConfig, TrainResult
@@ -208,7 +208,7 @@ def halves(n: int, seed: int) -> tuple[list[int], list[int]]:
     """(select, judge): a seeded split of ``range(n)`` in two, ``judge`` the larger half when ``n`` is odd;
     each in order. ``update_task`` splits the new validation rows with ``training.seed`` and the lineage's
     held-out rows with ``training.seed + 1``."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    order = seeded_order(n, seed)
     return sorted(order[: n // 2]), sorted(order[n // 2:])
 
 
@@ -402,11 +402,11 @@ def split(examples: Examples, fraction: float, seed: int, task: str) -> tuple[Ex
     if len(examples) - n_val < 1:
         raise DataError(f"Task {task!r}: {len(examples)} new example(s) are too few to hold 2 out for "
                         "validation (half choose the kept state, half judge it); pass validation=... or more data.")
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    order = seeded_order(len(examples), seed)
     return examples.select(sorted(order[n_val:])), examples.select(sorted(order[:n_val]))
 
 
 def sample_indices(n: int, k: int, seed: int) -> list[int]:
     """``min(n, k)`` of ``range(n)``, seeded, in order."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    order = seeded_order(n, seed)
     return sorted(order[: min(n, k)])

@@ -116,6 +116,12 @@ def batches(
         yield idx, inputs, targets
 
 
+def seeded_order(n: int, seed: int) -> list[int]:
+    """The indices ``0 … n-1`` in an order set by ``seed`` alone: its prefixes are seeded random samples,
+    and cutting it gives seeded disjoint halves. Every seeded sample and split of rows in cmtl draws it."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
 def length_grouped(order: Sequence[int], lengths: Sequence[int], batch_size: int, window: int,
                    generator: torch.Generator) -> list[int]:
     """Reorder a shuffled ``order`` so each batch holds rows of similar length (less padding).

@@ -24,10 +24,10 @@ from cmtl.core.adapters import AdapterBank, AdapterConfig
 from cmtl.core.backbone import Backbone
 from cmtl.core.heads import TaskHead
 from cmtl.core.tasks import TaskSpec
-from cmtl.data import Encoded, Examples
+from cmtl.data import Encoded, Examples, seeded_order
 from cmtl.errors import DataError, MergeRefusedError
 from cmtl.merging.methods import MergeConfig, lora_deltas, merge_deltas, to_lora_state
-from cmtl.merging.scoring import Evaluation, Scorer, TaskRows, primary_score, rungs, shuffle_order, split_holdout
+from cmtl.merging.scoring import Evaluation, Scorer, TaskRows, primary_score, rungs, split_holdout
 from cmtl.training.evaluation import primary_metric
 from cmtl.training.loop import seeded
 from tqdm.auto import tqdm
@@ -165,7 +165,7 @@ def _task_rows(specs: dict[str, TaskSpec], heads: dict[str, TaskHead], held: dic
         buffer, known = None, frozen.get(t, {})
         rows_frozen: dict[str, torch.Tensor] = {}
         if buffers:
-            order = shuffle_order(len(buffers[t]), config.seed)
+            order = seeded_order(len(buffers[t]), config.seed)
             buffer = buffers[t].select(order)
             if "buffer" in known:
                 rows_frozen["buffer"] = known["buffer"][order]

@@ -28,7 +28,7 @@ from cmtl.core.adapters import AdapterBank, AdapterConfig
 from cmtl.core.backbone import Backbone
 from cmtl.core.heads import TaskHead
 from cmtl.core.tasks import TaskSpec
-from cmtl.data import Encoded
+from cmtl.data import Encoded, seeded_order
 from cmtl.errors import DataError
 from cmtl.merging.methods import to_lora_state
 from cmtl.training.caching import maybe_cache
@@ -76,14 +76,9 @@ def split_holdout(held: Encoded, fraction: float, seed: int) -> tuple[list[int],
         raise DataError(f"Choosing a merge's knobs on held-out rows and reporting on others needs at least 2 "
                         f"held-out rows per task; a member has {len(held)}. Add the task with more validation "
                         "data, or merge without search.")
-    order = torch.randperm(len(held), generator=torch.Generator().manual_seed(seed)).tolist()
+    order = seeded_order(len(held), seed)
     n = min(max(1, round(fraction * len(held))), len(held) - 1)
     return order[:n], order[n:]
-
-
-def shuffle_order(n: int, seed: int) -> list[int]:
-    """``n`` rows in a seeded random order (so that a prefix of the rows so ordered is a random sample)."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def rungs(candidates: int, eta: int = ETA) -> list[tuple[int, float]]:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from cmtl.data import as_texts
+from cmtl.data import as_texts, seeded_order
 from cmtl.errors import DataError, InvalidParameterError, bad_param
 
 
@@ -192,7 +192,7 @@ class DriftMonitor:
                             "A p-value from fewer would mean little: collect more texts first.")
         if len(texts) <= self.config.max_samples:
             return texts
-        order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
+        order = seeded_order(len(texts), seed)
         return [texts[i] for i in sorted(order[: self.config.max_samples])]
 
 

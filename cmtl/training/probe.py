@@ -17,7 +17,7 @@ from torch import nn
 
 from cmtl.core.backbone import Backbone
 from cmtl.core.tasks import TaskSpec
-from cmtl.data import Encoded
+from cmtl.data import Encoded, seeded_order
 from cmtl.training.evaluation import predict_logits
 
 #: L2 weight of the probe (on the head's weights; the loss is a mean over rows).
@@ -68,7 +68,7 @@ def probe_head(head: nn.Module, backbone: Backbone, spec: TaskSpec, data: Encode
     the probe saw only a sample."""
     sampled = len(data) > PROBE_MAX_ROWS
     if sampled:
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
+        order = seeded_order(len(data), seed)
         data = data.select(sorted(order[:PROBE_MAX_ROWS]))
     features = pooled_features(backbone, data, batch_size)
     fitted = refit_head(head, features, data.targets, spec.loss)
