@@ -118,7 +118,8 @@ def batches(
 
 def seeded_order(n: int, seed: int) -> list[int]:
     """The indices ``0 … n-1`` in an order set by ``seed`` alone: its prefixes are seeded random samples,
-    and cutting it gives seeded disjoint halves. Every seeded sample and split of rows in cmtl draws it."""
+    and cutting it gives seeded disjoint parts. The samples and splits of rows in updates, the probe, EWC's
+    Fisher, drift monitoring and merges draw it."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
 
 
