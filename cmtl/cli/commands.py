@@ -135,8 +135,9 @@ def add_task(
     alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha (default 16).")] = None,
     target_modules: Annotated[Optional[str], typer.Option(help="Comma-separated names of the linear layers to "
                                                                "adapt, e.g. q_lin,v_lin (default: the backbone "
-                                                               "family's; all four attention projections on "
-                                                               "BERT, query and value on the others).")] = None,
+                                                               "family's: all four attention projections on "
+                                                               "BERT; query and value, or the fused query/key/"
+                                                               "value layer, on the others).")] = None,
     layers: Annotated[Optional[str], typer.Option(help="Comma-separated indices of the transformer layers to "
                                                        "adapt, e.g. 3,4,5 (default: all).")] = None,
     probe_init: Annotated[bool, typer.Option(help="Score a linear probe on the frozen features as the step-0 "
