@@ -112,10 +112,11 @@ class Registry(LoadedRegistry):
             init: Where the adapter starts (forward transfer): ``None``, from zero (the frozen backbone);
                 a task name (``"spam"``, ``"task:spam"``, ``"task:spam@2"`` for version 2) or ``"merge:NAME"``,
                 from a copy of that adapter (its rank, modules and layers, which ``adapter`` may then
-                only repeat); ``"auto"``, from whichever current task adapter or merge gives the new
-                task's data the lowest linear-probe loss on held-out rows, if that beats the bare
-                backbone (:mod:`cmtl.training.transfer`). The source is recorded as ``init`` in the
-                version's record.
+                only repeat); ``"auto"``: the current task adapters and merges are ranked by a linear
+                probe on the new task's rows, the best two are tried for a few dozen steps of
+                ``training`` beside a fresh adapter, and the adapter starts from a source only when
+                its trial beats the fresh one's held-out loss beyond noise (:mod:`cmtl.training.transfer`).
+                The source and the measurements are recorded as ``init`` in the version's record.
             head: ``None`` trains a linear head with the adapter. An
                 :class:`~cmtl.continual.config.AnalyticConfig` computes the head in closed form from class
                 statistics of the features instead (:mod:`cmtl.continual.analytic`): of the frozen
@@ -164,7 +165,7 @@ class Registry(LoadedRegistry):
         if start is not None:  # before seeding: loading and probing the sources may draw random numbers
             with self._lock, seeded(training.seed, self.backbone.device):
                 source, adapter, lineage = rt.start_from(self, start, requested, adapter, spec, train_enc,
-                                                         val_enc, training.seed)
+                                                         val_enc, training)
         # peft draws A, cmtl the head and dropout its masks from the global RNG: seed it, for this call only.
         with self._lock, seeded(training.seed, self.backbone.device):
             rt.unload([key])  # one loaded under this name came from a removed task's files

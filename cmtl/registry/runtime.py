@@ -22,10 +22,16 @@ from cmtl.errors import STORED_FILE_FIX, CorruptFileError, DataError, InvalidPar
 from cmtl.registry import heads, store
 from cmtl.registry.reader import Owner, RegistryReader, head_key, merge_key
 from cmtl.training import transfer
+from cmtl.training.config import TrainConfig
 from cmtl.training.evaluation import predict_logits
 from cmtl.training.trainee import Trainee
 
 State = dict[str, torch.Tensor]
+
+
+def _finite(value: float) -> float | None:
+    """``value`` for a JSON record: ``None`` where it is NaN or infinite."""
+    return value if math.isfinite(value) else None
 
 
 class Runtime:
@@ -87,14 +93,15 @@ class Runtime:
 
     def start_from(self, reader: RegistryReader, start: tuple[str, str | None, int | None],
                    requested: AdapterConfig | None, adapter: AdapterConfig, spec: TaskSpec, train: Encoded,
-                   validation: Encoded | None, seed: int
+                   validation: Encoded | None, training: TrainConfig
                    ) -> tuple[State | None, AdapterConfig, dict[str, Any]]:
         """``add_task``'s ``init`` (as :func:`~cmtl.training.transfer.parse_init` reads it): the LoRA weights
         to start from (a copy; ``None``: a fresh adapter configured as ``adapter``), their config, and the
         lineage record. The config is the source's rank, alpha, modules and layers with ``adapter``'s dropout
         (a merge's rank can be larger than its members'). ``"auto"`` probes every current task version and
-        every merge whose adapter fits ``requested``; a candidate that cannot be loaded is skipped (and named
-        in the record), and candidates loaded only for the probe are unloaded again."""
+        every merge whose adapter fits ``requested`` and tries the best of them against a fresh start with
+        ``training``'s settings (:mod:`cmtl.training.transfer`); a candidate that cannot be loaded is skipped
+        (and named in the record), and candidates loaded only for the choice are unloaded again."""
         kind, name, version = start
         if kind == "auto":
             members = [("task", t, None) for t in reader.tasks()] + [("merge", m, None) for m in reader.merges()]
@@ -127,17 +134,26 @@ class Runtime:
             lineage: dict[str, Any] = {"chosen": "auto"}
             if skipped:
                 lineage["skipped"] = skipped
-            probe_train, probe_held = transfer.probe_rows(train, validation, seed)
+            probe_train, probe_held = transfer.probe_rows(train, validation, training.seed)
             if not len(probe_train) or not len(probe_held):
                 return None, adapter, {**lineage, "probe_losses": None, "note": "too few rows to probe; fresh start"}
             losses = transfer.probe_losses(self.backbone, self.bank, [None, *sources], spec, probe_train, probe_held)
-            best = transfer.pick_source(losses)
-            lineage["probe_losses"] = {self._label(sources[k][1]) if k is not None else "backbone":
-                                       (v if math.isfinite(v) else None) for k, v in losses.items()}
+            label = {k: self._label(sources[k][1]) if k is not None else "backbone" for k in losses}
+            lineage["probe_losses"] = {label[k]: _finite(v) for k, v in losses.items()}
+            tried = transfer.shortlist(losses)
+            if not tried:
+                return None, adapter, lineage
+            starts = {None: (adapter, None), **{k: (sources[k][0], self.bank.state_dict(k)) for k in tried}}
+            trials = transfer.trial_losses(self.backbone, self.bank, starts, spec, probe_train, probe_held, training)
+            best, scores = transfer.pick_trial(trials)
+            lineage["trial"] = {"steps": transfer.TRIAL_STEPS, "z": transfer.TRIAL_Z,
+                                "losses": {("fresh" if k is None else label[k]): _finite(float(v.mean()))
+                                           for k, v in trials.items()},
+                                "gain_z": {label[k]: _finite(v) for k, v in scores.items()}}
             if best is None:
                 return None, adapter, lineage
-            config, label = sources[best]
-            return self.bank.state_dict(best), config, {**label, **lineage}
+            config, source = sources[best]
+            return self.bank.state_dict(best), config, {**source, **lineage}
         finally:
             self.unload([k for k in self.sources if k not in loaded_before])
 

@@ -1,15 +1,25 @@
 """Forward transfer: which existing adapter a new task should start from.
 
 A new task's adapter can start from another task's adapter (or a merge) instead of from zero
-(``Registry.add_task(..., init=...)``). :func:`probe_losses` measures how useful each candidate's
-features are for the new task, cheaply: a linear probe (:func:`cmtl.training.probe.refit_head`) fitted
-on a few hundred training rows through the candidate and scored by its loss on held-out rows. The
-bare backbone (``None``) is scored the same way; it is what a fresh adapter starts from, so a
-candidate helps only when its probe loss is lower than the backbone's (:func:`pick_source`).
+(``Registry.add_task(..., init=...)``). For ``init="auto"`` two measurements choose, both on the new
+task's own rows:
+
+1. :func:`probe_losses`, cheap: a linear probe (:func:`cmtl.training.probe.refit_head`) fitted on a few
+   hundred training rows through each candidate and scored by its loss on held-out rows. It ranks the
+   candidates; the best :data:`TRIAL_SOURCES` go on.
+2. :func:`trial_losses`, decisive: a short training run (:data:`TRIAL_STEPS` steps of the task's own
+   settings, head fresh) from each of those candidates and from a fresh adapter, scored per held-out row.
+   :func:`pick_trial` takes a source only when it beats the fresh start by more than
+   :data:`TRIAL_Z` standard errors of the paired per-row difference; otherwise the adapter starts fresh.
+
+The probe alone chose badly: features that a linear head reads well are not always features that
+fine-tuning builds on (docs/results.md, text5 forward transfer). The trial measures what the start is
+for, learning the new task, at the cost of a few dozen training steps per candidate.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -21,11 +31,20 @@ from cmtl.core.heads import TaskHead
 from cmtl.core.tasks import TaskSpec
 from cmtl.data import Encoded
 from cmtl.errors import InvalidParameterError, bad_param
+from cmtl.training.config import TrainConfig
+from cmtl.training.loop import seeded
 from cmtl.training.probe import pooled_features, refit_head
+from cmtl.training.trainee import Trainee, fit
 
-#: Rows of the new task's data each candidate is probed on: training rows, held-out rows.
+#: Rows of the new task's data each candidate is probed and tried on: training rows, held-out rows.
 PROBE_TRAIN_ROWS = 512
 PROBE_HELD_ROWS = 256
+#: Candidates (lowest probe loss first) that get a trial run beside the fresh start.
+TRIAL_SOURCES = 2
+#: Training steps of each trial run (one pass over the 512 probe rows at batch 16).
+TRIAL_STEPS = 32
+#: A source must lower the trial's held-out loss below the fresh start's by this many standard errors.
+TRIAL_Z = 2.0
 
 
 def probe_rows(train: Encoded, validation: Encoded | None, seed: int) -> tuple[Encoded, Encoded]:
@@ -65,12 +84,66 @@ def probe_losses(backbone: Backbone, bank: AdapterBank, candidates: Sequence[str
     return losses
 
 
-def pick_source(losses: dict[str | None, float]) -> str | None:
-    """The candidate with the lowest probe loss when it is lower than the bare backbone's, else ``None``."""
-    best = min((k for k in losses if k is not None), key=lambda k: losses[k], default=None)
-    if best is None or not losses[best] < losses.get(None, math.inf):
-        return None
-    return best
+def shortlist(losses: dict[str | None, float], k: int = TRIAL_SOURCES) -> list[str]:
+    """The ``k`` candidates (not the backbone, ``None``) with the lowest probe loss, best first."""
+    return sorted((key for key in losses if key is not None), key=lambda key: losses[key])[:k]
+
+
+def row_losses(spec: TaskSpec, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``spec.loss`` of each row on its own, shape (N,)."""
+    return torch.stack([spec.loss(logits[i:i + 1], targets[i:i + 1]) for i in range(len(targets))])
+
+
+def trial_losses(backbone: Backbone, bank: AdapterBank, starts: dict[str | None, tuple[AdapterConfig, dict | None]],
+                 spec: TaskSpec, train: Encoded, held: Encoded, config: TrainConfig, *, steps: int = TRIAL_STEPS
+                 ) -> dict[str | None, torch.Tensor]:
+    """Per-row losses on ``held`` after ``steps`` training steps on ``train`` from each start.
+
+    ``starts``: key -> (AdapterConfig, LoRA state to copy, or ``None`` for a fresh adapter). Each run
+    trains a temporary adapter (removed afterwards) and a fresh head with ``config``'s optimiser settings,
+    its step budget replaced by ``steps`` (no evaluation, no probe), all from ``config.seed``: the runs
+    differ only in where the adapter starts, and nothing outside this call sees their random numbers."""
+    per_epoch = math.ceil(len(train) / config.batch_size)
+    short = dataclasses.replace(config, max_steps=steps, epochs=math.ceil(steps / per_epoch), probe_init=False,
+                                probe_start=False, eval_every=None, patience=None, progress=False)
+    out: dict[str | None, torch.Tensor] = {}
+    for i, (key, (adapter, state)) in enumerate(starts.items()):
+        name = f"__cmtl_trial_{i}__"
+        try:
+            with seeded(config.seed, backbone.device):
+                if state is None:
+                    bank.add(name, adapter)
+                else:
+                    bank.load(name, adapter, state)
+                head = TaskHead(backbone.hidden_size, spec.num_outputs, config.head_dropout).to(backbone.device)
+                trainee = Trainee.adapter(backbone, bank, name, head)
+                fit(trainee, backbone, adapter, spec, train, None, short)
+            logits = trainee.logits(held, pad_id=backbone.pad_id, device=backbone.device,
+                                    batch_size=config.eval_batch_size)
+            with torch.no_grad():
+                out[key] = row_losses(spec, logits, held.targets.to(logits.device)).float().cpu()
+        finally:
+            if name in bank:
+                bank.remove(name)
+    return out
+
+
+def pick_trial(losses: dict[str | None, torch.Tensor], z: float = TRIAL_Z) -> tuple[str | None, dict[str, float]]:
+    """The tried source whose held-out loss beats the fresh start's (``None``) by more than ``z`` standard
+    errors of the paired per-row difference, the lowest mean loss first; ``None`` when none does.
+    Also returns each source's gain over the fresh start divided by its standard error."""
+    fresh = losses[None]
+    scores: dict[str, float] = {}
+    for key, mine in losses.items():
+        if key is None:
+            continue
+        diff = fresh - mine  # positive: the source's start learns the new task faster
+        se = float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else math.inf
+        mean = float(diff.mean())
+        scores[key] = mean / se if se > 0 else (math.inf if mean > 0 else 0.0)
+    good = [k for k in scores if math.isfinite(float(losses[k].mean())) and scores[k] > z]
+    best = min(good, key=lambda k: float(losses[k].mean()), default=None)
+    return best, scores
 
 
 def parse_init(init: object) -> tuple[str, str | None, int | None] | None:

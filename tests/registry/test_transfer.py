@@ -1,5 +1,6 @@
-"""Forward transfer: add_task(init=...) starts a new task's adapter from a task's or a merge's, or picks
-one by probe loss ("auto"); the source is recorded, and a bad init is refused before anything is written."""
+"""Forward transfer: add_task(init=...) starts a new task's adapter from a task's or a merge's, or picks one
+("auto": the best-probed candidates tried against a fresh start); the source is recorded, and a bad init is
+refused before anything is written."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import torch
 
 from cmtl import AdapterConfig, InvalidParameterError, Registry, TaskNotFoundError, TaskSpec, TrainConfig
 from cmtl.registry.store import MANIFEST
-from cmtl.training.transfer import parse_init, pick_source
+from cmtl.training import transfer
+from cmtl.training.transfer import parse_init, pick_trial, shortlist
 from tests.conftest import FAST, TOPICS, toy_sentiment, toy_topics
 
 #: One step at a learning rate that cannot move anything measurably: the adapter as it starts.
@@ -55,18 +57,68 @@ def test_fresh_start_is_the_default_and_differs_from_a_copy(reg):
     assert all(v.abs().max() < 1e-9 for k, v in reg.adapter_state("fresh").items() if "lora_B" in k)  # B starts at 0
 
 
-def test_auto_picks_the_lowest_probe_loss_and_records_every_candidate(reg):
+def test_auto_probes_every_candidate_tries_the_best_and_records_both(reg):
     reg.add_task(TaskSpec("topic", labels=TOPICS), toy_topics(48), toy_topics(15, 1), training=FAST)
     info = reg.add_task(TaskSpec("again", labels=["neg", "pos"]), toy_sentiment(48, 4), toy_sentiment(16, 5),
                         training=STILL, init="auto")
-    losses = info.init["probe_losses"]
-    assert info.init["chosen"] == "auto" and set(losses) == {"backbone", "task:sentiment@1", "task:topic@1"}
-    best = min(losses, key=losses.get)
-    if best == "backbone":
-        assert "task" not in info.init
+    record = info.init
+    assert record["chosen"] == "auto" and set(record["probe_losses"]) == {"backbone", "task:sentiment@1", "task:topic@1"}
+    trial = record["trial"]
+    assert trial["steps"] == transfer.TRIAL_STEPS and trial["z"] == transfer.TRIAL_Z
+    assert set(trial["losses"]) == {"fresh", "task:sentiment@1", "task:topic@1"}  # two sources: both tried
+    assert set(trial["gain_z"]) == {"task:sentiment@1", "task:topic@1"}
+    passed = [k for k, z in trial["gain_z"].items() if z is not None and z > transfer.TRIAL_Z]
+    if not passed:
+        assert "task" not in record
+        assert all(v.abs().max() < 1e-9 for k, v in reg.adapter_state("again").items() if "lora_B" in k)
     else:
-        assert f"task:{info.init['task']}@{info.init['version']}" == best
-        assert_same_adapter(reg.adapter_state("again"), reg.adapter_state(info.init["task"]))
+        best = min(passed, key=trial["losses"].get)
+        assert f"task:{record['task']}@{record['version']}" == best
+        assert_same_adapter(reg.adapter_state("again"), reg.adapter_state(record["task"]))
+
+
+def test_auto_starts_from_an_adapter_that_already_does_the_task(reg):
+    """A second sentiment task learns far faster from the sentiment adapter than from zero: the trial sees it."""
+    slow = TrainConfig(batch_size=8, learning_rate=2e-3, epochs=1, progress=False, probe_init=False)
+    info = reg.add_task(TaskSpec("again", labels=["neg", "pos"]), toy_sentiment(64, 4), toy_sentiment(32, 5),
+                        training=slow, init="auto")
+    trial = info.init["trial"]
+    assert trial["gain_z"]["task:sentiment@1"] > transfer.TRIAL_Z
+    assert trial["losses"]["task:sentiment@1"] < trial["losses"]["fresh"]
+    assert info.init["task"] == "sentiment" and info.init["version"] == 1
+
+
+def test_auto_is_deterministic_and_leaves_the_callers_random_state_alone(reg, tmp_path, tiny_config):
+    data = (toy_sentiment(48, 4), toy_sentiment(16, 5))
+    torch.manual_seed(123)
+    first = reg.add_task(TaskSpec("a", labels=["neg", "pos"]), *data, training=STILL, init="auto").init
+    after = torch.rand(3)
+    torch.manual_seed(123)
+    second = reg.add_task(TaskSpec("b", labels=["neg", "pos"]), *data, training=STILL, init="auto").init
+    torch.testing.assert_close(torch.rand(3), after)
+    # "b" sees "a" as one more candidate; the two candidates both saw are scored alike.
+    for part in ("losses", "gain_z"):
+        for key in ("fresh", "task:sentiment@1"):
+            if key in first["trial"][part]:
+                assert second["trial"][part][key] == pytest.approx(first["trial"][part][key], abs=1e-6)
+
+
+def test_pick_trial_needs_a_gain_beyond_noise_over_the_fresh_start():
+    fresh = torch.tensor([0.70, 0.60, 0.80, 0.65, 0.75, 0.70, 0.60, 0.80])
+    noise = torch.tensor([0.01, -0.01, 0.02, -0.02, 0.01, -0.01, 0.02, -0.02])
+    clear, small, worse = fresh - 0.2 + noise, fresh - 0.004 + noise, fresh + 0.1 + noise
+    assert pick_trial({None: fresh, "clear": clear, "small": small, "worse": worse})[0] == "clear"
+    assert pick_trial({None: fresh, "small": small, "worse": worse})[0] is None  # lower, but within its noise
+    assert pick_trial({None: fresh})[0] is None
+    best, scores = pick_trial({None: fresh, "clear": clear, "clearer": clear - 0.05})
+    assert best == "clearer" and scores["clear"] > transfer.TRIAL_Z and scores["clearer"] > scores["clear"]
+    # An identical start is no gain.
+    assert pick_trial({None: fresh, "same": fresh.clone()}) == (None, {"same": 0.0})
+
+
+def test_shortlist_takes_the_lowest_probe_losses_and_never_the_backbone():
+    assert shortlist({None: 0.1, "a": 0.5, "b": 0.3, "c": 0.4}, 2) == ["b", "c"]
+    assert shortlist({None: 0.1}) == []
 
 
 def test_auto_without_candidates_starts_fresh(tmp_path, tiny_config):
@@ -74,12 +126,6 @@ def test_auto_without_candidates_starts_fresh(tmp_path, tiny_config):
     info = reg.add_task(TaskSpec("first", labels=["neg", "pos"]), toy_sentiment(32), training=STILL, init="auto")
     assert info.init == {"chosen": "auto", "probe_losses": {"backbone": pytest.approx(info.init["probe_losses"]
                                                                                         ["backbone"])}}
-
-
-def test_pick_source_needs_a_strictly_lower_loss_than_the_backbone():
-    assert pick_source({None: 0.5, "a": 0.4, "b": 0.45}) == "a"
-    assert pick_source({None: 0.5, "a": 0.5}) is None
-    assert pick_source({None: 0.5}) is None
 
 
 @pytest.mark.parametrize("init", ["", "merge:", "task:", "other:spam", "task:spam@0", "task:spam@x", 3, ["spam"]])
