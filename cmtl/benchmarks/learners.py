@@ -342,8 +342,9 @@ class SharedLearner(Learner):
 
 class AdapterLearner(Learner):
     """cmtl itself: every experience becomes a task of a registry, with its own adapter and head; with
-    ``init="auto"`` (strategy ``adapters-auto``) each adapter starts from the earlier task adapter whose
-    features fit the new task best, or fresh when none beats the bare backbone (forward transfer)."""
+    ``init="auto"`` (strategy ``adapters-auto``) each adapter starts from an earlier task's adapter when a
+    short trial shows it learning the new task faster than a fresh one, else fresh (forward transfer,
+    :mod:`cmtl.training.transfer`)."""
 
     def __init__(self, experiences, kind, backbone, config, root: Path, init: str | None = None,
                  routed: bool = False):

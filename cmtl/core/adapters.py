@@ -84,6 +84,30 @@ def targets(path: str, target_modules: tuple[str, ...]) -> bool:
     return any(path == t or path.endswith("." + t) for t in target_modules)
 
 
+def state_targets(state: dict[str, torch.Tensor], encoder: nn.Module) -> tuple[str, ...]:
+    """The target module names that select exactly the modules a LoRA state dict adapts in ``encoder``:
+    for each adapted kind of layer (its path after the layer index, e.g. ``attention.self.query``), the
+    shortest dotted suffix that names no kind the state leaves alone (``"query"``, but
+    ``"attention.output.dense"`` where ``"dense"`` would also take the feed-forward layers)."""
+
+    def kind(path: str) -> str:
+        parts = path.split(".")
+        last_index = max((i for i, p in enumerate(parts) if p.isdigit()), default=-1)
+        return ".".join(parts[last_index + 1:])
+
+    adapted = {kind(m.removeprefix(PEFT_PREFIX)) for m in lora_factors(state)}
+    kinds = {kind(p) for p in _linear_paths(encoder)}
+    names = set()
+    for k in adapted:
+        parts = k.split(".")
+        for n in range(1, len(parts) + 1):
+            suffix = ".".join(parts[-n:])
+            if all(other in adapted for other in kinds if targets(other, (suffix,))):
+                names.add(suffix)
+                break
+    return tuple(sorted(names))
+
+
 def linear_dims(module: nn.Module) -> tuple[int, int] | None:
     """``(in_features, out_features)`` of a layer LoRA can adapt: an ``nn.Linear``, or transformers'
     ``Conv1D`` (GPT-2's linear layer, its weight stored transposed as (in, out)); ``None`` for others.

@@ -372,7 +372,7 @@ class Registry(LoadedRegistry):
             DataError: not a PEFT LoRA folder, LoRA settings cmtl cannot reproduce, an adapter that does
                 not fit this backbone, or no head for ``spec`` and no ``train`` data to fit one.
         """
-        from cmtl.core.adapters import check_adapter_state
+        from cmtl.core.adapters import check_adapter_state, state_targets
         from cmtl.errors import BackboneMismatchError, CorruptFileError, DataError
         from cmtl.integrations.peft_folder import TASK, read_folder, spec_differences
         from cmtl.training.evaluation import compute_metrics
@@ -409,6 +409,9 @@ class Registry(LoadedRegistry):
             logger.info("Import %s: the exported head answers as task %r, not as this spec (%s); fitting a new "
                         "head on the adapter's features", path, folder.spec.name, "; ".join(differs))
         self._check_new_task(spec.name)
+        if folder.adapter.target_modules is None:  # peft's default for the model: the weights say which
+            folder.adapter = dataclasses.replace(folder.adapter, target_modules=state_targets(
+                folder.state, self.backbone.encoder))
         try:
             check_adapter_state(folder.state, folder.adapter, self.backbone.encoder, Path(path))
         except CorruptFileError as exc:

@@ -84,6 +84,22 @@ def test_an_exported_task_imports_into_another_registry_unchanged(reg, tmp_path,
     assert Registry.open(other.root, device="cpu").predict("sentiment2", TEXTS) == reg.predict("sentiment", TEXTS)
 
 
+@pytest.mark.parametrize("adapter", ["default", "query-value"])
+def test_a_folder_that_names_no_target_modules_imports_the_modules_its_weights_adapt(reg, tmp_path, adapter):
+    """``target_modules: null`` (peft's own default for the model) must not become cmtl's default: the
+    weights say which modules are adapted."""
+    if adapter == "default":
+        reg.add_task(TaskSpec("plain", labels=["neg", "pos"]), toy_sentiment(32), training=FAST)
+    task = "plain" if adapter == "default" else "sentiment"
+    out = reg.export_peft(task, tmp_path / "export")
+    config = json.loads((out / ADAPTER_CONFIG).read_text())
+    config["target_modules"] = None
+    (out / ADAPTER_CONFIG).write_text(json.dumps(config))
+    info = reg.import_peft(out, name="again")
+    assert info.adapter["target_modules"] == reg.current(task).adapter["target_modules"]
+    torch.testing.assert_close(reg.embed(TEXTS, "again"), reg.embed(TEXTS, task), rtol=1e-5, atol=1e-5)
+
+
 def test_a_plain_peft_folder_needs_a_spec_and_data_for_its_head(reg, tmp_path, tiny_backbone):
     out = reg.export_peft("sentiment", tmp_path / "export")
     for name in (HEAD, TASK, CARD):
