@@ -371,7 +371,9 @@ class AdapterLearner(Learner):
             chosen = info.init or {}
             source = (f"task {chosen['task']}" if "task" in chosen else f"merge {chosen['merge']}" if "merge" in chosen
                       else "fresh")
-            self.notes.append(f"started from {source}")
+            gains = (chosen.get("trial") or {}).get("gain_z") or {}
+            tried = ", ".join(f"{k} {'n/a' if z is None else f'{z:+.1f}'}" for k, z in gains.items())
+            self.notes.append(f"started from {source}" + (f"; trial gain over fresh in SE: {tried}" if tried else ""))
 
     def predict(self, j: int, n_seen: int) -> list[str]:
         exp = self.experiences[j]

@@ -108,6 +108,8 @@ def test_adapters_auto_measures_forward_transfer_against_fresh_adapters(tmp_path
     assert auto["fwt_vs_fresh"] == pytest.approx(sum(auto["fwt_vs_fresh_per_task"]) / 4)
     assert auto["bwt"] == 0  # each task keeps its own adapter: nothing is forgotten, whatever it started from
     assert sum("adapters-auto: after" in line and "started from" in line for line in lines) == 5
+    # Every task after the first had earlier adapters to try; the line says what each trial measured.
+    assert sum("trial gain over fresh in SE: task:" in line for line in lines) == 4
     assert "Forward transfer of adapters-auto against adapters (stated)" in (tmp_path / "results.md").read_text()
 
 
