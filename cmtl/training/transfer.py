@@ -30,7 +30,7 @@ from cmtl.core.backbone import Backbone
 from cmtl.core.heads import TaskHead
 from cmtl.core.tasks import TaskSpec
 from cmtl.data import Encoded
-from cmtl.errors import InvalidParameterError, bad_param
+from cmtl.errors import InvalidParameterError, TrainingDivergedError, bad_param
 from cmtl.training.config import TrainConfig
 from cmtl.training.loop import seeded
 from cmtl.training.probe import pooled_features, refit_head
@@ -102,7 +102,8 @@ def trial_losses(backbone: Backbone, bank: AdapterBank, starts: dict[str | None,
     ``starts``: key -> (AdapterConfig, LoRA state to copy, or ``None`` for a fresh adapter). Each run
     trains a temporary adapter (removed afterwards) and a fresh head with ``config``'s optimiser settings,
     its step budget replaced by ``steps`` (no evaluation, no probe), all from ``config.seed``: the runs
-    differ only in where the adapter starts, and nothing outside this call sees their random numbers."""
+    differ only in where the adapter starts, and nothing outside this call sees their random numbers.
+    A run whose loss diverges scores infinite losses."""
     per_epoch = math.ceil(len(train) / config.batch_size)
     short = dataclasses.replace(config, max_steps=steps, epochs=math.ceil(steps / per_epoch), probe_init=False,
                                 probe_start=False, eval_every=None, patience=None, progress=False)
@@ -117,7 +118,11 @@ def trial_losses(backbone: Backbone, bank: AdapterBank, starts: dict[str | None,
                     bank.load(name, adapter, state)
                 head = TaskHead(backbone.hidden_size, spec.num_outputs, config.head_dropout).to(backbone.device)
                 trainee = Trainee.adapter(backbone, bank, name, head)
-                fit(trainee, backbone, adapter, spec, train, None, short)
+                try:
+                    fit(trainee, backbone, adapter, spec, train, None, short)
+                except TrainingDivergedError:  # a start that diverges is never chosen
+                    out[key] = torch.full((len(held),), math.inf)
+                    continue
             logits = trainee.logits(held, pad_id=backbone.pad_id, device=backbone.device,
                                     batch_size=config.eval_batch_size)
             with torch.no_grad():

@@ -113,8 +113,10 @@ def test_pick_trial_needs_a_gain_beyond_noise_over_the_fresh_start():
     assert pick_trial({None: fresh})[0] is None
     best, scores = pick_trial({None: fresh, "clear": clear, "clearer": clear - 0.05})
     assert best == "clearer" and scores["clear"] > transfer.TRIAL_Z and scores["clearer"] > scores["clear"]
-    # An identical start is no gain.
+    # An identical start is no gain; a start whose trial diverged is never taken.
     assert pick_trial({None: fresh, "same": fresh.clone()}) == (None, {"same": 0.0})
+    assert pick_trial({None: fresh, "diverged": torch.full_like(fresh, float("inf"))})[0] is None
+    assert pick_trial({None: torch.full_like(fresh, float("inf")), "clear": clear})[0] == "clear"
 
 
 def test_shortlist_takes_the_lowest_probe_losses_and_never_the_backbone():
