@@ -153,7 +153,7 @@ class Runtime:
             if best is None:
                 return None, adapter, lineage
             config, source = sources[best]
-            return self.bank.state_dict(best), config, {**source, **lineage}
+            return starts[best][1], config, {**source, **lineage}
         finally:
             self.unload([k for k in self.sources if k not in loaded_before])
 
