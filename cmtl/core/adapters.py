@@ -195,6 +195,13 @@ def lora_factors(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor
     return {m: (p["A"], p["B"]) for m, p in parts.items()}
 
 
+def unchanged(state: dict[str, torch.Tensor]) -> bool:
+    """Whether a LoRA state dict changes nothing: in every module A or B is exactly zero, so B · A = 0 and the
+    adapter computes what the bare backbone does (peft starts B at zero; a version whose training kept
+    its step-0 probe stores it so)."""
+    return all(not (a.any() and b.any()) for a, b in lora_factors(state).values())
+
+
 def lora_state(factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """The inverse of :func:`lora_factors`: ``<module>.lora_A.weight`` and ``<module>.lora_B.weight`` per module."""
     state = {}

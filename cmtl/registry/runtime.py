@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from cmtl.core.adapters import AdapterBank, AdapterConfig, check_adapter_state, stack_lora
+from cmtl.core.adapters import AdapterBank, AdapterConfig, check_adapter_state, stack_lora, unchanged
 from cmtl.core.backbone import Backbone
 from cmtl.core.heads import TaskHead, check_head_state
 from cmtl.core.tasks import TaskSpec
@@ -100,8 +100,9 @@ class Runtime:
         lineage record. The config is the source's rank, alpha, modules and layers with ``adapter``'s dropout
         (a merge's rank can be larger than its members'). ``"auto"`` probes every current task version and
         every merge whose adapter fits ``requested`` and tries the best of them against a fresh start with
-        ``training``'s settings (:mod:`cmtl.training.transfer`); a candidate that cannot be loaded is skipped
-        (and named in the record), and candidates loaded only for the choice are unloaded again."""
+        ``training``'s settings (:mod:`cmtl.training.transfer`); a candidate that cannot be loaded, or whose
+        adapter never moved from the backbone (a fresh start by another name), is skipped and named in the
+        record, and candidates loaded only for the choice are unloaded again."""
         kind, name, version = start
         if kind == "auto":
             members = [("task", t, None) for t in reader.tasks()] + [("merge", m, None) for m in reader.merges()]
@@ -117,6 +118,10 @@ class Runtime:
                 if kind != "auto":
                     raise
                 skipped[f"{k}:{n}"] = f"{type(error).__name__}: {error}"
+                continue
+            if kind == "auto" and unchanged(self.bank.state_dict(key)):
+                skipped[self._label(label)] = ("its adapter never moved (B · A = 0: its training kept the step-0 "
+                                               "probe), so it is the fresh start the trial already tries")
                 continue
             mismatch = transfer.compatible(requested, config)
             if mismatch and kind != "auto":

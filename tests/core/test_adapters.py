@@ -13,6 +13,7 @@ from cmtl.core.adapters import (
     lora_shapes,
     lora_state,
     stack_lora,
+    unchanged,
 )
 from cmtl.errors import DataError
 
@@ -45,6 +46,15 @@ def test_state_factors_state_round_trip():
     for key in state:
         assert back[key] is state[key]
     assert lora_shapes(state) == {f"{PEFT_PREFIX}layer.0.query": (4, 3), f"{PEFT_PREFIX}layer.0.value": (5, 4)}
+
+
+def test_unchanged_means_every_module_has_a_zero_factor():
+    state = _state("m", "n")
+    assert not unchanged(state)
+    fresh = {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in state.items()}  # peft's start
+    assert unchanged(fresh)
+    assert unchanged({**fresh, "n.lora_A.weight": torch.zeros(2, 5), "n.lora_B.weight": state["n.lora_B.weight"]})
+    assert not unchanged({**fresh, "n.lora_B.weight": state["n.lora_B.weight"]})  # one module moved
 
 
 def test_parser_refuses_other_keys_and_incomplete_pairs():

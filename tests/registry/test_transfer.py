@@ -187,3 +187,19 @@ def test_auto_skips_a_candidate_it_cannot_load_and_says_why(reg):
 def test_auto_with_too_few_rows_to_probe_starts_fresh(reg):
     info = reg.add_task(TaskSpec("one", labels=["neg", "pos"]), toy_sentiment(1), training=STILL, init="auto")
     assert info.init["chosen"] == "auto" and "task" not in info.init and "too few rows" in info.init["note"]
+
+
+def test_auto_leaves_out_an_adapter_that_never_moved_and_says_why(reg):
+    """A version whose training kept its step-0 probe has B = 0: its adapter is the bare backbone, the same
+    start as a fresh adapter, so probing and trying it would only spend a trial slot on the fresh start."""
+    kept = TrainConfig(max_steps=1, learning_rate=1e-12, weight_decay=0.0, patience=None, progress=False)
+    reg.add_task(TaskSpec("kept", labels=["neg", "pos"]), toy_sentiment(48, 6), toy_sentiment(16, 7), training=kept)
+    assert reg.current("kept").training["best_step"] == 0  # the probe won: the adapter never moved
+    assert all(not v.any() for k, v in reg.adapter_state("kept").items() if "lora_B" in k)
+    info = reg.add_task(TaskSpec("again", labels=["neg", "pos"]), toy_sentiment(48, 4), toy_sentiment(16, 5),
+                        training=STILL, init="auto")
+    assert "never moved" in info.init["skipped"]["task:kept@1"]
+    assert set(info.init["probe_losses"]) == {"backbone", "task:sentiment@1"}
+    assert set(info.init["trial"]["losses"]) == {"fresh", "task:sentiment@1"}
+    assert reg.adapter_state("sentiment") and any(v.any() for k, v in reg.adapter_state("sentiment").items()
+                                                  if "lora_B" in k)  # a trained one stays a candidate
