@@ -373,7 +373,9 @@ class AdapterLearner(Learner):
                       else "fresh")
             gains = (chosen.get("trial") or {}).get("gain_z") or {}
             tried = ", ".join(f"{k} {'n/a' if z is None else f'{z:+.1f}'}" for k, z in gains.items())
-            self.notes.append(f"started from {source}" + (f"; trial gain over fresh in SE: {tried}" if tried else ""))
+            left_out = ", ".join(chosen.get("skipped") or {})
+            self.notes.append(f"started from {source}" + (f"; trial gain over fresh in SE: {tried}" if tried else "")
+                              + (f"; left out: {left_out}" if left_out else ""))
 
     def predict(self, j: int, n_seen: int) -> list[str]:
         exp = self.experiences[j]
