@@ -110,6 +110,7 @@ class Runtime:
             members = [start]
         loaded_before = set(self.sources)
         sources: dict[str, tuple[AdapterConfig, dict[str, Any]]] = {}  # loaded key -> (config, lineage label)
+        states: dict[str, State] = {}  # loaded key -> a copy of its LoRA weights, read once
         skipped: dict[str, str] = {}
         for k, n, v in members:
             try:
@@ -119,10 +120,6 @@ class Runtime:
                     raise
                 skipped[f"{k}:{n}"] = f"{type(error).__name__}: {error}"
                 continue
-            if kind == "auto" and unchanged(self.bank.state_dict(key)):
-                skipped[self._label(label)] = ("its adapter never moved (B · A = 0: its training kept the step-0 "
-                                               "probe), so it is the fresh start the trial already tries")
-                continue
             mismatch = transfer.compatible(requested, config)
             if mismatch and kind != "auto":
                 raise InvalidParameterError(bad_param(
@@ -131,11 +128,17 @@ class Runtime:
             if mismatch:
                 skipped[self._label(label)] = f"adapter= differs: {mismatch}"
                 continue
+            states[key] = self.bank.state_dict(key)
+            if kind == "auto" and unchanged(states[key]):
+                del states[key]
+                skipped[self._label(label)] = ("its adapter never moved (B · A = 0: its training kept the step-0 "
+                                               "probe), so it is the fresh start the trial already tries")
+                continue
             sources[key] = (dataclasses.replace(config, dropout=adapter.dropout), label)
         try:
             if kind != "auto":
                 (key, (config, label)), = sources.items()
-                return self.bank.state_dict(key), config, {**label, "chosen": "named"}
+                return states[key], config, {**label, "chosen": "named"}
             lineage: dict[str, Any] = {"chosen": "auto"}
             if skipped:
                 lineage["skipped"] = skipped
@@ -148,7 +151,7 @@ class Runtime:
             tried = transfer.shortlist(losses)
             if not tried:
                 return None, adapter, lineage
-            starts = {None: (adapter, None), **{k: (sources[k][0], self.bank.state_dict(k)) for k in tried}}
+            starts = {None: (adapter, None), **{k: (sources[k][0], states[k]) for k in tried}}
             trials = transfer.trial_losses(self.backbone, self.bank, starts, spec, probe_train, probe_held, training)
             best, scores = transfer.pick_trial(trials)
             lineage["trial"] = {"steps": transfer.TRIAL_STEPS, "z": transfer.TRIAL_Z,
