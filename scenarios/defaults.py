@@ -64,6 +64,9 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
     "top-half": ("default adapting the top half of the layers (frozen-layer cache on)", {"layers": "top-half"}, {}),
     "lr-3e-4": ("default with learning rate 3e-4", {}, {"learning_rate": 3e-4}),
     "lr-3e-3": ("default with learning rate 3e-3", {}, {"learning_rate": 3e-3}),
+    "head-lr-1e-2": ("default with the head at learning rate 1e-2 (LoRA at 1e-3)", {}, {"head_learning_rate": 1e-2}),
+    "lora-lr-3e-4": ("default with LoRA at learning rate 3e-4 (the head at 1e-3)", {},
+                     {"learning_rate": 3e-4, "head_learning_rate": 1e-3}),
 }
 REFERENCES = ("probe", "single")
 

@@ -282,7 +282,8 @@ class SharedLearner(Learner):
             spec = TaskSpec("stream", labels=[f"c{k}" for k in range(max(self.width, 2))])
             extra = self._penalty(i, old_heads)
             train(trainee.forward, params, trainee.set_training, spec, train_data, validation, self.config.training,
-                  pad_id=self.pad_id, device=self.device, extra_loss=extra, desc=f"{self.mode}:{exp.name}")
+                  pad_id=self.pad_id, device=self.device, extra_loss=extra, desc=f"{self.mode}:{exp.name}",
+                  heads=[p for h in heads for p in h.parameters()])
         if self.mode == "replay":
             self.buffer.add_examples(exp.train, task=exp.name)
         if self.mode == "ewc":
@@ -453,7 +454,7 @@ class SingleLearner(Learner):
         with trainee.unfrozen() as params:
             train(trainee.forward, params, trainee.set_training, exp.spec, self._encode(exp.train, exp.spec, 0),
                   self._encode(exp.validation, exp.spec, 0), config, pad_id=self.pad_id, device=self.device,
-                  desc=f"single:{exp.name}")
+                  desc=f"single:{exp.name}", heads=list(self._model(i)[1].parameters()))
         n = sum(p.numel() for p in params)
         self.trainable_parameters.append(n)
         self.bytes_added.append(4 * n)

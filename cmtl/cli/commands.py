@@ -129,6 +129,8 @@ def add_task(
                                                "(--validation, else 10% held out) usually ends sooner.")] = 10,
     batch_size: int = 16,
     lr: float = 1e-3,
+    head_lr: Annotated[Optional[float], typer.Option(help="Peak learning rate of the head, when it should "
+                                                          "differ from --lr (which then drives the adapter).")] = None,
     max_steps: Optional[int] = None,
     rank: Annotated[Optional[int], typer.Option(help="LoRA rank r (default 8; with --init leave --rank and --alpha "
                                                      "out to take the source's).")] = None,
@@ -180,7 +182,8 @@ def add_task(
                                 layers=None if layers is None else [int(x) for x in split(layers)])
     info = reg.add_task(
         spec, _read(train, spec, encoding), _read(validation, spec, encoding), adapter=adapter,
-        training=TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=lr, max_steps=max_steps,
+        training=TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=lr, head_learning_rate=head_lr,
+                             max_steps=max_steps,
                              probe_init=probe_init, seed=seed, progress=_progress(progress)),
         init=init, head=None if head == "linear" else AnalyticConfig(kind=head, features=head_features, seed=seed),
     )

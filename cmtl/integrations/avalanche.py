@@ -184,6 +184,8 @@ class AvalancheConfig:
         batch_size: Training mini-batch size.
         eval_batch_size: Evaluation mini-batch size.
         learning_rate: AdamW learning rate.
+        head_learning_rate: AdamW learning rate of the model's task heads when it should differ from
+            ``learning_rate`` (which then drives the adapter); ``None``: the same rate everywhere.
         weight_decay: AdamW weight decay.
         seed: Seeds data order through Avalanche's RNG manager (Python, NumPy and torch global RNGs).
         device: Where Avalanche puts the model and batches; ``None`` keeps the model's device.
@@ -199,6 +201,7 @@ class AvalancheConfig:
     batch_size: int = 16
     eval_batch_size: int = 64
     learning_rate: float = 1e-3
+    head_learning_rate: float | None = None
     weight_decay: float = 0.01
     seed: int = 0
     device: str | None = None
@@ -218,6 +221,8 @@ class AvalancheConfig:
         for key in ("learning_rate", "lwf_temperature"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"AvalancheConfig.{key} must be > 0. Got {getattr(self, key)!r}.")
+        if self.head_learning_rate is not None and not self.head_learning_rate > 0:
+            raise ValueError(f"AvalancheConfig.head_learning_rate must be > 0 or None. Got {self.head_learning_rate!r}.")
         for key in ("weight_decay", "ewc_lambda", "lwf_alpha"):
             value = getattr(self, key)
             if not (math.isfinite(value) and value >= 0):
@@ -382,9 +387,14 @@ def run_strategy(
         bwt_metrics(experience=True, stream=True),
         loggers=[logger],
     )
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=config.learning_rate, weight_decay=config.weight_decay
-    )
+    trained = [p for p in model.parameters() if p.requires_grad]
+    groups: list[dict] = [{"params": trained}]
+    if config.head_learning_rate is not None:
+        head_ids = {id(p) for p in model.heads.parameters()}
+        groups = [{"params": [p for p in trained if id(p) not in head_ids]},
+                  {"params": [p for p in trained if id(p) in head_ids], "lr": config.head_learning_rate}]
+        groups = [g for g in groups if g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
     strategy_cls, extra = {
         "naive": (Naive, {}),
         "replay": (Replay, {"mem_size": config.mem_size}),

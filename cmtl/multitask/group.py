@@ -65,7 +65,8 @@ def train_group(backbone: Backbone, bank: AdapterBank, key: str, tasks: list[str
             logger.warning("Gradient checkpointing is off for this group: per-task adapters cannot be recomputed.")
         with backbone.checkpointed(checkpoint):
             result = train_multitask(forward, shared, per_task, trainee.set_training, specs, train, validation,
-                                     config, training, pad_id=backbone.pad_id, device=backbone.device)
+                                     config, training, pad_id=backbone.pad_id, device=backbone.device,
+                                     task_heads=[p for h in heads for p in h.parameters()])
         for p in shared:
             p.requires_grad_(False)
         own_states = None if own is None else {t: own.state(i) for i, t in enumerate(tasks)}

@@ -57,6 +57,7 @@ def train_multitask(
     *,
     pad_id: int,
     device: torch.device,
+    task_heads: Sequence[nn.Parameter] | None = None,
 ) -> MultiTaskResult:
     """Train ``shared`` (adapter) and ``heads`` on several tasks at once; keep the best evaluated state.
 
@@ -64,9 +65,11 @@ def train_multitask(
     ``inputs["groups"][b]``; columns past a task's labels are masked. ``train_data[t]`` and
     ``validation[t]`` are task t's encodings (their ``groups`` are ignored and set to t).
     ``training`` (a :class:`~cmtl.training.config.TrainConfig`) supplies batch size, learning rate,
-    warm-up, clipping, seed and evaluation batch size.
+    warm-up, clipping, seed and evaluation batch size. ``heads`` holds every per-task parameter (heads,
+    per-task adapter factors); those in ``task_heads`` (all of ``heads`` when ``None``) train at
+    ``training.head_learning_rate`` when it is set.
     """
-    from cmtl.training.loop import get_lr
+    from cmtl.training.loop import adamw, set_lr
 
     names = [s.name for s in specs]
     T = len(names)
@@ -92,7 +95,8 @@ def train_multitask(
             for t, d in enumerate(train_data)]
     uncertainty = UncertaintyWeighting(T).to(device) if config.weighting == "uncertainty" else None
     params = list(shared) + list(heads) + (list(uncertainty.parameters()) if uncertainty else [])
-    optimizer = torch.optim.AdamW(params, lr=training.learning_rate, weight_decay=training.weight_decay)
+    # The shared adapter's group comes first: TAG's lookahead reads its rate.
+    optimizer = adamw(params, training, heads=heads if task_heads is None else task_heads)
     generator = torch.Generator().manual_seed(training.seed)
     streams = [iter(()) for _ in range(T)]
 
@@ -114,8 +118,7 @@ def train_multitask(
     set_training(True)
     try:
         for step in range(total):
-            for group in optimizer.param_groups:
-                group["lr"] = get_lr(step, total, training)
+            set_lr(optimizer, step, total, training)
             weights = [config.gamma(n, step, switched) for n in names]
             # A task whose weight has reached 0 (Switch) leaves the batch: from then on it costs nothing.
             active = [t for t in range(T) if weights[t] > 0] or list(range(T))

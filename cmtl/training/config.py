@@ -28,6 +28,10 @@ class TrainConfig:
             over it). With validation data, early stopping usually ends training sooner.
         batch_size: Examples per optimiser step.
         learning_rate: Peak AdamW learning rate (LoRA and head tolerate ~1e-3).
+        head_learning_rate: Peak learning rate of the task heads (the linear layers on the pooled
+            features), when it should differ from ``learning_rate``, which then drives the adapter
+            (or, in full fine-tuning, the encoder) only; both follow the same warm-up and decay.
+            ``None``: the heads train at ``learning_rate`` too.
         weight_decay: AdamW weight decay.
         warmup_ratio: Fraction of steps with linear warm-up.
         lr_schedule: After the warm-up, ``"linear"`` decays the rate to 0 at the last
@@ -72,6 +76,7 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 16
     learning_rate: float = 1e-3
+    head_learning_rate: float | None = None
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
     lr_schedule: Literal["linear", "constant"] = "linear"
@@ -107,6 +112,9 @@ class TrainConfig:
                 raise InvalidParameterError(bad_param(key, "TrainConfig", "be True or False", getattr(self, key)))
         if not self.learning_rate > 0:
             raise InvalidParameterError(bad_param("learning_rate", "TrainConfig", "be > 0", self.learning_rate))
+        if self.head_learning_rate is not None and not self.head_learning_rate > 0:
+            raise InvalidParameterError(bad_param("head_learning_rate", "TrainConfig", "be > 0 or None",
+                                                  self.head_learning_rate))
         if self.lr_schedule not in ("linear", "constant"):
             raise InvalidParameterError(bad_param("lr_schedule", "TrainConfig", "be one of ['linear', 'constant']",
                                                   self.lr_schedule))

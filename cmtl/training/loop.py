@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -81,6 +81,26 @@ def get_lr(step: int, total: int, config: TrainConfig) -> float:
     return config.learning_rate * max(0.0, (total - step) / max(1, total - warmup))
 
 
+def adamw(params: Sequence[torch.nn.Parameter], config: TrainConfig, *,
+          heads: Sequence[torch.nn.Parameter] = ()) -> torch.optim.AdamW:
+    """AdamW over ``params``. With ``config.head_learning_rate`` the parameters also in ``heads`` (by
+    identity) form a second group that peaks at that rate, the rest (the first group) at
+    ``config.learning_rate``; :func:`set_lr` moves both along the schedule in proportion."""
+    head_ids = {id(p) for p in heads} if config.head_learning_rate is not None else set()
+    rest = [p for p in params if id(p) not in head_ids]
+    own = [p for p in params if id(p) in head_ids]
+    scale = (config.head_learning_rate or config.learning_rate) / config.learning_rate
+    groups = [{"params": g, "lr_scale": s} for g, s in ((rest, 1.0), (own, scale)) if g]
+    return torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, step: int, total: int, config: TrainConfig) -> None:
+    """Set every group of an :func:`adamw` optimiser to its rate at ``step`` of ``total``."""
+    lr = get_lr(step, total, config)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
 def train(
     forward: Forward,
     params: list[torch.nn.Parameter],
@@ -96,6 +116,7 @@ def train(
     desc: str = "train",
     candidate: list[torch.Tensor] | None = None,
     candidate_logits: torch.Tensor | None = None,
+    heads: Sequence[torch.nn.Parameter] = (),
 ) -> TrainResult:
     """Train ``params`` to minimise ``spec.loss(forward(batch))`` (+ ``extra_loss``).
 
@@ -108,6 +129,8 @@ def train(
     probe of :func:`cmtl.training.trainee.fit`). Patience counts from the trained states only, so a
     strong candidate does not stop training before it has had its chance. ``candidate_logits``: the
     candidate's logits on ``validation`` when the caller has them (no forward pass is then run for it).
+    ``heads``: those of ``params`` that belong to task heads; they train at ``config.head_learning_rate``
+    when it is set (:func:`adamw`).
 
     Raises:
         TrainingDivergedError: the loss became NaN or infinite. The parameters
@@ -119,7 +142,7 @@ def train(
         total = min(total, config.max_steps)
     eval_every = config.eval_every or min(steps_per_epoch, EVAL_EVERY_MAX)
     metric, higher = primary_metric(spec)
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = adamw(params, config, heads=heads)
     initial = [p.detach().clone() for p in params]
     best = [p.detach().clone() for p in params]
     best_score, best_step, best_metrics, best_logits, bad_evals = -math.inf, 0, {}, None, 0
@@ -171,9 +194,7 @@ def train(
             for start in range(0, len(order), config.batch_size):
                 batch = order[start : start + config.batch_size]
                 local = shard(batch)  # the whole batch without a process group
-                lr = get_lr(step, total, config)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                set_lr(optimizer, step, total, config)
                 if local:
                     _, inputs, targets = next(batches(train_data, local, len(local), pad_id, device))
                     logits = forward(inputs)

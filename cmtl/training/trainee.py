@@ -128,6 +128,7 @@ def fit(trainee: Trainee, backbone: Backbone, adapter: AdapterConfig, spec: Task
         with backbone.checkpointed(config.gradient_checkpointing):
             result = train(trainee.forward, params, trainee.set_training, spec, train_data, validation, config,
                            pad_id=backbone.pad_id, device=backbone.device, desc=f"{spec.name}",
-                           extra_loss=extra_loss, candidate=candidate, candidate_logits=candidate_logits)
+                           extra_loss=extra_loss, candidate=candidate, candidate_logits=candidate_logits,
+                           heads=[p for m in trainee.modules for p in m.parameters()])
     result.start_features = features
     return result

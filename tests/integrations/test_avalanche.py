@@ -221,6 +221,20 @@ def test_every_strategy_runs(name, benchmark, backbone):
     assert all(p.requires_grad == ("lora_" in n or n.startswith("heads.")) for n, p in model.named_parameters())
 
 
+def test_head_learning_rate_drives_the_heads_only(benchmark, backbone):
+    model = av.build_model(backbone, av.task_specs(STREAM))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    config = av.AvalancheConfig(batch_size=8, epochs=1, learning_rate=0.05, head_learning_rate=1e-12,
+                                measure_b=False)
+    av.run_strategy("naive", benchmark, model, config)
+    after = dict(model.named_parameters())
+    moved = {n: not torch.allclose(after[n].detach(), b, atol=1e-8) for n, b in before.items()}
+    assert any(m for n, m in moved.items() if "lora_" in n)  # the adapter trains at learning_rate
+    assert not any(m for n, m in moved.items() if n.startswith("heads."))  # the heads barely move
+    with pytest.raises(ValueError, match=r"AvalancheConfig.head_learning_rate must be > 0 or None. Got 0"):
+        av.AvalancheConfig(head_learning_rate=0.0)
+
+
 VALID = [toy_sentiment(12, 7), _flip(toy_sentiment(12, 8)), _three(toy_sentiment(12, 9))]
 
 

@@ -166,6 +166,19 @@ def test_joint_training_learns_both_tasks_and_measures_affinity(joint):
     assert Z[0, 0] > 0 and Z[1, 1] > 0  # a step on a task's own loss lowers that loss
 
 
+def test_head_learning_rate_drives_the_task_heads_only(joint):
+    forward, shared, heads, set_training, specs, data, val, backbone = joint
+    first_head = heads[:2]  # the sentiment head's weight and bias; the topic head's follow
+    before = [p.detach().clone() for p in shared + heads]
+    training = TrainConfig(batch_size=16, learning_rate=2e-2, head_learning_rate=1e-9, progress=False)
+    train_multitask(forward, shared, heads, set_training, specs, data, [None, None], MultiTaskConfig(steps=5),
+                    training, pad_id=backbone.pad_id, device=torch.device("cpu"), task_heads=first_head)
+    moved = [not torch.allclose(p.detach(), b, atol=1e-6) for p, b in zip(shared + heads, before)]
+    n = len(shared)
+    assert any(moved[:n])  # the shared adapter trains at learning_rate
+    assert moved[n:] == [False, False, True, True]  # the named head barely moves, the unnamed one trains
+
+
 def test_adaptive_switch_and_uncertainty(joint):
     forward, shared, heads, set_training, specs, data, val, backbone = joint
     training = TrainConfig(batch_size=16, learning_rate=2e-2, progress=False)

@@ -57,6 +57,21 @@ def test_add_predict_evaluate(registry):
     assert metrics["n"] == 40 and metrics["accuracy"] >= 0.9 and 0 <= metrics["macro_f1"] <= 1
 
 
+def test_add_task_trains_the_head_at_head_learning_rate(tmp_path, tiny_config):
+    spec, texts = TaskSpec("s", labels=["neg", "pos"]), ["a great film", "an awful film"]
+    heads, proba = {}, {}
+    for name, lr, head_lr in [("a", 2e-2, 1e-9), ("b", 5e-3, 1e-9), ("c", 2e-2, None)]:
+        reg = Registry.create(tmp_path / name, tiny_config, device="cpu")
+        training = TrainConfig.from_dict({**FAST.to_dict(), "epochs": 1, "learning_rate": lr,
+                                          "head_learning_rate": head_lr})
+        reg.add_task(spec, train=toy_sentiment(32), adapter=QV, training=training)
+        heads[name] = reg._runtime.heads[reg._runtime.task(reg, "s", 1)].linear.weight.detach().clone()
+        proba[name] = reg.predict_proba("s", texts)
+    torch.testing.assert_close(heads["a"], heads["b"], rtol=0, atol=1e-6)  # both the fresh head: barely moved
+    assert not np.allclose(proba["a"], proba["b"], atol=1e-6)  # while the adapters trained at their own rates
+    assert not torch.allclose(heads["a"], heads["c"], atol=1e-4)  # without it the head trains at learning_rate
+
+
 def test_only_the_new_adapter_and_head_train(registry):
     before = {k: v.clone() for k, v in registry.backbone.encoder.state_dict().items() if "lora_" not in k}
     registry.add_task(TaskSpec("a", labels=["neg", "pos"]), train=toy_sentiment(32), training=FAST)

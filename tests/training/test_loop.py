@@ -10,7 +10,7 @@ import torch
 from cmtl import TaskSpec, TrainConfig
 from cmtl.data import Encoded
 from cmtl.errors import TrainingDivergedError
-from cmtl.training.loop import get_lr, seeded, train
+from cmtl.training.loop import adamw, get_lr, seeded, set_lr, train
 
 CPU = torch.device("cpu")
 SPEC = TaskSpec("t", labels=["a", "b"])
@@ -161,3 +161,39 @@ def test_a_candidate_does_not_use_up_patience_and_is_kept_only_if_never_reached(
     assert result.best_step == 0 and value.item() == pytest.approx(0.9)
     assert result.best_metrics["mse"] == pytest.approx(0.01)
     torch.testing.assert_close(result.validation_logits, torch.full((16, 1), 0.9))
+
+
+def _adapter_and_head():
+    """Logits = adapter + head, two learnable pairs: one Adam step moves each coordinate by about its rate."""
+    adapter = torch.nn.Parameter(torch.zeros(2))
+    head = torch.nn.Parameter(torch.zeros(2))
+    forward = lambda inputs: (adapter + head).expand(inputs["input_ids"].shape[0], 2)  # noqa: E731
+    return adapter, head, forward
+
+
+@pytest.mark.parametrize("head_lr, named, expected", [(None, True, 0.01), (0.1, True, 0.1), (0.1, False, 0.01)])
+def test_head_learning_rate_drives_only_the_parameters_named_as_heads(head_lr, named, expected):
+    config = TrainConfig(epochs=1, batch_size=16, learning_rate=0.01, head_learning_rate=head_lr, warmup_ratio=0.0,
+                         weight_decay=0.0, lr_schedule="constant", progress=False)
+    adapter, head, forward = _adapter_and_head()
+    train(forward, [adapter, head], lambda _: None, SPEC, ALL_A, None, config, pad_id=0, device=CPU,
+          heads=[head] if named else ())
+    # One step toward "a": Adam's first step is the rate times the gradient's sign.
+    torch.testing.assert_close(adapter.detach(), torch.tensor([0.01, -0.01]), rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(head.detach(), torch.tensor([expected, -expected]), rtol=1e-3, atol=1e-6)
+
+
+def test_both_groups_follow_the_schedule_in_proportion():
+    config = TrainConfig(learning_rate=1e-3, head_learning_rate=3e-3, warmup_ratio=0.1)
+    adapter, head, _ = _adapter_and_head()
+    optimizer = adamw([adapter, head], config, heads=[head])
+    assert [g["params"] for g in optimizer.param_groups] == [[adapter], [head]]  # the adapter's group first
+    for step in (0, 5, 50, 99):
+        set_lr(optimizer, step, 100, config)
+        rates = [g["lr"] for g in optimizer.param_groups]
+        assert rates == pytest.approx([get_lr(step, 100, config), 3 * get_lr(step, 100, config)])
+    one = adamw([adapter, head], TrainConfig(learning_rate=1e-3), heads=[head])  # no head rate: one group
+    assert len(one.param_groups) == 1 and one.param_groups[0]["params"] == [adapter, head]
+    for bad in (0.0, -1e-3):
+        with pytest.raises(ValueError, match="'head_learning_rate' parameter of TrainConfig must be > 0 or None"):
+            TrainConfig(head_learning_rate=bad)
