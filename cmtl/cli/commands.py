@@ -183,8 +183,7 @@ def add_task(
     info = reg.add_task(
         spec, _read(train, spec, encoding), _read(validation, spec, encoding), adapter=adapter,
         training=TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=lr, head_learning_rate=head_lr,
-                             max_steps=max_steps,
-                             probe_init=probe_init, seed=seed, progress=_progress(progress)),
+                             max_steps=max_steps, probe_init=probe_init, seed=seed, progress=_progress(progress)),
         init=init, head=None if head == "linear" else AnalyticConfig(kind=head, features=head_features, seed=seed),
     )
     typer.echo(f"added {info.task} v{info.version}: {info.trainable_parameters:,} trainable parameters, "

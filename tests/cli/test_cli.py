@@ -63,10 +63,12 @@ def test_lifecycle(tmp_path, tiny_backbone):
 
     # A second task that starts from the first one's adapter, recorded in its lineage.
     result = invoke("add-task", reg, "again", "--train", tmp_path / "train.csv", "--init", "sentiment",
-                    "--max-steps", "1", "--lr", "1e-12", "--no-probe-init", "--no-progress")
+                    "--max-steps", "1", "--lr", "1e-12", "--head-lr", "1e-11", "--no-probe-init", "--no-progress")
     assert result.exit_code == 0, result.output
     opened = Registry.open(reg, device="cpu")
     assert opened.current("again").init == {"task": "sentiment", "version": 1, "chosen": "named"}
+    recorded = opened.current("again").training
+    assert (recorded["learning_rate"], recorded["head_learning_rate"]) == (1e-12, 1e-11)
     result = invoke("add-task", reg, "bad", "--train", tmp_path / "train.csv", "--init", "merge:", "--no-progress")
     assert result.exit_code == 1 and "'init' parameter of add_task must" in result.output
     assert invoke("remove", reg, "again", "--yes").exit_code == 0
