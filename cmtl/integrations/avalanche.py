@@ -37,6 +37,7 @@ from cmtl.data import Encoded, batches, encode, read_examples
 from cmtl.integrations import avalanche_model
 from cmtl.integrations.avalanche_model import build_model as build_model  # re-exported: av.build_model
 from cmtl.integrations.avalanche_model import import_avalanche
+from cmtl.training.loop import adamw
 
 if TYPE_CHECKING:  # annotations only: importing avalanche at runtime happens inside functions
     from avalanche.benchmarks.scenarios.generic_scenario import CLScenario
@@ -387,14 +388,8 @@ def run_strategy(
         bwt_metrics(experience=True, stream=True),
         loggers=[logger],
     )
-    trained = [p for p in model.parameters() if p.requires_grad]
-    groups: list[dict] = [{"params": trained}]
-    if config.head_learning_rate is not None:
-        head_ids = {id(p) for p in model.heads.parameters()}
-        groups = [{"params": [p for p in trained if id(p) not in head_ids]},
-                  {"params": [p for p in trained if id(p) in head_ids], "lr": config.head_learning_rate}]
-        groups = [g for g in groups if g["params"]]
-    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = adamw([p for p in model.parameters() if p.requires_grad], config.learning_rate, config.weight_decay,
+                      heads=list(model.heads.parameters()), head_learning_rate=config.head_learning_rate)
     strategy_cls, extra = {
         "naive": (Naive, {}),
         "replay": (Replay, {"mem_size": config.mem_size}),

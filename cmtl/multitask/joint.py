@@ -96,7 +96,8 @@ def train_multitask(
     uncertainty = UncertaintyWeighting(T).to(device) if config.weighting == "uncertainty" else None
     params = list(shared) + list(heads) + (list(uncertainty.parameters()) if uncertainty else [])
     # The shared adapter's group comes first: TAG's lookahead reads its rate.
-    optimizer = adamw(params, training, heads=heads if task_heads is None else task_heads)
+    optimizer = adamw(params, training.learning_rate, training.weight_decay,
+                      heads=heads if task_heads is None else task_heads, head_learning_rate=training.head_learning_rate)
     generator = torch.Generator().manual_seed(training.seed)
     streams = [iter(()) for _ in range(T)]
 

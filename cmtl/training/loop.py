@@ -81,17 +81,17 @@ def get_lr(step: int, total: int, config: TrainConfig) -> float:
     return config.learning_rate * max(0.0, (total - step) / max(1, total - warmup))
 
 
-def adamw(params: Sequence[torch.nn.Parameter], config: TrainConfig, *,
-          heads: Sequence[torch.nn.Parameter] = ()) -> torch.optim.AdamW:
-    """AdamW over ``params``. With ``config.head_learning_rate`` the parameters also in ``heads`` (by
-    identity) form a second group that peaks at that rate, the rest (the first group) at
-    ``config.learning_rate``; :func:`set_lr` moves both along the schedule in proportion."""
-    head_ids = {id(p) for p in heads} if config.head_learning_rate is not None else set()
+def adamw(params: Sequence[torch.nn.Parameter], learning_rate: float, weight_decay: float, *,
+          heads: Sequence[torch.nn.Parameter] = (), head_learning_rate: float | None = None) -> torch.optim.AdamW:
+    """AdamW over ``params``. With ``head_learning_rate`` the parameters also in ``heads`` (by identity)
+    form a second group at that rate, the rest (the first group) at ``learning_rate``; :func:`set_lr`
+    moves both along a schedule in proportion."""
+    head_ids = {id(p) for p in heads} if head_learning_rate is not None else set()
     rest = [p for p in params if id(p) not in head_ids]
     own = [p for p in params if id(p) in head_ids]
-    scale = (config.head_learning_rate or config.learning_rate) / config.learning_rate
-    groups = [{"params": g, "lr_scale": s} for g, s in ((rest, 1.0), (own, scale)) if g]
-    return torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
+    scale = (head_learning_rate or learning_rate) / learning_rate
+    groups = [{"params": g, "lr": learning_rate * s, "lr_scale": s} for g, s in ((rest, 1.0), (own, scale)) if g]
+    return torch.optim.AdamW(groups, lr=learning_rate, weight_decay=weight_decay)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, step: int, total: int, config: TrainConfig) -> None:
@@ -142,7 +142,8 @@ def train(
         total = min(total, config.max_steps)
     eval_every = config.eval_every or min(steps_per_epoch, EVAL_EVERY_MAX)
     metric, higher = primary_metric(spec)
-    optimizer = adamw(params, config, heads=heads)
+    optimizer = adamw(params, config.learning_rate, config.weight_decay, heads=heads,
+                      head_learning_rate=config.head_learning_rate)
     initial = [p.detach().clone() for p in params]
     best = [p.detach().clone() for p in params]
     best_score, best_step, best_metrics, best_logits, bad_evals = -math.inf, 0, {}, None, 0

@@ -186,13 +186,14 @@ def test_head_learning_rate_drives_only_the_parameters_named_as_heads(head_lr, n
 def test_both_groups_follow_the_schedule_in_proportion():
     config = TrainConfig(learning_rate=1e-3, head_learning_rate=3e-3, warmup_ratio=0.1)
     adapter, head, _ = _adapter_and_head()
-    optimizer = adamw([adapter, head], config, heads=[head])
+    optimizer = adamw([adapter, head], config.learning_rate, config.weight_decay, heads=[head],
+                      head_learning_rate=config.head_learning_rate)
     assert [g["params"] for g in optimizer.param_groups] == [[adapter], [head]]  # the adapter's group first
     for step in (0, 5, 50, 99):
         set_lr(optimizer, step, 100, config)
         rates = [g["lr"] for g in optimizer.param_groups]
         assert rates == pytest.approx([get_lr(step, 100, config), 3 * get_lr(step, 100, config)])
-    one = adamw([adapter, head], TrainConfig(learning_rate=1e-3), heads=[head])  # no head rate: one group
+    one = adamw([adapter, head], 1e-3, 0.01, heads=[head])  # no head rate: one group
     assert len(one.param_groups) == 1 and one.param_groups[0]["params"] == [adapter, head]
     for bad in (0.0, -1e-3):
         with pytest.raises(ValueError, match="'head_learning_rate' parameter of TrainConfig must be > 0 or None"):
