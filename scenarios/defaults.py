@@ -67,6 +67,8 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
     "head-lr-1e-2": ("default with the head at learning rate 1e-2 (LoRA at 1e-3)", {}, {"head_learning_rate": 1e-2}),
     "lora-lr-3e-4": ("default with LoRA at learning rate 3e-4 (the head at 1e-3)", {},
                      {"learning_rate": 3e-4, "head_learning_rate": 1e-3}),
+    "probe-margin-1": ("default keeping the probe unless training beats it on validation by more than one "
+                       "standard error of the paired per-row difference", {}, {"probe_margin": 1.0}),
 }
 REFERENCES = ("probe", "single")
 
@@ -114,7 +116,7 @@ def run_variant(variant: str, exp, backbone: BackboneConfig, seed: int, device: 
         return {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"], "time_s": seconds,
                 "trainable_parameters": info.trainable_parameters, "bytes": info.bytes_on_disk,
                 "steps": record.get("steps"), "best_step": record.get("best_step"),
-                "stopped_early": record.get("stopped_early")}
+                "probe_gain": record.get("probe_gain"), "stopped_early": record.get("stopped_early")}
 
 
 def summarise(results: dict) -> str:

@@ -80,6 +80,8 @@ BAD = {
     "TrainConfig.learning_rate": (TrainConfig, {"learning_rate": 0.0}, "learning_rate", "TrainConfig", "be > 0", 0.0),
     "TrainConfig.head_learning_rate": (TrainConfig, {"head_learning_rate": -1e-3}, "head_learning_rate", "TrainConfig",
                                        "be > 0 or None", -1e-3),
+    "TrainConfig.probe_margin": (TrainConfig, {"probe_margin": -1.0}, "probe_margin", "TrainConfig",
+                                 "be a finite number >= 0", -1.0),
     "TrainConfig.lr_schedule": (TrainConfig, {"lr_schedule": "cosine"}, "lr_schedule", "TrainConfig",
                                 "be one of ['linear', 'constant']", "cosine"),
     "TrainConfig.warmup_ratio": (TrainConfig, {"warmup_ratio": 1.0}, "warmup_ratio", "TrainConfig", "be in [0, 1)",
@@ -177,7 +179,7 @@ def test_every_validated_config_has_a_bad_input_case():
 
 #: Non-default values the field's type cannot suggest (a None default, a tuple, a name).
 OVERRIDES: dict[type, dict[str, typing.Any]] = {
-    TrainConfig: {"max_steps": 40, "eval_every": 5, "head_learning_rate": 3e-3},
+    TrainConfig: {"max_steps": 40, "eval_every": 5, "head_learning_rate": 3e-3, "probe_margin": 1.0},
     AdapterConfig: {"target_modules": ("value", "query"), "layers": (1, 0)},
     BackboneConfig: {"name_or_path": "/models/encoder", "num_hidden_layers": 2, "pooling": "last",
                      "dtype": "bfloat16"},

@@ -144,6 +144,9 @@ def add_task(
                                                        "adapt, e.g. 3,4,5 (default: all).")] = None,
     probe_init: Annotated[bool, typer.Option(help="Score a linear probe on the frozen features as the step-0 "
                                                   "candidate: the task never ends below it on validation.")] = True,
+    probe_margin: Annotated[float, typer.Option(help="Keep the probe unless the trained adapter beats it on "
+                                                     "validation by more than this many standard errors "
+                                                     "(0: any gain).")] = 0.0,
     init: Annotated[Optional[str], typer.Option(help="Start the adapter from a task ('spam', 'task:spam@2'), a "
                                                      "merge ('merge:NAME') or 'auto'; default: from zero.")] = None,
     head: Annotated[str, typer.Option(help="linear: a head trained with the adapter; ridge or slda: a head "
@@ -183,7 +186,8 @@ def add_task(
     info = reg.add_task(
         spec, _read(train, spec, encoding), _read(validation, spec, encoding), adapter=adapter,
         training=TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=lr, head_learning_rate=head_lr,
-                             max_steps=max_steps, probe_init=probe_init, seed=seed, progress=_progress(progress)),
+                             max_steps=max_steps, probe_init=probe_init, probe_margin=probe_margin, seed=seed,
+                             progress=_progress(progress)),
         init=init, head=None if head == "linear" else AnalyticConfig(kind=head, features=head_features, seed=seed),
     )
     typer.echo(f"added {info.task} v{info.version}: {info.trainable_parameters:,} trainable parameters, "

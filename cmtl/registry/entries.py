@@ -20,12 +20,14 @@ from cmtl.training.loop import TrainConfig, TrainResult
 def version_record(version: int, parent: int | None, kind: str, examples: Examples, adapter: AdapterConfig,
                    training: TrainConfig, result: TrainResult) -> dict[str, Any]:
     """A task version trained on ``examples`` (its files, size and parameter count are added at commit)."""
+    gain = result.candidate_gain  # standard errors by which training beat the probe on validation
     return {
         "version": version, "parent": parent, "created": now(), "kind": kind,
         "metrics": {f"validation_{k}": v for k, v in result.best_metrics.items()},
         "data_fingerprint": examples.fingerprint(), "adapter": adapter.to_dict(),
         "training": {**training.to_dict(), "steps": result.steps, "best_step": result.best_step,
-                     "stopped_early": result.stopped_early, "examples": len(examples)},
+                     "probe_gain": None if gain is None else round(gain, 3), "stopped_early": result.stopped_early,
+                     "examples": len(examples)},
         "train_seconds": round(result.seconds, 3), "cmtl_version": __version__,
     }
 

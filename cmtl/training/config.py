@@ -3,6 +3,7 @@ registry's manifest can be checked against it without loading a model."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -66,6 +67,11 @@ class TrainConfig:
             ends below the probe on validation. Costs one inference pass over (up to 20,000 of)
             the training rows. Skipped without validation data (unless ``probe_start``). Updates
             warm-start from their parent's head and do not probe.
+        probe_margin: With ``probe_init``, the trained adapter replaces the probe only when it beats it
+            on validation by more than this many standard errors of the paired per-row difference
+            (each row right or wrong, for single-label tasks), so a gain the validation rows cannot tell
+            from noise keeps the simpler probe (the one-standard-error rule). 0 (the default) takes any
+            gain. The version records the gain as ``training.probe_gain``.
         probe_start: With ``probe_init``, also start training from the probe's head (LP-FT, Kumar
             et al. 2022) instead of a fresh one. Off by default: measured less accurate at these
             budgets (docs/results.md, "Defaults of add_task").
@@ -91,6 +97,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     validation_fraction: float = 0.1
     probe_init: bool = True
+    probe_margin: float = 0.0
     probe_start: bool = False
     seed: int = 0
     progress: bool = True
@@ -123,6 +130,10 @@ class TrainConfig:
         if not isinstance(self.validation_fraction, (int, float)) or not 0.0 <= self.validation_fraction < 1.0:
             raise InvalidParameterError(bad_param("validation_fraction", "TrainConfig", "be in [0, 1)",
                                                   self.validation_fraction))
+        margin = self.probe_margin
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0.0 <= margin < math.inf:
+            raise InvalidParameterError(bad_param("probe_margin", "TrainConfig", "be a finite number >= 0",
+                                                  self.probe_margin))
         if not 0.0 <= self.head_dropout < 1.0:
             raise InvalidParameterError(bad_param("head_dropout", "TrainConfig", "be in [0, 1)", self.head_dropout))
 

@@ -7,6 +7,7 @@ padding) and returns rows in their original order.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable
 
 import torch
@@ -73,6 +74,29 @@ def compute_metrics(spec: TaskSpec, logits: torch.Tensor, targets: torch.Tensor)
         metrics["mae"] = float(err.abs().mean())
         metrics["pearson"] = _pearson(logits, targets)
     return metrics
+
+
+def row_scores(spec: TaskSpec, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """One score per row (N,), higher better, whose mean moves with the primary metric: correct or not
+    (single-label), the share of labels decided right (multi-label), minus the squared error averaged over
+    targets (regression)."""
+    if spec.problem_type == "single_label":
+        return (logits.argmax(-1) == targets).float()
+    if spec.problem_type == "multi_label":
+        return ((logits.sigmoid() >= spec.threshold) == targets.bool()).float().mean(-1)
+    return -((logits - targets) ** 2).mean(-1)
+
+
+def paired_gain(spec: TaskSpec, logits: torch.Tensor, baseline: torch.Tensor, targets: torch.Tensor) -> float:
+    """How many standard errors of the paired per-row difference (:func:`row_scores`) ``logits`` score
+    above ``baseline`` on the same rows: mean / (sd / sqrt(n)). 0 where the mean difference is 0; where every
+    row differs by the same amount, ±sqrt(n) (the sign test's z when all n rows agree)."""
+    d = (row_scores(spec, logits, targets) - row_scores(spec, baseline, targets)).double()
+    mean = float(d.mean())
+    if mean == 0.0 or len(d) < 2:
+        return 0.0
+    se = float(d.std()) / len(d) ** 0.5
+    return mean / se if se > 0 else math.copysign(len(d) ** 0.5, mean)
 
 
 def _macro_f1(pred: torch.Tensor, truth: torch.Tensor, *, present_only: bool) -> float:

@@ -24,7 +24,7 @@ from cmtl.data import Encoded, batches, length_grouped
 from cmtl.errors import TrainingDivergedError
 from cmtl.training.config import EVAL_EVERY_MAX, TrainConfig  # noqa: F401  (re-exported)
 from cmtl.training.distributed import all_reduce_gradients, any_rank, is_main, shard
-from cmtl.training.evaluation import Forward, compute_metrics, predict_logits, primary_metric
+from cmtl.training.evaluation import Forward, compute_metrics, paired_gain, predict_logits, primary_metric
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,9 @@ class TrainResult:
     ``start_features`` are the pooled features of the ``"train"`` and ``"validation"`` rows (row
     order) through the adapter as it was before training, where the linear probe computed them
     (:func:`cmtl.training.trainee.fit`); for a fresh adapter, the frozen backbone's.
+    ``candidate_gain``: with a step-0 candidate, how many standard errors of the paired per-row
+    difference the best trained state scored above it on validation
+    (:func:`cmtl.training.evaluation.paired_gain`), whichever of the two was kept; ``None`` otherwise.
     """
 
     steps: int
@@ -49,6 +52,7 @@ class TrainResult:
     stopped_early: bool = False
     validation_logits: torch.Tensor | None = None
     start_features: dict[str, torch.Tensor] = field(default_factory=dict)
+    candidate_gain: float | None = None
 
     @property
     def samples_per_second(self) -> float:
@@ -126,7 +130,9 @@ def train(
     ``train_data`` (so a penalty can look up values it computed once per row).
     ``candidate``: values for ``params`` (in order) scored as step 0 before training starts from the
     parameters as given; they are returned when no later evaluation reaches their score (the linear
-    probe of :func:`cmtl.training.trainee.fit`). Patience counts from the trained states only, so a
+    probe of :func:`cmtl.training.trainee.fit`), or, with ``config.probe_margin`` > 0, when the best
+    trained state beats them by no more than that many standard errors of the paired per-row
+    difference on ``validation``. Patience counts from the trained states only, so a
     strong candidate does not stop training before it has had its chance. ``candidate_logits``: the
     candidate's logits on ``validation`` when the caller has them (no forward pass is then run for it).
     ``heads``: those of ``params`` that belong to task heads; they train at ``config.head_learning_rate``
@@ -229,10 +235,15 @@ def train(
     finally:
         set_training(False)
         bar.close()
+    gain = None
     if validation is not None:
-        if fallback is not None and fallback[0] > best_score:
-            best_score, best_metrics, best_logits = fallback
-            best_step, best = 0, candidate
+        if fallback is not None:
+            if best_logits is not None:
+                gain = paired_gain(spec, best_logits, fallback[2], validation.targets)
+            if fallback[0] > best_score or (config.probe_margin > 0 and gain is not None
+                                            and gain <= config.probe_margin):
+                best_score, best_metrics, best_logits = fallback
+                best_step, best = 0, candidate
         # Keep the best evaluated state, not the last one (early stopping).
         assign(params, best)
     else:
@@ -246,4 +257,5 @@ def train(
         history=history,
         stopped_early=stopped_early,
         validation_logits=best_logits,
+        candidate_gain=gain,
     )

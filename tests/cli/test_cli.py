@@ -53,10 +53,13 @@ def test_lifecycle(tmp_path, tiny_backbone):
     assert invoke("init", reg, "--backbone", tiny_backbone).exit_code == 0
 
     train = ["add-task", reg, "sentiment", "--train", tmp_path / "train.csv", "--validation", tmp_path / "val.csv",
-             "--epochs", "8", "--batch-size", "8", "--lr", "0.02", "--target-modules", "query,value", "--no-progress"]
+             "--epochs", "8", "--batch-size", "8", "--lr", "0.02", "--target-modules", "query,value",
+             "--probe-margin", "0.5", "--no-progress"]
     result = invoke(*train)
     assert result.exit_code == 0, result.output
     assert "added sentiment v1" in result.output and "validation_accuracy" in result.output
+    recorded = Registry.open(reg, device="cpu").current("sentiment").training
+    assert recorded["probe_margin"] == 0.5 and isinstance(recorded["probe_gain"], float)
 
     result = invoke("predict", reg, "sentiment", "a great film", "an awful film")
     assert result.exit_code == 0 and result.output.split("\n")[0].startswith("pos")

@@ -7,7 +7,7 @@ import torch
 
 from cmtl import TaskSpec
 from cmtl.data import Encoded
-from cmtl.training.evaluation import compute_metrics, predict_logits, primary_metric
+from cmtl.training.evaluation import compute_metrics, paired_gain, predict_logits, primary_metric, row_scores
 
 
 def test_predict_logits_returns_rows_in_their_order_in_inference_mode():
@@ -58,3 +58,28 @@ def test_regression_metrics_by_hand():
     m = compute_metrics(spec, torch.tensor([[1.0], [2.0], [4.0]]), torch.tensor([[1.0], [3.0], [5.0]]))
     assert m["mse"] == pytest.approx(2 / 3) and m["mae"] == pytest.approx(2 / 3)
     assert m["pearson"] == pytest.approx(0.9819805, abs=1e-6)
+
+
+def test_row_scores_move_with_each_primary_metric():
+    single = TaskSpec("s", labels=["a", "b"])
+    logits = torch.tensor([[2.0, 0], [0, 2.0], [2.0, 0]])
+    assert row_scores(single, logits, torch.tensor([0, 0, 0])).tolist() == [1, 0, 1]
+    multi = TaskSpec("m", labels=["x", "y"], problem_type="multi_label")
+    logits, targets = torch.tensor([[3.0, -3.0], [3.0, 3.0]]), torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    assert row_scores(multi, logits, targets).tolist() == [1.0, 0.5]
+    reg = TaskSpec("r", problem_type="regression")
+    assert row_scores(reg, torch.tensor([[1.0], [2.0]]), torch.tensor([[1.0], [4.0]])).tolist() == [0.0, -4.0]
+
+
+def test_paired_gain_by_hand():
+    spec = TaskSpec("s", labels=["a", "b"])
+    right, wrong = [0.0, 1.0], [1.0, 0.0]
+    targets = torch.ones(4, dtype=torch.long)
+    base = torch.tensor([right, wrong, wrong, right])
+    # Differences +1, +1, 0, -1: mean 0.25, sd sqrt(11/12), se sd / 2.
+    better = torch.tensor([right, right, right, wrong])
+    assert paired_gain(spec, better, base, targets) == pytest.approx(0.25 / ((11 / 12) ** 0.5 / 2))
+    assert paired_gain(spec, base, better, targets) == pytest.approx(-0.25 / ((11 / 12) ** 0.5 / 2))
+    assert paired_gain(spec, base, base, targets) == 0.0
+    # Every row one better: no spread, so the sign test's z for n agreeing rows.
+    assert paired_gain(spec, torch.tensor([right] * 4), torch.tensor([wrong] * 4), targets) == pytest.approx(2.0)

@@ -198,3 +198,40 @@ def test_both_groups_follow_the_schedule_in_proportion():
     for bad in (0.0, -1e-3):
         with pytest.raises(ValueError, match="'head_learning_rate' parameter of TrainConfig must be > 0 or None"):
             TrainConfig(head_learning_rate=bad)
+
+
+def _row_model(n: int):
+    """A 'model' with its own learnable pair of logits per row (row i is token i + 1): training moves each row."""
+    table = torch.nn.Parameter(torch.zeros(n + 1, 2))
+    forward = lambda inputs: table[inputs["input_ids"][:, 0]]  # noqa: E731
+    return table, forward
+
+
+@pytest.mark.parametrize("margin, kept", [(0.0, "trained"), (1.0, "trained"), (2.0, "probe")])
+def test_probe_margin_keeps_the_candidate_unless_training_beats_it_beyond_noise(margin, kept):
+    # 100 validation rows, all labelled "b". The candidate gets 98 right; a few steps on the same rows get all
+    # 100: two rows better, a paired gain of 0.02 / (0.141 / 10) = 1.42 standard errors.
+    n = 100
+    rows = Encoded([[i + 1] for i in range(n)], None, torch.ones(n, dtype=torch.long))
+    candidate = torch.zeros(n + 1, 2)
+    candidate[:, 1] = 1.0
+    candidate[1:3] = torch.tensor([1.0, 0.0])  # rows 0 and 1 wrong
+    config = TrainConfig(epochs=3, batch_size=n, learning_rate=0.5, warmup_ratio=0.0, lr_schedule="constant",
+                         probe_margin=margin, progress=False)
+    table, forward = _row_model(n)
+    result = train(forward, [table], lambda _: None, SPEC, rows, rows, config, pad_id=0, device=CPU,
+                   candidate=[candidate])
+    assert result.history[0]["accuracy"] == pytest.approx(0.98) and result.history[-1]["accuracy"] == 1.0
+    assert result.candidate_gain == pytest.approx(0.02 / (torch.tensor([1.0] * 2 + [0.0] * 98).std().item() / 10))
+    if kept == "probe":
+        assert result.best_step == 0 and result.best_metrics["accuracy"] == pytest.approx(0.98)
+        torch.testing.assert_close(table.detach(), candidate)
+    else:
+        assert result.best_step > 0 and result.best_metrics["accuracy"] == 1.0
+
+
+def test_without_a_candidate_there_is_no_gain_to_report():
+    bias, forward = _bias_model()
+    config = TrainConfig(epochs=1, batch_size=4, probe_margin=3.0, progress=False)
+    result = train(forward, [bias], lambda _: None, SPEC, ALL_A, ALL_A, config, pad_id=0, device=CPU)
+    assert result.candidate_gain is None and result.best_step > 0
