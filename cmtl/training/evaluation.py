@@ -95,8 +95,13 @@ def paired_gain(spec: TaskSpec, logits: torch.Tensor, baseline: torch.Tensor, ta
     mean = float(d.mean())
     if mean == 0.0 or len(d) < 2:
         return 0.0
-    se = float(d.std()) / len(d) ** 0.5
+    se = paired_se(d)
     return mean / se if se > 0 else math.copysign(len(d) ** 0.5, mean)
+
+
+def paired_se(diff: torch.Tensor) -> float:
+    """Standard error of the mean of a paired per-row difference (N,): sd / sqrt(n); inf below two rows."""
+    return float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else math.inf
 
 
 def _macro_f1(pred: torch.Tensor, truth: torch.Tensor, *, present_only: bool) -> float:

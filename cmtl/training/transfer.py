@@ -32,6 +32,7 @@ from cmtl.core.tasks import TaskSpec
 from cmtl.data import Encoded
 from cmtl.errors import InvalidParameterError, TrainingDivergedError, bad_param
 from cmtl.training.config import TrainConfig
+from cmtl.training.evaluation import paired_se
 from cmtl.training.loop import seeded
 from cmtl.training.probe import pooled_features, refit_head
 from cmtl.training.trainee import Trainee, fit
@@ -143,8 +144,7 @@ def pick_trial(losses: dict[str | None, torch.Tensor], z: float = TRIAL_Z) -> tu
         if key is None:
             continue
         diff = fresh - mine  # positive: the source's start learns the new task faster
-        se = float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else math.inf
-        mean = float(diff.mean())
+        se, mean = paired_se(diff), float(diff.mean())
         scores[key] = mean / se if se > 0 else (math.inf if mean > 0 else 0.0)
     good = [k for k in scores if math.isfinite(float(losses[k].mean())) and scores[k] > z]
     best = min(good, key=lambda k: float(losses[k].mean()), default=None)
