@@ -17,7 +17,7 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperGroup
 
-from cmtl.cli.common import EncodingOpt, RegistryArg, TaskArg, format_table
+from cmtl.cli.common import EncodingOpt, RegistryArg, TaskArg, format_table, training_story
 from cmtl.cli.running import bench, demo, serve
 
 
@@ -192,6 +192,8 @@ def add_task(
     )
     typer.echo(f"added {info.task} v{info.version}: {info.trainable_parameters:,} trainable parameters, "
                f"{info.bytes_on_disk:,} bytes on disk, {info.train_seconds:.1f} s")
+    for line in training_story(info):
+        typer.echo(f"  {line}")
     for key, value in info.metrics.items():
         typer.echo(f"  {key} = {value:.4f}" if isinstance(value, float) else f"  {key} = {value}")
 

@@ -25,3 +25,41 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
     line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()  # noqa: E731
     return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+
+def _source(init: dict) -> str:
+    return f"merge {init['merge']!r}" if "merge" in init else f"task {init['task']!r} v{init['version']}"
+
+
+def training_story(info) -> list[str]:
+    """Where a newly trained version's adapter started and which state training kept (a trained one, or
+    the step-0 linear probe, which leaves the adapter as it started), from its record (a ``VersionInfo``)."""
+    init, training = info.init, info.training
+    if init is None:
+        lines = ["start: a fresh adapter"]
+    elif "peft" in init:
+        lines = [f"start: the PEFT adapter in {init['peft']}"]
+    elif init.get("chosen") != "auto":
+        lines = [f"start: {_source(init)}"]
+    elif "task" in init or "merge" in init:
+        label = f"merge:{init['merge']}" if "merge" in init else f"task:{init['task']}@{init['version']}"
+        gain = ((init.get("trial") or {}).get("gain_z") or {}).get(label)
+        ahead = "" if gain is None else f", {gain:.1f} standard errors ahead of a fresh start"
+        lines = [f"start: {_source(init)}, chosen by a short trial (init='auto'{ahead})"]
+    else:
+        lines = ["start: a fresh adapter (init='auto': no earlier adapter beat a fresh start in the trial)"]
+    steps, best, gain = training.get("steps"), training.get("best_step"), training.get("probe_gain")
+    if info.head is not None or not steps or best is None:  # an analytic head is computed, not trained
+        return lines
+    if best == 0 and training.get("probe_init"):
+        margin = training.get("probe_margin") or 0.0
+        why = (f"the best trained state was {gain:.1f} standard errors ahead on validation, not more than "
+               f"probe_margin {margin:g}" if gain is not None and 0 < gain <= margin else
+               "no trained state scored higher on validation")
+        lines.append(f"kept: the step-0 linear probe ({why}); the adapter keeps its starting weights")
+    else:
+        early = ", stopped early" if training.get("stopped_early") else ""
+        versus = "" if gain is None else f"; {gain:+.1f} standard errors against the step-0 probe on validation"
+        lines.append(f"kept: the trained state of step {best} of {steps}{early}{versus}")
+    return lines

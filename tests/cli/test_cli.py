@@ -58,6 +58,7 @@ def test_lifecycle(tmp_path, tiny_backbone):
     result = invoke(*train)
     assert result.exit_code == 0, result.output
     assert "added sentiment v1" in result.output and "validation_accuracy" in result.output
+    assert "start: a fresh adapter" in result.output and "kept: the " in result.output
     recorded = Registry.open(reg, device="cpu").current("sentiment").training
     assert recorded["probe_margin"] == 0.5 and isinstance(recorded["probe_gain"], float)
 
@@ -68,6 +69,7 @@ def test_lifecycle(tmp_path, tiny_backbone):
     result = invoke("add-task", reg, "again", "--train", tmp_path / "train.csv", "--init", "sentiment",
                     "--max-steps", "1", "--lr", "1e-12", "--head-lr", "1e-11", "--no-probe-init", "--no-progress")
     assert result.exit_code == 0, result.output
+    assert "start: task 'sentiment' v1\n  kept: the trained state of step 1 of 1" in result.output
     opened = Registry.open(reg, device="cpu")
     assert opened.current("again").init == {"task": "sentiment", "version": 1, "chosen": "named"}
     recorded = opened.current("again").training

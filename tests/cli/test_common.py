@@ -1,0 +1,45 @@
+"""What ``cmtl add-task`` says about a new version: where its adapter started and which state was kept."""
+
+from __future__ import annotations
+
+from cmtl.cli.common import training_story
+from cmtl.registry.reader import VersionInfo
+
+
+def info(training: dict, init: dict | None = None, head: dict | None = None) -> VersionInfo:
+    return VersionInfo(task="t", version=1, parent=None, created="", kind="train", current=True,
+                       training={"probe_init": True, "probe_margin": 0.0, **training}, init=init, head=head)
+
+
+def test_a_trained_state_is_named_with_its_step_and_its_gain_over_the_probe():
+    lines = training_story(info({"steps": 310, "best_step": 120, "probe_gain": 3.42, "stopped_early": True}))
+    assert lines == ["start: a fresh adapter",
+                     "kept: the trained state of step 120 of 310, stopped early; +3.4 standard errors against the "
+                     "step-0 probe on validation"]
+    no_probe = training_story(info({"steps": 10, "best_step": 10, "probe_gain": None, "probe_init": False}))
+    assert no_probe[1] == "kept: the trained state of step 10 of 10"
+
+
+def test_the_probe_kept_says_why():
+    lost = training_story(info({"steps": 64, "best_step": 0, "probe_gain": -1.6}))
+    assert lost[1] == ("kept: the step-0 linear probe (no trained state scored higher on validation); the adapter "
+                       "keeps its starting weights")
+    margin = training_story(info({"steps": 64, "best_step": 0, "probe_gain": 0.8, "probe_margin": 1.0}))
+    assert "0.8 standard errors ahead on validation, not more than probe_margin 1" in margin[1]
+
+
+def test_the_start_names_the_source_and_how_it_was_chosen():
+    named = training_story(info({}, {"task": "spam", "version": 2, "chosen": "named"}))
+    assert named == ["start: task 'spam' v2"]
+    merge = training_story(info({}, {"merge": "all", "chosen": "named"}))
+    assert merge == ["start: merge 'all'"]
+    auto = {"task": "spam", "version": 1, "chosen": "auto", "trial": {"gain_z": {"task:spam@1": 3.31}}}
+    assert training_story(info({}, auto)) == [
+        "start: task 'spam' v1, chosen by a short trial (init='auto', 3.3 standard errors ahead of a fresh start)"]
+    fresh = training_story(info({}, {"chosen": "auto", "trial": {"gain_z": {"task:spam@1": -2.0}}}))
+    assert fresh == ["start: a fresh adapter (init='auto': no earlier adapter beat a fresh start in the trial)"]
+
+
+def test_an_analytic_head_has_no_kept_state():
+    lines = training_story(info({"steps": 0, "best_step": 0}, head={"config": {"kind": "ridge"}}))
+    assert lines == ["start: a fresh adapter"]
