@@ -27,7 +27,6 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
 
 
-
 def _source(init: dict) -> str:
     return f"merge {init['merge']!r}" if "merge" in init else f"task {init['task']!r} v{init['version']}"
 
@@ -48,7 +47,9 @@ def training_story(info) -> list[str]:
         ahead = "" if gain is None else f", {gain:.1f} standard errors ahead of a fresh start"
         lines = [f"start: {_source(init)}, chosen by a short trial (init='auto'{ahead})"]
     else:
-        lines = ["start: a fresh adapter (init='auto': no earlier adapter beat a fresh start in the trial)"]
+        why = ("no earlier adapter beat a fresh start in the trial" if "trial" in init else
+               init.get("note") or "no earlier adapter to try")
+        lines = [f"start: a fresh adapter (init='auto': {why})"]
     steps, best, gain = training.get("steps"), training.get("best_step"), training.get("probe_gain")
     if info.head is not None or not steps or best is None:  # an analytic head is computed, not trained
         return lines

@@ -38,6 +38,10 @@ def test_the_start_names_the_source_and_how_it_was_chosen():
         "start: task 'spam' v1, chosen by a short trial (init='auto', 3.3 standard errors ahead of a fresh start)"]
     fresh = training_story(info({}, {"chosen": "auto", "trial": {"gain_z": {"task:spam@1": -2.0}}}))
     assert fresh == ["start: a fresh adapter (init='auto': no earlier adapter beat a fresh start in the trial)"]
+    alone = training_story(info({}, {"chosen": "auto", "probe_losses": {"backbone": 0.6}}))
+    assert alone == ["start: a fresh adapter (init='auto': no earlier adapter to try)"]
+    few = training_story(info({}, {"chosen": "auto", "note": "too few rows to probe; fresh start"}))
+    assert few == ["start: a fresh adapter (init='auto': too few rows to probe; fresh start)"]
 
 
 def test_an_analytic_head_has_no_kept_state():
