@@ -42,8 +42,9 @@ def training_story(info) -> list[str]:
     elif init.get("chosen") != "auto":
         lines = [f"start: {_source(init)}"]
     elif "task" in init or "merge" in init:
-        label = f"merge:{init['merge']}" if "merge" in init else f"task:{init['task']}@{init['version']}"
-        gain = ((init.get("trial") or {}).get("gain_z") or {}).get(label)
+        from cmtl.registry.reader import source_label  # torch-free, like the manifest commands
+
+        gain = ((init.get("trial") or {}).get("gain_z") or {}).get(source_label(init))
         ahead = "" if gain is None else f", {gain:.1f} standard errors ahead of a fresh start"
         lines = [f"start: {_source(init)}, chosen by a short trial (init='auto'{ahead})"]
     else:

@@ -242,6 +242,12 @@ def source(manifest: dict[str, Any], owner: Owner) -> str | None:
     return None if record is None else version_source(entry, record)
 
 
+def source_label(source: dict[str, Any]) -> str:
+    """How an ``init`` record names its source: ``"task:spam@2"`` or ``"merge:NAME"`` (the keys of its
+    ``trial`` and ``skipped`` entries)."""
+    return f"merge:{source['merge']}" if "merge" in source else f"task:{source['task']}@{source['version']}"
+
+
 def head_key(task: str, version: int) -> str:
     """Key of a task version's adapter and head (adapter names live inside module paths: no dots)."""
     return f"{task}__v{version}"

@@ -20,7 +20,7 @@ from cmtl.core.tasks import TaskSpec
 from cmtl.data import Encoded, as_texts, batches, length_sorted
 from cmtl.errors import STORED_FILE_FIX, CorruptFileError, DataError, InvalidParameterError, bad_param
 from cmtl.registry import heads, store
-from cmtl.registry.reader import Owner, RegistryReader, head_key, merge_key
+from cmtl.registry.reader import Owner, RegistryReader, head_key, merge_key, source_label
 from cmtl.training import transfer
 from cmtl.training.config import TrainConfig
 from cmtl.training.evaluation import predict_logits
@@ -126,12 +126,12 @@ class Runtime:
                     "init", "add_task", "name an adapter that adapter= can continue", f"{k}:{n}",
                     f"Its settings differ: {mismatch}. Leave adapter=None to take the source's settings."))
             if mismatch:
-                skipped[self._label(label)] = f"adapter= differs: {mismatch}"
+                skipped[source_label(label)] = f"adapter= differs: {mismatch}"
                 continue
             states[key] = self.bank.state_dict(key)
             if kind == "auto" and unchanged(states[key]):
                 del states[key]
-                skipped[self._label(label)] = ("its adapter never moved (B · A = 0: its training kept the step-0 "
+                skipped[source_label(label)] = ("its adapter never moved (B · A = 0: its training kept the step-0 "
                                                "probe), so it is the fresh start the trial already tries")
                 continue
             sources[key] = (dataclasses.replace(config, dropout=adapter.dropout), label)
@@ -146,7 +146,7 @@ class Runtime:
             if not len(probe_train) or not len(probe_held):
                 return None, adapter, {**lineage, "probe_losses": None, "note": "too few rows to probe; fresh start"}
             losses = transfer.probe_losses(self.backbone, self.bank, [None, *sources], spec, probe_train, probe_held)
-            label = {k: self._label(sources[k][1]) if k is not None else "backbone" for k in losses}
+            label = {k: source_label(sources[k][1]) if k is not None else "backbone" for k in losses}
             lineage["probe_losses"] = {label[k]: _finite(v) for k, v in losses.items()}
             tried = transfer.shortlist(losses)
             if not tried:
@@ -180,10 +180,6 @@ class Runtime:
         alive = [t for t in record["tasks"] if t in reader.tasks()] or record["tasks"]
         key, _ = self.merge(reader, name, alive[0])
         return key, AdapterConfig.from_dict(record["adapter"]), {"merge": name}
-
-    @staticmethod
-    def _label(source: dict[str, Any]) -> str:
-        return f"merge:{source['merge']}" if "merge" in source else f"task:{source['task']}@{source['version']}"
 
     # --- loading ------------------------------------------------------------------
 
