@@ -91,10 +91,19 @@ def paired_gain(spec: TaskSpec, logits: torch.Tensor, baseline: torch.Tensor, ta
     """How many standard errors of the paired per-row difference (:func:`row_scores`) ``logits`` score
     above ``baseline`` on the same rows: mean / (sd / sqrt(n)). 0 where the mean difference is 0; where every
     row differs by the same amount, ±sqrt(n) (the sign test's z when all n rows agree)."""
-    d = (row_scores(spec, logits, targets) - row_scores(spec, baseline, targets)).double()
+    return paired_z(row_scores(spec, logits, targets) - row_scores(spec, baseline, targets))
+
+
+def paired_z(diff: torch.Tensor) -> float:
+    """A paired per-row difference (N,) in standard errors of its mean: mean / (sd / sqrt(n)). 0 where the
+    mean is 0 or undefined, or below two rows; where every row differs by the same amount, ±sqrt(n) (the
+    sign test's z when all n rows agree); ±inf where a side is infinite (a diverged run)."""
+    d = diff.double()
     mean = float(d.mean())
-    if mean == 0.0 or len(d) < 2:
+    if mean == 0.0 or math.isnan(mean) or len(d) < 2:
         return 0.0
+    if math.isinf(mean):
+        return mean
     se = paired_se(d)
     return mean / se if se > 0 else math.copysign(len(d) ** 0.5, mean)
 

@@ -32,7 +32,7 @@ from cmtl.core.tasks import TaskSpec
 from cmtl.data import Encoded
 from cmtl.errors import InvalidParameterError, TrainingDivergedError, bad_param
 from cmtl.training.config import TrainConfig
-from cmtl.training.evaluation import paired_se
+from cmtl.training.evaluation import paired_z
 from cmtl.training.loop import seeded
 from cmtl.training.probe import pooled_features, refit_head
 from cmtl.training.trainee import Trainee, fit
@@ -137,15 +137,13 @@ def trial_losses(backbone: Backbone, bank: AdapterBank, starts: dict[str | None,
 def pick_trial(losses: dict[str | None, torch.Tensor], z: float = TRIAL_Z) -> tuple[str | None, dict[str, float]]:
     """The tried source whose held-out loss beats the fresh start's (``None``) by more than ``z`` standard
     errors of the paired per-row difference, the lowest mean loss first; ``None`` when none does.
-    Also returns each source's gain over the fresh start divided by its standard error."""
+    Also returns each source's gain over the fresh start in standard errors (:func:`paired_z`)."""
     fresh = losses[None]
     scores: dict[str, float] = {}
     for key, mine in losses.items():
         if key is None:
             continue
-        diff = fresh - mine  # positive: the source's start learns the new task faster
-        se, mean = paired_se(diff), float(diff.mean())
-        scores[key] = mean / se if se > 0 else (math.inf if mean > 0 else 0.0)
+        scores[key] = paired_z(fresh - mine)  # positive: the source's start learns the new task faster
     good = [k for k in scores if math.isfinite(float(losses[k].mean())) and scores[k] > z]
     best = min(good, key=lambda k: float(losses[k].mean()), default=None)
     return best, scores

@@ -119,6 +119,16 @@ def test_pick_trial_needs_a_gain_beyond_noise_over_the_fresh_start():
     assert pick_trial({None: torch.full_like(fresh, float("inf")), "clear": clear})[0] == "clear"
 
 
+def test_pick_trial_scores_a_uniform_difference_as_paired_gain_does():
+    # Every row lower (or higher) by the same amount has no spread: the score is then +-sqrt(n), the sign
+    # test's z, as for the probe's paired_gain, not an infinite or zero score.
+    fresh = torch.tensor([0.75, 0.5, 1.0, 0.625, 0.75, 0.5, 1.0, 0.625])  # exact in binary: every difference 0.25
+    best, scores = pick_trial({None: fresh, "better": fresh - 0.25, "worse": fresh + 0.25})
+    assert best == "better"
+    assert scores == {"better": pytest.approx(8 ** 0.5), "worse": pytest.approx(-8 ** 0.5)}
+    assert pick_trial({None: fresh[:1], "one": fresh[:1] - 0.25}) == (None, {"one": 0.0})  # one row: no evidence
+
+
 def test_shortlist_takes_the_lowest_probe_losses_and_never_the_backbone():
     assert shortlist({None: 0.1, "a": 0.5, "b": 0.3, "c": 0.4}, 2) == ["b", "c"]
     assert shortlist({None: 0.1}) == []
