@@ -89,8 +89,7 @@ def row_scores(spec: TaskSpec, logits: torch.Tensor, targets: torch.Tensor) -> t
 
 def paired_gain(spec: TaskSpec, logits: torch.Tensor, baseline: torch.Tensor, targets: torch.Tensor) -> float:
     """How many standard errors of the paired per-row difference (:func:`row_scores`) ``logits`` score
-    above ``baseline`` on the same rows: mean / (sd / sqrt(n)). 0 where the mean difference is 0; where every
-    row differs by the same amount, ±sqrt(n) (the sign test's z when all n rows agree)."""
+    above ``baseline`` on the same rows (:func:`paired_z`)."""
     return paired_z(row_scores(spec, logits, targets) - row_scores(spec, baseline, targets))
 
 
