@@ -67,6 +67,7 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
     "head-lr-1e-2": ("default with the head at learning rate 1e-2 (LoRA at 1e-3)", {}, {"head_learning_rate": 1e-2}),
     "lora-lr-3e-4": ("default with LoRA at learning rate 3e-4 (the head at 1e-3)", {},
                      {"learning_rate": 3e-4, "head_learning_rate": 1e-3}),
+    "no-clip": ("default without gradient clipping (Avalanche's loop clips nothing)", {}, {"grad_clip": None}),
     "probe-margin-1": ("default keeping the probe unless training beats it on validation by more than one "
                        "standard error of the paired per-row difference", {}, {"probe_margin": 1.0}),
 }
