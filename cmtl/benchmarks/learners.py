@@ -92,6 +92,10 @@ class StrategyConfig:
         lwf_temperature: Softmax temperature of the distillation.
         single_learning_rate: Peak learning rate of full fine-tuning (``single``).
         analytic: The closed-form head of ``analytic``.
+        avalanche_reset_optimizer: Avalanche's strategies (``avl-*``) only: start every experience with
+            fresh AdamW state, as cmtl's strategies always do
+            (:attr:`cmtl.integrations.avalanche.AvalancheConfig.reset_optimizer_state`); ``False`` keeps
+            Avalanche's default, which carries it over.
     """
 
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -103,6 +107,7 @@ class StrategyConfig:
     lwf_temperature: float = 2.0
     single_learning_rate: float = 5e-5
     analytic: AnalyticConfig = field(default_factory=AnalyticConfig)
+    avalanche_reset_optimizer: bool = False
 
 
 def _seeded_head(hidden: int, n_out: int, dropout: float, seed: int) -> TaskHead:

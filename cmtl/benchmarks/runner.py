@@ -137,7 +137,7 @@ def run_avalanche_stream(name: str, experiences: Sequence, kind: str, backbone_c
         experiences: :class:`cmtl.benchmarks.scenarios.Experience` objects (task-incremental).
         backbone_config: :class:`cmtl.core.config.BackboneConfig` of the backbone to load.
         config: :class:`cmtl.benchmarks.learners.StrategyConfig`: epochs, batch size, learning rate, seed, replay
-            budget and penalty weights carry over.
+            budget, penalty weights and ``avalanche_reset_optimizer`` carry over.
         on_step: Receives one line per experience (its time and the accuracy on every task), as
             cmtl's strategies print them.
     """
@@ -162,8 +162,9 @@ def run_avalanche_stream(name: str, experiences: Sequence, kind: str, backbone_c
     run = avalanche.run_strategy(name, benchmark, model, progress=progress, config=avalanche.AvalancheConfig(
         epochs=t.epochs, patience=t.patience if validation is not None else None, batch_size=t.batch_size,
         eval_batch_size=t.eval_batch_size, learning_rate=t.learning_rate, head_learning_rate=t.head_learning_rate,
-        weight_decay=t.weight_decay, seed=t.seed, device=str(backbone.device), mem_size=config.replay_budget,
-        ewc_lambda=config.ewc_lambda, lwf_alpha=config.lwf_lambda, lwf_temperature=config.lwf_temperature))
+        weight_decay=t.weight_decay, reset_optimizer_state=config.avalanche_reset_optimizer, seed=t.seed,
+        device=str(backbone.device), mem_size=config.replay_budget, ewc_lambda=config.ewc_lambda,
+        lwf_alpha=config.lwf_lambda, lwf_temperature=config.lwf_temperature))
     return run.report()
 
 

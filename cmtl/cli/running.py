@@ -83,6 +83,9 @@ def bench(
         help="Comma-separated indices of the layers every adapter adapts (default all), e.g. 26,27,28,29: the "
              "layers below run once per text and are cached.")] = None,
     replay_budget: int = 500,
+    avl_reset_optimizer: Annotated[bool, typer.Option(
+        "--avl-reset-optimizer", help="avl-* strategies: start every experience with fresh AdamW state, as "
+                                      "cmtl's strategies do (Avalanche's default carries it over).")] = False,
     seed: int = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Load the scenario's data, print each experience's "
@@ -124,7 +127,7 @@ def bench(
                                  param_hint="--adapter-layers") from None
     adapter = AdapterConfig(layers=adapted)
     config = StrategyConfig(adapter=adapter, training=training, replay_budget=replay_budget,
-                            analytic=AnalyticConfig(seed=seed))
+                            analytic=AnalyticConfig(seed=seed), avalanche_reset_optimizer=avl_reset_optimizer)
     out = out or Path("runs/bench") / sc.name
     results = run_benchmark(sc, strategies, out,
                             backbone=BackboneConfig(name_or_path=backbone or DEFAULT_BACKBONE, num_hidden_layers=layers,

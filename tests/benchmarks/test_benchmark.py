@@ -85,6 +85,27 @@ def test_avalanche_strategy_in_the_same_table(tmp_path, tiny_backbone):
     assert "| forgetting | StreamForgetting |" in md and "Avalanche's StreamForgetting" in md
 
 
+@pytest.mark.parametrize("flag", [[], ["--avl-reset-optimizer"]])
+def test_bench_cli_passes_the_optimizer_state_rule_to_avalanche(tmp_path, tiny_backbone, monkeypatch, flag):
+    from cmtl.benchmarks import runner
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def stop(name, benchmark, model, *, progress, config):
+        seen.append(config)
+        raise Stop  # nothing to train: the test only reads the config
+
+    monkeypatch.setattr(runner.avalanche, "run_strategy", stop)
+    result = CliRunner().invoke(app, ["bench", str(SCENARIOS / "text5.yaml"), "--strategy", "avl-naive",
+                                      "--max-train", "8", "--max-eval", "4", "--backbone", tiny_backbone,
+                                      "--out", str(tmp_path), "--device", "cpu", *flag])
+    assert isinstance(result.exception, Stop), result.output
+    assert [c.reset_optimizer_state for c in seen] == [bool(flag)]
+
+
 @pytest.mark.parametrize(("name", "kind"), [("trec-classes", "class-incremental"),
                                             ("sentiment4", "domain-incremental")])
 def test_avalanche_strategies_refuse_a_scenario_that_is_not_task_incremental(tmp_path, name, kind):

@@ -235,6 +235,33 @@ def test_head_learning_rate_drives_the_heads_only(benchmark, backbone):
         av.AvalancheConfig(head_learning_rate=0.0)
 
 
+def test_optimizer_state_carries_over_unless_reset(benchmark, tiny_config):
+    """Avalanche keeps AdamW's moment estimates from one experience to the next; ``reset_optimizer_state``
+    starts every experience without them, as cmtl's own loop does. Seen by a caller's plugin."""
+    from avalanche.core import SupervisedPlugin
+
+    class StateAtStart(SupervisedPlugin):
+        def __init__(self) -> None:
+            super().__init__()
+            self.held: list[int] = []  # parameters with AdamW state when each experience starts
+
+        def before_training_exp(self, strategy, **kwargs) -> None:
+            self.held.append(sum(1 for state in strategy.optimizer.state.values() if state))
+
+    held = {}
+    for reset in (False, True):
+        model = av.build_model(load_backbone(tiny_config, device="cpu"), av.task_specs(STREAM))
+        recorder = StateAtStart()
+        config = av.AvalancheConfig(batch_size=8, epochs=1, learning_rate=0.05, measure_b=False,
+                                    reset_optimizer_state=reset)
+        av.run_strategy("naive", benchmark, model, config, plugins=[recorder])
+        held[reset] = recorder.held
+    lora = sum(1 for n, _ in model.named_parameters() if "lora_" in n)
+    assert held[True] == [0, 0, 0]
+    # Kept: the shared adapter's state and every earlier head's (weight and bias).
+    assert held[False] == [0, lora + 2, lora + 4]
+
+
 VALID = [toy_sentiment(12, 7), _flip(toy_sentiment(12, 8)), _three(toy_sentiment(12, 9))]
 
 
