@@ -6,7 +6,9 @@
 * ``adapters-routed`` — ``adapters``, but without a task id each text goes to the
   adapter of the experience whose training rows it most resembles on the frozen
   backbone's features (:class:`cmtl.continual.routing.FeatureRouter`).
-* ``seq-ft`` — one shared LoRA adapter fine-tuned experience after experience.
+* ``seq-ft`` — one shared LoRA adapter fine-tuned experience after experience, with a fresh
+  optimiser for each (Avalanche's ``Naive`` keeps AdamW's state across experiences and forgets less;
+  ``cmtl bench --avl-reset-optimizer`` runs it our way).
 * ``replay`` — ``seq-ft`` plus a task-balanced buffer of earlier examples mixed
   into each experience's training data (Chaudhry et al., 2019, "On Tiny
   Episodic Memories in Continual Learning").
