@@ -94,13 +94,16 @@ def test_search_chooses_on_selection_rows_and_reports_on_the_others(merge_reg):
 
 @pytest.fixture
 def every_delta_hurts(monkeypatch):
-    """Members whose deltas are large seeded noise: any merge of them wrecks the backbone's features."""
+    """Members whose deltas are large seeded noise: any merge of them wrecks the backbone's features.
+
+    The noise is drawn in sorted module order: a state dict loaded from safetensors lists its keys in a
+    different order on each load, and noise drawn in that order made the search's outcome a lottery."""
     real = pipeline.lora_deltas
 
     def noisy(state, scaling):
-        generator = torch.Generator().manual_seed(0)
-        return {m: 50.0 * torch.randn(d.shape, generator=generator, dtype=d.dtype)
-                for m, d in real(state, scaling).items()}
+        exact, generator = real(state, scaling), torch.Generator().manual_seed(0)
+        return {m: 50.0 * torch.randn(exact[m].shape, generator=generator, dtype=exact[m].dtype)
+                for m in sorted(exact)}
 
     monkeypatch.setattr(pipeline, "lora_deltas", noisy)
 
