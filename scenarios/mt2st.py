@@ -97,19 +97,21 @@ def run(args, echo=print) -> dict:
     for way in args.ways:
         n_tasks = 1 if way == "stl" else len(specs)
         key = f"mt2st-{way}"
-        with seeded(args.seed):
+        # One seed for the way's initialisation and its training (dropout): a way's numbers do not depend on
+        # the ways run before it.
+        with seeded(args.seed, backbone.device):
             bank.add(key, AdapterConfig())
             heads = [TaskHead(backbone.hidden_size, s.num_outputs, training.head_dropout).to(backbone.device)
                      for s in specs[:n_tasks]]
-        bank.activate(key)
-
-        trainee = Trainee(grouped_forward(backbone.embed, heads), heads, bank=bank, key=key)
-        config = dataclasses.replace(configs[way], eval_every=max(1, steps // 20))
-        with trainee.unfrozen() as params:  # the adapter's LoRA tensors, then the heads'
-            n_shared = len(params) - sum(len(list(h.parameters())) for h in heads)
-            result = train_multitask(trainee.forward, params[:n_shared], params[n_shared:], trainee.set_training,
-                                     specs[:n_tasks], train_data[:n_tasks], [val_primary] + [None] * (n_tasks - 1),
-                                     config, training, pad_id=backbone.pad_id, device=backbone.device)
+            bank.activate(key)
+            trainee = Trainee(grouped_forward(backbone.embed, heads), heads, bank=bank, key=key)
+            config = dataclasses.replace(configs[way], eval_every=max(1, steps // 20))
+            with trainee.unfrozen() as params:  # the adapter's LoRA tensors, then the heads'
+                n_shared = len(params) - sum(len(list(h.parameters())) for h in heads)
+                result = train_multitask(trainee.forward, params[:n_shared], params[n_shared:], trainee.set_training,
+                                         specs[:n_tasks], train_data[:n_tasks],
+                                         [val_primary] + [None] * (n_tasks - 1), config, training,
+                                         pad_id=backbone.pad_id, device=backbone.device)
         test = dataclasses.replace(test_primary, groups=torch.zeros(len(test_primary), dtype=torch.long))
         logits = predict_logits(trainee.forward, test, batch_size=64, pad_id=backbone.pad_id, device=backbone.device)
         curve = [(h["seconds"], h[f"{specs[0].name}_accuracy"]) for h in result.history]

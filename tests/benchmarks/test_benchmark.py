@@ -274,6 +274,18 @@ def test_mt2st_benchmark_script(tmp_path, tiny_backbone):
     assert (tmp_path / "rotten" / "accuracy-vs-time.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_mt2st_ways_do_not_depend_on_the_ways_run_before_them(tmp_path, tiny_backbone):
+    """Each way trains under the script's seed: its dropout draws do not continue the previous way's."""
+    mt2st = load_script("mt2st")
+    args = ["--backbone", tiny_backbone, "--max-train", "96", "--max-eval", "96", "--steps", "40", "--max-length", "32",
+            "--device", "cpu", "--lr", "0.03"]
+    alone = mt2st.main(args + ["--ways", "mtl", "--out", str(tmp_path / "alone")], echo=lambda *_: None)
+    after = mt2st.main(args + ["--ways", "stl,mtl", "--out", str(tmp_path / "after")], echo=lambda *_: None)
+    mine, theirs = alone["ways"]["mtl"], after["ways"]["mtl"]
+    assert [a for _, a in mine["curve"]] == [a for _, a in theirs["curve"]]
+    assert (mine["best_validation"], mine["test_accuracy"]) == (theirs["best_validation"], theirs["test_accuracy"])
+
+
 def test_tag_benchmark_script(tmp_path, tiny_backbone):
     tag = load_script("tag")
     lines = []
