@@ -35,6 +35,7 @@ from cmtl.benchmarks.learners import StrategyConfig, run_stream
 from cmtl.benchmarks.results import write_results
 from cmtl.benchmarks.scenarios import ExperienceSpec, Scenario
 from cmtl.core.heads import TaskHead
+from cmtl.training.loop import seeded
 from cmtl.training.probe import refit_head
 
 #: The corpora the study runs on: one per shipped source (vader_movies is left out because it
@@ -95,8 +96,9 @@ def run_variant(variant: str, exp, backbone: BackboneConfig, seed: int, device: 
         if variant == "probe":
             started = time.perf_counter()
             spec = exp.spec
-            head = refit_head(TaskHead(reg.backbone.hidden_size, spec.num_outputs).eval(), reg.embed(exp.train.texts),
-                              spec.encode_labels(exp.train.labels), spec.loss)
+            with seeded(seed):  # the fit's starting head, drawn as add_task draws a new head
+                start = TaskHead(reg.backbone.hidden_size, spec.num_outputs).eval()
+            head = refit_head(start, reg.embed(exp.train.texts), spec.encode_labels(exp.train.labels), spec.loss)
             with torch.no_grad():
                 predicted = head(reg.embed(exp.test.texts)).argmax(-1)
             accuracy = float((predicted == spec.encode_labels(exp.test.labels)).float().mean())

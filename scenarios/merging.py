@@ -40,6 +40,7 @@ from cmtl.benchmarks.results import write_results
 from cmtl.benchmarks.scenarios import Scenario
 from cmtl.core.heads import TaskHead
 from cmtl.merging.methods import METHODS, PEFT_METHODS, MergeConfig, parse_rank, refit_head
+from cmtl.training.loop import seeded
 
 
 def run(scenario: Scenario, out: Path, *, backbone: BackboneConfig, training: TrainConfig, device: str = "auto",
@@ -71,7 +72,7 @@ def run(scenario: Scenario, out: Path, *, backbone: BackboneConfig, training: Tr
             train_seconds[exp.name] = time.perf_counter() - started
             individual[exp.name] = reg.evaluate(exp.name, exp.test)["accuracy"]
             echo(f"individual {exp.name}: {individual[exp.name]:.3f} ({train_seconds[exp.name]:.0f} s)")
-        frozen = {"refit": {exp.name: probe_accuracy(reg, exp) for exp in experiences},
+        frozen = {"refit": {exp.name: probe_accuracy(reg, exp, training.seed) for exp in experiences},
                   "keep": {exp.name: frozen_accuracy(reg, exp) for exp in experiences}}
         for head, what in (("refit", "heads refitted on the buffers"), ("keep", "the tasks' own heads")):
             echo(f"frozen backbone, {what}: " + " ".join(f"{t}={a:.3f}" for t, a in frozen[head].items()))
@@ -132,15 +133,17 @@ def _previous(out: Path, settings: dict) -> dict:
     return results
 
 
-def probe_accuracy(reg: Registry, exp) -> float:
+def probe_accuracy(reg: Registry, exp, seed: int) -> float:
     """Test accuracy of a head fitted, as ``refit_heads`` fits it, on the task's replay buffer through the
     bare backbone (no adapter): what refitted heads get from the backbone alone, the reference a merge
-    with refitted heads must beat to show its adapter matters."""
+    with refitted heads must beat to show its adapter matters. The fit starts from a head drawn under
+    ``seed``, not from whatever the process's random state is."""
     spec = reg.spec(exp.name)
     buffer = reg.buffer(exp.name).to_examples()
     test = exp.test
-    head = refit_head(TaskHead(reg.backbone.hidden_size, spec.num_outputs).eval(), reg.embed(buffer.texts),
-                      spec.encode_labels(buffer.labels), spec.loss)
+    with seeded(seed):
+        start = TaskHead(reg.backbone.hidden_size, spec.num_outputs).eval()
+    head = refit_head(start, reg.embed(buffer.texts), spec.encode_labels(buffer.labels), spec.loss)
     with torch.no_grad():
         predicted = head(reg.embed(test.texts)).argmax(-1)
     return float((predicted == spec.encode_labels(test.labels)).float().mean())

@@ -286,6 +286,36 @@ def test_mt2st_ways_do_not_depend_on_the_ways_run_before_them(tmp_path, tiny_bac
     assert (mine["best_validation"], mine["test_accuracy"]) == (theirs["best_validation"], theirs["test_accuracy"])
 
 
+def test_defaults_study_script_records_resumes_and_refuses_other_settings(tmp_path, capsys):
+    """scenarios/defaults.py on a one-layer cut of the embedded backbone and a few real trec6 rows."""
+    import json
+
+    defaults = load_script("defaults")
+    quick = ["--layers", "1", "--max-train", "32", "--max-eval", "16", "--corpora", "trec6", "--seeds", "0",
+             "--device", "cpu"]
+    assert defaults.main(quick + ["--variants", "default,probe", "--out", str(tmp_path / "a")]) == 0
+    runs = json.loads((tmp_path / "a" / "results.json").read_text())["runs"]
+    assert [(r["variant"], r["corpus"], r["seed"], r["n_train"]) for r in runs] == [
+        ("default", "trec6", 0, 32), ("probe", "trec6", 0, 32)]
+    trained, probe = runs
+    assert 0 <= trained["accuracy"] <= 1 and trained["steps"] >= trained["best_step"] >= 0
+    assert probe["trainable_parameters"] == 6 * 384 + 6  # a linear head on 384 features, six classes
+    # The probe reference does not depend on what ran before it in the process.
+    assert defaults.main(quick + ["--variants", "probe", "--out", str(tmp_path / "b")]) == 0
+    alone = json.loads((tmp_path / "b" / "results.json").read_text())["runs"]
+    assert alone[0]["accuracy"] == probe["accuracy"]
+    # Rerun into the same folder: nothing is trained again.
+    capsys.readouterr()
+    assert defaults.main(quick + ["--variants", "default,probe", "--out", str(tmp_path / "a")]) == 0
+    assert "seed 0: acc" not in capsys.readouterr().out
+    assert len(json.loads((tmp_path / "a" / "results.json").read_text())["runs"]) == 2
+    assert "| default |" in (tmp_path / "a" / "results.md").read_text()
+    with pytest.raises(SystemExit):
+        defaults.main(["--layers", "1", "--max-train", "64", "--max-eval", "16", "--corpora", "trec6", "--seeds", "0",
+                       "--variants", "probe", "--out", str(tmp_path / "a")])
+    assert "other settings" in capsys.readouterr().err
+
+
 def test_tag_benchmark_script(tmp_path, tiny_backbone):
     tag = load_script("tag")
     lines = []
