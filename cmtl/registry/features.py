@@ -21,11 +21,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable, Hashable
 
 import torch
-from safetensors.torch import load, save
+from safetensors.torch import save
 
 from cmtl.continual.replay import ReplayBuffer, stored
 from cmtl.core.tasks import TaskSpec
 from cmtl.data import Encoded, Examples
+from cmtl.registry.store import load_tensors
 
 if TYPE_CHECKING:
     from cmtl.registry.reader import RegistryReader
@@ -133,4 +134,4 @@ def own_logits(reader: "RegistryReader", task: str, version: int, encode: Encode
 
 def read(data: bytes | None) -> dict[str, torch.Tensor]:
     """The tensors of a version's ``features.safetensors`` (empty without one)."""
-    return {} if data is None else load(data)
+    return {} if data is None else load_tensors(data)

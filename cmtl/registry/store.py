@@ -89,10 +89,16 @@ def read_checked(path: Path, expected_sha256: str) -> bytes:
 
 
 def read_tensors(path: Path, expected_sha256: str) -> dict[str, torch.Tensor]:
-    """Load a safetensors file after checking it against the manifest's checksum."""
+    """Load a safetensors file after checking it against the manifest's checksum (keys in sorted order)."""
+    return load_tensors(read_checked(path, expected_sha256))
+
+
+def load_tensors(data: bytes) -> dict[str, torch.Tensor]:
+    """The tensors of safetensors ``data``, keys in sorted order: safetensors' ``load`` lists them in a
+    different order on every call, and code that iterates a state dict must see one order."""
     from safetensors.torch import load as load_safetensors  # here: the manifest-only CLI never imports torch
 
-    return load_safetensors(read_checked(path, expected_sha256))
+    return dict(sorted(load_safetensors(data).items()))
 
 
 def removed_error(what: str, known: list) -> TaskNotFoundError:

@@ -96,8 +96,9 @@ def test_search_chooses_on_selection_rows_and_reports_on_the_others(merge_reg):
 def every_delta_hurts(monkeypatch):
     """Members whose deltas are large seeded noise: any merge of them wrecks the backbone's features.
 
-    The noise is drawn in sorted module order: a state dict loaded from safetensors lists its keys in a
-    different order on each load, and noise drawn in that order made the search's outcome a lottery."""
+    The noise is drawn in sorted module order, whatever order the state dict lists its modules in: drawn
+    in safetensors' load order (a new one on each load, before the store sorted keys), it made the search's
+    outcome a lottery."""
     real = pipeline.lora_deltas
 
     def noisy(state, scaling):

@@ -60,6 +60,19 @@ def test_read_manifest_refuses_what_is_not_a_registry(tmp_path, root):
         store.read_manifest(root)
 
 
+def test_tensors_read_back_in_one_order_on_every_read(tmp_path):
+    """safetensors' ``load`` of bytes lists the keys in a different order on each call; a stored file must
+    read back the same way every time (code that iterates a state dict then gives the same answer)."""
+    path = tmp_path / "adapter.safetensors"
+    data = tensors_to_bytes({f"layer.{i}.lora_A.weight": torch.full((2,), float(i)) for i in range(12)})
+    path.write_bytes(data)
+    names = sorted(f"layer.{i}.lora_A.weight" for i in range(12))
+    for _ in range(5):
+        assert list(store.read_tensors(path, sha256_bytes(data))) == names
+        assert list(store.load_tensors(data)) == names
+        assert list(store.load_tensors(data)) == names
+
+
 def test_read_checked_returns_the_bytes_or_raises_corrupt_file(tmp_path):
     path = tmp_path / "adapter.safetensors"
     data = tensors_to_bytes({"w": torch.arange(6.0)})
