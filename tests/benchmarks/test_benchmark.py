@@ -288,8 +288,6 @@ def test_mt2st_ways_do_not_depend_on_the_ways_run_before_them(tmp_path, tiny_bac
 
 def test_defaults_study_script_records_resumes_and_refuses_other_settings(tmp_path, capsys):
     """scenarios/defaults.py on a one-layer cut of the embedded backbone and a few real trec6 rows."""
-    import json
-
     defaults = load_script("defaults")
     quick = ["--layers", "1", "--max-train", "32", "--max-eval", "16", "--corpora", "trec6", "--seeds", "0",
              "--device", "cpu"]

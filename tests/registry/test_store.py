@@ -70,7 +70,6 @@ def test_tensors_read_back_in_one_order_on_every_read(tmp_path):
     for _ in range(5):
         assert list(store.read_tensors(path, sha256_bytes(data))) == names
         assert list(store.load_tensors(data)) == names
-        assert list(store.load_tensors(data)) == names
 
 
 def test_read_checked_returns_the_bytes_or_raises_corrupt_file(tmp_path):
