@@ -54,14 +54,41 @@ def training_story(info) -> list[str]:
     steps, best, gain = training.get("steps"), training.get("best_step"), training.get("probe_gain")
     if info.head is not None or not steps or best is None:  # an analytic head is computed, not trained
         return lines
+    probe = _primary(training.get("probe_metrics"))
     if best == 0 and training.get("probe_init"):
         margin = training.get("probe_margin") or 0.0
         why = (f"the best trained state was {gain:.1f} standard errors ahead on validation, not more than "
                f"probe_margin {margin:g}" if gain is not None and 0 < gain <= margin else
                "no trained state scored higher on validation")
-        lines.append(f"kept: the step-0 linear probe ({why}); the adapter keeps its starting weights")
+        score = "" if probe is None else f", validation {probe[0]} {probe[1]:.4f}"
+        lines.append(f"kept: the step-0 linear probe{score} ({why}); the adapter keeps its starting weights")
     else:
         early = ", stopped early" if training.get("stopped_early") else ""
         versus = "" if gain is None else f"; {gain:+.1f} standard errors against the step-0 probe on validation"
         lines.append(f"kept: the trained state of step {best} of {steps}{early}{versus}")
+        kept = _primary(info.metrics)
+        if probe is not None and kept is not None and kept[0] == probe[0]:
+            lines.append(f"against the probe: validation {kept[0]} {kept[1]:.4f}, the probe's {probe[1]:.4f}"
+                         + _errors_removed(kept, probe))
     return lines
+
+
+#: The metric early stopping ranks by, per problem type, and whether higher is better (as
+#: ``cmtl.training.evaluation.primary_metric``; repeated here so the manifest commands stay torch-free).
+_PRIMARY = (("accuracy", True), ("micro_f1", True), ("mse", False))
+
+
+def _primary(metrics: dict | None) -> tuple[str, float, bool] | None:
+    """(name, value, higher is better) of the primary validation metric in a recorded ``metrics`` dict."""
+    for name, higher in _PRIMARY:
+        value = (metrics or {}).get(f"validation_{name}")
+        if isinstance(value, (int, float)):
+            return name, float(value), higher
+    return None
+
+
+def _errors_removed(kept: tuple[str, float, bool], probe: tuple[str, float, bool]) -> str:
+    """' (N % of its errors removed)' for a bounded score (accuracy, F1: error = 1 − score), else ''."""
+    if not kept[2] or probe[1] >= 1.0:
+        return ""
+    return f" ({100 * (kept[1] - probe[1]) / (1 - probe[1]):.0f} % of its errors removed)"

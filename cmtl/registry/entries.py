@@ -21,12 +21,15 @@ def version_record(version: int, parent: int | None, kind: str, examples: Exampl
                    training: TrainConfig, result: TrainResult) -> dict[str, Any]:
     """A task version trained on ``examples`` (its files, size and parameter count are added at commit)."""
     gain = result.candidate_gain  # standard errors by which training beat the probe on validation
+    probe = result.candidate_metrics  # the step-0 probe's validation metrics: what training is measured against
     return {
         "version": version, "parent": parent, "created": now(), "kind": kind,
         "metrics": {f"validation_{k}": v for k, v in result.best_metrics.items()},
         "data_fingerprint": examples.fingerprint(), "adapter": adapter.to_dict(),
         "training": {**training.to_dict(), "steps": result.steps, "best_step": result.best_step,
-                     "probe_gain": None if gain is None else round(gain, 3), "stopped_early": result.stopped_early,
+                     "probe_gain": None if gain is None else round(gain, 3),
+                     "probe_metrics": None if probe is None else {f"validation_{k}": v for k, v in probe.items()},
+                     "stopped_early": result.stopped_early,
                      "examples": len(examples)},
         "train_seconds": round(result.seconds, 3), "cmtl_version": __version__,
     }

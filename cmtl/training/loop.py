@@ -41,6 +41,8 @@ class TrainResult:
     ``candidate_gain``: with a step-0 candidate, how many standard errors of the paired per-row
     difference the best trained state scored above it on validation
     (:func:`cmtl.training.evaluation.paired_gain`), whichever of the two was kept; ``None`` otherwise.
+    ``candidate_metrics``: the step-0 candidate's validation metrics (``None`` without a candidate), so a
+    caller can say what training bought over it.
     """
 
     steps: int
@@ -53,6 +55,7 @@ class TrainResult:
     validation_logits: torch.Tensor | None = None
     start_features: dict[str, torch.Tensor] = field(default_factory=dict)
     candidate_gain: float | None = None
+    candidate_metrics: dict[str, float] | None = None
 
     @property
     def samples_per_second(self) -> float:
@@ -258,4 +261,5 @@ def train(
         stopped_early=stopped_early,
         validation_logits=best_logits,
         candidate_gain=gain,
+        candidate_metrics=None if fallback is None else fallback[1],
     )

@@ -6,9 +6,10 @@ from cmtl.cli.common import training_story
 from cmtl.registry.reader import VersionInfo
 
 
-def info(training: dict, init: dict | None = None, head: dict | None = None) -> VersionInfo:
+def info(training: dict, init: dict | None = None, head: dict | None = None, metrics: dict | None = None) -> VersionInfo:
     return VersionInfo(task="t", version=1, parent=None, created="", kind="train", current=True,
-                       training={"probe_init": True, "probe_margin": 0.0, **training}, init=init, head=head)
+                       training={"probe_init": True, "probe_margin": 0.0, **training}, init=init, head=head,
+                       metrics=metrics or {})
 
 
 def test_a_trained_state_is_named_with_its_step_and_its_gain_over_the_probe():
@@ -18,6 +19,20 @@ def test_a_trained_state_is_named_with_its_step_and_its_gain_over_the_probe():
                      "step-0 probe on validation"]
     no_probe = training_story(info({"steps": 10, "best_step": 10, "probe_gain": None, "probe_init": False}))
     assert no_probe[1] == "kept: the trained state of step 10 of 10"
+
+
+def test_a_trained_state_is_compared_with_the_probe_it_had_to_beat():
+    record = {"steps": 310, "best_step": 120, "probe_gain": 3.42,
+              "probe_metrics": {"validation_accuracy": 0.8, "validation_loss": 0.5, "validation_n": 500}}
+    lines = training_story(info(record, metrics={"validation_accuracy": 0.9, "validation_loss": 0.3}))
+    assert lines[2] == "against the probe: validation accuracy 0.9000, the probe's 0.8000 (50 % of its errors removed)"
+    kept = training_story(info({**record, "best_step": 0, "probe_gain": -1.0}, metrics={"validation_accuracy": 0.8}))
+    assert kept[1].startswith("kept: the step-0 linear probe, validation accuracy 0.8000 (no trained state")
+    regression = {"validation_mse": 0.2}  # lower is better: no errors-removed fraction
+    lines = training_story(info({**record, "probe_metrics": {"validation_mse": 0.4}}, metrics=regression))
+    assert lines[2] == "against the probe: validation mse 0.2000, the probe's 0.4000"
+    old = training_story(info({"steps": 310, "best_step": 120, "probe_gain": 3.42}, metrics={"validation_accuracy": 0.9}))
+    assert len(old) == 2  # versions recorded before the probe's metrics were
 
 
 def test_the_probe_kept_says_why():

@@ -64,6 +64,7 @@ def test_probe_init_is_only_for_new_heads_and_can_be_turned_off(setup):
     result = fit(Trainee.adapter(backbone, bank, "t", head), backbone, adapter, SPEC, data, validation, config,
                  new_head=True)
     assert [h["step"] for h in result.history] == [6]  # no step-0 candidate
+    assert result.candidate_metrics is None and result.candidate_gain is None
     config = TrainConfig(epochs=1, batch_size=8, progress=False)
     result = fit(Trainee.adapter(backbone, bank, "t", head), backbone, adapter, SPEC, data, validation, config)
     assert [h["step"] for h in result.history] == [6]  # a warm head (an update's) is not probed
@@ -80,6 +81,7 @@ def test_step_zero_scores_the_probe(setup):
                  new_head=True)
     assert result.history[0]["step"] == 0 and result.history[0]["accuracy"] == pytest.approx(expected)
     assert result.best_metrics["accuracy"] >= expected
+    assert {"step": 0, **result.candidate_metrics} == result.history[0]  # recorded as the probe's score
 
 
 def test_training_starts_from_a_fresh_head_unless_probe_start(setup):
