@@ -34,9 +34,8 @@ from cmtl import AdapterConfig, BackboneConfig, Registry, TrainConfig
 from cmtl.benchmarks.learners import StrategyConfig, run_stream
 from cmtl.benchmarks.results import write_results
 from cmtl.benchmarks.scenarios import ExperienceSpec, Scenario
-from cmtl.core.heads import TaskHead
-from cmtl.training.loop import seeded
-from cmtl.training.probe import refit_head
+from cmtl.training.evaluation import compute_metrics
+from cmtl.training.probe import linear_probe
 
 #: The corpora the study runs on: one per shipped source (vader_movies is left out because it
 #: repeats rotten_tomatoes; vader_tweets stands for the four VADER sets, as the one most unlike the others).
@@ -96,12 +95,9 @@ def run_variant(variant: str, exp, backbone: BackboneConfig, seed: int, device: 
         if variant == "probe":
             started = time.perf_counter()
             spec = exp.spec
-            with seeded(seed):  # the fit's starting head, drawn as add_task draws a new head
-                start = TaskHead(reg.backbone.hidden_size, spec.num_outputs).eval()
-            head = refit_head(start, reg.embed(exp.train.texts), spec.encode_labels(exp.train.labels), spec.loss)
-            with torch.no_grad():
-                predicted = head(reg.embed(exp.test.texts)).argmax(-1)
-            accuracy = float((predicted == spec.encode_labels(exp.test.labels)).float().mean())
+            head = linear_probe(spec, reg.embed(exp.train.texts), spec.encode_labels(exp.train.labels), seed=seed)
+            accuracy = compute_metrics(spec, head(reg.embed(exp.test.texts)),
+                                       spec.encode_labels(exp.test.labels))["accuracy"]
             return {"accuracy": accuracy, "time_s": time.perf_counter() - started,
                     "trainable_parameters": sum(p.numel() for p in head.parameters()), "bytes": None}
         _, adapter_kwargs, training_kwargs = VARIANTS[variant]

@@ -39,8 +39,9 @@ from cmtl import BackboneConfig, Registry, TrainConfig
 from cmtl.benchmarks.results import write_results
 from cmtl.benchmarks.scenarios import Scenario
 from cmtl.core.heads import TaskHead
-from cmtl.merging.methods import METHODS, PEFT_METHODS, MergeConfig, parse_rank, refit_head
-from cmtl.training.loop import seeded
+from cmtl.merging.methods import METHODS, PEFT_METHODS, MergeConfig, parse_rank
+from cmtl.training.evaluation import compute_metrics
+from cmtl.training.probe import linear_probe
 
 
 def run(scenario: Scenario, out: Path, *, backbone: BackboneConfig, training: TrainConfig, device: str = "auto",
@@ -140,13 +141,8 @@ def probe_accuracy(reg: Registry, exp, seed: int) -> float:
     ``seed``, not from whatever the process's random state is."""
     spec = reg.spec(exp.name)
     buffer = reg.buffer(exp.name).to_examples()
-    test = exp.test
-    with seeded(seed):
-        start = TaskHead(reg.backbone.hidden_size, spec.num_outputs).eval()
-    head = refit_head(start, reg.embed(buffer.texts), spec.encode_labels(buffer.labels), spec.loss)
-    with torch.no_grad():
-        predicted = head(reg.embed(test.texts)).argmax(-1)
-    return float((predicted == spec.encode_labels(test.labels)).float().mean())
+    head = linear_probe(spec, reg.embed(buffer.texts), spec.encode_labels(buffer.labels), seed=seed)
+    return compute_metrics(spec, head(reg.embed(exp.test.texts)), spec.encode_labels(exp.test.labels))["accuracy"]
 
 
 def frozen_accuracy(reg: Registry, exp) -> float:

@@ -1,6 +1,7 @@
 """Linear probes: a head fitted by full-batch L-BFGS on fixed features.
 
-:func:`refit_head` fits a head (dropout + linear) to features computed once. :func:`probe_head` fits a
+:func:`refit_head` fits a head (dropout + linear) to features computed once; :func:`linear_probe` fits a
+new one drawn under a seed (the benchmarks' probe references). :func:`probe_head` fits a
 new task's head on the features its adapter gives before training (a fresh LoRA adapter changes
 nothing, so these are the frozen backbone's): the "LP" of LP-FT (Kumar et al., 2022, "Fine-Tuning can
 Distort Pretrained Features"). :func:`cmtl.training.trainee.fit` scores that state as the step-0
@@ -16,9 +17,11 @@ import torch
 from torch import nn
 
 from cmtl.core.backbone import Backbone
+from cmtl.core.heads import TaskHead
 from cmtl.core.tasks import TaskSpec
 from cmtl.data import Encoded, seeded_order
 from cmtl.training.evaluation import predict_logits
+from cmtl.training.loop import seeded
 
 #: L2 weight of the probe (on the head's weights; the loss is a mean over rows).
 PROBE_L2 = 1e-3
@@ -48,6 +51,14 @@ def refit_head(head: nn.Module, features: torch.Tensor, targets: torch.Tensor,
     for p in params:
         p.requires_grad_(False)
     return fitted
+
+
+def linear_probe(spec: TaskSpec, features: torch.Tensor, targets: torch.Tensor, *, seed: int = 0) -> nn.Module:
+    """A linear probe for ``spec`` on fixed ``features`` (N, H): a new head drawn under ``seed`` (as a new
+    task's head is drawn), fitted by :func:`refit_head` to the encoded ``targets``; in eval mode."""
+    with seeded(seed):
+        start = TaskHead(features.shape[1], spec.num_outputs).eval()
+    return refit_head(start, features, targets, spec.loss)
 
 
 def pooled_features(backbone: Backbone, data: Encoded, batch_size: int = 64) -> torch.Tensor:

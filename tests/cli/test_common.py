@@ -6,7 +6,8 @@ from cmtl.cli.common import training_story
 from cmtl.registry.reader import VersionInfo
 
 
-def info(training: dict, init: dict | None = None, head: dict | None = None, metrics: dict | None = None) -> VersionInfo:
+def info(training: dict, init: dict | None = None, head: dict | None = None,
+         metrics: dict | None = None) -> VersionInfo:
     return VersionInfo(task="t", version=1, parent=None, created="", kind="train", current=True,
                        training={"probe_init": True, "probe_margin": 0.0, **training}, init=init, head=head,
                        metrics=metrics or {})
@@ -31,7 +32,8 @@ def test_a_trained_state_is_compared_with_the_probe_it_had_to_beat():
     regression = {"validation_mse": 0.2}  # lower is better: no errors-removed fraction
     lines = training_story(info({**record, "probe_metrics": {"validation_mse": 0.4}}, metrics=regression))
     assert lines[2] == "against the probe: validation mse 0.2000, the probe's 0.4000"
-    old = training_story(info({"steps": 310, "best_step": 120, "probe_gain": 3.42}, metrics={"validation_accuracy": 0.9}))
+    old = training_story(info({"steps": 310, "best_step": 120, "probe_gain": 3.42},
+                              metrics={"validation_accuracy": 0.9}))
     assert len(old) == 2  # versions recorded before the probe's metrics were
 
 
