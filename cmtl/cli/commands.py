@@ -284,20 +284,22 @@ def list_tasks(registry: RegistryArg) -> None:
 
 @app.command()
 def versions(registry: RegistryArg, task: TaskArg) -> None:
-    """Show a task's lineage: every version, its parent and metrics."""
+    """Show a task's lineage: every version, its parent and metrics (beside a new task's, its linear probe's)."""
     from cmtl.registry import lineage
 
     infos = lineage.read(registry).versions(task)
     rows = [{"version": f"v{i.version}" + (" *" if i.current else ""), "parent": i.parent and f"v{i.parent}",
              "kind": i.kind, "labels": len(i.labels or ()),
              "head": (i.head or {}).get("config", {}).get("kind", "linear"),
-             "val_acc": i.metrics.get("validation_accuracy"), "new_acc": i.metrics.get("new_accuracy"),
+             "val_acc": i.metrics.get("validation_accuracy"),
+             "probe_acc": (i.training.get("probe_metrics") or {}).get("validation_accuracy"),
+             "new_acc": i.metrics.get("new_accuracy"),
              "old_acc": i.metrics.get("old_accuracy"), "examples": i.training.get("examples"),
              "replayed": i.training.get("replayed"), "seconds": i.train_seconds, "created": i.created, "note": i.note}
             for i in infos]
-    typer.echo(format_table(rows, ["version", "parent", "kind", "labels", "head", "val_acc", "new_acc", "old_acc",
-                                   "examples", "replayed", "seconds", "created", "note"]))
-    typer.echo("(* = current)")
+    typer.echo(format_table(rows, ["version", "parent", "kind", "labels", "head", "val_acc", "probe_acc", "new_acc",
+                                   "old_acc", "examples", "replayed", "seconds", "created", "note"]))
+    typer.echo("(* = current; probe_acc: the step-0 linear probe on the same validation rows)")
 
 
 @app.command()
