@@ -88,7 +88,7 @@ def _primary(metrics: dict | None) -> tuple[str, float, bool] | None:
 
 
 def _errors_removed(kept: tuple[str, float, bool], probe: tuple[str, float, bool]) -> str:
-    """' (N % of its errors removed)' for a bounded score (accuracy, F1: error = 1 − score), else ''."""
-    if not kept[2] or probe[1] >= 1.0:
+    """' (N % of its errors removed)' for accuracy (error = 1 − accuracy), else '' (1 − F1 counts no errors)."""
+    if kept[0] != "accuracy" or probe[1] >= 1.0:
         return ""
     return f" ({100 * (kept[1] - probe[1]) / (1 - probe[1]):.0f} % of its errors removed)"

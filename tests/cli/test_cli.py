@@ -104,9 +104,10 @@ def test_lifecycle(tmp_path, tiny_backbone):
     assert forced.exit_code == 0 and "promoted by the caller" in forced.output and "current version: v3" in forced.output
     result = invoke("versions", reg, "sentiment")
     assert "v3 *" in result.output and "new_acc" in result.output and "update" in result.output
-    assert "probe_acc" in result.output.splitlines()[0]
-    v1 = next(line for line in result.output.splitlines() if line.startswith("v1 "))
-    assert f"{probe['validation_accuracy']:.4f}" in v1  # the first version's probe, beside its own score
+    header, *rows = result.output.splitlines()
+    column = header.index("probe_acc")  # the first version's probe, in its own column beside its own score
+    v1 = next(row for row in rows if row.startswith("v1 "))
+    assert v1[column:column + 6] == f"{probe['validation_accuracy']:.4f}"
     result = invoke("update", reg, "sentiment", "--data", tmp_path / "train.csv", "--penalty", "l2")
     assert result.exit_code == 1 and "'penalty' parameter of UpdateConfig must be" in result.output
 

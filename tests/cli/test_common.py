@@ -32,6 +32,9 @@ def test_a_trained_state_is_compared_with_the_probe_it_had_to_beat():
     regression = {"validation_mse": 0.2}  # lower is better: no errors-removed fraction
     lines = training_story(info({**record, "probe_metrics": {"validation_mse": 0.4}}, metrics=regression))
     assert lines[2] == "against the probe: validation mse 0.2000, the probe's 0.4000"
+    multi = training_story(info({**record, "probe_metrics": {"validation_micro_f1": 0.6}},
+                                metrics={"validation_micro_f1": 0.7}))
+    assert multi[2] == "against the probe: validation micro_f1 0.7000, the probe's 0.6000"  # 1 − F1 counts no errors
     old = training_story(info({"steps": 310, "best_step": 120, "probe_gain": 3.42},
                               metrics={"validation_accuracy": 0.9}))
     assert len(old) == 2  # versions recorded before the probe's metrics were
@@ -64,3 +67,13 @@ def test_the_start_names_the_source_and_how_it_was_chosen():
 def test_an_analytic_head_has_no_kept_state():
     lines = training_story(info({"steps": 0, "best_step": 0}, head={"config": {"kind": "ridge"}}))
     assert lines == ["start: a fresh adapter"]
+
+
+def test_the_story_ranks_by_the_metric_training_ranks_by():
+    from cmtl import TaskSpec
+    from cmtl.cli.common import _PRIMARY
+    from cmtl.training.evaluation import primary_metric
+
+    specs = [TaskSpec("s", labels=["a", "b"]), TaskSpec("m", labels=["a", "b"], problem_type="multi_label"),
+             TaskSpec("r", problem_type="regression")]
+    assert [primary_metric(spec) for spec in specs] == list(_PRIMARY)
