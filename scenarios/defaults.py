@@ -115,7 +115,11 @@ def run_variant(variant: str, exp, backbone: BackboneConfig, seed: int, device: 
         return {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"], "time_s": seconds,
                 "trainable_parameters": info.trainable_parameters, "bytes": info.bytes_on_disk,
                 "steps": record.get("steps"), "best_step": record.get("best_step"),
-                "probe_gain": record.get("probe_gain"), "stopped_early": record.get("stopped_early")}
+                "probe_gain": record.get("probe_gain"), "stopped_early": record.get("stopped_early"),
+                # Validation scores of the kept state and of the step-0 probe: enough to replay any rule that
+                # chooses between them by their gap (in points or standard errors) without training again.
+                "validation_accuracy": info.metrics.get("validation_accuracy"),
+                "probe_validation_accuracy": (record.get("probe_metrics") or {}).get("validation_accuracy")}
 
 
 def summarise(results: dict) -> str:

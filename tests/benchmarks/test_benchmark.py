@@ -297,6 +297,7 @@ def test_defaults_study_script_records_resumes_and_refuses_other_settings(tmp_pa
         ("default", "trec6", 0, 32), ("probe", "trec6", 0, 32)]
     trained, probe = runs
     assert 0 <= trained["accuracy"] <= 1 and trained["steps"] >= trained["best_step"] >= 0
+    assert trained["validation_accuracy"] >= trained["probe_validation_accuracy"]  # the probe is the floor
     assert probe["trainable_parameters"] == 6 * 384 + 6  # a linear head on 384 features, six classes
     # The probe reference does not depend on what ran before it in the process.
     assert defaults.main(quick + ["--variants", "probe", "--out", str(tmp_path / "b")]) == 0
