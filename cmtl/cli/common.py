@@ -7,6 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from cmtl.core.tasks import PRIMARY_METRIC  # torch-free, like the manifest commands
+
 RegistryArg = Annotated[Path, typer.Argument(help="Registry folder.")]
 TaskArg = Annotated[str, typer.Argument(help="Task name.")]
 EncodingOpt = Annotated[Optional[str], typer.Option(
@@ -73,14 +75,9 @@ def training_story(info) -> list[str]:
     return lines
 
 
-#: The metric early stopping ranks by, per problem type, and whether higher is better (as
-#: ``cmtl.training.evaluation.primary_metric``; repeated here so the manifest commands stay torch-free).
-_PRIMARY = (("accuracy", True), ("micro_f1", True), ("mse", False))
-
-
 def _primary(metrics: dict | None) -> tuple[str, float, bool] | None:
     """(name, value, higher is better) of the primary validation metric in a recorded ``metrics`` dict."""
-    for name, higher in _PRIMARY:
+    for name, higher in PRIMARY_METRIC.values():
         value = (metrics or {}).get(f"validation_{name}")
         if isinstance(value, (int, float)):
             return name, float(value), higher

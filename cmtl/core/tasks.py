@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
 ProblemType = Literal["single_label", "multi_label", "regression"]
 PROBLEM_TYPES = ("single_label", "multi_label", "regression")
+#: Per problem type, the validation metric early stopping and gating rank by, and whether higher is better.
+PRIMARY_METRIC = {"single_label": ("accuracy", True), "multi_label": ("micro_f1", True), "regression": ("mse", False)}
 LabelEncoding = Literal["value", "index"]
 LABEL_ENCODINGS = ("value", "index")
 #: Logit given to a class a row may not take (another task's column, an unseen class):

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from cmtl.core.tasks import TaskSpec
+from cmtl.core.tasks import PRIMARY_METRIC, TaskSpec
 from cmtl.data import Encoded, batches, length_sorted
 
 Forward = Callable[[dict[str, torch.Tensor]], torch.Tensor]
@@ -37,9 +37,7 @@ def predict_logits(
 
 def primary_metric(spec: TaskSpec) -> tuple[str, bool]:
     """(metric name, higher is better) used for early stopping and gating."""
-    return {"single_label": ("accuracy", True), "multi_label": ("micro_f1", True), "regression": ("mse", False)}[
-        spec.problem_type
-    ]
+    return PRIMARY_METRIC[spec.problem_type]
 
 
 def compute_metrics(spec: TaskSpec, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:

@@ -71,9 +71,9 @@ def test_an_analytic_head_has_no_kept_state():
 
 def test_the_story_ranks_by_the_metric_training_ranks_by():
     from cmtl import TaskSpec
-    from cmtl.cli.common import _PRIMARY
+    from cmtl.core.tasks import PRIMARY_METRIC
     from cmtl.training.evaluation import primary_metric
 
     specs = [TaskSpec("s", labels=["a", "b"]), TaskSpec("m", labels=["a", "b"], problem_type="multi_label"),
              TaskSpec("r", problem_type="regression")]
-    assert [primary_metric(spec) for spec in specs] == list(_PRIMARY)
+    assert [primary_metric(spec) for spec in specs] == list(PRIMARY_METRIC.values())
