@@ -98,6 +98,8 @@ class StrategyConfig:
             fresh AdamW state, as cmtl's strategies always do
             (:attr:`cmtl.integrations.avalanche.AvalancheConfig.reset_optimizer_state`); ``False`` keeps
             Avalanche's default, which carries it over.
+        init_scale: ``adapters-auto`` only: the share of the chosen source's change each start keeps
+            (``add_task``'s ``init_scale``; ``None``: its default for ``"auto"``).
     """
 
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -110,6 +112,7 @@ class StrategyConfig:
     single_learning_rate: float = 5e-5
     analytic: AnalyticConfig = field(default_factory=AnalyticConfig)
     avalanche_reset_optimizer: bool = False
+    init_scale: float | None = None
 
 
 def _seeded_head(hidden: int, n_out: int, dropout: float, seed: int) -> TaskHead:
@@ -372,7 +375,8 @@ class AdapterLearner(Learner):
             self.router.add(exp.name, self.registry.embed(exp.train.texts))
         info = self.registry.add_task(TaskSpec(exp.name, labels=exp.spec.labels), train=exp.train,
                                       validation=exp.validation, adapter=self.config.adapter,
-                                      training=self.config.training, init=self.init)
+                                      training=self.config.training, init=self.init,
+                                      init_scale=self.config.init_scale if self.init is not None else None)
         self.trainable_parameters.append(info.trainable_parameters)
         self.bytes_added.append(info.bytes_on_disk)
         if self.init is not None:

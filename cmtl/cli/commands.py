@@ -149,6 +149,9 @@ def add_task(
                                                      "(0: any gain).")] = 0.0,
     init: Annotated[Optional[str], typer.Option(help="Start the adapter from a task ('spam', 'task:spam@2'), a "
                                                      "merge ('merge:NAME') or 'auto'; default: from zero.")] = None,
+    init_scale: Annotated[Optional[float], typer.Option(help="With --init: the share of the source's change B·A "
+                                                             "the start keeps, in (0, 1] (default 1 for a named "
+                                                             "source, 0.5 for auto).")] = None,
     head: Annotated[str, typer.Option(help="linear: a head trained with the adapter; ridge or slda: a head "
                                            "computed in closed form from class statistics of the features, which "
                                            "updates add to exactly (single-label tasks).")] = "linear",
@@ -188,7 +191,8 @@ def add_task(
         training=TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=lr, head_learning_rate=head_lr,
                              max_steps=max_steps, probe_init=probe_init, probe_margin=probe_margin, seed=seed,
                              progress=_progress(progress)),
-        init=init, head=None if head == "linear" else AnalyticConfig(kind=head, features=head_features, seed=seed),
+        init=init, init_scale=init_scale,
+        head=None if head == "linear" else AnalyticConfig(kind=head, features=head_features, seed=seed),
     )
     typer.echo(f"added {info.task} v{info.version}: {info.trainable_parameters:,} trainable parameters, "
                f"{info.bytes_on_disk:,} bytes on disk, {info.train_seconds:.1f} s")

@@ -86,6 +86,9 @@ def bench(
     avl_reset_optimizer: Annotated[bool, typer.Option(
         "--avl-reset-optimizer", help="avl-* strategies: start every experience with fresh AdamW state, as "
                                       "cmtl's strategies do (Avalanche's default carries it over).")] = False,
+    init_scale: Annotated[Optional[float], typer.Option(
+        help="adapters-auto: the share of the chosen source's change B·A each start keeps, in (0, 1] (default "
+             "0.5; 1 copies it).")] = None,
     seed: int = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Load the scenario's data, print each experience's "
@@ -98,7 +101,13 @@ def bench(
     from cmtl.benchmarks.scenarios import Scenario
     from cmtl.continual.analytic import AnalyticConfig
     from cmtl.core.config import DEFAULT_BACKBONE
+    from cmtl.errors import InvalidParameterError
+    from cmtl.training.transfer import check_scale
 
+    try:
+        check_scale(init_scale, "auto")
+    except InvalidParameterError as error:
+        raise typer.BadParameter(str(error), param_hint="--init-scale") from None
     try:
         sc = Scenario.from_yaml(scenario)
     except FileNotFoundError as error:
@@ -127,7 +136,8 @@ def bench(
                                  param_hint="--adapter-layers") from None
     adapter = AdapterConfig(layers=adapted)
     config = StrategyConfig(adapter=adapter, training=training, replay_budget=replay_budget,
-                            analytic=AnalyticConfig(seed=seed), avalanche_reset_optimizer=avl_reset_optimizer)
+                            analytic=AnalyticConfig(seed=seed), avalanche_reset_optimizer=avl_reset_optimizer,
+                            init_scale=init_scale)
     out = out or Path("runs/bench") / sc.name
     results = run_benchmark(sc, strategies, out,
                             backbone=BackboneConfig(name_or_path=backbone or DEFAULT_BACKBONE, num_hidden_layers=layers,

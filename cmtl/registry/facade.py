@@ -39,7 +39,7 @@ from cmtl.registry import commit, entries, features, heads, lineage, store
 from cmtl.registry.inference import LoadedRegistry
 from cmtl.registry.reader import UpdateResult, VersionInfo, head_key, merge_key, version_source
 from cmtl.training import distributed
-from cmtl.training.transfer import parse_init
+from cmtl.training.transfer import check_scale, parse_init
 from cmtl.training.loop import TrainConfig, seeded
 from cmtl.training.probe import pooled_features
 from cmtl.training.trainee import fit
@@ -94,7 +94,7 @@ class Registry(LoadedRegistry):
 
     def add_task(self, spec: TaskSpec, train: Any, validation: Any = None, *, adapter: AdapterConfig | None = None,
                  training: TrainConfig | None = None, memory: MemoryConfig | None = None,
-                 fill_buffer: bool = True, init: str | None = None,
+                 fill_buffer: bool = True, init: str | None = None, init_scale: float | None = None,
                  head: AnalyticConfig | None = None) -> VersionInfo:
         """Add a task as version 1: train its adapter and head on the frozen backbone (or compute an
         analytic head, see ``head``).
@@ -117,6 +117,11 @@ class Registry(LoadedRegistry):
                 ``training`` beside a fresh adapter, and the adapter starts from a source only when
                 its trial beats the fresh one's held-out loss beyond noise (:mod:`cmtl.training.transfer`).
                 The source and the measurements are recorded as ``init`` in the version's record.
+            init_scale: The share of the source's change to the backbone (LoRA's ``B·A``) the start keeps,
+                in (0, 1]: every ``B`` matrix is scaled by it. Default: 1 (an exact copy) for a named
+                source, :data:`~cmtl.training.transfer.AUTO_SCALE` for ``"auto"`` (its trial tries the
+                shrunk starts): a full copy learns fastest but may end below a fresh start
+                (docs/results.md, forward transfer). Recorded as ``init["scale"]``.
             head: ``None`` trains a linear head with the adapter. An
                 :class:`~cmtl.continual.config.AnalyticConfig` computes the head in closed form from class
                 statistics of the features instead (:mod:`cmtl.continual.analytic`): of the frozen
@@ -130,6 +135,7 @@ class Registry(LoadedRegistry):
             TaskExistsError: the name is taken.
             TaskNotFoundError: ``init`` names a task, version or merge that does not exist.
             InvalidParameterError: ``init`` is malformed, or its adapter does not match ``adapter``;
+                ``init_scale`` is outside (0, 1] or given without ``init``;
                 ``head`` is not an AnalyticConfig, is given for a regression or multi-label task, or
                 reads the backbone's features while ``init`` names an adapter to start from.
             DataError: the data does not fit ``spec``; with an analytic ``head``, a label has no training rows.
@@ -141,6 +147,7 @@ class Registry(LoadedRegistry):
         self._check_new_task(spec.name)
         spec = spec_for_data(spec, train)  # labels from a ClassLabel column when the spec names none
         start = parse_init(init)
+        check_scale(init_scale, init)
         if head is not None:
             if not isinstance(head, AnalyticConfig):
                 raise InvalidParameterError(bad_param("head", "add_task", "be None (a trained linear head) or an "
@@ -165,7 +172,7 @@ class Registry(LoadedRegistry):
         if start is not None:  # before seeding: loading and probing the sources may draw random numbers
             with self._lock, seeded(training.seed, self.backbone.device):
                 source, adapter, lineage = rt.start_from(self, start, requested, adapter, spec, train_enc,
-                                                         val_enc, training)
+                                                         val_enc, training, init_scale)
         # peft draws A, cmtl the head and dropout its masks from the global RNG: seed it, for this call only.
         with self._lock, seeded(training.seed, self.backbone.device):
             rt.unload([key])  # one loaded under this name came from a removed task's files

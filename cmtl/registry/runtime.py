@@ -93,7 +93,7 @@ class Runtime:
 
     def start_from(self, reader: RegistryReader, start: tuple[str, str | None, int | None],
                    requested: AdapterConfig | None, adapter: AdapterConfig, spec: TaskSpec, train: Encoded,
-                   validation: Encoded | None, training: TrainConfig
+                   validation: Encoded | None, training: TrainConfig, scale: float | None = None
                    ) -> tuple[State | None, AdapterConfig, dict[str, Any]]:
         """``add_task``'s ``init`` (as :func:`~cmtl.training.transfer.parse_init` reads it): the LoRA weights
         to start from (a copy; ``None``: a fresh adapter configured as ``adapter``), their config, and the
@@ -102,8 +102,12 @@ class Runtime:
         every merge whose adapter fits ``requested`` and tries the best of them against a fresh start with
         ``training``'s settings (:mod:`cmtl.training.transfer`); a candidate that cannot be loaded, or whose
         adapter never moved from the backbone (a fresh start by another name), is skipped and named in the
-        record, and candidates loaded only for the choice are unloaded again."""
+        record, and candidates loaded only for the choice are unloaded again. ``scale`` shrinks the start
+        (:func:`~cmtl.training.transfer.scaled`; ``None``: 1 for a named source,
+        :data:`~cmtl.training.transfer.AUTO_SCALE` for ``"auto"``, whose trial tries the shrunk starts); the
+        probe ranks the sources as they are."""
         kind, name, version = start
+        scale = (transfer.AUTO_SCALE if kind == "auto" else 1.0) if scale is None else float(scale)
         if kind == "auto":
             members = [("task", t, None) for t in reader.tasks()] + [("merge", m, None) for m in reader.merges()]
         else:
@@ -136,10 +140,11 @@ class Runtime:
                 continue
             sources[key] = (dataclasses.replace(config, dropout=adapter.dropout), label)
         try:
+            states = {k: transfer.scaled(v, scale) for k, v in states.items()}
             if kind != "auto":
                 (key, (config, label)), = sources.items()
-                return states[key], config, {**label, "chosen": "named"}
-            lineage: dict[str, Any] = {"chosen": "auto"}
+                return states[key], config, {**label, "chosen": "named", "scale": scale}
+            lineage: dict[str, Any] = {"chosen": "auto", "scale": scale}
             if skipped:
                 lineage["skipped"] = skipped
             probe_train, probe_held = transfer.probe_rows(train, validation, training.seed)

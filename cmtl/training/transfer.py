@@ -15,6 +15,12 @@ task's own rows:
 The probe alone chose badly: features that a linear head reads well are not always features that
 fine-tuning builds on (docs/results.md, text5 forward transfer). The trial measures what the start is
 for, learning the new task, at the cost of a few dozen training steps per candidate.
+
+A start can be a shrunk copy (``add_task(..., init_scale=s)``): every LoRA ``B`` matrix times ``s``, so
+the source's change to each weight, ``B·A``, times ``s`` (Ash & Adams 2020 warm-start a network from
+shrunk weights). A full copy learns a related task fastest but, trained to convergence, may end below a
+fresh start; ``"auto"`` starts from :data:`AUTO_SCALE` of the chosen source's change, and its trial tries
+that shrunk start (docs/results.md, forward transfer).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from collections.abc import Sequence
 
 import torch
 
-from cmtl.core.adapters import AdapterBank, AdapterConfig
+from cmtl.core.adapters import AdapterBank, AdapterConfig, lora_key
 from cmtl.core.backbone import Backbone
 from cmtl.core.heads import TaskHead
 from cmtl.core.tasks import TaskSpec
@@ -46,6 +52,27 @@ TRIAL_SOURCES = 2
 TRIAL_STEPS = 32
 #: A source must lower the trial's held-out loss below the fresh start's by this many standard errors.
 TRIAL_Z = 2.0
+#: The share of a source's change to the backbone (``B·A``) that an ``init="auto"`` start keeps.
+AUTO_SCALE = 0.5
+
+
+def check_scale(scale: object, init: object) -> None:
+    """Raise unless ``scale`` is a number in (0, 1], given only with an ``init`` to scale."""
+    if scale is None:
+        return
+    if init is None:
+        raise InvalidParameterError(bad_param("init_scale", "add_task", "be None without init (a fresh adapter "
+                                              "has nothing to scale)", scale, "Name a source with init=."))
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale <= 1:
+        raise InvalidParameterError(bad_param("init_scale", "add_task", "be a number in (0, 1]: the share of the "
+                                              "source's change B·A the start keeps (1: an exact copy)", scale))
+
+
+def scaled(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    """A LoRA state with every ``lora_B`` tensor times ``scale`` (so ``B·A`` times ``scale``); ``A`` as it was."""
+    if scale == 1:
+        return state
+    return {k: v * scale if (lora_key(k) or ("", ""))[1] == "B" else v for k, v in state.items()}
 
 
 def probe_rows(train: Encoded, validation: Encoded | None, seed: int) -> tuple[Encoded, Encoded]:

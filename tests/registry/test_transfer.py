@@ -34,7 +34,7 @@ def assert_same_adapter(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 def test_init_from_a_task_starts_from_its_adapter_and_is_recorded(reg):
     info = reg.add_task(TaskSpec("other", labels=["neg", "pos"]), toy_sentiment(32, 2), toy_sentiment(8, 3),
                         training=STILL, init="sentiment")
-    assert info.init == {"task": "sentiment", "version": 1, "chosen": "named"}
+    assert info.init == {"task": "sentiment", "version": 1, "chosen": "named", "scale": 1.0}
     assert info.adapter == reg.current("sentiment").adapter  # the source's rank, modules and layers
     assert_same_adapter(reg.adapter_state("other"), reg.adapter_state("sentiment"))
     torch.testing.assert_close(reg.embed(TEXTS, "other"), reg.embed(TEXTS, "sentiment"), atol=1e-6, rtol=0)
@@ -47,7 +47,7 @@ def test_init_from_a_merge_starts_from_the_merged_adapter(reg):
     reg.merge(["sentiment", "topic"], "both", "linear")
     info = reg.add_task(TaskSpec("new", labels=TOPICS), toy_topics(30, 2), toy_topics(9, 3), training=STILL,
                         init="merge:both")
-    assert info.init == {"merge": "both", "chosen": "named"}
+    assert info.init == {"merge": "both", "chosen": "named", "scale": 1.0}
     assert_same_adapter(reg.adapter_state("new"), reg.adapter_state("topic", merge="both"))
 
 
@@ -75,7 +75,9 @@ def test_auto_probes_every_candidate_tries_the_best_and_records_both(reg):
     else:
         best = min(passed, key=trial["losses"].get)
         assert f"task:{record['task']}@{record['version']}" == best
-        assert_same_adapter(reg.adapter_state("again"), reg.adapter_state(record["task"]))
+        assert record["scale"] == transfer.AUTO_SCALE
+        assert_same_adapter(reg.adapter_state("again"),
+                            transfer.scaled(reg.adapter_state(record["task"]), transfer.AUTO_SCALE))
 
 
 def test_auto_starts_from_an_adapter_that_already_does_the_task(reg):
@@ -137,8 +139,8 @@ def test_shortlist_takes_the_lowest_probe_losses_and_never_the_backbone():
 def test_auto_without_candidates_starts_fresh(tmp_path, tiny_config):
     reg = Registry.create(tmp_path / "reg", tiny_config, device="cpu")
     info = reg.add_task(TaskSpec("first", labels=["neg", "pos"]), toy_sentiment(32), training=STILL, init="auto")
-    assert info.init == {"chosen": "auto", "probe_losses": {"backbone": pytest.approx(info.init["probe_losses"]
-                                                                                        ["backbone"])}}
+    backbone = pytest.approx(info.init["probe_losses"]["backbone"])
+    assert info.init == {"chosen": "auto", "scale": transfer.AUTO_SCALE, "probe_losses": {"backbone": backbone}}
 
 
 @pytest.mark.parametrize("init", ["", "merge:", "task:", "other:spam", "task:spam@0", "task:spam@x", 3, ["spam"]])
