@@ -383,6 +383,8 @@ class AdapterLearner(Learner):
             chosen = info.init or {}
             source = (f"task {chosen['task']}" if "task" in chosen else f"merge {chosen['merge']}" if "merge" in chosen
                       else "fresh")
+            if source != "fresh" and chosen.get("scale", 1) != 1:
+                source += f" scaled by {chosen['scale']:g}"
             gains = (chosen.get("trial") or {}).get("gain_z") or {}
             tried = ", ".join(f"{k} {'n/a' if z is None else f'{z:+.1f}'}" for k, z in gains.items())
             left_out = ", ".join(chosen.get("skipped") or {})

@@ -40,6 +40,13 @@ def test_run_benchmark_writes_results(tmp_path, tiny_backbone):
     assert any("after bbc" in line for line in lines)
 
 
+def test_bench_cli_refuses_an_init_scale_outside_0_1_before_loading_anything(tmp_path):
+    result = CliRunner().invoke(app, ["bench", "text5", "--strategy", "adapters-auto", "--init-scale", "2",
+                                      "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "--init-scale" in result.output and "(0, 1]" in result.output
+    assert not any(tmp_path.iterdir())
+
+
 def test_run_benchmark_rejects_unknown_names(tmp_path):
     scenario = Scenario.from_yaml(SCENARIOS / "text5.yaml")
     with pytest.raises(ValueError, match=r"Unknown strategies \['gem'\]"):
@@ -119,7 +126,7 @@ def test_avalanche_strategies_refuse_a_scenario_that_is_not_task_incremental(tmp
 
 def test_adapters_auto_measures_forward_transfer_against_fresh_adapters(tmp_path, tiny_backbone):
     scenario = Scenario.from_yaml(SCENARIOS / "text5.yaml").shrink(16, 8)
-    config = StrategyConfig(training=TrainConfig(epochs=1, batch_size=8, progress=False))
+    config = StrategyConfig(training=TrainConfig(epochs=1, batch_size=8, progress=False), init_scale=0.25)
     lines: list[str] = []
     results = run_benchmark(scenario, ["adapters", "adapters-auto"], tmp_path, config=config, device="cpu",
                             backbone=BackboneConfig(name_or_path=tiny_backbone, max_length=32), echo=lines.append)
@@ -134,6 +141,8 @@ def test_adapters_auto_measures_forward_transfer_against_fresh_adapters(tmp_path
     later = [line for line in lines if "adapters-auto: after" in line][1:]
     assert len(later) == 4
     assert all("trial gain over fresh in SE: task:" in line or "left out: task:" in line for line in later)
+    assert all("scaled by 0.25" in line for line in later if "started from task" in line)
+    assert json.loads((tmp_path / "results.json").read_text())["command_config"]["init_scale"] == 0.25
     assert "Forward transfer of adapters-auto against adapters (stated)" in (tmp_path / "results.md").read_text()
 
 

@@ -67,13 +67,14 @@ def test_lifecycle(tmp_path, tiny_backbone):
     result = invoke("predict", reg, "sentiment", "a great film", "an awful film")
     assert result.exit_code == 0 and result.output.split("\n")[0].startswith("pos")
 
-    # A second task that starts from the first one's adapter, recorded in its lineage.
+    # A second task that starts from half the first one's adapter, recorded in its lineage.
     result = invoke("add-task", reg, "again", "--train", tmp_path / "train.csv", "--init", "sentiment",
-                    "--max-steps", "1", "--lr", "1e-12", "--head-lr", "1e-11", "--no-probe-init", "--no-progress")
+                    "--init-scale", "0.5", "--max-steps", "1", "--lr", "1e-12", "--head-lr", "1e-11",
+                    "--no-probe-init", "--no-progress")
     assert result.exit_code == 0, result.output
-    assert "start: task 'sentiment' v1\n  kept: the trained state of step 1 of 1" in result.output
+    assert "start: task 'sentiment' v1 scaled by 0.5\n  kept: the trained state of step 1 of 1" in result.output
     opened = Registry.open(reg, device="cpu")
-    assert opened.current("again").init == {"task": "sentiment", "version": 1, "chosen": "named"}
+    assert opened.current("again").init == {"task": "sentiment", "version": 1, "chosen": "named", "scale": 0.5}
     recorded = opened.current("again").training
     assert (recorded["learning_rate"], recorded["head_learning_rate"]) == (1e-12, 1e-11)
     result = invoke("add-task", reg, "bad", "--train", tmp_path / "train.csv", "--init", "merge:", "--no-progress")

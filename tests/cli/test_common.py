@@ -50,12 +50,15 @@ def test_the_probe_kept_says_why():
 
 def test_the_start_names_the_source_and_how_it_was_chosen():
     named = training_story(info({}, {"task": "spam", "version": 2, "chosen": "named"}))
-    assert named == ["start: task 'spam' v2"]
+    assert named == ["start: task 'spam' v2"]  # recorded before init_scale: a full copy
+    assert training_story(info({}, {"task": "spam", "version": 2, "chosen": "named", "scale": 1.0})) == named
+    shrunk = training_story(info({}, {"task": "spam", "version": 2, "chosen": "named", "scale": 0.25}))
+    assert shrunk == ["start: task 'spam' v2 scaled by 0.25"]
     merge = training_story(info({}, {"merge": "all", "chosen": "named"}))
     assert merge == ["start: merge 'all'"]
-    auto = {"task": "spam", "version": 1, "chosen": "auto", "trial": {"gain_z": {"task:spam@1": 3.31}}}
-    assert training_story(info({}, auto)) == [
-        "start: task 'spam' v1, chosen by a short trial (init='auto', 3.3 standard errors ahead of a fresh start)"]
+    auto = {"task": "spam", "version": 1, "chosen": "auto", "scale": 0.5, "trial": {"gain_z": {"task:spam@1": 3.31}}}
+    assert training_story(info({}, auto)) == ["start: task 'spam' v1 scaled by 0.5, chosen by a short trial "
+                                              "(init='auto', 3.3 standard errors ahead of a fresh start)"]
     fresh = training_story(info({}, {"chosen": "auto", "trial": {"gain_z": {"task:spam@1": -2.0}}}))
     assert fresh == ["start: a fresh adapter (init='auto': no earlier adapter beat a fresh start in the trial)"]
     alone = training_story(info({}, {"chosen": "auto", "probe_losses": {"backbone": 0.6}}))

@@ -42,6 +42,45 @@ def test_init_from_a_task_starts_from_its_adapter_and_is_recorded(reg):
     assert Registry.open(reg.root, device="cpu").current("other").init == info.init
 
 
+def test_init_scale_starts_from_that_share_of_the_sources_change_and_is_recorded(reg):
+    info = reg.add_task(TaskSpec("half", labels=["neg", "pos"]), toy_sentiment(32, 2), toy_sentiment(8, 3),
+                        training=STILL, init="sentiment", init_scale=0.5)
+    assert info.init == {"task": "sentiment", "version": 1, "chosen": "named", "scale": 0.5}
+    source, start = reg.adapter_state("sentiment"), reg.adapter_state("half")
+    for key, value in source.items():  # B halved, A as it was: the change B·A halved
+        torch.testing.assert_close(start[key], value * 0.5 if "lora_B" in key else value, atol=1e-8, rtol=0)
+    assert any(v.abs().max() > 1e-4 for k, v in source.items() if "lora_B" in k)  # not a zero source
+    # The start sits between the backbone and the source: each embedding moves half as far.
+    bare, full, half = reg.embed(TEXTS), reg.embed(TEXTS, "sentiment"), reg.embed(TEXTS, "half")
+    assert (full - bare).abs().max() > 1e-4
+    assert 0.2 < float((half - bare).norm() / (full - bare).norm()) < 0.8
+
+
+def test_scaled_touches_only_the_b_factors():
+    state = {"m.lora_A.weight": torch.ones(2, 3), "m.lora_B.weight": torch.ones(3, 2)}
+    out = transfer.scaled(state, 0.25)
+    assert torch.equal(out["m.lora_A.weight"], state["m.lora_A.weight"])
+    assert torch.equal(out["m.lora_B.weight"], torch.full((3, 2), 0.25))
+    assert torch.equal(state["m.lora_B.weight"], torch.ones(3, 2))  # a new dict; the input is left alone
+    assert transfer.scaled(state, 1) is state
+
+
+@pytest.mark.parametrize("init, scale, match", [
+    ("sentiment", 0, r"\(0, 1\]"),
+    ("sentiment", 1.5, r"\(0, 1\]"),
+    ("sentiment", float("nan"), r"\(0, 1\]"),
+    ("sentiment", "half", r"\(0, 1\]"),
+    ("auto", True, r"\(0, 1\]"),
+    (None, 0.5, "without init"),
+])
+def test_bad_init_scale_is_refused_and_writes_nothing(reg, init, scale, match):
+    before = (reg.root / MANIFEST).read_bytes()
+    with pytest.raises(InvalidParameterError, match=match):
+        reg.add_task(TaskSpec("new", labels=["neg", "pos"]), toy_sentiment(16), training=STILL, init=init,
+                     init_scale=scale)
+    assert (reg.root / MANIFEST).read_bytes() == before and "new" not in reg.tasks()
+
+
 def test_init_from_a_merge_starts_from_the_merged_adapter(reg):
     reg.add_task(TaskSpec("topic", labels=TOPICS), toy_topics(48), toy_topics(15, 1), training=FAST)
     reg.merge(["sentiment", "topic"], "both", "linear")
