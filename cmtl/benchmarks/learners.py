@@ -68,10 +68,12 @@ from cmtl.core.heads import TaskHead, route_to_heads
 from cmtl.core.tasks import MASKED_LOGIT, TaskSpec
 from cmtl.data import Encoded, Examples, encode
 from cmtl.registry.facade import Registry
+from cmtl.registry.reader import scale_note
 from cmtl.training.caching import maybe_cache, prefix_megabytes
 from cmtl.training.evaluation import predict_logits
 from cmtl.training.loop import TrainConfig, seeded, train
 from cmtl.training.probe import pooled_features
+from cmtl.training import transfer
 from cmtl.training.trainee import Trainee
 
 STRATEGIES = ("adapters", "adapters-auto", "adapters-routed", "seq-ft", "replay", "ewc", "lwf", "joint", "single",
@@ -113,6 +115,9 @@ class StrategyConfig:
     analytic: AnalyticConfig = field(default_factory=AnalyticConfig)
     avalanche_reset_optimizer: bool = False
     init_scale: float | None = None
+
+    def __post_init__(self):
+        transfer.check_scale(self.init_scale, "auto", owner="StrategyConfig")
 
 
 def _seeded_head(hidden: int, n_out: int, dropout: float, seed: int) -> TaskHead:
@@ -383,8 +388,8 @@ class AdapterLearner(Learner):
             chosen = info.init or {}
             source = (f"task {chosen['task']}" if "task" in chosen else f"merge {chosen['merge']}" if "merge" in chosen
                       else "fresh")
-            if source != "fresh" and chosen.get("scale", 1) != 1:
-                source += f" scaled by {chosen['scale']:g}"
+            if source != "fresh":
+                source += scale_note(chosen)
             gains = (chosen.get("trial") or {}).get("gain_z") or {}
             tried = ", ".join(f"{k} {'n/a' if z is None else f'{z:+.1f}'}" for k, z in gains.items())
             left_out = ", ".join(chosen.get("skipped") or {})

@@ -31,9 +31,10 @@ def format_table(rows: list[dict], columns: list[str]) -> str:
 
 def _source(init: dict) -> str:
     """The start's source, and the share of its change it kept when not all (``init_scale``)."""
+    from cmtl.registry.reader import scale_note  # torch-free, like the manifest commands
+
     source = f"merge {init['merge']!r}" if "merge" in init else f"task {init['task']!r} v{init['version']}"
-    scale = init.get("scale", 1.0)  # absent in versions from before init_scale: a full copy
-    return source if scale == 1 else f"{source} scaled by {scale:g}"
+    return source + scale_note(init)
 
 
 def training_story(info) -> list[str]:

@@ -105,7 +105,7 @@ def bench(
     from cmtl.training.transfer import check_scale
 
     try:
-        check_scale(init_scale, "auto")
+        check_scale(init_scale, "auto", owner="cmtl bench")
     except InvalidParameterError as error:
         raise typer.BadParameter(str(error), param_hint="--init-scale") from None
     try:

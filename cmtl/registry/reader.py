@@ -248,6 +248,14 @@ def source_label(source: dict[str, Any]) -> str:
     return f"merge:{source['merge']}" if "merge" in source else f"task:{source['task']}@{source['version']}"
 
 
+def scale_note(init: dict[str, Any]) -> str:
+    """`` scaled by S`` when an ``init`` record's start kept only a share ``S`` of its source's change
+    (``add_task``'s ``init_scale``); ``""`` for a full copy (records from before ``init_scale`` have no
+    ``scale``: full copies)."""
+    scale = init.get("scale", 1.0)
+    return "" if scale == 1 else f" scaled by {scale:g}"
+
+
 def head_key(task: str, version: int) -> str:
     """Key of a task version's adapter and head (adapter names live inside module paths: no dots)."""
     return f"{task}__v{version}"

@@ -105,7 +105,8 @@ class Runtime:
         record, and candidates loaded only for the choice are unloaded again. ``scale`` shrinks the start
         (:func:`~cmtl.training.transfer.scaled`; ``None``: 1 for a named source,
         :data:`~cmtl.training.transfer.AUTO_SCALE` for ``"auto"``, whose trial tries the shrunk starts); the
-        probe ranks the sources as they are."""
+        probe ranks the sources as they are. The record has ``scale`` where a source was used, and the
+        trial's record the scale it tried."""
         kind, name, version = start
         scale = (transfer.AUTO_SCALE if kind == "auto" else 1.0) if scale is None else float(scale)
         if kind == "auto":
@@ -144,7 +145,7 @@ class Runtime:
             if kind != "auto":
                 (key, (config, label)), = sources.items()
                 return states[key], config, {**label, "chosen": "named", "scale": scale}
-            lineage: dict[str, Any] = {"chosen": "auto", "scale": scale}
+            lineage: dict[str, Any] = {"chosen": "auto"}
             if skipped:
                 lineage["skipped"] = skipped
             probe_train, probe_held = transfer.probe_rows(train, validation, training.seed)
@@ -159,14 +160,14 @@ class Runtime:
             starts = {None: (adapter, None), **{k: (sources[k][0], states[k]) for k in tried}}
             trials = transfer.trial_losses(self.backbone, self.bank, starts, spec, probe_train, probe_held, training)
             best, scores = transfer.pick_trial(trials)
-            lineage["trial"] = {"steps": transfer.TRIAL_STEPS, "z": transfer.TRIAL_Z,
+            lineage["trial"] = {"steps": transfer.TRIAL_STEPS, "z": transfer.TRIAL_Z, "scale": scale,
                                 "losses": {("fresh" if k is None else label[k]): _finite(float(v.mean()))
                                            for k, v in trials.items()},
                                 "gain_z": {label[k]: _finite(v) for k, v in scores.items()}}
             if best is None:
                 return None, adapter, lineage
             config, source = sources[best]
-            return starts[best][1], config, {**source, **lineage}
+            return starts[best][1], config, {**source, **lineage, "scale": scale}
         finally:
             self.unload([k for k in self.sources if k not in loaded_before])
 

@@ -17,16 +17,19 @@ fine-tuning builds on (docs/results.md, text5 forward transfer). The trial measu
 for, learning the new task, at the cost of a few dozen training steps per candidate.
 
 A start can be a shrunk copy (``add_task(..., init_scale=s)``): every LoRA ``B`` matrix times ``s``, so
-the source's change to each weight, ``B·A``, times ``s`` (Ash & Adams 2020 warm-start a network from
-shrunk weights). A full copy learns a related task fastest but, trained to convergence, may end below a
-fresh start; ``"auto"`` starts from :data:`AUTO_SCALE` of the chosen source's change, and its trial tries
-that shrunk start (docs/results.md, forward transfer).
+the source's change to each weight, ``B·A``, times ``s``. It follows Ash & Adams 2020 ("shrink and
+perturb": warm-start a network from its shrunk weights plus noise), here without the noise and applied
+to the adapter's change only, the frozen backbone being the point it shrinks towards. A full copy learns
+a related task fastest but, trained to convergence, may end below a fresh start; ``"auto"`` starts from
+:data:`AUTO_SCALE` of the chosen source's change, and its trial tries that shrunk start (docs/results.md,
+forward transfer).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -56,15 +59,15 @@ TRIAL_Z = 2.0
 AUTO_SCALE = 0.5
 
 
-def check_scale(scale: object, init: object) -> None:
-    """Raise unless ``scale`` is a number in (0, 1], given only with an ``init`` to scale."""
+def check_scale(scale: object, init: object, owner: str = "add_task") -> None:
+    """Raise unless ``scale`` is ``None`` or a real number in (0, 1], given only with an ``init`` to scale."""
     if scale is None:
         return
     if init is None:
-        raise InvalidParameterError(bad_param("init_scale", "add_task", "be None without init (a fresh adapter "
+        raise InvalidParameterError(bad_param("init_scale", owner, "be None without init (a fresh adapter "
                                               "has nothing to scale)", scale, "Name a source with init=."))
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale <= 1:
-        raise InvalidParameterError(bad_param("init_scale", "add_task", "be a number in (0, 1]: the share of the "
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not 0 < scale <= 1:
+        raise InvalidParameterError(bad_param("init_scale", owner, "be a number in (0, 1]: the share of the "
                                               "source's change B·A the start keeps (1: an exact copy)", scale))
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from cmtl import BackboneConfig, TrainConfig
+from cmtl import BackboneConfig, InvalidParameterError, Registry, TrainConfig
 from cmtl.benchmarks.learners import StrategyConfig
 from cmtl.benchmarks.runner import run_benchmark, summary_rows
 from cmtl.benchmarks.scenarios import Scenario
@@ -45,6 +45,15 @@ def test_bench_cli_refuses_an_init_scale_outside_0_1_before_loading_anything(tmp
                                       "--out", str(tmp_path)])
     assert result.exit_code == 2 and "--init-scale" in result.output and "(0, 1]" in result.output
     assert not any(tmp_path.iterdir())
+
+
+def test_init_scale_is_refused_where_it_would_do_nothing_or_nonsense(tmp_path):
+    with pytest.raises(InvalidParameterError, match=r"init_scale.*StrategyConfig.*\(0, 1\]"):
+        StrategyConfig(init_scale=1.5)
+    scenario = Scenario.from_yaml(SCENARIOS / "text5.yaml")
+    with pytest.raises(ValueError, match="adapters-auto only"):
+        run_benchmark(scenario, ["adapters", "joint"], tmp_path, config=StrategyConfig(init_scale=0.5))
+    assert not (tmp_path / "results.json").exists()
 
 
 def test_run_benchmark_rejects_unknown_names(tmp_path):
@@ -124,9 +133,13 @@ def test_avalanche_strategies_refuse_a_scenario_that_is_not_task_incremental(tmp
     assert not (tmp_path / "results.json").exists()  # refused before anything ran
 
 
-def test_adapters_auto_measures_forward_transfer_against_fresh_adapters(tmp_path, tiny_backbone):
+def test_adapters_auto_measures_forward_transfer_against_fresh_adapters(tmp_path, tiny_backbone, monkeypatch):
     scenario = Scenario.from_yaml(SCENARIOS / "text5.yaml").shrink(16, 8)
     config = StrategyConfig(training=TrainConfig(epochs=1, batch_size=8, progress=False), init_scale=0.25)
+    asked = []  # (init, init_scale) of every add_task the two strategies made
+    add_task = Registry.add_task
+    monkeypatch.setattr(Registry, "add_task", lambda self, *args, **kwargs: (
+        asked.append((kwargs.get("init"), kwargs.get("init_scale"))), add_task(self, *args, **kwargs))[1])
     lines: list[str] = []
     results = run_benchmark(scenario, ["adapters", "adapters-auto"], tmp_path, config=config, device="cpu",
                             backbone=BackboneConfig(name_or_path=tiny_backbone, max_length=32), echo=lines.append)
@@ -141,6 +154,7 @@ def test_adapters_auto_measures_forward_transfer_against_fresh_adapters(tmp_path
     later = [line for line in lines if "adapters-auto: after" in line][1:]
     assert len(later) == 4
     assert all("trial gain over fresh in SE: task:" in line or "left out: task:" in line for line in later)
+    assert asked == [(None, None)] * 5 + [("auto", 0.25)] * 5
     assert all("scaled by 0.25" in line for line in later if "started from task" in line)
     assert json.loads((tmp_path / "results.json").read_text())["command_config"]["init_scale"] == 0.25
     assert "Forward transfer of adapters-auto against adapters (stated)" in (tmp_path / "results.md").read_text()

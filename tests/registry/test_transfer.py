@@ -56,6 +56,15 @@ def test_init_scale_starts_from_that_share_of_the_sources_change_and_is_recorded
     assert 0.2 < float((half - bare).norm() / (full - bare).norm()) < 0.8
 
 
+def test_init_scale_shrinks_a_merge_too(reg):
+    reg.add_task(TaskSpec("topic", labels=TOPICS), toy_topics(48), toy_topics(15, 1), training=FAST)
+    reg.merge(["sentiment", "topic"], "both", "linear")
+    info = reg.add_task(TaskSpec("new", labels=TOPICS), toy_topics(30, 2), toy_topics(9, 3), training=STILL,
+                        init="merge:both", init_scale=0.25)
+    assert info.init == {"merge": "both", "chosen": "named", "scale": 0.25}
+    assert_same_adapter(reg.adapter_state("new"), transfer.scaled(reg.adapter_state("topic", merge="both"), 0.25))
+
+
 def test_scaled_touches_only_the_b_factors():
     state = {"m.lora_A.weight": torch.ones(2, 3), "m.lora_B.weight": torch.ones(3, 2)}
     out = transfer.scaled(state, 0.25)
@@ -105,11 +114,12 @@ def test_auto_probes_every_candidate_tries_the_best_and_records_both(reg):
     assert set(record["probe_losses"]) == {"backbone", "task:sentiment@1", "task:topic@1"}
     trial = record["trial"]
     assert trial["steps"] == transfer.TRIAL_STEPS and trial["z"] == transfer.TRIAL_Z
+    assert trial["scale"] == transfer.AUTO_SCALE
     assert set(trial["losses"]) == {"fresh", "task:sentiment@1", "task:topic@1"}  # two sources: both tried
     assert set(trial["gain_z"]) == {"task:sentiment@1", "task:topic@1"}
     passed = [k for k, z in trial["gain_z"].items() if z is not None and z > transfer.TRIAL_Z]
     if not passed:
-        assert "task" not in record
+        assert "task" not in record and "scale" not in record  # a fresh start kept nothing of a source
         assert all(v.abs().max() < 1e-9 for k, v in reg.adapter_state("again").items() if "lora_B" in k)
     else:
         best = min(passed, key=trial["losses"].get)
@@ -128,6 +138,29 @@ def test_auto_starts_from_an_adapter_that_already_does_the_task(reg):
     assert trial["gain_z"]["task:sentiment@1"] > transfer.TRIAL_Z
     assert trial["losses"]["task:sentiment@1"] < trial["losses"]["fresh"]
     assert info.init["task"] == "sentiment" and info.init["version"] == 1
+
+
+@pytest.mark.parametrize("scale", [None, 1.0, 0.3])
+def test_auto_tries_and_starts_from_the_scaled_source(reg, monkeypatch, scale):
+    """Whatever the trial decides, the starts it tried and the start the task gets are the source scaled by
+    init_scale (default AUTO_SCALE); the trial is forced to pick here, so the check never depends on it."""
+    tried = {}
+
+    def trial_losses(backbone, bank, starts, *args, **kwargs):
+        tried.update({k: state for k, (_, state) in starts.items() if k is not None})
+        return real(backbone, bank, starts, *args, **kwargs)
+
+    real = transfer.trial_losses
+    monkeypatch.setattr(transfer, "trial_losses", trial_losses)
+    monkeypatch.setattr(transfer, "pick_trial", lambda losses: (next(k for k in losses if k is not None), {}))
+    info = reg.add_task(TaskSpec("again", labels=["neg", "pos"]), toy_sentiment(48, 4), toy_sentiment(16, 5),
+                        training=STILL, init="auto", init_scale=scale)
+    expected = transfer.scaled(reg.adapter_state("sentiment"), transfer.AUTO_SCALE if scale is None else scale)
+    (state,) = tried.values()
+    assert_same_adapter(state, expected)
+    assert_same_adapter(reg.adapter_state("again"), expected)
+    assert info.init["task"] == "sentiment" and info.init["scale"] == info.init["trial"]["scale"]
+    assert info.init["scale"] == (transfer.AUTO_SCALE if scale is None else scale)
 
 
 def test_auto_is_deterministic_and_leaves_the_callers_random_state_alone(reg, tmp_path, tiny_config):
@@ -179,7 +212,7 @@ def test_auto_without_candidates_starts_fresh(tmp_path, tiny_config):
     reg = Registry.create(tmp_path / "reg", tiny_config, device="cpu")
     info = reg.add_task(TaskSpec("first", labels=["neg", "pos"]), toy_sentiment(32), training=STILL, init="auto")
     backbone = pytest.approx(info.init["probe_losses"]["backbone"])
-    assert info.init == {"chosen": "auto", "scale": transfer.AUTO_SCALE, "probe_losses": {"backbone": backbone}}
+    assert info.init == {"chosen": "auto", "probe_losses": {"backbone": backbone}}  # no source, no scale
 
 
 @pytest.mark.parametrize("init", ["", "merge:", "task:", "other:spam", "task:spam@0", "task:spam@x", 3, ["spam"]])
