@@ -101,7 +101,7 @@ class StrategyConfig:
             (:attr:`cmtl.integrations.avalanche.AvalancheConfig.reset_optimizer_state`); ``False`` keeps
             Avalanche's default, which carries it over.
         init_scale: ``adapters-auto`` only: the share of the chosen source's change each start keeps
-            (``add_task``'s ``init_scale``; ``None``: its default for ``"auto"``).
+            (``add_task``'s ``init_scale``; 1: a full copy).
     """
 
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -114,7 +114,7 @@ class StrategyConfig:
     single_learning_rate: float = 5e-5
     analytic: AnalyticConfig = field(default_factory=AnalyticConfig)
     avalanche_reset_optimizer: bool = False
-    init_scale: float | None = None
+    init_scale: float = 1.0
 
     def __post_init__(self):
         transfer.check_scale(self.init_scale, "auto", owner="StrategyConfig")
@@ -381,7 +381,7 @@ class AdapterLearner(Learner):
         info = self.registry.add_task(TaskSpec(exp.name, labels=exp.spec.labels), train=exp.train,
                                       validation=exp.validation, adapter=self.config.adapter,
                                       training=self.config.training, init=self.init,
-                                      init_scale=self.config.init_scale if self.init is not None else None)
+                                      init_scale=self.config.init_scale if self.init is not None else 1.0)
         self.trainable_parameters.append(info.trainable_parameters)
         self.bytes_added.append(info.bytes_on_disk)
         if self.init is not None:

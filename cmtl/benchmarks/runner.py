@@ -25,7 +25,6 @@ from cmtl.benchmarks.metrics import ContinualReport, plot_heatmap
 from cmtl.benchmarks.scenarios import Scenario
 from cmtl.core.backbone import BackboneConfig, load_backbone
 from cmtl.integrations import avalanche
-from cmtl.training import transfer
 
 logger = logging.getLogger(__name__)
 AVALANCHE_STRATEGIES = tuple(f"avl-{name}" for name in avalanche.AVALANCHE_STRATEGIES)
@@ -52,7 +51,7 @@ def run_benchmark(
         raise ValueError(f"Unknown strategies {unknown}. Known: {list(STRATEGIES + AVALANCHE_STRATEGIES)}.")
     check_avalanche_kind(scenario.kind, strategies, scenario.name)
     config = config or StrategyConfig()
-    if config.init_scale is not None and "adapters-auto" not in strategies:
+    if config.init_scale != 1 and "adapters-auto" not in strategies:
         raise ValueError(f"init_scale={config.init_scale} applies to strategy adapters-auto only (the share of "
                          "the chosen source each start keeps); add adapters-auto or leave init_scale unset.")
     available = dict(scenario.orders())
@@ -69,10 +68,7 @@ def run_benchmark(
         "command_config": {"max_train": scenario.max_train, "max_eval": scenario.max_eval, "seed": scenario.seed,
                            "backbone": backbone.to_dict(), "adapter": config.adapter.to_dict(),
                            "training": config.training.to_dict(),
-                           **{k: v for k, v in asdict(config).items() if k not in ("adapter", "training")},
-                           # the share each adapters-auto start kept, resolved: add_task's default for "auto"
-                           "init_scale": (transfer.AUTO_SCALE if config.init_scale is None else config.init_scale)
-                           if "adapters-auto" in strategies else None},
+                           **{k: v for k, v in asdict(config).items() if k not in ("adapter", "training")}},
         "machine": _machine(),
         "date": time.strftime("%Y-%m-%d"),
         "cmtl_version": __version__,

@@ -149,9 +149,8 @@ def add_task(
                                                      "(0: any gain).")] = 0.0,
     init: Annotated[Optional[str], typer.Option(help="Start the adapter from a task ('spam', 'task:spam@2'), a "
                                                      "merge ('merge:NAME') or 'auto'; default: from zero.")] = None,
-    init_scale: Annotated[Optional[float], typer.Option(help="With --init: the share of the source's change B·A "
-                                                             "the start keeps, in (0, 1] (default 1 for a named "
-                                                             "source, 0.5 for auto).")] = None,
+    init_scale: Annotated[float, typer.Option(help="With --init: the share of the source's change B·A the start "
+                                                   "keeps, in (0, 1] (1: an exact copy).")] = 1.0,
     head: Annotated[str, typer.Option(help="linear: a head trained with the adapter; ridge or slda: a head "
                                            "computed in closed form from class statistics of the features, which "
                                            "updates add to exactly (single-label tasks).")] = "linear",

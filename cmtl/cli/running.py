@@ -86,9 +86,9 @@ def bench(
     avl_reset_optimizer: Annotated[bool, typer.Option(
         "--avl-reset-optimizer", help="avl-* strategies: start every experience with fresh AdamW state, as "
                                       "cmtl's strategies do (Avalanche's default carries it over).")] = False,
-    init_scale: Annotated[Optional[float], typer.Option(
-        help="adapters-auto: the share of the chosen source's change B·A each start keeps, in (0, 1] (default "
-             "0.5; 1 copies it).")] = None,
+    init_scale: Annotated[float, typer.Option(
+        help="adapters-auto: the share of the chosen source's change B·A each start keeps, in (0, 1] (1: a "
+             "full copy).")] = 1.0,
     seed: int = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Load the scenario's data, print each experience's "

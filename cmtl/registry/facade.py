@@ -94,7 +94,7 @@ class Registry(LoadedRegistry):
 
     def add_task(self, spec: TaskSpec, train: Any, validation: Any = None, *, adapter: AdapterConfig | None = None,
                  training: TrainConfig | None = None, memory: MemoryConfig | None = None,
-                 fill_buffer: bool = True, init: str | None = None, init_scale: float | None = None,
+                 fill_buffer: bool = True, init: str | None = None, init_scale: float = 1.0,
                  head: AnalyticConfig | None = None) -> VersionInfo:
         """Add a task as version 1: train its adapter and head on the frozen backbone (or compute an
         analytic head, see ``head``).
@@ -118,10 +118,10 @@ class Registry(LoadedRegistry):
                 its trial beats the fresh one's held-out loss beyond noise (:mod:`cmtl.training.transfer`).
                 The source and the measurements are recorded as ``init`` in the version's record.
             init_scale: The share of the source's change to the backbone (LoRA's ``B·A``) the start keeps,
-                in (0, 1]: every ``B`` matrix is scaled by it. Default: 1 (an exact copy) for a named
-                source, :data:`~cmtl.training.transfer.AUTO_SCALE` for ``"auto"`` (its trial tries the
-                shrunk starts): a full copy learns fastest but may end below a fresh start
-                (docs/results.md, forward transfer). Recorded as ``init["scale"]``.
+                in (0, 1]: every ``B`` matrix is scaled by it; 1, an exact copy. With ``"auto"`` the trial
+                tries the scaled starts. A full copy learns a related task fastest but may end below a
+                fresh start; 0.5 recovered that on pairs tried by hand, but under ``"auto"`` it ended lower
+                on average (docs/results.md, forward transfer). Recorded as ``init["scale"]``.
             head: ``None`` trains a linear head with the adapter. An
                 :class:`~cmtl.continual.config.AnalyticConfig` computes the head in closed form from class
                 statistics of the features instead (:mod:`cmtl.continual.analytic`): of the frozen
@@ -135,7 +135,7 @@ class Registry(LoadedRegistry):
             TaskExistsError: the name is taken.
             TaskNotFoundError: ``init`` names a task, version or merge that does not exist.
             InvalidParameterError: ``init`` is malformed, or its adapter does not match ``adapter``;
-                ``init_scale`` is outside (0, 1] or given without ``init``;
+                ``init_scale`` is outside (0, 1], or not 1 without ``init``;
                 ``head`` is not an AnalyticConfig, is given for a regression or multi-label task, or
                 reads the backbone's features while ``init`` names an adapter to start from.
             DataError: the data does not fit ``spec``; with an analytic ``head``, a label has no training rows.

@@ -93,7 +93,7 @@ class Runtime:
 
     def start_from(self, reader: RegistryReader, start: tuple[str, str | None, int | None],
                    requested: AdapterConfig | None, adapter: AdapterConfig, spec: TaskSpec, train: Encoded,
-                   validation: Encoded | None, training: TrainConfig, scale: float | None = None
+                   validation: Encoded | None, training: TrainConfig, scale: float = 1.0
                    ) -> tuple[State | None, AdapterConfig, dict[str, Any]]:
         """``add_task``'s ``init`` (as :func:`~cmtl.training.transfer.parse_init` reads it): the LoRA weights
         to start from (a copy; ``None``: a fresh adapter configured as ``adapter``), their config, and the
@@ -103,12 +103,11 @@ class Runtime:
         ``training``'s settings (:mod:`cmtl.training.transfer`); a candidate that cannot be loaded, or whose
         adapter never moved from the backbone (a fresh start by another name), is skipped and named in the
         record, and candidates loaded only for the choice are unloaded again. ``scale`` shrinks the start
-        (:func:`~cmtl.training.transfer.scaled`; ``None``: 1 for a named source,
-        :data:`~cmtl.training.transfer.AUTO_SCALE` for ``"auto"``, whose trial tries the shrunk starts); the
-        probe ranks the sources as they are. The record has ``scale`` where a source was used, and the
-        trial's record the scale it tried."""
+        (:func:`~cmtl.training.transfer.scaled`; ``"auto"``'s trial tries the shrunk starts, its probe ranks
+        the sources as they are). The record has ``scale`` where a source was used, and the trial's record
+        the scale it tried."""
         kind, name, version = start
-        scale = (transfer.AUTO_SCALE if kind == "auto" else 1.0) if scale is None else float(scale)
+        scale = float(scale)
         if kind == "auto":
             members = [("task", t, None) for t in reader.tasks()] + [("merge", m, None) for m in reader.merges()]
         else:

@@ -154,7 +154,7 @@ def test_adapters_auto_measures_forward_transfer_against_fresh_adapters(tmp_path
     later = [line for line in lines if "adapters-auto: after" in line][1:]
     assert len(later) == 4
     assert all("trial gain over fresh in SE: task:" in line or "left out: task:" in line for line in later)
-    assert asked == [(None, None)] * 5 + [("auto", 0.25)] * 5
+    assert asked == [(None, 1.0)] * 5 + [("auto", 0.25)] * 5
     assert all("scaled by 0.25" in line for line in later if "started from task" in line)
     assert json.loads((tmp_path / "results.json").read_text())["command_config"]["init_scale"] == 0.25
     assert "Forward transfer of adapters-auto against adapters (stated)" in (tmp_path / "results.md").read_text()

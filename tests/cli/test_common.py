@@ -81,14 +81,3 @@ def test_the_story_ranks_by_the_metric_training_ranks_by():
              TaskSpec("r", problem_type="regression")]
     assert [primary_metric(spec) for spec in specs] == list(PRIMARY_METRIC.values())
 
-
-def test_the_init_scale_help_texts_state_the_librarys_default_for_auto():
-    """The CLI imports no torch, so its help cannot read AUTO_SCALE: it states the number, checked here."""
-    import typing
-
-    from cmtl.cli import commands, running
-    from cmtl.training.transfer import AUTO_SCALE
-
-    for command in (commands.add_task, running.bench):
-        option = typing.get_type_hints(command, include_extras=True)["init_scale"].__metadata__[0]
-        assert f"{AUTO_SCALE:g} for auto" in option.help or f"default {AUTO_SCALE:g}" in option.help

@@ -80,7 +80,8 @@ def test_scaled_touches_only_the_b_factors():
     ("sentiment", float("nan"), r"\(0, 1\]"),
     ("sentiment", "half", r"\(0, 1\]"),
     ("auto", True, r"\(0, 1\]"),
-    (None, 0.5, "without init"),
+    (None, 0.5, "be 1 without init"),
+    ("sentiment", None, r"\(0, 1\]"),
 ])
 def test_bad_init_scale_is_refused_and_writes_nothing(reg, init, scale, match):
     before = (reg.root / MANIFEST).read_bytes()
@@ -114,7 +115,7 @@ def test_auto_probes_every_candidate_tries_the_best_and_records_both(reg):
     assert set(record["probe_losses"]) == {"backbone", "task:sentiment@1", "task:topic@1"}
     trial = record["trial"]
     assert trial["steps"] == transfer.TRIAL_STEPS and trial["z"] == transfer.TRIAL_Z
-    assert trial["scale"] == transfer.AUTO_SCALE
+    assert trial["scale"] == 1.0  # the default: the trial tries full copies
     assert set(trial["losses"]) == {"fresh", "task:sentiment@1", "task:topic@1"}  # two sources: both tried
     assert set(trial["gain_z"]) == {"task:sentiment@1", "task:topic@1"}
     passed = [k for k, z in trial["gain_z"].items() if z is not None and z > transfer.TRIAL_Z]
@@ -124,9 +125,8 @@ def test_auto_probes_every_candidate_tries_the_best_and_records_both(reg):
     else:
         best = min(passed, key=trial["losses"].get)
         assert f"task:{record['task']}@{record['version']}" == best
-        assert record["scale"] == transfer.AUTO_SCALE
-        assert_same_adapter(reg.adapter_state("again"),
-                            transfer.scaled(reg.adapter_state(record["task"]), transfer.AUTO_SCALE))
+        assert record["scale"] == 1.0
+        assert_same_adapter(reg.adapter_state("again"), reg.adapter_state(record["task"]))
 
 
 def test_auto_starts_from_an_adapter_that_already_does_the_task(reg):
@@ -140,10 +140,10 @@ def test_auto_starts_from_an_adapter_that_already_does_the_task(reg):
     assert info.init["task"] == "sentiment" and info.init["version"] == 1
 
 
-@pytest.mark.parametrize("scale", [None, 1.0, 0.3])
+@pytest.mark.parametrize("scale", [None, 0.3])
 def test_auto_tries_and_starts_from_the_scaled_source(reg, monkeypatch, scale):
     """Whatever the trial decides, the starts it tried and the start the task gets are the source scaled by
-    init_scale (default AUTO_SCALE); the trial is forced to pick here, so the check never depends on it."""
+    init_scale (default 1: a full copy); the trial is forced to pick here, so the check never depends on it."""
     tried = {}
 
     def trial_losses(backbone, bank, starts, *args, **kwargs):
@@ -154,13 +154,13 @@ def test_auto_tries_and_starts_from_the_scaled_source(reg, monkeypatch, scale):
     monkeypatch.setattr(transfer, "trial_losses", trial_losses)
     monkeypatch.setattr(transfer, "pick_trial", lambda losses: (next(k for k in losses if k is not None), {}))
     info = reg.add_task(TaskSpec("again", labels=["neg", "pos"]), toy_sentiment(48, 4), toy_sentiment(16, 5),
-                        training=STILL, init="auto", init_scale=scale)
-    expected = transfer.scaled(reg.adapter_state("sentiment"), transfer.AUTO_SCALE if scale is None else scale)
+                        training=STILL, init="auto", **({} if scale is None else {"init_scale": scale}))
+    expected = transfer.scaled(reg.adapter_state("sentiment"), 1.0 if scale is None else scale)
     (state,) = tried.values()
     assert_same_adapter(state, expected)
     assert_same_adapter(reg.adapter_state("again"), expected)
     assert info.init["task"] == "sentiment" and info.init["scale"] == info.init["trial"]["scale"]
-    assert info.init["scale"] == (transfer.AUTO_SCALE if scale is None else scale)
+    assert info.init["scale"] == (1.0 if scale is None else scale)
 
 
 def test_auto_is_deterministic_and_leaves_the_callers_random_state_alone(reg, tmp_path, tiny_config):
