@@ -140,10 +140,9 @@ class Runtime:
                 continue
             sources[key] = (dataclasses.replace(config, dropout=adapter.dropout), label)
         try:
-            states = {k: transfer.scaled(v, scale) for k, v in states.items()}
             if kind != "auto":
                 (key, (config, label)), = sources.items()
-                return states[key], config, {**label, "chosen": "named", "scale": scale}
+                return transfer.scaled(states[key], scale), config, {**label, "chosen": "named", "scale": scale}
             lineage: dict[str, Any] = {"chosen": "auto"}
             if skipped:
                 lineage["skipped"] = skipped
@@ -156,7 +155,7 @@ class Runtime:
             tried = transfer.shortlist(losses)
             if not tried:
                 return None, adapter, lineage
-            starts = {None: (adapter, None), **{k: (sources[k][0], states[k]) for k in tried}}
+            starts = {None: (adapter, None), **{k: (sources[k][0], transfer.scaled(states[k], scale)) for k in tried}}
             trials = transfer.trial_losses(self.backbone, self.bank, starts, spec, probe_train, probe_held, training)
             best, scores = transfer.pick_trial(trials)
             lineage["trial"] = {"steps": transfer.TRIAL_STEPS, "z": transfer.TRIAL_Z, "scale": scale,
