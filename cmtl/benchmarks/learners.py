@@ -358,9 +358,9 @@ class SharedLearner(Learner):
 
 class AdapterLearner(Learner):
     """cmtl itself: every experience becomes a task of a registry, with its own adapter and head; with
-    ``init="auto"`` (strategy ``adapters-auto``) each adapter starts from an earlier task's adapter when a
-    short trial shows it learning the new task faster than a fresh one, else fresh (forward transfer,
-    :mod:`cmtl.training.transfer`)."""
+    ``init="auto"`` (strategy ``adapters-auto``) a task whose fresh adapter cannot beat its step-0 probe
+    is trained again from the earlier adapter a short trial picks, and keeps whichever run scores higher
+    on validation (forward transfer, :mod:`cmtl.training.transfer`)."""
 
     def __init__(self, experiences, kind, backbone, config, root: Path, init: str | None = None,
                  routed: bool = False):
@@ -393,8 +393,14 @@ class AdapterLearner(Learner):
             gains = (chosen.get("trial") or {}).get("gain_z") or {}
             tried = ", ".join(f"{k} {'n/a' if z is None else f'{z:+.1f}'}" for k, z in gains.items())
             left_out = ", ".join(chosen.get("skipped") or {})
-            self.notes.append(f"started from {source}" + (f"; trial gain over fresh in SE: {tried}" if tried else "")
-                              + (f"; left out: {left_out}" if left_out else ""))
+            judged = chosen.get("validation")
+            versus = ("" if not judged or judged["source"] is None else
+                      f"; validation {judged['metric']}: source {judged['source']:.3f}, fresh {judged['fresh']:.3f}")
+            fresh = {"beat the probe": "; fresh beat its probe: nothing tried",
+                     "kept the probe": "; fresh kept its probe"}.get(chosen.get("fresh"), "")
+            self.notes.append(f"started from {source}" + fresh
+                              + (f"; trial gain over fresh in SE: {tried}" if tried else "")
+                              + versus + (f"; left out: {left_out}" if left_out else ""))
 
     def predict(self, j: int, n_seen: int) -> list[str]:
         exp = self.experiences[j]

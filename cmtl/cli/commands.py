@@ -148,7 +148,10 @@ def add_task(
                                                      "validation by more than this many standard errors "
                                                      "(0: any gain).")] = 0.0,
     init: Annotated[Optional[str], typer.Option(help="Start the adapter from a task ('spam', 'task:spam@2'), a "
-                                                     "merge ('merge:NAME') or 'auto'; default: from zero.")] = None,
+                                                     "merge ('merge:NAME') or 'auto' (from zero; where that adapter "
+                                                     "cannot beat its probe, also from the source a short "
+                                                     "trial picks, keeping the run better on validation); "
+                                                     "default: from zero.")] = None,
     init_scale: Annotated[float, typer.Option(help="With --init: the share of the source's change B·A the start "
                                                    "keeps, in (0, 1] (1: an exact copy).")] = 1.0,
     head: Annotated[str, typer.Option(help="linear: a head trained with the adapter; ridge or slda: a head "

@@ -37,6 +37,11 @@ def _source(init: dict) -> str:
     return source + scale_note(init)
 
 
+def _versus(scores: dict) -> str:
+    """``accuracy 0.8100 against the fresh adapter's 0.7900`` from an ``init`` record's ``validation``."""
+    return f"{scores['metric']} {scores['source']:.4f} against the fresh adapter's {scores['fresh']:.4f}"
+
+
 def training_story(info) -> list[str]:
     """Where a newly trained version's adapter started and which state training kept (a trained one, or
     the step-0 linear probe, which leaves the adapter as it started), from its record (a ``VersionInfo``)."""
@@ -53,9 +58,21 @@ def training_story(info) -> list[str]:
         gain = ((init.get("trial") or {}).get("gain_z") or {}).get(source_label(init))
         ahead = "" if gain is None else f", {gain:.1f} standard errors ahead of a fresh start"
         lines = [f"start: {_source(init)}, chosen by a short trial (init='auto'{ahead})"]
+        if "validation" in init:  # a fresh adapter trained first and kept its probe (records since #21's rescue)
+            lines.append("why: a fresh adapter could not beat the step-0 probe; from this source the task scored "
+                         + _versus(init["validation"]) + " on validation")
     else:
-        why = ("no earlier adapter beat a fresh start in the trial" if "trial" in init else
-               init.get("note") or "no earlier adapter to try")
+        rejected = init.get("rejected")
+        if init.get("fresh") == "beat the probe":
+            why = "it beat the step-0 probe, so no earlier adapter was tried"
+        elif rejected:
+            scored = ("diverged" if "error" in rejected or init["validation"]["source"] is None else
+                      "scored " + _versus(init["validation"]) + " on validation")
+            why = f"it kept the step-0 probe; the start from {rejected['source']} {scored}"
+        elif "trial" in init:
+            why = "no earlier adapter beat a fresh start in the trial"
+        else:
+            why = init.get("note") or "no earlier adapter to try"
         lines = [f"start: a fresh adapter (init='auto': {why})"]
     steps, best, gain = training.get("steps"), training.get("best_step"), training.get("probe_gain")
     if info.head is not None or not steps or best is None:  # an analytic head is computed, not trained

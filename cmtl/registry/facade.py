@@ -30,15 +30,16 @@ from cmtl.core.heads import TaskHead
 from cmtl.core.tasks import TaskSpec
 from cmtl.data import Examples, read_examples, spec_for_data
 from cmtl.errors import (STORED_FILE_FIX, CorruptFileError, InvalidParameterError, RegistryError,
-                         TaskExistsError, bad_param)
+                         TaskExistsError, TrainingDivergedError, bad_param)
 from cmtl.merging import pipeline
 from cmtl.merging.methods import MergeConfig
 from cmtl.multitask.config import MultiTaskConfig
 from cmtl.multitask.group import train_group
 from cmtl.registry import commit, entries, features, heads, lineage, store
 from cmtl.registry.inference import LoadedRegistry
-from cmtl.registry.reader import UpdateResult, VersionInfo, head_key, merge_key, version_source
+from cmtl.registry.reader import UpdateResult, VersionInfo, head_key, merge_key, source_label, version_source
 from cmtl.training import distributed
+from cmtl.training.evaluation import primary_metric
 from cmtl.training.transfer import check_scale, parse_init
 from cmtl.training.loop import TrainConfig, seeded
 from cmtl.training.probe import pooled_features
@@ -112,11 +113,14 @@ class Registry(LoadedRegistry):
             init: Where the adapter starts (forward transfer): ``None``, from zero (the frozen backbone);
                 a task name (``"spam"``, ``"task:spam"``, ``"task:spam@2"`` for version 2) or ``"merge:NAME"``,
                 from a copy of that adapter (its rank, modules and layers, which ``adapter`` may then
-                only repeat); ``"auto"``: the current task adapters and merges are ranked by a linear
-                probe on the new task's rows, the best two are tried for a few dozen steps of
-                ``training`` beside a fresh adapter, and the adapter starts from a source only when
-                its trial beats the fresh one's held-out loss beyond noise (:mod:`cmtl.training.transfer`).
-                The source and the measurements are recorded as ``init`` in the version's record.
+                only repeat); ``"auto"``: a fresh adapter trains first, exactly as with ``None``. Where it
+                cannot beat its step-0 linear probe on validation (too little data for a fresh adapter), the
+                current task adapters and merges are ranked by a linear probe on the new task's rows, the
+                best two are tried for a few dozen steps of ``training`` beside a fresh adapter, a source
+                whose trial beats the fresh one's held-out loss beyond noise is trained from (as naming it
+                would), and that run is kept only if it scores higher on validation
+                (:mod:`cmtl.training.transfer`; needs ``training.probe_init``). The source and the
+                measurements are recorded as ``init`` in the version's record.
             init_scale: The share of the source's change to the backbone (LoRA's ``B·A``) the start keeps,
                 in (0, 1]: every ``B`` matrix is scaled by it; 1, an exact copy. With ``"auto"`` the trial
                 tries the scaled starts. A full copy learns a related task fastest but may end below a
@@ -134,7 +138,8 @@ class Registry(LoadedRegistry):
         Raises:
             TaskExistsError: the name is taken.
             TaskNotFoundError: ``init`` names a task, version or merge that does not exist.
-            InvalidParameterError: ``init`` is malformed, or its adapter does not match ``adapter``;
+            InvalidParameterError: ``init`` is malformed, or its adapter does not match ``adapter``, or is
+                ``"auto"`` with ``training.probe_init=False``;
                 ``init_scale`` is outside (0, 1], or not 1 without ``init``;
                 ``head`` is not an AnalyticConfig, is given for a regression or multi-label task, or
                 reads the backbone's features while ``init`` names an adapter to start from.
@@ -169,7 +174,13 @@ class Registry(LoadedRegistry):
             analytic.check_classes(spec, train_enc)
         key, rt = head_key(spec.name, 1), self._runtime
         source, lineage = None, None
-        if start is not None:  # before seeding: loading and probing the sources may draw random numbers
+        auto = start is not None and start[0] == "auto"
+        if auto and not training.probe_init:
+            raise InvalidParameterError(bad_param(
+                "init", "add_task", "be None or a named source when training.probe_init is False: 'auto' "
+                "tries earlier adapters only where a fresh one cannot beat the step-0 linear probe", init,
+                "Keep TrainConfig(probe_init=True) (the default), or name the source, e.g. init='spam'."))
+        if start is not None and not auto:  # before seeding: loading a source may draw random numbers
             with self._lock, seeded(training.seed, self.backbone.device):
                 source, adapter, lineage = rt.start_from(self, start, requested, adapter, spec, train_enc,
                                                          val_enc, training, init_scale)
@@ -187,6 +198,10 @@ class Registry(LoadedRegistry):
                 if head is None or head.features == "adapter":
                     result = fit(rt.trainee(key, linear), self.backbone, resolved, spec, train_enc, val_enc, training,
                                  new_head=True)
+                if auto:
+                    source, resolved, linear, result, lineage = self._rescue(
+                        key, start, requested, resolved, linear, result, spec, train_enc, val_enc, training,
+                        init_scale)
                 final = linear
                 if head is not None:  # computed from the features of the (now frozen) adapter
                     rt.bank.activate(key)
@@ -212,6 +227,50 @@ class Registry(LoadedRegistry):
                 rt.bank.remove(key)
                 raise
         return self.current(spec.name)
+
+    def _rescue(self, key: str, start, requested: AdapterConfig | None, adapter: AdapterConfig, head: TaskHead,
+                result, spec: TaskSpec, train, validation, training: TrainConfig, scale: float):
+        """``init="auto"`` after the fresh adapter under ``key`` has trained: where it kept its step-0 linear
+        probe (it could not beat the frozen backbone on validation), the earlier adapters are probed and
+        tried (:meth:`Runtime.start_from`), the chosen source trains under the same seed (as
+        ``init=<source>`` would) and is kept only if it scores higher on validation. Returns (source state
+        or ``None``, adapter config, head, training result, lineage record) of the adapter kept."""
+        rt = self._runtime
+        lineage: dict[str, Any] = {"chosen": "auto"}
+        if result is None or validation is None or result.candidate_metrics is None:
+            return None, adapter, head, result, {**lineage, "note": "no validation rows to judge a fresh adapter by"}
+        if result.best_step != 0:
+            return None, adapter, head, result, {**lineage, "fresh": "beat the probe"}
+        source, config, found = rt.start_from(self, start, requested, adapter, spec, train, validation, training,
+                                              scale)
+        lineage = {**found, "fresh": "kept the probe"}
+        if source is None:
+            return None, adapter, head, result, lineage
+        metric, higher = primary_metric(spec)
+        sign = 1.0 if higher else -1.0
+        fresh_state = rt.bank.state_dict(key)
+        rt.bank.remove(key)
+        try:
+            with seeded(training.seed, self.backbone.device):  # as init=<source> would train it
+                rt.bank.load(key, config, source)
+                other = rt.new_head(spec, training.head_dropout)
+                tried = fit(rt.trainee(key, other), self.backbone, config, spec, train, validation, training,
+                            new_head=True)
+        except TrainingDivergedError as error:
+            tried, why = None, f"{type(error).__name__}: {error}"
+        else:
+            why = None
+        scores = {"fresh": result.best_metrics[metric], "source": None if tried is None else tried.best_metrics[metric]}
+        lineage["validation"] = {"metric": metric, **scores}
+        if tried is not None and sign * scores["source"] > sign * scores["fresh"]:
+            return source, config, other, tried, lineage
+        if key in rt.bank:
+            rt.bank.remove(key)
+        rt.bank.load(key, adapter, fresh_state)
+        drop = ("task", "version", "merge", "scale")  # the record names the start the adapter kept: fresh
+        lineage = {k: v for k, v in lineage.items() if k not in drop}
+        lineage["rejected"] = {"source": source_label(found), **({"error": why} if why else {})}
+        return None, adapter, head, result, lineage
 
     def update_task(self, task: str, train: Any, validation: Any = None, *, config: UpdateConfig | None = None,
                     training: TrainConfig | None = None, promote: bool | None = None,

@@ -1,8 +1,11 @@
 """Forward transfer: which existing adapter a new task should start from.
 
 A new task's adapter can start from another task's adapter (or a merge) instead of from zero
-(``Registry.add_task(..., init=...)``). For ``init="auto"`` two measurements choose, both on the new
-task's own rows:
+(``Registry.add_task(..., init=...)``). ``init="auto"`` first trains a fresh adapter and looks further
+only where that adapter could not beat its step-0 linear probe on validation: with hundreds of examples a
+fresh adapter learns its task, and no start measured on text5 improved on it beyond noise, while with too
+little data a related adapter can add several points (docs/results.md, forward transfer). There two
+measurements choose, both on the new task's own rows:
 
 1. :func:`probe_losses`, cheap: a linear probe (:func:`cmtl.training.probe.refit_head`) fitted on a few
    hundred training rows through each candidate and scored by its loss on held-out rows. It ranks the
@@ -14,7 +17,9 @@ task's own rows:
 
 The probe alone chose badly: features that a linear head reads well are not always features that
 fine-tuning builds on (docs/results.md, text5 forward transfer). The trial measures what the start is
-for, learning the new task, at the cost of a few dozen training steps per candidate.
+for, learning the new task, at the cost of a few dozen training steps per candidate. It measures how fast
+a start learns, not where it ends, so the registry trains from the chosen source and keeps that run only
+if it scores higher on validation than the fresh adapter (``Registry.add_task``).
 
 A start can be a shrunk copy (``add_task(..., init_scale=s)``): every LoRA ``B`` matrix times ``s``, so
 the source's change to each weight, ``B·A``, times ``s``. It follows Ash & Adams 2020 ("shrink and

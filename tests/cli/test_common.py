@@ -67,6 +67,29 @@ def test_the_start_names_the_source_and_how_it_was_chosen():
     assert few == ["start: a fresh adapter (init='auto': too few rows to probe; fresh start)"]
 
 
+def test_the_start_says_why_auto_tried_a_source_and_what_validation_said():
+    """Records since "auto" trains a fresh adapter first: it beat its probe (nothing tried), or it kept the
+    probe and a source was tried, then kept or rejected on validation."""
+    learned = training_story(info({}, {"chosen": "auto", "fresh": "beat the probe"}))
+    assert learned == ["start: a fresh adapter (init='auto': it beat the step-0 probe, so no earlier adapter was "
+                       "tried)"]
+    judged = {"metric": "accuracy", "fresh": 0.74, "source": 0.8}
+    kept = {"task": "trec", "version": 1, "chosen": "auto", "fresh": "kept the probe", "validation": judged,
+            "trial": {"gain_z": {"task:trec@1": 2.6}}}
+    assert training_story(info({}, kept)) == [
+        "start: task 'trec' v1, chosen by a short trial (init='auto', 2.6 standard errors ahead of a fresh start)",
+        "why: a fresh adapter could not beat the step-0 probe; from this source the task scored accuracy 0.8000 "
+        "against the fresh adapter's 0.7400 on validation"]
+    lower = {"chosen": "auto", "fresh": "kept the probe", "trial": {"gain_z": {"task:trec@1": 2.6}},
+             "validation": {**judged, "source": 0.7}, "rejected": {"source": "task:trec@1"}}
+    assert training_story(info({}, lower)) == [
+        "start: a fresh adapter (init='auto': it kept the step-0 probe; the start from task:trec@1 scored accuracy "
+        "0.7000 against the fresh adapter's 0.7400 on validation)"]
+    diverged = {**lower, "validation": {**judged, "source": None}, "rejected": {"source": "task:trec@1", "error": "x"}}
+    assert training_story(info({}, diverged)) == [
+        "start: a fresh adapter (init='auto': it kept the step-0 probe; the start from task:trec@1 diverged)"]
+
+
 def test_an_analytic_head_has_no_kept_state():
     lines = training_story(info({"steps": 0, "best_step": 0}, head={"config": {"kind": "ridge"}}))
     assert lines == ["start: a fresh adapter"]

@@ -4,10 +4,12 @@ refused before anything is written."""
 
 from __future__ import annotations
 
+import numpy
 import pytest
 import torch
 
-from cmtl import AdapterConfig, InvalidParameterError, Registry, TaskNotFoundError, TaskSpec, TrainConfig
+from cmtl import (AdapterConfig, InvalidParameterError, Registry, TaskNotFoundError, TaskSpec, TrainConfig,
+                  TrainingDivergedError)
 from cmtl.registry.store import MANIFEST
 from cmtl.training import transfer
 from cmtl.training.transfer import parse_init, pick_trial, shortlist
@@ -15,6 +17,9 @@ from tests.conftest import FAST, TOPICS, toy_sentiment, toy_topics
 
 #: One step at a learning rate that cannot move anything measurably: the adapter as it starts.
 STILL = TrainConfig(max_steps=1, learning_rate=1e-12, weight_decay=0.0, probe_init=False, progress=False)
+#: The same with the step-0 probe, which it cannot beat (its one step starts from a fresh head): a fresh
+#: adapter keeps its probe, so init="auto" goes on to try the earlier adapters.
+KEPT = TrainConfig(max_steps=1, learning_rate=1e-12, weight_decay=0.0, patience=None, progress=False)
 TEXTS = ["a great film", "an awful meal", "the music was loud"]
 
 
@@ -106,12 +111,31 @@ def test_fresh_start_is_the_default_and_differs_from_a_copy(reg):
     assert all(v.abs().max() < 1e-9 for k, v in reg.adapter_state("fresh").items() if "lora_B" in k)  # B starts at 0
 
 
-def test_auto_probes_every_candidate_tries_the_best_and_records_both(reg):
+def test_auto_keeps_a_fresh_adapter_that_beats_its_probe_and_tries_nothing(reg, monkeypatch):
+    """Where a fresh adapter learns the task (beats the step-0 probe), "auto" is that fresh adapter, trained as
+    init=None trains it, and no earlier adapter is even probed."""
+    learns = TrainConfig(epochs=4, batch_size=8, learning_rate=2e-2, progress=False, patience=None)
+    plain = reg.add_task(TaskSpec("plain", labels=["neg", "pos"]), toy_sentiment(48, 4), toy_sentiment(16, 5),
+                         training=learns)
+    assert plain.training["best_step"] > 0  # it beat its probe
+
+    def probed(*args, **kwargs):
+        raise AssertionError("init='auto' probed the earlier adapters although the fresh one learned")
+
+    monkeypatch.setattr(transfer, "probe_losses", probed)
+    info = reg.add_task(TaskSpec("again", labels=["neg", "pos"]), toy_sentiment(48, 4), toy_sentiment(16, 5),
+                        training=learns, init="auto")
+    assert info.init == {"chosen": "auto", "fresh": "beat the probe"}
+    assert_same_adapter(reg.adapter_state("again"), reg.adapter_state("plain"))
+    assert info.metrics == plain.metrics and info.training["steps"] == plain.training["steps"]
+
+
+def test_auto_tries_the_earlier_adapters_where_a_fresh_one_keeps_its_probe(reg):
     reg.add_task(TaskSpec("topic", labels=TOPICS), toy_topics(48), toy_topics(15, 1), training=FAST)
     info = reg.add_task(TaskSpec("again", labels=["neg", "pos"]), toy_sentiment(48, 4), toy_sentiment(16, 5),
-                        training=STILL, init="auto")
+                        training=KEPT, init="auto")
     record = info.init
-    assert record["chosen"] == "auto"
+    assert record["chosen"] == "auto" and record["fresh"] == "kept the probe"
     assert set(record["probe_losses"]) == {"backbone", "task:sentiment@1", "task:topic@1"}
     trial = record["trial"]
     assert trial["steps"] == transfer.TRIAL_STEPS and trial["z"] == transfer.TRIAL_Z
@@ -119,31 +143,97 @@ def test_auto_probes_every_candidate_tries_the_best_and_records_both(reg):
     assert set(trial["losses"]) == {"fresh", "task:sentiment@1", "task:topic@1"}  # two sources: both tried
     assert set(trial["gain_z"]) == {"task:sentiment@1", "task:topic@1"}
     passed = [k for k, z in trial["gain_z"].items() if z is not None and z > transfer.TRIAL_Z]
-    if not passed:
-        assert "task" not in record and "scale" not in record  # a fresh start kept nothing of a source
-        assert all(v.abs().max() < 1e-9 for k, v in reg.adapter_state("again").items() if "lora_B" in k)
+    if not passed:  # nothing to train from: the fresh adapter stays, and nothing was judged on validation
+        assert {"task", "scale", "validation", "rejected"}.isdisjoint(record)
+        assert all(not v.any() for k, v in reg.adapter_state("again").items() if "lora_B" in k)
+        return
+    best = min(passed, key=trial["losses"].get)
+    judged = record["validation"]
+    if judged["source"] > judged["fresh"]:
+        assert f"task:{record['task']}@{record['version']}" == best and record["scale"] == 1.0
     else:
-        best = min(passed, key=trial["losses"].get)
-        assert f"task:{record['task']}@{record['version']}" == best
-        assert record["scale"] == 1.0
-        assert_same_adapter(reg.adapter_state("again"), reg.adapter_state(record["task"]))
+        assert record["rejected"] == {"source": best} and "task" not in record
+
+
+def score_second_run(monkeypatch, outcome: float | str) -> list:
+    """Make the validation accuracy of add_task's second training run (init="auto" from the chosen source)
+    ``outcome``, or make it diverge (``"diverge"``); returns the results of the runs, in order."""
+    import cmtl.registry.facade as facade
+
+    runs, real = [], facade.fit
+
+    def fit(*args, **kwargs):
+        if runs and outcome == "diverge":
+            raise TrainingDivergedError("the loss became nan")
+        result = real(*args, **kwargs)
+        if runs:
+            result.best_metrics = {**result.best_metrics, "accuracy": outcome}
+        runs.append(result)
+        return result
+
+    monkeypatch.setattr(facade, "fit", fit)
+    monkeypatch.setattr(transfer, "pick_trial", lambda losses: ("sentiment__v1", {}))
+    return runs
+
+
+def test_auto_keeps_the_source_when_it_scores_higher_on_validation_as_a_named_init_would(reg, monkeypatch):
+    runs = score_second_run(monkeypatch, 1.0)
+    info = reg.add_task(TaskSpec("again", labels=["neg", "pos"]), toy_sentiment(48, 4), toy_sentiment(16, 5),
+                        training=KEPT, init="auto")
+    assert len(runs) == 2 and info.init["task"] == "sentiment" and info.init["scale"] == 1.0
+    assert info.init["validation"] == {"metric": "accuracy", "fresh": runs[0].best_metrics["accuracy"], "source": 1.0}
+    assert info.metrics["validation_accuracy"] == 1.0  # the record is the kept run's
+    monkeypatch.undo()
+    named = reg.add_task(TaskSpec("named", labels=["neg", "pos"]), toy_sentiment(48, 4), toy_sentiment(16, 5),
+                         training=KEPT, init="sentiment")
+    assert_same_adapter(reg.adapter_state("again"), reg.adapter_state("named"))
+    numpy.testing.assert_allclose(reg.predict_proba("again", TEXTS), reg.predict_proba("named", TEXTS), atol=1e-6)
+    assert named.training["steps"] == info.training["steps"]
+
+
+@pytest.mark.parametrize("outcome", [0.0, "diverge"])
+def test_auto_keeps_the_fresh_adapter_when_the_source_scores_no_higher_or_diverges(reg, monkeypatch, outcome):
+    runs = score_second_run(monkeypatch, outcome)
+    info = reg.add_task(TaskSpec("again", labels=["neg", "pos"]), toy_sentiment(48, 4), toy_sentiment(16, 5),
+                        training=KEPT, init="auto")
+    assert {"task", "version", "scale"}.isdisjoint(info.init)  # the record names the start kept: fresh
+    assert info.init["rejected"]["source"] == "task:sentiment@1"
+    assert ("error" in info.init["rejected"]) == (outcome == "diverge")
+    assert info.init["validation"]["source"] == (None if outcome == "diverge" else 0.0)
+    assert info.metrics["validation_accuracy"] == runs[0].best_metrics["accuracy"]
+    monkeypatch.undo()
+    reg.add_task(TaskSpec("plain", labels=["neg", "pos"]), toy_sentiment(48, 4), toy_sentiment(16, 5),
+                         training=KEPT)
+    assert_same_adapter(reg.adapter_state("again"), reg.adapter_state("plain"))  # restored exactly
+    numpy.testing.assert_allclose(reg.predict_proba("again", TEXTS), reg.predict_proba("plain", TEXTS), atol=1e-6)
+    assert sorted(Registry.open(reg.root, device="cpu").tasks()) == ["again", "plain", "sentiment"]
+
+
+def test_auto_needs_the_step_0_probe_and_writes_nothing_without_it(reg):
+    before = (reg.root / MANIFEST).read_bytes()
+    with pytest.raises(InvalidParameterError, match=r"init.*probe_init.*init='spam'"):
+        reg.add_task(TaskSpec("new", labels=["neg", "pos"]), toy_sentiment(16), training=STILL, init="auto")
+    assert (reg.root / MANIFEST).read_bytes() == before and "new" not in reg.tasks()
 
 
 def test_auto_starts_from_an_adapter_that_already_does_the_task(reg):
-    """A second sentiment task learns far faster from the sentiment adapter than from zero: the trial sees it."""
-    slow = TrainConfig(batch_size=8, learning_rate=2e-3, epochs=1, progress=False, probe_init=False)
+    """A second sentiment task learns far faster from the sentiment adapter than from zero: the trial sees it.
+    (A huge probe_margin makes the fresh adapter keep its probe, so "auto" goes on to the trial.)"""
+    slow = TrainConfig(batch_size=8, learning_rate=2e-3, epochs=1, progress=False, probe_margin=1e9)
     info = reg.add_task(TaskSpec("again", labels=["neg", "pos"]), toy_sentiment(64, 4), toy_sentiment(32, 5),
                         training=slow, init="auto")
     trial = info.init["trial"]
     assert trial["gain_z"]["task:sentiment@1"] > transfer.TRIAL_Z
     assert trial["losses"]["task:sentiment@1"] < trial["losses"]["fresh"]
     assert info.init["task"] == "sentiment" and info.init["version"] == 1
+    assert info.init["validation"]["source"] > info.init["validation"]["fresh"]
 
 
 @pytest.mark.parametrize("scale", [None, 0.3])
 def test_auto_tries_and_starts_from_the_scaled_source(reg, monkeypatch, scale):
     """Whatever the trial decides, the starts it tried and the start the task gets are the source scaled by
-    init_scale (default 1: a full copy); the trial is forced to pick here, so the check never depends on it."""
+    init_scale (default 1: a full copy); the trial is forced to pick here, and the source to win on validation,
+    so the check never depends on them."""
     tried = {}
 
     def trial_losses(backbone, bank, starts, *args, **kwargs):
@@ -151,14 +241,14 @@ def test_auto_tries_and_starts_from_the_scaled_source(reg, monkeypatch, scale):
         return real(backbone, bank, starts, *args, **kwargs)
 
     real = transfer.trial_losses
+    score_second_run(monkeypatch, 1.0)
     monkeypatch.setattr(transfer, "trial_losses", trial_losses)
-    monkeypatch.setattr(transfer, "pick_trial", lambda losses: (next(k for k in losses if k is not None), {}))
     info = reg.add_task(TaskSpec("again", labels=["neg", "pos"]), toy_sentiment(48, 4), toy_sentiment(16, 5),
-                        training=STILL, init="auto", **({} if scale is None else {"init_scale": scale}))
+                        training=KEPT, init="auto", **({} if scale is None else {"init_scale": scale}))
     expected = transfer.scaled(reg.adapter_state("sentiment"), 1.0 if scale is None else scale)
     (state,) = tried.values()
     assert_same_adapter(state, expected)
-    assert_same_adapter(reg.adapter_state("again"), expected)
+    assert_same_adapter(reg.adapter_state("again"), expected)  # KEPT training kept its step-0 state: the start
     assert info.init["task"] == "sentiment" and info.init["scale"] == info.init["trial"]["scale"]
     assert info.init["scale"] == (1.0 if scale is None else scale)
 
@@ -166,10 +256,10 @@ def test_auto_tries_and_starts_from_the_scaled_source(reg, monkeypatch, scale):
 def test_auto_is_deterministic_and_leaves_the_callers_random_state_alone(reg, tmp_path, tiny_config):
     data = (toy_sentiment(48, 4), toy_sentiment(16, 5))
     torch.manual_seed(123)
-    first = reg.add_task(TaskSpec("a", labels=["neg", "pos"]), *data, training=STILL, init="auto").init
+    first = reg.add_task(TaskSpec("a", labels=["neg", "pos"]), *data, training=KEPT, init="auto").init
     after = torch.rand(3)
     torch.manual_seed(123)
-    second = reg.add_task(TaskSpec("b", labels=["neg", "pos"]), *data, training=STILL, init="auto").init
+    second = reg.add_task(TaskSpec("b", labels=["neg", "pos"]), *data, training=KEPT, init="auto").init
     torch.testing.assert_close(torch.rand(3), after)
     # "b" sees "a" as one more candidate; the two candidates both saw are scored alike.
     for part in ("losses", "gain_z"):
@@ -210,9 +300,10 @@ def test_shortlist_takes_the_lowest_probe_losses_and_never_the_backbone():
 
 def test_auto_without_candidates_starts_fresh(tmp_path, tiny_config):
     reg = Registry.create(tmp_path / "reg", tiny_config, device="cpu")
-    info = reg.add_task(TaskSpec("first", labels=["neg", "pos"]), toy_sentiment(32), training=STILL, init="auto")
+    info = reg.add_task(TaskSpec("first", labels=["neg", "pos"]), toy_sentiment(32), training=KEPT, init="auto")
     backbone = pytest.approx(info.init["probe_losses"]["backbone"])
-    assert info.init == {"chosen": "auto", "probe_losses": {"backbone": backbone}}  # no source, no scale
+    assert info.init == {"chosen": "auto", "fresh": "kept the probe",
+                         "probe_losses": {"backbone": backbone}}  # no source, no scale
 
 
 @pytest.mark.parametrize("init", ["", "merge:", "task:", "other:spam", "task:spam@0", "task:spam@x", 3, ["spam"]])
@@ -262,15 +353,15 @@ def test_auto_skips_a_candidate_it_cannot_load_and_says_why(reg):
     (reg.root / "tasks" / "topic" / "v1" / "adapter.safetensors").write_bytes(b"damaged")
     fresh = Registry.open(reg.root, device="cpu")  # nothing loaded yet
     info = fresh.add_task(TaskSpec("again", labels=["neg", "pos"]), toy_sentiment(48, 4), toy_sentiment(16, 5),
-                          training=STILL, init="auto")
+                          training=KEPT, init="auto")
     assert "CorruptFileError" in info.init["skipped"]["task:topic"]
     assert set(info.init["probe_losses"]) == {"backbone", "task:sentiment@1"}
     assert fresh._runtime.bank.names == ["again__v1"]  # the probed candidates were unloaded again
 
 
-def test_auto_with_too_few_rows_to_probe_starts_fresh(reg):
-    info = reg.add_task(TaskSpec("one", labels=["neg", "pos"]), toy_sentiment(1), training=STILL, init="auto")
-    assert info.init["chosen"] == "auto" and "task" not in info.init and "too few rows" in info.init["note"]
+def test_auto_without_validation_rows_starts_fresh_and_says_why(reg):
+    info = reg.add_task(TaskSpec("one", labels=["neg", "pos"]), toy_sentiment(1), training=KEPT, init="auto")
+    assert info.init == {"chosen": "auto", "note": "no validation rows to judge a fresh adapter by"}
 
 
 def test_auto_leaves_out_an_adapter_that_never_moved_and_says_why(reg):
@@ -281,7 +372,7 @@ def test_auto_leaves_out_an_adapter_that_never_moved_and_says_why(reg):
     assert reg.current("kept").training["best_step"] == 0  # the probe won: the adapter never moved
     assert all(not v.any() for k, v in reg.adapter_state("kept").items() if "lora_B" in k)
     info = reg.add_task(TaskSpec("again", labels=["neg", "pos"]), toy_sentiment(48, 4), toy_sentiment(16, 5),
-                        training=STILL, init="auto")
+                        training=kept, init="auto")
     assert "never moved" in info.init["skipped"]["task:kept@1"]
     assert set(info.init["probe_losses"]) == {"backbone", "task:sentiment@1"}
     assert set(info.init["trial"]["losses"]) == {"fresh", "task:sentiment@1"}
