@@ -28,7 +28,7 @@ from cmtl.core.adapters import AdapterConfig
 from cmtl.core.backbone import Backbone, BackboneConfig, load_backbone
 from cmtl.core.heads import TaskHead
 from cmtl.core.tasks import TaskSpec
-from cmtl.data import Examples, read_examples, spec_for_data
+from cmtl.data import Encoded, Examples, read_examples, spec_for_data
 from cmtl.errors import (STORED_FILE_FIX, CorruptFileError, InvalidParameterError, RegistryError,
                          TaskExistsError, TrainingDivergedError, bad_param)
 from cmtl.merging import pipeline
@@ -41,7 +41,7 @@ from cmtl.registry.reader import UpdateResult, VersionInfo, head_key, merge_key,
 from cmtl.training import distributed
 from cmtl.training.evaluation import primary_metric
 from cmtl.training.transfer import check_scale, parse_init
-from cmtl.training.loop import TrainConfig, seeded
+from cmtl.training.loop import TrainConfig, TrainResult, seeded
 from cmtl.training.probe import pooled_features
 from cmtl.training.trainee import fit
 
@@ -228,8 +228,10 @@ class Registry(LoadedRegistry):
                 raise
         return self.current(spec.name)
 
-    def _rescue(self, key: str, start, requested: AdapterConfig | None, adapter: AdapterConfig, head: TaskHead,
-                result, spec: TaskSpec, train, validation, training: TrainConfig, scale: float):
+    def _rescue(self, key: str, start: tuple[str, str | None, int | None], requested: AdapterConfig | None,
+                adapter: AdapterConfig, head: TaskHead, result: TrainResult | None, spec: TaskSpec, train: Encoded,
+                validation: Encoded | None, training: TrainConfig, scale: float
+                ) -> tuple[dict[str, torch.Tensor] | None, AdapterConfig, TaskHead, TrainResult | None, dict[str, Any]]:
         """``init="auto"`` after the fresh adapter under ``key`` has trained: where it kept its step-0 linear
         probe (it could not beat the frozen backbone on validation), the earlier adapters are probed and
         tried (:meth:`Runtime.start_from`), the chosen source trains under the same seed (as
