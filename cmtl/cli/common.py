@@ -58,7 +58,7 @@ def training_story(info) -> list[str]:
         gain = ((init.get("trial") or {}).get("gain_z") or {}).get(source_label(init))
         ahead = "" if gain is None else f", {gain:.1f} standard errors ahead of a fresh start"
         lines = [f"start: {_source(init)}, chosen by a short trial (init='auto'{ahead})"]
-        if "validation" in init:  # a fresh adapter trained first and kept its probe (records since #21's rescue)
+        if "validation" in init:  # records since auto trains a fresh adapter first: it kept its probe
             lines.append("why: a fresh adapter could not beat the step-0 probe; from this source the task scored "
                          + _versus(init["validation"]) + " on validation")
     else:
