@@ -66,7 +66,7 @@ def training_story(info) -> list[str]:
         if init.get("fresh") == "beat the probe":
             why = "it beat the step-0 probe, so no earlier adapter was tried"
         elif rejected:
-            scored = ("diverged" if "error" in rejected or init["validation"]["source"] is None else
+            scored = ("diverged" if "error" in rejected else
                       "scored " + _versus(init["validation"]) + " on validation")
             why = f"it kept the step-0 probe; the start from {rejected['source']} {scored}"
         elif "trial" in init:

@@ -266,8 +266,7 @@ class Registry(LoadedRegistry):
         lineage["validation"] = {"metric": metric, **scores}
         if tried is not None and sign * scores["source"] > sign * scores["fresh"]:
             return source, config, other, tried, lineage
-        if key in rt.bank:
-            rt.bank.remove(key)
+        rt.bank.remove(key)  # the source's run, if it got that far
         rt.bank.load(key, adapter, fresh_state)
         drop = ("task", "version", "merge", "scale")  # the record names the start the adapter kept: fresh
         lineage = {k: v for k, v in lineage.items() if k not in drop}
