@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from cmtl._io import tensors_to_bytes
 from cmtl.continual import analytic, updates
@@ -118,8 +118,8 @@ class Registry(LoadedRegistry):
                 current task adapters and merges are ranked by a linear probe on the new task's rows, the
                 best two are tried for a few dozen steps of ``training`` beside a fresh adapter, a source
                 whose trial beats the fresh one's held-out loss beyond noise is trained from (as naming it
-                would), and that run is kept only if it scores higher on validation
-                (:mod:`cmtl.training.transfer`; needs ``training.probe_init``). The source and the
+                would), and that run is kept only if it scores higher on validation, judged by the head
+                the version answers with (:mod:`cmtl.training.transfer`; needs ``training.probe_init``). The source and the
                 measurements are recorded as ``init`` in the version's record.
             init_scale: The share of the source's change to the backbone (LoRA's ``B·A``) the start keeps,
                 in (0, 1]: every ``B`` matrix is scaled by it; 1, an exact copy. With ``"auto"`` the trial
@@ -193,20 +193,26 @@ class Registry(LoadedRegistry):
                 rt.bank.load(key, adapter, source)
                 resolved = adapter
             linear = rt.new_head(spec, training.head_dropout)
+
+            def answering(trained_head: TaskHead, trained: TrainResult | None) -> tuple[Any, TrainResult | None]:
+                """The head the version answers with, and its result: the trained linear head, or an analytic
+                head computed from the features of the adapter now under ``key`` (then frozen)."""
+                if head is None:
+                    return trained_head, trained
+                rt.bank.activate(key)
+                return analytic.computed_head(head, self.backbone, spec, train_enc, val_enc, trained=trained,
+                                              batch_size=training.eval_batch_size)
+
             try:
                 result = None
                 if head is None or head.features == "adapter":
                     result = fit(rt.trainee(key, linear), self.backbone, resolved, spec, train_enc, val_enc, training,
                                  new_head=True)
+                final, result = answering(linear, result)
                 if auto:
-                    source, resolved, linear, result, lineage = self._rescue(
-                        key, start, requested, resolved, linear, result, spec, train_enc, val_enc, training,
-                        init_scale)
-                final = linear
-                if head is not None:  # computed from the features of the (now frozen) adapter
-                    rt.bank.activate(key)
-                    final, result = analytic.computed_head(head, self.backbone, spec, train_enc, val_enc,
-                                                           trained=result, batch_size=training.eval_batch_size)
+                    source, resolved, final, result, lineage = self._rescue(
+                        key, start, requested, resolved, final, result, spec, train_enc, val_enc, training,
+                        init_scale, answering)
                 record = entries.version_record(1, None, "train", train_ex, resolved, training, result)
                 record["init"] = lineage
                 files = updates.memory_files(spec.name, 1, memory, train_ex if fill_buffer else None, val_ex, None)
@@ -229,14 +235,17 @@ class Registry(LoadedRegistry):
         return self.current(spec.name)
 
     def _rescue(self, key: str, start: tuple[str, str | None, int | None], requested: AdapterConfig | None,
-                adapter: AdapterConfig, head: TaskHead, result: TrainResult | None, spec: TaskSpec, train: Encoded,
-                validation: Encoded | None, training: TrainConfig, scale: float
-                ) -> tuple[dict[str, torch.Tensor] | None, AdapterConfig, TaskHead, TrainResult | None, dict[str, Any]]:
+                adapter: AdapterConfig, head: Any, result: TrainResult | None, spec: TaskSpec, train: Encoded,
+                validation: Encoded | None, training: TrainConfig, scale: float,
+                answering: Callable[[TaskHead, TrainResult | None], tuple[Any, TrainResult | None]]
+                ) -> tuple[dict[str, torch.Tensor] | None, AdapterConfig, Any, TrainResult | None, dict[str, Any]]:
         """``init="auto"`` after the fresh adapter under ``key`` has trained: where it kept its step-0 linear
         probe (it could not beat the frozen backbone on validation), the earlier adapters are probed and
         tried (:meth:`Runtime.start_from`), the chosen source trains under the same seed (as
-        ``init=<source>`` would) and is kept only if it scores higher on validation. Returns (source state
-        or ``None``, adapter config, head, training result, lineage record) of the adapter kept."""
+        ``init=<source>`` would) and is kept only if it scores higher on validation. ``head`` and ``result``
+        are the fresh run's, as ``answering`` turned them into the head the version answers with (an
+        analytic head, if asked for); the source's run is turned and judged the same way. Returns (source
+        state or ``None``, adapter config, head, training result, lineage record) of the adapter kept."""
         rt = self._runtime
         lineage: dict[str, Any] = {"chosen": "auto"}
         if result is None or validation is None or result.candidate_metrics is None:
@@ -262,6 +271,7 @@ class Registry(LoadedRegistry):
             tried, why = None, f"{type(error).__name__}: {error}"
         else:
             why = None
+            other, tried = answering(other, tried)
         scores = {"fresh": result.best_metrics[metric], "source": None if tried is None else tried.best_metrics[metric]}
         lineage["validation"] = {"metric": metric, **scores}
         if tried is not None and sign * scores["source"] > sign * scores["fresh"]:

@@ -209,6 +209,30 @@ def test_auto_keeps_the_fresh_adapter_when_the_source_scores_no_higher_or_diverg
     assert sorted(Registry.open(reg.root, device="cpu").tasks()) == ["again", "plain", "sentiment"]
 
 
+@pytest.mark.parametrize("linear", [1.0, 0.0])
+def test_auto_with_an_analytic_head_judges_both_starts_by_the_head_the_version_answers_with(reg, monkeypatch, linear):
+    """With head=AnalyticConfig(features="adapter") the version answers through an analytic head computed on
+    the trained adapter's features, so "auto" compares the two starts by that head's validation score, not
+    by the linear head each run trained with (here forced to ``linear`` for the source's run)."""
+    from cmtl.continual.config import AnalyticConfig
+
+    analytic = AnalyticConfig(projection=64, features="adapter")
+    data = (toy_sentiment(48, 4), toy_sentiment(16, 5))
+    score_second_run(monkeypatch, linear)
+    info = reg.add_task(TaskSpec("again", labels=["neg", "pos"]), *data, training=KEPT, init="auto", head=analytic)
+    monkeypatch.undo()
+    plain = reg.add_task(TaskSpec("plain", labels=["neg", "pos"]), *data, training=KEPT, head=analytic)
+    named = reg.add_task(TaskSpec("named", labels=["neg", "pos"]), *data, training=KEPT, init="sentiment",
+                         head=analytic)
+    judged = info.init["validation"]
+    assert judged["fresh"] == plain.metrics["validation_accuracy"]
+    assert judged["source"] == named.metrics["validation_accuracy"]
+    kept = named if judged["source"] > judged["fresh"] else plain
+    assert ("task" in info.init) == (kept is named)
+    assert info.metrics["validation_accuracy"] == kept.metrics["validation_accuracy"]
+    numpy.testing.assert_allclose(reg.predict_proba("again", TEXTS), reg.predict_proba(kept.task, TEXTS), atol=1e-6)
+
+
 def test_auto_needs_the_step_0_probe_and_writes_nothing_without_it(reg):
     before = (reg.root / MANIFEST).read_bytes()
     with pytest.raises(InvalidParameterError, match=r"init.*probe_init.*init='spam'"):
