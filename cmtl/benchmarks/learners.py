@@ -397,7 +397,8 @@ class AdapterLearner(Learner):
             versus = ("" if not judged or judged["source"] is None else
                       f"; validation {judged['metric']}: source {judged['source']:.3f}, fresh {judged['fresh']:.3f}")
             fresh = {"beat the probe": "; fresh beat its probe: nothing tried",
-                     "kept the probe": "; fresh kept its probe"}.get(chosen.get("fresh"), "")
+                     "kept the probe": "; fresh kept its probe",
+                     "kept a perfect probe": "; fresh kept a perfect probe: nothing tried"}.get(chosen.get("fresh"), "")
             self.notes.append(f"started from {source}" + fresh
                               + (f"; trial gain over fresh in SE: {tried}" if tried else "")
                               + versus + (f"; left out: {left_out}" if left_out else ""))

@@ -65,6 +65,8 @@ def training_story(info) -> list[str]:
         rejected = init.get("rejected")
         if init.get("fresh") == "beat the probe":
             why = "it beat the step-0 probe, so no earlier adapter was tried"
+        elif init.get("fresh") == "kept a perfect probe":
+            why = "it kept a step-0 probe that scores perfectly on validation, which no start can beat"
         elif rejected:
             scored = ("diverged" if "error" in rejected else
                       "scored " + _versus(init["validation"]) + " on validation")

@@ -252,12 +252,14 @@ class Registry(LoadedRegistry):
             return None, adapter, head, result, {**lineage, "note": "no validation rows to judge a fresh adapter by"}
         if result.best_step != 0:
             return None, adapter, head, result, {**lineage, "fresh": "beat the probe"}
+        metric, higher = primary_metric(spec)
+        if result.best_metrics[metric] == (1.0 if higher else 0.0):  # accuracy or F1 1, MSE 0: none can beat it
+            return None, adapter, head, result, {**lineage, "fresh": "kept a perfect probe"}
         source, config, found = rt.start_from(self, start, requested, adapter, spec, train, validation, training,
                                               scale)
         lineage = {**found, "fresh": "kept the probe"}
         if source is None:
             return None, adapter, head, result, lineage
-        metric, higher = primary_metric(spec)
         sign = 1.0 if higher else -1.0
         fresh_state = rt.bank.state_dict(key)
         rt.bank.remove(key)

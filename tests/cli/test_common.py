@@ -73,6 +73,9 @@ def test_the_start_says_why_auto_tried_a_source_and_what_validation_said():
     learned = training_story(info({}, {"chosen": "auto", "fresh": "beat the probe"}))
     assert learned == ["start: a fresh adapter (init='auto': it beat the step-0 probe, so no earlier adapter was "
                        "tried)"]
+    perfect = training_story(info({}, {"chosen": "auto", "fresh": "kept a perfect probe"}))
+    assert perfect == ["start: a fresh adapter (init='auto': it kept a step-0 probe that scores perfectly on "
+                       "validation, which no start can beat)"]
     judged = {"metric": "accuracy", "fresh": 0.74, "source": 0.8}
     kept = {"task": "trec", "version": 1, "chosen": "auto", "fresh": "kept the probe", "validation": judged,
             "trial": {"gain_z": {"task:trec@1": 2.6}}}
