@@ -114,12 +114,13 @@ class Registry(LoadedRegistry):
                 a task name (``"spam"``, ``"task:spam"``, ``"task:spam@2"`` for version 2) or ``"merge:NAME"``,
                 from a copy of that adapter (its rank, modules and layers, which ``adapter`` may then
                 only repeat); ``"auto"``: a fresh adapter trains first, exactly as with ``None``. Where it
-                cannot beat its step-0 linear probe on validation (too little data for a fresh adapter), the
-                current task adapters and merges are ranked by a linear probe on the new task's rows, the
-                best two are tried for a few dozen steps of ``training`` beside a fresh adapter, a source
-                whose trial beats the fresh one's held-out loss beyond noise is trained from (as naming it
-                would), and that run is kept only if it scores higher on validation, judged by the head
-                the version answers with (:mod:`cmtl.training.transfer`; needs ``training.probe_init``). The source and the
+                cannot beat its step-0 linear probe on validation (too little data for a fresh adapter) and
+                that probe is not already perfect there, the current task adapters and merges are ranked
+                by a linear probe on the new task's rows, the best two are tried for a few dozen steps of
+                ``training`` beside a fresh adapter, a source whose trial beats the fresh one's held-out
+                loss beyond noise is trained from (as naming it would), and that run is kept only if it
+                scores higher on validation, judged by the head the version answers with
+                (:mod:`cmtl.training.transfer`; needs ``training.probe_init``). The source and the
                 measurements are recorded as ``init`` in the version's record.
             init_scale: The share of the source's change to the backbone (LoRA's ``B·A``) the start keeps,
                 in (0, 1]: every ``B`` matrix is scaled by it; 1, an exact copy. With ``"auto"`` the trial
