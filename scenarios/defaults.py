@@ -2,9 +2,12 @@
 
 Every variant trains one task per shipped corpus from scratch with ``Registry.add_task`` (1,000
 training examples, or all when fewer; validation and test capped at ``--max-eval``) and is scored on
-the test split. Two references run beside them: ``probe``, a linear probe on the frozen backbone's
-mean-pooled features (the head alone, fitted as ``refit_heads`` fits heads: full-batch L-BFGS, L2
-1e-3), and ``single``, the whole backbone fine-tuned per task (the benchmarks' ``single`` strategy).
+the test split. ``--validation held-out`` passes no validation rows, as a user with one labelled file
+would: ``add_task`` then holds out ``TrainConfig.validation_fraction`` (10 %) of the training rows to stop
+and choose on, and the ``probe`` reference still fits on all of them. Two references run beside them:
+``probe``, a linear probe on the frozen backbone's mean-pooled features (the head alone, fitted as
+``refit_heads`` fits heads: full-batch L-BFGS, L2 1e-3), and ``single``, the whole backbone fine-tuned
+per task (the benchmarks' ``single`` strategy).
 Each (corpus, seed) uses the corpus split and training seed ``seed``, so seeds differ in data and
 initialisation. Results are appended to ``results.json`` as each run ends, so an interrupted study
 resumes where it stopped; ``results.md`` holds the per-variant means and a per-corpus table.
@@ -12,6 +15,7 @@ resumes where it stopped; ``results.md`` holds the per-variant means and a per-c
     python scenarios/defaults.py                                   # every variant, 6 corpora, 3 seeds
     python scenarios/defaults.py --variants probe,v01,default --seeds 0
     python scenarios/defaults.py --layers 2 --max-train 64 --max-eval 32 --corpora trec6   # a quick look
+    python scenarios/defaults.py --variants probe,default --validation held-out    # add_task as a user calls it
 
 Read ``time_s`` only within one run on one machine: it is the wall time of ``add_task``
 (training, the probe when on, and writing the version), with whatever else shared the cores.
@@ -83,8 +87,10 @@ def load_corpora(corpora: list[str], seed: int, max_train: int, max_eval: int) -
     return {e.corpus: e for e in scenario.load() if e.corpus in corpora}
 
 
-def run_variant(variant: str, exp, backbone: BackboneConfig, seed: int, device: str) -> dict:
-    """Train and score one variant (or reference) on one loaded experience."""
+def run_variant(variant: str, exp, backbone: BackboneConfig, seed: int, device: str,
+                validation: str = "given") -> dict:
+    """Train and score one variant (or reference) on one loaded experience; with ``validation="held-out"``
+    ``add_task`` gets no validation rows and holds its own out of the training rows."""
     if variant == "single":
         report = run_stream("single", [exp], "task-incremental", backbone,
                             StrategyConfig(training=TrainConfig(seed=seed, progress=False)), device=device)
@@ -107,14 +113,15 @@ def run_variant(variant: str, exp, backbone: BackboneConfig, seed: int, device: 
             adapter_kwargs["layers"] = tuple(range(n // 2, n))
         training = TrainConfig(**{**training_kwargs, "seed": seed, "progress": False})
         started = time.perf_counter()
-        info = reg.add_task(exp.spec, exp.train, exp.validation, adapter=AdapterConfig(**adapter_kwargs),
-                            training=training)
+        info = reg.add_task(exp.spec, exp.train, exp.validation if validation == "given" else None,
+                            adapter=AdapterConfig(**adapter_kwargs), training=training)
         seconds = time.perf_counter() - started
         scores = reg.evaluate(exp.spec.name, exp.test)
         record = info.training
         return {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"], "time_s": seconds,
                 "trainable_parameters": info.trainable_parameters, "bytes": info.bytes_on_disk,
                 "steps": record.get("steps"), "best_step": record.get("best_step"),
+                "examples_trained": record.get("examples"),  # fewer than n_train where add_task held rows out
                 "probe_gain": record.get("probe_gain"), "stopped_early": record.get("stopped_early"),
                 # Validation scores of the kept state and of the step-0 probe: enough to replay any rule that
                 # chooses between them by their gap (in points or standard errors) without training again.
@@ -174,6 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--max-train", type=int, default=1000)
     parser.add_argument("--max-eval", type=int, default=500)
+    parser.add_argument("--validation", choices=("given", "held-out"), default="given",
+                        help="given: pass the corpus's validation rows to add_task; held-out: pass none, so add_task "
+                             "holds out TrainConfig.validation_fraction of the training rows")
     parser.add_argument("--layers", type=int, default=None, help="Use only the first N backbone layers.")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default="runs/bench/defaults")
@@ -186,11 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     backbone = BackboneConfig(num_hidden_layers=args.layers)
     path = out / "results.json"
     settings = {"max_train": args.max_train, "max_eval": args.max_eval, "backbone": backbone.to_dict(),
-                "torch_threads": torch.get_num_threads()}
+                "torch_threads": torch.get_num_threads(), "validation": args.validation}
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() and args.device != "cpu" else "no GPU"
     results = json.loads(path.read_text()) if path.exists() else {
         "machine": f"{platform.machine()} {platform.processor() or ''}, {gpu}".strip(), **settings, "runs": []}
-    if changed := {k: (results.get(k), v) for k, v in settings.items() if results.get(k) != v}:
+    # Studies stored before --validation existed passed the corpus's validation rows.
+    stored = {k: results.get(k, "given" if k == "validation" else None) for k in settings}
+    if changed := {k: (stored[k], v) for k, v in settings.items() if stored[k] != v}:
         parser.error(f"{path} holds runs made with other settings {changed} (stored, now): use another --out")
     results["defaults"] = {"training": TrainConfig().to_dict(), "adapter": AdapterConfig().to_dict()}
     done = {(r["variant"], r["corpus"], r["seed"]) for r in results["runs"]}
@@ -202,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             for variant in variants:
                 if (variant, corpus, seed) in done:
                     continue
-                row = run_variant(variant, exp, backbone, seed, args.device)
+                row = run_variant(variant, exp, backbone, seed, args.device, args.validation)
                 row.update(variant=variant, corpus=corpus, seed=seed, n_train=len(exp.train),
                            n_test=len(exp.test), date=time.strftime("%Y-%m-%d"))
                 results["runs"].append(row)

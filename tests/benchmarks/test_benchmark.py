@@ -342,6 +342,16 @@ def test_defaults_study_script_records_resumes_and_refuses_other_settings(tmp_pa
         defaults.main(["--layers", "1", "--max-train", "64", "--max-eval", "16", "--corpora", "trec6", "--seeds", "0",
                        "--variants", "probe", "--out", str(tmp_path / "a")])
     assert "other settings" in capsys.readouterr().err
+    # Without validation rows add_task holds out its own, and the study will not mix the two kinds of run.
+    assert defaults.main(quick + ["--variants", "default", "--validation", "held-out", "--out",
+                                  str(tmp_path / "c")]) == 0
+    held = json.loads((tmp_path / "c" / "results.json").read_text())
+    assert held["validation"] == "held-out" and held["runs"][0]["probe_validation_accuracy"] is not None
+    assert trained["examples_trained"] == 32 and held["runs"][0]["examples_trained"] == 32 - 3  # 10 %, rounded
+    for out, validation in (("a", "held-out"), ("c", "given")):
+        with pytest.raises(SystemExit):
+            defaults.main(quick + ["--variants", "probe", "--validation", validation, "--out", str(tmp_path / out)])
+        assert "other settings" in capsys.readouterr().err
 
 
 def test_tag_benchmark_script(tmp_path, tiny_backbone):
