@@ -399,8 +399,11 @@ class AdapterLearner(Learner):
             fresh = {"beat the probe": "; fresh beat its probe: nothing tried",
                      "kept the probe": "; fresh kept its probe",
                      "kept a perfect probe": "; fresh kept a perfect probe: nothing tried"}.get(chosen.get("fresh"), "")
+            failed = ("; search failed: " + chosen["error"] if "error" in chosen else
+                      "; source's run failed: " + chosen["rejected"]["error"]
+                      if "error" in (chosen.get("rejected") or {}) else "")
             self.notes.append(f"started from {source}" + fresh
-                              + (f"; trial gain over fresh in SE: {tried}" if tried else "")
+                              + (f"; trial gain over fresh in SE: {tried}" if tried else "") + failed
                               + versus + (f"; left out: {left_out}" if left_out else ""))
 
     def predict(self, j: int, n_seen: int) -> list[str]:

@@ -67,8 +67,11 @@ def training_story(info) -> list[str]:
             why = "it beat the step-0 probe, so no earlier adapter was tried"
         elif init.get("fresh") == "kept a perfect probe":
             why = "it kept a step-0 probe that scores perfectly on validation, which no start can beat"
+        elif "error" in init:
+            why = f"it kept the step-0 probe; trying earlier adapters failed: {init['error']}"
         elif rejected:
-            scored = ("diverged" if "error" in rejected else
+            error = rejected.get("error", "")
+            scored = ("ran out of memory" if error.startswith("OutOfMemoryError") else "diverged" if error else
                       "scored " + _versus(init["validation"]) + " on validation")
             why = f"it kept the step-0 probe; the start from {rejected['source']} {scored}"
         elif "trial" in init:

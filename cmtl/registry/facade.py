@@ -17,8 +17,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
+
+import torch
 
 from cmtl._io import tensors_to_bytes
 from cmtl.continual import analytic, updates
@@ -44,9 +47,6 @@ from cmtl.training.transfer import check_scale, parse_init
 from cmtl.training.loop import TrainConfig, TrainResult, seeded
 from cmtl.training.probe import pooled_features
 from cmtl.training.trainee import fit
-
-if TYPE_CHECKING:
-    import torch
 
 __all__ = ["Registry", "UpdateResult", "VersionInfo"]
 
@@ -120,7 +120,8 @@ class Registry(LoadedRegistry):
                 ``training`` beside a fresh adapter, a source whose trial beats the fresh one's held-out
                 loss beyond noise is trained from (as naming it would), and that run is kept only if it
                 scores higher on validation, judged by the head the version answers with
-                (:mod:`cmtl.training.transfer`; needs ``training.probe_init``). The source and the
+                (:mod:`cmtl.training.transfer`; needs ``training.probe_init``). Running out of memory in
+                that search keeps the fresh adapter, with a ``RuntimeWarning``. The source and the
                 measurements are recorded as ``init`` in the version's record.
             init_scale: The share of the source's change to the backbone (LoRA's ``B·A``) the start keeps,
                 in (0, 1]: every ``B`` matrix is scaled by it; 1, an exact copy. With ``"auto"`` the trial
@@ -245,8 +246,10 @@ class Registry(LoadedRegistry):
         tried (:meth:`Runtime.start_from`), the chosen source trains under the same seed (as
         ``init=<source>`` would) and is kept only if it scores higher on validation. ``head`` and ``result``
         are the fresh run's, as ``answering`` turned them into the head the version answers with (an
-        analytic head, if asked for); the source's run is turned and judged the same way. Returns (source
-        state or ``None``, adapter config, head, training result, lineage record) of the adapter kept."""
+        analytic head, if asked for); the source's run is turned and judged the same way. Running out of
+        memory while searching or in the source's run keeps the fresh adapter, with a warning and the error
+        in the record: the search only looks for something better than what is already trained. Returns
+        (source state or ``None``, adapter config, head, training result, lineage record) of the adapter kept."""
         rt = self._runtime
         lineage: dict[str, Any] = {"chosen": "auto"}
         if result is None or validation is None or result.candidate_metrics is None:
@@ -256,8 +259,11 @@ class Registry(LoadedRegistry):
         metric, higher = primary_metric(spec)
         if result.best_metrics[metric] == (1.0 if higher else 0.0):  # accuracy or F1 1, MSE 0: none can beat it
             return None, adapter, head, result, {**lineage, "fresh": "kept a perfect probe"}
-        source, config, found = rt.start_from(self, start, requested, adapter, spec, train, validation, training,
-                                              scale)
+        try:
+            source, config, found = rt.start_from(self, start, requested, adapter, spec, train, validation, training,
+                                                  scale)
+        except torch.OutOfMemoryError as error:  # the search's own adapters are gone; the fresh one is intact
+            return None, adapter, head, result, {**lineage, "fresh": "kept the probe", "error": _short_of_memory(error)}
         lineage = {**found, "fresh": "kept the probe"}
         if source is None:
             return None, adapter, head, result, lineage
@@ -272,6 +278,8 @@ class Registry(LoadedRegistry):
                             new_head=True)
         except TrainingDivergedError as error:
             tried, why = None, f"{type(error).__name__}: {error}"
+        except torch.OutOfMemoryError as error:
+            tried, why = None, _short_of_memory(error)
         else:
             why = None
             other, tried = answering(other, tried)
@@ -774,3 +782,15 @@ class Registry(LoadedRegistry):
             lambda: commit.write_entry(self.root, self._manifest["backbone"], record, files, started_from),
             lambda: commit.read_manifest(self.root, self._manifest["backbone"])))
         record.update(self._manifest["merges"][record["name"]])
+
+
+def _short_of_memory(error: torch.OutOfMemoryError) -> str:
+    """``init="auto"`` ran out of memory looking for a better start than its fresh adapter: free the
+    allocator's cached blocks, warn that the fresh adapter is kept, and return the error as recorded."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    why = f"{type(error).__name__}: {error}"
+    warnings.warn(f"init='auto' ran out of memory while trying earlier adapters as starts ({why}); it keeps the "
+                  "fresh adapter, as init=None would. To let it search, free memory or lower "
+                  "TrainConfig.batch_size and eval_batch_size.", RuntimeWarning, stacklevel=4)
+    return why

@@ -91,6 +91,13 @@ def test_the_start_says_why_auto_tried_a_source_and_what_validation_said():
     diverged = {**lower, "validation": {**judged, "source": None}, "rejected": {"source": "task:trec@1", "error": "x"}}
     assert training_story(info({}, diverged)) == [
         "start: a fresh adapter (init='auto': it kept the step-0 probe; the start from task:trec@1 diverged)"]
+    short = {**diverged, "rejected": {"source": "task:trec@1", "error": "OutOfMemoryError: CUDA out of memory"}}
+    assert training_story(info({}, short)) == [
+        "start: a fresh adapter (init='auto': it kept the step-0 probe; the start from task:trec@1 ran out of memory)"]
+    search = {"chosen": "auto", "fresh": "kept the probe", "error": "OutOfMemoryError: CUDA out of memory"}
+    assert training_story(info({}, search)) == [
+        "start: a fresh adapter (init='auto': it kept the step-0 probe; trying earlier adapters failed: "
+        "OutOfMemoryError: CUDA out of memory)"]
 
 
 def test_an_analytic_head_has_no_kept_state():

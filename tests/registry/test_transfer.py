@@ -4,6 +4,8 @@ refused before anything is written."""
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy
 import pytest
 import torch
@@ -171,7 +173,8 @@ def test_auto_tries_the_earlier_adapters_where_a_fresh_one_keeps_its_probe(reg):
 
 def score_second_run(monkeypatch, outcome: float | str) -> list:
     """Make the validation accuracy of add_task's second training run (init="auto" from the chosen source)
-    ``outcome``, or make it diverge (``"diverge"``); returns the results of the runs, in order."""
+    ``outcome``, or make it diverge (``"diverge"``) or run out of memory (``"out of memory"``); returns the
+    results of the runs, in order."""
     import cmtl.registry.facade as facade
 
     runs, real = [], facade.fit
@@ -179,6 +182,8 @@ def score_second_run(monkeypatch, outcome: float | str) -> list:
     def fit(*args, **kwargs):
         if runs and outcome == "diverge":
             raise TrainingDivergedError("the loss became nan")
+        if runs and outcome == "out of memory":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         result = real(*args, **kwargs)
         if runs:
             result.best_metrics = {**result.best_metrics, "accuracy": outcome}
@@ -205,15 +210,19 @@ def test_auto_keeps_the_source_when_it_scores_higher_on_validation_as_a_named_in
     assert named.training["steps"] == info.training["steps"]
 
 
-@pytest.mark.parametrize("outcome", [0.0, "diverge"])
-def test_auto_keeps_the_fresh_adapter_when_the_source_scores_no_higher_or_diverges(reg, monkeypatch, outcome):
+@pytest.mark.parametrize("outcome", [0.0, "diverge", "out of memory"])
+def test_auto_keeps_the_fresh_adapter_when_the_source_scores_no_higher_or_fails(reg, monkeypatch, outcome):
     runs = score_second_run(monkeypatch, outcome)
-    info = reg.add_task(TaskSpec("again", labels=["neg", "pos"]), toy_sentiment(48, 4), toy_sentiment(16, 5),
-                        training=KEPT, init="auto")
+    short = outcome == "out of memory"
+    with pytest.warns(RuntimeWarning, match="out of memory") if short else contextlib.nullcontext():
+        info = reg.add_task(TaskSpec("again", labels=["neg", "pos"]), toy_sentiment(48, 4), toy_sentiment(16, 5),
+                            training=KEPT, init="auto")
     assert {"task", "version", "scale"}.isdisjoint(info.init)  # the record names the start kept: fresh
     assert info.init["rejected"]["source"] == "task:sentiment@1"
-    assert ("error" in info.init["rejected"]) == (outcome == "diverge")
-    assert info.init["validation"]["source"] == (None if outcome == "diverge" else 0.0)
+    assert ("error" in info.init["rejected"]) == (outcome != 0.0)
+    if short:
+        assert info.init["rejected"]["error"].startswith("OutOfMemoryError: CUDA out of memory")
+    assert info.init["validation"]["source"] == (0.0 if outcome == 0.0 else None)
     assert info.metrics["validation_accuracy"] == runs[0].best_metrics["accuracy"]
     monkeypatch.undo()
     reg.add_task(TaskSpec("plain", labels=["neg", "pos"]), toy_sentiment(48, 4), toy_sentiment(16, 5),
@@ -221,6 +230,28 @@ def test_auto_keeps_the_fresh_adapter_when_the_source_scores_no_higher_or_diverg
     assert_same_adapter(reg.adapter_state("again"), reg.adapter_state("plain"))  # restored exactly
     numpy.testing.assert_allclose(reg.predict_proba("again", TEXTS), reg.predict_proba("plain", TEXTS), atol=1e-6)
     assert sorted(Registry.open(reg.root, device="cpu").tasks()) == ["again", "plain", "sentiment"]
+
+
+@pytest.mark.parametrize("stage", ["probe_losses", "trial_losses"])
+def test_auto_keeps_the_fresh_adapter_when_the_search_runs_out_of_memory(reg, monkeypatch, stage):
+    """"auto" only looks for a better start than the fresh adapter it has already trained: running out of
+    memory while probing or trying the earlier adapters keeps that adapter, as init=None would store it,
+    and says so in the record and a warning, instead of losing it with the call."""
+    def short_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(transfer, stage, short_of_memory)
+    with pytest.warns(RuntimeWarning, match="out of memory"):
+        info = reg.add_task(TaskSpec("again", labels=["neg", "pos"]), toy_sentiment(48, 4), toy_sentiment(16, 5),
+                            training=KEPT, init="auto")
+    assert info.init["fresh"] == "kept the probe" and {"task", "validation", "rejected"}.isdisjoint(info.init)
+    assert info.init["error"].startswith("OutOfMemoryError: CUDA out of memory")
+    assert sorted(reg.tasks()) == ["again", "sentiment"] and not [k for k in reg._runtime.bank.names if "trial" in k]
+    monkeypatch.undo()
+    reg.add_task(TaskSpec("plain", labels=["neg", "pos"]), toy_sentiment(48, 4), toy_sentiment(16, 5),
+                 training=KEPT)
+    assert_same_adapter(reg.adapter_state("again"), reg.adapter_state("plain"))
+    numpy.testing.assert_allclose(reg.predict_proba("again", TEXTS), reg.predict_proba("plain", TEXTS), atol=1e-6)
 
 
 def test_auto_tries_nothing_where_the_kept_probe_is_already_perfect_on_validation(reg, monkeypatch):
