@@ -276,13 +276,12 @@ class Registry(LoadedRegistry):
                 other = rt.new_head(spec, training.head_dropout)
                 tried = fit(rt.trainee(key, other), self.backbone, config, spec, train, validation, training,
                             new_head=True)
+            other, tried = answering(other, tried)
+            why = None
         except TrainingDivergedError as error:
             tried, why = None, f"{type(error).__name__}: {error}"
         except torch.OutOfMemoryError as error:
             tried, why = None, _short_of_memory(error)
-        else:
-            why = None
-            other, tried = answering(other, tried)
         scores = {"fresh": result.best_metrics[metric], "source": None if tried is None else tried.best_metrics[metric]}
         lineage["validation"] = {"metric": metric, **scores}
         if tried is not None and sign * scores["source"] > sign * scores["fresh"]:
