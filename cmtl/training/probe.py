@@ -20,6 +20,7 @@ from cmtl.core.backbone import Backbone
 from cmtl.core.heads import TaskHead
 from cmtl.core.tasks import TaskSpec
 from cmtl.data import Encoded, seeded_order
+from cmtl.errors import TrainingDivergedError
 from cmtl.training.evaluation import predict_logits
 from cmtl.training.loop import seeded
 
@@ -31,7 +32,14 @@ def refit_head(head: nn.Module, features: torch.Tensor, targets: torch.Tensor,
                loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *, l2: float = PROBE_L2,
                max_iter: int = 100) -> nn.Module:
     """A copy of ``head`` (dropout + linear) fitted to ``features`` (N, H) by full-batch L-BFGS
-    on ``loss(logits, targets) + l2 · ‖W‖²``, starting from ``head``'s weights. Deterministic."""
+    on ``loss(logits, targets) + l2 · ‖W‖²``, starting from ``head``'s weights. Deterministic.
+    Raises TrainingDivergedError when a feature is not finite (the adapter they came through overflows)."""
+    if not bool(torch.isfinite(features).all()):
+        bad = int((~torch.isfinite(features)).any(dim=1).sum())
+        raise TrainingDivergedError(
+            f"{bad} of {len(features)} rows have non-finite features (inf or nan), so no head can be fitted on "
+            "them: the adapter they pass through overflows. Start from another adapter, or retrain this one "
+            "with a lower learning rate.")
     fitted = copy.deepcopy(head).train(False)
     device = next(fitted.parameters()).device
     # Clones: features computed under inference_mode cannot take part in autograd.

@@ -97,7 +97,8 @@ def probe_rows(train: Encoded, validation: Encoded | None, seed: int) -> tuple[E
 def probe_losses(backbone: Backbone, bank: AdapterBank, candidates: Sequence[str | None], spec: TaskSpec,
                  train: Encoded, held: Encoded, *, batch_size: int = 64) -> dict[str | None, float]:
     """Held-out loss of a linear probe on each candidate adapter's pooled features (``None``: the bare
-    backbone). Lower is better; the probe's head starts from zero, so every candidate is fitted alike."""
+    backbone). Lower is better; the probe's head starts from zero, so every candidate is fitted alike. A
+    candidate whose features are not finite scores ``inf``."""
     losses: dict[str | None, float] = {}
     for key in candidates:
         if key is None:
@@ -110,7 +111,11 @@ def probe_losses(backbone: Backbone, bank: AdapterBank, candidates: Sequence[str
         with torch.no_grad():
             for p in head.parameters():
                 p.zero_()
-        head = refit_head(head, features[0], train.targets, spec.loss)
+        try:
+            head = refit_head(head, features[0], train.targets, spec.loss)
+        except TrainingDivergedError:  # features that overflowed: ranked last, never tried
+            losses[key] = math.inf
+            continue
         with torch.no_grad():
             loss = float(spec.loss(head(features[1].to(backbone.device)), held.targets.to(backbone.device)))
         losses[key] = loss if math.isfinite(loss) else math.inf
@@ -118,8 +123,9 @@ def probe_losses(backbone: Backbone, bank: AdapterBank, candidates: Sequence[str
 
 
 def shortlist(losses: dict[str | None, float], k: int = TRIAL_SOURCES) -> list[str]:
-    """The ``k`` candidates (not the backbone, ``None``) with the lowest probe loss, best first."""
-    return sorted((key for key in losses if key is not None), key=lambda key: losses[key])[:k]
+    """The ``k`` candidates (not the backbone, ``None``) with the lowest finite probe loss, best first."""
+    return sorted((key for key in losses if key is not None and math.isfinite(losses[key])),
+                  key=lambda key: losses[key])[:k]
 
 
 def row_losses(spec: TaskSpec, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

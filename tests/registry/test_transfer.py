@@ -254,6 +254,27 @@ def test_auto_keeps_the_fresh_adapter_when_the_search_runs_out_of_memory(reg, mo
     numpy.testing.assert_allclose(reg.predict_proba("again", TEXTS), reg.predict_proba("plain", TEXTS), atol=1e-6)
 
 
+def test_auto_ranks_a_candidate_whose_features_overflow_last_instead_of_failing(reg, monkeypatch):
+    """A candidate adapter whose pooled features are not finite cannot be probed: its probe loss is infinite
+    (recorded as None), it is never tried, and add_task goes on with the others (before, L-BFGS raised a
+    RuntimeError and the fresh adapter was lost)."""
+    reg.add_task(TaskSpec("topic", labels=TOPICS), toy_topics(48), toy_topics(16, 1), training=FAST)
+    real, calls = transfer.pooled_features, []
+
+    def overflowing(backbone, part, batch_size=64):
+        calls.append(None)
+        features = real(backbone, part, batch_size)
+        return features * float("inf") if len(calls) in (3, 4) else features  # the first candidate's rows
+
+    monkeypatch.setattr(transfer, "pooled_features", overflowing)
+    info = reg.add_task(TaskSpec("again", labels=["neg", "pos"]), toy_sentiment(48, 4), toy_sentiment(16, 5),
+                        training=KEPT, init="auto")
+    losses = info.init["probe_losses"]
+    broken = [k for k, v in losses.items() if v is None]
+    assert len(calls) == 6 and len(broken) == 1 and broken[0] != "backbone"
+    assert broken[0] not in info.init["trial"]["losses"]
+
+
 def test_auto_tries_nothing_where_the_kept_probe_is_already_perfect_on_validation(reg, monkeypatch):
     """A fresh adapter that keeps a probe scoring accuracy 1 on validation cannot be beaten by any start:
     "auto" spends no probe, trial or second run on it (the fresh run's score is set to 1 here)."""
@@ -387,6 +408,7 @@ def test_pick_trial_scores_a_uniform_difference_as_paired_gain_does():
 def test_shortlist_takes_the_lowest_probe_losses_and_never_the_backbone():
     assert shortlist({None: 0.1, "a": 0.5, "b": 0.3, "c": 0.4}, 2) == ["b", "c"]
     assert shortlist({None: 0.1}) == []
+    assert shortlist({None: 0.1, "a": float("inf"), "b": 0.3}, 2) == ["b"]  # features that overflowed
 
 
 def test_auto_without_candidates_starts_fresh(tmp_path, tiny_config):

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cmtl import TaskSpec, TrainConfig
+from cmtl import TaskSpec, TrainConfig, TrainingDivergedError
 from cmtl.core.adapters import AdapterBank, AdapterConfig
 from cmtl.core.backbone import BackboneConfig, load_backbone
 from cmtl.core.heads import TaskHead
@@ -98,3 +98,13 @@ def test_training_starts_from_a_fresh_head_unless_probe_start(setup):
         new_head=True)
     for p, q in zip(head.parameters(), probe.parameters()):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_a_probe_on_features_that_overflowed_says_so(value):
+    """Non-finite features (an adapter that overflows) cannot be fitted: a clear TrainingDivergedError, not
+    L-BFGS's "value cannot be converted to type float without overflow"."""
+    features = torch.randn(12, 8)
+    features[3, 5] = value
+    with pytest.raises(TrainingDivergedError, match="1 of 12 rows have non-finite features"):
+        refit_head(TaskHead(8, 2, dropout=0.0), features, torch.randint(0, 2, (12,)), F.cross_entropy)
