@@ -4,10 +4,12 @@ Every variant trains one task per shipped corpus from scratch with ``Registry.ad
 training examples, or all when fewer; validation and test capped at ``--max-eval``) and is scored on
 the test split. ``--validation held-out`` passes no validation rows, as a user with one labelled file
 would: ``add_task`` then holds out ``TrainConfig.validation_fraction`` (10 %) of the training rows to stop
-and choose on, and the ``probe`` reference still fits on all of them. Two references run beside them:
+and choose on, and the ``probe`` reference still fits on all of them. References run beside them:
 ``probe``, a linear probe on the frozen backbone's mean-pooled features (the head alone, fitted as
-``refit_heads`` fits heads: full-batch L-BFGS, L2 1e-3), and ``single``, the whole backbone fine-tuned
-per task (the benchmarks' ``single`` strategy).
+``refit_heads`` fits heads: full-batch L-BFGS, L2 1e-3); ``probe-kept-rows``, the same fitted only on
+the rows ``add_task`` trains on (with ``--validation held-out``, what its step-0 probe sees, so what any
+``probe_margin`` would have kept); and ``single``, the whole backbone fine-tuned per task (the
+benchmarks' ``single`` strategy).
 Each (corpus, seed) uses the corpus split and training seed ``seed``, so seeds differ in data and
 initialisation. Results are appended to ``results.json`` as each run ends, so an interrupted study
 resumes where it stopped; ``results.md`` holds the per-variant means and a per-corpus table.
@@ -38,6 +40,8 @@ from cmtl import AdapterConfig, BackboneConfig, Registry, TrainConfig
 from cmtl.benchmarks.learners import StrategyConfig, run_stream
 from cmtl.benchmarks.results import write_results
 from cmtl.benchmarks.scenarios import ExperienceSpec, Scenario
+from cmtl.continual import updates
+from cmtl.data import read_examples
 from cmtl.training.evaluation import compute_metrics
 from cmtl.training.probe import linear_probe
 
@@ -75,7 +79,7 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
     "probe-margin-1": ("default keeping the probe unless training beats it on validation by more than one "
                        "standard error of the paired per-row difference", {}, {"probe_margin": 1.0}),
 }
-REFERENCES = ("probe", "single")
+REFERENCES = ("probe", "single", "probe-kept-rows")
 
 
 def load_corpora(corpora: list[str], seed: int, max_train: int, max_eval: int) -> dict:
@@ -98,13 +102,16 @@ def run_variant(variant: str, exp, backbone: BackboneConfig, seed: int, device: 
                 "trainable_parameters": report.trainable_parameters_per_task[0], "bytes": report.bytes_per_task[0]}
     with tempfile.TemporaryDirectory(prefix="cmtl-defaults-") as tmp:
         reg = Registry.create(Path(tmp) / "registry", backbone, device=device)
-        if variant == "probe":
+        if variant in ("probe", "probe-kept-rows"):
             started = time.perf_counter()
-            spec = exp.spec
-            head = linear_probe(spec, reg.embed(exp.train.texts), spec.encode_labels(exp.train.labels), seed=seed)
+            spec, fitted = exp.spec, exp.train
+            if variant == "probe-kept-rows" and validation == "held-out":  # the rows add_task trains on
+                fitted, _ = updates.split(read_examples(exp.train, spec), TrainConfig().validation_fraction, seed,
+                                          spec.name)
+            head = linear_probe(spec, reg.embed(fitted.texts), spec.encode_labels(fitted.labels), seed=seed)
             accuracy = compute_metrics(spec, head(reg.embed(exp.test.texts)),
                                        spec.encode_labels(exp.test.labels))["accuracy"]
-            return {"accuracy": accuracy, "time_s": time.perf_counter() - started,
+            return {"accuracy": accuracy, "time_s": time.perf_counter() - started, "examples_trained": len(fitted),
                     "trainable_parameters": sum(p.numel() for p in head.parameters()), "bytes": None}
         _, adapter_kwargs, training_kwargs = VARIANTS[variant]
         adapter_kwargs = dict(adapter_kwargs)
@@ -168,6 +175,8 @@ def summarise(results: dict) -> str:
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     described = {**{k: d for k, (d, _, _) in VARIANTS.items()},
                  "probe": "linear probe on the frozen backbone (no adapter)",
+                 "probe-kept-rows": "the probe fitted only on the training rows add_task keeps (with --validation "
+                                    "held-out, what its step-0 probe sees; otherwise the probe)",
                  "single": "the whole backbone fine-tuned (lr 5e-5), under the default budget rule"}
     lines += [""] + [f"- `{v}`: {described[v]}" for v in variants]
     return "\n".join(lines)

@@ -343,9 +343,12 @@ def test_defaults_study_script_records_resumes_and_refuses_other_settings(tmp_pa
                        "--variants", "probe", "--out", str(tmp_path / "a")])
     assert "other settings" in capsys.readouterr().err
     # Without validation rows add_task holds out its own, and the study will not mix the two kinds of run.
-    assert defaults.main(quick + ["--variants", "default", "--validation", "held-out", "--out",
+    assert defaults.main(quick + ["--variants", "default,probe-kept-rows", "--validation", "held-out", "--out",
                                   str(tmp_path / "c")]) == 0
     held = json.loads((tmp_path / "c" / "results.json").read_text())
+    kept_rows = held["runs"][1]  # the probe on the 29 rows add_task trained on, not on all 32
+    assert kept_rows["variant"] == "probe-kept-rows" and kept_rows["examples_trained"] == 29
+    assert probe["examples_trained"] == 32
     assert held["validation"] == "held-out" and held["runs"][0]["probe_validation_accuracy"] is not None
     assert trained["examples_trained"] == 32 and held["runs"][0]["examples_trained"] == 32 - 3  # 10 %, rounded
     for out, validation in (("a", "held-out"), ("c", "given")):
