@@ -59,6 +59,7 @@ def test_lifecycle(tmp_path, tiny_backbone):
     assert result.exit_code == 0, result.output
     assert "added sentiment v1" in result.output and "validation_accuracy" in result.output
     assert "start: a fresh adapter" in result.output and "kept: the " in result.output
+    assert "note:" not in result.output  # validation rows were given
     recorded = Registry.open(reg, device="cpu").current("sentiment").training
     assert recorded["probe_margin"] == 0.5 and isinstance(recorded["probe_gain"], float)
     probe = recorded["probe_metrics"]  # the step-0 probe's validation score, what training had to beat
@@ -73,6 +74,7 @@ def test_lifecycle(tmp_path, tiny_backbone):
                     "--no-probe-init", "--no-progress")
     assert result.exit_code == 0, result.output
     assert "start: task 'sentiment' v1 scaled by 0.5\n  kept: the trained state of step 1 of 1" in result.output
+    assert "note: 10 rows of --train were held out" in result.output  # 10 % of 96, and no --validation
     opened = Registry.open(reg, device="cpu")
     assert opened.current("again").init == {"task": "sentiment", "version": 1, "chosen": "named", "scale": 0.5}
     recorded = opened.current("again").training
