@@ -76,6 +76,9 @@ def training_story(info) -> list[str]:
             why = f"it kept the step-0 probe; the start from {rejected['source']} {scored}"
         elif "trial" in init:
             why = "no earlier adapter beat a fresh start in the trial"
+        elif (losses := {k: v for k, v in (init.get("probe_losses") or {}).items() if k != "backbone"}) and all(
+                v is None for v in losses.values()):
+            why = "it kept the step-0 probe; no earlier adapter could be probed (their features were not finite)"
         else:
             why = init.get("note") or "no earlier adapter to try"
         lines = [f"start: a fresh adapter (init='auto': {why})"]

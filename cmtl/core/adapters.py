@@ -291,7 +291,11 @@ class AdapterBank:
         from peft import set_peft_model_state_dict
 
         self.add(name, config)
-        result = set_peft_model_state_dict(self._peft, state, adapter_name=name)
+        try:
+            result = set_peft_model_state_dict(self._peft, state, adapter_name=name)
+        except BaseException:  # e.g. out of memory while copying: no half-loaded adapter stays behind
+            self.remove(name)
+            raise
         missing = [k for k in result.missing_keys if "lora_" in k and f".{name}." in k]
         unexpected = list(result.unexpected_keys)
         if missing or unexpected:

@@ -120,8 +120,8 @@ class Registry(LoadedRegistry):
                 ``training`` beside a fresh adapter, a source whose trial beats the fresh one's held-out
                 loss beyond noise is trained from (as naming it would), and that run is kept only if it
                 scores higher on validation, judged by the head the version answers with
-                (:mod:`cmtl.training.transfer`; needs ``training.probe_init``). Running out of memory in
-                that search keeps the fresh adapter, with a ``RuntimeWarning``. The source and the
+                (:mod:`cmtl.training.transfer`; needs ``training.probe_init``). Running out of GPU memory
+                (``torch.OutOfMemoryError``) in that search keeps the fresh adapter, with a ``RuntimeWarning``. The source and the
                 measurements are recorded as ``init`` in the version's record.
             init_scale: The share of the source's change to the backbone (LoRA's ``B·A``) the start keeps,
                 in (0, 1]: every ``B`` matrix is scaled by it; 1, an exact copy. With ``"auto"`` the trial
@@ -146,7 +146,8 @@ class Registry(LoadedRegistry):
                 ``head`` is not an AnalyticConfig, is given for a regression or multi-label task, or
                 reads the backbone's features while ``init`` names an adapter to start from.
             DataError: the data does not fit ``spec``; with an analytic ``head``, a label has no training rows.
-            TrainingDivergedError: the loss went non-finite; nothing was written.
+            TrainingDivergedError: the loss went non-finite, or the features a probe is fitted on did (an
+                ``init`` source that overflows); nothing was written.
         """
         if not isinstance(spec, TaskSpec):
             raise InvalidParameterError(bad_param("spec", "add_task", "be a TaskSpec, e.g. TaskSpec(\"spam\", "
@@ -247,7 +248,7 @@ class Registry(LoadedRegistry):
         ``init=<source>`` would) and is kept only if it scores higher on validation. ``head`` and ``result``
         are the fresh run's, as ``answering`` turned them into the head the version answers with (an
         analytic head, if asked for); the source's run is turned and judged the same way. Running out of
-        memory while searching or in the source's run keeps the fresh adapter, with a warning and the error
+        GPU memory while searching or in the source's run keeps the fresh adapter, with a warning and the error
         in the record: the search only looks for something better than what is already trained. Returns
         (source state or ``None``, adapter config, head, training result, lineage record) of the adapter kept."""
         rt = self._runtime
@@ -263,7 +264,12 @@ class Registry(LoadedRegistry):
             source, config, found = rt.start_from(self, start, requested, adapter, spec, train, validation, training,
                                                   scale)
         except torch.OutOfMemoryError as error:  # the search's own adapters are gone; the fresh one is intact
-            return None, adapter, head, result, {**lineage, "fresh": "kept the probe", "error": _short_of_memory(error)}
+            failed = _short_of_memory(error)
+        else:
+            failed = None
+        if failed:  # past the except block: the failed run's tensors are no longer held by its traceback
+            _release_cached_memory()
+            return None, adapter, head, result, {**lineage, "fresh": "kept the probe", "error": failed}
         lineage = {**found, "fresh": "kept the probe"}
         if source is None:
             return None, adapter, head, result, lineage
@@ -287,6 +293,8 @@ class Registry(LoadedRegistry):
         if tried is not None and sign * scores["source"] > sign * scores["fresh"]:
             return source, config, other, tried, lineage
         rt.bank.remove(key)  # the source's run, if it got that far
+        if why is not None:
+            _release_cached_memory()
         rt.bank.load(key, adapter, fresh_state)
         drop = ("task", "version", "merge", "scale")  # the record names the start the adapter kept: fresh
         lineage = {k: v for k, v in lineage.items() if k not in drop}
@@ -339,7 +347,8 @@ class Registry(LoadedRegistry):
             InvalidParameterError: ``labels`` leaves out a current label (labels cannot be removed),
                 repeats one, or the task is a regression; a penalty for a task whose head is analytic.
             CorruptFileError, ReplayBufferError: the current version's files are damaged.
-            TrainingDivergedError: the loss went non-finite; nothing was written.
+            TrainingDivergedError: the loss went non-finite, or the features a probe is fitted on did (an
+                ``init`` source that overflows); nothing was written.
         """
         config = config or UpdateConfig()
         entry = self._entry(task)
@@ -784,12 +793,16 @@ class Registry(LoadedRegistry):
 
 
 def _short_of_memory(error: torch.OutOfMemoryError) -> str:
-    """``init="auto"`` ran out of memory looking for a better start than its fresh adapter: free the
-    allocator's cached blocks, warn that the fresh adapter is kept, and return the error as recorded."""
+    """``init="auto"`` ran out of GPU memory looking for a better start than its fresh adapter: warn that
+    the fresh adapter is kept, and return the error as recorded."""
+    why = f"{type(error).__name__}: {error}"
+    warnings.warn(f"init='auto' ran out of GPU memory while probing, trying or training from earlier adapters "
+                  f"({why}); it keeps the fresh adapter, as init=None would. To let it search, free memory or "
+                  "lower TrainConfig.batch_size and eval_batch_size.", RuntimeWarning, stacklevel=4)
+    return why
+
+
+def _release_cached_memory() -> None:
+    """Hand the blocks a failed run left in CUDA's caching allocator back to the device."""
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    why = f"{type(error).__name__}: {error}"
-    warnings.warn(f"init='auto' ran out of memory while trying earlier adapters as starts ({why}); it keeps the "
-                  "fresh adapter, as init=None would. To let it search, free memory or lower "
-                  "TrainConfig.batch_size and eval_batch_size.", RuntimeWarning, stacklevel=4)
-    return why

@@ -149,7 +149,8 @@ class Runtime:
             probe_train, probe_held = transfer.probe_rows(train, validation, training.seed)
             if not len(probe_train) or not len(probe_held):
                 return None, adapter, {**lineage, "probe_losses": None, "note": "too few rows to probe; fresh start"}
-            losses = transfer.probe_losses(self.backbone, self.bank, [None, *sources], spec, probe_train, probe_held)
+            losses = transfer.probe_losses(self.backbone, self.bank, [None, *sources], spec, probe_train, probe_held,
+                                           batch_size=training.eval_batch_size)
             label = {k: source_label(sources[k][1]) if k is not None else "backbone" for k in losses}
             lineage["probe_losses"] = {label[k]: _finite(v) for k, v in losses.items()}
             tried = transfer.shortlist(losses)

@@ -38,8 +38,7 @@ def refit_head(head: nn.Module, features: torch.Tensor, targets: torch.Tensor,
         bad = int((~torch.isfinite(features)).any(dim=1).sum())
         raise TrainingDivergedError(
             f"{bad} of {len(features)} rows have non-finite features (inf or nan), so no head can be fitted on "
-            "them: the adapter they pass through overflows. Start from another adapter, or retrain this one "
-            "with a lower learning rate.")
+            "them: the adapter or merge they pass through overflows.")
     fitted = copy.deepcopy(head).train(False)
     device = next(fitted.parameters()).device
     # Clones: features computed under inference_mode cannot take part in autograd.

@@ -94,6 +94,10 @@ def test_the_start_says_why_auto_tried_a_source_and_what_validation_said():
     short = {**diverged, "rejected": {"source": "task:trec@1", "error": "OutOfMemoryError: CUDA out of memory"}}
     assert training_story(info({}, short)) == [
         "start: a fresh adapter (init='auto': it kept the step-0 probe; the start from task:trec@1 ran out of memory)"]
+    overflowed = {"chosen": "auto", "fresh": "kept the probe", "probe_losses": {"backbone": 0.6, "task:trec@1": None}}
+    assert training_story(info({}, overflowed)) == [
+        "start: a fresh adapter (init='auto': it kept the step-0 probe; no earlier adapter could be probed (their "
+        "features were not finite))"]
     search = {"chosen": "auto", "fresh": "kept the probe", "error": "OutOfMemoryError: CUDA out of memory"}
     assert training_story(info({}, search)) == [
         "start: a fresh adapter (init='auto': it kept the step-0 probe; trying earlier adapters failed: "

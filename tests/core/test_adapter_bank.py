@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from cmtl.core.adapters import AdapterBank, AdapterConfig
@@ -37,3 +38,22 @@ def test_adapter_bank(tiny_backbone):
     bank.remove("second")
     assert bank.names == []
     torch.testing.assert_close(bb.embed(**ids), plain)
+
+
+def test_a_load_that_fails_while_copying_leaves_no_half_loaded_adapter(tiny_backbone, monkeypatch):
+    """Running out of memory while the weights are copied in (or any other failure there) removes the adapter
+    the load had just added, as a load whose keys do not fit already did."""
+    import peft
+
+    bb = load_backbone(BackboneConfig(name_or_path=tiny_backbone), device="cpu")
+    bank = AdapterBank(bb.encoder)
+    resolved = bank.add("first", AdapterConfig(r=2))
+    state = bank.state_dict("first")
+
+    def short_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(peft, "set_peft_model_state_dict", short_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        bank.load("second", resolved, state)
+    assert bank.names == ["first"]
