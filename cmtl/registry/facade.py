@@ -121,8 +121,9 @@ class Registry(LoadedRegistry):
                 loss beyond noise is trained from (as naming it would), and that run is kept only if it
                 scores higher on validation, judged by the head the version answers with
                 (:mod:`cmtl.training.transfer`; needs ``training.probe_init``). Running out of GPU memory
-                (``torch.OutOfMemoryError``) in that search keeps the fresh adapter, with a ``RuntimeWarning``. The source and the
-                measurements are recorded as ``init`` in the version's record.
+                (``torch.OutOfMemoryError``) in that search keeps the fresh adapter, with a
+                ``RuntimeWarning``. The source and the measurements are recorded as ``init`` in the
+                version's record.
             init_scale: The share of the source's change to the backbone (LoRA's ``B·A``) the start keeps,
                 in (0, 1]: every ``B`` matrix is scaled by it; 1, an exact copy. With ``"auto"`` the trial
                 tries the scaled starts. A full copy learns a related task fastest but may end below a
