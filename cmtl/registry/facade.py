@@ -348,8 +348,7 @@ class Registry(LoadedRegistry):
             InvalidParameterError: ``labels`` leaves out a current label (labels cannot be removed),
                 repeats one, or the task is a regression; a penalty for a task whose head is analytic.
             CorruptFileError, ReplayBufferError: the current version's files are damaged.
-            TrainingDivergedError: the loss went non-finite, or the features a probe is fitted on did (an
-                ``init`` source that overflows); nothing was written.
+            TrainingDivergedError: the loss went non-finite; nothing was written.
         """
         config = config or UpdateConfig()
         entry = self._entry(task)
