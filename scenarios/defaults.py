@@ -76,6 +76,9 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
     "lora-lr-3e-4": ("default with LoRA at learning rate 3e-4 (the head at 1e-3)", {},
                      {"learning_rate": 3e-4, "head_learning_rate": 1e-3}),
     "no-clip": ("default without gradient clipping (Avalanche's loop clips nothing)", {}, {"grad_clip": None}),
+    "held-out-20": ("default holding out 20 % of the training rows to stop and choose on when no validation rows "
+                    "are given (10 % by default; matters only with --validation held-out)", {},
+                    {"validation_fraction": 0.2}),
     "probe-margin-1": ("default keeping the probe unless training beats it on validation by more than one "
                        "standard error of the paired per-row difference", {}, {"probe_margin": 1.0}),
 }
