@@ -7,9 +7,9 @@ would: ``add_task`` then holds out ``TrainConfig.validation_fraction`` (10 %) of
 and choose on, and the ``probe`` reference still fits on all of them. References run beside them:
 ``probe``, a linear probe on the frozen backbone's mean-pooled features (the head alone, fitted as
 ``refit_heads`` fits heads: full-batch L-BFGS, L2 1e-3); ``probe-kept-rows``, the same fitted only on
-the rows ``add_task`` trains on (with ``--validation held-out``, what its step-0 probe sees, so what any
-``probe_margin`` would have kept); and ``single``, the whole backbone fine-tuned per task (the
-benchmarks' ``single`` strategy).
+the rows the default ``add_task`` trains on (10 % held out; with ``--validation held-out``, what its
+step-0 probe sees, so what any ``probe_margin`` would have kept); and ``single``, the whole backbone
+fine-tuned per task (the benchmarks' ``single`` strategy).
 Each (corpus, seed) uses the corpus split and training seed ``seed``, so seeds differ in data and
 initialisation. Results are appended to ``results.json`` as each run ends, so an interrupted study
 resumes where it stopped; ``results.md`` holds the per-variant means and a per-corpus table.
@@ -178,8 +178,8 @@ def summarise(results: dict) -> str:
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     described = {**{k: d for k, (d, _, _) in VARIANTS.items()},
                  "probe": "linear probe on the frozen backbone (no adapter)",
-                 "probe-kept-rows": "the probe fitted only on the training rows add_task keeps (with --validation "
-                                    "held-out, what its step-0 probe sees; otherwise the probe)",
+                 "probe-kept-rows": "the probe fitted only on the training rows the default add_task keeps (with "
+                                    "--validation held-out, what its step-0 probe sees; otherwise the probe)",
                  "single": "the whole backbone fine-tuned (lr 5e-5), under the default budget rule"}
     lines += [""] + [f"- `{v}`: {described[v]}" for v in variants]
     return "\n".join(lines)

@@ -34,8 +34,8 @@ def refit_head(head: nn.Module, features: torch.Tensor, targets: torch.Tensor,
     """A copy of ``head`` (dropout + linear) fitted to ``features`` (N, H) by full-batch L-BFGS
     on ``loss(logits, targets) + l2 · ‖W‖²``, starting from ``head``'s weights. Deterministic.
     Raises TrainingDivergedError when a feature is not finite (the adapter they came through overflows)."""
-    if not bool(torch.isfinite(features).all()):
-        bad = int((~torch.isfinite(features)).any(dim=1).sum())
+    bad = int((~torch.isfinite(features)).flatten(1).any(dim=1).sum())
+    if bad:
         raise TrainingDivergedError(
             f"{bad} of {len(features)} rows have non-finite features (inf or nan), so no head can be fitted on "
             "them: the adapter or merge they pass through overflows.")
