@@ -271,16 +271,20 @@ class AdapterBank:
             raise DataError(f"Target modules {missing} are not linear layers of this backbone "
                             f"({getattr(self.encoder.config, 'model_type', type(self.encoder).__name__)}). Its "
                             f"linear layers: {sorted(_linear_layers(self.encoder))}.")
+        first = self._peft is None
         try:
             with warnings.catch_warnings():
                 # peft 0.21 asks transformers 5 a deprecated question; users can do nothing about it.
                 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-                if self._peft is None:
+                if first:
                     self._peft = get_peft_model(self.encoder, peft_config(config, self.encoder), adapter_name=name)
                 else:
                     self._peft.add_adapter(name, peft_config(config, self.encoder))
-        except ValueError as exc:
-            raise DataError(f"Cannot build LoRA adapter with {config}: {exc}") from exc
+        except BaseException as exc:  # e.g. out of memory halfway through the layers
+            self._take_back(name, first)
+            if isinstance(exc, ValueError):
+                raise DataError(f"Cannot build LoRA adapter with {config}: {exc}") from exc
+            raise
         self._freeze_all()
         self.set_training(name, False)  # peft builds the adapter's dropout in training mode
         resolved = tuple(sorted(self._peft.peft_config[name].target_modules))
@@ -426,6 +430,23 @@ class AdapterBank:
             raise KeyError(f"Adapter {name!r} is not loaded. Loaded: {self.names}.")
         marker = f".{name}."
         return [(n, p) for n, p in self.encoder.named_parameters() if "lora_" in n and marker in n + "."]
+
+    def _take_back(self, name: str, first: bool) -> None:
+        """Undo an :meth:`add` that failed partway. peft (0.21) then forgets only the adapter's name: the
+        layers it had already built stay in the encoder, unlisted, and their tensors would be saved with
+        every other adapter's weights. The first adapter's failed add restores the plain encoder."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        built = [(path, m) for path, m in self.encoder.named_modules() if isinstance(m, BaseTunerLayer)]
+        if first:  # get_peft_model wrapped the encoder's layers in place: put the plain ones back
+            self._peft = None
+            for path, module in built:
+                parent, _, child = path.rpartition(".")
+                setattr(self.encoder.get_submodule(parent), child, module.get_base_layer())
+            return
+        self._peft.peft_config.pop(name, None)
+        for _, module in built:  # what peft's delete_adapter does to each layer
+            module.delete_adapter(name)
 
     def _freeze_all(self) -> None:
         # peft makes the active adapter trainable; cmtl decides what trains, per call.

@@ -467,6 +467,8 @@ class Registry(LoadedRegistry):
             BackboneMismatchError: the folder records other backbone weights.
             DataError: not a PEFT LoRA folder, LoRA settings cmtl cannot reproduce, an adapter that does
                 not fit this backbone, or no head for ``spec`` and no ``train`` data to fit one.
+            TrainingDivergedError: the imported adapter's features, which a head is fitted on, are not finite;
+                nothing was written.
         """
         from cmtl.core.adapters import check_adapter_state, state_targets
         from cmtl.errors import BackboneMismatchError, CorruptFileError, DataError
@@ -583,6 +585,8 @@ class Registry(LoadedRegistry):
                 or adapters on different modules.
             TaskNotFoundError: an unknown task or version.
             MergeRefusedError: ``require_gain`` and the merge does not beat the frozen backbone.
+            TrainingDivergedError: the merged adapter's features, which ``refit_heads`` fits heads on, are not
+                finite (members that overflow when added); nothing was written.
         """
         if isinstance(members, str):
             raise InvalidParameterError(bad_param("members", "merge", "be a list of tasks (or (task, version) "

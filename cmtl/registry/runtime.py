@@ -102,7 +102,8 @@ class Runtime:
         every merge whose adapter fits ``requested`` and tries the best of them against a fresh start with
         ``training``'s settings (:mod:`cmtl.training.transfer`); a candidate that cannot be loaded, or whose
         adapter never moved from the backbone (a fresh start by another name), is skipped and named in the
-        record, and candidates loaded only for the choice are unloaded again. ``scale`` shrinks the start
+        record; running out of memory is not skipped but raised, for the caller to decide. Candidates loaded
+        only for the choice are unloaded again, whatever happens. ``scale`` shrinks the start
         (:func:`~cmtl.training.transfer.scaled`; ``"auto"``'s trial tries the shrunk starts, its probe ranks
         the sources as they are). The record has ``scale`` where a source was used, and the trial's record
         the scale it tried."""
@@ -116,30 +117,32 @@ class Runtime:
         sources: dict[str, tuple[AdapterConfig, dict[str, Any]]] = {}  # loaded key -> (config, lineage label)
         states: dict[str, State] = {}  # loaded key -> a copy of its LoRA weights, read once
         skipped: dict[str, str] = {}
-        for k, n, v in members:
-            try:
-                key, config, label = self._source_adapter(reader, k, n, v)
-            except Exception as error:  # noqa: BLE001 - "auto" skips what it cannot use; a named source raises
-                if kind != "auto":
+        try:  # whatever happens, the candidates loaded only for the choice are unloaded again
+            for k, n, v in members:
+                try:
+                    key, config, label = self._source_adapter(reader, k, n, v)
+                except torch.OutOfMemoryError:  # not the candidate's fault: the caller decides (auto keeps fresh)
                     raise
-                skipped[f"{k}:{n}"] = f"{type(error).__name__}: {error}"
-                continue
-            mismatch = transfer.compatible(requested, config)
-            if mismatch and kind != "auto":
-                raise InvalidParameterError(bad_param(
-                    "init", "add_task", "name an adapter that adapter= can continue", f"{k}:{n}",
-                    f"Its settings differ: {mismatch}. Leave adapter=None to take the source's settings."))
-            if mismatch:
-                skipped[source_label(label)] = f"adapter= differs: {mismatch}"
-                continue
-            states[key] = self.bank.state_dict(key)
-            if kind == "auto" and unchanged(states[key]):
-                del states[key]
-                skipped[source_label(label)] = ("its adapter never moved (B · A = 0: its training kept the step-0 "
-                                               "probe), so it is the fresh start the trial already tries")
-                continue
-            sources[key] = (dataclasses.replace(config, dropout=adapter.dropout), label)
-        try:
+                except Exception as error:  # noqa: BLE001 - "auto" skips what it cannot use; a named source raises
+                    if kind != "auto":
+                        raise
+                    skipped[f"{k}:{n}"] = f"{type(error).__name__}: {error}"
+                    continue
+                mismatch = transfer.compatible(requested, config)
+                if mismatch and kind != "auto":
+                    raise InvalidParameterError(bad_param(
+                        "init", "add_task", "name an adapter that adapter= can continue", f"{k}:{n}",
+                        f"Its settings differ: {mismatch}. Leave adapter=None to take the source's settings."))
+                if mismatch:
+                    skipped[source_label(label)] = f"adapter= differs: {mismatch}"
+                    continue
+                states[key] = self.bank.state_dict(key)
+                if kind == "auto" and unchanged(states[key]):
+                    del states[key]
+                    skipped[source_label(label)] = ("its adapter never moved (B · A = 0: its training kept the step-0 "
+                                                   "probe), so it is the fresh start the trial already tries")
+                    continue
+                sources[key] = (dataclasses.replace(config, dropout=adapter.dropout), label)
             if kind != "auto":
                 (key, (config, label)), = sources.items()
                 return transfer.scaled(states[key], scale), config, {**label, "chosen": "named", "scale": scale}

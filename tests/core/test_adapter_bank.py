@@ -57,3 +57,52 @@ def test_a_load_that_fails_while_copying_leaves_no_half_loaded_adapter(tiny_back
     with pytest.raises(torch.OutOfMemoryError):
         bank.load("second", resolved, state)
     assert bank.names == ["first"]
+
+
+def short_of_memory_at(monkeypatch, adapter: str, call: int) -> None:
+    """Make peft's ``call``-th layer update for ``adapter`` run out of memory: peft has then put the
+    adapter's LoRA tensors into the layers before it, and (as of 0.21) takes only its name back."""
+    from peft.tuners.lora.layer import LoraLayer
+
+    real, calls = LoraLayer.update_layer, []
+
+    def update_layer(self, adapter_name, *args, **kwargs):
+        if adapter_name == adapter:
+            calls.append(adapter_name)
+            if len(calls) == call:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(self, adapter_name, *args, **kwargs)
+
+    monkeypatch.setattr(LoraLayer, "update_layer", update_layer)
+
+
+def lora_modules(encoder: torch.nn.Module, name: str) -> list[str]:
+    return [path for path, _ in encoder.named_modules() if path.endswith(f"lora_A.{name}")]
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["first adapter", "next adapter"])
+def test_an_add_that_fails_halfway_leaves_no_lora_layers_behind(tiny_backbone, monkeypatch, first):
+    """An add that fails while peft builds the adapter's layers (out of memory on the fourth) takes back
+    the layers already built: before, the bank no longer listed the name but the encoder kept them, and
+    their tensors were saved with every later adapter's weights, which then failed to load."""
+    bb = load_backbone(BackboneConfig(name_or_path=tiny_backbone), device="cpu")
+    ids = {"input_ids": torch.tensor([[101, 2307, 102]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    plain = bb.embed(**ids)
+    bank = AdapterBank(bb.encoder)
+    wide = AdapterConfig(r=2, target_modules=("query", "value", "intermediate.dense"))
+    if not first:
+        bank.add("first", AdapterConfig(r=2, target_modules=("query", "value")))
+    short_of_memory_at(monkeypatch, "second", 4)  # layer 0's three modules built, layer 1's query fails
+    with pytest.raises(torch.OutOfMemoryError):
+        bank.add("second", wide)
+    monkeypatch.undo()
+    assert bank.names == ([] if first else ["first"])
+    assert lora_modules(bank.encoder, "second") == []
+    if first:  # the encoder is the plain one again, so it can take an adapter as if nothing had happened
+        assert not [path for path, _ in bank.encoder.named_modules() if "base_layer" in path]
+        torch.testing.assert_close(bb.embed(**ids), plain)
+    narrow = bank.add("second", AdapterConfig(r=2, target_modules=("query", "value")))
+    assert narrow.target_modules == ("query", "value")
+    assert not [k for k in bank.state_dict("second") if "intermediate" in k]
+    if not first:  # the same modules as the first adapter, so the same keys in its saved weights
+        assert set(bank.state_dict("second")) == set(bank.state_dict("first"))

@@ -254,6 +254,41 @@ def test_auto_keeps_the_fresh_adapter_when_the_search_runs_out_of_memory(reg, mo
     numpy.testing.assert_allclose(reg.predict_proba("again", TEXTS), reg.predict_proba("plain", TEXTS), atol=1e-6)
 
 
+@pytest.mark.parametrize("where", ["candidate", "trial", "source"])
+def test_auto_that_runs_out_of_memory_building_an_adapter_leaves_no_layers_behind(tmp_path, tiny_config,
+                                                                                 monkeypatch, where):
+    """Out of memory halfway through building an adapter's layers: loading a candidate to probe, a trial's
+    adapter, or the chosen source for its run. "auto" keeps the fresh adapter as documented, and no layer of
+    the failed adapter stays behind. Before, peft's half-built layers stayed in the encoder: the source's
+    case lost the fresh adapter with a DataError, and after the trial's case every later version saved
+    their tensors too and could not be read back."""
+    from tests.core.test_adapter_bank import lora_modules, short_of_memory_at
+
+    wide = AdapterConfig(target_modules=("query", "value", "intermediate.dense"))
+    reg = Registry.create(tmp_path / "reg", tiny_config, device="cpu")
+    reg.add_task(TaskSpec("wide", labels=["neg", "pos"]), toy_sentiment(64), toy_sentiment(16, 1), training=FAST,
+                 adapter=wide)
+    if where == "candidate":  # a new process: the search loads the candidate from its files
+        reg = Registry.open(reg.root, device="cpu")
+    monkeypatch.setattr(transfer, "pick_trial", lambda losses: ("wide__v1", {}))
+    # The fourth layer of the wide adapter's 2 × 3 (the fresh adapter's 2 × 4 come first under "again__v1").
+    name, call = {"candidate": ("wide__v1", 4), "trial": ("__cmtl_trial_1__", 4), "source": ("again__v1", 12)}[where]
+    short_of_memory_at(monkeypatch, name, call)
+    with pytest.warns(RuntimeWarning, match="out of memory"):
+        info = reg.add_task(TaskSpec("again", labels=["neg", "pos"]), toy_sentiment(48, 4), toy_sentiment(16, 5),
+                            training=KEPT, init="auto")
+    error = info.init["rejected"]["error"] if where == "source" else info.init["error"]
+    assert error.startswith("OutOfMemoryError: CUDA out of memory")
+    if where != "source":
+        assert lora_modules(reg._runtime.bank.encoder, name) == []
+    monkeypatch.undo()
+    reg.add_task(TaskSpec("plain", labels=["neg", "pos"]), toy_sentiment(48, 4), toy_sentiment(16, 5), training=KEPT)
+    assert_same_adapter(reg.adapter_state("again"), reg.adapter_state("plain"))  # the fresh adapter, as stored
+    reopened = Registry.open(reg.root, device="cpu")
+    numpy.testing.assert_allclose(reopened.predict_proba("again", TEXTS), reopened.predict_proba("plain", TEXTS),
+                                  atol=1e-6)
+
+
 def test_auto_ranks_a_candidate_whose_features_overflow_last_instead_of_failing(reg, monkeypatch):
     """A candidate adapter whose pooled features are not finite cannot be probed: its probe loss is infinite
     (recorded as None), it is never tried, and add_task goes on with the others (before, L-BFGS raised a
