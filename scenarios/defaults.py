@@ -6,10 +6,10 @@ the test split. ``--validation held-out`` passes no validation rows, as a user w
 would: ``add_task`` then holds out ``TrainConfig.validation_fraction`` (10 %) of the training rows to stop
 and choose on, and the ``probe`` reference still fits on all of them. References run beside them:
 ``probe``, a linear probe on the frozen backbone's mean-pooled features (the head alone, fitted as
-``refit_heads`` fits heads: full-batch L-BFGS, L2 1e-3); ``probe-kept-rows``, the same fitted only on
-the rows the default ``add_task`` trains on (10 % held out; with ``--validation held-out``, what its
-step-0 probe sees, so what any ``probe_margin`` would have kept); and ``single``, the whole backbone
-fine-tuned per task (the benchmarks' ``single`` strategy).
+``refit_heads`` fits heads: full-batch L-BFGS, L2 1e-3); ``probe-kept-rows``, with ``--validation held-out``
+the same fitted only on the rows the default ``add_task`` trains on (10 % held out: what its step-0 probe
+sees, so what any ``probe_margin`` would have kept; with validation given it is ``probe`` again); and
+``single``, the whole backbone fine-tuned per task (the benchmarks' ``single`` strategy).
 Each (corpus, seed) uses the corpus split and training seed ``seed``, so seeds differ in data and
 initialisation. Results are appended to ``results.json`` as each run ends, so an interrupted study
 resumes where it stopped; ``results.md`` holds the per-variant means and a per-corpus table.

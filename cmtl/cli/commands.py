@@ -204,10 +204,12 @@ def add_task(
     for key, value in info.metrics.items():
         typer.echo(f"  {key} = {value:.4f}" if isinstance(value, float) else f"  {key} = {value}")
     held = 0 if validation is not None else len(train_rows) - info.training["examples"]
-    if 0 < held < FEW_HELD_OUT:
-        typer.echo(f"  note: {held} rows of --train were held out to stop on and to choose between the trained "
-                   "adapter and the probe; so few choose noisily (docs/results.md, 'Without validation data'). "
-                   "Pass --validation with a few hundred rows where you have them.")
+    trained = head == "linear" or head_features == "adapter"  # a ridge or SLDA head on the backbone trains nothing
+    if trained and 0 < held < FEW_HELD_OUT:
+        chosen = "when to stop and whether the trained adapter beats the probe" if probe_init else "when to stop"
+        typer.echo(f"  note: {held} rows of --train were held out to choose {chosen} on; so few choose noisily "
+                   "(docs/results.md, 'Without validation data'). Pass --validation with a few hundred rows where "
+                   "you have them.")
 
 
 #: Held-out rows below which ``add-task`` suggests passing ``--validation``: the defaults study met its

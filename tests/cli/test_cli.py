@@ -74,7 +74,8 @@ def test_lifecycle(tmp_path, tiny_backbone):
                     "--no-probe-init", "--no-progress")
     assert result.exit_code == 0, result.output
     assert "start: task 'sentiment' v1 scaled by 0.5\n  kept: the trained state of step 1 of 1" in result.output
-    assert "note: 10 rows of --train were held out" in result.output  # 10 % of 96, and no --validation
+    assert "note: 10 rows of --train were held out to choose when to stop on;" in result.output  # 10 % of 96
+    assert "probe" not in result.output.split("note:")[1]  # --no-probe-init: no probe to choose against
     opened = Registry.open(reg, device="cpu")
     assert opened.current("again").init == {"task": "sentiment", "version": 1, "chosen": "named", "scale": 0.5}
     recorded = opened.current("again").training
@@ -330,3 +331,8 @@ def test_add_task_with_an_analytic_head_and_update_it(reg_copy, tmp_path):
     table = invoke("versions", reg_copy, "new").output.splitlines()
     assert "head" in table[0].split() and all(" slda " in line for line in table[2:4]), table
     assert [v.training["steps"] for v in versions] == [0, 0]
+    # Without --validation the held-out rows choose the head's ridge and scale; nothing trains, so no note
+    # about stopping or the probe (before, it printed one).
+    result = invoke("add-task", reg_copy, "held", "--train", tmp_path / "train.csv", "--head", "ridge", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "note:" not in result.output
