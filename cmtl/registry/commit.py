@@ -81,7 +81,9 @@ def write_version(root: Path, backbone: dict[str, Any], spec: TaskSpec, record: 
                   files: dict[str, bytes], *, new_task: bool, memory: dict[str, Any] | None, make_current: bool,
                   started_from: StartedFrom | None = None) -> Manifest:
     """Write a version's files, then the manifest that names it (and, with ``make_current``, makes it
-    current); ``record`` gains the files' checksums. Returns the manifest written."""
+    current); ``record`` gains the files' checksums. An update whose parent is no longer current (the
+    task was rolled back meanwhile) is stored but not made current: ``record``'s ``promoted`` and
+    ``note`` say so. Returns the manifest written."""
     with store.writer_lock(root):
         manifest = read_manifest(root, backbone)
         if new_task and spec.name in manifest["tasks"]:
@@ -99,6 +101,14 @@ def write_version(root: Path, backbone: dict[str, Any], spec: TaskSpec, record: 
         entry = manifest["tasks"].setdefault(spec.name, {"spec": spec.to_dict(), "versions": []})
         if memory is not None:
             entry["memory"] = memory
+        if make_current and not new_task and entry["current"] != record["parent"]:
+            # A rollback (or another update) moved the task while this update ran from its parent: making this
+            # version current would silently undo that. Store it, not current, and say so.
+            record["promoted"], make_current = False, False
+            record["note"] = (f"{record.get('note') or ''} Not made current: task {spec.name!r} moved from "
+                              f"v{record['parent']} to v{entry['current']} while this update ran (a rollback or "
+                              f"another update). If it should answer, rollback({spec.name!r}, {record['version']}) "
+                              "makes it current.").strip()
         entry["versions"].append(record)
         if make_current:
             entry["current"] = record["version"]

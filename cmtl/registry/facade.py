@@ -14,6 +14,7 @@ lazily (:mod:`cmtl.registry.runtime`). Each verb checks its input, reads what it
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import time
@@ -39,7 +40,7 @@ from cmtl.merging.methods import MergeConfig
 from cmtl.multitask.config import MultiTaskConfig
 from cmtl.multitask.group import train_group
 from cmtl.registry import commit, entries, features, heads, lineage, store
-from cmtl.registry.inference import LoadedRegistry
+from cmtl.registry.inference import LoadedRegistry, check_free
 from cmtl.registry.reader import UpdateResult, VersionInfo, head_key, merge_key, source_label, version_source
 from cmtl.training import distributed
 from cmtl.training.evaluation import primary_metric
@@ -69,10 +70,12 @@ class Registry(LoadedRegistry):
         """Create an empty registry folder on a backbone (default: the embedded all-MiniLM-L6-v2).
 
         ``backbone`` may be an already loaded :class:`~cmtl.core.backbone.Backbone`, which the
-        registry then owns (it injects adapters into it).
+        registry then owns (it injects adapters into it): one that another live registry object owns
+        is refused.
 
         Raises:
             RegistryError: ``path`` already holds a registry or other files.
+            InvalidParameterError: ``backbone`` is loaded and serves another registry object.
         """
         root = Path(path)
         if not distributed.is_main():  # under torchrun, rank 0 creates it; the other ranks open what it wrote
@@ -84,6 +87,8 @@ class Registry(LoadedRegistry):
                                     f"Registry.open({str(root)!r}).")
             if root.exists() and any(root.iterdir()):
                 raise RegistryError(f"{str(root)!r} exists and is not empty; choose a new folder for the registry.")
+            if isinstance(backbone, Backbone):
+                check_free(backbone, root)  # before anything is written
             loaded = backbone if isinstance(backbone, Backbone) else load_backbone(backbone, device=device)
             manifest = commit.create(root, {**loaded.config.to_dict(), "sha256": loaded.sha256})
             logger.info("Created registry %s on backbone %s", root, loaded.config.name_or_path)
@@ -415,6 +420,8 @@ class Registry(LoadedRegistry):
             except BaseException:
                 rt.unload([key])
                 raise
+        record = self._version_record(task, version)  # as stored: the commit does not promote over a rollback
+        promoted, reason = record["promoted"], record["note"]
         logger.info("Task %s v%d: %s", task, version, reason)
         return UpdateResult(self._info(task, record, self._entry(task)["current"]), promoted, reason, gate)
 
@@ -716,6 +723,7 @@ class Registry(LoadedRegistry):
             tasks = self.merge_info(name)["tasks"]
             del manifest["merges"][name]
             store.write_manifest(self.root, manifest)
+            self._adopt(manifest)
             store.remove_unreferenced(self.root, manifest)  # the entry's folder (a link there is only unlinked)
             self._runtime.unload_merge(name, tasks)
 
@@ -724,7 +732,9 @@ class Registry(LoadedRegistry):
     def rollback(self, task: str, version: int) -> VersionInfo:
         """Make an earlier (or later) stored version of ``task`` the current one."""
         with store.writer_lock(self.root), self._lock:
-            version = lineage.set_current(self.root, self._reread(task=task), task, version)
+            manifest = self._reread(task=task)
+            version = lineage.set_current(self.root, manifest, task, version)
+            self._adopt(manifest)
         logger.info("Task %s: current version is now v%d", task, version)
         return self.current(task)
 
@@ -733,9 +743,11 @@ class Registry(LoadedRegistry):
         with store.writer_lock(self.root), self._lock:
             manifest = self._reread(task=task)
             entry = self._entry(task)
-            self._runtime.unload_task(task, [v["version"] for v in entry["versions"]])
+            lineage.keep_merge_specs(self.root, manifest, task)
             del manifest["tasks"][task]
             store.write_manifest(self.root, manifest)
+            self._runtime.unload_task(task, [v["version"] for v in entry["versions"]])
+            self._adopt(manifest)
             store.remove_unreferenced(self.root, manifest)  # the task's folder (a link there is only unlinked)
 
     # --- internals ----------------------------------------------------------------
@@ -758,12 +770,14 @@ class Registry(LoadedRegistry):
                                   "Pick another name, or remove_task it first.")
 
     def _reread(self, *, task: str | None = None, merge: str | None = None) -> dict[str, Any]:
-        """The manifest on disk, made this object's (call under the writer lock); see commit.check_not_removed."""
+        """The manifest on disk, made this object's, and a copy of it for the caller to change, write and
+        then adopt: a write that fails leaves the object as the disk is (call under the writer lock; see
+        commit.check_not_removed)."""
         known = self._manifest
         manifest = commit.read_manifest(self.root, known["backbone"])
         self._adopt(manifest)
         commit.check_not_removed(known, manifest, task=task, merge=merge)
-        return manifest
+        return copy.deepcopy(manifest)
 
     def _commit(self, spec: TaskSpec, record: dict[str, Any], key: str, head: torch.nn.Module, *, new_task: bool,
                 extra_files: dict[str, bytes] | None = None, memory: MemoryConfig | None = None,

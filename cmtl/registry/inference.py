@@ -7,6 +7,8 @@ the backbone and the adapters and heads loaded on it (:class:`~cmtl.registry.run
 
 from __future__ import annotations
 
+import gc
+import weakref
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,12 +27,28 @@ from cmtl.registry.runtime import Runtime
 from cmtl.training.evaluation import compute_metrics
 
 
+def check_free(backbone: Backbone, root: Path) -> None:
+    """Refuse a loaded backbone that another live registry object already answers through: each puts its
+    adapters into the backbone's encoder, under names like ``spam__v1``, so the two would overwrite each
+    other's and answer with them."""
+    owner = getattr(backbone, "_registry", None)
+    if owner is not None and owner() is not None:
+        gc.collect()  # an owner the caller dropped may live on in a reference cycle until collected
+    if owner is not None and owner() is not None:
+        raise InvalidParameterError(
+            f"This loaded backbone already serves the registry {str(owner().root)!r}, which puts its adapters into "
+            f"the backbone's encoder; registry {str(root)!r} would overwrite them. Give it a backbone of its own: "
+            "load_backbone(config) again, or pass the BackboneConfig and let the registry load it.")
+
+
 class LoadedRegistry(RegistryReader):
     """The read side of the registry at ``root`` with ``backbone`` loaded: answers through any stored
     task version or merged entry (loaded lazily, kept while their files stay the same)."""
 
     def __init__(self, root: Path, manifest: dict[str, Any], backbone: Backbone):
         super().__init__(root, manifest)
+        check_free(backbone, root)
+        backbone._registry = weakref.ref(self)  # see check_free
         self.backbone = backbone
         self._runtime = Runtime(backbone)
         self._lock = self._runtime.lock  # one active adapter at a time: forward passes must not interleave

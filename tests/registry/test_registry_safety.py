@@ -359,8 +359,14 @@ def test_update_still_commits_when_another_writer_only_rolled_back(root, monkeyp
         return write(*args, **kwargs)
 
     monkeypatch.setattr(registry_commit, "write_version", other_writer_meanwhile)
-    a.update_task("a", toy_sentiment(16, 5), training=QUICK, promote=True)
-    assert [v.version for v in open_reg(root).versions("a")] == [1, 2, 3]
+    result = a.update_task("a", toy_sentiment(16, 5), training=QUICK, promote=True)
+    fresh = open_reg(root)
+    assert [v.version for v in fresh.versions("a")] == [1, 2, 3]
+    # v3 grew from v2, which the rollback moved away from: it is stored, not made current over the rollback
+    # (before, it silently undid it). The result and the record say so.
+    assert fresh.current("a").version == 1 and a.current("a").version == 1
+    assert not result.promoted and "moved from v2 to v1 while this update ran" in result.reason
+    assert not fresh.versions("a")[2].promoted and "rollback('a', 3)" in fresh.versions("a")[2].note
 
 
 def test_merge_racing_a_member_remove_and_add_writes_nothing(root, monkeypatch):
@@ -424,3 +430,84 @@ def test_a_rollback_racing_a_call_cannot_name_one_versions_outputs_with_anothers
     other.join(10)
     assert reg.current("a").version == 2
 
+
+
+# --- a failed manifest write changes nothing; a rollback needs its version's files ---------------
+
+
+def no_space(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+
+@pytest.mark.parametrize("operation", ["rollback", "remove_task", "remove_merge"])
+def test_a_write_that_fails_leaves_the_object_as_it_was(root, monkeypatch, operation):
+    """rollback, remove_task and remove_merge changed the object's own manifest before writing it: when the
+    write failed, the object served a version that was not current on disk, or forgot a task still there."""
+    from cmtl.registry import store
+
+    reg = open_reg(root)
+    reg.update_task("a", toy_sentiment(16, 4), training=QUICK, promote=True)
+    expected = reg.predict_proba("a", TEXTS)
+    monkeypatch.setattr(store, "write_bytes_atomic", no_space)
+    with pytest.raises(OSError, match="No space left"):
+        {"rollback": lambda: reg.rollback("a", 1), "remove_task": lambda: reg.remove_task("a"),
+         "remove_merge": lambda: reg.remove_merge("both")}[operation]()
+    monkeypatch.undo()
+    assert reg.current("a").version == 2 and reg.tasks() == ["a", "b", "c"] and reg.merges() == ["both"]
+    torch.testing.assert_close(reg.predict_proba("a", TEXTS), expected)
+    assert reg.predict("a", TEXTS, merge="both")[0] in ("neg", "pos")
+    assert open_reg(root).current("a").version == 2
+    reg.rollback("a", 1)  # and the next write goes through
+    assert open_reg(root).current("a").version == 1
+
+
+@pytest.mark.parametrize("damage", ["deleted", "changed"])
+def test_a_rollback_to_a_version_whose_files_are_gone_is_refused(root, damage):
+    """Before, the rollback succeeded and every later predict failed."""
+    from cmtl.registry import lineage
+
+    reg = open_reg(root)
+    reg.update_task("a", toy_sentiment(16, 4), training=QUICK, promote=True)
+    if damage == "deleted":
+        shutil.rmtree(root / "tasks" / "a" / "v1")
+    else:
+        (root / "tasks" / "a" / "v1" / "head.safetensors").write_bytes(b"not a head")
+    before = (root / MANIFEST).read_text()
+    for rollback in (lambda: reg.rollback("a", 1), lambda: lineage.rollback(root, "a", 1)):  # API and CLI
+        with pytest.raises(CorruptFileError, match=r"Task 'a' v1 cannot be made current.*Nothing was written"):
+            rollback()
+    assert (root / MANIFEST).read_text() == before and reg.current("a").version == 2
+    assert reg.predict("a", TEXTS)[0] in ("neg", "pos")
+
+
+def test_an_old_merge_keeps_its_labels_when_its_task_is_removed_and_added_again(root):
+    """A merge written before merges recorded their members' specs answers with the task's current spec.
+    Removing the task and adding it again with the labels in the other order flipped every answer through
+    the merge, silently; removing it now records, in such merges, the spec they answered with."""
+    edit_manifest(root, lambda m: m["merges"]["both"].pop("specs", None))  # as an older cmtl wrote it
+    reg = open_reg(root)
+    before = reg.predict_proba("b", TEXTS, merge="both")
+    reg.remove_task("b")
+    reg.add_task(TaskSpec("b", labels=["pos", "neg"]), toy_sentiment(24, 2), training=QUICK)
+    for reader in (reg, open_reg(root)):
+        assert reader.spec("b").labels == ("pos", "neg")
+        torch.testing.assert_close(reader.predict_proba("b", TEXTS, merge="both"), before)
+        assert reader.predict("b", TEXTS, merge="both") == [("neg", "pos")[i] for i in before.argmax(1).tolist()]
+
+
+def test_one_loaded_backbone_serves_one_registry(tmp_path, tiny_backbone):
+    """Each registry puts its adapters into its backbone's encoder: a second registry on the same loaded
+    backbone overwrote the first one's adapters of the same name, and the first then answered with them."""
+    import gc
+
+    from cmtl import InvalidParameterError
+    from cmtl.core.backbone import load_backbone
+
+    loaded = load_backbone(BackboneConfig(name_or_path=tiny_backbone, max_length=64), device="cpu")
+    first = Registry.create(tmp_path / "first", loaded)
+    with pytest.raises(InvalidParameterError, match=r"already serves the registry .*first.*load_backbone"):
+        Registry.create(tmp_path / "second", loaded)
+    assert not (tmp_path / "second").exists()
+    del first
+    gc.collect()
+    Registry.create(tmp_path / "second", loaded)  # once the first registry object is gone, it may be reused
