@@ -503,9 +503,10 @@ def group(
 def export_peft(
     registry: RegistryArg,
     task: TaskArg,
-    out: Annotated[Path, typer.Argument(help="Folder to write (must be new or empty).")],
+    out: Annotated[Path, typer.Argument(help="Folder to write (must be new or empty, outside the registry).")],
     version: Annotated[Optional[int], typer.Option(help="Version to export (default: current).")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty folder.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier export (a folder holding "
+                                                                "adapter_config.json; nothing else).")] = False,
 ) -> None:
     """Write a task version as a PEFT adapter folder (PeftModel.from_pretrained loads it), with its head."""
     path = _open(registry).export_peft(task, out, version=version, overwrite=overwrite)

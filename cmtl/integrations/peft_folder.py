@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from cmtl._version import __version__
 from cmtl.core.adapters import AdapterConfig
 from cmtl.core.tasks import TaskSpec
 from cmtl.errors import DataError
+from cmtl.registry.store import MANIFEST
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -55,15 +57,19 @@ def write_folder(path: str | Path, *, adapter: AdapterConfig, state: dict[str, t
     (its ``sha256`` is checked on import); ``source``: task, version and metrics for the card;
     ``layout``: :func:`cmtl.core.adapters.peft_layout` of the backbone, so peft places the adapter as cmtl did.
 
+    ``overwrite`` replaces only an earlier export: a folder (not a link) of files only, among them
+    ``adapter_config.json`` and no ``registry.json``. The old folder is moved aside, the new one renamed into
+    its place, and only then is the old one deleted: a failure in between puts the old one back, and a crash
+    leaves it beside ``path`` as ``.<name>.old-<hex>``.
+
     Raises:
-        FileExistsError: ``path`` exists and is not an empty folder (unless ``overwrite``).
+        FileExistsError: ``path`` exists and is not an empty folder, and is not an earlier export or
+            ``overwrite`` is not set.
     """
     from peft import LoraConfig
 
     path = Path(path)
-    if path.exists() and not (path.is_dir() and not any(path.iterdir())) and not overwrite:
-        raise FileExistsError(f"{str(path)!r} exists and is not empty. Pick a new folder, or pass overwrite=True "
-                              "(cmtl export --overwrite) to replace it.")
+    _check_target(path, overwrite)
     config = LoraConfig(r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
                         target_modules=list(adapter.target_modules) if adapter.target_modules else None,
                         layers_to_transform=list(adapter.layers) if adapter.layers is not None else None,
@@ -78,13 +84,56 @@ def write_folder(path: str | Path, *, adapter: AdapterConfig, state: dict[str, t
         record = {"spec": spec.to_dict(), "backbone": backbone, "source": source, "cmtl_version": __version__}
         (staging / TASK).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         (staging / CARD).write_text(_card(spec, base_model, backbone, adapter, source), encoding="utf-8")
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(staging, path)
+        _put_in_place(staging, path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return path
+
+
+def _check_target(path: Path, overwrite: bool) -> None:
+    """Refuse to write at ``path`` unless nothing is there, an empty folder, or (with ``overwrite``) an earlier
+    export; see :func:`write_folder`."""
+    if not os.path.lexists(path) or (path.is_dir() and not path.is_symlink() and not any(path.iterdir())):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{str(path)!r} exists and is not empty. Pick a new folder, or pass overwrite=True "
+                              "(cmtl export --overwrite) to replace an earlier export there.")
+    why = _not_an_export(path)
+    if why:
+        raise FileExistsError(f"{str(path)!r} {why}, and overwrite replaces only a folder that an earlier export "
+                              f"wrote (files only, among them {ADAPTER_CONFIG} and no {MANIFEST}). Pick a new folder, "
+                              "or move or delete this one yourself if nothing in it is needed.")
+
+
+def _not_an_export(path: Path) -> str | None:
+    """Why ``path`` is not a folder that an export (or ``PeftModel.save_pretrained``) wrote; None when it is one."""
+    if path.is_symlink():
+        return "is a symbolic link"
+    if not path.is_dir():
+        return "is a file"
+    if (path / MANIFEST).exists():
+        return f"holds a {MANIFEST} (a cmtl registry)"
+    if not (path / ADAPTER_CONFIG).is_file():
+        return f"has no {ADAPTER_CONFIG}"
+    other = next((p.name for p in sorted(path.iterdir()) if p.is_symlink() or not p.is_file()), None)
+    return None if other is None else f"holds {other!r}, which is not a file"
+
+
+def _put_in_place(staging: Path, path: Path) -> None:
+    """Rename ``staging`` to ``path``. What is at ``path`` (an earlier export, or an empty folder) is moved aside
+    first and deleted only once the new folder is in place, so no failure loses both."""
+    if not os.path.lexists(path):
+        os.replace(staging, path)
+        return
+    aside = path.parent / f".{path.name}.old-{uuid.uuid4().hex}"
+    os.replace(path, aside)
+    try:
+        os.replace(staging, path)
+    except BaseException:
+        os.replace(aside, path)
+        raise
+    shutil.rmtree(aside)
 
 
 def read_folder(path: str | Path) -> PeftFolder:

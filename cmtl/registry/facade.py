@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import os
 import time
 import warnings
 from pathlib import Path
@@ -434,14 +435,18 @@ class Registry(LoadedRegistry):
         features as this registry; the head, the task and the backbone record go beside it, with a
         model card (:mod:`cmtl.integrations.peft_folder`). Returns ``path``.
 
+        ``overwrite`` replaces only an earlier export (:func:`~cmtl.integrations.peft_folder.write_folder`).
+
         Raises:
-            FileExistsError: ``path`` is not empty (unless ``overwrite``).
-            InvalidParameterError: the version's head is analytic.
+            FileExistsError: ``path`` is not empty, and is not an earlier export or ``overwrite`` is not set.
+            InvalidParameterError: ``path`` is the registry's folder, lies inside it or holds it; the version's
+                head is analytic.
         """
         from cmtl.core.adapters import peft_layout
         from cmtl.core.backbone import resolve_path
         from cmtl.integrations.peft_folder import write_folder
 
+        self._check_export_path(path)
         version = self._version(task, version)
         record = self._version_record(task, version)
         heads.refuse_analytic(record, task, version, "a PEFT folder (whose head is one linear layer)")
@@ -763,6 +768,16 @@ class Registry(LoadedRegistry):
         state = store.read_tensors(path, record["files"][heads.STATISTICS])
         heads.check_statistics(state, record, spec, self.backbone.hidden_size, path)
         return state
+
+    def _check_export_path(self, path: str | Path) -> None:
+        """Refuse an export ``path`` that is the registry's folder, lies inside it or holds it (links resolved):
+        writing or replacing it would damage or delete the registry."""
+        target, root = os.path.realpath(path), os.path.realpath(self.root)
+        if os.path.commonpath([target, root]) in (target, root):
+            raise InvalidParameterError(bad_param(
+                "path", "export_peft", f"lie outside the registry {str(self.root)!r} (not be its folder, a folder "
+                "inside it or one that holds it)", str(path), "Export to a folder outside the registry, e.g. beside "
+                "it."))
 
     def _check_new_task(self, name: str) -> None:
         if name in self._manifest["tasks"]:

@@ -294,6 +294,14 @@ def test_export_and_import_a_task_through_peft_folders(reg_copy, tmp_path, tiny_
     assert Registry.open(other, device="cpu").tasks() == ["copy", "fitted"]
 
 
+@pytest.mark.parametrize("where", [".", "tasks/sentiment/v1", ".."])
+def test_export_overwrite_onto_into_or_around_the_registry_is_refused_in_one_line(reg_copy, where):
+    before = {str(p): p.read_bytes() for p in sorted(reg_copy.rglob("*")) if p.is_file()}
+    result = invoke("export", reg_copy, "sentiment", reg_copy / where, "--overwrite")
+    assert result.exit_code == 1 and "must lie outside the registry" in result.output, result.output
+    assert {str(p): p.read_bytes() for p in sorted(reg_copy.rglob("*")) if p.is_file()} == before
+
+
 def test_import_with_the_exported_labels_keeps_the_exported_task(reg_copy, tmp_path):
     """--labels on a folder cmtl exported built a fresh single-label spec; with the same labels the registry
     reused the multi-label head under it, answering by argmax."""

@@ -211,3 +211,78 @@ def test_the_exported_head_answers_only_as_the_exported_task(reg, tmp_path):
     single = reg.import_peft(out, TaskSpec("one", labels=["neg", "pos"]), toy_sentiment(32))
     assert reg.spec("one").problem_type == "single_label" and single.metrics == {}
     assert all(label in ("neg", "pos") for label in reg.predict("one", texts))
+
+
+# --- an export never deletes what is not an export ------------------------------------------------
+
+
+def snapshot(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("where", ["root", "version", "new-inside", "parent"])
+def test_an_export_onto_into_or_around_the_registry_is_refused_and_deletes_nothing(reg, where):
+    target = {"root": reg.root, "version": reg.root / "tasks" / "sentiment" / "v1",
+              "new-inside": reg.root / "exports" / "sentiment", "parent": reg.root.parent}[where]
+    before = snapshot(reg.root)
+    with pytest.raises(InvalidParameterError, match=r"'path' parameter of export_peft must lie outside the "
+                                                    r"registry .*Export to a folder outside"):
+        reg.export_peft("sentiment", target, overwrite=True)
+    assert snapshot(reg.root) == before
+    assert not (reg.root / "exports").exists()
+    assert reg.predict("sentiment", TEXTS)  # still loads
+
+
+def test_an_export_through_a_link_to_the_registry_is_refused(reg, tmp_path):
+    link = tmp_path / "link"
+    link.symlink_to(reg.root, target_is_directory=True)
+    before = snapshot(reg.root)
+    with pytest.raises(InvalidParameterError, match="must lie outside the registry"):
+        reg.export_peft("sentiment", link, overwrite=True)
+    assert snapshot(reg.root) == before
+
+
+@pytest.mark.parametrize("content", ["notes", "registry", "subfolder", "file"])
+def test_overwrite_replaces_only_an_earlier_export(reg, tmp_path, content):
+    target = tmp_path / "target"
+    if content == "file":
+        target.write_text("precious")
+    else:
+        target.mkdir()
+        (target / "notes.txt").write_text("precious")
+        if content == "registry":  # looks like an export, but is a registry
+            (target / ADAPTER_CONFIG).write_text("{}")
+            (target / "registry.json").write_text("{}")
+        if content == "subfolder":
+            (target / ADAPTER_CONFIG).write_text("{}")
+            (target / "data").mkdir()
+            (target / "data" / "rows.csv").write_text("precious")
+    before = snapshot(tmp_path / "target") if target.is_dir() else target.read_bytes()
+    with pytest.raises(FileExistsError, match=r"overwrite replaces only a folder that an earlier export wrote"):
+        reg.export_peft("sentiment", target, overwrite=True)
+    assert (snapshot(target) if target.is_dir() else target.read_bytes()) == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_overwrite_keeps_the_old_export_when_the_new_one_cannot_be_put_in_place(reg, tmp_path, monkeypatch):
+    import os
+
+    out = reg.export_peft("sentiment", tmp_path / "export")
+    before = snapshot(out)
+    real_replace, calls = os.replace, []
+
+    def fail_into_place(src, dst):  # the first move onto the export's path fails (a full disk, a crash)
+        calls.append((src, dst))
+        if str(dst) == str(out) and sum(str(d) == str(out) for _, d in calls) == 1:
+            raise OSError("injected failure")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", fail_into_place)
+    with pytest.raises(OSError, match="injected failure"):
+        reg.export_peft("sentiment", out, overwrite=True)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert snapshot(out) == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    reg.export_peft("sentiment", out, overwrite=True)  # an export is replaced whole, and nothing is left beside it
+    assert snapshot(out) == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
