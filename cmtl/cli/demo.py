@@ -8,6 +8,7 @@ each task on its held-out test split.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -15,7 +16,6 @@ from typing import Callable
 from cmtl.benchmarks.corpora import corpus_info, load_corpus
 from cmtl.core.backbone import BackboneConfig
 from cmtl.core.tasks import TaskSpec
-from cmtl.registry import store
 from cmtl.registry.facade import Registry
 from cmtl.training.loop import TrainConfig
 
@@ -25,6 +25,8 @@ DEMO_TEXTS = {
              "Are we still on for lunch tomorrow?"],
     "question": ["Who wrote the Declaration of Independence?", "How far is the Moon from the Earth?"],
 }
+#: The file the demo writes into the registry it creates: a re-run replaces a folder that holds it, and no other.
+MARKER = ".cmtl-demo"
 
 
 def run_demo(
@@ -39,12 +41,16 @@ def run_demo(
 ) -> dict:
     """Run the demo; return ``{"table": [...], "predictions": [...]}`` rows for printing.
 
-    ``out`` is replaced if it holds an earlier demo registry; any other existing folder is refused.
+    ``out`` may be new or an empty folder; a folder an earlier demo created (it holds :data:`MARKER`) is
+    replaced.
+
+    Raises:
+        FileExistsError: ``out`` exists, is not empty and was not created by the demo.
     """
     out = Path(out)
-    if (out / store.MANIFEST).exists() and set(store.read_manifest(out)["tasks"]) <= set(DEMO_TASKS):
-        shutil.rmtree(out)
+    _clear(out)
     reg = Registry.create(out, BackboneConfig(num_hidden_layers=layers))
+    (out / MARKER).write_text("Created by cmtl demo, which replaces this folder when it runs again.\n")
     echo(f"registry {reg.root} on {reg.backbone.config.name_or_path} "
          f"({reg.backbone.num_parameters:,} frozen parameters, device {reg.backbone.device})")
     tests = {}
@@ -74,3 +80,16 @@ def run_demo(
         for text, label in zip(DEMO_TEXTS[task], reg.predict(task, DEMO_TEXTS[task])):
             predictions.append({"task": task, "text": text, "prediction": label})
     return {"table": table, "predictions": predictions}
+
+
+def _clear(out: Path) -> None:
+    """Delete ``out`` if an earlier demo created it; refuse any other folder that is not empty."""
+    folder = out.is_dir() and not out.is_symlink()
+    if not os.path.lexists(out) or (folder and not any(out.iterdir())):
+        return
+    if folder and (out / MARKER).is_file():
+        shutil.rmtree(out)
+        return
+    raise FileExistsError(f"{str(out)!r} exists and was not created by cmtl demo (it has no {MARKER} file), so the "
+                          "demo will not replace it. Pass another folder with --out, or delete this one yourself "
+                          "and run the demo again.")

@@ -40,7 +40,8 @@ def serve(
 
 
 def demo(
-    out: Annotated[Path, typer.Option(help="Registry folder to create (must not exist).")] = Path("runs/demo"),
+    out: Annotated[Path, typer.Option(help="Registry folder to create: new or empty, or one an earlier demo created "
+                                           "(it is replaced).")] = Path("runs/demo"),
     max_train: Annotated[int, typer.Option(help="Training examples per task.")] = 2000,
     epochs: int = 2,
     layers: Annotated[Optional[int], typer.Option(help="Use only the first N backbone layers (faster).")] = None,
