@@ -726,10 +726,11 @@ class Registry(LoadedRegistry):
         with store.writer_lock(self.root), self._lock:
             manifest = self._reread(merge=name)
             tasks = self.merge_info(name)["tasks"]
-            del manifest["merges"][name]
+            files = sorted(manifest["merges"].pop(name)["files"])
             store.write_manifest(self.root, manifest)
             self._adopt(manifest)
             store.remove_unreferenced(self.root, manifest)  # the entry's folder (a link there is only unlinked)
+            store.remove_entry_files(self.root, name, files)  # its files, where a user's file kept the folder
             self._runtime.unload_merge(name, tasks)
 
     # --- lineage ------------------------------------------------------------------

@@ -16,8 +16,12 @@
 A version's files are written into a staging folder, fsynced and renamed into
 place; only then is the manifest replaced (temp file + ``os.replace``). A
 crash at any point therefore leaves the previous manifest, which names only
-complete files. Folders the manifest does not name, and the manifest's temp
-files, are leftovers of such a crash and are removed by the next writer.
+complete files. The next writer removes what such a crash (or a removal) left,
+and nothing else (:func:`remove_unreferenced`): staging folders, the manifest's
+temp files, version folders ``tasks/<task>/v<N>`` the manifest does not name,
+and folders under ``merges/`` it does not name that hold only a merged entry's
+files. Anything else a user puts into the registry (``v1.bak``, an export, a
+registry) is left alone.
 Tensors are safetensors, everything else parquet or JSON: loading never
 unpickles. Each file's SHA-256 is in the manifest and checked on load.
 
@@ -60,6 +64,11 @@ MANIFEST = "registry.json"
 FORMAT = 1
 #: Names of the manifest's temp files (see :func:`write_bytes_atomic`); a crash can leave one behind.
 _MANIFEST_TMP = re.compile(rf"^\.{re.escape(MANIFEST)}\.[0-9a-f]{{32}}\.tmp$")
+#: The names cmtl writes under ``tasks/<task>/`` and ``merges/`` (see :func:`write_folder`): the sweep deletes no other.
+_VERSION = re.compile(r"^v[0-9]+$")
+_STAGING = re.compile(r"^\.staging-.+-[0-9a-f]{32}$")
+#: The files of a merged or joint entry (:func:`cmtl.registry.commit.entry_files`).
+_ENTRY_FILES = frozenset(rules.ENTRY_FILES + ("task_adapters.safetensors",))
 
 
 def read_checked(path: Path, expected_sha256: str) -> bytes:
@@ -284,11 +293,16 @@ def delete(root: Path, path: Path) -> None:
 def write_folder(root: Path, final: Path, files: dict[str, bytes]) -> dict[str, str]:
     """Write ``files`` into a staging folder beside ``final``, fsync, rename it to ``final``; return SHA-256s.
 
-    ``final`` lies inside ``root`` with no link on the way; whatever is at ``final`` already is a
-    crash leftover the manifest never named, and is replaced (a link there is unlinked). On any
-    error the staging folder is removed.
+    ``final`` lies inside ``root`` with no link on the way; a crash leftover at ``final`` (see
+    :func:`_leftover`) is replaced (a link there is unlinked). On any error the staging folder is removed.
+
+    Raises:
+        RegistryError: something cmtl did not write is at ``final`` (it is kept).
     """
     _inside(root, final)
+    entry = final.parent == root / "merges"
+    if os.path.lexists(final) and not _leftover(final, entry=entry):
+        raise _not_ours(root, final)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = final.parent / f".staging-{final.name}-{uuid.uuid4().hex}"
     staging.mkdir()
@@ -311,10 +325,22 @@ def write_folder(root: Path, final: Path, files: dict[str, bytes]) -> dict[str, 
     return sums
 
 
+def _not_ours(root: Path, path: Path) -> RegistryError:
+    """The error for what cmtl did not write at ``path``, where a write is about to put a folder."""
+    if not path.is_dir():
+        return _kind_error(root, path, want_folder=True)
+    theirs = sorted(p.name for p in path.iterdir() if p.name not in _ENTRY_FILES or not p.is_file() or p.is_symlink())
+    return RegistryError(f"{str(path.relative_to(root))!r} in the registry {str(root)!r} holds what cmtl did not write "
+                         f"({', '.join(map(repr, theirs))}), so cmtl will not write over it. Move it out of the "
+                         "registry (or pick another name) and retry.")
+
+
 def remove_unreferenced(root: Path, manifest: dict[str, Any]) -> None:
-    """Delete what ``manifest`` does not name: task versions, tasks and merged entries (crash leftovers,
-    removed entries), staging folders and the manifest's crash-left temp files. Call under
-    :func:`writer_lock`.
+    """Delete what a crashed or removing writer left (see :func:`_leftover`): in every task folder, the version
+    folders ``manifest`` does not name and staging folders (a task folder it does not name goes too once nothing
+    else is left in it); under ``merges/``, the folders it does not name that hold only an entry's files, and
+    staging folders; the manifest's crash-left temp files. Nothing else is deleted: a hand backup
+    (``tasks/spam/v1.bak``), an export or a registry put into the folder stays. Call under :func:`writer_lock`.
 
     Raises:
         RegistryError: ``tasks``, ``merges`` or a named task's folder is a symbolic link (it is named).
@@ -322,20 +348,60 @@ def remove_unreferenced(root: Path, manifest: dict[str, Any]) -> None:
     for child in root.iterdir():
         if _MANIFEST_TMP.match(child.name) and child.is_file() and not child.is_symlink():
             child.unlink(missing_ok=True)
-    tasks, merges = manifest["tasks"], manifest.get("merges", {})
-    for folder, named in ((root / "tasks", tasks), (root / "merges", merges)):
-        if not os.path.lexists(folder):
-            continue
-        _inside(root, folder, including=True)
-        for child in folder.iterdir():
-            if child.name not in named:
+    tasks, merges = root / "tasks", root / "merges"
+    if os.path.lexists(tasks):
+        _inside(root, tasks, including=True)
+        for child in tasks.iterdir():
+            _sweep_task(root, child, manifest["tasks"].get(child.name))
+    if os.path.lexists(merges):
+        _inside(root, merges, including=True)
+        for child in merges.iterdir():
+            if child.name not in manifest.get("merges", {}) and _leftover(child, entry=True):
                 delete(root, child)
-            elif folder.name == "tasks":
-                _inside(root, child, including=True)
-                keep = {f"v{r['version']}" for r in named[child.name]["versions"]}
-                for sub in child.iterdir():
-                    if sub.name.startswith(".staging-") or (sub.name.startswith("v") and sub.name not in keep):
-                        delete(root, sub)
+
+
+def remove_entry_files(root: Path, name: str, files: list[str]) -> None:
+    """Delete the ``files`` a removed merged entry ``name`` named, then its folder once empty: what else a user put
+    into the folder stays (:func:`remove_unreferenced` deletes only a folder of an entry's files alone)."""
+    folder = merge_dir(root, name)
+    if folder.is_symlink() or not folder.is_dir():
+        return
+    for file in files:
+        if os.path.lexists(folder / file):
+            delete(root, folder / file)
+    if not any(folder.iterdir()):
+        delete(root, folder)
+
+
+def _sweep_task(root: Path, folder: Path, entry: dict[str, Any] | None) -> None:
+    """Delete from the task folder ``folder`` the version folders its manifest ``entry`` does not name (all of
+    them when ``entry`` is None) and staging folders; an unnamed folder left empty goes too."""
+    if entry is None:
+        if folder.is_symlink():
+            delete(root, folder)  # only unlinked
+            return
+        if not folder.is_dir() or not rules.valid_name(folder.name):
+            return  # not a folder cmtl makes for a task
+    else:
+        _inside(root, folder, including=True)
+    keep = {f"v{r['version']}" for r in (entry or {}).get("versions", [])}
+    for sub in folder.iterdir():
+        if sub.name not in keep and _leftover(sub, entry=False):
+            delete(root, sub)
+    if entry is None and not any(folder.iterdir()):
+        delete(root, folder)
+
+
+def _leftover(path: Path, *, entry: bool) -> bool:
+    """Whether ``path``, which the manifest does not name, is something cmtl may have left there: a link (it is
+    only unlinked), a staging folder, and in a task's folder a version ``v<N>``, or under ``merges/`` (``entry``)
+    a folder holding nothing but a merged entry's files."""
+    if path.is_symlink() or _STAGING.match(path.name):
+        return True
+    if not entry:
+        return bool(_VERSION.match(path.name))
+    return path.is_dir() and all(p.name in _ENTRY_FILES and p.is_file() and not p.is_symlink()
+                                 for p in path.iterdir())
 
 
 @contextlib.contextmanager

@@ -128,6 +128,68 @@ def test_symlinked_lock_file_is_refused(reg_root, tmp_path):
     assert target.read_text() == "precious"
 
 
+# --- the sweep deletes only what cmtl may have left -------------------------------------------------
+
+HEX = "0123456789abcdef" * 2
+
+
+def plant(root: Path, files: dict[str, str]) -> None:
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text)
+
+
+#: What users put into a registry by hand (backups, exports, another registry): no writer may delete it.
+THEIRS = {"tasks/sentiment/notes.txt": "mine", "tasks/sentiment/v1-good/adapter.safetensors": "backup",
+          "tasks/my-export/adapter_config.json": "{}", "tasks/my-export/adapter_model.safetensors": "peft",
+          "tasks/old-registry/registry.json": "{}", "tasks/old-registry/tasks/spam/v1/adapter.safetensors": "old",
+          "tasks/notes.txt": "mine", "tasks/has space/v1/adapter.safetensors": "mine",
+          "merges/my-export/adapter_config.json": "{}", "merges/my-export/adapter_model.safetensors": "peft",
+          "merges/both-copy/adapter.safetensors": "copy", "merges/both-copy/heads.safetensors": "copy",
+          "merges/both-copy/notes.txt": "why I kept it", "merges/notes.txt": "mine"}
+#: What a crashed or removing writer of cmtl leaves: the next writer deletes it.
+LEFTOVERS = {"tasks/sentiment/v9/adapter.safetensors": "x", f"tasks/sentiment/.staging-v2-{HEX}/head.safetensors": "x",
+             "tasks/ghost/v1/adapter.safetensors": "x", f"tasks/ghost/.staging-v2-{HEX}/adapter.safetensors": "x",
+             "merges/old/adapter.safetensors": "x", "merges/old/heads.safetensors": "x",
+             f"merges/.staging-new-{HEX}/adapter.safetensors": "x"}
+
+
+def test_the_sweep_deletes_only_what_cmtl_may_have_left(reg_root):
+    shutil.copytree(reg_root / "tasks" / "sentiment" / "v1", reg_root / "tasks" / "sentiment" / "v1.bak")
+    plant(reg_root, THEIRS | LEFTOVERS)
+    theirs = {rel: (reg_root / rel).read_bytes() for rel in THEIRS} | {
+        f"tasks/sentiment/v1.bak/{k}": v for k, v in snapshot(reg_root / "tasks" / "sentiment" / "v1.bak").items()}
+    add_second(reg_root)
+    assert {rel: (reg_root / rel).read_bytes() for rel in theirs} == theirs
+    assert [rel for rel in LEFTOVERS if os.path.lexists(reg_root / rel)] == []
+    assert not os.path.lexists(reg_root / "tasks" / "ghost") and not os.path.lexists(reg_root / "merges" / "old")
+    assert Registry.open(reg_root, device="cpu").predict("sentiment", ["a lovely film"])
+
+
+def test_removing_a_task_keeps_a_hand_backup_beside_its_versions(reg_root):
+    shutil.copytree(reg_root / "tasks" / "upper" / "v1", reg_root / "tasks" / "upper" / "v1.bak")
+    backup = snapshot(reg_root / "tasks" / "upper" / "v1.bak")
+    reg = Registry.open(reg_root, device="cpu")
+    reg.remove_task("upper")
+    assert [p.name for p in (reg_root / "tasks" / "upper").iterdir()] == ["v1.bak"]
+    assert snapshot(reg_root / "tasks" / "upper" / "v1.bak") == backup
+    reg.add_task(TaskSpec("upper", labels=["neg", "pos"]), train=toy_sentiment(16), training=STEPS)
+    assert sorted(p.name for p in (reg_root / "tasks" / "upper").iterdir()) == ["v1", "v1.bak"]
+
+
+def test_a_merged_entrys_folder_holding_a_users_file_is_kept_and_not_written_over(reg_root):
+    (reg_root / "merges" / "both" / "notes.txt").write_text("why I kept it")
+    reg = Registry.open(reg_root, device="cpu")
+    reg.remove_merge("both")
+    assert [p.name for p in (reg_root / "merges" / "both").iterdir()] == ["notes.txt"]  # the entry's files went
+    assert (reg_root / "merges" / "both" / "notes.txt").read_text() == "why I kept it"
+    before = snapshot(reg_root / "merges" / "both")
+    with pytest.raises(RegistryError, match=r"'merges/both' in the registry .* holds what cmtl did not write "
+                                            r"\('notes\.txt'\).*Move it out of the registry"):
+        reg.merge(["sentiment", "topic"], "both", method="linear")
+    assert snapshot(reg_root / "merges" / "both") == before and reg.merges() == []
+
+
 def _replace_with_file(path: Path) -> None:
     shutil.rmtree(path) if path.is_dir() else path.unlink()
     path.write_text("not a folder")
