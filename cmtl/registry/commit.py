@@ -88,7 +88,9 @@ def write_version(root: Path, backbone: dict[str, Any], spec: TaskSpec, record: 
         manifest = read_manifest(root, backbone)
         if new_task and spec.name in manifest["tasks"]:
             raise TaskExistsError(f"Task {spec.name!r} was added by another process meanwhile.")
-        if not new_task:
+        if new_task:
+            check_started_from(manifest, started_from or {}, "add_task")  # the init= source it started from
+        else:
             entry = manifest["tasks"].get(spec.name)
             if entry is None:
                 raise store.removed_error(f"Task {spec.name!r}", sorted(manifest["tasks"]))
@@ -133,7 +135,7 @@ def write_entry(root: Path, backbone: dict[str, Any], record: dict[str, Any], fi
 
 
 def check_started_from(manifest: Manifest, started_from: StartedFrom, what: str) -> None:
-    """Refuse to commit an ``what`` ("update", "merge") computed from task versions that ``manifest`` (read
+    """Refuse to commit an ``what`` ("update", "merge", "add_task") computed from task versions that ``manifest`` (read
     under the writer lock) no longer holds unchanged: another writer removed the task (and added it again,
     its versions restarting at 1) while it ran. Committing would attach it to another task's data."""
     for (task, version), expected in started_from.items():

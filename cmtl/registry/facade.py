@@ -238,7 +238,12 @@ class Registry(LoadedRegistry):
                     files |= features.kept(spec, files, lambda ex: self._encode(ex, spec), frozen=frozen,
                                            logits=features.RowTable().add(val_enc, result.validation_logits),
                                            older=None)
-                self._commit(spec, record, key, final, new_task=True, extra_files=files, memory=memory)
+                # The source task version, as this object loaded it: checked again at commit.
+                source_task = (lineage["task"], lineage["version"]) if lineage and "task" in lineage else None
+                started = {} if source_task is None else {
+                    source_task: version_source(self._entry(source_task[0]), self._version_record(*source_task))}
+                self._commit(spec, record, key, final, new_task=True, extra_files=files, memory=memory,
+                             started_from=started)
             except BaseException:
                 rt.bank.remove(key)
                 raise

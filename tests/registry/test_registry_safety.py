@@ -511,3 +511,15 @@ def test_one_loaded_backbone_serves_one_registry(tmp_path, tiny_backbone):
     del first
     gc.collect()
     Registry.create(tmp_path / "second", loaded)  # once the first registry object is gone, it may be reused
+
+
+def test_a_task_started_from_a_source_replaced_meanwhile_writes_nothing(root):
+    """add_task(init=SOURCE) on an object that loaded the source before another writer removed it and added
+    it again: it trained from the old adapter, and its lineage would name the new files. Before, it committed."""
+    reg = open_reg(root)
+    reg.predict_proba("a", TEXTS)  # a v1 loaded (cached) by this object
+    readd_a(root)
+    with pytest.raises(RegistryError, match=r"Task 'a' was removed and added again by another writer while this "
+                                            r"add_task ran: its v1.*Nothing was written"):
+        reg.add_task(TaskSpec("from-a", labels=["neg", "pos"]), toy_sentiment(16, 9), training=QUICK, init="a")
+    assert "from-a" not in open_reg(root).tasks() and not (root / "tasks" / "from-a").exists()
