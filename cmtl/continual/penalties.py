@@ -30,6 +30,7 @@ def fisher_diagonal(
     pad_id: int,
     device: torch.device,
     seed: int = 0,
+    outputs: int | None = None,
 ) -> Anchor:
     """Diagonal empirical Fisher of ``params`` and a copy of them (METHODS.md, EWC).
 
@@ -38,12 +39,17 @@ def fisher_diagonal(
     class-balanced buffer lists its rows class by class). One example per backward pass: squaring the
     gradients of minibatches instead would shrink ``F``, and λ's effect with it, as the batch grows.
     Run it with dropout off (the caller's ``set_training(False)``); ``params`` must require grad.
+    ``outputs``: weigh through the first ``outputs`` outputs only (the parent's labels, where an update added
+    some): the rows added for new labels get no Fisher, and the old rows theirs as the parent gave it.
     """
     fisher = [torch.zeros_like(p) for p in params]
     n = min(len(data), max_examples)
     order = seeded_order(len(data), seed)[:n]
     for _, inputs, targets in batches(data, order, 1, pad_id, device):
-        loss = spec.loss(forward(inputs), targets)
+        logits = forward(inputs)
+        if outputs is not None:
+            logits, targets = logits[:, :outputs], (targets[:, :outputs] if targets.dim() > 1 else targets)
+        loss = spec.loss(logits, targets)
         for f, g in zip(fisher, torch.autograd.grad(loss, list(params))):
             f += g.detach() ** 2
     return [f / max(n, 1) for f in fisher], [p.detach().clone() for p in params]

@@ -355,7 +355,8 @@ def _decide(gate: Gate, promote: bool | None) -> tuple[bool, str]:
 def penalty(config: UpdateConfig, candidate: Trainee, parent: Trainee, spec: TaskSpec, data: UpdateData,
             training: TrainConfig, backbone: Backbone):
     """The ``extra_loss`` of an update: EWC around the parent's weights (Fisher on the replayed and
-    held-out old rows), or LwF towards the parent's outputs on the training rows; ``None`` for neither."""
+    held-out old rows, through the parent's outputs: a row added for a new label is not held), or LwF
+    towards the parent's outputs on the training rows; ``None`` for neither."""
     if config.penalty == "ewc":
         parts = [e for e in data.old if e is not None]
         if not parts:
@@ -364,9 +365,10 @@ def penalty(config: UpdateConfig, candidate: Trainee, parent: Trainee, spec: Tas
         candidate.activate()
         candidate.set_training(False)  # the Fisher at the parent's weights, without dropout draws
         params = candidate.parameters()
+        old = parent.modules[0].linear.out_features  # the parent's outputs: rows added for new labels had no weights
         anchor = fisher_diagonal(candidate.forward, params, spec, Encoded.concat(parts),
                                  max_examples=config.fisher_examples, pad_id=backbone.pad_id, device=backbone.device,
-                                 seed=training.seed)
+                                 seed=training.seed, outputs=old)
         return ewc_term(params, [anchor], config.weight)
     if config.penalty == "lwf":
         # The parent is frozen and runs without dropout, so its outputs on the training rows are fixed:

@@ -295,6 +295,24 @@ def test_ewc_weighs_the_old_rows_of_every_class_with_dropout_off(reg, monkeypatc
     assert seen["kwargs"]["max_examples"] == 8 and seen["kwargs"]["seed"] == UPDATE.seed
 
 
+def test_ewc_leaves_the_rows_an_update_adds_for_new_labels_free(reg, monkeypatch):
+    """EWC anchors the parent's weights. An update that adds a label also anchored the head row it had just
+    added, at its random start, with a Fisher as large as an old row's, and took the old rows' Fisher with that
+    random row inside the softmax. Now the Fisher runs through the parent's outputs only: zero on added rows."""
+    from cmtl.continual import updates
+
+    seen = {}
+    real = updates.fisher_diagonal
+    monkeypatch.setattr(updates, "fisher_diagonal", lambda *a, **k: seen.setdefault("anchor", real(*a, **k)))
+    grown = toy_sentiment(16, 5) + [{"text": f"a neutral okay fine thing {i}", "label": "neu"} for i in range(8)]
+    reg.update_task("sentiment", grown, grown[:4] + grown[-4:], labels=["neg", "pos", "neu"],
+                    training=dataclasses.replace(UPDATE, epochs=1), config=UpdateConfig(penalty="ewc"))
+    fisher, _ = seen["anchor"]
+    weight, bias = (next(f for f in fisher if f.dim() == dim and f.shape[0] == 3) for dim in (2, 1))
+    assert float(weight[:2].sum()) > 0 and float(bias[:2].sum()) > 0  # the old rows are weighed
+    assert float(weight[2].abs().sum()) == 0.0 and float(bias[2]) == 0.0  # the added one is free
+
+
 def test_the_gate_judges_on_rows_that_did_not_choose_the_kept_state(reg, monkeypatch):
     """Training kept the state that scored best on the gate's own rows, so the gate compared the best of several
     noisy scores with the parent's one score: a candidate no better than its parent was promoted more often than
