@@ -26,8 +26,8 @@ def request_models(config: "ServeConfig", tasks: list[str]) -> tuple[type[BaseMo
     """
     limits = {"maxItems": config.max_texts, "items": {"type": "string", "maxLength": config.max_chars}}
 
-    def valid_unicode(texts: list[str]) -> list[str]:
-        return as_texts(texts)  # DataError (a ValueError) → 422: a lone surrogate cannot be tokenized
+    def valid_unicode(texts: list[str] | None) -> list[str] | None:
+        return None if texts is None else as_texts(texts)  # DataError (a ValueError) → 422: a lone surrogate
 
     class PredictRequest(BaseModel):
         """Body of ``POST /v1/predict``."""
@@ -38,8 +38,12 @@ def request_models(config: "ServeConfig", tasks: list[str]) -> tuple[type[BaseMo
         texts: list[str] = Field(min_length=1, json_schema_extra=limits,
                                  description=f"Texts to classify (at most {config.max_texts}, each at most "
                                              f"{config.max_chars} characters).")
+        text_pairs: list[str] | None = Field(
+            default=None, json_schema_extra=limits,
+            description="For a task on text pairs (text_pair in GET /v1/tasks): the second text of each pair, one "
+                        "per text. Leave it out for other tasks.")
         merge: str | None = Field(default=None, description="Serve the task through this merged entry.")
-        _unicode = field_validator("texts")(valid_unicode)
+        _unicode = field_validator("texts", "text_pairs")(valid_unicode)
 
     class PredictAllRequest(BaseModel):
         """Body of ``POST /v1/predict/all``."""

@@ -115,6 +115,7 @@ class _Job:
     tasks: list[str]
     texts: list[str]
     merges: list[str | None]
+    pairs: list[str | None]  # a row's second text, for tasks on text pairs
     future: asyncio.Future
 
 
@@ -125,10 +126,10 @@ class _Batcher:
         self.engine, self.config, self.metrics = engine, config, metrics
         self.queue: asyncio.Queue[_Job] = asyncio.Queue()
 
-    async def submit(self, snapshot: Snapshot, tasks: list[str], texts: list[str], merges: list[str | None]
-                     ) -> list[dict[str, Any]]:
+    async def submit(self, snapshot: Snapshot, tasks: list[str], texts: list[str], merges: list[str | None],
+                     pairs: list[str | None] | None = None) -> list[dict[str, Any]]:
         future = asyncio.get_running_loop().create_future()
-        await self.queue.put(_Job(snapshot, tasks, texts, merges, future))
+        await self.queue.put(_Job(snapshot, tasks, texts, merges, pairs or [None] * len(texts), future))
         return await future
 
     async def run(self) -> None:
@@ -162,7 +163,8 @@ class _Batcher:
         snapshot = jobs[0].snapshot
         try:
             flat = self.engine.predict([t for j in jobs for t in j.tasks], [x for j in jobs for x in j.texts],
-                                       merges=[m for j in jobs for m in j.merges], snapshot=snapshot)
+                                       merges=[m for j in jobs for m in j.merges],
+                                       pairs=[p for j in jobs for p in j.pairs], snapshot=snapshot)
             self.metrics.batch_rows.observe(len(flat))
             start = 0
             for job in jobs:
@@ -171,7 +173,8 @@ class _Batcher:
         except Exception:  # noqa: BLE001 - isolate the failing request; the others must not fail with it
             for job in jobs:
                 try:
-                    out = self.engine.predict(job.tasks, job.texts, merges=job.merges, snapshot=snapshot)
+                    out = self.engine.predict(job.tasks, job.texts, merges=job.merges, pairs=job.pairs,
+                                              snapshot=snapshot)
                     self.metrics.batch_rows.observe(len(out))
                     self._resolve(job, out)
                 except Exception as exc:  # noqa: BLE001
@@ -356,12 +359,16 @@ def create_app(registry: str | Path | InferenceEngine, config: ServeConfig | Non
     @app.post("/v1/predict", responses={404: {"model": TaskNotFoundResponse, "description": "Unknown task or merge."},
                                         **BAD_BODY})
     async def predict(body: PredictRequest, request: Request) -> dict[str, Any]:
-        """Labels and probabilities of one task for each text."""
+        """Labels and probabilities of one task for each text (or text pair)."""
         check_limits(body.texts)
+        check_limits(body.text_pairs or [])
         snapshot = request.state.snapshot = engine.snapshot  # one snapshot answers the whole request
-        snapshot.route(body.task, body.merge)  # 404 before queueing
+        paired = snapshot.route(body.task, body.merge).spec.text_pair_column is not None  # 404 before queueing
         n = len(body.texts)
-        rows = await state["batcher"].submit(snapshot, [body.task] * n, body.texts, [body.merge] * n)
+        if paired != (body.text_pairs is not None) or (paired and len(body.text_pairs) != n):
+            raise DataError(f"Task {body.task!r} takes text pairs: send text_pairs, one per text ({n})." if paired
+                            else f"Task {body.task!r} takes single texts: leave text_pairs out.")
+        rows = await state["batcher"].submit(snapshot, [body.task] * n, body.texts, [body.merge] * n, body.text_pairs)
         metrics.texts.labels(body.task).inc(n)
         return {"task": body.task, "merge": body.merge, "version": rows[0].get("version"), "predictions": rows}
 
@@ -385,7 +392,8 @@ def create_app(registry: str | Path | InferenceEngine, config: ServeConfig | Non
         return {
             "generation": snapshot.generation,
             "tasks": [{"name": t, "labels": list(snapshot.route(t).spec.labels),
-                       "problem_type": snapshot.route(t).spec.problem_type, "version": snapshot.route(t).version}
+                       "problem_type": snapshot.route(t).spec.problem_type, "version": snapshot.route(t).version,
+                       "text_pair": snapshot.route(t).spec.text_pair_column is not None}
                       for t in snapshot.tasks],
             "merges": snapshot.merges,
         }

@@ -235,6 +235,13 @@ SCHEMATHESIS_CONFIG = """
 [checks.negative_data_rejection]
 # 413 is how this API rejects too many or too long texts (limits the schema declares as maxItems/maxLength).
 expected-statuses = [400, 404, 405, 413, 415, 422]
+
+[[operations]]
+include-path = "/v1/predict"
+include-method = "POST"
+# Whether a task takes text pairs is the registry's to say, not the schema's: text_pairs sent for a task on
+# single texts (or left out for one on pairs) is a 422 that names the task, in a body the schema allows.
+checks.positive_data_acceptance.expected-statuses = [200, 404, 422]
 """
 
 
@@ -429,3 +436,36 @@ def test_serve_refuses_a_port_out_of_range(tmp_path, port):
 
     with pytest.raises(ValueError, match=rf"port must be an integer in 0\.\.65535 .*Got {port!r}"):
         serve(tmp_path / "no-registry", port=port)  # refused before anything is loaded
+
+
+# --- tasks on text pairs ---------------------------------------------------------------------
+
+
+def test_a_task_on_text_pairs_is_served_with_text_pairs(tmp_path, tiny_backbone):
+    """/v1/tasks listed tasks on text pairs, but /v1/predict had no field for the second texts, so every request
+    for one was a 422. It answers as Registry.predict does, and a missing or extra text_pairs says why."""
+    import dataclasses
+
+    from cmtl import BackboneConfig, TaskSpec
+    from tests.conftest import FAST, toy_sentiment
+
+    rows = [{"text": r["text"], "second": r["text"][::-1], "label": r["label"]} for r in toy_sentiment(32)]
+    reg = Registry.create(tmp_path / "reg", BackboneConfig(name_or_path=tiny_backbone, max_length=64), device="cpu")
+    one_epoch = dataclasses.replace(FAST, epochs=1)
+    reg.add_task(TaskSpec("pairs", labels=["neg", "pos"], text_pair_column="second"), rows, rows[:8], training=one_epoch)
+    reg.add_task(TaskSpec("single", labels=["neg", "pos"]), toy_sentiment(32), training=one_epoch)
+    texts, seconds = ["a great film", "an awful film"], ["mlif taerg a", "the same"]
+    with TestClient(create_app(reg.root, ServeConfig(poll_seconds=3600), device="cpu")) as client:
+        listed = {t["name"]: t["text_pair"] for t in client.get("/v1/tasks").json()["tasks"]}
+        assert listed == {"pairs": True, "single": False}
+        r = client.post("/v1/predict", json={"task": "pairs", "texts": texts, "text_pairs": seconds})
+        assert r.status_code == 200, r.text
+        served = [[p["probabilities"][label] for label in ("neg", "pos")] for p in r.json()["predictions"]]
+        expected = reg.predict_proba("pairs", texts, seconds)
+        assert [p for row in served for p in row] == pytest.approx(expected.ravel().tolist(), abs=1e-5)
+        assert expected.tolist() != reg.predict_proba("pairs", texts, texts).tolist()  # the second texts count
+        for body, says in [({"task": "pairs", "texts": texts}, "takes text pairs: send text_pairs"),
+                           ({"task": "pairs", "texts": texts, "text_pairs": seconds[:1]}, "one per text (2)"),
+                           ({"task": "single", "texts": texts, "text_pairs": seconds}, "leave text_pairs out")]:
+            r = client.post("/v1/predict", json=body)
+            assert r.status_code == 422 and says in r.json()["detail"][0]["msg"], r.text
