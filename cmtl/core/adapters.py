@@ -435,18 +435,18 @@ class AdapterBank:
         """Undo an :meth:`add` that failed partway. peft (0.21) then forgets only the adapter's name: the
         layers it had already built stay in the encoder, unlisted, and their tensors would be saved with
         every other adapter's weights. The first adapter's failed add restores the plain encoder."""
+        from peft.functional import delete_adapter
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        built = [(path, m) for path, m in self.encoder.named_modules() if isinstance(m, BaseTunerLayer)]
         if first:  # get_peft_model wrapped the encoder's layers in place: put the plain ones back
             self._peft = None
-            for path, module in built:
+            wrapped = [(path, m) for path, m in self.encoder.named_modules() if isinstance(m, BaseTunerLayer)]
+            for path, module in wrapped:
                 parent, _, child = path.rpartition(".")
                 setattr(self.encoder.get_submodule(parent), child, module.get_base_layer())
             return
         self._peft.peft_config.pop(name, None)
-        for _, module in built:  # what peft's delete_adapter does to each layer
-            module.delete_adapter(name)
+        delete_adapter(self.encoder, name, prefix="lora_")  # from every layer, listed or not
 
     def _freeze_all(self) -> None:
         # peft makes the active adapter trainable; cmtl decides what trains, per call.
