@@ -3,11 +3,11 @@
 Every variant trains one task per shipped corpus from scratch with ``Registry.add_task`` (1,000
 training examples, or all when fewer; validation and test capped at ``--max-eval``) and is scored on
 the test split. ``--validation held-out`` passes no validation rows, as a user with one labelled file
-would: ``add_task`` then holds out ``TrainConfig.validation_fraction`` (10 %) of the training rows to stop
+would: ``add_task`` then holds out ``TrainConfig.validation_fraction`` (20 %) of the training rows to stop
 and choose on, and the ``probe`` reference still fits on all of them. References run beside them:
 ``probe``, a linear probe on the frozen backbone's mean-pooled features (the head alone, fitted as
 ``refit_heads`` fits heads: full-batch L-BFGS, L2 1e-3); ``probe-kept-rows``, with ``--validation held-out``
-the same fitted only on the rows the default ``add_task`` trains on (10 % held out: what its step-0 probe
+the same fitted only on the rows the default ``add_task`` trains on (20 % held out: what its step-0 probe
 sees, so what any ``probe_margin`` would have kept; with validation given it is ``probe`` again); and
 ``single``, the whole backbone fine-tuned per task (the benchmarks' ``single`` strategy).
 Each (corpus, seed) uses the corpus split and training seed ``seed``, so seeds differ in data and
@@ -76,9 +76,9 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
     "lora-lr-3e-4": ("default with LoRA at learning rate 3e-4 (the head at 1e-3)", {},
                      {"learning_rate": 3e-4, "head_learning_rate": 1e-3}),
     "no-clip": ("default without gradient clipping (Avalanche's loop clips nothing)", {}, {"grad_clip": None}),
-    "held-out-20": ("default holding out 20 % of the training rows to stop and choose on when no validation rows "
-                    "are given (10 % by default; matters only with --validation held-out)", {},
-                    {"validation_fraction": 0.2}),
+    "held-out-10": ("default holding out 10 % of the training rows to stop and choose on when no validation rows "
+                    "are given (20 % by default, 10 % until 2026-12-07; matters only with --validation held-out)",
+                    {}, {"validation_fraction": 0.1}),
     "probe-margin-1": ("default keeping the probe unless training beats it on validation by more than one "
                        "standard error of the paired per-row difference", {}, {"probe_margin": 1.0}),
 }

@@ -121,12 +121,16 @@ def add_task(
     train: Annotated[Path, typer.Option(help="Training data: .csv, .tsv, .jsonl, .json or .parquet.")],
     labels: Annotated[Optional[str], typer.Option(help="Comma-separated label names (default: those in the data).")] = None,
     validation: Annotated[Optional[Path], typer.Option(help="Validation data for early stopping.")] = None,
+    validation_fraction: Annotated[float, typer.Option(help="Without --validation: the share of --train held out "
+                                                            "to stop and choose on (0: train on all of it for "
+                                                            "every epoch).")] = 0.2,
     problem_type: Annotated[str, typer.Option(help="single_label, multi_label or regression.")] = "single_label",
     text_column: str = "text",
     text_pair_column: Optional[str] = None,
     label_column: str = "label",
     epochs: Annotated[int, typer.Option(help="At most this many epochs; early stopping on the validation data "
-                                               "(--validation, else 10% held out) usually ends sooner.")] = 10,
+                                               "(--validation, else --validation-fraction of --train held out) "
+                                               "usually ends sooner.")] = 10,
     batch_size: int = 16,
     lr: float = 1e-3,
     head_lr: Annotated[Optional[float], typer.Option(help="Peak learning rate of the head, when it should "
@@ -192,8 +196,8 @@ def add_task(
     info = reg.add_task(
         spec, train_rows, _read(validation, spec, encoding), adapter=adapter,
         training=TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=lr, head_learning_rate=head_lr,
-                             max_steps=max_steps, probe_init=probe_init, probe_margin=probe_margin, seed=seed,
-                             progress=_progress(progress)),
+                             max_steps=max_steps, validation_fraction=validation_fraction, probe_init=probe_init,
+                             probe_margin=probe_margin, seed=seed, progress=_progress(progress)),
         init=init, init_scale=init_scale,
         head=None if head == "linear" else AnalyticConfig(kind=head, features=head_features, seed=seed),
     )

@@ -346,11 +346,11 @@ def test_defaults_study_script_records_resumes_and_refuses_other_settings(tmp_pa
     assert defaults.main(quick + ["--variants", "default,probe-kept-rows", "--validation", "held-out", "--out",
                                   str(tmp_path / "c")]) == 0
     held = json.loads((tmp_path / "c" / "results.json").read_text())
-    kept_rows = held["runs"][1]  # the probe on the 29 rows add_task trained on, not on all 32
-    assert kept_rows["variant"] == "probe-kept-rows" and kept_rows["examples_trained"] == 29
+    kept_rows = held["runs"][1]  # the probe on the 26 rows add_task trained on (20 % held out), not on all 32
+    assert kept_rows["variant"] == "probe-kept-rows" and kept_rows["examples_trained"] == 26
     assert probe["examples_trained"] == 32
     assert held["validation"] == "held-out" and held["runs"][0]["probe_validation_accuracy"] is not None
-    assert trained["examples_trained"] == 32 and held["runs"][0]["examples_trained"] == 32 - 3  # 10 %, rounded
+    assert trained["examples_trained"] == 32 and held["runs"][0]["examples_trained"] == 32 - 6  # 20 %, rounded
     for out, validation in (("a", "held-out"), ("c", "given")):
         with pytest.raises(SystemExit):
             defaults.main(quick + ["--variants", "probe", "--validation", validation, "--out", str(tmp_path / out)])

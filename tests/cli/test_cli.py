@@ -46,6 +46,19 @@ def test_console_script_and_public_api():
     assert doc.returncode == 0 and "Registry" in doc.stdout and "TaskSpec" in doc.stdout
 
 
+def test_add_task_options_default_to_train_config():
+    # The command's own defaults must be TrainConfig's, or a CLI user trains differently from a Python one.
+    import typer.main
+
+    params = {p.name: p.default for p in typer.main.get_command(app).commands["add-task"].params}
+    config = TrainConfig()
+    for option, field in [("epochs", "epochs"), ("batch_size", "batch_size"), ("lr", "learning_rate"),
+                          ("head_lr", "head_learning_rate"), ("max_steps", "max_steps"),
+                          ("validation_fraction", "validation_fraction"), ("probe_init", "probe_init"),
+                          ("probe_margin", "probe_margin"), ("seed", "seed")]:
+        assert params[option] == getattr(config, field), option
+
+
 def test_lifecycle(tmp_path, tiny_backbone):
     reg = tmp_path / "reg"
     pd.DataFrame(toy_sentiment(96)).to_csv(tmp_path / "train.csv", index=False)
@@ -71,10 +84,10 @@ def test_lifecycle(tmp_path, tiny_backbone):
     # A second task that starts from half the first one's adapter, recorded in its lineage.
     result = invoke("add-task", reg, "again", "--train", tmp_path / "train.csv", "--init", "sentiment",
                     "--init-scale", "0.5", "--max-steps", "1", "--lr", "1e-12", "--head-lr", "1e-11",
-                    "--no-probe-init", "--no-progress")
+                    "--no-probe-init", "--validation-fraction", "0.25", "--no-progress")
     assert result.exit_code == 0, result.output
     assert "start: task 'sentiment' v1 scaled by 0.5\n  kept: the trained state of step 1 of 1" in result.output
-    assert "note: 10 rows of --train were held out to choose when to stop on;" in result.output  # 10 % of 96
+    assert "note: 24 rows of --train were held out to choose when to stop on;" in result.output  # 25 % of 96
     assert "probe" not in result.output.split("note:")[1]  # --no-probe-init: no probe to choose against
     opened = Registry.open(reg, device="cpu")
     assert opened.current("again").init == {"task": "sentiment", "version": 1, "chosen": "named", "scale": 0.5}

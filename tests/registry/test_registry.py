@@ -106,8 +106,8 @@ def test_data_sources(registry, tmp_path, kind):
     }[kind]()
     spec = TaskSpec("t", labels=["neg", "pos"], text_column="sentence", label_column="y")
     info = registry.add_task(spec, train=data, training=TrainConfig(max_steps=2, progress=False))
-    # Without validation data, 10 % of the rows are held out to stop on (validation_fraction).
-    assert info.training["examples"] == 22 and info.metrics["validation_n"] == 2
+    # Without validation data, 20 % of the rows are held out to stop on (validation_fraction).
+    assert info.training["examples"] == 19 and info.metrics["validation_n"] == 5
     assert registry.evaluate("t", data)["n"] == 24
 
 
