@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import uuid
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,12 +18,40 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+#: What ``fsync`` on a folder raises where the file system cannot flush folders (some network and FUSE
+#: mounts): the flush is skipped there, as the file system offers nothing stronger.
+_UNSUPPORTED = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF}
+
+
 def fsync_dir(path: Path) -> None:
+    """Flush the entries of the folder ``path`` (a new name in it, a rename into it) to disk.
+
+    Skipped on Windows, where a folder cannot be opened, and on file systems that cannot flush one.
+
+    Raises:
+        OSError: the flush failed (an I/O error, a full disk).
+    """
+    if os.name == "nt":
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as e:
+        if e.errno not in _UNSUPPORTED:
+            raise
     finally:
         os.close(fd)
+
+
+def settle_dir(path: Path, written: Path) -> None:
+    """:func:`fsync_dir` after ``written`` was renamed into ``path``: the write has landed by then (every
+    reader sees it), so a failed flush is a warning, not an error that would tell the caller it failed."""
+    try:
+        fsync_dir(path)
+    except OSError as e:
+        warnings.warn(f"{str(written)!r} was written, but its folder could not be flushed to disk ({e}); a crash "
+                      "of the machine before the file system flushes it could lose the write.", RuntimeWarning,
+                      stacklevel=3)
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
@@ -32,7 +62,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    settle_dir(path.parent, path)
 
 
 def tensors_to_bytes(tensors: dict[str, torch.Tensor]) -> bytes:

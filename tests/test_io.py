@@ -62,3 +62,38 @@ def test_tensors_to_bytes_round_trips_any_tensor_on_the_cpu():
     for k, v in tensors.items():
         torch.testing.assert_close(loaded[k], v.detach(), rtol=0, atol=0)
         assert loaded[k].dtype == v.dtype
+
+
+def _fail_folder_fsync(monkeypatch, code: int):
+    """``os.fsync`` raising ``OSError(code)`` on folders only, as a failing or unsupporting file system would."""
+    import stat
+
+    real = os.fsync
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(code, os.strerror(code))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def test_a_failed_folder_flush_after_the_rename_warns_and_does_not_say_the_write_failed(tmp_path, monkeypatch):
+    # The file is in place once renamed: raising then told callers a write had failed that every reader sees.
+    import errno
+
+    target = tmp_path / "f.bin"
+    write_bytes_atomic(target, b"old")
+    _fail_folder_fsync(monkeypatch, errno.EIO)
+    with pytest.warns(RuntimeWarning, match="was written, but its folder could not be flushed"):
+        write_bytes_atomic(target, b"new")
+    assert target.read_bytes() == b"new"
+
+
+def test_a_file_system_that_cannot_flush_folders_is_no_error(tmp_path, monkeypatch, recwarn):
+    import errno
+
+    _fail_folder_fsync(monkeypatch, errno.EINVAL)  # what some network and FUSE mounts answer
+    write_bytes_atomic(tmp_path / "f.bin", b"x")
+    io_module.fsync_dir(tmp_path)
+    assert (tmp_path / "f.bin").read_bytes() == b"x" and not recwarn.list

@@ -50,7 +50,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from cmtl._io import fsync_dir, sha256_bytes, write_bytes_atomic
+from cmtl._io import fsync_dir, settle_dir, sha256_bytes, write_bytes_atomic
 from cmtl._version import __version__
 from cmtl.errors import CorruptFileError, RegistryError, TaskNotFoundError
 from cmtl.registry import manifest as rules
@@ -321,7 +321,7 @@ def write_folder(root: Path, final: Path, files: dict[str, bytes]) -> dict[str, 
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    fsync_dir(final.parent)
+    settle_dir(final.parent, final)
     return sums
 
 

@@ -576,3 +576,24 @@ def test_kill_during_every_write_keeps_a_consistent_registry(reg_root, op, where
     named, present = named_folders(reg_root)
     assert present == named
     assert not list(reg_root.rglob(".staging-*")) and not list(reg_root.glob(f".{MANIFEST}.*.tmp"))
+
+
+def test_a_failed_folder_flush_after_the_manifest_landed_leaves_the_object_as_the_disk(reg_root, monkeypatch):
+    # Before: remove_task raised though the manifest on disk no longer had the task, and the object still
+    # answered for it. Now the write warns, and the object and the disk agree.
+    import errno
+    import stat
+
+    reg = Registry.open(reg_root, device="cpu")
+    real = os.fsync
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.warns(RuntimeWarning, match="could not be flushed"):
+        reg.remove_task("upper")
+    monkeypatch.undo()
+    assert "upper" not in reg.tasks() and "upper" not in Registry.open(reg_root, device="cpu").tasks()
