@@ -34,7 +34,8 @@ class MultiTaskConfig:
             ``"adaptive_switch"`` (auxiliaries stop when the primary validation metric has not
             improved for ``switch_patience`` evaluations).
         gamma0: Initial auxiliary weight γ_k,0 (Diminish, Switch), per task name or one value for all.
-        eta: Diminish decay rate η_k, per task name or one value.
+        eta: Diminish decay rate η_k, per task name or one value. A task a dict leaves out gets the
+            knob's default (gamma0 1, eta 0.01, nu 1).
         nu: Diminish curvature ν_k, per task name or one value.
         switch_step: Step at which Switch drops the auxiliaries.
         switch_patience: Evaluations without improvement before the adaptive switch fires.
@@ -99,17 +100,21 @@ class MultiTaskConfig:
             out["sampling_schedule"] = f"{getattr(f, '__module__', '')}.{getattr(f, '__qualname__', repr(f))}"
         return out
 
-    def _per_task(self, name: str, value: float | dict[str, float]) -> float:
-        return float(value.get(name, 1.0) if isinstance(value, dict) else value)
+    def _per_task(self, name: str, knob: str) -> float:
+        """Knob ``knob`` (gamma0, eta, nu) for task ``name``: its dict's entry, else the knob's default."""
+        value = getattr(self, knob)
+        if isinstance(value, dict):
+            return float(value.get(name, self.__dataclass_fields__[knob].default))
+        return float(value)
 
     def gamma(self, task: str, step: int, switched: bool) -> float:
         """Loss weight of ``task`` at ``step`` under the static weights or the MT2ST schedule."""
         static = (self.weights or {}).get(task, 1.0)
         if self.schedule == "none" or task == self.primary:
             return static
-        g0 = self._per_task(task, self.gamma0)
+        g0 = self._per_task(task, "gamma0")
         if self.schedule == "diminish":
-            return diminish(step, g0, self._per_task(task, self.eta), self._per_task(task, self.nu))
+            return diminish(step, g0, self._per_task(task, "eta"), self._per_task(task, "nu"))
         if self.schedule == "switch":
             return switch(step, g0, self.switch_step)
         return 0.0 if switched else g0  # adaptive_switch

@@ -60,6 +60,17 @@ def test_mt2st_weights_by_hand():
         MultiTaskConfig(primary="p", schedule="diminish", weighting="uncertainty")
 
 
+def test_a_task_left_out_of_a_per_task_knob_gets_that_knobs_default():
+    # eta={"a": ...} names one auxiliary; "b" must decay at eta's default (0.01), as with eta unset, not at 1.
+    config = MultiTaskConfig(primary="p", schedule="diminish", eta={"a": 0.1})
+    default = MultiTaskConfig(primary="p", schedule="diminish")
+    assert config.gamma("b", 100, False) == pytest.approx(default.gamma("b", 100, False))
+    assert config.gamma("b", 100, False) == pytest.approx(math.exp(-0.01 * 100))
+    assert config.gamma("a", 10, False) == pytest.approx(math.exp(-1.0))
+    partial = MultiTaskConfig(primary="p", schedule="diminish", gamma0={"a": 0.5}, nu={"a": 2.0})
+    assert partial.gamma("b", 100, False) == pytest.approx(math.exp(-0.01 * 100))
+
+
 def test_uncertainty_weighting_value_and_optimum():
     w = UncertaintyWeighting(3)
     with torch.no_grad():
