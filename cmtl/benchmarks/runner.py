@@ -152,7 +152,8 @@ def run_avalanche_stream(name: str, experiences: Sequence, kind: str, backbone_c
                                   head_dropout=config.training.head_dropout, seed=config.training.seed)
     t = config.training
     # The same budget rule as cmtl's strategies: at most t.epochs, stopped by patience on validation, best kept.
-    validation = [e.validation for e in experiences] if t.patience and all(
+    # cmtl keeps the best validated state without patience too: Avalanche then gets a patience it cannot reach.
+    validation = [e.validation for e in experiences] if all(
         e.validation is not None and len(e.validation) for e in experiences) else None
     benchmark = avalanche.export_benchmark(stream, backbone, validation=validation)
     names = [e.name for e in experiences]
@@ -163,7 +164,7 @@ def run_avalanche_stream(name: str, experiences: Sequence, kind: str, backbone_c
                     + " ".join(f"{n}={a:.3f}" for n, a in zip(names, row)))
 
     run = avalanche.run_strategy(name, benchmark, model, progress=progress, config=avalanche.AvalancheConfig(
-        epochs=t.epochs, patience=t.patience if validation is not None else None, batch_size=t.batch_size,
+        epochs=t.epochs, patience=(t.patience or t.epochs) if validation is not None else None, batch_size=t.batch_size,
         eval_batch_size=t.eval_batch_size, learning_rate=t.learning_rate, head_learning_rate=t.head_learning_rate,
         weight_decay=t.weight_decay, reset_optimizer_state=config.avalanche_reset_optimizer, seed=t.seed,
         device=str(backbone.device), mem_size=config.replay_budget, ewc_lambda=config.ewc_lambda,

@@ -122,6 +122,33 @@ def test_bench_cli_passes_the_optimizer_state_rule_to_avalanche(tmp_path, tiny_b
     assert [c.reset_optimizer_state for c in seen] == [bool(flag)]
 
 
+@pytest.mark.parametrize("patience", [None, 2])
+def test_avalanche_keeps_the_best_epoch_as_cmtls_strategies_do_also_without_patience(tmp_path, tiny_backbone,
+                                                                                       monkeypatch, patience):
+    """cmtl's loop keeps the best validated state whether or not patience stops it; Avalanche's strategies
+    must too, or `cmtl bench --patience 0` compares cmtl's best epoch with Avalanche's last one."""
+    from cmtl.benchmarks import runner
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def stop(name, benchmark, model, *, progress, config):
+        seen.append((config, getattr(benchmark, "valid_stream", None)))
+        raise Stop  # nothing to train: the test only reads the config
+
+    monkeypatch.setattr(runner.avalanche, "run_strategy", stop)
+    scenario = Scenario.from_yaml(SCENARIOS / "text5.yaml").shrink(8, 4)
+    config = StrategyConfig(training=TrainConfig(epochs=3, batch_size=8, patience=patience, progress=False))
+    with pytest.raises(Stop):
+        run_benchmark(scenario, ["avl-naive"], tmp_path, config=config, device="cpu",
+                      backbone=BackboneConfig(name_or_path=tiny_backbone, max_length=32))
+    (avl, valid_stream), = seen
+    assert valid_stream is not None and len(valid_stream) == 5  # validated after every epoch, best epoch kept
+    assert avl.patience == (patience or 3)  # without patience: never stopped before the last epoch
+
+
 @pytest.mark.parametrize(("name", "kind"), [("trec-classes", "class-incremental"),
                                             ("sentiment4", "domain-incremental")])
 def test_avalanche_strategies_refuse_a_scenario_that_is_not_task_incremental(tmp_path, name, kind):
