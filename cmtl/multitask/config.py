@@ -28,7 +28,8 @@ class MultiTaskConfig:
             the fixed probabilities of ``sampler`` (which must then draw, i.e. not be
             ``"per_task"``). Registry records store its name.
         weighting: ``"static"`` (``weights``, default 1 each) or ``"uncertainty"``.
-        weights: Static loss weight per task name.
+        weights: Static loss weight per task name (with a ``schedule``, of the primary only; not with
+            uncertainty weighting).
         primary: MT2ST: the primary task; the others are auxiliary and weighted by ``schedule``.
         schedule: ``"none"``, ``"diminish"``, ``"switch"`` (at ``switch_step``) or
             ``"adaptive_switch"`` (auxiliaries stop when the primary validation metric has not
@@ -85,6 +86,14 @@ class MultiTaskConfig:
                                  "with a schedule.")
         if self.weighting == "uncertainty" and self.schedule != "none":
             raise ValueError("Uncertainty weighting learns every task's weight; it cannot run with an MT2ST schedule.")
+        if self.weights and self.weighting == "uncertainty":
+            raise ValueError(f"weights={self.weights} would be ignored: uncertainty weighting learns every task's "
+                             "weight. Drop weights, or use weighting='static'.")
+        ignored = sorted(set(self.weights or {}) - {self.primary}) if self.schedule != "none" else []
+        if ignored:
+            raise ValueError(f"weights names auxiliary tasks {ignored}, whose weight the {self.schedule!r} schedule "
+                             "sets (gamma0 · schedule): it would be ignored. Set their initial weight with "
+                             "gamma0={task: value}; weights applies to the primary only.")
         for key in ("steps", "tag_every", "eval_every"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or value < 1):

@@ -71,6 +71,16 @@ def test_a_task_left_out_of_a_per_task_knob_gets_that_knobs_default():
     assert partial.gamma("b", 100, False) == pytest.approx(math.exp(-0.01 * 100))
 
 
+def test_static_weights_a_schedule_or_uncertainty_would_ignore_are_refused():
+    # Under an MT2ST schedule an auxiliary's weight is gamma0 · schedule: weights={"a": 0.3} trained "a" at 1.
+    with pytest.raises(ValueError, match=r"weights.*\['a'\].*gamma0"):
+        MultiTaskConfig(primary="p", schedule="switch", switch_step=10, weights={"p": 2.0, "a": 0.3})
+    with pytest.raises(ValueError, match=r"weights.*uncertainty"):
+        MultiTaskConfig(weighting="uncertainty", weights={"a": 0.3})
+    config = MultiTaskConfig(primary="p", schedule="switch", switch_step=10, weights={"p": 2.0})
+    assert (config.gamma("p", 0, False), config.gamma("a", 0, False)) == (2.0, 1.0)
+
+
 def test_uncertainty_weighting_value_and_optimum():
     w = UncertaintyWeighting(3)
     with torch.no_grad():
