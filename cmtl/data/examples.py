@@ -18,7 +18,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from cmtl.core.tasks import TaskSpec
 from cmtl.errors import DataError
@@ -297,11 +297,15 @@ def as_texts(texts: str | Sequence[str]) -> list[str]:
     """Accept one string or a sequence of strings for prediction.
 
     Raises:
-        DataError: no texts, a value that is not a string, or a string that is not
-            valid Unicode (a lone surrogate, which UTF-8 cannot encode).
+        DataError: no texts, a table (a DataFrame, a dict, a Dataset: iterating one gives
+            its column names or rows, not texts), a value that is not a string, or a string
+            that is not valid Unicode (a lone surrogate, which UTF-8 cannot encode).
     """
     if texts is None or not (isinstance(texts, str) or hasattr(texts, "__iter__")):
         raise DataError(f"texts must be a string or a list of strings, got {type(texts).__name__}.")
+    if isinstance(texts, Mapping) or hasattr(texts, "columns") or hasattr(texts, "column_names"):
+        raise DataError(f"texts must be a string or a list of strings, got a {type(texts).__name__}, whose items "
+                        "are its column names or rows, not texts: pass its text column, e.g. data['text'].")
     out = _texts([texts] if isinstance(texts, str) else list(texts), "texts")
     if not out:
         raise DataError("No texts given: pass at least one string.")

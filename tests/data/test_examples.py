@@ -67,6 +67,18 @@ def test_as_texts():
         as_texts(["ok", 3])
 
 
+def test_a_table_is_refused_as_texts_not_read_as_its_column_names():
+    """Iterating a DataFrame (or a dict) gives its column names: ``predict(task, df)`` answered for the strings
+    'text' and 'label' instead of the rows."""
+    import pandas as pd
+
+    df = pd.DataFrame({"text": ["good", "bad", "fine"], "label": ["pos", "neg", "pos"]})
+    for table in (df, df[["text"]], {"text": ["good", "bad"]}):
+        with pytest.raises(DataError, match=r"got a (DataFrame|dict).*pass its text column, e.g. data\['text'\]"):
+            as_texts(table)
+    assert as_texts(df["text"]) == ["good", "bad", "fine"]  # a column is a sequence of texts
+
+
 def test_a_tsv_file_is_read_without_quoting(tmp_path):
     """TSV corpora (GLUE's among them) do not quote: a text opening with a quotation mark was read as a quoted field
     that swallowed the rows after it (6 rows came back as 3, one text holding four rows and the last label)."""
