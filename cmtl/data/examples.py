@@ -185,20 +185,46 @@ def read_file(path: str | Path, *, encoding: str | None = None):
         raise DataError(f"Data file {str(path)!r} is empty (0 bytes): it needs a header and at least one example.")
     kind = {".csv": "CSV", ".tsv": "TSV", ".jsonl": "JSON lines", ".json": "JSON", ".parquet": "Parquet"}[suffix]
     try:
-        if suffix == ".csv":
-            return pd.read_csv(path, keep_default_na=False, dtype=str, encoding=encoding or "utf-8")
-        if suffix == ".tsv":  # TSV has no quoting: a quotation mark is text (GLUE's files rely on it)
-            return pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE, keep_default_na=False, dtype=str,
-                               encoding=encoding or "utf-8")
-        if suffix in (".jsonl", ".json"):
-            return pd.read_json(path, lines=suffix == ".jsonl", dtype=False, encoding=encoding or "utf-8")
-        return pd.read_parquet(path)
+        table = _read_table(path, suffix, encoding)
     except UnicodeDecodeError as exc:
         raise _decode_error(path, encoding, exc) from exc
     except pd.errors.EmptyDataError as exc:
         raise DataError(f"Data file {str(path)!r} is empty: it holds no header row, so no columns.") from exc
     except (pd.errors.ParserError, ValueError, OSError) as exc:  # pyarrow's errors subclass these too
         raise DataError(f"Cannot read {str(path)!r} as {kind}: {exc}") from exc
+    if suffix in (".csv", ".tsv"):
+        _check_fields(table, path, suffix)
+    return table
+
+
+def _read_table(path: Path, suffix: str, encoding: str | None):
+    import pandas as pd
+
+    if suffix == ".csv":
+        return pd.read_csv(path, keep_default_na=False, dtype=str, encoding=encoding or "utf-8")
+    if suffix == ".tsv":  # TSV has no quoting: a quotation mark is text (GLUE's files rely on it)
+        return pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE, keep_default_na=False, dtype=str,
+                           encoding=encoding or "utf-8")
+    if suffix in (".jsonl", ".json"):
+        return pd.read_json(path, lines=suffix == ".jsonl", dtype=False, encoding=encoding or "utf-8")
+    return pd.read_parquet(path)
+
+
+def _check_fields(table, path: Path, suffix: str) -> None:
+    """Refuse a CSV/TSV whose rows hold more fields than its header names: pandas takes the extra first fields
+    as a row index and drops them, so texts with an unquoted comma (a tab) in every row lost their first part."""
+    import pandas as pd
+
+    if isinstance(table.index, pd.RangeIndex):
+        return
+    separator, fix = {".csv": ("a comma", "quote texts that hold one"),
+                      ".tsv": ("a tab", "a TSV text cannot hold one")}[suffix]
+    columns = list(table.columns)
+    raise DataError(
+        f"The rows of {str(path)!r} have {len(columns) + table.index.nlevels} fields but its header has "
+        f"{len(columns)} column names {columns}: a text holding {separator} splits its row ({fix}), or the header "
+        "lacks a column's name. Fix the file: its first fields would otherwise be dropped as a row index."
+    )
 
 
 def _decode_error(path: Path, encoding: str | None, exc: UnicodeDecodeError) -> DataError:

@@ -99,6 +99,19 @@ def test_missing_column_names_it_the_columns_and_the_fix(tmp_path, header, kwarg
         read_examples(path, spec)
 
 
+@pytest.mark.parametrize("suffix, sep", [(".csv", ","), (".tsv", "\t")])
+def test_rows_with_a_field_more_than_the_header_are_refused(tmp_path, suffix, sep):
+    """pandas takes the first field of such rows as the row index: texts with an unquoted comma (a tab) in every
+    row lost their first part, silently ('Dear John, thanks' was read as ' thanks')."""
+    path = tmp_path / f"d{suffix}"
+    path.write_text(f"text{sep}label\nDear John{sep} thanks{sep}a\nHi Mary{sep} no way{sep}b\n")
+    with pytest.raises(DataError, match=rf"d{suffix}.*have 3 fields but its header has 2 column names"):
+        read_examples(path, SPEC)
+    indexed = tmp_path / f"indexed{suffix}"  # an index column with an empty name in the header is a column
+    indexed.write_text(f"{sep}text{sep}label\n0{sep}hello{sep}a\n")
+    assert read_examples(indexed, SPEC).texts == ["hello"]
+
+
 # --- texts that are not valid Unicode ---------------------------------------------------
 
 
