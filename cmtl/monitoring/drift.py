@@ -105,7 +105,16 @@ class DriftReport:
 
 
 def mmd_test(x: torch.Tensor, y: torch.Tensor, *, permutations: int, seed: int) -> tuple[float, float, float]:
-    """(unbiased MMD², permutation p-value, bandwidth) of samples ``x`` (n, d) and ``y`` (m, d)."""
+    """(unbiased MMD², permutation p-value, bandwidth) of samples ``x`` (n, d) and ``y`` (m, d).
+
+    Raises:
+        DataError: a row that is not finite: every statistic would be NaN, and the p-value the smallest.
+    """
+    for name, sample in (("x", x), ("y", y)):
+        bad = (~torch.isfinite(sample).reshape(len(sample), -1).all(1)).nonzero().flatten().tolist()
+        if bad:
+            raise DataError(f"mmd_test: row {bad[0]} of {name} is not finite (NaN or inf; rows {bad[:10]}): "
+                            "drop those rows or fix what produced them.")
     z = torch.cat([x, y]).double()
     n, total = len(x), len(x) + len(y)
     d2 = torch.cdist(z, z).pow(2)
@@ -145,7 +154,7 @@ class DriftMonitor:
         task: Task name, for the verdict.
 
     Raises:
-        DataError: fewer reference texts than ``config.min_samples``.
+        DataError: fewer reference texts than ``config.min_samples``, or one whose embedding is not finite.
     """
 
     def __init__(self, embed: Callable[[list[str]], torch.Tensor], reference: Sequence[str], *,
@@ -157,20 +166,24 @@ class DriftMonitor:
         self._embed = embed
         self._proba = predict_proba
         self.labels = list(labels) if labels is not None else None
-        reference = self._sample(as_texts(reference), "reference", self.config.seed)
-        self.reference = reference
-        self._ref_emb = _normalise(embed(reference))
-        self._ref_proba = predict_proba(reference) if predict_proba is not None else None
+        reference = as_texts(reference)
+        rows = self._sample(len(reference), "reference", self.config.seed)
+        self.reference = [reference[i] for i in rows]
+        self._ref_emb = self._embedded(self.reference, rows, "reference")
+        self._ref_proba = predict_proba(self.reference) if predict_proba is not None else None
 
     def check(self, texts: Sequence[str], *, seed: int | None = None) -> DriftReport:
         """Test ``texts`` against the reference.
 
         Raises:
-            DataError: fewer than ``config.min_samples`` texts: a p-value from so few would mean little.
+            DataError: fewer than ``config.min_samples`` texts: a p-value from so few would mean little;
+                a text whose embedding is not finite.
         """
         seed = self.config.seed if seed is None else seed
-        texts = self._sample(as_texts(texts), "incoming", seed + 1)
-        new_emb = _normalise(self._embed(texts))
+        texts = as_texts(texts)
+        rows = self._sample(len(texts), "incoming", seed + 1)
+        texts = [texts[i] for i in rows]
+        new_emb = self._embedded(texts, rows, "incoming")
         mmd2, p, bandwidth = mmd_test(self._ref_emb, new_emb, permutations=self.config.permutations, seed=seed)
         extra: dict[str, Any] = {}
         if self._proba is not None:
@@ -186,14 +199,31 @@ class DriftMonitor:
                            alpha=self.config.alpha, drift=p < self.config.alpha, bandwidth=bandwidth,
                            task=self.task, **extra)
 
-    def _sample(self, texts: list[str], what: str, seed: int) -> list[str]:
-        if len(texts) < self.config.min_samples:
-            raise DataError(f"The drift test needs at least {self.config.min_samples} {what} texts; got {len(texts)}. "
+    def _sample(self, n: int, what: str, seed: int) -> list[int]:
+        """The rows of ``n`` texts the test uses: all, or ``config.max_samples`` of them (seeded), in order."""
+        if n < self.config.min_samples:
+            raise DataError(f"The drift test needs at least {self.config.min_samples} {what} texts; got {n}. "
                             "A p-value from fewer would mean little: collect more texts first.")
-        if len(texts) <= self.config.max_samples:
-            return texts
-        order = seeded_order(len(texts), seed)
-        return [texts[i] for i in sorted(order[: self.config.max_samples])]
+        if n <= self.config.max_samples:
+            return list(range(n))
+        return sorted(seeded_order(n, seed)[: self.config.max_samples])
+
+    def _embedded(self, texts: list[str], rows: list[int], what: str) -> torch.Tensor:
+        """L2-normalised embeddings of ``texts`` (``rows`` of the texts given).
+
+        Raises:
+            DataError: an embedding that is not finite (NaN or inf; e.g. a half-precision backbone that
+                overflowed), which would make the test report drift whatever the texts.
+        """
+        embeddings = self._embed(texts)
+        bad = (~torch.isfinite(embeddings).all(-1)).nonzero().flatten().tolist()
+        if bad:
+            raise DataError(
+                f"The embedding of {what} text {rows[bad[0]]} ({texts[bad[0]][:80]!r}) is not finite (NaN or inf; "
+                f"{len(bad)} such text(s)), so the drift test cannot run: its statistics would be NaN. Drop those "
+                "texts, or load the backbone in float32 (BackboneConfig(dtype='float32')) if it overflowed."
+            )
+        return _normalise(embeddings)
 
 
 def _normalise(embeddings: torch.Tensor) -> torch.Tensor:

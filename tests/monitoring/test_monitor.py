@@ -66,6 +66,26 @@ def test_too_few_texts_are_refused():
         DriftMonitor(hashed_embed, ["a"] * 3)
 
 
+def test_non_finite_embeddings_are_refused_not_reported_as_drift():
+    """A NaN or inf embedding (a half-precision backbone overflowing on one text) made every MMD² NaN, no
+    permutation reached it, and the report said DRIFT at the smallest p-value."""
+    def embed(texts: list[str]) -> torch.Tensor:
+        out = hashed_embed(texts)
+        out[[i for i, t in enumerate(texts) if "overflow" in t], 0] = float("inf")
+        return out
+
+    reference = [f"the film was {w}" for w in ["good", "bad", "fine", "dull"] * 10]
+    monitor = DriftMonitor(embed, reference)
+    with pytest.raises(DataError, match=r"incoming text 3 \('an overflow'\).*not finite"):
+        monitor.check(reference[:3] + ["an overflow"] + reference[4:30])
+    with pytest.raises(DataError, match=r"reference text 0 .*not finite"):
+        DriftMonitor(embed, ["overflow"] + reference)
+    x = gaussians(20, 0, 1)
+    x[2, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"row 2 of x is not finite"):
+        mmd_test(x, gaussians(20, 0, 2), permutations=100, seed=0)
+
+
 def test_large_samples_are_subsampled():
     monitor = DriftMonitor(hashed_embed, [f"w{i}" for i in range(300)], config=MonitorConfig(max_samples=50))
     assert len(monitor.reference) == 50 and monitor.check([f"w{i}" for i in range(500)]).n_new == 50
