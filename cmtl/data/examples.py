@@ -313,6 +313,10 @@ def _check_examples(examples: Examples, spec: TaskSpec, labelled: bool) -> Examp
         raise DataError(f"The examples for task {spec.name!r} carry no labels.")
     if (examples.pairs is None) != (spec.text_pair_column is None):
         raise DataError(f"Task {spec.name!r} {'takes' if spec.text_pair_column else 'does not take'} text pairs.")
+    for what, values in (("text pairs", examples.pairs), ("labels", examples.labels if labelled else None)):
+        if values is not None and len(values) != len(examples.texts):
+            raise DataError(f"The examples for task {spec.name!r} hold {len(examples.texts)} texts but {len(values)} "
+                            f"{what}: each row needs one of each. Build them from the same rows.")
     texts = _texts(examples.texts, spec.text_column)
     pairs = _texts(examples.pairs, spec.text_pair_column) if examples.pairs is not None else None
     labels = spec.label_names(examples.labels) if labelled else examples.labels  # same rule as every other source

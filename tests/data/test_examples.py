@@ -48,6 +48,19 @@ def test_examples_in_are_checked_like_any_other_source():
         read_examples(Examples(["x"], ["y"], ["a"]), spec)
 
 
+def test_examples_whose_pairs_or_labels_do_not_match_the_texts_are_refused():
+    """Examples with a label more than texts (a text dropped, its label kept) trained silently: the held-out split
+    selects rows by text index, so every label after the dropped text went to the text after its own."""
+    spec = TaskSpec("t", labels=["a", "b"])
+    with pytest.raises(DataError, match=r"2 texts but 3 labels"):
+        read_examples(Examples(["x", "y"], None, ["a", "b", "a"]), spec)
+    with pytest.raises(DataError, match=r"3 texts but 2 labels"):
+        read_examples(Examples(["x", "y", "z"], None, ["a", "b"]), spec)
+    pairs = TaskSpec("p", labels=["a", "b"], text_pair_column="h")
+    with pytest.raises(DataError, match=r"2 texts but 1 text pairs"):
+        read_examples(Examples(["x", "y"], ["p"], ["a", "b"]), pairs, labelled=False)
+
+
 def test_select_concat_and_fingerprint():
     ex = Examples(["a", "b", "c"], ["p", "q", "r"], ["x", "y", "x"])
     assert ex.select([2, 0]) == Examples(["c", "a"], ["r", "p"], ["x", "x"])
