@@ -205,8 +205,9 @@ def _read_table(path: Path, suffix: str, encoding: str | None):
     if suffix == ".tsv":  # TSV has no quoting: a quotation mark is text (GLUE's files rely on it)
         return pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE, keep_default_na=False, dtype=str,
                            encoding=encoding or "utf-8")
-    if suffix in (".jsonl", ".json"):
-        return pd.read_json(path, lines=suffix == ".jsonl", dtype=False, encoding=encoding or "utf-8")
+    if suffix in (".jsonl", ".json"):  # pandas' CSV reader skips a UTF-8 byte order mark, its JSON reader does not
+        utf8 = codecs.lookup(encoding or "utf-8").name == "utf-8"
+        return pd.read_json(path, lines=suffix == ".jsonl", dtype=False, encoding="utf-8-sig" if utf8 else encoding)
     return pd.read_parquet(path)
 
 

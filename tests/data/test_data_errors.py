@@ -73,6 +73,19 @@ def test_read_file_takes_a_string_path(tmp_path):
     assert read_file(str(tmp_path / "d.csv"))["label"].tolist() == ["a"]
 
 
+@pytest.mark.parametrize("suffix, body", [
+    (".csv", "text,label\nx,a\n"), (".tsv", "text\tlabel\nx\ta\n"),
+    (".jsonl", '{"text": "x", "label": "a"}\n'), (".json", '[{"text": "x", "label": "a"}]'),
+])
+@pytest.mark.parametrize("encoding", [None, "utf-8"])
+def test_a_utf8_byte_order_mark_is_read_from_every_text_format(tmp_path, suffix, body, encoding):
+    """Windows tools write one; CSV/TSV read it, but JSON lines and JSON failed with 'Expected object or value'."""
+    path = tmp_path / f"d{suffix}"
+    path.write_text(body, encoding="utf-8-sig")
+    examples = read_examples(path, SPEC, encoding=encoding)
+    assert (examples.texts, examples.labels) == (["x"], ["a"])
+
+
 # --- empty files and missing columns ---------------------------------------------------
 
 
