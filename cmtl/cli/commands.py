@@ -251,9 +251,15 @@ def predict(
             typer.echo(json.dumps(row))
         elif proba:
             scores = "  ".join(f"{lab}={p:.3f}" for lab, p in zip(spec.labels, probs[i]))
-            typer.echo(f"{label}\t{scores}\t{text}")
+            typer.echo(f"{label}\t{scores}\t{_one_line(text)}")
         else:
-            typer.echo(f"{label}\t{text}")
+            typer.echo(f"{label}\t{_one_line(text)}")
+
+
+def _one_line(text: str) -> str:
+    """``text`` on one line with no tab: tabs and line breaks (``\\n``, ``\\r``, U+2028 ...) escaped as
+    Python writes them, so that ``predict``'s output keeps one line per text and its tab-separated columns."""
+    return "".join(repr(c)[1:-1] if c == "\t" or len((c + "x").splitlines()) > 1 else c for c in text)
 
 
 @app.command("eval")

@@ -357,3 +357,18 @@ def test_add_task_with_an_analytic_head_and_update_it(reg_copy, tmp_path):
     result = invoke("add-task", reg_copy, "held", "--train", tmp_path / "train.csv", "--head", "ridge", "--no-progress")
     assert result.exit_code == 0, result.output
     assert "note:" not in result.output
+
+
+def test_predict_prints_one_line_per_text_whatever_the_text_holds(reg_copy, tmp_path):
+    # A text holding a line break printed as is ("pos\tline one\nline two") read as two rows, the second
+    # without a label: every later prediction was one line off for whoever reads the output by lines.
+    texts = ["line one\nline two", "a\r\nb", "tab\there", "para\u2028graph", "plain"]
+    pd.DataFrame({"text": texts}).to_csv(tmp_path / "odd.csv", index=False)
+    expected = Registry.open(reg_copy, device="cpu").predict("sentiment", texts)
+    for extra in ([], ["--proba"]):
+        result = invoke("predict", reg_copy, "sentiment", "--input", tmp_path / "odd.csv", *extra)
+        assert result.exit_code == 0, result.output
+        lines = result.output.splitlines()
+        assert len(lines) == len(texts), lines
+        assert [line.split("\t")[0] for line in lines] == expected
+        assert lines[0].endswith("line one\\nline two") and lines[2].endswith("tab\\there"), lines
