@@ -272,7 +272,7 @@ def evaluate(
 ) -> None:
     """Evaluate a task on labelled data."""
     reg = _open(registry)
-    metrics = reg.evaluate(task, _read(data, reg.spec(task), encoding), version=version)
+    metrics = reg.evaluate(task, _read(data, reg.spec(task, version=version), encoding), version=version)
     typer.echo(format_table([{"metric": k, "value": v} for k, v in metrics.items()], ["metric", "value"]))
 
 

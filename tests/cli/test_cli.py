@@ -372,3 +372,18 @@ def test_predict_prints_one_line_per_text_whatever_the_text_holds(reg_copy, tmp_
         assert len(lines) == len(texts), lines
         assert [line.split("\t")[0] for line in lines] == expected
         assert lines[0].endswith("line one\\nline two") and lines[2].endswith("tab\\there"), lines
+
+
+def test_eval_reads_the_data_with_the_labels_of_the_version_it_evaluates(reg_copy, tmp_path):
+    # eval --version read the file with the current version's labels: after a rollback to v1, v2's own
+    # label was refused as unknown ("not in its label set"), though v2 answers with it.
+    rows = toy_sentiment(24, 4) + [{"text": f"a meh film {i}", "label": "meh"} for i in range(8)]
+    pd.DataFrame(rows).to_csv(tmp_path / "grown.csv", index=False)
+    reg = Registry.open(reg_copy, device="cpu")
+    reg.update_task("sentiment", rows, validation=rows, labels=["neg", "pos", "meh"], promote=True,
+                    training=TrainConfig(max_steps=2, progress=False))
+    reg.rollback("sentiment", 1)
+    expected = Registry.open(reg_copy, device="cpu").evaluate("sentiment", rows, version=2)
+    result = invoke("eval", reg_copy, "sentiment", "--data", tmp_path / "grown.csv", "--version", "2")
+    assert result.exit_code == 0, result.output
+    assert f"{expected['accuracy']:.4f}" in result.output and "32" in result.output, result.output
