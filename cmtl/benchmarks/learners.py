@@ -284,10 +284,13 @@ class SharedLearner(Learner):
                 self.bank.remove("previous")
             self.bank.load("previous", self.config.adapter, self.bank.state_dict("shared"))
             self.bank.activate("shared")
-        # A head trained in an earlier fit was frozen after it and stays frozen (passed to the loop, it gets
-        # no gradient): the one head of a domain- or class-incremental stream learns on the first experience
-        # only, and replayed rows do not train their old heads.
-        frozen = [p for h in heads for p in h.parameters() if not p.requires_grad]
+        # An earlier experience's own head, trained in its fit, stays frozen when replayed rows pass through
+        # it (passed to the loop, it gets no gradient). The head of this experience's group always trains:
+        # the one head of a domain- or class-incremental stream learns on every experience, as Avalanche's
+        # strategies' heads do (before 2026-12-07 it learnt on the first only, so the columns of classes
+        # that arrive later kept their random start).
+        current = self._group(i)
+        frozen = [p for g, h in zip(groups, heads) if g != current for p in h.parameters() if not p.requires_grad]
         trainee = Trainee(self.forward, heads, bank=self.bank, key="shared")
         with trainee.unfrozen() as params:
             for p in frozen:
