@@ -35,10 +35,12 @@
 
 Shared strategies keep one head per task (task-incremental), one head for the
 one task (domain-incremental), or one head over every class whose unseen
-classes are masked (class-incremental). A head for an experience not trained
-yet is a fresh head drawn from a fixed seed (per experience when each has its own
-head, the first experience's when the stream shares one), so ``b`` and FWT compare
-like with like across strategies.
+classes are masked (class-incremental). Each experience trains the adapter and
+the head of its task (the stream's one head, when it shares one); an earlier
+task's own head, reached by replayed rows, stays as its experience left it.
+A head for an experience not trained yet is a fresh head drawn from a fixed
+seed (per experience when each has its own head, the first experience's when
+the stream shares one), so ``b`` and FWT compare like with like across strategies.
 """
 
 from __future__ import annotations
