@@ -316,6 +316,36 @@ def test_predicting_none_is_a_data_error(reader):
         reader.predict("sentiment", None)
 
 
+@pytest.mark.parametrize("verb", ["predict", "predict_proba", "embed"])
+def test_a_table_or_a_dict_given_as_texts_is_refused(reader, verb):
+    """A DataFrame (or a dict) iterates over its column names: predict(task, df) answered for the texts
+    'text' and 'label', one row per column, without a word."""
+    import pandas as pd
+
+    table = pd.DataFrame({"text": ["a great film", "an awful plot", "a song"], "label": ["pos", "neg", "pos"]})
+    call = {"predict": lambda t: reader.predict("sentiment", t), "predict_proba": lambda t: reader.predict_proba(
+        "sentiment", t), "embed": lambda t: reader.embed(t, "sentiment")}[verb]
+    for texts, kind in [(table, "DataFrame"), ({"text": ["a great film"]}, "dict")]:
+        with pytest.raises(DataError, match=rf"texts must be a string or a list of strings, got a {kind}\b"):
+            call(texts)
+    assert len(call(table["text"])) == 3  # a column is a list of strings
+
+
+def test_examples_whose_columns_differ_in_length_are_refused(reader):
+    """Examples(texts, pairs, labels) was taken with columns of different lengths: a regression task's
+    evaluate scored every row against the one label given (n=1, no error), the others failed inside torch."""
+    from cmtl.data import Examples, read_examples
+
+    texts = ["a great film", "an awful plot", "a song"]
+    with pytest.raises(DataError, match=r"3 texts but 1 labels"):
+        read_examples(Examples(texts, None, [2.5]), TaskSpec("score", problem_type="regression"))
+    with pytest.raises(DataError, match=r"3 texts but 2 text pairs"):
+        read_examples(Examples(texts, ["x", "y"], ["pos"] * 3), TaskSpec("pairs", labels=LABELS,
+                                                                         text_pair_column="second"))
+    with pytest.raises(DataError, match=r"3 texts but 4 labels"):
+        reader.evaluate("sentiment", Examples(texts, None, ["pos", "neg", "pos", "neg"]))
+
+
 def test_merge_members_given_as_one_string_are_named(writer):
     refused_and_unchanged(writer, lambda r: r.merge("sentiment", "m"), (TypeError, ValueError), r"'sentiment'")
 
