@@ -308,7 +308,7 @@ class InferenceEngine:
             idx, inputs, _ = next(batches(encoded, chunk, len(chunk), self.backbone.pad_id, device))
             slots = inputs.pop("groups")
             with self._forward_lock:
-                self._batch = (snapshot, slots, max(int(snapshot.ranks[slots].max()), 1))
+                self._batch = (snapshot, slots, max(int(snapshot.ranks[slots.cpu()].max()), 1))  # ranks stay on the CPU
                 try:
                     pooled = self.backbone.embed(**inputs)  # (B, H)
                 finally:

@@ -90,3 +90,17 @@ def test_refresh_picks_up_a_new_version_and_keeps_the_old_snapshot(served, tmp_p
     engine.refresh()
     with pytest.raises(TaskNotFoundError):
         engine.predict(["upper"], ["x"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_mixed_batches_on_cuda_equal_the_registry_on_the_cpu(served):
+    # Each batch's largest rank was read by indexing the snapshot's CPU ranks with the batch's slots, which
+    # live on the backbone's device: on CUDA every request would fail. No GPU here; run where one is lent.
+    engine = InferenceEngine(served, device="cuda", max_batch_size=4)
+    reg = Registry.open(served, device="cpu")
+    tasks = ["sentiment", "topic", "upper"] * 2
+    mixed = engine.logits(tasks, TEXTS)
+    for task in set(tasks):
+        rows = [i for i, t in enumerate(tasks) if t == task]
+        got = torch.stack([mixed[i] for i in rows]).softmax(-1).numpy()
+        np.testing.assert_allclose(got, reg.predict_proba(task, [TEXTS[i] for i in rows]), atol=1e-4)
