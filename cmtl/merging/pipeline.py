@@ -296,8 +296,8 @@ def search_grid(config: MergeConfig) -> list[MergeConfig]:
 
 def normalised(scores: dict[str, float], individual: dict[str, float], lower: Collection[str] = ()) -> float | None:
     """Mean over tasks of the score as a share of the member's own: merged / individual, or individual /
-    merged for the tasks in ``lower`` (lower is better: MSE). 1 is the member's level, less is worse; None
-    without scores."""
+    merged for the tasks in ``lower`` (lower is better: MSE). 1 is the member's level, less is worse. A task
+    whose member scores 0 has no share to take and is left out; None when no task is left."""
     ratios = [individual[t] / max(scores[t], 1e-12) if t in lower else scores[t] / individual[t]
               for t in scores if t in individual and individual[t] > 0]
     return float(np.mean(ratios)) if ratios else None
