@@ -376,9 +376,10 @@ def update(
 def monitor(
     registry: RegistryArg,
     task: TaskArg,
-    data: Annotated[Path, typer.Option(help="Incoming texts (a file with the task's text column).")],
-    reference: Annotated[Optional[Path], typer.Option(help="Reference texts (default: the held-out sample kept "
-                                                              "with the current version).")] = None,
+    data: Annotated[Path, typer.Option(help="Incoming texts (a file with the task's text column, and its "
+                                            "text pair column for a task on pairs).")],
+    reference: Annotated[Optional[Path], typer.Option(help="Reference texts, in the same columns (default: the "
+                                                              "held-out sample kept with the current version).")] = None,
     alpha: Annotated[float, typer.Option(help="Significance level.")] = 0.01,
     permutations: int = 500,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
@@ -389,9 +390,11 @@ def monitor(
 
     reg = _open(registry)
     spec = reg.spec(task)
-    texts = _read(data, spec, encoding, labelled=False).texts
-    ref = _read(reference, spec, encoding, labelled=False).texts if reference is not None else None
-    report = reg.monitor(task, texts, reference=ref, config=MonitorConfig(alpha=alpha, permutations=permutations))
+    new = _read(data, spec, encoding, labelled=False)
+    ref = _read(reference, spec, encoding, labelled=False) if reference is not None else None
+    report = reg.monitor(task, new.texts, new.pairs, reference=None if ref is None else ref.texts,
+                         reference_pairs=None if ref is None else ref.pairs,
+                         config=MonitorConfig(alpha=alpha, permutations=permutations))
     typer.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.verdict)
     if report.drift:
         raise typer.Exit(code=3)

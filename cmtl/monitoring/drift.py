@@ -145,49 +145,56 @@ class DriftMonitor:
     """A two-sample drift test against a fixed reference sample.
 
     Args:
-        embed: Texts -> embeddings (N, H); e.g. ``registry.embed``.
+        embed: Texts -> embeddings (N, H); e.g. ``registry.embed``. With ``reference_pairs``,
+            ``embed(texts, pairs)``: each text embedded with its pair, as the task reads them.
         reference: The texts that define "no drift".
+        reference_pairs: For a task on text pairs, the second text of each reference row; then
+            :meth:`check` needs ``pairs`` too, and the test compares the pairs, not the first texts alone.
         config: Test settings.
-        predict_proba: Optional texts -> class probabilities (N, L) of the task
+        predict_proba: Optional texts (and pairs) -> class probabilities (N, L) of the task
             model, to report confidence and label shifts.
         labels: Label names for ``predict_proba``'s columns.
         task: Task name, for the verdict.
 
     Raises:
-        DataError: fewer reference texts than ``config.min_samples``, or one whose embedding is not finite.
+        DataError: fewer reference texts than ``config.min_samples``, pairs that do not match the texts in
+            number, or a text whose embedding is not finite.
     """
 
-    def __init__(self, embed: Callable[[list[str]], torch.Tensor], reference: Sequence[str], *,
-                 config: MonitorConfig | None = None,
-                 predict_proba: Callable[[list[str]], np.ndarray] | None = None,
+    def __init__(self, embed: Callable[..., torch.Tensor], reference: Sequence[str], *,
+                 reference_pairs: Sequence[str] | None = None, config: MonitorConfig | None = None,
+                 predict_proba: Callable[..., np.ndarray] | None = None,
                  labels: Sequence[str] | None = None, task: str | None = None):
         self.config = config or MonitorConfig()
         self.task = task
         self._embed = embed
         self._proba = predict_proba
         self.labels = list(labels) if labels is not None else None
-        reference = as_texts(reference)
-        rows = self._sample(len(reference), "reference", self.config.seed)
-        self.reference = [reference[i] for i in rows]
-        self._ref_emb = self._embedded(self.reference, rows, "reference")
-        self._ref_proba = predict_proba(self.reference) if predict_proba is not None else None
+        self.paired = reference_pairs is not None
+        self.reference, self.reference_pairs, rows = self._rows(reference, reference_pairs, "reference",
+                                                                self.config.seed)
+        self._ref_emb = self._embedded(self.reference, self.reference_pairs, rows, "reference")
+        self._ref_proba = self._probabilities(self.reference, self.reference_pairs)
 
-    def check(self, texts: Sequence[str], *, seed: int | None = None) -> DriftReport:
-        """Test ``texts`` against the reference.
+    def check(self, texts: Sequence[str], *, pairs: Sequence[str] | None = None,
+              seed: int | None = None) -> DriftReport:
+        """Test ``texts`` (with their ``pairs``, when the reference has pairs) against the reference.
 
         Raises:
             DataError: fewer than ``config.min_samples`` texts: a p-value from so few would mean little;
-                a text whose embedding is not finite.
+                pairs given or missing against the reference, or not one per text; a text whose embedding
+                is not finite.
         """
+        if (pairs is not None) != self.paired:
+            raise DataError("The reference holds text pairs: pass pairs=[...], the second text of each row."
+                            if self.paired else "The reference holds single texts: leave pairs out.")
         seed = self.config.seed if seed is None else seed
-        texts = as_texts(texts)
-        rows = self._sample(len(texts), "incoming", seed + 1)
-        texts = [texts[i] for i in rows]
-        new_emb = self._embedded(texts, rows, "incoming")
+        texts, pairs, rows = self._rows(texts, pairs, "incoming", seed + 1)
+        new_emb = self._embedded(texts, pairs, rows, "incoming")
         mmd2, p, bandwidth = mmd_test(self._ref_emb, new_emb, permutations=self.config.permutations, seed=seed)
         extra: dict[str, Any] = {}
         if self._proba is not None:
-            new_proba = self._proba(texts)
+            new_proba = self._probabilities(texts, pairs)
             extra = dict(confidence_reference=float(self._ref_proba.max(1).mean()),
                          confidence_new=float(new_proba.max(1).mean()))
             ref_dist, new_dist = _label_distribution(self._ref_proba), _label_distribution(new_proba)
@@ -199,6 +206,22 @@ class DriftMonitor:
                            alpha=self.config.alpha, drift=p < self.config.alpha, bandwidth=bandwidth,
                            task=self.task, **extra)
 
+    def _rows(self, texts: Sequence[str], pairs: Sequence[str] | None, what: str, seed: int
+              ) -> tuple[list[str], list[str] | None, list[int]]:
+        """The texts (and pairs) the test uses, and their rows among those given: see :meth:`_sample`."""
+        texts = as_texts(texts)
+        if pairs is not None:
+            pairs = as_texts(pairs)
+            if len(pairs) != len(texts):
+                raise DataError(f"Got {len(texts)} {what} texts but {len(pairs)} pairs: one pair per text.")
+        rows = self._sample(len(texts), what, seed)
+        return [texts[i] for i in rows], None if pairs is None else [pairs[i] for i in rows], rows
+
+    def _probabilities(self, texts: list[str], pairs: list[str] | None) -> np.ndarray | None:
+        if self._proba is None:
+            return None
+        return self._proba(texts) if pairs is None else self._proba(texts, pairs)
+
     def _sample(self, n: int, what: str, seed: int) -> list[int]:
         """The rows of ``n`` texts the test uses: all, or ``config.max_samples`` of them (seeded), in order."""
         if n < self.config.min_samples:
@@ -208,14 +231,14 @@ class DriftMonitor:
             return list(range(n))
         return sorted(seeded_order(n, seed)[: self.config.max_samples])
 
-    def _embedded(self, texts: list[str], rows: list[int], what: str) -> torch.Tensor:
-        """L2-normalised embeddings of ``texts`` (``rows`` of the texts given).
+    def _embedded(self, texts: list[str], pairs: list[str] | None, rows: list[int], what: str) -> torch.Tensor:
+        """L2-normalised embeddings of ``texts`` (with ``pairs``; ``rows`` of the texts given).
 
         Raises:
             DataError: an embedding that is not finite (NaN or inf; e.g. a half-precision backbone that
                 overflowed), which would make the test report drift whatever the texts.
         """
-        embeddings = self._embed(texts)
+        embeddings = self._embed(texts) if pairs is None else self._embed(texts, pairs)
         bad = (~torch.isfinite(embeddings).all(-1)).nonzero().flatten().tolist()
         if bad:
             raise DataError(

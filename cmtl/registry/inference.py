@@ -127,17 +127,23 @@ class LoadedRegistry(RegistryReader):
             logits = self._runtime.predict(self, task, encoded, version, merge)
         return compute_metrics(spec, logits, encoded.targets)
 
-    def embed(self, texts: str | Sequence[str], task: str | None = None, *, version: int | None = None,
-              batch_size: int = 64) -> torch.Tensor:
-        """Pooled embeddings (N, H) of ``texts``: through ``task``'s adapter, or the plain backbone if ``None``."""
+    def embed(self, texts: str | Sequence[str], task: str | None = None, *, text_pairs: Sequence[str] | None = None,
+              version: int | None = None, batch_size: int = 64) -> torch.Tensor:
+        """Pooled embeddings (N, H) of ``texts``: through ``task``'s adapter, or the plain backbone if ``None``.
+        With ``text_pairs``, each text is read with its pair (as a task on text pairs reads them)."""
         if task is None and version is not None:
             raise InvalidParameterError(bad_param("version", "embed", "come with a task (the plain backbone has "
                                                   "no versions)", version))
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InvalidParameterError(bad_param("batch_size", "embed", "be a positive int", batch_size))
+        pairs = None
+        if text_pairs is not None:
+            pairs = as_texts(text_pairs)
+            if len(pairs) != len(as_texts(texts)):
+                raise DataError(f"Got {len(as_texts(texts))} texts but {len(pairs)} text_pairs; they must match.")
         with self._lock:
             key = None if task is None else self._runtime.task(self, task, self._version(task, version))
-            return self._runtime.embed(texts, key, batch_size)
+            return self._runtime.embed(texts, key, batch_size, pairs)
 
     def adapter_state(self, task: str, version: int | None = None, *, merge: str | None = None
                       ) -> dict[str, torch.Tensor]:
@@ -153,20 +159,30 @@ class LoadedRegistry(RegistryReader):
             head = self._runtime.heads[self._runtime.keys(self, task, version, merge)[1]]
             return {k: v.detach().cpu().clone() for k, v in head.state_dict().items()}
 
-    def monitor(self, task: str, texts: Sequence[str], *, reference: Sequence[str] | None = None,
+    def monitor(self, task: str, texts: Sequence[str], text_pairs: Sequence[str] | None = None, *,
+                reference: Sequence[str] | None = None, reference_pairs: Sequence[str] | None = None,
                 config: MonitorConfig | None = None) -> DriftReport:
         """Test whether incoming unlabelled ``texts`` for ``task`` have drifted from its reference sample.
 
         The reference is, unless given, the held-out sample kept with the current version (or with its
         nearest ancestor that kept at least ``config.min_samples``): the data the task was last validated
-        on. See :mod:`cmtl.monitoring.drift` for the test.
+        on. A task on text pairs needs ``text_pairs`` (and ``reference_pairs`` with ``reference``): the
+        test then embeds each text with its pair. See :mod:`cmtl.monitoring.drift` for the test.
 
         Raises:
-            DataError: fewer texts than ``config.min_samples``, or no reference sample.
+            DataError: fewer texts than ``config.min_samples``, no reference sample, or pairs missing for
+                a task on text pairs (given for one on single texts).
         """
         with self._lock:  # one version's labels and probabilities, whatever another thread rolls back
             current = self._version(task, None)
         spec, config = self.spec(task, version=current), config or MonitorConfig()
+        paired = spec.text_pair_column is not None
+        for name, value in (("text_pairs", text_pairs), ("reference_pairs", reference_pairs)):
+            if value is not None and not paired:
+                raise DataError(f"Task {task!r} takes single texts, but {name} were given: leave them out.")
+        if paired and (text_pairs is None or (reference is not None and reference_pairs is None)):
+            raise DataError(f"Task {task!r} takes text pairs: pass text_pairs=[...]"
+                            f"{' and reference_pairs=[...]' if reference is not None else ''} as well.")
         if reference is None:
             v = current
             while v is not None:
@@ -177,11 +193,12 @@ class LoadedRegistry(RegistryReader):
             if v is None:
                 raise DataError(f"No version of task {task!r} in the current one's lineage kept a held-out sample of "
                                 f"at least {config.min_samples} texts to compare against. Pass reference=[...] texts.")
-            reference = held.texts
+            reference, reference_pairs = held.texts, held.pairs
         single = spec.problem_type == "single_label"
-        proba = (lambda xs: self.predict_proba(task, xs, version=current)) if single else None
-        return DriftMonitor(self.embed, reference, config=config, predict_proba=proba, labels=spec.labels,
-                            task=task).check(texts)
+        proba = (lambda xs, ps=None: self.predict_proba(task, xs, ps, version=current)) if single else None
+        return DriftMonitor(lambda xs, ps=None: self.embed(xs, text_pairs=ps), reference,
+                            reference_pairs=reference_pairs, config=config, predict_proba=proba, labels=spec.labels,
+                            task=task).check(texts, pairs=text_pairs)
 
     def _adopt(self, manifest: dict[str, Any]) -> None:
         """Make ``manifest`` this object's, unloading every adapter and head loaded from files it no longer names."""

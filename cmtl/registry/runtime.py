@@ -307,9 +307,11 @@ class Runtime:
         return predict_logits(forward, encoded, batch_size=batch_size, pad_id=self.backbone.pad_id,
                               device=self.backbone.device)
 
-    def embed(self, texts, key: str | None, batch_size: int = 64) -> torch.Tensor:
-        """Pooled embeddings (N, H) through adapter ``key``, or the plain backbone if ``None``."""
-        encoded = Encoded(self.backbone.tokenize(as_texts(texts))["input_ids"], None, None)
+    def embed(self, texts, key: str | None, batch_size: int = 64, pairs: list[str] | None = None) -> torch.Tensor:
+        """Pooled embeddings (N, H) through adapter ``key``, or the plain backbone if ``None``; with ``pairs``,
+        of each text read with its pair."""
+        enc = self.backbone.tokenize(as_texts(texts), pairs)
+        encoded = Encoded(enc["input_ids"], enc.get("token_type_ids") if pairs is not None else None, None)
         out = torch.empty((len(encoded), self.backbone.hidden_size))
         if key is None:
             context = self.bank.disabled()

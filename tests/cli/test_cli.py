@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -387,3 +388,21 @@ def test_eval_reads_the_data_with_the_labels_of_the_version_it_evaluates(reg_cop
     result = invoke("eval", reg_copy, "sentiment", "--data", tmp_path / "grown.csv", "--version", "2")
     assert result.exit_code == 0, result.output
     assert f"{expected['accuracy']:.4f}" in result.output and "32" in result.output, result.output
+
+
+def test_monitor_reads_the_text_pairs_of_a_pair_task(tmp_path, tiny_backbone):
+    # cmtl monitor read only the text column, so a task on text pairs could not be monitored from the shell.
+    from cmtl import BackboneConfig
+    from tests.conftest import FAST
+
+    reg = Registry.create(tmp_path / "reg", BackboneConfig(name_or_path=tiny_backbone, max_length=32), device="cpu")
+    rows = [{"a": r["text"], "b": "about the movie", "label": r["label"]} for r in toy_sentiment(40, 1)]
+    reg.add_task(TaskSpec("pair", labels=["neg", "pos"], text_column="a", text_pair_column="b"), rows, rows,
+                 training=dataclasses.replace(FAST, epochs=1))
+    pd.DataFrame([{"a": r["a"], "b": "about the movie"} for r in rows]).to_csv(tmp_path / "same.csv", index=False)
+    pd.DataFrame([{"a": r["a"], "b": f"quarterly earnings rose {i} percent in europe"} for i, r in enumerate(rows)]
+                 ).to_csv(tmp_path / "shifted.csv", index=False)
+    same = invoke("monitor", tmp_path / "reg", "pair", "--data", tmp_path / "same.csv")
+    assert same.exit_code == 0, same.output
+    shifted = invoke("monitor", tmp_path / "reg", "pair", "--data", tmp_path / "shifted.csv")
+    assert shifted.exit_code == 3 and "DRIFT" in shifted.output, shifted.output

@@ -111,3 +111,40 @@ def test_registry_monitor_uses_the_kept_holdout(sentiment_registry):
     assert other.drift and not same.drift
     with pytest.raises(DataError, match="reference texts"):
         reg.monitor("sentiment", ["x"] * 40, reference=["y"] * 4)
+
+
+def test_a_monitor_of_text_pairs_sees_a_shift_in_the_second_texts():
+    """A task on text pairs was monitored on its first texts alone: a shift in the second texts went unseen."""
+    first = [f"the film was {w}" for w in ["good", "bad", "fine", "dull"] * 10]
+    seconds = ["a review of a film"] * 40
+    joined = lambda texts, pairs: hashed_embed([f"{t} || {p}" for t, p in zip(texts, pairs)])  # noqa: E731
+    monitor = DriftMonitor(joined, first, reference_pairs=seconds)
+    assert not monitor.check(first[::-1], pairs=seconds).drift
+    assert monitor.check(first, pairs=[f"stocks fall in city {i} amid fears" for i in range(40)]).drift
+    with pytest.raises(DataError, match="pass pairs"):
+        monitor.check(first)
+    with pytest.raises(DataError, match="40 incoming texts but 3 pairs"):
+        monitor.check(first, pairs=seconds[:3])
+    with pytest.raises(DataError, match="leave pairs out"):
+        DriftMonitor(hashed_embed, first).check(first, pairs=seconds)
+
+
+def test_registry_monitor_of_a_pair_task_uses_the_kept_pairs(tmp_path, tiny_backbone):
+    from cmtl import BackboneConfig, Registry, TaskSpec
+    from tests.conftest import FAST, toy_sentiment
+
+    reg = Registry.create(tmp_path / "reg", BackboneConfig(name_or_path=tiny_backbone, max_length=32), device="cpu")
+    rows = [{"a": r["text"], "b": "about the movie", "label": r["label"]} for r in toy_sentiment(48)]
+    held = [{"a": r["text"], "b": "about the movie", "label": r["label"]} for r in toy_sentiment(40, 1)]
+    reg.add_task(TaskSpec("pair", labels=["neg", "pos"], text_column="a", text_pair_column="b"), rows, held,
+                 training=FAST)
+    texts = [r["a"] for r in held]
+    same = reg.monitor("pair", texts, ["about the movie"] * 40)
+    shifted = reg.monitor("pair", texts, [f"quarterly earnings rose {i} percent in europe" for i in range(40)])
+    assert not same.drift and shifted.drift and same.confidence_new is not None
+    with pytest.raises(DataError, match="takes text pairs"):
+        reg.monitor("pair", texts)
+    with pytest.raises(DataError, match="reference_pairs"):
+        reg.monitor("pair", texts, ["x"] * 40, reference=texts)
+    given = reg.monitor("pair", texts, ["about the movie"] * 40, reference=texts, reference_pairs=["x y"] * 40)
+    assert given.drift and given.n_reference == 40
