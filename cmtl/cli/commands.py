@@ -240,6 +240,9 @@ def predict(
         texts, pairs = ex.texts, ex.pairs
     elif texts:
         pairs = None
+        if spec.text_pair_column is not None:
+            raise ValueError(f"Task {task!r} takes text pairs: give them in a file, --input FILE with the columns "
+                             f"{spec.text_column!r} and {spec.text_pair_column!r}.")
     else:
         raise ValueError("Give texts as arguments or --input FILE.")
     labels = reg.predict(task, texts, pairs, merge=merge)

@@ -390,7 +390,7 @@ def test_eval_reads_the_data_with_the_labels_of_the_version_it_evaluates(reg_cop
     assert f"{expected['accuracy']:.4f}" in result.output and "32" in result.output, result.output
 
 
-def test_monitor_reads_the_text_pairs_of_a_pair_task(tmp_path, tiny_backbone):
+def test_monitor_and_predict_read_the_text_pairs_of_a_pair_task(tmp_path, tiny_backbone):
     # cmtl monitor read only the text column, so a task on text pairs could not be monitored from the shell.
     from cmtl import BackboneConfig
     from tests.conftest import FAST
@@ -406,3 +406,7 @@ def test_monitor_reads_the_text_pairs_of_a_pair_task(tmp_path, tiny_backbone):
     assert same.exit_code == 0, same.output
     shifted = invoke("monitor", tmp_path / "reg", "pair", "--data", tmp_path / "shifted.csv")
     assert shifted.exit_code == 3 and "DRIFT" in shifted.output, shifted.output
+    # Texts given as arguments have no pairs: the message says how to give them from the shell.
+    alone = invoke("predict", tmp_path / "reg", "pair", "a great film")
+    assert alone.exit_code == 1 and "--input FILE with the columns 'a' and 'b'" in alone.output, alone.output
+    assert invoke("predict", tmp_path / "reg", "pair", "--input", tmp_path / "same.csv").exit_code == 0
