@@ -271,11 +271,13 @@ def evaluate(
     task: TaskArg,
     data: Annotated[Path, typer.Option(help="Labelled data file.")],
     version: Annotated[Optional[int], typer.Option(help="Version to evaluate (default: current).")] = None,
+    merge: Annotated[Optional[str], typer.Option(help="Evaluate the task through this merged entry.")] = None,
     encoding: EncodingOpt = None,
 ) -> None:
-    """Evaluate a task on labelled data."""
+    """Evaluate a task (or a merged entry's answer for it) on labelled data."""
     reg = _open(registry)
-    metrics = reg.evaluate(task, _read(data, reg.spec(task, version=version), encoding), version=version)
+    spec = reg.spec(task, version=version, merge=merge)
+    metrics = reg.evaluate(task, _read(data, spec, encoding), version=version, merge=merge)
     typer.echo(format_table([{"metric": k, "value": v} for k, v in metrics.items()], ["metric", "value"]))
 
 

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 import cmtl
 from cmtl import Registry, TaskSpec, TrainConfig
 from cmtl.cli.commands import app
-from tests.conftest import toy_sentiment
+from tests.conftest import TOPICS, toy_sentiment
 
 runner = CliRunner()
 COMMANDS = ["init", "add-task", "predict", "eval", "ls", "versions", "update", "monitor", "merge", "group", "export",
@@ -238,6 +238,12 @@ def test_merge_answers_after_member_removal_in_the_cli(tmp_path, served):
     reg = tmp_path / "reg"
     shutil.copytree(served, reg)
     before = invoke("predict", reg, "topic", "a song and the night", "--merge", "both").output
+    rows = [{"text": t, "label": label} for t, label in [("a song and the night", TOPICS[0]), ("a goal", TOPICS[1])]]
+    pd.DataFrame(rows).to_csv(tmp_path / "topics.csv", index=False)
+    merged = Registry.open(reg, device="cpu").evaluate("topic", rows, merge="both")
+    result = invoke("eval", reg, "topic", "--data", tmp_path / "topics.csv", "--merge", "both")
+    assert result.exit_code == 0, result.output
+    assert any(line.split() == ["accuracy", f"{merged['accuracy']:.4f}"] for line in result.output.splitlines())
     assert invoke("remove", reg, "topic", "--yes").exit_code == 0
     result = invoke("predict", reg, "topic", "a song and the night", "--merge", "both")
     assert result.exit_code == 0 and result.output == before, result.output
