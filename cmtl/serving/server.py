@@ -46,6 +46,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -101,9 +102,10 @@ class ServeConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:
                 raise InvalidParameterError(bad_param(key, "ServeConfig", "be a positive integer", value))
-        for key in ("max_wait_ms", "poll_seconds"):
-            if not getattr(self, key) >= 0:
-                raise InvalidParameterError(bad_param(key, "ServeConfig", "be >= 0", getattr(self, key)))
+        for key in ("max_wait_ms", "poll_seconds"):  # inf would hold a short batch (or the hot swap) forever
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise InvalidParameterError(bad_param(key, "ServeConfig", "be a finite number >= 0", value))
 
 
 # --- batching -----------------------------------------------------------------------------

@@ -216,7 +216,9 @@ def test_hot_swap_under_load_fails_no_request(server):
     assert httpx.get(f"{url}/v1/tasks").json()["tasks"][0]["version"] == 2
 
 
-@pytest.mark.parametrize("bad", [{"max_texts": 0}, {"max_batch_size": -1}, {"max_wait_ms": -1.0}])
+@pytest.mark.parametrize("bad", [{"max_texts": 0}, {"max_batch_size": -1}, {"max_wait_ms": -1.0},
+                                 {"max_wait_ms": float("inf")}, {"poll_seconds": float("inf")},
+                                 {"poll_seconds": float("nan")}])
 def test_serve_config_rejects_bad_limits(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         ServeConfig(**bad)
