@@ -383,8 +383,9 @@ def monitor(
     task: TaskArg,
     data: Annotated[Path, typer.Option(help="Incoming texts (a file with the task's text column, and its "
                                             "text pair column for a task on pairs).")],
-    reference: Annotated[Optional[Path], typer.Option(help="Reference texts, in the same columns (default: the "
-                                                              "held-out sample kept with the current version).")] = None,
+    reference: Annotated[Optional[Path], typer.Option(help="Reference texts, in the same columns (default: "
+                                                              "the held-out sample kept with the current "
+                                                              "version).")] = None,
     alpha: Annotated[float, typer.Option(help="Significance level.")] = 0.01,
     permutations: int = 500,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
