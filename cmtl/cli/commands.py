@@ -183,6 +183,7 @@ def add_task(
         if problem_type != "single_label":
             raise ValueError("--labels is required for multi_label and regression tasks.")
         labels_list = sorted(set(_read(train, TaskSpec(name, **columns), encoding).labels))  # names as in the file
+        _refuse_near_duplicates(labels_list)
     else:
         labels_list = [x.strip() for x in labels.split(",") if x.strip()]
     spec = TaskSpec(name, labels=labels_list, **columns)
@@ -257,6 +258,20 @@ def predict(
             typer.echo(f"{label}\t{scores}\t{_one_line(text)}")
         else:
             typer.echo(f"{label}\t{_one_line(text)}")
+
+
+def _refuse_near_duplicates(labels: list[str]) -> None:
+    """Refuse label names read from the data that differ only in surrounding spaces or case ('pos', 'pos ',
+    'Pos'): each would become a class of its own, splitting one class's rows in two."""
+    groups: dict[str, list[str]] = {}
+    for label in labels:
+        groups.setdefault(label.strip().casefold(), []).append(label)
+    clashes = [names for names in groups.values() if len(names) > 1]
+    if clashes:
+        raise ValueError(f"The label column holds names that differ only in spaces or case: "
+                         f"{', '.join(' / '.join(map(repr, names)) for names in clashes)}; each would be a class of "
+                         "its own. Fix the data, or pass --labels to name the classes (rows with other names are "
+                         "then refused).")
 
 
 def _one_line(text: str) -> str:

@@ -205,6 +205,15 @@ def test_bad_manifest_is_one_line_for_ls_and_serve(reg_copy):
     assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr and "99" in proc.stderr, proc.stderr
 
 
+def test_add_task_refuses_label_names_that_differ_only_in_spaces_or_case(reg_copy, tmp_path):
+    # Without --labels the names come from the data: 'pos' and 'pos ' became two classes, without a word.
+    rows = [{"text": f"text {i}", "label": label} for i, label in enumerate(["pos", "neg", "pos ", "Neg"] * 4)]
+    pd.DataFrame(rows).to_csv(tmp_path / "messy.csv", index=False)
+    clean_failure(invoke("add-task", reg_copy, "new", "--train", tmp_path / "messy.csv"),
+                  "'pos' / 'pos '", "'Neg' / 'neg'", "--labels")
+    assert "new" not in Registry.open(reg_copy, device="cpu").tasks()
+
+
 def test_add_task_without_label_column_names_the_column(reg_copy, tmp_path):
     pd.DataFrame({"text": ["a", "b"]}).to_csv(tmp_path / "nolabel.csv", index=False)
     clean_failure(invoke("add-task", reg_copy, "new", "--train", tmp_path / "nolabel.csv"), "'label'", "not found")
