@@ -317,7 +317,7 @@ class SharedLearner(Learner):
 
     def _penalty(self, i: int, old_heads) -> Callable | None:
         if self.mode == "ewc" and self.ewc:
-            return ewc_term(self.bank.parameters("shared"), self.ewc, self.config.ewc_lambda)
+            return ewc_term(self._shared(), self.ewc, self.config.ewc_lambda)
         if self.mode == "lwf" and i > 0:
             lam, T = self.config.lwf_lambda, self.config.lwf_temperature
             old_groups = sorted({self._group(j) for j in range(i)})
@@ -343,8 +343,16 @@ class SharedLearner(Learner):
             return lwf_penalty
         return None
 
-    def _fisher(self, data: Encoded, spec: TaskSpec) -> Anchor:
+    def _shared(self) -> list[torch.nn.Parameter]:
+        """What every experience trains, so what EWC anchors: the adapter, and the stream's one head when
+        the stream shares one (a task-incremental stream's heads are each their own experience's)."""
         shared = self.bank.parameters("shared")
+        if self.kind != "task-incremental":
+            shared += [p.requires_grad_(True) for p in self._head(0).parameters()]
+        return shared
+
+    def _fisher(self, data: Encoded, spec: TaskSpec) -> Anchor:
+        shared = self._shared()
         anchor = fisher_diagonal(self.forward, shared, spec, data, max_examples=self.config.fisher_examples,
                                  pad_id=self.pad_id, device=self.device, seed=self.config.training.seed)
         for p in shared:

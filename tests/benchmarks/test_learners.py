@@ -6,6 +6,7 @@ import dataclasses
 import random
 
 import pytest
+import torch
 from transformers import AutoConfig
 
 from cmtl import BackboneConfig, TaskSpec, TrainConfig
@@ -252,3 +253,26 @@ def test_the_one_head_of_a_class_incremental_stream_learns_every_experiences_cla
     labels = learner.head_specs[0].labels
     assert all(changed[labels.index(label)] for label in stream[1].spec.labels), dict(zip(labels, changed))
     assert learner.trainable_parameters[1] == learner.trainable_parameters[0]
+
+
+@pytest.mark.parametrize("kind", ["class-incremental", "task-incremental"])
+def test_ewc_anchors_the_one_head_a_stream_shares(kind, tiny_backbone):
+    """Now that the shared head trains on every experience, EWC anchors it with the adapter (as Avalanche's
+    EWC anchors every parameter); a task-incremental stream's heads are each their own experience's."""
+    from cmtl.benchmarks.learners import make_learner
+    from cmtl.core.backbone import load_backbone
+
+    stream = _stream(kind)
+    backbone = load_backbone(BackboneConfig(name_or_path=tiny_backbone, max_length=32), device="cpu")
+    quick = dataclasses.replace(CONFIG, training=dataclasses.replace(CONFIG.training, max_steps=2, epochs=1))
+    learner = make_learner("ewc", stream, kind, backbone, quick, workdir=None)
+    learner.fit(0)
+    fisher, star = learner.ewc[0]
+    adapter = learner.bank.parameters("shared")
+    head = list(learner.heads[0].parameters()) if kind == "class-incremental" else []
+    assert len(fisher) == len(star) == len(adapter) + len(head)
+    assert all(torch.equal(s, p.detach()) for s, p in zip(star, adapter + head))
+    if head:  # only the first experience's classes carry a Fisher in the head; unseen ones stay free
+        rows = fisher[len(adapter)].abs().sum(-1)
+        seen = [learner.head_specs[0].labels.index(label) for label in stream[0].spec.labels]
+        assert all(rows[k] > 0 for k in seen) and rows.sum() == sum(rows[k] for k in seen)
