@@ -136,11 +136,8 @@ class LoadedRegistry(RegistryReader):
                                                   "no versions)", version))
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InvalidParameterError(bad_param("batch_size", "embed", "be a positive int", batch_size))
-        pairs = None
-        if text_pairs is not None:
-            pairs = as_texts(text_pairs)
-            if len(pairs) != len(as_texts(texts)):
-                raise DataError(f"Got {len(as_texts(texts))} texts but {len(pairs)} text_pairs; they must match.")
+        texts = as_texts(texts)
+        pairs = None if text_pairs is None else _matched_pairs(texts, text_pairs)
         with self._lock:
             key = None if task is None else self._runtime.task(self, task, self._version(task, version))
             return self._runtime.embed(texts, key, batch_size, pairs)
@@ -217,9 +214,19 @@ class LoadedRegistry(RegistryReader):
         if spec.text_pair_column is not None:
             if text_pairs is None:
                 raise DataError(f"Task {spec.name!r} takes text pairs: pass text_pairs=[...] as well.")
-            pairs = as_texts(text_pairs)
-            if len(pairs) != len(texts if not isinstance(texts, str) else [texts]):
-                raise DataError(f"Got {len(as_texts(texts))} texts but {len(pairs)} text_pairs; they must match.")
+            pairs = _matched_pairs(as_texts(texts), text_pairs)
         encoded = encode(Examples(as_texts(texts), pairs), spec, self.backbone.tokenize, with_targets=False)
         with self._lock:
             return self._runtime.predict(self, task, encoded, version, merge)
+
+
+def _matched_pairs(texts: list[str], text_pairs: Sequence[str]) -> list[str]:
+    """``text_pairs`` as a list of strings, one per text.
+
+    Raises:
+        DataError: not strings, or not as many as ``texts``.
+    """
+    pairs = as_texts(text_pairs)
+    if len(pairs) != len(texts):
+        raise DataError(f"Got {len(texts)} texts but {len(pairs)} text_pairs; they must match.")
+    return pairs
