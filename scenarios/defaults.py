@@ -79,6 +79,8 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
     "held-out-10": ("default holding out 10 % of the training rows to stop and choose on when no validation rows "
                     "are given (20 % by default, 10 % until 2026-12-07; matters only with --validation held-out)",
                     {}, {"validation_fraction": 0.1}),
+    "ema-0.98": ("default scoring also an exponential moving average of the trained weights (decay 0.98 per "
+                 "step) beside them at each evaluation", {}, {"ema_decay": 0.98}),
     "probe-margin-1": ("default keeping the probe unless training beats it on validation by more than one "
                        "standard error of the paired per-row difference", {}, {"probe_margin": 1.0}),
 }
@@ -133,6 +135,7 @@ def run_variant(variant: str, exp, backbone: BackboneConfig, seed: int, device: 
                 "steps": record.get("steps"), "best_step": record.get("best_step"),
                 "examples_trained": record.get("examples"),  # fewer than n_train where add_task held rows out
                 "probe_gain": record.get("probe_gain"), "stopped_early": record.get("stopped_early"),
+                "best_averaged": record.get("best_averaged"),  # kept the running average (TrainConfig.ema_decay)
                 # Validation scores of the kept state and of the step-0 probe: enough to replay any rule that
                 # chooses between them by their gap (in points or standard errors) without training again.
                 "validation_accuracy": info.metrics.get("validation_accuracy"),

@@ -30,6 +30,7 @@ def version_record(version: int, parent: int | None, kind: str, examples: Exampl
                      "probe_gain": None if gain is None else round(gain, 3),
                      "probe_metrics": None if probe is None else {f"validation_{k}": v for k, v in probe.items()},
                      "stopped_early": result.stopped_early,
+                     **({"best_averaged": result.best_averaged} if training.ema_decay is not None else {}),
                      "examples": len(examples)},
         "train_seconds": round(result.seconds, 3), "cmtl_version": __version__,
     }

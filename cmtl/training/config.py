@@ -76,6 +76,12 @@ class TrainConfig:
         probe_start: With ``probe_init``, also start training from the probe's head (LP-FT, Kumar
             et al. 2022) instead of a fresh one. Off by default: measured less accurate at these
             budgets (docs/results.md, "Defaults of add_task").
+        ema_decay: With validation data, also keep an exponential moving average of the trained
+            parameters (Polyak averaging; this decay per step, bias-corrected so that it averages only
+            the states visited; 0.98 has a half-life of 34 steps) and score it beside them at every
+            evaluation: whichever of the two scores higher is the evaluation's candidate for the best
+            state. ``None`` (the default) scores the trained parameters only. Costs one more validation
+            pass per evaluation.
         seed: Seeds initialisation and data order; same seed, same adapter.
         progress: Show a tqdm bar with the running loss.
     """
@@ -100,6 +106,7 @@ class TrainConfig:
     probe_init: bool = True
     probe_margin: float = 0.0
     probe_start: bool = False
+    ema_decay: float | None = None
     seed: int = 0
     progress: bool = True
 
@@ -135,6 +142,10 @@ class TrainConfig:
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0.0 <= margin < math.inf:
             raise InvalidParameterError(bad_param("probe_margin", "TrainConfig", "be a finite number >= 0",
                                                   self.probe_margin))
+        decay = self.ema_decay
+        if decay is not None and (isinstance(decay, bool) or not isinstance(decay, (int, float))
+                                  or not 0.0 < decay < 1.0):
+            raise InvalidParameterError(bad_param("ema_decay", "TrainConfig", "be in (0, 1) or None", decay))
         if not 0.0 <= self.head_dropout < 1.0:
             raise InvalidParameterError(bad_param("head_dropout", "TrainConfig", "be in [0, 1)", self.head_dropout))
 

@@ -42,7 +42,8 @@ class TrainResult:
     difference the best trained state scored above it on validation
     (:func:`cmtl.training.evaluation.paired_gain`), whichever of the two was kept; ``None`` otherwise.
     ``candidate_metrics``: the step-0 candidate's validation metrics (``None`` without a candidate), so a
-    caller can say what training bought over it.
+    caller can say what training bought over it. ``best_averaged``: the kept state is the running average of
+    ``TrainConfig.ema_decay``, not the parameters as trained at ``best_step``.
     """
 
     steps: int
@@ -56,6 +57,7 @@ class TrainResult:
     start_features: dict[str, torch.Tensor] = field(default_factory=dict)
     candidate_gain: float | None = None
     candidate_metrics: dict[str, float] | None = None
+    best_averaged: bool = False
 
     @property
     def samples_per_second(self) -> float:
@@ -156,7 +158,11 @@ def train(
     initial = [p.detach().clone() for p in params]
     best = [p.detach().clone() for p in params]
     best_score, best_step, best_metrics, best_logits, bad_evals = -math.inf, 0, {}, None, 0
+    best_averaged = False
     history: list[dict[str, float]] = []
+    # Exponential moving average of the parameters (Polyak averaging), scored beside them at each evaluation.
+    average = ([torch.zeros_like(p, dtype=torch.float32) for p in params]
+               if config.ema_decay is not None and validation is not None else None)
     generator = torch.Generator().manual_seed(config.seed)
     lengths = train_data.lengths()
     step, seen, stopped_early = 0, 0, False
@@ -170,19 +176,31 @@ def train(
         set_training(True)
         return logits_val
 
-    def score(logits_val: torch.Tensor) -> tuple[float, dict[str, float], torch.Tensor]:
+    def score(logits_val: torch.Tensor, averaged: bool = False) -> tuple[float, dict[str, float], torch.Tensor]:
         metrics = compute_metrics(spec, logits_val, validation.targets)
-        history.append({"step": step, **metrics})
+        history.append({"step": step, **metrics, **({"averaged": 1.0} if averaged else {})})
         logger.info("%s step %d: %s=%.4f", desc, step, metric, metrics[metric])
         return (metrics[metric] if higher else -metrics[metric]), metrics, logits_val
 
     def evaluate() -> bool:
-        """Score the current parameters on ``validation``; keep them if best. True when it is time to stop."""
-        nonlocal best_score, best_step, best_metrics, best_logits, bad_evals, best
-        value, metrics, logits_val = score(logits_now())
-        if value > best_score:
-            best_score, best_step, best_metrics, best_logits, bad_evals = value, step, metrics, logits_val, 0
-            best = [p.detach().clone() for p in params]
+        """Score the current parameters (and, with ``config.ema_decay``, their running average) on
+        ``validation``; keep the better if best so far. True when it is time to stop."""
+        nonlocal best_score, best_step, best_metrics, best_logits, bad_evals, best, best_averaged
+        improved = False
+        for state in ("trained", "averaged") if average is not None else ("trained",):
+            if state == "averaged":
+                current = [p.detach().clone() for p in params]
+                # The average starts at zero: dividing by the weight it has gathered makes it the weighted mean
+                # of the states visited (the bias correction of Adam's moments).
+                assign(params, [a / (1.0 - config.ema_decay ** step) for a in average])
+            value, metrics, logits_val = score(logits_now(), averaged=state == "averaged")
+            if value > best_score:
+                best_score, best_step, best_metrics, best_logits, improved = value, step, metrics, logits_val, True
+                best, best_averaged = [p.detach().clone() for p in params], state == "averaged"
+            if state == "averaged":
+                assign(params, current)
+        if improved:
+            bad_evals = 0
             return False
         bad_evals += 1
         return config.patience is not None and bad_evals >= config.patience
@@ -226,6 +244,10 @@ def train(
                     torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                if average is not None:
+                    with torch.no_grad():
+                        for a, p in zip(average, params):
+                            a.lerp_(p, 1.0 - config.ema_decay)
                 step += 1
                 seen += len(batch)
                 bar.update(1)
@@ -246,7 +268,7 @@ def train(
             if fallback[0] > best_score or (config.probe_margin > 0 and gain is not None
                                             and gain <= config.probe_margin):
                 best_score, best_metrics, best_logits = fallback
-                best_step, best = 0, candidate
+                best_step, best, best_averaged = 0, candidate, False
         # Keep the best evaluated state, not the last one (early stopping).
         assign(params, best)
     else:
@@ -262,4 +284,5 @@ def train(
         validation_logits=best_logits,
         candidate_gain=gain,
         candidate_metrics=None if fallback is None else fallback[1],
+        best_averaged=best_averaged,
     )
