@@ -194,6 +194,7 @@ def read_file(path: str | Path, *, encoding: str | None = None):
         raise DataError(f"Cannot read {str(path)!r} as {kind}: {exc}") from exc
     if suffix in (".csv", ".tsv"):
         _check_fields(table, path, suffix)
+        _check_short_rows(path, suffix, encoding, len(table.columns))
     return table
 
 
@@ -226,6 +227,31 @@ def _check_fields(table, path: Path, suffix: str) -> None:
         f"{len(columns)} column names {columns}: a text holding {separator} splits its row ({fix}), or the header "
         "lacks a column's name. Fix the file: its first fields would otherwise be dropped as a row index."
     )
+
+
+def _check_short_rows(path: Path, suffix: str, encoding: str | None, width: int) -> None:
+    """Refuse a CSV/TSV row with fewer fields than the header: pandas fills the missing ones with empty strings,
+    so a row that lost its text or label would train as an empty one. A second pass with Python's csv module,
+    which reads fields as pandas does (quoted line breaks inside one field; TSV without quoting), but says how many
+    a row had. Blank lines are skipped, as pandas skips them."""
+    utf8 = codecs.lookup(encoding or "utf-8").name == "utf-8"
+    options = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix == ".tsv" else {}
+    limit = csv.field_size_limit(min(path.stat().st_size + 1, 2**31 - 1))  # a field may be as long as the file
+    try:
+        with path.open(newline="", encoding="utf-8-sig" if utf8 else encoding) as f:
+            rows = csv.reader(f, **options)
+            header = next(rows, None)
+            for row in rows:
+                if row and len(row) < width:
+                    fields = f"{len(row)} field{'s' if len(row) != 1 else ''}"
+                    raise DataError(
+                        f"In {str(path)!r}, line {rows.line_num} has {fields} but its header has {width} column "
+                        f"names {header}: pandas would read the missing fields as empty values. Complete the row, or "
+                        "write an empty field explicitly (a separator with nothing after it) where a value is meant "
+                        "to be empty."
+                    )
+    finally:
+        csv.field_size_limit(limit)
 
 
 def _decode_error(path: Path, encoding: str | None, exc: UnicodeDecodeError) -> DataError:

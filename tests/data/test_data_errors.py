@@ -3,6 +3,7 @@ UnicodeDecodeError, EmptyDataError, KeyError or TypeError."""
 
 from __future__ import annotations
 
+import csv
 import re
 
 import pytest
@@ -123,6 +124,26 @@ def test_rows_with_a_field_more_than_the_header_are_refused(tmp_path, suffix, se
     indexed = tmp_path / f"indexed{suffix}"  # an index column with an empty name in the header is a column
     indexed.write_text(f"{sep}text{sep}label\n0{sep}hello{sep}a\n")
     assert read_examples(indexed, SPEC).texts == ["hello"]
+
+
+@pytest.mark.parametrize("suffix, sep", [(".csv", ","), (".tsv", "\t")])
+def test_a_row_with_fewer_fields_than_the_header_is_refused(tmp_path, suffix, sep):
+    """pandas fills a missing last field with an empty string: a row that lost its text trained as an empty text,
+    silently. An empty field that is there (``a,``) stays an empty value, and blank lines are skipped, as before."""
+    path = tmp_path / f"d{suffix}"
+    path.write_text(f"label{sep}text\na{sep}fine\n\nb\na{sep}also fine\n")
+    with pytest.raises(DataError, match=rf"d{suffix}.*line 4 has 1 field but its header has 2 column names "
+                                        rf"\['label', 'text'\]"):
+        read_examples(path, SPEC)
+    quoted = tmp_path / f"quoted{suffix}"  # a quoted line break is one field (CSV), so the row is whole
+    quoted.write_text(f'label{sep}text\na{sep}"two\nlines"\nb{sep}\n' if suffix == ".csv" else
+                      f"label{sep}text\na{sep}one\nb{sep}\n")
+    examples = read_examples(quoted, SPEC, labelled=True)
+    assert examples.texts == (["two\nlines", ""] if suffix == ".csv" else ["one", ""])
+    long = tmp_path / f"long{suffix}"  # longer than the csv module's default field limit (128 KiB)
+    long.write_text(f"label{sep}text\na{sep}{'word ' * 40_000}\n")
+    assert len(read_examples(long, SPEC).texts[0]) == 200_000
+    assert csv.field_size_limit() == 131072  # the check put the module's limit back
 
 
 # --- texts that are not valid Unicode ---------------------------------------------------
