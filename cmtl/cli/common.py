@@ -96,7 +96,9 @@ def training_story(info) -> list[str]:
     else:
         early = ", stopped early" if training.get("stopped_early") else ""
         versus = "" if gain is None else f"; {gain:+.1f} standard errors against the step-0 probe on validation"
-        lines.append(f"kept: the trained state of step {best} of {steps}{early}{versus}")
+        state = (f"the running average of the trained states (ema_decay {training.get('ema_decay')}) at step"
+                 if training.get("best_averaged") else "the trained state of step")
+        lines.append(f"kept: {state} {best} of {steps}{early}{versus}")
         kept = _primary(info.metrics)
         if probe is not None and kept is not None and kept[0] == probe[0]:
             lines.append(f"against the probe: validation {kept[0]} {kept[1]:.4f}, the probe's {probe[1]:.4f}"

@@ -20,6 +20,10 @@ def test_a_trained_state_is_named_with_its_step_and_its_gain_over_the_probe():
                      "step-0 probe on validation"]
     no_probe = training_story(info({"steps": 10, "best_step": 10, "probe_gain": None, "probe_init": False}))
     assert no_probe[1] == "kept: the trained state of step 10 of 10"
+    averaged = training_story(info({"steps": 310, "best_step": 120, "probe_gain": 3.42, "stopped_early": True,
+                                    "ema_decay": 0.98, "best_averaged": True}))
+    assert averaged[1].startswith("kept: the running average of the trained states (ema_decay 0.98) at step 120 of "
+                                  "310, stopped early; +3.4")
 
 
 def test_a_trained_state_is_compared_with_the_probe_it_had_to_beat():

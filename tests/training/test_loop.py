@@ -235,3 +235,53 @@ def test_without_a_candidate_there_is_no_gain_to_report():
     config = TrainConfig(epochs=1, batch_size=4, probe_margin=3.0, progress=False)
     result = train(forward, [bias], lambda _: None, SPEC, ALL_A, ALL_A, config, pad_id=0, device=CPU)
     assert result.candidate_gain is None and result.best_step > 0
+
+
+@pytest.mark.parametrize("case", ["jumping", "climbing"])
+def test_a_running_average_is_scored_beside_the_trained_state_and_kept_when_better(case):
+    # jumping: training rows alternate between targets 0 and 2 and validation wants 1; at a high constant rate
+    # the value keeps jumping around 1, and the average of the states it visits ends closer to 1 than it does.
+    # climbing: every target is 1 and the value climbs to it from 0 at a low rate; the average lags behind.
+    if case == "jumping":
+        targets, start, rate = Encoded(IDS, None, torch.tensor([[0.0], [2.0]] * 8)), 1.0, 0.3
+    else:
+        targets, start, rate = ONES, 0.0, 0.05
+    config = TrainConfig(epochs=3, batch_size=4, learning_rate=rate, warmup_ratio=0.0, lr_schedule="constant",
+                         eval_every=12, patience=None, progress=False)
+    value, plain = _scalar_model(start)
+    visited = []
+
+    def forward(inputs):
+        if torch.is_grad_enabled():  # a training step: the state it starts from
+            visited.append(value.item())
+        return plain(inputs)
+
+    plain_result = train(forward, [value], lambda _: None, REG, targets, ONES, config, pad_id=0, device=CPU)
+    assert not plain_result.best_averaged and all("averaged" not in h for h in plain_result.history)
+    states = visited[1:] + [value.item()]  # after steps 1..12
+    last_mse = (states[-1] - 1.0) ** 2
+    assert plain_result.best_metrics["mse"] == pytest.approx(last_mse)
+
+    visited.clear()
+    value.data.fill_(start)
+    result = train(forward, [value], lambda _: None, REG, targets, ONES,
+                   dataclasses.replace(config, ema_decay=0.9), pad_id=0, device=CPU)
+    assert visited[1:] + [states[-1]] == pytest.approx(states)  # averaging does not change how it trains
+    weights = [0.1 * 0.9 ** (len(states) - 1 - t) for t in range(len(states))]
+    average = sum(w * s for w, s in zip(weights, states)) / (1 - 0.9 ** len(states))
+    assert [(h["step"], "averaged" in h) for h in result.history] == [(12, False), (12, True)]
+    assert result.history[0]["mse"] == pytest.approx(last_mse)
+    assert result.history[1]["mse"] == pytest.approx((average - 1.0) ** 2)
+    assert result.best_step == 12
+    if case == "jumping":
+        assert result.history[1]["mse"] < last_mse / 10
+        assert result.best_averaged and value.item() == pytest.approx(average)
+    else:
+        assert result.history[1]["mse"] > last_mse * 2
+        assert not result.best_averaged and value.item() == pytest.approx(states[-1])
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.0, 1.5, True, "0.9"])
+def test_ema_decay_must_lie_between_zero_and_one(bad):
+    with pytest.raises(ValueError, match="ema_decay"):
+        TrainConfig(ema_decay=bad)
