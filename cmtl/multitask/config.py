@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Literal, Sequence
 
@@ -94,10 +95,15 @@ class MultiTaskConfig:
             raise ValueError(f"weights names auxiliary tasks {ignored}, whose weight the {self.schedule!r} schedule "
                              "sets (gamma0 · schedule): it would be ignored. Set their initial weight with "
                              "gamma0={task: value}; weights applies to the primary only.")
-        for key in ("steps", "tag_every", "eval_every"):
+        for key in ("steps", "tag_every", "eval_every", "switch_step"):
             value = getattr(self, key)
-            if value is not None and (not isinstance(value, int) or value < 1):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise InvalidParameterError(bad_param(key, "MultiTaskConfig", "be a positive integer or None", value))
+        patience = self.switch_patience
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            raise InvalidParameterError(bad_param("switch_patience", "MultiTaskConfig", "be a positive integer",
+                                                  patience))
+        self._check_knobs()
         if self.pass_overhead is not None and (not isinstance(self.pass_overhead, int) or self.pass_overhead < 0):
             raise InvalidParameterError(bad_param("pass_overhead", "MultiTaskConfig",
                                                   "be an integer >= 0 (tokens) or None", self.pass_overhead))
@@ -108,6 +114,32 @@ class MultiTaskConfig:
         if f is not None:  # a function is not JSON: record which one it was
             out["sampling_schedule"] = f"{getattr(f, '__module__', '')}.{getattr(f, '__qualname__', repr(f))}"
         return out
+
+    def _check_knobs(self) -> None:
+        """Refuse MT2ST knobs out of range, and knobs set away from their default that the schedule never reads."""
+        for knob, positive in (("gamma0", False), ("eta", False), ("nu", True)):
+            value = getattr(self, knob)
+            entries = value.items() if isinstance(value, dict) else [(None, value)]
+            for task, v in entries:
+                if task is not None and not isinstance(task, str):
+                    raise InvalidParameterError(bad_param(knob, "MultiTaskConfig", "map task names to values", value))
+                name = knob if task is None else f"{knob}[{task!r}]"
+                must = "be a finite number > 0" if positive else "be a finite number >= 0"
+                if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                        or v < 0 or (positive and v == 0)):
+                    raise InvalidParameterError(bad_param(name, "MultiTaskConfig", must, v))
+        reads = {"gamma0": ("diminish", "switch", "adaptive_switch"), "eta": ("diminish",), "nu": ("diminish",),
+                 "switch_step": ("switch",), "switch_patience": ("adaptive_switch",)}
+        ignored = [k for k, schedules in reads.items()
+                   if self.schedule not in schedules and getattr(self, k) != self.__dataclass_fields__[k].default]
+        if ignored:
+            used = {k for k, schedules in reads.items() if self.schedule in schedules}
+            raise ValueError(f"{ignored} set, but schedule={self.schedule!r} does not read "
+                             f"{'them' if len(ignored) > 1 else 'it'}: it would be ignored. "
+                             + (f"This schedule reads {sorted(used)}; " if used else "")
+                             + "gamma0 applies to 'diminish', 'switch' and 'adaptive_switch', eta and nu to "
+                             "'diminish', switch_step to 'switch', switch_patience to 'adaptive_switch'. "
+                             "Leave the others out or pick the schedule they belong to.")
 
     def _per_task(self, name: str, knob: str) -> float:
         """Knob ``knob`` (gamma0, eta, nu) for task ``name``: its dict's entry, else the knob's default."""

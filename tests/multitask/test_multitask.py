@@ -81,6 +81,35 @@ def test_static_weights_a_schedule_or_uncertainty_would_ignore_are_refused():
     assert (config.gamma("p", 0, False), config.gamma("a", 0, False)) == (2.0, 1.0)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    ({"schedule": "diminish", "eta": -0.01}, r"eta.*>= 0"),  # exp(+0.01 t): the auxiliaries' weights explode
+    ({"schedule": "diminish", "eta": {"a": float("nan")}}, r"eta\['a'\].*finite number >= 0"),
+    ({"schedule": "diminish", "nu": 0.0}, r"nu.*> 0"),  # 0 ** -1 at step 0
+    ({"schedule": "diminish", "gamma0": -1.0}, r"gamma0.*>= 0"),
+    ({"schedule": "diminish", "gamma0": {1: 0.5}}, r"gamma0.*task names"),
+    ({"schedule": "switch", "switch_step": 0}, r"switch_step.*positive integer"),
+    ({"schedule": "adaptive_switch", "switch_patience": 0}, r"switch_patience.*positive integer"),
+])
+def test_mt2st_knobs_out_of_range_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MultiTaskConfig(primary="p", **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, knobs", [
+    ({"schedule": "switch", "switch_step": 10, "eta": 0.1}, "eta"),  # Switch has no decay rate
+    ({"schedule": "adaptive_switch", "nu": {"a": 2.0}}, "nu"),
+    ({"schedule": "diminish", "switch_step": 10}, "switch_step"),
+    ({"schedule": "diminish", "switch_patience": 5}, "switch_patience"),
+    ({"schedule": "none", "gamma0": 0.5}, "gamma0"),
+])
+def test_mt2st_knobs_the_chosen_schedule_ignores_are_refused(kwargs, knobs):
+    """A knob set away from its default that the schedule never reads trained as if it were unset, silently."""
+    with pytest.raises(ValueError, match=rf"\['{knobs}'\].*schedule={kwargs['schedule']!r}"):
+        MultiTaskConfig(primary="p", **kwargs)
+    MultiTaskConfig(primary="p", schedule="diminish", gamma0=0.5, eta=0.1, nu=2.0)  # all three apply here
+    MultiTaskConfig(primary="p", schedule="adaptive_switch", gamma0=0.5, switch_patience=3)
+
+
 def test_uncertainty_weighting_value_and_optimum():
     w = UncertaintyWeighting(3)
     with torch.no_grad():
