@@ -128,6 +128,9 @@ def add_task(
     text_column: str = "text",
     text_pair_column: Optional[str] = None,
     label_column: str = "label",
+    label_encoding: Annotated[str, typer.Option(help="What integer labels mean: value (the label named by that "
+                                                     "number) or index (the label at that position in --labels, "
+                                                     "which it needs).")] = "value",
     epochs: Annotated[int, typer.Option(help="At most this many epochs; early stopping on the validation data "
                                                "(--validation, else --validation-fraction of --train held out) "
                                                "usually ends sooner.")] = 10,
@@ -178,10 +181,13 @@ def add_task(
 
     reg = _open(registry)
     columns = dict(problem_type=problem_type, text_column=text_column, text_pair_column=text_pair_column,
-                   label_column=label_column)
+                   label_column=label_column, label_encoding=label_encoding)
     if labels is None:
         if problem_type != "single_label":
             raise ValueError("--labels is required for multi_label and regression tasks.")
+        if label_encoding == "index":
+            raise ValueError("--label-encoding index reads each integer label as a position in --labels: pass "
+                             "--labels with the names in that order (e.g. --labels neg,pos for 0 and 1).")
         labels_list = sorted(set(_read(train, TaskSpec(name, **columns), encoding).labels))  # names as in the file
         _refuse_near_duplicates(labels_list)
     else:

@@ -214,6 +214,24 @@ def test_add_task_refuses_label_names_that_differ_only_in_spaces_or_case(reg_cop
     assert "new" not in Registry.open(reg_copy, device="cpu").tasks()
 
 
+def test_add_task_label_encoding_index_reads_integers_as_positions_in_labels(reg_copy, tmp_path):
+    # Labels 0/1 meaning positions in --labels could only be added from Python before: the CLI read them by value,
+    # and "0" is not a label name.
+    rows = [{"text": r["text"], "label": int(r["label"] == "pos")} for r in toy_sentiment(24)]
+    pd.DataFrame(rows).to_csv(tmp_path / "ints.csv", index=False)
+    run = ["add-task", reg_copy, "new", "--train", tmp_path / "ints.csv", "--max-steps", "2", "--no-progress"]
+    clean_failure(invoke(*run, "--labels", "neg,pos"), "0")
+    clean_failure(invoke(*run, "--label-encoding", "index"), "--label-encoding index", "--labels")
+    clean_failure(invoke(*run, "--labels", "neg,pos", "--label-encoding", "position"), "label_encoding")
+    result = invoke(*run, "--labels", "neg,pos", "--label-encoding", "index")
+    assert result.exit_code == 0, result.output
+    reg = Registry.open(reg_copy, device="cpu")
+    assert reg.spec("new").label_encoding == "index" and reg.spec("new").labels == ("neg", "pos")
+    from cmtl.data import read_examples  # later reads of the task's files (eval, update) take the stored encoding
+
+    assert read_examples(tmp_path / "ints.csv", reg.spec("new")).labels == [r["label"] for r in toy_sentiment(24)]
+
+
 def test_add_task_without_label_column_names_the_column(reg_copy, tmp_path):
     pd.DataFrame({"text": ["a", "b"]}).to_csv(tmp_path / "nolabel.csv", index=False)
     clean_failure(invoke("add-task", reg_copy, "new", "--train", tmp_path / "nolabel.csv"), "'label'", "not found")
