@@ -481,7 +481,8 @@ class Registry(LoadedRegistry):
 
         Raises:
             TaskExistsError: the name is taken.
-            BackboneMismatchError: the folder records other backbone weights.
+            BackboneMismatchError: the folder records other backbone weights, or (its head to answer, no
+                ``train`` data) another pooling than this registry's.
             DataError: not a PEFT LoRA folder, LoRA settings cmtl cannot reproduce, an adapter that does
                 not fit this backbone, or no head for ``spec`` and no ``train`` data to fit one.
             TrainingDivergedError: the imported adapter's features, which a head is fitted on, are not finite;
@@ -511,8 +512,13 @@ class Registry(LoadedRegistry):
         if spec is None:
             spec = folder.spec if name is None else TaskSpec.from_dict({**folder.spec.to_dict(), "name": name})
         differs = spec_differences(folder.spec, spec) if folder.spec is not None else []
-        use_head = folder.head is not None and not differs
-        if not use_head and train is None:
+        # The head reads features pooled as the exporting registry's backbone pooled them (another max_length
+        # only truncates long texts elsewhere: the same kind of features).
+        settings = [f"{k} {folder.backbone[k]!r} -> {self._manifest['backbone'].get(k)!r}"
+                    for k in ("pooling",) if folder.backbone and k in folder.backbone
+                    and folder.backbone[k] != self._manifest["backbone"].get(k)]
+        use_head = folder.head is not None and not differs and not settings
+        if not use_head and train is None and (differs or not settings):
             if folder.head is None:
                 raise DataError(f"{str(path)!r} has no head for task {spec.name!r}: pass labelled train data to "
                                 "fit one on the adapter's features.")
@@ -520,9 +526,10 @@ class Registry(LoadedRegistry):
                             f"spec differs from it in {'; '.join(differs)}. To import that task under another name, "
                             f"pass name={spec.name!r} instead of a spec; to use the adapter for this spec, pass "
                             "labelled train data to fit a new head on its features.")
-        if folder.head is not None and differs:
-            logger.info("Import %s: the exported head answers as task %r, not as this spec (%s); fitting a new "
-                        "head on the adapter's features", path, folder.spec.name, "; ".join(differs))
+        if folder.head is not None and (differs or settings):
+            logger.info("Import %s: the exported head answers as task %r, not as this spec on this backbone (%s); "
+                        "fitting a new head on the adapter's features", path, folder.spec.name,
+                        "; ".join(differs + settings))
         self._check_new_task(spec.name)
         if folder.adapter.target_modules is None:  # peft's default for the model: the weights say which
             folder.adapter = dataclasses.replace(folder.adapter, target_modules=state_targets(
@@ -533,6 +540,12 @@ class Registry(LoadedRegistry):
             raise DataError(f"The adapter in {str(path)!r} does not fit this registry's backbone "
                             f"{self.backbone.config.name_or_path!r} (its base model: {folder.base_model!r}): "
                             f"{exc}") from None
+        if settings and train is None:
+            raise BackboneMismatchError(
+                f"The head in {str(path)!r} reads features made with other backbone settings than this registry's "
+                f"({', '.join(settings)}; exported -> here), so it would answer wrongly. Import it into a registry "
+                "created with the exported settings, or pass a spec and labelled train data to fit a new head on "
+                "the adapter's features here.")
         training, memory = training or TrainConfig(), memory or MemoryConfig()
         train_ex = None if train is None else read_examples(train, spec)
         val_ex = None if validation is None else read_examples(validation, spec)

@@ -286,3 +286,21 @@ def test_overwrite_keeps_the_old_export_when_the_new_one_cannot_be_put_in_place(
     reg.export_peft("sentiment", out, overwrite=True)  # an export is replaced whole, and nothing is left beside it
     assert snapshot(out) == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("setting", [{"pooling": "cls"}])
+def test_an_exported_head_is_refused_on_a_backbone_that_pools_otherwise(reg, tmp_path, tiny_backbone, setting):
+    """The same weights pooled another way make other features: the exported head was imported on them (only
+    the weights' hash was compared) and answered other labels than the registry it came from."""
+    out = reg.export_peft("sentiment", tmp_path / "export")
+    other = Registry.create(tmp_path / "other", BackboneConfig(name_or_path=tiny_backbone, **{"max_length": 64,
+                                                                                              **setting}),
+                            device="cpu")
+    manifest = (other.root / "registry.json").read_bytes()
+    (name,) = setting
+    with pytest.raises(BackboneMismatchError, match=f"{name} .*->.*pass a spec and labelled train data"):
+        other.import_peft(out)
+    assert (other.root / "registry.json").read_bytes() == manifest and other.tasks() == []
+    # With training data the adapter is kept and a new head is fitted on this backbone's features.
+    info = other.import_peft(out, TaskSpec("s", labels=["neg", "pos"]), toy_sentiment(32))
+    assert info.task == "s"
