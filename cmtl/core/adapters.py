@@ -108,6 +108,18 @@ def state_targets(state: dict[str, torch.Tensor], encoder: nn.Module) -> tuple[s
     return tuple(sorted(names))
 
 
+def state_layers(state: dict[str, torch.Tensor], encoder: nn.Module) -> tuple[int, ...] | None:
+    """The indices of the transformer layers a LoRA state dict adapts in ``encoder`` (the first number in each
+    module's path, as :func:`check_adapter_state` reads it); ``None`` when that is every layer."""
+    from cmtl.core.backbone import layer_list
+
+    found = {next((int(p) for p in m.split(".") if p.isdigit()), None) for m in lora_factors(state)}
+    layers = layer_list(encoder)
+    if None in found or layers is None or found == set(range(len(layers[1]))):
+        return None
+    return tuple(sorted(found))
+
+
 def linear_dims(module: nn.Module) -> tuple[int, int] | None:
     """``(in_features, out_features)`` of a layer LoRA can adapt: an ``nn.Linear``, or transformers'
     ``Conv1D`` (GPT-2's linear layer, its weight stored transposed as (in, out)); ``None`` for others.

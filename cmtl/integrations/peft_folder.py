@@ -48,6 +48,7 @@ class PeftFolder:
     head: dict[str, torch.Tensor] | None = None
     backbone: dict[str, Any] | None = None
     source: dict[str, Any] | None = None  # task, version, metrics, cmtl version of the export
+    pattern: str | None = None  # a string target_modules: peft's regular expression over module paths
 
 
 def write_folder(path: str | Path, *, adapter: AdapterConfig, state: dict[str, torch.Tensor], base_model: str,
@@ -160,13 +161,18 @@ def read_folder(path: str | Path) -> PeftFolder:
                         "plain LoRA (x + (alpha/r)·B·A·x on the targeted linear layers), so it would run another "
                         "adapter than the folder holds. Train or save the adapter without these settings to "
                         "import it.")
-    layers = config.layers_to_transform
+    # A string is a regular expression that peft matches against whole module paths, layers_to_transform
+    # unread: the modules and layers are those the weights adapt (left None here, read from the weights on import).
+    pattern = config.target_modules if isinstance(config.target_modules, str) else None
+    layers = None if pattern is not None else config.layers_to_transform
     # rsLoRA scales by alpha/sqrt(r); plain LoRA with alpha·sqrt(r) scales by the same number.
     alpha = float(config.lora_alpha) * (math.sqrt(config.r) if config.use_rslora else 1.0)
     adapter = AdapterConfig(r=int(config.r), alpha=alpha, dropout=float(config.lora_dropout),
-                            target_modules=tuple(sorted(config.target_modules)) if config.target_modules else None,
+                            target_modules=(tuple(sorted(config.target_modules))
+                                            if config.target_modules and pattern is None else None),
                             layers=None if layers is None else tuple([layers] if isinstance(layers, int) else layers))
-    folder = PeftFolder(adapter, load_file(str(path / ADAPTER_WEIGHTS)), config.base_model_name_or_path)
+    folder = PeftFolder(adapter, load_file(str(path / ADAPTER_WEIGHTS)), config.base_model_name_or_path,
+                        pattern=pattern)
     if (path / TASK).is_file() and (path / HEAD).is_file():
         record = json.loads((path / TASK).read_text(encoding="utf-8"))
         folder.spec = TaskSpec.from_dict(record["spec"])

@@ -488,7 +488,7 @@ class Registry(LoadedRegistry):
             TrainingDivergedError: the imported adapter's features, which a head is fitted on, are not finite;
                 nothing was written.
         """
-        from cmtl.core.adapters import check_adapter_state, state_targets
+        from cmtl.core.adapters import check_adapter_state, state_layers, state_targets
         from cmtl.errors import BackboneMismatchError, CorruptFileError, DataError
         from cmtl.integrations.peft_folder import TASK, read_folder, spec_differences
         from cmtl.training.evaluation import compute_metrics
@@ -531,9 +531,12 @@ class Registry(LoadedRegistry):
                         "fitting a new head on the adapter's features", path, folder.spec.name,
                         "; ".join(differs + settings))
         self._check_new_task(spec.name)
-        if folder.adapter.target_modules is None:  # peft's default for the model: the weights say which
+        if folder.adapter.target_modules is None:  # peft's default for the model, or a pattern: the weights say which
             folder.adapter = dataclasses.replace(folder.adapter, target_modules=state_targets(
                 folder.state, self.backbone.encoder))
+        if folder.pattern is not None:  # and in which layers (all of them: None)
+            folder.adapter = dataclasses.replace(folder.adapter, layers=state_layers(folder.state,
+                                                                                     self.backbone.encoder))
         try:
             check_adapter_state(folder.state, folder.adapter, self.backbone.encoder, Path(path))
         except CorruptFileError as exc:

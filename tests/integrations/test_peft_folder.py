@@ -143,7 +143,8 @@ def saved_peft_adapter(base: str, path, **lora) -> dict[str, torch.Tensor]:
     from transformers import AutoModel, AutoTokenizer
 
     torch.manual_seed(0)
-    model = get_peft_model(AutoModel.from_pretrained(base), LoraConfig(target_modules=["query", "value"], **lora))
+    lora = {"target_modules": ["query", "value"], **lora}
+    model = get_peft_model(AutoModel.from_pretrained(base), LoraConfig(**lora))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -304,3 +305,26 @@ def test_an_exported_head_is_refused_on_a_backbone_that_pools_otherwise(reg, tmp
     # With training data the adapter is kept and a new head is fitted on this backbone's features.
     info = other.import_peft(out, TaskSpec("s", labels=["neg", "pos"]), toy_sentiment(32))
     assert info.task == "s"
+
+
+@pytest.mark.parametrize("pattern, layers", [(r".*\.(query|value)", None), (r".*\.1\.attention\.self\.(query|value)",
+                                                                            [1])])
+def test_a_folder_whose_target_modules_is_a_pattern_imports_the_modules_its_weights_adapt(reg, tmp_path, pattern,
+                                                                                         layers):
+    """peft matches a string ``target_modules`` as a regular expression against whole module paths; it was read
+    as a list of its characters, and the import refused the folder as one for another backbone."""
+    features = saved_peft_adapter(reg.backbone.config.name_or_path, tmp_path / "regex", r=4, lora_alpha=8,
+                                  target_modules=pattern)
+    info = reg.import_peft(tmp_path / "regex", TaskSpec("regex", labels=["neg", "pos"]), toy_sentiment(16))
+    assert info.adapter["target_modules"] == ["query", "value"] and info.adapter["layers"] == layers
+    torch.testing.assert_close(reg.embed(TEXTS, "regex"), features, rtol=1e-5, atol=1e-5)
+
+
+def test_a_pattern_that_adapts_no_set_of_modules_in_a_set_of_layers_is_refused(reg, tmp_path):
+    """query in layer 0 and value in layer 1 only: plain LoRA on target modules and layers cannot say that."""
+    saved_peft_adapter(reg.backbone.config.name_or_path, tmp_path / "regex", r=4,
+                       target_modules=r".*\.0\.attention\.self\.query|.*\.1\.attention\.self\.value")
+    manifest = (reg.root / "registry.json").read_bytes()
+    with pytest.raises(DataError, match="do not fit"):
+        reg.import_peft(tmp_path / "regex", TaskSpec("regex", labels=["neg", "pos"]), toy_sentiment(16))
+    assert (reg.root / "registry.json").read_bytes() == manifest and "regex" not in reg.tasks()
