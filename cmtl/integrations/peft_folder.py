@@ -34,6 +34,8 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 HEAD = "cmtl_head.safetensors"
 TASK = "cmtl_task.json"
 CARD = "README.md"
+#: What an export or ``PeftModel.save_pretrained`` writes into a folder: ``overwrite`` replaces nothing else.
+_WRITTEN = frozenset({ADAPTER_CONFIG, ADAPTER_WEIGHTS, "adapter_model.bin", HEAD, TASK, CARD})
 
 
 @dataclass
@@ -58,10 +60,10 @@ def write_folder(path: str | Path, *, adapter: AdapterConfig, state: dict[str, t
     (its ``sha256`` is checked on import); ``source``: task, version and metrics for the card;
     ``layout``: :func:`cmtl.core.adapters.peft_layout` of the backbone, so peft places the adapter as cmtl did.
 
-    ``overwrite`` replaces only an earlier export: a folder (not a link) of files only, among them
-    ``adapter_config.json`` and no ``registry.json``. The old folder is moved aside, the new one renamed into
-    its place, and only then is the old one deleted: a failure in between puts the old one back, and a crash
-    leaves it beside ``path`` as ``.<name>.old-<hex>``.
+    ``overwrite`` replaces only an earlier export: a folder (not a link) holding ``adapter_config.json`` and no
+    other files than an export or ``PeftModel.save_pretrained`` writes. The old folder is moved aside, the new one
+    renamed into its place, and only then is the old one deleted: a failure in between puts the old one back, and a
+    crash leaves it beside ``path`` as ``.<name>.old-<hex>``.
 
     Raises:
         FileExistsError: ``path`` exists and is not an empty folder, and is not an earlier export or
@@ -103,7 +105,7 @@ def _check_target(path: Path, overwrite: bool) -> None:
     why = _not_an_export(path)
     if why:
         raise FileExistsError(f"{str(path)!r} {why}, and overwrite replaces only a folder that an earlier export "
-                              f"wrote (files only, among them {ADAPTER_CONFIG} and no {MANIFEST}). Pick a new folder, "
+                              f"wrote ({ADAPTER_CONFIG} and no other files than an export writes). Pick a new folder, "
                               "or move or delete this one yourself if nothing in it is needed.")
 
 
@@ -118,7 +120,10 @@ def _not_an_export(path: Path) -> str | None:
     if not (path / ADAPTER_CONFIG).is_file():
         return f"has no {ADAPTER_CONFIG}"
     other = next((p.name for p in sorted(path.iterdir()) if p.is_symlink() or not p.is_file()), None)
-    return None if other is None else f"holds {other!r}, which is not a file"
+    if other is not None:
+        return f"holds {other!r}, which is not a file"
+    other = next((p.name for p in sorted(path.iterdir()) if p.name not in _WRITTEN), None)
+    return None if other is None else f"holds {other!r}, which an export does not write"
 
 
 def _put_in_place(staging: Path, path: Path) -> None:

@@ -328,3 +328,16 @@ def test_a_pattern_that_adapts_no_set_of_modules_in_a_set_of_layers_is_refused(r
     with pytest.raises(DataError, match="do not fit"):
         reg.import_peft(tmp_path / "regex", TaskSpec("regex", labels=["neg", "pos"]), toy_sentiment(16))
     assert (reg.root / "registry.json").read_bytes() == manifest and "regex" not in reg.tasks()
+
+
+@pytest.mark.parametrize("extra", ["notes.txt", "optimizer.pt"])
+def test_overwrite_refuses_a_folder_with_files_no_export_writes(reg, tmp_path, extra):
+    """An earlier export with the user's notes beside it, or a Trainer checkpoint (adapter_config.json with
+    optimizer.pt, trainer_state.json, ...): overwrite deleted the files an export never wrote."""
+    out = reg.export_peft("sentiment", tmp_path / "export")
+    (out / extra).write_text("precious")
+    before = snapshot(out)
+    with pytest.raises(FileExistsError, match=f"holds {extra!r}, which an export does not write"):
+        reg.export_peft("sentiment", out, overwrite=True)
+    assert snapshot(out) == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
