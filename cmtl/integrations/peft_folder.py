@@ -217,6 +217,9 @@ def _card(spec: TaskSpec, base_model: str, backbone: dict[str, Any], adapter: Ad
           source: dict[str, Any]) -> str:
     metrics = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted((source.get("metrics") or {}).items())
                         if isinstance(v, (int, float)))
+    # A registry on a cut backbone runs only its first layers; the full model computes other features.
+    layers = backbone.get("num_hidden_layers")
+    cut = "" if layers is None else f", num_hidden_layers={layers}"
     return f"""---
 library_name: peft
 base_model: {base_model}
@@ -242,7 +245,7 @@ Backbone: `{backbone.get('name_or_path')}` (weights SHA-256 `{backbone.get('sha2
 from transformers import AutoModel
 from peft import PeftModel
 
-model = PeftModel.from_pretrained(AutoModel.from_pretrained("{base_model}"), "<this folder>")
+model = PeftModel.from_pretrained(AutoModel.from_pretrained("{base_model}"{cut}), "<this folder>")
 ```
 
 The head (`{HEAD}`: `linear.weight`, `linear.bias`) maps the {backbone.get('pooling')}-pooled last hidden

@@ -436,9 +436,10 @@ class Registry(LoadedRegistry):
     def export_peft(self, task: str, path: str | Path, *, version: int | None = None,
                     overwrite: bool = False) -> Path:
         """Write ``task``'s version (current by default) as a standard PEFT adapter folder:
-        ``PeftModel.from_pretrained(AutoModel.from_pretrained(base), path)`` computes the same pooled
-        features as this registry; the head, the task and the backbone record go beside it, with a
-        model card (:mod:`cmtl.integrations.peft_folder`). Returns ``path``.
+        ``PeftModel.from_pretrained(AutoModel.from_pretrained(base), path)`` (with ``num_hidden_layers=N`` on a
+        cut backbone, as the folder's card writes it) computes the same pooled features as this registry; the
+        head, the task and the backbone record go beside it, with a model card
+        (:mod:`cmtl.integrations.peft_folder`). Returns ``path``.
 
         ``overwrite`` replaces only an earlier export (:func:`~cmtl.integrations.peft_folder.write_folder`).
 

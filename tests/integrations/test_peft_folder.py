@@ -341,3 +341,24 @@ def test_overwrite_refuses_a_folder_with_files_no_export_writes(reg, tmp_path, e
         reg.export_peft("sentiment", out, overwrite=True)
     assert snapshot(out) == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_the_card_of_a_cut_backbone_loads_the_layers_the_registry_runs(tmp_path, tiny_backbone):
+    """A registry on the first layer of a 2-layer model: the card's snippet loaded all layers, and PEFT computed
+    other features than the registry, without a word."""
+    import re
+
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    reg = Registry.create(tmp_path / "cut", BackboneConfig(name_or_path=tiny_backbone, max_length=64,
+                                                           num_hidden_layers=1), device="cpu")
+    reg.add_task(TaskSpec("s", labels=["neg", "pos"]), toy_sentiment(32), training=FAST)
+    out = reg.export_peft("s", tmp_path / "export")
+    call = re.search(r"AutoModel\.from_pretrained\((.*?)\), \"<this folder>\"", (out / CARD).read_text()).group(1)
+    assert call == f'"{tiny_backbone}", num_hidden_layers=1'
+    model = PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_backbone, num_hidden_layers=1), str(out)).eval()
+    batch = reg.backbone.tokenizer(TEXTS, padding=True, truncation=True, max_length=64, return_tensors="pt")
+    with torch.no_grad():
+        pooled = reg.backbone.pool(model(**batch).last_hidden_state, batch["attention_mask"])
+    torch.testing.assert_close(pooled, reg.embed(TEXTS, "s"), rtol=1e-5, atol=1e-5)
