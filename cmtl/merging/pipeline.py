@@ -115,6 +115,13 @@ def merge_members(backbone: Backbone, bank: AdapterBank, members: list[Member], 
     them). ``member_keys()`` loads the members into ``bank`` (peft's methods need them). Raises
     :class:`~cmtl.errors.MergeRefusedError` when ``config.require_gain`` and the merge does not beat the
     frozen backbone."""
+    ranks = [a.r for a in adapters]
+    if config.method in ("peft_linear", "peft_ties", "peft_dare_ties") and len(set(ranks)) > 1:
+        found = ", ".join(f"{t} v{v} {'has rank ' if i == 0 else 'rank '}{r}" for i, ((t, v), r)
+                          in enumerate(zip(members, ranks)))
+        raise ValueError(f"{config.method} combines the members' A and B factors separately (peft's "
+                         f"add_weighted_adapter), so they must have the same rank; {found}. Merge them with cmtl's "
+                         f"'{config.method.removeprefix('peft_')}' (exact deltas, any ranks) or with 'peft_ties_svd'.")
     deltas = [lora_deltas(state, adapter.scaling) for state, adapter in zip(states, adapters)]
     combine = _Combiner(backbone, bank, members, deltas, member_keys)
     if search and not individual:

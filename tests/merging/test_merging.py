@@ -294,3 +294,18 @@ def test_peft_baselines_go_through_the_same_pipeline(merge_reg):
     texts = ["a great film", "an awful film", "a dull plot"]
     assert not torch.allclose(torch.tensor(reg.predict_proba("a", texts, merge="ours-linear")),
                               torch.tensor(reg.predict_proba("a", texts, merge="peft-linear")))
+
+
+@pytest.mark.parametrize("method", ["peft_linear", "peft_ties", "peft_dare_ties"])
+def test_peft_methods_that_need_equal_ranks_say_so_before_scoring(merge_reg, method):
+    """peft's add_weighted_adapter raised its own error (naming its combination types, not cmtl's methods)
+    in the middle of the merge, after the members and the frozen backbone were scored."""
+    from cmtl import AdapterConfig
+
+    reg = merge_reg
+    reg.add_task(TaskSpec("c", labels=["neg", "pos"]), toy_sentiment(32), toy_sentiment(16, 1), training=FAST,
+                 adapter=AdapterConfig(r=4, target_modules=tuple(reg.current("a").adapter["target_modules"])))
+    before = (reg.root / MANIFEST).read_bytes()
+    with pytest.raises(ValueError, match=rf"{method} .*same rank.*a v1 has rank 8, c v1 rank 4.*'peft_ties_svd'"):
+        reg.merge(["a", "c"], "ac", method)
+    assert (reg.root / MANIFEST).read_bytes() == before
