@@ -491,7 +491,8 @@ class Registry(LoadedRegistry):
         """
         from cmtl.core.adapters import check_adapter_state, state_layers, state_targets
         from cmtl.errors import BackboneMismatchError, CorruptFileError, DataError
-        from cmtl.integrations.peft_folder import TASK, read_folder, spec_differences
+        from cmtl.core.heads import check_head_state
+        from cmtl.integrations.peft_folder import HEAD, TASK, read_folder, spec_differences
         from cmtl.training.evaluation import compute_metrics
         from cmtl.training.loop import TrainResult
         from cmtl.training.probe import probe_head
@@ -544,6 +545,14 @@ class Registry(LoadedRegistry):
             raise DataError(f"The adapter in {str(path)!r} does not fit this registry's backbone "
                             f"{self.backbone.config.name_or_path!r} (its base model: {folder.base_model!r}): "
                             f"{exc}") from None
+        if use_head:
+            try:
+                check_head_state(folder.head, TaskHead(self.backbone.hidden_size, spec.num_outputs), spec,
+                                 Path(path) / HEAD)
+            except CorruptFileError as exc:
+                raise DataError(f"{str(exc).removesuffix(' ' + STORED_FILE_FIX)} Put back the exported {TASK}, or "
+                                "pass a spec and labelled train data to fit a new head on the adapter's "
+                                "features.") from None
         if settings and train is None:
             raise BackboneMismatchError(
                 f"The head in {str(path)!r} reads features made with other backbone settings than this registry's "

@@ -362,3 +362,16 @@ def test_the_card_of_a_cut_backbone_loads_the_layers_the_registry_runs(tmp_path,
     with torch.no_grad():
         pooled = reg.backbone.pool(model(**batch).last_hidden_state, batch["attention_mask"])
     torch.testing.assert_close(pooled, reg.embed(TEXTS, "s"), rtol=1e-5, atol=1e-5)
+
+
+def test_a_head_that_does_not_fit_the_exported_labels_is_refused_in_words(reg, tmp_path):
+    """A label added to cmtl_task.json by hand: the two-output head met a three-label spec and torch's
+    'size mismatch' escaped from load_state_dict."""
+    out = reg.export_peft("sentiment", tmp_path / "export")
+    task = json.loads((out / TASK).read_text())
+    task["spec"]["labels"].append("neutral")
+    (out / TASK).write_text(json.dumps(task))
+    manifest = (reg.root / "registry.json").read_bytes()
+    with pytest.raises(DataError, match=r"cmtl_head.safetensors.*does not fit .*3 outputs.*data to fit a new head"):
+        reg.import_peft(out, name="copy")
+    assert (reg.root / "registry.json").read_bytes() == manifest and "copy" not in reg.tasks()
