@@ -108,9 +108,13 @@ def mmd_test(x: torch.Tensor, y: torch.Tensor, *, permutations: int, seed: int) 
     """(unbiased MMD², permutation p-value, bandwidth) of samples ``x`` (n, d) and ``y`` (m, d).
 
     Raises:
-        DataError: a row that is not finite: every statistic would be NaN, and the p-value the smallest.
+        DataError: fewer than 2 rows in a sample, or a row that is not finite: every statistic would be NaN,
+            and the p-value the smallest.
     """
     for name, sample in (("x", x), ("y", y)):
+        if len(sample) < 2:
+            raise DataError(f"mmd_test: {name} has {len(sample)} row(s); the unbiased MMD² needs at least 2 in "
+                            "each sample. Pass more rows.")
         bad = (~torch.isfinite(sample).reshape(len(sample), -1).all(1)).nonzero().flatten().tolist()
         if bad:
             raise DataError(f"mmd_test: row {bad[0]} of {name} is not finite (NaN or inf; rows {bad[:10]}): "

@@ -34,6 +34,15 @@ def test_mmd_is_deterministic_and_symmetric_in_its_statistic():
     assert mmd_test(x, y, permutations=100, seed=3)[0] == pytest.approx(mmd_test(y, x, permutations=100, seed=3)[0])
 
 
+def test_mmd_of_a_sample_under_two_rows_is_refused_not_reported_as_drift():
+    """The unbiased MMD² divides by n(n - 1): one row made it NaN, no permutation beat it, and the p-value came
+    out as the smallest possible, drift."""
+    x, y = gaussians(30, 0, 1), gaussians(30, 0, 2)
+    for a, b, what in ((x[:1], y, "x has 1 row"), (x, y[:1], "y has 1 row"), (x[:0], y, "x has 0 row")):
+        with pytest.raises(DataError, match=f"mmd_test: {what}"):
+            mmd_test(a, b, permutations=100, seed=0)
+
+
 def hashed_embed(texts: list[str]) -> torch.Tensor:
     """A stand-in encoder: bag of hashed words."""
     out = torch.zeros(len(texts), 64)
