@@ -109,6 +109,8 @@ BAD = {
     "UpdateConfig.penalty_weight": (UpdateConfig, {"penalty_weight": -1.0}, "penalty_weight", "UpdateConfig",
                                     "be >= 0 or None", -1.0),
     "UpdateConfig.temperature": (UpdateConfig, {"temperature": 0}, "temperature", "UpdateConfig", "be > 0", 0),
+    "UpdateConfig.fisher_examples": (UpdateConfig, {"fisher_examples": 0}, "fisher_examples", "UpdateConfig",
+                                     "be a positive integer", 0),
     "UpdateConfig.tolerance": (UpdateConfig, {"tolerance": -0.1}, "tolerance", "UpdateConfig", "be >= 0", -0.1),
     "UpdateConfig.validation_fraction": (UpdateConfig, {"validation_fraction": 1.0}, "validation_fraction",
                                          "UpdateConfig", "be in (0, 1)", 1.0),

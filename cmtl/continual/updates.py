@@ -71,6 +71,10 @@ class UpdateConfig:
                                                   self.penalty_weight))
         if not self.temperature > 0:
             raise InvalidParameterError(bad_param("temperature", "UpdateConfig", "be > 0", self.temperature))
+        if isinstance(self.fisher_examples, bool) or not isinstance(self.fisher_examples, int) or \
+                self.fisher_examples < 1:
+            raise InvalidParameterError(bad_param("fisher_examples", "UpdateConfig", "be a positive integer",
+                                                  self.fisher_examples))
         if not self.tolerance >= 0:
             raise InvalidParameterError(bad_param("tolerance", "UpdateConfig", "be >= 0", self.tolerance))
         if not 0 < self.validation_fraction < 1:
