@@ -10,6 +10,7 @@ of a version's lineage are the "old distribution" a candidate must not forget.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Literal, Sequence
 
@@ -61,8 +62,9 @@ class UpdateConfig:
     validation_fraction: float = 0.1
 
     def __post_init__(self) -> None:
-        if not self.replay_ratio >= 0:
-            raise InvalidParameterError(bad_param("replay_ratio", "UpdateConfig", "be >= 0", self.replay_ratio))
+        if not 0 <= self.replay_ratio < math.inf:
+            raise InvalidParameterError(bad_param("replay_ratio", "UpdateConfig", "be finite and >= 0",
+                                                  self.replay_ratio))
         if self.penalty not in ("none", "ewc", "lwf"):
             raise InvalidParameterError(bad_param("penalty", "UpdateConfig", "be one of ['none', 'ewc', 'lwf']",
                                                   self.penalty))
