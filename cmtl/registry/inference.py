@@ -167,8 +167,8 @@ class LoadedRegistry(RegistryReader):
         test then embeds each text with its pair. See :mod:`cmtl.monitoring.drift` for the test.
 
         Raises:
-            DataError: fewer texts than ``config.min_samples``, no reference sample, or pairs missing for
-                a task on text pairs (given for one on single texts).
+            DataError: fewer texts than ``config.min_samples``, no reference sample, pairs missing for
+                a task on text pairs (given for one on single texts), or ``reference_pairs`` without ``reference``.
         """
         with self._lock:  # one version's labels and probabilities, whatever another thread rolls back
             current = self._version(task, None)
@@ -177,6 +177,9 @@ class LoadedRegistry(RegistryReader):
         for name, value in (("text_pairs", text_pairs), ("reference_pairs", reference_pairs)):
             if value is not None and not paired:
                 raise DataError(f"Task {task!r} takes single texts, but {name} were given: leave them out.")
+        if reference is None and reference_pairs is not None:
+            raise DataError(f"reference_pairs were given without reference for task {task!r}: they pair with the "
+                            "reference texts. Pass reference=[...] as well, or leave both out to use the kept sample.")
         if paired and (text_pairs is None or (reference is not None and reference_pairs is None)):
             raise DataError(f"Task {task!r} takes text pairs: pass text_pairs=[...]"
                             f"{' and reference_pairs=[...]' if reference is not None else ''} as well.")

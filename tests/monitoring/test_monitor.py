@@ -155,5 +155,8 @@ def test_registry_monitor_of_a_pair_task_uses_the_kept_pairs(tmp_path, tiny_back
         reg.monitor("pair", texts)
     with pytest.raises(DataError, match="reference_pairs"):
         reg.monitor("pair", texts, ["x"] * 40, reference=texts)
+    # reference_pairs without reference: the kept sample's pairs silently replaced them.
+    with pytest.raises(DataError, match="reference_pairs were given without reference"):
+        reg.monitor("pair", texts, ["about the movie"] * 40, reference_pairs=["x y"] * 40)
     given = reg.monitor("pair", texts, ["about the movie"] * 40, reference=texts, reference_pairs=["x y"] * 40)
     assert given.drift and given.n_reference == 40
