@@ -124,7 +124,8 @@ class Gate:
             return True, (f"promoted: {m} on the new data {self.parent_new:.4f} -> {self.candidate_new:.4f}; "
                           "no held-out data of earlier versions to check forgetting against")
         drop = sign * (self.parent_old - self.candidate_old)
-        if drop > self.tolerance:
+        # Scores are rounded binary fractions: 0.90 - 0.89 is 0.010000000000000009, a drop the tolerance 0.01 allows.
+        if drop > self.tolerance and not math.isclose(drop, self.tolerance, rel_tol=1e-9, abs_tol=1e-12):
             return False, (f"not promoted: {m} on earlier data dropped by {drop:.4f} "
                            f"({self.parent_old:.4f} -> {self.candidate_old:.4f}), more than the tolerance "
                            f"{self.tolerance:.4f}")

@@ -58,6 +58,17 @@ def test_gate_decides_both_ways():
     assert not gate(0.4, 0.95, higher=False)[0]
 
 
+def test_a_drop_of_exactly_the_tolerance_is_promoted():
+    """0.90 - 0.89 is 0.010000000000000009 in floats: a drop of one accuracy point, which tolerance 0.01 allows, was
+    refused as "dropped by 0.0100, more than the tolerance 0.0100"."""
+    for parent, candidate in ((0.90, 0.89), (0.75, 0.74), (0.5, 0.49)):
+        promoted, reason = Gate("accuracy", True, 0.5, 0.6, parent, candidate, 0.01).decide()
+        assert promoted, reason
+    assert not Gate("accuracy", True, 0.5, 0.6, 0.90, 0.8899, 0.01).decide()[0]
+    assert Gate("mse", False, 0.5, 0.4, 0.2, 0.21, 0.01).decide()[0]  # 0.21 - 0.2 is 0.009999999999999981
+    assert not Gate("mse", False, 0.5, 0.4, 0.2, 0.2101, 0.01).decide()[0]
+
+
 def _halves(rows: list[dict], seed: int) -> tuple[list[dict], list[dict]]:
     """The rows that choose an update's kept state, and those that judge it (:func:`halves`)."""
     return tuple([rows[i] for i in part] for part in halves(len(rows), seed))
