@@ -141,7 +141,7 @@ def mmd_test(x: torch.Tensor, y: torch.Tensor, *, permutations: int, seed: int) 
     xy = (kx * in_y).sum(1) / (n * m)
     stats = xx + yy - 2 * xy
     observed = stats[0]
-    p_value = float((1 + (stats[1:] >= observed).sum()) / (permutations + 1))
+    p_value = (1 + int((stats[1:] >= observed).sum())) / (permutations + 1)  # in Python: a tensor divides in float32
     return float(observed), p_value, bandwidth
 
 

@@ -43,6 +43,16 @@ def test_mmd_of_a_sample_under_two_rows_is_refused_not_reported_as_drift():
             mmd_test(a, b, permutations=100, seed=0)
 
 
+def test_the_p_value_is_the_exact_fraction_not_a_float32_rounding():
+    """p = (1 + k) / (P + 1) was divided in float32: 1/101 came out 0.0099009899, and p = 2/200 = alpha = 0.01 came
+    out 0.0099999998 < alpha, reported as drift although drift needs p below alpha."""
+    _, p, _ = mmd_test(gaussians(30, 0, 1), gaussians(30, 2.0, 2), permutations=100, seed=0)
+    assert p == 1 / 101
+    for seed in range(5):
+        _, p, _ = mmd_test(gaussians(30, 0, seed), gaussians(30, 0, 100 + seed), permutations=199, seed=seed)
+        assert p == round(p * 200) / 200
+
+
 def hashed_embed(texts: list[str]) -> torch.Tensor:
     """A stand-in encoder: bag of hashed words."""
     out = torch.zeros(len(texts), 64)
