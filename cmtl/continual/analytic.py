@@ -36,7 +36,7 @@ from cmtl.continual.config import AnalyticConfig, AnalyticKind  # noqa: F401  (r
 from cmtl.core.backbone import Backbone
 from cmtl.core.tasks import TaskSpec
 from cmtl.data import Encoded
-from cmtl.errors import DataError, InvalidParameterError
+from cmtl.errors import DataError, InvalidParameterError, TrainingDivergedError
 from cmtl.training.evaluation import compute_metrics
 from cmtl.training.loop import TrainResult
 from cmtl.training.probe import pooled_features
@@ -82,6 +82,10 @@ class ClassStatistics:
             raise DataError(f"Class indices must lie in 0..{self.num_classes - 1}; got "
                             f"{targets.min().item()}..{targets.max().item()}. Grow the statistics first.")
         x = features.detach().to("cpu", torch.float64)
+        bad = (~torch.isfinite(x).all(1)).nonzero().flatten().tolist()
+        if bad:  # one NaN or inf row would make every statistic, and every later update of them, NaN
+            raise DataError(f"row {bad[0]} of the features is not finite (NaN or inf; {len(bad)} such rows): drop "
+                            "those rows or fix what produced them. Nothing was added.")
         self.counts += torch.bincount(targets, minlength=self.num_classes).to(torch.float64)
         self.sums.index_add_(0, targets, x)
         self.gram += x.T @ x
@@ -288,12 +292,12 @@ def fit_head(head: AnalyticHead, backbone: Backbone, spec: TaskSpec, train: Enco
     it, choosing λ and the scale on ``validation`` (λ = 1e-2 and scale 1 without). Returns what a
     training run would (no steps; the validation metrics and logits), for the version's record."""
     started = time.perf_counter()
-    features = pooled_features(backbone, train, batch_size)
+    features = _finite(pooled_features(backbone, train, batch_size), "training")
     head.update(features, train.targets)
     metrics: dict[str, float] = {}
     logits = None
     if validation is not None and len(validation):
-        held = pooled_features(backbone, validation, batch_size)
+        held = _finite(pooled_features(backbone, validation, batch_size), "validation")
         head.choose_ridge(held, validation.targets)
         head.calibrate(held, validation.targets)
         logits = head(held).float()
@@ -302,6 +306,21 @@ def fit_head(head: AnalyticHead, backbone: Backbone, spec: TaskSpec, train: Enco
         head.solve()
     return TrainResult(steps=0, seconds=time.perf_counter() - started, examples_seen=len(train), best_step=0,
                        best_metrics=metrics, validation_logits=logits)
+
+
+def _finite(features: torch.Tensor, what: str) -> torch.Tensor:
+    """``features``, if every row is finite.
+
+    Raises:
+        TrainingDivergedError: rows that are not (the adapter or backbone they pass through overflows).
+    """
+    bad = int((~torch.isfinite(features)).flatten(1).any(dim=1).sum())
+    if bad:
+        raise TrainingDivergedError(
+            f"{bad} of {len(features)} {what} rows have non-finite features (inf or nan), so no analytic head can be "
+            "computed from them: the adapter or backbone they pass through overflows (load the backbone in float32, "
+            "BackboneConfig(dtype='float32'), if it is in half precision).")
+    return features
 
 
 def computed_head(config: AnalyticConfig, backbone: Backbone, spec: TaskSpec, train: Encoded,

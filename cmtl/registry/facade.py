@@ -153,8 +153,8 @@ class Registry(LoadedRegistry):
                 ``head`` is not an AnalyticConfig, is given for a regression or multi-label task, or
                 reads the backbone's features while ``init`` names an adapter to start from.
             DataError: the data does not fit ``spec``; with an analytic ``head``, a label has no training rows.
-            TrainingDivergedError: the loss went non-finite, or the features a probe is fitted on did (an
-                ``init`` source that overflows); nothing was written.
+            TrainingDivergedError: the loss went non-finite, or the features a probe or an analytic head is fitted
+                on did (an ``init`` source or a backbone that overflows); nothing was written.
         """
         if not isinstance(spec, TaskSpec):
             raise InvalidParameterError(bad_param("spec", "add_task", "be a TaskSpec, e.g. TaskSpec(\"spam\", "
@@ -359,7 +359,8 @@ class Registry(LoadedRegistry):
             InvalidParameterError: ``labels`` leaves out a current label (labels cannot be removed),
                 repeats one, or the task is a regression; a penalty for a task whose head is analytic.
             CorruptFileError, ReplayBufferError: the current version's files are damaged.
-            TrainingDivergedError: the loss went non-finite; nothing was written.
+            TrainingDivergedError: the loss went non-finite, or the features an analytic head adds did; nothing
+                was written.
         """
         config = config or UpdateConfig()
         entry = self._entry(task)

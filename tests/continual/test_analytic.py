@@ -101,6 +101,12 @@ def test_bad_input_is_a_clear_error():
         head.update(torch.zeros(3, 8), torch.tensor([0, 1, 1]))
     with pytest.raises(DataError, match="2 targets for 3 rows"):
         head.update(torch.zeros(3, 16), torch.tensor([0, 1]))
+    # A NaN or inf row made every statistic NaN for good: each later update added to them, nothing recovered.
+    bad = torch.zeros(3, 16)
+    bad[1, 4] = math.inf
+    with pytest.raises(DataError, match=r"row 1 of the features is not finite"):
+        head.update(bad, torch.tensor([0, 1, 1]))
+    assert head.stats.rows == 0 and torch.isfinite(head.stats.gram).all()
     with pytest.raises(InvalidParameterError, match="kind"):
         AnalyticConfig(kind="lda")
     with pytest.raises(InvalidParameterError, match="projection"):

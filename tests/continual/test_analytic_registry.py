@@ -186,6 +186,25 @@ def test_a_label_without_training_rows_is_refused_and_writes_nothing(reg):
     assert reg.tasks() == [] and not (reg.root / "tasks" / "sentiment").exists()
 
 
+def test_features_that_overflow_are_refused_and_write_nothing(reg, monkeypatch):
+    """Non-finite pooled features (a half-precision backbone that overflows) went into the class statistics: the
+    head's weights came out NaN, and the stored statistics poisoned every later exact update."""
+    from cmtl.continual import analytic
+    from cmtl.errors import TrainingDivergedError
+
+    real = analytic.pooled_features
+
+    def overflowing(backbone, data, batch_size=64):
+        features = real(backbone, data, batch_size).clone()
+        features[2, 0] = float("inf")
+        return features
+
+    monkeypatch.setattr(analytic, "pooled_features", overflowing)
+    with pytest.raises(TrainingDivergedError, match="1 of 24 training rows have non-finite features"):
+        reg.add_task(SPEC, toy_sentiment(24), validation=toy_sentiment(8, 1), head=SMALL)
+    assert reg.tasks() == [] and not (reg.root / "tasks" / "sentiment").exists()
+
+
 @pytest.mark.parametrize(("spec", "head", "init", "match"), [
     (TaskSpec("score", problem_type="regression"), SMALL, None, "regression: an analytic head classifies"),
     (TaskSpec("tags", labels=["a", "b"], problem_type="multi_label"), SMALL, None, "multi_label"),
