@@ -195,7 +195,8 @@ OVERRIDES: dict[type, dict[str, typing.Any]] = {
 }
 #: Fields left at their default: another value would not survive to_dict (a function is recorded by its
 #: name) or would conflict with the other non-defaults (uncertainty weighting and an MT2ST schedule).
-KEEP_DEFAULT: dict[type, set[str]] = {MultiTaskConfig: {"sampling_schedule", "weighting"}}
+KEEP_DEFAULT: dict[type, set[str]] = {MultiTaskConfig: {"sampling_schedule", "weighting"},
+                                      UpdateConfig: {"temperature"}}  # LwF's; the other penalty is EWC
 
 
 def _other_value(cls: type, field: dataclasses.Field, hint: typing.Any) -> typing.Any:

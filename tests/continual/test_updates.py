@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 
 import pytest
@@ -275,6 +276,19 @@ def test_corrupt_buffer_file_is_refused(reg):
 def test_bad_update_configs(kwargs, match):
     with pytest.raises(ValueError, match=match):
         UpdateConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, ignored", [
+    ({"penalty_weight": 100.0}, "['penalty_weight']"),  # penalty='ewc' forgotten: trained with no penalty at all
+    ({"penalty": "ewc", "temperature": 4.0}, "['temperature']"),
+    ({"penalty": "lwf", "fisher_examples": 64}, "['fisher_examples']"),
+    ({"temperature": 4.0, "fisher_examples": 64}, "['temperature', 'fisher_examples']"),
+])
+def test_a_penalty_knob_the_penalty_never_reads_is_refused(kwargs, ignored):
+    with pytest.raises(ValueError, match=re.escape(f"{ignored} set, but penalty={kwargs.get('penalty', 'none')!r}")):
+        UpdateConfig(**kwargs)
+    UpdateConfig(penalty="ewc", penalty_weight=10.0, fisher_examples=64)  # what each penalty reads is fine
+    UpdateConfig(penalty="lwf", penalty_weight=2.0, temperature=4.0)
 
 
 def test_bad_memory_configs():
