@@ -113,6 +113,8 @@ def test_large_samples_are_subsampled():
 @pytest.mark.parametrize("kwargs, match", [
     ({"alpha": 0}, "alpha"), ({"permutations": 10}, "permutations"), ({"min_samples": 2}, "min_samples"),
     ({"max_samples": 10}, "max_samples"),
+    # were accepted, then torch refused them in the middle of check() with a raw RuntimeError or overflow
+    ({"seed": 1.5}, "seed"), ({"seed": 2**63}, "seed"), ({"seed": True}, "seed"),
 ])
 def test_bad_monitor_configs(kwargs, match):
     with pytest.raises(ValueError, match=match):
