@@ -73,19 +73,13 @@ class ClassStatistics:
 
     def update(self, features: torch.Tensor, targets: torch.Tensor) -> "ClassStatistics":
         """Add rows ``features`` (N, dim) with class indices ``targets`` (N,)."""
-        if features.ndim != 2 or features.shape[1] != self.dim:
-            raise DataError(f"Expected features of shape (N, {self.dim}); got {tuple(features.shape)}.")
+        x = check_features(features, self.dim)
         targets = torch.as_tensor(targets, dtype=torch.long).flatten()
         if len(targets) != len(features):
             raise DataError(f"{len(targets)} targets for {len(features)} rows.")
         if len(targets) and (targets.min() < 0 or targets.max() >= self.num_classes):
             raise DataError(f"Class indices must lie in 0..{self.num_classes - 1}; got "
                             f"{targets.min().item()}..{targets.max().item()}. Grow the statistics first.")
-        x = features.detach().to("cpu", torch.float64)
-        bad = (~torch.isfinite(x).all(1)).nonzero().flatten().tolist()
-        if bad:  # one NaN or inf row would make every statistic, and every later update of them, NaN
-            raise DataError(f"row {bad[0]} of the features is not finite (NaN or inf; {len(bad)} such rows): drop "
-                            "those rows or fix what produced them. Nothing was added.")
         self.counts += torch.bincount(targets, minlength=self.num_classes).to(torch.float64)
         self.sums.index_add_(0, targets, x)
         self.gram += x.T @ x
@@ -108,6 +102,23 @@ class ClassStatistics:
         stats = cls(sums.shape[1], sums.shape[0])
         stats.counts, stats.sums, stats.gram = (state[k].to(torch.float64).clone() for k in ("counts", "sums", "gram"))
         return stats
+
+
+def check_features(features: torch.Tensor, dim: int) -> torch.Tensor:
+    """``features`` as float64 on the CPU, if they are (N, ``dim``) and every row is finite.
+
+    Raises:
+        DataError: another shape, or a NaN or inf row (it would make every statistic, and every later
+            update of them, NaN).
+    """
+    if features.ndim != 2 or features.shape[1] != dim:
+        raise DataError(f"Expected features of shape (N, {dim}); got {tuple(features.shape)}.")
+    x = features.detach().to("cpu", torch.float64)
+    bad = (~torch.isfinite(x).all(1)).nonzero().flatten().tolist()
+    if bad:
+        raise DataError(f"row {bad[0]} of the features is not finite (NaN or inf; {len(bad)} such rows): drop "
+                        "those rows or fix what produced them. Nothing was added.")
+    return x
 
 
 def random_projection(dim: int, width: int, seed: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from cmtl.continual.analytic import AnalyticConfig, AnalyticHead
+from cmtl.continual.analytic import AnalyticConfig, AnalyticHead, check_features
 from cmtl.errors import DataError
 
 
@@ -35,6 +35,7 @@ class FeatureRouter:
         """Add training rows' features of ``task`` (a new task, or more rows of a known one)."""
         if not len(features):
             raise DataError(f"No rows to route to task {task!r}.")
+        check_features(features, self.dim)  # before the task is listed: a refused one leaves no trace
         if task not in self.tasks:
             self.tasks.append(task)
             if self._head is None:

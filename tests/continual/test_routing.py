@@ -38,3 +38,21 @@ def test_one_task_takes_every_row_and_no_task_is_an_error():
     assert router.route(torch.randn(3, 16)) == ["only"] * 3
     with pytest.raises(DataError, match="No rows"):
         router.add("empty", torch.zeros(0, 16))
+
+
+def test_rows_refused_for_a_new_task_leave_the_router_as_it_was():
+    """The task was listed (and the head grown) before its rows were checked: after the error, a router of one
+    such task sent every text to a task with no rows."""
+    router = FeatureRouter(16)
+    bad = torch.randn(4, 16)
+    bad[2, 3] = float("nan")
+    for rows, match in ((torch.randn(4, 8), r"shape \(N, 16\)"), (bad, "row 2 of the features is not finite")):
+        with pytest.raises(DataError, match=match):
+            router.add("a", rows)
+        assert router.tasks == []
+        with pytest.raises(DataError, match="no task yet"):
+            router.route(torch.zeros(1, 16))
+    router.add("b", torch.randn(5, 16))
+    with pytest.raises(DataError):
+        router.add("a", bad)
+    assert router.tasks == ["b"] and router.scores(torch.zeros(2, 16)).shape == (2, 1)
