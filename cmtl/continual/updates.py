@@ -68,11 +68,12 @@ class UpdateConfig:
         if self.penalty not in ("none", "ewc", "lwf"):
             raise InvalidParameterError(bad_param("penalty", "UpdateConfig", "be one of ['none', 'ewc', 'lwf']",
                                                   self.penalty))
-        if self.penalty_weight is not None and not self.penalty_weight >= 0:
-            raise InvalidParameterError(bad_param("penalty_weight", "UpdateConfig", "be >= 0 or None",
+        if self.penalty_weight is not None and not 0 <= self.penalty_weight < math.inf:
+            raise InvalidParameterError(bad_param("penalty_weight", "UpdateConfig", "be finite and >= 0, or None",
                                                   self.penalty_weight))
-        if not self.temperature > 0:
-            raise InvalidParameterError(bad_param("temperature", "UpdateConfig", "be > 0", self.temperature))
+        if not 0 < self.temperature < math.inf:
+            raise InvalidParameterError(bad_param("temperature", "UpdateConfig", "be finite and > 0",
+                                                  self.temperature))
         if isinstance(self.fisher_examples, bool) or not isinstance(self.fisher_examples, int) or \
                 self.fisher_examples < 1:
             raise InvalidParameterError(bad_param("fisher_examples", "UpdateConfig", "be a positive integer",

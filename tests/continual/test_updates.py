@@ -268,8 +268,11 @@ def test_corrupt_buffer_file_is_refused(reg):
 @pytest.mark.parametrize("kwargs, match", [
     ({"replay_ratio": -1}, "replay_ratio"), ({"penalty": "l2"}, "penalty"), ({"tolerance": -0.1}, "tolerance"),
     ({"validation_fraction": 1.0}, "validation_fraction"), ({"penalty_weight": -1.0}, "penalty_weight"),
-    # 0 gave EWC an all-zero Fisher (no penalty at all), -3 all rows but 3: both trained silently.
     ({"replay_ratio": float("inf")}, "replay_ratio"),  # was accepted, then round(inf) crashed the update
+    # were accepted, then the first step's loss was NaN (inf · 0), blamed on training as TrainingDivergedError
+    ({"penalty": "ewc", "penalty_weight": float("inf")}, "penalty_weight"),
+    ({"penalty": "lwf", "temperature": float("inf")}, "temperature"),
+    # 0 gave EWC an all-zero Fisher (no penalty at all), -3 all rows but 3: both trained silently.
     ({"fisher_examples": 0}, "fisher_examples"), ({"fisher_examples": -3}, "fisher_examples"),
     ({"fisher_examples": 2.5}, "fisher_examples"), ({"fisher_examples": True}, "fisher_examples"),
 ])
