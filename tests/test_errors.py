@@ -184,19 +184,22 @@ def test_every_validated_config_has_a_bad_input_case():
 
 #: Non-default values the field's type cannot suggest (a None default, a tuple, a name).
 OVERRIDES: dict[type, dict[str, typing.Any]] = {
-    TrainConfig: {"max_steps": 40, "eval_every": 5, "head_learning_rate": 3e-3, "probe_margin": 1.0},
+    TrainConfig: {"max_steps": 40, "eval_every": 5, "head_learning_rate": 3e-3, "probe_margin": 1.0,
+                  "ema_decay": 0.98},
     AdapterConfig: {"target_modules": ("value", "query"), "layers": (1, 0)},
     BackboneConfig: {"name_or_path": "/models/encoder", "num_hidden_layers": 2, "pooling": "last",
                      "dtype": "bfloat16"},
     UpdateConfig: {"penalty_weight": 5.0},
     MergeConfig: {"scale": 0.5, "rank": 4},
     TaskSpec: {"name": "topic-v2", "labels": ("x", "y", "z"), "text_pair_column": "pair"},
-    MultiTaskConfig: {"size_cap": 100, "weights": {"a": 2.0}, "primary": "a", "switch_step": 10, "tag_every": 5,
-                      "steps": 50, "eval_every": 10},
+    MultiTaskConfig: {"size_cap": 100, "weights": {"a": 2.0}, "primary": "a", "schedule": "switch",
+                      "switch_step": 10, "tag_every": 5, "steps": 50, "eval_every": 10},
 }
 #: Fields left at their default: another value would not survive to_dict (a function is recorded by its
-#: name) or would conflict with the other non-defaults (uncertainty weighting and an MT2ST schedule).
-KEEP_DEFAULT: dict[type, set[str]] = {MultiTaskConfig: {"sampling_schedule", "weighting"},
+#: name) or would conflict with the other non-defaults (uncertainty weighting and an MT2ST schedule; the knobs
+#: of the schedules other than Switch).
+KEEP_DEFAULT: dict[type, set[str]] = {MultiTaskConfig: {"sampling_schedule", "weighting", "eta", "nu",
+                                                        "switch_patience"},
                                       UpdateConfig: {"temperature"}}  # LwF's; the other penalty is EWC
 
 
