@@ -247,7 +247,7 @@ def train(
                 if average is not None:
                     with torch.no_grad():
                         for a, p in zip(average, params):
-                            a.lerp_(p, 1.0 - config.ema_decay)
+                            a.lerp_(p.detach().to(a.dtype), 1.0 - config.ema_decay)  # kept in float32
                 step += 1
                 seen += len(batch)
                 bar.update(1)

@@ -285,3 +285,13 @@ def test_a_running_average_is_scored_beside_the_trained_state_and_kept_when_bett
 def test_ema_decay_must_lie_between_zero_and_one(bad):
     with pytest.raises(ValueError, match="ema_decay"):
         TrainConfig(ema_decay=bad)
+
+
+def test_the_running_average_of_half_precision_parameters_is_kept_in_float32():
+    value = torch.nn.Parameter(torch.tensor([0.0], dtype=torch.bfloat16))
+    forward = lambda inputs: value.float().expand(inputs["input_ids"].shape[0], 1)  # noqa: E731
+    config = TrainConfig(epochs=2, batch_size=4, learning_rate=0.05, warmup_ratio=0.0, eval_every=4, patience=None,
+                         ema_decay=0.9, progress=False)
+    result = train(forward, [value], lambda _: None, REG, ONES, ONES, config, pad_id=0, device=CPU)
+    assert [("averaged" in h) for h in result.history] == [False, True, False, True]
+    assert value.dtype == torch.bfloat16 and 0.0 < value.item() < 1.0
