@@ -227,7 +227,8 @@ class TaskSpec:
             raise DataError(
                 f"Labels {', '.join(sorted(unknown)[:10])} in the data of task {self.name!r} are not in its label set "
                 f"{None if self.labels is None else list(self.labels)} ({hint}). Fix the data or declare the labels "
-                "in the TaskSpec."
+                "in the TaskSpec; to add labels to a task in a registry, update it with the new ones "
+                "(update_task(..., labels=[...current labels, ...new ones]), `cmtl update --labels`)."
             )
         return out
 
