@@ -1,4 +1,4 @@
-"""What the config dataclasses share when they are read back from a stored dict."""
+"""What the config dataclasses share: reading them back from a stored dict, and refusing settings they ignore."""
 
 from __future__ import annotations
 
@@ -11,3 +11,19 @@ def known_keys(cls: type, d: dict[str, Any]) -> dict[str, Any]:
     may hold keys this one does not know (the manifest check reports those, see cmtl.registry.manifest)."""
     names = {f.name for f in fields(cls)}
     return {k: v for k, v in d.items() if k in names}
+
+
+def refuse_unread(config: Any, choice: str, reads: dict[str, tuple[str, ...]]) -> None:
+    """Refuse fields of ``config`` set away from their default that its field ``choice`` (a mode such as a
+    schedule or a penalty) never reads under the value chosen: they would train as if unset, silently.
+    ``reads``: field -> the values of ``choice`` that read it."""
+    chosen = getattr(config, choice)
+    defaults = {f.name: f.default for f in fields(config)}
+    ignored = [k for k, users in reads.items() if chosen not in users and getattr(config, k) != defaults[k]]
+    if ignored:
+        used = sorted(k for k, users in reads.items() if chosen in users)
+        applies = "; ".join(f"{k} to {', '.join(repr(u) for u in users)}" for k, users in reads.items())
+        them = "them" if len(ignored) > 1 else "it"
+        raise ValueError(f"{ignored} set, but {choice}={chosen!r} does not read {them}: it would be ignored. "
+                         + (f"This {choice} reads {used}. " if used else "")
+                         + f"What applies where: {applies}. Leave the others out or pick the {choice} they belong to.")

@@ -16,6 +16,7 @@ from typing import Any, Callable, Literal, Sequence
 
 import torch
 
+from cmtl._config import refuse_unread
 from cmtl.continual.analytic import AnalyticHead, fit_head
 from cmtl.continual.config import MemoryConfig  # noqa: F401  (re-exported)
 from cmtl.continual.penalties import distillation_loss, ewc_term, fisher_diagonal
@@ -83,14 +84,8 @@ class UpdateConfig:
         if not 0 < self.validation_fraction < 1:
             raise InvalidParameterError(bad_param("validation_fraction", "UpdateConfig", "be in (0, 1)",
                                                   self.validation_fraction))
-        reads = {"penalty_weight": ("ewc", "lwf"), "temperature": ("lwf",), "fisher_examples": ("ewc",)}
-        ignored = [k for k, penalties in reads.items()
-                   if self.penalty not in penalties and getattr(self, k) != self.__dataclass_fields__[k].default]
-        if ignored:
-            raise ValueError(f"{ignored} set, but penalty={self.penalty!r} does not read "
-                             f"{'them' if len(ignored) > 1 else 'it'}: it would be ignored. penalty_weight applies "
-                             "to 'ewc' and 'lwf', temperature to 'lwf', fisher_examples to 'ewc'. Leave the others "
-                             "out or pick the penalty they belong to.")
+        refuse_unread(self, "penalty", {"penalty_weight": ("ewc", "lwf"), "temperature": ("lwf",),
+                                        "fisher_examples": ("ewc",)})
 
     @property
     def weight(self) -> float:

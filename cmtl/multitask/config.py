@@ -6,6 +6,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Literal, Sequence
 
+from cmtl._config import refuse_unread
 from cmtl.errors import InvalidParameterError, bad_param
 from cmtl.multitask.schedules import Sampler, diminish, switch
 
@@ -128,18 +129,9 @@ class MultiTaskConfig:
                 if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
                         or v < 0 or (positive and v == 0)):
                     raise InvalidParameterError(bad_param(name, "MultiTaskConfig", must, v))
-        reads = {"gamma0": ("diminish", "switch", "adaptive_switch"), "eta": ("diminish",), "nu": ("diminish",),
-                 "switch_step": ("switch",), "switch_patience": ("adaptive_switch",)}
-        ignored = [k for k, schedules in reads.items()
-                   if self.schedule not in schedules and getattr(self, k) != self.__dataclass_fields__[k].default]
-        if ignored:
-            used = {k for k, schedules in reads.items() if self.schedule in schedules}
-            raise ValueError(f"{ignored} set, but schedule={self.schedule!r} does not read "
-                             f"{'them' if len(ignored) > 1 else 'it'}: it would be ignored. "
-                             + (f"This schedule reads {sorted(used)}; " if used else "")
-                             + "gamma0 applies to 'diminish', 'switch' and 'adaptive_switch', eta and nu to "
-                             "'diminish', switch_step to 'switch', switch_patience to 'adaptive_switch'. "
-                             "Leave the others out or pick the schedule they belong to.")
+        refuse_unread(self, "schedule", {"gamma0": ("diminish", "switch", "adaptive_switch"), "eta": ("diminish",),
+                                         "nu": ("diminish",), "switch_step": ("switch",),
+                                         "switch_patience": ("adaptive_switch",)})
 
     def _per_task(self, name: str, knob: str) -> float:
         """Knob ``knob`` (gamma0, eta, nu) for task ``name``: its dict's entry, else the knob's default."""
