@@ -190,7 +190,7 @@ OVERRIDES: dict[type, dict[str, typing.Any]] = {
     BackboneConfig: {"name_or_path": "/models/encoder", "num_hidden_layers": 2, "pooling": "last",
                      "dtype": "bfloat16"},
     UpdateConfig: {"penalty_weight": 5.0},
-    MergeConfig: {"scale": 0.5, "rank": 4},
+    MergeConfig: {"scale": 0.5, "rank": 4, "method": "dare_ties"},  # reads both density and drop
     TaskSpec: {"name": "topic-v2", "labels": ("x", "y", "z"), "text_pair_column": "pair"},
     MultiTaskConfig: {"size_cap": 100, "weights": {"a": 2.0}, "primary": "a", "schedule": "switch",
                       "switch_step": 10, "tag_every": 5, "steps": 50, "eval_every": 10},

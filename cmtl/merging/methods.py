@@ -22,11 +22,12 @@ baseline these are measured against.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, Sequence
 
 import torch
 
+from cmtl._config import refuse_unread
 from cmtl.core.adapters import lora_factors, lora_state
 from cmtl.errors import InvalidParameterError, bad_param
 from cmtl.training.probe import refit_head  # noqa: F401  (re-exported: cmtl.merging.refit_head)
@@ -36,6 +37,10 @@ METHODS: tuple[str, ...] = ("linear", "ties", "dare", "dare_ties")
 # peft's LoraModel.add_weighted_adapter, for comparison: it merges A and B separately (non-SVD types) or takes
 # an SVD of the weighted sum at the adapters' rank (``*_svd``).
 PEFT_METHODS: tuple[str, ...] = ("peft_linear", "peft_ties", "peft_dare_ties", "peft_ties_svd")
+READS: dict[str, tuple[str, ...]] = {  # knob -> the methods that read it (the rest would ignore it)
+    "density": ("ties", "dare_ties", "peft_ties", "peft_ties_svd"),
+    "drop": ("dare", "dare_ties", "peft_dare_ties"),
+}
 
 
 #: Default bound of ``MergeConfig(rank="auto")``: relative reconstruction error per module.
@@ -128,6 +133,18 @@ class MergeConfig:
         if not 0 < self.rank_tolerance < 1:
             raise InvalidParameterError(bad_param("rank_tolerance", "MergeConfig", "be in (0, 1)",
                                                   self.rank_tolerance))
+        refuse_unread(self, "method", READS)
+
+    def refuse_searched(self) -> None:
+        """Refuse knobs set away from their defaults that a search (``Registry.merge(search=True)``) chooses
+        itself: the grid would overwrite them, silently."""
+        defaults = {f.name: f.default for f in fields(self)}
+        chosen = ["scale"] + [k for k, users in READS.items() if self.method in users]
+        kept = [k for k in chosen if getattr(self, k) != defaults[k]]
+        if kept:
+            raise ValueError(f"{kept} set, but search=True chooses {chosen} for method={self.method!r} itself and "
+                             "would overwrite them. Leave them out to let the search choose, or merge with your "
+                             "values and search=False (CLI: without --search).")
 
     def resolved_scale(self, n: int) -> float:
         if self.scale is not None:

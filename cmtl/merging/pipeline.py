@@ -26,7 +26,7 @@ from cmtl.core.heads import TaskHead
 from cmtl.core.tasks import TaskSpec
 from cmtl.data import Encoded, Examples, seeded_order
 from cmtl.errors import DataError, MergeRefusedError
-from cmtl.merging.methods import MergeConfig, lora_deltas, merge_deltas, to_lora_state
+from cmtl.merging.methods import READS, MergeConfig, lora_deltas, merge_deltas, to_lora_state
 from cmtl.merging.scoring import Evaluation, Scorer, TaskRows, primary_score, rungs, split_holdout
 from cmtl.training.evaluation import primary_metric
 from cmtl.training.loop import seeded
@@ -296,8 +296,8 @@ def search_grid(config: MergeConfig) -> list[MergeConfig]:
         scales = [0.2, 0.4, 0.6, 0.8, 1.0]
     else:
         scales = [0.6, 1.0, 1.5, 2.0]
-    densities = [0.1, 0.2, 0.5] if method in ("ties", "ties_svd") or config.method == "dare_ties" else [config.density]
-    drops = [0.5, 0.9] if method in ("dare", "dare_ties") else [config.drop]
+    densities = [0.1, 0.2, 0.5] if config.method in READS["density"] else [config.density]
+    drops = [0.5, 0.9] if config.method in READS["drop"] else [config.drop]
     return [dataclasses.replace(config, scale=s, density=k, drop=p) for s in scales for k in densities for p in drops]
 
 

@@ -625,8 +625,9 @@ class Registry(LoadedRegistry):
             The merged entry's record (members, knobs, reconstruction error, scores, search trials).
 
         Raises:
-            ValueError: fewer than two members, a member twice, a taken or bad name, out-of-range knobs,
-                or adapters on different modules.
+            ValueError: fewer than two members, a member twice, a taken or bad name, out-of-range knobs, a
+                knob the method never reads or (with ``search``) one the search would choose, or adapters on
+                different modules.
             TaskNotFoundError: an unknown task or version.
             MergeRefusedError: ``require_gain`` and the merge does not beat the frozen backbone.
             TrainingDivergedError: the merged adapter's features, which ``refit_heads`` fits heads on, are not
@@ -639,6 +640,8 @@ class Registry(LoadedRegistry):
         config = config or MergeConfig()
         if method is not None:
             config = dataclasses.replace(config, method=method)
+        if search:
+            config.refuse_searched()
         self._check_new_entry(name, "Merge")
         pairs = [(m, self._entry(m)["current"]) if isinstance(m, str) else (m[0], int(m[1])) for m in members]
         if len(pairs) < 2:

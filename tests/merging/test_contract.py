@@ -12,9 +12,15 @@ import torch
 
 from cmtl import AdapterConfig, BackboneConfig, Registry, TaskSpec, TrainConfig
 from cmtl.merging import METHODS, PEFT_METHODS, MergeConfig, merge_deltas
+from cmtl.merging.methods import READS
 from tests.conftest import toy_sentiment
 
 TEXTS = ["a great film", "an awful film", "the plot and acting"]
+
+
+def knobs(method: str, **kwargs) -> MergeConfig:
+    """``method``'s config; the methods that read ``drop`` (DARE's) are given 0.5, the others no drop at all."""
+    return MergeConfig(method=method, **({"drop": 0.5} if method in READS["drop"] else {}), **kwargs)
 
 
 def deltas(seed: int, modules=("q", "v", "k")) -> dict[str, torch.Tensor]:
@@ -27,7 +33,7 @@ def deltas(seed: int, modules=("q", "v", "k")) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("method", METHODS)
 def test_merged_deltas_keep_modules_shapes_and_are_finite(method):
-    merged = merge_deltas([deltas(0), deltas(1), deltas(2)], MergeConfig(method=method, drop=0.5))
+    merged = merge_deltas([deltas(0), deltas(1), deltas(2)], knobs(method))
     assert sorted(merged) == ["k", "q", "v"]
     for m, d in merged.items():
         assert d.shape == (6, 5) and d.dtype == torch.float64 and torch.isfinite(d).all(), m
@@ -36,22 +42,22 @@ def test_merged_deltas_keep_modules_shapes_and_are_finite(method):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_same_config_same_merge_whatever_the_module_order(method):
-    config = MergeConfig(method=method, drop=0.5, seed=3)
+    config = knobs(method, seed=3)
     a, b = deltas(0), deltas(1)
     first = merge_deltas([a, b], config)
     shuffled = [dict(random.Random(i).sample(list(d.items()), len(d))) for i, d in enumerate((a, b))]
     for m, d in merge_deltas(shuffled, config).items():
         torch.testing.assert_close(d, first[m], rtol=0, atol=0)
     if method.startswith("dare"):  # the seed is what fixes DARE's drops
-        other = merge_deltas([a, b], MergeConfig(method=method, drop=0.5, seed=4))
+        other = merge_deltas([a, b], knobs(method, seed=4))
         assert not torch.equal(other["q"], first["q"])
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_scale_multiplies_the_merged_delta(method):
     a, b = deltas(0), deltas(1)
-    one = merge_deltas([a, b], MergeConfig(method=method, scale=1.0, drop=0.5))
-    three = merge_deltas([a, b], MergeConfig(method=method, scale=3.0, drop=0.5))
+    one = merge_deltas([a, b], knobs(method, scale=1.0))
+    three = merge_deltas([a, b], knobs(method, scale=3.0))
     for m in one:
         torch.testing.assert_close(three[m], 3.0 * one[m])
 
@@ -59,7 +65,7 @@ def test_scale_multiplies_the_merged_delta(method):
 @pytest.mark.parametrize("method", METHODS)
 def test_zero_deltas_merge_to_zero(method):
     zero = {m: torch.zeros_like(d) for m, d in deltas(0).items()}
-    for d in merge_deltas([zero, zero], MergeConfig(method=method, drop=0.5)).values():
+    for d in merge_deltas([zero, zero], knobs(method)).values():
         assert torch.equal(d, torch.zeros_like(d))
 
 

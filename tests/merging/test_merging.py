@@ -143,6 +143,26 @@ def test_bad_merge_configs(kwargs, match):
         MergeConfig(**kwargs)
 
 
+@pytest.mark.parametrize("kwargs, ignored", [
+    ({"method": "linear", "density": 0.5}, "density"), ({"method": "dare", "density": 0.5}, "density"),
+    ({"method": "peft_dare_ties", "density": 0.5}, "density"),  # peft's DARE-TIES keeps 1 - drop, no trim
+    ({"method": "ties", "drop": 0.5}, "drop"), ({"method": "linear", "drop": 0.5}, "drop"),
+    ({"method": "peft_ties_svd", "drop": 0.5}, "drop"),
+])
+def test_a_knob_the_method_never_reads_is_refused_not_ignored(kwargs, ignored):
+    with pytest.raises(ValueError, match=rf"\['{ignored}'\] set, but method={kwargs['method']!r} does not read it"):
+        MergeConfig(**kwargs)
+
+
+def test_the_knobs_each_method_reads_are_accepted():
+    for method in ("ties", "peft_ties", "peft_ties_svd"):
+        assert MergeConfig(method=method, density=0.5).density == 0.5
+    for method in ("dare", "peft_dare_ties"):
+        assert MergeConfig(method=method, drop=0.5).drop == 0.5
+    assert (MergeConfig(method="dare_ties", density=0.5, drop=0.5).density, 0.5) == (0.5, 0.5)
+    assert MergeConfig(method="linear", scale=0.5).scale == 0.5
+
+
 def test_merge_deltas_rejects_mismatches():
     a = {"m": T([1.0])}
     with pytest.raises(ValueError, match="at least two"):
@@ -222,6 +242,21 @@ def test_merge_search_and_soup(merge_reg):
     soup = reg.merge([("b", 1), ("b", 2)], "b-soup", "linear", config=MergeConfig(rank=4))
     assert soup["tasks"] == ["b"] and soup["adapter"]["r"] == 4 and soup["reconstruction_error"]["max"] > 0
     assert reg.predict("b", ["a charming plot"], merge="b-soup")[0] in ("neg", "pos")
+
+
+@pytest.mark.parametrize("method, knobs", [
+    ("ties", {"scale": 1.0}), ("ties", {"density": 0.5}), ("dare", {"drop": 0.5}), ("linear", {"scale": 0.3}),
+])
+def test_a_search_refuses_knobs_it_would_overwrite_and_writes_nothing(merge_reg, method, knobs):
+    before = (merge_reg.root / MANIFEST).read_bytes()
+    with pytest.raises(ValueError, match=rf"search=True chooses .*{next(iter(knobs))}.* search=False"):
+        merge_reg.merge(["a", "b"], "x", method, search=True, config=MergeConfig(method=method, **knobs))
+    assert (merge_reg.root / MANIFEST).read_bytes() == before and "x" not in merge_reg.merges()
+
+
+def test_a_method_override_refuses_knobs_the_new_method_never_reads(merge_reg):
+    with pytest.raises(ValueError, match="method='linear' does not read it"):
+        merge_reg.merge(["a", "b"], "x", "linear", config=MergeConfig(density=0.5))
 
 
 @pytest.mark.parametrize("members, name, match", [
