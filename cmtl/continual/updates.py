@@ -26,6 +26,7 @@ from cmtl.core.backbone import Backbone
 from cmtl.core.heads import TaskHead
 from cmtl.core.tasks import MASKED_LOGIT, TaskSpec
 from cmtl.data import Encoded, Examples, read_examples, seeded_order
+from cmtl.data.examples import warn_shared
 from cmtl.errors import DataError, InvalidParameterError, bad_param
 from cmtl.training.evaluation import compute_metrics, primary_metric
 from cmtl.training.loop import TrainConfig, TrainResult
@@ -201,6 +202,11 @@ def update_data(spec: TaskSpec, train: Any, validation: Any, *, config: UpdateCo
             raise DataError(f"Task {spec.name!r}: an update needs at least 2 validation examples, got {len(val)}: "
                             "half choose the candidate's kept state, the other half judge it against the current "
                             "version. Pass more validation data, or none to hold out a share of the new data.")
+        warn_shared(new, val, "validation rows", spec.name, "the kept state and the gate's new-data score are",
+                    stacklevel=4)  # the user's update_task
+    if held is not None and len(held):
+        warn_shared(new, held, "old held-out rows", spec.name, "the gate's check that earlier data did not drop is",
+                    stacklevel=4)
     new_enc, val_enc = encode(new), encode(val)  # DataError on unknown labels
     n_replay = round(config.replay_ratio * len(new))
     replayed = (stored(spec, buffer.to_examples()).select(sample_indices(len(buffer), n_replay, training.seed))
@@ -410,13 +416,31 @@ def gate_scores(spec: TaskSpec, logits: torch.Tensor, encoded: Encoded, n_new: i
 
 def split(examples: Examples, fraction: float, seed: int, task: str) -> tuple[Examples, Examples]:
     """(train, held out): ``fraction`` of ``examples`` held out (at least 2 rows: see :func:`halves`), seeded;
-    order kept within each part."""
+    order kept within each part. Copies of one input (text and second text) stay on one side, so validation
+    never scores what training saw. Inputs are drawn in a seeded order, each with all its copies, while they
+    fit in the share; if that falls short, the next ones in the order are taken whole. Without copies this is
+    the plain seeded split."""
     n_val = max(2, round(len(examples) * fraction))
     if len(examples) - n_val < 1:
         raise DataError(f"Task {task!r}: {len(examples)} new example(s) are too few to hold 2 out for "
                         "validation (half choose the kept state, half judge it); pass validation=... or more data.")
-    order = seeded_order(len(examples), seed)
-    return examples.select(sorted(order[n_val:])), examples.select(sorted(order[:n_val]))
+    copies: dict[tuple[str, str | None], list[int]] = {}
+    for i, key in enumerate(examples.inputs()):
+        copies.setdefault(key, []).append(i)
+    groups, order = list(copies.values()), seeded_order(len(copies), seed)
+    held: list[int] = []
+    taken: set[int] = set()
+    for fits in (True, False):  # inputs whose copies fit in the share first, then (if short) the others
+        for g in order:
+            if len(held) < n_val and g not in taken and (len(held) + len(groups[g]) <= n_val or not fits):
+                held += groups[g]
+                taken.add(g)
+    if len(held) == len(examples):
+        raise DataError(f"Task {task!r}: the {len(examples)} example(s) hold only {len(groups)} distinct input(s), "
+                        "so no share of them can be held out without its copies staying in training; pass "
+                        "validation=... or more varied data.")
+    out = set(held)
+    return examples.select([i for i in range(len(examples)) if i not in out]), examples.select(sorted(held))
 
 
 def sample_indices(n: int, k: int, seed: int) -> list[int]:

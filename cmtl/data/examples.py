@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -57,6 +58,29 @@ class Examples:
     def select(self, indices: Sequence[int]) -> "Examples":
         pick = lambda xs: None if xs is None else [xs[i] for i in indices]  # noqa: E731
         return Examples([self.texts[i] for i in indices], pick(self.pairs), pick(self.labels))
+
+    def inputs(self) -> list[tuple[str, str | None]]:
+        """What the model reads of each row: its text and second text (``None`` without pairs)."""
+        return list(zip(self.texts, self.pairs if self.pairs is not None else [None] * len(self.texts)))
+
+
+def shared_inputs(train: Examples, other: Examples) -> list[int]:
+    """Rows of ``other`` whose input (text, and second text of a pair) is also an input of ``train``."""
+    seen = set(train.inputs())
+    return [i for i, key in enumerate(other.inputs()) if key in seen]
+
+
+def warn_shared(train: Examples, other: Examples, what: str, task: str, consequence: str, *, stacklevel: int = 3
+                ) -> None:
+    """Warn when rows of ``other`` (``what``: e.g. "validation rows") are inputs of ``train`` as well: scored
+    there, the model is asked what it was trained on, and the score is optimistic. ``stacklevel``: that of
+    the user's call (3 when the caller of this function is the public method)."""
+    rows = shared_inputs(train, other)
+    if rows:
+        warnings.warn(f"Task {task!r}: {len(rows)} of {len(other)} {what} ({100 * len(rows) / len(other):.0f} %) "
+                      f"are also in the training data, e.g. {other.texts[rows[0]][:60]!r}: scores on them measure "
+                      f"what training memorised, so {consequence} optimistic. Remove them from one side.",
+                      UserWarning, stacklevel=stacklevel)
 
 
 @dataclass

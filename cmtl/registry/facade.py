@@ -34,6 +34,7 @@ from cmtl.core.backbone import Backbone, BackboneConfig, load_backbone
 from cmtl.core.heads import TaskHead
 from cmtl.core.tasks import TaskSpec
 from cmtl.data import Encoded, Examples, read_examples, spec_for_data
+from cmtl.data.examples import warn_shared
 from cmtl.errors import (STORED_FILE_FIX, CorruptFileError, InvalidParameterError, RegistryError,
                          TaskExistsError, TrainingDivergedError, bad_param)
 from cmtl.merging import pipeline
@@ -176,6 +177,9 @@ class Registry(LoadedRegistry):
         adapter, training, memory = adapter or AdapterConfig(), training or TrainConfig(), memory or MemoryConfig()
         train_ex = read_examples(train, spec)
         val_ex = read_examples(validation, spec) if validation is not None else None
+        if val_ex is not None:
+            warn_shared(train_ex, val_ex, "validation rows", spec.name, "early stopping's choice and the "
+                        "version's validation scores are")
         if val_ex is None and training.validation_fraction > 0 and len(train_ex) > 1:
             train_ex, val_ex = updates.split(train_ex, training.validation_fraction, training.seed, spec.name)
         train_enc = self._encode(train_ex, spec)

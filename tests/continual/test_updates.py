@@ -338,8 +338,9 @@ def test_ewc_leaves_the_rows_an_update_adds_for_new_labels_free(reg, monkeypatch
     seen = {}
     real = updates.fisher_diagonal
     monkeypatch.setattr(updates, "fisher_diagonal", lambda *a, **k: seen.setdefault("anchor", real(*a, **k)))
-    grown = toy_sentiment(16, 5) + [{"text": f"a neutral okay fine thing {i}", "label": "neu"} for i in range(8)]
-    reg.update_task("sentiment", grown, grown[:4] + grown[-4:], labels=["neg", "pos", "neu"],
+    neutral = [{"text": f"a neutral okay fine thing {i}", "label": "neu"} for i in range(12)]
+    grown, validation = toy_sentiment(16, 5) + neutral[:8], toy_sentiment(4, 6) + neutral[8:]
+    reg.update_task("sentiment", grown, validation, labels=["neg", "pos", "neu"],
                     training=dataclasses.replace(UPDATE, epochs=1), config=UpdateConfig(penalty="ewc"))
     fisher, _ = seen["anchor"]
     weight, bias = (next(f for f in fisher if f.dim() == dim and f.shape[0] == 3) for dim in (2, 1))

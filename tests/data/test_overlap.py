@@ -1,0 +1,71 @@
+"""Validation that shares inputs with training scores what training memorised: held-out splits keep copies of
+one input on one side, and validation data given with rows of the training data is reported."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from cmtl import Registry, TaskSpec, TrainConfig
+from cmtl.continual.updates import split
+from cmtl.data import Examples, seeded_order
+from cmtl.data.examples import shared_inputs
+from tests.conftest import toy_sentiment
+
+QUICK = TrainConfig(max_steps=2, progress=False)
+
+
+def _rows(texts: list[str], pairs: list[str] | None = None) -> Examples:
+    return Examples(texts, pairs, ["pos" if i % 2 else "neg" for i in range(len(texts))])
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_held_out_split_keeps_every_copy_of_an_input_on_one_side(seed):
+    texts = [f"text {i % 7}" for i in range(30)] + [f"alone {i}" for i in range(10)]  # 7 inputs 4-5 times each
+    train, held = split(_rows(texts), 0.2, seed, "t")
+    assert not set(train.texts) & set(held.texts)
+    assert len(train) + len(held) == 40 and len(held) >= 8  # at least the share asked for
+
+
+def test_a_pair_is_one_input_with_its_second_text():
+    texts, pairs = ["q"] * 6, ["a", "b", "c", "a", "b", "c"]
+    for seed in range(10):
+        train, held = split(_rows(texts, pairs), 0.3, seed, "t")
+        assert not set(train.pairs) & set(held.pairs)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_distinct_inputs_split_as_before(seed):
+    """Without copies the split is the plain seeded one, so every held-out sample measured before is unchanged."""
+    examples = _rows([f"text {i}" for i in range(50)])
+    order = seeded_order(50, seed)
+    train, held = split(examples, 0.2, seed, "t")
+    assert held.texts == [examples.texts[i] for i in sorted(order[:10])]
+    assert train.texts == [examples.texts[i] for i in sorted(order[10:])]
+
+
+def test_shared_inputs_counts_validation_rows_seen_in_training():
+    train, val = _rows(["a", "b", "c"]), _rows(["b", "d", "b", "a"])
+    assert shared_inputs(train, val) == [0, 2, 3]
+    assert shared_inputs(_rows(["a"], ["x"]), _rows(["a", "a"], ["y", "x"])) == [1]  # the pair is part of it
+
+
+def test_add_task_reports_validation_rows_that_are_training_rows(tmp_path, tiny_config):
+    reg = Registry.create(tmp_path / "r", tiny_config, device="cpu")
+    train = toy_sentiment(24)
+    with pytest.warns(UserWarning, match=r"3 of 10 validation rows \(30 %\) are also in the training data"):
+        reg.add_task(TaskSpec("t", labels=["neg", "pos"]), train=train, validation=train[:3] + toy_sentiment(7, 1),
+                     training=QUICK)
+
+
+def test_updates_report_validation_and_old_held_out_rows_that_are_training_rows(tmp_path, sentiment_registry):
+    shutil.copytree(sentiment_registry, tmp_path / "reg")
+    reg = Registry.open(tmp_path / "reg", device="cpu")
+    new = toy_sentiment(20, 5)
+    with pytest.warns(UserWarning, match=r"2 of 6 validation rows \(33 %\) are also in the training data"):
+        reg.update_task("sentiment", new, validation=new[:2] + toy_sentiment(4, 6), training=QUICK)
+    old = reg.holdout("sentiment", 1)
+    rows = [{"text": t, "label": label} for t, label in zip(old.texts[:3], old.labels[:3])]
+    with pytest.warns(UserWarning, match=r"3 of \d+ old held-out rows .* are also in the training data"):
+        reg.update_task("sentiment", new + rows, validation=toy_sentiment(6, 7), training=QUICK)
