@@ -304,6 +304,7 @@ def _decode_error(path: Path, encoding: str | None, exc: UnicodeDecodeError) -> 
 
 
 _INTEGER = re.compile(r"[+-]?[0-9]+")
+_NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")  # what pandas reads as a number
 
 
 def read_examples(data: Any, spec: TaskSpec, *, labelled: bool = True, encoding: str | None = None) -> Examples:
@@ -313,9 +314,9 @@ def read_examples(data: Any, spec: TaskSpec, *, labelled: bool = True, encoding:
     row; regression: the numbers), by the rule documented on :class:`~cmtl.core.tasks.TaskSpec`:
     a ``datasets.ClassLabel`` column by its names; strings as names; other integers by
     value, or as positions when ``spec.label_encoding == "index"``. A CSV/TSV stores no
-    types, so (for a task with labels) a label column that holds only integer literals is
-    read as integers, as pandas would read it: the same rows give the same labels from
-    every source.
+    types, so (for a task with labels) a label column that holds only number literals is
+    read as numbers, as pandas would read it (``1.0`` is the number 1): the same rows give
+    the same labels from every source.
 
     Args:
         data: A ``datasets.Dataset``, a pandas DataFrame, a path to a .csv/.tsv/.jsonl/
@@ -351,8 +352,8 @@ def read_examples(data: Any, spec: TaskSpec, *, labelled: bool = True, encoding:
         if bad:
             raise DataError(f"Column {spec.label_column!r} has missing labels at rows {bad[:10]}.")
         if (table.untyped and spec.labels is not None and spec.problem_type == "single_label"
-                and all(_INTEGER.fullmatch(v) for v in labels)):
-            labels = [int(v) for v in labels]
+                and all(_NUMBER.fullmatch(v) for v in labels)):
+            labels = [int(v) if _INTEGER.fullmatch(v) else float(v) for v in labels]
         labels = spec.label_names(labels, class_names=_class_names(table.features.get(spec.label_column)))
     return Examples(texts, pairs, labels)
 

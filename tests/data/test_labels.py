@@ -147,6 +147,24 @@ def test_same_integer_labels_give_same_names_from_every_source(tmp_path, source,
 
 
 @pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.parametrize(
+    "values, spec_kwargs, expected",
+    [
+        ([1.0, 0.0, 1.0, 0.0], {"labels": ["0", "1"]}, ["1", "0", "1", "0"]),  # a float column, as pandas writes it
+        ([1.0, 0.0, 1.0, 0.0], {"labels": ["neg", "pos"], "label_encoding": "index"}, ["pos", "neg", "pos", "neg"]),
+        ([0.5, 1.5, 0.5, 1.5], {"labels": ["0.5", "1.5"]}, ["0.5", "1.5", "0.5", "1.5"]),
+        ([1.0, 2.0, 1.0, 2.0], {"labels": ["1.0", "2.0"]}, ["1.0", "2.0", "1.0", "2.0"]),  # names that are floats
+    ],
+)
+def test_same_float_labels_give_same_names_from_every_source(tmp_path, source, values, spec_kwargs, expected):
+    """A CSV of 0.0/1.0 (a pandas column that was float) was read as the names '0.0' and '1.0' and refused for a
+    task labelled '0'/'1', while the same DataFrame was accepted."""
+    rows = [{"text": t, "label": v} for t, v in zip(TEXTS, values)]
+    examples = read_examples(_write(rows, source, tmp_path), TaskSpec("x", **spec_kwargs))
+    assert examples.labels == expected
+
+
+@pytest.mark.parametrize("source", SOURCES)
 def test_integer_labels_with_non_numeric_names_are_refused(tmp_path, source):
     rows = [{"text": t, "label": v} for t, v in zip(TEXTS, [0, 1, 0, 1])]
     with pytest.raises(DataError, match=r"Integer labels.*use the label strings.*label_encoding='index'"):
