@@ -165,6 +165,7 @@ class DriftMonitor:
     Raises:
         DataError: fewer reference texts than ``config.min_samples``, pairs that do not match the texts in
             number, or a text whose embedding is not finite.
+        InvalidParameterError: ``labels`` that are not one name per column of ``predict_proba``.
     """
 
     def __init__(self, embed: Callable[..., torch.Tensor], reference: Sequence[str], *,
@@ -181,6 +182,11 @@ class DriftMonitor:
                                                                 self.config.seed)
         self._ref_emb = self._embedded(self.reference, self.reference_pairs, rows, "reference")
         self._ref_proba = self._probabilities(self.reference, self.reference_pairs)
+        if self._ref_proba is not None and self.labels is not None and len(self.labels) != self._ref_proba.shape[1]:
+            raise InvalidParameterError(bad_param(
+                "labels", "DriftMonitor", "name each column of predict_proba", self.labels,
+                f"Got {len(self.labels)} label names for {self._ref_proba.shape[1]} probability columns; pass the "
+                "task's labels in the model's column order, or leave labels out to report columns by index."))
 
     def check(self, texts: Sequence[str], *, pairs: Sequence[str] | None = None,
               seed: int | None = None) -> DriftReport:

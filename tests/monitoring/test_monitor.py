@@ -77,6 +77,16 @@ def test_drift_monitor_report_and_verdict():
     assert set(shifted.to_dict()) >= {"p_value", "mmd2", "drift", "verdict", "confidence_shift"}
 
 
+@pytest.mark.parametrize("labels", [["pos"], ["pos", "neg", "neutral"]])
+def test_label_names_that_do_not_match_the_probability_columns_are_refused(labels):
+    """zip() paired names and columns up to the shorter: one label fewer dropped a class from the report, one
+    more went missing unnoticed."""
+    reference = [f"the film was {w}" for w in ["good", "bad", "fine", "dull"] * 10]
+    proba = lambda texts: np.array([[0.9, 0.1] for _ in texts])  # noqa: E731
+    with pytest.raises(ValueError, match=rf"{len(labels)} label names for 2 probability columns"):
+        DriftMonitor(hashed_embed, reference, predict_proba=proba, labels=labels)
+
+
 def test_too_few_texts_are_refused():
     monitor = DriftMonitor(hashed_embed, ["a b c"] * 30)
     with pytest.raises(DataError, match="needs at least 20 incoming texts; got 19"):
