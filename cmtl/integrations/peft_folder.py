@@ -220,6 +220,10 @@ def _card(spec: TaskSpec, base_model: str, backbone: dict[str, Any], adapter: Ad
     # A registry on a cut backbone runs only its first layers; the full model computes other features.
     layers = backbone.get("num_hidden_layers")
     cut = "" if layers is None else f", num_hidden_layers={layers}"
+    # A registry on a half-precision backbone computes its features in that precision; float32 weights differ.
+    dtype = backbone.get("dtype") or "float32"
+    cut += "" if dtype == "float32" else f", dtype=torch.{dtype}"
+    imports = "" if dtype == "float32" else "import torch\n"
     return f"""---
 library_name: peft
 base_model: {base_model}
@@ -242,7 +246,7 @@ Backbone: `{backbone.get('name_or_path')}` (weights SHA-256 `{backbone.get('sha2
 ## Use
 
 ```python
-from transformers import AutoModel
+{imports}from transformers import AutoModel
 from peft import PeftModel
 
 model = PeftModel.from_pretrained(AutoModel.from_pretrained("{base_model}"{cut}), "<this folder>")

@@ -364,6 +364,28 @@ def test_the_card_of_a_cut_backbone_loads_the_layers_the_registry_runs(tmp_path,
     torch.testing.assert_close(pooled, reg.embed(TEXTS, "s"), rtol=1e-5, atol=1e-5)
 
 
+def test_the_card_of_a_half_precision_registry_loads_the_backbone_in_its_dtype(tmp_path, tiny_backbone):
+    """A registry on a bfloat16 backbone: the card's snippet loaded float32 weights, so PEFT computed features
+    the registry never saw (and at twice the memory)."""
+    import re
+
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    reg = Registry.create(tmp_path / "bf16", BackboneConfig(name_or_path=tiny_backbone, max_length=64,
+                                                            dtype="bfloat16"), device="cpu")
+    reg.add_task(TaskSpec("s", labels=["neg", "pos"]), toy_sentiment(32), training=FAST)
+    out = reg.export_peft("s", tmp_path / "export")
+    card = (out / CARD).read_text()
+    call = re.search(r"AutoModel\.from_pretrained\((.*?)\), \"<this folder>\"", card).group(1)
+    assert call == f'"{tiny_backbone}", dtype=torch.bfloat16' and "import torch\n" in card
+    model = PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_backbone, dtype=torch.bfloat16), str(out)).eval()
+    batch = reg.backbone.tokenizer(TEXTS, padding=True, truncation=True, max_length=64, return_tensors="pt")
+    with torch.no_grad():
+        pooled = reg.backbone.pool(model(**batch).last_hidden_state, batch["attention_mask"])
+    torch.testing.assert_close(pooled.float(), reg.embed(TEXTS, "s").float(), rtol=0, atol=0)
+
+
 def test_a_head_that_does_not_fit_the_exported_labels_is_refused_in_words(reg, tmp_path):
     """A label added to cmtl_task.json by hand: the two-output head met a three-label spec and torch's
     'size mismatch' escaped from load_state_dict."""
