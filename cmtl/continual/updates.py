@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Hashable, Literal, Sequence
 
 import torch
 
@@ -214,19 +214,42 @@ def update_data(spec: TaskSpec, train: Any, validation: Any, *, config: UpdateCo
     replay_enc = encode(replayed) if replayed is not None and len(replayed) else None
     train_enc = Encoded.concat([new_enc] + ([replay_enc] if replay_enc is not None else []))
     old_enc = encode(held) if held is not None else None
-    parts = [val_enc] + ([old_enc] if old_enc is not None and len(old_enc) else [])
-    split_parts = [[part.select(rows) for rows in halves(len(part), training.seed + k)] for k, part in enumerate(parts)]
+    parts = [(val_enc, val)] + ([(old_enc, held)] if old_enc is not None and len(old_enc) else [])
+    split_parts = [[part.select(rows) for rows in halves(len(part), training.seed + k, rows_of.inputs())]
+                   for k, (part, rows_of) in enumerate(parts)]
     select = Encoded.concat([s for s, _ in split_parts if len(s)])
     judge = Encoded.concat([j for _, j in split_parts])
     return UpdateData(new, val, replayed, train_enc, select, judge, len(split_parts[0][1]), [replay_enc, old_enc])
 
 
-def halves(n: int, seed: int) -> tuple[list[int], list[int]]:
+def halves(n: int, seed: int, keys: Sequence[Hashable] | None = None) -> tuple[list[int], list[int]]:
     """(select, judge): a seeded split of ``range(n)`` in two, ``judge`` the larger half when ``n`` is odd;
-    each in order. ``update_task`` splits the new validation rows with ``training.seed`` and the lineage's
-    held-out rows with ``training.seed + 1``."""
-    order = seeded_order(n, seed)
-    return sorted(order[: n // 2]), sorted(order[n // 2:])
+    each in order. With ``keys`` (each row's input, :meth:`Examples.inputs`), copies of one input stay on one
+    side (:func:`take_whole`), unless the rows hold a single input. ``update_task`` splits the new validation
+    rows with ``training.seed`` and the lineage's held-out rows with ``training.seed + 1``."""
+    chosen = take_whole(keys if keys is not None else range(n), n // 2, seed)
+    if keys is not None and (not chosen or len(chosen) == n):  # one input in copies: no split can part them
+        chosen = take_whole(range(n), n // 2, seed)
+    out = set(chosen)
+    return chosen, [i for i in range(n) if i not in out]
+
+
+def take_whole(keys: Sequence[Hashable], n_take: int, seed: int) -> list[int]:
+    """About ``n_take`` of the rows (in order), each input (``keys``: one per row) taken with all its copies.
+    Inputs are drawn in a seeded order while their copies fit in ``n_take``; if that falls short, the next
+    ones in the order are taken whole. With distinct keys: ``sorted(seeded_order(len(keys), seed)[:n_take])``."""
+    copies: dict[Hashable, list[int]] = {}
+    for i, key in enumerate(keys):
+        copies.setdefault(key, []).append(i)
+    groups, order = list(copies.values()), seeded_order(len(copies), seed)
+    taken: list[int] = []
+    used: set[int] = set()
+    for fits in (True, False):  # inputs whose copies fit first, then (if short) the others
+        for g in order:
+            if len(taken) < n_take and g not in used and (len(taken) + len(groups[g]) <= n_take or not fits):
+                taken += groups[g]
+                used.add(g)
+    return sorted(taken)
 
 
 def grown_spec(spec: TaskSpec, labels: Sequence[str] | None) -> TaskSpec:
@@ -416,31 +439,20 @@ def gate_scores(spec: TaskSpec, logits: torch.Tensor, encoded: Encoded, n_new: i
 
 def split(examples: Examples, fraction: float, seed: int, task: str) -> tuple[Examples, Examples]:
     """(train, held out): ``fraction`` of ``examples`` held out (at least 2 rows: see :func:`halves`), seeded;
-    order kept within each part. Copies of one input (text and second text) stay on one side, so validation
-    never scores what training saw. Inputs are drawn in a seeded order, each with all its copies, while they
-    fit in the share; if that falls short, the next ones in the order are taken whole. Without copies this is
-    the plain seeded split."""
+    order kept within each part. Copies of one input (text and second text) stay on one side
+    (:func:`take_whole`), so validation never scores what training saw; without copies this is the plain
+    seeded split."""
     n_val = max(2, round(len(examples) * fraction))
     if len(examples) - n_val < 1:
         raise DataError(f"Task {task!r}: {len(examples)} new example(s) are too few to hold 2 out for "
                         "validation (half choose the kept state, half judge it); pass validation=... or more data.")
-    copies: dict[tuple[str, str | None], list[int]] = {}
-    for i, key in enumerate(examples.inputs()):
-        copies.setdefault(key, []).append(i)
-    groups, order = list(copies.values()), seeded_order(len(copies), seed)
-    held: list[int] = []
-    taken: set[int] = set()
-    for fits in (True, False):  # inputs whose copies fit in the share first, then (if short) the others
-        for g in order:
-            if len(held) < n_val and g not in taken and (len(held) + len(groups[g]) <= n_val or not fits):
-                held += groups[g]
-                taken.add(g)
+    held = take_whole(examples.inputs(), n_val, seed)
     if len(held) == len(examples):
-        raise DataError(f"Task {task!r}: the {len(examples)} example(s) hold only {len(groups)} distinct input(s), "
-                        "so no share of them can be held out without its copies staying in training; pass "
-                        "validation=... or more varied data.")
+        raise DataError(f"Task {task!r}: the {len(examples)} example(s) hold only {len(set(examples.inputs()))} "
+                        "distinct input(s), so no share of them can be held out without its copies staying in "
+                        "training; pass validation=... or more varied data.")
     out = set(held)
-    return examples.select([i for i in range(len(examples)) if i not in out]), examples.select(sorted(held))
+    return examples.select([i for i in range(len(examples)) if i not in out]), examples.select(held)
 
 
 def sample_indices(n: int, k: int, seed: int) -> list[int]:

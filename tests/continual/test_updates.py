@@ -72,7 +72,8 @@ def test_a_drop_of_exactly_the_tolerance_is_promoted():
 
 def _halves(rows: list[dict], seed: int) -> tuple[list[dict], list[dict]]:
     """The rows that choose an update's kept state, and those that judge it (:func:`halves`)."""
-    return tuple([rows[i] for i in part] for part in halves(len(rows), seed))
+    keys = [(r["text"], None) for r in rows]
+    return tuple([rows[i] for i in part] for part in halves(len(rows), seed, keys))
 
 
 def test_update_on_shifted_data_is_promoted_and_keeps_old_skill(reg):

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from cmtl import Registry, TaskSpec, TrainConfig
-from cmtl.continual.updates import split
+from cmtl.continual.updates import halves, split
 from cmtl.data import Examples, seeded_order
 from cmtl.data.examples import shared_inputs
 from tests.conftest import toy_sentiment
@@ -43,6 +43,22 @@ def test_distinct_inputs_split_as_before(seed):
     train, held = split(examples, 0.2, seed, "t")
     assert held.texts == [examples.texts[i] for i in sorted(order[:10])]
     assert train.texts == [examples.texts[i] for i in sorted(order[10:])]
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_the_halves_that_choose_and_judge_an_update_keep_copies_together(seed):
+    """The gate judges on rows that did not choose the kept state: a copy of a choosing row is one of those."""
+    keys = _rows([f"text {i % 5}" for i in range(20)] + [f"alone {i}" for i in range(6)]).inputs()
+    select, judge = halves(len(keys), seed, keys)
+    assert select and judge and not {keys[i] for i in select} & {keys[i] for i in judge}
+    assert sorted(select + judge) == list(range(26))
+    distinct = [(f"t{i}", None) for i in range(11)]  # without copies: the plain seeded halves, judge the larger
+    assert halves(11, seed, distinct) == halves(11, seed) and len(halves(11, seed)[1]) == 6
+
+
+def test_halves_of_one_input_in_copies_still_give_both_sides_rows():
+    select, judge = halves(4, 0, [("same", None)] * 4)
+    assert len(select) == 2 and len(judge) == 2
 
 
 def test_shared_inputs_counts_validation_rows_seen_in_training():
