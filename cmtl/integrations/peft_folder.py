@@ -220,10 +220,11 @@ def _card(spec: TaskSpec, base_model: str, backbone: dict[str, Any], adapter: Ad
     # A registry on a cut backbone runs only its first layers; the full model computes other features.
     layers = backbone.get("num_hidden_layers")
     cut = "" if layers is None else f", num_hidden_layers={layers}"
-    # A registry on a half-precision backbone computes its features in that precision; float32 weights differ.
-    dtype = backbone.get("dtype") or "float32"
-    cut += "" if dtype == "float32" else f", dtype=torch.{dtype}"
-    imports = "" if dtype == "float32" else "import torch\n"
+    # The registry computes its features in its backbone's precision, so the snippet names it every time:
+    # transformers 5 loads a checkpoint in its own precision unless told. A record without a dtype loaded "auto".
+    dtype = backbone.get("dtype") or "auto"
+    cut += ', dtype="auto"' if dtype == "auto" else f", dtype=torch.{dtype}"
+    imports = "" if dtype == "auto" else "import torch\n"
     return f"""---
 library_name: peft
 base_model: {base_model}

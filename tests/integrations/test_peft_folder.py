@@ -356,7 +356,7 @@ def test_the_card_of_a_cut_backbone_loads_the_layers_the_registry_runs(tmp_path,
     reg.add_task(TaskSpec("s", labels=["neg", "pos"]), toy_sentiment(32), training=FAST)
     out = reg.export_peft("s", tmp_path / "export")
     call = re.search(r"AutoModel\.from_pretrained\((.*?)\), \"<this folder>\"", (out / CARD).read_text()).group(1)
-    assert call == f'"{tiny_backbone}", num_hidden_layers=1'
+    assert call == f'"{tiny_backbone}", num_hidden_layers=1, dtype=torch.float32'
     model = PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_backbone, num_hidden_layers=1), str(out)).eval()
     batch = reg.backbone.tokenizer(TEXTS, padding=True, truncation=True, max_length=64, return_tensors="pt")
     with torch.no_grad():
@@ -397,3 +397,36 @@ def test_a_head_that_does_not_fit_the_exported_labels_is_refused_in_words(reg, t
     with pytest.raises(DataError, match=r"cmtl_head.safetensors.*does not fit .*3 outputs.*data to fit a new head"):
         reg.import_peft(out, name="copy")
     assert (reg.root / "registry.json").read_bytes() == manifest and "copy" not in reg.tasks()
+
+
+@pytest.fixture(scope="module")
+def bf16_checkpoint(tmp_path_factory, tiny_backbone) -> str:
+    """``tiny_backbone`` saved in bfloat16, as many checkpoints on the Hub are."""
+    from transformers import AutoModel, AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tiny-bert-bf16")
+    AutoModel.from_pretrained(tiny_backbone, dtype=torch.float32).to(torch.bfloat16).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_backbone).save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "auto", "bfloat16"])
+def test_the_card_snippet_runs_and_loads_the_backbone_in_the_registry_dtype(tmp_path, bf16_checkpoint, dtype):
+    """The snippet as written, run: "auto" wrote ``dtype=torch.auto`` (an AttributeError), and "float32" wrote no
+    dtype, so transformers 5 (whose default is the checkpoint's own precision) loaded a bfloat16 checkpoint in
+    bfloat16, features the float32 registry never computed."""
+    import re
+
+    reg = Registry.create(tmp_path / dtype, BackboneConfig(name_or_path=bf16_checkpoint, max_length=64, dtype=dtype),
+                          device="cpu")
+    reg.add_task(TaskSpec("s", labels=["neg", "pos"]), toy_sentiment(32), training=FAST)
+    out = reg.export_peft("s", tmp_path / "export")
+    snippet = re.search(r"```python\n(.*?)```", (out / CARD).read_text(), re.S).group(1)
+    scope: dict = {}
+    exec(snippet.replace('"<this folder>"', repr(str(out))), scope)  # noqa: S102  (the card's own code)
+    model = scope["model"].eval()
+    assert next(model.base_model.model.parameters()).dtype == reg.backbone.dtype
+    batch = reg.backbone.tokenizer(TEXTS, padding=True, truncation=True, max_length=64, return_tensors="pt")
+    with torch.no_grad():
+        pooled = reg.backbone.pool(model(**batch).last_hidden_state, batch["attention_mask"])
+    torch.testing.assert_close(pooled.float(), reg.embed(TEXTS, "s").float(), rtol=1e-5, atol=1e-5)
