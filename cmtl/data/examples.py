@@ -316,7 +316,8 @@ def read_examples(data: Any, spec: TaskSpec, *, labelled: bool = True, encoding:
     value, or as positions when ``spec.label_encoding == "index"``. A CSV/TSV stores no
     types, so (for a task with labels) a label column that holds only number literals is
     read as numbers, as pandas would read it (``1.0`` is the number 1): the same rows give
-    the same labels from every source.
+    the same labels from every source. A column of decimals that are all label names as
+    written (``1.1``, ``1.10``) keeps them as names.
 
     Args:
         data: A ``datasets.Dataset``, a pandas DataFrame, a path to a .csv/.tsv/.jsonl/
@@ -353,7 +354,10 @@ def read_examples(data: Any, spec: TaskSpec, *, labelled: bool = True, encoding:
             raise DataError(f"Column {spec.label_column!r} has missing labels at rows {bad[:10]}.")
         if (table.untyped and spec.labels is not None and spec.problem_type == "single_label"
                 and all(_NUMBER.fullmatch(v) for v in labels)):
-            labels = [int(v) if _INTEGER.fullmatch(v) else float(v) for v in labels]
+            if all(_INTEGER.fullmatch(v) for v in labels):
+                labels = [int(v) for v in labels]
+            elif not set(labels) <= set(spec.labels):  # names written as they are stay names: '1.10' is not '1.1'
+                labels = [int(v) if _INTEGER.fullmatch(v) else float(v) for v in labels]
         labels = spec.label_names(labels, class_names=_class_names(table.features.get(spec.label_column)))
     return Examples(texts, pairs, labels)
 

@@ -295,3 +295,21 @@ def test_regression_targets_that_are_not_numbers_are_refused(tmp_path):
     rows = [{"text": "a", "label": 0.5}, {"text": "b", "label": "high"}]
     with pytest.raises(DataError, match=r"Regression targets of task 'x' must be numbers.*'high'.*row 1"):
         read_examples(_write(rows, "csv", tmp_path), TaskSpec("x", problem_type="regression"))
+
+
+@pytest.mark.parametrize("sep, suffix", [(",", "csv"), ("\t", "tsv")])
+@pytest.mark.parametrize(
+    "written, spec_kwargs",
+    [
+        (["1.1", "1.10", "1.2", "1.10"], {"labels": ["1.1", "1.10", "1.2"]}),  # section codes: equal as numbers
+        (["1.0", "2.0", "3.0", "1.0"], {"labels": ["1.0", "2.0", "3.0"], "label_encoding": "index"}),
+        (["2.50", "2.5", "2.50", "2.5"], {"labels": ["2.5", "2.50"]}),
+    ],
+)
+def test_a_text_file_naming_its_labels_as_written_keeps_those_names(tmp_path, sep, suffix, written, spec_kwargs):
+    """Float-looking label names written as they are in a CSV/TSV were read as numbers: '1.10' became the
+    value 1.1 and was taken for the label '1.1', and with label_encoding='index' '1.0' became the position 1
+    ('2.0'), silently."""
+    path = tmp_path / f"data.{suffix}"
+    path.write_text("text" + sep + "label\n" + "".join(f"{t}{sep}{v}\n" for t, v in zip(TEXTS, written)))
+    assert read_examples(path, TaskSpec("x", **spec_kwargs)).labels == written
