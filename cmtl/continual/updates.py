@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Hashable, Literal, Sequence
 
@@ -235,20 +236,25 @@ def halves(n: int, seed: int, keys: Sequence[Hashable] | None = None) -> tuple[l
 
 
 def take_whole(keys: Sequence[Hashable], n_take: int, seed: int) -> list[int]:
-    """About ``n_take`` of the rows (in order), each input (``keys``: one per row) taken with all its copies.
-    Inputs are drawn in a seeded order while their copies fit in ``n_take``; if that falls short, the next
-    ones in the order are taken whole. With distinct keys: ``sorted(seeded_order(len(keys), seed)[:n_take])``."""
+    """About ``n_take`` of the rows (in order), each input (``keys``: one per row) taken with all its copies,
+    and never every row. Inputs are drawn in a seeded order while their copies fit in ``n_take``; if that falls
+    short, the smallest inputs left complete it, whole, as long as a row stays untaken. With distinct keys:
+    ``sorted(seeded_order(len(keys), seed)[:n_take])``."""
     copies: dict[Hashable, list[int]] = {}
     for i, key in enumerate(keys):
         copies.setdefault(key, []).append(i)
     groups, order = list(copies.values()), seeded_order(len(copies), seed)
     taken: list[int] = []
     used: set[int] = set()
-    for fits in (True, False):  # inputs whose copies fit first, then (if short) the others
-        for g in order:
-            if len(taken) < n_take and g not in used and (len(taken) + len(groups[g]) <= n_take or not fits):
-                taken += groups[g]
-                used.add(g)
+    for g in order:
+        if len(taken) + len(groups[g]) <= n_take:
+            taken += groups[g]
+            used.add(g)
+    # The smallest inputs overshoot least; the next ones in the order could take most of the rows.
+    for g in sorted(order, key=lambda g: len(groups[g])):  # stable: the seeded order among inputs of one size
+        if len(taken) < n_take and g not in used and len(taken) + len(groups[g]) < len(keys):
+            taken += groups[g]
+            used.add(g)
     return sorted(taken)
 
 
@@ -446,11 +452,17 @@ def split(examples: Examples, fraction: float, seed: int, task: str) -> tuple[Ex
     if len(examples) - n_val < 1:
         raise DataError(f"Task {task!r}: {len(examples)} new example(s) are too few to hold 2 out for "
                         "validation (half choose the kept state, half judge it); pass validation=... or more data.")
-    held = take_whole(examples.inputs(), n_val, seed)
-    if len(held) == len(examples):
-        raise DataError(f"Task {task!r}: the {len(examples)} example(s) hold only {len(set(examples.inputs()))} "
-                        "distinct input(s), so no share of them can be held out without its copies staying in "
-                        "training; pass validation=... or more varied data.")
+    keys = examples.inputs()
+    held = take_whole(keys, n_val, seed)
+    if len(held) < 2:  # e.g. 'a', 'a', 'b' with 'b' drawn first: 'a' alone fits the share
+        distinct, counts = list(dict.fromkeys(keys)), Counter(keys)
+        alone = next((distinct[g] for g in seeded_order(len(distinct), seed) if 2 <= counts[distinct[g]] <= n_val),
+                     None)
+        held = [i for i, key in enumerate(keys) if alone is not None and key == alone]
+    if len(held) < 2:
+        raise DataError(f"Task {task!r}: the {len(examples)} example(s) hold only {len(set(keys))} distinct "
+                        "input(s), and no held-out share of at least 2 rows keeps every copy of an input on one "
+                        "side and a row for training; pass validation=... or more varied data.")
     out = set(held)
     return examples.select([i for i in range(len(examples)) if i not in out]), examples.select(held)
 

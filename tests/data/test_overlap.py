@@ -85,3 +85,19 @@ def test_updates_report_validation_and_old_held_out_rows_that_are_training_rows(
     rows = [{"text": t, "label": label} for t, label in zip(old.texts[:3], old.labels[:3])]
     with pytest.warns(UserWarning, match=r"3 of \d+ old held-out rows .* are also in the training data"):
         reg.update_task("sentiment", new + rows, validation=toy_sentiment(6, 7), training=QUICK)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_a_split_that_exists_is_found_whatever_the_seed(seed):
+    """'a', 'a', 'b': holding 'a' out is a split, but a seed that drew 'b' first took 'a' after it, held out
+    every row and refused the data as too uniform."""
+    train, held = split(_rows(["a", "a", "b"]), 0.2, seed, "t")
+    assert (train.texts, held.texts) == (["b"], ["a", "a"])
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_a_share_short_of_its_size_takes_the_smallest_inputs_that_complete_it(seed):
+    """Six copies of 'x', three of 'y', one 'z', 20 % held out (2 rows): 'z' fits, then the next input in the
+    seeded order was taken whole, so some seeds held out 7 of the 10 rows (trained on 3) where 4 would do."""
+    train, held = split(_rows(["x"] * 6 + ["y"] * 3 + ["z"]), 0.2, seed, "t")
+    assert sorted(held.texts) == ["y", "y", "y", "z"] and train.texts == ["x"] * 6
