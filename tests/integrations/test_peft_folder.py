@@ -430,3 +430,12 @@ def test_the_card_snippet_runs_and_loads_the_backbone_in_the_registry_dtype(tmp_
     with torch.no_grad():
         pooled = reg.backbone.pool(model(**batch).last_hidden_state, batch["attention_mask"])
     torch.testing.assert_close(pooled.float(), reg.embed(TEXTS, "s").float(), rtol=1e-5, atol=1e-5)
+
+
+def test_the_card_of_a_registry_recorded_before_dtypes_loads_the_checkpoint_precision():
+    """A backbone record without a dtype is a registry that loaded "auto" (cmtl.registry.manifest)."""
+    from cmtl import AdapterConfig
+    from cmtl.integrations.peft_folder import _card
+
+    card = _card(TaskSpec("s", labels=["neg", "pos"]), "base", {"name_or_path": "base"}, AdapterConfig(), {})
+    assert 'AutoModel.from_pretrained("base", dtype="auto")' in card and "import torch" not in card
