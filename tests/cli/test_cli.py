@@ -241,20 +241,21 @@ def test_add_task_without_label_column_names_the_column(reg_copy, tmp_path):
 
 
 def test_encoding_option_reads_latin1_files(reg_copy, tmp_path):
-    rows = [{"text": r["text"] + " café", "label": r["label"]} for r in toy_sentiment(24)]
-    latin = tmp_path / "latin.csv"
-    pd.DataFrame(rows).to_csv(latin, index=False, encoding="latin-1")
+    latin, latin_val, latin_new = (tmp_path / f"{name}.csv" for name in ("latin", "latin-val", "latin-new"))
+    for path, seed in ((latin, 0), (latin_val, 1), (latin_new, 2)):  # distinct rows: no overlap warning
+        rows = [{"text": r["text"] + " café", "label": r["label"]} for r in toy_sentiment(24, seed)]
+        pd.DataFrame(rows).to_csv(path, index=False, encoding="latin-1")
     clean_failure(invoke("add-task", reg_copy, "new", "--train", latin, "--max-steps", "2", "--no-progress"),
                   "latin.csv", "--encoding")
     ok = ["--encoding", "latin-1"]
-    result = invoke("add-task", reg_copy, "new", "--train", latin, "--validation", latin, "--max-steps", "2",
+    result = invoke("add-task", reg_copy, "new", "--train", latin, "--validation", latin_val, "--max-steps", "2",
                     "--no-progress", *ok)
     assert result.exit_code == 0, result.output
     assert Registry.open(reg_copy, device="cpu").spec("new").labels == ("neg", "pos")
     clean_failure(invoke("eval", reg_copy, "new", "--data", latin), "latin.csv", "--encoding")
     assert invoke("eval", reg_copy, "new", "--data", latin, *ok).exit_code == 0
     assert len(invoke("predict", reg_copy, "new", "--input", latin, *ok).output.splitlines()) == 24
-    result = invoke("update", reg_copy, "new", "--data", latin, "--epochs", "1", "--no-progress", *ok)
+    result = invoke("update", reg_copy, "new", "--data", latin_new, "--epochs", "1", "--no-progress", *ok)
     assert result.exit_code == 0, result.output
     result = invoke("monitor", reg_copy, "new", "--data", latin, "--reference", latin, *ok)
     assert result.exit_code == 0 and "no drift" in result.output, result.output
@@ -443,3 +444,17 @@ def test_monitor_and_predict_read_the_text_pairs_of_a_pair_task(tmp_path, tiny_b
     alone = invoke("predict", tmp_path / "reg", "pair", "a great film")
     assert alone.exit_code == 1 and "--input FILE with the columns 'a' and 'b'" in alone.output, alone.output
     assert invoke("predict", tmp_path / "reg", "pair", "--input", tmp_path / "same.csv").exit_code == 0
+
+
+def test_add_task_and_update_show_the_overlap_warning_and_still_train(reg_copy, tmp_path):
+    """Validation rows that are training rows (and update data holding old held-out rows) are a warning in the
+    CLI too, not a failure."""
+    pd.DataFrame(toy_sentiment(24)).to_csv(tmp_path / "train.csv", index=False)
+    pd.DataFrame(toy_sentiment(24)[:4] + toy_sentiment(6, 1)).to_csv(tmp_path / "val.csv", index=False)
+    with pytest.warns(UserWarning, match=r"4 of 10 validation rows \(40 %\) are also in the training data"):
+        result = invoke("add-task", reg_copy, "new", "--train", tmp_path / "train.csv", "--validation",
+                        tmp_path / "val.csv", "--max-steps", "2", "--no-progress")
+    assert result.exit_code == 0, result.output
+    with pytest.warns(UserWarning, match=r"of \d+ old held-out rows .* are also in the training data"):
+        result = invoke("update", reg_copy, "new", "--data", tmp_path / "val.csv", "--epochs", "1", "--no-progress")
+    assert result.exit_code == 0, result.output
