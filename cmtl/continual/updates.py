@@ -460,9 +460,11 @@ def split(examples: Examples, fraction: float, seed: int, task: str) -> tuple[Ex
                      None)
         held = [i for i, key in enumerate(keys) if alone is not None and key == alone]
     if len(held) < 2:
+        size = "2 rows" if n_val == 2 else f"2 to {n_val} rows"
         raise DataError(f"Task {task!r}: the {len(examples)} example(s) hold only {len(set(keys))} distinct "
-                        "input(s), and no held-out share of at least 2 rows keeps every copy of an input on one "
-                        "side and a row for training; pass validation=... or more varied data.")
+                        f"input(s), and no share of {size} (validation needs 2; {fraction:.0%} asked for) holds "
+                        "every copy of its inputs, so none can be held out without its copies staying in "
+                        "training; pass validation=... or more varied data.")
     out = set(held)
     return examples.select([i for i in range(len(examples)) if i not in out]), examples.select(held)
 

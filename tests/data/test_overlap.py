@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from cmtl import Registry, TaskSpec, TrainConfig
+from cmtl import DataError, Registry, TaskSpec, TrainConfig
 from cmtl.continual.updates import halves, split
 from cmtl.data import Examples, seeded_order
 from cmtl.data.examples import shared_inputs
@@ -101,3 +101,9 @@ def test_a_share_short_of_its_size_takes_the_smallest_inputs_that_complete_it(se
     seeded order was taken whole, so some seeds held out 7 of the 10 rows (trained on 3) where 4 would do."""
     train, held = split(_rows(["x"] * 6 + ["y"] * 3 + ["z"]), 0.2, seed, "t")
     assert sorted(held.texts) == ["y", "y", "y", "z"] and train.texts == ["x"] * 6
+
+
+@pytest.mark.parametrize("texts", [["z"] * 40, ["a"] + ["b"] * 5])
+def test_data_no_share_of_which_keeps_its_copies_together_is_refused_in_words(texts):
+    with pytest.raises(DataError, match=r"hold only \d distinct input\(s\), and no share of 2 (to 8 )?rows"):
+        split(_rows(texts), 0.2, 0, "t")
