@@ -148,6 +148,10 @@ class TrainConfig:
         if decay is not None and (isinstance(decay, bool) or not isinstance(decay, (int, float))
                                   or not 0.0 < decay < 1.0):
             raise InvalidParameterError(bad_param("ema_decay", "TrainConfig", "be in (0, 1) or None", decay))
+        clip = self.grad_clip  # clip_grad_norm_ scales by clip / norm: 0 would zero every step, < 0 reverse it
+        if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0):
+            raise InvalidParameterError(bad_param("grad_clip", "TrainConfig", "be a number > 0 (the largest "
+                                                  "gradient norm) or None (no clipping)", clip))
         if not 0.0 <= self.head_dropout < 1.0:
             raise InvalidParameterError(bad_param("head_dropout", "TrainConfig", "be in [0, 1)", self.head_dropout))
 

@@ -295,3 +295,12 @@ def test_the_running_average_of_half_precision_parameters_is_kept_in_float32():
     result = train(forward, [value], lambda _: None, REG, ONES, ONES, config, pad_id=0, device=CPU)
     assert [("averaged" in h) for h in result.history] == [False, True, False, True]
     assert value.dtype == torch.bfloat16 and 0.0 < value.item() < 1.0
+
+
+@pytest.mark.parametrize("clip", [0.0, -1.0, float("nan"), True, "1"])
+def test_a_grad_clip_that_is_no_positive_norm_is_refused(clip):
+    # clip_grad_norm_ scales every gradient by clip / norm: 0 trained nothing, a negative value turned each
+    # step into gradient ascent, silently.
+    with pytest.raises(ValueError, match="grad_clip"):
+        TrainConfig(grad_clip=clip)
+    assert TrainConfig(grad_clip=None).grad_clip is None and TrainConfig(grad_clip=2).grad_clip == 2
