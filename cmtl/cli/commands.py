@@ -451,7 +451,9 @@ def merge(
     """Merge task adapters into one adapter; each task keeps its own head (predict TASK --merge NAME).
 
     Every merge is scored against the frozen backbone (no adapter, the same heads or refitted ones)."""
+    from cmtl.core.tasks import PRIMARY_METRIC
     from cmtl.merging.methods import MergeConfig, parse_rank
+    from cmtl.merging.pipeline import normalised
 
     stored_rank = parse_rank(rank)
     reg = _open(registry)
@@ -471,9 +473,11 @@ def merge(
     typer.echo(f"merged {members_text} into {name} ({knobs['method']}, scale {knobs['scale']:g}, density "
                f"{knobs['density']:g}, drop {knobs['drop']:g}; rank {record['adapter']['r']}, reconstruction error "
                f"{record['reconstruction_error']['max']:.2e})")
+    # Per task as the summary's mean: individual / merged where lower is better (a regression member's MSE).
+    lower = {t for t, s in record.get("specs", {}).items() if not PRIMARY_METRIC[s["problem_type"]][1]}
     rows = [{"task": t, "individual": v["individual"], "merged": v["merged"], "frozen": v.get("baseline"),
-             "normalised": v["merged"] / v["individual"] if v["merged"] is not None and v["individual"] else None,
-             "rows": v.get("rows")}
+             "normalised": normalised({t: v["merged"]}, {t: v["individual"]}, lower)
+             if v["merged"] is not None and v["individual"] is not None else None, "rows": v.get("rows")}
             for t, v in record["holdout"].items()]
     typer.echo(format_table(rows, ["task", "individual", "merged", "frozen", "normalised", "rows"]))
     if record.get("baseline_normalised") is not None:

@@ -458,3 +458,25 @@ def test_add_task_and_update_show_the_overlap_warning_and_still_train(reg_copy, 
     with pytest.warns(UserWarning, match=r"of \d+ old held-out rows .* are also in the training data"):
         result = invoke("update", reg_copy, "new", "--data", tmp_path / "val.csv", "--epochs", "1", "--no-progress")
     assert result.exit_code == 0, result.output
+
+
+def test_merge_table_normalises_a_regression_member_as_the_summary_does(monkeypatch, tmp_path):
+    # A member's MSE is lower-is-better: the merge keeps individual / merged of its level (the summary's
+    # normalised, cmtl.merging.pipeline.normalised), not merged / individual, which read 2.0 for an MSE twice the
+    # member's, as if the merge were twice as good.
+    import cmtl.cli.commands
+
+    record = {"members": [{"task": "topic", "version": 1}, {"task": "score", "version": 1}],
+              "specs": {"topic": TaskSpec("topic", labels=["a", "b"]).to_dict(),
+                        "score": TaskSpec("score", problem_type="regression").to_dict()},
+              "config": {"method": "ties", "scale": 1.0, "density": 0.2, "drop": 0.9}, "adapter": {"r": 8},
+              "reconstruction_error": {"max": 1e-4},
+              "holdout": {"topic": {"individual": 0.8, "merged": 0.6, "baseline": 0.5, "rows": 10},
+                          "score": {"individual": 0.5, "merged": 1.0, "baseline": 2.0, "rows": 10}},
+              "normalised": 0.625, "baseline_normalised": 0.4375, "below_baseline": [], "seconds": 1.0}
+    fake = type("Fake", (), {"merge": lambda self, *args, **kwargs: record})()
+    monkeypatch.setattr(cmtl.cli.commands, "_open", lambda registry: fake)
+    result = invoke("merge", tmp_path, "both", "topic", "score")
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[0]: line.split() for line in result.output.splitlines() if line.startswith(("topic", "score"))}
+    assert rows["topic"][4] == "0.7500" and rows["score"][4] == "0.5000", result.output
