@@ -254,7 +254,7 @@ def train(
                 bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
 
                 if validation is not None and (step % eval_every == 0 or step == total):
-                    stopped_early = evaluate()
+                    stopped_early = evaluate() and step < total  # patience out at the cap's end stops nothing
                 if step >= total or stopped_early:
                     break
     finally:

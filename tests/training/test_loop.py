@@ -304,3 +304,18 @@ def test_a_grad_clip_that_is_no_positive_norm_is_refused(clip):
     with pytest.raises(ValueError, match="grad_clip"):
         TrainConfig(grad_clip=clip)
     assert TrainConfig(grad_clip=None).grad_clip is None and TrainConfig(grad_clip=2).grad_clip == 2
+
+
+def test_a_run_that_ends_at_its_cap_did_not_stop_early():
+    # Patience running out at the last step's evaluation stops nothing: every step of the cap ran, and the
+    # record (and `cmtl add-task`'s "stopped early") must not say otherwise.
+    config = TrainConfig(epochs=1, batch_size=4, learning_rate=0.05, warmup_ratio=0.0, eval_every=2, patience=1,
+                         progress=False)
+    bias, forward = _bias_model()
+    result = train(forward, [bias], lambda _: None, SPEC, ALL_A, ALL_B, config, pad_id=0, device=CPU)
+    assert [h["step"] for h in result.history] == [2, 4] and result.best_step == 2 and result.steps == 4
+    assert not result.stopped_early
+    longer = dataclasses.replace(config, epochs=2)  # patience runs out at step 4 of 8: that is stopping early
+    bias, forward = _bias_model()
+    result = train(forward, [bias], lambda _: None, SPEC, ALL_A, ALL_B, longer, pad_id=0, device=CPU)
+    assert result.stopped_early and result.steps == 4
