@@ -234,7 +234,7 @@ def predict(
     task: TaskArg,
     texts: Annotated[Optional[list[str]], typer.Argument(help="Texts to classify.")] = None,
     input: Annotated[Optional[Path], typer.Option("--input", help="File with a text column instead.")] = None,
-    proba: Annotated[bool, typer.Option(help="Also print per-label probabilities.")] = False,
+    proba: Annotated[bool, typer.Option(help="Also print per-label probabilities (not for regression).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
     merge: Annotated[Optional[str], typer.Option(help="Predict through this merged entry.")] = None,
     encoding: EncodingOpt = None,
@@ -252,12 +252,17 @@ def predict(
                              f"{spec.text_column!r} and {spec.text_pair_column!r}.")
     else:
         raise ValueError("Give texts as arguments or --input FILE.")
+    values = spec.problem_type == "regression"  # its outputs are the prediction: no probabilities to print
+    if values and proba:
+        raise ValueError(f"Task {task!r} is a regression task: it predicts values, not probabilities. Leave --proba "
+                         "out.")
     labels = reg.predict(task, texts, pairs, merge=merge)
-    probs = reg.predict_proba(task, texts, pairs, merge=merge) if proba or as_json else None
+    probs = reg.predict_proba(task, texts, pairs, merge=merge) if proba or (as_json and not values) else None
     for i, (text, label) in enumerate(zip(texts, labels)):
         if as_json:
-            row = {"text": text, "prediction": label,
-                   "probabilities": dict(zip(spec.labels, (round(float(p), 6) for p in probs[i])))}
+            row = {"text": text, "prediction": label}
+            if not values:
+                row["probabilities"] = dict(zip(spec.labels, (round(float(p), 6) for p in probs[i])))
             typer.echo(json.dumps(row))
         elif proba:
             scores = "  ".join(f"{lab}={p:.3f}" for lab, p in zip(spec.labels, probs[i]))

@@ -480,3 +480,17 @@ def test_merge_table_normalises_a_regression_member_as_the_summary_does(monkeypa
     assert result.exit_code == 0, result.output
     rows = {line.split()[0]: line.split() for line in result.output.splitlines() if line.startswith(("topic", "score"))}
     assert rows["topic"][4] == "0.7500" and rows["score"][4] == "0.5000", result.output
+
+
+def test_predict_prints_no_probabilities_for_a_regression_task(reg_copy):
+    # A regression task's outputs are values: --json printed them again as "probabilities" ({"score": 3.2}), and
+    # --proba as "score=3.200", a probability that is no probability.
+    reg = Registry.open(reg_copy, device="cpu")
+    rows = [{"text": r["text"], "label": float(r["label"] == "pos")} for r in toy_sentiment(16)]
+    reg.add_task(TaskSpec("rating", problem_type="regression"), rows,
+                 training=TrainConfig(max_steps=1, progress=False, validation_fraction=0.0, probe_init=False))
+    expected = reg.predict("rating", ["a fine song"])
+    result = invoke("predict", reg_copy, "rating", "a fine song", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output) == {"text": "a fine song", "prediction": pytest.approx(expected[0])}
+    clean_failure(invoke("predict", reg_copy, "rating", "a fine song", "--proba"), "regression")
