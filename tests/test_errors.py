@@ -200,7 +200,8 @@ OVERRIDES: dict[type, dict[str, typing.Any]] = {
 #: of the schedules other than Switch).
 KEEP_DEFAULT: dict[type, set[str]] = {MultiTaskConfig: {"sampling_schedule", "weighting", "eta", "nu",
                                                         "switch_patience"},
-                                      UpdateConfig: {"temperature"}}  # LwF's; the other penalty is EWC
+                                      UpdateConfig: {"temperature"},  # LwF's; the other penalty is EWC
+                                      TrainConfig: {"probe_init"}}  # probe_margin and probe_start need the probe
 
 
 def _other_value(cls: type, field: dataclasses.Field, hint: typing.Any) -> typing.Any:

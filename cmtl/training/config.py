@@ -152,6 +152,12 @@ class TrainConfig:
         if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0):
             raise InvalidParameterError(bad_param("grad_clip", "TrainConfig", "be a number > 0 (the largest "
                                                   "gradient norm) or None (no clipping)", clip))
+        unread = [k for k, default in (("probe_margin", 0.0), ("probe_start", False)) if getattr(self, k) != default]
+        if unread and not self.probe_init:
+            raise InvalidParameterError(bad_param(
+                unread[0], "TrainConfig", "keep its default without probe_init", getattr(self, unread[0]),
+                f"{' and '.join(unread)} only apply to the step-0 linear probe, which probe_init=False skips: they "
+                "would be ignored. Leave them out, or set probe_init=True."))
         if not 0.0 <= self.head_dropout < 1.0:
             raise InvalidParameterError(bad_param("head_dropout", "TrainConfig", "be in [0, 1)", self.head_dropout))
 
@@ -160,4 +166,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        return cls(**known_keys(cls, d))
+        kwargs = known_keys(cls, d)
+        if kwargs.get("probe_init") is False:  # a record written before the check: these were never read
+            kwargs.pop("probe_margin", None)
+            kwargs.pop("probe_start", None)
+        return cls(**kwargs)

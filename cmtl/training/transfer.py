@@ -145,7 +145,7 @@ def trial_losses(backbone: Backbone, bank: AdapterBank, starts: dict[str | None,
     A run whose loss diverges scores infinite losses."""
     per_epoch = math.ceil(len(train) / config.batch_size)
     short = dataclasses.replace(config, max_steps=steps, epochs=math.ceil(steps / per_epoch), probe_init=False,
-                                probe_start=False, eval_every=None, patience=None, progress=False)
+                                probe_start=False, probe_margin=0.0, eval_every=None, patience=None, progress=False)
     out: dict[str | None, torch.Tensor] = {}
     for i, (key, (adapter, state)) in enumerate(starts.items()):
         name = f"__cmtl_trial_{i}__"

@@ -319,3 +319,15 @@ def test_a_run_that_ends_at_its_cap_did_not_stop_early():
     bias, forward = _bias_model()
     result = train(forward, [bias], lambda _: None, SPEC, ALL_A, ALL_B, longer, pad_id=0, device=CPU)
     assert result.stopped_early and result.steps == 4
+
+
+@pytest.mark.parametrize("knob", [{"probe_margin": 2.0}, {"probe_start": True}])
+def test_probe_knobs_without_the_probe_are_refused(knob):
+    # probe_init=False skips the step-0 probe, so probe_margin and probe_start were ignored, silently (cmtl add-task
+    # --no-probe-init --probe-margin 2 trained as if the margin were 0).
+    with pytest.raises(ValueError, match=f"{next(iter(knob))}.*probe_init"):
+        TrainConfig(probe_init=False, **knob)
+    assert TrainConfig(**knob) != TrainConfig()  # with the probe they apply
+    # A record written before the check still reads back; the knobs it held were never read.
+    stored = {**TrainConfig(probe_init=False).to_dict(), **knob}
+    assert TrainConfig.from_dict(stored) == TrainConfig(probe_init=False)
