@@ -37,12 +37,13 @@ def run_demo(
     epochs: int = 2,
     layers: int | None = None,
     seed: int = 0,
+    progress: bool = True,
     echo: Callable[[str], None] = lambda _: None,
 ) -> dict:
     """Run the demo; return ``{"table": [...], "predictions": [...]}`` rows for printing.
 
     ``out`` may be new or an empty folder; a folder an earlier demo created (it holds :data:`MARKER`) is
-    replaced.
+    replaced. ``progress``: show the training progress bars.
 
     Raises:
         FileExistsError: ``out`` exists, is not empty and was not created by the demo.
@@ -63,7 +64,7 @@ def run_demo(
             TaskSpec(task, labels=corpus_info(corpus).labels, description=corpus_info(corpus).description),
             train=train,
             validation=data["validation"],
-            training=TrainConfig(epochs=epochs, seed=seed),
+            training=TrainConfig(epochs=epochs, seed=seed, progress=progress),
         )
 
     reg = Registry.open(out)  # what a serving process would do later

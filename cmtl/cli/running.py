@@ -47,9 +47,10 @@ def demo(
     layers: Annotated[Optional[int], typer.Option(help="Use only the first N backbone layers (faster).")] = None,
 ) -> None:
     """End-to-end demo on real data: two tasks on the embedded MiniLM, predictions and a results table."""
+    from cmtl.cli.commands import _progress  # imports this module: here, not at the top
     from cmtl.cli.demo import run_demo
 
-    result = run_demo(out, max_train=max_train, epochs=epochs, layers=layers, echo=typer.echo)
+    result = run_demo(out, max_train=max_train, epochs=epochs, layers=layers, progress=_progress(True), echo=typer.echo)
     typer.echo("")
     typer.echo(format_table(result["table"], ["task", "labels", "train", "test", "accuracy", "macro_f1",
                                               "train_s", "params", "bytes"]))

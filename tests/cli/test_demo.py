@@ -60,3 +60,22 @@ def test_the_demo_refuses_a_folder_it_did_not_create_and_deletes_nothing(toy_dem
                                               r"Pass another folder with --out, or delete this one yourself"):
         toy_demo(out)
     assert snapshot(out) == before
+
+
+def test_quiet_turns_the_demos_progress_bars_off(toy_demo, tmp_path, monkeypatch):
+    # `cmtl -q demo` trained with TrainConfig's progress=True: the loop's tqdm(disable=False) outranks the
+    # TQDM_DISABLE that -q sets, so the bars -q promises to leave out were drawn.
+    from typer.testing import CliRunner
+
+    from cmtl.cli.commands import app
+
+    for name in ("TQDM_DISABLE", "HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS"):
+        monkeypatch.delenv(name, raising=False)  # -q sets them for the process: put them back afterwards
+    seen = []
+    monkeypatch.setattr(demo, "TrainConfig", lambda **kwargs: seen.append(kwargs.get("progress", True)) or FAST)
+    for flags, shown in (([], True), (["-q"], False)):
+        seen.clear()
+        result = CliRunner().invoke(app, [*flags, "demo", "--out", str(tmp_path / "demo"), "--max-train", "16",
+                                          "--epochs", "1"])
+        assert result.exit_code == 0, result.output
+        assert seen == [shown, shown], flags
