@@ -373,7 +373,9 @@ def update(
     tolerance: Annotated[float, typer.Option(help="Largest allowed drop on earlier data (0.01 = 1 point).")] = 0.01,
     promote: Annotated[Optional[bool], typer.Option("--promote/--no-promote",
                                                     help="Override the gate (default: the gate decides).")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Default: as the current version was trained.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="At most this many epochs, with no step cap (default: as "
+                                                       "the current version was trained, its max_steps "
+                                                       "included).")] = None,
     labels: Annotated[Optional[str], typer.Option(help="Comma-separated label names: the current ones plus labels "
                                                        "to add (each needs rows in --data). Default: the current "
                                                        "labels.")] = None,
@@ -388,7 +390,8 @@ def update(
 
     reg = _open(registry)
     training = TrainConfig.from_dict(reg.current(task).training)
-    changes = {"progress": _progress(progress)} | ({"epochs": epochs} if epochs is not None else {})
+    # The epochs asked for, not the current version's step cap (which was set for other data).
+    changes = {"progress": _progress(progress)} | ({"epochs": epochs, "max_steps": None} if epochs is not None else {})
     config = UpdateConfig(replay_ratio=replay_ratio, penalty=penalty, tolerance=tolerance)
     labels_list = None if labels is None else [x.strip() for x in labels.split(",") if x.strip()]
     spec = grown_spec(reg.spec(task), labels_list)

@@ -494,3 +494,20 @@ def test_predict_prints_no_probabilities_for_a_regression_task(reg_copy):
     assert result.exit_code == 0, result.output
     assert json.loads(result.output) == {"text": "a fine song", "prediction": pytest.approx(expected[0])}
     clean_failure(invoke("predict", reg_copy, "rating", "a fine song", "--proba"), "regression")
+
+
+def test_update_epochs_are_not_capped_by_the_current_versions_max_steps(reg_copy, tmp_path):
+    # update trains with the current version's settings: passing --epochs kept its max_steps, so a task added with
+    # --max-steps 2 updated for 2 steps whatever --epochs said.
+    reg = Registry.open(reg_copy, device="cpu")
+    reg.add_task(TaskSpec("capped", labels=["neg", "pos"]), toy_sentiment(32, 6),
+                 training=TrainConfig(max_steps=2, progress=False, validation_fraction=0.0, probe_init=False))
+    pd.DataFrame(toy_sentiment(48, 7)).to_csv(tmp_path / "new.csv", index=False)
+    result = invoke("update", reg_copy, "capped", "--data", tmp_path / "new.csv", "--epochs", "2", "--no-progress",
+                    "--promote")
+    assert result.exit_code == 0, result.output
+    training = Registry.open(reg_copy, device="cpu").current("capped").training
+    assert training["epochs"] == 2 and training["max_steps"] is None and training["steps"] > 2, training
+    result = invoke("update", reg_copy, "capped", "--data", tmp_path / "new.csv", "--no-progress", "--promote")
+    assert result.exit_code == 0, result.output  # without --epochs, the current version's settings as they are
+    assert Registry.open(reg_copy, device="cpu").current("capped").training["epochs"] == 2
