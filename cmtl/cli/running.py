@@ -68,8 +68,9 @@ def bench(
     = "adapters,seq-ft,replay,ewc,lwf,joint",
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default runs/bench/<scenario>).")] = None,
     orders: Annotated[str, typer.Option(help="Comma-separated orders: stated, random-1, ..., or all.")] = "stated",
-    max_train: Annotated[Optional[int], typer.Option(help="Override the scenario's training cap.")] = None,
-    max_eval: Annotated[Optional[int], typer.Option(help="Override the scenario's validation/test cap.")] = None,
+    max_train: Annotated[Optional[int], typer.Option(min=1, help="Override the scenario's training cap.")] = None,
+    max_eval: Annotated[Optional[int], typer.Option(min=1, help="Override the scenario's validation/test cap.")]
+    = None,
     epochs: Annotated[Optional[int], typer.Option(help="At most this many epochs per experience (default: "
                                                        "TrainConfig's, 10), for every strategy.")] = None,
     lr_schedule: Annotated[str, typer.Option(help="linear (decay to 0) or constant after the warm-up.")] = "linear",

@@ -511,3 +511,10 @@ def test_update_epochs_are_not_capped_by_the_current_versions_max_steps(reg_copy
     result = invoke("update", reg_copy, "capped", "--data", tmp_path / "new.csv", "--no-progress", "--promote")
     assert result.exit_code == 0, result.output  # without --epochs, the current version's settings as they are
     assert Registry.open(reg_copy, device="cpu").current("capped").training["epochs"] == 2
+
+
+@pytest.mark.parametrize("option", ["--max-train", "--max-eval"])
+def test_bench_refuses_a_cap_of_zero_rows(option):
+    # A cap of 0 read as no override (`max_train or sc.max_train`): the benchmark ran on the scenario's own cap.
+    result = invoke("bench", "text5", "--dry-run", option, "0")
+    assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output, result.output
