@@ -42,7 +42,7 @@ class TrainConfig:
             :data:`EVAL_EVERY_MAX` steps when an epoch is longer.
         patience: Stop after this many evaluations without improvement;
             ``None`` never stops early. The best evaluated state is kept.
-        grad_clip: Max global gradient norm; ``None`` disables clipping.
+        grad_clip: Max global gradient norm (> 0); ``None`` disables clipping.
         head_dropout: Dropout before the task head.
         eval_batch_size: Batch size for evaluation and prediction.
         length_grouping: Sort examples by length within windows of this many
@@ -72,7 +72,8 @@ class TrainConfig:
             on validation by more than this many standard errors of the paired per-row difference
             (each row right or wrong, for single-label tasks), so a gain the validation rows cannot tell
             from noise keeps the simpler probe (the one-standard-error rule). 0 (the default) takes any
-            gain. The version records the gain as ``training.probe_gain``.
+            gain. The version records the gain as ``training.probe_gain``. Refused (like ``probe_start``)
+            beside ``probe_init=False``, which skips the probe it applies to.
         probe_start: With ``probe_init``, also start training from the probe's head (LP-FT, Kumar
             et al. 2022) instead of a fresh one. Off by default: measured less accurate at these
             budgets (docs/results.md, "Defaults of add_task").
