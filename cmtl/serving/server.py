@@ -293,7 +293,8 @@ def _disk_generation(root: Path) -> Any:
 
 
 def create_app(registry: str | Path | InferenceEngine, config: ServeConfig | None = None, *, device: str = "auto"):
-    """The FastAPI app serving ``registry`` (a folder, or an engine already built on one)."""
+    """The FastAPI app serving ``registry`` (a folder, or an engine already built on one, whose
+    ``max_batch_size`` and ``max_batch_tokens`` ``config`` must then repeat; ``device`` is the engine's)."""
     require("fastapi", "fastapi_offline", "prometheus_client", purpose="Serving")
     from fastapi import Request
     from fastapi.exceptions import RequestValidationError
@@ -303,6 +304,12 @@ def create_app(registry: str | Path | InferenceEngine, config: ServeConfig | Non
     config = config or ServeConfig()
     engine = registry if isinstance(registry, InferenceEngine) else InferenceEngine(
         registry, device=device, max_batch_size=config.max_batch_size, max_batch_tokens=config.max_batch_tokens)
+    for key in ("max_batch_size", "max_batch_tokens"):  # an engine given chunks its forwards by its own
+        if getattr(engine, key) != getattr(config, key):
+            raise InvalidParameterError(bad_param(
+                key, "ServeConfig", f"be the InferenceEngine's own ({getattr(engine, key)}) when create_app is given "
+                "an engine, which batches by its limits", getattr(config, key),
+                f"Build the engine with {key}={getattr(config, key)}, or pass the registry folder instead."))
     metrics = Metrics()
     poller = _Poller(engine, config, metrics)
     state: dict[str, Any] = {}

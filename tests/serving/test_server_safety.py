@@ -469,3 +469,12 @@ def test_a_task_on_text_pairs_is_served_with_text_pairs(tmp_path, tiny_backbone)
                            ({"task": "single", "texts": texts, "text_pairs": seconds}, "leave text_pairs out")]:
             r = client.post("/v1/predict", json=body)
             assert r.status_code == 422 and says in r.json()["detail"][0]["msg"], r.text
+
+
+def test_an_engine_given_to_create_app_is_not_served_with_other_batch_limits(served):
+    # The engine chunks every forward by its own limits: a ServeConfig asking for others was ignored silently.
+    engine = InferenceEngine(served, device="cpu", max_batch_size=64, max_batch_tokens=4096)
+    for knob in ({"max_batch_size": 8}, {"max_batch_tokens": 512}):
+        with pytest.raises(ValueError, match=f"{next(iter(knob))}.*InferenceEngine"):
+            create_app(engine, ServeConfig(**knob))
+    create_app(engine, ServeConfig(max_texts=4))  # the limits the engine does not hold apply as given
