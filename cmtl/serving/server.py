@@ -294,13 +294,16 @@ def _disk_generation(root: Path) -> Any:
 
 def create_app(registry: str | Path | InferenceEngine, config: ServeConfig | None = None, *, device: str = "auto"):
     """The FastAPI app serving ``registry`` (a folder, or an engine already built on one, whose
-    ``max_batch_size`` and ``max_batch_tokens`` ``config`` must then repeat; ``device`` is the engine's)."""
+    ``max_batch_size`` and ``max_batch_tokens`` a ``config`` given must then repeat; without one they are taken
+    from the engine; ``device`` is the engine's)."""
     require("fastapi", "fastapi_offline", "prometheus_client", purpose="Serving")
     from fastapi import Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import PlainTextResponse
     from fastapi_offline import FastAPIOffline
 
+    if config is None and isinstance(registry, InferenceEngine):  # the engine's own limits, the rest by default
+        config = ServeConfig(max_batch_size=registry.max_batch_size, max_batch_tokens=registry.max_batch_tokens)
     config = config or ServeConfig()
     engine = registry if isinstance(registry, InferenceEngine) else InferenceEngine(
         registry, device=device, max_batch_size=config.max_batch_size, max_batch_tokens=config.max_batch_tokens)

@@ -478,3 +478,5 @@ def test_an_engine_given_to_create_app_is_not_served_with_other_batch_limits(ser
         with pytest.raises(ValueError, match=f"{next(iter(knob))}.*InferenceEngine"):
             create_app(engine, ServeConfig(**knob))
     create_app(engine, ServeConfig(max_texts=4))  # the limits the engine does not hold apply as given
+    own = InferenceEngine(served, device="cpu", max_batch_size=8, max_batch_tokens=512)
+    create_app(own)  # without a config, the engine's limits are the app's
