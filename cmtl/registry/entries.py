@@ -66,7 +66,7 @@ def merge_record(name: str, members: list[tuple[str, int]], specs: dict[str, Tas
 
 #: TrainConfig fields joint training (``train_group``) does not read: not recorded with a group.
 GROUP_UNUSED_TRAINING = ("epochs", "max_steps", "eval_every", "patience", "length_grouping", "cache_frozen_mb",
-                         "validation_fraction", "probe_init", "probe_start")
+                         "validation_fraction", "probe_init", "probe_start", "probe_margin", "ema_decay")
 
 
 def group_record(name: str, specs: dict[str, TaskSpec], config: MultiTaskConfig, training: TrainConfig,

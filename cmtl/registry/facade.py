@@ -738,9 +738,14 @@ class Registry(LoadedRegistry):
         specs = [self.spec(t) for t in tasks]  # TaskNotFoundError for unknown tasks
         adapter = adapter or AdapterConfig.from_dict(self._version_record(tasks[0], self._entry(tasks[0])["current"])
                                                      ["adapter"])
-        train_enc = [self._encode(read_examples(data[t][0], spec), spec) for t, spec in zip(tasks, specs)]
-        val_enc = [None if data[t][1] is None else self._encode(read_examples(data[t][1], spec), spec)
-                   for t, spec in zip(tasks, specs)]
+        train_ex = [read_examples(data[t][0], spec) for t, spec in zip(tasks, specs)]
+        val_ex = [None if data[t][1] is None else read_examples(data[t][1], spec) for t, spec in zip(tasks, specs)]
+        for examples, held, spec in zip(train_ex, val_ex, specs):
+            if held is not None:
+                warn_shared(examples, held, "validation rows", spec.name, "the group's kept state and validation "
+                            "scores are")
+        train_enc = [self._encode(ex, spec) for ex, spec in zip(train_ex, specs)]
+        val_enc = [None if ex is None else self._encode(ex, spec) for ex, spec in zip(val_ex, specs)]
         key, rt = merge_key(name), self._runtime
         with self._lock, seeded(training.seed, self.backbone.device):
             try:

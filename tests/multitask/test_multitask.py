@@ -543,6 +543,18 @@ def test_affinity_is_averaged_over_the_steps_that_measured_each_pair(monkeypatch
     np.testing.assert_allclose(result.affinity, total / count, rtol=1e-6, atol=1e-9)
 
 
+def test_a_group_reports_validation_rows_that_are_training_rows(registry):
+    quick = TrainConfig(batch_size=8, progress=False)
+    for task, rows in (("sentiment", toy_sentiment(16)), ("topic", toy_topics(15))):
+        registry.add_task(TaskSpec(task, labels=["neg", "pos"] if task == "sentiment" else TOPICS), rows,
+                          training=dataclasses.replace(quick, max_steps=2))
+    train = toy_sentiment(24)
+    data = {"sentiment": (train, train[:5] + toy_sentiment(5, 1)), "topic": (toy_topics(24), None)}
+    with pytest.warns(UserWarning, match=r"Task 'sentiment': 5 of 10 validation rows \(50 %\) are also in the "
+                                         "training data"):
+        registry.train_group("g", data, config=MultiTaskConfig(steps=2), training=quick)
+
+
 def test_group_knobs_that_would_be_ignored_are_refused_or_named(registry, caplog):
     """train_group accepted a misspelt task in MultiTaskConfig.weights (the task trained at weight 1), per-task
     adapter modules/layers it never used, and TrainConfig budget fields it never read, recording them as applied."""
@@ -565,6 +577,8 @@ def test_group_knobs_that_would_be_ignored_are_refused_or_named(registry, caplog
     assert "g" not in registry.merges()
     with caplog.at_level(logging.WARNING, logger="cmtl.registry.facade"):
         record = registry.train_group("g", data, config=MultiTaskConfig(steps=2),
-                                      training=dataclasses.replace(quick, max_steps=1, patience=5))
-    assert record["steps"] == 2 and "TrainConfig.max_steps=1, TrainConfig.patience=5 do not apply" in caplog.text
+                                      training=dataclasses.replace(quick, max_steps=1, patience=5, ema_decay=0.9))
+    assert record["steps"] == 2 and ("TrainConfig.max_steps=1, TrainConfig.patience=5, TrainConfig.ema_decay=0.9 do "
+                                     "not apply") in caplog.text
+    assert "ema_decay" not in record["training"]
     assert "max_steps" not in record["training"] and record["training"]["batch_size"] == 8
