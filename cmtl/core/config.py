@@ -98,7 +98,7 @@ class AdapterConfig:
     layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.r, int) or self.r < 1:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise InvalidParameterError(bad_param("r", "AdapterConfig", "be a positive integer (the LoRA rank)",
                                                   self.r))
         if self.alpha <= 0:

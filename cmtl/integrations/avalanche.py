@@ -220,9 +220,10 @@ class AvalancheConfig:
     def __post_init__(self) -> None:
         for key in ("epochs", "batch_size", "eval_batch_size", "mem_size"):
             value = getattr(self, key)
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"AvalancheConfig.{key} must be a positive integer. Got {value!r}.")
-        if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 1):
+        if self.patience is not None and (isinstance(self.patience, bool) or not isinstance(self.patience, int)
+                                          or self.patience < 1):
             raise ValueError(f"AvalancheConfig.patience must be a positive integer or None. Got {self.patience!r}.")
         for key in ("learning_rate", "lwf_temperature"):
             if not getattr(self, key) > 0:

@@ -100,7 +100,7 @@ class ServeConfig:
     def __post_init__(self) -> None:
         for key in ("max_texts", "max_chars", "max_body_bytes", "max_batch_size", "max_batch_tokens"):
             value = getattr(self, key)
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidParameterError(bad_param(key, "ServeConfig", "be a positive integer", value))
         for key in ("max_wait_ms", "poll_seconds"):  # inf would hold a short batch (or the hot swap) forever
             value = getattr(self, key)

@@ -118,12 +118,12 @@ class TrainConfig:
         for key in ("max_steps", "eval_every", "patience"):
             if getattr(self, key) is not None:
                 positive[key] = getattr(self, key)
-        for key, value in positive.items():
-            if not isinstance(value, int) or value < 1:
+        for key, value in positive.items():  # a bool is an int to Python (epochs=True): refused as well
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidParameterError(bad_param(key, "TrainConfig", "be a positive integer", value))
         for key in ("length_grouping", "cache_frozen_mb"):
             value = getattr(self, key)
-            if not isinstance(value, int) or value < 0:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise InvalidParameterError(bad_param(key, "TrainConfig", "be an integer >= 0", value))
         for key in ("probe_init", "probe_start", "gradient_checkpointing"):
             if not isinstance(getattr(self, key), bool):

@@ -163,6 +163,10 @@ def test_run_strategy_errors(benchmark, backbone):
         av.run_strategy("naive", benchmark, two_heads)
     with pytest.raises(ValueError, match=r"AvalancheConfig.mem_size must be a positive integer. Got 0"):
         av.AvalancheConfig(mem_size=0)
+    with pytest.raises(ValueError, match=r"AvalancheConfig.epochs must be a positive integer. Got True"):
+        av.AvalancheConfig(epochs=True)  # a bool is an int to Python
+    with pytest.raises(ValueError, match=r"AvalancheConfig.patience must be a positive integer or None. Got True"):
+        av.AvalancheConfig(patience=True)
     with pytest.raises(ValueError, match=r"AvalancheConfig.ewc_lambda must be a finite number >= 0. Got -1"):
         av.AvalancheConfig(ewc_lambda=-1.0)
 

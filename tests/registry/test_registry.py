@@ -303,10 +303,18 @@ def test_bad_configs():
         TaskSpec("t", labels=["x", "y"], problem_type="ranking")
     with pytest.raises(ValueError, match="duplicate labels"):
         TaskSpec("t", labels=["x", "x"])
-    with pytest.raises(ValueError, match="'r' parameter of AdapterConfig must be a positive integer"):
-        AdapterConfig(r=0)
+    for r in (0, True):
+        with pytest.raises(ValueError, match="'r' parameter of AdapterConfig must be a positive integer"):
+            AdapterConfig(r=r)
     with pytest.raises(ValueError, match="'epochs' parameter of TrainConfig must be a positive integer"):
         TrainConfig(epochs=0)
+    for knob in ({"epochs": True}, {"batch_size": True}, {"patience": True}, {"cache_frozen_mb": False}):
+        with pytest.raises(ValueError, match=f"'{next(iter(knob))}' parameter of TrainConfig must be"):
+            TrainConfig(**knob)  # a bool is an int to Python: epochs=True trained one epoch
+    from cmtl.serving.server import ServeConfig
+
+    with pytest.raises(ValueError, match="'max_texts' parameter of ServeConfig must be a positive integer"):
+        ServeConfig(max_texts=True)
     with pytest.raises(ValueError, match="'pooling' parameter of BackboneConfig must be one of"):
         BackboneConfig(pooling="max")
 
