@@ -310,21 +310,23 @@ def evaluate(
 @app.command("ls")
 def list_tasks(registry: RegistryArg) -> None:
     """List tasks with their current version, metrics, size and parameters, and the merged/joint entries."""
+    from cmtl.core.tasks import PRIMARY_METRIC
     from cmtl.registry import lineage
 
     reg = lineage.read(registry)  # the manifest alone: no backbone is loaded
     rows = []
     for name in reg.tasks():
         info, spec = reg.current(name), reg.spec(name)
+        metric = PRIMARY_METRIC[spec.problem_type][0]  # accuracy, micro_f1 or mse: each task's own score
         rows.append({
             "task": name, "version": f"v{info.version}/{len(reg.versions(name))}", "type": spec.problem_type,
-            "labels": len(spec.labels), "val_acc": info.metrics.get("validation_accuracy"),
+            "labels": len(spec.labels), "metric": metric, "val": info.metrics.get(f"validation_{metric}"),
             "params": f"{info.trainable_parameters:,}", "bytes": f"{info.bytes_on_disk:,}", "created": info.created,
         })
     backbone = reg.recorded_backbone
     typer.echo(f"{reg.root}  backbone {backbone['name_or_path']} (weights sha256 {backbone['sha256'][:12]}…)")
-    typer.echo(format_table(rows, ["task", "version", "type", "labels", "val_acc", "params", "bytes", "created"])
-               if rows else "(no tasks)")
+    typer.echo(format_table(rows, ["task", "version", "type", "labels", "metric", "val", "params", "bytes",
+                                   "created"]) if rows else "(no tasks)")
     entries = []
     for name in reg.merges():
         info = reg.merge_info(name)
@@ -338,28 +340,34 @@ def list_tasks(registry: RegistryArg) -> None:
     if entries:
         typer.echo("")
         typer.echo(format_table(entries, ["entry", "kind", "tasks", "rank", "score", "frozen", "created"]))
-        typer.echo("(score: a merge's held-out accuracy over its members' own, and the frozen backbone's; "
-                   "predict TASK --merge ENTRY)")
+        typer.echo("(score: a merge's held-out score over its members' own, the mean over its tasks of their metric "
+                   "(own / merged for an error such as mse), and the frozen backbone's; predict TASK --merge ENTRY)")
 
 
 @app.command()
 def versions(registry: RegistryArg, task: TaskArg) -> None:
     """Show a task's lineage: every version, its parent and metrics (beside a new task's, its linear probe's)."""
+    from cmtl.core.tasks import PRIMARY_METRIC
     from cmtl.registry import lineage
 
-    infos = lineage.read(registry).versions(task)
+    reg = lineage.read(registry)
+    infos = reg.versions(task)
+    metric = PRIMARY_METRIC[reg.spec(task).problem_type][0]  # the task's own score: accuracy, micro_f1 or mse
+    short = {"accuracy": "acc", "micro_f1": "f1"}.get(metric, metric)
     rows = [{"version": f"v{i.version}" + (" *" if i.current else ""), "parent": i.parent and f"v{i.parent}",
              "kind": i.kind, "labels": len(i.labels or ()),
              "head": (i.head or {}).get("config", {}).get("kind", "linear"),
-             "val_acc": i.metrics.get("validation_accuracy"),
-             "probe_acc": (i.training.get("probe_metrics") or {}).get("validation_accuracy"),
-             "new_acc": i.metrics.get("new_accuracy"),
-             "old_acc": i.metrics.get("old_accuracy"), "examples": i.training.get("examples"),
+             f"val_{short}": i.metrics.get(f"validation_{metric}"),
+             f"probe_{short}": (i.training.get("probe_metrics") or {}).get(f"validation_{metric}"),
+             f"new_{short}": i.metrics.get(f"new_{metric}"),
+             f"old_{short}": i.metrics.get(f"old_{metric}"), "examples": i.training.get("examples"),
              "replayed": i.training.get("replayed"), "seconds": i.train_seconds, "created": i.created, "note": i.note}
             for i in infos]
-    typer.echo(format_table(rows, ["version", "parent", "kind", "labels", "head", "val_acc", "probe_acc", "new_acc",
-                                   "old_acc", "examples", "replayed", "seconds", "created", "note"]))
-    typer.echo("(* = current; probe_acc: the step-0 linear probe on the same validation rows)")
+    typer.echo(format_table(rows, ["version", "parent", "kind", "labels", "head", f"val_{short}", f"probe_{short}",
+                                   f"new_{short}", f"old_{short}", "examples", "replayed", "seconds", "created",
+                                   "note"]))
+    named = f"{short} = {metric}; " if short != metric else ""
+    typer.echo(f"(* = current; {named}probe_{short}: the step-0 linear probe on the same validation rows)")
 
 
 @app.command()

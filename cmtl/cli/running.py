@@ -74,8 +74,9 @@ def bench(
     epochs: Annotated[Optional[int], typer.Option(help="At most this many epochs per experience (default: "
                                                        "TrainConfig's, 10), for every strategy.")] = None,
     lr_schedule: Annotated[str, typer.Option(help="linear (decay to 0) or constant after the warm-up.")] = "linear",
-    patience: Annotated[int, typer.Option(help="Stop after this many validation checks (one per epoch) without "
-                                               "improvement and keep the best; 0 never stops early.")] = 2,
+    patience: Annotated[int, typer.Option(help="Stop after this many validation checks (one per epoch, or every "
+                                               "250 steps when an epoch is longer) without improvement and keep "
+                                               "the best; 0 never stops early.")] = 2,
     layers: Annotated[Optional[int], typer.Option(help="Use only the first N backbone layers.")] = None,
     backbone: Annotated[Optional[str], typer.Option(
         help="Local folder of an encoder or a decoder, or a .gguf file (default: embedded all-MiniLM-L6-v2).")]

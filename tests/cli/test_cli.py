@@ -496,6 +496,23 @@ def test_predict_prints_no_probabilities_for_a_regression_task(reg_copy):
     clean_failure(invoke("predict", reg_copy, "rating", "a fine song", "--proba"), "regression")
 
 
+def test_ls_and_versions_show_each_tasks_own_validation_score(reg_copy):
+    # Both printed validation_accuracy only: a regression (or multi-label) task showed an empty column although
+    # its validation mse (micro_f1) was recorded.
+    reg = Registry.open(reg_copy, device="cpu")
+    rows = [{"text": r["text"], "label": float(r["label"] == "pos")} for r in toy_sentiment(24)]
+    info = reg.add_task(TaskSpec("rating", problem_type="regression"), rows,
+                        training=TrainConfig(max_steps=2, progress=False, probe_init=False))
+    mse = f"{info.metrics['validation_mse']:.4f}"
+    listing = invoke("ls", reg_copy).output.splitlines()
+    header = next(line for line in listing if line.startswith("task"))
+    rating = next(line for line in listing if line.startswith("rating"))
+    assert rating[header.index("metric"):].split()[:2] == ["mse", mse], listing
+    lineage = invoke("versions", reg_copy, "rating").output.splitlines()
+    column = lineage[0].index("val_mse")
+    assert lineage[2][column:column + len(mse)] == mse and "mse = mse" not in lineage[-1], lineage
+
+
 def test_update_epochs_are_not_capped_by_the_current_versions_max_steps(reg_copy, tmp_path):
     # update trains with the current version's settings: passing --epochs kept its max_steps, so a task added with
     # --max-steps 2 updated for 2 steps whatever --epochs said.
