@@ -48,7 +48,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -293,26 +293,29 @@ def _disk_generation(root: Path) -> Any:
 
 
 def create_app(registry: str | Path | InferenceEngine, config: ServeConfig | None = None, *, device: str = "auto"):
-    """The FastAPI app serving ``registry`` (a folder, or an engine already built on one, whose
-    ``max_batch_size`` and ``max_batch_tokens`` a ``config`` given must then repeat; without one they are taken
-    from the engine; ``device`` is the engine's)."""
+    """The FastAPI app serving ``registry`` (a folder, or an engine already built on one: the app then batches
+    by the engine's ``max_batch_size`` and ``max_batch_tokens``, and ``config`` may leave them out or repeat
+    them; ``device`` is the engine's)."""
     require("fastapi", "fastapi_offline", "prometheus_client", purpose="Serving")
     from fastapi import Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import PlainTextResponse
     from fastapi_offline import FastAPIOffline
 
-    if config is None and isinstance(registry, InferenceEngine):  # the engine's own limits, the rest by default
-        config = ServeConfig(max_batch_size=registry.max_batch_size, max_batch_tokens=registry.max_batch_tokens)
     config = config or ServeConfig()
-    engine = registry if isinstance(registry, InferenceEngine) else InferenceEngine(
-        registry, device=device, max_batch_size=config.max_batch_size, max_batch_tokens=config.max_batch_tokens)
-    for key in ("max_batch_size", "max_batch_tokens"):  # an engine given chunks its forwards by its own
-        if getattr(engine, key) != getattr(config, key):
-            raise InvalidParameterError(bad_param(
-                key, "ServeConfig", f"be the InferenceEngine's own ({getattr(engine, key)}) when create_app is given "
-                "an engine, which batches by its limits", getattr(config, key),
-                f"Build the engine with {key}={getattr(config, key)}, or pass the registry folder instead."))
+    if isinstance(registry, InferenceEngine):  # it chunks every forward by its own limits: the app's are its
+        engine, limits = registry, ("max_batch_size", "max_batch_tokens")
+        for key in limits:
+            asked, own = getattr(config, key), getattr(engine, key)
+            if asked != own and asked != getattr(ServeConfig, key):  # set to another value than the engine's
+                raise InvalidParameterError(bad_param(
+                    key, "ServeConfig", f"be left out or be the InferenceEngine's own ({own}) when create_app is "
+                    "given an engine, which batches by its limits", asked,
+                    f"Build the engine with {key}={asked}, or pass the registry folder instead."))
+        config = replace(config, **{key: getattr(engine, key) for key in limits})
+    else:
+        engine = InferenceEngine(registry, device=device, max_batch_size=config.max_batch_size,
+                                 max_batch_tokens=config.max_batch_tokens)
     metrics = Metrics()
     poller = _Poller(engine, config, metrics)
     state: dict[str, Any] = {}

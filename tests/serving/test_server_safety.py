@@ -472,7 +472,8 @@ def test_a_task_on_text_pairs_is_served_with_text_pairs(tmp_path, tiny_backbone)
 
 
 def test_an_engine_given_to_create_app_is_not_served_with_other_batch_limits(served):
-    # The engine chunks every forward by its own limits: a ServeConfig asking for others was ignored silently.
+    # The engine chunks every forward by its own limits: a ServeConfig asking for others got them only in the
+    # batcher's row count (max_batch_size) or not at all (max_batch_tokens).
     engine = InferenceEngine(served, device="cpu", max_batch_size=64, max_batch_tokens=4096)
     for knob in ({"max_batch_size": 8}, {"max_batch_tokens": 512}):
         with pytest.raises(ValueError, match=f"{next(iter(knob))}.*InferenceEngine"):
@@ -480,3 +481,4 @@ def test_an_engine_given_to_create_app_is_not_served_with_other_batch_limits(ser
     create_app(engine, ServeConfig(max_texts=4))  # the limits the engine does not hold apply as given
     own = InferenceEngine(served, device="cpu", max_batch_size=8, max_batch_tokens=512)
     create_app(own)  # without a config, the engine's limits are the app's
+    create_app(own, ServeConfig(poll_seconds=3600))  # and with one that leaves them out
