@@ -291,8 +291,10 @@ def test_group_cli(registry, tmp_path):
     registry.add_task(TaskSpec("sentiment", labels=["neg", "pos"]), toy_sentiment(32), training=FAST)
     registry.add_task(TaskSpec("topic", labels=TOPICS), toy_topics(30), training=FAST)
     files = {}
+    # toy_topics writes 18 distinct texts: its validation rows get words of their own, or they are training rows.
+    topic_validation = [{"text": f"{r['text']} again", "label": r["label"]} for r in toy_topics(16, 1)]
     for name, rows in [("s", toy_sentiment(48)), ("sv", toy_sentiment(16, 1)), ("t", toy_topics(48)),
-                       ("tv", toy_topics(16, 1))]:
+                       ("tv", topic_validation)]:
         files[name] = tmp_path / f"{name}.csv"
         pd.DataFrame(rows).to_csv(files[name], index=False)
     run = CliRunner().invoke
