@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import fields
-from typing import Any
+from typing import Any, Iterable
 
 
 def known_keys(cls: type, d: dict[str, Any]) -> dict[str, Any]:
@@ -13,13 +13,18 @@ def known_keys(cls: type, d: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if k in names}
 
 
+def set_fields(config: Any, names: Iterable[str]) -> list[str]:
+    """The fields among ``names`` (in their order) that the dataclass ``config`` holds away from their default."""
+    defaults = {f.name: f.default for f in fields(config)}
+    return [k for k in names if getattr(config, k) != defaults[k]]
+
+
 def refuse_unread(config: Any, choice: str, reads: dict[str, tuple[str, ...]]) -> None:
     """Refuse fields of ``config`` set away from their default that its field ``choice`` (a mode such as a
     schedule or a penalty) never reads under the value chosen: they would train as if unset, silently.
     ``reads``: field -> the values of ``choice`` that read it."""
     chosen = getattr(config, choice)
-    defaults = {f.name: f.default for f in fields(config)}
-    ignored = [k for k, users in reads.items() if chosen not in users and getattr(config, k) != defaults[k]]
+    ignored = [k for k in set_fields(config, reads) if chosen not in reads[k]]
     if ignored:
         used = sorted(k for k, users in reads.items() if chosen in users)
         applies = "; ".join(f"{k} to {', '.join(repr(u) for u in users)}" for k, users in reads.items())

@@ -22,12 +22,12 @@ baseline these are measured against.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Literal, Sequence
 
 import torch
 
-from cmtl._config import refuse_unread
+from cmtl._config import refuse_unread, set_fields
 from cmtl.core.adapters import lora_factors, lora_state
 from cmtl.errors import InvalidParameterError, bad_param
 from cmtl.training.probe import refit_head  # noqa: F401  (re-exported: cmtl.merging.refit_head)
@@ -138,9 +138,8 @@ class MergeConfig:
     def refuse_searched(self) -> None:
         """Refuse knobs set away from their defaults that a search (``Registry.merge(search=True)``) chooses
         itself: the grid would overwrite them, silently."""
-        defaults = {f.name: f.default for f in fields(self)}
         chosen = ["scale"] + [k for k, users in READS.items() if self.method in users]
-        kept = [k for k in chosen if getattr(self, k) != defaults[k]]
+        kept = set_fields(self, chosen)
         if kept:
             raise ValueError(f"{kept} set, but search=True chooses {chosen} for method={self.method!r} itself and "
                              "would overwrite them. Leave them out to let the search choose, or merge with your "

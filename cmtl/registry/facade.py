@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from cmtl._config import set_fields
 from cmtl._io import tensors_to_bytes
 from cmtl.continual import analytic, updates
 from cmtl.continual.config import AnalyticConfig
@@ -725,8 +726,7 @@ class Registry(LoadedRegistry):
             affinity matrix when measured (``affinity[i][j]`` = Z of task i onto task j).
         """
         config, training = config or MultiTaskConfig(), training or TrainConfig()
-        unused = {k: getattr(training, k) for k in entries.GROUP_UNUSED_TRAINING
-                  if getattr(training, k) != getattr(TrainConfig(), k)}
+        unused = {k: getattr(training, k) for k in set_fields(training, entries.GROUP_UNUSED_TRAINING)}
         if unused:
             logger.warning("Group %s: %s do not apply to joint training (MultiTaskConfig sets its steps and "
                            "evaluations; the best evaluated state is kept).",

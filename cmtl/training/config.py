@@ -7,7 +7,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from cmtl._config import known_keys
+from cmtl._config import known_keys, set_fields
 from cmtl.errors import InvalidParameterError, bad_param
 
 #: Default evaluation interval on long epochs (steps): convergence is checked at least this often.
@@ -153,7 +153,7 @@ class TrainConfig:
         if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0):
             raise InvalidParameterError(bad_param("grad_clip", "TrainConfig", "be a number > 0 (the largest "
                                                   "gradient norm) or None (no clipping)", clip))
-        unread = [k for k, default in (("probe_margin", 0.0), ("probe_start", False)) if getattr(self, k) != default]
+        unread = set_fields(self, ("probe_margin", "probe_start"))
         if unread and not self.probe_init:
             raise InvalidParameterError(bad_param(
                 unread[0], "TrainConfig", "keep its default without probe_init", getattr(self, unread[0]),
