@@ -52,6 +52,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from cmtl._extras import require
 from cmtl.errors import DataError, InvalidParameterError, TaskNotFoundError, bad_param
 from cmtl.registry import store
@@ -292,10 +294,19 @@ def _disk_generation(root: Path) -> Any:
 # --- the app ------------------------------------------------------------------------------
 
 
+def _same_device(asked: str, held: torch.device) -> bool:
+    """Whether ``asked`` names ``held`` ("cuda" names any CUDA device, "cuda:N" the N-th)."""
+    try:
+        want = torch.device(asked)
+    except (RuntimeError, TypeError):
+        return False
+    return want.type == held.type and (want.index is None or held.index is None or want.index == held.index)
+
+
 def create_app(registry: str | Path | InferenceEngine, config: ServeConfig | None = None, *, device: str = "auto"):
     """The FastAPI app serving ``registry`` (a folder, or an engine already built on one: the app then batches
     by the engine's ``max_batch_size`` and ``max_batch_tokens``, and ``config`` may leave them out or repeat
-    them; ``device`` is the engine's)."""
+    them; ``device`` is the engine's, so it may only be ``"auto"`` or name that device)."""
     require("fastapi", "fastapi_offline", "prometheus_client", purpose="Serving")
     from fastapi import Request
     from fastapi.exceptions import RequestValidationError
@@ -313,6 +324,12 @@ def create_app(registry: str | Path | InferenceEngine, config: ServeConfig | Non
                     "given an engine, which batches by its limits", asked,
                     f"Build the engine with {key}={asked}, or pass the registry folder instead."))
         config = replace(config, **{key: getattr(engine, key) for key in limits})
+        held = engine.backbone.device
+        if device != "auto" and not _same_device(device, held):  # the backbone cannot move under the engine
+            raise InvalidParameterError(bad_param(
+                "device", "create_app", f"be 'auto' or the engine's own ({str(held)!r}) when create_app is given "
+                "an engine, which holds the backbone on its device", device,
+                f"Build the engine with device={device!r}, or pass the registry folder instead."))
     else:
         engine = InferenceEngine(registry, device=device, max_batch_size=config.max_batch_size,
                                  max_batch_tokens=config.max_batch_tokens)

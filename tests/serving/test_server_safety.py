@@ -482,3 +482,14 @@ def test_an_engine_given_to_create_app_is_not_served_with_other_batch_limits(ser
     own = InferenceEngine(served, device="cpu", max_batch_size=8, max_batch_tokens=512)
     create_app(own)  # without a config, the engine's limits are the app's
     create_app(own, ServeConfig(poll_seconds=3600))  # and with one that leaves them out
+
+
+def test_an_engine_given_to_create_app_is_not_served_on_another_device(served):
+    # The engine holds the backbone on its own device; create_app(engine, device="cuda") used to be accepted and
+    # served on the engine's CPU without a word.
+    engine = InferenceEngine(served, device="cpu")
+    for device in ("cuda", "meta", "cuda:1"):
+        with pytest.raises(ValueError, match=rf"device.*engine's own \('cpu'\).*got {device!r}"):
+            create_app(engine, device=device)
+    create_app(engine)  # "auto", the default: the engine's device
+    create_app(engine, device="cpu")  # the engine's own, named
