@@ -5,12 +5,26 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any, Iterable
 
+from cmtl.errors import InvalidParameterError, bad_param
+
+#: Seeds are integers in [0, SEED_LIMIT): what torch's and numpy's generators both take, with room for the
+#: offsets some seeds get (a version number, a sample count) before they reach one.
+SEED_LIMIT = 2**62
+
 
 def known_keys(cls: type, d: dict[str, Any]) -> dict[str, Any]:
     """The entries of ``d`` that are fields of the dataclass ``cls``: a record written by a newer cmtl
     may hold keys this one does not know (the manifest check reports those, see cmtl.registry.manifest)."""
     names = {f.name for f in fields(cls)}
     return {k: v for k, v in d.items() if k in names}
+
+
+def check_seed(value: Any, owner: str) -> None:
+    """Refuse a seed that is not an integer in [0, SEED_LIMIT): ``None`` would seed Python's ``random`` from
+    the clock (a different sample every run, silently) and torch refuses floats, strings and bools only once
+    training has started."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < SEED_LIMIT:
+        raise InvalidParameterError(bad_param("seed", owner, "be an integer in [0, 2**62)", value))
 
 
 def set_fields(config: Any, names: Iterable[str]) -> list[str]:

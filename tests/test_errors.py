@@ -12,6 +12,7 @@ import pytest
 
 from cmtl import (
     AdapterConfig,
+    AnalyticConfig,
     BackboneConfig,
     CmtlError,
     MemoryConfig,
@@ -163,8 +164,20 @@ BAD = {
                                        "not hold duplicate names", ["a", "a"]),
     "Scenario.task": (_scenario, {"kind": "domain-incremental"}, "task", "Scenario 's'",
                       "name the one task of a domain-incremental scenario", None),
+    "Scenario.random_orders": (_scenario, {"random_orders": (1, None)}, "random_orders", "Scenario 's'",
+                               "hold distinct integer seeds in [0, 2**62)", [1, None]),
+    "Scenario.random_orders repeated": (_scenario, {"random_orders": (1, 2, 1)}, "random_orders", "Scenario 's'",
+                                        "hold distinct integer seeds in [0, 2**62)", [1, 2, 1]),
     "Scenario.max_eval": (_scenario, {"max_eval": 0}, "max_eval", "Scenario 's'", "be >= 1", 0),
 }
+
+
+SEEDED = {"TrainConfig": TrainConfig, "MemoryConfig": MemoryConfig, "MergeConfig": MergeConfig,
+          "MonitorConfig": MonitorConfig, "AnalyticConfig": AnalyticConfig, "Scenario 's'": _scenario}
+# None seeded the replay buffers and held-out samples from the clock (a different sample on every run, silently);
+# torch refuses the others only once training has started.
+for (owner, make), seed in zip(SEEDED.items(), (None, 1.5, -1, True, "3", 2**62)):
+    BAD[f"{owner}.seed"] = (make, {"seed": seed}, "seed", owner, "be an integer in [0, 2**62)", seed)
 
 
 @pytest.mark.parametrize("case", list(BAD.values()), ids=list(BAD))

@@ -23,6 +23,7 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Literal
 
+from cmtl._config import SEED_LIMIT, check_seed
 from cmtl.benchmarks.corpora import corpus_info, load_corpus
 from cmtl.core.tasks import TaskSpec
 from cmtl.data import Examples, read_examples
@@ -75,6 +76,12 @@ class Scenario:
 
     def __post_init__(self) -> None:
         owner = f"Scenario {self.name!r}"
+        check_seed(self.seed, owner)
+        orders = list(self.random_orders)  # each seeds one shuffle, named random-<seed>: None would draw from the clock
+        if len(set(orders)) != len(orders) or not all(
+                isinstance(s, int) and not isinstance(s, bool) and 0 <= s < SEED_LIMIT for s in orders):
+            raise InvalidParameterError(bad_param("random_orders", owner, "hold distinct integer seeds in [0, 2**62)",
+                                                  orders))
         if self.kind not in KINDS:
             raise InvalidParameterError(bad_param("kind", owner, f"be one of {list(KINDS)}", self.kind))
         names = [e.name for e in self.experiences]

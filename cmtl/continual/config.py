@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, get_args
 
-from cmtl._config import known_keys
+from cmtl._config import check_seed, known_keys
 from cmtl.errors import InvalidParameterError, bad_param
 
 BufferKind = Literal["reservoir", "class_balanced", "task_balanced"]
@@ -46,6 +46,7 @@ class MemoryConfig:
                 raise InvalidParameterError(bad_param(key, "MemoryConfig", "be a positive integer", value))
         if not isinstance(self.features, bool):
             raise InvalidParameterError(bad_param("features", "MemoryConfig", "be True or False", self.features))
+        check_seed(self.seed, "MemoryConfig")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -95,8 +96,7 @@ class AnalyticConfig:
                 not 0.0 < self.shrinkage <= 1.0:
             # 0 would leave the covariance singular whenever there are fewer rows than feature dimensions.
             raise InvalidParameterError(bad_param("shrinkage", "AnalyticConfig", "be in (0, 1]", self.shrinkage))
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise InvalidParameterError(bad_param("seed", "AnalyticConfig", "be an integer", self.seed))
+        check_seed(self.seed, "AnalyticConfig")
         if self.features not in _ANALYTIC_FEATURES:
             raise InvalidParameterError(bad_param("features", "AnalyticConfig",
                                                   f"be one of {list(_ANALYTIC_FEATURES)}", self.features))

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cmtl._config import check_seed
 from cmtl.benchmarks.metrics import ContinualReport
 from cmtl.core.backbone import Backbone
 from cmtl.core.tasks import TaskSpec
@@ -225,6 +226,7 @@ class AvalancheConfig:
         if self.patience is not None and (isinstance(self.patience, bool) or not isinstance(self.patience, int)
                                           or self.patience < 1):
             raise ValueError(f"AvalancheConfig.patience must be a positive integer or None. Got {self.patience!r}.")
+        check_seed(self.seed, "AvalancheConfig")
         for key in ("learning_rate", "lwf_temperature"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"AvalancheConfig.{key} must be > 0. Got {getattr(self, key)!r}.")

@@ -27,7 +27,7 @@ from typing import Any, Literal, Sequence
 
 import torch
 
-from cmtl._config import refuse_unread, set_fields
+from cmtl._config import check_seed, refuse_unread, set_fields
 from cmtl.core.adapters import lora_factors, lora_state
 from cmtl.errors import InvalidParameterError, bad_param
 from cmtl.training.probe import refit_head  # noqa: F401  (re-exported: cmtl.merging.refit_head)
@@ -117,6 +117,7 @@ class MergeConfig:
         if self.method not in METHODS + PEFT_METHODS:
             raise InvalidParameterError(bad_param("method", "MergeConfig", f"be one of {list(METHODS + PEFT_METHODS)}",
                                                   self.method))
+        check_seed(self.seed, "MergeConfig")
         if self.scale is not None and not 0 <= self.scale <= 10:
             raise InvalidParameterError(bad_param("scale", "MergeConfig", "be in [0, 10] or None", self.scale))
         if not 0 < self.selection_fraction < 1:

@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from cmtl._config import check_seed
 from cmtl.data import as_texts, seeded_order
 from cmtl.errors import DataError, InvalidParameterError, bad_param
 
@@ -52,8 +53,7 @@ class MonitorConfig:
         if not isinstance(self.min_samples, int) or self.min_samples < 5:
             raise InvalidParameterError(bad_param("min_samples", "MonitorConfig", "be an integer >= 5",
                                                   self.min_samples))
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**62:
-            raise InvalidParameterError(bad_param("seed", "MonitorConfig", "be an integer in [0, 2**62)", self.seed))
+        check_seed(self.seed, "MonitorConfig")
         if not isinstance(self.max_samples, int) or self.max_samples < self.min_samples:
             raise InvalidParameterError(bad_param("max_samples", "MonitorConfig",
                                                   f"be an integer >= min_samples = {self.min_samples!r}",

@@ -7,7 +7,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from cmtl._config import known_keys, set_fields
+from cmtl._config import check_seed, known_keys, set_fields
 from cmtl.errors import InvalidParameterError, bad_param
 
 #: Default evaluation interval on long epochs (steps): convergence is checked at least this often.
@@ -128,6 +128,7 @@ class TrainConfig:
         for key in ("probe_init", "probe_start", "gradient_checkpointing"):
             if not isinstance(getattr(self, key), bool):
                 raise InvalidParameterError(bad_param(key, "TrainConfig", "be True or False", getattr(self, key)))
+        check_seed(self.seed, "TrainConfig")
         if not self.learning_rate > 0:
             raise InvalidParameterError(bad_param("learning_rate", "TrainConfig", "be > 0", self.learning_rate))
         if self.head_learning_rate is not None and not self.head_learning_rate > 0:

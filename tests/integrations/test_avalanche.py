@@ -169,6 +169,8 @@ def test_run_strategy_errors(benchmark, backbone):
         av.AvalancheConfig(patience=True)
     with pytest.raises(ValueError, match=r"AvalancheConfig.ewc_lambda must be a finite number >= 0. Got -1"):
         av.AvalancheConfig(ewc_lambda=-1.0)
+    with pytest.raises(ValueError, match=r"'seed' parameter of AvalancheConfig must be an integer in \[0, 2\*\*62\)"):
+        av.AvalancheConfig(seed=1.5)  # torch refused it only once the run had started
 
 
 FAST = av.AvalancheConfig(batch_size=8, epochs=8, learning_rate=0.1, mem_size=8)
