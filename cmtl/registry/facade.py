@@ -183,6 +183,15 @@ class Registry(LoadedRegistry):
                         "version's validation scores are")
         if val_ex is None and training.validation_fraction > 0 and len(train_ex) > 1:
             train_ex, val_ex = updates.split(train_ex, training.validation_fraction, training.seed, spec.name)
+        unread = training.unread_without_validation() if val_ex is None else []
+        if unread:
+            raise InvalidParameterError(bad_param(
+                unread[0], "TrainConfig", "keep its default when the task has no validation rows",
+                getattr(training, unread[0]),
+                f"{' and '.join(unread)} are read only on validation rows, and task {spec.name!r} has none "
+                f"(no validation data, validation_fraction={training.validation_fraction}, {len(train_ex)} "
+                "training rows): they would be ignored. Pass validation data, set validation_fraction > 0, or "
+                "leave them out."))
         train_enc = self._encode(train_ex, spec)
         val_enc = self._encode(val_ex, spec) if val_ex is not None else None
         if head is not None:

@@ -163,6 +163,12 @@ class TrainConfig:
         if not 0.0 <= self.head_dropout < 1.0:
             raise InvalidParameterError(bad_param("head_dropout", "TrainConfig", "be in [0, 1)", self.head_dropout))
 
+    def unread_without_validation(self) -> list[str]:
+        """The fields set away from their defaults that only validation rows are read with (early stopping,
+        the running average, the probe's margin), leaving out ``patience=None`` (no early stopping)."""
+        return [k for k in set_fields(self, ("eval_every", "patience", "ema_decay", "probe_margin"))
+                if getattr(self, k) is not None]
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

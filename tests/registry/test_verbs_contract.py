@@ -355,3 +355,19 @@ def test_the_known_lists_in_these_messages_are_the_registrys(reader):
     assert reader.tasks() == ["sentiment", "topic", "upper"] and reader.merges() == ["both"]
     assert [v.version for v in reader.versions("sentiment")] == [1]
     assert reader.merge_info("both")["tasks"] == ["sentiment", "topic"] and reader.spec("topic").labels == tuple(TOPICS)
+
+
+@pytest.mark.parametrize("knob", [{"eval_every": 2}, {"patience": 5}, {"ema_decay": 0.9}, {"probe_margin": 1.0}])
+def test_validation_knobs_without_validation_rows_are_refused_and_write_nothing(writer, knob):
+    # With no validation data and validation_fraction=0 there is nothing to evaluate on: these trained as if unset.
+    training = TrainConfig(max_steps=1, progress=False, validation_fraction=0.0, **knob)
+    name = next(iter(knob))
+    refused_and_unchanged(writer, lambda r: r.add_task(TaskSpec("new", labels=LABELS), S, training=training),
+                          InvalidParameterError, rf"'{name}' parameter of TrainConfig must keep its default when "
+                          rf"the task has no validation rows.*validation_fraction=0.0, 8 training rows")
+
+
+def test_training_without_validation_rows_needs_none_of_their_knobs(writer):
+    info = writer.add_task(TaskSpec("new", labels=LABELS), S, training=TrainConfig(
+        max_steps=1, progress=False, validation_fraction=0.0, patience=None))  # no early stopping: consistent
+    assert info.version == 1
