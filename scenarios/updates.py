@@ -16,6 +16,7 @@ seen so far is evaluated on its test split. Writes ``results.json`` and
     python scenarios/updates.py --layers 2 --max-train 200   # quick look
     python scenarios/updates.py --update-epochs 2            # warm-started updates train shorter
     python scenarios/updates.py --seeds 0,1,2                # mean ± sd over seeds (OUT/summary.md)
+    python scenarios/updates.py --update-validation-fraction 0.2   # updates hold out 20 % of the new data
 """
 
 from __future__ import annotations
@@ -41,11 +42,14 @@ METHODS = ("update-replay", "update-naive", "retrain")
 
 def run(scenario: Scenario, out: Path, *, backbone: BackboneConfig, training: TrainConfig, device: str = "auto",
         methods: tuple[str, ...] = METHODS, replay_ratio: float = 1.0, update_training: TrainConfig | None = None,
-        penalty: str = "none", echo=print) -> dict:
+        penalty: str = "none", validation_fraction: float | None = None, echo=print) -> dict:
     """Run ``methods`` over ``scenario``'s domains; write results into ``out``; return them.
 
     ``training`` trains the first version and every retraining; ``update_training`` (default: the
     same) the warm-started updates; ``penalty`` (``"none"``, ``"ewc"``, ``"lwf"``) applies to ``update-replay``.
+    ``validation_fraction``: the updates get no validation data and hold out this share of the new training
+    data instead (``UpdateConfig.validation_fraction``), as an update given one file does; ``None`` passes each
+    domain's validation split. The first version and the retrainings always get the validation splits.
     """
     update_training = update_training or training
     if scenario.kind != "domain-incremental":
@@ -56,7 +60,8 @@ def run(scenario: Scenario, out: Path, *, backbone: BackboneConfig, training: Tr
     out.mkdir(parents=True, exist_ok=True)
     results = {"scenario": scenario.name, "domains": names, "backbone": backbone.to_dict(),
                "training": training.to_dict(), "update_training": update_training.to_dict(), "penalty": penalty,
-               "replay_ratio": replay_ratio, "max_train": scenario.max_train, "max_eval": scenario.max_eval,
+               "replay_ratio": replay_ratio, "update_validation_fraction": validation_fraction,
+               "max_train": scenario.max_train, "max_eval": scenario.max_eval,
                "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
                "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"), "methods": {}}
     for method in methods:
@@ -73,10 +78,11 @@ def run(scenario: Scenario, out: Path, *, backbone: BackboneConfig, training: Tr
                              validation=Examples.concat([e.validation for e in seen]), training=training)
                 gate.append(None)
             else:
-                config = (UpdateConfig(replay_ratio=replay_ratio, penalty=penalty) if method == "update-replay"
-                          else UpdateConfig(replay_ratio=0.0))
-                result = reg.update_task(task, exp.train, validation=exp.validation, training=update_training,
-                                         config=config, promote=True)
+                held = {} if validation_fraction is None else {"validation_fraction": validation_fraction}
+                config = (UpdateConfig(replay_ratio=replay_ratio, penalty=penalty, **held) if method == "update-replay"
+                          else UpdateConfig(replay_ratio=0.0, **held))
+                result = reg.update_task(task, exp.train, validation=exp.validation if validation_fraction is None
+                                         else None, training=update_training, config=config, promote=True)
                 gate.append(result.reason.split("the gate said: ", 1)[-1])
             seconds.append(time.perf_counter() - started)
             for j in range(i + 1):
@@ -138,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--update-epochs", type=int, default=None, help="epochs of an update (default: --epochs)")
     parser.add_argument("--update-lr", type=float, default=None, help="learning rate of an update (default: that of training, 1e-3)")
     parser.add_argument("--penalty", choices=["none", "ewc", "lwf"], default="none", help="update-replay's penalty")
+    parser.add_argument("--update-validation-fraction", type=float, default=None,
+                        help="updates get no validation data and hold out this share of the new data instead "
+                             "(default: each domain's validation split is passed)")
     args = parser.parse_args(argv)
     scenario = Scenario.from_yaml(args.scenario)
     scenario = scenario.shrink(args.max_train or scenario.max_train, args.max_eval or scenario.max_eval)
@@ -157,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         where = out / f"seed-{seed}" if args.seeds else out
         runs.append(run(scenario, where, backbone=BackboneConfig(num_hidden_layers=args.layers), training=training,
                         update_training=update_training, penalty=args.penalty, device=args.device, methods=methods,
-                        replay_ratio=args.replay_ratio))
+                        replay_ratio=args.replay_ratio, validation_fraction=args.update_validation_fraction))
         print((where / "results.md").read_text())
     if args.seeds:
         summary = summarise(runs)

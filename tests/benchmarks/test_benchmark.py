@@ -227,6 +227,19 @@ def test_update_benchmark_script(tmp_path, tiny_backbone):
                     training=TrainConfig())
 
 
+def test_update_benchmark_can_leave_the_updates_to_hold_out_their_validation(tmp_path, tiny_backbone):
+    updates = load_script("updates")
+    backbone = BackboneConfig(name_or_path=tiny_backbone, max_length=32)
+    results = updates.run(shrunk("sentiment4").shrink(40, 12), tmp_path, backbone=backbone, device="cpu",
+                          training=TrainConfig(epochs=1, batch_size=8, progress=False), methods=("update-naive",),
+                          validation_fraction=0.25, echo=lambda line: None)
+    assert results["update_validation_fraction"] == 0.25
+    reg = Registry.open(tmp_path / "registry-update-naive", device="cpu")
+    first, *updated = reg.versions(reg.tasks()[0])
+    assert first.training["examples"] == 40  # the first version gets the validation split
+    for v in updated:  # an update holds out a quarter of its 40 new rows: 30 train (with no replay)
+        assert v.training["update"]["validation_fraction"] == 0.25 and v.training["examples"] == 30
+
 
 def test_update_benchmark_summary_over_seeds():
     updates = load_script("updates")
