@@ -577,6 +577,8 @@ class Registry(LoadedRegistry):
         training, memory = training or TrainConfig(), memory or MemoryConfig()
         train_ex = None if train is None else read_examples(train, spec)
         val_ex = None if validation is None else read_examples(validation, spec)
+        if not use_head and val_ex is not None:  # the head is fitted on train_ex, then scored on val_ex
+            warn_shared(train_ex, val_ex, "validation rows", spec.name, "the version's validation scores are")
         key, rt = head_key(spec.name, 1), self._runtime
         with self._lock, seeded(training.seed, self.backbone.device):
             rt.unload([key])

@@ -115,6 +115,10 @@ def test_a_plain_peft_folder_needs_a_spec_and_data_for_its_head(reg, tmp_path, t
     assert other.buffer("s") is not None and len(other.holdout("s")) == 32
     # The adapter is the exported one, as it was: the same features as the source task's.
     torch.testing.assert_close(other.embed(TEXTS, "s"), reg.embed(TEXTS, "sentiment"), rtol=1e-5, atol=1e-5)
+    # A head fitted on the train rows and scored on validation rows among them: optimistic, as in add_task.
+    rows = toy_sentiment(16)
+    with pytest.warns(UserWarning, match=r"'s2': 16 of 16 validation rows \(100 %\) are also in the training data"):
+        other.import_peft(out, TaskSpec("s2", labels=["neg", "pos"]), rows, rows)
 
 
 def test_refused_imports_write_nothing(reg, tmp_path):
