@@ -3,7 +3,8 @@
 Every command takes the registry folder as its first argument; ``--help``
 works on each. An error of cmtl's own (``cmtl.CmtlError``) or a bad setting
 (``ValueError``) prints one ``error: ...`` line and exits with code 1, never a
-traceback; bad usage exits with code 2.
+traceback; bad usage exits with code 2. A warning (e.g. validation rows that are
+training rows) prints one ``warning: ...`` line and the command goes on.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -27,6 +29,8 @@ class _Commands(TyperGroup):
     def invoke(self, ctx):
         from cmtl import CmtlError
 
+        printing = warnings.formatwarning  # put back after the command: the CLI may run inside another program
+        warnings.formatwarning = _warning_line
         try:
             return super().invoke(ctx)
         # ValueError: a setting the library refused (e.g. a task name); OSError: a file the user named
@@ -34,6 +38,19 @@ class _Commands(TyperGroup):
         except (CmtlError, ValueError, OSError) as exc:
             typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
             raise typer.Exit(code=1) from None
+        finally:
+            warnings.formatwarning = printing
+
+
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    """A warning as the CLI prints it: ``warning: ...``, without the file, line and source Python shows a
+    program's author (a plain ``UserWarning`` speaks to the user; other kinds keep Python's form)."""
+    if category is UserWarning:
+        return f"warning: {message}\n"
+    return _PYTHON_FORMAT(message, category, filename, lineno, line)
+
+
+_PYTHON_FORMAT = warnings.formatwarning
 
 
 app = typer.Typer(

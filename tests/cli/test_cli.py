@@ -460,6 +460,33 @@ def test_add_task_and_update_show_the_overlap_warning_and_still_train(reg_copy, 
     assert result.exit_code == 0, result.output
 
 
+def test_a_warning_prints_one_line_and_python_s_form_comes_back_after_the_command():
+    # A command's UserWarning is for the user: one "warning:" line, not the file, line and source of the call
+    # in cmtl that Python's default form shows. Run apart: pytest records warnings instead of printing them.
+    script = """
+import warnings, typer
+from cmtl.cli.commands import _Commands
+app = typer.Typer(cls=_Commands)
+@app.command()
+def warn():
+    warnings.warn("Task 'x': 4 of 10 validation rows are also in the training data", UserWarning)
+    warnings.warn("an old call", DeprecationWarning)
+@app.command()
+def other():
+    pass
+try:
+    app(["warn"])
+except SystemExit:
+    pass
+warnings.warn("after the command", UserWarning)
+"""
+    proc = subprocess.run([sys.executable, "-W", "always", "-c", script], capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.splitlines()
+    assert lines[0] == "warning: Task 'x': 4 of 10 validation rows are also in the training data", proc.stderr
+    assert "DeprecationWarning: an old call" in lines[1]  # other kinds keep Python's form
+    assert any("UserWarning: after the command" in line for line in lines[2:]), proc.stderr
+
+
 def test_merge_table_normalises_a_regression_member_as_the_summary_does(monkeypatch, tmp_path):
     # A member's MSE is lower-is-better: the merge keeps individual / merged of its level (the summary's
     # normalised, cmtl.merging.pipeline.normalised), not merged / individual, which read 2.0 for an MSE twice the
