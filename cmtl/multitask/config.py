@@ -35,7 +35,7 @@ class MultiTaskConfig:
         primary: MT2ST: the primary task; the others are auxiliary and weighted by ``schedule``.
         schedule: ``"none"``, ``"diminish"``, ``"switch"`` (at ``switch_step``) or
             ``"adaptive_switch"`` (auxiliaries stop when the primary validation metric has not
-            improved for ``switch_patience`` evaluations).
+            improved for ``switch_patience`` evaluations; needs the primary's validation data).
         gamma0: Initial auxiliary weight γ_k,0 (Diminish, Switch), per task name or one value for all.
         eta: Diminish decay rate η_k, per task name or one value. A task a dict leaves out gets the
             knob's default (gamma0 1, eta 0.01, nu 1).

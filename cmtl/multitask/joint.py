@@ -83,6 +83,11 @@ def train_multitask(
     probs = sampling_probabilities(sizes, config.sampler, config.temperature, config.size_cap)
     if config.primary is not None and config.primary not in names:
         raise ValueError(f"Primary task {config.primary!r} is not among {names}.")
+    if config.schedule == "adaptive_switch" and validation[names.index(config.primary)] is None:
+        raise ValueError(f"schedule='adaptive_switch' stops the auxiliaries when the primary's validation accuracy "
+                         f"stops improving, but the primary task {config.primary!r} has no validation data (it would "
+                         "follow the other tasks' scores, or never switch). Give it validation rows, or use "
+                         "schedule='switch' with a switch_step.")
     for knob in ("weights", "gamma0", "eta", "nu"):  # a misspelt task would train at the default silently
         value = getattr(config, knob)
         unknown = sorted(set(value) - set(names)) if isinstance(value, dict) else []

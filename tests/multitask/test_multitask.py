@@ -584,3 +584,19 @@ def test_group_knobs_that_would_be_ignored_are_refused_or_named(registry, caplog
                                      "not apply") in caplog.text
     assert "ema_decay" not in record["training"]
     assert "max_steps" not in record["training"] and record["training"]["batch_size"] == 8
+
+
+def test_adaptive_switch_needs_the_primarys_validation_data():
+    """adaptive_switch stops the auxiliaries when the PRIMARY's validation accuracy stalls. Without validation rows
+    for the primary it read the mean of the auxiliaries' accuracies instead, and dropped an auxiliary because that
+    auxiliary's own score stalled (or, with no validation at all, never switched); both are refused now."""
+    forward, shared, specs, data = _one_vector_tasks([0, 1])
+    config = MultiTaskConfig(primary="t0", schedule="adaptive_switch", switch_patience=1, steps=40, eval_every=2)
+    training = TrainConfig(batch_size=16, learning_rate=1e-2, weight_decay=0.0, progress=False)
+    for validation in ([None, data[1]], [None, None]):
+        with pytest.raises(ValueError, match=r"primary task 't0' has no validation data"):
+            train_multitask(forward, shared, [], lambda flag: None, specs, data, validation, config, training,
+                            pad_id=0, device=torch.device("cpu"))
+    result = train_multitask(forward, shared, [], lambda flag: None, specs, data, [data[0], None], config, training,
+                             pad_id=0, device=torch.device("cpu"))
+    assert result.best_metrics.keys() == {"t0"}
