@@ -205,14 +205,14 @@ OVERRIDES: dict[type, dict[str, typing.Any]] = {
     UpdateConfig: {"penalty_weight": 5.0},
     MergeConfig: {"scale": 0.5, "rank": 4, "method": "dare_ties"},  # reads both density and drop
     TaskSpec: {"name": "topic-v2", "labels": ("x", "y", "z"), "text_pair_column": "pair"},
-    MultiTaskConfig: {"size_cap": 100, "weights": {"a": 2.0}, "primary": "a", "schedule": "switch",
-                      "switch_step": 10, "tag_every": 5, "steps": 50, "eval_every": 10},
+    MultiTaskConfig: {"sampler": "proportional", "size_cap": 100, "weights": {"a": 2.0}, "primary": "a",
+                      "schedule": "switch", "switch_step": 10, "tag_every": 5, "steps": 50, "eval_every": 10},
 }
 #: Fields left at their default: another value would not survive to_dict (a function is recorded by its
 #: name) or would conflict with the other non-defaults (uncertainty weighting and an MT2ST schedule; the knobs
-#: of the schedules other than Switch).
+#: of the schedules other than Switch; the temperature, read by the temperature sampler only).
 KEEP_DEFAULT: dict[type, set[str]] = {MultiTaskConfig: {"sampling_schedule", "weighting", "eta", "nu",
-                                                        "switch_patience"},
+                                                        "switch_patience", "temperature"},
                                       UpdateConfig: {"temperature"},  # LwF's; the other penalty is EWC
                                       TrainConfig: {"probe_init"}}  # probe_margin and probe_start need the probe
 

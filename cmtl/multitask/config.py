@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Literal, Sequence
 
-from cmtl._config import refuse_unread
+from cmtl._config import refuse_unread, set_fields
 from cmtl.errors import InvalidParameterError, bad_param
 from cmtl.multitask.schedules import Sampler, diminish, switch
 
@@ -23,8 +23,8 @@ class MultiTaskConfig:
             :func:`~cmtl.multitask.schedules.sampling_probabilities`); ``"per_task"``: every step
             holds ``batch_size`` rows of each task whose weight is not 0 (after a Switch, a step is
             a single-task step).
-        temperature: Temperature of the ``"temperature"`` sampler.
-        size_cap: Cap on task sizes before sampling; ``None`` no cap.
+        temperature: Temperature of the ``"temperature"`` sampler (refused beside another).
+        size_cap: Cap on task sizes before sampling (``"proportional"``, ``"temperature"``); ``None`` no cap.
         sampling_schedule: A time-dependent sampler: ``f(step, total_steps)`` returns a weight
             >= 0 per task (in task order), normalised into that step's probabilities; it replaces
             the fixed probabilities of ``sampler`` (which must then draw, i.e. not be
@@ -129,6 +129,12 @@ class MultiTaskConfig:
                 if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
                         or v < 0 or (positive and v == 0)):
                     raise InvalidParameterError(bad_param(name, "MultiTaskConfig", must, v))
+        if self.sampling_schedule is not None:
+            ignored = set_fields(self, ("temperature", "size_cap"))
+            if ignored:
+                raise ValueError(f"{ignored} set beside sampling_schedule, which replaces the sampler's fixed "
+                                 "probabilities: they would be ignored. Fold them into the schedule's weights.")
+        refuse_unread(self, "sampler", {"temperature": ("temperature",), "size_cap": ("proportional", "temperature")})
         refuse_unread(self, "schedule", {"gamma0": ("diminish", "switch", "adaptive_switch"), "eta": ("diminish",),
                                          "nu": ("diminish",), "switch_step": ("switch",),
                                          "switch_patience": ("adaptive_switch",)})

@@ -7,6 +7,7 @@ import dataclasses
 import itertools
 import json
 import math
+import re
 from typing import Sequence
 
 import numpy as np
@@ -600,3 +601,18 @@ def test_adaptive_switch_needs_the_primarys_validation_data():
     result = train_multitask(forward, shared, [], lambda flag: None, specs, data, [data[0], None], config, training,
                              pad_id=0, device=torch.device("cpu"))
     assert result.best_metrics.keys() == {"t0"}
+
+
+def test_sampler_knobs_the_sampler_never_reads_are_refused():
+    """temperature is read by the temperature sampler only, size_cap by the samplers that weigh task sizes, and a
+    sampling_schedule replaces both: set beside another sampler they trained as if unset and were recorded."""
+    for kwargs, knobs in (({"sampler": "uniform", "temperature": 5.0}, "['temperature']"),
+                          ({"sampler": "proportional", "temperature": 1.0}, "['temperature']"),
+                          ({"sampler": "per_task", "size_cap": 100}, "['size_cap']"),
+                          ({"sampler": "uniform", "size_cap": 100}, "['size_cap']")):
+        with pytest.raises(ValueError, match=re.escape(f"{knobs} set, but sampler={kwargs['sampler']!r}")):
+            MultiTaskConfig(**kwargs)
+    with pytest.raises(ValueError, match="beside sampling_schedule, which replaces"):
+        MultiTaskConfig(sampler="temperature", temperature=3.0, sampling_schedule=lambda s, n: [1.0, 1.0])
+    MultiTaskConfig(sampler="temperature", temperature=3.0, size_cap=100)  # both read
+    MultiTaskConfig(sampler="proportional", size_cap=100)
