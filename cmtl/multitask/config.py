@@ -30,8 +30,8 @@ class MultiTaskConfig:
             the fixed probabilities of ``sampler`` (which must then draw, i.e. not be
             ``"per_task"``). Registry records store its name.
         weighting: ``"static"`` (``weights``, default 1 each) or ``"uncertainty"``.
-        weights: Static loss weight per task name (with a ``schedule``, of the primary only; not with
-            uncertainty weighting).
+        weights: Static loss weight per task name, finite and >= 0 (0 leaves the task out of the batches;
+            with a ``schedule``, of the primary only; not with uncertainty weighting).
         primary: MT2ST: the primary task; the others are auxiliary and weighted by ``schedule``.
         schedule: ``"none"``, ``"diminish"``, ``"switch"`` (at ``switch_step``) or
             ``"adaptive_switch"`` (auxiliaries stop when the primary validation metric has not
@@ -117,10 +117,14 @@ class MultiTaskConfig:
         return out
 
     def _check_knobs(self) -> None:
-        """Refuse MT2ST knobs out of range, and knobs set away from their default that the schedule never reads."""
-        for knob, positive in (("gamma0", False), ("eta", False), ("nu", True)):
+        """Refuse static weights and MT2ST knobs out of range, and knobs set away from their default that the
+        schedule or the sampler never reads."""
+        if self.weights is not None and not isinstance(self.weights, dict):
+            raise InvalidParameterError(bad_param("weights", "MultiTaskConfig", "map task names to values",
+                                                  self.weights))
+        for knob, positive in (("weights", False), ("gamma0", False), ("eta", False), ("nu", True)):
             value = getattr(self, knob)
-            entries = value.items() if isinstance(value, dict) else [(None, value)]
+            entries = value.items() if isinstance(value, dict) else [] if value is None else [(None, value)]
             for task, v in entries:
                 if task is not None and not isinstance(task, str):
                     raise InvalidParameterError(bad_param(knob, "MultiTaskConfig", "map task names to values", value))

@@ -19,6 +19,7 @@ from cmtl.core.adapters import AdapterBank, AdapterConfig, TaskLoRA, stack_lora
 from cmtl.core.backbone import load_backbone
 from cmtl.core.heads import TaskHead
 from cmtl.data import Encoded, encode, read_examples
+from cmtl.errors import InvalidParameterError
 from cmtl.multitask.affinity import _adamw_lookahead, group_score, select_groups
 from cmtl.multitask.config import MultiTaskConfig
 from cmtl.multitask.joint import grouped_forward, train_multitask
@@ -616,3 +617,14 @@ def test_sampler_knobs_the_sampler_never_reads_are_refused():
         MultiTaskConfig(sampler="temperature", temperature=3.0, sampling_schedule=lambda s, n: [1.0, 1.0])
     MultiTaskConfig(sampler="temperature", temperature=3.0, size_cap=100)  # both read
     MultiTaskConfig(sampler="proportional", size_cap=100)
+
+
+@pytest.mark.parametrize("weight", [-1.0, float("nan"), float("inf"), "2", True])
+def test_static_weights_must_be_finite_and_non_negative(weight):
+    """A negative or NaN static weight was accepted: the task then left every batch (weights <= 0 drop a task, as
+    Switch does) and never trained, while the record listed it among the group's tasks with that weight."""
+    with pytest.raises(InvalidParameterError, match=r"weights\['t1'\]"):
+        MultiTaskConfig(weights={"t1": weight})
+    with pytest.raises(InvalidParameterError, match="map task names"):
+        MultiTaskConfig(weights={1: 1.0})
+    MultiTaskConfig(weights={"t1": 0.0, "t0": 2})  # 0 leaves a task out on purpose
