@@ -120,7 +120,7 @@ def lookahead_affinity(task_losses: Callable[[], torch.Tensor], shared: list[nn.
 
     ``task_losses()`` gives this rank's (T,) per-task losses on the batch at the current parameters
     (zeros on a rank without rows in it, which still joins the all-reduces); call it with dropout off.
-    The shared parameters are restored before this returns.
+    The shared parameters are restored before this returns or raises.
     """
 
     def losses() -> torch.Tensor:
@@ -131,11 +131,13 @@ def lookahead_affinity(task_losses: Callable[[], torch.Tensor], shared: list[nn.
     with torch.no_grad():
         before = losses()
         for i, grads in task_grads.items():
-            for p, a in zip(shared, _adamw_lookahead(shared, grads, optimizer)):
-                p.copy_(a)
-            after = losses()
-            for p, o in zip(shared, originals):
-                p.copy_(o)
+            try:
+                for p, a in zip(shared, _adamw_lookahead(shared, grads, optimizer)):
+                    p.copy_(a)
+                after = losses()
+            finally:  # also on an error (out of memory, an interrupt): the caller may go on training
+                for p, o in zip(shared, originals):
+                    p.copy_(o)
             for j in task_grads:
                 if before[j] > 0:
                     Z[i, j] = float(1 - after[j] / before[j])

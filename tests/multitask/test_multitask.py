@@ -628,3 +628,27 @@ def test_static_weights_must_be_finite_and_non_negative(weight):
     with pytest.raises(InvalidParameterError, match="map task names"):
         MultiTaskConfig(weights={1: 1.0})
     MultiTaskConfig(weights={"t1": 0.0, "t0": 2})  # 0 leaves a task out on purpose
+
+
+def test_lookahead_restores_the_shared_parameters_when_a_loss_fails():
+    """lookahead_affinity moves the shared parameters to each task's lookahead point; an error there (out of memory
+    in the forward pass, an interrupt) left them at that point, so a caller that caught it went on from weights no
+    optimiser step produced."""
+    from cmtl.multitask.affinity import lookahead_affinity
+
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = torch.optim.AdamW([p], lr=0.5)
+    before = p.detach().clone()
+    calls = []
+
+    def losses():
+        calls.append(p.detach().clone())
+        if len(calls) == 2:  # the first lookahead point
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return torch.stack([(p ** 2).sum(), (p - 1).abs().sum()])
+
+    with pytest.raises(torch.OutOfMemoryError):
+        lookahead_affinity(losses, [p], opt, {0: [torch.ones(3)], 1: [-torch.ones(3)]}, 2)
+    assert not torch.equal(calls[1], before)  # the failure happened away from the start
+    torch.testing.assert_close(p.detach(), before, atol=0, rtol=0)
