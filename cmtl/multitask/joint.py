@@ -95,6 +95,9 @@ def train_multitask(
             raise ValueError(f"MultiTaskConfig.{knob} names {unknown}, which are not among the tasks {names}.")
     reference = sizes[names.index(config.primary)] if config.primary else max(sizes)
     total = config.steps or max(1, math.ceil(reference / training.batch_size) * config.epochs)
+    if config.schedule == "switch" and config.switch_step >= total:
+        raise ValueError(f"switch_step={config.switch_step} is not before the end of this run of {total} steps: the "
+                         "auxiliaries would never stop. Pick a switch_step below it, or schedule='none'.")
     eval_every = config.eval_every or max(1, total // 10)
     data = [Encoded(d.input_ids, d.token_type_ids, d.targets, torch.full((len(d),), t, dtype=torch.long))
             for t, d in enumerate(train_data)]

@@ -652,3 +652,14 @@ def test_lookahead_restores_the_shared_parameters_when_a_loss_fails():
         lookahead_affinity(losses, [p], opt, {0: [torch.ones(3)], 1: [-torch.ones(3)]}, 2)
     assert not torch.equal(calls[1], before)  # the failure happened away from the start
     torch.testing.assert_close(p.detach(), before, atol=0, rtol=0)
+
+
+def test_a_switch_step_past_the_last_step_is_refused():
+    """Switch drops the auxiliaries from step switch_step on; at or past the run's last step it never fired, and
+    the run trained (and was recorded) as Switch while it was plain joint training throughout."""
+    toy = _one_vector_tasks([0, 1])
+    for switch_step in (20, 25):
+        with pytest.raises(ValueError, match=rf"switch_step={switch_step} .* 20 steps"):
+            _train_toy(toy, MultiTaskConfig(primary="t0", schedule="switch", switch_step=switch_step, steps=20))
+    result = _train_toy(toy, MultiTaskConfig(primary="t0", schedule="switch", switch_step=19, steps=20))
+    assert result.rows_per_task["t1"] > 0 and result.steps == 20
