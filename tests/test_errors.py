@@ -210,9 +210,10 @@ OVERRIDES: dict[type, dict[str, typing.Any]] = {
 }
 #: Fields left at their default: another value would not survive to_dict (a function is recorded by its
 #: name) or would conflict with the other non-defaults (uncertainty weighting and an MT2ST schedule; the knobs
-#: of the schedules other than Switch; the temperature, read by the temperature sampler only).
+#: of the schedules other than Switch; the temperature, read by the temperature sampler only; epochs, read
+#: without steps only).
 KEEP_DEFAULT: dict[type, set[str]] = {MultiTaskConfig: {"sampling_schedule", "weighting", "eta", "nu",
-                                                        "switch_patience", "temperature"},
+                                                        "switch_patience", "temperature", "epochs"},
                                       UpdateConfig: {"temperature"},  # LwF's; the other penalty is EWC
                                       TrainConfig: {"probe_init"}}  # probe_margin and probe_start need the probe
 

@@ -535,7 +535,8 @@ def group(
     eta: Annotated[float, typer.Option(help="Diminish: decay rate η.")] = 0.01,
     tag_every: Annotated[Optional[int], typer.Option(help="Measure TAG affinities every N steps.")] = None,
     task_rank: Annotated[int, typer.Option(help="Rank of a small LoRA per task beside the shared one; 0: none.")] = 0,
-    steps: Annotated[Optional[int], typer.Option(help="Optimiser steps (default: --epochs of the largest task).")] = None,
+    steps: Annotated[Optional[int], typer.Option(
+        help="Optimiser steps (default: --epochs of the primary task, else of the largest).")] = None,
     epochs: int = 3,
     batch_size: int = 16,
     lr: float = 1e-3,

@@ -44,7 +44,7 @@ class MultiTaskConfig:
         switch_patience: Evaluations without improvement before the adaptive switch fires.
         tag_every: Measure TAG lookahead affinities every this many steps; ``None`` never.
         steps: Optimiser steps; ``None``: epochs of the primary task (or of the largest task).
-        epochs: Used when ``steps`` is ``None``.
+        epochs: Used when ``steps`` is ``None`` (refused beside ``steps``).
         eval_every: Evaluate every task's validation data every this many steps; ``None``: 10 times.
         pass_overhead: Each mixed batch runs through the backbone in length-sorted sub-batches
             that minimise padded tokens plus this many tokens per pass (its fixed cost; see
@@ -100,10 +100,13 @@ class MultiTaskConfig:
             value = getattr(self, key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise InvalidParameterError(bad_param(key, "MultiTaskConfig", "be a positive integer or None", value))
-        patience = self.switch_patience
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
-            raise InvalidParameterError(bad_param("switch_patience", "MultiTaskConfig", "be a positive integer",
-                                                  patience))
+        for key in ("switch_patience", "epochs"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidParameterError(bad_param(key, "MultiTaskConfig", "be a positive integer", value))
+        if self.steps is not None and self.epochs != self.__dataclass_fields__["epochs"].default:
+            raise ValueError(f"epochs={self.epochs} set beside steps={self.steps}, which fixes the run's length: "
+                             "epochs would be ignored. Set one of them.")
         self._check_knobs()
         if self.pass_overhead is not None and (not isinstance(self.pass_overhead, int) or self.pass_overhead < 0):
             raise InvalidParameterError(bad_param("pass_overhead", "MultiTaskConfig",

@@ -663,3 +663,14 @@ def test_a_switch_step_past_the_last_step_is_refused():
             _train_toy(toy, MultiTaskConfig(primary="t0", schedule="switch", switch_step=switch_step, steps=20))
     result = _train_toy(toy, MultiTaskConfig(primary="t0", schedule="switch", switch_step=19, steps=20))
     assert result.rows_per_task["t1"] > 0 and result.steps == 20
+
+
+def test_epochs_beside_steps_are_refused():
+    """steps fixes the run's length and epochs is read only without it: both set, epochs trained as if unset."""
+    with pytest.raises(ValueError, match=r"epochs=5 .* steps=100"):
+        MultiTaskConfig(steps=100, epochs=5)
+    MultiTaskConfig(steps=100)
+    MultiTaskConfig(epochs=5)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(InvalidParameterError, match="epochs"):
+            MultiTaskConfig(epochs=bad)
