@@ -216,6 +216,8 @@ def train_multitask(
         with torch.no_grad():
             for p, b in zip(params, best):
                 p.copy_(b)
+    else:  # the last state is kept
+        result.best_step = result.steps
     result.seconds = time.perf_counter() - started
     result.rows_per_task = dict(zip(names, seen.tolist()))
     if measured.any():  # a pair never measured (its tasks never shared a TAG step's batch) reads 0

@@ -674,3 +674,10 @@ def test_epochs_beside_steps_are_refused():
     for bad in (0, -1, 2.5, True):
         with pytest.raises(InvalidParameterError, match="epochs"):
             MultiTaskConfig(epochs=bad)
+
+
+def test_without_validation_the_kept_state_is_the_last_steps():
+    """Without validation rows a joint run keeps its last state, but recorded best_step 0 (the untrained start), so
+    a group's record named the wrong state; single-task training records the last step, as this does now."""
+    result = _train_toy(_one_vector_tasks([0, 1]), MultiTaskConfig(sampler="uniform", steps=7))
+    assert result.steps == 7 and result.best_step == 7
