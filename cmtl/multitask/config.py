@@ -96,7 +96,10 @@ class MultiTaskConfig:
             raise ValueError(f"weights names auxiliary tasks {ignored}, whose weight the {self.schedule!r} schedule "
                              "sets (gamma0 · schedule): it would be ignored. Set their initial weight with "
                              "gamma0={task: value}; weights applies to the primary only.")
-        for key in ("steps", "tag_every", "eval_every", "switch_step"):
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+            raise InvalidParameterError(bad_param("temperature", "MultiTaskConfig", "be a finite number > 0", t))
+        for key in ("steps", "tag_every", "eval_every", "switch_step", "size_cap"):
             value = getattr(self, key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise InvalidParameterError(bad_param(key, "MultiTaskConfig", "be a positive integer or None", value))

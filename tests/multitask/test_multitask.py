@@ -681,3 +681,13 @@ def test_without_validation_the_kept_state_is_the_last_steps():
     a group's record named the wrong state; single-task training records the last step, as this does now."""
     result = _train_toy(_one_vector_tasks([0, 1]), MultiTaskConfig(sampler="uniform", steps=7))
     assert result.steps == 7 and result.best_step == 7
+
+
+@pytest.mark.parametrize("kwargs", [{"size_cap": True}, {"size_cap": 0}, {"size_cap": 2.5}, {"temperature": 0.0},
+                                    {"temperature": float("nan")}, {"temperature": "2"}])
+def test_sampler_knobs_out_of_range_are_refused_when_configured(kwargs):
+    """size_cap=True was taken as a cap of 1 (every task the same size: the temperature sampler silently turned
+    uniform); the other values failed only once training had started."""
+    (knob,) = kwargs
+    with pytest.raises(InvalidParameterError, match=knob):
+        MultiTaskConfig(sampler="temperature", **kwargs)
