@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cmtl.continual.updates import take_whole
 from cmtl.core.adapters import AdapterBank, AdapterConfig
 from cmtl.core.backbone import Backbone
 from cmtl.core.heads import TaskHead
@@ -70,15 +71,20 @@ class Evaluation:
 
 
 def split_holdout(held: Encoded, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Rows of ``held`` that choose a merge's knobs and the disjoint rows that report its scores: a seeded
-    ``fraction`` (at least one row each way)."""
+    """Rows of ``held`` that choose a merge's knobs and the disjoint rows that report its scores: about a
+    seeded ``fraction`` (at least one row each way), each in its seeded order. Copies of one input (same token
+    ids) stay on one side (:func:`~cmtl.continual.updates.take_whole`), so no reported row was seen by the
+    choice, unless every row is one input; with distinct inputs, ``seeded_order`` cut at the fraction."""
     if len(held) < 2:
         raise DataError(f"Choosing a merge's knobs on held-out rows and reporting on others needs at least 2 "
                         f"held-out rows per task; a member has {len(held)}. Add the task with more validation "
                         "data, or merge without search.")
     order = seeded_order(len(held), seed)
     n = min(max(1, round(fraction * len(held))), len(held) - 1)
-    return order[:n], order[n:]
+    types = held.token_type_ids or [None] * len(held)
+    keys = [(tuple(ids), None if t is None else tuple(t)) for ids, t in zip(held.input_ids, types)]
+    chosen = set(take_whole(keys, n, seed)) if len(set(keys)) > 1 else set(order[:n])
+    return [i for i in order if i in chosen], [i for i in order if i not in chosen]
 
 
 def rungs(candidates: int, eta: int = ETA) -> list[tuple[int, float]]:

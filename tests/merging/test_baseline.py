@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from cmtl import AdapterConfig, MergeRefusedError, Registry, TaskSpec
 from cmtl.merging import MergeConfig, pipeline
+from cmtl.data import seeded_order
 from cmtl.merging.scoring import rungs, split_holdout
 from cmtl.registry import store
 from cmtl.registry.store import MANIFEST
@@ -34,6 +35,32 @@ def test_selection_and_report_rows_are_disjoint_and_seeded():
     assert [len(p) for p in split_holdout(held, 0.99, seed=0)] == [19, 1]  # both parts keep a row
     with pytest.raises(ValueError, match="at least 2 held-out rows"):
         split_holdout(held.select([0]), 0.5, seed=0)
+
+
+def test_copies_of_one_input_stay_on_one_side_of_the_holdout_split():
+    """split_holdout cut the held-out rows by position: a text held twice (a lineage's held-out samples
+    repeat texts) could choose the knobs on one side and be reported on the other, so the reported score
+    was partly on rows the search had seen."""
+    from cmtl.data import Encoded
+
+    ids = [[1, i % 7] for i in range(21)]  # 7 inputs, 3 copies each
+    held = Encoded(ids, None, torch.zeros(21, dtype=torch.long))
+    for seed in range(20):
+        pick, report = split_holdout(held, 0.5, seed)
+        assert sorted(pick + report) == list(range(21)) and pick and report
+        assert not {tuple(ids[i]) for i in pick} & {tuple(ids[i]) for i in report}
+        assert 9 <= len(pick) <= 12
+    # Pairs are told apart by their second text (token type ids).
+    pairs = Encoded([[1, 2]] * 4, [[0, 0], [0, 1], [0, 0], [0, 1]], torch.zeros(4, dtype=torch.long))
+    pick, report = split_holdout(pairs, 0.5, 0)
+    assert sorted(pick) in ([0, 2], [1, 3])
+    # Distinct inputs: the plain seeded split, as before (the selection rows in their seeded order).
+    distinct = Encoded([[1, i] for i in range(20)], None, torch.zeros(20, dtype=torch.long))
+    order = seeded_order(20, 5)
+    assert split_holdout(distinct, 0.3, 5) == (order[:6], order[6:])
+    # One input in copies: no split can part them; both sides keep rows.
+    same = Encoded([[1, 2]] * 6, None, torch.zeros(6, dtype=torch.long))
+    assert [len(p) for p in split_holdout(same, 0.5, 0)] == [3, 3]
 
 
 def frozen_scores(reg: Registry, task: str, rows) -> float:
