@@ -93,7 +93,7 @@ class MergeConfig:
             every candidate on every row: about a quarter of the search's cost for the TIES grid.
         require_gain: Refuse the merge (:class:`~cmtl.errors.MergeRefusedError`, nothing written) unless
             it scores above the frozen backbone on average and not below it on any member task
-            (reported rows; the backbone's heads refitted as the merge's are).
+            (reported rows; the backbone's heads refitted as the merge's are). Every member needs held-out rows.
         cache_frozen_mb: When the adapters leave the bottom layers untouched, run those layers once per
             row (up to this many MiB of hidden states; 0: never) instead of once per candidate.
         progress: Show a progress bar (candidates scored, best score so far).
@@ -215,7 +215,8 @@ def merge_deltas(per_adapter: Sequence[dict[str, torch.Tensor]], config: MergeCo
         deltas = [d[module] for d in per_adapter]
         if config.method in ("dare", "dare_ties"):
             deltas = [dare(d, config.drop, generator) for d in deltas]
-        combined = ties(deltas, config.density) if config.method in ("ties", "dare_ties") else torch.stack(deltas).sum(0)
+        tied = config.method in ("ties", "dare_ties")
+        combined = ties(deltas, config.density) if tied else torch.stack(deltas).sum(0)
         merged[module] = scale * combined
     return merged
 

@@ -124,8 +124,13 @@ def merge_members(backbone: Backbone, bank: AdapterBank, members: list[Member], 
                          f"'{config.method.removeprefix('peft_')}' (exact deltas, any ranks) or with 'peft_ties_svd'.")
     deltas = [lora_deltas(state, adapter.scaling) for state, adapter in zip(states, adapters)]
     combine = _Combiner(backbone, bank, members, deltas, member_keys)
-    if search and not individual:
-        raise DataError("search=True needs held-out samples of the members (add them with validation data).")
+    unscored = [t for t in specs if t not in individual]
+    if unscored and (search or config.require_gain):
+        what = ("search=True chooses the knobs" if search else
+                "require_gain=True compares the merge with the frozen backbone")
+        raise DataError(f"{what} on the members' held-out samples, and {unscored} have none: the merge would be "
+                        "judged without them. Update those tasks with validation data, or merge without "
+                        f"{'search' if search else 'require_gain'}.")
     rows, own, own_select = _task_rows(specs, heads, held, individual, buffers, frozen or {}, config, search)
     scorer = Scorer(backbone, bank, adapters[0], rows, config.rank, config.cache_frozen_mb, config.rank_tolerance)
     parts = ("select", "report") if search else ("report",)
@@ -239,10 +244,7 @@ def _search(scorer: Scorer, combine: "_Combiner", grid: list[MergeConfig], plan:
 
 def _judge(merged: Merged, config: MergeConfig, searched: bool) -> None:
     """Log (and with ``require_gain`` refuse) a merge that does not beat the frozen backbone."""
-    if not merged.baseline:
-        if config.require_gain:
-            raise DataError("require_gain=True needs held-out samples of the members to compare the merge with "
-                            "the frozen backbone (add the tasks with validation data).")
+    if not merged.baseline:  # no member has held-out rows (merge_members refused that with require_gain)
         return
     below = merged.below_baseline()
     mean = normalised(merged.scores["report"], merged.individual["report"], merged.lower)

@@ -630,7 +630,7 @@ class Registry(LoadedRegistry):
             search: Choose λ (and density / drop) on one part of the members' held-out samples
                 (``config.selection_fraction``), maximising the mean of merged / individual score, with
                 no delta at all (λ = 0, the frozen backbone) as a candidate; scores are reported on
-                the other part.
+                the other part. Every member needs held-out rows.
 
         Every merge with held-out samples is also scored against the frozen backbone (no adapter; heads
         refitted on the same buffers with ``refit_heads``, else the members' heads): the record's
@@ -646,6 +646,7 @@ class Registry(LoadedRegistry):
                 different modules.
             TaskNotFoundError: an unknown task or version.
             MergeRefusedError: ``require_gain`` and the merge does not beat the frozen backbone.
+            DataError: ``search`` or ``require_gain`` with a member that has no held-out rows.
             TrainingDivergedError: the merged adapter's features, which ``refit_heads`` fits heads on, are not
                 finite (members that overflow when added); nothing was written.
         """

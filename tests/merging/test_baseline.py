@@ -253,3 +253,18 @@ def test_the_frozen_layer_cache_of_a_merge_ignores_the_adapter_used_last(tmp_pat
     reg.predict("x", ["a lovely film"])  # x's adapter is now the active one
     after = reg.merge(["a", "b"], "after", "linear", config=MergeConfig(scale=1.0))
     assert after["holdout"] == fresh["holdout"]
+
+
+@pytest.mark.parametrize("knobs", [{"search": True}, {"config": MergeConfig(require_gain=True)}])
+def test_a_search_or_gain_check_refuses_a_member_without_held_out_rows(merge_reg, knobs):
+    """A member without a held-out sample was left out of the search's mean and of require_gain's check,
+    silently: the knobs were chosen for the other members alone (λ could wreck the unscored task), and
+    require_gain let through a merge never scored on it."""
+    reg = merge_reg
+    reg.add_task(TaskSpec("c", labels=["neg", "pos"]), toy_sentiment(32, 2), training=FAST)  # no validation
+    assert reg.holdout("c") is None
+    before = (reg.root / MANIFEST).read_bytes()
+    with pytest.raises(ValueError, match=r"held-out.*\['c'\]"):
+        reg.merge(["a", "c"], "ac", "linear", **knobs)
+    assert (reg.root / MANIFEST).read_bytes() == before and "ac" not in reg.merges()
+    assert reg.merge(["a", "c"], "ac", "linear")["holdout"]["c"]["merged"] is None  # a plain merge still works
