@@ -660,12 +660,13 @@ class Registry(LoadedRegistry):
         if search:
             config.refuse_searched()
         self._check_new_entry(name, "Merge")
-        pairs = [(m, self._entry(m)["current"]) if isinstance(m, str) else (m[0], int(m[1])) for m in members]
+        pairs = [(m, self._entry(m)["current"]) if isinstance(m, str) else (m[0], m[1]) for m in members]
         if len(pairs) < 2:
             raise ValueError(f"A merge needs at least two task versions; got {pairs}.")
+        records = [self._version_record(t, v) for t, v in pairs]  # refuses a version that is not an int
+        pairs = [(t, r["version"]) for (t, _), r in zip(pairs, records)]  # the stored ints
         if len(set(pairs)) < len(pairs):
             raise ValueError(f"Members {pairs} name a task version twice: a version merged with itself is itself.")
-        records = [self._version_record(t, v) for t, v in pairs]
         for (t, v), r in zip(pairs, records):
             heads.refuse_analytic(r, t, v, "a merge (it averages trained heads and moves the features)")
         started_from = {(t, v): version_source(self._entry(t), r) for (t, v), r in zip(pairs, records)}

@@ -270,6 +270,16 @@ def test_bad_merges_write_nothing(merge_reg, members, name, match):
     assert (merge_reg.root / MANIFEST).read_bytes() == before and not (merge_reg.root / "merges").exists()
 
 
+@pytest.mark.parametrize("version", [1.5, True, "1"])
+def test_a_member_version_that_is_not_an_int_is_refused_not_truncated(merge_reg, version):
+    """merge() read a (task, version) pair's version through int(): ("a", 1.5) merged a v1 and recorded it."""
+    before = (merge_reg.root / MANIFEST).read_bytes()
+    with pytest.raises(ValueError, match="'version' parameter of task 'a' must be an int"):
+        merge_reg.merge([("a", version), "b"], "x", "linear")
+    assert (merge_reg.root / MANIFEST).read_bytes() == before
+    assert merge_reg.merge([("a", np.int64(1)), "b"], "y", "linear")["members"][0] == {"task": "a", "version": 1}
+
+
 def test_merge_rejects_unknown_members_taken_names_and_other_modules(merge_reg, tmp_path):
     from cmtl import AdapterConfig
 
