@@ -87,7 +87,8 @@ class MergeConfig:
             The merged features differ from those each head was trained on; refitting a
             linear head costs one forward pass over the buffer.
         selection_fraction: With ``search``, the share of each member's held-out sample that chooses
-            the knobs; the scores recorded are those on the rest, which the choice never saw.
+            the knobs (copies of one text kept on one side); the scores recorded are those on the rest,
+            which the choice never saw.
         halving: With ``search``, score the candidates by successive halving (all on a small share of
             the rows, the best third on three times as many, ..., the last one on all rows) instead of
             every candidate on every row: about a quarter of the search's cost for the TIES grid.
