@@ -67,7 +67,8 @@ def test_merge_methods_on_a_small_example():
     torch.testing.assert_close(merge_deltas([a, b], MergeConfig(method="ties", density=1.0))["m"],
                                T([2.0, 0.0], [-1.0, 4.0]))
     # DARE with drop 0 is the linear merge; seeded drops repeat.
-    torch.testing.assert_close(merge_deltas([a, b], MergeConfig(method="dare", drop=0.0))["m"], T([2.0, 0.0], [-0.5, 2.0]))
+    torch.testing.assert_close(merge_deltas([a, b], MergeConfig(method="dare", drop=0.0))["m"],
+                               T([2.0, 0.0], [-0.5, 2.0]))
     one = merge_deltas([a, b], MergeConfig(method="dare_ties", drop=0.5, seed=3))
     assert torch.equal(one["m"], merge_deltas([a, b], MergeConfig(method="dare_ties", drop=0.5, seed=3))["m"])
 
@@ -308,7 +309,8 @@ def test_merge_with_refitted_heads(merge_reg):
                               torch.tensor(reg.predict_proba("a", texts, merge="plain")))
     again = Registry.open(reg.root, device="cpu")
     for t in ("a", "b"):
-        assert refit["holdout"][t]["merged"] == pytest.approx(again.evaluate(t, reg.holdout(t), merge="refit")["accuracy"])
+        assert refit["holdout"][t]["merged"] == pytest.approx(
+            again.evaluate(t, reg.holdout(t), merge="refit")["accuracy"])
         # The heads learn the training data through the merged adapter: at least as well as the member heads.
         buffer = reg.buffer(t).to_examples()
         assert (again.evaluate(t, buffer, merge="refit")["accuracy"]
