@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from cmtl.continual.replay import ReplayBuffer, stored
-from cmtl.core.adapters import AdapterBank, AdapterConfig
+from cmtl.core.adapters import AdapterBank, AdapterConfig, lora_factors
 from cmtl.core.backbone import Backbone
 from cmtl.core.heads import TaskHead
 from cmtl.core.tasks import TaskSpec
@@ -65,11 +65,13 @@ class Merged:
         return [t for t in merged if t in base and (merged[t] > base[t] if t in self.lower else merged[t] < base[t])]
 
 
-def check_mergeable(members: list[Member], adapters: list[AdapterConfig]) -> None:
-    """Only adapters on the same modules and layers merge."""
-    base = adapters[0]
-    for (t, v), other in zip(members[1:], adapters[1:]):
-        if (other.target_modules, other.layers) != (base.target_modules, base.layers):
+def check_mergeable(members: list[Member], adapters: list[AdapterConfig],
+                    states: list[dict[str, torch.Tensor]]) -> None:
+    """Only adapters on the same modules merge: the modules their stored factors adapt (configs that name them
+    differently, such as ``layers=None`` and a list of every layer, are the same)."""
+    base, modules = adapters[0], set(lora_factors(states[0]))
+    for (t, v), other, state in zip(members[1:], adapters[1:], states[1:]):
+        if set(lora_factors(state)) != modules:
             raise ValueError(f"{t} v{v} adapts {other.target_modules} in layers {other.layers or 'all'}, but "
                              f"{members[0][0]} v{members[0][1]} adapts {base.target_modules} in layers "
                              f"{base.layers or 'all'}: only adapters on the same modules merge. Train the odd "

@@ -681,7 +681,7 @@ class Registry(LoadedRegistry):
                                  f"{list(self.spec(t, version=v).labels)} and {list(specs[t].labels)}): their "
                                  "heads cannot be averaged. Merge versions with the same labels.")
         states, adapters, head_states = rt.members(self, pairs, specs)
-        pipeline.check_mergeable(pairs, adapters)
+        pipeline.check_mergeable(pairs, adapters, states)
         soup = pipeline.soup_heads(head_states, specs, self.backbone)
         held = {t: self.holdout(t, newest[t]) for t in tasks}
         encode = {t: (lambda ex, spec=specs[t]: self._encode(ex, spec)) for t in tasks}

@@ -298,6 +298,25 @@ def test_merge_rejects_unknown_members_taken_names_and_other_modules(merge_reg, 
     assert json.loads((reg.root / MANIFEST).read_text())["merges"] == before
 
 
+def test_adapters_on_the_same_modules_merge_whatever_their_configs_call_them(tmp_path, tiny_config):
+    """check_mergeable compared the recorded configs: an adapter on every layer (layers=None) and one on layers
+    (0, 1) of a 2-layer backbone adapt the same modules, yet the merge was refused as 'not the same modules'."""
+    from cmtl import AdapterConfig
+
+    reg = Registry.create(tmp_path / "reg", tiny_config, device="cpu")
+    reg.add_task(TaskSpec("a", labels=["neg", "pos"]), toy_sentiment(32), toy_sentiment(16, 1), training=FAST)
+    reg.add_task(TaskSpec("b", labels=["neg", "pos"]), toy_sentiment(32, 2), toy_sentiment(16, 3), training=FAST,
+                 adapter=AdapterConfig(layers=(0, 1)))
+    assert sorted(reg.adapter_state("a")) == sorted(reg.adapter_state("b"))
+    record = reg.merge(["a", "b"], "ab", "linear")
+    assert sorted(reg.adapter_state("a", merge="ab")) == sorted(reg.adapter_state("a"))
+    assert record["holdout"]["b"]["merged"] is not None
+    reg.add_task(TaskSpec("c", labels=["neg", "pos"]), toy_sentiment(32), training=FAST,
+                 adapter=AdapterConfig(layers=(1,)))
+    with pytest.raises(ValueError, match="only adapters on the same modules merge"):
+        reg.merge(["a", "c"], "ac")
+
+
 def test_merge_with_refitted_heads(merge_reg):
     reg = merge_reg
     reg.merge(["a", "b"], "plain", "ties", config=MergeConfig(scale=1.0, density=0.5))
