@@ -60,8 +60,8 @@ class Merged:
     lower: frozenset[str] = frozenset()
 
     def below_baseline(self) -> list[str]:
-        """Tasks whose reported merged score is worse than the frozen backbone's."""
-        merged, base = self.scores["report"], self.baseline["report"]
+        """Tasks whose reported merged score is worse than the frozen backbone's (none without a baseline)."""
+        merged, base = self.scores["report"], self.baseline.get("report", {})
         return [t for t in merged if t in base and (merged[t] > base[t] if t in self.lower else merged[t] < base[t])]
 
 

@@ -317,6 +317,20 @@ def test_adapters_on_the_same_modules_merge_whatever_their_configs_call_them(tmp
         reg.merge(["a", "c"], "ac")
 
 
+@pytest.mark.parametrize("refit", [False, True])
+def test_a_merge_of_members_without_held_out_rows_is_written_unscored(tmp_path, tiny_config, refit):
+    """With no member holding held-out rows there is no baseline to compare with, and writing the record
+    failed with KeyError: 'report' (Merged.below_baseline read the baseline's report part unconditionally)."""
+    reg = Registry.create(tmp_path / "reg", tiny_config, device="cpu")
+    for t, seed in (("a", 0), ("b", 2)):
+        reg.add_task(TaskSpec(t, labels=["neg", "pos"]), toy_sentiment(32, seed), training=FAST)
+        assert reg.holdout(t) is None
+    record = reg.merge(["a", "b"], "ab", "linear", config=MergeConfig(refit_heads=refit))
+    assert record["below_baseline"] == [] and record["normalised"] is None and record["baseline_normalised"] is None
+    assert all(row["merged"] is None and row["baseline"] is None for row in record["holdout"].values())
+    assert reg.predict("a", ["a great film"], merge="ab")[0] in ("neg", "pos")
+
+
 def test_merge_with_refitted_heads(merge_reg):
     reg = merge_reg
     reg.merge(["a", "b"], "plain", "ties", config=MergeConfig(scale=1.0, density=0.5))
