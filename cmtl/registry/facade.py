@@ -761,6 +761,7 @@ class Registry(LoadedRegistry):
         val_enc = [None if ex is None else self._encode(ex, spec) for ex, spec in zip(val_ex, specs)]
         key, rt = merge_key(name), self._runtime
         with self._lock, seeded(training.seed, self.backbone.device):
+            self._check_new_entry(name, "Group")  # again: a call under the same name may have written meanwhile
             try:
                 group = train_group(self.backbone, rt.bank, key, tasks, specs, train_enc, val_enc, adapter=adapter,
                                     task_adapter=task_adapter, config=config, training=training)

@@ -8,6 +8,7 @@ import itertools
 import json
 import math
 import re
+import threading
 from typing import Sequence
 
 import numpy as np
@@ -19,11 +20,12 @@ from cmtl.core.adapters import AdapterBank, AdapterConfig, TaskLoRA, stack_lora
 from cmtl.core.backbone import load_backbone
 from cmtl.core.heads import TaskHead
 from cmtl.data import Encoded, encode, read_examples
-from cmtl.errors import InvalidParameterError
+from cmtl.errors import EntryExistsError, InvalidParameterError
 from cmtl.multitask.affinity import _adamw_lookahead, group_score, select_groups
 from cmtl.multitask.config import MultiTaskConfig
 from cmtl.multitask.joint import grouped_forward, train_multitask
 from cmtl.multitask.schedules import UncertaintyWeighting, diminish, sampling_probabilities, switch
+from cmtl.registry.reader import merge_key
 from tests.conftest import QV, TOPICS, toy_sentiment, toy_topics
 
 
@@ -691,3 +693,32 @@ def test_sampler_knobs_out_of_range_are_refused_when_configured(kwargs):
     (knob,) = kwargs
     with pytest.raises(InvalidParameterError, match=knob):
         MultiTaskConfig(sampler="temperature", **kwargs)
+
+
+def test_two_groups_trained_at_once_under_one_name_keep_the_first(registry):
+    # Both calls passed the name check before either wrote: the second then failed inside the adapter bank
+    # ("already exists") and its clean-up unloaded the first call's adapter.
+    quick = TrainConfig(batch_size=8, progress=False)
+    for task, rows in (("sentiment", toy_sentiment(16)), ("topic", toy_topics(15))):
+        registry.add_task(TaskSpec(task, labels=["neg", "pos"] if task == "sentiment" else TOPICS), rows,
+                          training=dataclasses.replace(quick, max_steps=2))
+    data = {"sentiment": (toy_sentiment(24), None), "topic": (toy_topics(24), None)}
+    start, outcomes = threading.Barrier(2), []
+
+    def call():
+        start.wait()
+        try:
+            outcomes.append(registry.train_group("g", data, config=MultiTaskConfig(steps=20), training=quick))
+        except Exception as exc:  # noqa: BLE001 - the outcome is what is checked
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(isinstance(o, dict) for o in outcomes) == 1, outcomes
+    refused = next(o for o in outcomes if not isinstance(o, dict))
+    assert isinstance(refused, EntryExistsError), refused
+    assert merge_key("g") in registry._runtime.bank.names  # the first call's adapter is still loaded
+    assert len(registry.predict("sentiment", ["a film"], merge="g")) == 1
