@@ -70,8 +70,9 @@ class TrainConfig:
             warm-start from their parent's head and do not probe.
         probe_margin: With ``probe_init``, the trained adapter replaces the probe only when it beats it
             on validation by more than this many standard errors of the paired per-row difference
-            (each row right or wrong, for single-label tasks), so a gain the validation rows cannot tell
-            from noise keeps the simpler probe (the one-standard-error rule). 0 (the default) takes any
+            in the primary metric (each row right or wrong for single-label tasks; see
+            :func:`cmtl.training.evaluation.row_scores`), so a gain the validation rows cannot tell from
+            noise keeps the simpler probe (the one-standard-error rule). 0 (the default) takes any
             gain. The version records the gain as ``training.probe_gain``. Refused (like ``probe_start``)
             beside ``probe_init=False``, which skips the probe it applies to.
         probe_start: With ``probe_init``, also start training from the probe's head (LP-FT, Kumar

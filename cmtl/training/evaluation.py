@@ -75,13 +75,20 @@ def compute_metrics(spec: TaskSpec, logits: torch.Tensor, targets: torch.Tensor)
 
 
 def row_scores(spec: TaskSpec, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """One score per row (N,), higher better, whose mean moves with the primary metric: correct or not
-    (single-label), the share of labels decided right (multi-label), minus the squared error averaged over
-    targets (regression)."""
+    """One score per row (N,), higher better, whose mean is the primary metric (negated for MSE): correct or
+    not (single-label), minus the squared error averaged over targets (regression), and for multi-label
+    micro-F1 linearised per row (the delta method: F1 + N · (2·tp_i − F1 · (2·tp_i + fp_i + fn_i)) / Σ(2·tp + fp
+    + fn)), since micro-F1 is no mean of per-row scores; the share of labels decided right, used before,
+    could rank two states against their micro-F1."""
     if spec.problem_type == "single_label":
         return (logits.argmax(-1) == targets).float()
     if spec.problem_type == "multi_label":
-        return ((logits.sigmoid() >= spec.threshold) == targets.bool()).float().mean(-1)
+        pred, truth = logits.sigmoid() >= spec.threshold, targets.bool()
+        tp = (pred & truth).sum(-1).double()
+        counted = (pred | truth).sum(-1).double() + tp  # 2·tp + fp + fn per row
+        total = counted.sum().clamp_min(1)  # no label true or predicted anywhere: micro-F1 0, as compute_metrics
+        f1 = 2 * tp.sum() / total
+        return (f1 + len(tp) * (2 * tp - f1 * counted) / total).float()
     return -((logits - targets) ** 2).mean(-1)
 
 

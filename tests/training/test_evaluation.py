@@ -66,7 +66,8 @@ def test_row_scores_move_with_each_primary_metric():
     assert row_scores(single, logits, torch.tensor([0, 0, 0])).tolist() == [1, 0, 1]
     multi = TaskSpec("m", labels=["x", "y"], problem_type="multi_label")
     logits, targets = torch.tensor([[3.0, -3.0], [3.0, 3.0]]), torch.tensor([[1.0, 0.0], [1.0, 0.0]])
-    assert row_scores(multi, logits, targets).tolist() == [1.0, 0.5]
+    # micro-F1 (tp 2, fp 1: 0.8) linearised per row: 0.8 + n · (2 tp_i - 0.8 (2 tp_i + fp_i + fn_i)) / 5
+    assert row_scores(multi, logits, targets).tolist() == pytest.approx([0.96, 0.64])
     reg = TaskSpec("r", problem_type="regression")
     assert row_scores(reg, torch.tensor([[1.0], [2.0]]), torch.tensor([[1.0], [4.0]])).tolist() == [0.0, -4.0]
 
@@ -83,3 +84,21 @@ def test_paired_gain_by_hand():
     assert paired_gain(spec, base, base, targets) == 0.0
     # Every row one better: no spread, so the sign test's z for n agreeing rows.
     assert paired_gain(spec, torch.tensor([right] * 4), torch.tensor([wrong] * 4), targets) == pytest.approx(2.0)
+
+
+def test_multi_label_row_scores_average_to_micro_f1_and_rank_as_it_does():
+    # Labels are rare: predicting none is right on most label decisions (Hamming accuracy 0.8) but finds no
+    # label (micro-F1 0); predicting every label finds them all (micro-F1 1/3) at Hamming accuracy 0.2. The
+    # paired gain judged the primary metric's winner 4.5 standard errors worse, so probe_margin kept a
+    # micro-F1 of 0 over 1/3.
+    spec = TaskSpec("m", labels=list("abcde"), problem_type="multi_label")
+    targets = torch.nn.functional.one_hot(torch.arange(20) % 5, 5).float()
+    none, every = torch.full((20, 5), -3.0), torch.full((20, 5), 3.0)
+    for logits in (none, every, torch.where(targets.bool(), 3.0, -3.0), torch.randn(20, 5, generator=torch.Generator(
+            ).manual_seed(0))):
+        expected = compute_metrics(spec, logits, targets)["micro_f1"]
+        assert float(row_scores(spec, logits, targets).mean()) == pytest.approx(expected)
+    assert compute_metrics(spec, every, targets)["micro_f1"] > compute_metrics(spec, none, targets)["micro_f1"]
+    assert paired_gain(spec, every, none, targets) > 0
+    # No positive label anywhere and none predicted: micro-F1 0 (as compute_metrics says), every row 0.
+    assert row_scores(spec, none, torch.zeros(20, 5)).tolist() == [0.0] * 20

@@ -331,3 +331,22 @@ def test_probe_knobs_without_the_probe_are_refused(knob):
     # A record written before the check still reads back; the knobs it held were never read.
     stored = {**TrainConfig(probe_init=False).to_dict(), **knob}
     assert TrainConfig.from_dict(stored) == TrainConfig(probe_init=False)
+
+
+def test_probe_margin_on_a_multi_label_task_judges_the_primary_metric():
+    # 20 rows with one label of five each. The candidate predicts no label (micro-F1 0); the trained state
+    # (started where it ends: the rate is negligible) predicts every label (micro-F1 1/3). The margin tested
+    # the share of label decisions right instead (0.8 against 0.2), and kept the candidate at micro-F1 0.
+    spec = TaskSpec("m", labels=list("abcde"), problem_type="multi_label")
+    n = 20
+    rows = Encoded([[i + 1] for i in range(n)], None, torch.nn.functional.one_hot(torch.arange(n) % 5, 5).float())
+    table = torch.nn.Parameter(torch.full((n + 1, 5), 3.0))
+    forward = lambda inputs: table[inputs["input_ids"][:, 0]]  # noqa: E731
+    config = TrainConfig(epochs=1, batch_size=n, learning_rate=1e-9, warmup_ratio=0.0, weight_decay=0.0,
+                         probe_margin=1.0, progress=False)
+    result = train(forward, [table], lambda _: None, spec, rows, rows, config, pad_id=0, device=CPU,
+                   candidate=[torch.full((n + 1, 5), -3.0)])
+    assert result.history[0]["micro_f1"] == 0.0 and result.history[1]["micro_f1"] == pytest.approx(1 / 3)
+    assert result.candidate_gain > 1.0
+    assert result.best_step == 1 and result.best_metrics["micro_f1"] == pytest.approx(1 / 3)
+    assert table.detach().min() > 2.9
