@@ -144,7 +144,7 @@ def train(
     when it is set (:func:`adamw`).
 
     Raises:
-        TrainingDivergedError: the loss became NaN or infinite. The parameters
+        TrainingDivergedError: the loss or the gradient became NaN or infinite. The parameters
             are left as they were before training.
     """
     steps_per_epoch = math.ceil(len(train_data) / config.batch_size)
@@ -205,6 +205,13 @@ def train(
         bad_evals += 1
         return config.patience is not None and bad_evals >= config.patience
 
+    def diverged(what: str) -> TrainingDivergedError:
+        """The error to raise once the loss or gradient at ``step`` is not finite; the parameters are reset."""
+        assign(params, initial)
+        return TrainingDivergedError(
+            f"Training of task {spec.name!r} diverged at step {step}: {what}. Nothing was saved. Lower the "
+            "learning rate or check the data for extreme values.")
+
     fallback = None  # the candidate's (score, metrics, logits): kept only if training never reaches it
     set_training(True)
     try:
@@ -232,16 +239,17 @@ def train(
                 else:  # fewer rows than ranks in the last batch: this rank adds zero gradient
                     loss = sum(p.sum() for p in params) * 0.0
                 if any_rank(not torch.isfinite(loss), device):  # every rank stops together
-                    assign(params, initial)
-                    raise TrainingDivergedError(
-                        f"Training of task {spec.name!r} diverged at step {step}: loss is {loss.item()}. "
-                        "Nothing was saved. Lower the learning rate or check the data for extreme values."
-                    )
+                    raise diverged(f"loss is {loss.item()}")
                 # Weight by this rank's share so the summed gradients equal the global batch's mean.
                 (loss * (len(local) / len(batch))).backward()
                 all_reduce_gradients(params)
-                if config.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+                # A finite loss can still have a gradient that is not (a float16 backward overflows): the step
+                # would write NaN into the parameters, unseen when it is the last one.
+                clip = math.inf if config.grad_clip is None else config.grad_clip
+                norm = torch.nn.utils.clip_grad_norm_(params, clip)
+                if any_rank(not torch.isfinite(norm), device):
+                    optimizer.zero_grad(set_to_none=True)
+                    raise diverged(f"the gradient norm is {norm.item()}")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 if average is not None:

@@ -94,6 +94,30 @@ def test_a_diverging_loss_raises_and_restores_the_parameters():
     assert modes == [True, False]  # dropout off again on the way out
 
 
+@pytest.mark.parametrize("data, validation", [(ALL_A, None), (ALL_B, ALL_A)])
+@pytest.mark.parametrize("clip", [1.0, None])
+def test_a_gradient_that_is_not_finite_raises_and_restores_the_parameters(data, validation, clip):
+    # The last step's loss is finite but its gradient is not (a float16 backward that overflows): the step wrote
+    # NaN into the parameters and no later loss was checked, so the NaN state was returned without a word, or
+    # kept as the best (argmax of NaN logits says "a", which this validation wants and training moved away from).
+    bias, plain = _bias_model()
+    calls = []
+
+    def forward(inputs):
+        calls.append(torch.is_grad_enabled())
+        logits = plain(inputs)
+        if sum(calls) == 4 and calls[-1]:  # the last step: value unchanged, gradient NaN (0 * inf)
+            logits = logits + (bias - bias.detach()).abs().sqrt()
+        return logits
+
+    config = TrainConfig(epochs=1, batch_size=4, learning_rate=0.05, warmup_ratio=0.0, grad_clip=clip,
+                         eval_every=2, patience=None, progress=False)
+    with pytest.raises(TrainingDivergedError, match=r"at step 3: the gradient norm is nan\. Nothing was saved"):
+        train(forward, [bias], lambda _: None, SPEC, data, validation, config, pad_id=0, device=CPU)
+    torch.testing.assert_close(bias.detach(), torch.tensor([0.0, 0.1]))
+    assert bias.grad is None
+
+
 def test_extra_loss_sees_the_batch_rows_and_counts():
     bias, forward = _bias_model()
     seen = []
