@@ -102,3 +102,25 @@ def test_multi_label_row_scores_average_to_micro_f1_and_rank_as_it_does():
     assert paired_gain(spec, every, none, targets) > 0
     # No positive label anywhere and none predicted: micro-F1 0 (as compute_metrics says), every row 0.
     assert row_scores(spec, none, torch.zeros(20, 5)).tolist() == [0.0] * 20
+
+
+def test_metrics_agree_with_scikit_learn_on_ties_empty_classes_and_negative_rows():
+    metrics = pytest.importorskip("sklearn.metrics")
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        n, labels = int(torch.randint(1, 12, (1,), generator=g)), int(torch.randint(2, 6, (1,), generator=g))
+        names = [f"l{i}" for i in range(labels)]
+        logits = torch.randint(0, 3, (n, labels), generator=g).float()  # ties: argmax takes the first
+        targets = torch.randint(0, labels, (n,), generator=g)  # some classes absent
+        m = compute_metrics(TaskSpec("s", labels=names), logits, targets)
+        pred = logits.argmax(-1).numpy()
+        assert m["accuracy"] == pytest.approx(metrics.accuracy_score(targets.numpy(), pred))
+        assert m["macro_f1"] == pytest.approx(metrics.f1_score(targets.numpy(), pred, average="macro"))
+        multi = (torch.rand(n, labels, generator=g) < 0.2).float()  # rows with no label at all
+        scores = torch.randn(n, labels, generator=g)
+        m = compute_metrics(TaskSpec("m", labels=names, problem_type="multi_label"), scores, multi)
+        on = (scores.sigmoid() >= 0.5).int().numpy()
+        for average in ("micro", "macro"):
+            expected = metrics.f1_score(multi.int().numpy(), on, average=average, zero_division=0)
+            assert m[f"{average}_f1"] == pytest.approx(expected)
+        assert m["exact_match"] == pytest.approx(metrics.accuracy_score(multi.int().numpy(), on))
