@@ -144,8 +144,8 @@ def train(
     when it is set (:func:`adamw`).
 
     Raises:
-        TrainingDivergedError: the loss or the gradient became NaN or infinite. The parameters
-            are left as they were before training.
+        TrainingDivergedError: the loss or the gradient became NaN or infinite, or no evaluation
+            on ``validation`` gave a finite score. The parameters are left as they were before training.
     """
     steps_per_epoch = math.ceil(len(train_data) / config.batch_size)
     total = steps_per_epoch * config.epochs
@@ -277,6 +277,8 @@ def train(
                                             and gain <= config.probe_margin):
                 best_score, best_metrics, best_logits = fallback
                 best_step, best, best_averaged = 0, candidate, False
+        if best_logits is None:  # no evaluation scored a finite value: no state to keep, none known to be good
+            raise diverged(f"validation {metric} was {history[-1][metric]} at every evaluation")
         # Keep the best evaluated state, not the last one (early stopping).
         assign(params, best)
     else:

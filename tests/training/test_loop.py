@@ -374,3 +374,17 @@ def test_probe_margin_on_a_multi_label_task_judges_the_primary_metric():
     assert result.candidate_gain > 1.0
     assert result.best_step == 1 and result.best_metrics["micro_f1"] == pytest.approx(1 / 3)
     assert table.detach().min() > 2.9
+
+
+@pytest.mark.parametrize("candidate", [None, [torch.tensor([0.9])]])
+def test_a_validation_score_that_is_never_finite_raises_instead_of_returning_the_untrained_state(candidate):
+    # A validation target whose square overflows float32 makes every state's MSE inf (a validation row that
+    # overflows a float16 backbone makes it NaN): no evaluation counted as an improvement, so the parameters
+    # as they were before training came back, with best_metrics {}, and were saved as the trained task.
+    huge = Encoded(IDS, None, torch.tensor([[1.0]] * 15 + [[1e20]]))
+    config = TrainConfig(epochs=2, batch_size=4, learning_rate=0.05, warmup_ratio=0.0, eval_every=2, patience=None,
+                         progress=False)
+    value, forward = _scalar_model(0.0)
+    with pytest.raises(TrainingDivergedError, match=r"validation mse was inf at every evaluation\. Nothing was saved"):
+        train(forward, [value], lambda _: None, REG, ONES, huge, config, pad_id=0, device=CPU, candidate=candidate)
+    assert value.item() == 0.0
