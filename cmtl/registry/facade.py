@@ -737,6 +737,9 @@ class Registry(LoadedRegistry):
         Returns:
             The entry's record: tasks, knobs, per-task validation history and best scores, the TAG
             affinity matrix when measured (``affinity[i][j]`` = Z of task i onto task j).
+
+        Raises:
+            TrainingDivergedError: the loss or the gradient became NaN or infinite; nothing was written.
         """
         config, training = config or MultiTaskConfig(), training or TrainConfig()
         unused = {k: getattr(training, k) for k in set_fields(training, entries.GROUP_UNUSED_TRAINING)}

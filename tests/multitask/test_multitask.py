@@ -20,7 +20,7 @@ from cmtl.core.adapters import AdapterBank, AdapterConfig, TaskLoRA, stack_lora
 from cmtl.core.backbone import load_backbone
 from cmtl.core.heads import TaskHead
 from cmtl.data import Encoded, encode, read_examples
-from cmtl.errors import EntryExistsError, InvalidParameterError
+from cmtl.errors import EntryExistsError, InvalidParameterError, TrainingDivergedError
 from cmtl.multitask.affinity import _adamw_lookahead, group_score, select_groups
 from cmtl.multitask.config import MultiTaskConfig
 from cmtl.multitask.joint import grouped_forward, train_multitask
@@ -722,3 +722,18 @@ def test_two_groups_trained_at_once_under_one_name_keep_the_first(registry):
     assert isinstance(refused, EntryExistsError), refused
     assert merge_key("g") in registry._runtime.bank.names  # the first call's adapter is still loaded
     assert len(registry.predict("sentiment", ["a film"], merge="g")) == 1
+
+
+@pytest.mark.parametrize("validated", [True, False])
+def test_joint_training_that_diverges_raises_and_leaves_the_parameters_as_they_were(joint, validated):
+    # The joint loop checked neither the loss nor the gradient: an infinite learning rate wrote NaN into the
+    # shared adapter and heads and trained on; without validation the NaN state was returned (and stored).
+    forward, shared, heads, set_training, specs, data, val, backbone = joint
+    before = [p.detach().clone() for p in [*shared, *heads]]
+    training = TrainConfig(batch_size=16, learning_rate=1e30, warmup_ratio=0.0, grad_clip=None, progress=False)
+    with pytest.raises(TrainingDivergedError, match="Joint training diverged at step"):
+        train_multitask(forward, shared, heads, set_training, specs, data, val if validated else [None, None],
+                        MultiTaskConfig(sampler="uniform", steps=20, eval_every=5), training,
+                        pad_id=backbone.pad_id, device=torch.device("cpu"))
+    for p, b in zip([*shared, *heads], before):
+        torch.testing.assert_close(p.detach(), b, rtol=0, atol=0)
