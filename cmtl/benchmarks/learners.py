@@ -122,8 +122,10 @@ class StrategyConfig:
         transfer.check_scale(self.init_scale, "auto", owner="StrategyConfig")
 
 
-def _seeded_head(hidden: int, n_out: int, dropout: float, seed: int) -> TaskHead:
-    with seeded(seed):
+def fresh_head(hidden: int, n_out: int, dropout: float, seed: int, j: int) -> TaskHead:
+    """The untrained head every strategy gives head ``j`` of a stream trained under ``seed`` (``avl-*``
+    included), so that ``b`` is one row for every strategy."""
+    with seeded(seed * 1009 + j):
         return TaskHead(hidden, n_out, dropout)
 
 
@@ -149,8 +151,8 @@ class Learner(abc.ABC):
     def predict(self, j: int, n_seen: int) -> list[str]:
         """Predicted label names for experience ``j``'s test texts after ``n_seen`` experiences."""
 
-    def _head_seed(self, j: int) -> int:
-        return self.config.training.seed * 1009 + j
+    def _fresh_head(self, n_out: int, dropout: float, j: int) -> TaskHead:
+        return fresh_head(self.backbone.hidden_size, n_out, dropout, self.config.training.seed, j)
 
     def _fresh_head_answers(self, j: int, features: torch.Tensor) -> list[str]:
         """Experience ``j`` before anything was learnt for it: a fresh seeded head on the plain backbone's
@@ -160,8 +162,7 @@ class Learner(abc.ABC):
         labels = tuple(self.experiences[j].spec.labels)
         if self.kind == "class-incremental":
             labels = tuple(dict.fromkeys(x for e in self.experiences for x in e.spec.labels))
-        seed = self._head_seed(j if self.kind == "task-incremental" else 0)
-        head = _seeded_head(self.backbone.hidden_size, len(labels), 0.0, seed)
+        head = self._fresh_head(len(labels), 0.0, j if self.kind == "task-incremental" else 0)
         with torch.inference_mode():
             logits = head(features)
         return [labels[k] for k in logits.argmax(-1).tolist()]
@@ -215,8 +216,8 @@ class SharedLearner(Learner):
 
     def _head(self, g: int) -> TaskHead:
         if g not in self.heads:
-            self.heads[g] = _seeded_head(self.backbone.hidden_size, self.head_specs[g].num_outputs,
-                                         self.config.training.head_dropout, self._head_seed(g)).to(self.device)
+            self.heads[g] = self._fresh_head(self.head_specs[g].num_outputs, self.config.training.head_dropout,
+                                             g).to(self.device)
             self.heads[g].eval()
         return self.heads[g]
 
@@ -470,8 +471,7 @@ class SingleLearner(Learner):
         if j not in self.models:
             encoder = copy.deepcopy(self.backbone.encoder)
             spec = self.experiences[j].spec
-            head = _seeded_head(self.backbone.hidden_size, spec.num_outputs, self.config.training.head_dropout,
-                                self._head_seed(j)).to(self.device)
+            head = self._fresh_head(spec.num_outputs, self.config.training.head_dropout, j).to(self.device)
             encoder.eval()
             head.eval()
             self.models[j] = (encoder, head)

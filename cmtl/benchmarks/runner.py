@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import torch
 
 from cmtl._version import __version__
-from cmtl.benchmarks.learners import STRATEGIES, StrategyConfig, run_stream
+from cmtl.benchmarks.learners import STRATEGIES, StrategyConfig, fresh_head, run_stream
 from cmtl.benchmarks.metrics import ContinualReport, plot_heatmap
 from cmtl.benchmarks.scenarios import Scenario
 from cmtl.core.backbone import BackboneConfig, load_backbone
@@ -148,9 +148,12 @@ def run_avalanche_stream(name: str, experiences: Sequence, kind: str, backbone_c
     config = config or StrategyConfig()
     backbone = load_backbone(backbone_config, device=device)
     stream = [(e.spec, e.train, e.test, None) for e in experiences]
-    model = avalanche.build_model(backbone, avalanche.task_specs(stream), config.adapter,
-                                  head_dropout=config.training.head_dropout, seed=config.training.seed)
+    specs = avalanche.task_specs(stream)
     t = config.training
+    model = avalanche.build_model(backbone, specs, config.adapter, head_dropout=t.head_dropout, seed=t.seed)
+    with torch.no_grad():  # the heads cmtl's shared strategies start from: b is one row for every strategy
+        for j, (head, spec) in enumerate(zip(model.heads, specs)):
+            head.load_state_dict(fresh_head(backbone.hidden_size, spec.num_outputs, 0.0, t.seed, j).state_dict())
     # The same budget rule as cmtl's strategies: at most t.epochs, stopped by patience on validation, best kept.
     # cmtl keeps the best validated state without patience too: Avalanche then gets a patience it cannot reach.
     validation = [e.validation for e in experiences] if all(

@@ -276,3 +276,39 @@ def test_ewc_anchors_the_one_head_a_stream_shares(kind, tiny_backbone):
         rows = fisher[len(adapter)].abs().sum(-1)
         seen = [learner.head_specs[0].labels.index(label) for label in stream[0].spec.labels]
         assert all(rows[k] > 0 for k in seen) and rows.sum() == sum(rows[k] for k in seen)
+
+
+def test_avalanche_strategies_start_from_the_heads_of_cmtls_shared_strategies(tiny_backbone, tmp_path, monkeypatch):
+    """b (FWT's baseline) must be one row for every strategy of a bench table, avl-* included: Avalanche's model
+    drew its heads in a row after the adapter under the training seed, cmtl's shared strategies each head from
+    its own seed, so the two families' untrained answers (b, and R[i][j] for j > i) differed."""
+    pytest.importorskip("avalanche")
+    from cmtl.benchmarks import runner
+    from cmtl.benchmarks.learners import make_learner
+    from cmtl.core.backbone import load_backbone
+    from cmtl.training.evaluation import predict_logits
+
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def stop(name, benchmark, model, *, progress, config):
+        seen.append(model)
+        raise Stop  # the untrained model is all this test reads
+
+    monkeypatch.setattr(runner.avalanche, "run_strategy", stop)
+    stream, kind = _stream("task-incremental"), "task-incremental"
+    config = dataclasses.replace(CONFIG, training=dataclasses.replace(CONFIG.training, seed=3))
+    backbone = BackboneConfig(name_or_path=tiny_backbone, max_length=32)
+    with pytest.raises(Stop):
+        runner.run_avalanche_stream("naive", stream, kind, backbone, config, device="cpu")
+    (model,) = seen
+    model.eval()
+    learner = make_learner("seq-ft", stream, kind, load_backbone(backbone, device="cpu"), config, tmp_path)
+    for j, exp in enumerate(stream):
+        enc = learner._encode(exp.test, exp.spec, j, with_targets=False)
+        logits = predict_logits(model.forward_for(j), enc, batch_size=64, pad_id=learner.pad_id,
+                                device=torch.device("cpu"))
+        assert [exp.spec.labels[k] for k in logits.argmax(-1).tolist()] == learner.predict(j, 0), j
+        assert torch.equal(model.heads[j].linear.weight, learner.heads[j].linear.weight.to(torch.float32)), j
