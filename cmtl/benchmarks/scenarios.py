@@ -92,6 +92,15 @@ class Scenario:
         if self.kind != "task-incremental" and not self.task:
             raise InvalidParameterError(bad_param("task", owner, f"name the one task of a {self.kind} scenario",
                                                   self.task))
+        if self.kind == "domain-incremental":
+            label_sets = {e.name: tuple(e.labels or corpus_info(e.corpus).labels) for e in self.experiences}
+            if len(set(label_sets.values())) > 1:
+                raise ValueError(
+                    f"Scenario {self.name!r} is domain-incremental: every experience is the one task "
+                    f"{self.task!r}, so each must have the same labels, in the same order. Got "
+                    + ", ".join(f"{name}: {list(labels)}" for name, labels in label_sets.items())
+                    + ". Give the experiences the same 'labels' (or corpora with one label set), or make the "
+                    "scenario task-incremental (one task per experience).")
         if self.kind == "class-incremental":
             if len({e.corpus for e in self.experiences}) != 1 or any(not e.labels for e in self.experiences):
                 raise ValueError("A class-incremental scenario draws every experience from one corpus and "

@@ -56,3 +56,17 @@ def test_bad_scenarios(change, match):
             "experiences": [{"name": "a", "corpus": "trec6"}, {"name": "b", "corpus": "sms_spam"}]}
     with pytest.raises(ValueError, match=match):
         Scenario.from_dict({**base, **change})
+
+
+@pytest.mark.parametrize("experiences", [
+    [{"name": "movies", "corpus": "vader_movies"}, {"name": "rotten", "corpus": "rotten_tomatoes"}],
+    [{"name": "a", "corpus": "trec6", "labels": ["ABBR", "DESC"]}, {"name": "b", "corpus": "trec6",
+                                                                    "labels": ["DESC", "ABBR"]}],
+])
+def test_a_domain_incremental_scenario_needs_one_label_set(experiences):
+    """Every experience of a domain-incremental stream is the one task: with other labels per experience the
+    shared strategies' one head answered with the union (a movie review could be called 'fresh'), and each
+    strategy's untrained answers (b) read the head's outputs in another label order."""
+    with pytest.raises(ValueError, match=r"domain-incremental.*same labels.*\['neg', 'pos'\].*\['fresh', 'rotten'\]"
+                       if experiences[0]["corpus"] == "vader_movies" else r"same labels.*in the same order"):
+        Scenario.from_dict({"name": "s", "kind": "domain-incremental", "task": "t", "experiences": experiences})
