@@ -9,7 +9,6 @@ folder: ``results.json`` (every accuracy matrix and metric), ``results.md``
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import platform
 import time
@@ -22,6 +21,7 @@ import torch
 from cmtl._version import __version__
 from cmtl.benchmarks.learners import STRATEGIES, StrategyConfig, fresh_head, run_stream
 from cmtl.benchmarks.metrics import ContinualReport, plot_heatmap
+from cmtl.benchmarks.results import write_results
 from cmtl.benchmarks.scenarios import Scenario
 from cmtl.core.backbone import BackboneConfig, load_backbone
 from cmtl.integrations import avalanche
@@ -214,8 +214,8 @@ def to_markdown(results: dict) -> str:
 
 
 def _write(out: Path, results: dict) -> None:
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(f"# {results['scenario']} ({results['kind']})\n\n" + to_markdown(results))
+    """Both files atomically: a write that fails part-way keeps the runs saved before it."""
+    write_results(out, results, f"# {results['scenario']} ({results['kind']})\n\n" + to_markdown(results).rstrip("\n"))
 
 
 def _fmt(v) -> str:

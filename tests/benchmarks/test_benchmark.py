@@ -444,3 +444,50 @@ def test_joint_final_gives_the_last_row_of_the_joint_benchmark(tmp_path):
     with pytest.raises(ValueError, match="Unknown order 'sideways'"):
         joint_final.run(Scenario.from_yaml(SCENARIOS / "text5.yaml"), tmp_path / "x", order="sideways",
                         echo=lines.append)
+
+
+def test_a_failed_write_keeps_the_runs_already_saved(tmp_path, tiny_backbone, monkeypatch):
+    """run_benchmark saves results.json after every run so a long benchmark keeps what it measured; written in
+    place, a write that failed part-way (a full disk, a kill) left a truncated file and lost every run."""
+    import builtins
+    import io
+
+    real_open = io.open
+    armed = []
+
+    class HalfWriter:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            self.f.write(data[: len(data) // 2])
+            raise OSError(28, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def failing_open(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        writing = "w" in mode or "x" in mode
+        return HalfWriter(f) if armed and writing and "results.json" in str(file) else f
+
+    monkeypatch.setattr(io, "open", failing_open)
+    monkeypatch.setattr(builtins, "open", failing_open)
+    scenario = Scenario.from_yaml(SCENARIOS / "text5.yaml").shrink(8, 4)
+    config = StrategyConfig(training=TrainConfig(epochs=1, max_steps=1, batch_size=8, progress=False))
+
+    def echo(line):
+        if line.startswith("== ") and "joint" in line:
+            armed.append(True)  # the second run's save fails
+
+    with pytest.raises(OSError, match="No space left"):
+        run_benchmark(scenario, ["seq-ft", "joint"], tmp_path, config=config, device="cpu", echo=echo,
+                      backbone=BackboneConfig(name_or_path=tiny_backbone, max_length=32))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [run["strategy"] for run in saved["runs"]] == ["seq-ft"]
