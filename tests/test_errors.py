@@ -24,6 +24,7 @@ from cmtl import (
     TrainConfig,
     UpdateConfig,
 )
+from cmtl.benchmarks.learners import StrategyConfig
 from cmtl.benchmarks.scenarios import ExperienceSpec, Scenario
 from cmtl.errors import EntryExistsError, InvalidParameterError, WriteConflictError, bad_param
 from cmtl.multitask.config import MultiTaskConfig
@@ -169,6 +170,20 @@ BAD = {
     "Scenario.random_orders repeated": (_scenario, {"random_orders": (1, 2, 1)}, "random_orders", "Scenario 's'",
                                         "hold distinct integer seeds in [0, 2**62)", [1, 2, 1]),
     "Scenario.max_eval": (_scenario, {"max_eval": 0}, "max_eval", "Scenario 's'", "be >= 1", 0),
+    # Each was read as given: a negative fisher_examples cut rows off the Fisher's sample and left it unaveraged
+    # (F times N), 0 gave EWC a zero Fisher (seq-ft under another name), a negative λ pushed away from the anchor.
+    "StrategyConfig.replay_budget": (StrategyConfig, {"replay_budget": 0}, "replay_budget", "StrategyConfig",
+                                     "be a positive integer", 0),
+    "StrategyConfig.fisher_examples": (StrategyConfig, {"fisher_examples": -1}, "fisher_examples", "StrategyConfig",
+                                       "be a positive integer", -1),
+    "StrategyConfig.ewc_lambda": (StrategyConfig, {"ewc_lambda": -1000.0}, "ewc_lambda", "StrategyConfig",
+                                  "be a finite number >= 0", -1000.0),
+    "StrategyConfig.lwf_lambda": (StrategyConfig, {"lwf_lambda": float("nan")}, "lwf_lambda", "StrategyConfig",
+                                  "be a finite number >= 0", float("nan")),
+    "StrategyConfig.lwf_temperature": (StrategyConfig, {"lwf_temperature": 0.0}, "lwf_temperature", "StrategyConfig",
+                                       "be > 0", 0.0),
+    "StrategyConfig.single_learning_rate": (StrategyConfig, {"single_learning_rate": -5e-5}, "single_learning_rate",
+                                            "StrategyConfig", "be > 0", -5e-5),
 }
 
 

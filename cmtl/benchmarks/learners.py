@@ -49,6 +49,7 @@ import abc
 import copy
 import dataclasses
 import math
+import numbers
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -69,6 +70,7 @@ from cmtl.core.backbone import Backbone, BackboneConfig, load_backbone
 from cmtl.core.heads import TaskHead, route_to_heads
 from cmtl.core.tasks import MASKED_LOGIT, TaskSpec
 from cmtl.data import Encoded, Examples, encode
+from cmtl.errors import InvalidParameterError, bad_param
 from cmtl.registry.facade import Registry
 from cmtl.registry.reader import scale_note
 from cmtl.training.caching import maybe_cache, prefix_megabytes
@@ -120,6 +122,19 @@ class StrategyConfig:
 
     def __post_init__(self):
         transfer.check_scale(self.init_scale, "auto", owner="StrategyConfig")
+        for key in ("replay_budget", "fisher_examples"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidParameterError(bad_param(key, "StrategyConfig", "be a positive integer", value))
+        for key in ("ewc_lambda", "lwf_lambda"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value)
+                                                                                       and value >= 0):
+                raise InvalidParameterError(bad_param(key, "StrategyConfig", "be a finite number >= 0", value))
+        for key in ("lwf_temperature", "single_learning_rate"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+                raise InvalidParameterError(bad_param(key, "StrategyConfig", "be > 0", value))
 
 
 def fresh_head(hidden: int, n_out: int, dropout: float, seed: int, j: int) -> TaskHead:
