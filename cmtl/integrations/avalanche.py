@@ -111,7 +111,7 @@ def export_benchmark(
     Returns:
         A ``CLScenario`` with ``train_stream`` and ``test_stream`` (and ``valid_stream``) of T
         experiences each, whose datasets are ``TaskAwareSupervisedClassificationDataset`` with
-        ``targets`` and ``targets_task_labels``.
+        ``targets`` and ``targets_task_labels``; ``cmtl_task_specs`` holds the experiences' specs.
     """
     import_avalanche()
     from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
@@ -139,7 +139,9 @@ def export_benchmark(
         )
     pad_id = backbone.pad_id
     streams = {split: [_dataset(e, t, seq_len, pad_id) for t, e in enumerate(encs)] for split, encs in encoded.items()}
-    return with_classes_timeline(with_task_labels(benchmark_from_datasets(**streams)))
+    scenario = with_classes_timeline(with_task_labels(benchmark_from_datasets(**streams)))
+    scenario.cmtl_task_specs = tuple(specs)  # what run_strategy checks a model's heads against
+    return scenario
 
 
 def _dataset(encoded: Encoded, task: int, seq_len: int, pad_id: int):
@@ -384,6 +386,13 @@ def run_strategy(
             f"The benchmark has {len(benchmark.train_stream)} train and {T} test experiences and the model "
             f"{len(model.task_names)} task heads; all three must match (build both from the same experiences)."
         )
+    exported = getattr(benchmark, "cmtl_task_specs", None)
+    if exported is not None and [(s.name, s.labels) for s in exported] != [(s.name, s.labels) for s in model.specs]:
+        raise ValueError(
+            f"The model's heads {model.task_names} (labels {[list(s.labels) for s in model.specs]}) do not match "
+            f"the benchmark's experiences {[s.name for s in exported]} (labels {[list(s.labels) for s in exported]}): "
+            "experience t trains and is scored through head t. Build both from the same experiences, in the "
+            "same order: build_model(backbone, task_specs(stream)) beside export_benchmark(stream, backbone).")
     import_avalanche()
     from avalanche.evaluation.metrics import accuracy_metrics, bwt_metrics, forgetting_metrics
     from avalanche.training import EWC, LwF, Naive, Replay

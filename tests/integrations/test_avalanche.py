@@ -320,3 +320,13 @@ def test_avalanche_imported_through_cmtl_prints_no_qp_solver_warning():
     through_cmtl = stderr("from cmtl.integrations.avalanche_model import model_class\n"
                           "model_class()\nimport avalanche.training")
     assert "QP solver" not in through_cmtl, through_cmtl
+
+
+def test_run_strategy_refuses_a_model_built_for_another_order(benchmark, backbone):
+    """Experience t of an exported benchmark trains and is scored through head t, and the run's columns are
+    named after the model's heads: a model built from the same tasks in another order trained each task on
+    another's head and labelled every column of R with the wrong task."""
+    swapped = av.build_model(backbone, av.task_specs([STREAM[1], STREAM[0], STREAM[2]]))
+    with pytest.raises(ValueError, match=r"heads \['flip', 'sent', 'three'\].*benchmark's experiences "
+                                         r"\['sent', 'flip', 'three'\]"):
+        av.run_strategy("naive", benchmark, swapped, av.AvalancheConfig(epochs=1, measure_b=False))
