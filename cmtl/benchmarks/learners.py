@@ -64,7 +64,7 @@ from cmtl.continual.analytic import AnalyticConfig, AnalyticHead
 from cmtl.continual.penalties import Anchor, distillation_loss, ewc_term, fisher_diagonal
 from cmtl.continual.replay import make_buffer
 from cmtl.continual.routing import FeatureRouter
-from cmtl.continual.updates import UpdateConfig
+from cmtl.continual.updates import MemoryConfig, UpdateConfig
 from cmtl.core.adapters import AdapterBank, AdapterConfig
 from cmtl.core.backbone import Backbone, BackboneConfig, load_backbone
 from cmtl.core.heads import TaskHead, route_to_heads
@@ -93,7 +93,9 @@ class StrategyConfig:
         training: Loop settings for every experience: by default the library's budget rule (at most
             10 epochs, validation after each, stop after 2 without improvement, best state kept), which
             Avalanche's strategies get too (:func:`cmtl.integrations.avalanche.best_epoch_plugin`).
-        replay_budget: Examples the replay buffer keeps, over all experiences.
+        replay_budget: Examples the replay buffer of ``replay`` and ``avl-replay`` keeps, over all
+            experiences. ``grow`` replays from its registry task's own buffer instead, as a user's task
+            would: ``MemoryConfig()``'s (1,000 rows, class-balanced, seed 0), named in its notes.
         ewc_lambda: Weight of the EWC penalty.
         fisher_examples: Training examples used to estimate each Fisher diagonal.
         lwf_lambda: Weight of the LwF distillation term.
@@ -542,12 +544,15 @@ class GrowLearner(Learner):
         old = list(self.labels)
         self.labels += [x for x in exp.spec.labels if x not in self.labels]
         if i == 0:
+            memory = MemoryConfig()  # a user's task's: not --replay-budget, which sizes replay's shared buffer
             info = self.registry.add_task(TaskSpec(self.task, labels=self.labels), train=exp.train,
                                           validation=exp.validation, adapter=self.config.adapter,
-                                          training=self.config.training, head=self.head)
+                                          training=self.config.training, head=self.head, memory=memory)
             self.bytes_added.append(info.bytes_on_disk)
             self.trainable_parameters.append(info.trainable_parameters)
-            self.notes.append(f"task {self.task!r} created with {len(self.labels)} labels")
+            self.notes.append(f"task {self.task!r} created with {len(self.labels)} labels; it replays from its "
+                              f"own {memory.buffer} buffer of {memory.budget} rows (seed {memory.seed}), not "
+                              "--replay-budget's")
             return
         # As many rows per old label as per new one; an analytic head replays nothing (its statistics remember).
         ratio = 0.0 if self.head is not None else len(old) / max(1, len(self.labels) - len(old))

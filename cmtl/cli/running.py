@@ -86,7 +86,9 @@ def bench(
     adapter_layers: Annotated[Optional[str], typer.Option(
         help="Comma-separated indices of the layers every adapter adapts (default all), e.g. 26,27,28,29: the "
              "layers below run once per text and are cached.")] = None,
-    replay_budget: int = 500,
+    replay_budget: Annotated[int, typer.Option(help="Rows the replay buffer of replay and avl-replay keeps, over "
+                                               "all experiences (grow replays from its task's own buffer: "
+                                               "1,000 rows).")] = 500,
     avl_reset_optimizer: Annotated[bool, typer.Option(
         "--avl-reset-optimizer", help="avl-* strategies: start every experience with fresh AdamW state, as "
                                       "cmtl's strategies do (Avalanche's default carries it over).")] = False,

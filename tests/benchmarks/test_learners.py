@@ -122,6 +122,8 @@ def _grown(strategy: str, tiny_backbone: str, tmp_path) -> list:
     learner = make_learner(strategy, stream, "class-incremental", backbone, CONFIG, tmp_path)
     for i in range(3):
         learner.fit(i)
+    # Its buffer is its registry task's, not --replay-budget's (CONFIG's replay_budget sizes replay's): said so.
+    assert "own class_balanced buffer of 1000 rows (seed 0), not --replay-budget's" in learner.notes[0]
     versions = learner.registry.versions("classes")
     assert [len(v.labels) for v in versions] == [2, 4, 6] and versions[-1].current
     assert sum(p == y for p, y in zip(learner.predict(0, 3), stream[0].test.labels)) / len(stream[0].test) >= 0.5
