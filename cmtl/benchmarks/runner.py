@@ -46,19 +46,9 @@ def run_benchmark(
     Args:
         orders: Names from :meth:`Scenario.orders` (``"stated"``, ``"random-1"``, ...) or ``"all"``.
     """
-    unknown = [s for s in strategies if s not in STRATEGIES + AVALANCHE_STRATEGIES]
-    if unknown:
-        raise ValueError(f"Unknown strategies {unknown}. Known: {list(STRATEGIES + AVALANCHE_STRATEGIES)}.")
-    check_avalanche_kind(scenario.kind, strategies, scenario.name)
     config = config or StrategyConfig()
-    if config.init_scale != 1 and "adapters-auto" not in strategies:
-        raise ValueError(f"init_scale={config.init_scale} applies to strategy adapters-auto only (the share of "
-                         "the chosen source each start keeps); add adapters-auto or leave init_scale unset.")
+    wanted = check_request(scenario, strategies, orders, config)
     available = dict(scenario.orders())
-    wanted = list(available) if "all" in orders else list(orders)
-    missing = [o for o in wanted if o not in available]
-    if missing:
-        raise ValueError(f"Unknown orders {missing} for scenario {scenario.name!r}. Available: {list(available)}.")
     backbone = backbone or BackboneConfig()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -94,6 +84,31 @@ def run_benchmark(
             transfer_vs_fresh(results["runs"], order, echo)
             _write(out, results)  # after every run: a long benchmark keeps what it measured
     return results
+
+
+def check_request(scenario: Scenario, strategies: Sequence[str], orders: Sequence[str],
+                  config: StrategyConfig | None = None) -> list[str]:
+    """The orders :func:`run_benchmark` would run (``"all"`` expanded), after refusing what it refuses before
+    training anything: unknown strategies or orders, Avalanche's strategies on a stream that is not
+    task-incremental, ``init_scale`` without ``adapters-auto`` (``cmtl bench --dry-run`` checks the same).
+
+    Raises:
+        ValueError: says which of these, and what is known.
+    """
+    unknown = [s for s in strategies if s not in STRATEGIES + AVALANCHE_STRATEGIES]
+    if unknown:
+        raise ValueError(f"Unknown strategies {unknown}. Known: {list(STRATEGIES + AVALANCHE_STRATEGIES)}.")
+    check_avalanche_kind(scenario.kind, strategies, scenario.name)
+    config = config or StrategyConfig()
+    if config.init_scale != 1 and "adapters-auto" not in strategies:
+        raise ValueError(f"init_scale={config.init_scale} applies to strategy adapters-auto only (the share of "
+                         "the chosen source each start keeps); add adapters-auto or leave init_scale unset.")
+    available = [name for name, _ in scenario.orders()]
+    wanted = available if "all" in orders else list(orders)
+    missing = [o for o in wanted if o not in available]
+    if missing:
+        raise ValueError(f"Unknown orders {missing} for scenario {scenario.name!r}. Available: {available}.")
+    return wanted
 
 
 def transfer_vs_fresh(runs: list[dict], order: str, echo: Callable[[str], None] = lambda _: None) -> None:

@@ -103,7 +103,7 @@ def bench(
     """Run continual-learning strategies on a scenario; write results.json, results.md and heatmaps."""
     from cmtl import AdapterConfig, BackboneConfig, TrainConfig
     from cmtl.benchmarks.learners import StrategyConfig
-    from cmtl.benchmarks.runner import run_benchmark, summary_rows
+    from cmtl.benchmarks.runner import check_request, run_benchmark, summary_rows
     from cmtl.benchmarks.scenarios import Scenario
     from cmtl.continual.analytic import AnalyticConfig
     from cmtl.core.config import DEFAULT_BACKBONE
@@ -121,6 +121,19 @@ def bench(
     if max_train or max_eval:
         sc = sc.shrink(max_train or sc.max_train, max_eval or sc.max_eval)
     strategies = [s.strip() for s in strategy.split(",") if s.strip()]
+    training = TrainConfig(**({} if epochs is None else {"epochs": epochs}), lr_schedule=lr_schedule,
+                           patience=patience or None, seed=seed, progress=False)
+    try:
+        adapted = None if adapter_layers is None else [int(x) for x in adapter_layers.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{adapter_layers!r} is not a comma-separated list of layer indices.",
+                                 param_hint="--adapter-layers") from None
+    adapter = AdapterConfig(layers=adapted)
+    config = StrategyConfig(adapter=adapter, training=training, replay_budget=replay_budget,
+                            analytic=AnalyticConfig(seed=seed), avalanche_reset_optimizer=avl_reset_optimizer,
+                            init_scale=init_scale)
+    wanted = [o.strip() for o in orders.split(",")]
+    check_request(sc, strategies, wanted, config)  # what the run would refuse, the dry run refuses too
     if not dry_run:  # before hours of training, not after
         require("matplotlib", purpose="cmtl bench (its heat maps)")
         if any(s.startswith("avl-") for s in strategies):
@@ -133,22 +146,11 @@ def bench(
         typer.echo(format_table(rows, ["experience", "task", "labels", "train", "validation", "test"]))
         typer.echo(f"would run {', '.join(strategies)} on orders {orders} into {out or Path('runs/bench') / sc.name}")
         return
-    training = TrainConfig(**({} if epochs is None else {"epochs": epochs}), lr_schedule=lr_schedule,
-                           patience=patience or None, seed=seed, progress=False)
-    try:
-        adapted = None if adapter_layers is None else [int(x) for x in adapter_layers.split(",") if x.strip()]
-    except ValueError:
-        raise typer.BadParameter(f"{adapter_layers!r} is not a comma-separated list of layer indices.",
-                                 param_hint="--adapter-layers") from None
-    adapter = AdapterConfig(layers=adapted)
-    config = StrategyConfig(adapter=adapter, training=training, replay_budget=replay_budget,
-                            analytic=AnalyticConfig(seed=seed), avalanche_reset_optimizer=avl_reset_optimizer,
-                            init_scale=init_scale)
     out = out or Path("runs/bench") / sc.name
     results = run_benchmark(sc, strategies, out,
                             backbone=BackboneConfig(name_or_path=backbone or DEFAULT_BACKBONE, num_hidden_layers=layers,
                                                     dtype=dtype), config=config,
-                            orders=[o.strip() for o in orders.split(",")], device=device, echo=typer.echo)
+                            orders=wanted, device=device, echo=typer.echo)
     typer.echo("")
     typer.echo(format_table(summary_rows(results), ["strategy", "order", "ACC", "BWT", "FWT", "forgetting",
                                                     "StreamForgetting", "time_s", "params_per_exp", "bytes_added"]))

@@ -562,3 +562,15 @@ def test_bench_refuses_a_cap_of_zero_rows(option):
     # A cap of 0 read as no override (`max_train or sc.max_train`): the benchmark ran on the scenario's own cap.
     result = invoke("bench", "text5", "--dry-run", option, "0")
     assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output, result.output
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["trec-classes", "--strategy", "adapters,avl-ewc"], "['avl-ewc'] cannot run on scenario 'trec-classes'"),
+    (["text5", "--strategy", "adapters,nope"], "Unknown strategies ['nope']"),
+    (["text5", "--orders", "random-99"], "Unknown orders ['random-99']"),
+])
+def test_bench_dry_run_refuses_what_the_run_would_refuse(args, says):
+    # The dry run printed "would run ..." for a request the real run refuses before training anything.
+    result = invoke("bench", *args, "--dry-run")
+    assert result.exit_code == 1 and says in result.output, result.output
+    assert "would run" not in result.output
