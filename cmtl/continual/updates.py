@@ -45,7 +45,8 @@ class UpdateConfig:
             (0 trains on the new data only).
         penalty: ``"ewc"`` (quadratic pull towards the previous version,
             weighted by its Fisher diagonal on replayed/held-out old data) or
-            ``"lwf"`` (distil the previous version's outputs on the new data);
+            ``"lwf"`` (distil the previous version's outputs on every training row: the new data
+            and, with replay, the replayed rows; Li & Hoiem distil on the new data alone);
             ``"none"`` for neither.
         penalty_weight: λ of the penalty; ``None`` uses 1000 for EWC and 1 for LwF.
         temperature: LwF softmax temperature.
