@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -235,12 +237,27 @@ class Backbone:
             joined.append(a[:keep_a] + [self._boundary_id] + b[:keep_b])
         return {"input_ids": joined, "attention_mask": [[1] * len(ids) for ids in joined]}
 
-    def check_matches(self, recorded_sha256: str, where: str) -> None:
+    @functools.cached_property
+    def tokenizer_sha256(self) -> str:
+        """Hash of what the tokenizer makes of text (:func:`tokenizer_sha256`), computed once."""
+        return tokenizer_sha256(self)
+
+    def check_matches(self, recorded_sha256: str, where: str, *, tokenizer_sha256: str | None = None) -> None:
+        """Refuse weights, or (where ``tokenizer_sha256`` was recorded) a tokenizer, other than ``where`` was
+        built on: adapters and heads trained on other token ids or weights would answer wrongly, silently."""
         if recorded_sha256 != self.sha256:
             raise BackboneMismatchError(
                 f"The backbone {self.config.name_or_path!r} has weights hash {self.sha256[:12]}…, but {where} "
                 f"was built on weights hash {recorded_sha256[:12]}…. Adapters only work on the backbone they "
                 "were trained on: open it with that backbone, or create a new registry."
+            )
+        if tokenizer_sha256 is not None and tokenizer_sha256 != self.tokenizer_sha256:
+            raise BackboneMismatchError(
+                f"The backbone {self.config.name_or_path!r} has the recorded weights, but its tokenizer turns text "
+                f"into other token ids (tokenizer hash {self.tokenizer_sha256[:12]}…) than the one {where} was "
+                f"built with ({tokenizer_sha256[:12]}…): another vocabulary, casing or normalisation. Adapters and "
+                "heads only work on the token ids they were trained on: open it with the folder (tokenizer "
+                "included) it was created with."
             )
 
 
@@ -475,6 +492,22 @@ def _quiet_transformers(quiet: bool) -> Iterator[None]:
         hf_logging.set_verbosity(before)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+#: Texts whose token ids, with the vocabulary, stand for what a tokenizer does (:func:`tokenizer_sha256`): case,
+#: accents, digits, punctuation, other scripts, ligatures, emoji, white space.
+_TOKENIZER_PROBES = ["Hello, World!", "héllo WORLD 12,345.67", "naïve Café – ÉTÉ", "東京 straße ﬁne",
+                     "two  spaces\tand\nlines", "🙂 emoji?", "don't re-tokenize http://x.y/z", ""]
+
+
+def tokenizer_sha256(backbone: "Backbone") -> str:
+    """Hash of ``backbone``'s tokenizer as the registry uses it: its vocabulary, pad id and the token ids
+    (and token type ids) :meth:`Backbone.tokenize` gives a few probe texts, alone and as pairs. Independent of
+    the files it was saved as, so a copy of the same tokenizer hashes alike."""
+    vocab = sorted(backbone.tokenizer.get_vocab().items())
+    pairs = _TOKENIZER_PROBES[::-1]
+    ids = [dict(backbone.tokenize(list(_TOKENIZER_PROBES), p)) for p in (None, pairs)]  # BatchEncoding: a dict
+    return hashlib.sha256(json.dumps([vocab, backbone.pad_id, ids], sort_keys=True).encode()).hexdigest()
 
 
 def weights_sha256(model: nn.Module) -> str:

@@ -93,7 +93,8 @@ class Registry(LoadedRegistry):
             if isinstance(backbone, Backbone):
                 check_free(backbone, root)  # before anything is written
             loaded = backbone if isinstance(backbone, Backbone) else load_backbone(backbone, device=device)
-            manifest = commit.create(root, {**loaded.config.to_dict(), "sha256": loaded.sha256})
+            manifest = commit.create(root, {**loaded.config.to_dict(), "sha256": loaded.sha256,
+                                              "tokenizer_sha256": loaded.tokenizer_sha256})
             logger.info("Created registry %s on backbone %s", root, loaded.config.name_or_path)
             return cls(root, manifest, loaded)
         finally:

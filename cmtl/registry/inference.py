@@ -76,7 +76,8 @@ class LoadedRegistry(RegistryReader):
             config = backbone_config(recorded, **({} if backbone is None else {"name_or_path": backbone}))
         loaded = load_backbone(config, device=device)
         refuse_other_settings(recorded, loaded.config, f"Registry {str(root)!r}")
-        loaded.check_matches(recorded["sha256"], f"registry {str(root)!r}")
+        loaded.check_matches(recorded["sha256"], f"registry {str(root)!r}",
+                             tokenizer_sha256=recorded.get("tokenizer_sha256"))
         return cls(root, manifest, loaded)
 
     def reload(self) -> bool:

@@ -71,10 +71,15 @@ def _version_number(value: Any) -> bool:
     return _positive_int(value) and value <= MAX_VERSION
 
 
+#: The hashes a ``backbone`` record holds beside its config's fields (:meth:`cmtl.core.backbone.Backbone.check_matches`;
+#: a record written before cmtl hashed the tokenizer has no ``tokenizer_sha256``).
+_HASHES = {"sha256": "weights hash", "tokenizer_sha256": "tokenizer hash"}
+
+
 def backbone_changes(known: dict[str, Any], recorded: dict[str, Any], *, ignore: tuple[str, ...] = ()) -> list[str]:
     """How a manifest's ``backbone`` record differs from the ``known`` one, one phrase per field
     (``ignore``: fields that may differ); empty when they describe the same backbone."""
-    return [f"weights hash {str(known.get(k))[:12]}… -> {str(recorded.get(k))[:12]}…" if k == "sha256" else
+    return [f"{_HASHES[k]} {str(known.get(k))[:12]}… -> {str(recorded.get(k))[:12]}…" if k in _HASHES else
             f"{k} {known.get(k)!r} -> {recorded.get(k)!r}"
             for k in sorted(set(known) | set(recorded)) if k not in ignore and known.get(k) != recorded.get(k)]
 
@@ -86,7 +91,7 @@ def backbone_config(recorded: dict[str, Any], **overrides: Any):
     from cmtl.core.config import BackboneConfig
 
     known = {f.name for f in dataclasses.fields(BackboneConfig)}
-    extra = sorted(k for k in recorded if k not in known and k != "sha256")
+    extra = sorted(k for k in recorded if k not in known and k not in _HASHES)
     if extra:
         warnings.warn(f"Ignoring unknown backbone keys {extra} (written by a newer cmtl?).", stacklevel=2)
     return BackboneConfig(**{"dtype": "auto", **{k: v for k, v in recorded.items() if k in known}, **overrides})
@@ -266,6 +271,9 @@ class _Check:
         for key in ("sha256", "name_or_path"):
             if not isinstance(self.field(backbone, key, ("backbone",)), str):
                 raise self.fail(f"{_where(('backbone', key))} must be a string, got {_kind(backbone[key])}")
+        if not isinstance(backbone.get("tokenizer_sha256", ""), str):
+            raise self.fail(f"{_where(('backbone', 'tokenizer_sha256'))} must be a string, got "
+                            f"{_kind(backbone['tokenizer_sha256'])}")
         self.config(backbone, "backbone", ("backbone",))
         generation = m.get("generation", 0)
         if not isinstance(generation, int) or isinstance(generation, bool) or generation < 0:

@@ -523,3 +523,39 @@ def test_a_task_started_from_a_source_replaced_meanwhile_writes_nothing(root):
                                             r"add_task ran: its v1.*Nothing was written"):
         reg.add_task(TaskSpec("from-a", labels=["neg", "pos"]), toy_sentiment(16, 9), training=QUICK, init="a")
     assert "from-a" not in open_reg(root).tasks() and not (root / "tasks" / "from-a").exists()
+
+
+# --- the tokenizer is part of the backbone a registry was built on ----------------------------------
+
+
+def uncased_copy(tiny_backbone, path) -> str:
+    """A copy of the tiny backbone whose tokenizer keeps case: the same weights, other token ids."""
+    shutil.copytree(tiny_backbone, path)
+    tokenizer = json.loads((path / "tokenizer.json").read_text())
+    tokenizer["normalizer"]["lowercase"] = False
+    (path / "tokenizer.json").write_text(json.dumps(tokenizer))
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**config, "do_lower_case": False}))
+    return str(path)
+
+
+def test_a_backbone_with_the_same_weights_but_another_tokenizer_is_refused(root, tiny_backbone, tmp_path):
+    from cmtl import BackboneMismatchError
+    from cmtl.serving.engine import InferenceEngine
+
+    # A copy of the folder it was built on (the tokenizer included) opens and answers the same.
+    same = shutil.copytree(tiny_backbone, tmp_path / "moved")
+    expected = open_reg(root).predict_proba("a", ["A GREAT Film"])
+    torch.testing.assert_close(torch.tensor(Registry.open(root, str(same), device="cpu").predict_proba(
+        "a", ["A GREAT Film"])), torch.tensor(expected))
+    # The same weights with a tokenizer that keeps case give other token ids: the adapters would answer wrongly.
+    other = uncased_copy(tiny_backbone, tmp_path / "cased")
+    with pytest.raises(BackboneMismatchError, match="tokenizer"):
+        Registry.open(root, other, device="cpu")
+    with pytest.raises(BackboneMismatchError, match="tokenizer"):
+        InferenceEngine(root, device="cpu", backbone=BackboneConfig(name_or_path=other, max_length=64))
+
+
+def test_a_registry_that_recorded_no_tokenizer_hash_still_opens(root):
+    edit_manifest(root, lambda m: m["backbone"].pop("tokenizer_sha256", None))  # as an older cmtl wrote it
+    assert open_reg(root).predict("a", TEXTS)
