@@ -521,6 +521,12 @@ class Registry(LoadedRegistry):
                 f"{str(path)!r} was exported from a registry on backbone {folder.backbone.get('name_or_path')!r} "
                 f"(weights {recorded[:12]}…); this registry's backbone has weights {self.backbone.sha256[:12]}…. "
                 "Import it into a registry on the same backbone.")
+        tokenizer = (folder.backbone or {}).get("tokenizer_sha256")
+        if tokenizer is not None and tokenizer != self.backbone.tokenizer_sha256:
+            raise BackboneMismatchError(
+                f"{str(path)!r} was exported from a registry whose backbone has these weights but another tokenizer "
+                f"(tokenizer hash {tokenizer[:12]}…, here {self.backbone.tokenizer_sha256[:12]}…): its adapter was "
+                "trained on other token ids. Import it into a registry on the same backbone folder.")
         if spec is not None and name is not None:
             raise InvalidParameterError(bad_param("name", "import_peft", "be left out when spec is given (the "
                                                   "spec names the task)", name))

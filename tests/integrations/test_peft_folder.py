@@ -443,3 +443,14 @@ def test_the_card_of_a_registry_recorded_before_dtypes_loads_the_checkpoint_prec
 
     card = _card(TaskSpec("s", labels=["neg", "pos"]), "base", {"name_or_path": "base"}, AdapterConfig(), {})
     assert 'AutoModel.from_pretrained("base", dtype="auto")' in card and "import torch" not in card
+
+
+def test_an_export_is_refused_by_a_registry_on_the_same_weights_with_another_tokenizer(reg, tmp_path, tiny_backbone):
+    from tests.registry.test_registry_safety import uncased_copy
+
+    out = reg.export_peft("sentiment", tmp_path / "export")
+    cased = uncased_copy(tiny_backbone, tmp_path / "cased")
+    other = Registry.create(tmp_path / "other", BackboneConfig(name_or_path=cased, max_length=64), device="cpu")
+    with pytest.raises(BackboneMismatchError, match="another tokenizer"):
+        other.import_peft(out)
+    assert other.tasks() == []
