@@ -61,11 +61,11 @@ class LoadedRegistry(RegistryReader):
         Args:
             path: The registry folder.
             backbone: Load this backbone instead of the recorded one (e.g. the same weights moved to
-                another folder). Its weights must hash to the recorded value.
+                another folder). Its weights (and, where recorded, its tokenizer) must hash to the recorded values.
 
         Raises:
             RegistryError: no registry at ``path``.
-            BackboneMismatchError: the backbone's weights differ from the recorded ones.
+            BackboneMismatchError: the backbone's weights or tokenizer differ from the recorded ones.
         """
         root = Path(path)
         manifest = store.read_manifest(root)

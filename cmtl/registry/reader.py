@@ -73,7 +73,9 @@ class RegistryReader:
 
     @property
     def recorded_backbone(self) -> dict[str, Any]:
-        """The backbone as the manifest records it: its config's fields and ``sha256``, its weights' hash."""
+        """The backbone as the manifest records it: its config's fields, ``sha256`` (its weights' hash) and
+        ``tokenizer_sha256`` (its tokenizer's, :func:`cmtl.core.backbone.tokenizer_sha256`; older registries
+        lack it)."""
         return dict(self._manifest["backbone"])
 
     def tasks(self) -> list[str]:
