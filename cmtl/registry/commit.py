@@ -19,8 +19,9 @@ from cmtl.registry.reader import now, source
 from cmtl.training import distributed
 
 Manifest = dict[str, Any]
-#: The task versions an update or merge was computed from, and their sources (reader.version_source).
-StartedFrom = dict[tuple[str, int], str]
+#: The task versions an update or merge was computed from, and their sources (reader.version_source); an add_task
+#: started from a merged entry names it as ``("merge", name, None)`` (its source: reader.source).
+StartedFrom = dict[tuple[str, int] | tuple[str, str, None], str]
 
 
 def read_manifest(root: Path, backbone: dict[str, Any]) -> Manifest:
@@ -137,8 +138,13 @@ def write_entry(root: Path, backbone: dict[str, Any], record: dict[str, Any], fi
 def check_started_from(manifest: Manifest, started_from: StartedFrom, what: str) -> None:
     """Refuse to commit an ``what`` ("update", "merge", "add_task") computed from task versions that ``manifest`` (read
     under the writer lock) no longer holds unchanged: another writer removed the task (and added it again,
-    its versions restarting at 1) while it ran. Committing would attach it to another task's data."""
-    for (task, version), expected in started_from.items():
+    its versions restarting at 1) while it ran, or removed a merged entry it started from (and made another under the
+    name). Committing would attach it to another task's data."""
+    for key, expected in started_from.items():
+        if len(key) == 3:
+            _check_merge_unchanged(manifest, key, expected, what)
+            continue
+        task, version = key
         if source(manifest, ("task", task, version)) == expected:
             continue
         again = (f"Reopen the registry (or call reload()) to see what it holds now, and {what} again if that is "
@@ -149,6 +155,20 @@ def check_started_from(manifest: Manifest, started_from: StartedFrom, what: str)
         now = "holds other files" if source(manifest, ("task", task, version)) else "is gone"
         raise WriteConflictError(f"Task {task!r} was removed and added again by another writer while this {what} ran: "
                             f"its v{version}, which the {what} started from, now {now}. Nothing was written. {again}")
+
+
+def _check_merge_unchanged(manifest: Manifest, owner: tuple[str, str, None], expected: str, what: str) -> None:
+    """Refuse the ``what`` that started from merged entry ``owner`` if ``manifest`` no longer holds it as it was."""
+    if source(manifest, owner) == expected:
+        return
+    name = owner[1]
+    again = (f"Reopen the registry (or call reload()) to see what it holds now, and {what} again if that is still "
+             "what you want.")
+    if name not in manifest.get("merges", {}):
+        raise TaskNotFoundError(f"Merge {name!r} was removed by another writer while this {what} ran from it. Nothing "
+                                f"was written. {again}")
+    raise WriteConflictError(f"Merge {name!r} was removed and made again by another writer while this {what} ran from "
+                             f"it: the entry under that name now holds other files. Nothing was written. {again}")
 
 
 def check_not_removed(known: Manifest, manifest: Manifest, *, task: str | None = None,

@@ -257,6 +257,8 @@ class Registry(LoadedRegistry):
                 source_task = (lineage["task"], lineage["version"]) if lineage and "task" in lineage else None
                 started = {} if source_task is None else {
                     source_task: version_source(self._entry(source_task[0]), self._version_record(*source_task))}
+                if lineage and "merge" in lineage:  # a merged entry, as this object loaded it
+                    started[("merge", lineage["merge"], None)] = self._source(("merge", lineage["merge"], None))
                 self._commit(spec, record, key, final, new_task=True, extra_files=files, memory=memory,
                              started_from=started)
             except BaseException:

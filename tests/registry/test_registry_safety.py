@@ -525,6 +525,25 @@ def test_a_task_started_from_a_source_replaced_meanwhile_writes_nothing(root):
     assert "from-a" not in open_reg(root).tasks() and not (root / "tasks" / "from-a").exists()
 
 
+def test_a_task_started_from_a_merge_made_again_meanwhile_writes_nothing(root):
+    """add_task(init="merge:both") on an object that loaded the merge before another writer removed it and made
+    another under its name: it trained from the old merged adapter, and its lineage would name the new entry."""
+    reg = open_reg(root)
+    reg.predict_proba("a", TEXTS, merge="both")  # the merge loaded (cached) by this object
+    writer = open_reg(root)
+    writer.remove_merge("both")
+    writer.merge(["a", "c"], "both", method="linear")
+    with pytest.raises(RegistryError, match=r"Merge 'both' was removed and made again by another writer while this "
+                                            r"add_task ran.*Nothing was written"):
+        reg.add_task(TaskSpec("from-m", labels=["neg", "pos"]), toy_sentiment(16, 9), training=QUICK,
+                     init="merge:both")
+    writer.remove_merge("both")
+    with pytest.raises(TaskNotFoundError, match=r"Merge 'both' was removed by another writer while this add_task"):
+        reg.add_task(TaskSpec("from-m", labels=["neg", "pos"]), toy_sentiment(16, 9), training=QUICK,
+                     init="merge:both")
+    assert "from-m" not in open_reg(root).tasks() and not (root / "tasks" / "from-m").exists()
+
+
 # --- the tokenizer is part of the backbone a registry was built on ----------------------------------
 
 
