@@ -12,7 +12,8 @@ import torch
 
 from cmtl._io import tensors_to_bytes
 from cmtl.core.tasks import TaskSpec
-from cmtl.errors import BackboneMismatchError, EntryExistsError, TaskExistsError, TaskNotFoundError, WriteConflictError
+from cmtl.errors import (BackboneMismatchError, EntryExistsError, RegistryError, TaskExistsError, TaskNotFoundError,
+                         WriteConflictError)
 from cmtl.registry import store
 from cmtl.registry.manifest import backbone_changes
 from cmtl.registry.reader import now, source
@@ -41,10 +42,17 @@ def read_manifest(root: Path, backbone: dict[str, Any]) -> Manifest:
 
 
 def create(root: Path, backbone: dict[str, Any]) -> Manifest:
-    """Write the manifest of a new, empty registry on ``backbone`` (its record) into ``root``."""
+    """Write the manifest of a new, empty registry on ``backbone`` (its record) into ``root``.
+
+    Raises:
+        RegistryError: ``root`` holds a registry: another process created it since the caller looked.
+    """
     root.mkdir(parents=True, exist_ok=True)
     manifest = {"format": store.FORMAT, "created": now(), "backbone": backbone, "tasks": {}}
     with store.writer_lock(root):
+        if (root / store.MANIFEST).exists():  # checked again under the lock: never replace another's registry
+            raise RegistryError(f"{str(root)!r} already holds a registry (another process created it meanwhile). "
+                                f"Open it with Registry.open({str(root)!r}), or create one in another folder.")
         store.write_manifest(root, manifest)
     return manifest
 

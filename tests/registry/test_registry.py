@@ -348,3 +348,23 @@ def test_add_task_leaves_the_callers_rng_alone(registry):
     registry.add_task(TaskSpec("s", labels=["neg", "pos"]), train=toy_sentiment(16),
                       training=TrainConfig(max_steps=2, progress=False))
     torch.testing.assert_close(torch.rand(3), expected)
+
+
+def test_two_creates_racing_on_one_folder_keep_the_first_registry(tmp_path, tiny_config, monkeypatch):
+    """A second Registry.create on the same folder checked it was empty, then loaded its backbone while the first
+    created the registry and added a task: its empty manifest must not replace the first's (the task's files would
+    then be swept as unreferenced)."""
+    from cmtl.registry import facade
+
+    load, root = facade.load_backbone, tmp_path / "reg"
+
+    def racing(config, device):
+        monkeypatch.setattr(facade, "load_backbone", load)  # the first create runs unpatched
+        first = Registry.create(root, tiny_config, device="cpu")
+        first.add_task(TaskSpec("a", labels=["neg", "pos"]), toy_sentiment(16), training=FAST)
+        return load(config, device=device)
+
+    monkeypatch.setattr(facade, "load_backbone", racing)
+    with pytest.raises(RegistryError, match="already holds a registry"):
+        Registry.create(root, tiny_config, device="cpu")
+    assert Registry.open(root, device="cpu").tasks() == ["a"]
