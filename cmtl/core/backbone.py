@@ -503,10 +503,12 @@ _TOKENIZER_PROBES = ["Hello, World!", "héllo WORLD 12,345.67", "naïve Café �
 def tokenizer_sha256(backbone: "Backbone") -> str:
     """Hash of ``backbone``'s tokenizer as the registry uses it: its vocabulary, pad id and the token ids
     (and token type ids) :meth:`Backbone.tokenize` gives a few probe texts, alone and as pairs. Independent of
-    the files it was saved as, so a copy of the same tokenizer hashes alike."""
+    the files it was saved as and of ``max_length`` (the probes are not cut), so a copy of the same tokenizer
+    hashes alike."""
     vocab = sorted(backbone.tokenizer.get_vocab().items())
     pairs = _TOKENIZER_PROBES[::-1]
-    ids = [dict(backbone.tokenize(list(_TOKENIZER_PROBES), p)) for p in (None, pairs)]  # BatchEncoding: a dict
+    uncut = dataclasses.replace(backbone, config=dataclasses.replace(backbone.config, max_length=1024))
+    ids = [dict(uncut.tokenize(list(_TOKENIZER_PROBES), p)) for p in (None, pairs)]  # BatchEncoding: a dict
     return hashlib.sha256(json.dumps([vocab, backbone.pad_id, ids], sort_keys=True).encode()).hexdigest()
 
 

@@ -75,3 +75,20 @@ def test_tokenize_truncates_to_max_length_and_joins_pairs(tiny_backbone):
     assert paired["input_ids"][0].count(bb.tokenizer.sep_token_id) == 2
     assert set(paired["token_type_ids"][0]) == {0, 1}
     assert bb.pad_id == bb.tokenizer.pad_token_id
+
+
+def test_the_tokenizer_hash_sees_the_token_ids_not_the_length_cut_or_the_folder(tiny_backbone, tmp_path):
+    import json
+    import shutil
+
+    hashes = {n: load_backbone(BackboneConfig(name_or_path=tiny_backbone, max_length=n)).tokenizer_sha256
+              for n in (8, 64)}
+    assert hashes[8] == hashes[64]  # a registry on a shorter cut imports another's exports: the same tokenizer
+    moved = shutil.copytree(tiny_backbone, tmp_path / "moved")
+    assert load_backbone(BackboneConfig(name_or_path=str(moved), max_length=64)).tokenizer_sha256 == hashes[64]
+    tokenizer = json.loads((moved / "tokenizer.json").read_text())
+    tokenizer["normalizer"]["lowercase"] = False
+    (moved / "tokenizer.json").write_text(json.dumps(tokenizer))
+    config = json.loads((moved / "tokenizer_config.json").read_text())
+    (moved / "tokenizer_config.json").write_text(json.dumps({**config, "do_lower_case": False}))  # keeps case
+    assert load_backbone(BackboneConfig(name_or_path=str(moved), max_length=64)).tokenizer_sha256 != hashes[64]
