@@ -106,12 +106,17 @@ class RegistryReader:
 
     def _merge_spec(self, record: dict[str, Any], task: str) -> TaskSpec | None:
         """The spec a merged entry recorded for ``task``; for an entry written before merges recorded
-        them, the task's own (``None`` once that task is removed)."""
+        them, that of the newest version of the task it merged (the labels its head was made with; the
+        current one's where it names none, as a joint entry does), ``None`` once that task is removed."""
         recorded = record.get("specs", {}).get(task)
         if recorded is not None:
             return TaskSpec.from_dict(recorded)
         entry = self._manifest["tasks"].get(task)
-        return None if entry is None else version_spec(entry, self._version_record(task, entry["current"]))
+        if entry is None:
+            return None
+        stored = {r["version"] for r in entry["versions"]}
+        merged = [m["version"] for m in record.get("members", []) if m["task"] == task and m["version"] in stored]
+        return version_spec(entry, self._version_record(task, max(merged, default=entry["current"])))
 
     def versions(self, task: str) -> list[VersionInfo]:
         """Every version of ``task``, oldest first."""

@@ -39,7 +39,7 @@ from cmtl.data import Encoded, as_texts, batches, token_budget_chunks
 from cmtl.errors import BackboneMismatchError, DataError, ManifestError, TaskNotFoundError
 from cmtl.registry import heads, store
 from cmtl.registry.manifest import backbone_changes, backbone_config, refuse_other_settings
-from cmtl.registry.reader import version_spec
+from cmtl.registry.reader import RegistryReader, version_spec
 from cmtl.registry.runtime import entry_adapters
 
 logger = logging.getLogger(__name__)
@@ -178,6 +178,7 @@ class InferenceEngine:
             adapters.append((state, config.scaling))
             routes[(task, None)] = Route(task, None, record["version"], len(adapters) - 1, specs[task],
                                          self._head(specs[task], record, head_state, folder / "head.safetensors"))
+        reader = RegistryReader(self.root, manifest)
         for name, record in sorted(manifest.get("merges", {}).items()):
             folder = store.merge_dir(self.root, name)
             stored = store.read_tensors(folder / "heads.safetensors", record["files"]["heads.safetensors"])
@@ -188,9 +189,8 @@ class InferenceEngine:
             if None in adapters_of:
                 state, config = adapters_of[None]
                 adapters.append((state, config.scaling))
-            recorded = record.get("specs", {})  # merges record their members' specs: self-contained
             for task in record["tasks"]:
-                spec = TaskSpec.from_dict(recorded[task]) if task in recorded else specs.get(task)
+                spec = reader._merge_spec(record, task)  # recorded; an older entry's: its merged version's
                 if spec is None:  # an older merge whose task was removed since: its head has no spec
                     continue
                 if task in adapters_of:

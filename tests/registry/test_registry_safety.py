@@ -495,6 +495,25 @@ def test_an_old_merge_keeps_its_labels_when_its_task_is_removed_and_added_again(
         assert reader.predict("b", TEXTS, merge="both") == [("neg", "pos")[i] for i in before.argmax(1).tolist()]
 
 
+def test_an_old_merge_answers_with_its_members_labels_after_an_update_adds_one(root):
+    """A merge written before merges recorded their members' specs took the labels of the task's current version:
+    once an update added a label, it named three labels for its two-column head (a fresh open called the merged
+    heads file damaged). It answers with the labels of the version it merged."""
+    edit_manifest(root, lambda m: m["merges"]["both"].pop("specs", None))  # as an older cmtl wrote it
+    reg = open_reg(root)
+    before = reg.predict_proba("a", TEXTS, merge="both")
+    grown = toy_sentiment(16, 5) + [{"text": "the plot was mid", "label": "mid"}] * 4
+    reg.update_task("a", grown, grown[-8:], training=QUICK, promote=True, labels=["neg", "pos", "mid"])
+    assert reg.spec("a").labels == ("neg", "pos", "mid")
+    for reader in (reg, open_reg(root)):
+        assert reader.spec("a", merge="both").labels == ("neg", "pos")
+        torch.testing.assert_close(reader.predict_proba("a", TEXTS, merge="both"), before)
+    from cmtl.serving.engine import InferenceEngine  # the server answers the same (it failed to start before)
+
+    served = InferenceEngine(root, device="cpu").logits(["a"] * 3, TEXTS, merges=["both"] * 3)
+    torch.testing.assert_close(torch.stack(served).softmax(-1).numpy(), before, atol=1e-5, rtol=0)
+
+
 def test_one_loaded_backbone_serves_one_registry(tmp_path, tiny_backbone):
     """Each registry puts its adapters into its backbone's encoder: a second registry on the same loaded
     backbone overwrote the first one's adapters of the same name, and the first then answered with them."""
