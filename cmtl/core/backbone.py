@@ -257,7 +257,8 @@ class Backbone:
                 f"into other token ids (tokenizer hash {self.tokenizer_sha256[:12]}…) than the one {where} was "
                 f"built with ({tokenizer_sha256[:12]}…): another vocabulary, casing or normalisation. Adapters and "
                 "heads only work on the token ids they were trained on: open it with the folder (tokenizer "
-                "included) it was created with."
+                "included) it was created with, or, where only the transformers or tokenizers package changed, "
+                "with the versions it was created with."
             )
 
 
