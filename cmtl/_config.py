@@ -19,11 +19,16 @@ def known_keys(cls: type, d: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if k in names}
 
 
+def is_seed(value: Any) -> bool:
+    """Whether ``value`` is an integer in [0, SEED_LIMIT) (a bool is not)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < SEED_LIMIT
+
+
 def check_seed(value: Any, owner: str) -> None:
     """Refuse a seed that is not an integer in [0, SEED_LIMIT): ``None`` would seed Python's ``random`` from
     the clock (a different sample every run, silently) and torch refuses floats, strings and bools only once
     training has started."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < SEED_LIMIT:
+    if not is_seed(value):
         raise InvalidParameterError(bad_param("seed", owner, "be an integer in [0, 2**62)", value))
 
 

@@ -23,7 +23,7 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Literal
 
-from cmtl._config import SEED_LIMIT, check_seed
+from cmtl._config import check_seed, is_seed
 from cmtl.benchmarks.corpora import corpus_info, load_corpus
 from cmtl.core.tasks import TaskSpec
 from cmtl.data import Examples, read_examples
@@ -78,8 +78,7 @@ class Scenario:
         owner = f"Scenario {self.name!r}"
         check_seed(self.seed, owner)
         orders = list(self.random_orders)  # each seeds one shuffle, named random-<seed>: None would draw from the clock
-        if len(set(orders)) != len(orders) or not all(
-                isinstance(s, int) and not isinstance(s, bool) and 0 <= s < SEED_LIMIT for s in orders):
+        if len(set(orders)) != len(orders) or not all(is_seed(s) for s in orders):
             raise InvalidParameterError(bad_param("random_orders", owner, "hold distinct integer seeds in [0, 2**62)",
                                                   orders))
         if self.kind not in KINDS:

@@ -23,7 +23,6 @@ from torch import nn
 
 from cmtl.core.heads import TaskHead, route_to_heads
 from cmtl.data import Encoded, batches, padding_chunks
-from cmtl.errors import TrainingDivergedError
 from cmtl.multitask.affinity import lookahead_affinity, task_gradients
 from cmtl.multitask.config import MultiTaskConfig, MultiTaskResult
 from cmtl.multitask.schedules import UncertaintyWeighting, sampling_probabilities, scheduled_probabilities
@@ -74,7 +73,7 @@ def train_multitask(
         TrainingDivergedError: the loss or the gradient became NaN or infinite; the parameters are left as
             they were before training.
     """
-    from cmtl.training.loop import adamw, set_lr
+    from cmtl.training.loop import adamw, clip_gradients, diverged, set_lr
 
     names = [s.name for s in specs]
     T = len(names)
@@ -126,14 +125,6 @@ def train_multitask(
     affinity, measured, seen = np.zeros((T, T)), np.zeros((T, T)), torch.zeros(T, dtype=torch.long)
     initial = [p.detach().clone() for p in params]
     best_score, best = -math.inf, initial
-
-    def diverged(step: int, what: str) -> TrainingDivergedError:
-        """The error to raise once the loss or gradient is not finite, the parameters put back as they were."""
-        with torch.no_grad():
-            for p, b in zip(params, initial):
-                p.copy_(b)
-        return TrainingDivergedError(f"Joint training diverged at step {step}: {what}. Nothing was saved. Lower "
-                                     "the learning rate or check the data for extreme values.")
     result = MultiTaskResult(steps=0, seconds=0.0)
     has_validation = any(v is not None for v in validation)
     bad_evals, switched = 0, False
@@ -182,7 +173,7 @@ def train_multitask(
             else:
                 loss = (torch.tensor(weights, device=device) * losses)[present].sum()
             if distributed.any_rank(not torch.isfinite(loss), device):  # every rank stops together
-                raise diverged(step, f"loss is {loss.item()}")
+                raise diverged(params, initial, "Joint training", step, f"loss is {loss.item()}")
             tag = bool(config.tag_every) and step % config.tag_every == 0 and T > 1
             if tag:  # per-task gradients of the shared parameters, before the step changes anything
                 tag_started = time.perf_counter()
@@ -205,12 +196,10 @@ def train_multitask(
                 affinity += np.nan_to_num(Z, nan=0.0)
                 measured += ~np.isnan(Z)
                 result.tag_seconds += time.perf_counter() - tag_started
-            # A finite loss can still have a gradient that is not (a float16 backward overflows).
-            clip = math.inf if training.grad_clip is None else training.grad_clip  # inf: scales by exactly 1
-            norm = torch.nn.utils.clip_grad_norm_(params, clip)
+            norm = clip_gradients(params, training.grad_clip)
             if distributed.any_rank(not torch.isfinite(norm), device):
                 optimizer.zero_grad(set_to_none=True)
-                raise diverged(step, f"the gradient norm is {norm.item()}")
+                raise diverged(params, initial, "Joint training", step, f"the gradient norm is {norm.item()}")
             optimizer.step()
             result.steps = step + 1
             if has_validation and ((step + 1) % eval_every == 0 or step + 1 == total):

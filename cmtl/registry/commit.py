@@ -155,8 +155,7 @@ def check_started_from(manifest: Manifest, started_from: StartedFrom, what: str)
         task, version = key
         if source(manifest, ("task", task, version)) == expected:
             continue
-        again = (f"Reopen the registry (or call reload()) to see what it holds now, and {what} again if that is "
-                 "still what you want.")
+        again = _again(what)
         if task not in manifest["tasks"]:
             raise TaskNotFoundError(f"Task {task!r} was removed by another writer while this {what} ran, from its "
                                     f"v{version}. Nothing was written. {again}")
@@ -165,13 +164,17 @@ def check_started_from(manifest: Manifest, started_from: StartedFrom, what: str)
                             f"its v{version}, which the {what} started from, now {now}. Nothing was written. {again}")
 
 
+def _again(what: str) -> str:
+    """What to do after another writer changed what the ``what`` started from."""
+    return (f"Reopen the registry (or call reload()) to see what it holds now, and {what} again if that is still "
+            "what you want.")
+
+
 def _check_merge_unchanged(manifest: Manifest, owner: tuple[str, str, None], expected: str, what: str) -> None:
     """Refuse the ``what`` that started from merged entry ``owner`` if ``manifest`` no longer holds it as it was."""
     if source(manifest, owner) == expected:
         return
-    name = owner[1]
-    again = (f"Reopen the registry (or call reload()) to see what it holds now, and {what} again if that is still "
-             "what you want.")
+    name, again = owner[1], _again(what)
     if name not in manifest.get("merges", {}):
         raise TaskNotFoundError(f"Merge {name!r} was removed by another writer while this {what} ran from it. Nothing "
                                 f"was written. {again}")

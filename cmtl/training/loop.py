@@ -80,6 +80,22 @@ def assign(params: list[torch.Tensor] | list[torch.nn.Parameter], values: list[t
             p.copy_(v)
 
 
+def clip_gradients(params: list[torch.nn.Parameter], grad_clip: float | None) -> torch.Tensor:
+    """Clip the gradients of ``params`` to norm ``grad_clip`` (``None``: scale them by exactly 1) and return
+    their norm before clipping, which the caller checks: a finite loss can still have a gradient that is not
+    (a float16 backward that overflows), and the step would write NaN into the parameters."""
+    return torch.nn.utils.clip_grad_norm_(params, math.inf if grad_clip is None else grad_clip)
+
+
+def diverged(params: list[torch.nn.Parameter], initial: list[torch.Tensor], who: str, step: int,
+             what: str) -> TrainingDivergedError:
+    """Put ``params`` back to ``initial`` and return the error to raise: ``who`` ("Training of task 'x'")
+    diverged at ``step``, ``what`` saying how."""
+    assign(params, initial)
+    return TrainingDivergedError(f"{who} diverged at step {step}: {what}. Nothing was saved. Lower the learning "
+                                 "rate or check the data for extreme values.")
+
+
 def get_lr(step: int, total: int, config: TrainConfig) -> float:
     """Linear warm-up to the peak rate, then linear decay to zero (or the peak rate, ``constant``)."""
     warmup = int(total * config.warmup_ratio)
@@ -156,6 +172,7 @@ def train(
     optimizer = adamw(params, config.learning_rate, config.weight_decay, heads=heads,
                       head_learning_rate=config.head_learning_rate)
     initial = [p.detach().clone() for p in params]
+    who = f"Training of task {spec.name!r}"  # what diverged, in the error
     best = [p.detach().clone() for p in params]
     best_score, best_step, best_metrics, best_logits, bad_evals = -math.inf, 0, {}, None, 0
     best_averaged = False
@@ -205,13 +222,6 @@ def train(
         bad_evals += 1
         return config.patience is not None and bad_evals >= config.patience
 
-    def diverged(what: str) -> TrainingDivergedError:
-        """The error to raise once the loss or gradient at ``step`` is not finite; the parameters are reset."""
-        assign(params, initial)
-        return TrainingDivergedError(
-            f"Training of task {spec.name!r} diverged at step {step}: {what}. Nothing was saved. Lower the "
-            "learning rate or check the data for extreme values.")
-
     fallback = None  # the candidate's (score, metrics, logits): kept only if training never reaches it
     set_training(True)
     try:
@@ -239,17 +249,14 @@ def train(
                 else:  # fewer rows than ranks in the last batch: this rank adds zero gradient
                     loss = sum(p.sum() for p in params) * 0.0
                 if any_rank(not torch.isfinite(loss), device):  # every rank stops together
-                    raise diverged(f"loss is {loss.item()}")
+                    raise diverged(params, initial, who, step, f"loss is {loss.item()}")
                 # Weight by this rank's share so the summed gradients equal the global batch's mean.
                 (loss * (len(local) / len(batch))).backward()
                 all_reduce_gradients(params)
-                # A finite loss can still have a gradient that is not (a float16 backward overflows): the step
-                # would write NaN into the parameters, unseen when it is the last one.
-                clip = math.inf if config.grad_clip is None else config.grad_clip
-                norm = torch.nn.utils.clip_grad_norm_(params, clip)
+                norm = clip_gradients(params, config.grad_clip)  # a NaN written on the last step goes unseen
                 if any_rank(not torch.isfinite(norm), device):
                     optimizer.zero_grad(set_to_none=True)
-                    raise diverged(f"the gradient norm is {norm.item()}")
+                    raise diverged(params, initial, who, step, f"the gradient norm is {norm.item()}")
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 if average is not None:
@@ -278,7 +285,8 @@ def train(
                 best_score, best_metrics, best_logits = fallback
                 best_step, best, best_averaged = 0, candidate, False
         if best_logits is None:  # no evaluation scored a finite value: no state to keep, none known to be good
-            raise diverged(f"validation {metric} was {history[-1][metric]} at every evaluation")
+            raise diverged(params, initial, who, step, f"validation {metric} was {history[-1][metric]} at every "
+                           "evaluation")
         # Keep the best evaluated state, not the last one (early stopping).
         assign(params, best)
     else:
