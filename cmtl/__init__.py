@@ -27,9 +27,9 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("AdapterConfig", "BackboneConfig"), "cmtl.core.config"),
     "TaskSpec": "cmtl.core.tasks",
     **dict.fromkeys(("BackboneMismatchError", "CmtlError", "CorruptFileError", "DataError", "EntryExistsError",
-                     "InvalidParameterError", "ManifestError", "MergeRefusedError", "RegistryError",
-                     "ReplayBufferError", "TaskExistsError", "TaskNotFoundError", "TrainingDivergedError",
-                     "WriteConflictError"), "cmtl.errors"),
+                     "InvalidParameterError", "ManifestError", "MergeRefusedError", "NonFiniteOutputError",
+                     "RegistryError", "ReplayBufferError", "TaskExistsError", "TaskNotFoundError",
+                     "TrainingDivergedError", "WriteConflictError"), "cmtl.errors"),
     "MergeConfig": "cmtl.merging.methods",
     **dict.fromkeys(("DriftMonitor", "DriftReport", "MonitorConfig"), "cmtl.monitoring.drift"),
     **dict.fromkeys(("Registry", "UpdateResult", "VersionInfo"), "cmtl.registry"),
@@ -47,9 +47,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the eager imports the lazy ones
     from cmtl.core.config import AdapterConfig, BackboneConfig
     from cmtl.core.tasks import TaskSpec
     from cmtl.errors import (BackboneMismatchError, CmtlError, CorruptFileError, DataError, EntryExistsError,
-                             InvalidParameterError, ManifestError, MergeRefusedError, RegistryError,
-                             ReplayBufferError, TaskExistsError, TaskNotFoundError, TrainingDivergedError,
-                             WriteConflictError)
+                             InvalidParameterError, ManifestError, MergeRefusedError, NonFiniteOutputError,
+                             RegistryError, ReplayBufferError, TaskExistsError, TaskNotFoundError,
+                             TrainingDivergedError, WriteConflictError)
     from cmtl.merging.methods import MergeConfig
     from cmtl.monitoring.drift import DriftMonitor, DriftReport, MonitorConfig
     from cmtl.registry import Registry, UpdateResult, VersionInfo
@@ -76,6 +76,7 @@ __all__ = [
     "MergeConfig",
     "MergeRefusedError",
     "MonitorConfig",
+    "NonFiniteOutputError",
     "Registry",
     "RegistryError",
     "ReplayBuffer",

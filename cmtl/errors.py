@@ -66,6 +66,11 @@ class TrainingDivergedError(CmtlError, FloatingPointError):
     """Training produced a non-finite loss; nothing was written."""
 
 
+class NonFiniteOutputError(CmtlError, FloatingPointError):
+    """A model gave outputs that answer nothing (NaN, or an infinite logit that makes softmax NaN) for some
+    inputs; no prediction is returned for them."""
+
+
 class CorpusNotFoundError(CmtlError, _LookupKeyError):
     """A corpus name that :data:`cmtl.benchmarks.corpora.CORPORA` does not hold."""
 

@@ -68,7 +68,7 @@ from cmtl.continual.updates import MemoryConfig, UpdateConfig
 from cmtl.core.adapters import AdapterBank, AdapterConfig
 from cmtl.core.backbone import Backbone, BackboneConfig, load_backbone
 from cmtl.core.heads import TaskHead, route_to_heads
-from cmtl.core.tasks import MASKED_LOGIT, TaskSpec
+from cmtl.core.tasks import MASKED_LOGIT, TaskSpec, answers
 from cmtl.data import Encoded, Examples, encode
 from cmtl.errors import InvalidParameterError, bad_param
 from cmtl.registry.facade import Registry
@@ -165,13 +165,14 @@ class Learner(abc.ABC):
         """Learn experience ``i`` (experiences ``< i`` were fit before)."""
 
     @abc.abstractmethod
-    def predict(self, j: int, n_seen: int) -> list[str]:
-        """Predicted label names for experience ``j``'s test texts after ``n_seen`` experiences."""
+    def predict(self, j: int, n_seen: int) -> list[str | None]:
+        """Predicted label names for experience ``j``'s test texts after ``n_seen`` experiences (``None`` for a
+        text the model gives no answer for: NaN outputs, scored as wrong)."""
 
     def _fresh_head(self, n_out: int, dropout: float, j: int) -> TaskHead:
         return fresh_head(self.backbone.hidden_size, n_out, dropout, self.config.training.seed, j)
 
-    def _fresh_head_answers(self, j: int, features: torch.Tensor) -> list[str]:
+    def _fresh_head_answers(self, j: int, features: torch.Tensor) -> list[str | None]:
         """Experience ``j`` before anything was learnt for it: a fresh seeded head on the plain backbone's
         pooled ``features`` of its test texts (a class-incremental model may answer any class of the stream).
         The head is the one the shared strategies start from: experience ``j``'s own on a task-incremental
@@ -182,7 +183,7 @@ class Learner(abc.ABC):
         head = self._fresh_head(len(labels), 0.0, j if self.kind == "task-incremental" else 0)
         with torch.inference_mode():
             logits = head(features)
-        return [labels[k] for k in logits.argmax(-1).tolist()]
+        return answers(labels, logits)
 
     def _encode(self, examples: Examples, spec: TaskSpec, group: int, with_targets: bool = True) -> Encoded:
         enc = encode(examples, spec, self.backbone.tokenize, with_targets=with_targets)
@@ -379,12 +380,12 @@ class SharedLearner(Learner):
 
     # --- inference --------------------------------------------------------------
 
-    def predict(self, j: int, n_seen: int) -> list[str]:
+    def predict(self, j: int, n_seen: int) -> list[str | None]:
         spec = self.head_specs[self._group(j)]
         enc = self._split(j, "test")
         logits = predict_logits(self.forward, enc, batch_size=self.config.training.eval_batch_size,
                                 pad_id=self.pad_id, device=self.device)
-        return [spec.labels[k] for k in logits[:, : spec.num_outputs].argmax(-1).tolist()]
+        return answers(spec.labels, logits[:, : spec.num_outputs])
 
 
 class AdapterLearner(Learner):
@@ -437,7 +438,7 @@ class AdapterLearner(Learner):
                               + (f"; trial gain over fresh in SE: {tried}" if tried else "") + failed
                               + versus + (f"; left out: {left_out}" if left_out else ""))
 
-    def predict(self, j: int, n_seen: int) -> list[str]:
+    def predict(self, j: int, n_seen: int) -> list[str | None]:
         exp = self.experiences[j]
         texts = exp.test.texts
         if self.kind == "task-incremental":
@@ -517,12 +518,12 @@ class SingleLearner(Learner):
         self.trainable_parameters.append(n)
         self.bytes_added.append(4 * n)
 
-    def predict(self, j: int, n_seen: int) -> list[str]:
+    def predict(self, j: int, n_seen: int) -> list[str | None]:
         exp = self.experiences[j]
         enc = self._encode(exp.test, exp.spec, 0, with_targets=False)
         logits = predict_logits(self._forward(j), enc, batch_size=self.config.training.eval_batch_size,
                                 pad_id=self.pad_id, device=self.device)
-        return [exp.spec.labels[k] for k in logits.argmax(-1).tolist()]
+        return answers(exp.spec.labels, logits)
 
 
 class GrowLearner(Learner):
@@ -562,7 +563,7 @@ class GrowLearner(Learner):
         self.trainable_parameters.append(result.version.trainable_parameters)
         self.notes.append(f"replay ratio {ratio:g}; gate: {result.reason}")
 
-    def predict(self, j: int, n_seen: int) -> list[str]:
+    def predict(self, j: int, n_seen: int) -> list[str | None]:
         texts = self.experiences[j].test.texts
         if n_seen == 0:
             return self._fresh_head_answers(j, self.registry.embed(texts))
@@ -619,14 +620,14 @@ class AnalyticLearner(Learner):
         self.notes.append(f"{head.stats.rows} rows, {head.num_classes} classes"
                           + ("" if math.isnan(lam) else f", ridge {lam:g}"))
 
-    def predict(self, j: int, n_seen: int) -> list[str]:
+    def predict(self, j: int, n_seen: int) -> list[str | None]:
         exp, g = self.experiences[j], self._group(j)
         if j not in self.test_features:
             self.test_features[j] = self._features(exp.test, exp.spec)
         features = self.test_features[j]
         if g not in self.heads or n_seen == 0 or (self.kind == "task-incremental" and j >= n_seen):
             return self._fresh_head_answers(j, features)
-        return [self.labels[g][k] for k in self.heads[g](features).argmax(-1).tolist()]
+        return answers(self.labels[g], self.heads[g](features))
 
 
 def _analytic_bytes(head: AnalyticHead | None, held: list[tuple[torch.Tensor, torch.Tensor]]) -> int:

@@ -13,7 +13,7 @@ import warnings
 from dataclasses import KW_ONLY, asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
-from cmtl.errors import DataError, InvalidParameterError, bad_param
+from cmtl.errors import DataError, InvalidParameterError, NonFiniteOutputError, bad_param
 
 if TYPE_CHECKING:
     import torch
@@ -321,8 +321,26 @@ class TaskSpec:
             return F.binary_cross_entropy_with_logits(logits, target)
         return F.mse_loss(logits, target)
 
+    def unanswered(self, logits: torch.Tensor) -> torch.Tensor:
+        """(N,) bool: rows of logits (N, L) that give no answer (:func:`unanswered`)."""
+        return unanswered(logits, self.problem_type)
+
+    def _check_answered(self, logits: torch.Tensor) -> None:
+        rows = self.unanswered(logits).nonzero().flatten().tolist()
+        if rows:
+            raise NonFiniteOutputError(
+                f"The model gave no answer for row {rows[0]} of this batch ({len(rows)} such rows) of task "
+                f"{self.name!r}: its outputs are NaN or infinite. The weights answering it, or the backbone, make "
+                "non-finite numbers: check the version's files (a version trained by cmtl never stores them) and, on "
+                "a GPU, run the backbone in float32 (half precision can overflow).")
+
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """Softmax (single-label), per-label sigmoid (multi-label) or the values (regression)."""
+        """Softmax (single-label), per-label sigmoid (multi-label) or the values (regression).
+
+        Raises:
+            NonFiniteOutputError: a row gives no answer (:meth:`unanswered`).
+        """
+        self._check_answered(logits)
         if self.problem_type == "single_label":
             return logits.softmax(-1)
         if self.problem_type == "multi_label":
@@ -330,7 +348,13 @@ class TaskSpec:
         return logits
 
     def decode(self, logits: torch.Tensor) -> list:
-        """Human-readable predictions: a label, a list of labels, or a number (or list of numbers)."""
+        """Human-readable predictions: a label, a list of labels, or a number (or list of numbers).
+
+        Raises:
+            NonFiniteOutputError: a row gives no answer (:meth:`unanswered`); before, a NaN row read as the
+                first label.
+        """
+        self._check_answered(logits)
         if self.problem_type == "single_label":
             return [self.labels[i] for i in logits.argmax(-1).tolist()]
         if self.problem_type == "multi_label":
@@ -338,6 +362,26 @@ class TaskSpec:
             return [[label for label, flag in zip(self.labels, row) if flag] for row in on]
         values = logits.tolist()
         return [row[0] for row in values] if len(self.labels) == 1 else values
+
+
+def unanswered(logits: torch.Tensor, problem_type: ProblemType = "single_label") -> torch.Tensor:
+    """(N,) bool: rows of logits (N, L) that give no answer: a NaN anywhere; for single-label also an ``inf``
+    logit or none finite (softmax is NaN then); for regression any value not finite. A ``-inf`` logit is a
+    class never predicted (analytic heads give one to a class without rows)."""
+    import torch
+
+    if problem_type == "regression":
+        return ~torch.isfinite(logits).all(-1)
+    bad = torch.isnan(logits).any(-1)
+    if problem_type == "single_label":
+        bad |= torch.isposinf(logits).any(-1) | ~torch.isfinite(logits).any(-1)
+    return bad
+
+
+def answers(labels: Sequence[str], logits: torch.Tensor) -> list[str | None]:
+    """Single-label answers: each row's label of largest logit, ``None`` for a row that gives no answer
+    (:func:`unanswered`), which a comparison with the true label scores as wrong."""
+    return [None if bad else labels[k] for k, bad in zip(logits.argmax(-1).tolist(), unanswered(logits).tolist())]
 
 
 def __getattr__(name: str):

@@ -33,7 +33,7 @@ from torch import nn
 from cmtl._config import check_seed
 from cmtl.benchmarks.metrics import ContinualReport
 from cmtl.core.backbone import Backbone
-from cmtl.core.tasks import TaskSpec
+from cmtl.core.tasks import TaskSpec, unanswered
 from cmtl.data import Encoded, batches, encode, read_examples
 from cmtl.integrations import avalanche_model
 from cmtl.integrations.avalanche_model import build_model as build_model  # re-exported: av.build_model
@@ -324,8 +324,8 @@ def best_epoch_plugin(valid_stream, patience: int, batch_size: int):
             correct = total = 0
             with torch.no_grad():
                 for x, y, t in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
-                    predicted = model(x.to(device), int(t[0])).argmax(-1).cpu()
-                    correct += int((predicted == y).sum())
+                    logits = model(x.to(device), int(t[0])).float().cpu()
+                    correct += int(((logits.argmax(-1) == y) & ~unanswered(logits)).sum())  # NaN rows: wrong
                     total += len(y)
             model.train(was_training)
             return correct / max(total, 1)

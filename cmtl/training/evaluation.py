@@ -45,21 +45,22 @@ def compute_metrics(spec: TaskSpec, logits: torch.Tensor, targets: torch.Tensor)
 
     Single-label: accuracy, macro-F1, loss. Multi-label: micro-F1, macro-F1,
     exact match (subset accuracy), loss. Regression: MSE, MAE, Pearson r
-    (mean over targets), loss.
+    (mean over targets), loss. A row whose logits give no answer (a NaN; see
+    :meth:`TaskSpec.unanswered`) counts as wrong, never as the first label.
     """
     n = int(targets.shape[0])
     metrics: dict[str, float] = {"n": n, "loss": float(spec.loss(logits, targets))}
     if spec.problem_type == "single_label":
-        pred = logits.argmax(-1)
-        metrics["accuracy"] = float((pred == targets).float().mean())
+        pred, unanswered = logits.argmax(-1), spec.unanswered(logits)
+        metrics["accuracy"] = float(((pred == targets) & ~unanswered).float().mean())
         metrics["macro_f1"] = _macro_f1(
-            torch.nn.functional.one_hot(pred, spec.num_outputs).bool(),
+            torch.nn.functional.one_hot(pred, spec.num_outputs).bool() & ~unanswered[:, None],  # predicts no label
             torch.nn.functional.one_hot(targets, spec.num_outputs).bool(),
             present_only=True,
         )
     elif spec.problem_type == "multi_label":
-        pred = logits.sigmoid() >= spec.threshold
         truth = targets.bool()
+        pred = _multi_label_decisions(spec, logits, truth)
         tp = (pred & truth).sum().item()
         fp = (pred & ~truth).sum().item()
         fn = (~pred & truth).sum().item()
@@ -81,9 +82,10 @@ def row_scores(spec: TaskSpec, logits: torch.Tensor, targets: torch.Tensor) -> t
     + fn)), since micro-F1 is no mean of per-row scores; the share of labels decided right, used before,
     could rank two states against their micro-F1."""
     if spec.problem_type == "single_label":
-        return (logits.argmax(-1) == targets).float()
+        return ((logits.argmax(-1) == targets) & ~spec.unanswered(logits)).float()
     if spec.problem_type == "multi_label":
-        pred, truth = logits.sigmoid() >= spec.threshold, targets.bool()
+        truth = targets.bool()
+        pred = _multi_label_decisions(spec, logits, truth)
         tp = (pred & truth).sum(-1).double()
         counted = (pred | truth).sum(-1).double() + tp  # 2·tp + fp + fn per row
         total = counted.sum().clamp_min(1)  # no label true or predicted anywhere: micro-F1 0, as compute_metrics
@@ -115,6 +117,14 @@ def paired_z(diff: torch.Tensor) -> float:
 def paired_se(diff: torch.Tensor) -> float:
     """Standard error of the mean of a paired per-row difference (N,): sd / sqrt(n); inf below two rows."""
     return float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else math.inf
+
+
+def _multi_label_decisions(spec: TaskSpec, logits: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """(N, L) bool: each label on or off at the threshold; a row that gives no answer (a NaN) has every
+    decision wrong, so it is scored as the worst row, not as one that switches its labels off."""
+    pred = logits.sigmoid() >= spec.threshold
+    unanswered = spec.unanswered(logits)[:, None]
+    return torch.where(unanswered, ~truth, pred)
 
 
 def _macro_f1(pred: torch.Tensor, truth: torch.Tensor, *, present_only: bool) -> float:

@@ -99,3 +99,29 @@ def test_check_head_state_names_the_file_and_the_shapes():
         check_head_state(other, head, spec, Path("head.safetensors"))
     with pytest.raises(CorruptFileError, match=r"'linear.bias': expected shape \(3,\), found none"):
         check_head_state({"linear.weight": head.linear.weight}, head, spec, Path("head.safetensors"))
+
+
+def test_outputs_that_answer_nothing_are_refused_not_read_as_the_first_label():
+    """A NaN logit row used to decode as the first label (argmax of NaNs is 0) with NaN probabilities: a
+    wrong answer given silently. ``-inf`` is a class that is never predicted (analytic heads give it to
+    classes without rows) and decodes as before."""
+    from cmtl import NonFiniteOutputError
+
+    nan, inf = float("nan"), float("inf")
+    single = TaskSpec("s", labels=["a", "b", "c"])
+    assert single.decode(torch.tensor([[-inf, 1.0, 0.0]])) == ["b"]
+    assert single.probabilities(torch.tensor([[-inf, 0.0, 0.0]]))[0].tolist() == [0.0, 0.5, 0.5]
+    for bad in ([nan, nan, nan], [0.0, nan, 1.0], [inf, 0.0, 0.0], [-inf, -inf, -inf]):
+        logits = torch.tensor([[0.0, 1.0, 0.0], bad])
+        with pytest.raises(NonFiniteOutputError, match=r"row 1 .*task 's'"):
+            single.decode(logits)
+        with pytest.raises(NonFiniteOutputError, match="row 1"):
+            single.probabilities(logits)
+    multi = TaskSpec("m", labels=["x", "y"], problem_type="multi_label")
+    assert multi.decode(torch.tensor([[inf, -inf]])) == [["x"]]
+    with pytest.raises(NonFiniteOutputError, match="row 0"):
+        multi.decode(torch.tensor([[nan, 3.0]]))
+    reg = TaskSpec("r", problem_type="regression")
+    for bad in (nan, inf, -inf):
+        with pytest.raises(NonFiniteOutputError, match="row 0"):
+            reg.decode(torch.tensor([[bad]]))

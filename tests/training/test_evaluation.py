@@ -124,3 +124,23 @@ def test_metrics_agree_with_scikit_learn_on_ties_empty_classes_and_negative_rows
             expected = metrics.f1_score(multi.int().numpy(), on, average=average, zero_division=0)
             assert m[f"{average}_f1"] == pytest.approx(expected)
         assert m["exact_match"] == pytest.approx(metrics.accuracy_score(multi.int().numpy(), on))
+
+
+def test_rows_without_an_answer_score_as_wrong_not_as_the_first_label():
+    """NaN logits scored as label 0 (argmax of NaNs), so a broken model looked right on every row of the
+    first class; now such a row counts as wrong in every metric and in ``row_scores``."""
+    nan = float("nan")
+    spec = TaskSpec("s", labels=["a", "b"])
+    logits = torch.tensor([[nan, nan], [nan, nan], [0.0, 5.0]])
+    targets = torch.tensor([0, 0, 1])
+    m = compute_metrics(spec, logits, targets)
+    assert m["accuracy"] == pytest.approx(1 / 3)
+    assert m["macro_f1"] == pytest.approx((0.0 + 1.0) / 2)  # a: two missed, never predicted; b: right
+    assert row_scores(spec, logits, targets).tolist() == [0.0, 0.0, 1.0]
+    multi = TaskSpec("m", labels=["x", "y"], problem_type="multi_label")
+    mlogits = torch.tensor([[nan, -3.0], [3.0, -3.0]])
+    mtargets = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
+    mm = compute_metrics(multi, mlogits, mtargets)
+    assert mm["exact_match"] == 0.5  # row 0 read "nothing on" before: right by accident
+    assert mm["micro_f1"] == pytest.approx(2 * 1 / (2 * 1 + 2 + 0))  # row 0: every decision wrong (fp 2)
+    assert row_scores(multi, mlogits, mtargets).mean().item() == pytest.approx(mm["micro_f1"])
