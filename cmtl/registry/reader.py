@@ -89,10 +89,12 @@ class RegistryReader:
 
         Raises:
             TaskNotFoundError: no such task or version, or ``merge`` does not hold the task.
+            InvalidParameterError: both ``version`` and ``merge`` (a merge fixes its members' versions).
         """
-        if merge is None:  # (a merge holds one version of each task: ``version`` does not apply)
+        if merge is None:
             entry = self._entry(task)
             return version_spec(entry, self._version_record(task, self._version(task, version)))
+        check_one_answerer(version, merge)
         record = self.merge_info(merge)
         if task not in record["tasks"]:
             raise TaskNotFoundError(f"Merge {merge!r} does not hold task {task!r}. It holds {record['tasks']}.")
@@ -219,6 +221,13 @@ class RegistryReader:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.root)!r}, tasks={self.tasks()})"
+
+
+def check_one_answerer(version: int | None, merge: str | None) -> None:
+    """Refuse a version and a merge together: a merge fixes its members' versions, so the two name two answerers."""
+    if version is not None and merge is not None:
+        raise InvalidParameterError(f"Pass version= or merge=, not both (got version={version!r}, merge={merge!r}): "
+                                    "a merge answers with the versions it merged. Drop one.")
 
 
 def version_spec(entry: dict[str, Any], record: dict[str, Any]) -> TaskSpec:

@@ -20,7 +20,7 @@ from cmtl.core.tasks import TaskSpec
 from cmtl.data import Encoded, as_texts, batches, length_sorted
 from cmtl.errors import STORED_FILE_FIX, CorruptFileError, DataError, InvalidParameterError, bad_param
 from cmtl.registry import heads, store
-from cmtl.registry.reader import Owner, RegistryReader, head_key, merge_key, source_label
+from cmtl.registry.reader import Owner, RegistryReader, check_one_answerer, head_key, merge_key, source_label
 from cmtl.training import transfer
 from cmtl.training.config import TrainConfig
 from cmtl.training.evaluation import predict_logits
@@ -266,8 +266,7 @@ class Runtime:
         if merge is None:
             key = self.task(reader, task, reader._version(task, version))
             return key, key
-        if version is not None:
-            raise ValueError("Pass version= or merge=, not both: a merge fixes its members' versions.")
+        check_one_answerer(version, merge)
         return self.merge(reader, merge, task)
 
     def members(self, reader: RegistryReader, members: list[tuple[str, int]], specs: dict[str, TaskSpec]

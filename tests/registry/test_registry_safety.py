@@ -14,6 +14,7 @@ from cmtl import (
     AdapterConfig,
     BackboneConfig,
     CorruptFileError,
+    InvalidParameterError,
     Registry,
     RegistryError,
     TaskNotFoundError,
@@ -115,6 +116,17 @@ def test_merge_keeps_the_labels_it_was_made_with(root):
     again = open_reg(root)
     assert again.predict("b", TEXTS, merge="both")[0] in ("neg", "pos")  # the merged head's labels
     assert again.predict("b", TEXTS)[0] in ("sport", "food", "music")  # the new task's
+
+
+def test_version_and_merge_together_are_refused_by_spec_as_by_predict(root):
+    """``spec(task, version=1, merge=m)`` answered with the merge's spec and ignored the version, while
+    ``predict`` with both raised: the labels a caller read could belong to another answerer than asked."""
+    reg = open_reg(root)
+    for call in (lambda: reg.spec("a", version=1, merge="both"),
+                 lambda: reg.predict("a", TEXTS, version=1, merge="both"),
+                 lambda: reg.adapter_state("a", 1, merge="both")):
+        with pytest.raises(InvalidParameterError, match="version= or merge=, not both"):
+            call()
 
 
 def test_old_merge_record_without_specs_names_the_way_out(root):
