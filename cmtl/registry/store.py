@@ -412,6 +412,10 @@ def writer_lock(root: Path, timeout: float = 60.0) -> Iterator[None]:
     except OSError as exc:
         if exc.errno == errno.EISDIR:
             raise _kind_error(root, root / ".lock", want_folder=False) from None
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise RegistryError(f"The registry folder {str(root)!r} is gone (deleted or moved since this registry "
+                                "was opened, or never made): nothing was written. Registry.open it where it is "
+                                "now, or Registry.create a new one.") from None
         if exc.errno != errno.ELOOP:
             raise
         raise RegistryError(f"'.lock' in the registry {str(root)!r} is a symbolic link to "

@@ -128,6 +128,18 @@ def test_symlinked_lock_file_is_refused(reg_root, tmp_path):
     assert target.read_text() == "precious"
 
 
+@pytest.mark.parametrize("gone", ["deleted", "moved", "a file"])
+def test_a_write_to_a_registry_folder_gone_since_open_says_so(reg_root, tmp_path, gone):
+    """A bare ``FileNotFoundError`` on '.lock' named neither the registry nor what to do."""
+    reg = Registry.open(reg_root, device="cpu")
+    shutil.rmtree(reg_root) if gone == "deleted" else reg_root.rename(tmp_path / "elsewhere")
+    if gone == "a file":
+        reg_root.write_text("not a registry")
+    with pytest.raises(RegistryError, match=r"registry folder .*reg' is gone .*Registry.open"):
+        reg.rollback("sentiment", 1)
+    assert not (tmp_path / "reg").is_dir()
+
+
 # --- the sweep deletes only what cmtl may have left -------------------------------------------------
 
 HEX = "0123456789abcdef" * 2
