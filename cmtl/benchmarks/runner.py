@@ -90,7 +90,8 @@ def check_request(scenario: Scenario, strategies: Sequence[str], orders: Sequenc
                   config: StrategyConfig | None = None) -> list[str]:
     """The orders :func:`run_benchmark` would run (``"all"`` expanded), after refusing what it refuses before
     training anything: unknown strategies or orders, Avalanche's strategies on a stream that is not
-    task-incremental, ``init_scale`` without ``adapters-auto`` (``cmtl bench --dry-run`` checks the same).
+    task-incremental or with training knobs their loop never reads, ``init_scale`` without ``adapters-auto``
+    (``cmtl bench --dry-run`` checks the same).
 
     Raises:
         ValueError: says which of these, and what is known.
@@ -100,6 +101,7 @@ def check_request(scenario: Scenario, strategies: Sequence[str], orders: Sequenc
         raise ValueError(f"Unknown strategies {unknown}. Known: {list(STRATEGIES + AVALANCHE_STRATEGIES)}.")
     check_avalanche_kind(scenario.kind, strategies, scenario.name)
     config = config or StrategyConfig()
+    check_avalanche_budget(config, strategies)
     if config.init_scale != 1 and "adapters-auto" not in strategies:
         raise ValueError(f"init_scale={config.init_scale} applies to strategy adapters-auto only (the share of "
                          "the chosen source each start keeps); add adapters-auto or leave init_scale unset.")
@@ -109,6 +111,19 @@ def check_request(scenario: Scenario, strategies: Sequence[str], orders: Sequenc
     if missing:
         raise ValueError(f"Unknown orders {missing} for scenario {scenario.name!r}. Available: {available}.")
     return wanted
+
+
+def check_avalanche_budget(config: StrategyConfig, strategies: Sequence[str]) -> None:
+    """Refuse training knobs that Avalanche's loop never reads when avl-* strategies run: it trains whole
+    epochs and checks validation once per epoch, so a step cap, an evaluation cadence or a weight average
+    would leave their rows under another budget than cmtl's strategies. (Its loop also has no warm-up,
+    decay or gradient clipping, which are on by default in cmtl's; docs/results.md says so beside its rows.)"""
+    avl = [s for s in strategies if s in AVALANCHE_STRATEGIES]
+    unread = [k for k in ("max_steps", "eval_every", "ema_decay") if getattr(config.training, k) is not None]
+    if avl and unread:
+        raise ValueError(f"TrainConfig sets {', '.join(f'{k}={getattr(config.training, k)!r}' for k in unread)}, "
+                         f"which Avalanche's loop never reads, so {avl} would train under another budget than "
+                         "cmtl's strategies. Leave them unset (budget by epochs and patience), or run avl-* apart.")
 
 
 def transfer_vs_fresh(runs: list[dict], order: str, echo: Callable[[str], None] = lambda _: None) -> None:
@@ -161,6 +176,7 @@ def run_avalanche_stream(name: str, experiences: Sequence, kind: str, backbone_c
     """
     check_avalanche_kind(kind, [f"avl-{name}"])
     config = config or StrategyConfig()
+    check_avalanche_budget(config, [f"avl-{name}"])
     backbone = load_backbone(backbone_config, device=device)
     stream = [(e.spec, e.train, e.test, None) for e in experiences]
     specs = avalanche.task_specs(stream)

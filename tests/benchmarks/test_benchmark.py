@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from cmtl import BackboneConfig, InvalidParameterError, Registry, TrainConfig
 from cmtl.benchmarks.learners import StrategyConfig
-from cmtl.benchmarks.runner import run_benchmark, summary_rows
+from cmtl.benchmarks.runner import check_request, run_benchmark, summary_rows
 from cmtl.benchmarks.scenarios import Scenario
 from cmtl.cli.commands import app
 
@@ -54,6 +54,17 @@ def test_init_scale_is_refused_where_it_would_do_nothing_or_nonsense(tmp_path):
     with pytest.raises(ValueError, match="adapters-auto only"):
         run_benchmark(scenario, ["adapters", "joint"], tmp_path, config=StrategyConfig(init_scale=0.5))
     assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.parametrize("knob", [{"max_steps": 40}, {"eval_every": 10}, {"ema_decay": 0.9}])
+def test_avalanche_strategies_refuse_budget_knobs_their_loop_never_reads(tmp_path, knob):
+    """Avalanche's loop trains whole epochs and checks validation once per epoch: a step cap, an evaluation
+    cadence or a weight average set for the run left avl-* rows under another budget than cmtl's, silently."""
+    scenario = Scenario.from_yaml(SCENARIOS / "text5.yaml")
+    config = StrategyConfig(training=TrainConfig(**knob))
+    with pytest.raises(ValueError, match=rf"{next(iter(knob))}.*avl-naive"):
+        check_request(scenario, ["adapters", "avl-naive"], ["stated"], config)  # run_benchmark's first check
+    check_request(scenario, ["adapters"], ["stated"], config)  # cmtl's strategies read them
 
 
 def test_run_benchmark_rejects_unknown_names(tmp_path):
