@@ -264,8 +264,10 @@ def grown_spec(spec: TaskSpec, labels: Sequence[str] | None) -> TaskSpec:
     positions, so the parent's head rows, buffers and held-out samples stay valid). ``None``: ``spec``.
 
     Raises:
-        InvalidParameterError: not a list of names, duplicates, a regression task, or a label of
-            ``spec`` left out (labels cannot be removed).
+        InvalidParameterError: not a list of names, duplicates, a regression task, a label of ``spec`` left
+            out (labels cannot be removed), a new label that differs from another only in spaces or case, or,
+            for a task that reads integer labels as positions (``label_encoding="index"``), the current labels
+            in another order (an integer would mean another label than in the list given).
     """
     if labels is None:
         return spec
@@ -285,7 +287,22 @@ def grown_spec(spec: TaskSpec, labels: Sequence[str] | None) -> TaskSpec:
             f"can be added, not removed: pass {[*spec.labels, *[x for x in labels if x not in spec.labels]]}, or "
             "add a new task for the smaller label set.")
     added = [x for x in labels if x not in spec.labels]
-    return dataclasses.replace(spec, labels=(*spec.labels, *added)) if added else spec
+    grown = [*spec.labels, *added]
+    if spec.label_encoding == "index" and labels != grown:
+        raise InvalidParameterError(
+            f"Task {spec.name!r} reads integer labels as positions in its labels, and labels {labels} put them "
+            f"in another order than the task's {grown}: an integer in the data would mean another label than in "
+            f"the list given. Pass {grown} (the current labels in their order, then the new ones), and write the "
+            "data's integers as positions in it.")
+    seen = {x.strip().casefold(): x for x in spec.labels}
+    for x in added:
+        other = seen.setdefault(x.strip().casefold(), x)
+        if other != x:
+            raise InvalidParameterError(
+                f"New label {x!r} of task {spec.name!r} differs from label {other!r} only in spaces or case: it "
+                "would be a class of its own, and the rows of one class would be split between two outputs. Name "
+                "the class one way (in labels and in the data), or pick a distinct name.")
+    return dataclasses.replace(spec, labels=tuple(grown)) if added else spec
 
 
 def check_added_labels(parent: TaskSpec, spec: TaskSpec, train: Examples) -> None:

@@ -354,7 +354,8 @@ class Registry(LoadedRegistry):
             promote: ``True`` or ``False`` overrides the gate; ``None`` lets it decide.
             fill_buffer: Add the new training examples to the new version's replay buffer.
             labels: Grow the label set: the current labels, then the new ones in the order given (the
-                current ones keep their positions whatever order they are given in). The head gains one
+                current ones keep their positions whatever order they are given in; a task that reads integer
+                labels as positions takes them in their order only). The head gains one
                 row per new label; the old rows start from the parent's. Old classes are kept by the
                 replay buffer (class-balanced by default) and, with ``config.penalty="lwf"``, by
                 distillation on the old labels' outputs; the gate scores the new version on the new
@@ -374,7 +375,9 @@ class Registry(LoadedRegistry):
             DataError: empty data, labels outside the task's label set, or an added label without
                 training rows.
             InvalidParameterError: ``labels`` leaves out a current label (labels cannot be removed),
-                repeats one, or the task is a regression; a penalty for a task whose head is analytic.
+                repeats one, adds one that differs from another only in spaces or case, or reorders the current
+                ones of a task with ``label_encoding="index"``, or the task is a regression; a penalty for a task
+                whose head is analytic.
             CorruptFileError, ReplayBufferError: the current version's files are damaged.
             TrainingDivergedError: the loss went non-finite, or the features an analytic head adds did; nothing
                 was written.

@@ -152,3 +152,22 @@ def test_engine_serves_the_grown_labels_after_a_hot_swap(reg):
     assert list(row["probabilities"]) == GROWN and row["version"] == 2
     assert row["probabilities"] == pytest.approx(dict(zip(GROWN, reg.predict_proba(
         "sentiment", ["the film was okay"])[0].tolist())), abs=1e-5)
+
+
+def test_an_index_encoded_task_refuses_its_labels_in_another_order():
+    # Integer labels are positions in the grown labels, which keep the current ones first: labels given in another
+    # order would make each integer of the user's data mean another label than in their list, silently.
+    spec = TaskSpec("t", labels=["neg", "pos"], label_encoding="index")
+    with pytest.raises(InvalidParameterError, match=r"positions.*\['neg', 'pos', 'mixed'\]"):
+        grown_spec(spec, ["pos", "neg", "mixed"])
+    with pytest.raises(InvalidParameterError, match="positions"):
+        grown_spec(spec, ["neg", "mixed", "pos"])
+    assert grown_spec(spec, ["neg", "pos", "mixed"]).labels == ("neg", "pos", "mixed")
+    assert grown_spec(spec, ["neg", "pos"]) is spec
+
+
+@pytest.mark.parametrize("labels", [["neg", "pos", "Pos"], ["neg", "pos", "neg "], ["neg", "pos", "Mixed", "mixed"]])
+def test_a_new_label_that_differs_from_another_only_in_case_or_spaces_is_refused(labels):
+    # 'Pos' beside 'pos' would be a class of its own: the rows of one class split between two outputs.
+    with pytest.raises(InvalidParameterError, match="only in spaces or case"):
+        grown_spec(TaskSpec("t", labels=["neg", "pos"]), labels)
