@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from cmtl.core.config import AdapterConfig  # noqa: F401  (re-exported)
-from cmtl.errors import STORED_FILE_FIX, CorruptFileError, DataError, InvalidParameterError
+from cmtl.errors import STORED_FILE_FIX, CorruptFileError, DataError, InvalidParameterError, bad_param
 
 # peft's state-dict keys start with the wrapper's path; the encoder's own module paths do not.
 PEFT_PREFIX = "base_model.model."
@@ -265,7 +265,25 @@ class AdapterBank:
         return name in self.names
 
     def add(self, name: str, config: AdapterConfig) -> AdapterConfig:
-        """Create a fresh adapter (B = 0) and return its config with target modules resolved."""
+        """Create a fresh adapter (B = 0) and return its config with target modules resolved.
+
+        Raises:
+            InvalidParameterError: ``config.layers`` names a layer the encoder lacks (peft would drop it
+                silently and adapt the others).
+        """
+        from cmtl.core.backbone import layer_list
+
+        found = layer_list(self.encoder) if config.layers is not None else None
+        missing = [i for i in config.layers or () if found is not None and i >= len(found[1])]
+        if missing:
+            count = len(found[1])
+            raise InvalidParameterError(bad_param(
+                "layers", "AdapterConfig", f"name only layers this backbone has (indices 0 to {count - 1}: it has "
+                f"{count} layers)", config.layers, f"Layers {missing} do not exist; pass indices below {count} "
+                "(the top layers of a cut backbone are those below its num_hidden_layers)."))
+        return self._add(name, config)
+
+    def _add(self, name: str, config: AdapterConfig) -> AdapterConfig:
         from peft import get_peft_model
 
         if name in self:
@@ -306,7 +324,7 @@ class AdapterBank:
         """Add adapter ``name`` with the given weights (keys as returned by :meth:`state_dict`)."""
         from peft import set_peft_model_state_dict
 
-        self.add(name, config)
+        self._add(name, config)  # a stored config may list layers a cut dropped: its weights say which
         try:
             result = set_peft_model_state_dict(self._peft, state, adapter_name=name)
         except BaseException:  # e.g. out of memory while copying: no half-loaded adapter stays behind

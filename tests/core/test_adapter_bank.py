@@ -106,3 +106,27 @@ def test_an_add_that_fails_halfway_leaves_no_lora_layers_behind(tiny_backbone, m
     assert not [k for k in bank.state_dict("second") if "intermediate" in k]
     if not first:  # the same modules as the first adapter, so the same keys in its saved weights
         assert set(bank.state_dict("second")) == set(bank.state_dict("first"))
+
+
+def test_layers_the_backbone_lacks_are_refused_not_dropped(tiny_llama, tmp_path):
+    """peft adapts the listed layers that exist and drops the others without a word: layers=(1, 5) on a
+    2-layer backbone (the top layers of a deeper or uncut model) adapted layer 1 only, while the version
+    recorded layers [1, 5]. A new adapter now names only layers the backbone has; a stored one still loads."""
+    from cmtl import Registry, TaskSpec
+    from cmtl.errors import InvalidParameterError
+    from tests.conftest import FAST, toy_sentiment
+
+    bb = load_backbone(BackboneConfig(name_or_path=tiny_llama), device="cpu")
+    bank = AdapterBank(bb.encoder)
+    with pytest.raises(InvalidParameterError, match=r"layers.*0 to 1: it has 2 layers.*\(1, 5\).*\[5\]"):
+        bank.add("deep", AdapterConfig(r=2, layers=(1, 5)))
+    assert bank.names == [] and lora_modules(bank.encoder, "deep") == []
+    state = bank.add("top", AdapterConfig(r=2, layers=(1,)))
+    stored = AdapterConfig(r=2, layers=(1, 5), target_modules=state.target_modules)  # written before the check
+    bank.load("old", stored, bank.state_dict("top"))
+    assert set(bank.state_dict("old")) == set(bank.state_dict("top"))
+    reg = Registry.create(tmp_path / "reg", BackboneConfig(name_or_path=tiny_llama, max_length=64), device="cpu")
+    with pytest.raises(InvalidParameterError, match="layers"):
+        reg.add_task(TaskSpec("s", labels=["neg", "pos"]), toy_sentiment(16), adapter=AdapterConfig(layers=(1, 5)),
+                     training=FAST)
+    assert reg.tasks() == []
