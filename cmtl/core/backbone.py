@@ -242,9 +242,16 @@ class Backbone:
         """Hash of what the tokenizer makes of text (:func:`tokenizer_sha256`), computed once."""
         return tokenizer_sha256(self)
 
-    def check_matches(self, recorded_sha256: str, where: str, *, tokenizer_sha256: str | None = None) -> None:
-        """Refuse weights, or (where ``tokenizer_sha256`` was recorded) a tokenizer, other than ``where`` was
-        built on: adapters and heads trained on other token ids or weights would answer wrongly, silently."""
+    @functools.cached_property
+    def model_config(self) -> dict:
+        """What the model's config sets for its forward pass (:func:`model_config`), read once."""
+        return model_config(self.encoder.config)
+
+    def check_matches(self, recorded_sha256: str, where: str, *, tokenizer_sha256: str | None = None,
+                      model_config: dict | None = None) -> None:
+        """Refuse weights, or (where ``tokenizer_sha256`` or ``model_config`` was recorded) a tokenizer or a
+        model config, other than ``where`` was built on: adapters and heads trained on other token ids, weights
+        or computations (another RoPE base or scaling, norm epsilon, window) would answer wrongly, silently."""
         if recorded_sha256 != self.sha256:
             raise BackboneMismatchError(
                 f"The backbone {self.config.name_or_path!r} has weights hash {self.sha256[:12]}…, but {where} "
@@ -259,6 +266,14 @@ class Backbone:
                 "heads only work on the token ids they were trained on: open it with the folder (tokenizer "
                 "included) it was created with, or, where only the transformers or tokenizers package changed, "
                 "with the versions it was created with."
+            )
+        changed = config_changes(model_config, self.model_config) if model_config is not None else []
+        if changed:
+            raise BackboneMismatchError(
+                f"The backbone {self.config.name_or_path!r} has the recorded weights and tokenizer, but its model "
+                f"config sets the forward pass otherwise than the one {where} was built with (model config "
+                f"{'; '.join(changed)}; recorded -> here): the same weights would compute other features. Open it "
+                "with the folder (config.json included) it was created with, or undo the edit of config.json."
             )
 
 
@@ -511,6 +526,30 @@ def tokenizer_sha256(backbone: "Backbone") -> str:
     uncut = dataclasses.replace(backbone, config=dataclasses.replace(backbone.config, max_length=1024))
     ids = [dict(uncut.tokenize(list(_TOKENIZER_PROBES), p)) for p in (None, pairs)]  # BatchEncoding: a dict
     return hashlib.sha256(json.dumps([vocab, backbone.pad_id, ids], sort_keys=True).encode()).hexdigest()
+
+
+#: Config keys that do not change what the frozen model computes, or that the weights' hash and the
+#: BackboneConfig already pin (the folder, the precision, the class saved, label names, special token ids).
+_CONFIG_IGNORED = frozenset({
+    "_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype", "use_cache", "return_dict",
+    "output_hidden_states", "output_attentions", "id2label", "label2id", "num_labels", "problem_type",
+    "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id", "tie_word_embeddings",
+    "tokenizer_class", "task_specific_params", "finetuning_task", "initializer_range", "attn_implementation",
+    "_attn_implementation", "_attn_implementation_autoset", "num_hidden_layers",
+})
+
+
+def model_config(hf_config) -> dict:
+    """A transformers config as JSON values, without :data:`_CONFIG_IGNORED`: what a registry records of it."""
+    values = {k: v for k, v in hf_config.to_dict().items() if k not in _CONFIG_IGNORED}
+    return json.loads(json.dumps(values, sort_keys=True, default=str))
+
+
+def config_changes(recorded: dict, current: dict) -> list[str]:
+    """``key recorded -> current`` for each key both configs set to different values. A key only one side has
+    (one a newer transformers added, or a record leaves out) is no change."""
+    return [f"{k} {recorded[k]!r} -> {current[k]!r}" for k in sorted(set(recorded) & set(current))
+            if recorded[k] != current[k]]
 
 
 def weights_sha256(model: nn.Module) -> str:

@@ -94,7 +94,8 @@ class Registry(LoadedRegistry):
                 check_free(backbone, root)  # before anything is written
             loaded = backbone if isinstance(backbone, Backbone) else load_backbone(backbone, device=device)
             manifest = commit.create(root, {**loaded.config.to_dict(), "sha256": loaded.sha256,
-                                              "tokenizer_sha256": loaded.tokenizer_sha256})
+                                              "tokenizer_sha256": loaded.tokenizer_sha256,
+                                              "model_config": loaded.model_config})
             logger.info("Created registry %s on backbone %s", root, loaded.config.name_or_path)
             return cls(root, manifest, loaded)
         finally:
@@ -503,14 +504,15 @@ class Registry(LoadedRegistry):
 
         Raises:
             TaskExistsError: the name is taken.
-            BackboneMismatchError: the folder records other backbone weights, or (its head to answer, no
-                ``train`` data) another pooling than this registry's.
+            BackboneMismatchError: the folder records other backbone weights or model config, or (its head to
+                answer, no ``train`` data) another pooling than this registry's.
             DataError: not a PEFT LoRA folder, LoRA settings cmtl cannot reproduce, an adapter that does
                 not fit this backbone, or no head for ``spec`` and no ``train`` data to fit one.
             TrainingDivergedError: the imported adapter's features, which a head is fitted on, are not finite;
                 nothing was written.
         """
         from cmtl.core.adapters import check_adapter_state, state_layers, state_targets
+        from cmtl.core.backbone import config_changes
         from cmtl.errors import BackboneMismatchError, CorruptFileError, DataError
         from cmtl.core.heads import check_head_state
         from cmtl.integrations.peft_folder import HEAD, TASK, read_folder, spec_differences
@@ -532,6 +534,14 @@ class Registry(LoadedRegistry):
                 f"{str(path)!r} was exported from a registry whose backbone has these weights but another tokenizer "
                 f"(tokenizer hash {tokenizer[:12]}…, here {self.backbone.tokenizer_sha256[:12]}…): its adapter was "
                 "trained on other token ids. Import it into a registry on the same backbone folder.")
+        # Only where the weights were recorded (and match): a folder of other weights is told so by its shapes.
+        changed = [] if recorded is None else config_changes(folder.backbone.get("model_config") or {},
+                                                             self.backbone.model_config)
+        if changed:
+            raise BackboneMismatchError(
+                f"{str(path)!r} was exported from a registry whose backbone has these weights but another model "
+                f"config ({'; '.join(changed)}; exported -> here): its adapter was trained on other features. "
+                "Import it into a registry on the same backbone folder.")
         if spec is not None and name is not None:
             raise InvalidParameterError(bad_param("name", "import_peft", "be left out when spec is given (the "
                                                   "spec names the task)", name))

@@ -61,11 +61,12 @@ class LoadedRegistry(RegistryReader):
         Args:
             path: The registry folder.
             backbone: Load this backbone instead of the recorded one (e.g. the same weights moved to
-                another folder). Its weights (and, where recorded, its tokenizer) must hash to the recorded values.
+                another folder). Its weights (and, where recorded, its tokenizer and model config) must match
+                the recorded ones.
 
         Raises:
             RegistryError: no registry at ``path``.
-            BackboneMismatchError: the backbone's weights or tokenizer differ from the recorded ones.
+            BackboneMismatchError: the backbone's weights, tokenizer or model config differ from the recorded ones.
         """
         root = Path(path)
         manifest = store.read_manifest(root)
@@ -77,7 +78,8 @@ class LoadedRegistry(RegistryReader):
         loaded = load_backbone(config, device=device)
         refuse_other_settings(recorded, loaded.config, f"Registry {str(root)!r}")
         loaded.check_matches(recorded["sha256"], f"registry {str(root)!r}",
-                             tokenizer_sha256=recorded.get("tokenizer_sha256"))
+                             tokenizer_sha256=recorded.get("tokenizer_sha256"),
+                             model_config=recorded.get("model_config"))
         return cls(root, manifest, loaded)
 
     def reload(self) -> bool:

@@ -71,9 +71,10 @@ def _version_number(value: Any) -> bool:
     return _positive_int(value) and value <= MAX_VERSION
 
 
-#: The hashes a ``backbone`` record holds beside its config's fields (:meth:`cmtl.core.backbone.Backbone.check_matches`;
-#: a record written before cmtl hashed the tokenizer has no ``tokenizer_sha256``).
-_HASHES = {"sha256": "weights hash", "tokenizer_sha256": "tokenizer hash"}
+#: The hashes (and the model config) a ``backbone`` record holds beside its config's fields
+#: (:meth:`cmtl.core.backbone.Backbone.check_matches`; a record written before cmtl hashed the tokenizer has no
+#: ``tokenizer_sha256``, one written before it recorded the model config no ``model_config``).
+_HASHES = {"sha256": "weights hash", "tokenizer_sha256": "tokenizer hash", "model_config": "model config"}
 
 
 def backbone_changes(known: dict[str, Any], recorded: dict[str, Any], *, ignore: tuple[str, ...] = ()) -> list[str]:
@@ -274,6 +275,9 @@ class _Check:
         if not isinstance(backbone.get("tokenizer_sha256", ""), str):
             raise self.fail(f"{_where(('backbone', 'tokenizer_sha256'))} must be a string, got "
                             f"{_kind(backbone['tokenizer_sha256'])}")
+        if not isinstance(backbone.get("model_config", {}), dict):
+            raise self.fail(f"{_where(('backbone', 'model_config'))} must be an object, got "
+                            f"{_kind(backbone['model_config'])}")
         self.config(backbone, "backbone", ("backbone",))
         generation = m.get("generation", 0)
         if not isinstance(generation, int) or isinstance(generation, bool) or generation < 0:

@@ -114,7 +114,8 @@ class InferenceEngine:
         self.backbone: Backbone = load_backbone(config, device=device)
         refuse_other_settings(recorded, self.backbone.config, f"Registry {str(self.root)!r}")
         self.backbone.check_matches(recorded["sha256"], f"registry {str(self.root)!r}",
-                                    tokenizer_sha256=recorded.get("tokenizer_sha256"))
+                                    tokenizer_sha256=recorded.get("tokenizer_sha256"),
+                                    model_config=recorded.get("model_config"))
         self._recorded_backbone = dict(recorded)
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens

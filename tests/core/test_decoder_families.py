@@ -351,3 +351,36 @@ def test_a_long_first_text_leaves_room_for_its_pair_on_a_tokenizer_without_templ
     assert long_pair == alone[0][:8] + [eos] + alone[0][:7]  # both long: halves, the first text's the larger
     short = backbone.tokenize(["the movie"], ["was great"])["input_ids"][0]
     assert eos in short and len(short) < 16  # what fits is not cut
+
+
+def test_the_same_weights_under_another_model_config_are_refused(tiny_llama, tmp_path):
+    """Only the weights and the tokenizer were hashed: a folder with the same weights but another config.json (a
+    RoPE base or scaling edited in, another norm epsilon) opened the registry, and every task answered from other
+    features (probabilities moved by 0.2 on the toy task). The config the backbone was built with is recorded and
+    compared; a copy of the folder still opens, and so does a registry recorded without it."""
+    import shutil
+
+    from cmtl.registry.store import MANIFEST
+
+    reg = Registry.create(tmp_path / "reg", _config(tiny_llama), device="cpu")
+    reg.add_task(TaskSpec("s", labels=["neg", "pos"]), toy_sentiment(32), validation=toy_sentiment(16, 1),
+                 training=dataclasses.replace(FAST, epochs=1))
+    expected = reg.predict_proba("s", TEXTS)
+    same = shutil.copytree(tiny_llama, tmp_path / "moved")
+    np.testing.assert_allclose(Registry.open(tmp_path / "reg", _config(str(same)), device="cpu").predict_proba(
+        "s", TEXTS), expected, atol=1e-6)
+    edited = shutil.copytree(tiny_llama, tmp_path / "edited")
+    config = json.loads((edited / "config.json").read_text())
+    config["rope_parameters"] = {**config["rope_parameters"], "rope_theta": 10.0}
+    (edited / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 0.5}))
+    with pytest.raises(BackboneMismatchError, match="model config.*rms_norm_eps 1e-06 -> 0.5.*rope_parameters"):
+        Registry.open(tmp_path / "reg", _config(str(edited)), device="cpu")
+    with pytest.raises(BackboneMismatchError, match="rms_norm_eps"):
+        InferenceEngine(tmp_path / "reg", device="cpu", backbone=_config(str(edited)))
+    exported = reg.export_peft("s", tmp_path / "export")
+    with pytest.raises(BackboneMismatchError, match="model config.*rms_norm_eps"):
+        Registry.create(tmp_path / "other", _config(str(edited)), device="cpu").import_peft(exported)
+    manifest = json.loads((tmp_path / "reg" / MANIFEST).read_text())
+    manifest["backbone"].pop("model_config")  # as an older cmtl wrote it
+    (tmp_path / "reg" / MANIFEST).write_text(json.dumps(manifest))
+    assert Registry.open(tmp_path / "reg", _config(tiny_llama), device="cpu").predict("s", TEXTS[:1])
