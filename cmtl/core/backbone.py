@@ -535,7 +535,7 @@ _CONFIG_IGNORED = frozenset({
     "output_hidden_states", "output_attentions", "id2label", "label2id", "num_labels", "problem_type",
     "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id", "tie_word_embeddings",
     "tokenizer_class", "task_specific_params", "finetuning_task", "initializer_range", "attn_implementation",
-    "_attn_implementation", "_attn_implementation_autoset", "num_hidden_layers",
+    "_attn_implementation", "_attn_implementation_autoset", "num_hidden_layers", "gradient_checkpointing",
 })
 
 
