@@ -202,9 +202,16 @@ class Backbone:
         finally:
             self.checkpointing = before
 
+    @functools.cached_property
+    def max_tokens(self) -> int:
+        """Tokens a text (or pair) is cut to: ``config.max_length``, or where the model's absolute position
+        table ends if that is sooner (a longer row would index past it)."""
+        limit = position_limit(self.encoder)
+        return self.config.max_length if limit is None else min(self.config.max_length, limit)
+
     def tokenize(self, texts: list[str], pairs: list[str] | None = None) -> dict[str, list[list[int]]]:
-        """Token ids (and token type ids) per text, unpadded, truncated to ``max_length`` from the end (a pair:
-        the longer text first).
+        """Token ids (and token type ids) per text, unpadded, truncated to :attr:`max_tokens` from the end (a
+        pair: the longer text first).
 
         Pairs are joined by the tokenizer's pair template (the separator token); a decoder's tokenizer
         without one (GPT-2's, Qwen's) gets the end-of-text token between the two texts, so the boundary
@@ -212,7 +219,7 @@ class Backbone:
         the end-of-text token: a row always has a token to pool."""
         if pairs is not None and self.causal and self.tokenizer.num_special_tokens_to_add(pair=True) == 0:
             return self._joined_pairs(texts, pairs)
-        out = self.tokenizer(texts, pairs, truncation=True, max_length=self.config.max_length, padding=False)
+        out = self.tokenizer(texts, pairs, truncation=True, max_length=self.max_tokens, padding=False)
         for row, ids in enumerate(out["input_ids"]):
             if not ids:
                 out["input_ids"][row] = [self._boundary_id]
@@ -233,7 +240,7 @@ class Backbone:
         second = self.tokenizer(pairs, add_special_tokens=True, padding=False)["input_ids"]
         joined = []
         for a, b in zip(first, second):
-            keep_a, keep_b = _longest_first(len(a), len(b), self.config.max_length - 1)  # 1: the boundary
+            keep_a, keep_b = _longest_first(len(a), len(b), self.max_tokens - 1)  # 1: the boundary
             joined.append(a[:keep_a] + [self._boundary_id] + b[:keep_b])
         return {"input_ids": joined, "attention_mask": [[1] * len(ids) for ids in joined]}
 
@@ -564,6 +571,21 @@ def weights_sha256(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def position_limit(encoder: nn.Module) -> int | None:
+    """How many positions the model's absolute position table holds (BERT kin: ``embeddings.position_embeddings``,
+    less RoBERTa's and MPNet's padding offset; GPT-2: ``wpe``); ``None`` without one (rotary, relative)."""
+    for path in ("embeddings.position_embeddings", "wpe"):
+        try:
+            table = encoder.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(table, nn.Embedding):
+            # RoBERTa and MPNet number positions from padding_idx + 1 (their embeddings' own attribute).
+            offset = getattr(getattr(encoder, "embeddings", None), "padding_idx", None) if path != "wpe" else None
+            return table.num_embeddings - (0 if offset is None else offset + 1)
+    return None
+
+
 def _longest_first(first: int, second: int, budget: int) -> tuple[int, int]:
     """How many tokens of each text of a pair to keep within ``budget``: the longer text is shortened
     first, one token at a time, the second on a tie (the tokenizers' ``longest_first`` rule)."""
@@ -629,6 +651,10 @@ def load_backbone(config: BackboneConfig | str | None = None, device: str = "aut
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token  # an existing token: the vocabulary stays
     if config.pooling is None:
         config = dataclasses.replace(config, pooling="last" if is_causal(hf_config) else "mean")
+    limit = position_limit(encoder)
+    if limit is not None and config.max_length > limit:
+        logger.warning("Backbone %s has %d positions, fewer than max_length=%d: texts are cut at %d tokens.",
+                       config.name_or_path, limit, config.max_length, limit)
     encoder.requires_grad_(False)
     encoder.eval()
     dev = pick_device(device)

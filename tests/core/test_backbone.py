@@ -92,3 +92,36 @@ def test_the_tokenizer_hash_sees_the_token_ids_not_the_length_cut_or_the_folder(
     config = json.loads((moved / "tokenizer_config.json").read_text())
     (moved / "tokenizer_config.json").write_text(json.dumps({**config, "do_lower_case": False}))  # keeps case
     assert load_backbone(BackboneConfig(name_or_path=str(moved), max_length=64)).tokenizer_sha256 != hashes[64]
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "mpnet"])
+def test_a_text_longer_than_the_position_table_is_cut_at_its_end(family, tiny_backbone, tmp_path):
+    """max_length (256 by default) above the model's absolute position table (128 here; RoBERTa and MPNet lose
+    two slots to their padding offset) tokenized long texts past its end, and every batch holding one raised
+    IndexError (on a GPU a device-side assert, which ends the serving process's CUDA context). Texts are now cut
+    where the table ends; shorter texts are cut where they were."""
+    import transformers as tf
+    from transformers import AutoTokenizer
+
+    from tests.conftest import save_tiny_decoder
+
+    if family == "bert":
+        path, limit = tiny_backbone, 128
+    elif family == "gpt2":
+        path, limit = save_tiny_decoder("gpt2", tmp_path / "gpt2"), 128
+    else:
+        path, limit = tmp_path / "mpnet", 64
+        tf.MPNetModel(tf.MPNetConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=66)).save_pretrained(path)
+        AutoTokenizer.from_pretrained(tiny_backbone).save_pretrained(path)
+    bb = load_backbone(BackboneConfig(name_or_path=str(path), max_length=256), device="cpu")
+    ids = bb.tokenize(["the movie was great " * 100, "an awful plot"])["input_ids"]
+    assert len(ids[0]) == limit and len(ids[1]) < limit
+    pairs = bb.tokenize(["the movie was great " * 100], ["an awful plot " * 100])["input_ids"]
+    assert len(pairs[0]) == limit
+    padded = torch.tensor([ids[0], ids[1] + [bb.pad_id] * (limit - len(ids[1]))])
+    mask = torch.tensor([[1] * limit, [1] * len(ids[1]) + [0] * (limit - len(ids[1]))])
+    with torch.no_grad():
+        assert torch.isfinite(bb.embed(padded, mask)).all()
+    short = load_backbone(BackboneConfig(name_or_path=str(path), max_length=16), device="cpu")
+    assert len(short.tokenize(["the movie was great " * 100])["input_ids"][0]) == 16
