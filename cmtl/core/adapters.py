@@ -108,6 +108,21 @@ def state_targets(state: dict[str, torch.Tensor], encoder: nn.Module) -> tuple[s
     return tuple(sorted(names))
 
 
+def bare_model_state(state: dict[str, torch.Tensor], encoder: nn.Module) -> dict[str, torch.Tensor]:
+    """``state`` with the module paths of an adapter saved on a task model around ``encoder`` (a decoder's causal
+    LM: ``model.layers.…``, GPT-2's ``transformer.h.…``) renamed to ``encoder``'s own; as it is when its paths
+    already name ``encoder``'s modules, or do not all name them after the base model's prefix
+    (``encoder.base_model_prefix``)."""
+    prefix = f"{getattr(encoder, 'base_model_prefix', '') or '-'}."
+    modules = {name.removesuffix(".base_layer") for name, _ in encoder.named_modules()}
+    parsed = {key: lora_key(key) for key in state}
+    paths = {p[0].removeprefix(PEFT_PREFIX) for p in parsed.values() if p is not None}
+    if not paths or paths <= modules or not all(p.startswith(prefix) and p[len(prefix):] in modules for p in paths):
+        return state
+    return {key if p is None else f"{PEFT_PREFIX}{p[0].removeprefix(PEFT_PREFIX)[len(prefix):]}.lora_{p[1]}.weight":
+            value for (key, value), p in zip(state.items(), parsed.values())}
+
+
 def state_layers(state: dict[str, torch.Tensor], encoder: nn.Module) -> tuple[int, ...] | None:
     """The indices of the transformer layers a LoRA state dict adapts in ``encoder`` (the first number in each
     module's path, as :func:`check_adapter_state` reads it); ``None`` when that is every layer."""

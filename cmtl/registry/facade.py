@@ -499,8 +499,9 @@ class Registry(LoadedRegistry):
         was exported with: a ``spec`` that differs from it in anything but the name needs labelled
         ``train`` data, and gets a new head. Any other PEFT LoRA folder for this backbone needs ``spec``
         and ``train``: the head is then fitted as a linear probe on the adapter's features (the adapter
-        is kept as it is; ``update_task`` trains it further). ``train`` and ``validation`` also fill the
-        version's replay buffer and held-out sample, and ``validation`` gives its metrics.
+        is kept as it is; ``update_task`` trains it further); one trained on the task model around the
+        backbone (a decoder's causal LM) adapts the same layers of it. ``train`` and ``validation`` also
+        fill the version's replay buffer and held-out sample, and ``validation`` gives its metrics.
 
         Raises:
             TaskExistsError: the name is taken.
@@ -511,7 +512,7 @@ class Registry(LoadedRegistry):
             TrainingDivergedError: the imported adapter's features, which a head is fitted on, are not finite;
                 nothing was written.
         """
-        from cmtl.core.adapters import check_adapter_state, state_layers, state_targets
+        from cmtl.core.adapters import bare_model_state, check_adapter_state, state_layers, state_targets
         from cmtl.core.backbone import config_changes
         from cmtl.errors import BackboneMismatchError, CorruptFileError, DataError
         from cmtl.core.heads import check_head_state
@@ -522,6 +523,7 @@ class Registry(LoadedRegistry):
 
         started = time.perf_counter()
         folder = read_folder(path)
+        folder.state = bare_model_state(folder.state, self.backbone.encoder)  # trained on the causal LM around it
         recorded = (folder.backbone or {}).get("sha256")
         if recorded is not None and recorded != self.backbone.sha256:
             raise BackboneMismatchError(

@@ -384,3 +384,30 @@ def test_the_same_weights_under_another_model_config_are_refused(tiny_llama, tmp
     manifest["backbone"].pop("model_config")  # as an older cmtl wrote it
     (tmp_path / "reg" / MANIFEST).write_text(json.dumps(manifest))
     assert Registry.open(tmp_path / "reg", _config(tiny_llama), device="cpu").predict("s", TEXTS[:1])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_peft_adapter_trained_on_the_causal_lm_imports(family, tmp_path):
+    """Decoder adapters are trained on the causal-LM model (LlamaForCausalLM: 'model.layers.…', GPT-2's
+    'transformer.h.…'), whose module paths carry the base model's prefix; the registry's backbone is the bare
+    model. The import was refused as a damaged file; the prefix is now dropped, and the registry computes the
+    causal LM's last hidden states."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    path = save_tiny_decoder(family, tmp_path / family)
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(path), LoraConfig(r=2, lora_alpha=4))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    model.eval().save_pretrained(str(tmp_path / "peft"))
+    reg = Registry.create(tmp_path / "reg", _config(path), device="cpu")
+    reg.import_peft(tmp_path / "peft", TaskSpec("s", labels=["neg", "pos"]), toy_sentiment(16))
+    assert reg.current("s").adapter["target_modules"] == (["c_attn"] if family == "gpt2" else ["q_proj", "v_proj"])
+    ids = reg.backbone.tokenize(TEXTS)["input_ids"]
+    with torch.no_grad():
+        expected = torch.cat([model(input_ids=torch.tensor([seq]), output_hidden_states=True).hidden_states[-1][:, -1]
+                              for seq in ids])
+    torch.testing.assert_close(reg.embed(TEXTS, "s"), expected, atol=1e-5, rtol=1e-5)
