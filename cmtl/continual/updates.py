@@ -13,7 +13,7 @@ import dataclasses
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Hashable, Literal, Sequence
+from typing import Any, Callable, Hashable, Iterable, Literal, Sequence
 
 import torch
 
@@ -272,6 +272,8 @@ def grown_spec(spec: TaskSpec, labels: Sequence[str] | None) -> TaskSpec:
     if labels is None:
         return spec
     owner = f"update_task of {spec.name!r}"
+    if not isinstance(labels, str) and isinstance(labels, Iterable):
+        labels = list(labels)  # read once: the checks below would spend a generator
     if isinstance(labels, str) or not all(isinstance(x, str) and x for x in labels):
         raise InvalidParameterError(bad_param("labels", owner, "be a list of label names, e.g. "
                                               f"{[*spec.labels, 'new-label']}", labels))

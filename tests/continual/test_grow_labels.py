@@ -123,6 +123,8 @@ def test_regression_has_no_labels_to_grow():
     spec = TaskSpec("t", labels=["a", "b"])
     assert grown_spec(spec, None) is spec and grown_spec(spec, ["b", "a"]) is spec
     assert grown_spec(spec, ["c", "b", "a"]).labels == ("a", "b", "c")  # old positions kept, new appended
+    # A generator was spent by the type check, then read as empty: "labels ['a', 'b'] are missing".
+    assert grown_spec(spec, (x for x in ["a", "b", "c"])).labels == ("a", "b", "c")
 
 
 def test_a_manifest_whose_version_drops_a_label_is_refused(reg):
