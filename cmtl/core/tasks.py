@@ -329,7 +329,7 @@ class TaskSpec:
         rows = self.unanswered(logits).nonzero().flatten().tolist()
         if rows:
             raise NonFiniteOutputError(
-                f"The model gave no answer for row {rows[0]} of this batch ({len(rows)} such rows) of task "
+                f"The model gave no answer for row {rows[0]} of these inputs ({len(rows)} such rows) of task "
                 f"{self.name!r}: its outputs are NaN or infinite. The weights answering it, or the backbone, make "
                 "non-finite numbers: check the version's files (a version trained by cmtl never stores them) and, on "
                 "a GPU, run the backbone in float32 (half precision can overflow).")
