@@ -325,12 +325,14 @@ class TaskSpec:
         """(N,) bool: rows of logits (N, L) that give no answer (:func:`unanswered`)."""
         return unanswered(logits, self.problem_type)
 
-    def _check_answered(self, logits: torch.Tensor) -> None:
+    def check_answered(self, logits: torch.Tensor, first_row: int = 0) -> None:
+        """Raise :class:`~cmtl.errors.NonFiniteOutputError` if a row gives no answer (:meth:`unanswered`), naming
+        it as ``first_row`` + its index (the row among the caller's inputs)."""
         rows = self.unanswered(logits).nonzero().flatten().tolist()
         if rows:
             raise NonFiniteOutputError(
-                f"The model gave no answer for row {rows[0]} of these inputs ({len(rows)} such rows) of task "
-                f"{self.name!r}: its outputs are NaN or infinite. The weights answering it, or the backbone, make "
+                f"The model gave no answer for row {first_row + rows[0]} of these inputs of task {self.name!r}"
+                f"{f' ({len(rows)} such rows)' if len(rows) > 1 else ''}: its outputs are NaN or infinite. The weights answering it, or the backbone, make "
                 "non-finite numbers: check the version's files (a version trained by cmtl never stores them) and, on "
                 "a GPU, run the backbone in float32 (half precision can overflow).")
 
@@ -340,7 +342,7 @@ class TaskSpec:
         Raises:
             NonFiniteOutputError: a row gives no answer (:meth:`unanswered`).
         """
-        self._check_answered(logits)
+        self.check_answered(logits)
         if self.problem_type == "single_label":
             return logits.softmax(-1)
         if self.problem_type == "multi_label":
@@ -354,7 +356,7 @@ class TaskSpec:
             NonFiniteOutputError: a row gives no answer (:meth:`unanswered`); before, a NaN row read as the
                 first label.
         """
-        self._check_answered(logits)
+        self.check_answered(logits)
         if self.problem_type == "single_label":
             return [self.labels[i] for i in logits.argmax(-1).tolist()]
         if self.problem_type == "multi_label":

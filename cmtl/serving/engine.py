@@ -328,7 +328,7 @@ class InferenceEngine:
         (``"value"`` instead of label and probabilities for regression), from ``snapshot``
         (default: the newest one loaded)."""
         routes, rows = self._infer(tasks, texts, merges, pairs, snapshot)
-        return [self._decode(route, logits) for route, logits in zip(routes, rows)]
+        return [self._decode(route, logits, i) for i, (route, logits) in enumerate(zip(routes, rows))]
 
     def predict_all(self, texts: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
         """Every task's prediction for every text (tasks without text pairs), as one mixed batch."""
@@ -336,13 +336,15 @@ class InferenceEngine:
         tasks = [t for t in snapshot.tasks if snapshot.route(t).spec.text_pair_column is None]
         routes, rows = self._infer([t for t in tasks for _ in texts], [x for _ in tasks for x in texts], None, None,
                                    snapshot)
-        flat = [self._decode(route, logits) for route, logits in zip(routes, rows)]
+        flat = [self._decode(route, logits, i % len(texts)) for i, (route, logits) in enumerate(zip(routes, rows))]
         return {t: flat[i * len(texts):(i + 1) * len(texts)] for i, t in enumerate(tasks)}
 
     @staticmethod
-    def _decode(route: Route, logits: torch.Tensor) -> dict[str, Any]:
+    def _decode(route: Route, logits: torch.Tensor, index: int) -> dict[str, Any]:
+        """Row ``index`` of the request, answered through ``route``."""
         spec = route.spec
         row = logits.unsqueeze(0)
+        spec.check_answered(row, first_row=index)
         served = {"task": route.task, "version": route.version, "merge": route.merge}
         if spec.problem_type == "regression":
             return {**served, "value": spec.decode(row)[0]}

@@ -54,6 +54,24 @@ def test_predict_all_gives_every_task(served):
     assert out["topic"][1]["label"] == engine.predict(["topic"], TEXTS[1:2])[0]["label"]
 
 
+def test_a_row_without_an_answer_is_refused_naming_its_position(served):
+    """NaN outputs were served as the first label with NaN probabilities; now the request fails and says which
+    text (its place in the request, also in predict_all's flat batch)."""
+    from cmtl import NonFiniteOutputError
+
+    engine = InferenceEngine(served, device="cpu")
+    with torch.no_grad():
+        for route in engine.snapshot.routes.values():
+            if route.task == "topic" and route.merge is None:
+                for p in route.head.parameters():
+                    p.fill_(float("nan"))
+    assert engine.predict(["sentiment"], TEXTS[:1])[0]["label"] in ("neg", "pos")
+    with pytest.raises(NonFiniteOutputError, match=r"row 1 of these inputs of task 'topic'"):
+        engine.predict(["sentiment", "topic"], TEXTS[:2])
+    with pytest.raises(NonFiniteOutputError, match=r"row 0 of these inputs of task 'topic'"):
+        engine.predict_all(TEXTS[:2])
+
+
 def test_bad_requests_raise_before_running(served):
     engine = InferenceEngine(served, device="cpu")
     with pytest.raises(TaskNotFoundError, match=r"No task 'nope'.*\['sentiment', 'topic', 'upper'\]"):
