@@ -10,6 +10,7 @@ import math
 import numbers
 import re
 import warnings
+from collections.abc import Mapping
 from dataclasses import KW_ONLY, asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
@@ -51,7 +52,8 @@ class TaskSpec:
     * Without ``labels``, integers become their string form (``0`` -> ``'0'``).
     * A multi-label row is a list of distinct labels (names, or positions with
       ``"index"``). Multi-hot 0/1 vectors are not accepted: ``[1, 0, 1]`` would read as
-      positions 1, 0, 1 (or values 1, 0, 1), so a row that names a label twice is refused.
+      positions 1, 0, 1 (or values 1, 0, 1), so a row that names a label twice is refused;
+      nor are mappings of label flags (``{"a": 0, "b": 1}`` would read as both labels).
 
     Args:
         name: Unique task name: letters, digits, ``_`` and ``-``, at most 64.
@@ -202,6 +204,7 @@ class TaskSpec:
         out: list = []
         for row, v in enumerate(values):
             if self.problem_type == "multi_label":
+                self._check_row_type(row, v)
                 items = [v] if isinstance(v, str) or not hasattr(v, "__iter__") else list(v)
                 names = [name_of(item) for item in items]
                 unknown.update(repr(item) for item, n in zip(items, names) if n is None)
@@ -231,6 +234,22 @@ class TaskSpec:
                 "(update_task(..., labels=[...current labels, ...new ones]), `cmtl update --labels`)."
             )
         return out
+
+    def _check_row_type(self, row: int, value: Any) -> None:
+        """Refuse a multi-label row that iterates as something else than its labels: a mapping gives its
+        keys (``{'a': 0, 'b': 1}``: every label on, whatever the flags), bytes give integers."""
+        if isinstance(value, Mapping):
+            read = "every key would be one of its labels, whatever its value"
+            example = f"e.g. {[k for k, on in value.items() if on]!r}, the keys whose values are true"
+        elif isinstance(value, (bytes, bytearray)):
+            read, example = "each byte would be a number", "e.g. ['label_a', 'label_c']"
+        else:
+            return
+        raise DataError(
+            f"Row {row} of the data of task {self.name!r} is a {type(value).__name__} ({value!r:.80}), not a list of "
+            f"labels: read as one, {read}. A multi-label row is a list of distinct label names ({example}), or of "
+            f"their positions in labels with TaskSpec({self.name!r}, ..., label_encoding='index')."
+        )
 
     def _check_distinct(self, row: int, items: list, names: list[str | None]) -> None:
         """Refuse a multi-label row that names a label twice: most likely a multi-hot 0/1 vector,

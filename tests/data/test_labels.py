@@ -100,6 +100,22 @@ def test_the_multi_hot_error_says_what_the_vector_means():
     assert "multi-hot 0/1 vectors are not accepted" in TaskSpec.__doc__.lower()
 
 
+@pytest.mark.parametrize("source", ["dicts", "dataframe", "dataset", "examples", "jsonl", "parquet"])
+def test_a_multi_label_row_given_as_label_flags_is_refused(tmp_path, source):
+    # {label: on?} read as a list gives its keys: every label on, whatever the flags say.
+    rows = [{"text": "s", "label": {"a": 0, "b": 1}}, {"text": "t", "label": {"a": 1, "b": 0}}]
+    spec = TaskSpec("m", labels=["a", "b"], problem_type="multi_label")
+    with pytest.raises(DataError, match=r"Row 0 of the data of task 'm' is a dict.*not a list of labels.*every key "
+                                        r"would be one of its labels.*e\.g\. \[.b.\]"):
+        read_examples(_write(rows, source, tmp_path), spec)
+
+
+def test_a_multi_label_row_given_as_bytes_is_refused():
+    spec = TaskSpec("m", labels=["a", "b", "c"], problem_type="multi_label", label_encoding="index")
+    with pytest.raises(DataError, match=r"Row 0 .* is a bytes.*not a list of labels"):
+        spec.label_names([b"\x00\x02"])  # iterated, it would be positions 0 and 2
+
+
 # --- plain integers: by value, or as indices when the spec says so ------------------
 
 
