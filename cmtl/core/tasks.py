@@ -70,7 +70,8 @@ class TaskSpec:
         label_encoding: What plain integer labels mean: ``"value"`` (default), the
             label whose name is that number; ``"index"``, the label at that position
             in ``labels``. ClassLabel columns and string labels are read by name either way.
-        threshold: Multi-label decision threshold on each label's probability.
+        threshold: Multi-label decision threshold on each label's probability (other problem types
+            read none: setting one there is refused).
         description: Free text shown in listings.
     """
 
@@ -100,6 +101,14 @@ class TaskSpec:
                 "label_encoding", owner, f"be one of {list(LABEL_ENCODINGS)}", self.label_encoding,
                 "Use 'value' when integer labels are the label names' numbers, 'index' when they are positions in "
                 "labels."))
+        if not 0.0 < self.threshold < 1.0:
+            raise InvalidParameterError(bad_param("threshold", owner, "be in (0, 1)", self.threshold))
+        if self.threshold != 0.5 and self.problem_type != "multi_label":
+            predicts = "values" if self.problem_type == "regression" else "its most probable label"
+            raise InvalidParameterError(bad_param(
+                "threshold", owner, "be left out", self.threshold,
+                f"It applies to multi-label tasks only (a label is on where its probability reaches it); a "
+                f"{self.problem_type} task predicts {predicts}, so it would be ignored."))
         labels = self.labels
         if labels is None and self.problem_type == "regression":
             labels = ("score",)
@@ -115,8 +124,6 @@ class TaskSpec:
         if self.problem_type == "single_label" and len(labels) < 2:
             raise InvalidParameterError(bad_param("labels", owner, "hold at least 2 labels for a single-label "
                                                   "task", list(labels)))
-        if not 0.0 < self.threshold < 1.0:
-            raise InvalidParameterError(bad_param("threshold", owner, "be in (0, 1)", self.threshold))
         object.__setattr__(self, "labels", labels)
 
     @property
@@ -145,6 +152,8 @@ class TaskSpec:
         if extra:
             warnings.warn(f"Ignoring unknown TaskSpec keys {extra} (written by a newer cmtl?).", stacklevel=2)
         kwargs = {k: v for k, v in d.items() if k in known}
+        if kwargs.get("problem_type", "single_label") != "multi_label":  # never read: older records may hold one
+            kwargs.pop("threshold", None)
         return cls(kwargs.pop("name"), **kwargs)
 
     # --- labels -----------------------------------------------------------------

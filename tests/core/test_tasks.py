@@ -125,3 +125,23 @@ def test_outputs_that_answer_nothing_are_refused_not_read_as_the_first_label():
     for bad in (nan, inf, -inf):
         with pytest.raises(NonFiniteOutputError, match="row 0"):
             reg.decode(torch.tensor([[bad]]))
+
+
+@pytest.mark.parametrize("problem_type, labels", [("single_label", ["a", "b"]), ("regression", None),
+                                                  ("single_label", None)])
+def test_a_threshold_is_refused_where_nothing_reads_it(problem_type, labels):
+    # A single-label task predicts the label of highest probability, a regression task values: the threshold
+    # was kept and ignored, so TaskSpec("spam", ..., threshold=0.9) still said "spam" at p = 0.51.
+    with pytest.raises(ValueError, match=rf"threshold.*0\.9.*multi-label tasks only.*{problem_type}"):
+        TaskSpec("t", labels=labels, problem_type=problem_type, threshold=0.9)
+    assert TaskSpec("t", labels=labels, problem_type=problem_type, threshold=0.5).threshold == 0.5  # the default
+    with pytest.raises(ValueError, match=r"threshold.*\(0, 1\).*1\.5"):  # checked before the labels are known
+        TaskSpec("m", problem_type="multi_label", threshold=1.5)
+
+
+def test_a_stored_spec_with_an_unread_threshold_still_reads():
+    # Records written before the threshold was refused where unread: it never applied, so it is dropped.
+    stored = {**TaskSpec("t", labels=["a", "b"]).to_dict(), "threshold": 0.9}
+    assert TaskSpec.from_dict(stored) == TaskSpec("t", labels=["a", "b"])
+    multi = {**TaskSpec("m", labels=["a", "b"], problem_type="multi_label").to_dict(), "threshold": 0.9}
+    assert TaskSpec.from_dict(multi).threshold == 0.9
