@@ -101,8 +101,10 @@ class TaskSpec:
                 "label_encoding", owner, f"be one of {list(LABEL_ENCODINGS)}", self.label_encoding,
                 "Use 'value' when integer labels are the label names' numbers, 'index' when they are positions in "
                 "labels."))
-        if not 0.0 < self.threshold < 1.0:
-            raise InvalidParameterError(bad_param("threshold", owner, "be in (0, 1)", self.threshold))
+        threshold = self.threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0.0 < threshold < 1.0:
+            raise InvalidParameterError(bad_param("threshold", owner, "be in (0, 1)", threshold))
+        object.__setattr__(self, "threshold", float(threshold))  # a numpy float would not write to JSON
         if self.threshold != 0.5 and self.problem_type != "multi_label":
             predicts = "values" if self.problem_type == "regression" else "its most probable label"
             raise InvalidParameterError(bad_param(

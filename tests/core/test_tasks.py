@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -145,3 +147,13 @@ def test_a_stored_spec_with_an_unread_threshold_still_reads():
     assert TaskSpec.from_dict(stored) == TaskSpec("t", labels=["a", "b"])
     multi = {**TaskSpec("m", labels=["a", "b"], problem_type="multi_label").to_dict(), "threshold": 0.9}
     assert TaskSpec.from_dict(multi).threshold == 0.9
+
+
+def test_a_numpy_threshold_is_stored_as_a_float():
+    # A numpy float32 threshold trained the whole task, then failed to write the manifest (not JSON serialisable).
+    spec = TaskSpec("m", labels=["a", "b"], problem_type="multi_label", threshold=np.float32(0.25))
+    assert type(spec.threshold) is float and spec.threshold == 0.25
+    assert json.loads(json.dumps(spec.to_dict()))["threshold"] == 0.25
+    for bad in ("0.3", None):
+        with pytest.raises(ValueError, match=rf"threshold.*\(0, 1\).*{bad!r}"):
+            TaskSpec("m", labels=["a", "b"], problem_type="multi_label", threshold=bad)
