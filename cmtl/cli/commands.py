@@ -205,7 +205,9 @@ def add_task(
         if label_encoding == "index":
             raise ValueError("--label-encoding index reads each integer label as a position in --labels: pass "
                              "--labels with the names in that order (e.g. --labels neg,pos for 0 and 1).")
-        labels_list = sorted(set(_read(train, TaskSpec(name, **columns), encoding).labels))  # names as in the file
+        found = _read(train, TaskSpec(name, **columns), encoding).labels
+        _refuse_blank_labels(found, label_column)
+        labels_list = sorted(set(found))  # names as in the file
         _refuse_near_duplicates(labels_list)
     else:
         labels_list = [x.strip() for x in labels.split(",") if x.strip()]
@@ -286,6 +288,17 @@ def predict(
             typer.echo(f"{label}\t{scores}\t{_one_line(text)}")
         else:
             typer.echo(f"{label}\t{_one_line(text)}")
+
+
+def _refuse_blank_labels(labels: list[str], column: str) -> None:
+    """Refuse rows whose label, read from the data to name the classes, is empty or only spaces: a CSV reads a
+    missing label as '' (no NaN), which would become a class of its own that the unlabelled rows train as."""
+    blank = [i for i, label in enumerate(labels) if not label.strip()]
+    if blank:
+        raise ValueError(f"Column {column!r} has no label (an empty value or only spaces) at rows {blank[:10]} "
+                         f"({len(blank)} of {len(labels)} rows): without --labels each name in it becomes a class, so "
+                         "these rows would train as a class of their own. Fill in their labels or drop them, or pass "
+                         "--labels to name the classes (rows with other names are then refused).")
 
 
 def _refuse_near_duplicates(labels: list[str]) -> None:

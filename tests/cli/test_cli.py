@@ -214,6 +214,17 @@ def test_add_task_refuses_label_names_that_differ_only_in_spaces_or_case(reg_cop
     assert "new" not in Registry.open(reg_copy, device="cpu").tasks()
 
 
+@pytest.mark.parametrize("blank", ["", "  "])
+def test_add_task_refuses_rows_without_a_label_when_the_labels_come_from_the_data(reg_copy, tmp_path, blank):
+    # A CSV reads a missing label as '' (no NaN): without --labels, '' became a class of its own, the unlabelled
+    # rows trained as that class and predict could answer ''.
+    rows = [{"text": r["text"], "label": blank if i in (3, 7) else r["label"]} for i, r in enumerate(toy_sentiment(24))]
+    pd.DataFrame(rows).to_csv(tmp_path / "gaps.csv", index=False)
+    clean_failure(invoke("add-task", reg_copy, "new", "--train", tmp_path / "gaps.csv", "--max-steps", "2",
+                         "--no-progress"), "'label'", "rows [3, 7]", "--labels")
+    assert "new" not in Registry.open(reg_copy, device="cpu").tasks()
+
+
 def test_add_task_label_encoding_index_reads_integers_as_positions_in_labels(reg_copy, tmp_path):
     # Labels 0/1 meaning positions in --labels could only be added from Python before: the CLI read them by value,
     # and "0" is not a label name.
