@@ -52,8 +52,9 @@ class TaskSpec:
     * Without ``labels``, integers become their string form (``0`` -> ``'0'``).
     * A multi-label row is a list of distinct labels (names, or positions with
       ``"index"``). Multi-hot 0/1 vectors are not accepted: ``[1, 0, 1]`` would read as
-      positions 1, 0, 1 (or values 1, 0, 1), so a row that names a label twice is refused;
-      nor are mappings of label flags (``{"a": 0, "b": 1}`` would read as both labels).
+      positions 1, 0, 1 (or values 1, 0, 1), so a row that names a label twice is refused, and
+      so is data whose every row names every label by number (one-hot rows of a task with one or
+      two labels); nor are mappings of label flags (``{"a": 0, "b": 1}`` would read as both labels).
 
     Args:
         name: Unique task name: letters, digits, ``_`` and ``-``, at most 64.
@@ -213,6 +214,7 @@ class TaskSpec:
             return by_value.get(float(v))
 
         out: list = []
+        every = 0  # multi-label rows that name every label, each by a number: one-hot rows read as positions?
         for row, v in enumerate(values):
             if self.problem_type == "multi_label":
                 self._check_row_type(row, v)
@@ -221,6 +223,8 @@ class TaskSpec:
                 unknown.update(repr(item) for item, n in zip(items, names) if n is None)
                 self._check_distinct(row, items, names)
                 out.append(names)
+                every += (class_names is None and self.labels is not None and len(set(names) - {None}) ==
+                          len(self.labels) and not any(isinstance(item, str) for item in items))
             else:
                 name = name_of(v)
                 if name is None:
@@ -243,6 +247,14 @@ class TaskSpec:
                 f"{None if self.labels is None else list(self.labels)} ({hint}). Fix the data or declare the labels "
                 "in the TaskSpec; to add labels to a task in a registry, update it with the new ones "
                 "(update_task(..., labels=[...current labels, ...new ones]), `cmtl update --labels`)."
+            )
+        if len(out) > 1 and every == len(out):
+            read = "positions" if self.label_encoding == "index" else "values"
+            raise DataError(
+                f"Every row of the data of task {self.name!r} names every label {list(self.labels)} ({len(out)} rows), "
+                f"by number: the task would have nothing to learn. If the rows are multi-hot 0/1 vectors (with "
+                f"{len(self.labels)} label(s) a one-hot row names no label twice), they were read as {read}: give each "
+                f"row the list of its label names instead, e.g. [{self.labels[0]!r}] for {self.labels[0]!r} alone."
             )
         return out
 

@@ -101,6 +101,26 @@ def test_the_multi_hot_error_says_what_the_vector_means():
 
 
 @pytest.mark.parametrize("source", ["dicts", "dataframe", "dataset", "examples", "jsonl", "parquet"])
+@pytest.mark.parametrize("spec_kwargs", [{"labels": ["a", "b"], "label_encoding": "index"}, {"labels": ["0", "1"]},
+                                         {"labels": ["a"], "label_encoding": "index"}])
+def test_one_hot_rows_of_a_task_with_one_or_two_labels_are_refused(tmp_path, source, spec_kwargs):
+    # With two labels a one-hot row names no label twice: [1, 0] ('a' alone) read as positions 1 and 0, every
+    # row named both labels, silently; with one label, [0] ('a' off) read as position 0, 'a' on.
+    spec = TaskSpec("m", problem_type="multi_label", **spec_kwargs)
+    flags = [[1, 0], [0, 1], [1, 0]] if len(spec.labels) == 2 else [[0], [0], [0]]
+    rows = [{"text": t, "label": f} for t, f in zip("stu", flags)]
+    with pytest.raises(DataError, match=r"Every row of the data of task 'm' names every label.*3 rows.*multi-hot"):
+        read_examples(_write(rows, source, tmp_path), spec)
+    # Rows that name a label, both, or none stay as they are; so do rows of names, and a single row.
+    ok = [[0], [1], [0, 1], []] if len(spec.labels) == 2 else [[0], [], [0]]
+    assert len(read_examples(_write([{"text": t, "label": f} for t, f in zip("stuv", ok)], source, tmp_path),
+                             spec)) == len(ok)
+    names = [{"text": t, "label": list(spec.labels)} for t in "st"]
+    assert read_examples(_write(names, source, tmp_path), spec).labels == [list(spec.labels)] * 2
+    assert [sorted(r) for r in read_examples(_write(rows[:1], source, tmp_path), spec).labels] == [list(spec.labels)]
+
+
+@pytest.mark.parametrize("source", ["dicts", "dataframe", "dataset", "examples", "jsonl", "parquet"])
 def test_a_multi_label_row_given_as_label_flags_is_refused(tmp_path, source):
     # {label: on?} read as a list gives its keys: every label on, whatever the flags say.
     rows = [{"text": "s", "label": {"a": 0, "b": 1}}, {"text": "t", "label": {"a": 1, "b": 0}}]
