@@ -213,6 +213,15 @@ def _unsupported(config: Any) -> list[str]:
     return [f"{name}={value!r}" for name, value in found.items() if value]
 
 
+def _decision(spec: TaskSpec) -> str:
+    """How the head's outputs give the prediction, for the card (as :meth:`TaskSpec.decode` decides)."""
+    if spec.problem_type == "multi_label":
+        return f"; the task predicts every label where sigmoid(logit) >= {spec.threshold:g}"
+    if spec.problem_type == "regression":
+        return "; the outputs are the predicted values"
+    return "; the task predicts the label of the largest logit"
+
+
 def _card(spec: TaskSpec, base_model: str, backbone: dict[str, Any], adapter: AdapterConfig,
           source: dict[str, Any]) -> str:
     metrics = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted((source.get("metrics") or {}).items())
@@ -254,6 +263,6 @@ model = PeftModel.from_pretrained(AutoModel.from_pretrained("{base_model}"{cut})
 ```
 
 The head (`{HEAD}`: `linear.weight`, `linear.bias`) maps the {backbone.get('pooling')}-pooled last hidden
-state to one logit per label. Into a cmtl registry on the same backbone:
+state to one output per label{_decision(spec)}. Into a cmtl registry on the same backbone:
 `Registry.import_peft("<this folder>")` or `cmtl import REGISTRY <this folder>`.
 """

@@ -196,6 +196,16 @@ def tag_rows(n: int, seed: int = 0) -> list[dict]:
             for r in toy_sentiment(n, seed)]
 
 
+def test_the_card_says_how_the_head_decides(reg, tmp_path):
+    """The card named the head's outputs but not how they decide: a multi-label export read with softmax and
+    argmax (as a classifier's logits usually are) answered one label per text, and ignored the threshold."""
+    reg.add_task(TAGS, tag_rows(32), training=TrainConfig(max_steps=3, batch_size=8, progress=False))
+    card = (reg.export_peft("tags", tmp_path / "tags") / CARD).read_text()
+    assert "where sigmoid(logit) >= 0.4" in card and "softmax" not in card
+    card = (reg.export_peft("sentiment", tmp_path / "sentiment") / CARD).read_text()
+    assert "the label of the largest logit" in card and "sigmoid" not in card
+
+
 def test_the_exported_head_answers_only_as_the_exported_task(reg, tmp_path):
     """A spec with the exported labels but another problem type reused the multi-label head as a single-label
     one (argmax instead of thresholds), silently; the documented rename call built exactly such a spec."""
