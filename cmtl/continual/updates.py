@@ -393,18 +393,21 @@ def _on_held(result: TrainResult, judged: torch.Tensor) -> TrainResult:
 
 
 def _parent_scores(backbone: Backbone, parent: Trainee, spec: TaskSpec, data: UpdateData
-                   ) -> tuple[float, float | None]:
-    """The parent's gate scores on ``data.judge`` (new validation, old held-out). A parent with fewer
-    labels (the update adds some) never predicts the new ones."""
+                   ) -> tuple[float, float | None, int]:
+    """The parent's gate scores on ``data.judge`` (new validation, old held-out), and how many labels it
+    answers: the labels its lineage's rows were annotated for. A parent with fewer labels (the update adds
+    some) never predicts the new ones."""
     logits = parent.logits(data.judge, pad_id=backbone.pad_id, device=backbone.device)
-    return gate_scores(spec, widen(logits, spec.num_outputs), data.judge, data.n_new)
+    width = logits.shape[1]
+    return *gate_scores(spec, widen(logits, spec.num_outputs), data.judge, data.n_new, old_labels=width), width
 
 
-def _gate(spec: TaskSpec, parent_scores: tuple[float, float | None], logits: torch.Tensor, data: UpdateData,
+def _gate(spec: TaskSpec, parent_scores: tuple[float, float | None, int], logits: torch.Tensor, data: UpdateData,
           tolerance: float, *, require_gain: bool = True) -> Gate:
-    """The gate between the parent's scores and the candidate's ``logits`` on ``data.judge``."""
+    """The gate between the parent's scores (:func:`_parent_scores`) and the candidate's ``logits`` on
+    ``data.judge``."""
     metric, higher = primary_metric(spec)
-    candidate_new, candidate_old = gate_scores(spec, logits, data.judge, data.n_new)
+    candidate_new, candidate_old = gate_scores(spec, logits, data.judge, data.n_new, old_labels=parent_scores[2])
     return Gate(metric, higher, parent_scores[0], candidate_new, parent_scores[1], candidate_old, tolerance,
                 require_gain=require_gain)
 
@@ -453,14 +456,24 @@ def penalty(config: UpdateConfig, candidate: Trainee, parent: Trainee, spec: Tas
     return None
 
 
-def gate_scores(spec: TaskSpec, logits: torch.Tensor, encoded: Encoded, n_new: int) -> tuple[float, float | None]:
-    """The primary metric on the first ``n_new`` rows (new validation) and on the rest (old held-out, if any)."""
+def gate_scores(spec: TaskSpec, logits: torch.Tensor, encoded: Encoded, n_new: int, *,
+                old_labels: int | None = None) -> tuple[float, float | None]:
+    """The primary metric on the first ``n_new`` rows (new validation) and on the rest (old held-out, if any).
+
+    ``old_labels``: how many of ``spec``'s labels the old rows were annotated for (the parent's). A multi-label
+    task's old rows are scored on those alone: they hold no answer for a label added since (its column is 0,
+    whatever the text), and whether the old labels are still found is what forgetting means. A single-label
+    row holds its one label, which a new class predicted there displaces: it is scored on every label."""
     metric, _ = primary_metric(spec)
+    width = old_labels if spec.problem_type == "multi_label" else None
 
-    def score(rows: slice) -> float:
-        return float(compute_metrics(spec, logits[rows], encoded.targets[rows])[metric])
+    def score(rows: slice, columns: int | None = None) -> float:
+        scored, targets = logits[rows], encoded.targets[rows]
+        if columns is not None:
+            scored, targets = scored[:, :columns], targets[:, :columns]
+        return float(compute_metrics(spec, scored, targets)[metric])
 
-    return score(slice(0, n_new)), (score(slice(n_new, None)) if len(encoded) > n_new else None)
+    return score(slice(0, n_new)), (score(slice(n_new, None), width) if len(encoded) > n_new else None)
 
 
 def split(examples: Examples, fraction: float, seed: int, task: str) -> tuple[Examples, Examples]:

@@ -360,7 +360,8 @@ class Registry(LoadedRegistry):
                 row per new label; the old rows start from the parent's. Old classes are kept by the
                 replay buffer (class-balanced by default) and, with ``config.penalty="lwf"``, by
                 distillation on the old labels' outputs; the gate scores the new version on the new
-                validation data (all labels) and on the lineage's held-out rows. Rollback brings back
+                validation data (all labels) and on the lineage's held-out rows (a multi-label task's on the old
+                labels alone: those rows hold no answer for the new ones). Rollback brings back
                 the old label set; each version answers with its own (``versions(task)[i].labels``).
 
         A task whose head is analytic (``add_task(..., head=AnalyticConfig())``) trains nothing here: the

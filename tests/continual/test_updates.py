@@ -70,6 +70,41 @@ def test_a_drop_of_exactly_the_tolerance_is_promoted():
     assert not Gate("mse", False, 0.5, 0.4, 0.2, 0.2101, 0.01).decide()[0]
 
 
+def _judged(spec: TaskSpec, parent: torch.Tensor, candidate: torch.Tensor, targets: torch.Tensor, n_new: int):
+    """The gate between a parent and a candidate with these logits on the judge rows (the first ``n_new`` new)."""
+    from types import SimpleNamespace
+
+    from cmtl.continual.updates import _gate, _parent_scores
+    from cmtl.data import Encoded
+
+    data = SimpleNamespace(judge=Encoded([[1]] * len(targets), None, targets), n_new=n_new)
+    trainee = SimpleNamespace(logits=lambda encoded, **kwargs: parent)
+    backbone = SimpleNamespace(pad_id=0, device=torch.device("cpu"))
+    return _gate(spec, _parent_scores(backbone, trainee, spec, data), candidate, data, 0.01)
+
+
+def test_old_rows_of_a_multi_label_task_are_judged_on_the_labels_they_were_annotated_for():
+    """An update adds label 'c' to a multi-label task. The old held-out rows were annotated before 'c' existed,
+    so their 'c' column holds no answer, only a 0: a candidate that said 'c' on two of them, and got every old
+    label right, "dropped by 0.2000" on earlier data and was not promoted, while the parent (which cannot say
+    'c') kept 1.0."""
+    spec = TaskSpec("t", labels=["a", "b", "c"], problem_type="multi_label")
+    targets = torch.tensor([[1., 0, 1], [0, 1, 0]] + [[1., 0, 0], [0, 1, 0]] * 2)  # 2 new rows, then 4 old ones
+    parent = torch.tensor([[5., -5], [-5, 5]] * 3)  # right on 'a' and 'b'; two labels, no 'c'
+    candidate = torch.tensor([[5., -5, 5], [-5, 5, -5], [5, -5, 5], [-5, 5, 5], [5, -5, -5], [-5, 5, -5]])
+    gate = _judged(spec, parent, candidate, targets, 2)
+    assert (gate.parent_old, gate.candidate_old) == (1.0, 1.0) and gate.decide()[0], gate.decide()[1]
+    assert (gate.parent_new, gate.candidate_new) == (0.8, 1.0)  # the new rows are judged on every label
+    forgot = candidate.clone()
+    forgot[2, 0] = -5  # the old label 'a' missed on an old row: that is forgetting, and it counts
+    assert _judged(spec, parent, forgot, targets, 2).candidate_old < 1.0
+    # A single-label task's old rows hold their one label: a new class said there displaced it, and counts.
+    single, displaced = TaskSpec("s", labels=["a", "b", "c"]), candidate.clone()
+    displaced[2, 2] = 6  # 'c' over 'a' on an old row of 'a'
+    gate = _judged(single, parent, displaced, torch.tensor([2, 1, 0, 1, 0, 1]), 2)
+    assert gate.candidate_old == 0.75 and not gate.decide()[0]
+
+
 def _halves(rows: list[dict], seed: int) -> tuple[list[dict], list[dict]]:
     """The rows that choose an update's kept state, and those that judge it (:func:`halves`)."""
     keys = [(r["text"], None) for r in rows]
@@ -362,9 +397,9 @@ def test_the_gate_judges_on_rows_that_did_not_choose_the_kept_state(reg, monkeyp
         seen["select"] = [tuple(ids) for ids in validation.input_ids]
         return real_fit(candidate, backbone, adapter, spec, train, validation, *args, **kwargs)
 
-    def gate_scores(spec, logits, encoded, n_new):
+    def gate_scores(spec, logits, encoded, n_new, **kwargs):
         seen.setdefault("judge", []).append(([tuple(ids) for ids in encoded.input_ids], n_new))
-        return real_scores(spec, logits, encoded, n_new)
+        return real_scores(spec, logits, encoded, n_new, **kwargs)
 
     monkeypatch.setattr(updates, "fit", fit)
     monkeypatch.setattr(updates, "gate_scores", gate_scores)
