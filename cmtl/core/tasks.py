@@ -354,13 +354,18 @@ class TaskSpec:
     # --- outputs ----------------------------------------------------------------
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Mean loss of logits (B, L) against encoded targets."""
+        """Mean loss of logits (B, L) against encoded targets. A multi-label target may hold NaN where a row
+        has no answer for a label (an update's old rows, annotated before it was added): the mean is over the
+        other cells."""
         import torch.nn.functional as F
 
         if self.problem_type == "single_label":
             return F.cross_entropy(logits, target)
         if self.problem_type == "multi_label":
-            return F.binary_cross_entropy_with_logits(logits, target)
+            known = ~target.isnan()
+            if bool(known.all()):
+                return F.binary_cross_entropy_with_logits(logits, target)
+            return F.binary_cross_entropy_with_logits(logits[known], target[known])
         return F.mse_loss(logits, target)
 
     def unanswered(self, logits: torch.Tensor) -> torch.Tensor:

@@ -361,7 +361,8 @@ class Registry(LoadedRegistry):
                 replay buffer (class-balanced by default) and, with ``config.penalty="lwf"``, by
                 distillation on the old labels' outputs; the gate scores the new version on the new
                 validation data (all labels) and on the lineage's held-out rows (a multi-label task's on the old
-                labels alone: those rows hold no answer for the new ones). Rollback brings back
+                labels alone: those rows hold no answer for the new ones, and replayed rows do not train them as
+                absent). Rollback brings back
                 the old label set; each version answers with its own (``versions(task)[i].labels``).
 
         A task whose head is analytic (``add_task(..., head=AnalyticConfig())``) trains nothing here: the
@@ -408,7 +409,7 @@ class Registry(LoadedRegistry):
         # An analytic head's statistics already hold every old row: replaying some would count them twice.
         data = updates.update_data(spec, train, validation, config=config, training=training,
                                    buffer=None if computed else buffer, held=self.holdout(task, parent),
-                                   encode=lambda ex: self._encode(ex, spec))
+                                   encode=lambda ex: self._encode(ex, spec), annotated=len(parent_spec.labels))
         updates.check_added_labels(parent_spec, spec, data.new)
         statistics = self._statistics(task, parent, parent_spec) if computed else None
         version = max(r["version"] for r in entry["versions"]) + 1

@@ -44,8 +44,8 @@ def compute_metrics(spec: TaskSpec, logits: torch.Tensor, targets: torch.Tensor)
     """Metrics of logits (N, L) against encoded targets.
 
     Single-label: accuracy, macro-F1, loss. Multi-label: micro-F1, macro-F1,
-    exact match (subset accuracy), loss. Regression: MSE, MAE, Pearson r
-    (mean over targets), loss. A row whose logits give no answer (a NaN; see
+    exact match (subset accuracy), loss, over the cells that hold an answer (not NaN). Regression: MSE, MAE,
+    Pearson r (mean over targets), loss. A row whose logits give no answer (a NaN; see
     :meth:`TaskSpec.unanswered`) counts as wrong, never as the first label.
     """
     n = int(targets.shape[0])
@@ -59,8 +59,7 @@ def compute_metrics(spec: TaskSpec, logits: torch.Tensor, targets: torch.Tensor)
             present_only=True,
         )
     elif spec.problem_type == "multi_label":
-        truth = targets.bool()
-        pred = _multi_label_decisions(spec, logits, truth)
+        pred, truth = _decided(spec, logits, targets)
         tp = (pred & truth).sum().item()
         fp = (pred & ~truth).sum().item()
         fn = (~pred & truth).sum().item()
@@ -84,14 +83,22 @@ def row_scores(spec: TaskSpec, logits: torch.Tensor, targets: torch.Tensor) -> t
     if spec.problem_type == "single_label":
         return ((logits.argmax(-1) == targets) & ~spec.unanswered(logits)).float()
     if spec.problem_type == "multi_label":
-        truth = targets.bool()
-        pred = _multi_label_decisions(spec, logits, truth)
+        pred, truth = _decided(spec, logits, targets)
         tp = (pred & truth).sum(-1).double()
         counted = (pred | truth).sum(-1).double() + tp  # 2·tp + fp + fn per row
         total = counted.sum().clamp_min(1)  # no label true or predicted anywhere: micro-F1 0, as compute_metrics
         f1 = 2 * tp.sum() / total
         return (f1 + len(tp) * (2 * tp - f1 * counted) / total).float()
     return -((logits - targets) ** 2).mean(-1)
+
+
+def _decided(spec: TaskSpec, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A multi-label task's decisions and answers, boolean (N, L). A cell whose target is NaN (no answer: an
+    update's old row and a label added since) is false in both, so it counts nowhere; a row whose logits give
+    no answer (a NaN) has every decision wrong, so it scores as the worst row, not as one with its labels off."""
+    known, truth = ~targets.isnan(), targets.nan_to_num(0.0).bool()
+    pred = torch.where(spec.unanswered(logits)[:, None], ~truth, logits.sigmoid() >= spec.threshold)
+    return pred & known, truth
 
 
 def paired_gain(spec: TaskSpec, logits: torch.Tensor, baseline: torch.Tensor, targets: torch.Tensor) -> float:
@@ -117,14 +124,6 @@ def paired_z(diff: torch.Tensor) -> float:
 def paired_se(diff: torch.Tensor) -> float:
     """Standard error of the mean of a paired per-row difference (N,): sd / sqrt(n); inf below two rows."""
     return float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else math.inf
-
-
-def _multi_label_decisions(spec: TaskSpec, logits: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
-    """(N, L) bool: each label on or off at the threshold; a row that gives no answer (a NaN) has every
-    decision wrong, so it is scored as the worst row, not as one that switches its labels off."""
-    pred = logits.sigmoid() >= spec.threshold
-    unanswered = spec.unanswered(logits)[:, None]
-    return torch.where(unanswered, ~truth, pred)
 
 
 def _macro_f1(pred: torch.Tensor, truth: torch.Tensor, *, present_only: bool) -> float:

@@ -105,6 +105,37 @@ def test_old_rows_of_a_multi_label_task_are_judged_on_the_labels_they_were_annot
     assert gate.candidate_old == 0.75 and not gate.decide()[0]
 
 
+def test_old_rows_hold_no_answer_for_a_label_an_update_adds_to_a_multi_label_task():
+    """The replayed rows and the lineage's held-out rows were annotated before label 'c' existed. Encoded with the
+    grown labels their 'c' column read 0: training taught 'c' absent on every old text (where it may well be
+    present), and choosing the kept state counted 'c' found there as wrong. It is NaN: no answer."""
+    from cmtl.continual.replay import make_buffer
+    from cmtl.continual.updates import update_data
+    from cmtl.data import Encoded, Examples
+
+    parent = TaskSpec("t", labels=["a", "b"], problem_type="multi_label")
+    spec = dataclasses.replace(parent, labels=("a", "b", "c"))
+    buffer = make_buffer("reservoir", 10)
+    buffer.add_examples(Examples(["o1", "o2"], None, [["a"], ["a", "b"]]), task="t", source="v1")
+    held = Examples(["h1", "h2"], None, [["b"], []])
+    new = [{"text": f"n{i}", "label": ["c"] if i % 2 else ["a", "c"]} for i in range(6)]
+    encode = lambda ex: Encoded([[i + 1] for i in range(len(ex))], None, spec.encode_labels(ex.labels))  # noqa: E731
+    validation = [{**row, "text": "v" + row["text"]} for row in new[:4]]
+    data = update_data(spec, new, validation, config=UpdateConfig(), training=TrainConfig(progress=False),
+                       buffer=buffer, held=held, encode=encode, annotated=len(parent.labels))
+    train = data.train.targets
+    assert not train[:6].isnan().any() and train[6:, 2].isnan().all() and not train[6:, :2].isnan().any()
+    assert data.judge.targets[:data.n_new].isfinite().all()  # the new validation rows answer every label
+    old = torch.cat([data.select.targets[2:], data.judge.targets[data.n_new:]])  # the held-out rows, after the new
+    assert len(old) == 2 and old[:, 2].isnan().all() and old[:, :2].isfinite().all()
+    assert spec.loss(torch.zeros_like(train), train).isfinite()
+    same = update_data(parent, [{"text": f"s{i}", "label": ["a"]} for i in range(4)], None, config=UpdateConfig(),
+                       training=TrainConfig(progress=False), buffer=buffer, held=held,
+                       encode=lambda ex: Encoded([[1]] * len(ex), None, parent.encode_labels(ex.labels)),
+                       annotated=len(parent.labels))
+    assert same.train.targets.isfinite().all()  # no label added: every cell holds its answer
+
+
 def _halves(rows: list[dict], seed: int) -> tuple[list[dict], list[dict]]:
     """The rows that choose an update's kept state, and those that judge it (:func:`halves`)."""
     keys = [(r["text"], None) for r in rows]

@@ -157,3 +157,16 @@ def test_a_numpy_threshold_is_stored_as_a_float():
     for bad in ("0.3", None):
         with pytest.raises(ValueError, match=rf"threshold.*\(0, 1\).*{bad!r}"):
             TaskSpec("m", labels=["a", "b"], problem_type="multi_label", threshold=bad)
+
+
+def test_multi_label_loss_leaves_out_cells_without_an_answer():
+    # An update's old rows were annotated before a label was added: their cell for it is NaN (no answer), and the
+    # loss is the mean over the cells that hold one (it was NaN, and training diverged).
+    spec = TaskSpec("m", labels=["a", "b", "c"], problem_type="multi_label")
+    logits = torch.tensor([[2.0, -1.0, 3.0], [0.5, 1.0, -2.0]])
+    target = torch.tensor([[1.0, 0.0, float("nan")], [0.0, 1.0, 1.0]])
+    known = ~target.isnan()
+    torch.testing.assert_close(spec.loss(logits, target), torch.nn.functional.binary_cross_entropy_with_logits(
+        logits[known], target[known]))
+    full = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])  # every cell answered: the plain mean, as before
+    assert spec.loss(logits, full) == torch.nn.functional.binary_cross_entropy_with_logits(logits, full)

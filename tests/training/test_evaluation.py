@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -144,3 +146,21 @@ def test_rows_without_an_answer_score_as_wrong_not_as_the_first_label():
     assert mm["exact_match"] == 0.5  # row 0 read "nothing on" before: right by accident
     assert mm["micro_f1"] == pytest.approx(2 * 1 / (2 * 1 + 2 + 0))  # row 0: every decision wrong (fp 2)
     assert row_scores(multi, mlogits, mtargets).mean().item() == pytest.approx(mm["micro_f1"])
+
+
+def test_multi_label_cells_without_an_answer_are_left_out_of_every_metric():
+    """An update's old rows hold NaN for a label added after they were annotated. NaN read as true made every
+    such cell a label the model missed (or found): micro-F1, macro-F1, exact match and the per-row scores counted
+    answers the rows never gave."""
+    spec = TaskSpec("m", labels=["x", "y", "z"], problem_type="multi_label")
+    nan = float("nan")
+    targets = torch.tensor([[1.0, 0.0, nan], [0.0, 1.0, nan], [1.0, 0.0, 1.0]])
+    logits = torch.tensor([[3.0, -3.0, 3.0], [-3.0, 3.0, -3.0], [3.0, -3.0, 3.0]])  # right wherever answered
+    m = compute_metrics(spec, logits, targets)
+    assert (m["micro_f1"], m["macro_f1"], m["exact_match"]) == (1.0, 1.0, 1.0)
+    assert math.isfinite(m["loss"])
+    torch.testing.assert_close(row_scores(spec, logits, targets), torch.ones(3))
+    # Against the same rows with those cells dropped (the third label scored on the third row alone):
+    wrong = logits.clone()
+    wrong[2, 2] = -3.0
+    assert compute_metrics(spec, wrong, targets)["micro_f1"] == 2 * 3 / (2 * 3 + 1)
