@@ -302,15 +302,19 @@ def _refuse_blank_labels(labels: list[str], column: str) -> None:
 
 
 def _refuse_near_duplicates(labels: list[str]) -> None:
-    """Refuse label names read from the data that differ only in surrounding spaces or case ('pos', 'pos ',
-    'Pos'): each would become a class of its own, splitting one class's rows in two."""
+    """Refuse label names read from the data that differ only in surrounding spaces, case or Unicode form ('pos',
+    'pos ', 'Pos'; 'café' as one code point or as 'e' and a combining accent): each would become a class of its
+    own, splitting one class's rows in two."""
+    import unicodedata
+
     groups: dict[str, list[str]] = {}
     for label in labels:
-        groups.setdefault(label.strip().casefold(), []).append(label)
+        groups.setdefault(unicodedata.normalize("NFKC", label).strip().casefold(), []).append(label)
     clashes = [names for names in groups.values() if len(names) > 1]
+    shown = lambda name: repr(name) if name.isascii() else ascii(name)  # noqa: E731  (two forms print alike)
     if clashes:
-        raise ValueError(f"The label column holds names that differ only in spaces or case: "
-                         f"{', '.join(' / '.join(map(repr, names)) for names in clashes)}; each would be a class of "
+        raise ValueError(f"The label column holds names that differ only in spaces, case or Unicode form: "
+                         f"{', '.join(' / '.join(map(shown, names)) for names in clashes)}; each would be a class of "
                          "its own. Fix the data, or pass --labels to name the classes (rows with other names are "
                          "then refused).")
 

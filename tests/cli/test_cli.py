@@ -214,6 +214,16 @@ def test_add_task_refuses_label_names_that_differ_only_in_spaces_or_case(reg_cop
     assert "new" not in Registry.open(reg_copy, device="cpu").tasks()
 
 
+def test_add_task_refuses_label_names_that_differ_only_in_their_unicode_form(reg_copy, tmp_path):
+    # 'café' typed as one code point (NFC) and as 'e' + a combining accent (NFD, as macOS file names and some
+    # exports write it) print the same, but were two classes, each with part of the rows.
+    rows = [{"text": f"text {i}", "label": label} for i, label in enumerate(["caf\u00e9", "tea", "cafe\u0301"] * 4)]
+    pd.DataFrame(rows).to_csv(tmp_path / "forms.csv", index=False)
+    clean_failure(invoke("add-task", reg_copy, "new", "--train", tmp_path / "forms.csv"), "Unicode",
+                  "'cafe\\u0301' / 'caf\\xe9'", "--labels")
+    assert "new" not in Registry.open(reg_copy, device="cpu").tasks()
+
+
 @pytest.mark.parametrize("blank", ["", "  "])
 def test_add_task_refuses_rows_without_a_label_when_the_labels_come_from_the_data(reg_copy, tmp_path, blank):
     # A CSV reads a missing label as '' (no NaN): without --labels, '' became a class of its own, the unlabelled
