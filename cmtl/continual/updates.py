@@ -192,12 +192,15 @@ class UpdateData:
 
 def update_data(spec: TaskSpec, train: Any, validation: Any, *, config: UpdateConfig, training: TrainConfig,
                 buffer: ReplayBuffer | None, held: Examples | None, encode: Callable[[Examples], Encoded],
-                annotated: int | None = None) -> UpdateData:
+                buffer_labels: Sequence[int] | None = None, held_labels: Sequence[int] | None = None
+                ) -> UpdateData:
     """Read and encode an update's data; replay ``config.replay_ratio`` examples per new one from the
-    parent's ``buffer`` (seeded); ``held``: the old held-out examples of the parent's lineage. ``annotated``:
-    how many of ``spec``'s labels the old (replayed and held-out) rows were annotated for, the parent's; a
-    multi-label task's old rows hold no answer for the labels after them (NaN targets, which the loss and the
-    metrics leave out), where a single-label row's one label excludes them."""
+    parent's ``buffer`` (seeded); ``held``: the old held-out examples of the parent's lineage.
+
+    ``buffer_labels`` and ``held_labels``: for each row of ``buffer`` (in :meth:`ReplayBuffer.items` order) and
+    of ``held``, how many of ``spec``'s labels it was annotated for, those of the version that kept it (``None``:
+    all). A multi-label row holds no answer for the labels added after it (NaN targets, which the loss and the
+    metrics leave out); a single-label row's one label excludes them."""
     new = read_examples(train, spec)
     if validation is None:
         new, val = split(new, config.validation_fraction, training.seed, spec.name)
@@ -214,11 +217,15 @@ def update_data(spec: TaskSpec, train: Any, validation: Any, *, config: UpdateCo
                     stacklevel=4)
     new_enc, val_enc = encode(new), encode(val)  # DataError on unknown labels
     n_replay = round(config.replay_ratio * len(new))
-    replayed = (stored(spec, buffer.to_examples()).select(sample_indices(len(buffer), n_replay, training.seed))
-                if buffer is not None and len(buffer) else None)
-    replay_enc = _unanswered(spec, encode(replayed), annotated) if replayed is not None and len(replayed) else None
+    replayed, replay_enc = None, None
+    if buffer is not None and len(buffer):
+        rows = sample_indices(len(buffer), n_replay, training.seed)
+        replayed = stored(spec, buffer.to_examples()).select(rows)
+        if len(replayed):
+            replay_enc = _unanswered(spec, encode(replayed), None if buffer_labels is None else
+                                     [buffer_labels[i] for i in rows])
     train_enc = Encoded.concat([new_enc] + ([replay_enc] if replay_enc is not None else []))
-    old_enc = _unanswered(spec, encode(held), annotated) if held is not None else None
+    old_enc = _unanswered(spec, encode(held), held_labels) if held is not None else None
     parts = [(val_enc, val)] + ([(old_enc, held)] if old_enc is not None and len(old_enc) else [])
     split_parts = [[part.select(rows) for rows in halves(len(part), training.seed + k, rows_of.inputs())]
                    for k, (part, rows_of) in enumerate(parts)]
@@ -227,13 +234,14 @@ def update_data(spec: TaskSpec, train: Any, validation: Any, *, config: UpdateCo
     return UpdateData(new, val, replayed, train_enc, select, judge, len(split_parts[0][1]), [replay_enc, old_enc])
 
 
-def _unanswered(spec: TaskSpec, encoded: Encoded, annotated: int | None) -> Encoded:
-    """``encoded`` (old rows) with NaN targets for the multi-label labels after the first ``annotated``."""
-    if spec.problem_type != "multi_label" or annotated is None or annotated >= spec.num_outputs:
+def _unanswered(spec: TaskSpec, encoded: Encoded, annotated: Sequence[int] | None) -> Encoded:
+    """``encoded`` (old rows) with NaN targets in each row for the multi-label labels after the first
+    ``annotated[row]``."""
+    if spec.problem_type != "multi_label" or annotated is None or min(annotated, default=spec.num_outputs) >= \
+            spec.num_outputs:
         return encoded
-    targets = encoded.targets.clone()
-    targets[:, annotated:] = math.nan
-    return dataclasses.replace(encoded, targets=targets)
+    unanswered = torch.arange(spec.num_outputs)[None, :] >= torch.as_tensor(list(annotated))[:, None]  # (N, L)
+    return dataclasses.replace(encoded, targets=encoded.targets.masked_fill(unanswered, math.nan))
 
 
 def halves(n: int, seed: int, keys: Sequence[Hashable] | None = None) -> tuple[list[int], list[int]]:

@@ -44,7 +44,8 @@ from cmtl.multitask.config import MultiTaskConfig
 from cmtl.multitask.group import train_group
 from cmtl.registry import commit, entries, features, heads, lineage, store
 from cmtl.registry.inference import LoadedRegistry, check_free
-from cmtl.registry.reader import UpdateResult, VersionInfo, head_key, merge_key, source_label, version_source
+from cmtl.registry.reader import (UpdateResult, VersionInfo, head_key, merge_key, source_label, version_source,
+                                  version_spec)
 from cmtl.training import distributed
 from cmtl.training.evaluation import primary_metric
 from cmtl.training.transfer import check_scale, parse_init
@@ -406,10 +407,18 @@ class Registry(LoadedRegistry):
                 f"Task {task!r} v{parent} computes its head from class statistics: an update adds the new rows to "
                 "them exactly and trains nothing that a penalty could hold back."))
         buffer = self.buffer(task, parent)
+        # Each kept row was annotated with the labels of the version that kept it (a multi-label row holds no
+        # answer for those added since).
+        held_parts = self._holdout_parts(task, parent)
+        kept_by = {f"v{r['version']}": len(version_spec(entry, r).labels) for r in entry["versions"]}
         # An analytic head's statistics already hold every old row: replaying some would count them twice.
-        data = updates.update_data(spec, train, validation, config=config, training=training,
-                                   buffer=None if computed else buffer, held=self.holdout(task, parent),
-                                   encode=lambda ex: self._encode(ex, spec), annotated=len(parent_spec.labels))
+        data = updates.update_data(
+            spec, train, validation, config=config, training=training, buffer=None if computed else buffer,
+            held=Examples.concat([ex for _, ex in held_parts]) if held_parts else None,
+            encode=lambda ex: self._encode(ex, spec),
+            buffer_labels=None if buffer is None else [kept_by.get(item.source, len(parent_spec.labels))
+                                                       for item in buffer.items()],
+            held_labels=[len(self.spec(task, version=v).labels) for v, ex in held_parts for _ in range(len(ex))])
         updates.check_added_labels(parent_spec, spec, data.new)
         statistics = self._statistics(task, parent, parent_spec) if computed else None
         version = max(r["version"] for r in entry["versions"]) + 1

@@ -157,19 +157,26 @@ class RegistryReader:
     def holdout(self, task: str, version: int | None = None, *, lineage: bool = True) -> Examples | None:
         """Held-out labelled examples kept with ``version`` (current by default) and, with
         ``lineage``, with all its ancestors; ``None`` if none were kept."""
-        from cmtl.continual.replay import ReplayBuffer, stored
         from cmtl.data import Examples
 
-        entry = self._entry(task)
-        v = entry["current"] if version is None else version
+        parts = [examples for _, examples in self._holdout_parts(task, version, lineage)]
+        return Examples.concat(parts) if parts else None
+
+    def _holdout_parts(self, task: str, version: int | None = None, lineage: bool = True
+                       ) -> list[tuple[int, Examples]]:
+        """(version, the held-out examples it kept) for ``version`` and, with ``lineage``, its ancestors, oldest
+        first: :meth:`holdout`'s rows, by the version whose labels they were annotated with."""
+        from cmtl.continual.replay import ReplayBuffer, stored
+
+        v = self._entry(task)["current"] if version is None else version
         parts = []
         while v is not None:
             data = self._read_version_file(task, v, "holdout.parquet")
             if data is not None:
                 held = ReplayBuffer.from_bytes(data, where=f"Held-out sample of task {task!r} v{v}").to_examples()
-                parts.append(stored(self.spec(task, version=v), held))
+                parts.append((v, stored(self.spec(task, version=v), held)))
             v = self._version_record(task, v)["parent"] if lineage else None
-        return Examples.concat(parts[::-1]) if parts else None
+        return parts[::-1]
 
     # --- records ------------------------------------------------------------------
 

@@ -106,34 +106,59 @@ def test_old_rows_of_a_multi_label_task_are_judged_on_the_labels_they_were_annot
 
 
 def test_old_rows_hold_no_answer_for_a_label_an_update_adds_to_a_multi_label_task():
-    """The replayed rows and the lineage's held-out rows were annotated before label 'c' existed. Encoded with the
-    grown labels their 'c' column read 0: training taught 'c' absent on every old text (where it may well be
-    present), and choosing the kept state counted 'c' found there as wrong. It is NaN: no answer."""
+    """Replayed and held-out rows kept before label 'c' existed were encoded with the grown labels as 'c' absent (0):
+    training taught 'c' absent on every such text (where it may well be present), in the update that added 'c' and in
+    every later one, and choosing the kept state counted 'c' found there as wrong. It is NaN: no answer."""
     from cmtl.continual.replay import make_buffer
     from cmtl.continual.updates import update_data
     from cmtl.data import Encoded, Examples
 
-    parent = TaskSpec("t", labels=["a", "b"], problem_type="multi_label")
-    spec = dataclasses.replace(parent, labels=("a", "b", "c"))
+    spec = TaskSpec("t", labels=["a", "b", "c"], problem_type="multi_label")
     buffer = make_buffer("reservoir", 10)
-    buffer.add_examples(Examples(["o1", "o2"], None, [["a"], ["a", "b"]]), task="t", source="v1")
-    held = Examples(["h1", "h2"], None, [["b"], []])
+    buffer.add_examples(Examples(["o1", "o2"], None, [["a"], ["a", "b"]]), task="t", source="v1")  # before 'c'
+    buffer.add_examples(Examples(["o3"], None, [["c"]]), task="t", source="v2")  # v2 added 'c'
+    held = Examples(["h1", "h2", "h3", "h4"], None, [["b"], [], ["c"], ["a"]])  # two of v1's, then two of v2's
     new = [{"text": f"n{i}", "label": ["c"] if i % 2 else ["a", "c"]} for i in range(6)]
-    encode = lambda ex: Encoded([[i + 1] for i in range(len(ex))], None, spec.encode_labels(ex.labels))  # noqa: E731
     validation = [{**row, "text": "v" + row["text"]} for row in new[:4]]
+    encode = lambda ex: Encoded([[i + 1] for i in range(len(ex))], None, spec.encode_labels(ex.labels))  # noqa: E731
     data = update_data(spec, new, validation, config=UpdateConfig(), training=TrainConfig(progress=False),
-                       buffer=buffer, held=held, encode=encode, annotated=len(parent.labels))
+                       buffer=buffer, held=held, encode=encode, buffer_labels=[2, 2, 3], held_labels=[2, 2, 3, 3])
     train = data.train.targets
-    assert not train[:6].isnan().any() and train[6:, 2].isnan().all() and not train[6:, :2].isnan().any()
+    assert train[:6].isfinite().all() and train[6:, :2].isfinite().all()
+    assert train[6:, 2].isnan().tolist() == [True, True, False]  # the replayed rows, in buffer order
     assert data.judge.targets[:data.n_new].isfinite().all()  # the new validation rows answer every label
     old = torch.cat([data.select.targets[2:], data.judge.targets[data.n_new:]])  # the held-out rows, after the new
-    assert len(old) == 2 and old[:, 2].isnan().all() and old[:, :2].isfinite().all()
+    assert sorted(old[:, 2].isnan().tolist()) == [False, False, True, True] and old[:, :2].isfinite().all()
     assert spec.loss(torch.zeros_like(train), train).isfinite()
-    same = update_data(parent, [{"text": f"s{i}", "label": ["a"]} for i in range(4)], None, config=UpdateConfig(),
-                       training=TrainConfig(progress=False), buffer=buffer, held=held,
-                       encode=lambda ex: Encoded([[1]] * len(ex), None, parent.encode_labels(ex.labels)),
-                       annotated=len(parent.labels))
-    assert same.train.targets.isfinite().all()  # no label added: every cell holds its answer
+    every = update_data(spec, new, validation, config=UpdateConfig(), training=TrainConfig(progress=False),
+                        buffer=buffer, held=held, encode=encode)
+    assert every.train.targets.isfinite().all()  # without the counts every cell holds an answer, as before
+
+
+def test_update_task_reads_each_kept_row_with_the_labels_of_the_version_that_kept_it(tmp_path, tiny_config,
+                                                                                      monkeypatch):
+    from cmtl.continual import updates
+
+    reg = Registry.create(tmp_path / "reg", tiny_config, device="cpu")
+    rows = lambda n, seed, tags: [{"text": r["text"], "label": [r["label"], *tags]}  # noqa: E731
+                                  for r in toy_sentiment(n, seed)]
+    spec = TaskSpec("tags", labels=["neg", "pos"], problem_type="multi_label")
+    quick = dataclasses.replace(UPDATE, epochs=1)
+    reg.add_task(spec, rows(16, 0, []), validation=rows(8, 1, []), training=quick)
+    reg.update_task("tags", rows(16, 2, ["new"]), validation=rows(8, 3, ["new"]), labels=["neg", "pos", "new"],
+                    training=quick, promote=True)
+    seen = {}
+    real = updates.update_data
+
+    def update_data(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(updates, "update_data", update_data)
+    reg.update_task("tags", rows(16, 4, ["new"]), validation=rows(8, 5, ["new"]), training=quick, promote=True)
+    sources = [int(item.source[1:]) for item in reg.buffer("tags", 2).items()]
+    assert seen["buffer_labels"] == [{1: 2, 2: 3}[v] for v in sources] and {1, 2} <= set(sources)
+    assert seen["held_labels"] == [2] * 8 + [3] * 8  # v1's held-out rows, then v2's
 
 
 def _halves(rows: list[dict], seed: int) -> tuple[list[dict], list[dict]]:
