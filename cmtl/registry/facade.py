@@ -407,18 +407,12 @@ class Registry(LoadedRegistry):
                 f"Task {task!r} v{parent} computes its head from class statistics: an update adds the new rows to "
                 "them exactly and trains nothing that a penalty could hold back."))
         buffer = self.buffer(task, parent)
-        # Each kept row was annotated with the labels of the version that kept it (a multi-label row holds no
-        # answer for those added since).
-        held_parts = self._holdout_parts(task, parent)
-        kept_by = {f"v{r['version']}": len(version_spec(entry, r).labels) for r in entry["versions"]}
+        held, held_labels = self._held_rows(task, parent)
         # An analytic head's statistics already hold every old row: replaying some would count them twice.
-        data = updates.update_data(
-            spec, train, validation, config=config, training=training, buffer=None if computed else buffer,
-            held=Examples.concat([ex for _, ex in held_parts]) if held_parts else None,
-            encode=lambda ex: self._encode(ex, spec),
-            buffer_labels=None if buffer is None else [kept_by.get(item.source, len(parent_spec.labels))
-                                                       for item in buffer.items()],
-            held_labels=[len(self.spec(task, version=v).labels) for v, ex in held_parts for _ in range(len(ex))])
+        data = updates.update_data(spec, train, validation, config=config, training=training,
+                                   buffer=None if computed else buffer, held=held,
+                                   encode=lambda ex: self._encode(ex, spec),
+                                   buffer_labels=self._buffer_labels(task, parent, buffer), held_labels=held_labels)
         updates.check_added_labels(parent_spec, spec, data.new)
         statistics = self._statistics(task, parent, parent_spec) if computed else None
         version = max(r["version"] for r in entry["versions"]) + 1
@@ -718,11 +712,16 @@ class Registry(LoadedRegistry):
         states, adapters, head_states = rt.members(self, pairs, specs)
         pipeline.check_mergeable(pairs, adapters, states)
         soup = pipeline.soup_heads(head_states, specs, self.backbone)
-        held = {t: self.holdout(t, newest[t]) for t in tasks}
+        held = {t: self._held_rows(t, newest[t]) for t in tasks}
         encode = {t: (lambda ex, spec=specs[t]: self._encode(ex, spec)) for t in tasks}
-        held = {t: None if ex is None else encode[t](ex) for t, ex in held.items()}  # once
-        buffers = (pipeline.refit_data({t: (v, self.buffer(t, v)) for t, v in newest.items()}, specs, self._encode)
-                   if config.refit_heads else None)
+        # Encoded once; a multi-label row's cells for labels added after it was kept hold no answer (NaN).
+        held = {t: None if ex is None else updates.unanswered(specs[t], encode[t](ex), labels)
+                for t, (ex, labels) in held.items()}
+        buffers = None
+        if config.refit_heads:
+            kept = {t: (v, self.buffer(t, v)) for t, v in newest.items()}
+            buffers = {t: updates.unanswered(specs[t], rows, self._buffer_labels(t, kept[t][0], kept[t][1]))
+                       for t, rows in pipeline.refit_data(kept, specs, self._encode).items()}
         # What training kept (features.safetensors) spares running those rows again; the rest run here.
         frozen: dict[str, dict[str, torch.Tensor]] = {}
         with self._lock:
@@ -853,6 +852,22 @@ class Registry(LoadedRegistry):
             store.remove_unreferenced(self.root, manifest)  # the task's folder (a link there is only unlinked)
 
     # --- internals ----------------------------------------------------------------
+
+    def _held_rows(self, task: str, version: int) -> tuple[Examples | None, list[int]]:
+        """:meth:`holdout` of ``version``'s lineage, and per row how many labels it was annotated with: those of
+        the version that kept it (a multi-label row holds no answer for labels added since)."""
+        parts = self._holdout_parts(task, version)
+        held = Examples.concat([ex for _, ex in parts]) if parts else None
+        return held, [len(self.spec(task, version=v).labels) for v, ex in parts for _ in range(len(ex))]
+
+    def _buffer_labels(self, task: str, version: int, buffer: Any) -> list[int] | None:
+        """Per row of ``version``'s replay ``buffer`` (in ``items()`` order), how many labels it was annotated
+        with: those of the version that kept it (its source, ``vN``); ``version``'s where that names none."""
+        if buffer is None:
+            return None
+        entry = self._entry(task)
+        kept_by = {f"v{r['version']}": len(version_spec(entry, r).labels) for r in entry["versions"]}
+        return [kept_by.get(item.source, len(self.spec(task, version=version).labels)) for item in buffer.items()]
 
     def _statistics(self, task: str, version: int, spec: TaskSpec) -> dict[str, torch.Tensor]:
         """The class statistics of an analytic version, checked against the manifest's checksum and

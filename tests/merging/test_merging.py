@@ -389,3 +389,33 @@ def test_peft_methods_that_need_equal_ranks_say_so_before_scoring(merge_reg, met
     with pytest.raises(ValueError, match=rf"{method} .*same rank.*a v1 has rank 8, c v1 rank 4.*'peft_ties_svd'"):
         reg.merge(["a", "c"], "ac", method)
     assert (reg.root / MANIFEST).read_bytes() == before
+
+
+def test_a_merge_reads_each_kept_row_of_a_multi_label_task_with_the_labels_it_was_kept_with(merge_reg, monkeypatch):
+    """A multi-label task gained label 'new' in v2. Its v1 rows (held out, and in the buffer refit_heads fits on)
+    were encoded with 'new' absent (0): the refitted head learnt 'new' absent on those texts, and every score of
+    the merge, the members and the frozen backbone counted 'new' found there as wrong. Those cells hold no answer."""
+    import dataclasses
+
+    from cmtl.merging import pipeline
+
+    rows = lambda n, seed, tags: [{"text": r["text"], "label": [r["label"], *tags]}  # noqa: E731
+                                  for r in toy_sentiment(n, seed)]
+    quick = dataclasses.replace(FAST, epochs=1)
+    merge_reg.add_task(TaskSpec("tags", labels=["neg", "pos"], problem_type="multi_label"), rows(16, 0, []),
+                       validation=rows(8, 1, []), training=quick)
+    merge_reg.update_task("tags", rows(16, 2, ["new"]), validation=rows(8, 3, ["new"]), labels=["neg", "pos", "new"],
+                          training=quick, promote=True)
+    seen = {}
+    real = pipeline.merge_members
+
+    def merge_members(*args, **kwargs):
+        seen["held"], seen["buffers"] = args[8]["tags"], args[10]["tags"]
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "merge_members", merge_members)
+    merge_reg.merge(["tags", "a"], "m", method="linear", config=MergeConfig(refit_heads=True, progress=False))
+    held = seen["held"].targets  # v1's 8 held-out rows, then v2's 8
+    assert held[:8, 2].isnan().all() and held[8:].isfinite().all() and held[:8, :2].isfinite().all()
+    sources = [item.source for item in merge_reg.buffer("tags", 2).items()]
+    assert seen["buffers"].targets[:, 2].isnan().tolist() == [s == "v1" for s in sources] and "v1" in sources
