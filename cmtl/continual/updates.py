@@ -222,10 +222,10 @@ def update_data(spec: TaskSpec, train: Any, validation: Any, *, config: UpdateCo
         rows = sample_indices(len(buffer), n_replay, training.seed)
         replayed = stored(spec, buffer.to_examples()).select(rows)
         if len(replayed):
-            replay_enc = unanswered(spec, encode(replayed), None if buffer_labels is None else
-                                     [buffer_labels[i] for i in rows])
+            replay_enc = mask_later_labels(spec, encode(replayed), None if buffer_labels is None else
+                                           [buffer_labels[i] for i in rows])
     train_enc = Encoded.concat([new_enc] + ([replay_enc] if replay_enc is not None else []))
-    old_enc = unanswered(spec, encode(held), held_labels) if held is not None else None
+    old_enc = mask_later_labels(spec, encode(held), held_labels) if held is not None else None
     parts = [(val_enc, val)] + ([(old_enc, held)] if old_enc is not None and len(old_enc) else [])
     split_parts = [[part.select(rows) for rows in halves(len(part), training.seed + k, rows_of.inputs())]
                    for k, (part, rows_of) in enumerate(parts)]
@@ -234,7 +234,7 @@ def update_data(spec: TaskSpec, train: Any, validation: Any, *, config: UpdateCo
     return UpdateData(new, val, replayed, train_enc, select, judge, len(split_parts[0][1]), [replay_enc, old_enc])
 
 
-def unanswered(spec: TaskSpec, encoded: Encoded, annotated: Sequence[int] | None) -> Encoded:
+def mask_later_labels(spec: TaskSpec, encoded: Encoded, annotated: Sequence[int] | None) -> Encoded:
     """``encoded`` (old rows) with NaN targets in each row for the multi-label labels after the first
     ``annotated[row]``."""
     if spec.problem_type != "multi_label" or annotated is None or min(annotated, default=spec.num_outputs) >= \

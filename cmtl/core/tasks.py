@@ -379,9 +379,10 @@ class TaskSpec:
         if rows:
             raise NonFiniteOutputError(
                 f"The model gave no answer for row {first_row + rows[0]} of these inputs of task {self.name!r}"
-                f"{f' ({len(rows)} such rows)' if len(rows) > 1 else ''}: its outputs are NaN or infinite. The weights answering it, or the backbone, make "
-                "non-finite numbers: check the version's files (a version trained by cmtl never stores them) and, on "
-                "a GPU, run the backbone in float32 (half precision can overflow).")
+                f"{f' ({len(rows)} such rows)' if len(rows) > 1 else ''}: its outputs are NaN or infinite. The "
+                "weights answering it, or the backbone, make non-finite numbers: check the version's files (a version "
+                "trained by cmtl never stores them) and, on a GPU, run the backbone in float32 (half precision can "
+                "overflow).")
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Softmax (single-label), per-label sigmoid (multi-label) or the values (regression).

@@ -715,12 +715,12 @@ class Registry(LoadedRegistry):
         held = {t: self._held_rows(t, newest[t]) for t in tasks}
         encode = {t: (lambda ex, spec=specs[t]: self._encode(ex, spec)) for t in tasks}
         # Encoded once; a multi-label row's cells for labels added after it was kept hold no answer (NaN).
-        held = {t: None if ex is None else updates.unanswered(specs[t], encode[t](ex), labels)
+        held = {t: None if ex is None else updates.mask_later_labels(specs[t], encode[t](ex), labels)
                 for t, (ex, labels) in held.items()}
         buffers = None
         if config.refit_heads:
             kept = {t: (v, self.buffer(t, v)) for t, v in newest.items()}
-            buffers = {t: updates.unanswered(specs[t], rows, self._buffer_labels(t, kept[t][0], kept[t][1]))
+            buffers = {t: updates.mask_later_labels(specs[t], rows, self._buffer_labels(t, kept[t][0], kept[t][1]))
                        for t, rows in pipeline.refit_data(kept, specs, self._encode).items()}
         # What training kept (features.safetensors) spares running those rows again; the rest run here.
         frozen: dict[str, dict[str, torch.Tensor]] = {}
