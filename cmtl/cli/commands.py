@@ -305,16 +305,16 @@ def _refuse_near_duplicates(labels: list[str]) -> None:
     """Refuse label names read from the data that differ only in surrounding spaces, case or Unicode form ('pos',
     'pos ', 'Pos'; 'café' as one code point or as 'e' and a combining accent): each would become a class of its
     own, splitting one class's rows in two."""
-    import unicodedata
+    from cmtl.core.tasks import label_key
 
     groups: dict[str, list[str]] = {}
     for label in labels:
-        groups.setdefault(unicodedata.normalize("NFKC", label).strip().casefold(), []).append(label)
+        groups.setdefault(label_key(label), []).append(label)
     clashes = [names for names in groups.values() if len(names) > 1]
-    shown = lambda name: repr(name) if name.isascii() else ascii(name)  # noqa: E731  (two forms print alike)
     if clashes:
+        shown = [" / ".join(map(ascii, names)) for names in clashes]  # escaped: two Unicode forms print alike
         raise ValueError(f"The label column holds names that differ only in spaces, case or Unicode form: "
-                         f"{', '.join(' / '.join(map(shown, names)) for names in clashes)}; each would be a class of "
+                         f"{', '.join(shown)}; each would be a class of "
                          "its own. Fix the data, or pass --labels to name the classes (rows with other names are "
                          "then refused).")
 

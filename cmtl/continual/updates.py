@@ -25,7 +25,7 @@ from cmtl.continual.replay import ReplayBuffer, make_buffer, stored
 from cmtl.core.adapters import AdapterBank, AdapterConfig
 from cmtl.core.backbone import Backbone
 from cmtl.core.heads import TaskHead
-from cmtl.core.tasks import MASKED_LOGIT, TaskSpec
+from cmtl.core.tasks import MASKED_LOGIT, TaskSpec, label_key
 from cmtl.data import Encoded, Examples, read_examples, seeded_order
 from cmtl.data.examples import warn_shared
 from cmtl.errors import DataError, InvalidParameterError, bad_param
@@ -285,9 +285,9 @@ def grown_spec(spec: TaskSpec, labels: Sequence[str] | None) -> TaskSpec:
 
     Raises:
         InvalidParameterError: not a list of names, duplicates, a regression task, a label of ``spec`` left
-            out (labels cannot be removed), a new label that differs from another only in spaces or case, or,
-            for a task that reads integer labels as positions (``label_encoding="index"``), the current labels
-            in another order (an integer would mean another label than in the list given).
+            out (labels cannot be removed), a new label that differs from another only in spaces, case or
+            Unicode form, or, for a task that reads integer labels as positions (``label_encoding="index"``),
+            the current labels in another order (an integer would mean another label than in the list given).
     """
     if labels is None:
         return spec
@@ -316,14 +316,14 @@ def grown_spec(spec: TaskSpec, labels: Sequence[str] | None) -> TaskSpec:
             f"in another order than the task's {grown}: an integer in the data would mean another label than in "
             f"the list given. Pass {grown} (the current labels in their order, then the new ones), and write the "
             "data's integers as positions in it.")
-    seen = {x.strip().casefold(): x for x in spec.labels}
+    seen = {label_key(x): x for x in spec.labels}
     for x in added:
-        other = seen.setdefault(x.strip().casefold(), x)
+        other = seen.setdefault(label_key(x), x)
         if other != x:
             raise InvalidParameterError(
-                f"New label {x!r} of task {spec.name!r} differs from label {other!r} only in spaces or case: it "
-                "would be a class of its own, and the rows of one class would be split between two outputs. Name "
-                "the class one way (in labels and in the data), or pick a distinct name.")
+                f"New label {ascii(x)} of task {spec.name!r} differs from label {ascii(other)} only in spaces, case "
+                "or Unicode form: it would be a class of its own, and the rows of one class would be split between "
+                "two outputs. Name the class one way (in labels and in the data), or pick a distinct name.")
     return dataclasses.replace(spec, labels=tuple(grown)) if added else spec
 
 

@@ -414,6 +414,15 @@ class TaskSpec:
         return [row[0] for row in values] if len(self.labels) == 1 else values
 
 
+def label_key(name: str) -> str:
+    """What two label names that a reader would take for one class share: the name without surrounding
+    spaces, case or Unicode form differences ('Pos ', 'pos'; 'café' as one code point or as 'e' and a
+    combining accent; full-width letters)."""
+    import unicodedata
+
+    return unicodedata.normalize("NFKC", name).strip().casefold()
+
+
 def unanswered(logits: torch.Tensor, problem_type: ProblemType = "single_label") -> torch.Tensor:
     """(N,) bool: rows of logits (N, L) that give no answer: a NaN anywhere; for single-label also an ``inf``
     logit or none finite (softmax is NaN then); for regression any value not finite. A ``-inf`` logit is a

@@ -379,9 +379,9 @@ class Registry(LoadedRegistry):
             DataError: empty data, labels outside the task's label set, or an added label without
                 training rows.
             InvalidParameterError: ``labels`` leaves out a current label (labels cannot be removed),
-                repeats one, adds one that differs from another only in spaces or case, or reorders the current
-                ones of a task with ``label_encoding="index"``, or the task is a regression; a penalty for a task
-                whose head is analytic.
+                repeats one, adds one that differs from another only in spaces, case or Unicode form, or
+                reorders the current ones of a task with ``label_encoding="index"``, or the task is a
+                regression; a penalty for a task whose head is analytic.
             CorruptFileError, ReplayBufferError: the current version's files are damaged.
             TrainingDivergedError: the loss went non-finite, or the features an analytic head adds did; nothing
                 was written.

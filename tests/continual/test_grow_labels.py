@@ -168,8 +168,9 @@ def test_an_index_encoded_task_refuses_its_labels_in_another_order():
     assert grown_spec(spec, ["neg", "pos"]) is spec
 
 
-@pytest.mark.parametrize("labels", [["neg", "pos", "Pos"], ["neg", "pos", "neg "], ["neg", "pos", "Mixed", "mixed"]])
+@pytest.mark.parametrize("labels", [["neg", "pos", "Pos"], ["neg", "pos", "neg "], ["neg", "pos", "Mixed", "mixed"],
+                                    ["neg", "pos", "ｐｏｓ"]])
 def test_a_new_label_that_differs_from_another_only_in_case_or_spaces_is_refused(labels):
     # 'Pos' beside 'pos' would be a class of its own: the rows of one class split between two outputs.
-    with pytest.raises(InvalidParameterError, match="only in spaces or case"):
+    with pytest.raises(InvalidParameterError, match="only in spaces, case or Unicode form"):
         grown_spec(TaskSpec("t", labels=["neg", "pos"]), labels)
