@@ -32,6 +32,26 @@ def check_seed(value: Any, owner: str) -> None:
         raise InvalidParameterError(bad_param("seed", owner, "be an integer in [0, 2**62)", value))
 
 
+def plain_numbers(config: Any) -> None:
+    """Replace numpy scalars among the fields of the dataclass ``config`` (and inside its tuples and lists)
+    by the Python numbers they hold. A numpy integer fails ``isinstance(x, int)``, so checks refused it as
+    no integer; a numpy float passed them, trained, and then could not be written to JSON."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        plain = _plain(value)
+        if plain is not value:
+            object.__setattr__(config, f.name, plain)  # frozen dataclasses too
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        items = [_plain(v) for v in value]
+        return value if all(a is b for a, b in zip(items, value)) else type(value)(items)
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:  # np.int64, np.float32, np.bool_
+        return value.item()
+    return value
+
+
 def set_fields(config: Any, names: Iterable[str]) -> list[str]:
     """The fields among ``names`` (in their order) that the dataclass ``config`` holds away from their default."""
     defaults = {f.name: f.default for f in fields(config)}

@@ -285,3 +285,40 @@ def test_to_dict_from_dict_round_trips_through_json(cls):
 def test_to_dict_is_the_constructors_keywords(cls):
     for obj in (_non_default(cls), cls()):
         assert cls(**json.loads(json.dumps(obj.to_dict(), sort_keys=True))) == obj
+
+
+def _as_numpy(value: typing.Any) -> typing.Any:
+    """``value`` with its numbers as numpy scalars (as values computed with numpy or read from a DataFrame are)."""
+    import numpy as np
+
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int):
+        return np.int64(value)
+    if isinstance(value, float):
+        return np.float32(value)
+    if isinstance(value, tuple) and all(isinstance(v, int) for v in value):
+        return tuple(np.int64(v) for v in value)
+    return value
+
+
+@pytest.mark.parametrize("cls", ROUND_TRIP + TO_DICT_ONLY + [MonitorConfig, ServeConfig, AnalyticConfig],
+                         ids=lambda c: c.__name__)
+def test_numpy_numbers_are_taken_as_python_numbers(cls):
+    """A numpy int was refused as 'not a positive integer' (np.int64(3) is no int); a numpy float32 was kept,
+    trained a whole task, and then failed writing the manifest (not JSON serialisable)."""
+    hints = typing.get_type_hints(cls)
+    keep = KEEP_DEFAULT.get(cls, set())
+    kwargs = {f.name: _as_numpy(_other_value(cls, f, hints[f.name])) for f in dataclasses.fields(cls)
+              if f.name != "_" and f.init and f.name not in keep}
+    obj = cls(**kwargs)
+    for name in kwargs:
+        value = getattr(obj, name)
+        for v in value if isinstance(value, tuple) else (value,):
+            assert type(v).__module__ == "builtins", f"{cls.__name__}.{name} kept {type(v).__name__}"
+    json.dumps(dataclasses.asdict(obj) if not hasattr(obj, "to_dict") else obj.to_dict())
+
+
+def test_a_strategy_config_takes_numpy_numbers_too():
+    strategy = StrategyConfig(replay_budget=_as_numpy(100), ewc_lambda=_as_numpy(10.0))
+    assert type(strategy.replay_budget) is int and type(strategy.ewc_lambda) is float

@@ -58,6 +58,7 @@ from typing import Callable
 
 import torch
 
+from cmtl._config import plain_numbers
 from cmtl.benchmarks.metrics import ContinualReport
 from cmtl.benchmarks.scenarios import Experience, Kind
 from cmtl.continual.analytic import AnalyticConfig, AnalyticHead
@@ -123,6 +124,7 @@ class StrategyConfig:
     init_scale: float = 1.0
 
     def __post_init__(self):
+        plain_numbers(self)
         transfer.check_scale(self.init_scale, "auto", owner="StrategyConfig")
         for key in ("replay_budget", "fisher_examples"):
             value = getattr(self, key)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, get_args
 
-from cmtl._config import check_seed, known_keys
+from cmtl._config import check_seed, known_keys, plain_numbers
 from cmtl.errors import InvalidParameterError, bad_param
 
 BufferKind = Literal["reservoir", "class_balanced", "task_balanced"]
@@ -37,6 +37,7 @@ class MemoryConfig:
     features: bool = True
 
     def __post_init__(self) -> None:
+        plain_numbers(self)
         if self.buffer not in _BUFFER_KINDS:
             raise InvalidParameterError(bad_param("buffer", "MemoryConfig", f"be one of {list(_BUFFER_KINDS)}",
                                                   self.buffer))
@@ -86,6 +87,7 @@ class AnalyticConfig:
     features: AnalyticFeatures = "backbone"
 
     def __post_init__(self) -> None:
+        plain_numbers(self)
         if self.kind not in _ANALYTIC_KINDS:
             raise InvalidParameterError(bad_param("kind", "AnalyticConfig", f"be one of {list(_ANALYTIC_KINDS)}",
                                                   self.kind))

@@ -17,7 +17,7 @@ from typing import Any, Callable, Hashable, Iterable, Literal, Sequence
 
 import torch
 
-from cmtl._config import refuse_unread
+from cmtl._config import plain_numbers, refuse_unread
 from cmtl.continual.analytic import AnalyticHead, fit_head
 from cmtl.continual.config import MemoryConfig  # noqa: F401  (re-exported)
 from cmtl.continual.penalties import distillation_loss, ewc_term, fisher_diagonal
@@ -66,6 +66,7 @@ class UpdateConfig:
     validation_fraction: float = 0.1
 
     def __post_init__(self) -> None:
+        plain_numbers(self)
         if not 0 <= self.replay_ratio < math.inf:
             raise InvalidParameterError(bad_param("replay_ratio", "UpdateConfig", "be finite and >= 0",
                                                   self.replay_ratio))

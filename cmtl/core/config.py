@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from cmtl._config import known_keys
+from cmtl._config import known_keys, plain_numbers
 from cmtl.errors import InvalidParameterError, bad_param
 
 #: The reference a registry records for the backbone shipped inside the
@@ -52,6 +52,7 @@ class BackboneConfig:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        plain_numbers(self)
         if self.pooling not in (None, "mean", "cls", "last"):
             raise InvalidParameterError(bad_param("pooling", "BackboneConfig",
                                                   "be one of ['cls', 'last', 'mean'] or None", self.pooling))
@@ -99,6 +100,7 @@ class AdapterConfig:
     layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        plain_numbers(self)
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise InvalidParameterError(bad_param("r", "AdapterConfig", "be a positive integer (the LoRA rank)",
                                                   self.r))

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import KW_ONLY, asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any, Literal, Sequence
 
+from cmtl._config import plain_numbers
 from cmtl.errors import DataError, InvalidParameterError, NonFiniteOutputError, bad_param
 
 if TYPE_CHECKING:
@@ -88,6 +89,7 @@ class TaskSpec:
     description: str = ""
 
     def __post_init__(self) -> None:
+        plain_numbers(self)
         if not isinstance(self.name, str) or not _NAME.match(self.name):
             raise ValueError(
                 f"Task name {self.name!r} is not allowed: use 1-64 letters, digits, '_' or '-', "

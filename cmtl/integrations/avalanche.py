@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cmtl._config import check_seed
+from cmtl._config import check_seed, plain_numbers
 from cmtl.benchmarks.metrics import ContinualReport
 from cmtl.core.backbone import Backbone
 from cmtl.core.tasks import TaskSpec, unanswered
@@ -221,6 +221,7 @@ class AvalancheConfig:
     lwf_temperature: float = 2.0
 
     def __post_init__(self) -> None:
+        plain_numbers(self)
         for key in ("epochs", "batch_size", "eval_batch_size", "mem_size"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -27,7 +27,7 @@ from typing import Any, Literal, Sequence
 
 import torch
 
-from cmtl._config import check_seed, refuse_unread, set_fields
+from cmtl._config import check_seed, plain_numbers, refuse_unread, set_fields
 from cmtl.core.adapters import lora_factors, lora_state
 from cmtl.errors import InvalidParameterError, bad_param
 from cmtl.training.probe import refit_head  # noqa: F401  (re-exported: cmtl.merging.refit_head)
@@ -115,6 +115,7 @@ class MergeConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        plain_numbers(self)
         if self.method not in METHODS + PEFT_METHODS:
             raise InvalidParameterError(bad_param("method", "MergeConfig", f"be one of {list(METHODS + PEFT_METHODS)}",
                                                   self.method))

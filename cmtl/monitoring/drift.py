@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from cmtl._config import check_seed
+from cmtl._config import check_seed, plain_numbers
 from cmtl.data import as_texts, seeded_order
 from cmtl.errors import DataError, InvalidParameterError, bad_param
 
@@ -44,6 +44,7 @@ class MonitorConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        plain_numbers(self)
         if not 0 < self.alpha < 1:
             raise InvalidParameterError(bad_param("alpha", "MonitorConfig", "be in (0, 1)", self.alpha))
         if not isinstance(self.permutations, int) or self.permutations < 1 / self.alpha:

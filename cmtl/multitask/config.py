@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Literal, Sequence
 
-from cmtl._config import refuse_unread, set_fields
+from cmtl._config import plain_numbers, refuse_unread, set_fields
 from cmtl.errors import InvalidParameterError, bad_param
 from cmtl.multitask.schedules import Sampler, diminish, switch
 
@@ -73,6 +73,7 @@ class MultiTaskConfig:
     pass_overhead: int | None = 512
 
     def __post_init__(self) -> None:
+        plain_numbers(self)
         if self.schedule != "none" and self.primary is None:
             raise ValueError(f"schedule={self.schedule!r} needs a primary task: set MultiTaskConfig.primary.")
         if self.schedule == "switch" and self.switch_step is None:

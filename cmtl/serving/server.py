@@ -54,6 +54,7 @@ from typing import Any
 
 import torch
 
+from cmtl._config import plain_numbers
 from cmtl._extras import require
 from cmtl.errors import DataError, InvalidParameterError, TaskNotFoundError, bad_param
 from cmtl.registry import store
@@ -100,6 +101,7 @@ class ServeConfig:
     poll_seconds: float = 1.0
 
     def __post_init__(self) -> None:
+        plain_numbers(self)
         for key in ("max_texts", "max_chars", "max_body_bytes", "max_batch_size", "max_batch_tokens"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

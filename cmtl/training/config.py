@@ -7,7 +7,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from cmtl._config import check_seed, known_keys, set_fields
+from cmtl._config import check_seed, known_keys, plain_numbers, set_fields
 from cmtl.errors import InvalidParameterError, bad_param
 
 #: Default evaluation interval on long epochs (steps): convergence is checked at least this often.
@@ -115,6 +115,7 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        plain_numbers(self)
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "eval_batch_size": self.eval_batch_size}
         for key in ("max_steps", "eval_every", "patience"):
             if getattr(self, key) is not None:
