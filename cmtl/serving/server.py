@@ -421,14 +421,15 @@ def create_app(registry: str | Path | InferenceEngine, config: ServeConfig | Non
 
     @app.get("/v1/tasks")
     async def tasks() -> dict[str, Any]:
-        """Served tasks (labels, current version) and merged entries."""
+        """Served tasks (labels, current version, a multi-label task's threshold) and merged entries."""
         snapshot = engine.snapshot
+        specs = {t: snapshot.route(t).spec for t in snapshot.tasks}
         return {
             "generation": snapshot.generation,
-            "tasks": [{"name": t, "labels": list(snapshot.route(t).spec.labels),
-                       "problem_type": snapshot.route(t).spec.problem_type, "version": snapshot.route(t).version,
-                       "text_pair": snapshot.route(t).spec.text_pair_column is not None}
-                      for t in snapshot.tasks],
+            "tasks": [{"name": t, "labels": list(spec.labels), "problem_type": spec.problem_type,
+                       "version": snapshot.route(t).version, "text_pair": spec.text_pair_column is not None,
+                       "threshold": spec.threshold if spec.problem_type == "multi_label" else None}
+                      for t, spec in specs.items()],
             "merges": snapshot.merges,
         }
 

@@ -493,3 +493,22 @@ def test_an_engine_given_to_create_app_is_not_served_on_another_device(served):
             create_app(engine, device=device)
     create_app(engine)  # "auto", the default: the engine's device
     create_app(engine, device="cpu")  # the engine's own, named
+
+
+def test_the_task_listing_names_a_multi_label_tasks_threshold(tmp_path, tiny_backbone):
+    """/v1/predict gives a multi-label task's probabilities and the labels on at its threshold, but /v1/tasks did
+    not say the threshold: a client deciding from the probabilities used 0.5 whatever the task set."""
+    import dataclasses
+
+    from cmtl import BackboneConfig, TaskSpec
+    from tests.conftest import FAST, toy_sentiment
+
+    rows = [{"text": r["text"], "label": [r["label"]]} for r in toy_sentiment(32)]
+    reg = Registry.create(tmp_path / "reg", BackboneConfig(name_or_path=tiny_backbone, max_length=64), device="cpu")
+    one_epoch = dataclasses.replace(FAST, epochs=1)
+    reg.add_task(TaskSpec("tags", labels=["neg", "pos"], problem_type="multi_label", threshold=0.3), rows,
+                 training=one_epoch)
+    reg.add_task(TaskSpec("single", labels=["neg", "pos"]), toy_sentiment(32), training=one_epoch)
+    with TestClient(create_app(reg.root, ServeConfig(poll_seconds=3600), device="cpu")) as client:
+        listed = {t["name"]: t["threshold"] for t in client.get("/v1/tasks").json()["tasks"]}
+    assert listed == {"tags": 0.3, "single": None}
