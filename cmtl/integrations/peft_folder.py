@@ -186,12 +186,19 @@ def read_folder(path: str | Path) -> PeftFolder:
     return folder
 
 
+#: TaskSpec fields that say where a task's data lives, not what its head answers: a spec may differ there.
+_WHERE_DATA_LIVES = ("name", "text_column", "label_column", "description")
+
+
 def spec_differences(exported: TaskSpec, spec: TaskSpec) -> list[str]:
-    """How ``spec`` differs from the ``exported`` task in anything but its name, as ``field: exported X,
-    spec Y``: an exported head answers only as its own task (its problem type, pair column, threshold, …)."""
+    """How ``spec`` differs from the ``exported`` task in what its head answers, as ``field: exported X, spec
+    Y``: an exported head answers only as its own task (its labels, problem type, threshold, whether it reads
+    text pairs, …), whatever its name, columns and description."""
     mine, theirs = spec.to_dict(), exported.to_dict()
+    for d in (mine, theirs):  # the pair column's name is where the second texts live; having one is not
+        d["text_pair_column"] = d.get("text_pair_column") is not None
     return [f"{k}: exported {theirs.get(k)!r}, spec {mine.get(k)!r}" for k in sorted(set(mine) | set(theirs))
-            if k != "name" and mine.get(k) != theirs.get(k)]
+            if k not in _WHERE_DATA_LIVES and mine.get(k) != theirs.get(k)]
 
 
 #: ``init_lora_weights`` values that only choose the starting A and B; the others (PiSSA, OLoRA, CorDA,

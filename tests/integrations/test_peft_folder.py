@@ -228,6 +228,22 @@ def test_the_exported_head_answers_only_as_the_exported_task(reg, tmp_path):
     assert all(label in ("neg", "pos") for label in reg.predict("one", texts))
 
 
+def test_a_spec_that_reads_other_columns_keeps_the_exported_head(reg, tmp_path):
+    """Column names and the description say where the data lives, not what the head answers: a spec that
+    differed only there had the trained head dropped (refused without train data, refitted as a probe with it)."""
+    reg.add_task(TAGS, tag_rows(32), training=TrainConfig(max_steps=3, batch_size=8, progress=False))
+    out = reg.export_peft("tags", tmp_path / "export")
+    other = TaskSpec("tags-b", labels=["neg", "pos", "film"], problem_type="multi_label", text_column="body",
+                     label_column="labels", threshold=0.4, description="read from our own table")
+    reg.import_peft(out, other)
+    texts = [r["text"] for r in tag_rows(8, 9)]
+    assert reg.predict("tags-b", texts) == reg.predict("tags", texts)
+    assert reg.spec("tags-b").text_column == "body"
+    with pytest.raises(DataError, match="text_pair_column"):  # a pair column changes what the head reads
+        reg.import_peft(out, TaskSpec("tags-c", labels=["neg", "pos", "film"], problem_type="multi_label",
+                                      label_column="tags", threshold=0.4, text_pair_column="second"))
+
+
 # --- an export never deletes what is not an export ------------------------------------------------
 
 
