@@ -572,8 +572,13 @@ def weights_sha256(model: nn.Module) -> str:
 
 
 def position_limit(encoder: nn.Module) -> int | None:
-    """How many positions the model's absolute position table holds (BERT kin: ``embeddings.position_embeddings``,
-    less RoBERTa's and MPNet's padding offset; GPT-2: ``wpe``); ``None`` without one (rotary, relative)."""
+    """How many positions a text may take: those the model's absolute position table holds (BERT kin:
+    ``embeddings.position_embeddings``, less RoBERTa's and MPNet's padding offset; GPT-2: ``wpe``), or those
+    a rotary embedding that rescales past its context keeps its frequencies for (:func:`_rescaling_rope_limit`);
+    ``None`` for any other (a plain rotary or relative one)."""
+    rescaling = _rescaling_rope_limit(encoder.config)
+    if rescaling is not None:
+        return rescaling
     for path in ("embeddings.position_embeddings", "wpe"):
         try:
             table = encoder.get_submodule(path)
@@ -584,6 +589,23 @@ def position_limit(encoder: nn.Module) -> int | None:
             offset = getattr(getattr(encoder, "embeddings", None), "padding_idx", None) if path != "wpe" else None
             return table.num_embeddings - (0 if offset is None else offset + 1)
     return None
+
+
+def _rescaling_rope_limit(config) -> int | None:
+    """The context up to which a rotary embedding whose frequencies depend on the sequence length keeps them:
+    dynamic RoPE recomputes them once a batch's padded width passes ``max_position_embeddings`` (and keeps the
+    new ones for later calls), longrope switches to its long factors past ``original_max_position_embeddings``.
+    Past it a text's features would depend on the texts padded beside it. ``None`` for other ropes."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    groups = list(params.values()) if params and all(isinstance(v, dict) for v in params.values()) else [params]
+    limits = []
+    for group in groups:  # one per attention kind where the config sets them apart
+        kind = str(group.get("rope_type", group.get("type", "")))
+        if "dynamic" in kind:
+            limits.append(config.max_position_embeddings)
+        elif kind == "longrope":
+            limits.append(group.get("original_max_position_embeddings") or config.max_position_embeddings)
+    return min(limits) if limits else None
 
 
 def _longest_first(first: int, second: int, budget: int) -> tuple[int, int]:
@@ -653,7 +675,8 @@ def load_backbone(config: BackboneConfig | str | None = None, device: str = "aut
         config = dataclasses.replace(config, pooling="last" if is_causal(hf_config) else "mean")
     limit = position_limit(encoder)
     if limit is not None and config.max_length > limit:
-        logger.warning("Backbone %s has %d positions, fewer than max_length=%d: texts are cut at %d tokens.",
+        logger.warning("Backbone %s encodes positions the same way up to %d tokens (its position table, or a rope "
+                       "that rescales past its context), fewer than max_length=%d: texts are cut at %d tokens.",
                        config.name_or_path, limit, config.max_length, limit)
     encoder.requires_grad_(False)
     encoder.eval()

@@ -38,7 +38,8 @@ class BackboneConfig:
         num_hidden_layers: Keep only the first N transformer layers (a cheaper
             "cut" of the model); ``None`` keeps them all.
         max_length: Longest input in tokens; longer texts are truncated (where the model's absolute
-            position table ends, if that is sooner: BERT's 512, GPT-2's 1024).
+            position table ends, if that is sooner: BERT's 512, GPT-2's 1024; or where a dynamic or
+            longrope rotary embedding would rescale).
         dtype: Precision of the frozen backbone's weights: ``"bfloat16"`` or ``"float16"``
             halve its memory; LoRA factors and heads stay float32. Part of the weights'
             hash, so a registry stays on the precision it was built on. ``"auto"`` keeps

@@ -411,3 +411,38 @@ def test_a_peft_adapter_trained_on_the_causal_lm_imports(family, tmp_path):
         expected = torch.cat([model(input_ids=torch.tensor([seq]), output_hidden_states=True).hidden_states[-1][:, -1]
                               for seq in ids])
     torch.testing.assert_close(reg.embed(TEXTS, "s"), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "dynamic", "factor": 2.0},
+                                  {"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [4.0] * 4,
+                                   "original_max_position_embeddings": 12}])
+def test_a_rope_that_rescales_past_its_context_does_not_make_answers_depend_on_the_batch(tmp_path, rope):
+    """Dynamic RoPE recomputes its frequencies once a batch's padded width passes the context, and keeps them for
+    later calls; longrope switches to its long factors there. So a text's features depended on the texts beside
+    it and on earlier calls. Texts are cut where such a rope would rescale."""
+    import transformers as tf
+
+    tokenizer = byte_level_tokenizer()
+    config = tf.LlamaConfig(vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=0, hidden_size=32,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                            max_position_embeddings=16, rope_parameters={"rope_theta": 10000.0, **rope})
+    torch.manual_seed(0)
+    tf.AutoModel.from_config(config).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    backbone = load_backbone(BackboneConfig(name_or_path=str(tmp_path / "m"), max_length=64), device="cpu")
+    limit = 16 if rope["rope_type"] == "dynamic" else 12
+    assert backbone.max_tokens == limit
+    short, long = "abc", "a much longer text than the context holds"
+    assert len(backbone.tokenize([long])["input_ids"][0]) == limit
+
+    def embed(texts):
+        enc = backbone.tokenize(texts)
+        width = max(map(len, enc["input_ids"]))
+        ids = torch.tensor([[backbone.pad_id] * (width - len(x)) + x for x in enc["input_ids"]])
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in enc["input_ids"]])
+        with torch.inference_mode():
+            return backbone.embed(input_ids=ids, attention_mask=mask)
+
+    alone = embed([short])[0]
+    torch.testing.assert_close(embed([short, long])[0], alone, atol=1e-6, rtol=0)
+    torch.testing.assert_close(embed([short])[0], alone, atol=1e-6, rtol=0)  # and after a long batch
