@@ -56,8 +56,10 @@ def run(scenario: Scenario, out: Path, *, backbone: BackboneConfig, training: Tr
     experiences = scenario.load()
     tasks = [e.spec.name for e in experiences]
     out.mkdir(parents=True, exist_ok=True)
+    # What the recorded merges depend on: a resumed run must repeat them all, or its rows would mix settings.
     settings = {"scenario": scenario.name, "tasks": tasks, "backbone": backbone.to_dict(),
-                "training": training.to_dict(), "max_train": scenario.max_train, "max_eval": scenario.max_eval}
+                "training": training.to_dict(), "max_train": scenario.max_train, "max_eval": scenario.max_eval,
+                "rank": rank, "search": search}
     if resume:
         results = _previous(out, settings)
         reg = Registry.open(out / "registry", device=device)
@@ -77,7 +79,7 @@ def run(scenario: Scenario, out: Path, *, backbone: BackboneConfig, training: Tr
                   "keep": {exp.name: frozen_accuracy(reg, exp) for exp in experiences}}
         for head, what in (("refit", "heads refitted on the buffers"), ("keep", "the tasks' own heads")):
             echo(f"frozen backbone, {what}: " + " ".join(f"{t}={a:.3f}" for t, a in frozen[head].items()))
-        results = {**settings, "rank": rank, "search": search,
+        results = {**settings,
                    "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
                    "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
                    "individual": individual, "train_seconds": train_seconds, "frozen": frozen, "merges": {}}
@@ -120,7 +122,7 @@ def run(scenario: Scenario, out: Path, *, backbone: BackboneConfig, training: Tr
 
 
 def _previous(out: Path, settings: dict) -> dict:
-    """The results ``out`` records, checked to be of the same scenario, backbone and training."""
+    """The results ``out`` records, checked to be of the same scenario, backbone, training, rank and search."""
     path = out / "results.json"
     if not path.exists() or not (out / "registry").exists():
         raise FileNotFoundError(f"--resume: {out} holds no results.json and registry of an earlier run (a run "
@@ -129,8 +131,10 @@ def _previous(out: Path, settings: dict) -> dict:
     results = json.loads(path.read_text(encoding="utf-8"))
     changed = [k for k, v in settings.items() if results.get(k) != json.loads(json.dumps(v))]
     if changed:
-        raise ValueError(f"--resume: {out} was run with other {', '.join(changed)}; resume with the same "
-                         "scenario and settings, or use a new --out folder.")
+        values = "; ".join(f"{k}: {results.get(k)!r} there, {settings[k]!r} now" for k in changed
+                           if k in ("rank", "search", "max_train", "max_eval"))
+        raise ValueError(f"--resume: {out} was run with other {', '.join(changed)}" + (f" ({values})" if values else "")
+                         + "; resume with the same scenario and settings, or use a new --out folder.")
     return results
 
 

@@ -502,3 +502,18 @@ def test_a_failed_write_keeps_the_runs_already_saved(tmp_path, tiny_backbone, mo
                       backbone=BackboneConfig(name_or_path=tiny_backbone, max_length=32))
     saved = json.loads((tmp_path / "results.json").read_text())
     assert [run["strategy"] for run in saved["runs"]] == ["seq-ft"]
+
+
+@pytest.mark.parametrize("change", [{"rank": 8}, {"search": True}])
+def test_merge_benchmark_resume_refuses_another_rank_or_search(tmp_path, tiny_backbone, change):
+    """--resume with another --rank or --no-search ran the missing merges under the new setting and recorded them
+    beside the old ones, under the old run's 'rank' and 'search': one table, two settings, silently."""
+    merging = load_script("merging")
+    common = dict(backbone=BackboneConfig(name_or_path=tiny_backbone, max_length=32), device="cpu",
+                  training=TrainConfig(epochs=1, max_steps=2, batch_size=8, progress=False), heads=("keep",),
+                  echo=lambda line: None)
+    merging.run(shrunk("text5"), tmp_path, methods=("linear",), rank=4, search=False, **common)
+    with pytest.raises(ValueError, match=f"other {next(iter(change))}"):
+        merging.run(shrunk("text5"), tmp_path, methods=("linear", "ties"), resume=True,
+                    **{"rank": 4, "search": False, **change}, **common)
+    assert list(json.loads((tmp_path / "results.json").read_text())["merges"]) == ["linear"]
