@@ -9,7 +9,8 @@ and choose on, and the ``probe`` reference still fits on all of them. References
 ``refit_heads`` fits heads: full-batch L-BFGS, L2 1e-3); ``probe-kept-rows``, with ``--validation held-out``
 the same fitted only on the rows the default ``add_task`` trains on (20 % held out: what its step-0 probe
 sees, so what any ``probe_margin`` would have kept; with validation given it is ``probe`` again); and
-``single``, the whole backbone fine-tuned per task (the benchmarks' ``single`` strategy).
+``single``, the whole backbone fine-tuned per task (the benchmarks' ``single`` strategy; with ``--validation
+held-out`` it trains and stops on the rows ``add_task`` keeps and holds out).
 Each (corpus, seed) uses the corpus split and training seed ``seed``, so seeds differ in data and
 initialisation. Results are appended to ``results.json`` as each run ends, so an interrupted study
 resumes where it stopped; ``results.md`` holds the per-variant means and a per-corpus table.
@@ -26,6 +27,7 @@ Read ``time_s`` only within one run on one machine: it is the wall time of ``add
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import platform
@@ -99,12 +101,18 @@ def load_corpora(corpora: list[str], seed: int, max_train: int, max_eval: int) -
 def run_variant(variant: str, exp, backbone: BackboneConfig, seed: int, device: str,
                 validation: str = "given") -> dict:
     """Train and score one variant (or reference) on one loaded experience; with ``validation="held-out"``
-    ``add_task`` gets no validation rows and holds its own out of the training rows."""
+    ``add_task`` gets no validation rows and holds its own out of the training rows, and ``single`` trains and
+    stops on the same split of them."""
     if variant == "single":
+        if validation == "held-out":  # the rows add_task would train and stop on, not the corpus's validation rows
+            train, held = updates.split(read_examples(exp.train, exp.spec), TrainConfig().validation_fraction, seed,
+                                        exp.spec.name)
+            exp = dataclasses.replace(exp, train=train, validation=held)
         report = run_stream("single", [exp], "task-incremental", backbone,
                             StrategyConfig(training=TrainConfig(seed=seed, progress=False)), device=device)
         return {"accuracy": report.R[0][0], "time_s": report.seconds_per_experience[0],
-                "trainable_parameters": report.trainable_parameters_per_task[0], "bytes": report.bytes_per_task[0]}
+                "trainable_parameters": report.trainable_parameters_per_task[0], "bytes": report.bytes_per_task[0],
+                "examples_trained": len(exp.train)}
     with tempfile.TemporaryDirectory(prefix="cmtl-defaults-") as tmp:
         reg = Registry.create(Path(tmp) / "registry", backbone, device=device)
         if variant in ("probe", "probe-kept-rows"):

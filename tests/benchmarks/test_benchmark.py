@@ -517,3 +517,32 @@ def test_merge_benchmark_resume_refuses_another_rank_or_search(tmp_path, tiny_ba
         merging.run(shrunk("text5"), tmp_path, methods=("linear", "ties"), resume=True,
                     **{"rank": 4, "search": False, **change}, **common)
     assert list(json.loads((tmp_path / "results.json").read_text())["merges"]) == ["linear"]
+
+
+def test_defaults_study_single_reference_holds_out_its_validation_like_add_task(monkeypatch):
+    """With --validation held-out the `single` reference still trained and stopped on the corpus's validation rows
+    (500 more labelled rows than add_task got) and was recorded as a held-out run: an unfair reference."""
+    from types import SimpleNamespace
+
+    from cmtl import TaskSpec
+    from cmtl.benchmarks.scenarios import Experience
+    from cmtl.continual import updates
+    from cmtl.data import Examples
+
+    defaults, seen = load_script("defaults"), []
+
+    def fake_run_stream(strategy, experiences, kind, backbone, config, device):
+        seen.append(experiences[0])
+        return SimpleNamespace(R=[[0.5]], seconds_per_experience=[1.0], trainable_parameters_per_task=[10],
+                               bytes_per_task=[40])
+
+    monkeypatch.setattr(defaults, "run_stream", fake_run_stream)
+    rows = lambda n, tag: Examples([f"{tag} text {i}" for i in range(n)], labels=["a", "b"] * (n // 2))  # noqa: E731
+    exp = Experience(name="toy", spec=TaskSpec("toy", labels=["a", "b"]), train=rows(40, "train"),
+                     validation=rows(10, "validation"), test=rows(6, "test"), corpus="trec6")
+    given = defaults.run_variant("single", exp, BackboneConfig(), 3, "cpu", validation="given")
+    assert seen[0].validation is exp.validation and given["examples_trained"] == 40
+    held = defaults.run_variant("single", exp, BackboneConfig(), 3, "cpu", validation="held-out")
+    kept, out = updates.split(exp.train, TrainConfig().validation_fraction, 3, "toy")  # what add_task holds out
+    assert seen[1].train.texts == kept.texts and seen[1].validation.texts == out.texts
+    assert seen[1].test is exp.test and held["examples_trained"] == 32
