@@ -170,7 +170,9 @@ def summarise(results: dict) -> str:
         ratio = [r["time_s"] / v01[k] for r in mine if (k := (r["corpus"], r["seed"])) in v01]
         size = [r["bytes"] for r in mine if r.get("bytes")]
         kept_probe = sum(r.get("best_step") == 0 for r in mine)  # a trained run whose step-0 probe won
-        epochs = [r["steps"] / math.ceil(r["n_train"] / 16) for r in mine if r.get("steps")]
+        # Over the rows trained on (fewer than n_train where add_task held some out); batches of 16 rows.
+        epochs = [r["steps"] / math.ceil((r.get("examples_trained") or r["n_train"]) / 16)
+                  for r in mine if r.get("steps")]
         lines.append(
             f"| {v} | {len(mine)} | {acc:.4f} | {statistics.fmean(sds) if sds else float('nan'):.4f} | "
             f"{statistics.fmean(removed) * 100 if removed else float('nan'):.1f} % | {below} | "

@@ -546,3 +546,18 @@ def test_defaults_study_single_reference_holds_out_its_validation_like_add_task(
     kept, out = updates.split(exp.train, TrainConfig().validation_fraction, 3, "toy")  # what add_task holds out
     assert seen[1].train.texts == kept.texts and seen[1].validation.texts == out.texts
     assert seen[1].test is exp.test and held["examples_trained"] == 32
+
+
+def test_defaults_study_counts_epochs_over_the_rows_trained_on():
+    """'epochs run' divided the steps by the batches of all n_train rows; with --validation held-out add_task
+    trains on 80 % of them, so every held-out run's epochs read 20 % low (5 epochs shown as 4.0)."""
+    defaults = load_script("defaults")
+    common = {"corpus": "trec6", "seed": 0, "time_s": 1.0, "trainable_parameters": 10, "n_train": 1000}
+    runs = [{**common, "variant": "probe", "accuracy": 0.8, "bytes": None, "examples_trained": 1000},
+            {**common, "variant": "default", "accuracy": 0.9, "bytes": 100, "steps": 250, "best_step": 200,
+             "examples_trained": 800},
+            {**common, "variant": "no-probe", "accuracy": 0.9, "bytes": 100, "steps": 252, "best_step": 200}]
+    table = defaults.summarise({"runs": runs}).splitlines()
+    row = lambda v: next(line for line in table if line.startswith(f"| {v} | 1 |")).split(" | ")  # noqa: E731
+    assert row("default")[7] == "5.0"  # 250 steps / 50 batches of the 800 rows trained on
+    assert row("no-probe")[7] == "4.0"  # a row stored before examples_trained: all n_train rows
