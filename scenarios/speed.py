@@ -12,8 +12,9 @@ learning rate and seed), one validation pass per epoch, timed from raw rows to a
 * ``avalanche``     — Avalanche 0.6 ``Naive`` training cmtl's LoRA model
   (:mod:`cmtl.integrations.avalanche`), with the same warm-up/decay schedule.
 
-Evaluation — the test splits of all five ``text5`` tasks, raw texts to accuracy: cmtl
-``Registry.evaluate`` per task, ``Trainer.predict`` per task, Avalanche ``eval`` on the stream.
+Evaluation — the test splits of all five ``text5`` tasks, raw texts to accuracy, through the same LoRA
+(on the layers ``--adapt`` names): cmtl ``Registry.evaluate`` per task, ``Trainer.predict`` per task,
+Avalanche ``eval`` on the stream.
 
 Every measurement runs in its own process (clean peak memory), the ways interleaved,
 ``--repeats`` times; medians are reported. Writes ``results.json`` and ``results.md`` to ``--out``.
@@ -65,6 +66,14 @@ def _adapted_layers(args, num_layers: int) -> tuple[int, ...] | None:
     return None if args.adapt == "all" else tuple(range(num_layers // 2, num_layers))
 
 
+def _adapter(args, num_layers: int):
+    """The LoRA every way trains and evaluates (peft's twin: :func:`_hf_model`), not the library's default."""
+    from cmtl import AdapterConfig
+
+    return AdapterConfig(r=8, alpha=16, dropout=0.1, target_modules=TARGET_MODULES,
+                         layers=_adapted_layers(args, num_layers))
+
+
 def _num_layers(args) -> int:
     from transformers import AutoConfig
 
@@ -86,13 +95,12 @@ def _lr_lambda(total: int, warmup_ratio: float):
 
 
 def train_cmtl(args, variant: str, workdir: Path) -> dict:
-    from cmtl import AdapterConfig, BackboneConfig, Registry, TaskSpec, TrainConfig
+    from cmtl import BackboneConfig, Registry, TaskSpec, TrainConfig
 
     spec = TaskSpec("task", labels=_labels(args.task))
     train, val = _rows(args.task, "train", args.max_train), _rows(args.task, "validation", args.max_eval)
     reg = Registry.create(workdir / "reg", BackboneConfig(num_hidden_layers=args.layers), device=args.device)
-    adapter = AdapterConfig(r=8, alpha=16, dropout=0.1, target_modules=TARGET_MODULES,
-                            layers=_adapted_layers(args, reg.backbone.num_layers))
+    adapter = _adapter(args, reg.backbone.num_layers)
     training = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, patience=None,
                            seed=args.seed, progress=False, length_grouping=4 if variant == "grouped" else 0,
                            cache_frozen_mb=0 if variant == "plain" else TrainConfig().cache_frozen_mb)
@@ -182,16 +190,14 @@ def train_avalanche(args, workdir: Path) -> dict:
     from avalanche.training.determinism.rng_manager import RNGManager
     from avalanche.training.plugins import LRSchedulerPlugin
 
-    from cmtl import AdapterConfig, BackboneConfig, TaskSpec
+    from cmtl import BackboneConfig, TaskSpec
     from cmtl.core.backbone import load_backbone
     from cmtl.integrations import avalanche as av
 
     spec = TaskSpec("task", labels=_labels(args.task))
     train, val = _rows(args.task, "train", args.max_train), _rows(args.task, "validation", args.max_eval)
     backbone = load_backbone(BackboneConfig(num_hidden_layers=args.layers), device=args.device)
-    adapter = AdapterConfig(r=8, alpha=16, dropout=0.1, target_modules=TARGET_MODULES,
-                            layers=_adapted_layers(args, backbone.num_layers))
-    model = av.build_model(backbone, [spec], adapter, seed=args.seed)
+    model = av.build_model(backbone, [spec], _adapter(args, backbone.num_layers), seed=args.seed)
     RNGManager.set_random_seeds(args.seed)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.01)
     total = -(-len(train) // args.batch_size) * args.epochs
@@ -215,7 +221,7 @@ def eval_cmtl(args, workdir: Path) -> dict:
     tests = {}
     for corpus in TEXT5:  # adapters barely trained: throughput does not depend on the weights
         reg.add_task(TaskSpec(corpus.replace("_", "-"), labels=_labels(corpus)), _rows(corpus, "train", 16),
-                     training=TrainConfig(max_steps=1, progress=False))
+                     adapter=_adapter(args, reg.backbone.num_layers), training=TrainConfig(max_steps=1, progress=False))
         tests[corpus.replace("_", "-")] = _rows(corpus, "test", args.max_eval)
     started = time.perf_counter()
     for task, rows in tests.items():
@@ -231,7 +237,8 @@ def eval_hf(args, workdir: Path) -> dict:
     from cmtl.core.backbone import DEFAULT_BACKBONE, resolve_path
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_path(DEFAULT_BACKBONE), local_files_only=True)
-    models = {corpus: _hf_model(args, len(_labels(corpus)), None) for corpus in TEXT5}
+    layers = _adapted_layers(args, _num_layers(args))
+    models = {corpus: _hf_model(args, len(_labels(corpus)), layers) for corpus in TEXT5}
     tests = {corpus: _rows(corpus, "test", args.max_eval) for corpus in TEXT5}
     started = time.perf_counter()
     for corpus, rows in tests.items():
@@ -249,7 +256,7 @@ def eval_avalanche(args, workdir: Path) -> dict:
 
     backbone = load_backbone(BackboneConfig(num_hidden_layers=args.layers), device=args.device)
     specs = [TaskSpec(c.replace("_", "-"), labels=_labels(c)) for c in TEXT5]
-    model = av.build_model(backbone, specs, seed=args.seed)
+    model = av.build_model(backbone, specs, _adapter(args, backbone.num_layers), seed=args.seed)
     tests = {corpus: _rows(corpus, "test", args.max_eval) for corpus in TEXT5}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     strategy = _avalanche_strategy(args, model, optimizer)

@@ -561,3 +561,36 @@ def test_defaults_study_counts_epochs_over_the_rows_trained_on():
     row = lambda v: next(line for line in table if line.startswith(f"| {v} | 1 |")).split(" | ")  # noqa: E731
     assert row("default")[7] == "5.0"  # 250 steps / 50 batches of the 800 rows trained on
     assert row("no-probe")[7] == "4.0"  # a row stored before examples_trained: all n_train rows
+
+
+def test_speed_benchmark_evaluates_the_lora_it_names(monkeypatch, tmp_path):
+    """The evaluation part gave cmtl and Avalanche the default AdapterConfig (on BERT all four attention projections,
+    every layer) while HF got query/value: under a table header saying query/value, ignoring --adapt top-half."""
+    import argparse
+
+    from cmtl import Registry
+    from cmtl.integrations import avalanche as av
+
+    speed, seen = load_script("speed"), {}
+
+    class Stop(Exception):
+        pass
+
+    def record(way):
+        def stop(*args, **kwargs):
+            seen[way] = kwargs.get("adapter", args[2] if len(args) > 2 else None)
+            raise Stop
+        return stop
+
+    monkeypatch.setattr(Registry, "add_task", record("cmtl"))
+    monkeypatch.setattr(av, "build_model", record("avalanche"))
+    monkeypatch.setattr(speed, "_hf_model", lambda args, n, layers: record("hf-peft")(None, None, layers))
+    args = argparse.Namespace(layers=2, max_eval=4, adapt="top-half", device="cpu", seed=0, batch_size=8, epochs=1,
+                              lr=1e-3)
+    for way in speed.EVAL_WAYS:
+        with pytest.raises(Stop):
+            {"cmtl": speed.eval_cmtl, "hf-peft": speed.eval_hf, "avalanche": speed.eval_avalanche}[way](args, tmp_path / way)
+    assert seen["hf-peft"] == (1,)
+    for way in ("cmtl", "avalanche"):
+        assert seen[way].target_modules == speed.TARGET_MODULES and seen[way].layers == (1,)
+        assert (seen[way].r, seen[way].alpha, seen[way].dropout) == (8, 16, 0.1)
