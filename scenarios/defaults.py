@@ -13,7 +13,7 @@ sees, so what any ``probe_margin`` would have kept; with validation given it is 
 held-out`` it trains and stops on the rows ``add_task`` keeps and holds out).
 Each (corpus, seed) uses the corpus split and training seed ``seed``, so seeds differ in data and
 initialisation. Results are appended to ``results.json`` as each run ends, so an interrupted study
-resumes where it stopped; ``results.md`` holds the per-variant means and a per-corpus table.
+resumes where it stopped (under the same settings and the same ``TrainConfig``/``AdapterConfig`` defaults); ``results.md`` holds the per-variant means and a per-corpus table.
 
     python scenarios/defaults.py                                   # every variant, 6 corpora, 3 seeds
     python scenarios/defaults.py --variants probe,v01,default --seeds 0
@@ -229,7 +229,14 @@ def main(argv: list[str] | None = None) -> int:
     stored = {k: results.get(k, "given" if k == "validation" else None) for k in settings}
     if changed := {k: (stored[k], v) for k, v in settings.items() if stored[k] != v}:
         parser.error(f"{path} holds runs made with other settings {changed} (stored, now): use another --out")
-    results["defaults"] = {"training": TrainConfig().to_dict(), "adapter": AdapterConfig().to_dict()}
+    # The variants set only what they change: runs made under other library defaults are other variants.
+    now = {"training": TrainConfig().to_dict(), "adapter": AdapterConfig().to_dict()}
+    before = results.get("defaults") or {}
+    if moved := {f"{kind}.{k}": (v, now[kind][k]) for kind in now for k, v in before.get(kind, {}).items()
+                 if k in now[kind] and v != now[kind][k]}:
+        parser.error(f"{path} holds runs made under other library defaults {moved} (stored, now): their variants "
+                     "trained other configurations than the same names would now; use another --out")
+    results["defaults"] = now
     done = {(r["variant"], r["corpus"], r["seed"]) for r in results["runs"]}
     for seed in [int(s) for s in args.seeds.split(",")]:
         corpora = [c for c in args.corpora.split(",") if c]

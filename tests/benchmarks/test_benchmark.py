@@ -594,3 +594,26 @@ def test_speed_benchmark_evaluates_the_lora_it_names(monkeypatch, tmp_path):
     for way in ("cmtl", "avalanche"):
         assert seen[way].target_modules == speed.TARGET_MODULES and seen[way].layers == (1,)
         assert (seen[way].r, seen[way].alpha, seen[way].dropout) == (8, 16, 0.1)
+
+
+def test_defaults_study_will_not_resume_under_other_library_defaults(tmp_path, capsys):
+    """Resuming a study folder after TrainConfig's defaults changed (validation_fraction 0.1 -> 0.2 on 2026-12-07)
+    trained the missing `default` runs under the new defaults beside the stored ones and summarised them as one
+    variant; the stored 'defaults' record was overwritten with the new values, hiding it."""
+    defaults = load_script("defaults")
+    quick = ["--layers", "1", "--max-train", "32", "--max-eval", "16", "--corpora", "trec6", "--seeds", "0",
+             "--device", "cpu", "--out", str(tmp_path)]
+    assert defaults.main(quick + ["--variants", "probe"]) == 0
+    path = tmp_path / "results.json"
+    stored = json.loads(path.read_text())
+    stored["defaults"]["training"]["validation_fraction"] = 0.1  # written before the default changed
+    stored["defaults"]["training"].pop("ema_decay")  # a field added since is no change of default
+    path.write_text(json.dumps(stored))
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        defaults.main(quick + ["--variants", "probe,default"])
+    assert "validation_fraction" in capsys.readouterr().err
+    assert json.loads(path.read_text()) == stored  # nothing trained, nothing rewritten
+    stored["defaults"]["training"]["validation_fraction"] = TrainConfig().validation_fraction
+    path.write_text(json.dumps(stored))
+    assert defaults.main(quick + ["--variants", "probe"]) == 0  # same defaults: resumes
