@@ -13,7 +13,8 @@ forgetting need the earlier rows and are not measured.
 
 Writes ``results.json`` and ``results.md`` into ``--out`` (default ``runs/bench/joint-final/<scenario>``):
 the accuracy on each task's test set, ACC, the training seconds, the wall time and the peak resident
-memory of the process.
+memory of the process. A folder holding another run's results (other backbone, order, sizes or training) is
+refused before anything trains.
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ def run(scenario, out: str | Path, *, backbone=None, config=None, order: str = "
         raise ValueError(f"Unknown order {order!r} for scenario {scenario.name!r}. Available: {list(available)}.")
     config = config or StrategyConfig()
     backbone = backbone or BackboneConfig()
+    command_config = {"max_train": scenario.max_train, "max_eval": scenario.max_eval, "seed": scenario.seed,
+                      "backbone": backbone.to_dict(), "adapter": config.adapter.to_dict(),
+                      "training": config.training.to_dict()}
+    out = Path(out)
+    _check_not_another_run(out / "results.json", {"scenario": scenario.name, "order": order,
+                                                  "command_config": command_config})
     stream = available[order]
     experiences = stream.load()
     T = len(experiences)
@@ -55,9 +62,7 @@ def run(scenario, out: str | Path, *, backbone=None, config=None, order: str = "
     results = {
         "scenario": scenario.name, "kind": stream.kind, "order": order, "strategy": "joint",
         "what": "the final model of cmtl bench --strategy joint (its last row of R), trained alone",
-        "command_config": {"max_train": scenario.max_train, "max_eval": scenario.max_eval, "seed": scenario.seed,
-                           "backbone": backbone.to_dict(), "adapter": config.adapter.to_dict(),
-                           "training": config.training.to_dict()},
+        "command_config": command_config,
         "task_names": [e.name for e in experiences],
         "final_row": row,
         "acc": sum(row) / T,
@@ -69,7 +74,6 @@ def run(scenario, out: str | Path, *, backbone=None, config=None, order: str = "
                    + (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"),
         "date": time.strftime("%Y-%m-%d"),
     }
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     names = results["task_names"]
@@ -83,6 +87,19 @@ def run(scenario, out: str | Path, *, backbone=None, config=None, order: str = "
          + " ".join(f"{n}={v:.3f}" for n, v in zip(names, row)))
     echo(f"   ACC {results['acc']:.3f}; wrote {out}/results.json and results.md")
     return results
+
+
+def _check_not_another_run(path: Path, settings: dict) -> None:
+    """Refuse to replace ``path`` when it holds the results of a run with other settings (backbone, order,
+    sizes, training): the default ``--out`` is the same for all of them. The same run again may replace it."""
+    if not path.exists():
+        return
+    stored, now = json.loads(path.read_text()), json.loads(json.dumps(settings))
+    flat = lambda d: {**{k: v for k, v in d.items() if k != "command_config"}, **d.get("command_config", {})}  # noqa: E731
+    stored, now = flat(stored), flat(now)
+    if changed := sorted(k for k, v in now.items() if stored.get(k) != v):
+        raise FileExistsError(f"{path} holds the results of a run with other {', '.join(changed)} "
+                              f"(stored: { {k: stored.get(k) for k in changed} }); pass another --out, or move it.")
 
 
 def main(argv=None) -> int:

@@ -617,3 +617,21 @@ def test_defaults_study_will_not_resume_under_other_library_defaults(tmp_path, c
     stored["defaults"]["training"]["validation_fraction"] = TrainConfig().validation_fraction
     path.write_text(json.dumps(stored))
     assert defaults.main(quick + ["--variants", "probe"]) == 0  # same defaults: resumes
+
+
+def test_joint_final_will_not_overwrite_another_runs_results(tmp_path, tiny_backbone):
+    """The default --out is runs/bench/joint-final/<scenario> whatever the backbone, order or sizes: the docstring's
+    quick look (--layers 2 --max-train 64) overwrote the results of the long SmolLM2 run before it."""
+    joint_final = load_script("joint_final")
+    config = StrategyConfig(training=TrainConfig(epochs=1, max_steps=1, batch_size=8, progress=False))
+    backbone = BackboneConfig(name_or_path=tiny_backbone, max_length=32)
+    scenario = Scenario.from_yaml(SCENARIOS / "text5.yaml").shrink(8, 4)
+    first = joint_final.run(scenario, tmp_path, backbone=backbone, config=config, device="cpu", echo=lambda line: None)
+    for other in ({"scenario": scenario.shrink(6, 4)}, {"order": "random-1"},
+                  {"config": StrategyConfig(training=TrainConfig(epochs=1, max_steps=2, batch_size=8, progress=False))}):
+        with pytest.raises(FileExistsError, match="another --out"):
+            joint_final.run(**{"scenario": scenario, "out": tmp_path, "backbone": backbone, "config": config,
+                               "device": "cpu", "echo": lambda line: None, **other})
+    assert json.loads((tmp_path / "results.json").read_text())["final_row"] == first["final_row"]
+    again = joint_final.run(scenario, tmp_path, backbone=backbone, config=config, device="cpu", echo=lambda line: None)
+    assert again["final_row"] == first["final_row"]  # the same run again may replace its own results
