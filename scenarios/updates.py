@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import platform
 import sys
 import time
@@ -43,7 +44,8 @@ METHODS = ("update-replay", "update-naive", "retrain")
 def run(scenario: Scenario, out: Path, *, backbone: BackboneConfig, training: TrainConfig, device: str = "auto",
         methods: tuple[str, ...] = METHODS, replay_ratio: float = 1.0, update_training: TrainConfig | None = None,
         penalty: str = "none", validation_fraction: float | None = None, echo=print) -> dict:
-    """Run ``methods`` over ``scenario``'s domains; write results into ``out``; return them.
+    """Run ``methods`` over ``scenario``'s domains; write results into ``out`` (refused if it holds an earlier
+    run's); return them.
 
     ``training`` trains the first version and every retraining; ``update_training`` (default: the
     same) the warm-started updates; ``penalty`` (``"none"``, ``"ewc"``, ``"lwf"``) applies to ``update-replay``.
@@ -55,6 +57,10 @@ def run(scenario: Scenario, out: Path, *, backbone: BackboneConfig, training: Tr
     if scenario.kind != "domain-incremental":
         raise ValueError(f"Scenario {scenario.name!r} is {scenario.kind}; this benchmark needs a domain-incremental "
                          "one (one task whose data shifts).")
+    if (out / "results.json").exists():  # results.json holds this run's methods only: it would replace the earlier's
+        earlier = list(json.loads((out / "results.json").read_text()).get("methods", {}))
+        raise FileExistsError(f"{out} holds the results of an earlier run (methods {earlier}); pass another --out, "
+                              "or move them.")
     experiences = scenario.load()
     names = [e.name for e in experiences]
     out.mkdir(parents=True, exist_ok=True)

@@ -635,3 +635,18 @@ def test_joint_final_will_not_overwrite_another_runs_results(tmp_path, tiny_back
     assert json.loads((tmp_path / "results.json").read_text())["final_row"] == first["final_row"]
     again = joint_final.run(scenario, tmp_path, backbone=backbone, config=config, device="cpu", echo=lambda line: None)
     assert again["final_row"] == first["final_row"]  # the same run again may replace its own results
+
+
+def test_update_benchmark_will_not_overwrite_an_earlier_runs_results(tmp_path, tiny_backbone):
+    """A second run into the same --out with other --methods (update-replay first, retrain later) found no registry
+    of its own in the way and replaced results.json and results.md with its methods alone: the first run's
+    accuracy matrices and times were lost."""
+    updates = load_script("updates")
+    earlier = {"scenario": "sentiment4", "methods": {"update-replay": {"report": {}}}}
+    (tmp_path / "results.json").write_text(json.dumps(earlier))
+    with pytest.raises(FileExistsError, match="another --out"):
+        updates.run(shrunk("sentiment4").shrink(8, 4), tmp_path, device="cpu", methods=("retrain",),
+                    backbone=BackboneConfig(name_or_path=tiny_backbone, max_length=32),
+                    training=TrainConfig(epochs=1, max_steps=1, batch_size=8, progress=False), echo=lambda line: None)
+    assert json.loads((tmp_path / "results.json").read_text()) == earlier
+    assert not (tmp_path / "registry-retrain").exists()
