@@ -35,6 +35,7 @@ def run(scenario, out: str | Path, *, backbone=None, config=None, order: str = "
     import torch
 
     from cmtl.benchmarks.learners import StrategyConfig, experience_accuracy, fit_experience, make_learner
+    from cmtl.benchmarks.results import check_same_run
     from cmtl.core.backbone import BackboneConfig, load_backbone
 
     started = time.perf_counter()
@@ -47,8 +48,7 @@ def run(scenario, out: str | Path, *, backbone=None, config=None, order: str = "
                       "backbone": backbone.to_dict(), "adapter": config.adapter.to_dict(),
                       "training": config.training.to_dict()}
     out = Path(out)
-    _check_not_another_run(out / "results.json", {"scenario": scenario.name, "order": order,
-                                                  "command_config": command_config})
+    check_same_run(out, {"scenario": scenario.name, "order": order, "command_config": command_config}, key=None)
     stream = available[order]
     experiences = stream.load()
     T = len(experiences)
@@ -87,19 +87,6 @@ def run(scenario, out: str | Path, *, backbone=None, config=None, order: str = "
          + " ".join(f"{n}={v:.3f}" for n, v in zip(names, row)))
     echo(f"   ACC {results['acc']:.3f}; wrote {out}/results.json and results.md")
     return results
-
-
-def _check_not_another_run(path: Path, settings: dict) -> None:
-    """Refuse to replace ``path`` when it holds the results of a run with other settings (backbone, order,
-    sizes, training): the default ``--out`` is the same for all of them. The same run again may replace it."""
-    if not path.exists():
-        return
-    stored, now = json.loads(path.read_text()), json.loads(json.dumps(settings))
-    flat = lambda d: {**{k: v for k, v in d.items() if k != "command_config"}, **d.get("command_config", {})}  # noqa: E731
-    stored, now = flat(stored), flat(now)
-    if changed := sorted(k for k, v in now.items() if stored.get(k) != v):
-        raise FileExistsError(f"{path} holds the results of a run with other {', '.join(changed)} "
-                              f"(stored: { {k: stored.get(k) for k in changed} }); pass another --out, or move it.")
 
 
 def main(argv=None) -> int:

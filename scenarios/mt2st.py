@@ -46,6 +46,11 @@ PAIRINGS = {
 WAYS = ("stl", "mtl", "diminish", "switch", "adaptive-switch")
 
 
+def _settings(args) -> dict:
+    """The options a run's results depend on (recorded, and checked before another run writes into --out)."""
+    return {k: v for k, v in vars(args).items() if k not in ("out", "argv")}
+
+
 def run(args, echo=print) -> dict:
     from cmtl import BackboneConfig, TaskSpec, TrainConfig
     from cmtl.benchmarks.corpora import corpus_info, load_corpus
@@ -92,7 +97,7 @@ def run(args, echo=print) -> dict:
                "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
                "torch_threads": torch.get_num_threads(),
                "command": " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if args.argv is None else args.argv)),
-               "ways": {}}
+               "settings": _settings(args), "ways": {}}
     bank = AdapterBank(backbone.encoder)
     for way in args.ways:
         n_tasks = 1 if way == "stl" else len(specs)
@@ -199,10 +204,12 @@ def main(argv: list[str] | None = None, echo=print) -> dict:
     unknown = sorted(set(args.ways) - set(WAYS))
     if unknown:
         p.error(f"unknown ways {unknown}; choose from {list(WAYS)}")
-    results = run(args, echo)
+    from cmtl.benchmarks.results import check_same_run, write_results
+
     out = Path(args.out) / args.pairing
+    check_same_run(out, _settings(args))
+    results = run(args, echo)
     out.mkdir(parents=True, exist_ok=True)
-    from cmtl.benchmarks.results import write_results
 
     write_results(out, results, to_markdown(results))
     plot_curves(results, out / "accuracy-vs-time.png")

@@ -38,6 +38,11 @@ import torch
 TEXT5 = ("bbc_news", "trec6", "sms_spam", "rotten_tomatoes", "fine_foods")
 
 
+def _settings(args) -> dict:
+    """The options a run's results depend on (recorded, and checked before another run writes into --out)."""
+    return {k: v for k, v in vars(args).items() if k not in ("out",)}
+
+
 def build_registry(root: Path, k: int, layers: int | None, device: str):
     """A registry with ``k`` tasks (labels of the text5 corpora in turn), each trained a few steps."""
     from cmtl import BackboneConfig, Registry, TaskSpec, TrainConfig
@@ -278,7 +283,7 @@ def to_markdown(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None, echo=print) -> dict:
-    from cmtl.benchmarks.results import write_results
+    from cmtl.benchmarks.results import check_same_run, write_results
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--adapters", default="1,4,16", help="numbers of task adapters to mix")
@@ -296,8 +301,9 @@ def main(argv: list[str] | None = None, echo=print) -> dict:
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     out = Path(args.out)
+    check_same_run(out, _settings(args))
     out.mkdir(parents=True, exist_ok=True)
-    results = {"device": args.device, "layers": args.layers, "batch_size": args.batch_size,
+    results = {"settings": _settings(args), "device": args.device, "layers": args.layers, "batch_size": args.batch_size,
                "batch_tokens": args.batch_tokens, "batches": args.batches,
                "repeats": args.repeats, "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
                "machine": torch.cuda.get_device_name() if args.device == "cuda"

@@ -46,6 +46,11 @@ TEXT5 = ("bbc_news", "trec6", "sms_spam", "rotten_tomatoes", "fine_foods")
 TARGET_MODULES = ("query", "value")
 
 
+def _settings(args) -> dict:
+    """The options a run's results depend on (recorded, and checked before another run writes into --out)."""
+    return {k: v for k, v in vars(args).items() if k not in ("out", "worker", "phase", "way")}
+
+
 # --- one measurement (runs in a worker process) ---------------------------------------
 
 
@@ -295,6 +300,7 @@ def run(args, echo=print) -> dict:
                "lora": {"r": 8, "alpha": 16, "dropout": 0.1, "target_modules": list(TARGET_MODULES)},
                "device": device, "machine": _machine(device), "torch_threads": torch.get_num_threads(),
                "date": time.strftime("%Y-%m-%d"), "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+               "settings": _settings(args),
                "runs": {"train": {}, "eval": {}}}
     plan = [("train", way) for way in args.ways] + ([("eval", way) for way in EVAL_WAYS] if args.eval else [])
     for repeat in range(args.repeats):
@@ -404,6 +410,9 @@ def main(argv: list[str] | None = None, echo=print) -> None:
     if unknown:
         p.error(f"unknown ways {unknown}; choose from {list(TRAIN_WAYS)}")
     args.out = args.out or f"runs/bench/speed-{args.adapt}"
+    from cmtl.benchmarks.results import check_same_run
+
+    check_same_run(args.out, _settings(args))
     results = run(args, echo=echo)
     echo(to_markdown(results))
 

@@ -35,6 +35,11 @@ from pathlib import Path
 import numpy as np
 
 
+def _settings(args) -> dict:
+    """The options a run's results depend on (recorded, and checked before another run writes into --out)."""
+    return {k: v for k, v in vars(args).items() if k not in ("out", "argv")}
+
+
 def run(args, echo=print) -> dict:
     from cmtl import BackboneConfig, Registry, TrainConfig
     from cmtl.benchmarks.scenarios import Scenario
@@ -129,7 +134,8 @@ def run(args, echo=print) -> dict:
                "max_train": scenario.max_train, "max_eval": scenario.max_eval, "layers": args.layers,
                "max_length": args.max_length,
                "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
-               "command": " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if args.argv is None else args.argv))}
+               "command": " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if args.argv is None else args.argv)),
+               "settings": _settings(args)}
     (out / "affinity.json").write_text(json.dumps({"tasks": names, "affinity": Z.tolist()}, indent=2) + "\n")
     plot_affinity(Z, names, out / "affinity.png", "TAG lookahead affinity", "Z (i → j)")
     if pair_gain is not None:
@@ -225,6 +231,9 @@ def main(argv: list[str] | None = None, echo=print) -> dict:
     p.add_argument("--out", default="runs/bench/tag")
     args = p.parse_args(argv)
     args.argv = argv
+    from cmtl.benchmarks.results import check_same_run
+
+    check_same_run(args.out, _settings(args))
     results = run(args, echo)
     echo(to_markdown(results))
     return results

@@ -650,3 +650,30 @@ def test_update_benchmark_will_not_overwrite_an_earlier_runs_results(tmp_path, t
                     training=TrainConfig(epochs=1, max_steps=1, batch_size=8, progress=False), echo=lambda line: None)
     assert json.loads((tmp_path / "results.json").read_text()) == earlier
     assert not (tmp_path / "registry-retrain").exists()
+
+
+@pytest.mark.parametrize("script, args, where", [
+    ("mt2st", ["--max-train", "24", "--steps", "8"], "rotten"),
+    ("tag", ["--max-train", "24", "--no-pairs"], ""),
+    ("speed", ["--max-train", "16", "--repeats", "1"], ""),
+    ("serving", ["--requests", "500", "--adapters", "1,4"], ""),
+])
+def test_a_quick_look_does_not_replace_another_runs_results(tmp_path, monkeypatch, script, args, where):
+    """Each script's docstring suggests a quick look with the default --out: it replaced the results of the full
+    run made there before (results.json, results.md, the plots) without a word."""
+    module = load_script(script)
+    out = tmp_path / where
+    out.mkdir(exist_ok=True)
+    earlier = {"settings": {"max_train": 500}, "ways": {"stl": {}}}
+    (out / "results.json").write_text(json.dumps(earlier))
+
+    class WouldRun(Exception):
+        pass
+
+    def would_run(*args, **kwargs):
+        raise WouldRun
+
+    monkeypatch.setattr(module, "run" if script != "serving" else "throughput", would_run)
+    with pytest.raises(FileExistsError, match="another --out"):
+        module.main(args + ["--out", str(tmp_path), "--device", "cpu"], echo=lambda *a: None)
+    assert json.loads((out / "results.json").read_text()) == earlier
