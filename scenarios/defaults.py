@@ -13,7 +13,8 @@ sees, so what any ``probe_margin`` would have kept; with validation given it is 
 held-out`` it trains and stops on the rows ``add_task`` keeps and holds out).
 Each (corpus, seed) uses the corpus split and training seed ``seed``, so seeds differ in data and
 initialisation. Results are appended to ``results.json`` as each run ends, so an interrupted study
-resumes where it stopped (under the same settings and the same ``TrainConfig``/``AdapterConfig`` defaults); ``results.md`` holds the per-variant means and a per-corpus table.
+resumes where it stopped (under the same settings and the same ``TrainConfig``/``AdapterConfig`` defaults
+and default LoRA targets); ``results.md`` holds the per-variant means and a per-corpus table.
 
     python scenarios/defaults.py                                   # every variant, 6 corpora, 3 seeds
     python scenarios/defaults.py --variants probe,v01,default --seeds 0
@@ -43,6 +44,7 @@ from cmtl.benchmarks.learners import StrategyConfig, run_stream
 from cmtl.benchmarks.results import write_results
 from cmtl.benchmarks.scenarios import ExperienceSpec, Scenario
 from cmtl.continual import updates
+from cmtl.core.adapters import TARGETS
 from cmtl.data import read_examples
 from cmtl.training.evaluation import compute_metrics
 from cmtl.training.probe import linear_probe
@@ -230,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     if changed := {k: (stored[k], v) for k, v in settings.items() if stored[k] != v}:
         parser.error(f"{path} holds runs made with other settings {changed} (stored, now): use another --out")
     # The variants set only what they change: runs made under other library defaults are other variants.
-    now = {"training": TrainConfig().to_dict(), "adapter": AdapterConfig().to_dict()}
+    now = json.loads(json.dumps({"training": TrainConfig().to_dict(), "adapter": AdapterConfig().to_dict(),
+                                 "targets": TARGETS}))  # the modules AdapterConfig() adapts, per family
     before = results.get("defaults") or {}
     if moved := {f"{kind}.{k}": (v, now[kind][k]) for kind in now for k, v in before.get(kind, {}).items()
                  if k in now[kind] and v != now[kind][k]}:

@@ -615,6 +615,12 @@ def test_defaults_study_will_not_resume_under_other_library_defaults(tmp_path, c
     assert "validation_fraction" in capsys.readouterr().err
     assert json.loads(path.read_text()) == stored  # nothing trained, nothing rewritten
     stored["defaults"]["training"]["validation_fraction"] = TrainConfig().validation_fraction
+    stored["defaults"]["targets"]["bert"] = ["query", "value"]  # BERT's default modules until 2026-12-05
+    path.write_text(json.dumps(stored))
+    with pytest.raises(SystemExit):
+        defaults.main(quick + ["--variants", "probe,default"])
+    assert "targets.bert" in capsys.readouterr().err
+    del stored["defaults"]["targets"]  # a study stored before the targets were recorded is not judged on them
     path.write_text(json.dumps(stored))
     assert defaults.main(quick + ["--variants", "probe"]) == 0  # same defaults: resumes
 
