@@ -587,9 +587,10 @@ def test_speed_benchmark_evaluates_the_lora_it_names(monkeypatch, tmp_path):
     monkeypatch.setattr(speed, "_hf_model", lambda args, n, layers: record("hf-peft")(None, None, layers))
     args = argparse.Namespace(layers=2, max_eval=4, adapt="top-half", device="cpu", seed=0, batch_size=8, epochs=1,
                               lr=1e-3)
+    evaluate = {"cmtl": speed.eval_cmtl, "hf-peft": speed.eval_hf, "avalanche": speed.eval_avalanche}
     for way in speed.EVAL_WAYS:
         with pytest.raises(Stop):
-            {"cmtl": speed.eval_cmtl, "hf-peft": speed.eval_hf, "avalanche": speed.eval_avalanche}[way](args, tmp_path / way)
+            evaluate[way](args, tmp_path / way)
     assert seen["hf-peft"] == (1,)
     for way in ("cmtl", "avalanche"):
         assert seen[way].target_modules == speed.TARGET_MODULES and seen[way].layers == (1,)
@@ -633,8 +634,8 @@ def test_joint_final_will_not_overwrite_another_runs_results(tmp_path, tiny_back
     backbone = BackboneConfig(name_or_path=tiny_backbone, max_length=32)
     scenario = Scenario.from_yaml(SCENARIOS / "text5.yaml").shrink(8, 4)
     first = joint_final.run(scenario, tmp_path, backbone=backbone, config=config, device="cpu", echo=lambda line: None)
-    for other in ({"scenario": scenario.shrink(6, 4)}, {"order": "random-1"},
-                  {"config": StrategyConfig(training=TrainConfig(epochs=1, max_steps=2, batch_size=8, progress=False))}):
+    longer = StrategyConfig(training=TrainConfig(epochs=1, max_steps=2, batch_size=8, progress=False))
+    for other in ({"scenario": scenario.shrink(6, 4)}, {"order": "random-1"}, {"config": longer}):
         with pytest.raises(FileExistsError, match="another --out"):
             joint_final.run(**{"scenario": scenario, "out": tmp_path, "backbone": backbone, "config": config,
                                "device": "cpu", "echo": lambda line: None, **other})
@@ -683,3 +684,17 @@ def test_a_quick_look_does_not_replace_another_runs_results(tmp_path, monkeypatc
     with pytest.raises(FileExistsError, match="another --out"):
         module.main(args + ["--out", str(tmp_path), "--device", "cpu"], echo=lambda *a: None)
     assert json.loads((out / "results.json").read_text()) == earlier
+
+
+def test_check_same_run_names_what_differs_and_lets_the_same_run_replace_its_results(tmp_path):
+    from cmtl.benchmarks.results import check_same_run, write_results
+
+    check_same_run(tmp_path, {"a": 1})  # nothing written yet
+    write_results(tmp_path, {"settings": {"a": 1, "b": {"c": (1, 2), "d": 0}}, "ways": {}})
+    check_same_run(tmp_path, {"a": 1, "b": {"c": (1, 2), "d": 0}})  # the same run again: tuples stored as lists
+    with pytest.raises(FileExistsError, match=r"'b\.d': \(0, 1\).*another --out"):
+        check_same_run(tmp_path, {"a": 1, "b": {"c": (1, 2), "d": 1}})
+    with pytest.raises(FileExistsError, match=r"'e': \(None, 2\)"):
+        check_same_run(tmp_path, {"a": 1, "b": {"c": (1, 2), "d": 0}, "e": 2})
+    write_results(tmp_path, {"ways": {}})  # written before settings were recorded: not judged
+    check_same_run(tmp_path, {"a": 2})
