@@ -153,7 +153,8 @@ def run_variant(variant: str, exp, backbone: BackboneConfig, seed: int, device: 
 
 
 def summarise(results: dict) -> str:
-    """Per-variant means over corpora and seeds, and per-corpus accuracy."""
+    """Per-variant means over corpora and seeds, and per-corpus accuracy. Errors removed is (acc − probe) /
+    (1 − probe) per run, against the probe of the same corpus and seed, averaged over the runs whose probe erred."""
     rows = results["runs"]
     probe = {(r["corpus"], r["seed"]): r["accuracy"] for r in rows if r["variant"] == "probe"}
     v01 = {(r["corpus"], r["seed"]): r["time_s"] for r in rows if r["variant"] == "v01"}
@@ -166,8 +167,8 @@ def summarise(results: dict) -> str:
         acc = statistics.fmean(r["accuracy"] for r in mine)
         by_corpus = [[r["accuracy"] for r in mine if r["corpus"] == c] for c in corpora]
         sds = [statistics.stdev(a) for a in by_corpus if len(a) > 1]
-        removed = [(r["accuracy"] - probe[k]) / max(1 - probe[k], 1e-9) for r in mine
-                   if (k := (r["corpus"], r["seed"])) in probe]
+        removed = [(r["accuracy"] - probe[k]) / (1 - probe[k]) for r in mine  # a perfect probe left none to remove
+                   if (k := (r["corpus"], r["seed"])) in probe and probe[k] < 1]
         below = sum(r["accuracy"] < probe[(r["corpus"], r["seed"])] for r in mine if (r["corpus"], r["seed"]) in probe)
         ratio = [r["time_s"] / v01[k] for r in mine if (k := (r["corpus"], r["seed"])) in v01]
         size = [r["bytes"] for r in mine if r.get("bytes")]

@@ -698,3 +698,18 @@ def test_check_same_run_names_what_differs_and_lets_the_same_run_replace_its_res
         check_same_run(tmp_path, {"a": 1, "b": {"c": (1, 2), "d": 0}, "e": 2})
     write_results(tmp_path, {"ways": {}})  # written before settings were recorded: not judged
     check_same_run(tmp_path, {"a": 2})
+
+
+def test_defaults_study_errors_removed_leaves_out_runs_with_no_probe_errors():
+    """(acc - probe) / (1 - probe) divided by 1e-9 where the probe scored 1.0: one run 0.01 below a perfect probe
+    (one text in a quick look) made the study's mean 'errors removed' about -500,000,000 %."""
+    defaults = load_script("defaults")
+    common = {"seed": 0, "time_s": 1.0, "trainable_parameters": 10, "n_train": 32, "bytes": None}
+    runs = [{**common, "variant": "probe", "corpus": "sms_spam", "accuracy": 1.0},
+            {**common, "variant": "probe", "corpus": "trec6", "accuracy": 0.8},
+            {**common, "variant": "default", "corpus": "sms_spam", "accuracy": 0.99},
+            {**common, "variant": "default", "corpus": "trec6", "accuracy": 0.9}]
+    table = defaults.summarise({"runs": runs}).splitlines()
+    default = next(line for line in table if line.startswith("| default | 2 |")).split(" | ")
+    assert default[4] == "50.0 %"  # trec6 alone: half the probe's errors; sms_spam's probe left none to remove
+    assert default[5] == "1"  # still one run below the probe
