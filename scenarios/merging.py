@@ -53,6 +53,13 @@ def run(scenario: Scenario, out: Path, *, backbone: BackboneConfig, training: Tr
     if scenario.kind != "task-incremental":
         raise ValueError(f"Scenario {scenario.name!r} is {scenario.kind}; merging needs one adapter per task "
                          "(a task-incremental scenario).")
+    label_of = lambda m, h: m if h == "keep" else f"{m}+refit"  # noqa: E731
+    if compare_full and not search:
+        raise ValueError(f"--compare-full {','.join(compare_full)} compares a searched merge with its full grid; "
+                         "without the knob search (--no-search) there is no grid. Drop one of the two.")
+    if unknown := sorted(set(compare_full) - {label_of(m, h) for m in methods for h in heads}):
+        raise ValueError(f"--compare-full names merges this run does not make: {unknown}. It runs "
+                         f"{sorted(label_of(m, h) for m in methods for h in heads)} (--methods and --heads).")
     experiences = scenario.load()
     tasks = [e.spec.name for e in experiences]
     out.mkdir(parents=True, exist_ok=True)
@@ -84,7 +91,6 @@ def run(scenario: Scenario, out: Path, *, backbone: BackboneConfig, training: Tr
                    "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
                    "individual": individual, "train_seconds": train_seconds, "frozen": frozen, "merges": {}}
     train_seconds = results["train_seconds"]
-    label_of = lambda m, h: m if h == "keep" else f"{m}+refit"  # noqa: E731
     runs = [(m, h, halving) for m in methods for h in heads
             for halving in ((True, False) if search and label_of(m, h) in compare_full else (True,))]
     for method, head, halving in runs:

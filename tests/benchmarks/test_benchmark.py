@@ -713,3 +713,20 @@ def test_defaults_study_errors_removed_leaves_out_runs_with_no_probe_errors():
     default = next(line for line in table if line.startswith("| default | 2 |")).split(" | ")
     assert default[4] == "50.0 %"  # trec6 alone: half the probe's errors; sms_spam's probe left none to remove
     assert default[5] == "1"  # still one run below the probe
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"search": False}, "without the knob search"),
+    ({"compare_full": ("ties",)}, r"\['ties'\].*ties\+refit"),  # --heads refit runs no 'ties' to compare
+    ({"compare_full": ("dare+refit",)}, r"\['dare\+refit'\]"),  # not among --methods
+])
+def test_merge_benchmark_refuses_a_compare_full_it_would_not_run(tmp_path, tiny_backbone, change, match):
+    """--compare-full names merges to run again on the full grid; under --no-search, or naming a merge that
+    --methods and --heads do not run, it ran nothing more and said nothing."""
+    merging = load_script("merging")
+    kwargs = {"methods": ("ties",), "heads": ("refit",), "compare_full": ("ties+refit",), "search": True, **change}
+    with pytest.raises(ValueError, match=match):
+        merging.run(shrunk("text5"), tmp_path, backbone=BackboneConfig(name_or_path=tiny_backbone, max_length=32),
+                    training=TrainConfig(epochs=1, batch_size=8, progress=False), device="cpu",
+                    rank=4, echo=lambda line: None, **kwargs)
+    assert not (tmp_path / "registry").exists()  # refused before anything trained
