@@ -20,7 +20,6 @@ refused before anything trains.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import resource
 import sys
@@ -35,7 +34,7 @@ def run(scenario, out: str | Path, *, backbone=None, config=None, order: str = "
     import torch
 
     from cmtl.benchmarks.learners import StrategyConfig, experience_accuracy, fit_experience, make_learner
-    from cmtl.benchmarks.results import check_same_run
+    from cmtl.benchmarks.results import check_same_run, write_results
     from cmtl.core.backbone import BackboneConfig, load_backbone
 
     started = time.perf_counter()
@@ -75,14 +74,12 @@ def run(scenario, out: str | Path, *, backbone=None, config=None, order: str = "
         "date": time.strftime("%Y-%m-%d"),
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     names = results["task_names"]
     cells = [f"{v:.3f}" for v in row] + [f"{results['acc']:.3f}", f"{seconds:.0f}", f"{results['wall_seconds']:.0f}",
                                           f"{results['peak_rss_mib']:.0f}"]
-    (out / "results.md").write_text(
-        f"# {scenario.name} ({order}): joint, final experience only\n\n"
-        "| " + " | ".join(names) + " | ACC | training s | wall s | peak RSS MiB |\n"
-        + "|---" * (len(names) + 4) + "|\n| " + " | ".join(cells) + " |\n")
+    write_results(out, results, f"# {scenario.name} ({order}): joint, final experience only\n\n"
+                  "| " + " | ".join(names) + " | ACC | training s | wall s | peak RSS MiB |\n"
+                  + "|---" * (len(names) + 4) + "|\n| " + " | ".join(cells) + " |")
     echo(f"joint after {experiences[-1].name} ({seconds:.0f} s): "
          + " ".join(f"{n}={v:.3f}" for n, v in zip(names, row)))
     echo(f"   ACC {results['acc']:.3f}; wrote {out}/results.json and results.md")

@@ -105,11 +105,11 @@ def run(scenario: Scenario, out: Path, *, backbone: BackboneConfig, training: Tr
             method=method, rank=rank, refit_heads=head == "refit", halving=halving, progress=False))
         seconds = time.perf_counter() - started
         merged = {e.name: reg.evaluate(e.name, e.test, merge=record["name"])["accuracy"] for e in experiences}
-        normalised = {t: merged[t] / individual[t] for t in tasks}
+        normalised = ratios(merged, individual)
         base = frozen[head]
         results["merges"][label] = {
             "test_accuracy": merged, "normalised": normalised, "mean_normalised": float(np.mean(list(normalised.values()))),
-            "frozen_mean_normalised": float(np.mean([base[t] / individual[t] for t in tasks])),
+            "frozen_mean_normalised": float(np.mean(list(ratios(base, individual).values()))),
             "beats_frozen": [t for t in tasks if merged[t] > base[t]],
             "below_frozen": [t for t in tasks if merged[t] < base[t]],
             "config": record["config"], "rank": record["adapter"]["r"],
@@ -125,6 +125,11 @@ def run(scenario: Scenario, out: Path, *, backbone: BackboneConfig, training: Tr
         write_results(out, results)
     write_results(out, results, to_markdown(results))
     return results
+
+
+def ratios(scores: dict[str, float], individual: dict[str, float]) -> dict[str, float]:
+    """Each task's score over its own adapter's: NaN where that scored 0 (nothing to normalise by)."""
+    return {t: scores[t] / individual[t] if individual[t] else float("nan") for t in individual}
 
 
 def _previous(out: Path, settings: dict) -> dict:

@@ -730,3 +730,14 @@ def test_merge_benchmark_refuses_a_compare_full_it_would_not_run(tmp_path, tiny_
                     training=TrainConfig(epochs=1, batch_size=8, progress=False), device="cpu",
                     rank=4, echo=lambda line: None, **kwargs)
     assert not (tmp_path / "registry").exists()  # refused before anything trained
+
+
+def test_the_merging_script_survives_a_task_whose_own_adapter_scores_zero():
+    """merged / individual raised ZeroDivisionError after every adapter had trained and before results.json
+    existed, so --resume refused (no results) and a new run refused (the registry exists): the training was
+    lost. A ratio to a zero is NaN, shown as such."""
+    import math
+
+    merging = load_script("merging")
+    ratios = merging.ratios({"a": 0.5, "b": 0.4}, {"a": 0.0, "b": 0.8})
+    assert math.isnan(ratios["a"]) and ratios["b"] == 0.5
