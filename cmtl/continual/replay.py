@@ -431,5 +431,5 @@ def stored(spec: TaskSpec, examples: Examples) -> Examples:
     rule then); names pass unchanged."""
     if spec.problem_type == "regression" or examples.labels is None:
         return examples
-    names = dataclasses.replace(spec, label_encoding="index").label_names(examples.labels)
+    names = dataclasses.replace(spec, label_encoding="index").label_names(examples.labels, stored=True)
     return dataclasses.replace(examples, labels=names)

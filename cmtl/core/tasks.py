@@ -163,7 +163,8 @@ class TaskSpec:
 
     # --- labels -----------------------------------------------------------------
 
-    def label_names(self, values: Sequence[Any], *, class_names: Sequence[str] | None = None) -> list:
+    def label_names(self, values: Sequence[Any], *, class_names: Sequence[str] | None = None,
+                    stored: bool = False) -> list:
         """Raw label values -> label names, by the rule in the class docstring.
 
         Single-label: one name per row. Multi-label: a list of names per row (a lone
@@ -173,6 +174,8 @@ class TaskSpec:
             values: One raw label (multi-label: one label or a list of them) per row.
             class_names: The ClassLabel names of the label column, if it is one; its
                 integers are then read as those names.
+            stored: ``values`` are rows cmtl wrote (a replay buffer, a held-out sample): lists of
+                positions, never multi-hot vectors, so rows that all name every label are kept.
 
         Raises:
             DataError: a value that names no label of the task, integers whose meaning
@@ -250,7 +253,7 @@ class TaskSpec:
                 "in the TaskSpec; to add labels to a task in a registry, update it with the new ones "
                 "(update_task(..., labels=[...current labels, ...new ones]), `cmtl update --labels`)."
             )
-        if len(out) > 1 and every == len(out):
+        if len(out) > 1 and every == len(out) and not stored:
             read = "positions" if self.label_encoding == "index" else "values"
             raise DataError(
                 f"Every row of the data of task {self.name!r} names every label {list(self.labels)} ({len(out)} rows), "

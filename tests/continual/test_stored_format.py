@@ -30,3 +30,14 @@ def test_unseeded_samples_follow_the_stored_sequence():
     old = ReplayBuffer.from_bytes((DATA / "reservoir-cmtl-0.1.parquet").read_bytes())
     assert [it.text for it in old.sample(2)] == ["text 7", "text 3"]  # what cmtl 0.1 drew from this file
     assert [it.text for it in old.sample(2)] == ["text 4", "text 3"]
+
+
+def test_stored_multi_label_positions_that_name_every_label_read_back():
+    """A buffer or held-out sample of an earlier release holds positions; rows that are all positive (a small
+    held-out sample of a two-label task) are the task's own rows, not multi-hot vectors to refuse."""
+    from cmtl import TaskSpec
+    from cmtl.continual.replay import stored
+
+    spec = TaskSpec("tags", labels=["a", "b"], problem_type="multi_label")
+    kept = stored(spec, Examples(["x", "y"], None, [[0, 1], [1, 0]]))
+    assert kept.labels == [["a", "b"], ["b", "a"]]
