@@ -13,6 +13,7 @@ forward hook, :func:`hook_row_lora`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import re
 import warnings
@@ -121,6 +122,17 @@ def bare_model_state(state: dict[str, torch.Tensor], encoder: nn.Module) -> dict
         return state
     return {key if p is None else f"{PEFT_PREFIX}{p[0].removeprefix(PEFT_PREFIX)[len(prefix):]}.lora_{p[1]}.weight":
             value for (key, value), p in zip(state.items(), parsed.values())}
+
+
+def existing_layers(config: AdapterConfig, encoder: nn.Module) -> AdapterConfig:
+    """A stored ``config`` with only the layers ``encoder`` has: an earlier cmtl stored the layers it was given,
+    and peft adapted those that exist, silently dropping those a cut removed (:meth:`AdapterBank.add` now
+    refuses them in a new config). As it is when it lists no such layer, or only such layers."""
+    from cmtl.core.backbone import layer_list
+
+    found = layer_list(encoder) if config.layers is not None else None
+    kept = () if found is None else tuple(i for i in config.layers if i < len(found[1]))
+    return dataclasses.replace(config, layers=kept) if kept and kept != config.layers else config
 
 
 def state_layers(state: dict[str, torch.Tensor], encoder: nn.Module) -> tuple[int, ...] | None:

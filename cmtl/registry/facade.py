@@ -30,7 +30,7 @@ from cmtl._io import tensors_to_bytes
 from cmtl.continual import analytic, updates
 from cmtl.continual.config import AnalyticConfig
 from cmtl.continual.updates import MemoryConfig, UpdateConfig
-from cmtl.core.adapters import AdapterConfig
+from cmtl.core.adapters import AdapterConfig, existing_layers
 from cmtl.core.backbone import Backbone, BackboneConfig, load_backbone
 from cmtl.core.heads import TaskHead
 from cmtl.core.tasks import TaskSpec
@@ -787,8 +787,9 @@ class Registry(LoadedRegistry):
         if len(tasks) < 2:
             raise ValueError(f"A group needs at least two tasks; got {tasks}. Use add_task or update_task for one.")
         specs = [self.spec(t) for t in tasks]  # TaskNotFoundError for unknown tasks
-        adapter = adapter or AdapterConfig.from_dict(self._version_record(tasks[0], self._entry(tasks[0])["current"])
-                                                     ["adapter"])
+        if adapter is None:  # the first task's, as its current version ran (an earlier cmtl's may list cut layers)
+            stored = self._version_record(tasks[0], self._entry(tasks[0])["current"])["adapter"]
+            adapter = existing_layers(AdapterConfig.from_dict(stored), self.backbone.encoder)
         train_ex = [read_examples(data[t][0], spec) for t, spec in zip(tasks, specs)]
         val_ex = [None if data[t][1] is None else read_examples(data[t][1], spec) for t, spec in zip(tasks, specs)]
         for examples, held, spec in zip(train_ex, val_ex, specs):

@@ -737,3 +737,24 @@ def test_joint_training_that_diverges_raises_and_leaves_the_parameters_as_they_w
                         pad_id=backbone.pad_id, device=torch.device("cpu"))
     for p, b in zip([*shared, *heads], before):
         torch.testing.assert_close(p.detach(), b, rtol=0, atol=0)
+
+
+def test_group_on_a_version_whose_stored_layers_a_cut_dropped_trains(tiny_backbone, tmp_path, monkeypatch):
+    """A version that an earlier cmtl stored with layers the cut backbone lacks (peft dropped them, so its
+    weights adapt the others) gives train_group its adapter settings: they are taken as that version ran."""
+    from cmtl import BackboneConfig, Registry
+    from tests.conftest import FAST
+
+    reg = Registry.create(tmp_path / "reg", BackboneConfig(name_or_path=tiny_backbone, num_hidden_layers=1,
+                                                           max_length=64), device="cpu")
+    with monkeypatch.context() as m:  # the add of an earlier cmtl: no check of the layers
+        m.setattr(AdapterBank, "add", AdapterBank._add)
+        reg.add_task(TaskSpec("sentiment", labels=["neg", "pos"]), toy_sentiment(16),
+                     adapter=AdapterConfig(r=2, layers=(0, 1)), training=FAST)
+    reg.add_task(TaskSpec("topic", labels=TOPICS), toy_topics(15), adapter=AdapterConfig(r=2, layers=(0,)),
+                 training=FAST)
+    assert reg.versions("sentiment")[0].adapter["layers"] == [0, 1]
+    data = {"sentiment": (toy_sentiment(16), toy_sentiment(8, 1)), "topic": (toy_topics(15), toy_topics(9, 1))}
+    record = reg.train_group("both", data, config=MultiTaskConfig(steps=2, eval_every=2),
+                             training=TrainConfig(batch_size=8, progress=False))
+    assert record["tasks"] == ["sentiment", "topic"]
