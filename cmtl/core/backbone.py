@@ -552,11 +552,18 @@ def model_config(hf_config) -> dict:
     return json.loads(json.dumps(values, sort_keys=True, default=str))
 
 
-def config_changes(recorded: dict, current: dict) -> list[str]:
-    """``key recorded -> current`` for each key both configs set to different values. A key only one side has
-    (one a newer transformers added, or a record leaves out) is no change."""
-    return [f"{k} {recorded[k]!r} -> {current[k]!r}" for k in sorted(set(recorded) & set(current))
-            if recorded[k] != current[k]]
+def config_changes(recorded: dict, current: dict, path: str = "") -> list[str]:
+    """``key recorded -> current`` for each key both configs set to different values, nested settings
+    (``rope_parameters``, a sub-config) key by key (``rope_parameters.rope_theta``). A key only one side has
+    (one a newer transformers added, or a record leaves out) is no change, at any depth."""
+    changes = []
+    for k in sorted(set(recorded) & set(current)):
+        old, new = recorded[k], current[k]
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += config_changes(old, new, f"{path}{k}.")
+        elif old != new:
+            changes.append(f"{path}{k} {old!r} -> {new!r}")
+    return changes
 
 
 def weights_sha256(model: nn.Module) -> str:

@@ -125,3 +125,16 @@ def test_a_text_longer_than_the_position_table_is_cut_at_its_end(family, tiny_ba
         assert torch.isfinite(bb.embed(padded, mask)).all()
     short = load_backbone(BackboneConfig(name_or_path=str(path), max_length=16), device="cpu")
     assert len(short.tokenize(["the movie was great " * 100])["input_ids"][0]) == 16
+
+
+def test_a_key_only_one_model_config_has_is_no_change_inside_nested_settings_too():
+    """A newer transformers that adds a key inside a nested setting (rope_parameters, a sub-config) computes the
+    same features; a value that both sides set and that differs is still a change, named by its path."""
+    from cmtl.core.backbone import config_changes
+
+    recorded = {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "rms_norm_eps": 1e-6}
+    newer = {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0},
+             "rms_norm_eps": 1e-6, "new_flag": True}
+    assert config_changes(recorded, newer) == []
+    edited = {**newer, "rope_parameters": {**newer["rope_parameters"], "rope_theta": 5e5}}
+    assert config_changes(recorded, edited) == ["rope_parameters.rope_theta 10000.0 -> 500000.0"]
