@@ -69,7 +69,7 @@ from cmtl.continual.updates import MemoryConfig, UpdateConfig
 from cmtl.core.adapters import AdapterBank, AdapterConfig
 from cmtl.core.backbone import Backbone, BackboneConfig, load_backbone
 from cmtl.core.heads import TaskHead, route_to_heads
-from cmtl.core.tasks import MASKED_LOGIT, TaskSpec, answers
+from cmtl.core.tasks import MASKED_LOGIT, TaskSpec, answers, unanswered
 from cmtl.data import Encoded, Examples, encode
 from cmtl.errors import InvalidParameterError, bad_param
 from cmtl.registry.facade import Registry
@@ -446,7 +446,7 @@ class AdapterLearner(Learner):
         if self.kind == "task-incremental":
             trained = j < n_seen
             if (j, trained) not in self._answers:
-                self._answers[(j, trained)] = (self.registry.predict(exp.name, texts) if trained
+                self._answers[(j, trained)] = (registry_answers(self.registry, exp.name, texts) if trained
                                                else self._untrained(j, texts))
             return self._answers[(j, trained)]
         if n_seen == 0:
@@ -458,15 +458,16 @@ class AdapterLearner(Learner):
             out = [""] * len(texts)
             for name in set(routes):
                 rows = [k for k, r in enumerate(routes) if r == name]
-                for k, label in zip(rows, self.registry.predict(name, [texts[k] for k in rows])):
+                for k, label in zip(rows, registry_answers(self.registry, name, [texts[k] for k in rows])):
                     out[k] = label
             return out
         # No task id: every seen adapter answers, the most confident (adapter, label) wins.
         best_p = torch.full((len(texts),), -1.0)
         best = [""] * len(texts)
         for e in self.experiences[:n_seen]:
-            probs = torch.from_numpy(self.registry.predict_proba(e.name, texts))  # (N, L_e)
-            p, k = probs.max(-1)
+            logits = registry_logits(self.registry, e.name, texts)  # (N, L_e)
+            p, k = logits.softmax(-1).max(-1)
+            p[unanswered(logits)] = -1.0  # a row this adapter gives no answer for (NaN): it never wins
             for row in torch.nonzero(p > best_p).flatten().tolist():
                 best[row] = e.spec.labels[k[row]]
             best_p = torch.maximum(best_p, p)
@@ -569,7 +570,7 @@ class GrowLearner(Learner):
         texts = self.experiences[j].test.texts
         if n_seen == 0:
             return self._fresh_head_answers(j, self.registry.embed(texts))
-        return self.registry.predict(self.task, texts)
+        return registry_answers(self.registry, self.task, texts)
 
 
 class AnalyticLearner(Learner):
@@ -630,6 +631,18 @@ class AnalyticLearner(Learner):
         if g not in self.heads or n_seen == 0 or (self.kind == "task-incremental" and j >= n_seen):
             return self._fresh_head_answers(j, features)
         return answers(self.labels[g], self.heads[g](features))
+
+
+def registry_logits(registry: Registry, task: str, texts: list[str]) -> torch.Tensor:
+    """The logits (N, L) of ``task``'s current version in ``registry`` for ``texts``."""
+    spec = registry.spec(task)
+    return registry._logits(task, spec, texts, None, None)
+
+
+def registry_answers(registry: Registry, task: str, texts: list[str]) -> list[str | None]:
+    """:meth:`Registry.predict` for a benchmark: ``None`` for a row the model gives no answer for (NaN outputs,
+    scored as wrong, as the other strategies score it) where the registry raises NonFiniteOutputError."""
+    return answers(registry.spec(task).labels, registry_logits(registry, task, texts))
 
 
 def _analytic_bytes(head: AnalyticHead | None, held: list[tuple[torch.Tensor, torch.Tensor]]) -> int:

@@ -314,3 +314,31 @@ def test_avalanche_strategies_start_from_the_heads_of_cmtls_shared_strategies(ti
                                 device=torch.device("cpu"))
         assert [exp.spec.labels[k] for k in logits.argmax(-1).tolist()] == learner.predict(j, 0), j
         assert torch.equal(model.heads[j].linear.weight, learner.heads[j].linear.weight.to(torch.float32)), j
+
+
+@pytest.mark.parametrize("kind", ["task-incremental", "class-incremental"])
+def test_the_adapters_strategy_scores_a_row_without_an_answer_as_wrong(kind, tiny_backbone, tmp_path, monkeypatch):
+    """A row whose outputs are NaN (a half-precision backbone overflowing on one text) gives no answer: the other
+    strategies score it as wrong (None); the registry strategies raised NonFiniteOutputError from
+    Registry.predict and predict_proba, and the whole benchmark run stopped."""
+    from cmtl.benchmarks.learners import make_learner
+    from cmtl.core.backbone import load_backbone
+    from cmtl.registry.runtime import Runtime
+
+    stream = _stream(kind)
+    backbone = load_backbone(BackboneConfig(name_or_path=tiny_backbone, max_length=32), device="cpu")
+    config = dataclasses.replace(CONFIG, training=dataclasses.replace(CONFIG.training, epochs=1))
+    learner = make_learner("adapters", stream, kind, backbone, config, tmp_path)
+    learner.fit(0)
+    answered = learner.predict(0, 1)
+    predict = Runtime.predict
+
+    def first_row_nan(self, *args, **kwargs):
+        logits = predict(self, *args, **kwargs).clone()
+        logits[0] = float("nan")
+        return logits
+
+    monkeypatch.setattr(Runtime, "predict", first_row_nan)
+    learner._answers.clear()
+    got = learner.predict(0, 1)
+    assert got[0] in (None, "") and got[1:] == answered[1:]
