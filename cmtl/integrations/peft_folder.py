@@ -186,14 +186,15 @@ def read_folder(path: str | Path) -> PeftFolder:
     return folder
 
 
-#: TaskSpec fields that say where a task's data lives, not what its head answers: a spec may differ there.
-_WHERE_DATA_LIVES = ("name", "text_column", "label_column", "description")
+#: TaskSpec fields that say where a task's data lives and how its integer labels read (positions or values), not
+#: what its head answers: a spec may differ there.
+_WHERE_DATA_LIVES = ("name", "text_column", "label_column", "label_encoding", "description")
 
 
 def spec_differences(exported: TaskSpec, spec: TaskSpec) -> list[str]:
     """How ``spec`` differs from the ``exported`` task in what its head answers, as ``field: exported X, spec
     Y``: an exported head answers only as its own task (its labels, problem type, threshold, whether it reads
-    text pairs, …), whatever its name, columns and description."""
+    text pairs, …), whatever its name, columns, label encoding and description."""
     mine, theirs = spec.to_dict(), exported.to_dict()
     for d in (mine, theirs):  # the pair column's name is where the second texts live; having one is not
         d["text_pair_column"] = d.get("text_pair_column") is not None

@@ -502,8 +502,8 @@ class Registry(LoadedRegistry):
         A folder ``export_peft`` wrote brings its task and head (``name`` imports it under another name);
         it must come from a registry on the same backbone weights. Its head answers only for the task it
         was exported with: a ``spec`` that differs from it in what the head answers (labels, problem type,
-        threshold, text pairs or not; not the name, columns or description) needs labelled ``train`` data, and
-        gets a new head. Any other PEFT LoRA folder for this backbone needs ``spec``
+        threshold, text pairs or not; not the name, columns, label encoding or description) needs labelled
+        ``train`` data, and gets a new head. Any other PEFT LoRA folder for this backbone needs ``spec``
         and ``train``: the head is then fitted as a linear probe on the adapter's features (the adapter
         is kept as it is; ``update_task`` trains it further); one trained on the task model around the
         backbone (a decoder's causal LM) adapts the same layers of it. ``train`` and ``validation`` also

@@ -239,6 +239,11 @@ def test_a_spec_that_reads_other_columns_keeps_the_exported_head(reg, tmp_path):
     texts = [r["text"] for r in tag_rows(8, 9)]
     assert reg.predict("tags-b", texts) == reg.predict("tags", texts)
     assert reg.spec("tags-b").text_column == "body"
+    # So does how integer labels in the data are read (positions or values): the head answers the same labels.
+    indexed = TaskSpec("tags-i", labels=["neg", "pos", "film"], problem_type="multi_label", threshold=0.4,
+                       label_column="tags", label_encoding="index")
+    reg.import_peft(out, indexed)
+    assert reg.predict("tags-i", texts) == reg.predict("tags", texts)
     with pytest.raises(DataError, match="text_pair_column"):  # a pair column changes what the head reads
         reg.import_peft(out, TaskSpec("tags-c", labels=["neg", "pos", "film"], problem_type="multi_label",
                                       label_column="tags", threshold=0.4, text_pair_column="second"))
