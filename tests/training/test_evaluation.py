@@ -164,3 +164,14 @@ def test_multi_label_cells_without_an_answer_are_left_out_of_every_metric():
     wrong = logits.clone()
     wrong[2, 2] = -3.0
     assert compute_metrics(spec, wrong, targets)["micro_f1"] == 2 * 3 / (2 * 3 + 1)
+
+
+def test_a_multi_label_column_without_any_answer_is_not_a_label_scored_zero():
+    """Rows that all predate a label hold no answer for it: macro-F1 averaged an F1 of 0 for that label into the
+    mean (a label that no row could show), though every answer given was right."""
+    spec = TaskSpec("m", labels=["x", "y", "z"], problem_type="multi_label")
+    nan = float("nan")
+    targets = torch.tensor([[1.0, 0.0, nan], [0.0, 1.0, nan]])
+    logits = torch.tensor([[3.0, -3.0, 3.0], [-3.0, 3.0, -3.0]])
+    m = compute_metrics(spec, logits, targets)
+    assert (m["micro_f1"], m["macro_f1"], m["exact_match"]) == (1.0, 1.0, 1.0)
