@@ -167,7 +167,8 @@ class LoadedRegistry(RegistryReader):
         The reference is, unless given, the held-out sample kept with the current version (or with its
         nearest ancestor that kept at least ``config.min_samples``): the data the task was last validated
         on. A task on text pairs needs ``text_pairs`` (and ``reference_pairs`` with ``reference``): the
-        test then embeds each text with its pair. See :mod:`cmtl.monitoring.drift` for the test.
+        test then embeds each text with its pair. See :mod:`cmtl.monitoring.drift` for the test. The report's
+        confidence and predicted-label fields are filled for a single-label task only (``None`` otherwise).
 
         Raises:
             DataError: fewer texts than ``config.min_samples``, no reference sample, pairs missing for
