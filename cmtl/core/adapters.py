@@ -128,11 +128,18 @@ def existing_layers(config: AdapterConfig, encoder: nn.Module) -> AdapterConfig:
     """A stored ``config`` with only the layers ``encoder`` has: an earlier cmtl stored the layers it was given,
     and peft adapted those that exist, silently dropping those a cut removed (:meth:`AdapterBank.add` now
     refuses them in a new config). As it is when it lists no such layer, or only such layers."""
+    absent = absent_layers(config, encoder)
+    kept = tuple(i for i in config.layers or () if i not in absent)
+    return dataclasses.replace(config, layers=kept) if kept and absent else config
+
+
+def absent_layers(config: AdapterConfig, encoder: nn.Module) -> list[int]:
+    """The indices of ``config.layers`` that ``encoder`` lacks (none when it lists no layers, or when cmtl cannot
+    count the encoder's layers)."""
     from cmtl.core.backbone import layer_list
 
     found = layer_list(encoder) if config.layers is not None else None
-    kept = () if found is None else tuple(i for i in config.layers if i < len(found[1]))
-    return dataclasses.replace(config, layers=kept) if kept and kept != config.layers else config
+    return [] if found is None else [i for i in config.layers if i >= len(found[1])]
 
 
 def state_layers(state: dict[str, torch.Tensor], encoder: nn.Module) -> tuple[int, ...] | None:
@@ -300,10 +307,9 @@ class AdapterBank:
         """
         from cmtl.core.backbone import layer_list
 
-        found = layer_list(self.encoder) if config.layers is not None else None
-        missing = [i for i in config.layers or () if found is not None and i >= len(found[1])]
+        missing = absent_layers(config, self.encoder)
         if missing:
-            count = len(found[1])
+            count = len(layer_list(self.encoder)[1])
             raise InvalidParameterError(bad_param(
                 "layers", "AdapterConfig", f"name only layers this backbone has (indices 0 to {count - 1}: it has "
                 f"{count} layers)", config.layers, f"Layers {missing} do not exist; pass indices below {count} "
