@@ -860,7 +860,7 @@ class Registry(LoadedRegistry):
         the version that kept it (a multi-label row holds no answer for labels added since)."""
         parts = self._holdout_parts(task, version)
         held = Examples.concat([ex for _, ex in parts]) if parts else None
-        return held, [len(self.spec(task, version=v).labels) for v, ex in parts for _ in range(len(ex))]
+        return held, [n for v, ex in parts for n in [len(self.spec(task, version=v).labels)] * len(ex)]
 
     def _buffer_labels(self, task: str, version: int, buffer: Any) -> list[int] | None:
         """Per row of ``version``'s replay ``buffer`` (in ``items()`` order), how many labels it was annotated
@@ -869,7 +869,8 @@ class Registry(LoadedRegistry):
             return None
         entry = self._entry(task)
         kept_by = {f"v{r['version']}": len(version_spec(entry, r).labels) for r in entry["versions"]}
-        return [kept_by.get(item.source, len(self.spec(task, version=version).labels)) for item in buffer.items()]
+        own = kept_by[f"v{version}"]
+        return [kept_by.get(item.source, own) for item in buffer.items()]
 
     def _statistics(self, task: str, version: int, spec: TaskSpec) -> dict[str, torch.Tensor]:
         """The class statistics of an analytic version, checked against the manifest's checksum and
