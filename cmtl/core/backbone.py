@@ -204,8 +204,8 @@ class Backbone:
 
     @functools.cached_property
     def max_tokens(self) -> int:
-        """Tokens a text (or pair) is cut to: ``config.max_length``, or where the model's absolute position
-        table ends if that is sooner (a longer row would index past it)."""
+        """Tokens a text (or pair) is cut to: ``config.max_length``, or :func:`position_limit` if that is sooner
+        (where an absolute position table ends, or a rotary embedding would rescale)."""
         limit = position_limit(self.encoder)
         return self.config.max_length if limit is None else min(self.config.max_length, limit)
 
